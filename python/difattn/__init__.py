@@ -1,0 +1,36 @@
+"""difattn: efficient attention for Diffusion Transformers.
+
+CLEAR (local discs), GRAT (grouped tiles), PISA (exact + Taylor-approximated blocks), LLSA (hierarchical
+log-linear sparse) and DyDiLA (dynamic differential linear attention), each behind one function with the
+``(B, H, N, D)`` layout of ``torch.nn.functional.scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+from .functional import (
+    clear_attention,
+    dydila_attention,
+    grat_attention,
+    linear_attention,
+    llsa_attention,
+    pisa_attention,
+)
+from .grid import TokenGrid
+
+try:
+    __version__ = _version("difattn")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "TokenGrid",
+    "clear_attention",
+    "grat_attention",
+    "pisa_attention",
+    "llsa_attention",
+    "dydila_attention",
+    "linear_attention",
+    "__version__",
+]

@@ -1,0 +1,131 @@
+"""Argument checks shared by every public entry point.
+
+Each check raises ``TypeError`` (wrong kind of value) or ``ValueError`` (right kind, wrong value) with a message
+that starts with the argument's name and says what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKEND_NAMES = ("auto", "triton", "rust", "torch")
+
+
+def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An int (not a bool) within ``[minimum, maximum]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_float(
+    name: str,
+    value: Any,
+    *,
+    greater_than: float | None = None,
+    at_least: float | None = None,
+    at_most: float | None = None,
+) -> float:
+    """A finite real number (not a bool) within the given bounds."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if greater_than is not None and not value > greater_than:
+        raise ValueError(f"{name} must be > {greater_than}, got {value}")
+    if at_least is not None and value < at_least:
+        raise ValueError(f"{name} must be >= {at_least}, got {value}")
+    if at_most is not None and value > at_most:
+        raise ValueError(f"{name} must be <= {at_most}, got {value}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> Any:
+    if value not in choices or (isinstance(value, bool) and not any(isinstance(c, bool) for c in choices)):
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_backend(backend: Any) -> str:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    return check_choice("backend", backend, BACKEND_NAMES)
+
+
+def check_tensor(name: str, x: Any, *, ndim: int) -> torch.Tensor:
+    """A floating-point tensor (fp16, bf16, fp32, fp64) with ``ndim`` dimensions."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    return x
+
+
+def check_same_kind(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """``x`` has the dtype and device of ``ref``."""
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {x.dtype}")
+    if x.device != ref.device:
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {x.device}")
+
+
+def check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int]:
+    """Self-attention inputs ``(B, H, N, D)``, ``(B, H, N, D)``, ``(B, H, N, Dv)``; returns ``(B, H, N, D, Dv)``."""
+    check_tensor("q", q, ndim=4)
+    check_tensor("k", k, ndim=4)
+    check_tensor("v", v, ndim=4)
+    check_same_kind("k", k, "q", q)
+    check_same_kind("v", v, "q", q)
+    B, H, N, D = q.shape
+    if k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2]:
+        raise ValueError(
+            f"k and v must have q's batch and heads (B, H) = {(B, H)}, got k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.shape[2] != N or v.shape[2] != N:
+        raise ValueError(
+            f"k and v must have q's sequence length N = {N} (self-attention), "
+            f"got k {k.shape[2]}, v {v.shape[2]}"
+        )
+    if k.shape[3] != D:
+        raise ValueError(f"k must have q's head dim D = {D}, got {k.shape[3]}")
+    if min(B, H, N, D, v.shape[3]) == 0:
+        raise ValueError(f"q, k, v must not be empty, got q {tuple(q.shape)}, v {tuple(v.shape)}")
+    return B, H, N, D, v.shape[3]
+
+
+def check_grid(grid: Any, num_tokens: int, *, name: str = "grid") -> None:
+    """``grid`` is a ``TokenGrid`` describing exactly ``num_tokens`` tokens."""
+    from .grid import TokenGrid
+
+    if not isinstance(grid, TokenGrid):
+        raise TypeError(f"{name} must be a difattn.TokenGrid, got {type(grid).__name__}")
+    if grid.num_tokens != num_tokens:
+        raise ValueError(
+            f"{name} describes {grid.num_tokens} tokens ({grid.text_tokens} text + {grid.frames}x{grid.height}"
+            f"x{grid.width} image) but q, k, v have N = {num_tokens}"
+        )
+
+
+def resolve_scale(scale: Any, head_dim: int) -> float:
+    """``scale`` or ``head_dim ** -0.5`` when None; must be finite and positive."""
+    if scale is None:
+        return head_dim**-0.5
+    return check_float("scale", scale, greater_than=0.0)

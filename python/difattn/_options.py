@@ -1,0 +1,124 @@
+"""Method options: validation and the defaults the specs define.
+
+Shared by the public functions (which validate) and the references (which resolve defaults the same way).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ._checks import check_choice, check_float, check_int
+from .grid import TokenGrid
+
+GRAT_PATTERNS = ("neighbors", "criss_cross")
+PISA_ORDERS = ("zeroth", "hybrid", "first")
+PISA_SINKS = (None, "first", "last")
+LLSA_MAX_COARSE_TOKENS = 256  # default levels: smallest L with N / B**L <= 256
+
+
+def clear_radii(grid: TokenGrid, radius: Any, temporal_radius: Any) -> tuple[float, float]:
+    """``(r, rt)``: spatial disc radius (> 0) and temporal radius (> 0, default ``grid.frames``: all frames)."""
+    r = check_float("radius", radius, greater_than=0.0)
+    if temporal_radius is None:
+        return r, float(grid.frames)
+    return r, check_float("temporal_radius", temporal_radius, greater_than=0.0)
+
+
+def grat_group(grid: TokenGrid, group: Any) -> tuple[int, int, int]:
+    """The group as ``(gt, gh, gw)``.
+
+    ``None`` means 16x16 on images and 4x8x8 on videos (the paper's FLUX and HunyuanVideo settings); a pair
+    ``(gh, gw)`` means ``gt = 1``.
+    """
+    if group is None:
+        return (1, 16, 16) if grid.frames == 1 else (4, 8, 8)
+    if not isinstance(group, (tuple, list)) or len(group) not in (2, 3):
+        raise TypeError(f"group must be a tuple (gh, gw) or (gt, gh, gw) of ints, got {group!r}")
+    sizes = tuple(check_int(f"group[{i}]", g, minimum=1) for i, g in enumerate(group))
+    return sizes if len(sizes) == 3 else (1, sizes[0], sizes[1])
+
+
+def pisa_tile(block_size: int) -> tuple[int, int]:
+    """Image tile ``(th, tw)`` of a PISA block: ``th = 2**floor(log2(b)/2)``, ``tw = b / th``."""
+    th = 2 ** (int(math.log2(block_size)) // 2)
+    if block_size % th:
+        raise ValueError(
+            f"block_size={block_size} cannot be tiled with a grid: it must be divisible by "
+            f"th = 2**floor(log2(block_size)/2) = {th} (use a power of two such as 64 or 128)"
+        )
+    return th, block_size // th
+
+
+def pisa_num_selected(density: float, num_blocks: int) -> int:
+    """Exact key blocks per query block: ``k = max(1, floor(density * M))``."""
+    return max(1, math.floor(density * num_blocks))
+
+
+def check_pisa(density: Any, block_size: Any, order: Any, routing_bias: Any, sink: Any) -> None:
+    check_float("density", density, greater_than=0.0, at_most=1.0)
+    check_int("block_size", block_size, minimum=1)
+    check_choice("order", order, PISA_ORDERS)
+    if not isinstance(routing_bias, bool):
+        raise TypeError(f"routing_bias must be a bool, got {type(routing_bias).__name__}")
+    check_choice("sink", sink, PISA_SINKS)
+
+
+def llsa_default_levels(num_tokens: int, block_size: int) -> int:
+    """Smallest ``L >= 1`` with ``N / B**L <= 256``."""
+    levels = 1
+    while num_tokens > LLSA_MAX_COARSE_TOKENS * block_size**levels:
+        levels += 1
+    return levels
+
+
+def llsa_level_sizes(num_tokens: int, block_size: int, levels: int) -> list[int]:
+    """Tokens per level ``[n_0 = N, n_1, ..., n_L]`` with ``n_l = ceil(n_{l-1} / B)``."""
+    sizes = [num_tokens]
+    for _ in range(levels):
+        sizes.append(-(-sizes[-1] // block_size))
+    return sizes
+
+
+def llsa_min_candidates(level_sizes: list[int], block_size: int, level: int, parent_topk: int) -> int:
+    """Fewest level-``level`` candidates any query can get: children of its parent's ``parent_topk`` choices."""
+    n_child, n_parent = level_sizes[level], level_sizes[level + 1]
+    if parent_topk >= n_parent:
+        return n_child
+    last_children = n_child - (n_parent - 1) * block_size
+    return min((parent_topk - 1) * block_size + last_children, parent_topk * block_size)
+
+
+def llsa_config(num_tokens: int, block_size: Any, topk: Any, levels: Any) -> tuple[int, tuple[int, ...]]:
+    """Validated ``(L, (K_1, ..., K_L))``; raises where a top-K exceeds the keys it chooses from."""
+    block_size = check_int("block_size", block_size, minimum=2)
+    if levels is None:
+        levels = llsa_default_levels(num_tokens, block_size)
+    levels = check_int("levels", levels, minimum=1)
+    if isinstance(topk, (tuple, list)):
+        if len(topk) != levels:
+            raise ValueError(f"topk must have one entry per level ({levels}), got {len(topk)}: {tuple(topk)}")
+        ks = tuple(check_int(f"topk[{i}]", t, minimum=1) for i, t in enumerate(topk))
+    else:
+        ks = (check_int("topk", topk, minimum=1),) * levels
+    sizes = llsa_level_sizes(num_tokens, block_size, levels)
+    if ks[-1] > sizes[levels]:
+        raise ValueError(
+            f"topk at the coarsest level ({ks[-1]}) exceeds its {sizes[levels]} tokens "
+            f"(N={num_tokens}, block_size={block_size}, levels={levels}); lower topk or levels"
+        )
+    for level in range(levels - 1, 0, -1):
+        fewest = llsa_min_candidates(sizes, block_size, level, ks[level])
+        if ks[level - 1] > fewest:
+            raise ValueError(
+                f"topk at level {level} ({ks[level - 1]}) exceeds the {fewest} candidates a query block can have "
+                f"there (children of {ks[level]} chosen level-{level + 1} tokens, N={num_tokens}, "
+                f"block_size={block_size}); lower topk"
+            )
+    return levels, ks
+
+
+def check_linear(normalize: Any, eps: Any) -> float:
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    return check_float("eps", eps, greater_than=0.0)

@@ -1,0 +1,50 @@
+"""Timers: CUDA events through ``triton.testing.do_bench`` on GPU, wall-clock medians on CPU."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call: median, min, max over the timed repeats (warm-up excluded)."""
+
+    median: float
+    minimum: float
+    maximum: float
+    repeats: int
+
+
+def time_cpu(fn: Callable[[int], object], *, min_repeats: int = 3, max_repeats: int = 15, budget_s: float = 2.0) -> Timing:
+    """Median wall time of ``fn(i)`` on CPU; ``i`` rotates the inputs. One warm-up call is excluded; repeats stop
+    after ``budget_s`` once ``min_repeats`` are done."""
+    fn(0)
+    samples: list[float] = []
+    start = time.perf_counter()
+    for i in range(1, max_repeats + 1):
+        t0 = time.perf_counter()
+        fn(i)
+        samples.append((time.perf_counter() - t0) * 1e3)
+        if len(samples) >= min_repeats and time.perf_counter() - start > budget_s:
+            break
+    return Timing(statistics.median(samples), min(samples), max(samples), len(samples))
+
+
+def time_cuda(fn: Callable[[int], object]) -> Timing:
+    """CUDA-event timing via ``triton.testing.do_bench`` (median, min, max quantiles), inputs rotated."""
+    from triton.testing import do_bench
+
+    counter = iter(range(1 << 30))
+    med, lo, hi = do_bench(lambda: fn(next(counter)), quantiles=[0.5, 0.0, 1.0])
+    return Timing(med, lo, hi, -1)
+
+
+def time_call(fn: Callable[[int], object], device: torch.device, **cpu_options) -> Timing:
+    if device.type == "cuda":
+        return time_cuda(fn)
+    return time_cpu(fn, **cpu_options)

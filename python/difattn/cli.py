@@ -1,0 +1,110 @@
+"""The ``difattn`` command: ``difattn info`` and ``difattn bench``."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from .grid import TokenGrid
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_GRID_PATTERN = re.compile(r"^(?:(\d+)x)?(\d+)x(\d+)(?:\+(\d+)(first|last)?)?$")
+_DEFAULT_GRIDS = {"cpu": ("64x64",), "cuda": ("64x64+512", "128x128+512")}
+_QUICK_GRIDS = {"cpu": ("32x32",), "cuda": ("64x64+512",)}
+
+
+def parse_grid(text: str) -> TokenGrid:
+    """``[F x]H x W[+T[first|last]]``, e.g. ``64x64``, ``64x64+512``, ``16x30x52+226last``."""
+    match = _GRID_PATTERN.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"--grid: expected [FRAMESx]HEIGHTxWIDTH[+TEXT[first|last]], got {text!r}")
+    frames, height, width, text_tokens, position = match.groups()
+    try:
+        return TokenGrid(int(height), int(width), frames=int(frames or 1), text_tokens=int(text_tokens or 0),
+                         text_position=position or "first")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--grid {text!r}: {err}") from err
+
+
+def _info(_: argparse.Namespace) -> int:
+    from . import __version__
+    from ._native import core, core_status
+    from .backends import METHODS, availability
+
+    print(f"difattn {__version__}")
+    ok, reason = core_status()
+    print("compiled core: " + (", ".join(f"{k}={v}" for k, v in core().build_info()) if ok else f"missing: {reason}"))
+    print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for device in devices:
+        print(f"\nbackends on {device.type}:")
+        for method in METHODS:
+            parts = [name if can else f"{name}: no ({why})" for name, (can, why) in availability(method, device).items()]
+            print(f"  {method:<7} " + "; ".join(parts))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench.runner import BenchConfig, format_table, run, write_json
+
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            print("difattn bench: --device cuda but CUDA is not available here", file=sys.stderr)
+            return 2
+    grids = args.grid or [parse_grid(g) for g in (_QUICK_GRIDS if args.quick else _DEFAULT_GRIDS)[device.type]]
+    cfg = BenchConfig(
+        device=device, grids=tuple(grids), batch=args.batch, heads=args.heads, head_dim=args.head_dim,
+        dtype=_DTYPES[args.dtype], backward=args.backward, methods=tuple(args.methods),
+        cpu_budget_s=0.5 if args.quick else 1.0,
+    )
+    print(f"difattn bench on {device} ({torch.get_num_threads()} threads), {args.dtype}, "
+          f"B={cfg.batch} H={cfg.heads} D={cfg.head_dim}, grids: {', '.join(map(_grid_label, grids))}")
+    records = run(cfg)
+    print(format_table(records))
+    path = Path(args.json or f"difattn-bench-{device.type}.json")
+    write_json(path, device, records)
+    print(f"wrote {path}")
+    return 0
+
+
+def _grid_label(grid: TokenGrid) -> str:
+    frames = f"{grid.frames}x" if grid.frames > 1 else ""
+    text = f"+{grid.text_tokens}{grid.text_position}" if grid.text_tokens else ""
+    return f"{frames}{grid.height}x{grid.width}{text}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .backends import METHODS
+
+    parser = argparse.ArgumentParser(prog="difattn", description="Efficient attention for Diffusion Transformers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="version, build, and which backends can run here").set_defaults(func=_info)
+    bench = sub.add_parser("bench", help="time the methods against dense SDPA on this device")
+    bench.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    bench.add_argument("--grid", nargs="+", type=parse_grid, help="token grids, e.g. 64x64 64x64+512 8x30x52+226last")
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--heads", type=int, default=4)
+    bench.add_argument("--head-dim", type=int, default=64)
+    bench.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
+    bench.add_argument("--backward", action="store_true", help="also time forward+backward")
+    bench.add_argument("--quick", action="store_true", help="smaller shapes and shorter timing")
+    bench.add_argument("--json", help="where to write the JSON records (default: difattn-bench-<device>.json)")
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""The public functions: one per method. Each validates its arguments, then runs the implementation the
+backend table picks (:mod:`difattn.backends`).
+
+Layout everywhere: ``q, k: (B, H, N, D)``, ``v: (B, H, N, Dv)``, any strides; the output is ``(B, H, N, Dv)`` in
+q's dtype on q's device, tokens in the caller's order (image tokens in raster order, as patchify emits them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import _options
+from ._checks import (
+    check_bool,
+    check_backend,
+    check_choice,
+    check_float,
+    check_grid,
+    check_int,
+    check_qkv,
+    check_same_kind,
+    check_tensor,
+    resolve_scale,
+)
+from .backends import select
+from .grid import TokenGrid
+
+
+def clear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: TokenGrid,
+    *,
+    radius: float,
+    scale: float | None = None,
+    global_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    temporal_radius: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """CLEAR: each image query sees the image keys in a disc of ``radius`` around it, plus all text.
+
+    ``allowed(q, k) = q is text or k is text or (dy² + dx² < radius² and |dt| < temporal_radius)``; windows are
+    clipped at the grid border. ``temporal_radius`` defaults to ``grid.frames`` (every frame).
+    ``global_kv=(k_g, v_g)``, shapes ``(B, H, G, D)`` and ``(B, H, G, Dv)``: extra keys every image query (not
+    text) attends in the same softmax. Returns ``(B, H, N, Dv)``.
+    """
+    B, H, N, D, Dv = check_qkv(q, k, v)
+    check_grid(grid, N)
+    _options.clear_radii(grid, radius, temporal_radius)
+    scale = resolve_scale(scale, D)
+    if global_kv is not None:
+        _check_global_kv(global_kv, q, v)
+    impl = select("clear", check_backend(backend), q.device)
+    return impl(q, k, v, grid, radius=radius, scale=scale, global_kv=global_kv, temporal_radius=temporal_radius)
+
+
+def grat_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: TokenGrid,
+    *,
+    group: tuple[int, ...] | None = None,
+    pattern: str = "neighbors",
+    reach: int = 1,
+    text_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """GRAT: image tokens in groups of ``group`` share one key set.
+
+    ``group``: ``(gh, gw)`` or ``(gt, gh, gw)``; default 16x16 on images, 4x8x8 on videos.
+    ``pattern="neighbors"``: groups within ``reach`` on every axis; ``"criss_cross"``: the group's row and
+    column bands (and its frame plane on videos). Text queries see every valid key, every query sees valid text.
+    ``text_mask``: ``(B, T)`` bool, True for real (non-padding) text tokens. Returns ``(B, H, N, Dv)``.
+    """
+    B, H, N, D, Dv = check_qkv(q, k, v)
+    check_grid(grid, N)
+    _options.grat_group(grid, group)
+    check_choice("pattern", pattern, _options.GRAT_PATTERNS)
+    check_int("reach", reach, minimum=0)
+    if text_mask is not None:
+        _check_text_mask(text_mask, B, grid, q)
+    scale = resolve_scale(scale, D)
+    impl = select("grat", check_backend(backend), q.device)
+    return impl(q, k, v, grid, group=group, pattern=pattern, reach=reach, text_mask=text_mask, scale=scale)
+
+
+def pisa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    density: float = 0.125,
+    block_size: int = 64,
+    order: str = "hybrid",
+    routing_bias: bool = False,
+    sink: str | None = None,
+    grid: TokenGrid | None = None,
+    return_blocks: bool = False,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """PISA: exact attention on the top ``density`` of key blocks, Taylor-approximated attention on the rest.
+
+    ``order``: ``"zeroth"`` (block centroids), ``"hybrid"`` (centroids + the mean first-order term; the paper's
+    method) or ``"first"`` (per-block first-order terms). ``sink="first"/"last"`` always keeps block 0 / M-1
+    exact. With ``grid``, blocks are text runs and image tiles (8x8 for 64, 8x16 for 128) that never mix text and
+    image. Returns ``(B, H, N, Dv)``, plus the selected block ids ``(B, H, M, k)`` with ``return_blocks=True``.
+    """
+    B, H, N, D, Dv = check_qkv(q, k, v)
+    _options.check_pisa(density, block_size, order, routing_bias, sink)
+    if grid is not None:
+        check_grid(grid, N)
+        _options.pisa_tile(block_size)
+    check_bool("return_blocks", return_blocks)
+    scale = resolve_scale(scale, D)
+    impl = select("pisa", check_backend(backend), q.device)
+    return impl(
+        q, k, v, density=density, block_size=block_size, order=order, routing_bias=routing_bias,
+        sink=sink, grid=grid, return_blocks=return_blocks, scale=scale,
+    )
+
+
+def llsa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int = 16,
+    topk: int | tuple[int, ...] = 8,
+    levels: int | None = None,
+    grid: TokenGrid | None = None,
+    return_indices: bool = False,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+    """LLSA: hierarchical top-K block selection with coarse-token KV enrichment (log-linear cost, trainable).
+
+    ``topk``: keys kept per query at every level, or one per level ``(K_1, ..., K_L)``. ``levels`` defaults to
+    the smallest L with ``N / block_size**L <= 256``. With ``grid`` image tokens are Z-ordered (text stays at its
+    end). Returns ``(B, H, N, Dv)``, plus ``[I_1, ..., I_L]`` with ``return_indices=True``.
+    """
+    B, H, N, D, Dv = check_qkv(q, k, v)
+    _options.llsa_config(N, block_size, topk, levels)
+    if grid is not None:
+        check_grid(grid, N)
+    check_bool("return_indices", return_indices)
+    scale = resolve_scale(scale, D)
+    impl = select("llsa", check_backend(backend), q.device)
+    return impl(
+        q, k, v, block_size=block_size, topk=topk, levels=levels, grid=grid,
+        return_indices=return_indices, scale=scale,
+    )
+
+
+def dydila_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_aux: torch.Tensor,
+    k_aux: torch.Tensor,
+    *,
+    gamma_q: torch.Tensor | float,
+    gamma_k: torch.Tensor | float,
+    gamma_q_aux: torch.Tensor | float,
+    gamma_k_aux: torch.Tensor | float,
+    lambda_q: torch.Tensor | float,
+    lambda_k: torch.Tensor | float,
+    normalize: bool = False,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """DyDiLA core: power maps with per-token exponents, token differential, then linear attention.
+
+    ``q, k, q_aux, k_aux: (B, H, N, D)``, ``v: (B, H, N, Dv)``; each gamma/lambda is a ``(B, H, N)`` tensor or a
+    float. ``Q̂ = φ(q) − λ_q φ(q_aux)``, ``K̂ = φ(k) − λ_k φ(k_aux)`` with ``φ_γ(z) = ‖r‖ r^γ / ‖r^γ‖``,
+    ``r = relu(z) + eps``; ``O = Q̂ S``, ``S = (1/N) Σ K̂ᵀ V``. Returns ``(B, H, N, Dv)``.
+    """
+    B, H, N, D, Dv = check_qkv(q, k, v)
+    for name, aux in (("q_aux", q_aux), ("k_aux", k_aux)):
+        check_tensor(name, aux, ndim=4)
+        check_same_kind(name, aux, "q", q)
+        if aux.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(aux.shape)}")
+    token_params = {
+        "gamma_q": gamma_q, "gamma_k": gamma_k, "gamma_q_aux": gamma_q_aux, "gamma_k_aux": gamma_k_aux,
+        "lambda_q": lambda_q, "lambda_k": lambda_k,
+    }
+    for name, value in token_params.items():
+        _check_token_param(name, value, (B, H, N), q)
+    eps = _options.check_linear(normalize, eps)
+    impl = select("dydila", check_backend(backend), q.device)
+    return impl(q, k, v, q_aux, k_aux, **token_params, normalize=normalize, eps=eps)
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    normalize: bool = True,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Non-causal linear attention on feature-mapped q, k: ``O = q S``, ``S = (1/N) Σ kᵀ v`` (fp32 state),
+    divided by ``q · mean(k) + eps`` when ``normalize``. Returns ``(B, H, N, Dv)``."""
+    check_qkv(q, k, v)
+    eps = _options.check_linear(normalize, eps)
+    impl = select("linear", check_backend(backend), q.device)
+    return impl(q, k, v, normalize=normalize, eps=eps)
+
+
+def _check_global_kv(global_kv: Any, q: torch.Tensor, v: torch.Tensor) -> None:
+    if not isinstance(global_kv, (tuple, list)) or len(global_kv) != 2:
+        raise TypeError(f"global_kv must be a pair (k_g, v_g) of tensors, got {type(global_kv).__name__}")
+    k_g, v_g = global_kv
+    for name, x, last in (("global_kv[0]", k_g, q.shape[3]), ("global_kv[1]", v_g, v.shape[3])):
+        check_tensor(name, x, ndim=4)
+        check_same_kind(name, x, "q", q)
+        if x.shape[:2] != q.shape[:2] or x.shape[3] != last or x.shape[2] == 0:
+            raise ValueError(
+                f"{name} must have shape (B, H, G, {last}) with (B, H) = {tuple(q.shape[:2])} and G >= 1, "
+                f"got {tuple(x.shape)}"
+            )
+    if k_g.shape[2] != v_g.shape[2]:
+        raise ValueError(f"global_kv keys and values must have the same count G, got {k_g.shape[2]} and {v_g.shape[2]}")
+
+
+def _check_text_mask(text_mask: Any, batch: int, grid: TokenGrid, q: torch.Tensor) -> None:
+    if not isinstance(text_mask, torch.Tensor):
+        raise TypeError(f"text_mask must be a bool torch.Tensor, got {type(text_mask).__name__}")
+    if text_mask.dtype != torch.bool:
+        raise TypeError(f"text_mask must have dtype torch.bool, got {text_mask.dtype}")
+    if tuple(text_mask.shape) != (batch, grid.text_tokens):
+        raise ValueError(
+            f"text_mask must have shape (B, T) = {(batch, grid.text_tokens)}, got {tuple(text_mask.shape)}"
+        )
+    if text_mask.device != q.device:
+        raise ValueError(f"text_mask must be on q's device ({q.device}), got {text_mask.device}")
+
+
+def _check_token_param(name: str, value: Any, shape: tuple[int, int, int], q: torch.Tensor) -> None:
+    """A per-token parameter: a finite float or a float tensor of shape ``(B, H, N)`` on q's device."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{name} must have shape (B, H, N) = {shape}, got {tuple(value.shape)}")
+        if value.device != q.device:
+            raise ValueError(f"{name} must be on q's device ({q.device}), got {value.device}")
+        return
+    check_float(name, value)

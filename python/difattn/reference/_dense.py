@@ -1,0 +1,52 @@
+"""Masked softmax attention in plain torch, chunked over queries to bound transient memory."""
+
+from __future__ import annotations
+
+import torch
+
+# Queries per chunk: (B*H) * chunk * N scores live at once besides what autograd keeps.
+_QUERY_CHUNK = 1024
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``softmax(scale * q kᵀ + bias, masked) v``.
+
+    Args:
+        q: ``(B, H, Nq, D)``; k: ``(B, H, Nk, D)``; v: ``(B, H, Nk, Dv)``.
+        mask: bool broadcastable to ``(B, H, Nq, Nk)``, True where attention is allowed; every query must allow
+            at least one key.
+        bias: float broadcastable to ``(B, H, Nq, Nk)``, added to the logits (e.g. ``ln(weight)``).
+
+    Returns ``(B, H, Nq, Dv)`` in q's dtype. Matmuls run in the input dtype; the softmax runs in float32 (or
+    float64 for float64 inputs), as a plain low-precision implementation would.
+    """
+    soft_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    outputs = []
+    for start in range(0, q.shape[2], _QUERY_CHUNK):
+        stop = min(start + _QUERY_CHUNK, q.shape[2])
+        logits = (q[:, :, start:stop] @ k.transpose(-1, -2)).to(soft_dtype) * scale
+        if bias is not None:
+            logits = logits + _rows(bias, start, stop, q.shape[2]).to(soft_dtype)
+        if mask is not None:
+            logits = logits.masked_fill(~_rows(mask, start, stop, q.shape[2]), float("-inf"))
+        probs = torch.softmax(logits, dim=-1).to(v.dtype)
+        outputs.append(probs @ v)
+    return torch.cat(outputs, dim=2).to(q.dtype)
+
+
+def _rows(x: torch.Tensor, start: int, stop: int, num_queries: int) -> torch.Tensor:
+    """Query rows ``start:stop`` of a tensor broadcastable to ``(..., Nq, Nk)``."""
+    return x[..., start:stop, :] if x.shape[-2] == num_queries else x
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+    """Plain softmax attention (the exactness target of every method)."""
+    return masked_attention(q, k, v, scale=q.shape[-1] ** -0.5 if scale is None else scale)

@@ -1,0 +1,161 @@
+"""LLSA in plain torch: hierarchical top-K block selection plus coarse-token KV enrichment (``specs/llsa.md``).
+
+The attention is one masked softmax per query over the concatenation of every level's tokens
+``[fine (N) | level 1 (n_1) | ... | level L (n_L)]``, with ``ln(count)`` added to the logits of pooled tokens.
+Each fine query block allows: the fine tokens of its selected blocks, the candidate tokens of its ancestor at
+every intermediate level, and all level-L tokens. No de-duplication, as in the spec.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._checks import check_bool, check_grid, check_qkv, resolve_scale
+from .._options import llsa_config, llsa_level_sizes
+from ..grid import TokenGrid
+from ._dense import masked_attention
+from .ordering import inverse_permutation, zorder_permutation
+
+
+def llsa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int = 16,
+    topk: int | tuple[int, ...] = 8,
+    levels: int | None = None,
+    grid: TokenGrid | None = None,
+    return_indices: bool = False,
+    scale: float | None = None,
+    indices: list[torch.Tensor] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+    """LLSA attention with ``L`` levels of mean-pooled tokens (``b = block_size`` children each).
+
+    Args:
+        q, k: ``(B, H, N, D)``; v: ``(B, H, N, Dv)``.
+        topk: keys kept per query block at every level, or ``(K_1, ..., K_L)``.
+        levels: L, default the smallest L >= 1 with ``N / b**L <= 256``.
+        grid: a :class:`~difattn.TokenGrid`; image tokens are then Z-ordered per frame, text stays at its end.
+        indices: ``[I_1, ..., I_L]`` to use instead of the selection, ``I_l`` int64 ``(B, H, n_l, K_l)``.
+
+    Level-l token j is the mean of level-(l−1) tokens ``[j*b, (j+1)*b)`` (the last may be short) and counts the
+    ``min(b**l, N − j*b**l)`` fine tokens under it; ``n_l = ceil(N / b**l)``. Selection (raw dot products of pooled
+    q and k, not differentiated): ``I_L`` = top-K_L of all level-L keys; ``I_l`` = top-K_l among the children of
+    the parent's ``I_{l+1}``; ties go to the lower id.
+
+    Returns ``(B, H, N, Dv)`` in q's dtype and the original token order; with ``return_indices=True`` also
+    ``[I_1, ..., I_L]``: absolute level-l ids by descending score, in the internal (Z-ordered) numbering.
+    """
+    B, H, N, D, Dv = check_qkv(q, k, v)
+    num_levels, topks = llsa_config(N, block_size, topk, levels)
+    check_bool("return_indices", return_indices)
+    if grid is not None:
+        check_grid(grid, N)
+    scale = resolve_scale(scale, D)
+    perm = None if grid is None else zorder_permutation(grid).to(q.device)
+    if perm is not None:
+        q, k, v = q[:, :, perm], k[:, :, perm], v[:, :, perm]
+    sizes = llsa_level_sizes(N, block_size, num_levels)
+    pooled_keys = _pyramid(k, block_size, num_levels)
+    if indices is None:
+        indices = _select(_pyramid(q.detach(), block_size, num_levels), pooled_keys, block_size, topks)
+    else:
+        _check_indices(indices, [(B, H, sizes[level], kk) for level, kk in enumerate(topks, 1)], q.device)
+    keys = torch.cat([k] + [x.to(k.dtype) for x in pooled_keys], dim=2)
+    values = torch.cat([v] + [x.to(v.dtype) for x in _pyramid(v, block_size, num_levels)], dim=2)
+    log_counts = [torch.log(_counts(N, block_size, level, q.device)) for level in range(num_levels + 1)]
+    bias = torch.cat(log_counts)[None, :].to(pooled_keys[0].dtype)  # (1, N_keys): one row for every query
+    mask = _block_mask(indices, sizes, block_size)[:, :, torch.arange(N, device=q.device) // block_size]
+    out = masked_attention(q, keys, values, scale=scale, mask=mask, bias=bias)
+    if perm is not None:
+        out = out[:, :, inverse_permutation(perm)]
+    return (out, indices) if return_indices else out
+
+
+def _counts(num_tokens: int, block_size: int, level: int, device: torch.device) -> torch.Tensor:
+    """``(n_level,)`` float64: fine tokens under each level-``level`` token (1 at level 0)."""
+    span = block_size**level
+    starts = torch.arange(0, num_tokens, span, device=device)
+    return torch.clamp(num_tokens - starts, max=span).to(torch.float64)
+
+
+def _pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``(B, H, ceil(n/b), C)``: means of ``b`` consecutive rows of ``x`` ``(B, H, n, C)``, the last over what it has."""
+    B, H, n, C = x.shape
+    groups = -(-n // block_size)
+    sums = F.pad(x, (0, 0, 0, groups * block_size - n)).reshape(B, H, groups, block_size, C).sum(3)
+    rows = torch.clamp(n - torch.arange(groups, device=x.device) * block_size, max=block_size)
+    return sums / rows[:, None].to(x.dtype)
+
+
+def _pyramid(x: torch.Tensor, block_size: int, num_levels: int) -> list[torch.Tensor]:
+    """Levels 1..L of ``x`` by repeated pooling, in float32 (float64 for float64 input)."""
+    level = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    pooled = []
+    for _ in range(num_levels):
+        level = _pool(level, block_size)
+        pooled.append(level)
+    return pooled
+
+
+def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Ids of the ``count`` largest scores along the last dim; a stable sort sends ties to the lower id."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :count]
+
+
+def _candidate_mask(parent_choice: torch.Tensor, num_children: int, block_size: int) -> torch.Tensor:
+    """``(B, H, n, n)`` bool over level-l tokens: ``[j, c]`` is True when c's parent is among ``I_{l+1}[j // b]``.
+
+    ``parent_choice`` is ``I_{l+1}``, ``(B, H, n_{l+1}, K_{l+1})``; ``n = num_children`` level-l tokens.
+    """
+    B, H, num_parents, _ = parent_choice.shape
+    chosen = torch.zeros(B, H, num_parents, num_parents, dtype=torch.bool, device=parent_choice.device)
+    chosen.scatter_(-1, parent_choice, True)
+    parent = torch.arange(num_children, device=parent_choice.device) // block_size
+    return chosen[:, :, parent][..., parent]
+
+
+@torch.no_grad()
+def _select(
+    queries: list[torch.Tensor], keys: list[torch.Tensor], block_size: int, topks: tuple[int, ...]
+) -> list[torch.Tensor]:
+    """``[I_1, ..., I_L]`` from pooled queries and keys of levels 1..L (raw dot products, no scale)."""
+    indices = [_top(queries[-1] @ keys[-1].transpose(-1, -2), topks[-1])]
+    for level in range(len(topks) - 1, 0, -1):
+        scores = queries[level - 1] @ keys[level - 1].transpose(-1, -2)
+        candidates = _candidate_mask(indices[0], scores.shape[-1], block_size)
+        indices.insert(0, _top(scores.masked_fill(~candidates, float("-inf")), topks[level - 1]))
+    return indices
+
+
+def _check_indices(indices: object, shapes: list[tuple[int, int, int, int]], device: torch.device) -> None:
+    if not isinstance(indices, (list, tuple)) or len(indices) != len(shapes):
+        raise TypeError(f"indices must be a list [I_1, ..., I_L] of {len(shapes)} tensors, got {indices!r:.80}")
+    for level, (ids, shape) in enumerate(zip(indices, shapes), 1):
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
+            raise TypeError(f"indices[{level - 1}] (I_{level}) must be an int64 torch.Tensor of shape {shape}")
+        if tuple(ids.shape) != shape:
+            raise ValueError(f"indices[{level - 1}] (I_{level}) must have shape (B, H, n_{level}, K_{level}) = "
+                             f"{shape}, got {tuple(ids.shape)}")
+        if ids.device != device:
+            raise ValueError(f"indices[{level - 1}] must be on the device of q ({device}), got {ids.device}")
+        if int(ids.min()) < 0 or int(ids.max()) >= shape[2]:
+            raise ValueError(f"indices[{level - 1}] must hold level-{level} ids in [0, {shape[2]}), got values in "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+
+
+def _block_mask(indices: list[torch.Tensor], sizes: list[int], block_size: int) -> torch.Tensor:
+    """``(B, H, n_1, N + n_1 + ... + n_L)`` bool: the keys of each fine query block, over all levels' tokens."""
+    B, H, num_blocks, _ = indices[0].shape
+    device = indices[0].device
+    fine_block = torch.arange(sizes[0], device=device) // block_size
+    chosen = torch.zeros(B, H, num_blocks, num_blocks, dtype=torch.bool, device=device)
+    parts = [chosen.scatter_(-1, indices[0], True)[..., fine_block]]
+    for level in range(1, len(indices)):
+        # The level-l ancestor of fine block j is j // b**(l-1); its candidates are the children of I_{l+1}.
+        ancestor = torch.arange(num_blocks, device=device) // block_size ** (level - 1)
+        parts.append(_candidate_mask(indices[level], sizes[level], block_size)[:, :, ancestor])
+    parts.append(torch.ones(B, H, num_blocks, sizes[-1], dtype=torch.bool, device=device))
+    return torch.cat(parts, dim=-1)

@@ -1,0 +1,104 @@
+//! PyO3 glue: converts Python arguments, calls `plan`, returns bytes of little-endian int64.
+//! No logic lives here.
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use crate::plan::{self, GridError, TextPosition, Tile, TokenGrid};
+
+/// `(frames, height, width, text_tokens, text_position)` as the Python `TokenGrid` hands it over.
+type GridArgs = (usize, usize, usize, usize, String);
+
+fn value_error(err: GridError) -> PyErr {
+    PyValueError::new_err(err.to_string())
+}
+
+fn to_grid(args: GridArgs) -> PyResult<TokenGrid> {
+    let (frames, height, width, text_tokens, position) = args;
+    let text_position = match position.as_str() {
+        "first" => TextPosition::First,
+        "last" => TextPosition::Last,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "text_position must be 'first' or 'last', got {other:?}"
+            )))
+        }
+    };
+    TokenGrid::new(frames, height, width, text_tokens, text_position).map_err(value_error)
+}
+
+fn to_tile(args: (usize, usize, usize)) -> PyResult<Tile> {
+    Tile::new(args.0, args.1, args.2).map_err(value_error)
+}
+
+fn as_bytes<'py>(py: Python<'py>, values: &[i64]) -> Bound<'py, PyBytes> {
+    let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    PyBytes::new(py, &raw)
+}
+
+fn with_inverse<'py>(py: Python<'py>, perm: Vec<i64>) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+    let inv = plan::inverse(&perm)
+        .ok_or_else(|| PyValueError::new_err("internal error: order is not a permutation"))?;
+    Ok((as_bytes(py, &perm), as_bytes(py, &inv)))
+}
+
+/// Tile order of the image tokens and its inverse (int64 bytes each).
+#[pyfunction]
+fn tile_order<'py>(
+    py: Python<'py>,
+    grid: GridArgs,
+    tile: (usize, usize, usize),
+) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+    let (grid, tile) = (to_grid(grid)?, to_tile(tile)?);
+    let perm = py.detach(|| plan::tile_order(&grid, tile));
+    with_inverse(py, perm)
+}
+
+/// Token counts of the tiles of `tile_order`, in that order (int64 bytes).
+#[pyfunction]
+fn tile_sizes<'py>(py: Python<'py>, grid: GridArgs, tile: (usize, usize, usize)) -> PyResult<Bound<'py, PyBytes>> {
+    let (grid, tile) = (to_grid(grid)?, to_tile(tile)?);
+    Ok(as_bytes(py, &plan::tile_sizes(&grid, tile)))
+}
+
+/// Group-major order (GRAT) and its inverse (int64 bytes each).
+#[pyfunction]
+fn group_order<'py>(
+    py: Python<'py>,
+    grid: GridArgs,
+    group: (usize, usize, usize),
+) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+    let (grid, group) = (to_grid(grid)?, to_tile(group)?);
+    let perm = py.detach(|| plan::group_order(&grid, group));
+    with_inverse(py, perm)
+}
+
+/// Z-order (Morton, per frame) of the image tokens and its inverse (int64 bytes each).
+#[pyfunction]
+fn zorder<'py>(py: Python<'py>, grid: GridArgs) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+    let grid = to_grid(grid)?;
+    let perm = py.detach(|| plan::zorder(&grid));
+    with_inverse(py, perm)
+}
+
+/// How this extension was built.
+#[pyfunction]
+fn build_info() -> Vec<(&'static str, String)> {
+    vec![
+        ("version", env!("CARGO_PKG_VERSION").to_string()),
+        ("profile", if cfg!(debug_assertions) { "debug" } else { "release" }.to_string()),
+        ("target_arch", std::env::consts::ARCH.to_string()),
+        ("target_os", std::env::consts::OS.to_string()),
+    ]
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(tile_order, m)?)?;
+    m.add_function(wrap_pyfunction!(tile_sizes, m)?)?;
+    m.add_function(wrap_pyfunction!(group_order, m)?)?;
+    m.add_function(wrap_pyfunction!(zorder, m)?)?;
+    m.add_function(wrap_pyfunction!(build_info, m)?)?;
+    Ok(())
+}

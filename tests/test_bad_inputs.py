@@ -1,0 +1,164 @@
+"""Every public argument is validated: bad input raises ValueError/TypeError naming the argument."""
+
+import pytest
+import torch
+
+import difattn
+from difattn import TokenGrid
+
+GRID = TokenGrid(4, 6, text_tokens=3)  # N = 27
+N = GRID.num_tokens
+
+
+def qkv(n=N, d=8, dtype=torch.float32):
+    return tuple(torch.randn(2, 2, n, d, dtype=dtype) for _ in range(3))
+
+
+Q, K, V = qkv()
+BHN = torch.rand(2, 2, N)
+DYDILA = dict(gamma_q=1.0, gamma_k=1.0, gamma_q_aux=1.0, gamma_k_aux=1.0, lambda_q=0.1, lambda_k=0.1)
+
+
+def clear(**kw):
+    args = dict(q=Q, k=K, v=V, grid=GRID, radius=2.0) | kw
+    return difattn.clear_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("grid"), **args)
+
+
+def grat(**kw):
+    args = dict(q=Q, k=K, v=V, grid=GRID) | kw
+    return difattn.grat_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("grid"), **args)
+
+
+def pisa(**kw):
+    args = dict(q=Q, k=K, v=V, block_size=4) | kw
+    return difattn.pisa_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+def llsa(**kw):
+    args = dict(q=Q, k=K, v=V, block_size=4, topk=2) | kw
+    return difattn.llsa_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+def dydila(**kw):
+    args = dict(q=Q, k=K, v=V, q_aux=Q, k_aux=K) | DYDILA | kw
+    tensors = [args.pop(n) for n in ("q", "k", "v", "q_aux", "k_aux")]
+    return difattn.dydila_attention(*tensors, **args)
+
+
+def linear(**kw):
+    args = dict(q=Q, k=K, v=V) | kw
+    return difattn.linear_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+CASES = [
+    # --- TokenGrid
+    ("grid height zero", lambda: TokenGrid(0, 4), ValueError, "height"),
+    ("grid width negative", lambda: TokenGrid(4, -1), ValueError, "width"),
+    ("grid frames zero", lambda: TokenGrid(4, 4, frames=0), ValueError, "frames"),
+    ("grid text negative", lambda: TokenGrid(4, 4, text_tokens=-2), ValueError, "text_tokens"),
+    ("grid height float", lambda: TokenGrid(4.0, 4), TypeError, "height"),
+    ("grid width bool", lambda: TokenGrid(4, True), TypeError, "width"),
+    ("grid text position", lambda: TokenGrid(4, 4, text_position="middle"), ValueError, "text_position"),
+    # --- q, k, v (shared checks, exercised through several methods)
+    ("q not a tensor", lambda: clear(q=Q.numpy()), TypeError, "q"),
+    ("q 3-D", lambda: clear(q=Q[0]), ValueError, "q"),
+    ("k 5-D", lambda: grat(k=K[None]), ValueError, "k"),
+    ("v int dtype", lambda: linear(v=V.long()), TypeError, "v"),
+    ("q int dtype", lambda: pisa(q=Q.int()), TypeError, "q"),
+    ("k dtype differs", lambda: llsa(k=K.double()), TypeError, "k"),
+    ("v dtype differs", lambda: clear(v=V.half()), TypeError, "v"),
+    ("k batch differs", lambda: grat(k=K[:1]), ValueError, "k"),
+    ("v heads differ", lambda: pisa(v=V[:, :1]), ValueError, "v"),
+    ("k length differs", lambda: llsa(k=K[:, :, :-1]), ValueError, "k"),
+    ("v length differs", lambda: linear(v=V[:, :, :-1]), ValueError, "v"),
+    ("k head dim differs", lambda: clear(k=torch.randn(2, 2, N, 4)), ValueError, "k"),
+    ("empty q", lambda: linear(q=Q[:, :, :0], k=K[:, :, :0], v=V[:, :, :0]), ValueError, "q"),
+    ("scale negative", lambda: clear(scale=-1.0), ValueError, "scale"),
+    ("scale nan", lambda: grat(scale=float("nan")), ValueError, "scale"),
+    ("scale string", lambda: pisa(scale="0.1"), TypeError, "scale"),
+    ("backend unknown", lambda: clear(backend="cuda"), ValueError, "backend"),
+    ("backend not str", lambda: linear(backend=1), TypeError, "backend"),
+    # --- CLEAR
+    ("clear grid wrong type", lambda: clear(grid=(4, 6)), TypeError, "grid"),
+    ("clear grid wrong N", lambda: clear(grid=TokenGrid(4, 6)), ValueError, "grid"),
+    ("clear radius zero", lambda: clear(radius=0.0), ValueError, "radius"),
+    ("clear radius negative", lambda: clear(radius=-3), ValueError, "radius"),
+    ("clear radius inf", lambda: clear(radius=float("inf")), ValueError, "radius"),
+    ("clear radius str", lambda: clear(radius="8"), TypeError, "radius"),
+    ("clear temporal radius zero", lambda: clear(temporal_radius=0), ValueError, "temporal_radius"),
+    ("clear global_kv not pair", lambda: clear(global_kv=K), TypeError, "global_kv"),
+    ("clear global_kv wrong D", lambda: clear(global_kv=(torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 8))), ValueError, "global_kv[0]"),
+    ("clear global_kv G differs", lambda: clear(global_kv=(torch.randn(2, 2, 3, 8), torch.randn(2, 2, 2, 8))), ValueError, "global_kv"),
+    ("clear global_kv dtype", lambda: clear(global_kv=(torch.randn(2, 2, 3, 8).double(), torch.randn(2, 2, 3, 8))), TypeError, "global_kv[0]"),
+    ("clear global_kv batch", lambda: clear(global_kv=(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8))), ValueError, "global_kv[0]"),
+    # --- GRAT
+    ("grat group wrong length", lambda: grat(group=(2, 2, 2, 2)), TypeError, "group"),
+    ("grat group zero", lambda: grat(group=(0, 4)), ValueError, "group[0]"),
+    ("grat group float", lambda: grat(group=(2.5, 4)), TypeError, "group[0]"),
+    ("grat group int", lambda: grat(group=4), TypeError, "group"),
+    ("grat pattern", lambda: grat(pattern="cross"), ValueError, "pattern"),
+    ("grat reach negative", lambda: grat(reach=-1), ValueError, "reach"),
+    ("grat reach float", lambda: grat(reach=1.5), TypeError, "reach"),
+    ("grat text_mask dtype", lambda: grat(text_mask=torch.ones(2, 3)), TypeError, "text_mask"),
+    ("grat text_mask shape", lambda: grat(text_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "text_mask"),
+    ("grat text_mask list", lambda: grat(text_mask=[[True] * 3] * 2), TypeError, "text_mask"),
+    ("grat grid wrong N", lambda: grat(grid=TokenGrid(5, 6)), ValueError, "grid"),
+    # --- PISA
+    ("pisa density zero", lambda: pisa(density=0.0), ValueError, "density"),
+    ("pisa density above one", lambda: pisa(density=1.5), ValueError, "density"),
+    ("pisa density str", lambda: pisa(density="half"), TypeError, "density"),
+    ("pisa block size zero", lambda: pisa(block_size=0), ValueError, "block_size"),
+    ("pisa block size float", lambda: pisa(block_size=64.0), TypeError, "block_size"),
+    ("pisa order", lambda: pisa(order="second"), ValueError, "order"),
+    ("pisa routing_bias int", lambda: pisa(routing_bias=1), TypeError, "routing_bias"),
+    ("pisa sink", lambda: pisa(sink="middle"), ValueError, "sink"),
+    ("pisa grid wrong N", lambda: pisa(grid=TokenGrid(3, 3)), ValueError, "grid"),
+    ("pisa grid wrong type", lambda: pisa(grid="4x6"), TypeError, "grid"),
+    ("pisa untileable block", lambda: pisa(grid=GRID, block_size=7), ValueError, "block_size"),
+    ("pisa return_blocks str", lambda: pisa(return_blocks="yes"), TypeError, "return_blocks"),
+    # --- LLSA
+    ("llsa block size one", lambda: llsa(block_size=1), ValueError, "block_size"),
+    ("llsa topk zero", lambda: llsa(topk=0), ValueError, "topk"),
+    ("llsa topk too large", lambda: llsa(topk=8), ValueError, "topk"),
+    ("llsa topk tuple length", lambda: llsa(topk=(2, 2), levels=1), ValueError, "topk"),
+    ("llsa topk tuple entry", lambda: llsa(topk=(2, 0), levels=2), ValueError, "topk[1]"),
+    ("llsa fine topk above candidates", lambda: llsa(topk=(6, 1), levels=2), ValueError, "topk"),
+    ("llsa levels zero", lambda: llsa(levels=0), ValueError, "levels"),
+    ("llsa levels str", lambda: llsa(levels="2"), TypeError, "levels"),
+    ("llsa grid wrong N", lambda: llsa(grid=TokenGrid(2, 2)), ValueError, "grid"),
+    ("llsa return_indices int", lambda: llsa(return_indices=1), TypeError, "return_indices"),
+    # --- DyDiLA
+    ("dydila q_aux shape", lambda: dydila(q_aux=Q[:, :, :-1]), ValueError, "q_aux"),
+    ("dydila k_aux dtype", lambda: dydila(k_aux=K.double()), TypeError, "k_aux"),
+    ("dydila k_aux not tensor", lambda: dydila(k_aux=None), TypeError, "k_aux"),
+    ("dydila gamma_q shape", lambda: dydila(gamma_q=torch.ones(2, 2)), ValueError, "gamma_q"),
+    ("dydila gamma_k int tensor", lambda: dydila(gamma_k=torch.ones(2, 2, N, dtype=torch.long)), TypeError, "gamma_k"),
+    ("dydila gamma_q_aux str", lambda: dydila(gamma_q_aux="2"), TypeError, "gamma_q_aux"),
+    ("dydila gamma_k_aux nan", lambda: dydila(gamma_k_aux=float("nan")), ValueError, "gamma_k_aux"),
+    ("dydila lambda_q shape", lambda: dydila(lambda_q=BHN[:, :, :-1]), ValueError, "lambda_q"),
+    ("dydila lambda_k None", lambda: dydila(lambda_k=None), TypeError, "lambda_k"),
+    ("dydila normalize int", lambda: dydila(normalize=1), TypeError, "normalize"),
+    ("dydila eps zero", lambda: dydila(eps=0.0), ValueError, "eps"),
+    # --- linear
+    ("linear normalize str", lambda: linear(normalize="true"), TypeError, "normalize"),
+    ("linear eps negative", lambda: linear(eps=-1e-6), ValueError, "eps"),
+]
+
+
+def test_there_are_at_least_fifty_cases():
+    assert len({name for name, *_ in CASES}) == len(CASES) >= 50
+
+
+@pytest.mark.parametrize("name, call, error, argument", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_names_the_argument(name, call, error, argument):
+    with pytest.raises(error) as info:
+        call()
+    assert type(info.value) is error
+    assert argument in str(info.value), f"message does not name {argument!r}: {info.value}"
+
+
+def test_options_are_keyword_only():
+    with pytest.raises(TypeError):
+        difattn.clear_attention(Q, K, V, GRID, 2.0)
+    with pytest.raises(TypeError):
+        difattn.pisa_attention(Q, K, V, 0.5)

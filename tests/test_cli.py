@@ -1,0 +1,59 @@
+"""The command line: `difattn info` and a tiny `difattn bench` run writing JSON with the documented schema."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from difattn.cli import main, parse_grid
+
+RECORD_KEYS = {
+    "method", "backend", "pass", "B", "H", "N", "D", "dtype", "options", "density", "ms", "ms_min", "ms_max",
+    "dense_ms", "flex_ms", "work_fraction", "speedup", "efficiency", "peak_mem_mb", "rel_err_dense",
+}
+
+
+def test_info_reports_backends(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "difattn" in out and "compiled core" in out
+    for method in ("clear", "grat", "pisa", "llsa", "dydila", "linear"):
+        assert method in out
+
+
+def test_console_script_entry_point():
+    done = subprocess.run([sys.executable, "-m", "difattn", "info"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "backends on cpu" in done.stdout
+
+
+def test_bench_writes_json_schema(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    code = main(["bench", "--device", "cpu", "--grid", "6x7+3", "--heads", "2", "--head-dim", "16", "--quick",
+                 "--backward", "--methods", "clear", "pisa", "linear", "--json", str(path)])
+    assert code == 0
+    payload = json.loads(path.read_text())
+    assert {"device", "torch", "triton", "commit", "records"} <= set(payload)
+    records = payload["records"]
+    assert {r["method"] for r in records} == {"clear", "pisa", "linear"}
+    assert {r["pass"] for r in records} == {"fwd", "fwd+bwd"}
+    for r in records:
+        assert RECORD_KEYS <= set(r)
+        assert r["N"] == 45 and r["ms"] > 0 and r["dense_ms"] > 0
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["ms"])
+    clear_fwd = next(r for r in records if r["method"] == "clear" and r["pass"] == "fwd")
+    assert 0 < clear_fwd["work_fraction"] <= 1
+    assert "speedup" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, expect", [("64x64", (1, 64, 64, 0, "first")), ("3x8x9+7last", (3, 8, 9, 7, "last"))])
+def test_parse_grid(text, expect):
+    assert parse_grid(text).core_args() == expect
+
+
+def test_parse_grid_rejects_garbage():
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match="--grid"):
+        parse_grid("64by64")

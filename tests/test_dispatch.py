@@ -1,0 +1,49 @@
+"""The backend table: explicit backends explain why they cannot run; auto falls back to torch."""
+
+import pytest
+import torch
+
+import difattn
+from difattn import backends, reference
+from difattn.testing import random_qkv
+
+GRID = difattn.TokenGrid(4, 4, text_tokens=2)
+
+
+def test_auto_on_cpu_runs_a_backend_and_matches_reference():
+    q, k, v = random_qkv(1, 2, GRID.num_tokens, 8, seed=1)
+    out = difattn.clear_attention(q, k, v, GRID, radius=2.0)
+    assert torch.equal(out, reference.clear_attention(q, k, v, GRID, radius=2.0, scale=8**-0.5))
+
+
+def test_explicit_torch_backend_runs_every_method():
+    for method in backends.METHODS:
+        assert backends.BACKENDS["torch"].can_run(method, torch.device("cpu")) == (True, "")
+
+
+@pytest.mark.parametrize("method", backends.METHODS)
+def test_unbuilt_backend_raises_runtime_error_with_reason(method):
+    for name in ("rust", "triton"):
+        ok, reason = backends.BACKENDS[name].can_run(method, torch.device("cpu"))
+        if ok:
+            continue
+        assert reason and name in reason
+        with pytest.raises(RuntimeError, match=name):
+            backends.select(method, name, torch.device("cpu"))
+
+
+def test_triton_needs_cuda_or_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ok, reason = backends.BACKENDS["triton"].runtime_check(torch.device("cpu"))
+    assert not ok and ("CUDA" in reason or "triton" in reason)
+
+
+def test_rust_backend_rejects_cuda_tensors():
+    ok, reason = backends.BACKENDS["rust"].runtime_check(torch.device("cuda"))
+    assert not ok and "CPU" in reason
+
+
+def test_availability_lists_every_backend():
+    table = backends.availability("pisa", torch.device("cpu"))
+    assert set(table) == {"torch", "rust", "triton"}
+    assert table["torch"] == (True, "")
