@@ -13,7 +13,16 @@ GRID = difattn.TokenGrid(4, 4, text_tokens=2)
 def test_auto_on_cpu_runs_a_backend_and_matches_reference():
     q, k, v = random_qkv(1, 2, GRID.num_tokens, 8, seed=1)
     out = difattn.clear_attention(q, k, v, GRID, radius=2.0)
-    assert torch.equal(out, reference.clear_attention(q, k, v, GRID, radius=2.0, scale=8**-0.5))
+    torch.testing.assert_close(out, reference.clear_attention(q, k, v, GRID, radius=2.0, scale=8**-0.5))
+
+
+def test_auto_prefers_rust_on_cpu_and_falls_back_to_torch():
+    cpu = torch.device("cpu")
+    for method in backends.METHODS:
+        impl = backends.select(method, "auto", cpu)
+        rust = backends.BACKENDS["rust"]
+        expected = "rust" if rust.can_run(method, cpu)[0] else "torch"
+        assert impl is backends.BACKENDS[expected].implementations[method]
 
 
 def test_explicit_torch_backend_runs_every_method():

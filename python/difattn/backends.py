@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 
 from . import reference
+from .ops import clear as clear_ops
+from .ops import grat as grat_ops
 from ._native import core_status
 
 METHODS = ("clear", "grat", "pisa", "llsa", "dydila", "linear")
@@ -79,7 +81,7 @@ BACKENDS: dict[str, Backend] = {
             "linear": reference.linear_attention,
         },
     ),
-    "rust": Backend("rust", {}, _rust_check),
+    "rust": Backend("rust", {"clear": clear_ops.clear_attention, "grat": grat_ops.grat_attention}, _rust_check),
     "triton": Backend("triton", {}, _triton_check),
 }
 

@@ -1,6 +1,7 @@
 //! Plans: token geometry and the orders tokens are attended in.
 
 pub mod grid;
+pub mod blocks;
 pub mod permute;
 
 pub use grid::{GridError, TextPosition, TokenGrid};

@@ -40,10 +40,12 @@ def llsa_attention(
         grid: a :class:`~difattn.TokenGrid`; image tokens are then Z-ordered per frame, text stays at its end.
         indices: ``[I_1, ..., I_L]`` to use instead of the selection, ``I_l`` int64 ``(B, H, n_l, K_l)``.
 
-    Level-l token j is the mean of level-(l−1) tokens ``[j*b, (j+1)*b)`` (the last may be short) and counts the
-    ``min(b**l, N − j*b**l)`` fine tokens under it; ``n_l = ceil(N / b**l)``. Selection (raw dot products of pooled
-    q and k, not differentiated): ``I_L`` = top-K_L of all level-L keys; ``I_l`` = top-K_l among the children of
-    the parent's ``I_{l+1}``; ties go to the lower id.
+    Level-l token j is the mean of the ``count = min(b**l, N − j*b**l)`` fine tokens under it (the mean of its b
+    level-(l−1) children weighted by their counts; only the last token of a level is short); ``n_l = ceil(N / b**l)``.
+    Selection (raw dot products of pooled q and k, not differentiated): ``I_L`` = top-K_L of all level-L keys;
+    ``I_l`` = top-K_l among the children of the parent's ``I_{l+1}``; ties go to the lower id. Each fine query block
+    attends in one softmax, logit ``s·q·k + ln(count)``, to the fine tokens of its ``I_1`` blocks, the candidates of
+    its ancestor at every intermediate level and all level-L tokens; gradients flow to fine and pooled tokens.
 
     Returns ``(B, H, N, Dv)`` in q's dtype and the original token order; with ``return_indices=True`` also
     ``[I_1, ..., I_L]``: absolute level-l ids by descending score, in the internal (Z-ordered) numbering.
@@ -57,47 +59,57 @@ def llsa_attention(
     perm = None if grid is None else zorder_permutation(grid).to(q.device)
     if perm is not None:
         q, k, v = q[:, :, perm], k[:, :, perm], v[:, :, perm]
-    sizes = llsa_level_sizes(N, block_size, num_levels)
     pooled_keys = _pyramid(k, block_size, num_levels)
     if indices is None:
         indices = _select(_pyramid(q.detach(), block_size, num_levels), pooled_keys, block_size, topks)
     else:
+        sizes = llsa_level_sizes(N, block_size, num_levels)
         _check_indices(indices, [(B, H, sizes[level], kk) for level, kk in enumerate(topks, 1)], q.device)
-    keys = torch.cat([k] + [x.to(k.dtype) for x in pooled_keys], dim=2)
-    values = torch.cat([v] + [x.to(v.dtype) for x in _pyramid(v, block_size, num_levels)], dim=2)
-    log_counts = [torch.log(_counts(N, block_size, level, q.device)) for level in range(num_levels + 1)]
-    bias = torch.cat(log_counts)[None, :].to(pooled_keys[0].dtype)  # (1, N_keys): one row for every query
-    mask = _block_mask(indices, sizes, block_size)[:, :, torch.arange(N, device=q.device) // block_size]
-    out = masked_attention(q, keys, values, scale=scale, mask=mask, bias=bias)
+    out = _attend(q, k, v, pooled_keys, indices, block_size, scale)
     if perm is not None:
         out = out[:, :, inverse_permutation(perm)]
     return (out, indices) if return_indices else out
 
 
 def _counts(num_tokens: int, block_size: int, level: int, device: torch.device) -> torch.Tensor:
-    """``(n_level,)`` float64: fine tokens under each level-``level`` token (1 at level 0)."""
+    """``(n_level,)`` int64: fine tokens under each level-``level`` token (1 at level 0)."""
     span = block_size**level
     starts = torch.arange(0, num_tokens, span, device=device)
-    return torch.clamp(num_tokens - starts, max=span).to(torch.float64)
+    return torch.clamp(num_tokens - starts, max=span)
 
 
-def _pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """``(B, H, ceil(n/b), C)``: means of ``b`` consecutive rows of ``x`` ``(B, H, n, C)``, the last over what it has."""
+def _sum_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``(B, H, ceil(n/b), C)``: sums of ``b`` consecutive rows of ``x`` ``(B, H, n, C)``, the last over what it has."""
     B, H, n, C = x.shape
     groups = -(-n // block_size)
-    sums = F.pad(x, (0, 0, 0, groups * block_size - n)).reshape(B, H, groups, block_size, C).sum(3)
-    rows = torch.clamp(n - torch.arange(groups, device=x.device) * block_size, max=block_size)
-    return sums / rows[:, None].to(x.dtype)
+    return F.pad(x, (0, 0, 0, groups * block_size - n)).reshape(B, H, groups, block_size, C).sum(3)
 
 
 def _pyramid(x: torch.Tensor, block_size: int, num_levels: int) -> list[torch.Tensor]:
-    """Levels 1..L of ``x`` by repeated pooling, in float32 (float64 for float64 input)."""
-    level = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    """Levels 1..L of ``x`` in float32 (float64 for float64 input): level-l token j is the mean of the fine tokens
+    it covers, ``[j*b**l, (j+1)*b**l)`` clipped to N, so ``count * mean`` is their exact sum at every level."""
+    sums = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     pooled = []
-    for _ in range(num_levels):
-        level = _pool(level, block_size)
-        pooled.append(level)
+    for level in range(1, num_levels + 1):
+        sums = _sum_pool(sums, block_size)
+        pooled.append(sums / _counts(x.shape[2], block_size, level, x.device)[:, None].to(sums.dtype))
     return pooled
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pooled_keys: list[torch.Tensor], indices: list[torch.Tensor],
+    block_size: int, scale: float,
+) -> torch.Tensor:
+    """``(B, H, N, Dv)`` in q's dtype: one masked softmax per query over every level's tokens, ``+ ln(count)``."""
+    N, num_levels = q.shape[2], len(indices)
+    work = pooled_keys[0].dtype
+    keys = torch.cat([k] + [x.to(k.dtype) for x in pooled_keys], dim=2)
+    values = torch.cat([v] + [x.to(v.dtype) for x in _pyramid(v, block_size, num_levels)], dim=2)
+    counts = torch.cat([_counts(N, block_size, level, q.device) for level in range(num_levels + 1)])
+    bias = torch.log(counts.to(work))[None, :]  # (1, N_keys): the same row for every query
+    sizes = llsa_level_sizes(N, block_size, num_levels)
+    mask = _block_mask(indices, sizes, block_size)[:, :, torch.arange(N, device=q.device) // block_size]
+    return masked_attention(q, keys, values, scale=scale, mask=mask, bias=bias)
 
 
 def _top(scores: torch.Tensor, count: int) -> torch.Tensor:

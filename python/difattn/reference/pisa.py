@@ -78,7 +78,7 @@ def pisa_attention(
 
     Block numbering (query and key side alike): blocks in sequence order of the permuted tokens of
     :func:`pisa_layout`; without a grid block j holds tokens ``[j*b, (j+1)*b)``; with a grid the text blocks come
-    first when the text is first and last when it is last, and image tile blocks in raster order between.
+    first when the text is first and last when it is last; the image tiles, in raster order, fill the rest.
 
     Returns ``(B, H, N, Dv)`` in q's dtype and the original token order; with ``return_blocks=True`` also the
     selection ``(B, H, M, k)`` int64, each row by descending routing score (the sink first). Routing is not

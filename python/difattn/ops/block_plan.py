@@ -1,0 +1,98 @@
+"""Block plans for the attention engine (CLEAR, GRAT), built by the compiled core and cached.
+
+A plan is a list of tensors in a fixed order (``PLAN_FIELDS``) so it can travel through ``torch.library`` ops:
+token orders and block boundaries of the query and key sides, the CSR of key blocks per query block with a kind
+per entry (0 full, 1 masked), its transpose (key block → query blocks, for the key-side backward) and the
+``(t, y, x)`` coordinates of each position (text ``-1``, extra keys ``-2``) for the element mask.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .._native import core
+from ..grid import TokenGrid
+
+PLAN_FIELDS = (
+    "q_perm", "q_offsets", "k_perm", "k_offsets", "indptr", "indices", "kinds",
+    "t_indptr", "t_indices", "t_kinds", "q_coords", "k_coords",
+)
+_INT32_FIELDS = ("kinds", "t_kinds", "q_coords", "k_coords")
+_CACHE_SIZE = 32
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """Kernel block sizes and image tiles of the query and key sides."""
+
+    q_tile: tuple[int, int]
+    k_tile: tuple[int, int]
+
+    @property
+    def q_block(self) -> int:
+        return self.q_tile[0] * self.q_tile[1]
+
+    @property
+    def k_block(self) -> int:
+        return self.k_tile[0] * self.k_tile[1]
+
+
+# CPU: 64-token blocks on both sides (8x8 tiles); GPU: 128 queries (8x16) against 64 keys (8x8).
+CPU_BLOCKS = BlockShape((8, 8), (8, 8))
+GPU_BLOCKS = BlockShape((8, 16), (8, 8))
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Plan tensors (``PLAN_FIELDS`` order) and the element-mask thresholds (``max_d2 < 0``: no disc)."""
+
+    tensors: tuple[torch.Tensor, ...]
+    max_d2: int
+    max_dt: int
+
+    def field(self, name: str) -> torch.Tensor:
+        return self.tensors[PLAN_FIELDS.index(name)]
+
+    @property
+    def num_query_blocks(self) -> int:
+        return self.field("q_offsets").numel() - 1
+
+    @property
+    def num_key_blocks(self) -> int:
+        return self.field("k_offsets").numel() - 1
+
+
+def _tensors(arrays: dict[str, bytes], device: str) -> tuple[torch.Tensor, ...]:
+    out = []
+    for name in PLAN_FIELDS:
+        dtype = "<i4" if name in _INT32_FIELDS else "<i8"
+        out.append(torch.from_numpy(np.frombuffer(arrays[name], dtype=dtype).copy()).to(device))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def clear_plan(grid: TokenGrid, radius: float, temporal_radius: float, global_tokens: int, blocks: BlockShape,
+               device: str) -> BlockPlan:
+    """CLEAR's plan for ``grid`` on ``device`` (cached by every argument)."""
+    arrays, max_d2, max_dt = core().clear_plan(
+        grid.core_args(), radius, temporal_radius, global_tokens, (1, *blocks.q_tile), (1, *blocks.k_tile),
+        blocks.q_block, blocks.k_block,
+    )
+    return BlockPlan(_tensors(arrays, device), max_d2, max_dt)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def grat_plan(grid: TokenGrid, group: tuple[int, int, int], pattern: str, reach: int, text_masked: bool,
+              blocks: BlockShape, device: str) -> BlockPlan:
+    """GRAT's plan for ``grid`` on ``device`` (cached by every argument)."""
+    arrays = core().grat_plan(grid.core_args(), group, pattern, reach, text_masked, blocks.q_block, blocks.k_block)
+    return BlockPlan(_tensors(arrays, device), -1, 0)
+
+
+def clear_cache() -> None:
+    clear_plan.cache_clear()
+    grat_plan.cache_clear()

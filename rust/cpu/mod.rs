@@ -1,0 +1,7 @@
+//! CPU kernels. `view` checks raw tensor descriptors before any `unsafe` read; `simd` holds the vector math;
+//! `block_attention` is the one attention engine over block plans (forward and backward).
+
+pub mod block_attention;
+pub mod pool;
+pub mod simd;
+pub mod view;

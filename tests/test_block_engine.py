@@ -1,0 +1,204 @@
+"""The block attention engine (CLEAR, GRAT): plans against the spec's masks, exactly; Rust kernels against the
+torch reference, forward and every gradient, through the one tolerance helper."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import difattn
+from difattn import reference
+from difattn.ops import block_plan
+from difattn.ops.block_plan import CPU_BLOCKS, GPU_BLOCKS, BlockShape
+from difattn.testing import assert_close, random_qkv
+from difattn.testing.strategies import head_dims, token_grids
+
+SMALL_BLOCKS = BlockShape((2, 4), (4, 2))  # ragged tiles everywhere on small grids
+
+
+def plan_pairs(plan, mask_fn):
+    """Dense (N, Nk) coverage of a plan: 1 where an entry covers the pair, and whether FULL entries are full."""
+    f = plan.field
+    q_perm, q_off, k_perm, k_off = f("q_perm"), f("q_offsets"), f("k_perm"), f("k_offsets")
+    covered = torch.zeros(q_perm.numel(), k_perm.numel(), dtype=torch.int64)
+    full_ok = True
+    indptr, indices, kinds = f("indptr"), f("indices"), f("kinds")
+    for i in range(plan.num_query_blocks):
+        rows = q_perm[q_off[i] : q_off[i + 1]]
+        for e in range(int(indptr[i]), int(indptr[i + 1])):
+            j = int(indices[e])
+            cols = k_perm[k_off[j] : k_off[j + 1]]
+            allowed = mask_fn(rows, cols)
+            covered[rows[:, None], cols[None, :]] += allowed.long() if kinds[e] else 1
+            full_ok &= bool(kinds[e]) or bool(allowed.all())
+    return covered, full_ok
+
+
+@given(grid=token_grids(max_side=14, max_tokens=300), radius=st.floats(0.5, 9.0), rt=st.sampled_from([None, 1.0, 2.5]),
+       blocks=st.sampled_from([SMALL_BLOCKS, CPU_BLOCKS, GPU_BLOCKS]))
+def test_clear_plan_equals_spec_mask(grid, radius, rt, blocks):
+    rt_value = float(grid.frames) if rt is None else rt
+    mask = reference.clear_mask(grid, radius, temporal_radius=rt)
+    plan = block_plan.clear_plan(grid, radius, rt_value, 0, blocks, "cpu")
+    covered, full_ok = plan_pairs(plan, lambda r, c: mask[r[:, None], c[None, :]])
+    assert full_ok
+    assert torch.equal(covered, mask.long())  # every allowed pair exactly once, nothing else
+
+
+@given(grid=token_grids(max_side=14, max_tokens=300), pattern=st.sampled_from(["neighbors", "criss_cross"]),
+       group=st.tuples(st.integers(1, 2), st.integers(1, 5), st.integers(1, 5)), reach=st.integers(0, 2),
+       blocks=st.sampled_from([SMALL_BLOCKS, CPU_BLOCKS]))
+def test_grat_plan_equals_spec_mask_and_is_all_full(grid, pattern, group, reach, blocks):
+    mask = reference.grat_mask(grid, group, pattern, reach)
+    plan = block_plan.grat_plan(grid, group, pattern, reach, False, blocks, "cpu")
+    assert int(plan.field("kinds").sum()) == 0
+    covered, full_ok = plan_pairs(plan, lambda r, c: mask[r[:, None], c[None, :]])
+    assert full_ok and torch.equal(covered, mask.long())
+
+
+def test_clear_plan_check_values_flux_1024():
+    """FLUX 1024² (64x64 grid, 512 text, head dim 128, 24 heads): the plan's allowed pairs give the spec's FLOPs."""
+    grid = difattn.TokenGrid(64, 64, text_tokens=512)
+    for radius, gflops in ((8, 63.5), (16, 86.6), (32, 154.1)):
+        plan = block_plan.clear_plan(grid, float(radius), 1.0, 0, GPU_BLOCKS, "cpu")
+        pairs = _allowed_pairs(plan)
+        assert round(4 * pairs * 3072 / 1e9, 1) == gflops
+        computed = _computed_pairs(plan)
+        assert computed >= pairs
+
+
+def _computed_pairs(plan) -> int:
+    sizes_q = plan.field("q_offsets").diff()
+    sizes_k = plan.field("k_offsets").diff()
+    counts = plan.field("indptr").diff()
+    rows = torch.repeat_interleave(sizes_q, counts)
+    return int((rows * sizes_k[plan.field("indices")]).sum())
+
+
+def _allowed_pairs(plan) -> int:
+    f = plan.field
+    qc, kc = f("q_coords").view(-1, 3), f("k_coords").view(-1, 3)
+    total = 0
+    indptr, indices, kinds, q_off, k_off = f("indptr"), f("indices"), f("kinds"), f("q_offsets"), f("k_offsets")
+    rows_of = torch.repeat_interleave(torch.arange(plan.num_query_blocks), indptr.diff())
+    full = kinds == 0
+    total += int((q_off.diff()[rows_of[full]] * k_off.diff()[indices[full]]).sum())
+    for e in torch.nonzero(~full).flatten().tolist():
+        i, j = int(rows_of[e]), int(indices[e])
+        a, b = qc[q_off[i] : q_off[i + 1]], kc[k_off[j] : k_off[j + 1]]
+        d2 = (a[:, None, 1] - b[None, :, 1]) ** 2 + (a[:, None, 2] - b[None, :, 2]) ** 2
+        dt = (a[:, None, 0] - b[None, :, 0]).abs()
+        text = (a[:, None, 0] < 0) | (b[None, :, 0] < 0)
+        total += int((text | ((d2 <= plan.max_d2) & (dt <= plan.max_dt))).sum())
+    return total
+
+
+def test_plan_cache_is_keyed_by_grid():
+    a = block_plan.clear_plan(difattn.TokenGrid(8, 8), 3.0, 1.0, 0, CPU_BLOCKS, "cpu")
+    b = block_plan.clear_plan(difattn.TokenGrid(16, 16), 3.0, 1.0, 0, CPU_BLOCKS, "cpu")
+    c = block_plan.clear_plan(difattn.TokenGrid(8, 8), 3.0, 1.0, 0, CPU_BLOCKS, "cpu")
+    assert a.field("q_perm").numel() == 64 and b.field("q_perm").numel() == 256 and a is c
+
+
+def _compare(method, fast_fn, ref_fn, q, k, v, extra=()):
+    """Forward and all gradients of the Rust path vs the reference (float64 and input dtype)."""
+    inputs = (q, k, v) + tuple(extra)
+    leaves = [x.detach().requires_grad_(True) for x in inputs]
+    out = fast_fn(*leaves)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    refs = []
+    for dtype in (q.dtype, torch.float64):
+        rl = [x.detach().to(dtype).requires_grad_(True) for x in inputs]
+        r = ref_fn(*rl)
+        refs.append((r, torch.autograd.grad(r, rl, dout.to(dtype))))
+    (lo, lo_g), (hi, hi_g) = refs
+    assert_close(f"{method} out", out, lo, hi)
+    for name, g, gl, gh in zip(("dq", "dk", "dv", "dk_g", "dv_g"), grads, lo_g, hi_g):
+        assert_close(f"{method} {name}", g, gl, gh, gradient=True)
+
+
+@given(grid=token_grids(max_side=20, max_tokens=400), radius=st.floats(0.8, 7.0), d=head_dims(),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), seed=st.integers(0, 99))
+def test_clear_rust_matches_reference(grid, radius, d, dtype, seed):
+    q, k, v = random_qkv(1, 2, grid.num_tokens, d, dtype=dtype, seed=seed, token_major=seed % 2 == 0)
+    scale = d**-0.5
+    _compare(
+        "clear",
+        lambda q, k, v: difattn.clear_attention(q, k, v, grid, radius=radius, backend="rust"),
+        lambda q, k, v: reference.clear_attention(q, k, v, grid, radius=radius, scale=scale),
+        q, k, v,
+    )
+
+
+@given(grid=token_grids(max_side=20, max_tokens=400), pattern=st.sampled_from(["neighbors", "criss_cross"]),
+       group=st.tuples(st.integers(1, 6), st.integers(1, 6)), reach=st.integers(0, 2), d=head_dims(),
+       dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 99), masked=st.booleans())
+def test_grat_rust_matches_reference(grid, pattern, group, reach, d, dtype, seed, masked):
+    q, k, v = random_qkv(2, 1, grid.num_tokens, d, dtype=dtype, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    text_mask = torch.rand(2, grid.text_tokens, generator=gen) > 0.4 if masked else None
+    kw = dict(group=group, pattern=pattern, reach=reach, text_mask=text_mask)
+    _compare(
+        "grat",
+        lambda q, k, v: difattn.grat_attention(q, k, v, grid, backend="rust", **kw),
+        lambda q, k, v: reference.grat_attention(q, k, v, grid, scale=d**-0.5, **kw),
+        q, k, v,
+    )
+
+
+def test_clear_global_kv_gradients():
+    grid = difattn.TokenGrid(9, 10, text_tokens=4, text_position="last")
+    q, k, v = random_qkv(2, 2, grid.num_tokens, 72, seed=3)
+    kg, vg, _ = random_qkv(2, 2, 5, 72, seed=4)
+    _compare(
+        "clear+global",
+        lambda q, k, v, kg, vg: difattn.clear_attention(q, k, v, grid, radius=2.5, global_kv=(kg, vg), backend="rust"),
+        lambda q, k, v, kg, vg: reference.clear_attention(q, k, v, grid, radius=2.5, global_kv=(kg, vg), scale=72**-0.5),
+        q, k, v, (kg, vg),
+    )
+
+
+@pytest.mark.parametrize("grid", [difattn.TokenGrid(64, 64), difattn.TokenGrid(30, 52, text_tokens=77, text_position="last")])
+def test_exactness_window_covering_everything_equals_dense(grid):
+    q, k, v = random_qkv(1, 2, grid.num_tokens, 64, seed=7, dtype=torch.float64)
+    dense = reference.dense_attention(q, k, v)
+    for dtype in (torch.float32,):
+        qd, kd, vd = (x.to(dtype) for x in (q, k, v))
+        clear = difattn.clear_attention(qd, kd, vd, grid, radius=float(grid.height + grid.width), backend="rust")
+        grat = difattn.grat_attention(qd, kd, vd, grid, group=(grid.height, grid.width), backend="rust")
+        low = reference.dense_attention(qd, kd, vd)
+        assert_close("clear covering", clear, low, dense)
+        assert_close("grat covering", grat, low, dense)
+
+
+def test_auto_picks_rust_on_cpu():
+    from difattn.backends import BACKENDS, select
+
+    assert select("clear", "auto", torch.device("cpu")) is BACKENDS["rust"].implementations["clear"]
+    assert select("grat", "auto", torch.device("cpu")) is BACKENDS["rust"].implementations["grat"]
+
+
+def test_rust_rejects_a_plan_that_is_not_a_permutation():
+    from difattn.ops.block_attention import block_attention_fwd
+
+    grid = difattn.TokenGrid(4, 4)
+    plan = block_plan.clear_plan(grid, 2.0, 1.0, 0, CPU_BLOCKS, "cpu")
+    tensors = list(plan.tensors)
+    tensors[0] = torch.zeros_like(tensors[0])  # q_perm with duplicates
+    q, k, v = random_qkv(1, 1, 16, 8)
+    with pytest.raises(ValueError, match="q_perm"):
+        block_attention_fwd(q, k, v, tensors, None, plan.max_d2, plan.max_dt, 0.3)
+    tensors = list(plan.tensors)
+    tensors[5] = tensors[5] + 100  # key block ids out of range
+    with pytest.raises(ValueError, match="out of range"):
+        block_attention_fwd(q, k, v, tensors, None, plan.max_d2, plan.max_dt, 0.3)
+
+
+def test_opcheck_block_attention_cpu():
+    from difattn.ops.block_attention import block_attention_fwd
+
+    grid = difattn.TokenGrid(6, 7, text_tokens=3)
+    plan = block_plan.clear_plan(grid, 2.0, 1.0, 0, SMALL_BLOCKS, "cpu")
+    q, k, v = random_qkv(1, 2, grid.num_tokens, 16, requires_grad=True)
+    torch.library.opcheck(block_attention_fwd, (q, k, v, list(plan.tensors), None, plan.max_d2, plan.max_dt, 0.25))
