@@ -1,9 +1,15 @@
-"""Test tiers: tier 0 runs everywhere; tier 2 (`gpu`) is skipped without CUDA."""
+"""Test tiers: tier 0 runs everywhere; tier 1 (`interpreter`) runs the Triton kernels on CPU tensors under
+TRITON_INTERPRET=1 when there is no GPU; tier 2 (`gpu`) is skipped without CUDA."""
 
 import os
 
-import pytest
 import torch
+
+# Triton decides at kernel definition whether to interpret, so set this before any kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -18,6 +24,13 @@ def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="tier 2 needs a CUDA device")
+    try:
+        import triton  # noqa: F401
+        skip_interp = None
+    except ImportError:
+        skip_interp = pytest.mark.skip(reason="tier 1 needs triton installed")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+        elif skip_interp is not None and "interpreter" in item.keywords:
+            item.add_marker(skip_interp)

@@ -10,7 +10,7 @@ import difattn
 from difattn import reference
 from difattn.ops import block_plan
 from difattn.ops.block_plan import CPU_BLOCKS, GPU_BLOCKS, BlockShape
-from difattn.testing import assert_close, random_qkv
+from difattn.testing import assert_close, compare_with_reference, random_qkv
 from difattn.testing.strategies import head_dims, token_grids
 
 SMALL_BLOCKS = BlockShape((2, 4), (4, 2))  # ragged tiles everywhere on small grids
@@ -100,34 +100,16 @@ def test_plan_cache_is_keyed_by_grid():
     assert a.field("q_perm").numel() == 64 and b.field("q_perm").numel() == 256 and a is c
 
 
-def _compare(method, fast_fn, ref_fn, q, k, v, extra=()):
-    """Forward and all gradients of the Rust path vs the reference (float64 and input dtype)."""
-    inputs = (q, k, v) + tuple(extra)
-    leaves = [x.detach().requires_grad_(True) for x in inputs]
-    out = fast_fn(*leaves)
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, leaves, dout)
-    refs = []
-    for dtype in (q.dtype, torch.float64):
-        rl = [x.detach().to(dtype).requires_grad_(True) for x in inputs]
-        r = ref_fn(*rl)
-        refs.append((r, torch.autograd.grad(r, rl, dout.to(dtype))))
-    (lo, lo_g), (hi, hi_g) = refs
-    assert_close(f"{method} out", out, lo, hi)
-    for name, g, gl, gh in zip(("dq", "dk", "dv", "dk_g", "dv_g"), grads, lo_g, hi_g):
-        assert_close(f"{method} {name}", g, gl, gh, gradient=True)
-
-
 @given(grid=token_grids(max_side=20, max_tokens=400), radius=st.floats(0.8, 7.0), d=head_dims(),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), seed=st.integers(0, 99))
 def test_clear_rust_matches_reference(grid, radius, d, dtype, seed):
     q, k, v = random_qkv(1, 2, grid.num_tokens, d, dtype=dtype, seed=seed, token_major=seed % 2 == 0)
     scale = d**-0.5
-    _compare(
+    compare_with_reference(
         "clear",
         lambda q, k, v: difattn.clear_attention(q, k, v, grid, radius=radius, backend="rust"),
         lambda q, k, v: reference.clear_attention(q, k, v, grid, radius=radius, scale=scale),
-        q, k, v,
+        (q, k, v),
     )
 
 
@@ -139,11 +121,11 @@ def test_grat_rust_matches_reference(grid, pattern, group, reach, d, dtype, seed
     gen = torch.Generator().manual_seed(seed)
     text_mask = torch.rand(2, grid.text_tokens, generator=gen) > 0.4 if masked else None
     kw = dict(group=group, pattern=pattern, reach=reach, text_mask=text_mask)
-    _compare(
+    compare_with_reference(
         "grat",
         lambda q, k, v: difattn.grat_attention(q, k, v, grid, backend="rust", **kw),
         lambda q, k, v: reference.grat_attention(q, k, v, grid, scale=d**-0.5, **kw),
-        q, k, v,
+        (q, k, v),
     )
 
 
@@ -151,11 +133,11 @@ def test_clear_global_kv_gradients():
     grid = difattn.TokenGrid(9, 10, text_tokens=4, text_position="last")
     q, k, v = random_qkv(2, 2, grid.num_tokens, 72, seed=3)
     kg, vg, _ = random_qkv(2, 2, 5, 72, seed=4)
-    _compare(
+    compare_with_reference(
         "clear+global",
         lambda q, k, v, kg, vg: difattn.clear_attention(q, k, v, grid, radius=2.5, global_kv=(kg, vg), backend="rust"),
         lambda q, k, v, kg, vg: reference.clear_attention(q, k, v, grid, radius=2.5, global_kv=(kg, vg), scale=72**-0.5),
-        q, k, v, (kg, vg),
+        (q, k, v, kg, vg),
     )
 
 
@@ -188,11 +170,11 @@ def test_rust_rejects_a_plan_that_is_not_a_permutation():
     tensors[0] = torch.zeros_like(tensors[0])  # q_perm with duplicates
     q, k, v = random_qkv(1, 1, 16, 8)
     with pytest.raises(ValueError, match="q_perm"):
-        block_attention_fwd(q, k, v, tensors, None, plan.max_d2, plan.max_dt, 0.3)
+        block_attention_fwd(q, k, v, tensors, None, plan.max_d2, plan.max_dt, 0.3, "rust")
     tensors = list(plan.tensors)
     tensors[5] = tensors[5] + 100  # key block ids out of range
     with pytest.raises(ValueError, match="out of range"):
-        block_attention_fwd(q, k, v, tensors, None, plan.max_d2, plan.max_dt, 0.3)
+        block_attention_fwd(q, k, v, tensors, None, plan.max_d2, plan.max_dt, 0.3, "rust")
 
 
 def test_opcheck_block_attention_cpu():
@@ -201,4 +183,4 @@ def test_opcheck_block_attention_cpu():
     grid = difattn.TokenGrid(6, 7, text_tokens=3)
     plan = block_plan.clear_plan(grid, 2.0, 1.0, 0, SMALL_BLOCKS, "cpu")
     q, k, v = random_qkv(1, 2, grid.num_tokens, 16, requires_grad=True)
-    torch.library.opcheck(block_attention_fwd, (q, k, v, list(plan.tensors), None, plan.max_d2, plan.max_dt, 0.25))
+    torch.library.opcheck(block_attention_fwd, (q, k, v, list(plan.tensors), None, plan.max_d2, plan.max_dt, 0.25, "rust"))

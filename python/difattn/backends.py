@@ -69,6 +69,14 @@ def _triton_check(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
+# The block engine's methods, bound to the kernels of one backend.
+_ENGINE = {"clear": clear_ops.clear_attention, "grat": grat_ops.grat_attention}
+
+
+def _engine_on(kernel: str) -> dict[str, Callable]:
+    return {method: functools.partial(fn, kernel=kernel) for method, fn in _ENGINE.items()}
+
+
 BACKENDS: dict[str, Backend] = {
     "torch": Backend(
         "torch",
@@ -81,8 +89,8 @@ BACKENDS: dict[str, Backend] = {
             "linear": reference.linear_attention,
         },
     ),
-    "rust": Backend("rust", {"clear": clear_ops.clear_attention, "grat": grat_ops.grat_attention}, _rust_check),
-    "triton": Backend("triton", {}, _triton_check),
+    "rust": Backend("rust", {**_engine_on("rust")}, _rust_check),
+    "triton": Backend("triton", {**_engine_on("triton")}, _triton_check),
 }
 
 # Preferred order for backend="auto", by device type; torch always closes the list.

@@ -2,6 +2,7 @@
 //! `block_attention` is the one attention engine over block plans (forward and backward).
 
 pub mod block_attention;
+pub mod linear;
 pub mod pool;
 pub mod simd;
 pub mod view;

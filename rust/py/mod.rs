@@ -1,6 +1,8 @@
 //! PyO3 glue: converts Python arguments, calls `plan`, returns bytes of little-endian int64.
 //! No logic lives here.
 
+mod linear;
+
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -283,5 +285,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(grat_plan, m)?)?;
     m.add_function(wrap_pyfunction!(block_attention_forward, m)?)?;
     m.add_function(wrap_pyfunction!(block_attention_backward, m)?)?;
+    linear::register(m)?;
     Ok(())
 }

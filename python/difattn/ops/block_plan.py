@@ -44,6 +44,7 @@ class BlockShape:
 # CPU: 64-token blocks on both sides (8x8 tiles); GPU: 128 queries (8x16) against 64 keys (8x8).
 CPU_BLOCKS = BlockShape((8, 8), (8, 8))
 GPU_BLOCKS = BlockShape((8, 16), (8, 8))
+KERNEL_BLOCKS = {"rust": CPU_BLOCKS, "triton": GPU_BLOCKS}
 
 
 @dataclass(frozen=True)

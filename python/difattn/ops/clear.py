@@ -7,16 +7,16 @@ import torch
 from .._options import clear_radii
 from ..grid import TokenGrid
 from .block_attention import block_attention
-from .block_plan import CPU_BLOCKS, GPU_BLOCKS, clear_plan
+from .block_plan import KERNEL_BLOCKS, clear_plan
 
 
-def clear_attention(q, k, v, grid: TokenGrid, *, radius, scale, global_kv=None, temporal_radius=None) -> torch.Tensor:
-    """Same contract as :func:`difattn.clear_attention` (arguments already validated)."""
+def clear_attention(q, k, v, grid: TokenGrid, *, radius, scale, global_kv=None, temporal_radius=None,
+                    kernel: str) -> torch.Tensor:
+    """Same contract as :func:`difattn.clear_attention` (arguments validated) on the ``kernel`` engine."""
     r, rt = clear_radii(grid, radius, temporal_radius)
     num_global = 0 if global_kv is None else global_kv[0].shape[2]
     if global_kv is not None:
         k = torch.cat([k, global_kv[0]], dim=2)
         v = torch.cat([v, global_kv[1]], dim=2)
-    blocks = GPU_BLOCKS if q.is_cuda else CPU_BLOCKS
-    plan = clear_plan(grid, r, rt, num_global, blocks, str(q.device))
-    return block_attention(q, k, v, plan, scale=scale)
+    plan = clear_plan(grid, r, rt, num_global, KERNEL_BLOCKS[kernel], str(q.device))
+    return block_attention(q, k, v, plan, scale=scale, kernel=kernel)

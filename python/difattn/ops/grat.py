@@ -7,17 +7,16 @@ import torch
 from .._options import grat_group
 from ..grid import TokenGrid
 from .block_attention import block_attention
-from .block_plan import CPU_BLOCKS, GPU_BLOCKS, grat_plan
+from .block_plan import KERNEL_BLOCKS, grat_plan
 
 
 def grat_attention(q, k, v, grid: TokenGrid, *, group=None, pattern="neighbors", reach=1, text_mask=None,
-                   scale) -> torch.Tensor:
-    """Same contract as :func:`difattn.grat_attention` (arguments already validated)."""
-    blocks = GPU_BLOCKS if q.is_cuda else CPU_BLOCKS
+                   scale, kernel: str) -> torch.Tensor:
+    """Same contract as :func:`difattn.grat_attention` (arguments validated) on the ``kernel`` engine."""
     masked = text_mask is not None and grid.text_tokens > 0
-    plan = grat_plan(grid, grat_group(grid, group), pattern, reach, masked, blocks, str(q.device))
+    plan = grat_plan(grid, grat_group(grid, group), pattern, reach, masked, KERNEL_BLOCKS[kernel], str(q.device))
     key_valid = _key_valid(grid, text_mask, plan.field("k_perm")) if masked else None
-    return block_attention(q, k, v, plan, scale=scale, key_valid=key_valid)
+    return block_attention(q, k, v, plan, scale=scale, kernel=kernel, key_valid=key_valid)
 
 
 def _key_valid(grid: TokenGrid, text_mask: torch.Tensor, k_perm: torch.Tensor) -> torch.Tensor:

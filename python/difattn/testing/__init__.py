@@ -15,6 +15,7 @@ __all__ = [
     "assert_finite",
     "random_qkv",
     "rel_error",
+    "compare_with_reference",
 ]
 
 # Absolute error floor per dtype, relative to the reference's magnitude (max(1, max|ref|)).
@@ -116,3 +117,25 @@ def random_qkv(
         x = x.transpose(1, 2) if token_major else x
         out.append(x.requires_grad_(requires_grad))
     return out[0], out[1], out[2]
+
+
+def compare_with_reference(name: str, fast_fn, ref_fn, inputs, *, seed: int = 0) -> None:
+    """Forward and every input gradient of ``fast_fn`` against ``ref_fn`` through :func:`assert_close`.
+
+    ``inputs`` are tensors in the low precision under test; the reference runs once in that dtype and once in
+    float64, with the same upstream gradient.
+    """
+    leaves = [x.detach().requires_grad_(True) for x in inputs]
+    out = fast_fn(*leaves)
+    gen = torch.Generator().manual_seed(seed)
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype).to(out.device)
+    grads = torch.autograd.grad(out, leaves, dout)
+    refs = []
+    for dtype in (inputs[0].dtype, torch.float64):
+        ref_leaves = [x.detach().to(dtype).requires_grad_(True) for x in inputs]
+        ref_out = ref_fn(*ref_leaves)
+        refs.append((ref_out, torch.autograd.grad(ref_out, ref_leaves, dout.to(dtype))))
+    (low, low_grads), (high, high_grads) = refs
+    assert_close(f"{name} output", out, low, high)
+    for i, (g, gl, gh) in enumerate(zip(grads, low_grads, high_grads)):
+        assert_close(f"{name} grad of input {i}", g, gl, gh, gradient=True)

@@ -1,0 +1,1 @@
+//! Linear-attention kernels on CPU (DyDiLA, LiT).
