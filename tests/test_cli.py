@@ -11,6 +11,7 @@ from difattn.cli import main, parse_grid
 RECORD_KEYS = {
     "method", "backend", "pass", "B", "H", "N", "D", "dtype", "options", "density", "ms", "ms_min", "ms_max",
     "dense_ms", "flex_ms", "work_fraction", "speedup", "efficiency", "peak_mem_mb", "rel_err_dense",
+    "flex_tiled_ms", "computed_fraction", "computed_efficiency", "rel_err_ref", "grid",
 }
 
 
@@ -43,7 +44,8 @@ def test_bench_writes_json_schema(tmp_path, capsys):
         assert r["N"] == 45 and r["ms"] > 0 and r["dense_ms"] > 0
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["ms"])
     clear_fwd = next(r for r in records if r["method"] == "clear" and r["pass"] == "fwd")
-    assert 0 < clear_fwd["work_fraction"] <= 1
+    assert 0 < clear_fwd["work_fraction"] <= clear_fwd["computed_fraction"] <= 1
+    assert clear_fwd["rel_err_ref"] < 1e-5  # the fast path agrees with the reference
     assert "speedup" in capsys.readouterr().out
 
 

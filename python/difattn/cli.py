@@ -13,8 +13,6 @@ from .grid import TokenGrid
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 _GRID_PATTERN = re.compile(r"^(?:(\d+)x)?(\d+)x(\d+)(?:\+(\d+)(first|last)?)?$")
-_DEFAULT_GRIDS = {"cpu": ("64x64",), "cuda": ("64x64+512", "128x128+512")}
-_QUICK_GRIDS = {"cpu": ("32x32",), "cuda": ("64x64+512",)}
 
 
 def parse_grid(text: str) -> TokenGrid:
@@ -49,7 +47,8 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench.runner import BenchConfig, format_table, run, write_json
+    from .bench import cases as bench_cases
+    from .bench.runner import BenchConfig, format_table, plot, run, write_json
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -58,19 +57,30 @@ def _bench(args: argparse.Namespace) -> int:
         if device.type == "cuda" and not torch.cuda.is_available():
             print("difattn bench: --device cuda but CUDA is not available here", file=sys.stderr)
             return 2
-    grids = args.grid or [parse_grid(g) for g in (_QUICK_GRIDS if args.quick else _DEFAULT_GRIDS)[device.type]]
+    on_gpu = device.type == "cuda"
+    if args.grid:
+        shapes = tuple(bench_cases.Shape(g, args.batch or 1, args.heads or 4, args.head_dim or 64) for g in args.grid)
+    elif args.tokens:
+        shapes = bench_cases.shapes_for_tokens(args.tokens, args.heads or 4, args.head_dim or 64, args.batch or 1)
+    elif on_gpu:
+        shapes = bench_cases.GPU_QUICK_SHAPES if args.quick else bench_cases.GPU_SHAPES
+    else:
+        shapes = bench_cases.CPU_QUICK_SHAPES if args.quick else bench_cases.CPU_SHAPES
+    dtype = _DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")]
     cfg = BenchConfig(
-        device=device, grids=tuple(grids), batch=args.batch, heads=args.heads, head_dim=args.head_dim,
-        dtype=_DTYPES[args.dtype], backward=args.backward, methods=tuple(args.methods),
-        cpu_budget_s=0.5 if args.quick else 1.0,
+        device=device, shapes=shapes, dtype=dtype, backward=args.backward, methods=tuple(args.methods),
+        cases=bench_cases.QUICK_CASES if args.quick else bench_cases.CASES, flex=args.flex,
+        cpu_budget_s=0.3 if args.quick else 1.0,
     )
-    print(f"difattn bench on {device} ({torch.get_num_threads()} threads), {args.dtype}, "
-          f"B={cfg.batch} H={cfg.heads} D={cfg.head_dim}, grids: {', '.join(map(_grid_label, grids))}")
+    print(f"difattn bench on {device} ({torch.get_num_threads()} threads), {dtype}, shapes: "
+          + ", ".join(f"{s.label} B={s.batch} H={s.heads} D={s.head_dim}" for s in shapes))
     records = run(cfg)
     print(format_table(records))
     path = Path(args.json or f"difattn-bench-{device.type}.json")
     write_json(path, device, records)
     print(f"wrote {path}")
+    if args.plot:
+        print(f"wrote {args.plot}" if plot(records, Path(args.plot)) else "--plot needs matplotlib (pip install 'difattn[bench]')")
     return 0
 
 
@@ -90,13 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     bench.add_argument("--grid", nargs="+", type=parse_grid, help="token grids, e.g. 64x64 64x64+512 8x30x52+226last")
-    bench.add_argument("--batch", type=int, default=1)
-    bench.add_argument("--heads", type=int, default=4)
-    bench.add_argument("--head-dim", type=int, default=64)
-    bench.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
+    bench.add_argument("--tokens", nargs="+", type=int, help="square image grids of about these token counts")
+    bench.add_argument("--batch", type=int, help="batch size for --grid/--tokens (default 1)")
+    bench.add_argument("--heads", type=int, help="heads for --grid/--tokens (default 4)")
+    bench.add_argument("--head-dim", type=int, help="head dim for --grid/--tokens (default 64)")
+    bench.add_argument("--dtype", choices=tuple(_DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
     bench.add_argument("--backward", action="store_true", help="also time forward+backward")
-    bench.add_argument("--quick", action="store_true", help="smaller shapes and shorter timing")
+    bench.add_argument("--quick", action="store_true", help="smaller shapes, one case per method, shorter timing")
+    bench.add_argument("--flex", action="store_true", help="also time FlexAttention on CPU (always on CUDA)")
     bench.add_argument("--json", help="where to write the JSON records (default: difattn-bench-<device>.json)")
+    bench.add_argument("--plot", help="write a PNG of speedup against tokens here")
     bench.set_defaults(func=_bench)
     return parser
 

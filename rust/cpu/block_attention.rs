@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use super::pool::pool;
-use super::simd::{exp2_shift_sum, matmul};
+use super::simd::{self, exp2_shift_sum, matmul};
 use super::view::{View, ViewError};
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
@@ -307,7 +307,7 @@ fn forward_block(q: &View, k: &View, v: &View, out: &View, lse: &View, plan: &Pl
         }
         for r in 0..lq {
             let row = &mut s[r * lk..(r + 1) * lk];
-            let row_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let row_max = simd::max(row);
             let m_new = buf.m[r].max(row_max);
             if m_new == f32::NEG_INFINITY {
                 row.fill(0.0);

@@ -3,6 +3,8 @@
 
 pub mod block_attention;
 pub mod linear;
+pub mod llsa;
+pub mod pisa;
 pub mod pool;
 pub mod simd;
 pub mod view;

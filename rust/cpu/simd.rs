@@ -72,14 +72,41 @@ fn exp2_one(x: f32) -> f32 {
     (1.0 + f * p) * scale
 }
 
+const LANES: usize = 8;
+
+/// Sum with `LANES` independent accumulators so the loop vectorises (float addition is not reassociated).
+#[inline(always)]
+fn lane_sum(xs: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for (a, x) in acc.iter_mut().zip(chunk) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn lane_max(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for chunk in chunks {
+        for (a, x) in acc.iter_mut().zip(chunk) {
+            *a = if *x > *a { *x } else { *a };
+        }
+    }
+    acc.iter().copied().fold(tail, f32::max)
+}
+
 #[inline(always)]
 fn exp2_shift_sum_body(row: &mut [f32], shift: f32) -> f32 {
-    let mut sum = 0.0f32;
     for x in row.iter_mut() {
         *x = exp2_one(*x - shift);
-        sum += *x;
     }
-    sum
+    lane_sum(row)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -88,16 +115,42 @@ unsafe fn exp2_shift_sum_avx2(row: &mut [f32], shift: f32) -> f32 {
     exp2_shift_sum_body(row, shift)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn max_avx2(row: &[f32]) -> f32 {
+    lane_max(row)
+}
+
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// `row[i] = 2^(row[i] - shift)` (−∞ and anything below 2^-127 give 0); returns the sum of the new values.
 pub fn exp2_shift_sum(row: &mut [f32], shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the features were detected at run time.
-            return unsafe { exp2_shift_sum_avx2(row, shift) };
-        }
+    if has_avx2_fma() {
+        // SAFETY: the features were detected at run time.
+        return unsafe { exp2_shift_sum_avx2(row, shift) };
     }
     exp2_shift_sum_body(row, shift)
+}
+
+/// The largest value of `row` (−∞ when empty).
+pub fn max(row: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the features were detected at run time.
+        return unsafe { max_avx2(row) };
+    }
+    lane_max(row)
 }
 
 #[cfg(test)]

@@ -2,6 +2,8 @@
 //! No logic lives here.
 
 mod linear;
+mod llsa;
+mod pisa;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -286,5 +288,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(block_attention_forward, m)?)?;
     m.add_function(wrap_pyfunction!(block_attention_backward, m)?)?;
     linear::register(m)?;
+    llsa::register(m)?;
+    pisa::register(m)?;
     Ok(())
 }

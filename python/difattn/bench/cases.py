@@ -1,7 +1,7 @@
-"""What ``difattn bench`` measures: one case per method with its options and the work it must do.
+"""What ``difattn bench`` measures: cases (a method with options) on shapes (a grid with B, H, D).
 
-``work_fraction`` is the method's necessary FLOPs as a fraction of dense attention's ``4·B·H·N²·D``
-(forward; the backward is modelled as 2.5x its forward for every method, as for dense).
+Each case knows how to call its method, the work it must do (``needed_fraction``) and the work a backend's
+kernels do (``computed_fraction``), both as fractions of dense attention's FLOPs (see :mod:`.work`).
 """
 
 from __future__ import annotations
@@ -12,10 +12,27 @@ from typing import Callable
 import torch
 
 from .. import functional, reference
-from .._options import grat_group, llsa_config, llsa_level_sizes, pisa_num_selected
+from .._options import clear_radii, grat_group, pisa_num_selected
 from ..grid import TokenGrid
+from ..ops import block_plan
+from . import work
 
-MASK_COUNT_LIMIT = 16384  # above this many tokens, masks are not built to count pairs
+
+@dataclass(frozen=True)
+class Shape:
+    """A benchmark shape: the token grid and batch, heads, head dim."""
+
+    grid: TokenGrid
+    batch: int = 1
+    heads: int = 4
+    head_dim: int = 64
+
+    @property
+    def label(self) -> str:
+        g = self.grid
+        frames = f"{g.frames}x" if g.frames > 1 else ""
+        text = f"+{g.text_tokens}" if g.text_tokens else ""
+        return f"{frames}{g.height}x{g.width}{text}"
 
 
 @dataclass(frozen=True)
@@ -26,14 +43,44 @@ class Case:
     def call(self, q, k, v, extra, grid: TokenGrid, backend: str) -> torch.Tensor:
         return _CALLS[self.method](q, k, v, extra, grid, backend, self.options)
 
-    def work_fraction(self, grid: TokenGrid, head_dim_v: int) -> float | None:
-        return _WORK[self.method](grid, head_dim_v, self.options)
+    def reference(self, q, k, v, extra, grid: TokenGrid) -> torch.Tensor:
+        return _CALLS[self.method](q, k, v, extra, grid, "torch", self.options)
 
-    def density(self, grid: TokenGrid) -> float | None:
-        if self.method == "pisa":
-            num_blocks = -(-grid.num_tokens // self.options["block_size"])
-            return pisa_num_selected(self.options["density"], num_blocks) / num_blocks
+    def needed_fraction(self, shape: Shape) -> float:
+        return _NEEDED[self.method](shape, self.options)
+
+    def computed_fraction(self, shape: Shape, backend: str) -> float:
+        """Work the backend's kernels do: whole blocks for the block engine, the needed work otherwise."""
+        if self.method in ("clear", "grat") and backend in block_plan.KERNEL_BLOCKS:
+            return work.plan_pairs(self._plan(shape.grid, backend)) / shape.grid.num_tokens**2
+        return self.needed_fraction(shape)
+
+    def density(self, shape: Shape) -> float | None:
+        if self.method != "pisa":
+            return None
+        num_blocks = -(-shape.grid.num_tokens // self.options["block_size"])
+        return pisa_num_selected(self.options["density"], num_blocks) / num_blocks
+
+    def mask_mod(self, grid: TokenGrid, device) -> Callable | None:
+        """FlexAttention ``mask_mod`` of this case in raster order, or None when the method has no mask."""
+        if self.method == "clear":
+            mask = reference.clear_mask(grid, self.options["radius"], device=device) if grid.num_tokens <= 16384 else None
+            return None if mask is None else (lambda b, h, qi, ki: mask[qi, ki])
+        if self.method == "grat":
+            group = grat_group(grid, self.options.get("group"))
+            mask = reference.grat_mask(grid, group, self.options.get("pattern", "neighbors"), self.options.get("reach", 1),
+                                       device=device) if grid.num_tokens <= 16384 else None
+            return None if mask is None else (lambda b, h, qi, ki: mask[qi, ki])
         return None
+
+    def _plan(self, grid: TokenGrid, backend: str):
+        blocks = block_plan.KERNEL_BLOCKS[backend]
+        if self.method == "clear":
+            r, rt = clear_radii(grid, self.options["radius"], None)
+            return block_plan.clear_plan(grid, r, rt, 0, blocks, "cpu")
+        group = grat_group(grid, self.options.get("group"))
+        return block_plan.grat_plan(grid, group, self.options.get("pattern", "neighbors"), self.options.get("reach", 1),
+                                    False, blocks, "cpu")
 
 
 def _dydila_call(q, k, v, extra, grid, backend, options):
@@ -53,43 +100,51 @@ _CALLS: dict[str, Callable] = {
     "dydila": _dydila_call,
 }
 
-
-def _mask_fraction(mask_fn: Callable[[], torch.Tensor], num_tokens: int) -> float | None:
-    if num_tokens > MASK_COUNT_LIMIT:
-        return None
-    return float(mask_fn().sum()) / num_tokens**2
-
-
-def _pisa_work(grid: TokenGrid, head_dim_v: int, options: dict) -> float:
-    n, b = grid.num_tokens, options["block_size"]
-    num_blocks = -(-n // b)
-    k = pisa_num_selected(options["density"], num_blocks)
-    return min(1.0, (k * b + (num_blocks - k)) / n)
-
-
-def _llsa_work(grid: TokenGrid, head_dim_v: int, options: dict) -> float:
-    n, b = grid.num_tokens, options["block_size"]
-    levels, ks = llsa_config(n, b, options["topk"], options.get("levels"))
-    keys = ks[0] * b + sum(ks[l] * b for l in range(1, levels)) + llsa_level_sizes(n, b, levels)[levels]
-    return min(1.0, keys / n)
-
-
-_WORK: dict[str, Callable] = {
-    "clear": lambda g, dv, o: _mask_fraction(lambda: reference.clear_mask(g, o["radius"]), g.num_tokens),
-    "grat": lambda g, dv, o: _mask_fraction(
-        lambda: reference.grat_mask(g, grat_group(g, o.get("group")), o.get("pattern", "neighbors"), o.get("reach", 1)), g.num_tokens
-    ),
-    "pisa": _pisa_work,
-    "llsa": _llsa_work,
-    "linear": lambda g, dv, o: dv / g.num_tokens,
-    "dydila": lambda g, dv, o: dv / g.num_tokens,
+_NEEDED: dict[str, Callable[[Shape, dict], float]] = {
+    "clear": lambda s, o: work.clear_pairs(s.grid, o["radius"]) / s.grid.num_tokens**2,
+    "grat": lambda s, o: work.grat_pairs(s.grid, o.get("group"), o.get("pattern", "neighbors"), o.get("reach", 1))
+    / s.grid.num_tokens**2,
+    "pisa": lambda s, o: work.pisa_fraction(s.grid.num_tokens, o["density"], o["block_size"]),
+    "llsa": lambda s, o: work.llsa_fraction(s.grid.num_tokens, o["block_size"], o["topk"], o.get("levels")),
+    "linear": lambda s, o: work.linear_fraction(s.grid.num_tokens, s.head_dim),
+    "dydila": lambda s, o: work.linear_fraction(s.grid.num_tokens, s.head_dim),
 }
 
-DEFAULT_CASES = (
-    Case("clear", {"radius": 8.0}),
-    Case("grat", {"group": (8, 8), "pattern": "neighbors", "reach": 1}),
-    Case("pisa", {"density": 0.125, "block_size": 64}),
-    Case("llsa", {"block_size": 16, "topk": 8}),
-    Case("linear", {"normalize": True}),
-    Case("dydila", {"normalize": False}),
+CASES = {
+    "clear": (Case("clear", {"radius": 8.0}), Case("clear", {"radius": 16.0})),
+    "grat": (Case("grat", {"group": (8, 8), "pattern": "neighbors", "reach": 1}),
+             Case("grat", {"group": (16, 16), "pattern": "criss_cross"})),
+    "pisa": (Case("pisa", {"density": 0.125, "block_size": 64}),),
+    "llsa": (Case("llsa", {"block_size": 16, "topk": 8}),),
+    "linear": (Case("linear", {"normalize": True}),),
+    "dydila": (Case("dydila", {"normalize": False}),),
+}
+QUICK_CASES = {method: cases[:1] for method, cases in CASES.items()}
+
+
+def _grid(side: int, text: int = 0, frames: int = 1, width: int | None = None, position: str = "first") -> TokenGrid:
+    return TokenGrid(side, width or side, frames=frames, text_tokens=text, text_position=position)
+
+
+# DiT-realistic shapes per device. CPU: the 64x64 grid of the CPU targets (4 heads, D=64).
+CPU_SHAPES = (Shape(_grid(64)),)
+CPU_QUICK_SHAPES = (Shape(_grid(32)),)
+# GPU: FLUX-like (24 heads x 128, 512 text first), Wan-like video (12 heads), pixel grids for LLSA (D=64).
+GPU_SHAPES = (
+    Shape(_grid(64, 512), heads=24, head_dim=128),
+    Shape(_grid(128, 512), heads=24, head_dim=128),
+    Shape(_grid(256, 512), heads=24, head_dim=128),
+    Shape(_grid(30, 512, frames=21, width=52, position="last"), heads=12, head_dim=128),
+    Shape(_grid(128), batch=16, heads=6, head_dim=64),
+    Shape(_grid(256), batch=4, heads=6, head_dim=64),
 )
+GPU_QUICK_SHAPES = (Shape(_grid(64, 512), heads=24, head_dim=128),)
+
+
+def shapes_for_tokens(tokens: list[int], heads: int, head_dim: int, batch: int) -> tuple[Shape, ...]:
+    """Square image grids with about the requested token counts (``--tokens``)."""
+    out = []
+    for n in tokens:
+        side = max(1, round(n**0.5))
+        out.append(Shape(_grid(side), batch=batch, heads=heads, head_dim=head_dim))
+    return tuple(out)

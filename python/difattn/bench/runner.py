@@ -1,73 +1,66 @@
-"""Runs the cases, prints a table and writes JSON.
+"""Runs the benchmark: every case on every backend that can run it here, against dense SDPA (and FlexAttention
+with the same mask, in raster and in tile order, where the method has a mask), with a progress bar.
 
-JSON schema: ``{"device", "torch", "triton", "commit", "threads", "records": [record, ...]}`` with each record
-``{"method", "backend", "pass", "B", "H", "N", "D", "dtype", "options", "density", "ms", "ms_min", "ms_max",
-"dense_ms", "flex_ms", "work_fraction", "speedup", "efficiency", "peak_mem_mb", "rel_err_dense"}``.
-``speedup = dense_ms / ms``; ``efficiency = speedup * work_fraction`` (the method's FLOP rate on the work it
-must do, as a fraction of the dense kernel's).
+JSON schema (stable): ``{"device", "torch", "triton", "commit", "threads", "records": [record, ...]}``; a record is
+``{"method", "backend", "pass" ("fwd" | "fwd+bwd"), "B", "H", "N", "D", "dtype", "options", "grid", "density",
+"ms", "ms_min", "ms_max", "dense_ms", "flex_ms", "flex_tiled_ms", "work_fraction", "computed_fraction",
+"speedup", "efficiency", "computed_efficiency", "peak_mem_mb", "rel_err_dense", "rel_err_ref"}``.
+``speedup = dense_ms / ms``; ``efficiency = speedup * work_fraction`` (FLOP rate on the work the method must do,
+as a fraction of the dense kernel's); ``computed_efficiency = speedup * computed_fraction`` (on the work the
+kernels actually do). ``null`` where a value does not apply or was not measured.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..backends import BACKENDS
-from ..grid import TokenGrid
 from ..testing import rel_error
-from .cases import DEFAULT_CASES, Case
+from .cases import CASES, Case, Shape
 from .progress import Progress
 from .timing import Timing, time_call
 
 _ROTATIONS = 3  # distinct input sets cycled through while timing
+REFERENCE_LIMIT = 8192  # compare with the torch reference up to this many tokens
 
 
 @dataclass
 class BenchConfig:
     device: torch.device
-    grids: tuple[TokenGrid, ...]
-    batch: int = 1
-    heads: int = 4
-    head_dim: int = 64
+    shapes: tuple[Shape, ...]
     dtype: torch.dtype = torch.float32
     backward: bool = False
-    methods: tuple[str, ...] = tuple(c.method for c in DEFAULT_CASES)
+    methods: tuple[str, ...] = tuple(CASES)
+    cases: dict | None = None
+    flex: bool = False
     cpu_budget_s: float = 1.0
 
 
-@dataclass
-class _Inputs:
-    sets: list = field(default_factory=list)
-
-    def get(self, i: int):
-        return self.sets[i % len(self.sets)]
-
-
-def _make_inputs(cfg: BenchConfig, n: int, requires_grad: bool) -> _Inputs:
+def _make_inputs(cfg: BenchConfig, shape: Shape, requires_grad: bool) -> list:
     gen = torch.Generator().manual_seed(0)
-    shape = (cfg.batch, cfg.heads, n, cfg.head_dim)
+    dims = (shape.batch, shape.heads, shape.grid.num_tokens, shape.head_dim)
 
-    def rand(*s):
-        x = torch.randn(*s, generator=gen).to(device=cfg.device, dtype=cfg.dtype)
-        return x.requires_grad_(requires_grad)
+    def rand(*s, low=None, high=None):
+        x = torch.randn(*s, generator=gen) if low is None else low + (high - low) * torch.rand(*s, generator=gen)
+        return x.to(device=cfg.device, dtype=cfg.dtype).requires_grad_(requires_grad and low is None)
 
-    out = _Inputs()
+    sets = []
     for _ in range(_ROTATIONS):
-        q, k, v = rand(*shape), rand(*shape), rand(*shape)
-        gamma = 1.0 + 2.0 * torch.rand(shape[:3], generator=gen).to(device=cfg.device, dtype=cfg.dtype)
-        lam = 0.25 * torch.rand(shape[:3], generator=gen).to(device=cfg.device, dtype=cfg.dtype)
-        out.sets.append((q, k, v, (rand(*shape), rand(*shape), gamma, lam)))
-    return out
+        q, k, v = rand(*dims), rand(*dims), rand(*dims)
+        extra = (rand(*dims), rand(*dims), rand(*dims[:3], low=1.0, high=3.0), rand(*dims[:3], low=0.0, high=0.25))
+        sets.append((q, k, v, extra))
+    return sets
 
 
-def _timed(fn, inputs: _Inputs, backward: bool, cfg: BenchConfig) -> Timing:
+def _timed(fn, inputs: list, backward: bool, cfg: BenchConfig) -> Timing:
     def call(i: int):
-        q, k, v, extra = inputs.get(i)
+        q, k, v, extra = inputs[i % len(inputs)]
         out = fn(q, k, v, extra)
         if backward:
             out.backward(torch.ones_like(out))
@@ -76,68 +69,107 @@ def _timed(fn, inputs: _Inputs, backward: bool, cfg: BenchConfig) -> Timing:
     return time_call(call, cfg.device, budget_s=cfg.cpu_budget_s)
 
 
-def _record(case: Case, backend: str, pass_name: str, grid: TokenGrid, cfg: BenchConfig, t: Timing, dense: Timing,
-            work: float | None, err: float, peak: float | None) -> dict:
+def _dense_fn(device: torch.device):
+    if device.type != "cuda":
+        return lambda q, k, v, e: F.scaled_dot_product_attention(q, k, v)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def dense(q, k, v, e):
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return dense
+
+
+def _flex_fns(case: Case, shape: Shape, device: torch.device) -> dict[str, object]:
+    """FlexAttention with the case's mask in raster order and in the engine's tile order."""
+    mask_mod = case.mask_mod(shape.grid, device)
+    if mask_mod is None:
+        return {}
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    n = shape.grid.num_tokens
+    flex = torch.compile(flex_attention, dynamic=False)
+    raster = create_block_mask(mask_mod, None, None, n, n, device=str(device))
+    fns = {"flex_ms": lambda q, k, v, e: flex(q, k, v, block_mask=raster)}
+    if case.method in ("clear", "grat"):
+        perm = case._plan(shape.grid, "triton").field("q_perm").to(device)
+        inv = torch.argsort(perm)
+        tiled = create_block_mask(lambda b, h, qi, ki: mask_mod(b, h, perm[qi], perm[ki]), None, None, n, n,
+                                  device=str(device))
+        fns["flex_tiled_ms"] = lambda q, k, v, e: flex(
+            q[:, :, perm], k[:, :, perm], v[:, :, perm], block_mask=tiled
+        )[:, :, inv]
+    return fns
+
+
+def _runnable_backends(method: str, device: torch.device) -> list[str]:
+    """Fast backends that can run ``method`` here; the torch reference only when there is none."""
+    fast = [name for name, b in BACKENDS.items() if name != "torch" and b.can_run(method, device)[0]]
+    return fast or ["torch"]
+
+
+def run(cfg: BenchConfig) -> list[dict]:
+    """Time every selected case on every backend that can run it here; returns the records."""
+    table = cfg.cases or CASES
+    cases = [c for m in cfg.methods for c in table[m]]
+    passes = ["fwd"] + (["fwd+bwd"] if cfg.backward else [])
+    steps = [(s, p, c, b) for s in cfg.shapes for p in passes for c in cases for b in _runnable_backends(c.method, cfg.device)]
+    progress = Progress(len(steps))
+    records = []
+    for shape in cfg.shapes:
+        for pass_name in passes:
+            backward = pass_name == "fwd+bwd"
+            inputs = _make_inputs(cfg, shape, backward)
+            dense = _timed(_dense_fn(cfg.device), inputs, backward, cfg)
+            q, k, v, extra = inputs[0]
+            with torch.no_grad():
+                dense_out = F.scaled_dot_product_attention(q, k, v)
+            for case in cases:
+                flex = {}
+                if cfg.flex or cfg.device.type == "cuda":
+                    flex = {key: _timed(fn, inputs, backward, cfg).median for key, fn in _flex_fns(case, shape, cfg.device).items()}
+                reference = None
+                if shape.grid.num_tokens <= REFERENCE_LIMIT:
+                    with torch.no_grad():
+                        reference = case.reference(q, k, v, extra, shape.grid)
+                for backend in _runnable_backends(case.method, cfg.device):
+                    if (shape, pass_name, case, backend) not in steps:
+                        continue
+                    progress.update(f"{case.method} {backend} {shape.label} {pass_name}")
+                    records.append(_measure(cfg, shape, pass_name, case, backend, inputs, dense, dense_out, reference, flex))
+                    progress.step()
+    progress.close()
+    return records
+
+
+def _measure(cfg, shape, pass_name, case, backend, inputs, dense, dense_out, reference, flex) -> dict:
+    fn = lambda q, k, v, e: case.call(q, k, v, e, shape.grid, backend)  # noqa: E731
+    if cfg.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(cfg.device)
+    t = _timed(fn, inputs, pass_name == "fwd+bwd", cfg)
+    peak = torch.cuda.max_memory_allocated(cfg.device) / 2**20 if cfg.device.type == "cuda" else None
+    q, k, v, extra = inputs[0]
+    with torch.no_grad():
+        out = fn(q, k, v, extra)
+    needed, computed = case.needed_fraction(shape), case.computed_fraction(shape, backend)
     speedup = dense.median / t.median
     return {
         "method": case.method, "backend": backend, "pass": pass_name,
-        "B": cfg.batch, "H": cfg.heads, "N": grid.num_tokens, "D": cfg.head_dim,
+        "B": shape.batch, "H": shape.heads, "N": shape.grid.num_tokens, "D": shape.head_dim,
         "dtype": str(cfg.dtype).removeprefix("torch."), "options": _jsonable(case.options),
-        "grid": [grid.frames, grid.height, grid.width, grid.text_tokens, grid.text_position],
-        "density": case.density(grid), "ms": t.median, "ms_min": t.minimum, "ms_max": t.maximum,
-        "dense_ms": dense.median, "flex_ms": None, "work_fraction": work, "speedup": speedup,
-        "efficiency": None if work is None else speedup * work, "peak_mem_mb": peak, "rel_err_dense": err,
+        "grid": [shape.grid.frames, shape.grid.height, shape.grid.width, shape.grid.text_tokens, shape.grid.text_position],
+        "density": case.density(shape), "ms": t.median, "ms_min": t.minimum, "ms_max": t.maximum,
+        "dense_ms": dense.median, "flex_ms": flex.get("flex_ms"), "flex_tiled_ms": flex.get("flex_tiled_ms"),
+        "work_fraction": needed, "computed_fraction": computed, "speedup": speedup,
+        "efficiency": speedup * needed, "computed_efficiency": speedup * computed, "peak_mem_mb": peak,
+        "rel_err_dense": rel_error(out, dense_out),
+        "rel_err_ref": None if reference is None else rel_error(out, reference),
     }
 
 
 def _jsonable(options: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
-
-
-def _peak_mb(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _runnable_backends(method: str, device: torch.device) -> list[str]:
-    return [name for name, b in BACKENDS.items() if b.can_run(method, device)[0]]
-
-
-def run(cfg: BenchConfig) -> list[dict]:
-    """Time every selected case on every backend that can run it here; returns the records."""
-    cases = [c for c in DEFAULT_CASES if c.method in cfg.methods]
-    passes = ["fwd"] + (["fwd+bwd"] if cfg.backward else [])
-    plan = [(g, c, b, p) for g in cfg.grids for p in passes for c in cases for b in _runnable_backends(c.method, cfg.device)]
-    progress = Progress(len(plan) + len(cfg.grids) * len(passes))
-    records = []
-    for grid in cfg.grids:
-        for pass_name in passes:
-            backward = pass_name == "fwd+bwd"
-            inputs = _make_inputs(cfg, grid.num_tokens, backward)
-            progress.update(f"dense sdpa N={grid.num_tokens} {pass_name}")
-            dense = _timed(lambda q, k, v, e: F.scaled_dot_product_attention(q, k, v), inputs, backward, cfg)
-            progress.step()
-            q, k, v, extra = inputs.get(0)
-            with torch.no_grad():
-                dense_out = F.scaled_dot_product_attention(q, k, v)
-            for g, case, backend, p in plan:
-                if g != grid or p != pass_name:
-                    continue
-                progress.update(f"{case.method} {backend} N={grid.num_tokens} {pass_name}")
-                fn = lambda q, k, v, e, case=case, backend=backend: case.call(q, k, v, e, grid, backend)
-                _reset_peak(cfg.device)
-                t = _timed(fn, inputs, backward, cfg)
-                peak = _peak_mb(cfg.device)
-                with torch.no_grad():
-                    err = rel_error(fn(q, k, v, extra), dense_out)
-                records.append(_record(case, backend, pass_name, grid, cfg, t, dense, case.work_fraction(grid, cfg.head_dim), err, peak))
-                progress.step()
-    progress.close()
-    return records
 
 
 def environment(device: torch.device) -> dict:
@@ -148,11 +180,21 @@ def environment(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {
         "device": name, "torch": torch.__version__, "triton": triton_version, "commit": _commit(),
         "threads": torch.get_num_threads(),
     }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"cpu ({line.split(':', 1)[1].strip()})"
+    except OSError:
+        pass
+    return "cpu"
 
 
 def _commit() -> str | None:
@@ -163,15 +205,23 @@ def _commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
 def format_table(records: list[dict]) -> str:
-    head = f"{'method':<8} {'backend':<7} {'pass':<8} {'N':>6} {'ms':>9} {'dense ms':>9} {'speedup':>8} {'work':>7} {'effic.':>7} {'rel err':>8}"
+    head = (f"{'method':<7} {'backend':<7} {'pass':<7} {'shape':>14} {'ms':>9} {'dense':>9} {'flex':>9} "
+            f"{'speedup':>8} {'work':>6} {'effic.':>6} {'c.eff.':>6} {'err/dense':>9} {'err/ref':>8}")
     lines = [head, "-" * len(head)]
     for r in records:
-        work = "-" if r["work_fraction"] is None else f"{r['work_fraction']:.3f}"
-        eff = "-" if r["efficiency"] is None else f"{r['efficiency']:.3f}"
+        f, h, w, t, _ = r["grid"]
+        shape = f"{f}x{h}x{w}" if f > 1 else f"{h}x{w}"
+        shape += f"+{t}" if t else ""
         lines.append(
-            f"{r['method']:<8} {r['backend']:<7} {r['pass']:<8} {r['N']:>6} {r['ms']:>9.2f} {r['dense_ms']:>9.2f} "
-            f"{r['speedup']:>7.2f}x {work:>7} {eff:>7} {r['rel_err_dense']:>8.2e}"
+            f"{r['method']:<7} {r['backend']:<7} {r['pass']:<7} {shape:>14} {r['ms']:>9.2f} {r['dense_ms']:>9.2f} "
+            f"{_fmt(r['flex_ms'], '9.2f'):>9} {r['speedup']:>7.2f}x {r['work_fraction']:>6.3f} "
+            f"{r['efficiency']:>6.2f} {r['computed_efficiency']:>6.2f} {r['rel_err_dense']:>9.2e} "
+            f"{_fmt(r['rel_err_ref'], '8.1e'):>8}"
         )
     return "\n".join(lines)
 
@@ -180,3 +230,32 @@ def write_json(path: Path, device: torch.device, records: list[dict]) -> None:
     payload = {**environment(device), "records": records}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def plot(records: list[dict], path: Path) -> bool:
+    """Speedup over dense against tokens, one line per (method, backend, pass); False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[tuple, list] = {}
+    for r in records:
+        series.setdefault((r["method"], r["backend"], r["pass"], json.dumps(r["options"])), []).append((r["N"], r["speedup"]))
+    for (method, backend, pass_name, options), points in sorted(series.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{method} {backend} {pass_name} {options}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens N")
+    ax.set_ylabel("speedup over dense SDPA")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

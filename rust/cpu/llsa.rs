@@ -1,0 +1,1 @@
+//! LLSA kernels on CPU.

@@ -1,0 +1,1 @@
+//! PISA kernels on CPU.
