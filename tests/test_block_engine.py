@@ -170,11 +170,11 @@ def test_rust_rejects_a_plan_that_is_not_a_permutation():
     tensors[0] = torch.zeros_like(tensors[0])  # q_perm with duplicates
     q, k, v = random_qkv(1, 1, 16, 8)
     with pytest.raises(ValueError, match="q_perm"):
-        block_attention_fwd(q, k, v, tensors, None, plan.max_d2, plan.max_dt, 0.3, "rust")
+        block_attention_fwd(q, k, v, tensors, None, plan.max_d2, plan.max_dt, list(plan.max_blocks), 0.3, "rust")
     tensors = list(plan.tensors)
     tensors[5] = tensors[5] + 100  # key block ids out of range
     with pytest.raises(ValueError, match="out of range"):
-        block_attention_fwd(q, k, v, tensors, None, plan.max_d2, plan.max_dt, 0.3, "rust")
+        block_attention_fwd(q, k, v, tensors, None, plan.max_d2, plan.max_dt, list(plan.max_blocks), 0.3, "rust")
 
 
 def test_opcheck_block_attention_cpu():
@@ -183,4 +183,4 @@ def test_opcheck_block_attention_cpu():
     grid = difattn.TokenGrid(6, 7, text_tokens=3)
     plan = block_plan.clear_plan(grid, 2.0, 1.0, 0, SMALL_BLOCKS, "cpu")
     q, k, v = random_qkv(1, 2, grid.num_tokens, 16, requires_grad=True)
-    torch.library.opcheck(block_attention_fwd, (q, k, v, list(plan.tensors), None, plan.max_d2, plan.max_dt, 0.25, "rust"))
+    torch.library.opcheck(block_attention_fwd, (q, k, v, list(plan.tensors), None, plan.max_d2, plan.max_dt, list(plan.max_blocks), 0.25, "rust"))

@@ -65,5 +65,5 @@ def test_opcheck_cuda():
     plan = block_plan.clear_plan(grid, 3.0, 1.0, 0, block_plan.GPU_BLOCKS, "cuda")
     q, k, v = random_qkv(1, 2, grid.num_tokens, 64, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     torch.library.opcheck(
-        block_attention_fwd, (q, k, v, list(plan.tensors), None, plan.max_d2, plan.max_dt, 0.125, "triton")
+        block_attention_fwd, (q, k, v, list(plan.tensors), None, plan.max_d2, plan.max_dt, list(plan.max_blocks), 0.125, "triton")
     )

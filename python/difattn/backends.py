@@ -17,6 +17,7 @@ import torch
 from . import reference
 from .ops import clear as clear_ops
 from .ops import grat as grat_ops
+from .ops import linear as linear_ops
 from ._native import core_status
 
 METHODS = ("clear", "grat", "pisa", "llsa", "dydila", "linear")
@@ -89,8 +90,8 @@ BACKENDS: dict[str, Backend] = {
             "linear": reference.linear_attention,
         },
     ),
-    "rust": Backend("rust", {**_engine_on("rust")}, _rust_check),
-    "triton": Backend("triton", {**_engine_on("triton")}, _triton_check),
+    "rust": Backend("rust", {**_engine_on("rust"), **linear_ops.implementations("rust")}, _rust_check),
+    "triton": Backend("triton", {**_engine_on("triton"), **linear_ops.implementations("triton")}, _triton_check),
 }
 
 # Preferred order for backend="auto", by device type; torch always closes the list.

@@ -1,1 +1,152 @@
-//! LLSA kernels on CPU.
+//! LLSA kernels on CPU: log-linear sparse attention over a data-dependent selection (`specs/llsa.md`).
+//!
+//! Keys live in two tensors: the fine tokens `k, v (B, H, N, ·)` (any strides) and the pooled tokens of every level
+//! concatenated, `kp, vp (B, H, P, ·)`, `P = n_1 + … + n_L`. A key *block* is `block` consecutive tokens of one level
+//! (the children of one coarser token): fine block `p` is rows `[p·b, min((p+1)·b, N))`, pooled block `p` is rows
+//! `[pb_offsets[p], pb_offsets[p+1])` of `kp`. Pooled token `t` enters every logit with `+log2(count)` (`pbias`).
+//!
+//! Each fine query block `j` attends, in one softmax, to its `K_1` fine blocks (`fine[j]`) and its pooled blocks
+//! (`pooled[j]`: the candidates of every intermediate level and all coarsest tokens). Consecutive query blocks with
+//! the same pooled blocks (siblings) form a *group*: their pooled logits are one GEMM, and in the backward their
+//! pooled-key gradients are reduced in the same task. Softmax in base 2, f32 accumulation, f32/f16/bf16 storage.
+//!
+//! Backward: dq and the pooled-key gradients per group (tasks own a range of groups and a partial sum of `dkp`,
+//! `dvp`, reduced at the end); fine `dk`, `dv` per fine key block over the transposed selection (CSR: counts,
+//! prefix sum, fill), so every output row has one writer and nothing needs atomics.
+
+mod backward;
+mod forward;
+mod plan;
+#[cfg(test)]
+mod tests;
+
+pub use backward::{backward, Grads, Upstream};
+pub use forward::forward;
+pub use plan::Plan;
+
+use super::view::{DType, View, ViewError};
+
+const LOG2_E: f32 = std::f32::consts::LOG2_E;
+const LN_2: f32 = std::f32::consts::LN_2;
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ViewError> {
+    Err(ViewError(msg.into()))
+}
+
+/// The attention inputs: fine `q, k (B, H, N, D)`, `v (B, H, N, Dv)` and pooled `kp (B, H, P, D)`, `vp (B, H, P, Dv)`.
+pub struct Inputs<'a> {
+    pub q: &'a View,
+    pub k: &'a View,
+    pub v: &'a View,
+    pub kp: &'a View,
+    pub vp: &'a View,
+}
+
+/// Shapes shared by the passes.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    batch: usize,
+    heads: usize,
+    n: usize,
+    pooled: usize,
+    d: usize,
+    dv: usize,
+}
+
+impl Inputs<'_> {
+    /// Checks ranks, dtypes and that every shape agrees with q's and with the plan.
+    fn dims(&self, plan: &Plan) -> Result<Dims, ViewError> {
+        for t in [self.q, self.k, self.v, self.kp, self.vp] {
+            t.expect(4, true)?;
+            if t.dtype != self.q.dtype {
+                return err(format!("{}: dtype {:?} differs from q's {:?}", t.name, t.dtype, self.q.dtype));
+            }
+        }
+        let (batch, heads, n, d) = (self.q.shape[0], self.q.shape[1], self.q.shape[2], self.q.shape[3]);
+        let (pooled, dv) = (self.kp.shape[2], self.v.shape[3]);
+        let expected: [(&View, [usize; 4]); 4] = [
+            (self.k, [batch, heads, n, d]),
+            (self.v, [batch, heads, n, dv]),
+            (self.kp, [batch, heads, pooled, d]),
+            (self.vp, [batch, heads, pooled, dv]),
+        ];
+        for (t, shape) in expected {
+            if t.shape != shape {
+                return err(format!("{}: expected shape {shape:?}, got {:?}", t.name, t.shape));
+            }
+        }
+        if d == 0 || dv == 0 {
+            return err("head dims must be >= 1");
+        }
+        if n != plan.n || pooled != plan.pooled_tokens() || batch * heads != plan.batch_heads {
+            return err(format!(
+                "plan (N={}, P={}, B*H={}) does not match q (N={n}) and kp (P={pooled}) with B*H={}",
+                plan.n,
+                plan.pooled_tokens(),
+                plan.batch_heads,
+                batch * heads
+            ));
+        }
+        Ok(Dims { batch, heads, n, pooled, d, dv })
+    }
+}
+
+/// An output: the given shape and dtype, contiguous (so rows of different tasks never overlap).
+fn check_output(t: &View, shape: &[usize], dtype: DType) -> Result<(), ViewError> {
+    if t.shape != shape || t.dtype != dtype {
+        return err(format!("{}: expected shape {shape:?} and dtype {dtype:?}, got {:?} {:?}", t.name, t.shape, t.dtype));
+    }
+    t.expect_contiguous()
+}
+
+/// Reads `rows` consecutive rows starting at `row0` of `(b, h)` into `dst` (`rows x width`), times `mul`.
+fn gather_rows(t: &View, b: usize, h: usize, row0: usize, rows: usize, width: usize, mul: f32, dst: &mut [f32]) {
+    for r in 0..rows {
+        let row = &mut dst[r * width..(r + 1) * width];
+        t.load_row(&[b, h, row0 + r], row);
+        if mul != 1.0 {
+            row.iter_mut().for_each(|x| *x *= mul);
+        }
+    }
+}
+
+/// Keys and values of a list of blocks gathered into contiguous rows (with the log2-count bias of each row).
+struct KeyRows {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    bias: Vec<f32>,
+    len: usize,
+}
+
+impl KeyRows {
+    fn new(rows: usize, d: usize, dv: usize) -> Self {
+        KeyRows { k: vec![0.0; rows * d], v: vec![0.0; rows * dv], bias: vec![0.0; rows], len: 0 }
+    }
+
+    /// The fine blocks `ids` of `(b, h)`.
+    fn gather_fine(&mut self, inp: &Inputs, plan: &Plan, dims: Dims, b: usize, h: usize, ids: &[u32]) {
+        self.len = 0;
+        for &p in ids {
+            let (r0, rows) = plan.fine_block(p as usize);
+            self.push(inp.k, inp.v, dims, b, h, r0, rows);
+        }
+    }
+
+    /// The pooled blocks `ids` of `(b, h)`, with their bias.
+    fn gather_pooled(&mut self, inp: &Inputs, plan: &Plan, dims: Dims, b: usize, h: usize, ids: &[u32]) {
+        self.len = 0;
+        for &p in ids {
+            let (r0, rows) = plan.pooled_block(p as usize);
+            self.bias[self.len..self.len + rows].copy_from_slice(&plan.pbias[r0..r0 + rows]);
+            self.push(inp.kp, inp.vp, dims, b, h, r0, rows);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn push(&mut self, k: &View, v: &View, dims: Dims, b: usize, h: usize, r0: usize, rows: usize) {
+        let (d, dv, at) = (dims.d, dims.dv, self.len);
+        gather_rows(k, b, h, r0, rows, d, 1.0, &mut self.k[at * d..(at + rows) * d]);
+        gather_rows(v, b, h, r0, rows, dv, 1.0, &mut self.v[at * dv..(at + rows) * dv]);
+        self.len += rows;
+    }
+}

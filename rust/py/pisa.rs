@@ -1,8 +1,121 @@
-//! PyO3 glue of the PISA kernels.
+//! PyO3 glue of the PISA kernels: descriptors in, a validated layout, selection and views to `cpu::pisa`, the GIL
+//! released around every kernel (the validation included).
 
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+use super::{view, view_error, TensorArgs};
+use crate::cpu::pisa::{self, BackwardOutputs, BackwardRows, Inputs, Layout, Selection};
+use crate::cpu::view::{View, ViewError};
+
+/// `(perm, offsets, blocks)`: 1-D int64 tensors (blocks flattened from `(B, H, M, k)`).
+type PlanArgs = (TensorArgs, TensorArgs, TensorArgs);
+
+/// `(key_mean, value_mean)`: f32 `(B, H, M, D)` and `(B, H, M, Dv)`.
+type CentroidArgs = (TensorArgs, TensorArgs);
+
+struct Plan {
+    perm: View,
+    offsets: View,
+    blocks: View,
+}
+
+impl Plan {
+    fn new(args: PlanArgs) -> PyResult<Self> {
+        Ok(Plan { perm: view("perm", args.0)?, offsets: view("offsets", args.1)?, blocks: view("blocks", args.2)? })
+    }
+
+    /// Reads and validates the layout and selection for `q (B, H, N, D)`.
+    fn build(&self, q: &View) -> Result<(Layout, Selection), ViewError> {
+        q.expect(4, true)?;
+        let layout = Layout::new(&self.perm.to_i64_vec()?, &self.offsets.to_i64_vec()?, q.shape[2])?;
+        let selection = Selection::new(&self.blocks.to_i64_vec()?, q.shape[0] * q.shape[1], layout.num_blocks())?;
+        Ok((layout, selection))
+    }
+}
+
+fn check_scale(scale: f32) -> PyResult<()> {
+    if scale.is_finite() && scale > 0.0 {
+        Ok(())
+    } else {
+        Err(PyValueError::new_err(format!("scale must be finite and > 0, got {scale}")))
+    }
+}
+
+/// PISA forward on CPU: writes `out`, `lse` and `zeta`; `first = q·H̄` (f32) for the hybrid order, else None.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (q, k, v, centroids, first, out, lse, zeta, plan, scale, threads))]
+fn pisa_forward(
+    py: Python<'_>,
+    q: TensorArgs,
+    k: TensorArgs,
+    v: TensorArgs,
+    centroids: CentroidArgs,
+    first: Option<TensorArgs>,
+    out: TensorArgs,
+    lse: TensorArgs,
+    zeta: TensorArgs,
+    plan: PlanArgs,
+    scale: f32,
+    threads: usize,
+) -> PyResult<()> {
+    check_scale(scale)?;
+    let (q, k, v) = (view("q", q)?, view("k", k)?, view("v", v)?);
+    let (key_mean, value_mean) = (view("key_mean", centroids.0)?, view("value_mean", centroids.1)?);
+    let first = first.map(|t| view("first", t)).transpose()?;
+    let (out, lse, zeta) = (view("out", out)?, view("lse", lse)?, view("zeta", zeta)?);
+    let plan = Plan::new(plan)?;
+    py.detach(|| {
+        let (layout, selection) = plan.build(&q)?;
+        let x = Inputs { q: &q, k: &k, v: &v, key_mean: &key_mean, value_mean: &value_mean, layout: &layout, selection: &selection, scale };
+        pisa::forward(&x, first.as_ref(), &out, &lse, &zeta, threads)
+    })
+    .map_err(view_error)
+}
+
+/// PISA backward on CPU: writes `dq`, `dk`, `dv` (exact entries), `dkey_mean` and `dvalue_mean`. `rho` is
+/// `scale · (q·H̄)·dout` per query for the hybrid order, else None.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (q, k, v, centroids, dout, lse, delta, rho, grads, centroid_grads, plan, scale, threads))]
+fn pisa_backward(
+    py: Python<'_>,
+    q: TensorArgs,
+    k: TensorArgs,
+    v: TensorArgs,
+    centroids: CentroidArgs,
+    dout: TensorArgs,
+    lse: TensorArgs,
+    delta: TensorArgs,
+    rho: Option<TensorArgs>,
+    grads: (TensorArgs, TensorArgs, TensorArgs),
+    centroid_grads: CentroidArgs,
+    plan: PlanArgs,
+    scale: f32,
+    threads: usize,
+) -> PyResult<()> {
+    check_scale(scale)?;
+    let (q, k, v) = (view("q", q)?, view("k", k)?, view("v", v)?);
+    let (key_mean, value_mean) = (view("key_mean", centroids.0)?, view("value_mean", centroids.1)?);
+    let (dout, lse, delta) = (view("dout", dout)?, view("lse", lse)?, view("delta", delta)?);
+    let rho = rho.map(|t| view("rho", t)).transpose()?;
+    let (dq, dk, dv) = (view("dq", grads.0)?, view("dk", grads.1)?, view("dv", grads.2)?);
+    let (dkey_mean, dvalue_mean) = (view("dkey_mean", centroid_grads.0)?, view("dvalue_mean", centroid_grads.1)?);
+    let plan = Plan::new(plan)?;
+    py.detach(|| {
+        let (layout, selection) = plan.build(&q)?;
+        let x = Inputs { q: &q, k: &k, v: &v, key_mean: &key_mean, value_mean: &value_mean, layout: &layout, selection: &selection, scale };
+        let rows = BackwardRows { dout: &dout, lse: &lse, delta: &delta, rho: rho.as_ref() };
+        let outs = BackwardOutputs { dq: &dq, dk: &dk, dv: &dv, dkey_mean: &dkey_mean, dvalue_mean: &dvalue_mean };
+        pisa::backward(&x, &rows, &outs, threads)
+    })
+    .map_err(view_error)
+}
+
 /// Adds this family's functions to `difattn._core`.
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(pisa_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(pisa_backward, m)?)?;
     Ok(())
 }

@@ -49,11 +49,13 @@ KERNEL_BLOCKS = {"rust": CPU_BLOCKS, "triton": GPU_BLOCKS}
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """Plan tensors (``PLAN_FIELDS`` order) and the element-mask thresholds (``max_d2 < 0``: no disc)."""
+    """Plan tensors (``PLAN_FIELDS`` order), the element-mask thresholds (``max_d2 < 0``: no disc) and the
+    largest query and key block (what a kernel's tiles must hold)."""
 
     tensors: tuple[torch.Tensor, ...]
     max_d2: int
     max_dt: int
+    max_blocks: tuple[int, int]
 
     def field(self, name: str) -> torch.Tensor:
         return self.tensors[PLAN_FIELDS.index(name)]
@@ -67,12 +69,13 @@ class BlockPlan:
         return self.field("k_offsets").numel() - 1
 
 
-def _tensors(arrays: dict[str, bytes], device: str) -> tuple[torch.Tensor, ...]:
-    out = []
+def _plan(arrays: dict[str, bytes], max_d2: int, max_dt: int, device: str) -> BlockPlan:
+    cpu = {}
     for name in PLAN_FIELDS:
         dtype = "<i4" if name in _INT32_FIELDS else "<i8"
-        out.append(torch.from_numpy(np.frombuffer(arrays[name], dtype=dtype).copy()).to(device))
-    return tuple(out)
+        cpu[name] = torch.from_numpy(np.frombuffer(arrays[name], dtype=dtype).copy())
+    max_blocks = (int(cpu["q_offsets"].diff().max()), int(cpu["k_offsets"].diff().max()))
+    return BlockPlan(tuple(cpu[name].to(device) for name in PLAN_FIELDS), max_d2, max_dt, max_blocks)
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
@@ -83,7 +86,7 @@ def clear_plan(grid: TokenGrid, radius: float, temporal_radius: float, global_to
         grid.core_args(), radius, temporal_radius, global_tokens, (1, *blocks.q_tile), (1, *blocks.k_tile),
         blocks.q_block, blocks.k_block,
     )
-    return BlockPlan(_tensors(arrays, device), max_d2, max_dt)
+    return _plan(arrays, max_d2, max_dt, device)
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
@@ -91,7 +94,7 @@ def grat_plan(grid: TokenGrid, group: tuple[int, int, int], pattern: str, reach:
               blocks: BlockShape, device: str) -> BlockPlan:
     """GRAT's plan for ``grid`` on ``device`` (cached by every argument)."""
     arrays = core().grat_plan(grid.core_args(), group, pattern, reach, text_masked, blocks.q_block, blocks.k_block)
-    return BlockPlan(_tensors(arrays, device), -1, 0)
+    return _plan(arrays, -1, 0, device)
 
 
 def clear_cache() -> None:

@@ -84,11 +84,11 @@ def _block_attention_fwd_kernel(
         m_k = o_n < k_len
         k_pos = k_start + o_n
         k_rows = tl.load(k_perm_ptr + k_pos, mask=m_k, other=0).to(tl.int64)
-        p_k = k_ptr + i_b * stride_kb + i_h * stride_kh + k_rows[None, :] * stride_kn + o_d[:, None] * stride_kd
-        b_kt = tl.load(p_k, mask=m_k[None, :] & (o_d[:, None] < D), other=0.0)
+        p_k = k_ptr + i_b * stride_kb + i_h * stride_kh + k_rows[:, None] * stride_kn + o_d[None, :] * stride_kd
+        b_k = tl.load(p_k, mask=m_k[:, None] & (o_d[None, :] < D), other=0.0)
         p_v = v_ptr + i_b * stride_vb + i_h * stride_vh + k_rows[:, None] * stride_vn + o_dv[None, :] * stride_vd
         b_v = tl.load(p_v, mask=m_k[:, None] & (o_dv[None, :] < DV), other=0.0)
-        b_s = tl.dot(b_q, b_kt) * qk_scale
+        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale
         if kind != 0:
             allowed = _element_mask(i_b, q_pos, k_pos, m_q, m_k, q_coords_ptr, k_coords_ptr, valid_ptr,
                                     stride_valid_b, max_d2, max_dt, SPATIAL, HAS_VALID)
@@ -158,8 +158,8 @@ def _block_attention_bwd_dq_kernel(
         k_rows = tl.load(k_perm_ptr + k_pos, mask=m_k, other=0).to(tl.int64)
         b_k = tl.load(k_ptr + i_b * stride_kb + i_h * stride_kh + k_rows[:, None] * stride_kn + o_d[None, :] * stride_kd,
                       mask=m_k[:, None] & (o_d[None, :] < D), other=0.0)
-        b_vt = tl.load(v_ptr + i_b * stride_vb + i_h * stride_vh + k_rows[None, :] * stride_vn + o_dv[:, None] * stride_vd,
-                       mask=m_k[None, :] & (o_dv[:, None] < DV), other=0.0)
+        b_v = tl.load(v_ptr + i_b * stride_vb + i_h * stride_vh + k_rows[:, None] * stride_vn + o_dv[None, :] * stride_vd,
+                      mask=m_k[:, None] & (o_dv[None, :] < DV), other=0.0)
         b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale
         if kind != 0:
             allowed = _element_mask(i_b, q_pos, k_pos, m_q, m_k, q_coords_ptr, k_coords_ptr, valid_ptr,
@@ -167,7 +167,7 @@ def _block_attention_bwd_dq_kernel(
         else:
             allowed = m_q[:, None] & m_k[None, :]
         b_p = tl.where(allowed, tl.exp2(b_s - b_lse[:, None]), 0.0)
-        b_dp = tl.dot(b_do, b_vt)
+        b_dp = tl.dot(b_do, tl.trans(b_v))
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
     p_dq = dq_ptr + ((i_b * H + i_h) * N_Q + q_rows[:, None]) * D + o_d[None, :]
@@ -218,14 +218,14 @@ def _block_attention_bwd_dkv_kernel(
         m_q = o_m < q_len
         q_pos = q_start + o_m
         q_rows = tl.load(q_perm_ptr + q_pos, mask=m_q, other=0).to(tl.int64)
-        b_qt = tl.load(q_ptr + i_b * stride_qb + i_h * stride_qh + q_rows[None, :] * stride_qn + o_d[:, None] * stride_qd,
-                       mask=m_q[None, :] & (o_d[:, None] < D), other=0.0)
+        b_q = tl.load(q_ptr + i_b * stride_qb + i_h * stride_qh + q_rows[:, None] * stride_qn + o_d[None, :] * stride_qd,
+                      mask=m_q[:, None] & (o_d[None, :] < D), other=0.0)
         b_do = tl.load(do_ptr + i_b * stride_dob + i_h * stride_doh + q_rows[:, None] * stride_don + o_dv[None, :],
                        mask=m_q[:, None] & (o_dv[None, :] < DV), other=0.0)
         l_off = i_b * stride_lb + i_h * stride_lh + q_rows
         b_lse = tl.load(lse_ptr + l_off, mask=m_q, other=0.0) * 1.4426950408889634
         b_delta = tl.load(delta_ptr + l_off, mask=m_q, other=0.0)
-        b_st = tl.dot(b_k, b_qt) * qk_scale  # (keys, queries)
+        b_st = tl.dot(b_k, tl.trans(b_q)) * qk_scale  # (keys, queries)
         if kind != 0:
             allowed = tl.trans(_element_mask(i_b, q_pos, k_pos, m_q, m_k, q_coords_ptr, k_coords_ptr, valid_ptr,
                                              stride_valid_b, max_d2, max_dt, SPATIAL, HAS_VALID))
@@ -235,7 +235,7 @@ def _block_attention_bwd_dkv_kernel(
         b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)
         b_dpt = tl.dot(b_v, tl.trans(b_do))
         b_dst = b_pt * (b_dpt - b_delta[None, :])
-        b_dk += tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt))
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q)
     base = (i_b * H + i_h) * N_K
     tl.store(dk_ptr + (base + k_rows[:, None]) * D + o_d[None, :], (b_dk * scale).to(dk_ptr.dtype.element_ty), mask=m_kd)
     tl.store(dv_ptr + (base + k_rows[:, None]) * DV + o_dv[None, :], b_dv.to(dv_ptr.dtype.element_ty), mask=m_kdv)
@@ -248,16 +248,17 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(int(n)))
 
 
-def _meta(q, v, plan_tensors, max_d2, key_valid):
-    q_off, k_off = plan_tensors[1], plan_tensors[3]
+def _meta(q, v, max_blocks, max_d2, key_valid):
+    block_d = _block(q.shape[3])
     return dict(
-        BLOCK_M=_block(int(q_off.diff().max())), BLOCK_N=_block(int(k_off.diff().max())),
-        BLOCK_D=_block(q.shape[3]), BLOCK_DV=_block(v.shape[3]),
+        BLOCK_M=_block(max_blocks[0]), BLOCK_N=_block(max_blocks[1]),
+        BLOCK_D=block_d, BLOCK_DV=_block(v.shape[3]),
         SPATIAL=max_d2 >= 0, HAS_VALID=key_valid is not None,
+        num_warps=8 if block_d >= 128 else 4, num_stages=2,
     )
 
 
-def block_attention_fwd(q, k, v, plan_tensors, key_valid, max_d2: int, max_dt: int, scale: float):
+def block_attention_fwd(q, k, v, plan_tensors, key_valid, max_d2: int, max_dt: int, max_blocks, scale: float):
     """Forward over a plan (``ops.block_plan.PLAN_FIELDS`` order). Returns ``out (B, H, N, Dv)`` in q's dtype and
     ``lse (B, H, N)`` fp32."""
     import torch
@@ -274,12 +275,13 @@ def block_attention_fwd(q, k, v, plan_tensors, key_valid, max_d2: int, max_dt: i
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3], *lse.stride()[:2],
         valid.stride(0) if key_valid is not None else 0,
         N, k.shape[2], H, D, DV, scale * LOG2_E, max_d2, max_dt,
-        **_meta(q, v, plan_tensors, max_d2, key_valid),
+        **_meta(q, v, max_blocks, max_d2, key_valid),
     )
     return out, lse
 
 
-def block_attention_bwd(q, k, v, out, dout, lse, plan_tensors, key_valid, max_d2: int, max_dt: int, scale: float):
+def block_attention_bwd(q, k, v, out, dout, lse, plan_tensors, key_valid, max_d2: int, max_dt: int, max_blocks,
+                        scale: float):
     """Backward over a plan: ``(dq, dk, dv)`` (contiguous, q's dtype)."""
     import torch
 
@@ -297,7 +299,7 @@ def block_attention_bwd(q, k, v, out, dout, lse, plan_tensors, key_valid, max_d2
         valid.stride(0) if key_valid is not None else 0,
         N, NK, H, D, DV, scale, max_d2, max_dt,
     )
-    meta = _meta(q, v, plan_tensors, max_d2, key_valid)
+    meta = _meta(q, v, max_blocks, max_d2, key_valid)
     _block_attention_bwd_dq_kernel[(q_off.numel() - 1, B * H)](
         q, k, v, dout, lse, delta, dq, q_perm, q_off, k_perm, k_off, indptr, indices, kinds,
         q_coords, k_coords, valid, *common, **meta,

@@ -10,33 +10,56 @@ const LOG2_E: f32 = std::f32::consts::LOG2_E;
 // Cephes' exp2f polynomial on [-0.5, 0.5]: 2^f = 1 + f · P(f).
 const EXP2_P: [f32; 6] = [1.535_336_2e-4, 1.339_887_4e-3, 9.618_438e-3, 5.550_332_5e-2, 2.402_264_8e-1, 6.931_472e-1];
 
-/// `log2(x)` for finite `x >= f32::MIN_POSITIVE` (callers clamp): exponent plus `ln(m)` of the mantissa
-/// `m ∈ [√½, √2)` from the series `ln m = 2 atanh(t)`, `t = (m − 1)/(m + 1)`, `|t| <= 0.172` (error < 1e-9).
+/// `a·b + c`, fused where the FMA clone is compiled (a libm call would be slower than two operations).
 #[inline(always)]
-fn log2_one(x: f32) -> f32 {
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+// Cephes' logf polynomial: ln(1 + x) = x − x²/2 + x³ · P(x) for 1 + x ∈ [√½, √2).
+const LOG_P: [f32; 9] = [
+    7.037_683_6e-2, -1.151_461e-1, 1.167_699_9e-1, -1.242_014_1e-1, 1.424_932_3e-1, -1.666_805_8e-1, 2.000_071_4e-1,
+    -2.499_999_4e-1, 3.333_333e-1,
+];
+
+/// `log2(x)` for finite `x >= f32::MIN_POSITIVE` (callers clamp), branch-free and division-free: exponent plus
+/// `ln` of the mantissa folded into `[√½, √2)`.
+#[inline(always)]
+fn log2_one<const FMA: bool>(x: f32) -> f32 {
     let bits = x.to_bits();
     let exponent = ((bits >> 23) & 0xff) as i32 - 127;
     let m = f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000);
     let big = m > SQRT_2;
     let m = if big { m * 0.5 } else { m };
     let exponent = exponent + big as i32;
-    let t = (m - 1.0) / (m + 1.0);
+    let t = m - 1.0;
+    let mut p = LOG_P[0];
+    for c in &LOG_P[1..] {
+        p = madd::<FMA>(p, t, *c);
+    }
     let t2 = t * t;
-    let series = 2.0 + t2 * (2.0 / 3.0 + t2 * (2.0 / 5.0 + t2 * (2.0 / 7.0 + t2 * (2.0 / 9.0))));
-    exponent as f32 + t * series * LOG2_E
+    let ln = madd::<FMA>(t2 * t, p, madd::<FMA>(-0.5, t2, t));
+    madd::<FMA>(ln, LOG2_E, exponent as f32)
 }
 
 /// `2^x`; arguments below −126 give 2^−126 or less (never a denormal or NaN), above 127 are clamped.
 #[inline(always)]
-fn exp2_one(x: f32) -> f32 {
+fn exp2_one<const FMA: bool>(x: f32) -> f32 {
     let x = x.clamp(-126.0, 127.0);
     let n = (x + 0.5).floor();
     let f = x - n;
     let mut p = EXP2_P[0];
     for c in &EXP2_P[1..] {
-        p = p * f + c;
+        p = madd::<FMA>(p, f, *c);
     }
-    (1.0 + f * p) * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // `n` as an integer without a (saturating, scalarised) float-to-int cast: adding 1.5·2^23 puts it in the
+    // low mantissa bits.
+    let n = (n + 12_582_912.0).to_bits().wrapping_sub(0x4b40_0000) as i32;
+    madd::<FMA>(f, p, 1.0) * f32::from_bits(((n + 127) as u32) << 23)
 }
 
 fn lanes_sum(acc: [f32; LANES]) -> f32 {

@@ -1,0 +1,257 @@
+"""``difattn.nn.Attention``: a DiT self-attention layer whose attention method is an option.
+
+Parameters are named like timm's ``Attention`` as DiT uses it (``qkv``, ``proj``, and ``q_norm``/``k_norm`` when
+``qk_norm``), so a pretrained DiT's attention weights load unchanged whatever the method; methods that add
+weights (CLEAR's global-token pooling, the depthwise conv of linear attention, DyDiLA's banks and routers) add
+them under their own names.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional
+from ._checks import check_grid, check_int
+from ._methods import SPARSE_METHODS, check_options, clear_global_kv, sparse_attention, square_grid
+from ._rope import apply_rope
+from .grid import TokenGrid
+from .reference import power_map
+
+METHODS = ("dense", "clear", "grat", "pisa", "llsa", "linear", "dydila")
+
+# Options handled by the module itself rather than passed to a public function.
+_MODULE_OPTIONS: dict[str, frozenset[str]] = {
+    "dense": frozenset(),
+    "clear": SPARSE_METHODS["clear"].options | {"down_factor"},
+    "grat": SPARSE_METHODS["grat"].options,
+    "pisa": SPARSE_METHODS["pisa"].options,
+    "llsa": SPARSE_METHODS["llsa"].options,
+    "linear": frozenset({"normalize", "eps", "dwconv_kernel", "backend"}),
+    "dydila": frozenset(
+        {"num_projectors", "num_kernels", "num_lambdas", "dwconv_kernel", "normalize", "eps", "backend"}
+    ),
+}
+_LINEAR_DEFAULTS = {"linear": {"normalize": True, "eps": 1e-6}, "dydila": {"normalize": False, "eps": 1e-6}}
+
+
+def _qk_norm(qk_norm: bool | str, head_dim: int) -> Callable[[], nn.Module]:
+    """Factory of the per-head q/k norm: timm's LayerNorm for ``True``/``"layer_norm"``, RMSNorm for ``"rms_norm"``."""
+    if qk_norm is False:
+        return nn.Identity
+    if qk_norm is True or qk_norm == "layer_norm":
+        return lambda: nn.LayerNorm(head_dim)
+    if qk_norm == "rms_norm":
+        return lambda: nn.RMSNorm(head_dim, eps=1e-6)
+    raise ValueError(f"qk_norm must be False, True, 'layer_norm' or 'rms_norm', got {qk_norm!r}")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a choice of attention method.
+
+    Args:
+        dim: model width; ``num_heads`` must divide it.
+        method: ``"dense"`` (SDPA), ``"clear"``, ``"grat"``, ``"pisa"``, ``"llsa"`` (the sparse methods of
+            :mod:`difattn`), ``"linear"`` (LiT: ReLU features, linear attention, depthwise conv on V) or
+            ``"dydila"`` (dynamic differential linear attention, ``specs/dydila.md``).
+        qkv_bias: bias of the fused ``qkv`` projection.
+        qk_norm: ``False``, ``True``/``"layer_norm"`` (timm) or ``"rms_norm"``: a norm over each head's q and k.
+        **method_options: the method's options, checked by name: ``radius``, ``temporal_radius``, ``down_factor``
+            (CLEAR global tokens), ``backend``; ``group``, ``pattern``, ``reach`` (GRAT); ``density``,
+            ``block_size``, ``order``, ``routing_bias``, ``sink`` (PISA); ``block_size``, ``topk``, ``levels``
+            (LLSA); ``normalize``, ``eps``, ``dwconv_kernel`` (linear, DyDiLA; 0 disables the conv);
+            ``num_projectors``, ``num_kernels``, ``num_lambdas`` (DyDiLA).
+
+    ``forward(x, grid=None, *, rope=None)``: ``x`` is ``(B, N, dim)``. ``grid`` describes the N tokens; CLEAR,
+    GRAT, CLEAR's global tokens and the depthwise conv need it and infer a square image grid when it is None
+    and N is a perfect square (otherwise ``ValueError``); PISA and LLSA use it when given or inferable and run
+    in sequence order otherwise. ``rope=(cos, sin)``, each ``(N, head_dim)``, rotates q and k after the norm.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        method: str = "dense",
+        qkv_bias: bool = True,
+        qk_norm: bool | str = False,
+        **method_options: Any,
+    ) -> None:
+        super().__init__()
+        check_int("dim", dim, minimum=1)
+        check_int("num_heads", num_heads, minimum=1)
+        if dim % num_heads:
+            raise ValueError(f"num_heads must divide dim, got dim={dim}, num_heads={num_heads}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
+        required = SPARSE_METHODS[method].required if method in SPARSE_METHODS else frozenset()
+        options = check_options(method, method_options, _MODULE_OPTIONS[method], required)
+        self.method, self.num_heads, self.head_dim = method, num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        norm = _qk_norm(qk_norm, self.head_dim)
+        self.q_norm, self.k_norm = norm(), norm()
+        self.proj = nn.Linear(dim, dim)
+
+        down_factor = options.pop("down_factor", None)
+        if down_factor is not None and check_int("down_factor", down_factor, minimum=1) > 1:
+            self.spatial_weight = nn.Parameter(torch.full((1, 1, 1, down_factor, 1, down_factor, 1), down_factor**-2.0))
+        else:
+            self.spatial_weight = None
+        if method in ("linear", "dydila"):
+            kernel = check_int("dwconv_kernel", options.pop("dwconv_kernel", 5), minimum=0)
+            self.dwconv = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim) if kernel else None
+            options = {**_LINEAR_DEFAULTS[method], **options}
+        if method == "dydila":
+            sizes = {name: options.pop(name) for name in ("num_projectors", "num_kernels", "num_lambdas") if name in options}
+            self.dynamic = DynamicDifferential(dim, num_heads, bias=qkv_bias, **sizes)
+        self.options = options
+
+    def extra_repr(self) -> str:
+        opts = "".join(f", {name}={value!r}" for name, value in sorted(self.options.items()))
+        return f"method={self.method!r}, heads={self.num_heads}, head_dim={self.head_dim}{opts}"
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        grid: TokenGrid | None = None,
+        *,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        B, N, C = x.shape  # (B, N, dim)
+        if grid is not None:
+            check_grid(grid, N)
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = _ATTEND[self.method](self, x, q, k, v, grid)  # (B, H, N, Dh)
+        out = out.transpose(1, 2).reshape(B, N, C)
+        if getattr(self, "dwconv", None) is not None:
+            out = out + self._conv_on_grid(v.transpose(1, 2).reshape(B, N, C), grid)
+        return self.proj(out)
+
+    # Each _attend_* maps (x, q, k, v, grid) to the (B, H, N, Dh) attention output.
+
+    def _attend_dense(self, x, q, k, v, grid):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def _attend_sparse(self, x, q, k, v, grid):
+        spec = SPARSE_METHODS[self.method]
+        if grid is None and (spec.needs_grid or self.spatial_weight is not None):
+            grid = square_grid(q.shape[2], self.method)
+        elif grid is None:
+            grid = _square_or_none(q.shape[2])
+        global_kv = None if self.spatial_weight is None else clear_global_kv(k, v, grid, self.spatial_weight)
+        return sparse_attention(self.method, q, k, v, grid=grid, options=self.options, global_kv=global_kv)
+
+    def _attend_linear(self, x, q, k, v, grid):
+        return functional.linear_attention(F.relu(q), F.relu(k), v, **self.options)
+
+    def _attend_dydila(self, x, q, k, v, grid):
+        return self.dynamic(x, q, k, v, **self.options)
+
+    def _conv_on_grid(self, v: torch.Tensor, grid: TokenGrid | None) -> torch.Tensor:
+        """Depthwise conv of the image tokens of ``v`` ``(B, N, C)`` on their grid; text rows get zeros."""
+        B, N, C = v.shape
+        grid = square_grid(N, self.method) if grid is None else grid
+        image = slice(grid.image_range.start, grid.image_range.stop)
+        frames = v[:, image].reshape(B * grid.frames, grid.height, grid.width, C).permute(0, 3, 1, 2)
+        conv = self.dwconv(frames).permute(0, 2, 3, 1).reshape(B, grid.image_tokens, C)
+        if grid.text_tokens == 0:
+            return conv
+        out = torch.zeros_like(v)
+        out[:, image] = conv
+        return out
+
+
+_ATTEND = {
+    "dense": Attention._attend_dense,
+    "clear": Attention._attend_sparse,
+    "grat": Attention._attend_sparse,
+    "pisa": Attention._attend_sparse,
+    "llsa": Attention._attend_sparse,
+    "linear": Attention._attend_linear,
+    "dydila": Attention._attend_dydila,
+}
+
+
+def _square_or_none(num_tokens: int) -> TokenGrid | None:
+    try:
+        return square_grid(num_tokens, "")
+    except ValueError:
+        return None
+
+
+def _route(logits: torch.Tensor) -> torch.Tensor:
+    """Straight-through routing: the forward pass uses the one-hot argmax, the backward pass the softmax."""
+    soft = logits.softmax(dim=-1)
+    hard = F.one_hot(soft.argmax(dim=-1), soft.shape[-1]).to(soft.dtype)
+    return hard + soft - soft.detach()
+
+
+class DynamicDifferential(nn.Module):
+    """DyDiLA's routed parts around :func:`difattn.dydila_attention` (``specs/dydila.md``).
+
+    Dynamic projection: banks ``q_aux``/``k_aux`` of ``num_projectors`` full-width projectors, one chosen per
+    token by ``q_router``/``k_router``. Dynamic kernel: for each stream (q, k, q_aux, k_aux) a router over the
+    head's features picks an exponent from a learnable bank (initialised over [1, 5], clamped >= 1). Token
+    differential: for q and k a router over ``[φ(z), φ(z_aux)]`` picks λ from a bank initialised over [0, 0.5].
+    Routers train with a straight-through estimator; kernel and λ routers see detached inputs (spec choices).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        num_projectors: int = 3,
+        num_kernels: int = 9,
+        num_lambdas: int = 9,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        for name, value in (("num_projectors", num_projectors), ("num_kernels", num_kernels), ("num_lambdas", num_lambdas)):
+            check_int(name, value, minimum=1)
+        self.num_heads, self.num_projectors = num_heads, num_projectors
+        head_dim = dim // num_heads
+        self.q_aux = nn.Linear(dim, num_projectors * dim, bias=bias)
+        self.k_aux = nn.Linear(dim, num_projectors * dim, bias=bias)
+        self.q_router = nn.Linear(dim, num_projectors)
+        self.k_router = nn.Linear(dim, num_projectors)
+        streams = ("q", "k", "q_aux", "k_aux")
+        self.gamma_routers = nn.ModuleDict({s: nn.Linear(head_dim, num_kernels) for s in streams})
+        self.gammas = nn.ParameterDict({s: nn.Parameter(torch.linspace(1.0, 5.0, num_kernels)) for s in streams})
+        self.lambda_routers = nn.ModuleDict({s: nn.Linear(2 * head_dim, num_lambdas) for s in ("q", "k")})
+        self.lambdas = nn.ParameterDict({s: nn.Parameter(torch.linspace(0.0, 0.5, num_lambdas)) for s in ("q", "k")})
+
+    def _auxiliary(self, x: torch.Tensor, bank: nn.Linear, router: nn.Linear) -> torch.Tensor:
+        """The routed projection ``x W^u`` (u chosen per token), as ``(B, H, N, Dh)``."""
+        B, N, C = x.shape
+        choice = _route(router(x))  # (B, N, P)
+        projected = (bank(x).view(B, N, self.num_projectors, C) * choice.unsqueeze(-1)).sum(dim=2)
+        return projected.view(B, N, self.num_heads, C // self.num_heads).transpose(1, 2)
+
+    def _exponent(self, stream: str, z: torch.Tensor) -> torch.Tensor:
+        choice = _route(self.gamma_routers[stream](z.detach().float()))  # (B, H, N, K)
+        return choice @ self.gammas[stream].clamp_min(1.0)
+
+    def _lambda(self, stream: str, z, z_aux, gamma, gamma_aux, eps: float) -> torch.Tensor:
+        with torch.no_grad():
+            features = torch.cat([power_map(z.float(), gamma, eps), power_map(z_aux.float(), gamma_aux, eps)], dim=-1)
+        return _route(self.lambda_routers[stream](features.detach())) @ self.lambdas[stream]
+
+    def forward(self, x, q, k, v, *, normalize: bool, eps: float, backend: str = "auto") -> torch.Tensor:
+        q_aux = self._auxiliary(x, self.q_aux, self.q_router)
+        k_aux = self._auxiliary(x, self.k_aux, self.k_router)
+        gamma = {s: self._exponent(s, z) for s, z in (("q", q), ("k", k), ("q_aux", q_aux), ("k_aux", k_aux))}
+        lambda_q = self._lambda("q", q, q_aux, gamma["q"].detach(), gamma["q_aux"].detach(), eps)
+        lambda_k = self._lambda("k", k, k_aux, gamma["k"].detach(), gamma["k_aux"].detach(), eps)
+        return functional.dydila_attention(
+            q, k, v, q_aux, k_aux,
+            gamma_q=gamma["q"], gamma_k=gamma["k"], gamma_q_aux=gamma["q_aux"], gamma_k_aux=gamma["k_aux"],
+            lambda_q=lambda_q, lambda_k=lambda_k, normalize=normalize, eps=eps, backend=backend,
+        )

@@ -1,0 +1,134 @@
+"""difattn in diffusers pipelines: swap a transformer's attention for CLEAR, GRAT, PISA or LLSA.
+
+```python
+import difattn.diffusers
+pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16).to("cuda")
+difattn.diffusers.apply(pipe.transformer, "clear", radius=16)                 # every attention layer
+difattn.diffusers.apply(pipe.transformer, "pisa", density=0.15, routing_bias=True, dense_layers=range(4))
+image = pipe("a cat", height=2048, width=2048).images[0]
+difattn.diffusers.remove(pipe.transformer)                                    # the stock processors again
+```
+
+Supported transformers (by class, subclasses included): ``FluxTransformer2DModel`` (double- and single-stream
+blocks; text first, RoPE), ``SD3Transformer2DModel`` (joint attention, text last; SD3.5's second image-only
+attention too), ``DiTTransformer2DModel`` and ``PixArtTransformer2DModel`` (self-attention only; cross-attention
+is untouched), ``WanTransformer3DModel`` (video self-attention only) and ``HunyuanVideoTransformer3DModel`` (image
+first, text last; its text padding becomes GRAT's ``text_mask``, and the other methods drop padded text keys).
+
+The token geometry (frames, height, width, text length) is read from the transformer's arguments on every
+call, so resolution and prompt length may change between calls. Each layer keeps the model's own processor for
+projections, norms and RoPE and replaces only its self-attention call (see ``_processor.py``).
+
+CLEAR's global tokens (``down_factor=d``) add a learnable pooling weight per layer at
+``<layer>.processor.spatial_weight``, shape ``(1, 1, 1, d, 1, d, 1)``, the parameter name and shape of the CLEAR
+reference code, so its published FLUX checkpoints load with ``transformer.load_state_dict(sd, strict=False)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from torch import nn
+
+from .._checks import check_int
+from .._methods import SPARSE_METHODS, check_options
+from ._families import family_of
+from ._processor import DifattnProcessor, processor_class
+from ._session import Session
+
+__all__ = ["apply", "remove", "attention_layers", "METHODS"]
+
+METHODS = ("dense", "clear", "grat", "pisa", "llsa")
+_SESSION = "_difattn_session"
+
+
+def attention_layers(transformer: nn.Module) -> list[str]:
+    """Names of the attention layers difattn handles, in execution order; ``dense_layers`` indexes this list.
+
+    FLUX: ``transformer_blocks.{i}.attn`` then ``single_transformer_blocks.{i}.attn``; SD3:
+    ``transformer_blocks.{i}.attn`` (and ``.attn2`` in dual-attention blocks); DiT, PixArt:
+    ``transformer_blocks.{i}.attn1``; Wan: ``blocks.{i}.attn1``; HunyuanVideo: like FLUX.
+    """
+    return [name for name, _ in family_of(transformer).layers(transformer)]
+
+
+def apply(
+    transformer: nn.Module,
+    method: str,
+    *,
+    dense_layers: Iterable[int | str] = (),
+    dense_steps: int = 0,
+    **method_options: Any,
+) -> None:
+    """Run ``method`` in the attention layers of ``transformer`` (replacing any earlier ``apply``).
+
+    Args:
+        method: ``"clear"``, ``"grat"``, ``"pisa"``, ``"llsa"``, or ``"dense"`` (the stock processors, through
+            the same hooks; a baseline).
+        dense_layers: layers that stay dense, as indices into :func:`attention_layers` (negative ones count
+            from the end) or as names from it.
+        dense_steps: the first ``dense_steps`` denoising steps of every generation run dense (steps are
+            counted from the ``timestep`` argument; see :class:`~difattn.diffusers._session.Session`).
+        **method_options: the method's options, as :mod:`difattn.functional` names them (``radius``,
+            ``temporal_radius`` / ``group``, ``pattern``, ``reach`` / ``density``, ``block_size``, ``order``,
+            ``routing_bias``, ``sink`` / ``block_size``, ``topk``, ``levels``; ``backend`` for all), plus
+            ``down_factor`` for CLEAR's learnable global tokens. The grid, text mask and scale come from the
+            model.
+    """
+    family = family_of(transformer)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
+    spec = SPARSE_METHODS.get(method)
+    allowed = frozenset() if spec is None else spec.options | ({"down_factor"} if method == "clear" else set())
+    options = check_options(method, method_options, allowed, frozenset() if spec is None else spec.required)
+    down_factor = options.pop("down_factor", None)
+    if down_factor is not None:
+        down_factor = check_int("down_factor", down_factor, minimum=1)
+    layers = family.layers(transformer)
+    dense = _layer_indices(dense_layers, [name for name, _ in layers])
+    check_int("dense_steps", dense_steps, minimum=0)
+
+    remove(transformer)
+    session = Session(
+        transformer, family, method, spec, options,
+        down_factor=down_factor if down_factor and down_factor > 1 else None,
+        dense_layers=dense, dense_steps=dense_steps,
+    )
+    for index, (name, module) in enumerate(layers):
+        original = module.processor
+        processor = processor_class(type(original))(original, session, index, name)
+        reference = next(module.parameters(), None)
+        if reference is not None:
+            processor.to(device=reference.device, dtype=reference.dtype)
+        module.set_processor(processor)
+    setattr(transformer, _SESSION, session)
+
+
+def remove(transformer: nn.Module) -> None:
+    """Restore the processors ``apply`` replaced and drop its hook; a no-op on a transformer without difattn."""
+    session = getattr(transformer, _SESSION, None)
+    if session is None:
+        return
+    for _, module in session.family.layers(transformer):
+        processor = getattr(module, "processor", None)
+        if isinstance(processor, DifattnProcessor) and processor.session is session:
+            module.set_processor(processor.original)
+    session.hook.remove()
+    delattr(transformer, _SESSION)
+
+
+def _layer_indices(dense_layers: Iterable[int | str], names: list[str]) -> frozenset[int]:
+    if isinstance(dense_layers, (str, int)):
+        raise TypeError("dense_layers must be an iterable of layer indices or names, e.g. range(4) or [0, 1]")
+    indices = set()
+    for entry in dense_layers:
+        if isinstance(entry, str):
+            if entry not in names:
+                raise ValueError(f"dense_layers: no attention layer named {entry!r}; see attention_layers()")
+            indices.add(names.index(entry))
+        else:
+            check_int("dense_layers entry", entry)
+            if not -len(names) <= entry < len(names):
+                raise ValueError(f"dense_layers: index {entry} is out of range for {len(names)} attention layers")
+            indices.add(entry % len(names))
+    return frozenset(indices)

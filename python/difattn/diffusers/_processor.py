@@ -1,0 +1,246 @@
+"""The difattn processor: the model's own processor, with its attention call replaced.
+
+Every supported model computes q, k, v its own way (fused or separate projections, q/k norms, RoPE, text
+before or after the image) and then calls one attention function on ``(B, H, N, D)`` tensors. Rewriting each
+processor for each diffusers release would copy that code and break with the next one; instead
+:class:`DifattnProcessor` runs the stock processor and replaces only its self-attention call, by one of two
+routes:
+
+- **dispatcher**: processors that call diffusers' attention dispatcher (``_attention_backend`` attribute) get
+  difattn's registered backend for the call (:mod:`._dispatcher`, on diffusers versions where the private
+  registry layout is known);
+- **SDPA interception**: otherwise a ``TorchFunctionMode`` catches ``F.scaled_dot_product_attention`` for the
+  duration of the call (dispatcher processors are pinned to the native backend meanwhile).
+
+Either way the call reaches :class:`LayerAttention`, which turns the call's geometry and padding mask into a
+:class:`~difattn.TokenGrid` and a ``text_mask`` and runs the method. Calls with a different key length (Wan's
+image cross-attention, IP adapters) pass through to SDPA. A difattn layer that sees no attention call raises,
+so a processor path difattn cannot reach never runs dense silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .._methods import clear_global_kv, sparse_attention
+from ..grid import TokenGrid
+from . import _dispatcher
+
+if TYPE_CHECKING:
+    from ._session import Session
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+class DifattnProcessor(nn.Module):
+    """Wraps one layer's stock processor; see the module docstring.
+
+    An ``nn.Module`` so that CLEAR's global-token pooling weight is a parameter of the transformer, under the
+    reference's name: ``<layer>.processor.spatial_weight``, shape ``(1, 1, 1, d, 1, d, 1)``. The stock processor
+    is held outside the module tree, so the state dict gains nothing else.
+    """
+
+    def __init__(self, original: Any, session: "Session", index: int, name: str) -> None:
+        super().__init__()
+        self.__dict__["original"] = original  # not a submodule: keeps the state dict unchanged
+        self.session, self.index, self.name = session, index, name
+        d = session.down_factor
+        self.spatial_weight = nn.Parameter(torch.full((1, 1, 1, d, 1, d, 1), d**-2.0)) if d else None
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: {self.session.method} around {type(self.original).__name__}"
+
+    def _run(self, attn: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.session.runs_dense(self.index):
+            return self.original(attn, *args, **kwargs)
+        layer = LayerAttention(self)
+        with self._route(layer):
+            out = self.original(attn, *args, **kwargs)
+        if layer.calls == 0:
+            raise RuntimeError(
+                f"difattn: layer {self.name} ran {type(self.original).__name__} without an attention call difattn "
+                "could replace (an attention backend other than native/SDPA?); call difattn.diffusers.remove()"
+            )
+        return out
+
+    @contextlib.contextmanager
+    def _route(self, layer: "LayerAttention") -> Iterator[None]:
+        original = self.original
+        uses_dispatcher = hasattr(original, "_attention_backend")
+        if uses_dispatcher and getattr(original, "_parallel_config", None) is not None:
+            raise NotImplementedError(f"difattn: layer {self.name} is context-parallel; difattn does not support that")
+        backend = _dispatcher.backend() if uses_dispatcher else None
+        if backend is not None:
+            with _pinned_backend(original, backend), _dispatcher.active(layer):
+                yield
+        else:
+            pin = _pinned_backend(original, _dispatcher.native()) if uses_dispatcher else contextlib.nullcontext()
+            with pin, _InterceptSDPA(layer):
+                yield
+
+    # diffusers' attention modules read these from the processor; they belong to the stock one.
+    @property
+    def _attention_backend(self) -> Any:
+        return getattr(self.original, "_attention_backend", None)
+
+    @_attention_backend.setter
+    def _attention_backend(self, value: Any) -> None:
+        self.original._attention_backend = value
+
+    @property
+    def _parallel_config(self) -> Any:
+        return getattr(self.original, "_parallel_config", None)
+
+    @_parallel_config.setter
+    def _parallel_config(self, value: Any) -> None:
+        self.original._parallel_config = value
+
+
+@functools.cache
+def processor_class(original_cls: type) -> type:
+    """A :class:`DifattnProcessor` subclass whose ``__call__`` has the signature of ``original_cls.__call__``.
+
+    diffusers' attention modules inspect the processor's ``__call__`` signature and drop keyword arguments it
+    does not name (e.g. HunyuanVideo's ``image_rotary_emb``), so the wrapper must name what the stock one names.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run(*args, **kwargs)
+
+    __call__.__signature__ = inspect.signature(original_cls.__call__)  # type: ignore[attr-defined]
+    return type(f"Difattn{original_cls.__name__}", (DifattnProcessor,), {"__call__": __call__, "__module__": __name__})
+
+
+@contextlib.contextmanager
+def _pinned_backend(processor: Any, backend: Any) -> Iterator[None]:
+    """Set the stock processor's dispatcher backend for one call, then restore it."""
+    had, previous = "_attention_backend" in vars(processor), vars(processor).get("_attention_backend")
+    processor._attention_backend = backend
+    try:
+        yield
+    finally:
+        if had:
+            processor._attention_backend = previous
+        else:
+            del processor._attention_backend
+
+
+class _InterceptSDPA(TorchFunctionMode):
+    """Sends ``F.scaled_dot_product_attention`` calls made inside the block to a :class:`LayerAttention`."""
+
+    def __init__(self, layer: "LayerAttention") -> None:
+        super().__init__()
+        self.layer = layer
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        call = dict(zip(_SDPA_ARGS, args), **kwargs)
+        return self.layer(**call)
+
+
+class LayerAttention:
+    """The replacement attention of one layer for one call: ``(B, H, N, D)`` in, ``(B, H, N, Dv)`` out."""
+
+    def __init__(self, processor: DifattnProcessor) -> None:
+        self.processor, self.session, self.calls = processor, processor.session, 0
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> torch.Tensor:
+        q, k, v = query, key, value
+        if k.shape[-2] != q.shape[-2]:  # cross-attention to another context: not ours
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                **({"enable_gqa": True} if enable_gqa else {}),
+            )
+        name = self.processor.name
+        if dropout_p or is_causal or k.shape[1] != q.shape[1]:
+            raise ValueError(f"difattn: layer {name} asks for dropout, causal or grouped-query attention")
+        self.calls += 1
+        grid = self.session.geometry().grid(q.shape[2])
+        text_mask = text_padding(attn_mask, grid, q.shape[0], name)
+        weight = self.processor.spatial_weight
+        global_kv = None if weight is None else clear_global_kv(k, v, grid, weight)
+        run = functools.partial(self._attend, scale=scale)
+        if text_mask is None or self.session.spec.text_mask:
+            return run(q, k, v, grid, text_mask, global_kv)
+        return _per_sample(run, q, k, v, grid, text_mask, global_kv, scale)
+
+    def _attend(self, q, k, v, grid, text_mask, global_kv, *, scale):
+        return sparse_attention(
+            self.session.method, q, k, v, grid=grid, options=self.session.options, scale=scale,
+            text_mask=text_mask, global_kv=global_kv,
+        )
+
+
+def text_padding(attn_mask: torch.Tensor | None, grid: TokenGrid, batch: int, name: str) -> torch.Tensor | None:
+    """The ``(B, T)`` bool text mask a key-padding ``attn_mask`` expresses (None when nothing is padded).
+
+    Accepts bool masks and additive float masks (0 = attend, very negative = masked), shaped ``(B, N)``,
+    ``(B, 1, N)``, ``(B, 1, 1, N)`` or ``(B, 1, N, N)`` with identical rows. Masks on image keys, per-head or
+    per-query masks raise ``ValueError``: no difattn method expresses them.
+    """
+    if attn_mask is None:
+        return None
+    n = grid.num_tokens
+    if attn_mask.dtype == torch.bool:
+        allowed = attn_mask
+    elif attn_mask.is_floating_point() and bool((attn_mask[attn_mask != 0] <= -1e4).all()):
+        allowed = attn_mask == 0
+    else:
+        raise ValueError(f"difattn: layer {name} got an attention bias, not a padding mask; no method supports it")
+    while allowed.dim() < 4:
+        allowed = allowed.unsqueeze(1)
+    if allowed.shape[1] != 1 or allowed.shape[-1] != n or allowed.shape[0] not in (1, batch):
+        raise ValueError(f"difattn: layer {name} got an attention mask of shape {tuple(attn_mask.shape)}")
+    keys = allowed[:, 0, 0]
+    if allowed.shape[2] != 1 and not bool((allowed[:, 0] == keys[:, None]).all()):
+        raise ValueError(f"difattn: layer {name} got a per-query attention mask; only key padding is supported")
+    keys = keys.expand(batch, n)
+    image = slice(grid.image_range.start, grid.image_range.stop)
+    if not bool(keys[:, image].all()):
+        raise ValueError(f"difattn: layer {name} got an attention mask on image tokens; only text padding is supported")
+    text = keys[:, grid.text_range.start : grid.text_range.stop]
+    return None if bool(text.all()) else text.contiguous()
+
+
+def _per_sample(run, q, k, v, grid: TokenGrid, text_mask: torch.Tensor, global_kv, scale) -> torch.Tensor:
+    """A method without a text mask on padded text: each sample runs on its real tokens only.
+
+    Padded text rows are not keys for anyone, so dropping them is exact; their own outputs (which nothing
+    downstream of the image reads) are computed as dense attention over the real tokens, as SDPA would.
+    """
+    out = q.new_empty(*q.shape[:3], v.shape[-1])
+    offset = grid.text_range.start
+    for b in range(q.shape[0]):
+        real = int(text_mask[b].sum())
+        if not bool(text_mask[b, :real].all()):
+            raise ValueError("difattn: text padding must come after the real text tokens")
+        sub = TokenGrid(grid.height, grid.width, grid.frames, real, grid.text_position)
+        keep = torch.cat([torch.arange(grid.image_range.start, grid.image_range.stop), torch.arange(offset, offset + real)])
+        keep = keep.sort().values.to(q.device)
+        pad = torch.arange(offset + real, offset + grid.text_tokens, device=q.device)
+        qb, kb, vb = (x[b : b + 1, :, keep] for x in (q, k, v))
+        g = None if global_kv is None else tuple(x[b : b + 1] for x in global_kv)
+        out[b : b + 1, :, keep] = run(qb, kb, vb, sub, None, g)
+        if pad.numel():
+            out[b : b + 1, :, pad] = F.scaled_dot_product_attention(q[b : b + 1, :, pad], kb, vb, scale=scale)
+    return out

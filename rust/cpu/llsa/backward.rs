@@ -1,0 +1,335 @@
+//! LLSA backward. Query side: tasks own a range of groups and compute their dq (fine and pooled keys) and a partial
+//! sum of the pooled-key gradients `dkp`, `dvp` (the group's `dSᵀ q`, `Pᵀ dout`), reduced over tasks at the end.
+//! Key side: one task per fine key block over the transposed selection writes its `dk`, `dv` rows.
+
+use rayon::prelude::*;
+
+use super::{check_output, err, gather_rows, Dims, Inputs, KeyRows, Plan, LOG2_E};
+use crate::cpu::pool::pool;
+use crate::cpu::simd::{exp2_shift_sum, matmul};
+use crate::cpu::view::{DType, View, ViewError};
+
+/// Query blocks gathered at once by the key-side pass.
+const KEY_SIDE_CHUNK: usize = 32;
+/// Query-side tasks per worker thread the pooled partial sums aim for.
+const TASKS_PER_THREAD: usize = 4;
+
+/// The upstream gradient and the forward's statistics: `dout (B, H, N, Dv)`, `lse` and
+/// `delta = rowsum(dout ∘ out)` (both `(B, H, N)` f32).
+pub struct Upstream<'a> {
+    pub dout: &'a View,
+    pub lse: &'a View,
+    pub delta: &'a View,
+}
+
+/// The gradients: `dq, dk (B, H, N, D)`, `dv (B, H, N, Dv)`, `dkp (B, H, P, D)`, `dvp (B, H, P, Dv)`, all contiguous
+/// in q's dtype.
+pub struct Grads<'a> {
+    pub dq: &'a View,
+    pub dk: &'a View,
+    pub dv: &'a View,
+    pub dkp: &'a View,
+    pub dvp: &'a View,
+}
+
+fn check(inp: &Inputs, up: &Upstream, g: &Grads, plan: &Plan) -> Result<Dims, ViewError> {
+    let dims = inp.dims(plan)?;
+    let (bs, hs, n, p) = (dims.batch, dims.heads, dims.n, dims.pooled);
+    up.dout.expect(4, true)?;
+    if up.dout.shape != [bs, hs, n, dims.dv] {
+        return err(format!("dout: expected shape {:?}, got {:?}", [bs, hs, n, dims.dv], up.dout.shape));
+    }
+    for t in [up.lse, up.delta] {
+        if t.shape != [bs, hs, n] || t.dtype != DType::F32 {
+            return err(format!("{}: expected float32 of shape {:?}", t.name, [bs, hs, n]));
+        }
+    }
+    let dtype = inp.q.dtype;
+    check_output(g.dq, &[bs, hs, n, dims.d], dtype)?;
+    check_output(g.dk, &[bs, hs, n, dims.d], dtype)?;
+    check_output(g.dv, &[bs, hs, n, dims.dv], dtype)?;
+    check_output(g.dkp, &[bs, hs, p, dims.d], dtype)?;
+    check_output(g.dvp, &[bs, hs, p, dims.dv], dtype)?;
+    Ok(dims)
+}
+
+/// Writes `dq`, `dk`, `dv` (through the fine keys only) and `dkp`, `dvp` (the pooled keys' gradients).
+pub fn backward(inp: &Inputs, up: &Upstream, g: &Grads, plan: &Plan, scale: f32, threads: usize) -> Result<(), ViewError> {
+    let dims = check(inp, up, g, plan)?;
+    let pool = pool(threads).map_err(ViewError)?;
+    let ctx = Ctx { inp, up, plan, dims, scale };
+    pool.install(|| {
+        ctx.query_side(g, threads);
+        ctx.key_side(g);
+    });
+    Ok(())
+}
+
+struct Ctx<'a> {
+    inp: &'a Inputs<'a>,
+    up: &'a Upstream<'a>,
+    plan: &'a Plan,
+    dims: Dims,
+    scale: f32,
+}
+
+/// The query side of some rows: q (unscaled), dout, lse in base 2 and delta.
+struct QueryRows {
+    q: Vec<f32>,
+    dout: Vec<f32>,
+    lse: Vec<f32>,
+    delta: Vec<f32>,
+    len: usize,
+}
+
+impl QueryRows {
+    fn new(rows: usize, dims: Dims) -> Self {
+        QueryRows { q: vec![0.0; rows * dims.d], dout: vec![0.0; rows * dims.dv], lse: vec![0.0; rows], delta: vec![0.0; rows], len: 0 }
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Appends rows `[row0, row0 + rows)` of `(b, h)`.
+    fn push(&mut self, ctx: &Ctx, b: usize, h: usize, row0: usize, rows: usize) {
+        let (d, dv, at) = (ctx.dims.d, ctx.dims.dv, self.len);
+        gather_rows(ctx.inp.q, b, h, row0, rows, d, 1.0, &mut self.q[at * d..(at + rows) * d]);
+        gather_rows(ctx.up.dout, b, h, row0, rows, dv, 1.0, &mut self.dout[at * dv..(at + rows) * dv]);
+        for r in 0..rows {
+            self.lse[at + r] = ctx.up.lse.load_f32(&[b, h, row0 + r]) * LOG2_E;
+            self.delta[at + r] = ctx.up.delta.load_f32(&[b, h, row0 + r]);
+        }
+        self.len += rows;
+    }
+}
+
+impl Ctx<'_> {
+    /// `p = exp2(scale·log2e·q·kᵀ + bias − lse)` and `ds = p ∘ (dout·vᵀ − delta)` for query rows `qs` (starting at
+    /// row `q0` of `qs`, `lq` rows) against `keys` (`p`, `ds` are `lq x keys.len`; `bias` only when `pooled`).
+    #[allow(clippy::too_many_arguments)]
+    fn probabilities(&self, qs: &QueryRows, q0: usize, lq: usize, keys: &KeyRows, pooled: bool, p: &mut [f32], ds: &mut [f32]) {
+        let (d, dv, rk) = (self.dims.d, self.dims.dv, keys.len);
+        let mul = self.scale * LOG2_E;
+        // SAFETY: the buffers hold lq x d, lq x dv, rk x d, rk x dv and lq x rk floats.
+        unsafe {
+            matmul(lq, rk, d, p.as_mut_ptr(), rk, false, qs.q[q0 * d..].as_ptr(), d, 1, keys.k.as_ptr(), 1, d);
+            matmul(lq, rk, dv, ds.as_mut_ptr(), rk, false, qs.dout[q0 * dv..].as_ptr(), dv, 1, keys.v.as_ptr(), 1, dv);
+        }
+        for r in 0..lq {
+            let row = &mut p[r * rk..(r + 1) * rk];
+            if pooled {
+                row.iter_mut().zip(&keys.bias[..rk]).for_each(|(s, bias)| *s = *s * mul + bias);
+            } else {
+                row.iter_mut().for_each(|s| *s *= mul);
+            }
+            exp2_shift_sum(row, qs.lse[q0 + r]);
+            let delta = qs.delta[q0 + r];
+            ds[r * rk..(r + 1) * rk].iter_mut().zip(row.iter()).for_each(|(g, p)| *g = p * (*g - delta));
+        }
+    }
+}
+
+struct GroupBuffers {
+    qs: QueryRows,
+    pooled: KeyRows,
+    fine: KeyRows,
+    pp: Vec<f32>,
+    dsp: Vec<f32>,
+    pf: Vec<f32>,
+    dsf: Vec<f32>,
+    dq: Vec<f32>,
+    dkp: Vec<f32>,
+    dvp: Vec<f32>,
+}
+
+impl GroupBuffers {
+    fn new(plan: &Plan, dims: Dims) -> Self {
+        let rows = plan.max_group() * plan.block;
+        let (rp, rf) = (plan.max_pooled_rows(), plan.max_fine_rows());
+        GroupBuffers {
+            qs: QueryRows::new(rows, dims),
+            pooled: KeyRows::new(rp, dims.d, dims.dv),
+            fine: KeyRows::new(rf, dims.d, dims.dv),
+            pp: vec![0.0; rows * rp],
+            dsp: vec![0.0; rows * rp],
+            pf: vec![0.0; plan.block * rf],
+            dsf: vec![0.0; plan.block * rf],
+            dq: vec![0.0; rows * dims.d],
+            dkp: vec![0.0; rp * dims.d],
+            dvp: vec![0.0; rp * dims.dv],
+        }
+    }
+}
+
+impl Ctx<'_> {
+    /// dq for every query row, and `dkp`, `dvp`: tasks `(b·h, split)` own a range of groups and a partial sum of the
+    /// pooled gradients of their `(b, h)`; the partial sums are then added per pooled row.
+    fn query_side(&self, g: &Grads, threads: usize) {
+        let (plan, dims) = (self.plan, self.dims);
+        let groups: Vec<Vec<(usize, usize)>> = (0..plan.batch_heads).into_par_iter().map(|bh| plan.groups(bh)).collect();
+        let most = groups.iter().map(Vec::len).min().unwrap_or(1).max(1);
+        // Splits of a head's groups: enough tasks for the pool, at most ~N/P (partial sums stay smaller than k).
+        let wanted = (TASKS_PER_THREAD * threads.max(1)).div_ceil(plan.batch_heads);
+        let splits = wanted.min(most).min((plan.n / dims.pooled.max(1)).max(1)).max(1);
+        let (pd, pdv) = (dims.pooled * dims.d, dims.pooled * dims.dv);
+        let mut part_k = vec![0.0f32; plan.batch_heads * splits * pd];
+        let mut part_v = vec![0.0f32; plan.batch_heads * splits * pdv];
+        part_k.par_chunks_mut(pd.max(1)).zip(part_v.par_chunks_mut(pdv.max(1))).enumerate().for_each_init(
+            || GroupBuffers::new(plan, dims),
+            |buf, (task, (acc_k, acc_v))| {
+                let (bh, split) = (task / splits, task % splits);
+                let mine = &groups[bh];
+                let (lo, hi) = (mine.len() * split / splits, mine.len() * (split + 1) / splits);
+                for &group in &mine[lo..hi] {
+                    self.query_group(g.dq, bh, group, buf, acc_k, acc_v);
+                }
+            },
+        );
+        self.reduce_pooled(g, &part_k, &part_v, splits);
+    }
+
+    fn query_group(&self, dq: &View, bh: usize, (j0, j1): (usize, usize), buf: &mut GroupBuffers, acc_k: &mut [f32], acc_v: &mut [f32]) {
+        let (plan, d, dv) = (self.plan, self.dims.d, self.dims.dv);
+        let (b, h) = (bh / self.dims.heads, bh % self.dims.heads);
+        let row0 = j0 * plan.block;
+        let rows = (j1 * plan.block).min(plan.n) - row0;
+        buf.qs.clear();
+        buf.qs.push(self, b, h, row0, rows);
+        buf.pooled.gather_pooled(self.inp, plan, self.dims, b, h, plan.pooled_ids(bh, j0));
+        let rp = buf.pooled.len;
+        let (pp, dsp) = (&mut buf.pp[..rows * rp], &mut buf.dsp[..rows * rp]);
+        self.probabilities(&buf.qs, 0, rows, &buf.pooled, true, pp, dsp);
+        // SAFETY (every matmul below): the buffers hold at least the rows x cols they are given.
+        unsafe { matmul(rows, d, rp, buf.dq.as_mut_ptr(), d, false, dsp.as_ptr(), rp, 1, buf.pooled.k.as_ptr(), d, 1) };
+        for j in j0..j1 {
+            let r0 = (j - j0) * plan.block;
+            let lq = plan.fine_block(j).1;
+            buf.fine.gather_fine(self.inp, plan, self.dims, b, h, plan.fine_ids(bh, j));
+            let rf = buf.fine.len;
+            let (pf, dsf) = (&mut buf.pf[..lq * rf], &mut buf.dsf[..lq * rf]);
+            self.probabilities(&buf.qs, r0, lq, &buf.fine, false, pf, dsf);
+            let dst = buf.dq[r0 * d..].as_mut_ptr();
+            unsafe { matmul(lq, d, rf, dst, d, true, dsf.as_ptr(), rf, 1, buf.fine.k.as_ptr(), d, 1) };
+        }
+        for r in 0..rows {
+            let row = &mut buf.dq[r * d..(r + 1) * d];
+            row.iter_mut().for_each(|x| *x *= self.scale);
+            // SAFETY: groups partition the query rows of (b, h): one writer per row.
+            unsafe { dq.store_row(&[b, h, row0 + r], row) };
+        }
+        // The group's pooled-key gradients (dk unscaled until the reduction), added to the task's partial sum.
+        unsafe {
+            matmul(rp, d, rows, buf.dkp.as_mut_ptr(), d, false, dsp.as_ptr(), 1, rp, buf.qs.q.as_ptr(), d, 1);
+            matmul(rp, dv, rows, buf.dvp.as_mut_ptr(), dv, false, pp.as_ptr(), 1, rp, buf.qs.dout.as_ptr(), dv, 1);
+        }
+        let mut at = 0;
+        for &p in plan.pooled_ids(bh, j0) {
+            let (t0, len) = plan.pooled_block(p as usize);
+            add_rows(&mut acc_k[t0 * d..(t0 + len) * d], &buf.dkp[at * d..(at + len) * d]);
+            add_rows(&mut acc_v[t0 * dv..(t0 + len) * dv], &buf.dvp[at * dv..(at + len) * dv]);
+            at += len;
+        }
+    }
+
+    /// `dkp = scale · Σ_split part_k`, `dvp = Σ_split part_v`, one task per `(b·h, pooled row)` range.
+    fn reduce_pooled(&self, g: &Grads, part_k: &[f32], part_v: &[f32], splits: usize) {
+        let (dims, scale) = (self.dims, self.scale);
+        let (p, d, dv) = (dims.pooled, dims.d, dims.dv);
+        const ROWS: usize = 64;
+        let chunks = p.div_ceil(ROWS);
+        (0..self.plan.batch_heads * chunks).into_par_iter().for_each_init(
+            || (vec![0.0f32; d], vec![0.0f32; dv]),
+            |(row_k, row_v), task| {
+                let (bh, c) = (task / chunks, task % chunks);
+                let (b, h) = (bh / dims.heads, bh % dims.heads);
+                for t in c * ROWS..((c + 1) * ROWS).min(p) {
+                    row_k.fill(0.0);
+                    row_v.fill(0.0);
+                    for s in 0..splits {
+                        let slot = bh * splits + s;
+                        add_rows(row_k, &part_k[(slot * p + t) * d..(slot * p + t + 1) * d]);
+                        add_rows(row_v, &part_v[(slot * p + t) * dv..(slot * p + t + 1) * dv]);
+                    }
+                    row_k.iter_mut().for_each(|x| *x *= scale);
+                    // SAFETY: each (b, h, t) row belongs to exactly one task.
+                    unsafe {
+                        g.dkp.store_row(&[b, h, t], row_k);
+                        g.dvp.store_row(&[b, h, t], row_v);
+                    }
+                }
+            },
+        );
+    }
+}
+
+fn add_rows(dst: &mut [f32], src: &[f32]) {
+    dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
+}
+
+struct KeyBuffers {
+    qs: QueryRows,
+    keys: KeyRows,
+    p: Vec<f32>,
+    ds: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+}
+
+impl Ctx<'_> {
+    /// Fine `dk`, `dv`: one task per `(b·h, fine key block)` over the query blocks that selected it.
+    fn key_side(&self, g: &Grads) {
+        let (plan, dims) = (self.plan, self.dims);
+        let transposed: Vec<(Vec<usize>, Vec<u32>)> = (0..plan.batch_heads).into_par_iter().map(|bh| plan.transpose(bh)).collect();
+        let rows = KEY_SIDE_CHUNK * plan.block;
+        (0..plan.batch_heads * plan.n_blocks).into_par_iter().for_each_init(
+            || KeyBuffers {
+                qs: QueryRows::new(rows, dims),
+                keys: KeyRows::new(plan.block, dims.d, dims.dv),
+                p: vec![0.0; rows * plan.block],
+                ds: vec![0.0; rows * plan.block],
+                dk: vec![0.0; plan.block * dims.d],
+                dv: vec![0.0; plan.block * dims.dv],
+            },
+            |buf, task| {
+                let (bh, p) = (task / plan.n_blocks, task % plan.n_blocks);
+                let (indptr, indices) = &transposed[bh];
+                self.key_block(g, bh, p, &indices[indptr[p]..indptr[p + 1]], buf);
+            },
+        );
+    }
+
+    fn key_block(&self, g: &Grads, bh: usize, p: usize, choosers: &[u32], buf: &mut KeyBuffers) {
+        let (plan, d, dv) = (self.plan, self.dims.d, self.dims.dv);
+        let (b, h) = (bh / self.dims.heads, bh % self.dims.heads);
+        buf.keys.gather_fine(self.inp, plan, self.dims, b, h, &[p as u32]);
+        let lk = buf.keys.len;
+        buf.dk[..lk * d].fill(0.0);
+        buf.dv[..lk * dv].fill(0.0);
+        for chunk in choosers.chunks(KEY_SIDE_CHUNK) {
+            buf.qs.clear();
+            for &j in chunk {
+                let (r0, rows) = plan.fine_block(j as usize);
+                buf.qs.push(self, b, h, r0, rows);
+            }
+            let tq = buf.qs.len;
+            let (pt, ds) = (&mut buf.p[..tq * lk], &mut buf.ds[..tq * lk]);
+            self.probabilities(&buf.qs, 0, tq, &buf.keys, false, pt, ds);
+            // SAFETY: dv, dk hold lk x dv and lk x d; p, ds hold tq x lk; q, dout hold tq rows.
+            unsafe {
+                matmul(lk, dv, tq, buf.dv.as_mut_ptr(), dv, true, pt.as_ptr(), 1, lk, buf.qs.dout.as_ptr(), dv, 1);
+                matmul(lk, d, tq, buf.dk.as_mut_ptr(), d, true, ds.as_ptr(), 1, lk, buf.qs.q.as_ptr(), d, 1);
+            }
+        }
+        let (r0, _) = plan.fine_block(p);
+        for r in 0..lk {
+            let dk_row = &mut buf.dk[r * d..(r + 1) * d];
+            dk_row.iter_mut().for_each(|x| *x *= self.scale);
+            // SAFETY: fine key blocks partition the rows of (b, h): one writer per row.
+            unsafe {
+                g.dk.store_row(&[b, h, r0 + r], dk_row);
+                g.dv.store_row(&[b, h, r0 + r], &buf.dv[r * dv..(r + 1) * dv]);
+            }
+        }
+    }
+}

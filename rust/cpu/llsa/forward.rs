@@ -1,0 +1,110 @@
+//! LLSA forward: one task per group of sibling query blocks; the group's pooled logits are one GEMM, each query
+//! block adds its fine logits, and every query row gets one softmax over both (its whole key set fits in memory).
+
+use rayon::prelude::*;
+
+use super::{check_output, gather_rows, Dims, Inputs, KeyRows, Plan, LN_2, LOG2_E};
+use crate::cpu::pool::pool;
+use crate::cpu::simd::{self, exp2_shift_sum, matmul};
+use crate::cpu::view::{DType, View, ViewError};
+
+/// Writes `out (B, H, N, Dv)` (q's dtype, contiguous) and `lse (B, H, N)` (f32, natural log of the softmax
+/// denominator of `scale·q·k + ln(count)`).
+pub fn forward(inp: &Inputs, out: &View, lse: &View, plan: &Plan, scale: f32, threads: usize) -> Result<(), ViewError> {
+    let dims = inp.dims(plan)?;
+    check_output(out, &[dims.batch, dims.heads, dims.n, dims.dv], inp.q.dtype)?;
+    check_output(lse, &[dims.batch, dims.heads, dims.n], DType::F32)?;
+    let tasks: Vec<(usize, usize, usize)> =
+        (0..plan.batch_heads).flat_map(|bh| plan.groups(bh).into_iter().map(move |(j0, j1)| (bh, j0, j1))).collect();
+    let pool = pool(threads).map_err(ViewError)?;
+    pool.install(|| {
+        tasks.par_iter().for_each_init(
+            || Buffers::new(plan, dims),
+            |buf, &(bh, j0, j1)| forward_group(inp, out, lse, plan, dims, scale, bh, (j0, j1), buf),
+        )
+    });
+    Ok(())
+}
+
+struct Buffers {
+    q: Vec<f32>,
+    pooled: KeyRows,
+    fine: KeyRows,
+    sp: Vec<f32>,
+    sf: Vec<f32>,
+    acc: Vec<f32>,
+    m: Vec<f32>,
+    l: Vec<f32>,
+}
+
+impl Buffers {
+    fn new(plan: &Plan, dims: Dims) -> Self {
+        let rows = plan.max_group() * plan.block;
+        let (rp, rf) = (plan.max_pooled_rows(), plan.max_fine_rows());
+        Buffers {
+            q: vec![0.0; rows * dims.d],
+            pooled: KeyRows::new(rp, dims.d, dims.dv),
+            fine: KeyRows::new(rf, dims.d, dims.dv),
+            sp: vec![0.0; rows * rp],
+            sf: vec![0.0; plan.block * rf],
+            acc: vec![0.0; rows * dims.dv],
+            m: vec![0.0; rows],
+            l: vec![0.0; rows],
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_group(
+    inp: &Inputs,
+    out: &View,
+    lse: &View,
+    plan: &Plan,
+    dims: Dims,
+    scale: f32,
+    bh: usize,
+    (j0, j1): (usize, usize),
+    buf: &mut Buffers,
+) {
+    let (b, h, d, dv) = (bh / dims.heads, bh % dims.heads, dims.d, dims.dv);
+    let row0 = j0 * plan.block;
+    let rows = (j1 * plan.block).min(plan.n) - row0;
+    gather_rows(inp.q, b, h, row0, rows, d, scale * LOG2_E, &mut buf.q);
+    buf.pooled.gather_pooled(inp, plan, dims, b, h, plan.pooled_ids(bh, j0));
+    let rp = buf.pooled.len;
+    let sp = &mut buf.sp[..rows * rp];
+    // SAFETY (every matmul below): the buffers hold at least the rows x cols they are given.
+    unsafe { matmul(rows, rp, d, sp.as_mut_ptr(), rp, false, buf.q.as_ptr(), d, 1, buf.pooled.k.as_ptr(), 1, d) };
+    for row in sp.chunks_exact_mut(rp) {
+        row.iter_mut().zip(&buf.pooled.bias[..rp]).for_each(|(s, bias)| *s += bias);
+    }
+    for j in j0..j1 {
+        let r0 = (j - j0) * plan.block;
+        let lq = plan.fine_block(j).1;
+        buf.fine.gather_fine(inp, plan, dims, b, h, plan.fine_ids(bh, j));
+        let rf = buf.fine.len;
+        let sf = &mut buf.sf[..lq * rf];
+        unsafe { matmul(lq, rf, d, sf.as_mut_ptr(), rf, false, buf.q[r0 * d..].as_ptr(), d, 1, buf.fine.k.as_ptr(), 1, d) };
+        for r in 0..lq {
+            let fine_row = &mut sf[r * rf..(r + 1) * rf];
+            let pooled_row = &mut sp[(r0 + r) * rp..(r0 + r + 1) * rp];
+            let m = simd::max(fine_row).max(simd::max(pooled_row));
+            buf.l[r0 + r] = exp2_shift_sum(fine_row, m) + exp2_shift_sum(pooled_row, m);
+            buf.m[r0 + r] = m;
+        }
+        let acc = buf.acc[r0 * dv..].as_mut_ptr();
+        unsafe { matmul(lq, dv, rf, acc, dv, false, sf.as_ptr(), rf, 1, buf.fine.v.as_ptr(), dv, 1) };
+    }
+    unsafe { matmul(rows, dv, rp, buf.acc.as_mut_ptr(), dv, true, sp.as_ptr(), rp, 1, buf.pooled.v.as_ptr(), dv, 1) };
+    for r in 0..rows {
+        let row = &mut buf.acc[r * dv..(r + 1) * dv];
+        let inv = 1.0 / buf.l[r];
+        row.iter_mut().for_each(|x| *x *= inv);
+        let log_den = (buf.m[r] + buf.l[r].log2()) * LN_2;
+        // SAFETY: groups partition the query rows of (b, h): this task is the only writer of these rows.
+        unsafe {
+            out.store_row(&[b, h, row0 + r], row);
+            lse.store_f32(&[b, h, row0 + r], log_den);
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! The validated selection of one LLSA call, its sibling groups and its CSR transpose.
+
+use super::{err, View, ViewError};
+use crate::cpu::view::DType;
+
+/// Pooled logits of one group are at most this many floats (keeps a group's working set in L2).
+const GROUP_BUDGET: usize = 1 << 16;
+
+/// Every index checked against the sizes it addresses; built before any kernel touches memory.
+pub struct Plan {
+    pub batch_heads: usize,
+    /// Fine tokens N.
+    pub n: usize,
+    /// Tokens per block (the same at every level).
+    pub block: usize,
+    /// Fine blocks `ceil(N / block)` (= fine query blocks).
+    pub n_blocks: usize,
+    /// Fine key blocks per query block (K_1).
+    pub k_fine: usize,
+    /// Pooled key blocks per query block.
+    pub k_pooled: usize,
+    /// `(B·H, n_blocks, k_fine)` fine key-block ids.
+    pub fine: Vec<u32>,
+    /// `(B·H, n_blocks, k_pooled)` pooled key-block ids.
+    pub pooled: Vec<u32>,
+    /// Row boundaries of the pooled blocks in `kp`, from 0 to P.
+    pub pb_offsets: Vec<usize>,
+    /// `log2(count)` of each pooled token.
+    pub pbias: Vec<f32>,
+    /// Rows of the longest pooled block.
+    pub max_pooled_block: usize,
+}
+
+fn ids(view: &View, name: &str, shape: [usize; 4], bound: usize) -> Result<Vec<u32>, ViewError> {
+    if view.shape != shape || view.dtype != DType::I32 {
+        return err(format!("{name}: expected an int32 tensor of shape {shape:?}, got {:?} {:?}", view.dtype, view.shape));
+    }
+    view.to_i32_vec()?
+        .into_iter()
+        .map(|x| u32::try_from(x).ok().filter(|&u| (u as usize) < bound))
+        .collect::<Option<Vec<u32>>>()
+        .ok_or_else(|| ViewError(format!("{name}: block ids must lie in [0, {bound})")))
+}
+
+fn offsets(view: &View, block: usize) -> Result<Vec<usize>, ViewError> {
+    if view.shape.len() != 1 || view.shape[0] < 2 || view.dtype != DType::I32 {
+        return err("pb_offsets: expected a 1-D int32 tensor of at least 2 values");
+    }
+    let raw = view.to_i32_vec()?;
+    let ok = raw[0] == 0 && raw.windows(2).all(|w| w[0] < w[1] && (w[1] - w[0]) as usize <= block);
+    if !ok {
+        return err(format!("pb_offsets: must rise from 0 in steps of 1..={block} rows"));
+    }
+    Ok(raw.into_iter().map(|x| x as usize).collect())
+}
+
+fn f32_values(view: &View, len: usize) -> Result<Vec<f32>, ViewError> {
+    if view.shape != [len] || view.dtype != DType::F32 {
+        return err(format!("pbias: expected a float32 tensor of shape [{len}], got {:?} {:?}", view.dtype, view.shape));
+    }
+    let values: Vec<f32> = (0..len).map(|i| view.load_f32(&[i])).collect();
+    if values.iter().any(|x| !x.is_finite()) {
+        return err("pbias: values must be finite");
+    }
+    Ok(values)
+}
+
+impl Plan {
+    /// `fine (B, H, n_blocks, K_1)`, `pooled (B, H, n_blocks, E)` int32 block ids; `pb_offsets (M + 1,)` int32;
+    /// `pbias (P,)` f32. Any inconsistency is an error.
+    pub fn new(fine: &View, pooled: &View, pb_offsets: &View, pbias: &View, n: usize, block: usize) -> Result<Self, ViewError> {
+        if block == 0 || n == 0 {
+            return err("block size and N must be >= 1");
+        }
+        if fine.shape.len() != 4 || pooled.shape.len() != 4 {
+            return err("fine and pooled selections must be 4-D (B, H, blocks, ids)");
+        }
+        let (batch, heads, n_blocks) = (fine.shape[0], fine.shape[1], n.div_ceil(block));
+        let (k_fine, k_pooled) = (fine.shape[3], pooled.shape[3]);
+        if k_fine == 0 || k_pooled == 0 {
+            return err("every query block needs at least one fine and one pooled key block");
+        }
+        let pb_offsets = offsets(pb_offsets, block)?;
+        let num_pooled_blocks = pb_offsets.len() - 1;
+        let fine = ids(fine, "fine", [batch, heads, n_blocks, k_fine], n_blocks)?;
+        let pooled = ids(pooled, "pooled", [batch, heads, n_blocks, k_pooled], num_pooled_blocks)?;
+        let pooled_tokens = pb_offsets[num_pooled_blocks];
+        let pbias = f32_values(pbias, pooled_tokens)?;
+        let max_pooled_block = pb_offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        Ok(Plan { batch_heads: batch * heads, n, block, n_blocks, k_fine, k_pooled, fine, pooled, pb_offsets, pbias, max_pooled_block })
+    }
+
+    pub fn pooled_tokens(&self) -> usize {
+        self.pb_offsets[self.pb_offsets.len() - 1]
+    }
+
+    /// `(first row, rows)` of fine block `p`.
+    pub fn fine_block(&self, p: usize) -> (usize, usize) {
+        let r0 = p * self.block;
+        (r0, self.block.min(self.n - r0))
+    }
+
+    /// `(first row, rows)` of pooled block `p` in `kp`.
+    pub fn pooled_block(&self, p: usize) -> (usize, usize) {
+        (self.pb_offsets[p], self.pb_offsets[p + 1] - self.pb_offsets[p])
+    }
+
+    pub fn fine_ids(&self, bh: usize, j: usize) -> &[u32] {
+        let at = (bh * self.n_blocks + j) * self.k_fine;
+        &self.fine[at..at + self.k_fine]
+    }
+
+    pub fn pooled_ids(&self, bh: usize, j: usize) -> &[u32] {
+        let at = (bh * self.n_blocks + j) * self.k_pooled;
+        &self.pooled[at..at + self.k_pooled]
+    }
+
+    /// Most fine key rows of one query block.
+    pub fn max_fine_rows(&self) -> usize {
+        self.k_fine * self.block
+    }
+
+    /// Most pooled key rows of one query block.
+    pub fn max_pooled_rows(&self) -> usize {
+        self.k_pooled * self.max_pooled_block
+    }
+
+    /// Most query blocks in a group: the pooled logits of a group stay within `GROUP_BUDGET` floats.
+    pub fn max_group(&self) -> usize {
+        (GROUP_BUDGET / (self.block * self.max_pooled_rows()).max(1)).clamp(1, self.block.max(1))
+    }
+
+    /// Groups of `(b·h)`: runs `[j0, j1)` of consecutive query blocks with the same pooled blocks, at most
+    /// `max_group()` long.
+    pub fn groups(&self, bh: usize) -> Vec<(usize, usize)> {
+        let cap = self.max_group();
+        let mut out = Vec::new();
+        let mut j0 = 0;
+        for j in 1..=self.n_blocks {
+            if j == self.n_blocks || j - j0 == cap || self.pooled_ids(bh, j) != self.pooled_ids(bh, j0) {
+                out.push((j0, j));
+                j0 = j;
+            }
+        }
+        out
+    }
+
+    /// CSR transpose of the fine selection of `(b·h)`: for each fine key block, the query blocks that chose it in
+    /// increasing order (`indptr` of `n_blocks + 1`, `indices`). Counts, prefix sum, fill.
+    pub fn transpose(&self, bh: usize) -> (Vec<usize>, Vec<u32>) {
+        let mut indptr = vec![0usize; self.n_blocks + 1];
+        let rows = &self.fine[bh * self.n_blocks * self.k_fine..(bh + 1) * self.n_blocks * self.k_fine];
+        for &p in rows {
+            indptr[p as usize + 1] += 1;
+        }
+        for p in 0..self.n_blocks {
+            indptr[p + 1] += indptr[p];
+        }
+        let mut fill = indptr.clone();
+        let mut indices = vec![0u32; rows.len()];
+        for (e, &p) in rows.iter().enumerate() {
+            let slot = &mut fill[p as usize];
+            indices[*slot] = (e / self.k_fine) as u32;
+            *slot += 1;
+        }
+        (indptr, indices)
+    }
+}

@@ -1,0 +1,312 @@
+//! The LLSA kernels against naive f64 loops over the same selection, and the plan's checks and transpose.
+
+use super::*;
+
+fn contiguous_strides(shape: &[usize]) -> Vec<i64> {
+    let mut strides = vec![1i64; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1] as i64;
+    }
+    strides
+}
+
+fn view_of<T>(name: &'static str, data: &[T], dtype: &str, shape: &[usize]) -> View {
+    View::new(name, data.as_ptr() as usize, dtype, shape.to_vec(), contiguous_strides(shape)).unwrap()
+}
+
+/// Deterministic pseudo-random numbers in [0, 1).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn values(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| (self.next() * 3.0 - 1.5) as f32).collect()
+    }
+
+    /// `count` distinct values of `0..bound`.
+    fn distinct(&mut self, count: usize, bound: usize) -> Vec<i32> {
+        let mut ids: Vec<i32> = (0..bound as i32).collect();
+        for i in 0..count {
+            let j = i + (self.next() * (bound - i) as f64) as usize;
+            ids.swap(i, j);
+        }
+        ids.truncate(count);
+        ids
+    }
+}
+
+/// One problem: `bh` heads of N tokens, blocks of `block`, P pooled tokens in blocks, a random selection.
+struct Case {
+    bh: usize,
+    n: usize,
+    block: usize,
+    d: usize,
+    dv: usize,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    kp: Vec<f32>,
+    vp: Vec<f32>,
+    fine: Vec<i32>,
+    pooled: Vec<i32>,
+    k_fine: usize,
+    k_pooled: usize,
+    offsets: Vec<i32>,
+    pbias: Vec<f32>,
+}
+
+impl Case {
+    /// Pooled tokens: `levels` of sizes 10 and 3 (blocks of 4, 4, 2 and 3); siblings (pairs of query blocks) share
+    /// their pooled blocks.
+    fn new(seed: u64, n: usize, block: usize, d: usize, dv: usize, k_fine: usize) -> Self {
+        let mut rng = Rng(seed);
+        let bh = 2;
+        let n_blocks = n.div_ceil(block);
+        let offsets = vec![0, 4, 8, 10, 13];
+        let pooled_tokens = 13;
+        let k_pooled = 2;
+        let mut fine = Vec::new();
+        let mut pooled = Vec::new();
+        for _ in 0..bh {
+            let mut shared = rng.distinct(k_pooled, 4);
+            for j in 0..n_blocks {
+                fine.extend(rng.distinct(k_fine, n_blocks));
+                if j % 2 == 0 {
+                    shared = rng.distinct(k_pooled, 4);
+                }
+                pooled.extend(&shared);
+            }
+        }
+        let pbias = (0..pooled_tokens).map(|t| if t < 10 { 2.0 } else { 3.0 + 0.1 * t as f32 }).collect();
+        Case {
+            bh,
+            n,
+            block,
+            d,
+            dv,
+            q: rng.values(bh * n * d),
+            k: rng.values(bh * n * d),
+            v: rng.values(bh * n * dv),
+            kp: rng.values(bh * pooled_tokens * d),
+            vp: rng.values(bh * pooled_tokens * dv),
+            fine,
+            pooled,
+            k_fine,
+            k_pooled,
+            offsets,
+            pbias,
+        }
+    }
+
+    fn n_blocks(&self) -> usize {
+        self.n.div_ceil(self.block)
+    }
+
+    fn pooled_tokens(&self) -> usize {
+        *self.offsets.last().unwrap() as usize
+    }
+
+    fn plan(&self) -> Result<Plan, ViewError> {
+        let nb = self.n_blocks();
+        Plan::new(
+            &view_of("fine", &self.fine, "int32", &[1, self.bh, nb, self.k_fine]),
+            &view_of("pooled", &self.pooled, "int32", &[1, self.bh, nb, self.k_pooled]),
+            &view_of("pb_offsets", &self.offsets, "int32", &[self.offsets.len()]),
+            &view_of("pbias", &self.pbias, "float32", &[self.pbias.len()]),
+            self.n,
+            self.block,
+        )
+    }
+
+    /// Per query row of head `h`: the keys `(pooled?, row)` it attends.
+    fn keys(&self, h: usize, t: usize) -> Vec<(bool, usize)> {
+        let j = t / self.block;
+        let mut keys = Vec::new();
+        for &p in &self.fine[(h * self.n_blocks() + j) * self.k_fine..][..self.k_fine] {
+            let r0 = p as usize * self.block;
+            keys.extend((r0..(r0 + self.block).min(self.n)).map(|r| (false, r)));
+        }
+        for &p in &self.pooled[(h * self.n_blocks() + j) * self.k_pooled..][..self.k_pooled] {
+            keys.extend((self.offsets[p as usize] as usize..self.offsets[p as usize + 1] as usize).map(|r| (true, r)));
+        }
+        keys
+    }
+
+    fn key(&self, h: usize, (pooled, r): (bool, usize)) -> (&[f32], &[f32], f64) {
+        if pooled {
+            let p = self.pooled_tokens();
+            (&self.kp[(h * p + r) * self.d..][..self.d], &self.vp[(h * p + r) * self.dv..][..self.dv], self.pbias[r] as f64 * std::f64::consts::LN_2)
+        } else {
+            (&self.k[(h * self.n + r) * self.d..][..self.d], &self.v[(h * self.n + r) * self.dv..][..self.dv], 0.0)
+        }
+    }
+
+    /// Softmax probabilities of query `t` of head `h` over `keys(h, t)`, in f64.
+    fn probs(&self, h: usize, t: usize, scale: f64) -> Vec<f64> {
+        let q = &self.q[(h * self.n + t) * self.d..][..self.d];
+        let logits: Vec<f64> = self
+            .keys(h, t)
+            .into_iter()
+            .map(|key| {
+                let (k, _, bias) = self.key(h, key);
+                scale * q.iter().zip(k).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() + bias
+            })
+            .collect();
+        let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = logits.iter().map(|l| (l - m).exp()).collect();
+        let s: f64 = e.iter().sum();
+        e.into_iter().map(|x| x / s).collect()
+    }
+
+    fn naive_out(&self, scale: f64) -> Vec<f64> {
+        let mut out = vec![0.0; self.bh * self.n * self.dv];
+        for h in 0..self.bh {
+            for t in 0..self.n {
+                for (p, key) in self.probs(h, t, scale).into_iter().zip(self.keys(h, t)) {
+                    let (_, v, _) = self.key(h, key);
+                    for c in 0..self.dv {
+                        out[(h * self.n + t) * self.dv + c] += p * v[c] as f64;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// `(dq, dk, dv, dkp, dvp)` in f64 for upstream gradient `dout`.
+    fn naive_grads(&self, dout: &[f32], scale: f64) -> [Vec<f64>; 5] {
+        let (n, d, dv, p) = (self.n, self.d, self.dv, self.pooled_tokens());
+        let mut g = [vec![0.0; self.bh * n * d], vec![0.0; self.bh * n * d], vec![0.0; self.bh * n * dv], vec![0.0; self.bh * p * d], vec![0.0; self.bh * p * dv]];
+        for h in 0..self.bh {
+            for t in 0..n {
+                let q = &self.q[(h * n + t) * d..][..d];
+                let dout = &dout[(h * n + t) * dv..][..dv];
+                let keys = self.keys(h, t);
+                let probs = self.probs(h, t, scale);
+                let dps: Vec<f64> = keys.iter().map(|&key| self.key(h, key).1.iter().zip(dout).map(|(a, b)| *a as f64 * *b as f64).sum()).collect();
+                let delta: f64 = probs.iter().zip(&dps).map(|(a, b)| a * b).sum();
+                for ((&key, p_i), dp) in keys.iter().zip(&probs).zip(&dps) {
+                    let ds = p_i * (dp - delta);
+                    let (k, _, _) = self.key(h, key);
+                    let (gk, gv, rows) = if key.0 { (3, 4, p) } else { (1, 2, n) };
+                    for c in 0..d {
+                        g[0][(h * n + t) * d + c] += scale * ds * k[c] as f64;
+                        g[gk][(h * rows + key.1) * d + c] += scale * ds * q[c] as f64;
+                    }
+                    for c in 0..dv {
+                        g[gv][(h * rows + key.1) * dv + c] += p_i * dout[c] as f64;
+                    }
+                }
+            }
+        }
+        g
+    }
+}
+
+fn max_err(got: &[f32], want: &[f64]) -> f64 {
+    let scale = want.iter().fold(1.0f64, |a, b| a.max(b.abs()));
+    got.iter().zip(want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max) / scale
+}
+
+fn run(case: &Case, threads: usize) {
+    let (bh, n, d, dv, p) = (case.bh, case.n, case.d, case.dv, case.pooled_tokens());
+    let scale = 0.37f32;
+    let plan = case.plan().unwrap();
+    let (q, k, v) = (view_of("q", &case.q, "float32", &[1, bh, n, d]), view_of("k", &case.k, "float32", &[1, bh, n, d]), view_of("v", &case.v, "float32", &[1, bh, n, dv]));
+    let (kp, vp) = (view_of("kp", &case.kp, "float32", &[1, bh, p, d]), view_of("vp", &case.vp, "float32", &[1, bh, p, dv]));
+    let inputs = Inputs { q: &q, k: &k, v: &v, kp: &kp, vp: &vp };
+    let out = vec![f32::NAN; bh * n * dv];
+    let lse = vec![f32::NAN; bh * n];
+    forward(&inputs, &view_of("out", &out, "float32", &[1, bh, n, dv]), &view_of("lse", &lse, "float32", &[1, bh, n]), &plan, scale, threads).unwrap();
+    let want = case.naive_out(scale as f64);
+    assert!(max_err(&out, &want) < 1e-5, "forward error {}", max_err(&out, &want));
+
+    let dout = Rng(99).values(bh * n * dv);
+    let delta: Vec<f32> = (0..bh * n).map(|r| (0..dv).map(|c| dout[r * dv + c] * out[r * dv + c]).sum()).collect();
+    let grads: Vec<Vec<f32>> = [n * d, n * d, n * dv, p * d, p * dv].iter().map(|&s| vec![f32::NAN; bh * s]).collect();
+    let gviews = [
+        view_of("dq", &grads[0], "float32", &[1, bh, n, d]),
+        view_of("dk", &grads[1], "float32", &[1, bh, n, d]),
+        view_of("dv", &grads[2], "float32", &[1, bh, n, dv]),
+        view_of("dkp", &grads[3], "float32", &[1, bh, p, d]),
+        view_of("dvp", &grads[4], "float32", &[1, bh, p, dv]),
+    ];
+    let up = Upstream {
+        dout: &view_of("dout", &dout, "float32", &[1, bh, n, dv]),
+        lse: &view_of("lse", &lse, "float32", &[1, bh, n]),
+        delta: &view_of("delta", &delta, "float32", &[1, bh, n]),
+    };
+    let g = Grads { dq: &gviews[0], dk: &gviews[1], dv: &gviews[2], dkp: &gviews[3], dvp: &gviews[4] };
+    backward(&inputs, &up, &g, &plan, scale, threads).unwrap();
+    let want = case.naive_grads(&dout, scale as f64);
+    for (i, (got, want)) in grads.iter().zip(&want).enumerate() {
+        assert!(max_err(got, want) < 1e-5, "gradient {i} error {}", max_err(got, want));
+    }
+}
+
+#[test]
+fn forward_and_backward_match_naive_loops() {
+    run(&Case::new(1, 37, 4, 5, 3, 2), 1);
+    run(&Case::new(2, 37, 4, 72, 9, 3), 3);
+    run(&Case::new(3, 16, 4, 8, 8, 4), 2);
+}
+
+#[test]
+fn plan_rejects_bad_selections() {
+    let mut case = Case::new(4, 37, 4, 5, 3, 2);
+    case.fine[3] = 10; // 10 fine blocks: ids 0..10
+    assert!(case.plan().is_err());
+    let mut case = Case::new(4, 37, 4, 5, 3, 2);
+    case.pooled[0] = 4; // 4 pooled blocks
+    assert!(case.plan().is_err());
+    let mut case = Case::new(4, 37, 4, 5, 3, 2);
+    case.offsets = vec![0, 5, 8, 10, 13]; // a block longer than block_size
+    assert!(case.plan().is_err());
+    let mut case = Case::new(4, 37, 4, 5, 3, 2);
+    case.pbias[2] = f32::NAN;
+    assert!(case.plan().is_err());
+    let case = Case::new(4, 37, 4, 5, 3, 2);
+    assert!(Plan::new(
+        &view_of("fine", &case.fine, "int32", &[1, 2, 9, 2]),
+        &view_of("pooled", &case.pooled, "int32", &[1, 2, 10, 2]),
+        &view_of("pb_offsets", &case.offsets, "int32", &[5]),
+        &view_of("pbias", &case.pbias, "float32", &[13]),
+        37,
+        4
+    )
+    .is_err());
+}
+
+#[test]
+fn transpose_lists_every_chooser_once_in_order() {
+    let case = Case::new(5, 37, 4, 5, 3, 3);
+    let plan = case.plan().unwrap();
+    for bh in 0..case.bh {
+        let (indptr, indices) = plan.transpose(bh);
+        for p in 0..plan.n_blocks {
+            let want: Vec<u32> = (0..plan.n_blocks as u32).filter(|&j| plan.fine_ids(bh, j as usize).contains(&(p as u32))).collect();
+            assert_eq!(&indices[indptr[p]..indptr[p + 1]], &want[..]);
+        }
+    }
+}
+
+#[test]
+fn groups_are_runs_of_equal_pooled_blocks() {
+    let case = Case::new(6, 37, 4, 5, 3, 2);
+    let plan = case.plan().unwrap();
+    for bh in 0..case.bh {
+        let groups = plan.groups(bh);
+        assert_eq!(groups.first().unwrap().0, 0);
+        assert_eq!(groups.last().unwrap().1, plan.n_blocks);
+        for w in groups.windows(2) {
+            assert_eq!(w[0].1, w[1].0);
+        }
+        for &(j0, j1) in &groups {
+            assert!((j0..j1).all(|j| plan.pooled_ids(bh, j) == plan.pooled_ids(bh, j0)));
+        }
+    }
+}
