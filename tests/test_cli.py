@@ -59,3 +59,12 @@ def test_parse_grid_rejects_garbage():
 
     with pytest.raises(argparse.ArgumentTypeError, match="--grid"):
         parse_grid("64by64")
+
+
+def test_bench_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "speedup.png"
+    code = main(["bench", "--device", "cpu", "--grid", "5x5", "8x8", "--heads", "1", "--head-dim", "16", "--quick",
+                 "--methods", "grat", "--json", str(tmp_path / "b.json"), "--plot", str(png)])
+    assert code == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

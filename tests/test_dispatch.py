@@ -56,3 +56,37 @@ def test_availability_lists_every_backend():
     table = backends.availability("pisa", torch.device("cpu"))
     assert set(table) == {"torch", "rust", "triton"}
     assert table["torch"] == (True, "")
+
+
+def test_import_works_without_triton_and_says_why_when_used():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, difattn\n"
+        "from difattn import backends\n"
+        "grid = difattn.TokenGrid(4, 4)\n"
+        "q = torch.randn(1, 1, 16, 8)\n"
+        "difattn.clear_attention(q, q, q, grid, radius=2.0)\n"
+        "ok, why = backends.triton_status()\n"
+        "assert not ok and 'triton' in why, why\n"
+        "try:\n"
+        "    difattn.clear_attention(q, q, q, grid, radius=2.0, backend='triton')\n"
+        "except RuntimeError as err:\n"
+        "    assert 'triton' in str(err)\n"
+        "else:\n"
+        "    raise SystemExit('no error')\n"
+        "assert 'triton' not in [m for m in sys.modules if sys.modules[m] is not None and m == 'triton']\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_import_does_not_load_triton():
+    import subprocess
+    import sys
+
+    code = "import sys, difattn; assert 'triton' not in sys.modules, 'triton imported eagerly'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -18,6 +18,8 @@ from . import reference
 from .ops import clear as clear_ops
 from .ops import grat as grat_ops
 from .ops import linear as linear_ops
+from .ops import llsa as llsa_ops
+from .ops import pisa as pisa_ops
 from ._native import core_status
 
 METHODS = ("clear", "grat", "pisa", "llsa", "dydila", "linear")
@@ -90,8 +92,12 @@ BACKENDS: dict[str, Backend] = {
             "linear": reference.linear_attention,
         },
     ),
-    "rust": Backend("rust", {**_engine_on("rust"), **linear_ops.implementations("rust")}, _rust_check),
-    "triton": Backend("triton", {**_engine_on("triton"), **linear_ops.implementations("triton")}, _triton_check),
+    "rust": Backend("rust", {**_engine_on("rust"), **linear_ops.implementations("rust"),
+                            "pisa": functools.partial(pisa_ops.pisa_attention, kernel="rust"),
+                            "llsa": functools.partial(llsa_ops.llsa_attention, kernel="rust")}, _rust_check),
+    "triton": Backend("triton", {**_engine_on("triton"), **linear_ops.implementations("triton"),
+                                "pisa": functools.partial(pisa_ops.pisa_attention, kernel="triton"),
+                                "llsa": functools.partial(llsa_ops.llsa_attention, kernel="triton")}, _triton_check),
 }
 
 # Preferred order for backend="auto", by device type; torch always closes the list.

@@ -7,8 +7,8 @@ import time
 
 
 class Progress:
-    def __init__(self, total: int, *, width: int = 28, stream=sys.stderr) -> None:
-        self.total, self.width, self.stream = total, width, stream
+    def __init__(self, total: int, *, width: int = 28, stream=None) -> None:
+        self.total, self.width, self.stream = total, width, stream or sys.stderr
         self.done = 0
         self.start = time.perf_counter()
 

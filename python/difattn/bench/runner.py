@@ -104,8 +104,12 @@ def _flex_fns(case: Case, shape: Shape, device: torch.device) -> dict[str, objec
 
 
 def _runnable_backends(method: str, device: torch.device) -> list[str]:
-    """Fast backends that can run ``method`` here; the torch reference only when there is none."""
-    fast = [name for name, b in BACKENDS.items() if name != "torch" and b.can_run(method, device)[0]]
+    """Fast backends that can run ``method`` here; the torch reference only when there is none. Triton counts
+    only on CUDA (its CPU interpreter is a test tool, not something to time)."""
+    fast = [
+        name for name, b in BACKENDS.items()
+        if name != "torch" and (name != "triton" or device.type == "cuda") and b.can_run(method, device)[0]
+    ]
     return fast or ["torch"]
 
 

@@ -70,7 +70,7 @@ fn lanes_sum(acc: [f32; LANES]) -> f32 {
 /// Returns `(n1, n2) = (‖r‖, ‖p‖)`, so `φ = (n1 / n2) · p`. Dividing by `max r` keeps every power <= 1 (no
 /// overflow for any γ >= 0) and does not change the map.
 #[inline(always)]
-fn power_row_body(z: &[f32], gamma: f32, eps: f32, r: &mut [f32], ls: &mut [f32], p: &mut [f32]) -> (f32, f32) {
+fn power_row_body<const FMA: bool>(z: &[f32], gamma: f32, eps: f32, r: &mut [f32], ls: &mut [f32], p: &mut [f32]) -> (f32, f32) {
     let d = z.len();
     let (r, ls, p) = (&mut r[..d], &mut ls[..d], &mut p[..d]);
     let mut rmax = [0.0f32; LANES];
@@ -80,33 +80,29 @@ fn power_row_body(z: &[f32], gamma: f32, eps: f32, r: &mut [f32], ls: &mut [f32]
         for l in 0..LANES {
             let x = zc[l].max(0.0) + eps;
             rc[l] = x;
-            rmax[l] = rmax[l].max(x);
-            r2[l] += x * x;
+            rmax[l] = if x > rmax[l] { x } else { rmax[l] };
+            r2[l] = madd::<FMA>(x, x, r2[l]);
         }
     }
     for i in split..d {
-        let x = z[i].max(0.0) + eps;
-        r[i] = x;
-        rmax[0] = rmax[0].max(x);
-        r2[0] += x * x;
+        r[i] = z[i].max(0.0) + eps;
+        rmax[0] = rmax[0].max(r[i]);
+        r2[0] = madd::<FMA>(r[i], r[i], r2[0]);
     }
     let inv_max = 1.0 / rmax.iter().fold(0.0f32, |a, &b| a.max(b));
     let mut p2 = [0.0f32; LANES];
-    for ((rc, lc), pc) in r[..split].chunks_exact(LANES).zip(ls[..split].chunks_exact_mut(LANES)).zip(p[..split].chunks_exact_mut(LANES)) {
+    let chunks = r[..split].chunks_exact(LANES).zip(ls[..split].chunks_exact_mut(LANES)).zip(p[..split].chunks_exact_mut(LANES));
+    for ((rc, lc), pc) in chunks {
         for l in 0..LANES {
-            let s = log2_one((rc[l] * inv_max).max(f32::MIN_POSITIVE));
-            let e = exp2_one(gamma * s);
-            lc[l] = s;
-            pc[l] = e;
-            p2[l] += e * e;
+            lc[l] = log2_one::<FMA>((rc[l] * inv_max).max(f32::MIN_POSITIVE));
+            pc[l] = exp2_one::<FMA>(gamma * lc[l]);
+            p2[l] = madd::<FMA>(pc[l], pc[l], p2[l]);
         }
     }
     for i in split..d {
-        let s = log2_one((r[i] * inv_max).max(f32::MIN_POSITIVE));
-        let e = exp2_one(gamma * s);
-        ls[i] = s;
-        p[i] = e;
-        p2[0] += e * e;
+        ls[i] = log2_one::<FMA>((r[i] * inv_max).max(f32::MIN_POSITIVE));
+        p[i] = exp2_one::<FMA>(gamma * ls[i]);
+        p2[0] = madd::<FMA>(p[i], p[i], p2[0]);
     }
     (lanes_sum(r2).sqrt(), lanes_sum(p2).sqrt())
 }
@@ -117,7 +113,7 @@ fn power_row_body(z: &[f32], gamma: f32, eps: f32, r: &mut [f32], ls: &mut [f32]
 /// `G − u (G·u)` is orthogonal to `u`). Writes `dz` (length D) and returns `∂L/∂γ`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn power_row_grad_body(z: &[f32], g: &[f32], gamma: f32, r: &[f32], ls: &[f32], p: &[f32], n1: f32, n2: f32, dz: &mut [f32]) -> f32 {
+fn power_row_grad_body<const FMA: bool>(z: &[f32], g: &[f32], gamma: f32, r: &[f32], ls: &[f32], p: &[f32], n1: f32, n2: f32, dz: &mut [f32]) -> f32 {
     let d = z.len();
     let (g, r, ls, p, dz) = (&g[..d], &r[..d], &ls[..d], &p[..d], &mut dz[..d]);
     let inv_n2 = 1.0 / n2;
@@ -125,23 +121,20 @@ fn power_row_grad_body(z: &[f32], g: &[f32], gamma: f32, r: &[f32], ls: &[f32], 
     let (a, b) = (gu / n1, gamma * n1);
     let mut dgamma = [0.0f32; LANES];
     let split = d - d % LANES;
-    let chunks = z[..split].chunks_exact(LANES).zip(g[..split].chunks_exact(LANES)).zip(r[..split].chunks_exact(LANES));
-    let chunks = chunks.zip(ls[..split].chunks_exact(LANES)).zip(p[..split].chunks_exact(LANES)).zip(dz[..split].chunks_exact_mut(LANES));
-    for (((((zc, gc), rc), lc), pc), dc) in chunks {
+    let mut step = |i: usize, l: usize| {
+        let u = p[i] * inv_n2;
+        let proj = madd::<FMA>(-u, gu, g[i]);
+        let dr = madd::<FMA>(a, r[i], b * (u / r[i]) * proj);
+        dz[i] = if z[i] > 0.0 { dr } else { 0.0 };
+        dgamma[l] = madd::<FMA>(proj * u, ls[i], dgamma[l]);
+    };
+    for c in (0..split).step_by(LANES) {
         for l in 0..LANES {
-            let u = pc[l] * inv_n2;
-            let proj = gc[l] - u * gu;
-            let dr = a * rc[l] + b * (u / rc[l]) * proj;
-            dc[l] = if zc[l] > 0.0 { dr } else { 0.0 };
-            dgamma[l] += proj * u * lc[l];
+            step(c + l, l);
         }
     }
     for i in split..d {
-        let u = p[i] * inv_n2;
-        let proj = g[i] - u * gu;
-        let dr = a * r[i] + b * (u / r[i]) * proj;
-        dz[i] = if z[i] > 0.0 { dr } else { 0.0 };
-        dgamma[0] += proj * u * ls[i];
+        step(i, 0);
     }
     n1 * lanes_sum(dgamma) * LN_2
 }
@@ -149,20 +142,21 @@ fn power_row_grad_body(z: &[f32], g: &[f32], gamma: f32, r: &[f32], ls: &[f32], 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn power_row_avx2(z: &[f32], gamma: f32, eps: f32, r: &mut [f32], ls: &mut [f32], p: &mut [f32]) -> (f32, f32) {
-    power_row_body(z, gamma, eps, r, ls, p)
+    power_row_body::<true>(z, gamma, eps, r, ls, p)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn power_row_grad_avx2(z: &[f32], g: &[f32], gamma: f32, r: &[f32], ls: &[f32], p: &[f32], n1: f32, n2: f32, dz: &mut [f32]) -> f32 {
-    power_row_grad_body(z, g, gamma, r, ls, p, n1, n2, dz)
+    power_row_grad_body::<true>(z, g, gamma, r, ls, p, n1, n2, dz)
 }
 
-fn has_avx2() -> bool {
+fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -173,26 +167,22 @@ fn has_avx2() -> bool {
 /// See [`power_row_body`]: fills `r`, `ls`, `p` (each at least `z.len()` long) and returns `(‖r‖, ‖p‖)`.
 pub fn power_row(z: &[f32], gamma: f32, eps: f32, r: &mut [f32], ls: &mut [f32], p: &mut [f32]) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
-    {
-        if has_avx2() {
-            // SAFETY: the features were detected at run time.
-            return unsafe { power_row_avx2(z, gamma, eps, r, ls, p) };
-        }
+    if has_avx2_fma() {
+        // SAFETY: the features were detected at run time.
+        return unsafe { power_row_avx2(z, gamma, eps, r, ls, p) };
     }
-    power_row_body(z, gamma, eps, r, ls, p)
+    power_row_body::<false>(z, gamma, eps, r, ls, p)
 }
 
 /// See [`power_row_grad_body`]: writes `dz` and returns `∂L/∂γ` of one row.
 #[allow(clippy::too_many_arguments)]
 pub fn power_row_grad(z: &[f32], g: &[f32], gamma: f32, r: &[f32], ls: &[f32], p: &[f32], n1: f32, n2: f32, dz: &mut [f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    {
-        if has_avx2() {
-            // SAFETY: the features were detected at run time.
-            return unsafe { power_row_grad_avx2(z, g, gamma, r, ls, p, n1, n2, dz) };
-        }
+    if has_avx2_fma() {
+        // SAFETY: the features were detected at run time.
+        return unsafe { power_row_grad_avx2(z, g, gamma, r, ls, p, n1, n2, dz) };
     }
-    power_row_grad_body(z, g, gamma, r, ls, p, n1, n2, dz)
+    power_row_grad_body::<false>(z, g, gamma, r, ls, p, n1, n2, dz)
 }
 
 /// `Σ a_i b_i` with eight accumulators (vectorises).
@@ -221,15 +211,15 @@ mod tests {
         let mut x = f32::MIN_POSITIVE;
         while x < 1e30 {
             let want = (x as f64).log2();
-            assert!((log2_one(x) as f64 - want).abs() <= 2e-7 * want.abs().max(1.0), "log2({x})");
+            assert!((log2_one::<false>(x) as f64 - want).abs() <= 2e-7 * want.abs().max(1.0), "log2({x})");
             x *= 1.37;
         }
         for i in -2000..=2000 {
             let x = i as f32 * 0.06;
             let want = (x as f64).exp2();
-            assert!(((exp2_one(x) as f64) - want).abs() <= 4e-7 * want, "exp2({x})");
+            assert!(((exp2_one::<false>(x) as f64) - want).abs() <= 4e-7 * want, "exp2({x})");
         }
-        assert!(exp2_one(-1e9) > 0.0 && exp2_one(-1e9) < 1.2e-38);
+        assert!(exp2_one::<false>(-1e9) > 0.0 && exp2_one::<false>(-1e9) < 1.2e-38);
     }
 
     fn naive_power(z: &[f32], gamma: f64, eps: f64) -> Vec<f64> {
