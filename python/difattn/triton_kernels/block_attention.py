@@ -15,6 +15,24 @@ LOG2_E = 1.4426950408889634
 
 
 @triton.jit
+def _block_rows(perm_ptr, off_ptr, block, BLOCK: tl.constexpr):
+    """Layout positions, sequence rows (int64) and validity of the ``BLOCK`` slots of block ``block``."""
+    start = tl.load(off_ptr + block)
+    ok = tl.arange(0, BLOCK) < tl.load(off_ptr + block + 1) - start
+    pos = start + tl.arange(0, BLOCK)
+    rows = tl.load(perm_ptr + pos, mask=ok, other=0).to(tl.int64)
+    return pos, rows, ok
+
+
+@triton.jit
+def _load_rows(ptr, base, rows, ok, stride_n, stride_d, width, BLOCK_W: tl.constexpr):
+    """``(len(rows), BLOCK_W)`` tile of gathered rows, zero outside ``ok`` rows and ``width`` columns."""
+    o_w = tl.arange(0, BLOCK_W)
+    return tl.load(ptr + base + rows[:, None] * stride_n + o_w[None, :] * stride_d,
+                   mask=ok[:, None] & (o_w[None, :] < width), other=0.0)
+
+
+@triton.jit
 def _element_mask(
     b, q_pos, k_pos, q_ok, k_ok, q_coords_ptr, k_coords_ptr, valid_ptr, stride_valid_b,
     max_d2, max_dt, SPATIAL: tl.constexpr, HAS_VALID: tl.constexpr,
@@ -59,16 +77,9 @@ def _block_attention_fwd_kernel(
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    q_start = tl.load(q_off_ptr + i_q)
-    q_len = tl.load(q_off_ptr + i_q + 1) - q_start
-    o_m = tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    m_q = o_m < q_len
-    q_pos = q_start + o_m
-    q_rows = tl.load(q_perm_ptr + q_pos, mask=m_q, other=0).to(tl.int64)
-    p_q = q_ptr + i_b * stride_qb + i_h * stride_qh + q_rows[:, None] * stride_qn + o_d[None, :] * stride_qd
-    b_q = tl.load(p_q, mask=m_q[:, None] & (o_d[None, :] < D), other=0.0)
+    q_pos, q_rows, m_q = _block_rows(q_perm_ptr, q_off_ptr, i_q, BLOCK_M)
+    b_q = _load_rows(q_ptr, i_b * stride_qb + i_h * stride_qh, q_rows, m_q, stride_qn, stride_qd, D, BLOCK_D)
 
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -78,16 +89,9 @@ def _block_attention_fwd_kernel(
     for e in range(e_start, e_end):
         j = tl.load(indices_ptr + e)
         kind = tl.load(kinds_ptr + e)
-        k_start = tl.load(k_off_ptr + j)
-        k_len = tl.load(k_off_ptr + j + 1) - k_start
-        o_n = tl.arange(0, BLOCK_N)
-        m_k = o_n < k_len
-        k_pos = k_start + o_n
-        k_rows = tl.load(k_perm_ptr + k_pos, mask=m_k, other=0).to(tl.int64)
-        p_k = k_ptr + i_b * stride_kb + i_h * stride_kh + k_rows[:, None] * stride_kn + o_d[None, :] * stride_kd
-        b_k = tl.load(p_k, mask=m_k[:, None] & (o_d[None, :] < D), other=0.0)
-        p_v = v_ptr + i_b * stride_vb + i_h * stride_vh + k_rows[:, None] * stride_vn + o_dv[None, :] * stride_vd
-        b_v = tl.load(p_v, mask=m_k[:, None] & (o_dv[None, :] < DV), other=0.0)
+        k_pos, k_rows, m_k = _block_rows(k_perm_ptr, k_off_ptr, j, BLOCK_N)
+        b_k = _load_rows(k_ptr, i_b * stride_kb + i_h * stride_kh, k_rows, m_k, stride_kn, stride_kd, D, BLOCK_D)
+        b_v = _load_rows(v_ptr, i_b * stride_vb + i_h * stride_vh, k_rows, m_k, stride_vn, stride_vd, DV, BLOCK_DV)
         b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale
         if kind != 0:
             allowed = _element_mask(i_b, q_pos, k_pos, m_q, m_k, q_coords_ptr, k_coords_ptr, valid_ptr,
@@ -129,19 +133,10 @@ def _block_attention_bwd_dq_kernel(
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    q_start = tl.load(q_off_ptr + i_q)
-    q_len = tl.load(q_off_ptr + i_q + 1) - q_start
-    o_m = tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
-    m_q = o_m < q_len
-    q_pos = q_start + o_m
-    q_rows = tl.load(q_perm_ptr + q_pos, mask=m_q, other=0).to(tl.int64)
-    m_qd = m_q[:, None] & (o_d[None, :] < D)
-    b_q = tl.load(q_ptr + i_b * stride_qb + i_h * stride_qh + q_rows[:, None] * stride_qn + o_d[None, :] * stride_qd,
-                  mask=m_qd, other=0.0)
-    b_do = tl.load(do_ptr + i_b * stride_dob + i_h * stride_doh + q_rows[:, None] * stride_don + o_dv[None, :],
-                   mask=m_q[:, None] & (o_dv[None, :] < DV), other=0.0)
+    q_pos, q_rows, m_q = _block_rows(q_perm_ptr, q_off_ptr, i_q, BLOCK_M)
+    b_q = _load_rows(q_ptr, i_b * stride_qb + i_h * stride_qh, q_rows, m_q, stride_qn, stride_qd, D, BLOCK_D)
+    b_do = _load_rows(do_ptr, i_b * stride_dob + i_h * stride_doh, q_rows, m_q, stride_don, 1, DV, BLOCK_DV)
     l_off = i_b * stride_lb + i_h * stride_lh + q_rows
     b_lse = tl.load(lse_ptr + l_off, mask=m_q, other=0.0) * 1.4426950408889634
     b_delta = tl.load(delta_ptr + l_off, mask=m_q, other=0.0)
@@ -150,16 +145,9 @@ def _block_attention_bwd_dq_kernel(
     for e in range(tl.load(indptr_ptr + i_q), tl.load(indptr_ptr + i_q + 1)):
         j = tl.load(indices_ptr + e)
         kind = tl.load(kinds_ptr + e)
-        k_start = tl.load(k_off_ptr + j)
-        k_len = tl.load(k_off_ptr + j + 1) - k_start
-        o_n = tl.arange(0, BLOCK_N)
-        m_k = o_n < k_len
-        k_pos = k_start + o_n
-        k_rows = tl.load(k_perm_ptr + k_pos, mask=m_k, other=0).to(tl.int64)
-        b_k = tl.load(k_ptr + i_b * stride_kb + i_h * stride_kh + k_rows[:, None] * stride_kn + o_d[None, :] * stride_kd,
-                      mask=m_k[:, None] & (o_d[None, :] < D), other=0.0)
-        b_v = tl.load(v_ptr + i_b * stride_vb + i_h * stride_vh + k_rows[:, None] * stride_vn + o_dv[None, :] * stride_vd,
-                      mask=m_k[:, None] & (o_dv[None, :] < DV), other=0.0)
+        k_pos, k_rows, m_k = _block_rows(k_perm_ptr, k_off_ptr, j, BLOCK_N)
+        b_k = _load_rows(k_ptr, i_b * stride_kb + i_h * stride_kh, k_rows, m_k, stride_kn, stride_kd, D, BLOCK_D)
+        b_v = _load_rows(v_ptr, i_b * stride_vb + i_h * stride_vh, k_rows, m_k, stride_vn, stride_vd, DV, BLOCK_DV)
         b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale
         if kind != 0:
             allowed = _element_mask(i_b, q_pos, k_pos, m_q, m_k, q_coords_ptr, k_coords_ptr, valid_ptr,
@@ -171,7 +159,7 @@ def _block_attention_bwd_dq_kernel(
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
     p_dq = dq_ptr + ((i_b * H + i_h) * N_Q + q_rows[:, None]) * D + o_d[None, :]
-    tl.store(p_dq, (b_dq * scale).to(dq_ptr.dtype.element_ty), mask=m_qd)
+    tl.store(p_dq, (b_dq * scale).to(dq_ptr.dtype.element_ty), mask=m_q[:, None] & (o_d[None, :] < D))
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_K", "max_d2", "max_dt"])
@@ -192,36 +180,20 @@ def _block_attention_bwd_dkv_kernel(
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    k_start = tl.load(k_off_ptr + i_k)
-    k_len = tl.load(k_off_ptr + i_k + 1) - k_start
-    o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    m_k = o_n < k_len
-    k_pos = k_start + o_n
-    k_rows = tl.load(k_perm_ptr + k_pos, mask=m_k, other=0).to(tl.int64)
-    m_kd = m_k[:, None] & (o_d[None, :] < D)
-    m_kdv = m_k[:, None] & (o_dv[None, :] < DV)
-    b_k = tl.load(k_ptr + i_b * stride_kb + i_h * stride_kh + k_rows[:, None] * stride_kn + o_d[None, :] * stride_kd,
-                  mask=m_kd, other=0.0)
-    b_v = tl.load(v_ptr + i_b * stride_vb + i_h * stride_vh + k_rows[:, None] * stride_vn + o_dv[None, :] * stride_vd,
-                  mask=m_kdv, other=0.0)
+    k_pos, k_rows, m_k = _block_rows(k_perm_ptr, k_off_ptr, i_k, BLOCK_N)
+    b_k = _load_rows(k_ptr, i_b * stride_kb + i_h * stride_kh, k_rows, m_k, stride_kn, stride_kd, D, BLOCK_D)
+    b_v = _load_rows(v_ptr, i_b * stride_vb + i_h * stride_vh, k_rows, m_k, stride_vn, stride_vd, DV, BLOCK_DV)
     qk_scale = scale * 1.4426950408889634
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for e in range(tl.load(t_indptr_ptr + i_k), tl.load(t_indptr_ptr + i_k + 1)):
         i = tl.load(t_indices_ptr + e)
         kind = tl.load(t_kinds_ptr + e)
-        q_start = tl.load(q_off_ptr + i)
-        q_len = tl.load(q_off_ptr + i + 1) - q_start
-        o_m = tl.arange(0, BLOCK_M)
-        m_q = o_m < q_len
-        q_pos = q_start + o_m
-        q_rows = tl.load(q_perm_ptr + q_pos, mask=m_q, other=0).to(tl.int64)
-        b_q = tl.load(q_ptr + i_b * stride_qb + i_h * stride_qh + q_rows[:, None] * stride_qn + o_d[None, :] * stride_qd,
-                      mask=m_q[:, None] & (o_d[None, :] < D), other=0.0)
-        b_do = tl.load(do_ptr + i_b * stride_dob + i_h * stride_doh + q_rows[:, None] * stride_don + o_dv[None, :],
-                       mask=m_q[:, None] & (o_dv[None, :] < DV), other=0.0)
+        q_pos, q_rows, m_q = _block_rows(q_perm_ptr, q_off_ptr, i, BLOCK_M)
+        b_q = _load_rows(q_ptr, i_b * stride_qb + i_h * stride_qh, q_rows, m_q, stride_qn, stride_qd, D, BLOCK_D)
+        b_do = _load_rows(do_ptr, i_b * stride_dob + i_h * stride_doh, q_rows, m_q, stride_don, 1, DV, BLOCK_DV)
         l_off = i_b * stride_lb + i_h * stride_lh + q_rows
         b_lse = tl.load(lse_ptr + l_off, mask=m_q, other=0.0) * 1.4426950408889634
         b_delta = tl.load(delta_ptr + l_off, mask=m_q, other=0.0)
@@ -237,8 +209,10 @@ def _block_attention_bwd_dkv_kernel(
         b_dst = b_pt * (b_dpt - b_delta[None, :])
         b_dk += tl.dot(b_dst.to(b_q.dtype), b_q)
     base = (i_b * H + i_h) * N_K
-    tl.store(dk_ptr + (base + k_rows[:, None]) * D + o_d[None, :], (b_dk * scale).to(dk_ptr.dtype.element_ty), mask=m_kd)
-    tl.store(dv_ptr + (base + k_rows[:, None]) * DV + o_dv[None, :], b_dv.to(dv_ptr.dtype.element_ty), mask=m_kdv)
+    tl.store(dk_ptr + (base + k_rows[:, None]) * D + o_d[None, :], (b_dk * scale).to(dk_ptr.dtype.element_ty),
+             mask=m_k[:, None] & (o_d[None, :] < D))
+    tl.store(dv_ptr + (base + k_rows[:, None]) * DV + o_dv[None, :], b_dv.to(dv_ptr.dtype.element_ty),
+             mask=m_k[:, None] & (o_dv[None, :] < DV))
 
 
 # --- launchers -------------------------------------------------------------------------------------------------
