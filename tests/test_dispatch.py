@@ -90,3 +90,12 @@ def test_import_does_not_load_triton():
     code = "import sys, difattn; assert 'triton' not in sys.modules, 'triton imported eagerly'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_auto_sends_float64_to_the_reference():
+    grid = difattn.TokenGrid(5, 6, text_tokens=2)
+    q, k, v = random_qkv(1, 2, grid.num_tokens, 8, dtype=torch.float64, seed=5)
+    out = difattn.clear_attention(q, k, v, grid, radius=2.0)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, reference.clear_attention(q, k, v, grid, radius=2.0, scale=8**-0.5))
+    assert backends.select("grat", "auto", torch.device("cpu"), torch.float64) is backends.BACKENDS["torch"].implementations["grat"]

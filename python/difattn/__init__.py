@@ -18,6 +18,7 @@ from .functional import (
     pisa_attention,
 )
 from .grid import TokenGrid
+from . import nn  # noqa: E402  (difattn.nn: the modules; imports functional, so it comes after it)
 
 try:
     __version__ = _version("difattn")

@@ -3,7 +3,9 @@
 Parameters are named like timm's ``Attention`` as DiT uses it (``qkv``, ``proj``, and ``q_norm``/``k_norm`` when
 ``qk_norm``), so a pretrained DiT's attention weights load unchanged whatever the method; methods that add
 weights (CLEAR's global-token pooling, the depthwise conv of linear attention, DyDiLA's banks and routers) add
-them under their own names.
+them under their own names. For ``"dydila"`` those are the names of :class:`difattn.nn.DyDiLA` (``q_aux``,
+``k_aux``, ``kernels``, ``lambdas``, ``dwconv``), whose building blocks it reuses, so the two load each other's
+weights.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ _MODULE_OPTIONS: dict[str, frozenset[str]] = {
     ),
 }
 _LINEAR_DEFAULTS = {"linear": {"normalize": True, "eps": 1e-6}, "dydila": {"normalize": False, "eps": 1e-6}}
+_DYDILA_SIZES = {"num_projectors": 3, "num_kernels": 9, "num_lambdas": 9}
+_STREAMS = ("q", "k", "q_aux", "k_aux")
 
 
 def _qk_norm(qk_norm: bool | str, head_dim: int) -> Callable[[], nn.Module]:
@@ -63,7 +67,8 @@ class Attention(nn.Module):
             (CLEAR global tokens), ``backend``; ``group``, ``pattern``, ``reach`` (GRAT); ``density``,
             ``block_size``, ``order``, ``routing_bias``, ``sink`` (PISA); ``block_size``, ``topk``, ``levels``
             (LLSA); ``normalize``, ``eps``, ``dwconv_kernel`` (linear, DyDiLA; 0 disables the conv);
-            ``num_projectors``, ``num_kernels``, ``num_lambdas`` (DyDiLA).
+            ``num_projectors``, ``num_kernels``, ``num_lambdas`` (DyDiLA, with :class:`difattn.nn.DyDiLA`'s
+            parameter names).
 
     ``forward(x, grid=None, *, rope=None)``: ``x`` is ``(B, N, dim)``. ``grid`` describes the N tokens; CLEAR,
     GRAT, CLEAR's global tokens and the depthwise conv need it and infer a square image grid when it is None
@@ -96,18 +101,30 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = norm(), norm()
         self.proj = nn.Linear(dim, dim)
 
+        self.spatial_weight: nn.Parameter | None = None  # CLEAR's global-token pooling (reference name and shape)
+        self.dwconv: nn.Conv2d | None = None  # linear attention's depthwise conv on V
         down_factor = options.pop("down_factor", None)
         if down_factor is not None and check_int("down_factor", down_factor, minimum=1) > 1:
             self.spatial_weight = nn.Parameter(torch.full((1, 1, 1, down_factor, 1, down_factor, 1), down_factor**-2.0))
-        else:
-            self.spatial_weight = None
         if method in ("linear", "dydila"):
             kernel = check_int("dwconv_kernel", options.pop("dwconv_kernel", 5), minimum=0)
+            if kernel % 2 == 0 and kernel:
+                raise ValueError(f"dwconv_kernel must be odd (a centred 'same' conv) or 0 (none), got {kernel}")
             self.dwconv = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim) if kernel else None
             options = {**_LINEAR_DEFAULTS[method], **options}
         if method == "dydila":
-            sizes = {name: options.pop(name) for name in ("num_projectors", "num_kernels", "num_lambdas") if name in options}
-            self.dynamic = DynamicDifferential(dim, num_heads, bias=qkv_bias, **sizes)
+            # difattn.nn imports this module, so its building blocks are imported when they are needed.
+            from .nn import RoutedProjection, RoutedValue
+
+            sizes = {name: check_int(name, options.pop(name, size), minimum=1) for name, size in _DYDILA_SIZES.items()}
+            self.q_aux = RoutedProjection(dim, sizes["num_projectors"], bias=qkv_bias)
+            self.k_aux = RoutedProjection(dim, sizes["num_projectors"], bias=qkv_bias)
+            self.kernels = nn.ModuleDict(
+                {s: RoutedValue(self.head_dim, sizes["num_kernels"], low=1.0, high=5.0, minimum=1.0) for s in _STREAMS}
+            )
+            self.lambdas = nn.ModuleDict(
+                {s: RoutedValue(2 * self.head_dim, sizes["num_lambdas"], low=0.0, high=0.5) for s in ("q", "k")}
+            )
         self.options = options
 
     def extra_repr(self) -> str:
@@ -130,7 +147,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = _ATTEND[self.method](self, x, q, k, v, grid)  # (B, H, N, Dh)
         out = out.transpose(1, 2).reshape(B, N, C)
-        if getattr(self, "dwconv", None) is not None:
+        if self.dwconv is not None:
             out = out + self._conv_on_grid(v.transpose(1, 2).reshape(B, N, C), grid)
         return self.proj(out)
 
@@ -152,20 +169,31 @@ class Attention(nn.Module):
         return functional.linear_attention(F.relu(q), F.relu(k), v, **self.options)
 
     def _attend_dydila(self, x, q, k, v, grid):
-        return self.dynamic(x, q, k, v, **self.options)
+        """As :class:`difattn.nn.DyDiLA` (``specs/dydila.md``), on this module's (normed, rotated) q and k."""
+        B, N, C = x.shape
+        aux = {
+            name: proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh)
+            for name, proj in (("q_aux", self.q_aux), ("k_aux", self.k_aux))
+        }
+        streams = {"q": q, "k": k, **aux}
+        gammas = {s: self.kernels[s](z) for s, z in streams.items()}  # (B, H, N) each
+        lambdas = {}
+        for side in ("q", "k"):  # λ routers see [φ(z), φ(z_aux)] without gradient (spec choice)
+            with torch.no_grad():
+                eps = self.options["eps"]
+                features = torch.cat([power_map(streams[s], gammas[s], eps) for s in (side, f"{side}_aux")], dim=-1)
+            lambdas[side] = self.lambdas[side](features)
+        return functional.dydila_attention(
+            q, k, v, aux["q_aux"], aux["k_aux"],
+            gamma_q=gammas["q"], gamma_k=gammas["k"], gamma_q_aux=gammas["q_aux"], gamma_k_aux=gammas["k_aux"],
+            lambda_q=lambdas["q"], lambda_k=lambdas["k"], **self.options,
+        )
 
     def _conv_on_grid(self, v: torch.Tensor, grid: TokenGrid | None) -> torch.Tensor:
         """Depthwise conv of the image tokens of ``v`` ``(B, N, C)`` on their grid; text rows get zeros."""
-        B, N, C = v.shape
-        grid = square_grid(N, self.method) if grid is None else grid
-        image = slice(grid.image_range.start, grid.image_range.stop)
-        frames = v[:, image].reshape(B * grid.frames, grid.height, grid.width, C).permute(0, 3, 1, 2)
-        conv = self.dwconv(frames).permute(0, 2, 3, 1).reshape(B, grid.image_tokens, C)
-        if grid.text_tokens == 0:
-            return conv
-        out = torch.zeros_like(v)
-        out[:, image] = conv
-        return out
+        from .nn import conv_on_grid
+
+        return conv_on_grid(self.dwconv, v, square_grid(v.shape[1], self.method) if grid is None else grid)
 
 
 _ATTEND = {
@@ -184,74 +212,3 @@ def _square_or_none(num_tokens: int) -> TokenGrid | None:
         return square_grid(num_tokens, "")
     except ValueError:
         return None
-
-
-def _route(logits: torch.Tensor) -> torch.Tensor:
-    """Straight-through routing: the forward pass uses the one-hot argmax, the backward pass the softmax."""
-    soft = logits.softmax(dim=-1)
-    hard = F.one_hot(soft.argmax(dim=-1), soft.shape[-1]).to(soft.dtype)
-    return hard + soft - soft.detach()
-
-
-class DynamicDifferential(nn.Module):
-    """DyDiLA's routed parts around :func:`difattn.dydila_attention` (``specs/dydila.md``).
-
-    Dynamic projection: banks ``q_aux``/``k_aux`` of ``num_projectors`` full-width projectors, one chosen per
-    token by ``q_router``/``k_router``. Dynamic kernel: for each stream (q, k, q_aux, k_aux) a router over the
-    head's features picks an exponent from a learnable bank (initialised over [1, 5], clamped >= 1). Token
-    differential: for q and k a router over ``[φ(z), φ(z_aux)]`` picks λ from a bank initialised over [0, 0.5].
-    Routers train with a straight-through estimator; kernel and λ routers see detached inputs (spec choices).
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        *,
-        num_projectors: int = 3,
-        num_kernels: int = 9,
-        num_lambdas: int = 9,
-        bias: bool = True,
-    ) -> None:
-        super().__init__()
-        for name, value in (("num_projectors", num_projectors), ("num_kernels", num_kernels), ("num_lambdas", num_lambdas)):
-            check_int(name, value, minimum=1)
-        self.num_heads, self.num_projectors = num_heads, num_projectors
-        head_dim = dim // num_heads
-        self.q_aux = nn.Linear(dim, num_projectors * dim, bias=bias)
-        self.k_aux = nn.Linear(dim, num_projectors * dim, bias=bias)
-        self.q_router = nn.Linear(dim, num_projectors)
-        self.k_router = nn.Linear(dim, num_projectors)
-        streams = ("q", "k", "q_aux", "k_aux")
-        self.gamma_routers = nn.ModuleDict({s: nn.Linear(head_dim, num_kernels) for s in streams})
-        self.gammas = nn.ParameterDict({s: nn.Parameter(torch.linspace(1.0, 5.0, num_kernels)) for s in streams})
-        self.lambda_routers = nn.ModuleDict({s: nn.Linear(2 * head_dim, num_lambdas) for s in ("q", "k")})
-        self.lambdas = nn.ParameterDict({s: nn.Parameter(torch.linspace(0.0, 0.5, num_lambdas)) for s in ("q", "k")})
-
-    def _auxiliary(self, x: torch.Tensor, bank: nn.Linear, router: nn.Linear) -> torch.Tensor:
-        """The routed projection ``x W^u`` (u chosen per token), as ``(B, H, N, Dh)``."""
-        B, N, C = x.shape
-        choice = _route(router(x))  # (B, N, P)
-        projected = (bank(x).view(B, N, self.num_projectors, C) * choice.unsqueeze(-1)).sum(dim=2)
-        return projected.view(B, N, self.num_heads, C // self.num_heads).transpose(1, 2)
-
-    def _exponent(self, stream: str, z: torch.Tensor) -> torch.Tensor:
-        choice = _route(self.gamma_routers[stream](z.detach().float()))  # (B, H, N, K)
-        return choice @ self.gammas[stream].clamp_min(1.0)
-
-    def _lambda(self, stream: str, z, z_aux, gamma, gamma_aux, eps: float) -> torch.Tensor:
-        with torch.no_grad():
-            features = torch.cat([power_map(z.float(), gamma, eps), power_map(z_aux.float(), gamma_aux, eps)], dim=-1)
-        return _route(self.lambda_routers[stream](features.detach())) @ self.lambdas[stream]
-
-    def forward(self, x, q, k, v, *, normalize: bool, eps: float, backend: str = "auto") -> torch.Tensor:
-        q_aux = self._auxiliary(x, self.q_aux, self.q_router)
-        k_aux = self._auxiliary(x, self.k_aux, self.k_router)
-        gamma = {s: self._exponent(s, z) for s, z in (("q", q), ("k", k), ("q_aux", q_aux), ("k_aux", k_aux))}
-        lambda_q = self._lambda("q", q, q_aux, gamma["q"].detach(), gamma["q_aux"].detach(), eps)
-        lambda_k = self._lambda("k", k, k_aux, gamma["k"].detach(), gamma["k_aux"].detach(), eps)
-        return functional.dydila_attention(
-            q, k, v, q_aux, k_aux,
-            gamma_q=gamma["q"], gamma_k=gamma["k"], gamma_q_aux=gamma["q_aux"], gamma_k_aux=gamma["k_aux"],
-            lambda_q=lambda_q, lambda_k=lambda_k, normalize=normalize, eps=eps, backend=backend,
-        )

@@ -77,3 +77,102 @@ def block_attention_backward(
     threads: int,
 ) -> None:
     """Block attention backward on CPU: writes dq, dk, dv."""
+
+# One DyDiLA side: (z, z_aux, gamma, gamma_aux, lambda), or its gradients (dz, dz_aux, dgamma, dgamma_aux, dlambda).
+StreamArgs = tuple[TensorArgs, TensorArgs, TensorArgs, TensorArgs, TensorArgs]
+
+def linear_attention_forward(
+    q: TensorArgs,
+    k: TensorArgs,
+    v: TensorArgs,
+    out: TensorArgs,
+    state: TensorArgs,
+    ksum: TensorArgs,
+    normalize: bool,
+    eps: float,
+    threads: int,
+) -> None:
+    """Linear attention forward on CPU: writes out (B, H, N, Dv), state = (1/N) Σ kᵀv (B, H, D, Dv, fp32) and
+    ksum = mean k (B, H, D, fp32)."""
+
+def linear_attention_backward(
+    q: TensorArgs,
+    k: TensorArgs,
+    v: TensorArgs,
+    state: TensorArgs,
+    ksum: TensorArgs,
+    dout: TensorArgs,
+    dq: TensorArgs,
+    dk: TensorArgs,
+    dv: TensorArgs,
+    normalize: bool,
+    eps: float,
+    threads: int,
+) -> None:
+    """Linear attention backward on CPU from the forward's state and ksum: writes dq, dk, dv."""
+
+def dydila_forward(
+    q_side: StreamArgs,
+    k_side: StreamArgs,
+    v: TensorArgs,
+    out: TensorArgs,
+    state: TensorArgs,
+    ksum: TensorArgs,
+    normalize: bool,
+    eps: float,
+    threads: int,
+) -> None:
+    """DyDiLA forward on CPU (power maps and differential fused into the linear core): writes out, and the state
+    and ksum of K̂."""
+
+def dydila_backward(
+    q_side: StreamArgs,
+    k_side: StreamArgs,
+    v: TensorArgs,
+    state: TensorArgs,
+    ksum: TensorArgs,
+    dout: TensorArgs,
+    dq_side: StreamArgs,
+    dk_side: StreamArgs,
+    dv: TensorArgs,
+    normalize: bool,
+    eps: float,
+    threads: int,
+) -> None:
+    """DyDiLA backward on CPU: writes both sides' gradients (per-token ones fp32 (B, H, N)) and dv."""
+
+def pisa_forward(
+    q: TensorArgs, k: TensorArgs, v: TensorArgs, centroids: tuple[TensorArgs, TensorArgs], first: TensorArgs | None,
+    out: TensorArgs, lse: TensorArgs, zeta: TensorArgs, plan: tuple[TensorArgs, TensorArgs, TensorArgs],
+    scale: float, threads: int,
+) -> None:
+    """PISA forward on CPU: writes out, lse, zeta. centroids = (key_mean, value_mean) f32; first = q·H̄ (f32) for
+    the hybrid order; plan = (perm, offsets, blocks flattened), int64."""
+
+def pisa_backward(
+    q: TensorArgs, k: TensorArgs, v: TensorArgs, centroids: tuple[TensorArgs, TensorArgs], dout: TensorArgs,
+    lse: TensorArgs, delta: TensorArgs, rho: TensorArgs | None, grads: tuple[TensorArgs, TensorArgs, TensorArgs],
+    centroid_grads: tuple[TensorArgs, TensorArgs], plan: tuple[TensorArgs, TensorArgs, TensorArgs], scale: float,
+    threads: int,
+) -> None:
+    """PISA backward on CPU: writes grads = (dq, dk, dv) and centroid_grads = (dkey_mean, dvalue_mean) (f32)."""
+
+# A tensor as the kernels take it: (data_ptr, dtype name, shape, strides in elements).
+TensorArgs = tuple[int, str, list[int], list[int]]
+# LLSA's selection as the kernels walk it: (fine (B,H,n_1,K_1) int32, pooled (B,H,n_1,E) int32,
+# pb_offsets (pooled blocks + 1,) int32, pbias (P,) float32 log2 counts); see difattn.ops.llsa_plan.
+LlsaPlanArgs = tuple[TensorArgs, TensorArgs, TensorArgs, TensorArgs]
+
+def llsa_forward(q: TensorArgs, k: TensorArgs, v: TensorArgs, kp: TensorArgs, vp: TensorArgs, out: TensorArgs,
+                 lse: TensorArgs, plan: LlsaPlanArgs, block_size: int, levels: int, scale: float,
+                 threads: int) -> None:
+    """LLSA forward on CPU: writes out (B, H, N, Dv) and lse (B, H, N) float32."""
+
+def llsa_backward(q: TensorArgs, k: TensorArgs, v: TensorArgs, kp: TensorArgs, vp: TensorArgs, dout: TensorArgs,
+                  lse: TensorArgs, delta: TensorArgs, dq: TensorArgs, dk: TensorArgs, dv: TensorArgs,
+                  plan: LlsaPlanArgs, block_size: int, levels: int, scale: float, threads: int) -> None:
+    """LLSA backward on CPU: writes dq, dk, dv (k and v through the fine and the pooled keys)."""
+
+def llsa_select(queries: list[TensorArgs], keys: list[TensorArgs], indices: list[TensorArgs], block_size: int,
+                threads: int) -> None:
+    """LLSA selection on CPU: per level (finest first) float32 pooled queries and keys, int64 ids to write."""

@@ -104,8 +104,11 @@ BACKENDS: dict[str, Backend] = {
 AUTO_ORDER = {"cuda": ("triton",), "cpu": ("rust",)}
 
 
-def select(method: str, backend: str, device: torch.device) -> Callable:
-    """The implementation of ``method`` to run for tensors on ``device``."""
+def select(method: str, backend: str, device: torch.device, dtype: torch.dtype | None = None) -> Callable:
+    """The implementation of ``method`` to run for tensors on ``device``. The compiled kernels compute in fp32
+    from fp32/fp16/bf16 inputs, so ``auto`` sends float64 to the torch reference."""
+    if backend == "auto" and dtype == torch.float64:
+        backend = "torch"
     if backend != "auto":
         ok, reason = BACKENDS[backend].can_run(method, device)
         if not ok:

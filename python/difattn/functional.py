@@ -53,7 +53,7 @@ def clear_attention(
     scale = resolve_scale(scale, D)
     if global_kv is not None:
         _check_global_kv(global_kv, q, v)
-    impl = select("clear", check_backend(backend), q.device)
+    impl = select("clear", check_backend(backend), q.device, q.dtype)
     return impl(q, k, v, grid, radius=radius, scale=scale, global_kv=global_kv, temporal_radius=temporal_radius)
 
 
@@ -85,7 +85,7 @@ def grat_attention(
     if text_mask is not None:
         _check_text_mask(text_mask, B, grid, q)
     scale = resolve_scale(scale, D)
-    impl = select("grat", check_backend(backend), q.device)
+    impl = select("grat", check_backend(backend), q.device, q.dtype)
     return impl(q, k, v, grid, group=group, pattern=pattern, reach=reach, text_mask=text_mask, scale=scale)
 
 
@@ -118,7 +118,7 @@ def pisa_attention(
         _options.pisa_tile(block_size)
     check_bool("return_blocks", return_blocks)
     scale = resolve_scale(scale, D)
-    impl = select("pisa", check_backend(backend), q.device)
+    impl = select("pisa", check_backend(backend), q.device, q.dtype)
     return impl(
         q, k, v, density=density, block_size=block_size, order=order, routing_bias=routing_bias,
         sink=sink, grid=grid, return_blocks=return_blocks, scale=scale,
@@ -150,7 +150,7 @@ def llsa_attention(
         check_grid(grid, N)
     check_bool("return_indices", return_indices)
     scale = resolve_scale(scale, D)
-    impl = select("llsa", check_backend(backend), q.device)
+    impl = select("llsa", check_backend(backend), q.device, q.dtype)
     return impl(
         q, k, v, block_size=block_size, topk=topk, levels=levels, grid=grid,
         return_indices=return_indices, scale=scale,
@@ -193,7 +193,7 @@ def dydila_attention(
     for name, value in token_params.items():
         _check_token_param(name, value, (B, H, N), q)
     eps = _options.check_linear(normalize, eps)
-    impl = select("dydila", check_backend(backend), q.device)
+    impl = select("dydila", check_backend(backend), q.device, q.dtype)
     return impl(q, k, v, q_aux, k_aux, **token_params, normalize=normalize, eps=eps)
 
 
@@ -210,7 +210,7 @@ def linear_attention(
     divided by ``q · mean(k) + eps`` when ``normalize``. Returns ``(B, H, N, Dv)``."""
     check_qkv(q, k, v)
     eps = _options.check_linear(normalize, eps)
-    impl = select("linear", check_backend(backend), q.device)
+    impl = select("linear", check_backend(backend), q.device, q.dtype)
     return impl(q, k, v, normalize=normalize, eps=eps)
 
 

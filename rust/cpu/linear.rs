@@ -115,7 +115,8 @@ fn check_qkv(q: &View, k: &View, v: &View) -> Result<Dims, ViewError> {
 fn check_like(t: &View, like: &View) -> Result<(), ViewError> {
     t.expect(4, true)?;
     if t.shape != like.shape || t.dtype != like.dtype {
-        return err(format!("{}: expected shape {:?} and dtype {:?} like {}, got {:?} {:?}", t.name, like.shape, like.dtype, like.name, t.shape, t.dtype));
+        let (name, want) = (t.name, like.name);
+        return err(format!("{name}: expected shape {:?} and dtype {:?} like {want}, got {:?} {:?}", like.shape, like.dtype, t.shape, t.dtype));
     }
     Ok(())
 }
@@ -188,7 +189,16 @@ fn check_stream_grads(g: &StreamGrads, like: &View, dims: Dims) -> Result<(), Vi
 
 /// Linear attention forward: writes `out (B, H, N, Dv)` (q's dtype), `state = (1/N) Σ kᵀv` and `ksum = mean k`.
 #[allow(clippy::too_many_arguments)]
-pub fn linear_forward(q: &View, k: &View, v: &View, out: &View, state: &View, ksum: &View, opts: Options, threads: usize) -> Result<(), ViewError> {
+pub fn linear_forward(
+    q: &View,
+    k: &View,
+    v: &View,
+    out: &View,
+    state: &View,
+    ksum: &View,
+    opts: Options,
+    threads: usize,
+) -> Result<(), ViewError> {
     let dims = check_qkv(q, k, v)?;
     check_options(opts)?;
     check_output(out, &[dims.batch, dims.heads, dims.n, dims.dv], q.dtype)?;
@@ -230,7 +240,14 @@ fn check_dydila(x: &DydilaInputs) -> Result<Dims, ViewError> {
 
 /// DyDiLA forward: prologue (power maps, differential) fused into the linear core; writes `out`, `state`, `ksum`
 /// (of `K̂`).
-pub fn dydila_forward(x: &DydilaInputs, out: &View, state: &View, ksum: &View, opts: Options, threads: usize) -> Result<(), ViewError> {
+pub fn dydila_forward(
+    x: &DydilaInputs,
+    out: &View,
+    state: &View,
+    ksum: &View,
+    opts: Options,
+    threads: usize,
+) -> Result<(), ViewError> {
     let dims = check_dydila(x)?;
     check_options(opts)?;
     check_output(out, &[dims.batch, dims.heads, dims.n, dims.dv], x.q.z.dtype)?;
@@ -264,7 +281,16 @@ pub fn dydila_backward(
 // ------------------------------------------------------------------------------------------------ forward
 
 #[allow(clippy::too_many_arguments)]
-fn forward<F: FeatureMap>(f: &F, v: &View, out: &View, state: &View, ksum: &View, dims: Dims, opts: Options, threads: usize) -> Result<(), ViewError> {
+fn forward<F: FeatureMap>(
+    f: &F,
+    v: &View,
+    out: &View,
+    state: &View,
+    ksum: &View,
+    dims: Dims,
+    opts: Options,
+    threads: usize,
+) -> Result<(), ViewError> {
     let pool = pool(threads).map_err(ViewError)?;
     pool.install(|| {
         let states = reduce_state(f, v, dims, dims.splits(threads));
@@ -292,7 +318,7 @@ fn reduce_state<F: FeatureMap>(f: &F, v: &View, dims: Dims, splits: usize) -> Ve
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
     let mut partial = vec![0.0f32; dims.bh() * splits * width];
     partial.par_chunks_mut(width).enumerate().for_each_init(
-        || (vec![0.0f32; BLOCK * d], vec![0.0f32; BLOCK * dv], f.scratch()),
+        || (vec![0.0f32; BLOCK * d], vec![0.0f32; BLOCK * dv], f.scratch(BLOCK)),
         |(kb, vb, scratch), (task, acc)| {
             let (b, h) = dims.head(task / splits);
             let (start, end) = dims.split_range(task % splits, splits);
@@ -327,7 +353,7 @@ fn write_states(states: &[f32], state: &View, ksum: &View, dims: Dims) {
 fn readout<F: FeatureMap>(f: &F, out: &View, states: &[f32], dims: Dims, opts: Options) {
     let (d, dv) = (dims.d, dims.dv);
     (0..dims.bh() * dims.blocks()).into_par_iter().for_each_init(
-        || (vec![0.0f32; BLOCK * d], vec![0.0f32; BLOCK * dv], f.scratch()),
+        || (vec![0.0f32; BLOCK * d], vec![0.0f32; BLOCK * dv], f.scratch(BLOCK)),
         |(qb, ob, scratch), task| {
             let (bh, blk) = (task / dims.blocks(), task % dims.blocks());
             let (b, h) = dims.head(bh);
@@ -393,7 +419,7 @@ fn query_pass<F: FeatureMap>(f: &F, dout: &View, states: &[f32], dims: Dims, opt
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
     let mut partial = vec![0.0f32; dims.bh() * splits * width];
     partial.par_chunks_mut(width).enumerate().for_each_init(
-        || (vec![0.0f32; BLOCK * d], vec![0.0f32; BLOCK * dv], vec![0.0f32; BLOCK * d], f.scratch()),
+        || (vec![0.0f32; BLOCK * d], vec![0.0f32; BLOCK * dv], vec![0.0f32; BLOCK * d], f.scratch(BLOCK)),
         |(qb, gb, tb, scratch), (task, acc)| {
             let bh = task / splits;
             let (b, h) = dims.head(bh);
@@ -430,7 +456,10 @@ fn key_pass<F: FeatureMap>(f: &F, v: &View, dv_out: &View, dstates: &[f32], dims
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
     let inv_n = 1.0 / dims.n as f32;
     (0..dims.bh() * dims.blocks()).into_par_iter().for_each_init(
-        || (vec![0.0f32; BLOCK * d], vec![0.0f32; BLOCK * dv], vec![0.0f32; BLOCK * d], vec![0.0f32; BLOCK * dv], f.scratch()),
+        || {
+            let (rows_d, rows_dv) = (vec![0.0f32; BLOCK * d], vec![0.0f32; BLOCK * dv]);
+            (rows_d.clone(), rows_dv.clone(), rows_d, rows_dv, f.scratch(BLOCK))
+        },
         |(kb, vb, dkb, dvb, scratch), task| {
             let (bh, blk) = (task / dims.blocks(), task % dims.blocks());
             let (b, h) = dims.head(bh);

@@ -10,20 +10,26 @@
 //! the same pooled blocks (siblings) form a *group*: their pooled logits are one GEMM, and in the backward their
 //! pooled-key gradients are reduced in the same task. Softmax in base 2, f32 accumulation, f32/f16/bf16 storage.
 //!
+//! Selection (`select`): the hierarchical top-K over the pooled q and k, written as int64 ids per level.
+//!
 //! Backward: dq and the pooled-key gradients per group (tasks own a range of groups and a partial sum of `dkp`,
 //! `dvp`, reduced at the end); fine `dk`, `dv` per fine key block over the transposed selection (CSR: counts,
 //! prefix sum, fill), so every output row has one writer and nothing needs atomics.
 
 mod backward;
+mod exp2;
 mod forward;
 mod plan;
+mod select;
 #[cfg(test)]
 mod tests;
 
 pub use backward::{backward, Grads, Upstream};
 pub use forward::forward;
 pub use plan::Plan;
+pub use select::{select, Level};
 
+use super::simd::matmul;
 use super::view::{DType, View, ViewError};
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
@@ -63,7 +69,7 @@ impl Inputs<'_> {
             }
         }
         let (batch, heads, n, d) = (self.q.shape[0], self.q.shape[1], self.q.shape[2], self.q.shape[3]);
-        let (pooled, dv) = (self.kp.shape[2], self.v.shape[3]);
+        let (pooled, dv) = (plan.pooled_tokens(), self.v.shape[3]);
         let expected: [(&View, [usize; 4]); 4] = [
             (self.k, [batch, heads, n, d]),
             (self.v, [batch, heads, n, dv]),
@@ -78,14 +84,8 @@ impl Inputs<'_> {
         if d == 0 || dv == 0 {
             return err("head dims must be >= 1");
         }
-        if n != plan.n || pooled != plan.pooled_tokens() || batch * heads != plan.batch_heads {
-            return err(format!(
-                "plan (N={}, P={}, B*H={}) does not match q (N={n}) and kp (P={pooled}) with B*H={}",
-                plan.n,
-                plan.pooled_tokens(),
-                plan.batch_heads,
-                batch * heads
-            ));
+        if n != plan.n || batch * heads != plan.batch_heads {
+            return err(format!("plan (N={}, B*H={}) does not match q {:?}", plan.n, plan.batch_heads, self.q.shape));
         }
         Ok(Dims { batch, heads, n, pooled, d, dv })
     }
@@ -100,6 +100,7 @@ fn check_output(t: &View, shape: &[usize], dtype: DType) -> Result<(), ViewError
 }
 
 /// Reads `rows` consecutive rows starting at `row0` of `(b, h)` into `dst` (`rows x width`), times `mul`.
+#[allow(clippy::too_many_arguments)]
 fn gather_rows(t: &View, b: usize, h: usize, row0: usize, rows: usize, width: usize, mul: f32, dst: &mut [f32]) {
     for r in 0..rows {
         let row = &mut dst[r * width..(r + 1) * width];
@@ -110,7 +111,60 @@ fn gather_rows(t: &View, b: usize, h: usize, row0: usize, rows: usize, width: us
     }
 }
 
-/// Keys and values of a list of blocks gathered into contiguous rows (with the log2-count bias of each row).
+/// `dst (cols x rows) = srcᵀ`, `src` row-major `rows x cols` with row stride `src_rs`.
+fn transpose(src: &[f32], rows: usize, cols: usize, src_rs: usize, dst: &mut [f32]) {
+    for (r, row) in src.chunks(src_rs).take(rows).enumerate() {
+        for (c, x) in row[..cols].iter().enumerate() {
+            dst[c * rows + r] = *x;
+        }
+    }
+}
+
+/// `s (lq x rk) = q_b · keysᵀ` for the `lq` query rows starting at column `c0` of `qt` (`d x stride`, the group's
+/// queries transposed), through `st` (`rk x lq`): `keys · q_bᵀ` takes the fast row-major GEMM path that `q_b · keysᵀ`
+/// (a column-major right-hand side) misses when `lq` is one small block.
+#[allow(clippy::too_many_arguments)]
+fn block_logits(keys: &[f32], rk: usize, d: usize, qt: &[f32], stride: usize, c0: usize, lq: usize, st: &mut [f32], s: &mut [f32]) {
+    // SAFETY: keys hold rk x d, qt d rows of `stride` (c0 + lq <= stride), st rk x lq and s lq x rk floats.
+    unsafe { matmul(rk, lq, d, st.as_mut_ptr(), lq, false, keys.as_ptr(), d, 1, qt[c0..].as_ptr(), stride, 1) };
+    transpose(st, rk, lq, lq, s);
+}
+
+/// Reads row `r` of `(b, h)` of a float view (validated, `r` in range) into `dst[c * step]`, `c < width`, as f32.
+#[inline]
+fn read_row(t: &View, b: usize, h: usize, r: usize, dst: &mut [f32], step: usize, width: usize) {
+    assert!(width == t.shape[3] && (width == 0 || (width - 1) * step < dst.len()), "read_row: destination too small");
+    let base = b * t.strides[0] + h * t.strides[1] + r * t.strides[2];
+    let s = t.strides[3];
+    // SAFETY: `View::new` checked that every in-shape offset fits the allocation it describes; callers pass
+    // b, h, r inside the shape, and the assert above bounds the writes.
+    unsafe {
+        match t.dtype {
+            DType::F32 => {
+                let p = (t.ptr as *const f32).add(base);
+                for c in 0..width {
+                    *dst.get_unchecked_mut(c * step) = *p.add(c * s);
+                }
+            }
+            DType::F16 => {
+                let p = (t.ptr as *const half::f16).add(base);
+                for c in 0..width {
+                    *dst.get_unchecked_mut(c * step) = (*p.add(c * s)).to_f32();
+                }
+            }
+            DType::BF16 => {
+                let p = (t.ptr as *const half::bf16).add(base);
+                for c in 0..width {
+                    *dst.get_unchecked_mut(c * step) = (*p.add(c * s)).to_f32();
+                }
+            }
+            _ => unreachable!("float views are checked by `Inputs::dims`"),
+        }
+    }
+}
+
+/// Keys and values of a list of blocks gathered into contiguous rows, with the log2-count bias of each row. The
+/// GEMMs read `k` transposed through its strides (cheaper than gathering it transposed).
 struct KeyRows {
     k: Vec<f32>,
     v: Vec<f32>,
@@ -119,8 +173,8 @@ struct KeyRows {
 }
 
 impl KeyRows {
-    fn new(rows: usize, d: usize, dv: usize) -> Self {
-        KeyRows { k: vec![0.0; rows * d], v: vec![0.0; rows * dv], bias: vec![0.0; rows], len: 0 }
+    fn new(cap: usize, d: usize, dv: usize) -> Self {
+        KeyRows { k: vec![0.0; cap * d], v: vec![0.0; cap * dv], bias: vec![0.0; cap], len: 0 }
     }
 
     /// The fine blocks `ids` of `(b, h)`.
@@ -144,9 +198,12 @@ impl KeyRows {
 
     #[allow(clippy::too_many_arguments)]
     fn push(&mut self, k: &View, v: &View, dims: Dims, b: usize, h: usize, r0: usize, rows: usize) {
-        let (d, dv, at) = (dims.d, dims.dv, self.len);
-        gather_rows(k, b, h, r0, rows, d, 1.0, &mut self.k[at * d..(at + rows) * d]);
-        gather_rows(v, b, h, r0, rows, dv, 1.0, &mut self.v[at * dv..(at + rows) * dv]);
+        let (d, dv) = (dims.d, dims.dv);
+        for r in 0..rows {
+            let at = self.len + r;
+            read_row(k, b, h, r0 + r, &mut self.k[at * d..], 1, d);
+            read_row(v, b, h, r0 + r, &mut self.v[at * dv..], 1, dv);
+        }
         self.len += rows;
     }
 }

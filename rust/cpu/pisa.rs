@@ -2,8 +2,8 @@
 //! blocks (exact phase) and then over the centroids of every other block (centroid phase: key `k̄_j`, logit bias
 //! `ln n_j`, value `w_j = V̂_j / n_j`), plus the running `z = Σ_{j∉S} e^{c_j − m}` of the first-order term, rescaled
 //! with everything else whenever the max rises. The backward recomputes the probabilities (FlashAttention-2
-//! style): dq per query block; dk, dv per key block over the transposed selection; dk̄, dw per chunk of
-//! centroids over (a split of) all query blocks, so no two tasks write the same row and nothing needs atomics.
+//! style), once per block pair: dq rows directly, the key-side gradients into per-task buffers summed afterwards,
+//! so no two tasks write the same row and nothing needs atomics.
 //!
 //! Layouts: q, k `(B, H, N, D)`, v `(B, H, N, Dv)`, any strides, f32/f16/bf16; rows are gathered through the block
 //! permutation `perm` (block order → token), blocks are runs `offsets[j]..offsets[j+1]` of it. Centroids
@@ -13,19 +13,24 @@
 mod backward;
 #[cfg(test)]
 mod tests;
+mod vexp;
 
 use rayon::prelude::*;
 
 pub use backward::{backward, BackwardOutputs, BackwardRows};
 
 use super::pool::pool;
-use super::simd::{self, exp2_shift_sum, matmul};
+use super::simd::{self, matmul};
+use vexp::exp2_shift_sum;
 use super::view::{DType, View, ViewError};
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 const LN_2: f32 = std::f32::consts::LN_2;
 /// Centroids per GEMM in the centroid phase.
 pub const CHUNK: usize = 64;
+/// Keys per GEMM in the exact phase: consecutive selected blocks are gathered together up to this many keys
+/// (larger GEMMs, fewer online-softmax rescales).
+pub(crate) const GROUP_KEYS: usize = 256;
 
 fn err<T>(msg: impl Into<String>) -> Result<T, ViewError> {
     Err(ViewError(msg.into()))
@@ -83,14 +88,12 @@ impl Layout {
 }
 
 /// The selected key blocks of every (slice, query block) (`slices = B·H`), as rows of `k` distinct ids, with the
-/// dense membership mask and the transposed lists (key block → query blocks selecting it, ascending).
+/// dense membership mask.
 pub struct Selection {
     pub k: usize,
     m: usize,
     ids: Vec<usize>,
     mask: Vec<bool>,
-    t_indptr: Vec<usize>,
-    t_indices: Vec<usize>,
 }
 
 impl Selection {
@@ -110,25 +113,7 @@ impl Selection {
                 }
             }
         }
-        let mut t_indptr = vec![0usize; slices * (m + 1)];
-        let mut t_indices = vec![0usize; ids.len()];
-        for s in 0..slices {
-            let start = &mut t_indptr[s * (m + 1)..(s + 1) * (m + 1)];
-            for &j in &ids[s * m * k..(s + 1) * m * k] {
-                start[j + 1] += 1;
-            }
-            for j in 0..m {
-                start[j + 1] += start[j];
-            }
-            let mut fill: Vec<usize> = start[..m].to_vec();
-            for i in 0..m {
-                for &j in &ids[(s * m + i) * k..(s * m + i + 1) * k] {
-                    t_indices[s * m * k + fill[j]] = i;
-                    fill[j] += 1;
-                }
-            }
-        }
-        Ok(Selection { k, m, ids, mask, t_indptr, t_indices })
+        Ok(Selection { k, m, ids, mask })
     }
 
     fn row(&self, slice: usize, i: usize) -> &[usize] {
@@ -139,12 +124,6 @@ impl Selection {
     fn mask_row(&self, slice: usize, i: usize) -> &[bool] {
         let r = slice * self.m + i;
         &self.mask[r * self.m..(r + 1) * self.m]
-    }
-
-    /// Query blocks that selected key block `j` in `slice`.
-    fn selecting(&self, slice: usize, j: usize) -> &[usize] {
-        let p = &self.t_indptr[slice * (self.m + 1)..];
-        &self.t_indices[slice * self.m * self.k + p[j]..slice * self.m * self.k + p[j + 1]]
     }
 }
 
@@ -228,6 +207,24 @@ fn f32_rows(t: &View, b: usize, h: usize, row: usize) -> (*const f32, usize, usi
     ((t.ptr as *const f32).wrapping_add(t.offset(&[b, h, row, 0])), t.strides[2], t.strides[3])
 }
 
+/// Splits a list of blocks into runs of consecutive entries with at most `GROUP_KEYS` tokens (or one block).
+fn groups<'a>(layout: &'a Layout, blocks: &'a [usize]) -> impl Iterator<Item = &'a [usize]> + 'a {
+    let mut rest = blocks;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (mut tokens, mut take) = (layout.block(rest[0]).1, 1);
+        while take < rest.len() && tokens + layout.block(rest[take]).1 <= GROUP_KEYS {
+            tokens += layout.block(rest[take]).1;
+            take += 1;
+        }
+        let (group, tail) = rest.split_at(take);
+        rest = tail;
+        Some(group)
+    })
+}
+
 /// Column biases of centroids `c0..c0+cols` for query block `i`: `log2 n_j`, or −∞ where j is selected. Returns
 /// false when every centroid of the chunk is selected (nothing to do).
 fn centroid_bias(layout: &Layout, selected: &[bool], c0: usize, cols: usize, bias: &mut [f32], weight: &mut [f32]) -> bool {
@@ -278,9 +275,9 @@ impl ForwardBuffers {
     fn new(block: usize, dims: Dims) -> Self {
         ForwardBuffers {
             q: vec![0.0; block * dims.d],
-            k: vec![0.0; block * dims.d],
-            v: vec![0.0; block * dims.dv],
-            s: vec![0.0; block * block.max(CHUNK)],
+            k: vec![0.0; block.max(GROUP_KEYS) * dims.d],
+            v: vec![0.0; block.max(GROUP_KEYS) * dims.dv],
+            s: vec![0.0; block * block.max(CHUNK).max(GROUP_KEYS)],
             row: vec![0.0; dims.dv],
             bias: vec![0.0; CHUNK],
             weight: vec![0.0; CHUNK],
@@ -342,12 +339,17 @@ fn forward_block(x: &Inputs, first: Option<&View>, outs: [&View; 3], dims: Dims,
     let (q0, lq) = layout.block(i);
     gather(x.q, b, h, &layout.perm, q0, lq, d, x.scale * LOG2_E, &mut buf.q);
     buf.state.reset(lq);
-    for &j in x.selection.row(bh, i) {
-        let (k0, lk) = layout.block(j);
-        gather(x.k, b, h, &layout.perm, k0, lk, d, 1.0, &mut buf.k);
-        gather(x.v, b, h, &layout.perm, k0, lk, dv, 1.0, &mut buf.v);
+    for group in groups(layout, x.selection.row(bh, i)) {
+        let mut lk = 0;
+        for &j in group {
+            let (k0, len) = layout.block(j);
+            gather(x.k, b, h, &layout.perm, k0, len, d, 1.0, &mut buf.k[lk * d..]);
+            gather(x.v, b, h, &layout.perm, k0, len, dv, 1.0, &mut buf.v[lk * dv..]);
+            lk += len;
+        }
         let s = &mut buf.s[..lq * lk];
-        // SAFETY: the buffers hold lq x d, lk x d, lk x dv and lq x lk values.
+        // SAFETY: the buffers hold lq x d, lk x d, lk x dv and lq x lk values (groups hold at most GROUP_KEYS keys
+        // or one block).
         unsafe { matmul(lq, lk, d, s.as_mut_ptr(), lk, false, buf.q.as_ptr(), d, 1, buf.k.as_ptr(), 1, d) };
         buf.state.update(s, lq, lk, None);
         unsafe { matmul(lq, dv, lk, buf.state.acc.as_mut_ptr(), dv, true, s.as_ptr(), lk, 1, buf.v.as_ptr(), dv, 1) };

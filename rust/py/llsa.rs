@@ -4,22 +4,23 @@
 use pyo3::prelude::*;
 
 use super::{view, view_error, TensorArgs};
-use crate::cpu::llsa::{self, Grads, Inputs, Plan, Upstream};
+use crate::cpu::llsa::{self, Grads, Inputs, Level, Plan, Upstream};
+use crate::cpu::view::View;
 
 /// The selection handed to a kernel call: `(fine, pooled, pb_offsets, pbias)` (see `cpu::llsa::Plan::new`).
 type PlanArgs = (TensorArgs, TensorArgs, TensorArgs, TensorArgs);
 
-fn build_plan(args: PlanArgs, n: usize, block_size: usize) -> PyResult<Plan> {
+fn build_plan(args: PlanArgs, n: usize, block_size: usize, levels: usize) -> PyResult<Plan> {
     let (fine, pooled, offsets, bias) = args;
     let (fine, pooled) = (view("fine", fine)?, view("pooled", pooled)?);
     let (offsets, bias) = (view("pb_offsets", offsets)?, view("pbias", bias)?);
-    Plan::new(&fine, &pooled, &offsets, &bias, n, block_size).map_err(view_error)
+    Plan::new(&fine, &pooled, &offsets, &bias, n, block_size, levels).map_err(view_error)
 }
 
 /// LLSA forward on CPU: writes `out (B, H, N, Dv)` and `lse (B, H, N)` (f32).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (q, k, v, kp, vp, out, lse, plan, block_size, scale, threads))]
+#[pyo3(signature = (q, k, v, kp, vp, out, lse, plan, block_size, levels, scale, threads))]
 fn llsa_forward(
     py: Python<'_>,
     q: TensorArgs,
@@ -31,21 +32,22 @@ fn llsa_forward(
     lse: TensorArgs,
     plan: PlanArgs,
     block_size: usize,
+    levels: usize,
     scale: f32,
     threads: usize,
 ) -> PyResult<()> {
     let (q, k, v, kp, vp) = (view("q", q)?, view("k", k)?, view("v", v)?, view("kp", kp)?, view("vp", vp)?);
     let (out, lse) = (view("out", out)?, view("lse", lse)?);
     q.expect(4, true).map_err(view_error)?;
-    let plan = build_plan(plan, q.shape[2], block_size)?;
+    let plan = build_plan(plan, q.shape[2], block_size, levels)?;
     let inputs = Inputs { q: &q, k: &k, v: &v, kp: &kp, vp: &vp };
     py.detach(|| llsa::forward(&inputs, &out, &lse, &plan, scale, threads)).map_err(view_error)
 }
 
-/// LLSA backward on CPU: writes `dq`, `dk`, `dv` (through the fine keys) and `dkp`, `dvp` (pooled keys).
+/// LLSA backward on CPU: writes `dq`, `dk`, `dv` (k and v through the fine and the pooled keys).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (q, k, v, kp, vp, dout, lse, delta, dq, dk, dv, dkp, dvp, plan, block_size, scale, threads))]
+#[pyo3(signature = (q, k, v, kp, vp, dout, lse, delta, dq, dk, dv, plan, block_size, levels, scale, threads))]
 fn llsa_backward(
     py: Python<'_>,
     q: TensorArgs,
@@ -59,28 +61,48 @@ fn llsa_backward(
     dq: TensorArgs,
     dk: TensorArgs,
     dv: TensorArgs,
-    dkp: TensorArgs,
-    dvp: TensorArgs,
     plan: PlanArgs,
     block_size: usize,
+    levels: usize,
     scale: f32,
     threads: usize,
 ) -> PyResult<()> {
     let (q, k, v, kp, vp) = (view("q", q)?, view("k", k)?, view("v", v)?, view("kp", kp)?, view("vp", vp)?);
     let (dout, lse, delta) = (view("dout", dout)?, view("lse", lse)?, view("delta", delta)?);
     let (dq, dk, dv) = (view("dq", dq)?, view("dk", dk)?, view("dv", dv)?);
-    let (dkp, dvp) = (view("dkp", dkp)?, view("dvp", dvp)?);
     q.expect(4, true).map_err(view_error)?;
-    let plan = build_plan(plan, q.shape[2], block_size)?;
+    let plan = build_plan(plan, q.shape[2], block_size, levels)?;
     let inputs = Inputs { q: &q, k: &k, v: &v, kp: &kp, vp: &vp };
     let upstream = Upstream { dout: &dout, lse: &lse, delta: &delta };
-    let grads = Grads { dq: &dq, dk: &dk, dv: &dv, dkp: &dkp, dvp: &dvp };
+    let grads = Grads { dq: &dq, dk: &dk, dv: &dv };
     py.detach(|| llsa::backward(&inputs, &upstream, &grads, &plan, scale, threads)).map_err(view_error)
+}
+
+/// LLSA selection on CPU: per level (finest first) the pooled `queries`, `keys` (float32 `(B, H, n_l, D)`) and the
+/// int64 `indices` `(B, H, n_l, K_l)` to write.
+#[pyfunction]
+#[pyo3(signature = (queries, keys, indices, block_size, threads))]
+fn llsa_select(
+    py: Python<'_>,
+    queries: Vec<TensorArgs>,
+    keys: Vec<TensorArgs>,
+    indices: Vec<TensorArgs>,
+    block_size: usize,
+    threads: usize,
+) -> PyResult<()> {
+    if queries.len() != keys.len() || queries.len() != indices.len() {
+        return Err(pyo3::exceptions::PyValueError::new_err("queries, keys and indices need one tensor per level"));
+    }
+    let views = |name, ts: Vec<TensorArgs>| ts.into_iter().map(|t| view(name, t)).collect::<PyResult<Vec<View>>>();
+    let (queries, keys, indices) = (views("queries", queries)?, views("keys", keys)?, views("indices", indices)?);
+    let levels: Vec<Level> = (0..queries.len()).map(|l| Level { queries: &queries[l], keys: &keys[l], out: &indices[l] }).collect();
+    py.detach(|| llsa::select(&levels, block_size, threads)).map_err(view_error)
 }
 
 /// Adds this family's functions to `difattn._core`.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(llsa_forward, m)?)?;
     m.add_function(wrap_pyfunction!(llsa_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(llsa_select, m)?)?;
     Ok(())
 }

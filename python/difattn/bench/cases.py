@@ -84,7 +84,7 @@ class Case:
 
 
 def _dydila_call(q, k, v, extra, grid, backend, options):
-    q_aux, k_aux, gamma, lam = extra
+    q_aux, k_aux, gamma, lam = extra[:4]
     return functional.dydila_attention(
         q, k, v, q_aux, k_aux, gamma_q=gamma, gamma_k=gamma, gamma_q_aux=gamma, gamma_k_aux=gamma,
         lambda_q=lam, lambda_k=lam, backend=backend, **options,
@@ -96,7 +96,7 @@ _CALLS: dict[str, Callable] = {
     "grat": lambda q, k, v, e, g, b, o: functional.grat_attention(q, k, v, g, backend=b, **o),
     "pisa": lambda q, k, v, e, g, b, o: functional.pisa_attention(q, k, v, grid=g, backend=b, **o),
     "llsa": lambda q, k, v, e, g, b, o: functional.llsa_attention(q, k, v, grid=g, backend=b, **o),
-    "linear": lambda q, k, v, e, g, b, o: functional.linear_attention(q.relu(), k.relu(), v, backend=b, **o),
+    "linear": lambda q, k, v, e, g, b, o: functional.linear_attention(e[4], e[5], v, backend=b, **o),
     "dydila": _dydila_call,
 }
 

@@ -53,7 +53,10 @@ def _make_inputs(cfg: BenchConfig, shape: Shape, requires_grad: bool) -> list:
     sets = []
     for _ in range(_ROTATIONS):
         q, k, v = rand(*dims), rand(*dims), rand(*dims)
-        extra = (rand(*dims), rand(*dims), rand(*dims[:3], low=1.0, high=3.0), rand(*dims[:3], low=0.0, high=0.25))
+        # DyDiLA's aux streams, exponents and lambdas; then non-negative features for plain linear attention.
+        extra = (rand(*dims), rand(*dims), rand(*dims[:3], low=1.0, high=3.0), rand(*dims[:3], low=0.0, high=0.25),
+                 *(torch.rand(*dims, generator=gen).to(device=cfg.device, dtype=cfg.dtype).requires_grad_(requires_grad)
+                   for _ in range(2)))
         sets.append((q, k, v, extra))
     return sets
 

@@ -36,7 +36,7 @@ from ._families import family_of
 from ._processor import DifattnProcessor, processor_class
 from ._session import Session
 
-__all__ = ["apply", "remove", "attention_layers", "METHODS"]
+__all__ = ["apply", "remove", "attention_layers", "METHODS", "DifattnProcessor"]
 
 METHODS = ("dense", "clear", "grat", "pisa", "llsa")
 _SESSION = "_difattn_session"

@@ -40,7 +40,8 @@ def backend() -> Any:
         from diffusers.models import attention_dispatch as dispatch
     except ImportError:
         return None
-    registry, names = getattr(dispatch, "_AttentionBackendRegistry", None), getattr(dispatch, "AttentionBackendName", None)
+    registry = getattr(dispatch, "_AttentionBackendRegistry", None)
+    names = getattr(dispatch, "AttentionBackendName", None)
     if registry is None or names is None or not isinstance(getattr(registry, "_backends", None), dict):
         return None
     member = names._value2member_map_.get(BACKEND_NAME)
@@ -92,5 +93,7 @@ def _difattn_attention(
     if _parallel_config is not None:
         raise NotImplementedError("difattn does not support context parallelism")
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-    out = layer(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    out = layer(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+    )
     return out.transpose(1, 2)

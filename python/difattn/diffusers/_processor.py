@@ -235,8 +235,8 @@ def _per_sample(run, q, k, v, grid: TokenGrid, text_mask: torch.Tensor, global_k
         if not bool(text_mask[b, :real].all()):
             raise ValueError("difattn: text padding must come after the real text tokens")
         sub = TokenGrid(grid.height, grid.width, grid.frames, real, grid.text_position)
-        keep = torch.cat([torch.arange(grid.image_range.start, grid.image_range.stop), torch.arange(offset, offset + real)])
-        keep = keep.sort().values.to(q.device)
+        image = torch.arange(grid.image_range.start, grid.image_range.stop)
+        keep = torch.cat([image, torch.arange(offset, offset + real)]).sort().values.to(q.device)
         pad = torch.arange(offset + real, offset + grid.text_tokens, device=q.device)
         qb, kb, vb = (x[b : b + 1, :, keep] for x in (q, k, v))
         g = None if global_kv is None else tuple(x[b : b + 1] for x in global_kv)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .._attention_module import Attention
+from ..nn import Attention
 from .._rope import rope_2d
 from ..grid import TokenGrid
 
@@ -332,7 +332,8 @@ def sincos_pos_embed_2d(
 
 
 def _sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
-    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 2, dtype=torch.float64, device=positions.device) / (embed_dim / 2))
+    exponents = torch.arange(embed_dim // 2, dtype=torch.float64, device=positions.device) / (embed_dim / 2)
+    omega = 1.0 / 10000**exponents
     angles = positions[:, None] * omega[None]  # (M, D/2)
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 

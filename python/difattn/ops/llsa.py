@@ -1,10 +1,11 @@
 """LLSA as custom ops: ``difattn::llsa_fwd`` / ``difattn::llsa_bwd`` over a selection, and the method on them.
 
 ``kernel="rust"`` runs the Rust CPU kernels, ``kernel="triton"`` the Triton kernels (CUDA tensors, or CPU tensors under
-``TRITON_INTERPRET=1``). The ops take the fine ``q, k, v`` (any strides) and the pooled keys and values of every level
-``kp, vp`` (``(B, H, P, ·)``, built by differentiable torch ops, so the mean-pool backward is autograd's), plus the
-plan ``[fine, pooled, pb_offsets, pbias]`` of :mod:`.llsa_plan`. The forward returns the output (q's dtype) and the
-log-sum-exp (fp32); the backward returns the gradients of q, k, v through the fine keys and of kp, vp.
+``TRITON_INTERPRET=1``). The ops take the fine ``q, k, v`` (any strides), the pooled keys and values of every level
+``kp, vp`` (``(B, H, P, ·)``, computed from k and v without autograd: the op owns their backward) and the plan
+``[fine, pooled, pb_offsets, pbias]`` of :mod:`.llsa_plan`. The forward returns the output (q's dtype) and the
+log-sum-exp (fp32); the backward returns dq, and dk, dv through both the fine keys and the pooled ones (the mean-pool
+backward: each fine token gets its level-l ancestor's gradient over that ancestor's count, at every level).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from .._native import core
 from .._options import llsa_config
 from ..grid import TokenGrid
+from ..plans import zorder
 from . import llsa_plan
 from .block_attention import _desc
 
@@ -36,7 +38,7 @@ def llsa_fwd(
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
     core().llsa_forward(
         _desc(q), _desc(k), _desc(v), _desc(kp), _desc(vp), _desc(out), _desc(lse), _plan_args(plan), block_size,
-        scale, torch.get_num_threads(),
+        len(topks), scale, torch.get_num_threads(),
     )
     return out, lse
 
@@ -48,7 +50,10 @@ def _(q, k, v, kp, vp, plan, block_size, topks, scale, kernel):
 
 
 def _plan_args(plan: list[torch.Tensor]):
-    return tuple(_desc(t.contiguous()) for t in plan)
+    """Descriptors of the plan tensors (contiguous already: a temporary copy would die before the kernel runs)."""
+    if not all(t.is_contiguous() for t in plan):
+        raise ValueError("plan tensors must be contiguous")
+    return tuple(_desc(t) for t in plan)
 
 
 @torch.library.custom_op("difattn::llsa_bwd", mutates_args=())
@@ -56,27 +61,26 @@ def llsa_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, out: torch.Tensor,
     dout: torch.Tensor, lse: torch.Tensor, plan: list[torch.Tensor], block_size: int, topks: list[int], scale: float,
     kernel: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     delta = (dout.float() * out.float()).sum(-1)
     if kernel == "triton":
         return _triton_bwd(q, k, v, kp, vp, dout, lse, delta, plan, _layout(q.shape[2], block_size, topks), scale)
-    dq, dk, dv, dkp, dvp = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v, kp, vp))
+    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     core().llsa_backward(
         _desc(q), _desc(k), _desc(v), _desc(kp), _desc(vp), _desc(dout), _desc(lse), _desc(delta),
-        _desc(dq), _desc(dk), _desc(dv), _desc(dkp), _desc(dvp), _plan_args(plan), block_size, scale,
-        torch.get_num_threads(),
+        _desc(dq), _desc(dk), _desc(dv), _plan_args(plan), block_size, len(topks), scale, torch.get_num_threads(),
     )
-    return dq, dk, dv, dkp, dvp
+    return dq, dk, dv
 
 
 @llsa_bwd.register_fake
 def _(q, k, v, kp, vp, out, dout, lse, plan, block_size, topks, scale, kernel):
-    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v, kp, vp))
+    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
 
 
 def _triton_bwd(q, k, v, kp, vp, dout, lse, delta, plan, layout: llsa_plan.Layout, scale: float):
-    """The Triton key side needs the transposed fine selection and the pooled items; the items' partial gradients
-    are summed per pooled token here (torch ``index_add_``)."""
+    """The Triton key side needs the transposed fine selection and the pooled items. The items' partial gradients
+    are summed per pooled token (``index_add_``), spread back to the fine tokens and added to the fine gradients."""
     from ..triton_kernels import llsa as tk
 
     fine, pooled = plan[0], plan[1]
@@ -87,16 +91,14 @@ def _triton_bwd(q, k, v, kp, vp, dout, lse, delta, plan, layout: llsa_plan.Layou
     )
     offsets = plan[2].long()
     B, H, P = kp.shape[:3]
-    b = layout.block_size
-    rows = offsets[blocks.long()][..., None] + torch.arange(b, device=q.device)  # (B*H, I, b) pooled rows
-    ends = offsets[blocks.long() + 1][..., None]
-    valid = rows < ends
+    rows = offsets[blocks.long()][..., None] + torch.arange(layout.block_size, device=q.device)  # (B*H, I, b)
+    valid = rows < offsets[blocks.long() + 1][..., None]
     target = (torch.arange(B * H, device=q.device)[:, None, None] * P + rows)[valid]
-    dkp = torch.zeros(B * H * P, kp.shape[3], dtype=torch.float32, device=q.device)
-    dvp = torch.zeros(B * H * P, vp.shape[3], dtype=torch.float32, device=q.device)
-    dkp.index_add_(0, target, part_k[valid])
-    dvp.index_add_(0, target, part_v[valid])
-    return dq, dk, dv, dkp.view(kp.shape).to(kp.dtype), dvp.view(vp.shape).to(vp.dtype)
+    dkp = torch.zeros(B * H * P, kp.shape[3], dtype=torch.float32, device=q.device).index_add_(0, target, part_k[valid])
+    dvp = torch.zeros(B * H * P, vp.shape[3], dtype=torch.float32, device=q.device).index_add_(0, target, part_v[valid])
+    dk = dk + llsa_plan.unpool(dkp.view(B, H, P, -1), layout)
+    dv = dv + llsa_plan.unpool(dvp.view(B, H, P, -1), layout)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -109,20 +111,96 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, kp, vp, out, lse, *plan = ctx.saved_tensors
     block_size, topks, scale, kernel = ctx.options
-    grads = llsa_bwd(q, k, v, kp, vp, out, dout.contiguous(), lse, plan, block_size, topks, scale, kernel)
-    return (*grads, [None] * len(plan), None, None, None, None)
+    dq, dk, dv = llsa_bwd(q, k, v, kp, vp, out, dout.contiguous(), lse, plan, block_size, topks, scale, kernel)
+    return dq, dk, dv, None, None, [None] * len(plan), None, None, None, None
 
 
 llsa_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("difattn::llsa_zorder", mutates_args=())
+def llsa_zorder(frames: int, height: int, width: int, text_tokens: int, text_position: str,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(perm, inverse)`` of the grid's Z-order (the cached Rust plan), as an op so ``torch.compile`` keeps it in
+    the graph instead of tracing into the compiled core."""
+    perm, inverse = zorder(TokenGrid(height, width, frames, text_tokens, text_position), device)
+    return perm.clone(), inverse.clone()
+
+
+@llsa_zorder.register_fake
+def _(frames, height, width, text_tokens, text_position, device):
+    n = frames * height * width + text_tokens
+    return torch.empty(n, dtype=torch.int64, device=device), torch.empty(n, dtype=torch.int64, device=device)
+
+
+@torch.library.custom_op("difattn::llsa_select_cpu", mutates_args=())
+def llsa_select_cpu(queries: list[torch.Tensor], keys: list[torch.Tensor], block_size: int,
+                    topks: list[int]) -> list[torch.Tensor]:
+    """``[I_1, ..., I_L]`` from the float32 pyramids of q and k (finest level first), by the Rust selection: the
+    same ranks as :func:`.llsa_plan.select` (descending score, ties to the lower id)."""
+    indices = [torch.empty(*x.shape[:3], kk, dtype=torch.int64) for x, kk in zip(queries, topks)]
+    core().llsa_select([_desc(x) for x in queries], [_desc(x) for x in keys], [_desc(x) for x in indices],
+                       block_size, torch.get_num_threads())
+    return indices
+
+
+@llsa_select_cpu.register_fake
+def _(queries, keys, block_size, topks):
+    return [x.new_empty(*x.shape[:3], kk, dtype=torch.int64) for x, kk in zip(queries, topks)]
+
+
+def select(queries: list[torch.Tensor], keys: list[torch.Tensor], layout: llsa_plan.Layout,
+           kernel: str) -> list[torch.Tensor]:
+    """The selection on the tensors' device: Rust for float32 pyramids on CPU, torch ops otherwise."""
+    if kernel == "rust" and queries[0].device.type == "cpu" and queries[0].dtype == torch.float32:
+        return llsa_select_cpu([x.detach() for x in queries], [x.detach() for x in keys], layout.block_size,
+                               list(layout.topks))
+    return llsa_plan.select(queries, keys, layout)
+
+
+def _gather_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``x[:, :, perm]`` as a contiguous ``(B, H, N, C)`` tensor. Row gathers over a 2-D view of the storage are about
+    twice as fast as ``index_select`` on dim 2: used for ``(B, H, N, C)`` and token-major ``(B, N, H, C)`` storage."""
+    B, H, N, C = x.shape
+    b, h = torch.arange(B, device=x.device)[:, None, None], torch.arange(H, device=x.device)[None, :, None]
+    if x.is_contiguous():
+        rows, flat = (b * H + h) * N + perm, x.view(B * H * N, C)
+    elif x.transpose(1, 2).is_contiguous():
+        rows, flat = (b * N + perm) * H + h, x.transpose(1, 2).view(B * N * H, C)
+    else:
+        return x.index_select(2, perm)
+    return flat.index_select(0, rows.reshape(-1)).view(B, H, N, C)
+
+
+class _Permute(torch.autograd.Function):
+    """``x[:, :, perm]`` for a permutation: the backward gathers by the inverse (no zero fill, no scatter-add)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        return _gather_tokens(x, perm)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return _gather_tokens(grad, inverse), None, None
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: list[torch.Tensor], layout: llsa_plan.Layout,
-           *, scale: float, kernel: str) -> torch.Tensor:
-    """LLSA attention over a given selection ``[I_1, ..., I_L]`` (internal token order). Returns ``(B, H, N, Dv)``."""
+           *, scale: float, kernel: str, key_levels: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """LLSA attention over a given selection ``[I_1, ..., I_L]`` (internal token order); ``key_levels``: k's pyramid
+    when the caller has it. Returns ``(B, H, N, Dv)``."""
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"q: the {kernel} LLSA kernels take float32, float16 or bfloat16, got {q.dtype} "
                         "(use backend='torch' for float64)")
-    kp, vp = llsa_plan.pooled(k, layout), llsa_plan.pooled(v, layout)
+    with torch.no_grad():  # the op differentiates through the pooling itself
+        if key_levels is None:
+            key_levels = llsa_plan.pyramid(k, layout.block_size, layout.levels)
+        kp = llsa_plan.pooled(key_levels, k.dtype)
+        vp = llsa_plan.pooled(llsa_plan.pyramid(v, layout.block_size, layout.levels), v.dtype)
     fine, pooled = llsa_plan.block_lists(indices, layout)
     offsets, bias = llsa_plan.pooled_blocks(layout, q.device)
     out, _ = llsa_fwd(q, k, v, kp, vp, [fine, pooled, offsets, bias], layout.block_size, list(layout.topks),
@@ -141,12 +219,13 @@ def llsa_attention(q, k, v, *, block_size, topk, levels, grid: TokenGrid | None,
     layout = llsa_plan.Layout(num_tokens, block_size, topks)
     inverse = None
     if grid is not None:
-        from ..plans import zorder
-
-        perm, inverse = zorder(grid, q.device)
-        q, k, v = q[:, :, perm], k[:, :, perm], v[:, :, perm]
-    indices = llsa_plan.select(q, k, layout)
-    out = attend(q, k, v, indices, layout, scale=scale, kernel=kernel)
+        perm, inverse = llsa_zorder(grid.frames, grid.height, grid.width, grid.text_tokens, grid.text_position,
+                                    q.device)
+        q, k, v = (_Permute.apply(x, perm, inverse) for x in (q, k, v))
+    with torch.no_grad():
+        key_levels = llsa_plan.pyramid(k, block_size, layout.levels)
+        indices = select(llsa_plan.pyramid(q, block_size, layout.levels), key_levels, layout, kernel)
+    out = attend(q, k, v, indices, layout, scale=scale, kernel=kernel, key_levels=key_levels)
     if inverse is not None:
-        out = out[:, :, inverse]
+        out = _Permute.apply(out, inverse, perm)
     return (out, indices) if return_indices else out

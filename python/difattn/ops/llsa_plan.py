@@ -15,7 +15,6 @@ block) pairs whose partial gradients are summed per pooled token.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +35,7 @@ class Layout:
     def levels(self) -> int:
         return len(self.topks)
 
-    @functools.cached_property
+    @property
     def sizes(self) -> list[int]:
         """``[n_0 = N, n_1, ..., n_L]``."""
         return llsa_level_sizes(self.num_tokens, self.block_size, self.levels)
@@ -77,7 +76,9 @@ def counts(num_tokens: int, block_size: int, level: int, device) -> torch.Tensor
 def _sum_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
     B, H, n, C = x.shape
     groups = -(-n // block_size)
-    return F.pad(x, (0, 0, 0, groups * block_size - n)).reshape(B, H, groups, block_size, C).sum(3)
+    if groups * block_size != n:
+        x = F.pad(x, (0, 0, 0, groups * block_size - n))
+    return x.reshape(B, H, groups, block_size, C).sum(3)
 
 
 def pyramid(x: torch.Tensor, block_size: int, levels: int) -> list[torch.Tensor]:
@@ -91,9 +92,22 @@ def pyramid(x: torch.Tensor, block_size: int, levels: int) -> list[torch.Tensor]
     return out
 
 
-def pooled(x: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """``(B, H, P, C)`` in x's dtype: the pooled tokens of every level, concatenated (differentiable)."""
-    return torch.cat(pyramid(x, layout.block_size, layout.levels), dim=2).to(x.dtype)
+def pooled(levels: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``(B, H, P, C)`` in ``dtype``: the pyramid's levels concatenated (differentiable)."""
+    return torch.cat(levels, dim=2).to(dtype)
+
+
+def unpool(grads: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """The mean-pool backward: ``(B, H, P, C)`` gradients of the pooled tokens to ``(B, H, N, C)``, each fine token
+    getting, at every level, its ancestor's gradient over that ancestor's count (float32)."""
+    b, spread = layout.block_size, None
+    for level in range(layout.levels, 0, -1):
+        start, size = layout.token_offset(level), layout.sizes[level]
+        part = grads[:, :, start : start + size].float() / counts(layout.num_tokens, b, level, grads.device)[:, None]
+        if spread is not None:
+            part = part + spread.repeat_interleave(b, dim=2)[:, :, :size]
+        spread = part
+    return spread.repeat_interleave(b, dim=2)[:, :, : layout.num_tokens]
 
 
 def pooled_blocks(layout: Layout, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,23 +121,36 @@ def pooled_blocks(layout: Layout, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Positions of the ``count`` largest scores; the stable sort sends ties to the lower position."""
-    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :count]
+    """Positions of the ``count`` largest scores, by descending score, ties to the lower position (as a stable
+    descending sort would give them).
+
+    float32 scores become exact int64 keys, ``(order-preserving int32 image of the score) * 2**32 + (n - 1 - pos)``,
+    all distinct, so a plain top-k is exact; other dtypes take the stable sort."""
+    if scores.dtype != torch.float32:
+        return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :count]
+    n = scores.shape[-1]
+    bits = (scores + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0, which compares equal to it
+    order = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # flips the magnitude bits of negatives: int order = float order
+    key = order.to(torch.int64) * (1 << 32) + (n - 1 - torch.arange(n, device=scores.device))
+    return torch.topk(key, count, dim=-1, sorted=True).indices
 
 
 def _refine(queries: torch.Tensor, keys: torch.Tensor, parents: torch.Tensor, block_size: int, count: int) -> torch.Tensor:
     """``I_l`` ``(B, H, n_l, count)``: for each level-l query, the best of the children of its parent's choices.
 
-    Candidates are listed by ascending id (the parents sorted, then their children), so a stable sort of the
-    scores breaks ties towards the lower id, as the reference does."""
+    Candidates are listed by ascending id (the parents sorted, then their children), so breaking ties towards the
+    lower position breaks them towards the lower id, as the reference does."""
     B, H, n, D = queries.shape
     n_par = parents.shape[2]
     kids = (parents.sort(dim=-1).values[..., None] * block_size
             + torch.arange(block_size, device=parents.device)).flatten(-2)  # (B, H, n_par, K*b)
     valid = kids < n
-    index = kids.clamp(max=n - 1).flatten(2)[..., None].expand(-1, -1, -1, D)
-    cand_keys = torch.gather(keys, 2, index).view(B, H, n_par, kids.shape[-1], D)
-    siblings = F.pad(queries, (0, 0, 0, n_par * block_size - n)).view(B, H, n_par, block_size, D)
+    heads = torch.arange(B * H, device=kids.device).view(B, H, 1, 1) * n
+    rows = (heads + kids.clamp(max=n - 1)).flatten()
+    cand_keys = keys.reshape(B * H * n, D).index_select(0, rows).view(B, H, n_par, kids.shape[-1], D)
+    if n_par * block_size != n:
+        queries = F.pad(queries, (0, 0, 0, n_par * block_size - n))
+    siblings = queries.view(B, H, n_par, block_size, D)
     scores = (siblings @ cand_keys.transpose(-1, -2)).masked_fill(~valid[:, :, :, None, :], float("-inf"))
     best = _top(scores, count)  # (B, H, n_par, b, count) positions among the candidates
     chosen = torch.gather(kids[:, :, :, None, :].expand(-1, -1, -1, block_size, -1), -1, best)
@@ -131,11 +158,10 @@ def _refine(queries: torch.Tensor, keys: torch.Tensor, parents: torch.Tensor, bl
 
 
 @torch.no_grad()
-def select(q: torch.Tensor, k: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
-    """``[I_1, ..., I_L]`` (int64, ``I_l`` of shape ``(B, H, n_l, K_l)``, ids by descending score): top-K of the raw
-    dot products of pooled q and k, dense at level L, over the children of the parent's choices below it."""
-    queries = pyramid(q.detach(), layout.block_size, layout.levels)
-    keys = pyramid(k.detach(), layout.block_size, layout.levels)
+def select(queries: list[torch.Tensor], keys: list[torch.Tensor], layout: Layout) -> list[torch.Tensor]:
+    """``[I_1, ..., I_L]`` (int64, ``I_l`` of shape ``(B, H, n_l, K_l)``, ids by descending score) from the pyramids
+    of q and k: top-K of the raw dot products, dense at level L, over the children of the parent's choices below."""
+    queries, keys = [x.detach() for x in queries], [x.detach() for x in keys]
     indices = [_top(queries[-1] @ keys[-1].transpose(-1, -2), layout.topks[-1])]
     for level in range(layout.levels - 1, 0, -1):
         indices.insert(0, _refine(queries[level - 1], keys[level - 1], indices[0], layout.block_size,

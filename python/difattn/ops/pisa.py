@@ -11,7 +11,7 @@ Pipeline for ``(B, H, N, D)`` inputs, M blocks (:func:`pisa_layout`):
    gradients of q, k, v (exact entries), k̄, w and ``first``; autograd carries the last three through step 1 to
    every token of their blocks.
 
-The selection ``blocks (B, H, M, k)`` uses the reference's block numbering (:func:`difattn.reference.pisa_layout`).
+The selection ``blocks (B, H, M, k)`` uses the reference's block numbering (:func:`difattn.reference.pisa.pisa_layout`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .. import plans, reference
 from .._native import core
-from .._options import pisa_num_selected, pisa_tile
+from .._options import pisa_tile
 from ..grid import TokenGrid
 from .block_attention import _desc
 
@@ -51,33 +51,67 @@ class PisaLayout:
         return self.counts.numel()
 
 
-def _runs(num_tokens: int, block_size: int) -> torch.Tensor:
-    """Sizes of consecutive runs of ``block_size`` tokens over ``num_tokens`` (the last may be short)."""
-    sizes = torch.full((-(-num_tokens // block_size),), block_size, dtype=torch.int64)
-    sizes[-1] = num_tokens - block_size * (sizes.numel() - 1)
-    return sizes
+def layout_sizes(grid: TokenGrid | None, num_tokens: int, block_size: int) -> tuple[int, int]:
+    """``(M, largest block)`` of the layout, from the shapes alone."""
+    if grid is None:
+        return -(-num_tokens // block_size), min(block_size, num_tokens)
+    return _grid_sizes(grid.frames, grid.height, grid.width, grid.text_tokens, block_size)
+
+
+def _grid_sizes(frames, height, width, text_tokens, block_size: int):
+    """``(M, largest block)`` of a grid layout (plain arithmetic: the sizes may be symbolic under compile)."""
+    th, tw = pisa_tile(block_size)
+    tiles = frames * -(-height // th) * -(-width // tw)
+    largest = max(min(th, height) * min(tw, width), min(block_size, text_tokens))
+    return tiles + -(-text_tokens // block_size), largest
+
+
+def _grid_from(grid: list[int]) -> TokenGrid:
+    frames, height, width, text_tokens, text_last = grid
+    return TokenGrid(height, width, frames=frames, text_tokens=text_tokens,
+                     text_position="last" if text_last else "first")
+
+
+@torch.library.custom_op("difattn::pisa_grid_layout", mutates_args=())
+def pisa_grid_layout(grid: list[int], block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(perm (N,), offsets (M+1,))`` int64 of a grid's layout (the compiled core's tile order, cached). A custom
+    op so that ``torch.compile`` sees an opaque call instead of the compiled core."""
+    g = _grid_from(grid)
+    tile = (1, *pisa_tile(block_size))
+    perm = plans.tile_order(g, tile, device)[0]
+    text = torch.full((-(-g.text_tokens // block_size),), block_size, dtype=torch.int64)
+    if g.text_tokens:
+        text[-1] = g.text_tokens - block_size * (text.numel() - 1)
+    image = plans.tile_sizes(g, tile)
+    counts = torch.cat([text, image] if g.text_position == "first" else [image, text])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    return perm.clone(), offsets.to(device)
+
+
+@pisa_grid_layout.register_fake
+def _(grid, block_size, device):
+    frames, height, width, text_tokens, _ = grid
+    num_blocks, _ = _grid_sizes(frames, height, width, text_tokens, block_size)
+    return (torch.empty(text_tokens + frames * height * width, dtype=torch.int64, device=device),
+            torch.empty(num_blocks + 1, dtype=torch.int64, device=device))
 
 
 @functools.lru_cache(maxsize=64)
 def pisa_layout(grid: TokenGrid | None, num_tokens: int, block_size: int, device: str) -> PisaLayout:
-    """The reference's layout (:func:`difattn.reference.pisa_layout`) from the compiled core's tile order, cached."""
+    """The reference's layout (:func:`difattn.reference.pisa.pisa_layout`), cached (traced by ``torch.compile``)."""
+    num_blocks, max_block = layout_sizes(grid, num_tokens, block_size)
     if grid is None:
-        perm, counts = torch.arange(num_tokens), _runs(num_tokens, block_size)
-    else:
-        tile = (1, *pisa_tile(block_size))
-        perm = plans.tile_order(grid, tile)[0]
-        text = _runs(grid.text_tokens, block_size) if grid.text_tokens else torch.zeros(0, dtype=torch.int64)
-        image = plans.tile_sizes(grid, tile)
-        counts = torch.cat([text, image] if grid.text_position == "first" else [image, text])
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-    max_block = int(counts.max())
-    slots = None
-    if grid is not None:
-        slot = torch.arange(max_block)
-        inside = slot < counts[:, None]
-        slots = torch.where(inside, perm[(offsets[:-1, None] + slot).clamp(max=num_tokens - 1)], num_tokens).flatten()
-        slots = slots.to(device)
-    return PisaLayout(perm.to(device), offsets.to(device), counts.to(device), slots, max_block)
+        perm = torch.arange(num_tokens, device=device)
+        offsets = (torch.arange(num_blocks + 1, device=device) * block_size).clamp(max=num_tokens)
+        return PisaLayout(perm, offsets, offsets.diff(), None, max_block)
+    text_last = int(grid.text_position == "last")
+    args = [grid.frames, grid.height, grid.width, grid.text_tokens, text_last]
+    perm, offsets = pisa_grid_layout(args, block_size, torch.device(device))
+    counts = offsets.diff()
+    slot = torch.arange(max_block, device=device)
+    token = perm[(offsets[:-1, None] + slot).clamp(max=num_tokens - 1)]
+    slots = torch.where(slot < counts[:, None], token, num_tokens).flatten()
+    return PisaLayout(perm, offsets, counts, slots, max_block)
 
 
 def _block_rows(x: torch.Tensor, layout: PisaLayout) -> torch.Tensor:
@@ -89,11 +123,16 @@ def _block_rows(x: torch.Tensor, layout: PisaLayout) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, 1)).index_select(2, layout.slots).view(B, H, M, b, C)
 
 
+def _work(x: torch.Tensor) -> torch.Tensor:
+    """Statistics and routing run in fp32 (float64 inputs, used by tests, stay float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def block_stats(k: torch.Tensor, v: torch.Tensor, layout: PisaLayout, *, moments: bool):
     """``(k̄ (B, H, M, D), w (B, H, M, Dv), H̄ (B, H, D, Dv) or None)`` in fp32, differentiable."""
-    counts = layout.counts.to(torch.float32)[:, None]
-    key_rows = _block_rows(k.float(), layout)
-    value_rows = _block_rows(v.float(), layout)
+    key_rows = _block_rows(_work(k), layout)
+    value_rows = _block_rows(_work(v), layout)
+    counts = layout.counts.to(key_rows.dtype)[:, None]
     key_mean = key_rows.sum(-2) / counts
     value_mean = value_rows.sum(-2) / counts
     if not moments:
@@ -110,8 +149,8 @@ def moment_spread(k: torch.Tensor, v: torch.Tensor, key_mean: torch.Tensor, mome
     """``‖H_j − H̄‖_F`` ``(B, H, M)`` without the moments: ``‖H_j‖² = Σ_{t,u∈j} (k̃_t·k̃_u)(v_t·v_u)`` (Gram
     matrices of the centred keys and of the values, in chunks of blocks), ``⟨H_j, H̄⟩ = Σ_t k̃_t·(H̄ v_t)``."""
     B, H, M, b = *key_mean.shape[:3], layout.max_block
-    centred = _block_rows(k.float(), layout) - key_mean[..., None, :]
-    values = _block_rows(v.float(), layout)
+    centred = _block_rows(_work(k), layout) - key_mean[..., None, :]
+    values = _block_rows(_work(v), layout)
     step = max(1, _GRAM_CHUNK // (B * H * b * b))
     norm_sq = torch.cat([
         ((c @ c.transpose(-1, -2)) * (w @ w.transpose(-1, -2))).sum((-1, -2))
@@ -127,13 +166,33 @@ def route(q: torch.Tensor, key_mean: torch.Tensor, layout: PisaLayout, scale: fl
           sink: str | None, spread: torch.Tensor | None = None) -> torch.Tensor:
     """``(B, H, M, k)`` int64: each query block's top-k key blocks by descending score, ties to the lower id, the
     sink first. ``spread``: ``‖H_j − H̄‖_F`` for the routing bias."""
-    query_mean = _block_rows(q.float(), layout).sum(-2) / layout.counts.to(torch.float32)[:, None]
+    query_rows = _block_rows(_work(q), layout)
+    query_mean = query_rows.sum(-2) / layout.counts.to(query_rows.dtype)[:, None]
     score = scale * query_mean @ key_mean.transpose(-1, -2)
     if spread is not None:
         score = score + torch.log(spread + _ROUTING_BIAS_EPS)[:, :, None, :]
     if sink is not None:
         score[..., 0 if sink == "first" else -1] = float("inf")
     return torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :num_selected].contiguous()
+
+
+@torch.no_grad()
+def _routed_blocks(q, k, v, key_mean, moment_mean, layout: PisaLayout, scale: float, num_selected: int,
+                   routing_bias: bool, sink: str | None) -> torch.Tensor:
+    """The selection of :func:`route`, with the routing bias's spread when asked (H̄ computed here for the zeroth
+    order, which does not need it otherwise)."""
+    spread = None
+    if routing_bias:
+        if moment_mean is None:
+            moment_mean = block_stats(k, v, layout, moments=True)[2]
+        spread = moment_spread(k, v, key_mean, moment_mean, layout)
+    return route(q, key_mean, layout, scale, num_selected, sink=sink, spread=spread)
+
+
+def _num_selected(density: float, num_blocks) -> int:
+    """:func:`difattn._options.pisa_num_selected` (``max(1, floor(density · M))``) written so that a symbolic block
+    count (``torch.compile`` with dynamic shapes) traces: ``sym_int`` truncates, the floor of a positive product."""
+    return torch.sym_max(1, torch.sym_int(density * num_blocks))
 
 
 def _check_blocks(blocks: object, shape: tuple[int, int, int, int], device: torch.device) -> torch.Tensor:
@@ -170,17 +229,9 @@ def pisa_attention(
     layout = pisa_layout(grid, N, block_size, str(q.device))
     hybrid = order == "hybrid"
     key_mean, value_mean, moment_mean = block_stats(k, v, layout, moments=hybrid)
-    shape = (B, H, layout.num_blocks, pisa_num_selected(density, layout.num_blocks))
+    shape = (B, H, layout.num_blocks, _num_selected(density, layout.num_blocks))
     if blocks is None:
-        spread = None
-        if routing_bias:
-            if moment_mean is None:
-                with torch.no_grad():
-                    moment_mean_for_routing = block_stats(k, v, layout, moments=True)[2]
-            else:
-                moment_mean_for_routing = moment_mean.detach()
-            spread = moment_spread(k, v, key_mean.detach(), moment_mean_for_routing, layout)
-        blocks = route(q, key_mean.detach(), layout, scale, shape[3], sink=sink, spread=spread)
+        blocks = _routed_blocks(q, k, v, key_mean, moment_mean, layout, scale, shape[3], routing_bias, sink)
     else:
         blocks = _check_blocks(blocks, shape, q.device)
     first = (q.float() @ moment_mean).contiguous() if hybrid else None

@@ -273,8 +273,9 @@ def _pisa_bwd_centroid_kernel(
     m_dv = o_dv < DV
     o_c = i_chunk * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < M
-    b_km = _gather(km_ptr, i_bh * M * D, o_c, D, o_d, 1, m_c, m_d)
-    b_w = _gather(vm_ptr, i_bh * M * DV, o_c, DV, o_dv, 1, m_c, m_dv)
+    # The centroids only feed dots: keep them in the input dtype (half the registers of fp32).
+    b_km = _gather(km_ptr, i_bh * M * D, o_c, D, o_d, 1, m_c, m_d).to(q_ptr.dtype.element_ty)
+    b_w = _gather(vm_ptr, i_bh * M * DV, o_c, DV, o_dv, 1, m_c, m_dv).to(do_ptr.dtype.element_ty)
     b_dkm = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
     b_dw = tl.zeros([BLOCK_C, BLOCK_DV], dtype=tl.float32)
     for i_q in range(M * i_split // SPLITS, M * (i_split + 1) // SPLITS):
@@ -283,9 +284,9 @@ def _pisa_bwd_centroid_kernel(
             q_rows, m_q, b_q, b_do, b_lse, b_delta, b_rho = _load_query_side(
                 q_ptr, do_ptr, lse_ptr, delta_ptr, rho_ptr, perm_ptr, off_ptr, i_q, i_b, i_h, i_bh, N, D, DV,
                 stride_qb, stride_qh, stride_qn, stride_qd, o_m, o_d, o_dv, HYBRID)
-            b_st = tl.dot(b_km.to(b_q.dtype), tl.trans(b_q), input_precision=PRECISION) * qk_scale + bias[:, None]
+            b_st = tl.dot(b_km, tl.trans(b_q), input_precision=PRECISION) * qk_scale + bias[:, None]
             b_pt = tl.where(m_q[None, :], tl.exp2(b_st - b_lse[None, :]), 0.0)  # (centroids, queries)
-            b_dpt = tl.dot(b_w.to(b_do.dtype), tl.trans(b_do), input_precision=PRECISION)
+            b_dpt = tl.dot(b_w, tl.trans(b_do), input_precision=PRECISION)
             b_dct = b_pt * (b_dpt + weight[:, None] * b_rho[None, :] - b_delta[None, :])
             b_dkm += tl.dot(b_dct.to(b_q.dtype), b_q, input_precision=PRECISION)
             b_dw += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
@@ -300,11 +301,11 @@ def _pisa_bwd_centroid_kernel(
 def _meta(q, v, max_block: int) -> dict:
     import torch
 
+    block_d, block_dv = (max(16, triton.next_power_of_2(x)) for x in (q.shape[3], v.shape[3]))
     return dict(
-        BLOCK=max(16, triton.next_power_of_2(max_block)),
-        BLOCK_D=max(16, triton.next_power_of_2(q.shape[3])),
-        BLOCK_DV=max(16, triton.next_power_of_2(v.shape[3])),
+        BLOCK=max(16, triton.next_power_of_2(max_block)), BLOCK_D=block_d, BLOCK_DV=block_dv,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=8 if max(block_d, block_dv) >= 128 else 4,
     )
 
 
@@ -392,7 +393,7 @@ def pisa_bwd(q, k, v, key_mean, value_mean, dout, lse, delta, rho, perm, offsets
     t_indptr, t_indices = transposed_selection(blocks)
     _pisa_bwd_dkv_kernel[(M, B * H)](
         q, k, v, dout, lse, delta, rho, dk, dv, perm, offsets, t_indptr, t_indices, *common,
-        BLOCK=meta["BLOCK"], BLOCK_D=meta["BLOCK_D"], BLOCK_DV=meta["BLOCK_DV"], PRECISION=meta["PRECISION"],
+        **meta,
     )
     chunks = -(-M // chunk)
     splits = _splits(q.device, chunks * B * H, M)

@@ -13,7 +13,7 @@ pub enum Side {
 }
 
 /// Rows `n0..n0 + len` of head `(b, h)`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rows {
     pub b: usize,
     pub h: usize,
@@ -25,8 +25,8 @@ pub struct Rows {
 pub trait FeatureMap: Sync {
     type Scratch: Send;
 
-    /// Per-thread buffers.
-    fn scratch(&self) -> Self::Scratch;
+    /// Per-thread buffers for blocks of up to `rows` rows.
+    fn scratch(&self, rows: usize) -> Self::Scratch;
 
     /// Writes the feature rows of `side` into `dst` (`rows.len x D`, row-major).
     fn load(&self, side: Side, rows: Rows, dst: &mut [f32], scratch: &mut Self::Scratch);
@@ -80,7 +80,7 @@ pub struct Plain<'a> {
 impl FeatureMap for Plain<'_> {
     type Scratch = ();
 
-    fn scratch(&self) {}
+    fn scratch(&self, _rows: usize) {}
 
     fn load(&self, side: Side, rows: Rows, dst: &mut [f32], _: &mut ()) {
         load_rows(self.inputs[side as usize], rows, dst);
@@ -119,17 +119,21 @@ pub struct Dydila<'a> {
     pub eps: f32,
 }
 
-/// Row buffers of the two power maps of one token (main and aux stream).
+/// Buffers of the two power maps (main and aux stream) of `slots` tokens. In the backward a slot per row of a
+/// block keeps what `load` computed, so `store_grad` on the same rows does not map them again.
 pub struct DydilaScratch {
     z: [Vec<f32>; 2],
     r: [Vec<f32>; 2],
     ls: [Vec<f32>; 2],
     p: [Vec<f32>; 2],
+    params: Vec<[f32; 3]>,
+    norms: Vec<Norms>,
+    cached: Option<(Side, Rows)>,
     g: Vec<f32>,
     dz: [Vec<f32>; 2],
 }
 
-/// `(n1, n2)` of the two maps of one token, after [`power_row`] filled the scratch rows.
+/// `(n1, n2)` of the two maps of one token.
 type Norms = [(f32, f32); 2];
 
 impl Dydila<'_> {
@@ -137,58 +141,83 @@ impl Dydila<'_> {
         self.sides[0].z.shape[3]
     }
 
-    /// Loads and maps the main and aux rows of token `n`; returns `(γ, γ_aux, λ)` and the norms.
-    fn map_token(&self, side: &Stream, b: usize, h: usize, n: usize, s: &mut DydilaScratch) -> ([f32; 3], Norms) {
-        let idx = [b, h, n];
+    /// Loads and maps the main and aux rows of token `n` into `slot`, with its `(γ, γ_aux, λ)` and norms.
+    fn map_token(&self, side: &Stream, b: usize, h: usize, n: usize, slot: usize, s: &mut DydilaScratch) {
+        let (d, idx) = (self.head_dim(), [b, h, n]);
+        let rows = slot * d..(slot + 1) * d;
         let params = [load_scalar(side.gamma, &idx), load_scalar(side.gamma_aux, &idx), load_scalar(side.lambda, &idx)];
-        let mut norms = [(0.0, 0.0); 2];
         for (j, view) in [side.z, side.z_aux].into_iter().enumerate() {
-            view.load_row(&idx, &mut s.z[j]);
-            norms[j] = power_row(&s.z[j], params[j], self.eps, &mut s.r[j], &mut s.ls[j], &mut s.p[j]);
+            view.load_row(&idx, &mut s.z[j][rows.clone()]);
+            let (r, ls, p) = (&mut s.r[j][rows.clone()], &mut s.ls[j][rows.clone()], &mut s.p[j][rows.clone()]);
+            s.norms[slot][j] = power_row(&s.z[j][rows.clone()], params[j], self.eps, r, ls, p);
         }
-        (params, norms)
+        s.params[slot] = params;
+    }
+
+    /// Maps `rows` of `side`: one slot per row when gradients follow, else slot 0 for every row.
+    fn map_rows(&self, side: Side, rows: Rows, s: &mut DydilaScratch, mut each: impl FnMut(usize, usize, &mut DydilaScratch))
+    {
+        let keep = self.grads.is_some();
+        for r in 0..rows.len {
+            let slot = if keep { r } else { 0 };
+            self.map_token(&self.sides[side as usize], rows.b, rows.h, rows.n0 + r, slot, s);
+            each(r, slot, s);
+        }
+        s.cached = keep.then_some((side, rows));
     }
 }
 
 impl FeatureMap for Dydila<'_> {
     type Scratch = DydilaScratch;
 
-    fn scratch(&self) -> DydilaScratch {
-        let row = || vec![0.0f32; self.head_dim()];
+    fn scratch(&self, rows: usize) -> DydilaScratch {
+        let d = self.head_dim();
+        let slots = if self.grads.is_some() { rows } else { 1 };
+        let block = || vec![0.0f32; slots * d];
         DydilaScratch {
-            z: [row(), row()],
-            r: [row(), row()],
-            ls: [row(), row()],
-            p: [row(), row()],
-            g: row(),
-            dz: [row(), row()],
+            z: [block(), block()],
+            r: [block(), block()],
+            ls: [block(), block()],
+            p: [block(), block()],
+            params: vec![[0.0; 3]; slots],
+            norms: vec![[(0.0, 0.0); 2]; slots],
+            cached: None,
+            g: vec![0.0; d],
+            dz: [vec![0.0; d], vec![0.0; d]],
         }
     }
 
     fn load(&self, side: Side, rows: Rows, dst: &mut [f32], s: &mut DydilaScratch) {
         let d = self.head_dim();
-        let stream = &self.sides[side as usize];
-        for (r, out) in dst[..rows.len * d].chunks_exact_mut(d).enumerate() {
-            let ([_, _, lambda], [(n1, n2), (n1a, n2a)]) = self.map_token(stream, rows.b, rows.h, rows.n0 + r, s);
-            let (c, ca) = (n1 / n2, lambda * n1a / n2a);
-            for ((o, p), pa) in out.iter_mut().zip(&s.p[0]).zip(&s.p[1]) {
+        self.map_rows(side, rows, s, |r, slot, s| {
+            let [(n1, n2), (n1a, n2a)] = s.norms[slot];
+            let (c, ca) = (n1 / n2, s.params[slot][2] * n1a / n2a);
+            let (p, pa) = (&s.p[0][slot * d..(slot + 1) * d], &s.p[1][slot * d..(slot + 1) * d]);
+            for ((o, p), pa) in dst[r * d..(r + 1) * d].iter_mut().zip(p).zip(pa) {
                 *o = c * p - ca * pa;
             }
-        }
+        });
     }
 
     unsafe fn store_grad(&self, side: Side, rows: Rows, grad: &[f32], s: &mut DydilaScratch) {
         let Some(all_grads) = &self.grads else { return };
-        let (d, stream, out) = (self.head_dim(), &self.sides[side as usize], &all_grads[side as usize]);
+        if s.cached != Some((side, rows)) {
+            self.map_rows(side, rows, s, |_, _, _| {});
+        }
+        let (d, out) = (self.head_dim(), &all_grads[side as usize]);
         for (r, g) in grad[..rows.len * d].chunks_exact(d).enumerate() {
-            let (n, (b, h)) = (rows.n0 + r, (rows.b, rows.h));
-            let ([gamma, gamma_aux, lambda], [(n1, n2), (n1a, n2a)]) = self.map_token(stream, b, h, n, s);
+            let [gamma, gamma_aux, lambda] = s.params[r];
+            let [(n1, n2), (n1a, n2a)] = s.norms[r];
+            let row = r * d..(r + 1) * d;
             // dφ(z) = dẐ, dφ(z_aux) = −λ dẐ, dλ = −dẐ · φ(z_aux).
-            let dlambda = -(n1a / n2a) * dot(g, &s.p[1]);
+            let dlambda = -(n1a / n2a) * dot(g, &s.p[1][row.clone()]);
             s.g.iter_mut().zip(g).for_each(|(ga, x)| *ga = -lambda * x);
-            let dgamma = power_row_grad(&s.z[0], g, gamma, &s.r[0], &s.ls[0], &s.p[0], n1, n2, &mut s.dz[0]);
-            let dgamma_aux = power_row_grad(&s.z[1], &s.g, gamma_aux, &s.r[1], &s.ls[1], &s.p[1], n1a, n2a, &mut s.dz[1]);
-            let idx = [b, h, n];
+            let parts = |j: usize| (&s.z[j][row.clone()], &s.r[j][row.clone()], &s.ls[j][row.clone()], &s.p[j][row.clone()]);
+            let ((z, rr, ls, p), (za, ra, lsa, pa)) = (parts(0), parts(1));
+            let (dz, dz_aux) = s.dz.split_at_mut(1);
+            let dgamma = power_row_grad(z, g, gamma, rr, ls, p, n1, n2, &mut dz[0]);
+            let dgamma_aux = power_row_grad(za, &s.g, gamma_aux, ra, lsa, pa, n1a, n2a, &mut dz_aux[0]);
+            let idx = [rows.b, rows.h, rows.n0 + r];
             out.dz.store_row(&idx, &s.dz[0]);
             out.dz_aux.store_row(&idx, &s.dz[1]);
             out.dgamma.store_f32(&idx, dgamma);

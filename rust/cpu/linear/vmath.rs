@@ -37,11 +37,17 @@ fn log2_one<const FMA: bool>(x: f32) -> f32 {
     let m = if big { m * 0.5 } else { m };
     let exponent = exponent + big as i32;
     let t = m - 1.0;
-    let mut p = LOG_P[0];
-    for c in &LOG_P[1..] {
-        p = madd::<FMA>(p, t, *c);
-    }
+    // P(t) by Estrin's scheme: a shorter dependency chain than Horner's, so more of the row is in flight.
+    let c = &LOG_P;
     let t2 = t * t;
+    let t4 = t2 * t2;
+    let p01 = madd::<FMA>(c[7], t, c[8]);
+    let p23 = madd::<FMA>(c[5], t, c[6]);
+    let p45 = madd::<FMA>(c[3], t, c[4]);
+    let p67 = madd::<FMA>(c[1], t, c[2]);
+    let low = madd::<FMA>(p23, t2, p01);
+    let high = madd::<FMA>(madd::<FMA>(c[0], t2, p67), t2, p45);
+    let p = madd::<FMA>(high, t4, low);
     let ln = madd::<FMA>(t2 * t, p, madd::<FMA>(-0.5, t2, t));
     madd::<FMA>(ln, LOG2_E, exponent as f32)
 }
@@ -70,7 +76,14 @@ fn lanes_sum(acc: [f32; LANES]) -> f32 {
 /// Returns `(n1, n2) = (‖r‖, ‖p‖)`, so `φ = (n1 / n2) · p`. Dividing by `max r` keeps every power <= 1 (no
 /// overflow for any γ >= 0) and does not change the map.
 #[inline(always)]
-fn power_row_body<const FMA: bool>(z: &[f32], gamma: f32, eps: f32, r: &mut [f32], ls: &mut [f32], p: &mut [f32]) -> (f32, f32) {
+fn power_row_body<const FMA: bool>(
+    z: &[f32],
+    gamma: f32,
+    eps: f32,
+    r: &mut [f32],
+    ls: &mut [f32],
+    p: &mut [f32],
+) -> (f32, f32) {
     let d = z.len();
     let (r, ls, p) = (&mut r[..d], &mut ls[..d], &mut p[..d]);
     let mut rmax = [0.0f32; LANES];
@@ -91,10 +104,14 @@ fn power_row_body<const FMA: bool>(z: &[f32], gamma: f32, eps: f32, r: &mut [f32
     }
     let inv_max = 1.0 / rmax.iter().fold(0.0f32, |a, &b| a.max(b));
     let mut p2 = [0.0f32; LANES];
-    let chunks = r[..split].chunks_exact(LANES).zip(ls[..split].chunks_exact_mut(LANES)).zip(p[..split].chunks_exact_mut(LANES));
-    for ((rc, lc), pc) in chunks {
+    // Two short loops rather than one long body: more independent iterations fit in the reorder window.
+    for (rc, lc) in r[..split].chunks_exact(LANES).zip(ls[..split].chunks_exact_mut(LANES)) {
         for l in 0..LANES {
             lc[l] = log2_one::<FMA>((rc[l] * inv_max).max(f32::MIN_POSITIVE));
+        }
+    }
+    for (lc, pc) in ls[..split].chunks_exact(LANES).zip(p[..split].chunks_exact_mut(LANES)) {
+        for l in 0..LANES {
             pc[l] = exp2_one::<FMA>(gamma * lc[l]);
             p2[l] = madd::<FMA>(pc[l], pc[l], p2[l]);
         }
@@ -113,7 +130,17 @@ fn power_row_body<const FMA: bool>(z: &[f32], gamma: f32, eps: f32, r: &mut [f32
 /// `G − u (G·u)` is orthogonal to `u`). Writes `dz` (length D) and returns `∂L/∂γ`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn power_row_grad_body<const FMA: bool>(z: &[f32], g: &[f32], gamma: f32, r: &[f32], ls: &[f32], p: &[f32], n1: f32, n2: f32, dz: &mut [f32]) -> f32 {
+fn power_row_grad_body<const FMA: bool>(
+    z: &[f32],
+    g: &[f32],
+    gamma: f32,
+    r: &[f32],
+    ls: &[f32],
+    p: &[f32],
+    n1: f32,
+    n2: f32,
+    dz: &mut [f32],
+) -> f32 {
     let d = z.len();
     let (g, r, ls, p, dz) = (&g[..d], &r[..d], &ls[..d], &p[..d], &mut dz[..d]);
     let inv_n2 = 1.0 / n2;
@@ -148,7 +175,17 @@ unsafe fn power_row_avx2(z: &[f32], gamma: f32, eps: f32, r: &mut [f32], ls: &mu
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn power_row_grad_avx2(z: &[f32], g: &[f32], gamma: f32, r: &[f32], ls: &[f32], p: &[f32], n1: f32, n2: f32, dz: &mut [f32]) -> f32 {
+unsafe fn power_row_grad_avx2(
+    z: &[f32],
+    g: &[f32],
+    gamma: f32,
+    r: &[f32],
+    ls: &[f32],
+    p: &[f32],
+    n1: f32,
+    n2: f32,
+    dz: &mut [f32],
+) -> f32 {
     power_row_grad_body::<true>(z, g, gamma, r, ls, p, n1, n2, dz)
 }
 
@@ -176,7 +213,17 @@ pub fn power_row(z: &[f32], gamma: f32, eps: f32, r: &mut [f32], ls: &mut [f32],
 
 /// See [`power_row_grad_body`]: writes `dz` and returns `∂L/∂γ` of one row.
 #[allow(clippy::too_many_arguments)]
-pub fn power_row_grad(z: &[f32], g: &[f32], gamma: f32, r: &[f32], ls: &[f32], p: &[f32], n1: f32, n2: f32, dz: &mut [f32]) -> f32 {
+pub fn power_row_grad(
+    z: &[f32],
+    g: &[f32],
+    gamma: f32,
+    r: &[f32],
+    ls: &[f32],
+    p: &[f32],
+    n1: f32,
+    n2: f32,
+    dz: &mut [f32],
+) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the features were detected at run time.

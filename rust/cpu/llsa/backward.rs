@@ -1,12 +1,14 @@
 //! LLSA backward. Query side: tasks own a range of groups and compute their dq (fine and pooled keys) and a partial
-//! sum of the pooled-key gradients `dkp`, `dvp` (the group's `dSᵀ q`, `Pᵀ dout`), reduced over tasks at the end.
-//! Key side: one task per fine key block over the transposed selection writes its `dk`, `dv` rows.
+//! sum of the pooled keys' gradients (the group's `dSᵀ q`, `Pᵀ dout`), reduced over tasks into `dkp`, `dvp`. Key side:
+//! one task per fine key block over the transposed selection writes its `dk`, `dv` rows: the fine gradient plus the
+//! mean-pool backward of every level (`dkp` of the row's level-l ancestor over its count).
 
 use rayon::prelude::*;
 
 use super::{check_output, err, gather_rows, Dims, Inputs, KeyRows, Plan, LOG2_E};
 use crate::cpu::pool::pool;
-use crate::cpu::simd::{exp2_shift_sum, matmul};
+use super::exp2::exp2_shift_sum;
+use crate::cpu::simd::matmul;
 use crate::cpu::view::{DType, View, ViewError};
 
 /// Query blocks gathered at once by the key-side pass.
@@ -22,19 +24,17 @@ pub struct Upstream<'a> {
     pub delta: &'a View,
 }
 
-/// The gradients: `dq, dk (B, H, N, D)`, `dv (B, H, N, Dv)`, `dkp (B, H, P, D)`, `dvp (B, H, P, Dv)`, all contiguous
-/// in q's dtype.
+/// The gradients `dq, dk (B, H, N, D)`, `dv (B, H, N, Dv)`, contiguous in q's dtype; dk and dv include the
+/// gradient that reaches k and v through the pooled tokens.
 pub struct Grads<'a> {
     pub dq: &'a View,
     pub dk: &'a View,
     pub dv: &'a View,
-    pub dkp: &'a View,
-    pub dvp: &'a View,
 }
 
 fn check(inp: &Inputs, up: &Upstream, g: &Grads, plan: &Plan) -> Result<Dims, ViewError> {
     let dims = inp.dims(plan)?;
-    let (bs, hs, n, p) = (dims.batch, dims.heads, dims.n, dims.pooled);
+    let (bs, hs, n) = (dims.batch, dims.heads, dims.n);
     up.dout.expect(4, true)?;
     if up.dout.shape != [bs, hs, n, dims.dv] {
         return err(format!("dout: expected shape {:?}, got {:?}", [bs, hs, n, dims.dv], up.dout.shape));
@@ -48,21 +48,25 @@ fn check(inp: &Inputs, up: &Upstream, g: &Grads, plan: &Plan) -> Result<Dims, Vi
     check_output(g.dq, &[bs, hs, n, dims.d], dtype)?;
     check_output(g.dk, &[bs, hs, n, dims.d], dtype)?;
     check_output(g.dv, &[bs, hs, n, dims.dv], dtype)?;
-    check_output(g.dkp, &[bs, hs, p, dims.d], dtype)?;
-    check_output(g.dvp, &[bs, hs, p, dims.dv], dtype)?;
     Ok(dims)
 }
 
-/// Writes `dq`, `dk`, `dv` (through the fine keys only) and `dkp`, `dvp` (the pooled keys' gradients).
+/// Writes `dq`, `dk`, `dv` (k and v get their gradients through the fine and the pooled keys).
 pub fn backward(inp: &Inputs, up: &Upstream, g: &Grads, plan: &Plan, scale: f32, threads: usize) -> Result<(), ViewError> {
     let dims = check(inp, up, g, plan)?;
     let pool = pool(threads).map_err(ViewError)?;
     let ctx = Ctx { inp, up, plan, dims, scale };
     pool.install(|| {
-        ctx.query_side(g, threads);
-        ctx.key_side(g);
+        let pooled = ctx.query_side(g.dq, threads);
+        ctx.key_side(g, &pooled);
     });
     Ok(())
+}
+
+/// The pooled keys' gradients, f32 `(B·H, P, D)` and `(B·H, P, Dv)`.
+struct PooledGrads {
+    k: Vec<f32>,
+    v: Vec<f32>,
 }
 
 struct Ctx<'a> {
@@ -163,15 +167,15 @@ impl GroupBuffers {
 }
 
 impl Ctx<'_> {
-    /// dq for every query row, and `dkp`, `dvp`: tasks `(b·h, split)` own a range of groups and a partial sum of the
-    /// pooled gradients of their `(b, h)`; the partial sums are then added per pooled row.
-    fn query_side(&self, g: &Grads, threads: usize) {
+    /// dq for every query row, and the pooled keys' gradients: tasks `(b·h, split)` own a range of groups and a
+    /// partial sum of the pooled gradients of their `(b, h)`; the partial sums are then added per pooled row.
+    fn query_side(&self, dq: &View, threads: usize) -> PooledGrads {
         let (plan, dims) = (self.plan, self.dims);
         let groups: Vec<Vec<(usize, usize)>> = (0..plan.batch_heads).into_par_iter().map(|bh| plan.groups(bh)).collect();
-        let most = groups.iter().map(Vec::len).min().unwrap_or(1).max(1);
+        let fewest = groups.iter().map(Vec::len).min().unwrap_or(1).max(1);
         // Splits of a head's groups: enough tasks for the pool, at most ~N/P (partial sums stay smaller than k).
         let wanted = (TASKS_PER_THREAD * threads.max(1)).div_ceil(plan.batch_heads);
-        let splits = wanted.min(most).min((plan.n / dims.pooled.max(1)).max(1)).max(1);
+        let splits = wanted.min(fewest).min((plan.n / dims.pooled.max(1)).max(1)).max(1);
         let (pd, pdv) = (dims.pooled * dims.d, dims.pooled * dims.dv);
         let mut part_k = vec![0.0f32; plan.batch_heads * splits * pd];
         let mut part_v = vec![0.0f32; plan.batch_heads * splits * pdv];
@@ -182,11 +186,15 @@ impl Ctx<'_> {
                 let mine = &groups[bh];
                 let (lo, hi) = (mine.len() * split / splits, mine.len() * (split + 1) / splits);
                 for &group in &mine[lo..hi] {
-                    self.query_group(g.dq, bh, group, buf, acc_k, acc_v);
+                    self.query_group(dq, bh, group, buf, acc_k, acc_v);
                 }
             },
         );
-        self.reduce_pooled(g, &part_k, &part_v, splits);
+        if splits == 1 {
+            part_k.iter_mut().for_each(|x| *x *= self.scale);
+            return PooledGrads { k: part_k, v: part_v };
+        }
+        PooledGrads { k: self.reduce_splits(&part_k, splits, dims.d, self.scale), v: self.reduce_splits(&part_v, splits, dims.dv, 1.0) }
     }
 
     fn query_group(&self, dq: &View, bh: usize, (j0, j1): (usize, usize), buf: &mut GroupBuffers, acc_k: &mut [f32], acc_v: &mut [f32]) {
@@ -232,34 +240,17 @@ impl Ctx<'_> {
         }
     }
 
-    /// `dkp = scale · Σ_split part_k`, `dvp = Σ_split part_v`, one task per `(b·h, pooled row)` range.
-    fn reduce_pooled(&self, g: &Grads, part_k: &[f32], part_v: &[f32], splits: usize) {
-        let (dims, scale) = (self.dims, self.scale);
-        let (p, d, dv) = (dims.pooled, dims.d, dims.dv);
-        const ROWS: usize = 64;
-        let chunks = p.div_ceil(ROWS);
-        (0..self.plan.batch_heads * chunks).into_par_iter().for_each_init(
-            || (vec![0.0f32; d], vec![0.0f32; dv]),
-            |(row_k, row_v), task| {
-                let (bh, c) = (task / chunks, task % chunks);
-                let (b, h) = (bh / dims.heads, bh % dims.heads);
-                for t in c * ROWS..((c + 1) * ROWS).min(p) {
-                    row_k.fill(0.0);
-                    row_v.fill(0.0);
-                    for s in 0..splits {
-                        let slot = bh * splits + s;
-                        add_rows(row_k, &part_k[(slot * p + t) * d..(slot * p + t + 1) * d]);
-                        add_rows(row_v, &part_v[(slot * p + t) * dv..(slot * p + t + 1) * dv]);
-                    }
-                    row_k.iter_mut().for_each(|x| *x *= scale);
-                    // SAFETY: each (b, h, t) row belongs to exactly one task.
-                    unsafe {
-                        g.dkp.store_row(&[b, h, t], row_k);
-                        g.dvp.store_row(&[b, h, t], row_v);
-                    }
-                }
-            },
-        );
+    /// `mul · Σ_split part` per `(b·h, pooled row)`: `part` is `(B·H, splits, P, width)`, the result `(B·H, P, width)`.
+    fn reduce_splits(&self, part: &[f32], splits: usize, width: usize, mul: f32) -> Vec<f32> {
+        let p = self.dims.pooled;
+        let mut out = vec![0.0f32; self.plan.batch_heads * p * width];
+        out.par_chunks_mut((p * width).max(1)).enumerate().for_each(|(bh, dst)| {
+            for s in 0..splits {
+                add_rows(dst, &part[(bh * splits + s) * p * width..(bh * splits + s + 1) * p * width]);
+            }
+            dst.iter_mut().for_each(|x| *x *= mul);
+        });
+        out
     }
 }
 
@@ -277,8 +268,9 @@ struct KeyBuffers {
 }
 
 impl Ctx<'_> {
-    /// Fine `dk`, `dv`: one task per `(b·h, fine key block)` over the query blocks that selected it.
-    fn key_side(&self, g: &Grads) {
+    /// `dk`, `dv`: one task per `(b·h, fine key block)` over the query blocks that selected it, plus the pooled
+    /// gradients of every level spread back to the block's rows.
+    fn key_side(&self, g: &Grads, pooled: &PooledGrads) {
         let (plan, dims) = (self.plan, self.dims);
         let transposed: Vec<(Vec<usize>, Vec<u32>)> = (0..plan.batch_heads).into_par_iter().map(|bh| plan.transpose(bh)).collect();
         let rows = KEY_SIDE_CHUNK * plan.block;
@@ -294,12 +286,13 @@ impl Ctx<'_> {
             |buf, task| {
                 let (bh, p) = (task / plan.n_blocks, task % plan.n_blocks);
                 let (indptr, indices) = &transposed[bh];
-                self.key_block(g, bh, p, &indices[indptr[p]..indptr[p + 1]], buf);
+                self.key_block(bh, p, &indices[indptr[p]..indptr[p + 1]], buf);
+                self.store_key_block(g, pooled, bh, p, buf);
             },
         );
     }
 
-    fn key_block(&self, g: &Grads, bh: usize, p: usize, choosers: &[u32], buf: &mut KeyBuffers) {
+    fn key_block(&self, bh: usize, p: usize, choosers: &[u32], buf: &mut KeyBuffers) {
         let (plan, d, dv) = (self.plan, self.dims.d, self.dims.dv);
         let (b, h) = (bh / self.dims.heads, bh % self.dims.heads);
         buf.keys.gather_fine(self.inp, plan, self.dims, b, h, &[p as u32]);
@@ -321,15 +314,36 @@ impl Ctx<'_> {
                 matmul(lk, d, tq, buf.dk.as_mut_ptr(), d, true, ds.as_ptr(), 1, lk, buf.qs.q.as_ptr(), d, 1);
             }
         }
-        let (r0, _) = plan.fine_block(p);
+    }
+
+    /// Writes rows of fine block `p`: `scale · dk` and `dv` plus, at every level, the ancestor's pooled gradient
+    /// over its count (the mean-pool backward).
+    fn store_key_block(&self, g: &Grads, pooled: &PooledGrads, bh: usize, p: usize, buf: &mut KeyBuffers) {
+        let (plan, d, dv, rows) = (self.plan, self.dims.d, self.dims.dv, self.dims.pooled);
+        let (b, h) = (bh / self.dims.heads, bh % self.dims.heads);
+        let (r0, lk) = plan.fine_block(p);
         for r in 0..lk {
+            let token = r0 + r;
             let dk_row = &mut buf.dk[r * d..(r + 1) * d];
+            let dv_row = &mut buf.dv[r * dv..(r + 1) * dv];
             dk_row.iter_mut().for_each(|x| *x *= self.scale);
+            for level in 1..=plan.levels() {
+                let span = plan.span(level);
+                let c = token / span;
+                let inv = 1.0 / span.min(plan.n - c * span) as f32;
+                let row = bh * rows + plan.level_rows[level - 1] + c;
+                add_scaled(dk_row, &pooled.k[row * d..(row + 1) * d], inv);
+                add_scaled(dv_row, &pooled.v[row * dv..(row + 1) * dv], inv);
+            }
             // SAFETY: fine key blocks partition the rows of (b, h): one writer per row.
             unsafe {
-                g.dk.store_row(&[b, h, r0 + r], dk_row);
-                g.dv.store_row(&[b, h, r0 + r], &buf.dv[r * dv..(r + 1) * dv]);
+                g.dk.store_row(&[b, h, token], dk_row);
+                g.dv.store_row(&[b, h, token], dv_row);
             }
         }
     }
+}
+
+fn add_scaled(dst: &mut [f32], src: &[f32], mul: f32) {
+    dst.iter_mut().zip(src).for_each(|(a, b)| *a += b * mul);
 }

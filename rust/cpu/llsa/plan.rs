@@ -29,6 +29,8 @@ pub struct Plan {
     pub pbias: Vec<f32>,
     /// Rows of the longest pooled block.
     pub max_pooled_block: usize,
+    /// First pooled row of each level `1..=L`, then P (`L + 1` values).
+    pub level_rows: Vec<usize>,
 }
 
 fn ids(view: &View, name: &str, shape: [usize; 4], bound: usize) -> Result<Vec<u32>, ViewError> {
@@ -65,12 +67,23 @@ fn f32_values(view: &View, len: usize) -> Result<Vec<f32>, ViewError> {
     Ok(values)
 }
 
+/// First pooled row of each level and the total: `[0, n_1, n_1 + n_2, ...]`, `n_l = ceil(n_{l-1} / block)`.
+fn level_rows(n: usize, block: usize, levels: usize) -> Vec<usize> {
+    let mut rows = vec![0usize];
+    let mut size = n;
+    for _ in 0..levels {
+        size = size.div_ceil(block);
+        rows.push(rows[rows.len() - 1] + size);
+    }
+    rows
+}
+
 impl Plan {
     /// `fine (B, H, n_blocks, K_1)`, `pooled (B, H, n_blocks, E)` int32 block ids; `pb_offsets (M + 1,)` int32;
     /// `pbias (P,)` f32. Any inconsistency is an error.
-    pub fn new(fine: &View, pooled: &View, pb_offsets: &View, pbias: &View, n: usize, block: usize) -> Result<Self, ViewError> {
-        if block == 0 || n == 0 {
-            return err("block size and N must be >= 1");
+    pub fn new(fine: &View, pooled: &View, pb_offsets: &View, pbias: &View, n: usize, block: usize, levels: usize) -> Result<Self, ViewError> {
+        if block < 2 || n == 0 || levels == 0 {
+            return err("block size must be >= 2, N and levels >= 1");
         }
         if fine.shape.len() != 4 || pooled.shape.len() != 4 {
             return err("fine and pooled selections must be 4-D (B, H, blocks, ids)");
@@ -87,7 +100,20 @@ impl Plan {
         let pooled_tokens = pb_offsets[num_pooled_blocks];
         let pbias = f32_values(pbias, pooled_tokens)?;
         let max_pooled_block = pb_offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-        Ok(Plan { batch_heads: batch * heads, n, block, n_blocks, k_fine, k_pooled, fine, pooled, pb_offsets, pbias, max_pooled_block })
+        let level_rows = level_rows(n, block, levels);
+        if level_rows[levels] != pooled_tokens {
+            return err(format!("pb_offsets: {pooled_tokens} pooled rows, but {levels} levels of N={n} have {}", level_rows[levels]));
+        }
+        Ok(Plan { batch_heads: batch * heads, n, block, n_blocks, k_fine, k_pooled, fine, pooled, pb_offsets, pbias, max_pooled_block, level_rows })
+    }
+
+    pub fn levels(&self) -> usize {
+        self.level_rows.len() - 1
+    }
+
+    /// Fine tokens under each level-`level` token (`block^level`; the last token of a level counts what it has).
+    pub fn span(&self, level: usize) -> usize {
+        self.block.saturating_pow(level as u32)
     }
 
     pub fn pooled_tokens(&self) -> usize {

@@ -60,28 +60,35 @@ struct Case {
 }
 
 impl Case {
-    /// Pooled tokens: `levels` of sizes 10 and 3 (blocks of 4, 4, 2 and 3); siblings (pairs of query blocks) share
-    /// their pooled blocks.
+    /// Two pooled levels of `ceil(N/b)` and `ceil(N/b²)` tokens (arbitrary values: the kernels do not care how they
+    /// were pooled), in blocks of `b`; siblings (pairs of query blocks) share their pooled blocks.
     fn new(seed: u64, n: usize, block: usize, d: usize, dv: usize, k_fine: usize) -> Self {
         let mut rng = Rng(seed);
         let bh = 2;
         let n_blocks = n.div_ceil(block);
-        let offsets = vec![0, 4, 8, 10, 13];
-        let pooled_tokens = 13;
-        let k_pooled = 2;
+        let sizes = [n_blocks, n_blocks.div_ceil(block)];
+        let mut offsets = vec![0i32];
+        let mut pbias = Vec::new();
+        for (level, (&size, start)) in sizes.iter().zip([0, sizes[0]]).enumerate() {
+            offsets.extend((block..size).step_by(block).map(|r| (start + r) as i32));
+            offsets.push((start + size) as i32);
+            let span = block.pow(level as u32 + 1);
+            pbias.extend((0..size).map(|c| (span.min(n - c * span) as f32).log2()));
+        }
+        let (pooled_tokens, num_pooled_blocks) = (sizes[0] + sizes[1], offsets.len() - 1);
+        let k_pooled = 2.min(num_pooled_blocks);
         let mut fine = Vec::new();
         let mut pooled = Vec::new();
         for _ in 0..bh {
-            let mut shared = rng.distinct(k_pooled, 4);
+            let mut shared = rng.distinct(k_pooled, num_pooled_blocks);
             for j in 0..n_blocks {
                 fine.extend(rng.distinct(k_fine, n_blocks));
                 if j % 2 == 0 {
-                    shared = rng.distinct(k_pooled, 4);
+                    shared = rng.distinct(k_pooled, num_pooled_blocks);
                 }
                 pooled.extend(&shared);
             }
         }
-        let pbias = (0..pooled_tokens).map(|t| if t < 10 { 2.0 } else { 3.0 + 0.1 * t as f32 }).collect();
         Case {
             bh,
             n,
@@ -119,6 +126,7 @@ impl Case {
             &view_of("pbias", &self.pbias, "float32", &[self.pbias.len()]),
             self.n,
             self.block,
+            2,
         )
     }
 
@@ -177,8 +185,31 @@ impl Case {
         out
     }
 
-    /// `(dq, dk, dv, dkp, dvp)` in f64 for upstream gradient `dout`.
-    fn naive_grads(&self, dout: &[f32], scale: f64) -> [Vec<f64>; 5] {
+    /// `(dq, dk, dv)` in f64 for upstream gradient `dout`, k and v through the fine and the pooled keys (the pooled
+    /// rows' gradients spread to the fine tokens under them, over their counts).
+    fn naive_grads(&self, dout: &[f32], scale: f64) -> [Vec<f64>; 3] {
+        let [dq, mut dk, mut dv, dkp, dvp] = self.naive_grads_split(dout, scale);
+        let (n, b, level1) = (self.n, self.block, self.n.div_ceil(self.block));
+        for h in 0..self.bh {
+            for t in 0..n {
+                for (level, row) in [(1, t / b), (2, level1 + t / (b * b))] {
+                    let span = b.pow(level);
+                    let count = span.min(n - (t / span) * span) as f64;
+                    let p = h * self.pooled_tokens() + row;
+                    for c in 0..self.d {
+                        dk[(h * n + t) * self.d + c] += dkp[p * self.d + c] / count;
+                    }
+                    for c in 0..self.dv {
+                        dv[(h * n + t) * self.dv + c] += dvp[p * self.dv + c] / count;
+                    }
+                }
+            }
+        }
+        [dq, dk, dv]
+    }
+
+    /// `(dq, dk, dv, dkp, dvp)` in f64 with the fine and pooled keys separate.
+    fn naive_grads_split(&self, dout: &[f32], scale: f64) -> [Vec<f64>; 5] {
         let (n, d, dv, p) = (self.n, self.d, self.dv, self.pooled_tokens());
         let mut g = [vec![0.0; self.bh * n * d], vec![0.0; self.bh * n * d], vec![0.0; self.bh * n * dv], vec![0.0; self.bh * p * d], vec![0.0; self.bh * p * dv]];
         for h in 0..self.bh {
@@ -227,20 +258,18 @@ fn run(case: &Case, threads: usize) {
 
     let dout = Rng(99).values(bh * n * dv);
     let delta: Vec<f32> = (0..bh * n).map(|r| (0..dv).map(|c| dout[r * dv + c] * out[r * dv + c]).sum()).collect();
-    let grads: Vec<Vec<f32>> = [n * d, n * d, n * dv, p * d, p * dv].iter().map(|&s| vec![f32::NAN; bh * s]).collect();
+    let grads: Vec<Vec<f32>> = [n * d, n * d, n * dv].iter().map(|&s| vec![f32::NAN; bh * s]).collect();
     let gviews = [
         view_of("dq", &grads[0], "float32", &[1, bh, n, d]),
         view_of("dk", &grads[1], "float32", &[1, bh, n, d]),
         view_of("dv", &grads[2], "float32", &[1, bh, n, dv]),
-        view_of("dkp", &grads[3], "float32", &[1, bh, p, d]),
-        view_of("dvp", &grads[4], "float32", &[1, bh, p, dv]),
     ];
     let up = Upstream {
         dout: &view_of("dout", &dout, "float32", &[1, bh, n, dv]),
         lse: &view_of("lse", &lse, "float32", &[1, bh, n]),
         delta: &view_of("delta", &delta, "float32", &[1, bh, n]),
     };
-    let g = Grads { dq: &gviews[0], dk: &gviews[1], dv: &gviews[2], dkp: &gviews[3], dvp: &gviews[4] };
+    let g = Grads { dq: &gviews[0], dk: &gviews[1], dv: &gviews[2] };
     backward(&inputs, &up, &g, &plan, scale, threads).unwrap();
     let want = case.naive_grads(&dout, scale as f64);
     for (i, (got, want)) in grads.iter().zip(&want).enumerate() {
@@ -257,28 +286,38 @@ fn forward_and_backward_match_naive_loops() {
 
 #[test]
 fn plan_rejects_bad_selections() {
-    let mut case = Case::new(4, 37, 4, 5, 3, 2);
+    let fresh = || Case::new(4, 37, 4, 5, 3, 2);
+    let mut case = fresh();
     case.fine[3] = 10; // 10 fine blocks: ids 0..10
     assert!(case.plan().is_err());
-    let mut case = Case::new(4, 37, 4, 5, 3, 2);
+    let mut case = fresh();
     case.pooled[0] = 4; // 4 pooled blocks
     assert!(case.plan().is_err());
-    let mut case = Case::new(4, 37, 4, 5, 3, 2);
+    let mut case = fresh();
     case.offsets = vec![0, 5, 8, 10, 13]; // a block longer than block_size
     assert!(case.plan().is_err());
-    let mut case = Case::new(4, 37, 4, 5, 3, 2);
+    let mut case = fresh();
+    case.offsets = vec![0, 4, 8, 10, 12]; // 12 pooled rows, but 2 levels of N=37 have 13
+    case.pbias.pop();
+    assert!(case.plan().is_err());
+    let mut case = fresh();
     case.pbias[2] = f32::NAN;
     assert!(case.plan().is_err());
-    let case = Case::new(4, 37, 4, 5, 3, 2);
-    assert!(Plan::new(
-        &view_of("fine", &case.fine, "int32", &[1, 2, 9, 2]),
-        &view_of("pooled", &case.pooled, "int32", &[1, 2, 10, 2]),
-        &view_of("pb_offsets", &case.offsets, "int32", &[5]),
-        &view_of("pbias", &case.pbias, "float32", &[13]),
-        37,
-        4
-    )
-    .is_err());
+    let case = fresh();
+    let plan_with = |fine_blocks: usize, levels: usize| {
+        Plan::new(
+            &view_of("fine", &case.fine, "int32", &[1, 2, fine_blocks, 2]),
+            &view_of("pooled", &case.pooled, "int32", &[1, 2, 10, 2]),
+            &view_of("pb_offsets", &case.offsets, "int32", &[5]),
+            &view_of("pbias", &case.pbias, "float32", &[13]),
+            37,
+            4,
+            levels,
+        )
+    };
+    assert!(plan_with(10, 2).is_ok());
+    assert!(plan_with(9, 2).is_err());
+    assert!(plan_with(10, 1).is_err());
 }
 
 #[test]

@@ -5,18 +5,21 @@
 //! - centroid entries: `dc_j = P_j (g·w_j + ρ / n_j − Δ)`, so `dq += s dc_j k̄_j`, `dk̄_j += s dc_j q`,
 //!   `dw_j += P_j g` (the `ρ / n_j` term is the derivative of `ζ = z / den` that the first-order term scales).
 //!
-//! Three passes, each row written by one task: dq per query block; dk, dv per key block over the query blocks that
-//! selected it; dk̄, dw per chunk of centroids over a split of the query blocks, the splits summed at the end.
+//! One pass over (slice, split of the query blocks) tasks computes every logit once (five GEMMs per block pair,
+//! as FlashAttention-2): dq rows directly (one writer each), and the key-side gradients (dk, dv, dk̄, dw) into a
+//! private f32 buffer of the task; a second pass sums the buffers of a slice's splits in a fixed order and writes
+//! them. No atomics, deterministic.
 
 use rayon::prelude::*;
 
-use super::{centroid_bias, check_output, check_shape, f32_rows, gather, Dims, Inputs, CHUNK, LOG2_E};
+use super::vexp::exp2_shift_sum;
+use super::{centroid_bias, check_output, check_shape, f32_rows, gather, groups, Dims, Inputs, CHUNK, GROUP_KEYS, LOG2_E};
 use crate::cpu::pool::pool;
-use crate::cpu::simd::{exp2_shift_sum, matmul};
+use crate::cpu::simd::matmul;
 use crate::cpu::view::{DType, View, ViewError};
 
-/// Tasks per worker the centroid pass aims for when it splits the query blocks.
-const TASKS_PER_THREAD: usize = 4;
+/// Tasks per worker the pass aims for when it splits the query blocks of a slice.
+const TASKS_PER_THREAD: usize = 2;
 
 /// Per-query rows of the backward: `dout (B, H, N, Dv)` (float, any strides); `lse`, `delta` and optional `rho`
 /// `(B, H, N)` f32.
@@ -54,18 +57,16 @@ pub fn backward(x: &Inputs, rows: &BackwardRows, outs: &BackwardOutputs, threads
     let ctx = Ctx { x, rows, dims };
     let block = x.layout.max_block();
     let slices = bt * h;
-    let chunks = m.div_ceil(CHUNK);
-    let splits = (TASKS_PER_THREAD * threads.max(1)).div_ceil(slices * chunks).clamp(1, m);
+    let splits = (TASKS_PER_THREAD * threads.max(1)).div_ceil(slices).clamp(1, m);
     pool.install(|| {
-        (0..slices * m).into_par_iter().for_each_init(|| Buffers::new(block, dims), |buf, task| ctx.dq_block(outs.dq, task, buf));
-        (0..slices * m)
+        let partials: Vec<KeyGrads> = (0..slices * splits)
             .into_par_iter()
-            .for_each_init(|| Buffers::new(block, dims), |buf, task| ctx.dkv_block(outs.dk, outs.dv, task, buf));
-        let partials: Vec<(Vec<f32>, Vec<f32>)> = (0..slices * chunks * splits)
-            .into_par_iter()
-            .map_init(|| Buffers::new(block, dims), |buf, task| ctx.centroid_chunk(task / splits, task % splits, splits, buf))
+            .map_init(|| Buffers::new(block, dims), |buf, task| ctx.query_range(task / splits, task % splits, splits, outs.dq, buf))
             .collect();
-        (0..slices * chunks).into_par_iter().for_each(|task| ctx.store_centroid_grads(outs, &partials[task * splits..(task + 1) * splits], task));
+        (0..slices * m).into_par_iter().for_each(|task| {
+            let bh = task / m;
+            ctx.store_key_grads(outs, &partials[bh * splits..(bh + 1) * splits], bh, task % m);
+        });
     });
     Ok(())
 }
@@ -77,6 +78,15 @@ fn check_shape_f32(t: &View, shape: &[usize]) -> Result<(), ViewError> {
     Ok(())
 }
 
+/// Key-side gradients of one task, f32: `dk (N x D)`, `dv (N x Dv)` by block position (unscaled), `dk̄ (M x D)`
+/// (unscaled), `dw (M x Dv)`.
+struct KeyGrads {
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    dkm: Vec<f32>,
+    dvm: Vec<f32>,
+}
+
 struct Ctx<'a> {
     x: &'a Inputs<'a>,
     rows: &'a BackwardRows<'a>,
@@ -86,6 +96,7 @@ struct Ctx<'a> {
 struct Buffers {
     q: Vec<f32>,
     dout: Vec<f32>,
+    dq: Vec<f32>,
     lse: Vec<f32>,
     delta: Vec<f32>,
     rho: Vec<f32>,
@@ -93,27 +104,25 @@ struct Buffers {
     v: Vec<f32>,
     p: Vec<f32>,
     dp: Vec<f32>,
-    acc_a: Vec<f32>,
-    acc_b: Vec<f32>,
     bias: Vec<f32>,
     weight: Vec<f32>,
 }
 
 impl Buffers {
     fn new(block: usize, dims: Dims) -> Self {
-        let wide = block.max(CHUNK);
+        let keys = block.max(GROUP_KEYS);
+        let wide = keys.max(CHUNK);
         Buffers {
             q: vec![0.0; block * dims.d],
             dout: vec![0.0; block * dims.dv],
+            dq: vec![0.0; block * dims.d],
             lse: vec![0.0; block],
             delta: vec![0.0; block],
             rho: vec![0.0; block],
-            k: vec![0.0; block * dims.d],
-            v: vec![0.0; block * dims.dv],
+            k: vec![0.0; keys * dims.d],
+            v: vec![0.0; keys * dims.dv],
             p: vec![0.0; block * wide],
             dp: vec![0.0; block * wide],
-            acc_a: vec![0.0; wide * dims.d],
-            acc_b: vec![0.0; wide * dims.dv],
             bias: vec![0.0; CHUNK],
             weight: vec![0.0; CHUNK],
         }
@@ -136,160 +145,139 @@ impl Ctx<'_> {
         (q0, lq)
     }
 
-    fn load_key(&self, b: usize, h: usize, j: usize, buf: &mut Buffers) -> usize {
-        let layout = self.x.layout;
-        let (k0, lk) = layout.block(j);
-        gather(self.x.k, b, h, &layout.perm, k0, lk, self.dims.d, 1.0, &mut buf.k);
-        gather(self.x.v, b, h, &layout.perm, k0, lk, self.dims.dv, 1.0, &mut buf.v);
-        lk
-    }
-
-    /// `p = P` and `dp = P ∘ (dout·vᵀ − Δ)` for the loaded query and key blocks.
-    fn exact_probs(&self, lq: usize, lk: usize, buf: &mut Buffers) {
-        let (d, dv) = (self.dims.d, self.dims.dv);
-        let (p, dp) = (&mut buf.p[..lq * lk], &mut buf.dp[..lq * lk]);
-        // SAFETY: the buffers hold lq x d, lk x d, lq x dv, lk x dv and lq x lk values.
-        unsafe {
-            matmul(lq, lk, d, p.as_mut_ptr(), lk, false, buf.q.as_ptr(), d, 1, buf.k.as_ptr(), 1, d);
-            matmul(lq, lk, dv, dp.as_mut_ptr(), lk, false, buf.dout.as_ptr(), dv, 1, buf.v.as_ptr(), 1, dv);
-        }
+    /// `p = 2^(p·scale·log2 e + bias − lse)` and `dp = p ∘ (dp + ρ·weight − Δ)` over `lq x cols` (`bias`,
+    /// `weight`: per column, or none for exact entries).
+    fn probabilities(&self, lq: usize, cols: usize, centroid: bool, buf: &mut Buffers) {
         let mul = self.x.scale * LOG2_E;
-        for r in 0..lq {
-            let row = &mut p[r * lk..(r + 1) * lk];
-            row.iter_mut().for_each(|x| *x *= mul);
-            exp2_shift_sum(row, buf.lse[r]);
-            let (drow, delta) = (&mut dp[r * lk..(r + 1) * lk], buf.delta[r]);
-            drow.iter_mut().zip(row.iter()).for_each(|(g, p)| *g = p * (*g - delta));
-        }
-    }
-
-    /// `p = P` and `dp = P ∘ (dout·wᵀ + ρ/n − Δ)` for centroids `c0..c0+cols` (biases and weights in `buf`).
-    fn centroid_probs(&self, b: usize, h: usize, c0: usize, cols: usize, lq: usize, buf: &mut Buffers) {
-        let (d, dv) = (self.dims.d, self.dims.dv);
-        let (km, km_rs, km_cs) = f32_rows(self.x.key_mean, b, h, c0);
-        let (vm, vm_rs, vm_cs) = f32_rows(self.x.value_mean, b, h, c0);
         let (p, dp) = (&mut buf.p[..lq * cols], &mut buf.dp[..lq * cols]);
-        // SAFETY: validated f32 views of (B, H, M, ·) with c0 + cols <= M; buffers hold lq x cols values.
-        unsafe {
-            matmul(lq, cols, d, p.as_mut_ptr(), cols, false, buf.q.as_ptr(), d, 1, km, km_cs, km_rs);
-            matmul(lq, cols, dv, dp.as_mut_ptr(), cols, false, buf.dout.as_ptr(), dv, 1, vm, vm_cs, vm_rs);
-        }
-        let mul = self.x.scale * LOG2_E;
         for r in 0..lq {
             let row = &mut p[r * cols..(r + 1) * cols];
-            row.iter_mut().zip(&buf.bias[..cols]).for_each(|(x, bias)| *x = *x * mul + bias);
+            if centroid {
+                row.iter_mut().zip(&buf.bias[..cols]).for_each(|(x, bias)| *x = *x * mul + bias);
+            } else {
+                row.iter_mut().for_each(|x| *x *= mul);
+            }
             exp2_shift_sum(row, buf.lse[r]);
             let (drow, delta, rho) = (&mut dp[r * cols..(r + 1) * cols], buf.delta[r], buf.rho[r]);
-            for ((g, p), w) in drow.iter_mut().zip(row.iter()).zip(&buf.weight[..cols]) {
-                *g = p * (*g + rho * w - delta);
+            if centroid {
+                for ((g, p), w) in drow.iter_mut().zip(row.iter()).zip(&buf.weight[..cols]) {
+                    *g = p * (*g + rho * w - delta);
+                }
+            } else {
+                drow.iter_mut().zip(row.iter()).for_each(|(g, p)| *g = p * (*g - delta));
             }
         }
     }
 
-    fn dq_block(&self, dq: &View, task: usize, buf: &mut Buffers) {
-        let (d, m) = (self.dims.d, self.dims.m);
-        let (bh, i) = (task / m, task % m);
+    /// dq of query blocks `split` of `splits` of slice `bh` (written), and their key-side gradients (returned).
+    fn query_range(&self, bh: usize, split: usize, splits: usize, dq: &View, buf: &mut Buffers) -> KeyGrads {
+        let Dims { n, d, dv, m, .. } = self.dims;
         let (b, h) = self.x.slice(self.dims, bh);
-        let (q0, lq) = self.load_query(b, h, i, buf);
-        buf.acc_a[..lq * d].fill(0.0);
-        for &j in self.x.selection.row(bh, i) {
-            let lk = self.load_key(b, h, j, buf);
-            self.exact_probs(lq, lk, buf);
-            // SAFETY: acc_a holds lq x d, dp lq x lk, k lk x d values.
-            unsafe { matmul(lq, d, lk, buf.acc_a.as_mut_ptr(), d, true, buf.dp.as_ptr(), lk, 1, buf.k.as_ptr(), d, 1) };
+        let mut grads = KeyGrads { dk: vec![0.0; n * d], dv: vec![0.0; n * dv], dkm: vec![0.0; m * d], dvm: vec![0.0; m * dv] };
+        for i in (m * split / splits)..(m * (split + 1) / splits) {
+            let (q0, lq) = self.load_query(b, h, i, buf);
+            buf.dq[..lq * d].fill(0.0);
+            self.exact_entries(b, h, bh, i, lq, &mut grads, buf);
+            self.centroid_entries(b, h, bh, i, lq, &mut grads, buf);
+            for r in 0..lq {
+                let row = &mut buf.dq[r * d..(r + 1) * d];
+                row.iter_mut().for_each(|x| *x *= self.x.scale);
+                // SAFETY: perm is a permutation and query block i belongs to this task: one writer per row.
+                unsafe { dq.store_row(&[b, h, self.x.layout.perm[q0 + r]], row) };
+            }
         }
+        grads
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn exact_entries(&self, b: usize, h: usize, bh: usize, i: usize, lq: usize, grads: &mut KeyGrads, buf: &mut Buffers) {
+        let (d, dv, layout) = (self.dims.d, self.dims.dv, self.x.layout);
+        for group in groups(layout, self.x.selection.row(bh, i)) {
+            let mut lk = 0;
+            for &j in group {
+                let (k0, len) = layout.block(j);
+                gather(self.x.k, b, h, &layout.perm, k0, len, d, 1.0, &mut buf.k[lk * d..]);
+                gather(self.x.v, b, h, &layout.perm, k0, len, dv, 1.0, &mut buf.v[lk * dv..]);
+                lk += len;
+            }
+            // SAFETY (all GEMMs below): buffers hold lq x d (q, dq), lq x dv (dout), lk x d (k), lk x dv (v) and
+            // lq x lk (p, dp) values; the key-side rows k0..k0+len lie inside the N x d / N x dv task buffers.
+            unsafe {
+                matmul(lq, lk, d, buf.p.as_mut_ptr(), lk, false, buf.q.as_ptr(), d, 1, buf.k.as_ptr(), 1, d);
+                matmul(lq, lk, dv, buf.dp.as_mut_ptr(), lk, false, buf.dout.as_ptr(), dv, 1, buf.v.as_ptr(), 1, dv);
+            }
+            self.probabilities(lq, lk, false, buf);
+            unsafe { matmul(lq, d, lk, buf.dq.as_mut_ptr(), d, true, buf.dp.as_ptr(), lk, 1, buf.k.as_ptr(), d, 1) };
+            let mut col = 0;
+            for &j in group {
+                let (k0, len) = layout.block(j);
+                unsafe {
+                    // dk_j += dSᵀ q ; dv_j += Pᵀ dout (columns col..col+len of dS and P)
+                    matmul(len, d, lq, grads.dk[k0 * d..].as_mut_ptr(), d, true, buf.dp[col..].as_ptr(), 1, lk, buf.q.as_ptr(), d, 1);
+                    matmul(len, dv, lq, grads.dv[k0 * dv..].as_mut_ptr(), dv, true, buf.p[col..].as_ptr(), 1, lk, buf.dout.as_ptr(), dv, 1);
+                }
+                col += len;
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn centroid_entries(&self, b: usize, h: usize, bh: usize, i: usize, lq: usize, grads: &mut KeyGrads, buf: &mut Buffers) {
+        let (d, dv, m) = (self.dims.d, self.dims.dv, self.dims.m);
         let selected = self.x.selection.mask_row(bh, i);
         for c0 in (0..m).step_by(CHUNK) {
             let cols = CHUNK.min(m - c0);
             if !centroid_bias(self.x.layout, selected, c0, cols, &mut buf.bias, &mut buf.weight) {
                 continue;
             }
-            self.centroid_probs(b, h, c0, cols, lq, buf);
             let (km, km_rs, km_cs) = f32_rows(self.x.key_mean, b, h, c0);
-            // SAFETY: as in `centroid_probs`.
-            unsafe { matmul(lq, d, cols, buf.acc_a.as_mut_ptr(), d, true, buf.dp.as_ptr(), cols, 1, km, km_rs, km_cs) };
-        }
-        for r in 0..lq {
-            let row = &mut buf.acc_a[r * d..(r + 1) * d];
-            row.iter_mut().for_each(|x| *x *= self.x.scale);
-            // SAFETY: perm is a permutation: one writer per row.
-            unsafe { dq.store_row(&[b, h, self.x.layout.perm[q0 + r]], row) };
-        }
-    }
-
-    fn dkv_block(&self, dk: &View, dv_out: &View, task: usize, buf: &mut Buffers) {
-        let (d, dv, m) = (self.dims.d, self.dims.dv, self.dims.m);
-        let (bh, j) = (task / m, task % m);
-        let (b, h) = self.x.slice(self.dims, bh);
-        let lk = self.load_key(b, h, j, buf);
-        buf.acc_a[..lk * d].fill(0.0);
-        buf.acc_b[..lk * dv].fill(0.0);
-        for &i in self.x.selection.selecting(bh, j) {
-            let (_, lq) = self.load_query(b, h, i, buf);
-            self.exact_probs(lq, lk, buf);
-            // SAFETY: buffer sizes as in `exact_probs`; acc_a holds lk x d, acc_b lk x dv.
+            let (vm, vm_rs, vm_cs) = f32_rows(self.x.value_mean, b, h, c0);
+            // SAFETY: validated f32 views of (B, H, M, ·) with c0 + cols <= M; buffers hold lq x cols (p, dp),
+            // lq x d (q, dq), lq x dv (dout); rows c0..c0+cols lie inside the M x d / M x dv task buffers.
             unsafe {
-                matmul(lk, dv, lq, buf.acc_b.as_mut_ptr(), dv, true, buf.p.as_ptr(), 1, lk, buf.dout.as_ptr(), dv, 1);
-                matmul(lk, d, lq, buf.acc_a.as_mut_ptr(), d, true, buf.dp.as_ptr(), 1, lk, buf.q.as_ptr(), d, 1);
+                matmul(lq, cols, d, buf.p.as_mut_ptr(), cols, false, buf.q.as_ptr(), d, 1, km, km_cs, km_rs);
+                matmul(lq, cols, dv, buf.dp.as_mut_ptr(), cols, false, buf.dout.as_ptr(), dv, 1, vm, vm_cs, vm_rs);
             }
-        }
-        let k0 = self.x.layout.offsets[j];
-        for r in 0..lk {
-            let token = self.x.layout.perm[k0 + r];
-            let dk_row = &mut buf.acc_a[r * d..(r + 1) * d];
-            dk_row.iter_mut().for_each(|x| *x *= self.x.scale);
-            // SAFETY: perm is a permutation: one writer per row.
+            self.probabilities(lq, cols, true, buf);
             unsafe {
-                dk.store_row(&[b, h, token], dk_row);
-                dv_out.store_row(&[b, h, token], &buf.acc_b[r * dv..(r + 1) * dv]);
+                matmul(lq, d, cols, buf.dq.as_mut_ptr(), d, true, buf.dp.as_ptr(), cols, 1, km, km_rs, km_cs);
+                matmul(cols, d, lq, grads.dkm[c0 * d..].as_mut_ptr(), d, true, buf.dp.as_ptr(), 1, cols, buf.q.as_ptr(), d, 1);
+                matmul(cols, dv, lq, grads.dvm[c0 * dv..].as_mut_ptr(), dv, true, buf.p.as_ptr(), 1, cols, buf.dout.as_ptr(), dv, 1);
             }
         }
     }
 
-    /// Partial `(dk̄, dw)` of one chunk of centroids over split `split` of the query blocks (`cols x d`, `cols x dv`;
-    /// dk̄ already times `scale`).
-    fn centroid_chunk(&self, chunk_task: usize, split: usize, splits: usize, buf: &mut Buffers) -> (Vec<f32>, Vec<f32>) {
-        let (d, dv, m) = (self.dims.d, self.dims.dv, self.dims.m);
-        let chunks = m.div_ceil(CHUNK);
-        let (bh, c0) = (chunk_task / chunks, (chunk_task % chunks) * CHUNK);
+    /// Sums the splits' gradients of key block `j` of slice `bh` (its tokens and its centroid) and writes them.
+    fn store_key_grads(&self, outs: &BackwardOutputs, partials: &[KeyGrads], bh: usize, j: usize) {
+        let Dims { d, dv, .. } = self.dims;
         let (b, h) = self.x.slice(self.dims, bh);
-        let cols = CHUNK.min(m - c0);
-        buf.acc_a[..cols * d].fill(0.0);
-        buf.acc_b[..cols * dv].fill(0.0);
-        for i in (m * split / splits)..(m * (split + 1) / splits) {
-            if !centroid_bias(self.x.layout, self.x.selection.mask_row(bh, i), c0, cols, &mut buf.bias, &mut buf.weight) {
-                continue;
-            }
-            let (_, lq) = self.load_query(b, h, i, buf);
-            self.centroid_probs(b, h, c0, cols, lq, buf);
-            // SAFETY: p, dp hold lq x cols; q lq x d; dout lq x dv; acc_a cols x d; acc_b cols x dv.
+        let (k0, len) = self.x.layout.block(j);
+        let (mut gk, mut gv) = (vec![0.0f32; d], vec![0.0f32; dv]);
+        for p in k0..k0 + len {
+            sum_rows(&mut gk, &mut gv, partials.iter().map(|g| (&g.dk[p * d..(p + 1) * d], &g.dv[p * dv..(p + 1) * dv])));
+            gk.iter_mut().for_each(|x| *x *= self.x.scale);
+            // SAFETY: perm is a permutation and block j belongs to this task: one writer per row.
             unsafe {
-                matmul(cols, d, lq, buf.acc_a.as_mut_ptr(), d, true, buf.dp.as_ptr(), 1, cols, buf.q.as_ptr(), d, 1);
-                matmul(cols, dv, lq, buf.acc_b.as_mut_ptr(), dv, true, buf.p.as_ptr(), 1, cols, buf.dout.as_ptr(), dv, 1);
+                outs.dk.store_row(&[b, h, self.x.layout.perm[p]], &gk);
+                outs.dv.store_row(&[b, h, self.x.layout.perm[p]], &gv);
             }
         }
-        let dkm = buf.acc_a[..cols * d].iter().map(|x| x * self.x.scale).collect();
-        (dkm, buf.acc_b[..cols * dv].to_vec())
+        sum_rows(&mut gk, &mut gv, partials.iter().map(|g| (&g.dkm[j * d..(j + 1) * d], &g.dvm[j * dv..(j + 1) * dv])));
+        gk.iter_mut().for_each(|x| *x *= self.x.scale);
+        // SAFETY: centroid row j of slice bh belongs to this task.
+        unsafe {
+            outs.dkey_mean.store_row(&[b, h, j], &gk);
+            outs.dvalue_mean.store_row(&[b, h, j], &gv);
+        }
     }
+}
 
-    fn store_centroid_grads(&self, outs: &BackwardOutputs, partials: &[(Vec<f32>, Vec<f32>)], chunk_task: usize) {
-        let (d, dv, m) = (self.dims.d, self.dims.dv, self.dims.m);
-        let chunks = m.div_ceil(CHUNK);
-        let (bh, c0) = (chunk_task / chunks, (chunk_task % chunks) * CHUNK);
-        let (b, h) = self.x.slice(self.dims, bh);
-        let (mut dkm, mut dvm) = (vec![0.0f32; d], vec![0.0f32; dv]);
-        for c in 0..CHUNK.min(m - c0) {
-            dkm.fill(0.0);
-            dvm.fill(0.0);
-            for (a, v) in partials {
-                dkm.iter_mut().zip(&a[c * d..(c + 1) * d]).for_each(|(x, y)| *x += y);
-                dvm.iter_mut().zip(&v[c * dv..(c + 1) * dv]).for_each(|(x, y)| *x += y);
-            }
-            // SAFETY: each (slice, chunk) task owns its centroid rows.
-            unsafe {
-                outs.dkey_mean.store_row(&[b, h, c0 + c], &dkm);
-                outs.dvalue_mean.store_row(&[b, h, c0 + c], &dvm);
-            }
-        }
+/// `(gk, gv) = Σ (a, v)` over the splits, in order.
+fn sum_rows<'a>(gk: &mut [f32], gv: &mut [f32], parts: impl Iterator<Item = (&'a [f32], &'a [f32])>) {
+    gk.fill(0.0);
+    gv.fill(0.0);
+    for (a, v) in parts {
+        gk.iter_mut().zip(a).for_each(|(x, y)| *x += y);
+        gv.iter_mut().zip(v).for_each(|(x, y)| *x += y);
     }
 }

@@ -157,16 +157,3 @@ fn bad_layouts_and_selections_are_errors() {
     assert!(Selection::new(&[0, 1, 1], 1, 2).is_err()); // not (M, k)
     assert!(Selection::new(&[-1, 1], 1, 2).is_err());
 }
-
-#[test]
-fn transposed_selection_lists_selecting_query_blocks() {
-    // Two slices, M = 3, k = 2.
-    let ids = [0, 1, 1, 2, 2, 0, 2, 1, 0, 2, 1, 0];
-    let s = Selection::new(&ids, 2, 3).unwrap();
-    assert_eq!(s.selecting(0, 0), &[0, 2]);
-    assert_eq!(s.selecting(0, 1), &[0, 1]);
-    assert_eq!(s.selecting(0, 2), &[1, 2]);
-    assert_eq!(s.selecting(1, 0), &[1, 2]);
-    assert_eq!(s.selecting(1, 1), &[0, 2]);
-    assert_eq!(s.selecting(1, 2), &[0, 1]);
-}

@@ -1,0 +1,255 @@
+"""Attention modules for linear Diffusion Transformers: ``DyDiLA`` (``specs/dydila.md``) and ``LiTAttention`` (LiT).
+
+Both take ``x (B, N, dim)`` and an optional :class:`~difattn.TokenGrid` (a square image grid is inferred when N
+is a perfect square), name their projections like timm's ``Attention`` (``qkv``, ``proj``) so a DiT's attention
+weights load unchanged, and add a depthwise conv on V over the image tokens (``dwconv``, a plain ``nn.Conv2d``).
+The kernels live behind :func:`difattn.dydila_attention` / :func:`difattn.linear_attention`; nothing here computes
+attention itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional
+from ._checks import check_bool, check_grid, check_int
+from .grid import TokenGrid
+from .reference import power_map
+
+__all__ = ["Attention", "DyDiLA", "LiTAttention", "RoutedProjection", "RoutedValue", "straight_through", "conv_on_grid"]
+
+STREAMS = ("q", "k", "q_aux", "k_aux")
+
+
+def straight_through(logits: torch.Tensor) -> torch.Tensor:
+    """Routing weights over the last dim: the one-hot argmax in the forward pass, the softmax's gradient in the
+    backward pass (straight-through estimator): ``hard + (soft − soft.detach())``, bracketed so the forward value
+    is exactly one-hot (``hard + soft − soft`` would round)."""
+    soft = logits.softmax(dim=-1)
+    hard = F.one_hot(soft.argmax(dim=-1), soft.shape[-1]).to(soft.dtype)
+    return hard + (soft - soft.detach())
+
+
+class RoutedProjection(nn.Module):
+    """``num_projectors`` full-width projectors ``W^j`` and a router: each token uses ``x W^u``,
+    ``u = argmax(x R)`` (straight-through). ``bank`` holds the projectors side by side, ``router`` is ``R``."""
+
+    def __init__(self, dim: int, num_projectors: int, *, bias: bool = True) -> None:
+        super().__init__()
+        self.num_projectors = check_int("num_projectors", num_projectors, minimum=1)
+        self.bank = nn.Linear(dim, num_projectors * dim, bias=bias)
+        self.router = nn.Linear(dim, num_projectors)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape  # (B, N, dim)
+        weights = straight_through(self.router(x))  # (B, N, P)
+        # Every projector runs: the estimator's backward needs each one's output.
+        projected = self.bank(x).view(B, N, self.num_projectors, C)
+        return torch.einsum("bnp,bnpc->bnc", weights.to(projected.dtype), projected)  # (B, N, dim)
+
+
+class RoutedValue(nn.Module):
+    """A learnable bank of ``size`` scalars, initialised evenly over ``[low, high]`` and used clamped to ``>= minimum``,
+    and a router over ``in_features`` that picks one per row (straight-through). The router's input is detached:
+    it learns from the estimator, not by moving the features it routes on (spec choice)."""
+
+    def __init__(self, in_features: int, size: int, *, low: float, high: float, minimum: float | None = None) -> None:
+        super().__init__()
+        self.router = nn.Linear(in_features, size)
+        self.bank = nn.Parameter(torch.linspace(low, high, size))
+        self.minimum = minimum
+
+    def values(self) -> torch.Tensor:
+        """The bank, clamped in the forward pass; the clamp passes gradients straight through (a plain clamp has
+        none at the bound, so the entry initialised at the minimum could never move)."""
+        if self.minimum is None:
+            return self.bank
+        return self.bank.detach().clamp_min(self.minimum) + (self.bank - self.bank.detach())
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        weights = straight_through(self.router(features.detach().to(self.router.weight.dtype)))  # (..., size)
+        return weights @ self.values()  # (...)
+
+
+def _grid_for(num_tokens: int, grid: TokenGrid | None) -> TokenGrid:
+    if grid is not None:
+        check_grid(grid, num_tokens)
+        return grid
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(
+            f"grid: N = {num_tokens} tokens is not a perfect square, so no square image grid can be inferred; "
+            "pass grid=difattn.TokenGrid(height, width, ...)"
+        )
+    return TokenGrid(side, side)
+
+
+def conv_on_grid(conv: nn.Conv2d, tokens: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
+    """A 2D conv of the image tokens of ``tokens (B, N, C)`` over their grid, each frame on its own; text rows get
+    zeros. Returns ``(B, N, C)``."""
+    B, N, C = tokens.shape
+    image = slice(grid.image_range.start, grid.image_range.stop)
+    frames = tokens[:, image].reshape(B * grid.frames, grid.height, grid.width, C).permute(0, 3, 1, 2)
+    conv_out = conv(frames).permute(0, 2, 3, 1).reshape(B, grid.image_tokens, C)
+    if grid.text_tokens == 0:
+        return conv_out
+    text = conv_out.new_zeros(B, grid.text_tokens, C)
+    return torch.cat((text, conv_out) if grid.text_position == "first" else (conv_out, text), dim=1)
+
+
+def _depthwise(dim: int, kernel: int) -> nn.Conv2d | None:
+    kernel = check_int("dwconv_kernel", kernel, minimum=0)
+    if kernel and kernel % 2 == 0:
+        raise ValueError(f"dwconv_kernel must be odd (a centred 'same' conv) or 0 (none), got {kernel}")
+    return nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim) if kernel else None
+
+
+def _check_heads(dim: int, num_heads: int) -> int:
+    check_int("dim", dim, minimum=1)
+    check_int("num_heads", num_heads, minimum=1)
+    if dim % num_heads:
+        raise ValueError(f"num_heads must divide dim, got dim={dim}, num_heads={num_heads}")
+    return dim // num_heads
+
+
+class DyDiLA(nn.Module):
+    """Dynamic differential linear attention (``specs/dydila.md``).
+
+    Shared projections ``q, k, v = qkv(x)``; routed auxiliary projections ``q_aux``, ``k_aux`` (banks of
+    ``num_projectors`` full-width projectors, one per token); per-token, per-head kernel exponents γ for the four
+    streams (``kernels``: routers over the head's features picking from banks of ``num_kernels`` values, initialised
+    over [1, 5], clamped ≥ 1); per-token λ for the token differential (``lambdas``: routers over
+    ``[φ(z), φ(z_aux)]`` picking from banks of ``num_lambdas`` values, initialised over [0, 0.5]); then
+    :func:`difattn.dydila_attention`, plus a ``dwconv_kernel``² depthwise conv of V on the image grid (0: none),
+    and the output projection ``proj``.
+
+    Args:
+        dim, num_heads: model width and heads (``num_heads`` divides ``dim``; LiT uses few, e.g. 2 or 4).
+        num_projectors, num_kernels, num_lambdas: bank sizes n_P, n_K, n_D.
+        dwconv_kernel: odd side of the depthwise conv on V, or 0 for none.
+        normalize, eps: passed to :func:`difattn.dydila_attention` (``eps`` also offsets the power maps).
+        qkv_bias: bias of ``qkv`` and of the auxiliary projector banks.
+        backend: the backend of the attention core (``"auto"``, ``"rust"``, ``"triton"``, ``"torch"``).
+
+    ``forward(x, grid=None)``: ``x (B, N, dim)``; returns ``(B, N, dim)``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        num_projectors: int = 3,
+        num_kernels: int = 9,
+        num_lambdas: int = 9,
+        dwconv_kernel: int = 5,
+        normalize: bool = False,
+        eps: float = 1e-6,
+        qkv_bias: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        head_dim = _check_heads(dim, num_heads)
+        check_int("num_kernels", num_kernels, minimum=1)
+        check_int("num_lambdas", num_lambdas, minimum=1)
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.normalize, self.eps, self.backend = check_bool("normalize", normalize), eps, backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.q_aux = RoutedProjection(dim, num_projectors, bias=qkv_bias)
+        self.k_aux = RoutedProjection(dim, num_projectors, bias=qkv_bias)
+        self.kernels = nn.ModuleDict(
+            {s: RoutedValue(head_dim, num_kernels, low=1.0, high=5.0, minimum=1.0) for s in STREAMS}
+        )
+        self.lambdas = nn.ModuleDict({s: RoutedValue(2 * head_dim, num_lambdas, low=0.0, high=0.5) for s in ("q", "k")})
+        self.dwconv = _depthwise(dim, dwconv_kernel)
+        self.proj = nn.Linear(dim, dim)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, normalize={self.normalize}"
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        B, N, C = t.shape
+        return t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh), no copy
+
+    def forward(self, x: torch.Tensor, grid: TokenGrid | None = None) -> torch.Tensor:
+        B, N, C = x.shape  # (B, N, dim)
+        grid = _grid_for(N, grid) if self.dwconv is not None or grid is not None else None
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
+        streams = {"q": q, "k": k, "q_aux": self._heads(self.q_aux(x)), "k_aux": self._heads(self.k_aux(x))}
+        gammas = {s: self.kernels[s](z) for s, z in streams.items()}  # (B, H, N) each
+        lambdas = {s: self._route_lambda(s, streams, gammas) for s in ("q", "k")}
+        out = functional.dydila_attention(
+            q, k, v, streams["q_aux"], streams["k_aux"],
+            gamma_q=gammas["q"], gamma_k=gammas["k"], gamma_q_aux=gammas["q_aux"], gamma_k_aux=gammas["k_aux"],
+            lambda_q=lambdas["q"], lambda_k=lambdas["k"], normalize=self.normalize, eps=self.eps, backend=self.backend,
+        )  # (B, H, N, Dh)
+        out = out.transpose(1, 2).reshape(B, N, C)
+        if self.dwconv is not None:
+            out = out + conv_on_grid(self.dwconv, v.transpose(1, 2).reshape(B, N, C), grid)
+        return self.proj(out)
+
+    def _route_lambda(self, side: str, streams: dict, gammas: dict) -> torch.Tensor:
+        """λ of one side from ``[φ(z), φ(z_aux)]`` (router input only: computed without gradient)."""
+        aux = f"{side}_aux"
+        with torch.no_grad():
+            features = torch.cat(
+                [power_map(streams[side], gammas[side], self.eps), power_map(streams[aux], gammas[aux], self.eps)], -1
+            )
+        return self.lambdas[side](features)
+
+
+class LiTAttention(nn.Module):
+    """LiT's attention: ReLU features, linear attention (normalised by default), plus a ``dwconv_kernel``²
+    depthwise conv of V on the image grid, then ``proj``. Parameters ``qkv``, ``proj`` as timm's ``Attention``,
+    ``dwconv`` a plain ``nn.Conv2d``.
+
+    Args:
+        dim, num_heads: model width and heads (``num_heads`` divides ``dim``).
+        qkv_bias: bias of ``qkv``.
+        dwconv_kernel: odd side of the depthwise conv on V, or 0 for none.
+        normalize, eps, backend: passed to :func:`difattn.linear_attention`.
+
+    ``forward(x, grid=None)``: ``x (B, N, dim)``; returns ``(B, N, dim)``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        qkv_bias: bool = True,
+        dwconv_kernel: int = 5,
+        normalize: bool = True,
+        eps: float = 1e-6,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.head_dim = _check_heads(dim, num_heads)
+        self.num_heads = num_heads
+        self.normalize, self.eps, self.backend = check_bool("normalize", normalize), eps, backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.dwconv = _depthwise(dim, dwconv_kernel)
+        self.proj = nn.Linear(dim, dim)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, normalize={self.normalize}"
+
+    def forward(self, x: torch.Tensor, grid: TokenGrid | None = None) -> torch.Tensor:
+        B, N, C = x.shape  # (B, N, dim)
+        grid = _grid_for(N, grid) if self.dwconv is not None or grid is not None else None
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
+        out = functional.linear_attention(
+            F.relu(q), F.relu(k), v, normalize=self.normalize, eps=self.eps, backend=self.backend
+        )
+        out = out.transpose(1, 2).reshape(B, N, C)
+        if self.dwconv is not None:
+            out = out + conv_on_grid(self.dwconv, v.transpose(1, 2).reshape(B, N, C), grid)
+        return self.proj(out)
+
+
+# Last: the method-switching Attention (its own file) reuses the building blocks above.
+from ._attention_module import Attention  # noqa: E402

@@ -1,0 +1,405 @@
+"""Triton kernels of LLSA (log-linear sparse attention): forward and backward over a selection.
+
+Keys come from two tensors: fine ``k, v (B, H, N, ·)`` (any strides) and pooled ``kp, vp (B, H, P, ·)``, whose
+tokens carry a ``+log2(count)`` logit bias. A key block is ``BS`` consecutive tokens of one level; a key tile holds
+``GROUP`` blocks, gathered by block id (``o // BS_PAD`` picks the block, ``o % BS_PAD`` the row in it), so blocks
+smaller than 64 tokens still fill a tile. Programs:
+
+- forward and dq: one per (fine query block, batch·head), over its fine and pooled blocks;
+- fine dk/dv: one per (fine key block, batch·head), over the query blocks that chose it (the transposed selection);
+- pooled dk/dv: one per (item, batch·head): an item is a query range and one pooled block; its partial gradients
+  are summed per pooled token by the caller.
+
+No output is written by two programs and nothing needs atomics. Every load is masked (ragged blocks, head dims that
+are not powers of two), addressing is int64, softmax runs in base 2 with fp32 state.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2_E = 1.4426950408889634
+
+
+@triton.jit
+def _key_tile(sel_ptr, e0, count, o_g, o_w, BS, N, pb_off_ptr, POOLED: tl.constexpr):
+    """Rows and mask of the key tile holding blocks ``sel[e0 : e0 + GROUP]`` (fine rows of k, or pooled rows)."""
+    m_e = (e0 + o_g) < count
+    blk = tl.load(sel_ptr + e0 + o_g, mask=m_e, other=0).to(tl.int64)
+    if POOLED:
+        start = tl.load(pb_off_ptr + blk, mask=m_e, other=0).to(tl.int64)
+        end = tl.load(pb_off_ptr + blk + 1, mask=m_e, other=0).to(tl.int64)
+        rows = start + o_w
+        return rows, m_e & (rows < end)
+    rows = blk * BS + o_w
+    return rows, m_e & (o_w < BS) & (rows < N)
+
+
+@triton.jit
+def _fwd_pass(
+    b_q, b_m, b_l, b_acc, sel_ptr, count, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    pb_off_ptr, pbias_ptr, BS, N, D, DV, qk_scale,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BS_PAD: tl.constexpr,
+    POOLED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Online softmax of a query block over ``count`` key blocks listed at ``sel_ptr``."""
+    o_n = tl.arange(0, BLOCK_N)
+    o_g = o_n // BS_PAD
+    o_w = o_n % BS_PAD
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    for e0 in range(0, count, BLOCK_N // BS_PAD):
+        rows, m_k = _key_tile(sel_ptr, e0, count, o_g, o_w, BS, N, pb_off_ptr, POOLED)
+        b_kt = tl.load(k_base + rows[None, :] * stride_kn + o_d[:, None] * stride_kd,
+                       mask=m_k[None, :] & (o_d[:, None] < D), other=0.0)
+        b_v = tl.load(v_base + rows[:, None] * stride_vn + o_dv[None, :] * stride_vd,
+                      mask=m_k[:, None] & (o_dv[None, :] < DV), other=0.0)
+        b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
+        if POOLED:
+            b_s += tl.load(pbias_ptr + rows, mask=m_k, other=0.0)[None, :]
+        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+        m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(b_m - m_safe)
+        b_p = tl.exp2(b_s - m_safe[:, None])
+        b_l = b_l * alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+        b_m = m_new
+    return b_m, b_l, b_acc
+
+
+@triton.jit(do_not_specialize=["N", "NB", "K_POOLED"])
+def _llsa_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, out_ptr, lse_ptr, fine_ptr, pooled_ptr, pb_off_ptr, pbias_ptr,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_kpb, stride_kph, stride_kpn, stride_kpd,
+    stride_vpb, stride_vph, stride_vpn, stride_vpd,
+    stride_ob, stride_oh, stride_on, stride_lb, stride_lh,
+    N, NB, H, D, DV, BS, K_FINE, K_POOLED, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BS_PAD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_q = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    o_m = tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    q_rows = i_q.to(tl.int64) * BS + o_m
+    m_q = (o_m < BS) & (q_rows < N)
+    b_q = tl.load(q_ptr + i_b * stride_qb + i_h * stride_qh + q_rows[:, None] * stride_qn + o_d[None, :] * stride_qd,
+                  mask=m_q[:, None] & (o_d[None, :] < D), other=0.0)
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    row = i_bh * NB + i_q
+    b_m, b_l, b_acc = _fwd_pass(
+        b_q, b_m, b_l, b_acc, fine_ptr + row * K_FINE, K_FINE,
+        k_ptr + i_b * stride_kb + i_h * stride_kh, v_ptr + i_b * stride_vb + i_h * stride_vh,
+        stride_kn, stride_kd, stride_vn, stride_vd, pb_off_ptr, pbias_ptr, BS, N, D, DV, qk_scale,
+        BLOCK_N, BLOCK_D, BLOCK_DV, BS_PAD, False, PRECISION,
+    )
+    b_m, b_l, b_acc = _fwd_pass(
+        b_q, b_m, b_l, b_acc, pooled_ptr + row * K_POOLED, K_POOLED,
+        kp_ptr + i_b * stride_kpb + i_h * stride_kph, vp_ptr + i_b * stride_vpb + i_h * stride_vph,
+        stride_kpn, stride_kpd, stride_vpn, stride_vpd, pb_off_ptr, pbias_ptr, BS, N, D, DV, qk_scale,
+        BLOCK_N, BLOCK_D, BLOCK_DV, BS_PAD, True, PRECISION,
+    )
+    has_key = b_l > 0.0
+    b_out = b_acc / tl.where(has_key, b_l, 1.0)[:, None]
+    p_out = out_ptr + i_b * stride_ob + i_h * stride_oh + q_rows[:, None] * stride_on + o_dv[None, :]
+    tl.store(p_out, b_out.to(out_ptr.dtype.element_ty), mask=m_q[:, None] & (o_dv[None, :] < DV))
+    lse = (b_m + tl.log2(tl.where(has_key, b_l, 1.0))) / 1.4426950408889634
+    tl.store(lse_ptr + i_b * stride_lb + i_h * stride_lh + q_rows, lse, mask=m_q)
+
+
+@triton.jit
+def _dq_pass(
+    b_q, b_do, b_lse, b_delta, b_dq, sel_ptr, count, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    pb_off_ptr, pbias_ptr, BS, N, D, DV, qk_scale,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BS_PAD: tl.constexpr,
+    POOLED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``dq += dS · k`` of a query block over ``count`` key blocks listed at ``sel_ptr`` (dq unscaled)."""
+    o_n = tl.arange(0, BLOCK_N)
+    o_g = o_n // BS_PAD
+    o_w = o_n % BS_PAD
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    for e0 in range(0, count, BLOCK_N // BS_PAD):
+        rows, m_k = _key_tile(sel_ptr, e0, count, o_g, o_w, BS, N, pb_off_ptr, POOLED)
+        b_k = tl.load(k_base + rows[:, None] * stride_kn + o_d[None, :] * stride_kd,
+                      mask=m_k[:, None] & (o_d[None, :] < D), other=0.0)
+        b_vt = tl.load(v_base + rows[None, :] * stride_vn + o_dv[:, None] * stride_vd,
+                       mask=m_k[None, :] & (o_dv[:, None] < DV), other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
+        if POOLED:
+            b_s += tl.load(pbias_ptr + rows, mask=m_k, other=0.0)[None, :]
+        b_p = tl.where(m_k[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)
+        b_dp = tl.dot(b_do, b_vt, input_precision=PRECISION)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
+    return b_dq
+
+
+@triton.jit(do_not_specialize=["N", "NB", "K_POOLED"])
+def _llsa_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    fine_ptr, pooled_ptr, pb_off_ptr, pbias_ptr,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_kpb, stride_kph, stride_kpn, stride_kpd,
+    stride_vpb, stride_vph, stride_vpn, stride_vpd,
+    stride_dob, stride_doh, stride_don, stride_lb, stride_lh,
+    N, NB, H, D, DV, BS, K_FINE, K_POOLED, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BS_PAD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_q = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    o_m = tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    q_rows = i_q.to(tl.int64) * BS + o_m
+    m_q = (o_m < BS) & (q_rows < N)
+    m_qd = m_q[:, None] & (o_d[None, :] < D)
+    b_q = tl.load(q_ptr + i_b * stride_qb + i_h * stride_qh + q_rows[:, None] * stride_qn + o_d[None, :] * stride_qd,
+                  mask=m_qd, other=0.0)
+    b_do = tl.load(do_ptr + i_b * stride_dob + i_h * stride_doh + q_rows[:, None] * stride_don + o_dv[None, :],
+                   mask=m_q[:, None] & (o_dv[None, :] < DV), other=0.0)
+    l_off = i_b * stride_lb + i_h * stride_lh + q_rows
+    b_lse = tl.load(lse_ptr + l_off, mask=m_q, other=0.0) * 1.4426950408889634
+    b_delta = tl.load(delta_ptr + l_off, mask=m_q, other=0.0)
+    qk_scale = scale * 1.4426950408889634
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row = i_bh * NB + i_q
+    b_dq = _dq_pass(
+        b_q, b_do, b_lse, b_delta, b_dq, fine_ptr + row * K_FINE, K_FINE,
+        k_ptr + i_b * stride_kb + i_h * stride_kh, v_ptr + i_b * stride_vb + i_h * stride_vh,
+        stride_kn, stride_kd, stride_vn, stride_vd, pb_off_ptr, pbias_ptr, BS, N, D, DV, qk_scale,
+        BLOCK_N, BLOCK_D, BLOCK_DV, BS_PAD, False, PRECISION,
+    )
+    b_dq = _dq_pass(
+        b_q, b_do, b_lse, b_delta, b_dq, pooled_ptr + row * K_POOLED, K_POOLED,
+        kp_ptr + i_b * stride_kpb + i_h * stride_kph, vp_ptr + i_b * stride_vpb + i_h * stride_vph,
+        stride_kpn, stride_kpd, stride_vpn, stride_vpd, pb_off_ptr, pbias_ptr, BS, N, D, DV, qk_scale,
+        BLOCK_N, BLOCK_D, BLOCK_DV, BS_PAD, True, PRECISION,
+    )
+    p_dq = dq_ptr + ((i_b * H + i_h) * N + q_rows[:, None]) * D + o_d[None, :]
+    tl.store(p_dq, (b_dq * scale).to(dq_ptr.dtype.element_ty), mask=m_qd)
+
+
+@triton.jit
+def _dkv_step(
+    b_k, b_v, b_dk, b_dv, b_bias, m_k, q_rows, m_q, q_base, do_base, lse_base, delta_base,
+    stride_qn, stride_qd, stride_don, D, DV, qk_scale,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``dv += Pᵀ dout``, ``dk += dSᵀ q`` of a key tile against one tile of query rows (dk unscaled)."""
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    b_qt = tl.load(q_base + q_rows[None, :] * stride_qn + o_d[:, None] * stride_qd,
+                   mask=m_q[None, :] & (o_d[:, None] < D), other=0.0)
+    b_do = tl.load(do_base + q_rows[:, None] * stride_don + o_dv[None, :],
+                   mask=m_q[:, None] & (o_dv[None, :] < DV), other=0.0)
+    b_lse = tl.load(lse_base + q_rows, mask=m_q, other=0.0) * 1.4426950408889634
+    b_delta = tl.load(delta_base + q_rows, mask=m_q, other=0.0)
+    b_st = tl.dot(b_k, b_qt, input_precision=PRECISION) * qk_scale + b_bias[:, None]  # (keys, queries)
+    b_pt = tl.where(m_k[:, None] & m_q[None, :], tl.exp2(b_st - b_lse[None, :]), 0.0)
+    b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
+    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
+    b_dst = b_pt * (b_dpt - b_delta[None, :])
+    b_dk += tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), input_precision=PRECISION)
+    return b_dk, b_dv
+
+
+@triton.jit(do_not_specialize=["N", "NB"])
+def _llsa_bwd_fine_dkv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, t_indptr_ptr, t_indices_ptr,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_lb, stride_lh,
+    N, NB, H, D, DV, BS, K_FINE, scale,
+    BLOCK_K: tl.constexpr, BLOCK_MQ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BS_PAD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_k = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    o_n = tl.arange(0, BLOCK_K)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    k_rows = i_k.to(tl.int64) * BS + o_n
+    m_k = (o_n < BS) & (k_rows < N)
+    m_kd = m_k[:, None] & (o_d[None, :] < D)
+    m_kdv = m_k[:, None] & (o_dv[None, :] < DV)
+    b_k = tl.load(k_ptr + i_b * stride_kb + i_h * stride_kh + k_rows[:, None] * stride_kn + o_d[None, :] * stride_kd,
+                  mask=m_kd, other=0.0)
+    b_v = tl.load(v_ptr + i_b * stride_vb + i_h * stride_vh + k_rows[:, None] * stride_vn + o_dv[None, :] * stride_vd,
+                  mask=m_kdv, other=0.0)
+    b_bias = tl.zeros([BLOCK_K], dtype=tl.float32)
+    b_dk = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_K, BLOCK_DV], dtype=tl.float32)
+    o_m = tl.arange(0, BLOCK_MQ)
+    o_g = o_m // BS_PAD
+    o_w = o_m % BS_PAD
+    t_start = tl.load(t_indptr_ptr + i_bh * (NB + 1) + i_k)
+    t_end = tl.load(t_indptr_ptr + i_bh * (NB + 1) + i_k + 1)
+    choosers = t_indices_ptr + i_bh * NB * K_FINE
+    q_base = q_ptr + i_b * stride_qb + i_h * stride_qh
+    do_base = do_ptr + i_b * stride_dob + i_h * stride_doh
+    l_off = i_b * stride_lb + i_h * stride_lh
+    qk_scale = scale * 1.4426950408889634
+    for e0 in range(t_start, t_end, BLOCK_MQ // BS_PAD):
+        m_e = (e0 + o_g) < t_end
+        blk = tl.load(choosers + e0 + o_g, mask=m_e, other=0).to(tl.int64)
+        q_rows = blk * BS + o_w
+        m_q = m_e & (o_w < BS) & (q_rows < N)
+        b_dk, b_dv = _dkv_step(b_k, b_v, b_dk, b_dv, b_bias, m_k, q_rows, m_q, q_base, do_base, lse_ptr + l_off,
+                               delta_ptr + l_off, stride_qn, stride_qd, stride_don, D, DV, qk_scale,
+                               BLOCK_D, BLOCK_DV, PRECISION)
+    base = (i_b * H + i_h) * N
+    tl.store(dk_ptr + (base + k_rows[:, None]) * D + o_d[None, :], (b_dk * scale).to(dk_ptr.dtype.element_ty), mask=m_kd)
+    tl.store(dv_ptr + (base + k_rows[:, None]) * DV + o_dv[None, :], b_dv.to(dv_ptr.dtype.element_ty), mask=m_kdv)
+
+
+@triton.jit(do_not_specialize=["N", "NI"])
+def _llsa_bwd_pooled_dkv_kernel(
+    q_ptr, kp_ptr, vp_ptr, do_ptr, lse_ptr, delta_ptr, part_k_ptr, part_v_ptr, ranges_ptr, blocks_ptr,
+    pb_off_ptr, pbias_ptr,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kpb, stride_kph, stride_kpn, stride_kpd,
+    stride_vpb, stride_vph, stride_vpn, stride_vpd,
+    stride_dob, stride_doh, stride_don, stride_lb, stride_lh,
+    N, NI, H, D, DV, BS, scale,
+    BLOCK_K: tl.constexpr, BLOCK_MQ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_item = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    blk = tl.load(blocks_ptr + i_bh * NI + i_item).to(tl.int64)
+    start = tl.load(pb_off_ptr + blk).to(tl.int64)
+    end = tl.load(pb_off_ptr + blk + 1).to(tl.int64)
+    o_n = tl.arange(0, BLOCK_K)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    k_rows = start + o_n
+    m_k = k_rows < end
+    b_k = tl.load(kp_ptr + i_b * stride_kpb + i_h * stride_kph + k_rows[:, None] * stride_kpn + o_d[None, :] * stride_kpd,
+                  mask=m_k[:, None] & (o_d[None, :] < D), other=0.0)
+    b_v = tl.load(vp_ptr + i_b * stride_vpb + i_h * stride_vph + k_rows[:, None] * stride_vpn + o_dv[None, :] * stride_vpd,
+                  mask=m_k[:, None] & (o_dv[None, :] < DV), other=0.0)
+    b_bias = tl.load(pbias_ptr + k_rows, mask=m_k, other=0.0)
+    b_dk = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_K, BLOCK_DV], dtype=tl.float32)
+    q_start = tl.load(ranges_ptr + 2 * i_item).to(tl.int64)
+    q_end = tl.load(ranges_ptr + 2 * i_item + 1).to(tl.int64)
+    o_m = tl.arange(0, BLOCK_MQ)
+    q_base = q_ptr + i_b * stride_qb + i_h * stride_qh
+    do_base = do_ptr + i_b * stride_dob + i_h * stride_doh
+    l_off = i_b * stride_lb + i_h * stride_lh
+    qk_scale = scale * 1.4426950408889634
+    for q0 in range(q_start, q_end, BLOCK_MQ):
+        q_rows = q0 + o_m
+        m_q = q_rows < q_end
+        b_dk, b_dv = _dkv_step(b_k, b_v, b_dk, b_dv, b_bias, m_k, q_rows, m_q, q_base, do_base, lse_ptr + l_off,
+                               delta_ptr + l_off, stride_qn, stride_qd, stride_don, D, DV, qk_scale,
+                               BLOCK_D, BLOCK_DV, PRECISION)
+    # Partial rows (B*H, NI, BS, ·): rows past the block's end stay zero and are dropped by the caller.
+    slot = (i_bh * NI + i_item) * BS + o_n
+    m_slot = o_n < BS
+    tl.store(part_k_ptr + slot[:, None] * D + o_d[None, :], b_dk * scale, mask=m_slot[:, None] & (o_d[None, :] < D))
+    tl.store(part_v_ptr + slot[:, None] * DV + o_dv[None, :], b_dv, mask=m_slot[:, None] & (o_dv[None, :] < DV))
+
+
+# --- launchers -------------------------------------------------------------------------------------------------
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, triton.next_power_of_2(int(n)))
+
+
+def _meta(q, v, block_size: int) -> dict:
+    bs_pad = triton.next_power_of_2(block_size)
+    return dict(
+        BLOCK_D=_pow2(q.shape[3]), BLOCK_DV=_pow2(v.shape[3]), BS_PAD=bs_pad,
+        PRECISION="ieee" if q.dtype.itemsize == 4 else "tf32",
+    )
+
+
+def _key_tile_size(bs_pad: int) -> int:
+    """Keys per tile: whole blocks, at least 64 keys (16 for tl.dot) when blocks are small."""
+    return max(16, bs_pad, 64 // bs_pad * bs_pad)
+
+
+def llsa_fwd(q, k, v, kp, vp, plan, block_size: int, scale: float):
+    """Forward over ``plan = [fine, pooled, pb_offsets, pbias]``. Returns ``out (B, H, N, Dv)`` in q's dtype and
+    ``lse (B, H, N)`` fp32."""
+    import torch
+
+    fine, pooled, pb_off, pbias = plan
+    B, H, N, D = q.shape
+    DV = v.shape[3]
+    NB = fine.shape[2]
+    out = torch.empty(B, H, N, DV, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    meta = _meta(q, v, block_size)
+    _llsa_fwd_kernel[(NB, B * H)](
+        q, k, v, kp, vp, out, lse, fine, pooled, pb_off, pbias,
+        *q.stride(), *k.stride(), *v.stride(), *kp.stride(), *vp.stride(), *out.stride()[:3], *lse.stride()[:2],
+        N, NB, H, D, DV, block_size, fine.shape[3], pooled.shape[3], scale * LOG2_E,
+        BLOCK_M=_pow2(block_size), BLOCK_N=_key_tile_size(meta["BS_PAD"]), **meta,
+    )
+    return out, lse
+
+
+def llsa_bwd(q, k, v, kp, vp, dout, lse, delta, plan, key_side, block_size: int, scale: float):
+    """Backward. ``key_side = (t_indptr, t_indices, ranges, blocks)`` (``ops.llsa_plan.transpose`` and
+    ``pooled_items``). Returns ``dq`` (q's dtype), ``dk, dv`` through the fine keys only (fp32) and the items'
+    partial pooled gradients ``part_k (B*H, I, BS, D)``, ``part_v (B*H, I, BS, Dv)`` (fp32); all contiguous."""
+    import torch
+
+    fine, pooled, pb_off, pbias = plan
+    t_indptr, t_indices, ranges, blocks = key_side
+    B, H, N, D = q.shape
+    DV = v.shape[3]
+    NB, NI = fine.shape[2], ranges.shape[0]
+    dout = dout.contiguous()
+    dq = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
+    dk = torch.empty(B, H, N, D, dtype=torch.float32, device=q.device)  # fp32: the pooled gradients are added next
+    dv = torch.empty(B, H, N, DV, dtype=torch.float32, device=q.device)
+    part_k = torch.empty(B * H, NI, block_size, D, dtype=torch.float32, device=q.device)
+    part_v = torch.empty(B * H, NI, block_size, DV, dtype=torch.float32, device=q.device)
+    meta = _meta(q, v, block_size)
+    lse_strides = (*dout.stride()[:3], *lse.stride()[:2])
+    _llsa_bwd_dq_kernel[(NB, B * H)](
+        q, k, v, kp, vp, dout, lse, delta, dq, fine, pooled, pb_off, pbias,
+        *q.stride(), *k.stride(), *v.stride(), *kp.stride(), *vp.stride(), *lse_strides,
+        N, NB, H, D, DV, block_size, fine.shape[3], pooled.shape[3], scale,
+        BLOCK_M=_pow2(block_size), BLOCK_N=_key_tile_size(meta["BS_PAD"]), **meta,
+    )
+    _llsa_bwd_fine_dkv_kernel[(NB, B * H)](
+        q, k, v, dout, lse, delta, dk, dv, t_indptr, t_indices,
+        *q.stride(), *k.stride(), *v.stride(), *lse_strides,
+        N, NB, H, D, DV, block_size, fine.shape[3], scale,
+        BLOCK_K=_pow2(block_size), BLOCK_MQ=_key_tile_size(meta["BS_PAD"]), **meta,
+    )
+    meta.pop("BS_PAD")
+    _llsa_bwd_pooled_dkv_kernel[(NI, B * H)](
+        q, kp, vp, dout, lse, delta, part_k, part_v, ranges, blocks, pb_off, pbias,
+        *q.stride(), *kp.stride(), *vp.stride(), *lse_strides,
+        N, NI, H, D, DV, block_size, scale,
+        BLOCK_K=_pow2(block_size), BLOCK_MQ=64, **meta,
+    )
+    return dq, dk, dv, part_k, part_v

@@ -1,0 +1,184 @@
+//! LLSA's hierarchical top-K selection on CPU (`specs/llsa.md`): dense top-K at the coarsest level, then at each finer
+//! level top-K over the children of the parent's choices. Scores are raw dot products of the pooled q and k (f32);
+//! ranks follow a descending stable sort: higher score first, ties to the lower id, NaN above everything (as
+//! `torch.sort` orders them), −0.0 equal to +0.0.
+
+use rayon::prelude::*;
+
+use super::{err, View, ViewError};
+use crate::cpu::pool::pool;
+use crate::cpu::simd::matmul;
+use crate::cpu::view::DType;
+
+/// One level of the pyramid: pooled queries and keys `(B, H, n, D)` (f32) and the output ids `(B, H, n, K)` (int64,
+/// contiguous).
+pub struct Level<'a> {
+    pub queries: &'a View,
+    pub keys: &'a View,
+    pub out: &'a View,
+}
+
+/// The total order of ranks: the float order on the bits (−0.0 folded into +0.0; NaN above +∞).
+#[inline]
+fn rank_key(score: f32) -> i32 {
+    let bits = (score + 0.0).to_bits() as i32;
+    bits ^ ((bits >> 31) & 0x7FFF_FFFF)
+}
+
+/// The `count` best `(key, id)` pairs of a row, best first (higher key, then lower id), by insertion.
+fn top(scores: &[f32], ids: impl Iterator<Item = usize>, count: usize, best: &mut Vec<(i32, usize)>) {
+    best.clear();
+    for (&s, id) in scores.iter().zip(ids) {
+        let key = rank_key(s);
+        if best.len() == count && key <= best[count - 1].0 {
+            continue; // ids come in increasing order, so an equal key never displaces an earlier one
+        }
+        let at = best.partition_point(|&(k, _)| k >= key);
+        if best.len() == count {
+            best.pop();
+        }
+        best.insert(at, (key, id));
+    }
+}
+
+struct Shape {
+    batch_heads: usize,
+    heads: usize,
+    d: usize,
+    sizes: Vec<usize>,
+    topks: Vec<usize>,
+}
+
+fn check(levels: &[Level], block: usize) -> Result<Shape, ViewError> {
+    let first = levels.first().ok_or_else(|| ViewError("selection needs at least one level".into()))?;
+    let (batch, heads, d) = (first.queries.shape.first().copied().unwrap_or(0), first.queries.shape.get(1).copied().unwrap_or(0), first.queries.shape.get(3).copied().unwrap_or(0));
+    let (mut sizes, mut topks) = (Vec::new(), Vec::new());
+    for (l, level) in levels.iter().enumerate() {
+        for t in [level.queries, level.keys] {
+            if t.dtype != DType::F32 || t.shape.len() != 4 || t.shape[..2] != [batch, heads] || t.shape[3] != d {
+                return err(format!("{}: level {} must be float32 (B, H, n, D) = ({batch}, {heads}, n, {d})", t.name, l + 1));
+            }
+        }
+        let n = level.queries.shape[2];
+        let out = level.out;
+        if level.keys.shape[2] != n || out.dtype != DType::I64 || out.shape.len() != 4 || out.shape[..3] != [batch, heads, n] {
+            return err(format!("level {}: keys and ids must cover the {n} queries (ids int64 (B, H, n, K))", l + 1));
+        }
+        out.expect_contiguous()?;
+        if let Some(&finer) = sizes.last() {
+            if n != usize::div_ceil(finer, block) {
+                return err(format!("level {}: {n} tokens, expected ceil({finer} / {block})", l + 1));
+            }
+        }
+        sizes.push(n);
+        topks.push(out.shape[3]);
+    }
+    let last = levels.len() - 1;
+    if topks[last] == 0 || topks[last] > sizes[last] || topks.contains(&0) {
+        return err(format!("top-K must lie in 1..={} at the coarsest level and be >= 1 everywhere", sizes[last]));
+    }
+    Ok(Shape { batch_heads: batch * heads, heads, d, sizes, topks })
+}
+
+/// Writes `I_l` into every level's `out`; `levels[0]` is level 1 (the fine blocks), the last the coarsest.
+pub fn select(levels: &[Level], block: usize, threads: usize) -> Result<(), ViewError> {
+    if block < 2 {
+        return err("block size must be >= 2");
+    }
+    let shape = check(levels, block)?;
+    let pool = pool(threads).map_err(ViewError)?;
+    let coarsest = levels.len() - 1;
+    pool.install(|| {
+        (0..shape.batch_heads).into_par_iter().for_each(|bh| coarse(&levels[coarsest], &shape, coarsest, bh));
+        for l in (0..coarsest).rev() {
+            let parents = shape.sizes[l + 1];
+            let result: Result<(), ViewError> = (0..shape.batch_heads * parents)
+                .into_par_iter()
+                .try_for_each(|task| refine(&levels[l], &levels[l + 1], &shape, l, block, task / parents, task % parents));
+            result?;
+        }
+        Ok(())
+    })
+}
+
+/// Rows of `(b, h)` of a float view into `dst` (`rows x d`).
+fn rows_of(t: &View, b: usize, h: usize, r0: usize, rows: usize, d: usize, dst: &mut [f32]) {
+    for r in 0..rows {
+        t.load_row(&[b, h, r0 + r], &mut dst[r * d..(r + 1) * d]);
+    }
+}
+
+/// Writes one row of ids (`out` validated contiguous int64; this task is its only writer).
+fn write_ids(out: &View, b: usize, h: usize, row: usize, ids: &[(i32, usize)]) {
+    let at = out.offset(&[b, h, row, 0]);
+    for (i, &(_, id)) in ids.iter().enumerate() {
+        // SAFETY: `check` validated the view (int64, contiguous, row < n, i < K); one task writes each row.
+        unsafe { *(out.ptr as *mut i64).add(at + i) = id as i64 };
+    }
+}
+
+/// Query rows scored at once at the coarsest level (bounds the score buffer when that level is large).
+const COARSE_ROWS: usize = 64;
+
+fn coarse(level: &Level, shape: &Shape, l: usize, bh: usize) {
+    let (b, h, d, n, count) = (bh / shape.heads, bh % shape.heads, shape.d, shape.sizes[l], shape.topks[l]);
+    let chunk = COARSE_ROWS.min(n);
+    let (mut q, mut k, mut s) = (vec![0.0; chunk * d], vec![0.0; n * d], vec![0.0; chunk * n]);
+    rows_of(level.keys, b, h, 0, n, d, &mut k);
+    let mut best = Vec::with_capacity(count + 1);
+    for j0 in (0..n).step_by(chunk) {
+        let rows = chunk.min(n - j0);
+        rows_of(level.queries, b, h, j0, rows, d, &mut q);
+        // SAFETY: q holds rows x d, k n x d and s rows x n floats.
+        unsafe { matmul(rows, n, d, s.as_mut_ptr(), n, false, q.as_ptr(), d, 1, k.as_ptr(), 1, d) };
+        for r in 0..rows {
+            top(&s[r * n..(r + 1) * n], 0..n, count, &mut best);
+            write_ids(level.out, b, h, j0 + r, &best);
+        }
+    }
+}
+
+/// `I_l` for the children of level-(l+1) token `p` of `(b·h)`: top-K over the children of `I_{l+1}[p]`.
+fn refine(level: &Level, parent: &Level, shape: &Shape, l: usize, block: usize, bh: usize, p: usize) -> Result<(), ViewError> {
+    let (b, h, d, n, count) = (bh / shape.heads, bh % shape.heads, shape.d, shape.sizes[l], shape.topks[l]);
+    let parent_count = shape.topks[l + 1];
+    let at = parent.out.offset(&[b, h, p, 0]);
+    // SAFETY: the parent level was written by this call (validated int64 view, in-range row).
+    let mut chosen: Vec<usize> = (0..parent_count).map(|i| unsafe { *(parent.out.ptr as *const i64).add(at + i) } as usize).collect();
+    chosen.sort_unstable();
+    let candidates: Vec<usize> = chosen.iter().flat_map(|&c| c * block..((c + 1) * block).min(n)).collect();
+    if candidates.len() < count {
+        return err(format!("level {}: top-K {count} exceeds the {} candidates of a query", l + 1, candidates.len()));
+    }
+    let kc = candidates.len();
+    let (r0, rows) = (p * block, block.min(n - p * block));
+    let (mut q, mut k, mut s) = (vec![0.0; rows * d], vec![0.0; kc * d], vec![0.0; rows * kc]);
+    rows_of(level.queries, b, h, r0, rows, d, &mut q);
+    for (i, &c) in candidates.iter().enumerate() {
+        level.keys.load_row(&[b, h, c], &mut k[i * d..(i + 1) * d]);
+    }
+    // SAFETY: q holds rows x d, k kc x d and s rows x kc floats.
+    unsafe { matmul(rows, kc, d, s.as_mut_ptr(), kc, false, q.as_ptr(), d, 1, k.as_ptr(), 1, d) };
+    let mut best = Vec::with_capacity(count + 1);
+    for r in 0..rows {
+        top(&s[r * kc..(r + 1) * kc], candidates.iter().copied(), count, &mut best);
+        write_ids(level.out, b, h, r0 + r, &best);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_like_a_stable_descending_sort() {
+        let scores = [0.0f32, -0.0, 1.0, -0.0, 0.0, f32::NEG_INFINITY, -1.0, f32::NAN, 1.0];
+        let mut best = Vec::new();
+        top(&scores, 0..scores.len(), scores.len(), &mut best);
+        let ids: Vec<usize> = best.iter().map(|&(_, id)| id).collect();
+        assert_eq!(ids, [7, 2, 8, 0, 1, 3, 4, 6, 5]);
+        top(&scores, 0..scores.len(), 3, &mut best);
+        assert_eq!(best.iter().map(|&(_, id)| id).collect::<Vec<_>>(), [7, 2, 8]);
+    }
+}

@@ -1,0 +1,295 @@
+"""PISA on the Rust kernels (tier 0): layout and routing exactly as the reference; forward and every gradient
+against the reference given the same selected blocks, through the one tolerance helper; exactness properties;
+the late centroid that raises the running max; the order="first" delegation; bad selections; opcheck."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import difattn
+from difattn import reference
+from difattn.ops import pisa as pisa_ops
+from difattn.reference.pisa import pisa_layout as reference_layout
+from difattn.testing import assert_close, assert_finite, compare_with_reference, nan_poisoned, random_qkv
+from difattn.testing.strategies import head_dims, token_grids
+
+ORDERS = ("zeroth", "hybrid")
+
+
+def fast(q, k, v, *, kernel="rust", **options):
+    """The kernel path with every option spelled out (``blocks`` passes a selection, as the reference takes)."""
+    full = dict(density=0.125, block_size=64, order="hybrid", routing_bias=False, sink=None, grid=None,
+                return_blocks=False, scale=q.shape[-1] ** -0.5)
+    full.update(options)
+    return pisa_ops.pisa_attention(q, k, v, kernel=kernel, **full)
+
+
+def compare_given_blocks(name, q, k, v, *, kernel="rust", **options):
+    """Routes on the kernel path, checks the selection against the reference's (when asked), then compares forward
+    and gradients of both given that selection."""
+    scale = options.pop("scale", q.shape[-1] ** -0.5)
+    _, blocks = fast(q, k, v, kernel=kernel, return_blocks=True, scale=scale, **options)
+    compare_with_reference(
+        name,
+        lambda q, k, v: fast(q, k, v, kernel=kernel, blocks=blocks, scale=scale, **options),
+        lambda q, k, v: reference.pisa_attention(q, k, v, blocks=blocks, scale=scale, **options),
+        (q, k, v),
+    )
+    return blocks
+
+
+@st.composite
+def pisa_shapes(draw, max_tokens: int = 260):
+    """``(grid or None, N, block_size)``: odd grids with text before or after, N not a multiple of the block."""
+    block_size = draw(st.sampled_from([4, 8, 16, 64]))
+    grid = draw(st.none() | token_grids(max_side=17, max_frames=2, max_text=13, max_tokens=max_tokens))
+    num_tokens = grid.num_tokens if grid is not None else draw(st.integers(1, max_tokens))
+    return grid, num_tokens, block_size
+
+
+@pytest.mark.parametrize("block_size", [4, 8, 64, 128])
+@pytest.mark.parametrize("grid", [None, difattn.TokenGrid(13, 45, frames=2, text_tokens=70),
+                                  difattn.TokenGrid(30, 52, text_tokens=9, text_position="last")])
+def test_layout_is_the_reference_layout(grid, block_size):
+    num_tokens = grid.num_tokens if grid is not None else 1000
+    layout = pisa_ops.pisa_layout(grid, num_tokens, block_size, "cpu")
+    perm, sizes = reference_layout(grid, num_tokens, block_size)
+    assert torch.equal(layout.perm, perm if perm is not None else torch.arange(num_tokens))
+    assert torch.equal(layout.counts, sizes)
+    assert torch.equal(layout.offsets, torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]))
+
+
+@given(shape=pisa_shapes(), d=head_dims(), order=st.sampled_from(ORDERS),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       density=st.sampled_from([0.05, 0.2, 0.5]), sink=st.sampled_from([None, "first", "last"]),
+       seed=st.integers(0, 99))
+def test_rust_matches_reference_given_blocks(shape, d, order, dtype, density, sink, seed):
+    grid, num_tokens, block_size = shape
+    q, k, v = random_qkv(1, 2, num_tokens, d, Dv=d if seed % 3 else 40, dtype=dtype, seed=seed,
+                         token_major=seed % 2 == 0)
+    compare_given_blocks(f"pisa rust {order}", q, k, v, density=density, block_size=block_size, order=order,
+                         sink=sink, grid=grid)
+
+
+@settings(max_examples=12)
+@given(shape=pisa_shapes(), density=st.sampled_from([0.05, 0.2, 0.5, 0.7, 1.0]),
+       sink=st.sampled_from([None, "first", "last"]), seed=st.integers(0, 2**16))
+def test_routing_equals_reference(shape, density, sink, seed):
+    """fp32 end to end (the statistics are the same arithmetic as the reference's): equal selections."""
+    grid, num_tokens, block_size = shape
+    q, k, v = random_qkv(2, 2, num_tokens, 8, Dv=6, seed=seed)
+    kw = dict(density=density, block_size=block_size, sink=sink, grid=grid, scale=0.35)
+    _, blocks = fast(q, k, v, return_blocks=True, **kw)
+    _, expected = reference.pisa_attention(q, k, v, return_blocks=True, **kw)
+    assert blocks.dtype == torch.int64 and torch.equal(blocks, expected)
+
+
+@settings(max_examples=12)
+@given(shape=pisa_shapes(max_tokens=160), density=st.sampled_from([0.1, 0.3]), sink=st.sampled_from([None, "last"]),
+       seed=st.integers(0, 2**16))
+def test_routing_bias_equals_reference_in_float64(shape, density, sink, seed):
+    """The Gram-matrix form of ‖H_j − H̄‖_F routes like the reference's explicit moments (float64, where rounding
+    cannot flip a tie)."""
+    grid, num_tokens, block_size = shape
+    q, k, v = random_qkv(1, 2, num_tokens, 8, Dv=6, dtype=torch.float64, seed=seed)
+    layout = pisa_ops.pisa_layout(grid, num_tokens, block_size, "cpu")
+    key_mean, _, moment_mean = pisa_ops.block_stats(k, v, layout, moments=True)
+    spread = pisa_ops.moment_spread(k, v, key_mean, moment_mean, layout)
+    num_selected = max(1, math.floor(density * layout.num_blocks))
+    blocks = pisa_ops.route(q, key_mean, layout, 0.3, num_selected, sink=sink, spread=spread)
+    _, expected = reference.pisa_attention(q, k, v, density=density, block_size=block_size, routing_bias=True,
+                                           sink=sink, grid=grid, return_blocks=True, scale=0.3)
+    assert torch.equal(blocks, expected)
+
+
+@pytest.mark.parametrize("grid", [None, difattn.TokenGrid(9, 11, text_tokens=6, text_position="last")])
+def test_routing_bias_fp32_matches_reference(grid):
+    num_tokens = grid.num_tokens if grid is not None else 300
+    q, k, v = random_qkv(2, 3, num_tokens, 16, seed=5, token_major=True)
+    kw = dict(density=0.2, block_size=8, routing_bias=True, sink="first", grid=grid, scale=0.25)
+    for order in ORDERS:
+        _, blocks = fast(q, k, v, order=order, return_blocks=True, **kw)
+        _, expected = reference.pisa_attention(q, k, v, order=order, return_blocks=True, **kw)
+        assert torch.equal(blocks, expected)
+    compare_given_blocks("pisa rust routing bias", q, k, v, order="hybrid", **kw)
+
+
+@pytest.mark.parametrize("d, dv", [(256, 40), (72, 96)])
+def test_large_and_uneven_head_dims(d, dv):
+    grid = difattn.TokenGrid(10, 13, text_tokens=7)
+    q, k, v = random_qkv(1, 2, grid.num_tokens, d, Dv=dv, dtype=torch.bfloat16, seed=d)
+    compare_given_blocks(f"pisa rust d={d}", q, k, v, density=0.3, block_size=16, grid=grid)
+
+
+def dense_pair(q, k, v):
+    """Dense attention in the input dtype and in float64 (the exactness targets)."""
+    return reference.dense_attention(q, k, v), reference.dense_attention(*(x.double() for x in (q, k, v)))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("grid", [None, difattn.TokenGrid(12, 14, frames=2, text_tokens=5, text_position="last")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_density_one_is_dense(grid, order, dtype):
+    num_tokens = grid.num_tokens if grid is not None else 333
+    q, k, v = random_qkv(1, 2, num_tokens, 64, dtype=dtype, seed=1)
+    out = fast(q, k, v, density=1.0, block_size=16, order=order, grid=grid, routing_bias=True)
+    assert_close(f"density 1 {order}", out, *dense_pair(q, k, v))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("grid", [None, difattn.TokenGrid(12, 10, text_tokens=9)])
+def test_block_constant_keys_are_dense(grid, order):
+    num_tokens = grid.num_tokens if grid is not None else 150
+    q, _, v = random_qkv(1, 2, num_tokens, 32, dtype=torch.float64, seed=2)
+    layout = pisa_ops.pisa_layout(grid, num_tokens, 8, "cpu")
+    block_keys = torch.randn(1, 2, layout.num_blocks, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    block_of = torch.repeat_interleave(torch.arange(layout.num_blocks), layout.counts)
+    k = torch.empty_like(q)
+    k[:, :, layout.perm] = block_keys[:, :, block_of]
+    q, k, v = (x.float() for x in (q, k, v))
+    out = fast(q, k, v, density=0.2, block_size=8, order=order, grid=grid, sink="last")
+    assert_close(f"block-constant keys {order}", out, *dense_pair(q, k, v))
+
+
+def late_centroid_case(num_blocks: int, block_size: int = 2, dim: int = 8, dtype=torch.float32):
+    """Every query selects block 0; the last block's centroid has a logit over 3 above every earlier one, so the
+    first-order sum z must be rescaled when it arrives (a kernel that forgets inflates z by over e^3)."""
+    gen = torch.Generator().manual_seed(11)
+    num_tokens = num_blocks * block_size
+    u = torch.nn.functional.normalize(torch.randn(dim, generator=gen, dtype=torch.float64), dim=0)
+    q = u + 0.1 * torch.randn(1, 1, num_tokens, dim, generator=gen, dtype=torch.float64)
+    k = 0.3 * torch.randn(1, 1, num_tokens, dim, generator=gen, dtype=torch.float64)
+    k[:, :, -block_size:] = 6.0 * u + 0.3 * torch.randn(block_size, dim, generator=gen, dtype=torch.float64)
+    # Values that follow the keys' deviations make H̄ (and so the first-order term) large.
+    v = 3.0 * k + 0.5 * torch.randn(1, 1, num_tokens, dim, generator=gen, dtype=torch.float64)
+    blocks = torch.zeros(1, 1, num_blocks, 1, dtype=torch.int64)
+    logits = q @ k.reshape(1, 1, num_blocks, block_size, dim).mean(-2).transpose(-1, -2)  # scale 1
+    assert bool((logits[..., -1] - logits[..., 1:-1].amax(-1) > 3).all())
+    return (q.to(dtype), k.to(dtype), v.to(dtype)), blocks
+
+
+def test_late_centroid_raising_the_max_rust():
+    num_blocks = 150  # > 2 chunks of 64 centroids: the max rises in the last chunk
+    (q, k, v), blocks = late_centroid_case(num_blocks)
+    kw = dict(density=1 / num_blocks, block_size=2, order="hybrid", scale=1.0)
+    out = fast(q, k, v, blocks=blocks, **kw)
+    ref = reference.pisa_attention(q.double(), k.double(), v.double(), blocks=blocks, **kw)
+    first_order = ref - reference.pisa_attention(q.double(), k.double(), v.double(), blocks=blocks,
+                                                 **{**kw, "order": "zeroth"})
+    assert float(first_order.abs().max()) > 0.05  # the term a missing rescale would inflate is not negligible
+    compare_with_reference("late centroid", lambda q, k, v: fast(q, k, v, blocks=blocks, **kw),
+                           lambda q, k, v: reference.pisa_attention(q, k, v, blocks=blocks, **kw), (q, k, v))
+    assert_close("late centroid fwd", out, reference.pisa_attention(q, k, v, blocks=blocks, **kw), ref)
+
+
+def test_first_order_and_float64_run_the_reference():
+    grid = difattn.TokenGrid(6, 7, text_tokens=3)
+    q, k, v = random_qkv(1, 2, grid.num_tokens, 16, seed=4)
+    kw = dict(density=0.3, block_size=4, grid=grid, routing_bias=True, return_blocks=True)
+    for x, order in (((q, k, v), "first"), ((q.double(), k.double(), v.double()), "hybrid")):
+        out, blocks = difattn.pisa_attention(*x, order=order, backend="rust", **kw)
+        ref, ref_blocks = reference.pisa_attention(*x, order=order, scale=0.25, **kw)
+        assert torch.equal(out, ref) and torch.equal(blocks, ref_blocks)
+
+
+def test_auto_picks_rust_on_cpu():
+    from difattn.backends import BACKENDS, select
+
+    assert select("pisa", "auto", torch.device("cpu")) is BACKENDS["rust"].implementations["pisa"]
+
+
+def test_public_function_returns_caller_order_and_blocks():
+    grid = difattn.TokenGrid(9, 10, text_tokens=4, text_position="last")
+    q, k, v = random_qkv(2, 2, grid.num_tokens, 16, seed=6, token_major=True)
+    out, blocks = difattn.pisa_attention(q, k, v, density=0.25, block_size=8, grid=grid, return_blocks=True)
+    ref = reference.pisa_attention(q, k, v, density=0.25, block_size=8, grid=grid, blocks=blocks, scale=0.25)
+    assert out.shape == q.shape and out.dtype == q.dtype and blocks.shape == (2, 2, 16, 4)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_selections_are_rejected():
+    q, k, v = random_qkv(1, 2, 20, 4, seed=9)  # block_size 4: M = 5, density 0.4: k = 2
+    good = torch.zeros(1, 2, 5, 2, dtype=torch.int64)
+    good[..., 1] = 1
+    fast(q, k, v, density=0.4, block_size=4, blocks=good)
+    for bad in (good[..., :1], good + 4, torch.zeros_like(good)):
+        with pytest.raises(ValueError, match="blocks"):
+            fast(q, k, v, density=0.4, block_size=4, blocks=bad)
+    with pytest.raises(TypeError, match="blocks"):
+        fast(q, k, v, density=0.4, block_size=4, blocks=good.int())
+    # The compiled core validates on its own too: repeats and out-of-range ids never reach a kernel.
+    layout = pisa_ops.pisa_layout(None, 20, 4, "cpu")
+    key_mean, value_mean, _ = pisa_ops.block_stats(k, v, layout, moments=False)
+    for bad, message in ((torch.zeros_like(good), "repeats"), (good + 4, "out of range")):
+        with pytest.raises(ValueError, match=message):
+            pisa_ops.pisa_fwd(q, k, v, key_mean, value_mean, None, layout.perm, layout.offsets, bad, 4, 0.5, "rust")
+    with pytest.raises(ValueError, match="perm"):
+        pisa_ops.pisa_fwd(q, k, v, key_mean, value_mean, None, torch.zeros(20, dtype=torch.int64), layout.offsets,
+                          good, 4, 0.5, "rust")
+
+
+def test_kernels_write_every_output():
+    """Outputs poisoned with NaN come back finite: every row of every output is written."""
+    from difattn._native import core
+    from difattn.ops.block_attention import _desc
+
+    grid = difattn.TokenGrid(7, 9, text_tokens=5)
+    q, k, v = random_qkv(2, 2, grid.num_tokens, 24, Dv=20, dtype=torch.float16, seed=8, token_major=True)
+    layout = pisa_ops.pisa_layout(grid, grid.num_tokens, 8, "cpu")
+    key_mean, value_mean, moment_mean = pisa_ops.block_stats(k, v, layout, moments=True)
+    blocks = pisa_ops.route(q, key_mean, layout, 0.2, 3, sink="first")
+    first = (q.float() @ moment_mean).contiguous()
+    B, H, N, _ = q.shape
+    out, lse, zeta = (nan_poisoned((B, H, N, 20), dtype=q.dtype), nan_poisoned((B, H, N), dtype=torch.float32),
+                      nan_poisoned((B, H, N), dtype=torch.float32))
+    plan = pisa_ops._plan(layout.perm, layout.offsets, blocks)
+    core().pisa_forward(_desc(q), _desc(k), _desc(v), (_desc(key_mean), _desc(value_mean)), _desc(first),
+                        _desc(out), _desc(lse), _desc(zeta), plan, 0.2, 2)
+    for name, x in (("out", out), ("lse", lse), ("zeta", zeta)):
+        assert_finite(name, x)
+    dout = torch.randn(out.shape).to(q.dtype)
+    delta, rho = (dout.float() * out.float()).sum(-1), (dout.float() * first).sum(-1)
+    grads = [nan_poisoned(x.shape, dtype=q.dtype) for x in (q, k, v)]
+    centroid_grads = [nan_poisoned(x.shape, dtype=torch.float32) for x in (key_mean, value_mean)]
+    core().pisa_backward(_desc(q), _desc(k), _desc(v), (_desc(key_mean), _desc(value_mean)), _desc(dout), _desc(lse),
+                         _desc(delta), _desc(rho), tuple(_desc(g) for g in grads),
+                         tuple(_desc(g) for g in centroid_grads), plan, 0.2, 2)
+    for name, x in zip(("dq", "dk", "dv", "dkey_mean", "dvalue_mean"), grads + centroid_grads):
+        assert_finite(name, x)
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_opcheck_pisa_cpu(hybrid):
+    grid = difattn.TokenGrid(5, 6, text_tokens=3)
+    q, k, v = random_qkv(1, 2, grid.num_tokens, 16, seed=10)
+    layout = pisa_ops.pisa_layout(grid, grid.num_tokens, 4, "cpu")
+    key_mean, value_mean, moment_mean = pisa_ops.block_stats(k, v, layout, moments=True)
+    blocks = pisa_ops.route(q, key_mean, layout, 0.25, 2, sink=None)
+    first = (q @ moment_mean).contiguous() if hybrid else None
+    args = [x.detach().requires_grad_() if x is not None else None for x in (q, k, v, key_mean, value_mean, first)]
+    torch.library.opcheck(pisa_ops.pisa_fwd, (*args, layout.perm, layout.offsets, blocks, layout.max_block, 0.25, "rust"))
+
+
+def test_compile_fullgraph_with_gradients():
+    """The whole path (layout, statistics, routing, kernel, backward) traces into one graph (dynamic shapes: tier 2)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def run(q, k, v, grid):
+        return difattn.pisa_attention(q, k, v, grid=grid, block_size=8, density=0.25, routing_bias=True)
+
+    grid = difattn.TokenGrid(10, 12, text_tokens=5)
+    q, k, v = random_qkv(1, 2, grid.num_tokens, 16, seed=12, requires_grad=True)
+    out = run(q, k, v, grid)
+    expected = difattn.pisa_attention(q, k, v, grid=grid, block_size=8, density=0.25, routing_bias=True)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    dout = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(expected, (q, k, v), dout)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
