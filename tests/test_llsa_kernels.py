@@ -1,7 +1,7 @@
 """LLSA on the Rust CPU kernels: forward and every gradient against the torch reference given the same selection
 (hypothesis over ragged N, batch, heads, block size, top-K, 1-3 levels, head dims incl. 72, fp32/fp16/bf16), the
-gradient through the pooled tokens of every level, the selection against the reference's (exactly, ties included), grids with
-text, and the ops' registrations."""
+gradient through the pooled tokens of every level, the selection against the reference's (exactly, ties included),
+grids with text, the key-side plans, and the ops' registrations."""
 
 from __future__ import annotations
 
@@ -230,3 +230,34 @@ def test_opcheck_and_compile_fullgraph_on_cpu():
 
     compiled = torch.compile(run, fullgraph=True, backend="aot_eager")  # traces the ops; no C++ build needed
     torch.testing.assert_close(compiled(q, k, v), run(q, k, v))
+
+
+@pytest.mark.parametrize("num_tokens, block_size, topks", [(3000, 4, (3, 2, 2)), (2500, 5, (2, 3)), (700, 3, (4,))])
+def test_key_side_plans_cover_exactly_the_forward_pairs(num_tokens, block_size, topks):
+    """The Triton key side: the CSR transpose lists every (fine key block, query block) pair of the selection once,
+    in increasing query order; the pooled items cover every (query token, pooled block) pair of the forward once
+    (several query chunks at the coarsest level here); ``unpool`` is the pyramid's backward."""
+    q, k = (torch.randn(2, 1, num_tokens, 8, generator=torch.Generator().manual_seed(i)) for i in range(2))
+    layout = llsa_plan.Layout(num_tokens, block_size, topks)
+    indices = llsa_plan.select(*(llsa_plan.pyramid(x, block_size, len(topks)) for x in (q, k)), layout)
+    fine, pooled = llsa_plan.block_lists(indices, layout)
+    indptr, chosen_by = llsa_plan.transpose(fine, layout.num_blocks)
+    for bh in range(2):
+        pairs = {(int(p), j) for j in range(layout.num_blocks) for p in fine.view(2, layout.num_blocks, -1)[bh, j]}
+        listed = [(p, int(chosen_by[bh, e])) for p in range(layout.num_blocks)
+                  for e in range(int(indptr[bh, p]), int(indptr[bh, p + 1]))]
+        assert sorted(listed) == listed and len(listed) == len(pairs) and set(listed) == pairs
+    ranges, blocks = llsa_plan.pooled_items(pooled, layout)
+    tokens = torch.arange(num_tokens)
+    for bh in range(2):
+        forward = torch.zeros(num_tokens, pooled.max() + 1, dtype=torch.int64)
+        forward.scatter_add_(1, pooled.view(2, layout.num_blocks, -1)[bh][tokens // block_size],
+                             torch.ones(num_tokens, pooled.shape[-1], dtype=torch.int64))
+        items = torch.zeros_like(forward)
+        for (start, stop), block in zip(ranges.tolist(), blocks[bh].tolist()):
+            items[start:stop, block] += 1
+        assert torch.equal(items, forward)
+    x = torch.randn(1, 2, num_tokens, 3, dtype=torch.float64, requires_grad=True)
+    grads = torch.randn(1, 2, layout.pooled_tokens, 3, dtype=torch.float64)
+    (torch.cat(llsa_plan.pyramid(x, block_size, len(topks)), dim=2) * grads).sum().backward()
+    torch.testing.assert_close(llsa_plan.unpool(grads, layout).double(), x.grad, rtol=1e-6, atol=1e-6)

@@ -7,6 +7,8 @@ import torch
 import difattn
 from difattn import reference
 from difattn.ops import pisa as pisa_ops
+from difattn.ops.pisa_layout import pisa_layout
+from difattn.ops.pisa_stats import block_stats, pisa_stats, route
 from difattn.testing import compare_with_reference, random_qkv, rel_error
 
 pytestmark = pytest.mark.gpu
@@ -78,11 +80,16 @@ def test_compile_fullgraph_and_no_recompile():
 def test_opcheck_cuda(hybrid):
     grid = difattn.TokenGrid(12, 20, text_tokens=5)
     q, k, v = random_qkv(1, 2, grid.num_tokens, 64, dtype=torch.bfloat16, device="cuda")
-    layout = pisa_ops.pisa_layout(grid, grid.num_tokens, 64, "cuda")
-    key_mean, value_mean, moment_mean = pisa_ops.block_stats(k, v, layout, moments=True)
-    blocks = pisa_ops.route(q, key_mean, layout, 0.125, 2, sink="first")
-    first = (q.float() @ moment_mean).contiguous() if hybrid else None
-    args = [x.detach().requires_grad_() if x is not None else None for x in (q, k, v, key_mean, value_mean, first)]
+    layout = pisa_layout(grid, grid.num_tokens, 64, "cuda")
+    key_mean, value_mean, moment_mean, query_mean, _ = block_stats(q, k, v, layout, moments=True, spread=False,
+                                                                   kernel="triton")
+    blocks = route(query_mean, key_mean, 0.125, 2, sink="first")
+    args = [x.detach().requires_grad_() for x in (q, k, v, key_mean, value_mean, moment_mean)]
+    if not hybrid:
+        args[5] = None
     torch.library.opcheck(
         pisa_ops.pisa_fwd, (*args, layout.perm, layout.offsets, blocks, layout.max_block, 0.125, "triton")
     )
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    torch.library.opcheck(pisa_stats, (*leaves, layout.perm, layout.offsets, layout.block_of, layout.slots,
+                                       layout.max_block, True, hybrid, "triton"))

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 import difattn
 from difattn import reference
 from difattn.ops import pisa as pisa_ops
+from difattn.ops.pisa_layout import pisa_layout
+from difattn.ops.pisa_stats import block_stats, route
 from difattn.reference.pisa import pisa_layout as reference_layout
 from difattn.testing import assert_close, assert_finite, compare_with_reference, nan_poisoned, random_qkv
 from difattn.testing.strategies import head_dims, token_grids
@@ -57,7 +59,7 @@ def pisa_shapes(draw, max_tokens: int = 260):
                                   difattn.TokenGrid(30, 52, text_tokens=9, text_position="last")])
 def test_layout_is_the_reference_layout(grid, block_size):
     num_tokens = grid.num_tokens if grid is not None else 1000
-    layout = pisa_ops.pisa_layout(grid, num_tokens, block_size, "cpu")
+    layout = pisa_layout(grid, num_tokens, block_size, "cpu")
     perm, sizes = reference_layout(grid, num_tokens, block_size)
     assert torch.equal(layout.perm, perm if perm is not None else torch.arange(num_tokens))
     assert torch.equal(layout.counts, sizes)
@@ -93,18 +95,30 @@ def test_routing_equals_reference(shape, density, sink, seed):
 @given(shape=pisa_shapes(max_tokens=160), density=st.sampled_from([0.1, 0.3]), sink=st.sampled_from([None, "last"]),
        seed=st.integers(0, 2**16))
 def test_routing_bias_equals_reference_in_float64(shape, density, sink, seed):
-    """The Gram-matrix form of ‖H_j − H̄‖_F routes like the reference's explicit moments (float64, where rounding
-    cannot flip a tie)."""
+    """The torch statistics' Gram-matrix form of ‖H_j − H̄‖_F routes like the reference's explicit moments (float64,
+    where rounding cannot flip a tie)."""
     grid, num_tokens, block_size = shape
     q, k, v = random_qkv(1, 2, num_tokens, 8, Dv=6, dtype=torch.float64, seed=seed)
-    layout = pisa_ops.pisa_layout(grid, num_tokens, block_size, "cpu")
-    key_mean, _, moment_mean = pisa_ops.block_stats(k, v, layout, moments=True)
-    spread = pisa_ops.moment_spread(k, v, key_mean, moment_mean, layout)
+    layout = pisa_layout(grid, num_tokens, block_size, "cpu")
+    key_mean, _, _, query_mean, spread = block_stats(q, k, v, layout, moments=True, spread=True, kernel="torch")
     num_selected = max(1, math.floor(density * layout.num_blocks))
-    blocks = pisa_ops.route(q, key_mean, layout, 0.3, num_selected, sink=sink, spread=spread)
+    blocks = route(query_mean, key_mean, 0.3, num_selected, sink=sink, spread=spread)
     _, expected = reference.pisa_attention(q, k, v, density=density, block_size=block_size, routing_bias=True,
                                            sink=sink, grid=grid, return_blocks=True, scale=0.3)
     assert torch.equal(blocks, expected)
+
+
+@settings(max_examples=12)
+@given(shape=pisa_shapes(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 99))
+def test_rust_statistics_match_torch(shape, dtype, seed):
+    grid, num_tokens, block_size = shape
+    q, k, v = random_qkv(2, 2, num_tokens, 24, Dv=20, dtype=dtype, seed=seed, token_major=seed % 2 == 0)
+    layout = pisa_layout(grid, num_tokens, block_size, "cpu")
+    rust = block_stats(q, k, v, layout, moments=True, spread=True, kernel="rust")
+    high = block_stats(*(x.double() for x in (q, k, v)), layout, moments=True, spread=True, kernel="torch")
+    for name, a, b in zip(("key_mean", "value_mean", "moment_mean", "query_mean", "spread"), rust, high):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("grid", [None, difattn.TokenGrid(9, 11, text_tokens=6, text_position="last")])
@@ -146,7 +160,7 @@ def test_density_one_is_dense(grid, order, dtype):
 def test_block_constant_keys_are_dense(grid, order):
     num_tokens = grid.num_tokens if grid is not None else 150
     q, _, v = random_qkv(1, 2, num_tokens, 32, dtype=torch.float64, seed=2)
-    layout = pisa_ops.pisa_layout(grid, num_tokens, 8, "cpu")
+    layout = pisa_layout(grid, num_tokens, 8, "cpu")
     block_keys = torch.randn(1, 2, layout.num_blocks, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     block_of = torch.repeat_interleave(torch.arange(layout.num_blocks), layout.counts)
     k = torch.empty_like(q)
@@ -223,8 +237,8 @@ def test_bad_selections_are_rejected():
     with pytest.raises(TypeError, match="blocks"):
         fast(q, k, v, density=0.4, block_size=4, blocks=good.int())
     # The compiled core validates on its own too: repeats and out-of-range ids never reach a kernel.
-    layout = pisa_ops.pisa_layout(None, 20, 4, "cpu")
-    key_mean, value_mean, _ = pisa_ops.block_stats(k, v, layout, moments=False)
+    layout = pisa_layout(None, 20, 4, "cpu")
+    key_mean, value_mean, *_ = block_stats(q, k, v, layout, moments=False, spread=False, kernel="rust")
     for bad, message in ((torch.zeros_like(good), "repeats"), (good + 4, "out of range")):
         with pytest.raises(ValueError, match=message):
             pisa_ops.pisa_fwd(q, k, v, key_mean, value_mean, None, layout.perm, layout.offsets, bad, 4, 0.5, "rust")
@@ -240,26 +254,31 @@ def test_kernels_write_every_output():
 
     grid = difattn.TokenGrid(7, 9, text_tokens=5)
     q, k, v = random_qkv(2, 2, grid.num_tokens, 24, Dv=20, dtype=torch.float16, seed=8, token_major=True)
-    layout = pisa_ops.pisa_layout(grid, grid.num_tokens, 8, "cpu")
-    key_mean, value_mean, moment_mean = pisa_ops.block_stats(k, v, layout, moments=True)
-    blocks = pisa_ops.route(q, key_mean, layout, 0.2, 3, sink="first")
-    first = (q.float() @ moment_mean).contiguous()
-    B, H, N, _ = q.shape
-    out, lse, zeta = (nan_poisoned((B, H, N, 20), dtype=q.dtype), nan_poisoned((B, H, N), dtype=torch.float32),
+    layout = pisa_layout(grid, grid.num_tokens, 8, "cpu")
+    B, H, N, D = q.shape
+    M, Dv = layout.num_blocks, 20
+    stats = [nan_poisoned(shape, dtype=torch.float32) for shape in ((B, H, M, D), (B, H, M, Dv), (B, H, D, Dv),
+                                                                    (B, H, M, D), (B, H, M))]
+    core().pisa_stats(_desc(k), _desc(v), _desc(q), (_desc(layout.perm), _desc(layout.offsets)),
+                      *(_desc(x) for x in stats), 2)
+    for name, x in zip(("key_mean", "value_mean", "moment_mean", "query_mean", "spread"), stats):
+        assert_finite(name, x)
+    key_mean, value_mean, moment_mean = stats[:3]
+    blocks = route(stats[3], key_mean, 0.2, 3, sink="first")
+    out, lse, zeta = (nan_poisoned((B, H, N, Dv), dtype=q.dtype), nan_poisoned((B, H, N), dtype=torch.float32),
                       nan_poisoned((B, H, N), dtype=torch.float32))
     plan = pisa_ops._plan(layout.perm, layout.offsets, blocks)
-    core().pisa_forward(_desc(q), _desc(k), _desc(v), (_desc(key_mean), _desc(value_mean)), _desc(first),
+    core().pisa_forward(_desc(q), _desc(k), _desc(v), (_desc(key_mean), _desc(value_mean)), _desc(moment_mean),
                         _desc(out), _desc(lse), _desc(zeta), plan, 0.2, 2)
     for name, x in (("out", out), ("lse", lse), ("zeta", zeta)):
         assert_finite(name, x)
     dout = torch.randn(out.shape).to(q.dtype)
-    delta, rho = (dout.float() * out.float()).sum(-1), (dout.float() * first).sum(-1)
     grads = [nan_poisoned(x.shape, dtype=q.dtype) for x in (q, k, v)]
-    centroid_grads = [nan_poisoned(x.shape, dtype=torch.float32) for x in (key_mean, value_mean)]
-    core().pisa_backward(_desc(q), _desc(k), _desc(v), (_desc(key_mean), _desc(value_mean)), _desc(dout), _desc(lse),
-                         _desc(delta), _desc(rho), tuple(_desc(g) for g in grads),
-                         tuple(_desc(g) for g in centroid_grads), plan, 0.2, 2)
-    for name, x in zip(("dq", "dk", "dv", "dkey_mean", "dvalue_mean"), grads + centroid_grads):
+    stat_grads = [nan_poisoned(x.shape, dtype=torch.float32) for x in (key_mean, value_mean, moment_mean)]
+    core().pisa_backward(_desc(q), _desc(k), _desc(v), (_desc(key_mean), _desc(value_mean)), _desc(moment_mean),
+                         (_desc(out), _desc(dout), _desc(lse), _desc(zeta)), tuple(_desc(g) for g in grads),
+                         tuple(_desc(g) for g in stat_grads[:2]), _desc(stat_grads[2]), plan, 0.2, 2)
+    for name, x in zip(("dq", "dk", "dv", "dkey_mean", "dvalue_mean", "dmoment_mean"), grads + stat_grads):
         assert_finite(name, x)
 
 
@@ -267,14 +286,22 @@ def test_kernels_write_every_output():
 def test_opcheck_pisa_cpu(hybrid):
     grid = difattn.TokenGrid(5, 6, text_tokens=3)
     q, k, v = random_qkv(1, 2, grid.num_tokens, 16, seed=10)
-    layout = pisa_ops.pisa_layout(grid, grid.num_tokens, 4, "cpu")
-    key_mean, value_mean, moment_mean = pisa_ops.block_stats(k, v, layout, moments=True)
-    blocks = pisa_ops.route(q, key_mean, layout, 0.25, 2, sink=None)
-    first = (q @ moment_mean).contiguous() if hybrid else None
-    args = [x.detach().requires_grad_() if x is not None else None for x in (q, k, v, key_mean, value_mean, first)]
+    layout = pisa_layout(grid, grid.num_tokens, 4, "cpu")
+    key_mean, value_mean, moment_mean, query_mean, _ = block_stats(q, k, v, layout, moments=True, spread=False,
+                                                                   kernel="rust")
+    blocks = route(query_mean, key_mean, 0.25, 2, sink=None)
+    args = [x.detach().requires_grad_() for x in (q, k, v, key_mean, value_mean, moment_mean)]
+    if not hybrid:
+        args[5] = None
     torch.library.opcheck(pisa_ops.pisa_fwd, (*args, layout.perm, layout.offsets, blocks, layout.max_block, 0.25, "rust"))
+    from difattn.ops.pisa_stats import pisa_stats
+
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    torch.library.opcheck(pisa_stats, (*leaves, layout.perm, layout.offsets, layout.block_of, layout.slots,
+                                       layout.max_block, True, hybrid, "rust"))
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
 def test_compile_fullgraph_with_gradients():
     """The whole path (layout, statistics, routing, kernel, backward) traces into one graph (dynamic shapes: tier 2)."""
     import torch._dynamo

@@ -141,21 +141,30 @@ def dydila_backward(
 ) -> None:
     """DyDiLA backward on CPU: writes both sides' gradients (per-token ones fp32 (B, H, N)) and dv."""
 
-def pisa_forward(
-    q: TensorArgs, k: TensorArgs, v: TensorArgs, centroids: tuple[TensorArgs, TensorArgs], first: TensorArgs | None,
-    out: TensorArgs, lse: TensorArgs, zeta: TensorArgs, plan: tuple[TensorArgs, TensorArgs, TensorArgs],
-    scale: float, threads: int,
-) -> None:
-    """PISA forward on CPU: writes out, lse, zeta. centroids = (key_mean, value_mean) f32; first = q·H̄ (f32) for
-    the hybrid order; plan = (perm, offsets, blocks flattened), int64."""
-
-def pisa_backward(
-    q: TensorArgs, k: TensorArgs, v: TensorArgs, centroids: tuple[TensorArgs, TensorArgs], dout: TensorArgs,
-    lse: TensorArgs, delta: TensorArgs, rho: TensorArgs | None, grads: tuple[TensorArgs, TensorArgs, TensorArgs],
-    centroid_grads: tuple[TensorArgs, TensorArgs], plan: tuple[TensorArgs, TensorArgs, TensorArgs], scale: float,
+def pisa_stats(
+    k: TensorArgs, v: TensorArgs, q: TensorArgs | None, layout: tuple[TensorArgs, TensorArgs], key_mean: TensorArgs,
+    value_mean: TensorArgs, moment_mean: TensorArgs | None, query_mean: TensorArgs | None, spread: TensorArgs | None,
     threads: int,
 ) -> None:
-    """PISA backward on CPU: writes grads = (dq, dk, dv) and centroid_grads = (dkey_mean, dvalue_mean) (f32)."""
+    """PISA block statistics on CPU (f32 outputs): key_mean, value_mean and, when given, moment_mean (H̄),
+    query_mean (needs q) and spread (‖H_j − H̄‖_F, needs moment_mean). layout = (perm, offsets), int64."""
+
+def pisa_forward(
+    q: TensorArgs, k: TensorArgs, v: TensorArgs, centroids: tuple[TensorArgs, TensorArgs],
+    moment_mean: TensorArgs | None, out: TensorArgs, lse: TensorArgs, zeta: TensorArgs,
+    plan: tuple[TensorArgs, TensorArgs, TensorArgs], scale: float, threads: int,
+) -> None:
+    """PISA forward on CPU: writes out, lse, zeta. centroids = (key_mean, value_mean) f32; moment_mean = H̄ (f32)
+    for the hybrid order; plan = (perm, offsets, blocks flattened), int64."""
+
+def pisa_backward(
+    q: TensorArgs, k: TensorArgs, v: TensorArgs, centroids: tuple[TensorArgs, TensorArgs],
+    moment_mean: TensorArgs | None, rows: tuple[TensorArgs, TensorArgs, TensorArgs, TensorArgs],
+    grads: tuple[TensorArgs, TensorArgs, TensorArgs], centroid_grads: tuple[TensorArgs, TensorArgs],
+    dmoment_mean: TensorArgs | None, plan: tuple[TensorArgs, TensorArgs, TensorArgs], scale: float, threads: int,
+) -> None:
+    """PISA backward on CPU: rows = (out, dout, lse, zeta) of the forward; writes grads = (dq, dk, dv),
+    centroid_grads = (dkey_mean, dvalue_mean) and, with moment_mean, dmoment_mean (all f32 but grads)."""
 
 # A tensor as the kernels take it: (data_ptr, dtype name, shape, strides in elements).
 TensorArgs = tuple[int, str, list[int], list[int]]

@@ -12,9 +12,11 @@
 //!
 //! Selection (`select`): the hierarchical top-K over the pooled q and k, written as int64 ids per level.
 //!
-//! Backward: dq and the pooled-key gradients per group (tasks own a range of groups and a partial sum of `dkp`,
-//! `dvp`, reduced at the end); fine `dk`, `dv` per fine key block over the transposed selection (CSR: counts,
-//! prefix sum, fill), so every output row has one writer and nothing needs atomics.
+//! Backward: dq and the pooled keys' gradients per group (tasks own a range of groups and a partial sum of the
+//! pooled gradients, reduced at the end); then `dk`, `dv` per fine key block over the transposed selection (CSR:
+//! counts, prefix sum, fill), each row adding its level-l ancestors' pooled gradients over their counts (the
+//! mean-pool backward). Every output row has one writer and nothing needs atomics. The kernels' only `unsafe`
+//! reads and writes go through validated views and plans; gathers copy rows into f32 buffers for the `gemm` crate.
 
 mod backward;
 mod exp2;
@@ -29,7 +31,6 @@ pub use forward::forward;
 pub use plan::Plan;
 pub use select::{select, Level};
 
-use super::simd::matmul;
 use super::view::{DType, View, ViewError};
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
@@ -94,7 +95,10 @@ impl Inputs<'_> {
 /// An output: the given shape and dtype, contiguous (so rows of different tasks never overlap).
 fn check_output(t: &View, shape: &[usize], dtype: DType) -> Result<(), ViewError> {
     if t.shape != shape || t.dtype != dtype {
-        return err(format!("{}: expected shape {shape:?} and dtype {dtype:?}, got {:?} {:?}", t.name, t.shape, t.dtype));
+        return err(format!(
+            "{}: expected shape {shape:?} and dtype {dtype:?}, got {:?} {:?}",
+            t.name, t.shape, t.dtype
+        ));
     }
     t.expect_contiguous()
 }
@@ -109,25 +113,6 @@ fn gather_rows(t: &View, b: usize, h: usize, row0: usize, rows: usize, width: us
             row.iter_mut().for_each(|x| *x *= mul);
         }
     }
-}
-
-/// `dst (cols x rows) = srcᵀ`, `src` row-major `rows x cols` with row stride `src_rs`.
-fn transpose(src: &[f32], rows: usize, cols: usize, src_rs: usize, dst: &mut [f32]) {
-    for (r, row) in src.chunks(src_rs).take(rows).enumerate() {
-        for (c, x) in row[..cols].iter().enumerate() {
-            dst[c * rows + r] = *x;
-        }
-    }
-}
-
-/// `s (lq x rk) = q_b · keysᵀ` for the `lq` query rows starting at column `c0` of `qt` (`d x stride`, the group's
-/// queries transposed), through `st` (`rk x lq`): `keys · q_bᵀ` takes the fast row-major GEMM path that `q_b · keysᵀ`
-/// (a column-major right-hand side) misses when `lq` is one small block.
-#[allow(clippy::too_many_arguments)]
-fn block_logits(keys: &[f32], rk: usize, d: usize, qt: &[f32], stride: usize, c0: usize, lq: usize, st: &mut [f32], s: &mut [f32]) {
-    // SAFETY: keys hold rk x d, qt d rows of `stride` (c0 + lq <= stride), st rk x lq and s lq x rk floats.
-    unsafe { matmul(rk, lq, d, st.as_mut_ptr(), lq, false, keys.as_ptr(), d, 1, qt[c0..].as_ptr(), stride, 1) };
-    transpose(st, rk, lq, lq, s);
 }
 
 /// Reads row `r` of `(b, h)` of a float view (validated, `r` in range) into `dst[c * step]`, `c < width`, as f32.

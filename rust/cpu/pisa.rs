@@ -7,10 +7,11 @@
 //!
 //! Layouts: q, k `(B, H, N, D)`, v `(B, H, N, Dv)`, any strides, f32/f16/bf16; rows are gathered through the block
 //! permutation `perm` (block order → token), blocks are runs `offsets[j]..offsets[j+1]` of it. Centroids
-//! `key_mean (B, H, M, D)`, `value_mean (B, H, M, Dv)` and the first-order rows `first = q·H̄ (B, H, N, Dv)` are
-//! f32 with any strides. Computation in f32, softmax in base 2.
+//! `key_mean (B, H, M, D)`, `value_mean (B, H, M, Dv)` and the mean moment `H̄ (B, H, D, Dv)` (`stats`) are f32
+//! with any strides. Computation in f32, softmax in base 2.
 
 mod backward;
+mod stats;
 #[cfg(test)]
 mod tests;
 mod vexp;
@@ -18,6 +19,7 @@ mod vexp;
 use rayon::prelude::*;
 
 pub use backward::{backward, BackwardOutputs, BackwardRows};
+pub use stats::{stats, StatsOutputs};
 
 use super::pool::pool;
 use super::simd::{self, matmul};
@@ -202,7 +204,7 @@ fn gather(t: &View, b: usize, h: usize, perm: &[usize], p0: usize, rows: usize, 
     }
 }
 
-/// Address of element `idx` of a validated f32 view (as `(pointer, stride of dim 2, stride of dim 3)`).
+/// Address of row `row` of slice `(b, h)` of a validated 4-D f32 view, with the strides of dims 2 and 3.
 fn f32_rows(t: &View, b: usize, h: usize, row: usize) -> (*const f32, usize, usize) {
     ((t.ptr as *const f32).wrapping_add(t.offset(&[b, h, row, 0])), t.strides[2], t.strides[3])
 }
@@ -239,12 +241,12 @@ fn centroid_bias(layout: &Layout, selected: &[bool], c0: usize, cols: usize, bia
 }
 
 /// Forward: writes `out (B, H, N, Dv)` (q's dtype), `lse (B, H, N)` (natural log of the softmax denominator, f32)
-/// and `zeta (B, H, N)` (`z / den`: the first-order weight, f32); all contiguous. `first`: `q·H̄ (B, H, N, Dv)` f32
-/// for the hybrid order (`out += scale · z · first / den`), or None for the zeroth order.
-pub fn forward(x: &Inputs, first: Option<&View>, out: &View, lse: &View, zeta: &View, threads: usize) -> Result<(), ViewError> {
+/// and `zeta (B, H, N)` (`z / den`: the first-order weight, f32); all contiguous. `moment_mean`: `H̄ (B, H, D, Dv)`
+/// f32 for the hybrid order (`out += scale · z · q·H̄ / den`), or None for the zeroth order.
+pub fn forward(x: &Inputs, moment_mean: Option<&View>, out: &View, lse: &View, zeta: &View, threads: usize) -> Result<(), ViewError> {
     let dims = x.check()?;
-    if let Some(f) = first {
-        check_shape(f, &[dims.batch, dims.heads, dims.n, dims.dv], Some(DType::F32))?;
+    if let Some(t) = moment_mean {
+        check_shape(t, &[dims.batch, dims.heads, dims.d, dims.dv], Some(DType::F32))?;
     }
     check_output(out, &[dims.batch, dims.heads, dims.n, dims.dv], x.q.dtype)?;
     check_output(lse, &[dims.batch, dims.heads, dims.n], DType::F32)?;
@@ -254,7 +256,7 @@ pub fn forward(x: &Inputs, first: Option<&View>, out: &View, lse: &View, zeta: &
     pool.install(|| {
         (0..dims.batch * dims.heads * dims.m).into_par_iter().for_each_init(
             || ForwardBuffers::new(block, dims),
-            |buf, task| forward_block(x, first, [out, lse, zeta], dims, task, buf),
+            |buf, task| forward_block(x, moment_mean, [out, lse, zeta], dims, task, buf),
         )
     });
     Ok(())
@@ -265,6 +267,7 @@ struct ForwardBuffers {
     k: Vec<f32>,
     v: Vec<f32>,
     s: Vec<f32>,
+    first: Vec<f32>,
     row: Vec<f32>,
     bias: Vec<f32>,
     weight: Vec<f32>,
@@ -278,6 +281,7 @@ impl ForwardBuffers {
             k: vec![0.0; block.max(GROUP_KEYS) * dims.d],
             v: vec![0.0; block.max(GROUP_KEYS) * dims.dv],
             s: vec![0.0; block * block.max(CHUNK).max(GROUP_KEYS)],
+            first: vec![0.0; block * dims.dv],
             row: vec![0.0; dims.dv],
             bias: vec![0.0; CHUNK],
             weight: vec![0.0; CHUNK],
@@ -331,7 +335,7 @@ impl State {
     }
 }
 
-fn forward_block(x: &Inputs, first: Option<&View>, outs: [&View; 3], dims: Dims, task: usize, buf: &mut ForwardBuffers) {
+fn forward_block(x: &Inputs, moment_mean: Option<&View>, outs: [&View; 3], dims: Dims, task: usize, buf: &mut ForwardBuffers) {
     let [out, lse, zeta] = outs;
     let (layout, (d, dv, m)) = (x.layout, (dims.d, dims.dv, dims.m));
     let (bh, i) = (task / m, task % m);
@@ -371,6 +375,12 @@ fn forward_block(x: &Inputs, first: Option<&View>, outs: [&View; 3], dims: Dims,
         buf.state.update(s, lq, cols, Some(&buf.weight[..cols]));
         unsafe { matmul(lq, dv, cols, buf.state.acc.as_mut_ptr(), dv, true, s.as_ptr(), cols, 1, vm, vm_rs, vm_cs) };
     }
+    if let Some(hm) = moment_mean {
+        // first = q·H̄ · (scale · log2 e): the query rows are stored scaled.
+        let (p, rs, cs) = f32_rows(hm, b, h, 0);
+        // SAFETY: H̄ is a validated f32 view of (B, H, D, Dv); first holds lq x dv values.
+        unsafe { matmul(lq, dv, d, buf.first.as_mut_ptr(), dv, false, buf.q.as_ptr(), d, 1, p, rs, cs) };
+    }
     let st = &buf.state;
     for r in 0..lq {
         let token = layout.perm[q0 + r];
@@ -378,11 +388,9 @@ fn forward_block(x: &Inputs, first: Option<&View>, outs: [&View; 3], dims: Dims,
         let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
         let row = &mut buf.row;
         row.copy_from_slice(&st.acc[r * dv..(r + 1) * dv]);
-        if let Some(f) = first {
-            let (p, _, step) = f32_rows(f, b, h, token);
-            let weight = x.scale * st.z[r];
-            // SAFETY: a validated f32 view of (B, H, N, Dv); `token < N`.
-            row.iter_mut().enumerate().for_each(|(c, x)| *x += weight * unsafe { *p.add(c * step) });
+        if moment_mean.is_some() {
+            let weight = st.z[r] / LOG2_E;
+            row.iter_mut().zip(&buf.first[r * dv..(r + 1) * dv]).for_each(|(x, f)| *x += weight * f);
         }
         row.iter_mut().for_each(|x| *x *= inv);
         let log_den = if l > 0.0 { (st.m[r] + l.log2()) * LN_2 } else { f32::NEG_INFINITY };

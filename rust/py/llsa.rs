@@ -95,7 +95,8 @@ fn llsa_select(
     }
     let views = |name, ts: Vec<TensorArgs>| ts.into_iter().map(|t| view(name, t)).collect::<PyResult<Vec<View>>>();
     let (queries, keys, indices) = (views("queries", queries)?, views("keys", keys)?, views("indices", indices)?);
-    let levels: Vec<Level> = (0..queries.len()).map(|l| Level { queries: &queries[l], keys: &keys[l], out: &indices[l] }).collect();
+    let levels: Vec<Level> =
+        (0..queries.len()).map(|l| Level { queries: &queries[l], keys: &keys[l], out: &indices[l] }).collect();
     py.detach(|| llsa::select(&levels, block_size, threads)).map_err(view_error)
 }
 

@@ -5,7 +5,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use super::{view, view_error, TensorArgs};
-use crate::cpu::pisa::{self, BackwardOutputs, BackwardRows, Inputs, Layout, Selection};
+use crate::cpu::pisa::{self, BackwardOutputs, BackwardRows, Inputs, Layout, Selection, StatsOutputs};
 use crate::cpu::view::{View, ViewError};
 
 /// `(perm, offsets, blocks)`: 1-D int64 tensors (blocks flattened from `(B, H, M, k)`).
@@ -42,17 +42,56 @@ fn check_scale(scale: f32) -> PyResult<()> {
     }
 }
 
-/// PISA forward on CPU: writes `out`, `lse` and `zeta`; `first = q·H̄` (f32) for the hybrid order, else None.
+/// PISA block statistics on CPU: writes `key_mean`, `value_mean` and, when given, `moment_mean` (H̄), `query_mean`
+/// (needs `q`) and `spread` (‖H_j − H̄‖_F, needs `moment_mean`). `layout = (perm, offsets)`.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (q, k, v, centroids, first, out, lse, zeta, plan, scale, threads))]
+#[pyo3(signature = (k, v, q, layout, key_mean, value_mean, moment_mean, query_mean, spread, threads))]
+fn pisa_stats(
+    py: Python<'_>,
+    k: TensorArgs,
+    v: TensorArgs,
+    q: Option<TensorArgs>,
+    layout: (TensorArgs, TensorArgs),
+    key_mean: TensorArgs,
+    value_mean: TensorArgs,
+    moment_mean: Option<TensorArgs>,
+    query_mean: Option<TensorArgs>,
+    spread: Option<TensorArgs>,
+    threads: usize,
+) -> PyResult<()> {
+    let (k, v, q) = (view("k", k)?, view("v", v)?, q.map(|t| view("q", t)).transpose()?);
+    let (perm, offsets) = (view("perm", layout.0)?, view("offsets", layout.1)?);
+    let (key_mean, value_mean) = (view("key_mean", key_mean)?, view("value_mean", value_mean)?);
+    let moment_mean = moment_mean.map(|t| view("moment_mean", t)).transpose()?;
+    let query_mean = query_mean.map(|t| view("query_mean", t)).transpose()?;
+    let spread = spread.map(|t| view("spread", t)).transpose()?;
+    py.detach(|| {
+        k.expect(4, true)?;
+        let layout = Layout::new(&perm.to_i64_vec()?, &offsets.to_i64_vec()?, k.shape[2])?;
+        let outs = StatsOutputs {
+            key_mean: &key_mean,
+            value_mean: &value_mean,
+            moment_mean: moment_mean.as_ref(),
+            query_mean: query_mean.as_ref(),
+            spread: spread.as_ref(),
+        };
+        pisa::stats(&k, &v, q.as_ref(), &layout, &outs, threads)
+    })
+    .map_err(view_error)
+}
+
+/// PISA forward on CPU: writes `out`, `lse` and `zeta`; `moment_mean` (H̄, f32) for the hybrid order, else None.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (q, k, v, centroids, moment_mean, out, lse, zeta, plan, scale, threads))]
 fn pisa_forward(
     py: Python<'_>,
     q: TensorArgs,
     k: TensorArgs,
     v: TensorArgs,
     centroids: CentroidArgs,
-    first: Option<TensorArgs>,
+    moment_mean: Option<TensorArgs>,
     out: TensorArgs,
     lse: TensorArgs,
     zeta: TensorArgs,
@@ -63,34 +102,33 @@ fn pisa_forward(
     check_scale(scale)?;
     let (q, k, v) = (view("q", q)?, view("k", k)?, view("v", v)?);
     let (key_mean, value_mean) = (view("key_mean", centroids.0)?, view("value_mean", centroids.1)?);
-    let first = first.map(|t| view("first", t)).transpose()?;
+    let moment_mean = moment_mean.map(|t| view("moment_mean", t)).transpose()?;
     let (out, lse, zeta) = (view("out", out)?, view("lse", lse)?, view("zeta", zeta)?);
     let plan = Plan::new(plan)?;
     py.detach(|| {
         let (layout, selection) = plan.build(&q)?;
         let x = Inputs { q: &q, k: &k, v: &v, key_mean: &key_mean, value_mean: &value_mean, layout: &layout, selection: &selection, scale };
-        pisa::forward(&x, first.as_ref(), &out, &lse, &zeta, threads)
+        pisa::forward(&x, moment_mean.as_ref(), &out, &lse, &zeta, threads)
     })
     .map_err(view_error)
 }
 
-/// PISA backward on CPU: writes `dq`, `dk`, `dv` (exact entries), `dkey_mean` and `dvalue_mean`. `rho` is
-/// `scale · (q·H̄)·dout` per query for the hybrid order, else None.
+/// PISA backward on CPU: writes `dq`, `dk`, `dv` (exact entries), `dkey_mean`, `dvalue_mean` and, with
+/// `moment_mean` (hybrid order), `dmoment_mean`. `rows = (out, dout, lse, zeta)` of the forward.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (q, k, v, centroids, dout, lse, delta, rho, grads, centroid_grads, plan, scale, threads))]
+#[pyo3(signature = (q, k, v, centroids, moment_mean, rows, grads, centroid_grads, dmoment_mean, plan, scale, threads))]
 fn pisa_backward(
     py: Python<'_>,
     q: TensorArgs,
     k: TensorArgs,
     v: TensorArgs,
     centroids: CentroidArgs,
-    dout: TensorArgs,
-    lse: TensorArgs,
-    delta: TensorArgs,
-    rho: Option<TensorArgs>,
+    moment_mean: Option<TensorArgs>,
+    rows: (TensorArgs, TensorArgs, TensorArgs, TensorArgs),
     grads: (TensorArgs, TensorArgs, TensorArgs),
     centroid_grads: CentroidArgs,
+    dmoment_mean: Option<TensorArgs>,
     plan: PlanArgs,
     scale: f32,
     threads: usize,
@@ -98,16 +136,24 @@ fn pisa_backward(
     check_scale(scale)?;
     let (q, k, v) = (view("q", q)?, view("k", k)?, view("v", v)?);
     let (key_mean, value_mean) = (view("key_mean", centroids.0)?, view("value_mean", centroids.1)?);
-    let (dout, lse, delta) = (view("dout", dout)?, view("lse", lse)?, view("delta", delta)?);
-    let rho = rho.map(|t| view("rho", t)).transpose()?;
+    let moment_mean = moment_mean.map(|t| view("moment_mean", t)).transpose()?;
+    let (out, dout, lse, zeta) = (view("out", rows.0)?, view("dout", rows.1)?, view("lse", rows.2)?, view("zeta", rows.3)?);
     let (dq, dk, dv) = (view("dq", grads.0)?, view("dk", grads.1)?, view("dv", grads.2)?);
     let (dkey_mean, dvalue_mean) = (view("dkey_mean", centroid_grads.0)?, view("dvalue_mean", centroid_grads.1)?);
+    let dmoment_mean = dmoment_mean.map(|t| view("dmoment_mean", t)).transpose()?;
     let plan = Plan::new(plan)?;
     py.detach(|| {
         let (layout, selection) = plan.build(&q)?;
         let x = Inputs { q: &q, k: &k, v: &v, key_mean: &key_mean, value_mean: &value_mean, layout: &layout, selection: &selection, scale };
-        let rows = BackwardRows { dout: &dout, lse: &lse, delta: &delta, rho: rho.as_ref() };
-        let outs = BackwardOutputs { dq: &dq, dk: &dk, dv: &dv, dkey_mean: &dkey_mean, dvalue_mean: &dvalue_mean };
+        let rows = BackwardRows { out: &out, dout: &dout, lse: &lse, zeta: &zeta, moment_mean: moment_mean.as_ref() };
+        let outs = BackwardOutputs {
+            dq: &dq,
+            dk: &dk,
+            dv: &dv,
+            dkey_mean: &dkey_mean,
+            dvalue_mean: &dvalue_mean,
+            dmoment_mean: dmoment_mean.as_ref(),
+        };
         pisa::backward(&x, &rows, &outs, threads)
     })
     .map_err(view_error)
@@ -115,6 +161,7 @@ fn pisa_backward(
 
 /// Adds this family's functions to `difattn._core`.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(pisa_stats, m)?)?;
     m.add_function(wrap_pyfunction!(pisa_forward, m)?)?;
     m.add_function(wrap_pyfunction!(pisa_backward, m)?)?;
     Ok(())

@@ -135,7 +135,8 @@ def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
     return torch.topk(key, count, dim=-1, sorted=True).indices
 
 
-def _refine(queries: torch.Tensor, keys: torch.Tensor, parents: torch.Tensor, block_size: int, count: int) -> torch.Tensor:
+def _refine(queries: torch.Tensor, keys: torch.Tensor, parents: torch.Tensor, block_size: int,
+            count: int) -> torch.Tensor:
     """``I_l`` ``(B, H, n_l, count)``: for each level-l query, the best of the children of its parent's choices.
 
     Candidates are listed by ascending id (the parents sorted, then their children), so breaking ties towards the
@@ -192,8 +193,9 @@ def transpose(fine: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.
 
 
 def level_chunk(layout: Layout) -> int:
-    """Queries per item at level L: at least 256 and ``n_L`` (so the partial sums stay about the size of k)."""
-    chunk = max(256, layout.sizes[-1])
+    """Queries per item at level L: at least 1024 and ``n_L``, so the items' partial sums (``N / chunk`` copies of
+    the level-L tokens) stay below the size of k."""
+    chunk = max(1024, layout.sizes[-1])
     return -(-chunk // 64) * 64
 
 

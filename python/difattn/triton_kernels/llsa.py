@@ -31,9 +31,11 @@ def _key_tile(sel_ptr, e0, count, o_g, o_w, BS, N, pb_off_ptr, POOLED: tl.conste
         start = tl.load(pb_off_ptr + blk, mask=m_e, other=0).to(tl.int64)
         end = tl.load(pb_off_ptr + blk + 1, mask=m_e, other=0).to(tl.int64)
         rows = start + o_w
-        return rows, m_e & (rows < end)
-    rows = blk * BS + o_w
-    return rows, m_e & (o_w < BS) & (rows < N)
+        m_k = m_e & (rows < end)
+    else:
+        rows = blk * BS + o_w
+        m_k = m_e & (o_w < BS) & (rows < N)
+    return rows, m_k
 
 
 @triton.jit
@@ -268,7 +270,8 @@ def _llsa_bwd_fine_dkv_kernel(
                                delta_ptr + l_off, stride_qn, stride_qd, stride_don, D, DV, qk_scale,
                                BLOCK_D, BLOCK_DV, PRECISION)
     base = (i_b * H + i_h) * N
-    tl.store(dk_ptr + (base + k_rows[:, None]) * D + o_d[None, :], (b_dk * scale).to(dk_ptr.dtype.element_ty), mask=m_kd)
+    tl.store(dk_ptr + (base + k_rows[:, None]) * D + o_d[None, :], (b_dk * scale).to(dk_ptr.dtype.element_ty),
+             mask=m_kd)
     tl.store(dv_ptr + (base + k_rows[:, None]) * DV + o_dv[None, :], b_dv.to(dv_ptr.dtype.element_ty), mask=m_kdv)
 
 
@@ -296,10 +299,10 @@ def _llsa_bwd_pooled_dkv_kernel(
     o_dv = tl.arange(0, BLOCK_DV)
     k_rows = start + o_n
     m_k = k_rows < end
-    b_k = tl.load(kp_ptr + i_b * stride_kpb + i_h * stride_kph + k_rows[:, None] * stride_kpn + o_d[None, :] * stride_kpd,
-                  mask=m_k[:, None] & (o_d[None, :] < D), other=0.0)
-    b_v = tl.load(vp_ptr + i_b * stride_vpb + i_h * stride_vph + k_rows[:, None] * stride_vpn + o_dv[None, :] * stride_vpd,
-                  mask=m_k[:, None] & (o_dv[None, :] < DV), other=0.0)
+    p_k = kp_ptr + i_b * stride_kpb + i_h * stride_kph + k_rows[:, None] * stride_kpn + o_d[None, :] * stride_kpd
+    b_k = tl.load(p_k, mask=m_k[:, None] & (o_d[None, :] < D), other=0.0)
+    p_v = vp_ptr + i_b * stride_vpb + i_h * stride_vph + k_rows[:, None] * stride_vpn + o_dv[None, :] * stride_vpd
+    b_v = tl.load(p_v, mask=m_k[:, None] & (o_dv[None, :] < DV), other=0.0)
     b_bias = tl.load(pbias_ptr + k_rows, mask=m_k, other=0.0)
     b_dk = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_K, BLOCK_DV], dtype=tl.float32)
@@ -338,9 +341,16 @@ def _meta(q, v, block_size: int) -> dict:
     )
 
 
-def _key_tile_size(bs_pad: int) -> int:
-    """Keys per tile: whole blocks, at least 64 keys (16 for tl.dot) when blocks are small."""
-    return max(16, bs_pad, 64 // bs_pad * bs_pad)
+def _tile(q, block_d: int) -> int:
+    """Rows per streamed tile: 64, fewer for wide rows (fp32 at D = 128 and up) so shared memory stays well within
+    a GPU's limit."""
+    row_bytes = block_d * q.element_size()
+    return 64 if row_bytes <= 256 else 32 if row_bytes <= 512 else 16
+
+
+def _key_tile_size(bs_pad: int, tile: int) -> int:
+    """Keys per tile: whole blocks, about ``tile`` keys (at least 16 for tl.dot) when blocks are small."""
+    return max(16, bs_pad, tile // bs_pad * bs_pad)
 
 
 def llsa_fwd(q, k, v, kp, vp, plan, block_size: int, scale: float):
@@ -359,7 +369,7 @@ def llsa_fwd(q, k, v, kp, vp, plan, block_size: int, scale: float):
         q, k, v, kp, vp, out, lse, fine, pooled, pb_off, pbias,
         *q.stride(), *k.stride(), *v.stride(), *kp.stride(), *vp.stride(), *out.stride()[:3], *lse.stride()[:2],
         N, NB, H, D, DV, block_size, fine.shape[3], pooled.shape[3], scale * LOG2_E,
-        BLOCK_M=_pow2(block_size), BLOCK_N=_key_tile_size(meta["BS_PAD"]), **meta,
+        BLOCK_M=_pow2(block_size), BLOCK_N=_key_tile_size(meta["BS_PAD"], _tile(q, meta["BLOCK_D"])), **meta,
     )
     return out, lse
 
@@ -382,24 +392,25 @@ def llsa_bwd(q, k, v, kp, vp, dout, lse, delta, plan, key_side, block_size: int,
     part_k = torch.empty(B * H, NI, block_size, D, dtype=torch.float32, device=q.device)
     part_v = torch.empty(B * H, NI, block_size, DV, dtype=torch.float32, device=q.device)
     meta = _meta(q, v, block_size)
+    tile = _tile(q, max(meta["BLOCK_D"], meta["BLOCK_DV"]))
     lse_strides = (*dout.stride()[:3], *lse.stride()[:2])
     _llsa_bwd_dq_kernel[(NB, B * H)](
         q, k, v, kp, vp, dout, lse, delta, dq, fine, pooled, pb_off, pbias,
         *q.stride(), *k.stride(), *v.stride(), *kp.stride(), *vp.stride(), *lse_strides,
         N, NB, H, D, DV, block_size, fine.shape[3], pooled.shape[3], scale,
-        BLOCK_M=_pow2(block_size), BLOCK_N=_key_tile_size(meta["BS_PAD"]), **meta,
+        BLOCK_M=_pow2(block_size), BLOCK_N=_key_tile_size(meta["BS_PAD"], tile), **meta,
     )
     _llsa_bwd_fine_dkv_kernel[(NB, B * H)](
         q, k, v, dout, lse, delta, dk, dv, t_indptr, t_indices,
         *q.stride(), *k.stride(), *v.stride(), *lse_strides,
         N, NB, H, D, DV, block_size, fine.shape[3], scale,
-        BLOCK_K=_pow2(block_size), BLOCK_MQ=_key_tile_size(meta["BS_PAD"]), **meta,
+        BLOCK_K=_pow2(block_size), BLOCK_MQ=_key_tile_size(meta["BS_PAD"], tile), **meta,
     )
     meta.pop("BS_PAD")
     _llsa_bwd_pooled_dkv_kernel[(NI, B * H)](
         q, kp, vp, dout, lse, delta, part_k, part_v, ranges, blocks, pb_off, pbias,
         *q.stride(), *kp.stride(), *vp.stride(), *lse_strides,
         N, NI, H, D, DV, block_size, scale,
-        BLOCK_K=_pow2(block_size), BLOCK_MQ=64, **meta,
+        BLOCK_K=_pow2(block_size), BLOCK_MQ=max(16, tile), **meta,
     )
     return dq, dk, dv, part_k, part_v

@@ -339,9 +339,10 @@ def _strides(*tensors):
     return [s for t in tensors for s in t.stride()]
 
 
-def pisa_fwd(q, k, v, key_mean, value_mean, first, perm, offsets, blocks, scale: float, max_block: int):
-    """Forward; ``key_mean (B, H, M, D)``, ``value_mean (B, H, M, Dv)``, ``first (B, H, N, Dv)`` f32 contiguous (or
-    None), ``blocks (B, H, M, k)`` int64 contiguous. Returns ``out`` (q's dtype), ``lse``, ``zeta`` (fp32)."""
+def pisa_fwd(q, k, v, key_mean, value_mean, moment_mean, perm, offsets, blocks, scale: float, max_block: int):
+    """Forward; ``key_mean (B, H, M, D)``, ``value_mean (B, H, M, Dv)``, ``moment_mean (B, H, D, Dv)`` (or None for the
+    zeroth order) fp32, ``blocks (B, H, M, k)`` int64 contiguous. Returns ``out`` (q's dtype), ``lse``, ``zeta``
+    (fp32)."""
     import torch
 
     B, H, N, D = q.shape
@@ -349,9 +350,10 @@ def pisa_fwd(q, k, v, key_mean, value_mean, first, perm, offsets, blocks, scale:
     out = torch.empty(B, H, N, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
     zeta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-    hybrid = first is not None
+    hybrid = moment_mean is not None
+    first = (q.float() @ moment_mean).contiguous() if hybrid else lse  # q·H̄ rows; any pointer when unused
     _pisa_fwd_kernel[(M, B * H)](
-        q, k, v, key_mean, value_mean, first if hybrid else lse, out, lse, zeta,
+        q, k, v, key_mean.contiguous(), value_mean.contiguous(), first, out, lse, zeta,
         perm, offsets, blocks, selection_mask(blocks),
         *_strides(q, k, v), N, M, K, H, D, DV, scale,
         BLOCK_C=_chunk(M), HYBRID=hybrid, **_meta(q, v, max_block),
@@ -370,29 +372,36 @@ def _splits(device, work_items: int, num_blocks: int) -> int:
     return max(1, min(num_blocks, -(-target // work_items)))
 
 
-def pisa_bwd(q, k, v, key_mean, value_mean, dout, lse, delta, rho, perm, offsets, blocks, scale: float, max_block: int):
-    """Backward: ``(dq, dk, dv)`` (contiguous, q's dtype; dk, dv of the exact entries) and ``(dkey_mean,
-    dvalue_mean)`` (fp32). ``dout`` contiguous; ``delta``, ``rho`` (or None) ``(B, H, N)`` fp32 contiguous."""
+def pisa_bwd(q, k, v, key_mean, value_mean, moment_mean, out, dout, lse, zeta, perm, offsets, blocks, scale: float,
+             max_block: int):
+    """Backward: ``(dq, dk, dv)`` (contiguous, q's dtype; dk, dv of the exact entries) and ``(dkey_mean, dvalue_mean,
+    dmoment_mean)`` (fp32; the last empty for the zeroth order). ``dout`` contiguous."""
     import torch
 
     B, H, N, D = q.shape
     M, K, DV = blocks.shape[2], blocks.shape[3], v.shape[3]
-    hybrid = rho is not None
-    rho = rho if hybrid else delta
-    dq = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
+    key_mean, value_mean = key_mean.contiguous(), value_mean.contiguous()
+    grad = dout.float()
+    delta = (grad * out.float()).sum(-1)
+    hybrid = moment_mean is not None
+    if hybrid:
+        rho = scale * ((q.float() @ moment_mean) * grad).sum(-1)
+    # dq in fp32 when the first-order term adds to it below (one rounding to q's dtype at the end).
+    dq = torch.empty(B, H, N, D, dtype=torch.float32 if hybrid else q.dtype, device=q.device)
     dk = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
     dv = torch.empty(B, H, N, DV, dtype=q.dtype, device=q.device)
     meta = _meta(q, v, max_block)
     common = (*_strides(q, k, v), N, M, K, H, D, DV, scale)
     mask = selection_mask(blocks)
     chunk = _chunk(M)
+    rho_arg = rho if hybrid else delta
     _pisa_bwd_dq_kernel[(M, B * H)](
-        q, k, v, key_mean, value_mean, dout, lse, delta, rho, dq, perm, offsets, blocks, mask, *common,
+        q, k, v, key_mean, value_mean, dout, lse, delta, rho_arg, dq, perm, offsets, blocks, mask, *common,
         BLOCK_C=chunk, HYBRID=hybrid, **meta,
     )
     t_indptr, t_indices = transposed_selection(blocks)
     _pisa_bwd_dkv_kernel[(M, B * H)](
-        q, k, v, dout, lse, delta, rho, dk, dv, perm, offsets, t_indptr, t_indices, *common,
+        q, k, v, dout, lse, delta, rho_arg, dk, dv, perm, offsets, t_indptr, t_indices, *common,
         **meta,
     )
     chunks = -(-M // chunk)
@@ -400,8 +409,14 @@ def pisa_bwd(q, k, v, key_mean, value_mean, dout, lse, delta, rho, perm, offsets
     dkm = torch.empty(splits, B, H, M, D, dtype=torch.float32, device=q.device)
     dvm = torch.empty(splits, B, H, M, DV, dtype=torch.float32, device=q.device)
     _pisa_bwd_centroid_kernel[(chunks * splits, B * H)](
-        q, key_mean, value_mean, dout, lse, delta, rho, dkm, dvm, perm, offsets, mask,
+        q, key_mean, value_mean, dout, lse, delta, rho_arg, dkm, dvm, perm, offsets, mask,
         *q.stride(), N, M, K, H, D, DV, scale, splits,
         BLOCK_C=chunk, HYBRID=hybrid, **meta,
     )
-    return dq, dk, dv, dkm.sum(0), dvm.sum(0)
+    if not hybrid:
+        return dq, dk, dv, dkm.sum(0), dvm.sum(0), dkm.new_empty(0)
+    # The first-order term s·ζ·q·H̄: dq += s ζ H̄ g, dH̄ = s Σ_t ζ_t q_t g_tᵀ.
+    weighted = (scale * zeta)[..., None] * grad
+    dq = (dq + weighted @ moment_mean.transpose(-1, -2)).to(q.dtype)
+    dmoment_mean = q.float().transpose(-1, -2) @ weighted
+    return dq, dk, dv, dkm.sum(0), dvm.sum(0), dmoment_mean

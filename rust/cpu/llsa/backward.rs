@@ -5,9 +5,9 @@
 
 use rayon::prelude::*;
 
+use super::exp2::exp2_shift_sum;
 use super::{check_output, err, gather_rows, Dims, Inputs, KeyRows, Plan, LOG2_E};
 use crate::cpu::pool::pool;
-use super::exp2::exp2_shift_sum;
 use crate::cpu::simd::matmul;
 use crate::cpu::view::{DType, View, ViewError};
 
@@ -52,7 +52,14 @@ fn check(inp: &Inputs, up: &Upstream, g: &Grads, plan: &Plan) -> Result<Dims, Vi
 }
 
 /// Writes `dq`, `dk`, `dv` (k and v get their gradients through the fine and the pooled keys).
-pub fn backward(inp: &Inputs, up: &Upstream, g: &Grads, plan: &Plan, scale: f32, threads: usize) -> Result<(), ViewError> {
+pub fn backward(
+    inp: &Inputs,
+    up: &Upstream,
+    g: &Grads,
+    plan: &Plan,
+    scale: f32,
+    threads: usize,
+) -> Result<(), ViewError> {
     let dims = check(inp, up, g, plan)?;
     let pool = pool(threads).map_err(ViewError)?;
     let ctx = Ctx { inp, up, plan, dims, scale };
@@ -88,7 +95,13 @@ struct QueryRows {
 
 impl QueryRows {
     fn new(rows: usize, dims: Dims) -> Self {
-        QueryRows { q: vec![0.0; rows * dims.d], dout: vec![0.0; rows * dims.dv], lse: vec![0.0; rows], delta: vec![0.0; rows], len: 0 }
+        QueryRows {
+            q: vec![0.0; rows * dims.d],
+            dout: vec![0.0; rows * dims.dv],
+            lse: vec![0.0; rows],
+            delta: vec![0.0; rows],
+            len: 0,
+        }
     }
 
     fn clear(&mut self) {
@@ -112,7 +125,16 @@ impl Ctx<'_> {
     /// `p = exp2(scale·log2e·q·kᵀ + bias − lse)` and `ds = p ∘ (dout·vᵀ − delta)` for query rows `qs` (starting at
     /// row `q0` of `qs`, `lq` rows) against `keys` (`p`, `ds` are `lq x keys.len`; `bias` only when `pooled`).
     #[allow(clippy::too_many_arguments)]
-    fn probabilities(&self, qs: &QueryRows, q0: usize, lq: usize, keys: &KeyRows, pooled: bool, p: &mut [f32], ds: &mut [f32]) {
+    fn probabilities(
+        &self,
+        qs: &QueryRows,
+        q0: usize,
+        lq: usize,
+        keys: &KeyRows,
+        pooled: bool,
+        p: &mut [f32],
+        ds: &mut [f32],
+    ) {
         let (d, dv, rk) = (self.dims.d, self.dims.dv, keys.len);
         let mul = self.scale * LOG2_E;
         // SAFETY: the buffers hold lq x d, lq x dv, rk x d, rk x dv and lq x rk floats.
@@ -171,7 +193,8 @@ impl Ctx<'_> {
     /// partial sum of the pooled gradients of their `(b, h)`; the partial sums are then added per pooled row.
     fn query_side(&self, dq: &View, threads: usize) -> PooledGrads {
         let (plan, dims) = (self.plan, self.dims);
-        let groups: Vec<Vec<(usize, usize)>> = (0..plan.batch_heads).into_par_iter().map(|bh| plan.groups(bh)).collect();
+        let groups: Vec<Vec<(usize, usize)>> =
+            (0..plan.batch_heads).into_par_iter().map(|bh| plan.groups(bh)).collect();
         let fewest = groups.iter().map(Vec::len).min().unwrap_or(1).max(1);
         // Splits of a head's groups: enough tasks for the pool, at most ~N/P (partial sums stay smaller than k).
         let wanted = (TASKS_PER_THREAD * threads.max(1)).div_ceil(plan.batch_heads);
@@ -194,10 +217,21 @@ impl Ctx<'_> {
             part_k.iter_mut().for_each(|x| *x *= self.scale);
             return PooledGrads { k: part_k, v: part_v };
         }
-        PooledGrads { k: self.reduce_splits(&part_k, splits, dims.d, self.scale), v: self.reduce_splits(&part_v, splits, dims.dv, 1.0) }
+        PooledGrads {
+            k: self.reduce_splits(&part_k, splits, dims.d, self.scale),
+            v: self.reduce_splits(&part_v, splits, dims.dv, 1.0),
+        }
     }
 
-    fn query_group(&self, dq: &View, bh: usize, (j0, j1): (usize, usize), buf: &mut GroupBuffers, acc_k: &mut [f32], acc_v: &mut [f32]) {
+    fn query_group(
+        &self,
+        dq: &View,
+        bh: usize,
+        (j0, j1): (usize, usize),
+        buf: &mut GroupBuffers,
+        acc_k: &mut [f32],
+        acc_v: &mut [f32],
+    ) {
         let (plan, d, dv) = (self.plan, self.dims.d, self.dims.dv);
         let (b, h) = (bh / self.dims.heads, bh % self.dims.heads);
         let row0 = j0 * plan.block;
@@ -272,7 +306,8 @@ impl Ctx<'_> {
     /// gradients of every level spread back to the block's rows.
     fn key_side(&self, g: &Grads, pooled: &PooledGrads) {
         let (plan, dims) = (self.plan, self.dims);
-        let transposed: Vec<(Vec<usize>, Vec<u32>)> = (0..plan.batch_heads).into_par_iter().map(|bh| plan.transpose(bh)).collect();
+        let transposed: Vec<(Vec<usize>, Vec<u32>)> =
+            (0..plan.batch_heads).into_par_iter().map(|bh| plan.transpose(bh)).collect();
         let rows = KEY_SIDE_CHUNK * plan.block;
         (0..plan.batch_heads * plan.n_blocks).into_par_iter().for_each_init(
             || KeyBuffers {

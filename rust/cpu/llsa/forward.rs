@@ -3,9 +3,9 @@
 
 use rayon::prelude::*;
 
-use super::{block_logits, check_output, gather_rows, transpose, Dims, Inputs, KeyRows, Plan, LN_2, LOG2_E};
-use crate::cpu::pool::pool;
 use super::exp2::exp2_shift_sum;
+use super::{check_output, gather_rows, Dims, Inputs, KeyRows, Plan, LN_2, LOG2_E};
+use crate::cpu::pool::pool;
 use crate::cpu::simd::{self, matmul};
 use crate::cpu::view::{DType, View, ViewError};
 
@@ -29,8 +29,6 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, plan: &Plan, scale: f32, th
 
 struct Buffers {
     q: Vec<f32>,
-    qt: Vec<f32>,
-    st: Vec<f32>,
     pooled: KeyRows,
     fine: KeyRows,
     sp: Vec<f32>,
@@ -46,8 +44,6 @@ impl Buffers {
         let (rp, rf) = (plan.max_pooled_rows(), plan.max_fine_rows());
         Buffers {
             q: vec![0.0; rows * dims.d],
-            qt: vec![0.0; rows * dims.d],
-            st: vec![0.0; plan.block * rf],
             pooled: KeyRows::new(rp, dims.d, dims.dv),
             fine: KeyRows::new(rf, dims.d, dims.dv),
             sp: vec![0.0; rows * rp],
@@ -75,7 +71,6 @@ fn forward_group(
     let row0 = j0 * plan.block;
     let rows = (j1 * plan.block).min(plan.n) - row0;
     gather_rows(inp.q, b, h, row0, rows, d, scale * LOG2_E, &mut buf.q);
-    transpose(&buf.q, rows, d, d, &mut buf.qt);
     buf.pooled.gather_pooled(inp, plan, dims, b, h, plan.pooled_ids(bh, j0));
     let rp = buf.pooled.len;
     let sp = &mut buf.sp[..rows * rp];
@@ -90,7 +85,9 @@ fn forward_group(
         buf.fine.gather_fine(inp, plan, dims, b, h, plan.fine_ids(bh, j));
         let rf = buf.fine.len;
         let sf = &mut buf.sf[..lq * rf];
-        block_logits(&buf.fine.k, rf, d, &buf.qt, rows, r0, lq, &mut buf.st, sf);
+        unsafe {
+            matmul(lq, rf, d, sf.as_mut_ptr(), rf, false, buf.q[r0 * d..].as_ptr(), d, 1, buf.fine.k.as_ptr(), 1, d)
+        };
         for r in 0..lq {
             let fine_row = &mut sf[r * rf..(r + 1) * rf];
             let pooled_row = &mut sp[(r0 + r) * rp..(r0 + r + 1) * rp];

@@ -35,7 +35,10 @@ pub struct Plan {
 
 fn ids(view: &View, name: &str, shape: [usize; 4], bound: usize) -> Result<Vec<u32>, ViewError> {
     if view.shape != shape || view.dtype != DType::I32 {
-        return err(format!("{name}: expected an int32 tensor of shape {shape:?}, got {:?} {:?}", view.dtype, view.shape));
+        return err(format!(
+            "{name}: expected an int32 tensor of shape {shape:?}, got {:?} {:?}",
+            view.dtype, view.shape
+        ));
     }
     view.to_i32_vec()?
         .into_iter()
@@ -58,7 +61,10 @@ fn offsets(view: &View, block: usize) -> Result<Vec<usize>, ViewError> {
 
 fn f32_values(view: &View, len: usize) -> Result<Vec<f32>, ViewError> {
     if view.shape != [len] || view.dtype != DType::F32 {
-        return err(format!("pbias: expected a float32 tensor of shape [{len}], got {:?} {:?}", view.dtype, view.shape));
+        return err(format!(
+            "pbias: expected a float32 tensor of shape [{len}], got {:?} {:?}",
+            view.dtype, view.shape
+        ));
     }
     let values: Vec<f32> = (0..len).map(|i| view.load_f32(&[i])).collect();
     if values.iter().any(|x| !x.is_finite()) {
@@ -81,7 +87,15 @@ fn level_rows(n: usize, block: usize, levels: usize) -> Vec<usize> {
 impl Plan {
     /// `fine (B, H, n_blocks, K_1)`, `pooled (B, H, n_blocks, E)` int32 block ids; `pb_offsets (M + 1,)` int32;
     /// `pbias (P,)` f32. Any inconsistency is an error.
-    pub fn new(fine: &View, pooled: &View, pb_offsets: &View, pbias: &View, n: usize, block: usize, levels: usize) -> Result<Self, ViewError> {
+    pub fn new(
+        fine: &View,
+        pooled: &View,
+        pb_offsets: &View,
+        pbias: &View,
+        n: usize,
+        block: usize,
+        levels: usize,
+    ) -> Result<Self, ViewError> {
         if block < 2 || n == 0 || levels == 0 {
             return err("block size must be >= 2, N and levels >= 1");
         }
@@ -102,9 +116,25 @@ impl Plan {
         let max_pooled_block = pb_offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
         let level_rows = level_rows(n, block, levels);
         if level_rows[levels] != pooled_tokens {
-            return err(format!("pb_offsets: {pooled_tokens} pooled rows, but {levels} levels of N={n} have {}", level_rows[levels]));
+            return err(format!(
+                "pb_offsets: {pooled_tokens} pooled rows, but {levels} levels of N={n} have {}",
+                level_rows[levels]
+            ));
         }
-        Ok(Plan { batch_heads: batch * heads, n, block, n_blocks, k_fine, k_pooled, fine, pooled, pb_offsets, pbias, max_pooled_block, level_rows })
+        Ok(Plan {
+            batch_heads: batch * heads,
+            n,
+            block,
+            n_blocks,
+            k_fine,
+            k_pooled,
+            fine,
+            pooled,
+            pb_offsets,
+            pbias,
+            max_pooled_block,
+            level_rows,
+        })
     }
 
     pub fn levels(&self) -> usize {

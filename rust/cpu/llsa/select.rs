@@ -51,17 +51,29 @@ struct Shape {
 
 fn check(levels: &[Level], block: usize) -> Result<Shape, ViewError> {
     let first = levels.first().ok_or_else(|| ViewError("selection needs at least one level".into()))?;
-    let (batch, heads, d) = (first.queries.shape.first().copied().unwrap_or(0), first.queries.shape.get(1).copied().unwrap_or(0), first.queries.shape.get(3).copied().unwrap_or(0));
+    let (batch, heads, d) = (
+        first.queries.shape.first().copied().unwrap_or(0),
+        first.queries.shape.get(1).copied().unwrap_or(0),
+        first.queries.shape.get(3).copied().unwrap_or(0),
+    );
     let (mut sizes, mut topks) = (Vec::new(), Vec::new());
     for (l, level) in levels.iter().enumerate() {
         for t in [level.queries, level.keys] {
             if t.dtype != DType::F32 || t.shape.len() != 4 || t.shape[..2] != [batch, heads] || t.shape[3] != d {
-                return err(format!("{}: level {} must be float32 (B, H, n, D) = ({batch}, {heads}, n, {d})", t.name, l + 1));
+                return err(format!(
+                    "{}: level {} must be float32 (B, H, n, D) = ({batch}, {heads}, n, {d})",
+                    t.name,
+                    l + 1
+                ));
             }
         }
         let n = level.queries.shape[2];
         let out = level.out;
-        if level.keys.shape[2] != n || out.dtype != DType::I64 || out.shape.len() != 4 || out.shape[..3] != [batch, heads, n] {
+        if level.keys.shape[2] != n
+            || out.dtype != DType::I64
+            || out.shape.len() != 4
+            || out.shape[..3] != [batch, heads, n]
+        {
             return err(format!("level {}: keys and ids must cover the {n} queries (ids int64 (B, H, n, K))", l + 1));
         }
         out.expect_contiguous()?;
@@ -92,9 +104,9 @@ pub fn select(levels: &[Level], block: usize, threads: usize) -> Result<(), View
         (0..shape.batch_heads).into_par_iter().for_each(|bh| coarse(&levels[coarsest], &shape, coarsest, bh));
         for l in (0..coarsest).rev() {
             let parents = shape.sizes[l + 1];
-            let result: Result<(), ViewError> = (0..shape.batch_heads * parents)
-                .into_par_iter()
-                .try_for_each(|task| refine(&levels[l], &levels[l + 1], &shape, l, block, task / parents, task % parents));
+            let result: Result<(), ViewError> = (0..shape.batch_heads * parents).into_par_iter().try_for_each(|task| {
+                refine(&levels[l], &levels[l + 1], &shape, l, block, task / parents, task % parents)
+            });
             result?;
         }
         Ok(())
@@ -139,12 +151,21 @@ fn coarse(level: &Level, shape: &Shape, l: usize, bh: usize) {
 }
 
 /// `I_l` for the children of level-(l+1) token `p` of `(b·h)`: top-K over the children of `I_{l+1}[p]`.
-fn refine(level: &Level, parent: &Level, shape: &Shape, l: usize, block: usize, bh: usize, p: usize) -> Result<(), ViewError> {
+fn refine(
+    level: &Level,
+    parent: &Level,
+    shape: &Shape,
+    l: usize,
+    block: usize,
+    bh: usize,
+    p: usize,
+) -> Result<(), ViewError> {
     let (b, h, d, n, count) = (bh / shape.heads, bh % shape.heads, shape.d, shape.sizes[l], shape.topks[l]);
     let parent_count = shape.topks[l + 1];
     let at = parent.out.offset(&[b, h, p, 0]);
     // SAFETY: the parent level was written by this call (validated int64 view, in-range row).
-    let mut chosen: Vec<usize> = (0..parent_count).map(|i| unsafe { *(parent.out.ptr as *const i64).add(at + i) } as usize).collect();
+    let mut chosen: Vec<usize> =
+        (0..parent_count).map(|i| unsafe { *(parent.out.ptr as *const i64).add(at + i) } as usize).collect();
     chosen.sort_unstable();
     let candidates: Vec<usize> = chosen.iter().flat_map(|&c| c * block..((c + 1) * block).min(n)).collect();
     if candidates.len() < count {

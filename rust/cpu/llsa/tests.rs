@@ -147,7 +147,11 @@ impl Case {
     fn key(&self, h: usize, (pooled, r): (bool, usize)) -> (&[f32], &[f32], f64) {
         if pooled {
             let p = self.pooled_tokens();
-            (&self.kp[(h * p + r) * self.d..][..self.d], &self.vp[(h * p + r) * self.dv..][..self.dv], self.pbias[r] as f64 * std::f64::consts::LN_2)
+            (
+                &self.kp[(h * p + r) * self.d..][..self.d],
+                &self.vp[(h * p + r) * self.dv..][..self.dv],
+                self.pbias[r] as f64 * std::f64::consts::LN_2,
+            )
         } else {
             (&self.k[(h * self.n + r) * self.d..][..self.d], &self.v[(h * self.n + r) * self.dv..][..self.dv], 0.0)
         }
@@ -211,14 +215,23 @@ impl Case {
     /// `(dq, dk, dv, dkp, dvp)` in f64 with the fine and pooled keys separate.
     fn naive_grads_split(&self, dout: &[f32], scale: f64) -> [Vec<f64>; 5] {
         let (n, d, dv, p) = (self.n, self.d, self.dv, self.pooled_tokens());
-        let mut g = [vec![0.0; self.bh * n * d], vec![0.0; self.bh * n * d], vec![0.0; self.bh * n * dv], vec![0.0; self.bh * p * d], vec![0.0; self.bh * p * dv]];
+        let mut g = [
+            vec![0.0; self.bh * n * d],
+            vec![0.0; self.bh * n * d],
+            vec![0.0; self.bh * n * dv],
+            vec![0.0; self.bh * p * d],
+            vec![0.0; self.bh * p * dv],
+        ];
         for h in 0..self.bh {
             for t in 0..n {
                 let q = &self.q[(h * n + t) * d..][..d];
                 let dout = &dout[(h * n + t) * dv..][..dv];
                 let keys = self.keys(h, t);
                 let probs = self.probs(h, t, scale);
-                let dps: Vec<f64> = keys.iter().map(|&key| self.key(h, key).1.iter().zip(dout).map(|(a, b)| *a as f64 * *b as f64).sum()).collect();
+                let dps: Vec<f64> = keys
+                    .iter()
+                    .map(|&key| self.key(h, key).1.iter().zip(dout).map(|(a, b)| *a as f64 * *b as f64).sum())
+                    .collect();
                 let delta: f64 = probs.iter().zip(&dps).map(|(a, b)| a * b).sum();
                 for ((&key, p_i), dp) in keys.iter().zip(&probs).zip(&dps) {
                     let ds = p_i * (dp - delta);
@@ -247,12 +260,25 @@ fn run(case: &Case, threads: usize) {
     let (bh, n, d, dv, p) = (case.bh, case.n, case.d, case.dv, case.pooled_tokens());
     let scale = 0.37f32;
     let plan = case.plan().unwrap();
-    let (q, k, v) = (view_of("q", &case.q, "float32", &[1, bh, n, d]), view_of("k", &case.k, "float32", &[1, bh, n, d]), view_of("v", &case.v, "float32", &[1, bh, n, dv]));
-    let (kp, vp) = (view_of("kp", &case.kp, "float32", &[1, bh, p, d]), view_of("vp", &case.vp, "float32", &[1, bh, p, dv]));
+    let (q, k, v) = (
+        view_of("q", &case.q, "float32", &[1, bh, n, d]),
+        view_of("k", &case.k, "float32", &[1, bh, n, d]),
+        view_of("v", &case.v, "float32", &[1, bh, n, dv]),
+    );
+    let (kp, vp) =
+        (view_of("kp", &case.kp, "float32", &[1, bh, p, d]), view_of("vp", &case.vp, "float32", &[1, bh, p, dv]));
     let inputs = Inputs { q: &q, k: &k, v: &v, kp: &kp, vp: &vp };
     let out = vec![f32::NAN; bh * n * dv];
     let lse = vec![f32::NAN; bh * n];
-    forward(&inputs, &view_of("out", &out, "float32", &[1, bh, n, dv]), &view_of("lse", &lse, "float32", &[1, bh, n]), &plan, scale, threads).unwrap();
+    forward(
+        &inputs,
+        &view_of("out", &out, "float32", &[1, bh, n, dv]),
+        &view_of("lse", &lse, "float32", &[1, bh, n]),
+        &plan,
+        scale,
+        threads,
+    )
+    .unwrap();
     let want = case.naive_out(scale as f64);
     assert!(max_err(&out, &want) < 1e-5, "forward error {}", max_err(&out, &want));
 
@@ -327,7 +353,8 @@ fn transpose_lists_every_chooser_once_in_order() {
     for bh in 0..case.bh {
         let (indptr, indices) = plan.transpose(bh);
         for p in 0..plan.n_blocks {
-            let want: Vec<u32> = (0..plan.n_blocks as u32).filter(|&j| plan.fine_ids(bh, j as usize).contains(&(p as u32))).collect();
+            let want: Vec<u32> =
+                (0..plan.n_blocks as u32).filter(|&j| plan.fine_ids(bh, j as usize).contains(&(p as u32))).collect();
             assert_eq!(&indices[indptr[p]..indptr[p + 1]], &want[..]);
         }
     }

@@ -3,7 +3,8 @@
 //!
 //! - exact entries: `dℓ_u = P_u (g·v_u − Δ)`, so `dq += s dℓ_u k_u`, `dk_u += s dℓ_u q`, `dv_u += P_u g`;
 //! - centroid entries: `dc_j = P_j (g·w_j + ρ / n_j − Δ)`, so `dq += s dc_j k̄_j`, `dk̄_j += s dc_j q`,
-//!   `dw_j += P_j g` (the `ρ / n_j` term is the derivative of `ζ = z / den` that the first-order term scales).
+//!   `dw_j += P_j g` (the `ρ / n_j` term is the derivative of `ζ = z / den` that the first-order term scales);
+//! - the first-order term `s ζ q·H̄`: `dq += s ζ H̄ g`, `dH̄ += s ζ q gᵀ`.
 //!
 //! One pass over (slice, split of the query blocks) tasks computes every logit once (five GEMMs per block pair,
 //! as FlashAttention-2): dq rows directly (one writer each), and the key-side gradients (dk, dv, dk̄, dw) into a
@@ -21,32 +22,42 @@ use crate::cpu::view::{DType, View, ViewError};
 /// Tasks per worker the pass aims for when it splits the query blocks of a slice.
 const TASKS_PER_THREAD: usize = 2;
 
-/// Per-query rows of the backward: `dout (B, H, N, Dv)` (float, any strides); `lse`, `delta` and optional `rho`
-/// `(B, H, N)` f32.
+/// What the backward reads besides the inputs: the forward's `out` and the upstream `dout` `(B, H, N, Dv)` (float,
+/// any strides), its `lse` and `zeta` `(B, H, N)` f32, and `H̄ (B, H, D, Dv)` f32 for the hybrid order.
 pub struct BackwardRows<'a> {
+    pub out: &'a View,
     pub dout: &'a View,
     pub lse: &'a View,
-    pub delta: &'a View,
-    pub rho: Option<&'a View>,
+    pub zeta: &'a View,
+    pub moment_mean: Option<&'a View>,
 }
 
-/// Gradients written by the backward (contiguous): `dq, dk, dv` in q's dtype (dk, dv: exact entries only) and
-/// `dkey_mean (B, H, M, D)`, `dvalue_mean (B, H, M, Dv)` in f32.
+/// Gradients written by the backward (contiguous): `dq, dk, dv` in q's dtype (dk, dv: exact entries only),
+/// `dkey_mean (B, H, M, D)`, `dvalue_mean (B, H, M, Dv)` and, with `H̄`, `dmoment_mean (B, H, D, Dv)` in f32.
 pub struct BackwardOutputs<'a> {
     pub dq: &'a View,
     pub dk: &'a View,
     pub dv: &'a View,
     pub dkey_mean: &'a View,
     pub dvalue_mean: &'a View,
+    pub dmoment_mean: Option<&'a View>,
 }
 
 /// Backward of [`super::forward`]; see the module documentation for the formulas.
 pub fn backward(x: &Inputs, rows: &BackwardRows, outs: &BackwardOutputs, threads: usize) -> Result<(), ViewError> {
     let dims = x.check()?;
     let (bt, h, n, d, dv, m) = (dims.batch, dims.heads, dims.n, dims.d, dims.dv, dims.m);
+    check_shape(rows.out, &[bt, h, n, dv], None)?;
     check_shape(rows.dout, &[bt, h, n, dv], None)?;
-    for t in [Some(rows.lse), Some(rows.delta), rows.rho].into_iter().flatten() {
-        check_shape_f32(t, &[bt, h, n])?;
+    check_shape_f32(rows.lse, &[bt, h, n])?;
+    check_shape_f32(rows.zeta, &[bt, h, n])?;
+    match (rows.moment_mean, outs.dmoment_mean) {
+        (Some(hm), Some(dhm)) => {
+            check_shape_f32(hm, &[bt, h, d, dv])?;
+            check_output(dhm, &[bt, h, d, dv], DType::F32)?;
+        }
+        (None, None) => {}
+        _ => return Err(ViewError("dmoment_mean: comes with moment_mean".into())),
     }
     check_output(outs.dq, &[bt, h, n, d], x.q.dtype)?;
     check_output(outs.dk, &[bt, h, n, d], x.q.dtype)?;
@@ -67,6 +78,9 @@ pub fn backward(x: &Inputs, rows: &BackwardRows, outs: &BackwardOutputs, threads
             let bh = task / m;
             ctx.store_key_grads(outs, &partials[bh * splits..(bh + 1) * splits], bh, task % m);
         });
+        if let Some(dhm) = outs.dmoment_mean {
+            (0..slices).into_par_iter().for_each(|bh| ctx.store_moment_grad(dhm, &partials[bh * splits..(bh + 1) * splits], bh));
+        }
     });
     Ok(())
 }
@@ -79,12 +93,13 @@ fn check_shape_f32(t: &View, shape: &[usize]) -> Result<(), ViewError> {
 }
 
 /// Key-side gradients of one task, f32: `dk (N x D)`, `dv (N x Dv)` by block position (unscaled), `dk̄ (M x D)`
-/// (unscaled), `dw (M x Dv)`.
+/// (unscaled), `dw (M x Dv)`, and `dH̄ (D x Dv)` (unscaled; empty for the zeroth order).
 struct KeyGrads {
     dk: Vec<f32>,
     dv: Vec<f32>,
     dkm: Vec<f32>,
     dvm: Vec<f32>,
+    dhm: Vec<f32>,
 }
 
 struct Ctx<'a> {
@@ -96,6 +111,8 @@ struct Ctx<'a> {
 struct Buffers {
     q: Vec<f32>,
     dout: Vec<f32>,
+    out: Vec<f32>,
+    zg: Vec<f32>,
     dq: Vec<f32>,
     lse: Vec<f32>,
     delta: Vec<f32>,
@@ -115,6 +132,8 @@ impl Buffers {
         Buffers {
             q: vec![0.0; block * dims.d],
             dout: vec![0.0; block * dims.dv],
+            out: vec![0.0; block * dims.dv],
+            zg: vec![0.0; block * dims.dv],
             dq: vec![0.0; block * dims.d],
             lse: vec![0.0; block],
             delta: vec![0.0; block],
@@ -130,17 +149,31 @@ impl Buffers {
 }
 
 impl Ctx<'_> {
-    /// Loads query block `i` of `(b, h)`: q (unscaled), dout, lse in base 2, delta and rho. Returns `(q0, lq)`.
+    /// Loads query block `i` of `(b, h)`: q (unscaled), dout, lse in base 2, `Δ = dout·out`, and for the hybrid
+    /// order `ρ = scale (q·H̄)·dout` and `zg = ζ dout`. Returns `(q0, lq)`.
     fn load_query(&self, b: usize, h: usize, i: usize, buf: &mut Buffers) -> (usize, usize) {
-        let layout = self.x.layout;
+        let (layout, Dims { d, dv, .. }) = (self.x.layout, self.dims);
         let (q0, lq) = layout.block(i);
-        gather(self.x.q, b, h, &layout.perm, q0, lq, self.dims.d, 1.0, &mut buf.q);
-        gather(self.rows.dout, b, h, &layout.perm, q0, lq, self.dims.dv, 1.0, &mut buf.dout);
+        gather(self.x.q, b, h, &layout.perm, q0, lq, d, 1.0, &mut buf.q);
+        gather(self.rows.dout, b, h, &layout.perm, q0, lq, dv, 1.0, &mut buf.dout);
+        gather(self.rows.out, b, h, &layout.perm, q0, lq, dv, 1.0, &mut buf.out);
         for r in 0..lq {
             let idx = [b, h, layout.perm[q0 + r]];
             buf.lse[r] = self.rows.lse.load_f32(&idx) * LOG2_E;
-            buf.delta[r] = self.rows.delta.load_f32(&idx);
-            buf.rho[r] = self.rows.rho.map_or(0.0, |t| t.load_f32(&idx));
+            let (g, o) = (&buf.dout[r * dv..(r + 1) * dv], &buf.out[r * dv..(r + 1) * dv]);
+            buf.delta[r] = g.iter().zip(o).map(|(g, o)| g * o).sum();
+            buf.rho[r] = 0.0;
+        }
+        if let Some(hm) = self.rows.moment_mean {
+            let (p, rs, cs) = f32_rows(hm, b, h, 0);
+            // r = q·H̄ into `out` (no longer needed); SAFETY: a validated f32 (B, H, D, Dv) view, lq x dv buffers.
+            unsafe { matmul(lq, dv, d, buf.out.as_mut_ptr(), dv, false, buf.q.as_ptr(), d, 1, p, rs, cs) };
+            for r in 0..lq {
+                let zeta = self.rows.zeta.load_f32(&[b, h, layout.perm[q0 + r]]);
+                let (g, first) = (&buf.dout[r * dv..(r + 1) * dv], &buf.out[r * dv..(r + 1) * dv]);
+                buf.rho[r] = self.x.scale * g.iter().zip(first).map(|(g, f)| g * f).sum::<f32>();
+                buf.zg[r * dv..(r + 1) * dv].iter_mut().zip(g).for_each(|(z, g)| *z = zeta * g);
+            }
         }
         (q0, lq)
     }
@@ -173,12 +206,23 @@ impl Ctx<'_> {
     fn query_range(&self, bh: usize, split: usize, splits: usize, dq: &View, buf: &mut Buffers) -> KeyGrads {
         let Dims { n, d, dv, m, .. } = self.dims;
         let (b, h) = self.x.slice(self.dims, bh);
-        let mut grads = KeyGrads { dk: vec![0.0; n * d], dv: vec![0.0; n * dv], dkm: vec![0.0; m * d], dvm: vec![0.0; m * dv] };
+        let hybrid = if self.rows.moment_mean.is_some() { d * dv } else { 0 };
+        let mut grads = KeyGrads {
+            dk: vec![0.0; n * d], dv: vec![0.0; n * dv], dkm: vec![0.0; m * d], dvm: vec![0.0; m * dv], dhm: vec![0.0; hybrid],
+        };
         for i in (m * split / splits)..(m * (split + 1) / splits) {
             let (q0, lq) = self.load_query(b, h, i, buf);
             buf.dq[..lq * d].fill(0.0);
             self.exact_entries(b, h, bh, i, lq, &mut grads, buf);
             self.centroid_entries(b, h, bh, i, lq, &mut grads, buf);
+            if let Some(hm) = self.rows.moment_mean {
+                let (p, rs, cs) = f32_rows(hm, b, h, 0);
+                // dq += (ζ g)·H̄ᵀ ; dH̄ += qᵀ (ζ g). SAFETY: validated (B, H, D, Dv) f32 view; lq x dv, lq x d buffers.
+                unsafe {
+                    matmul(lq, d, dv, buf.dq.as_mut_ptr(), d, true, buf.zg.as_ptr(), dv, 1, p, cs, rs);
+                    matmul(d, dv, lq, grads.dhm.as_mut_ptr(), dv, true, buf.q.as_ptr(), 1, d, buf.zg.as_ptr(), dv, 1);
+                }
+            }
             for r in 0..lq {
                 let row = &mut buf.dq[r * d..(r + 1) * d];
                 row.iter_mut().for_each(|x| *x *= self.x.scale);
@@ -244,6 +288,21 @@ impl Ctx<'_> {
                 matmul(cols, d, lq, grads.dkm[c0 * d..].as_mut_ptr(), d, true, buf.dp.as_ptr(), 1, cols, buf.q.as_ptr(), d, 1);
                 matmul(cols, dv, lq, grads.dvm[c0 * dv..].as_mut_ptr(), dv, true, buf.p.as_ptr(), 1, cols, buf.dout.as_ptr(), dv, 1);
             }
+        }
+    }
+
+    /// Sums the splits' `dH̄` of slice `bh` and writes it (times `scale`).
+    fn store_moment_grad(&self, dhm: &View, partials: &[KeyGrads], bh: usize) {
+        let Dims { d, dv, .. } = self.dims;
+        let (b, h) = self.x.slice(self.dims, bh);
+        let mut sum = vec![0.0f32; d * dv];
+        for part in partials {
+            sum.iter_mut().zip(&part.dhm).for_each(|(x, y)| *x += y);
+        }
+        sum.iter_mut().for_each(|x| *x *= self.x.scale);
+        for i in 0..d {
+            // SAFETY: slice bh of the validated output belongs to this task.
+            unsafe { dhm.store_row(&[b, h, i], &sum[i * dv..(i + 1) * dv]) };
         }
     }
 

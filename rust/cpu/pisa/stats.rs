@@ -1,0 +1,201 @@
+//! The block statistics of PISA in one pass over the tokens (rows gathered through the layout, f32):
+//! `k̄_j` (key mean), `w_j = V̂_j / n_j` (value mean), optionally `q̄_j` (query mean, for routing) and
+//! `H̄ = (1/M) Σ_j Σ_{t∈j} (k_t − k̄_j) v_tᵀ`, reduced over blocks without materialising the per-block `H_j`.
+//! The routing bias's `‖H_j − H̄‖_F` takes a second pass that recomputes each `H_j` in a `D x Dv` buffer.
+//!
+//! Tasks are (slice, split of the blocks); each keeps a partial `H̄`, summed per slice in a fixed order.
+
+use rayon::prelude::*;
+
+use super::{check_output, check_shape, err, gather, Layout};
+use crate::cpu::pool::pool;
+use crate::cpu::simd::matmul;
+use crate::cpu::view::{DType, View, ViewError};
+
+/// Tasks per worker the passes aim for.
+const TASKS_PER_THREAD: usize = 2;
+
+/// Outputs (f32, contiguous): `key_mean (B, H, M, D)`, `value_mean (B, H, M, Dv)`, and when given
+/// `moment_mean (B, H, D, Dv)`, `query_mean (B, H, M, D)`, `spread (B, H, M)` (which needs `moment_mean`).
+pub struct StatsOutputs<'a> {
+    pub key_mean: &'a View,
+    pub value_mean: &'a View,
+    pub moment_mean: Option<&'a View>,
+    pub query_mean: Option<&'a View>,
+    pub spread: Option<&'a View>,
+}
+
+#[derive(Clone, Copy)]
+struct Shape {
+    heads: usize,
+    d: usize,
+    dv: usize,
+    m: usize,
+}
+
+/// Computes the requested statistics of `k`, `v` (and `q`) `(B, H, N, ·)` (any strides, float) over `layout`.
+pub fn stats(k: &View, v: &View, q: Option<&View>, layout: &Layout, outs: &StatsOutputs, threads: usize) -> Result<(), ViewError> {
+    k.expect(4, true)?;
+    v.expect(4, true)?;
+    let (batch, heads, n, d) = (k.shape[0], k.shape[1], k.shape[2], k.shape[3]);
+    let (dv, m) = (v.shape[3], layout.num_blocks());
+    check_shape(v, &[batch, heads, n, dv], None)?;
+    if let Some(q) = q {
+        check_shape(q, &[batch, heads, n, d], None)?;
+    }
+    if layout.perm.len() != n {
+        return err(format!("perm: length {} != N = {n}", layout.perm.len()));
+    }
+    check_output(outs.key_mean, &[batch, heads, m, d], DType::F32)?;
+    check_output(outs.value_mean, &[batch, heads, m, dv], DType::F32)?;
+    if let Some(t) = outs.moment_mean {
+        check_output(t, &[batch, heads, d, dv], DType::F32)?;
+    }
+    match (q, outs.query_mean) {
+        (Some(_), Some(t)) => check_output(t, &[batch, heads, m, d], DType::F32)?,
+        (None, None) => {}
+        _ => return err("query_mean: q and query_mean come together"),
+    }
+    if let Some(t) = outs.spread {
+        check_output(t, &[batch, heads, m], DType::F32)?;
+        if outs.moment_mean.is_none() {
+            return err("spread: needs moment_mean");
+        }
+    }
+    let shape = Shape { heads, d, dv, m };
+    let slices = batch * heads;
+    let splits = (TASKS_PER_THREAD * threads.max(1)).div_ceil(slices).clamp(1, m);
+    let block = layout.max_block();
+    let pass = Pass { k, v, layout, shape };
+    let pool = pool(threads).map_err(ViewError)?;
+    pool.install(|| {
+        let partials: Vec<Vec<f32>> = (0..slices * splits)
+            .into_par_iter()
+            .map_init(
+                || Rows::new(block, shape),
+                |rows, task| pass.means_and_moments(q, outs, task / splits, (task % splits, splits), rows),
+            )
+            .collect();
+        let Some(moment_mean) = outs.moment_mean else { return };
+        let means: Vec<Vec<f32>> = (0..slices).into_par_iter().map(|bh| pass.reduce(moment_mean, &partials[bh * splits..(bh + 1) * splits], bh)).collect();
+        if let Some(spread) = outs.spread {
+            (0..slices * splits).into_par_iter().for_each_init(
+                || Rows::new(block, shape),
+                |rows, task| pass.spread(spread, &means[task / splits], task / splits, (task % splits, splits), rows),
+            );
+        }
+    });
+    Ok(())
+}
+
+struct Rows {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    moment: Vec<f32>,
+    row: Vec<f32>,
+}
+
+impl Rows {
+    fn new(block: usize, shape: Shape) -> Self {
+        Rows {
+            q: vec![0.0; block * shape.d],
+            k: vec![0.0; block * shape.d],
+            v: vec![0.0; block * shape.dv],
+            moment: vec![0.0; shape.d * shape.dv],
+            row: vec![0.0; shape.d.max(shape.dv)],
+        }
+    }
+}
+
+struct Pass<'a> {
+    k: &'a View,
+    v: &'a View,
+    layout: &'a Layout,
+    shape: Shape,
+}
+
+/// Column means of `rows x width` values into `out`.
+fn column_mean(values: &[f32], rows: usize, width: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    for r in values[..rows * width].chunks_exact(width) {
+        out.iter_mut().zip(r).for_each(|(o, x)| *o += x);
+    }
+    let inv = 1.0 / rows as f32;
+    out.iter_mut().for_each(|o| *o *= inv);
+}
+
+impl Pass<'_> {
+    /// Gathers the keys and values of block `j` of slice `(b, h)`; returns the block's length.
+    fn load(&self, b: usize, h: usize, j: usize, rows: &mut Rows) -> usize {
+        let Shape { d, dv, .. } = self.shape;
+        let (p0, len) = self.layout.block(j);
+        gather(self.k, b, h, &self.layout.perm, p0, len, d, 1.0, &mut rows.k);
+        gather(self.v, b, h, &self.layout.perm, p0, len, dv, 1.0, &mut rows.v);
+        len
+    }
+
+    /// `rows.moment = Σ_t (k_t − k̄) v_tᵀ` of the loaded block, whose key mean is `rows.row[..d]`.
+    fn block_moment(&self, len: usize, rows: &mut Rows, accumulate: bool) {
+        let Shape { d, dv, .. } = self.shape;
+        for r in rows.k[..len * d].chunks_exact_mut(d) {
+            r.iter_mut().zip(&rows.row[..d]).for_each(|(x, mean)| *x -= mean);
+        }
+        // SAFETY: k holds len x d, v len x dv, moment d x dv values.
+        unsafe { matmul(d, dv, len, rows.moment.as_mut_ptr(), dv, accumulate, rows.k.as_ptr(), 1, d, rows.v.as_ptr(), dv, 1) };
+    }
+
+    /// Means of the blocks of one split (written) and the split's partial `Σ H_j` (returned, `d x dv`).
+    fn means_and_moments(&self, q: Option<&View>, outs: &StatsOutputs, bh: usize, split: (usize, usize), rows: &mut Rows) -> Vec<f32> {
+        let Shape { heads, d, dv, m } = self.shape;
+        let (b, h) = (bh / heads, bh % heads);
+        rows.moment.fill(0.0);
+        for j in (m * split.0 / split.1)..(m * (split.0 + 1) / split.1) {
+            let len = self.load(b, h, j, rows);
+            // SAFETY (stores): block j of slice bh belongs to this task; outputs are validated f32 views.
+            column_mean(&rows.v, len, dv, &mut rows.row[..dv]);
+            unsafe { outs.value_mean.store_row(&[b, h, j], &rows.row[..dv]) };
+            if let (Some(q), Some(query_mean)) = (q, outs.query_mean) {
+                gather(q, b, h, &self.layout.perm, self.layout.block(j).0, len, d, 1.0, &mut rows.q);
+                column_mean(&rows.q, len, d, &mut rows.row[..d]);
+                unsafe { query_mean.store_row(&[b, h, j], &rows.row[..d]) };
+            }
+            column_mean(&rows.k, len, d, &mut rows.row[..d]);
+            unsafe { outs.key_mean.store_row(&[b, h, j], &rows.row[..d]) };
+            if outs.moment_mean.is_some() {
+                self.block_moment(len, rows, true);
+            }
+        }
+        rows.moment.clone()
+    }
+
+    /// `H̄` of slice `bh` from its splits' partial sums (written, and returned row-major `d x dv`).
+    fn reduce(&self, moment_mean: &View, partials: &[Vec<f32>], bh: usize) -> Vec<f32> {
+        let Shape { heads, d, dv, m } = self.shape;
+        let mut mean = vec![0.0f32; d * dv];
+        for part in partials {
+            mean.iter_mut().zip(part).for_each(|(x, y)| *x += y);
+        }
+        let inv = 1.0 / m as f32;
+        mean.iter_mut().for_each(|x| *x *= inv);
+        for i in 0..d {
+            // SAFETY: slice bh of the validated output belongs to this task.
+            unsafe { moment_mean.store_row(&[bh / heads, bh % heads, i], &mean[i * dv..(i + 1) * dv]) };
+        }
+        mean
+    }
+
+    /// `‖H_j − H̄‖_F` for the blocks of one split.
+    fn spread(&self, spread: &View, mean: &[f32], bh: usize, split: (usize, usize), rows: &mut Rows) {
+        let Shape { heads, d, m, .. } = self.shape;
+        let (b, h) = (bh / heads, bh % heads);
+        for j in (m * split.0 / split.1)..(m * (split.0 + 1) / split.1) {
+            let len = self.load(b, h, j, rows);
+            column_mean(&rows.k, len, d, &mut rows.row[..d]);
+            self.block_moment(len, rows, false);
+            let sq: f32 = rows.moment.iter().zip(mean).map(|(x, y)| (x - y) * (x - y)).sum();
+            // SAFETY: block j of slice bh belongs to this task.
+            unsafe { spread.store_f32(&[b, h, j], sq.sqrt()) };
+        }
+    }
+}
