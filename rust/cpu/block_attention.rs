@@ -8,7 +8,8 @@
 use rayon::prelude::*;
 
 use super::pool::pool;
-use super::simd::{self, exp2_shift_sum, matmul};
+use super::simd::matmul;
+use super::vmath::{self, exp2_shift_sum};
 use super::view::{View, ViewError};
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
@@ -307,7 +308,7 @@ fn forward_block(q: &View, k: &View, v: &View, out: &View, lse: &View, plan: &Pl
         }
         for r in 0..lq {
             let row = &mut s[r * lk..(r + 1) * lk];
-            let row_max = simd::max(row);
+            let row_max = vmath::max(row);
             let m_new = buf.m[r].max(row_max);
             if m_new == f32::NEG_INFINITY {
                 row.fill(0.0);

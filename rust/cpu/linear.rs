@@ -9,7 +9,7 @@
 //! (`dQ̂`, and the partial `dS`, `dm` it reduces) and a key pass (`dK̂`, `dV`). Every token row is written by one task.
 
 mod features;
-mod vmath;
+mod power;
 
 use rayon::prelude::*;
 
@@ -18,6 +18,7 @@ use features::{load_rows, store_rows, FeatureMap, Rows, Side};
 
 use super::pool::pool;
 use super::simd::matmul;
+use super::vmath;
 use super::view::{DType, View, ViewError};
 
 /// Tokens per GEMM block.

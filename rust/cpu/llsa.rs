@@ -19,7 +19,6 @@
 //! reads and writes go through validated views and plans; gathers copy rows into f32 buffers for the `gemm` crate.
 
 mod backward;
-mod exp2;
 mod forward;
 mod plan;
 mod select;

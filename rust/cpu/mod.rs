@@ -1,5 +1,6 @@
-//! CPU kernels. `view` checks raw tensor descriptors before any `unsafe` read; `simd` holds the vector math;
-//! `block_attention` is the one attention engine over block plans (forward and backward).
+//! CPU kernels. `view` checks raw tensor descriptors before any `unsafe` read; `simd` is the GEMM front and
+//! `vmath` the element-wise vector math; `block_attention` is the one attention engine over block plans (forward
+//! and backward).
 
 pub mod block_attention;
 pub mod linear;
@@ -8,3 +9,4 @@ pub mod pisa;
 pub mod pool;
 pub mod simd;
 pub mod view;
+pub mod vmath;

@@ -14,7 +14,6 @@ mod backward;
 mod stats;
 #[cfg(test)]
 mod tests;
-mod vexp;
 
 use rayon::prelude::*;
 
@@ -22,8 +21,8 @@ pub use backward::{backward, BackwardOutputs, BackwardRows};
 pub use stats::{stats, StatsOutputs};
 
 use super::pool::pool;
-use super::simd::{self, matmul};
-use vexp::exp2_shift_sum;
+use super::simd::matmul;
+use super::vmath::{self, exp2_shift_sum};
 use super::view::{DType, View, ViewError};
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
@@ -318,7 +317,7 @@ impl State {
         let dv = self.dv;
         for r in 0..rows {
             let row = &mut s[r * cols..(r + 1) * cols];
-            let m_new = self.m[r].max(simd::max(row));
+            let m_new = self.m[r].max(vmath::max(row));
             if m_new == f32::NEG_INFINITY {
                 row.fill(0.0);
                 continue;

@@ -2,7 +2,8 @@
 //! themselves (`Plain`, linear attention) or the DyDiLA prologue (`Dydila`: power maps with per-token exponents
 //! and the token differential), recomputed per block in the forward and in the backward.
 
-use super::vmath::{dot, power_row, power_row_grad};
+use super::power::{power_row, power_row_grad};
+use crate::cpu::vmath::dot;
 use crate::cpu::view::{DType, View};
 
 /// The two sides of the core: queries (read out) and keys (reduced into the state).

@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::exp2::exp2_shift_sum;
+use crate::cpu::vmath::exp2_shift_sum;
 use super::{check_output, err, gather_rows, Dims, Inputs, KeyRows, Plan, LOG2_E};
 use crate::cpu::pool::pool;
 use crate::cpu::simd::matmul;

@@ -3,10 +3,10 @@
 
 use rayon::prelude::*;
 
-use super::exp2::exp2_shift_sum;
+use crate::cpu::vmath::{self, exp2_shift_sum};
 use super::{check_output, gather_rows, Dims, Inputs, KeyRows, Plan, LN_2, LOG2_E};
 use crate::cpu::pool::pool;
-use crate::cpu::simd::{self, matmul};
+use crate::cpu::simd::matmul;
 use crate::cpu::view::{DType, View, ViewError};
 
 /// Writes `out (B, H, N, Dv)` (q's dtype, contiguous) and `lse (B, H, N)` (f32, natural log of the softmax
@@ -91,7 +91,7 @@ fn forward_group(
         for r in 0..lq {
             let fine_row = &mut sf[r * rf..(r + 1) * rf];
             let pooled_row = &mut sp[(r0 + r) * rp..(r0 + r + 1) * rp];
-            let m = simd::max(fine_row).max(simd::max(pooled_row));
+            let m = vmath::max(fine_row).max(vmath::max(pooled_row));
             buf.l[r0 + r] = exp2_shift_sum(fine_row, m) + exp2_shift_sum(pooled_row, m);
             buf.m[r0 + r] = m;
         }

@@ -13,7 +13,7 @@
 
 use rayon::prelude::*;
 
-use super::vexp::exp2_shift_sum;
+use crate::cpu::vmath::exp2_shift_sum;
 use super::{centroid_bias, check_output, check_shape, f32_rows, gather, groups, Dims, Inputs, CHUNK, GROUP_KEYS, LOG2_E};
 use crate::cpu::pool::pool;
 use crate::cpu::simd::matmul;
