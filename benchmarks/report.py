@@ -32,19 +32,36 @@ def _options(r: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in r["options"].items())
 
 
+def _baselines(r: dict) -> str:
+    """Every baseline time recorded besides dense: FlexAttention (raster / tiled), NATTEN, fla, keep-or-drop."""
+    parts = []
+    if r.get("flex_ms") is not None or r.get("flex_tiled_ms") is not None:
+        parts.append(f"flex {_num(r.get('flex_ms'), '.2f')} / {_num(r.get('flex_tiled_ms'), '.2f')}")
+    for key, name in (("natten_ms", "NATTEN"), ("fla_ms", "fla"), ("drop_ms", "drop")):
+        if r.get(key) is not None:
+            parts.append(f"{name} {r[key]:.2f}")
+    return "; ".join(parts) or "–"
+
+
+def _dense(r: dict) -> str:
+    split = [f"{name} {r[key]:.2f}" for key, name in (("dense_flash_ms", "flash"), ("dense_cudnn_ms", "cuDNN"))
+             if r.get(key) is not None]
+    return f"{r['dense_ms']:.2f}" + (f" ({', '.join(split)})" if split else "")
+
+
 def table(records: list[dict]) -> list[str]:
     lines = [
-        "| method | options | backend | pass | shape | B×H×D | ms (min–max) | dense ms | flex ms (raster / tiled) | "
-        "speedup | needed work | efficiency (needed / computed) | rel. err vs dense | vs reference |",
+        "| method | options | backend | pass | shape | B×H×D | ms (min–max) | dense ms | other baselines, ms | "
+        "speedup | needed work | efficiency (needed / computed) | rel. err vs dense (keep-or-drop) | vs reference |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        flex = f"{_num(r.get('flex_ms'), '.2f')} / {_num(r.get('flex_tiled_ms'), '.2f')}"
+        drop = f" ({r['rel_err_drop']:.2e})" if r.get("rel_err_drop") is not None else ""
         lines.append(
             f"| {r['method']} | {_options(r)} | {r['backend']} | {r['pass']} | {_shape(r)} | {r['B']}×{r['H']}×{r['D']} | "
-            f"{r['ms']:.2f} ({r['ms_min']:.2f}–{r['ms_max']:.2f}) | {r['dense_ms']:.2f} | {flex} | {r['speedup']:.2f}× | "
+            f"{r['ms']:.2f} ({r['ms_min']:.2f}–{r['ms_max']:.2f}) | {_dense(r)} | {_baselines(r)} | {r['speedup']:.2f}× | "
             f"{r['work_fraction']:.4f} | {r['efficiency']:.2f} / {_num(r.get('computed_efficiency'), '.2f')} | "
-            f"{r['rel_err_dense']:.2e} | {_num(r.get('rel_err_ref'), '.1e')} |"
+            f"{r['rel_err_dense']:.2e}{drop} | {_num(r.get('rel_err_ref'), '.1e')} |"
         )
     return lines
 
@@ -61,7 +78,10 @@ def benchmarks_md(results: list[tuple[Path, dict]]) -> str:
         "`difattn bench --json`); do not edit by hand. FLOP model: dense forward `4·B·H·N²·D`, backward 2.5× forward.",
         "*needed work*: the fraction of dense FLOPs the method must do; *efficiency*: speedup × needed work (the",
         "method's FLOP rate on that work as a fraction of the dense kernel's), and the same on the work its kernels",
-        "compute (whole blocks).",
+        "compute (whole blocks). Baselines: FlexAttention with the method's mask in raster and in tile order, NATTEN",
+        "(CLEAR's bounding square window) and flash-linear-attention (causal chunked kernel) when installed, and for",
+        "PISA the keep-or-drop attention over the same selected blocks (time through FlexAttention; its error vs",
+        "dense in parentheses next to PISA's).",
         "",
     ]
     for path, data in results:

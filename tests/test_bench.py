@@ -52,3 +52,74 @@ def test_plan_pairs_cover_needed_pairs():
 def test_generated_reports_are_up_to_date():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--check"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def _square_window_attention(q, k, v, side):
+    """Brute-force NATTEN semantics on heads-last ``(B, h, w, H, D)``: a ``side``² window clamped inside the grid."""
+    B, h, w, H, D = q.shape
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    half = side // 2
+    sy = (ys - half).clamp(0, h - side)
+    sx = (xs - half).clamp(0, w - side)
+    mask = ((ys[None] >= sy[:, None]) & (ys[None] < sy[:, None] + side)
+            & (xs[None] >= sx[:, None]) & (xs[None] < sx[:, None] + side))
+    flat = [x.reshape(B, h * w, H, -1).transpose(1, 2) for x in (q, k, v)]
+    out = torch.nn.functional.scaled_dot_product_attention(*flat, attn_mask=mask)
+    return out.transpose(1, 2).reshape(B, h, w, H, -1)
+
+
+def test_natten_baseline_layout(monkeypatch):
+    """The NATTEN adapter hands NATTEN heads-last grids and maps the result back (a fake NATTEN checks it)."""
+    import types
+
+    from difattn.bench import baselines, cases
+
+    fake = types.ModuleType("natten")
+    fake.functional = types.ModuleType("natten.functional")
+    calls = []
+
+    def na2d(q, k, v, kernel_size):
+        calls.append(kernel_size)
+        return _square_window_attention(q, k, v, kernel_size[0])
+
+    fake.functional.na2d, fake.functional.na3d = na2d, None
+    monkeypatch.setitem(sys.modules, "natten", fake)
+    monkeypatch.setitem(sys.modules, "natten.functional", fake.functional)
+    monkeypatch.setattr(baselines.importlib.util, "find_spec", lambda name: object())
+    case = cases.Case("clear", {"radius": 3.5})
+    shape = cases.Shape(TokenGrid(9, 11), heads=2, head_dim=8)
+    assert baselines.natten_fns(case, shape, torch.device("cpu")) == {}  # CUDA only
+    assert baselines.natten_fns(case, cases.Shape(TokenGrid(9, 11, text_tokens=3)), torch.device("cuda")) == {}
+    fn = baselines.natten_fns(case, shape, torch.device("cuda"))["natten_ms"]
+    q, k, v = (torch.randn(1, 2, 99, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    out = fn(q, k, v, None)
+    assert calls == [(7, 7)]
+    # Window 7x7 around each token, clamped: compare with the raster-order mask directly.
+    ys, xs = torch.meshgrid(torch.arange(9), torch.arange(11), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    sy, sx = (ys - 3).clamp(0, 2), (xs - 3).clamp(0, 4)
+    mask = ((ys[None] >= sy[:, None]) & (ys[None] < sy[:, None] + 7)
+            & (xs[None] >= sx[:, None]) & (xs[None] < sx[:, None] + 7))
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def test_pisa_keep_only_baseline():
+    """Keep-or-drop over PISA's own selection: at density 1 it is dense attention; below, its mask keeps exactly
+    the selected blocks (checked against the block ids PISA returns)."""
+    from difattn.bench import baselines, cases
+
+    shape = cases.Shape(TokenGrid(16, 24, text_tokens=5), heads=2, head_dim=16)
+    q, k, v = (torch.randn(1, 2, shape.grid.num_tokens, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    full = cases.Case("pisa", {"density": 1.0, "block_size": 64})
+    token_block, selected = baselines.pisa_keep_only(full, shape, q, k, v, "torch")
+    assert bool(selected.all())
+    assert baselines.keep_only_error(q, k, v, token_block, selected, dense) < 1e-6
+    sparse = cases.Case("pisa", {"density": 0.25, "block_size": 64})
+    token_block, selected = baselines.pisa_keep_only(sparse, shape, q, k, v, "torch")
+    _, blocks = __import__("difattn").pisa_attention(q, k, v, grid=shape.grid, density=0.25, block_size=64,
+                                                      return_blocks=True, backend="torch")
+    assert selected.sum(-1).eq(blocks.shape[-1]).all()
+    assert int(token_block.bincount().max()) <= 64 and token_block.numel() == shape.grid.num_tokens
+    assert baselines.keep_only_error(q, k, v, token_block, selected, dense) > 1e-3

@@ -114,7 +114,7 @@ CASES = {
     "clear": (Case("clear", {"radius": 8.0}), Case("clear", {"radius": 16.0})),
     "grat": (Case("grat", {"group": (8, 8), "pattern": "neighbors", "reach": 1}),
              Case("grat", {"group": (16, 16), "pattern": "criss_cross"})),
-    "pisa": (Case("pisa", {"density": 0.125, "block_size": 64}),),
+    "pisa": tuple(Case("pisa", {"density": d, "block_size": 64}) for d in (0.125, 0.0625, 0.25)),
     "llsa": (Case("llsa", {"block_size": 16, "topk": 8}),),
     "linear": (Case("linear", {"normalize": True}),),
     "dydila": (Case("dydila", {"normalize": False}),),

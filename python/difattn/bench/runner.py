@@ -3,11 +3,17 @@ with the same mask, in raster and in tile order, where the method has a mask), w
 
 JSON schema (stable): ``{"device", "torch", "triton", "commit", "threads", "records": [record, ...]}``; a record is
 ``{"method", "backend", "pass" ("fwd" | "fwd+bwd"), "B", "H", "N", "D", "dtype", "options", "grid", "density",
-"ms", "ms_min", "ms_max", "dense_ms", "flex_ms", "flex_tiled_ms", "work_fraction", "computed_fraction",
-"speedup", "efficiency", "computed_efficiency", "peak_mem_mb", "rel_err_dense", "rel_err_ref"}``.
-``speedup = dense_ms / ms``; ``efficiency = speedup * work_fraction`` (FLOP rate on the work the method must do,
-as a fraction of the dense kernel's); ``computed_efficiency = speedup * computed_fraction`` (on the work the
-kernels actually do). ``null`` where a value does not apply or was not measured.
+"ms", "ms_min", "ms_max", "dense_ms", "dense_flash_ms", "dense_cudnn_ms", "flex_ms", "flex_tiled_ms", "natten_ms",
+"fla_ms", "drop_ms", "work_fraction", "computed_fraction", "speedup", "efficiency", "computed_efficiency",
+"peak_mem_mb", "rel_err_dense", "rel_err_ref", "rel_err_drop"}``.
+``dense_ms`` is the fastest dense SDPA measured (CPU: torch's flash kernel; CUDA: the faster of the flash and cuDNN
+backends, each also recorded); ``speedup = dense_ms / ms``; ``efficiency = speedup * work_fraction`` (FLOP rate on
+the work the method must do, as a fraction of the dense kernel's); ``computed_efficiency = speedup *
+computed_fraction`` (on the work the kernels actually do). Baselines (:mod:`.baselines`): FlexAttention with the
+method's mask (``flex_ms`` raster order, ``flex_tiled_ms`` tile order; on CUDA, or on CPU with ``flex``), NATTEN
+for CLEAR and flash-linear-attention for linear attention when installed, and for PISA the keep-or-drop
+block-sparse attention over the same selected blocks (``drop_ms`` through FlexAttention, ``rel_err_drop`` its error
+against dense). ``null`` where a value does not apply or was not measured.
 """
 
 from __future__ import annotations
@@ -22,12 +28,15 @@ import torch.nn.functional as F
 
 from ..backends import BACKENDS
 from ..testing import rel_error
+from . import baselines
 from .cases import CASES, Case, Shape
 from .progress import Progress
 from .timing import Timing, time_call
 
 _ROTATIONS = 3  # distinct input sets cycled through while timing
 REFERENCE_LIMIT = 8192  # compare with the torch reference up to this many tokens
+_BASELINE_KEYS = ("dense_ms", "dense_flash_ms", "dense_cudnn_ms", "flex_ms", "flex_tiled_ms", "natten_ms", "fla_ms",
+                  "drop_ms")
 
 
 @dataclass
@@ -72,38 +81,33 @@ def _timed(fn, inputs: list, backward: bool, cfg: BenchConfig) -> Timing:
     return time_call(call, cfg.device, budget_s=cfg.cpu_budget_s)
 
 
-def _dense_fn(device: torch.device):
-    if device.type != "cuda":
-        return lambda q, k, v, e: F.scaled_dot_product_attention(q, k, v)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def _time_each(fns: dict, inputs: list, backward: bool, cfg: BenchConfig) -> dict[str, float | None]:
+    """Median ms of each baseline; ``None`` for one that cannot run these inputs (unsupported dtype or shape)."""
+    out = {}
+    for key, fn in fns.items():
+        try:
+            out[key] = _timed(fn, inputs, backward, cfg).median
+        except (RuntimeError, ValueError, TypeError, NotImplementedError):
+            out[key] = None
+    return out
 
-    def dense(q, k, v, e):
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
-            return F.scaled_dot_product_attention(q, k, v)
 
-    return dense
-
-
-def _flex_fns(case: Case, shape: Shape, device: torch.device) -> dict[str, object]:
-    """FlexAttention with the case's mask in raster order and in the engine's tile order."""
-    mask_mod = case.mask_mod(shape.grid, device)
-    if mask_mod is None:
-        return {}
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    n = shape.grid.num_tokens
-    flex = torch.compile(flex_attention, dynamic=False)
-    raster = create_block_mask(mask_mod, None, None, n, n, device=str(device))
-    fns = {"flex_ms": lambda q, k, v, e: flex(q, k, v, block_mask=raster)}
-    if case.method in ("clear", "grat"):
-        perm = case._plan(shape.grid, "triton").field("q_perm").to(device)
-        inv = torch.argsort(perm)
-        tiled = create_block_mask(lambda b, h, qi, ki: mask_mod(b, h, perm[qi], perm[ki]), None, None, n, n,
-                                  device=str(device))
-        fns["flex_tiled_ms"] = lambda q, k, v, e: flex(
-            q[:, :, perm], k[:, :, perm], v[:, :, perm], block_mask=tiled
-        )[:, :, inv]
-    return fns
+def _baselines(cfg: BenchConfig, case: Case, shape: Shape, inputs: list, backward: bool, dense_out) -> dict:
+    """Times (and PISA's keep-or-drop error) of every baseline that applies to this case here."""
+    fns = {**baselines.natten_fns(case, shape, cfg.device), **baselines.fla_fns(case, cfg.device)}
+    flex_here = cfg.flex or cfg.device.type == "cuda"
+    if flex_here:
+        fns.update(baselines.flex_fns(case, shape, cfg.device))
+    extra = {}
+    if case.method == "pisa":
+        q, k, v, _ = inputs[0]
+        with torch.no_grad():
+            token_block, selected = baselines.pisa_keep_only(case, shape, q, k, v, _runnable_backends("pisa", cfg.device)[0])
+        if shape.grid.num_tokens <= REFERENCE_LIMIT:
+            extra["rel_err_drop"] = baselines.keep_only_error(q, k, v, token_block, selected, dense_out)
+        if flex_here:
+            fns.update(baselines.keep_only_flex(token_block, selected, shape.grid.num_tokens, cfg.device))
+    return {**_time_each(fns, inputs, backward, cfg), **extra}
 
 
 def _runnable_backends(method: str, device: torch.device) -> list[str]:
@@ -128,14 +132,16 @@ def run(cfg: BenchConfig) -> list[dict]:
         for pass_name in passes:
             backward = pass_name == "fwd+bwd"
             inputs = _make_inputs(cfg, shape, backward)
-            dense = _timed(_dense_fn(cfg.device), inputs, backward, cfg)
+            dense = _time_each(baselines.dense_fns(cfg.device), inputs, backward, cfg)
+            measured = [t for t in dense.values() if t is not None]
+            if not measured:
+                raise RuntimeError(f"no dense SDPA backend ran on {cfg.device} for {shape.label}")
+            dense["dense_ms"] = min(measured)
             q, k, v, extra = inputs[0]
             with torch.no_grad():
                 dense_out = F.scaled_dot_product_attention(q, k, v)
             for case in cases:
-                flex = {}
-                if cfg.flex or cfg.device.type == "cuda":
-                    flex = {key: _timed(fn, inputs, backward, cfg).median for key, fn in _flex_fns(case, shape, cfg.device).items()}
+                compared = _baselines(cfg, case, shape, inputs, backward, dense_out)
                 reference = None
                 if shape.grid.num_tokens <= REFERENCE_LIMIT:
                     with torch.no_grad():
@@ -144,13 +150,14 @@ def run(cfg: BenchConfig) -> list[dict]:
                     if (shape, pass_name, case, backend) not in steps:
                         continue
                     progress.update(f"{case.method} {backend} {shape.label} {pass_name}")
-                    records.append(_measure(cfg, shape, pass_name, case, backend, inputs, dense, dense_out, reference, flex))
+                    records.append(_measure(cfg, shape, pass_name, case, backend, inputs, {**dense, **compared}, dense_out,
+                                            reference))
                     progress.step()
     progress.close()
     return records
 
 
-def _measure(cfg, shape, pass_name, case, backend, inputs, dense, dense_out, reference, flex) -> dict:
+def _measure(cfg, shape, pass_name, case, backend, inputs, baseline: dict, dense_out, reference) -> dict:
     fn = lambda q, k, v, e: case.call(q, k, v, e, shape.grid, backend)  # noqa: E731
     if cfg.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(cfg.device)
@@ -160,18 +167,19 @@ def _measure(cfg, shape, pass_name, case, backend, inputs, dense, dense_out, ref
     with torch.no_grad():
         out = fn(q, k, v, extra)
     needed, computed = case.needed_fraction(shape), case.computed_fraction(shape, backend)
-    speedup = dense.median / t.median
+    speedup = baseline["dense_ms"] / t.median
     return {
         "method": case.method, "backend": backend, "pass": pass_name,
         "B": shape.batch, "H": shape.heads, "N": shape.grid.num_tokens, "D": shape.head_dim,
         "dtype": str(cfg.dtype).removeprefix("torch."), "options": _jsonable(case.options),
         "grid": [shape.grid.frames, shape.grid.height, shape.grid.width, shape.grid.text_tokens, shape.grid.text_position],
         "density": case.density(shape), "ms": t.median, "ms_min": t.minimum, "ms_max": t.maximum,
-        "dense_ms": dense.median, "flex_ms": flex.get("flex_ms"), "flex_tiled_ms": flex.get("flex_tiled_ms"),
+        **{key: baseline.get(key) for key in _BASELINE_KEYS},
         "work_fraction": needed, "computed_fraction": computed, "speedup": speedup,
         "efficiency": speedup * needed, "computed_efficiency": speedup * computed, "peak_mem_mb": peak,
         "rel_err_dense": rel_error(out, dense_out),
         "rel_err_ref": None if reference is None else rel_error(out, reference),
+        "rel_err_drop": baseline.get("rel_err_drop"),
     }
 
 
