@@ -16,6 +16,11 @@ const LOG2_E: f32 = std::f32::consts::LOG2_E;
 const LN_2: f32 = std::f32::consts::LN_2;
 pub const FULL: u8 = 0;
 pub const MASKED: u8 = 1;
+/// Grid coordinates stay below this, so `dy² + dx²` fits in an i32.
+const MAX_COORD: i32 = 32_768;
+/// Keys per forward GEMM: consecutive key blocks of a query block are gathered into one panel up to this many
+/// keys (larger GEMMs, fewer online-softmax passes).
+const PANEL_KEYS: usize = 256;
 
 /// The element mask applied to `MASKED` entries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +48,22 @@ pub struct Plan {
     /// `(B, Nk)` in key layout order, 1 = valid; `None`: every key valid.
     pub key_valid: Option<Vec<i32>>,
     pub spatial: Spatial,
+    /// The key coordinates as separate `t`, `y`, `x` arrays (the element mask's loop vectorises over them).
+    key_columns: KeyColumns,
+}
+
+/// Key positions' `(t, y, x)` as three arrays (`t < 0`: text or extra key, always allowed by the disc).
+struct KeyColumns {
+    t: Vec<i32>,
+    y: Vec<i32>,
+    x: Vec<i32>,
+}
+
+impl KeyColumns {
+    fn new(coords: &[i32]) -> Self {
+        let column = |i: usize| coords.chunks_exact(3).map(|c| c[i]).collect();
+        KeyColumns { t: column(0), y: column(1), x: column(2) }
+    }
 }
 
 fn err<T>(msg: impl Into<String>) -> Result<T, ViewError> {
@@ -122,13 +143,21 @@ impl Plan {
         if q_coords.len() != 3 * nq || k_coords.len() != 3 * nk {
             return err("coords: need 3 values per token");
         }
+        // The element mask squares coordinate differences in i32.
+        if q_coords.iter().chain(&k_coords).any(|&c| !(-2..MAX_COORD).contains(&c)) {
+            return err(format!("coords: values must lie in -2..{MAX_COORD}"));
+        }
         if let Some(valid) = &key_valid {
             if valid.len() != batch * nk {
                 return err(format!("key_valid: need {batch} x {nk} values, got {}", valid.len()));
             }
         }
         let (t_indptr, t_indices, t_kinds) = transpose(&indptr, &indices, &kinds, mk);
-        Ok(Plan { q_perm, q_offsets, k_perm, k_offsets, indptr, indices, kinds, t_indptr, t_indices, t_kinds, q_coords, k_coords, key_valid, spatial })
+        let key_columns = KeyColumns::new(&k_coords);
+        Ok(Plan {
+            q_perm, q_offsets, k_perm, k_offsets, indptr, indices, kinds, t_indptr, t_indices, t_kinds, q_coords, k_coords,
+            key_valid, spatial, key_columns,
+        })
     }
 
     fn max_q_block(&self) -> usize {
@@ -139,38 +168,61 @@ impl Plan {
         self.k_offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0)
     }
 
-    /// Is (query position `a`, key position `c`) allowed, for batch `b`, inside a `MASKED` entry?
-    #[inline]
-    fn allowed(&self, b: usize, a: usize, c: usize) -> bool {
+    /// Sets disallowed logits of the block pair to −∞ (`s` holds `rows` rows of `cols` logits at row stride
+    /// `stride`): keys marked
+    /// invalid for batch `b`, and for the disc image pairs with `|dt| > max_dt` or `dy² + dx² > max_d2` (text and
+    /// extra tokens on either side are always allowed).
+    #[allow(clippy::too_many_arguments)]
+    fn apply_mask(&self, b: usize, q0: usize, k0: usize, rows: usize, cols: usize, s: &mut [f32], stride: usize) {
         let nk = self.k_perm.len();
-        if let Some(valid) = &self.key_valid {
-            if valid[b * nk + c] == 0 {
-                return false;
-            }
-        }
-        match self.spatial {
-            Spatial::None => true,
-            Spatial::Disc { max_d2, max_dt } => {
-                let (qc, kc) = (&self.q_coords[3 * a..3 * a + 3], &self.k_coords[3 * c..3 * c + 3]);
-                if qc[0] < 0 || kc[0] < 0 {
-                    return true;
-                }
-                let (dt, dy, dx) = ((qc[0] - kc[0]) as i64, (qc[1] - kc[1]) as i64, (qc[2] - kc[2]) as i64);
-                dt.abs() <= max_dt && dy * dy + dx * dx <= max_d2
-            }
-        }
-    }
-
-    /// Sets disallowed logits of the block pair to −∞ (`s` is `rows x cols`, row stride `cols`).
-    fn apply_mask(&self, b: usize, q0: usize, k0: usize, rows: usize, cols: usize, s: &mut [f32]) {
+        let valid = self.key_valid.as_ref().map(|v| &v[b * nk + k0..b * nk + k0 + cols]);
+        let keys = &self.key_columns;
+        let span = k0..k0 + cols;
+        let (kt, ky, kx) = (&keys.t[span.clone()], &keys.y[span.clone()], &keys.x[span]);
         for r in 0..rows {
-            for c in 0..cols {
-                if !self.allowed(b, q0 + r, k0 + c) {
-                    s[r * cols + c] = f32::NEG_INFINITY;
+            let row = &mut s[r * stride..r * stride + cols];
+            let qc = &self.q_coords[3 * (q0 + r)..3 * (q0 + r) + 3];
+            if let Spatial::Disc { max_d2, max_dt } = self.spatial {
+                if qc[0] >= 0 {
+                    let limits = (max_d2.min(i32::MAX as i64) as i32, max_dt.min(i32::MAX as i64) as i32);
+                    mask_disc_row(row, (qc[0], qc[1], qc[2]), (kt, ky, kx), limits);
                 }
+            }
+            if let Some(valid) = valid {
+                row.iter_mut().zip(valid).for_each(|(x, &ok)| *x = if ok == 0 { f32::NEG_INFINITY } else { *x });
             }
         }
     }
+}
+
+#[inline(always)]
+fn mask_disc_row_body(row: &mut [f32], q: (i32, i32, i32), keys: (&[i32], &[i32], &[i32]), limits: (i32, i32)) {
+    let (kt, ky, kx) = keys;
+    let (max_d2, max_dt) = limits;
+    for (c, x) in row.iter_mut().enumerate() {
+        // Coordinates lie in -2..2^15 (checked by `Plan::new`), so the squares cannot overflow.
+        let (dt, dy, dx) = ((q.0 - kt[c]).abs(), q.1 - ky[c], q.2 - kx[c]);
+        let inside = kt[c] < 0 || (dt <= max_dt && dy * dy + dx * dx <= max_d2);
+        *x = if inside { *x } else { f32::NEG_INFINITY };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn mask_disc_row_avx2(row: &mut [f32], q: (i32, i32, i32), keys: (&[i32], &[i32], &[i32]), limits: (i32, i32)) {
+    mask_disc_row_body(row, q, keys, limits)
+}
+
+/// The disc mask of one image query row over `row.len()` keys (see [`Plan::apply_mask`]).
+fn mask_disc_row(row: &mut [f32], q: (i32, i32, i32), keys: (&[i32], &[i32], &[i32]), limits: (i32, i32)) {
+    let n = row.len();
+    let keys = (&keys.0[..n], &keys.1[..n], &keys.2[..n]);
+    #[cfg(target_arch = "x86_64")]
+    if vmath::has_avx2_fma() {
+        // SAFETY: the features were detected at run time.
+        return unsafe { mask_disc_row_avx2(row, q, keys, limits) };
+    }
+    mask_disc_row_body(row, q, keys, limits)
 }
 
 /// CSR transpose: for each key block the query blocks listing it, in increasing order.
@@ -272,11 +324,12 @@ struct ForwardBuffers {
 
 impl ForwardBuffers {
     fn new(bq: usize, bk: usize, dims: Dims) -> Self {
+        let panel = bk.max(PANEL_KEYS);
         ForwardBuffers {
             q: vec![0.0; bq * dims.d],
-            k: vec![0.0; bk * dims.d],
-            v: vec![0.0; bk * dims.dv],
-            s: vec![0.0; bq * bk],
+            k: vec![0.0; panel * dims.d],
+            v: vec![0.0; panel * dims.dv],
+            s: vec![0.0; bq * panel],
             acc: vec![0.0; bq * dims.dv],
             m: vec![0.0; bq],
             l: vec![0.0; bq],
@@ -295,16 +348,34 @@ fn forward_block(q: &View, k: &View, v: &View, out: &View, lse: &View, plan: &Pl
     buf.m[..lq].fill(f32::NEG_INFINITY);
     buf.l[..lq].fill(0.0);
     buf.acc[..lq * dv].fill(0.0);
-    for e in plan.indptr[i]..plan.indptr[i + 1] {
-        let j = plan.indices[e];
-        let (k0, lk) = (plan.k_offsets[j], plan.k_offsets[j + 1] - plan.k_offsets[j]);
-        gather(k, b, h, &plan.k_perm, k0, lk, d, 1.0, &mut buf.k);
-        gather(v, b, h, &plan.k_perm, k0, lk, dv, 1.0, &mut buf.v);
+    let mut entries = plan.indptr[i]..plan.indptr[i + 1];
+    while !entries.is_empty() {
+        // A panel: consecutive entries gathered side by side, up to PANEL_KEYS keys (or one block).
+        let first = entries.start;
+        let mut lk = 0;
+        while let Some(e) = entries.clone().next() {
+            let j = plan.indices[e];
+            let (k0, len) = (plan.k_offsets[j], plan.k_offsets[j + 1] - plan.k_offsets[j]);
+            if lk > 0 && lk + len > PANEL_KEYS {
+                break;
+            }
+            gather(k, b, h, &plan.k_perm, k0, len, d, 1.0, &mut buf.k[lk * d..]);
+            gather(v, b, h, &plan.k_perm, k0, len, dv, 1.0, &mut buf.v[lk * dv..]);
+            lk += len;
+            entries.start += 1;
+        }
         let s = &mut buf.s[..lq * lk];
-        // SAFETY: buffers hold at least lq x d, lk x d and lq x lk elements.
+        // SAFETY: buffers hold at least lq x d, lk x d, lk x dv and lq x lk elements (panels are at most
+        // max(PANEL_KEYS, largest key block) keys).
         unsafe { matmul(lq, lk, d, s.as_mut_ptr(), lk, false, buf.q.as_ptr(), d, 1, buf.k.as_ptr(), 1, d) };
-        if plan.kinds[e] == MASKED {
-            plan.apply_mask(b, q0, k0, lq, lk, s);
+        let mut column = 0;
+        for e in first..entries.start {
+            let j = plan.indices[e];
+            let (k0, len) = (plan.k_offsets[j], plan.k_offsets[j + 1] - plan.k_offsets[j]);
+            if plan.kinds[e] == MASKED {
+                plan.apply_mask(b, q0, k0, lq, len, &mut s[column..], lk);
+            }
+            column += len;
         }
         for r in 0..lq {
             let row = &mut s[r * lk..(r + 1) * lk];
@@ -461,7 +532,7 @@ impl BackwardCtx<'_> {
             matmul(lq, lk, dv, dp.as_mut_ptr(), lk, false, buf.dout.as_ptr(), dv, 1, buf.v.as_ptr(), 1, dv);
         }
         if kind == MASKED {
-            self.plan.apply_mask(b, q0, k0, lq, lk, p);
+            self.plan.apply_mask(b, q0, k0, lq, lk, p, lk);
         }
         let mul = self.scale * LOG2_E;
         for r in 0..lq {
