@@ -185,3 +185,8 @@ def llsa_backward(q: TensorArgs, k: TensorArgs, v: TensorArgs, kp: TensorArgs, v
 def llsa_select(queries: list[TensorArgs], keys: list[TensorArgs], indices: list[TensorArgs], block_size: int,
                 threads: int) -> None:
     """LLSA selection on CPU: per level (finest first) float32 pooled queries and keys, int64 ids to write."""
+
+def llsa_permute_pool(src: TensorArgs, perm: TensorArgs, dst: TensorArgs, pooled: TensorArgs, block_size: int,
+                      levels: int, threads: int) -> None:
+    """LLSA Z-order gather on CPU: dst[b, h, r] = src[b, h, perm[r]] (int64 perm), and the float32 means of levels
+    1..levels of dst concatenated in pooled (B, H, P, C) (levels = 0: none)."""

@@ -10,7 +10,8 @@
 //! the same pooled blocks (siblings) form a *group*: their pooled logits are one GEMM, and in the backward their
 //! pooled-key gradients are reduced in the same task. Softmax in base 2, f32 accumulation, f32/f16/bf16 storage.
 //!
-//! Selection (`select`): the hierarchical top-K over the pooled q and k, written as int64 ids per level.
+//! Selection (`select`): the hierarchical top-K over the pooled q and k, written as int64 ids per level; its
+//! inputs come from `permute_pool` (the Z-order gather of q, k, v fused with their pooled pyramid).
 //!
 //! Backward: dq and the pooled keys' gradients per group (tasks own a range of groups and a partial sum of the
 //! pooled gradients, reduced at the end); then `dk`, `dv` per fine key block over the transposed selection (CSR:
@@ -28,7 +29,7 @@ mod tests;
 pub use backward::{backward, Grads, Upstream};
 pub use forward::forward;
 pub use plan::Plan;
-pub use select::{select, Level};
+pub use select::{permute_pool, select, Level};
 
 use super::view::{DType, View, ViewError};
 
@@ -124,6 +125,9 @@ fn read_row(t: &View, b: usize, h: usize, r: usize, dst: &mut [f32], step: usize
     // b, h, r inside the shape, and the assert above bounds the writes.
     unsafe {
         match t.dtype {
+            DType::F32 if s == 1 && step == 1 => {
+                std::ptr::copy_nonoverlapping((t.ptr as *const f32).add(base), dst.as_mut_ptr(), width);
+            }
             DType::F32 => {
                 let p = (t.ptr as *const f32).add(base);
                 for c in 0..width {

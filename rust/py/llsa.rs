@@ -100,10 +100,29 @@ fn llsa_select(
     py.detach(|| llsa::select(&levels, block_size, threads)).map_err(view_error)
 }
 
+/// Z-order gather and pyramid on CPU: `dst[b, h, r] = src[b, h, perm[r]]` (`dst` contiguous, src's dtype) and the
+/// float32 means of levels `1..=levels` of `dst` concatenated in `pooled (B, H, P, C)` (`levels = 0`: none, `P = 0`).
+#[pyfunction]
+#[pyo3(signature = (src, perm, dst, pooled, block_size, levels, threads))]
+fn llsa_permute_pool(
+    py: Python<'_>,
+    src: TensorArgs,
+    perm: TensorArgs,
+    dst: TensorArgs,
+    pooled: TensorArgs,
+    block_size: usize,
+    levels: usize,
+    threads: usize,
+) -> PyResult<()> {
+    let (src, perm, dst, pooled) = (view("src", src)?, view("perm", perm)?, view("dst", dst)?, view("pooled", pooled)?);
+    py.detach(|| llsa::permute_pool(&src, &perm, &dst, &pooled, block_size, levels, threads)).map_err(view_error)
+}
+
 /// Adds this family's functions to `difattn._core`.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(llsa_forward, m)?)?;
     m.add_function(wrap_pyfunction!(llsa_backward, m)?)?;
     m.add_function(wrap_pyfunction!(llsa_select, m)?)?;
+    m.add_function(wrap_pyfunction!(llsa_permute_pool, m)?)?;
     Ok(())
 }

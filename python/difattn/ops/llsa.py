@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .._native import core
-from .._options import llsa_config
+from .._options import llsa_config, llsa_level_sizes
 from ..grid import TokenGrid
 from ..plans import zorder
 from . import llsa_plan
@@ -158,6 +158,41 @@ def select(queries: list[torch.Tensor], keys: list[torch.Tensor], layout: llsa_p
     return llsa_plan.select(queries, keys, layout)
 
 
+@torch.library.custom_op("difattn::llsa_permute_pool", mutates_args=())
+def llsa_permute_pool(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor, block_size: int,
+                      levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x[:, :, perm]`` (contiguous) and, for ``levels >= 1``, its pyramid as ``(B, H, P, C)`` float32 (levels
+    ``1..levels`` concatenated, the values of :func:`.llsa_plan.pyramid`), in one Rust pass over a CPU tensor.
+    ``inverse`` (of ``perm``) is the backward's gather; the pyramid is not differentiated (the attention op owns the
+    pooling's backward)."""
+    B, H, N, C = x.shape
+    out = torch.empty(B, H, N, C, dtype=x.dtype)
+    sizes = llsa_level_sizes(N, block_size, levels) if levels else [N]
+    pooled = torch.empty(B, H, sum(sizes[1:]), C, dtype=torch.float32)
+    core().llsa_permute_pool(_desc(x), _desc(perm), _desc(out), _desc(pooled), block_size, levels,
+                             torch.get_num_threads())
+    return out, pooled
+
+
+@llsa_permute_pool.register_fake
+def _(x, perm, inverse, block_size, levels):
+    B, H, N, C = x.shape
+    sizes = llsa_level_sizes(N, block_size, levels) if levels else [N]
+    return x.new_empty(B, H, N, C), x.new_empty(B, H, sum(sizes[1:]), C, dtype=torch.float32)
+
+
+def _permute_pool_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+def _permute_pool_backward(ctx, grad, grad_pooled):
+    perm, inverse = ctx.saved_tensors
+    return llsa_permute_pool(grad, inverse, perm, 2, 0)[0], None, None, None, None
+
+
+llsa_permute_pool.register_autograd(_permute_pool_backward, setup_context=_permute_pool_setup)
+
+
 def _gather_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """``x[:, :, perm]`` as a contiguous ``(B, H, N, C)`` tensor. Row gathers over a 2-D view of the storage are about
     twice as fast as ``index_select`` on dim 2: used for ``(B, H, N, C)`` and token-major ``(B, N, H, C)`` storage."""
@@ -190,17 +225,22 @@ class _Permute(torch.autograd.Function):
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: list[torch.Tensor], layout: llsa_plan.Layout,
-           *, scale: float, kernel: str, key_levels: list[torch.Tensor] | None = None) -> torch.Tensor:
+           *, scale: float, kernel: str, key_levels: list[torch.Tensor] | None = None,
+           pooled_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """LLSA attention over a given selection ``[I_1, ..., I_L]`` (internal token order); ``key_levels``: k's pyramid
-    when the caller has it. Returns ``(B, H, N, Dv)``."""
+    when the caller has it; ``pooled_kv``: the concatenated float32 pyramids ``(B, H, P, ·)`` of k and v when the
+    caller has them. Returns ``(B, H, N, Dv)``."""
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"q: the {kernel} LLSA kernels take float32, float16 or bfloat16, got {q.dtype} "
                         "(use backend='torch' for float64)")
     with torch.no_grad():  # the op differentiates through the pooling itself
-        if key_levels is None:
-            key_levels = llsa_plan.pyramid(k, layout.block_size, layout.levels)
-        kp = llsa_plan.pooled(key_levels, k.dtype)
-        vp = llsa_plan.pooled(llsa_plan.pyramid(v, layout.block_size, layout.levels), v.dtype)
+        if pooled_kv is not None:
+            kp, vp = pooled_kv[0].to(k.dtype), pooled_kv[1].to(v.dtype)
+        else:
+            if key_levels is None:
+                key_levels = llsa_plan.pyramid(k, layout.block_size, layout.levels)
+            kp = llsa_plan.pooled(key_levels, k.dtype)
+            vp = llsa_plan.pooled(llsa_plan.pyramid(v, layout.block_size, layout.levels), v.dtype)
     fine, pooled = llsa_plan.block_lists(indices, layout)
     offsets, bias = llsa_plan.pooled_blocks(layout, q.device)
     out, _ = llsa_fwd(q, k, v, kp, vp, [fine, pooled, offsets, bias], layout.block_size, list(layout.topks),
@@ -221,6 +261,16 @@ def llsa_attention(q, k, v, *, block_size, topk, levels, grid: TokenGrid | None,
     if grid is not None:
         perm, inverse = llsa_zorder(grid.frames, grid.height, grid.width, grid.text_tokens, grid.text_position,
                                     q.device)
+    if grid is not None and _rust_prep(kernel, q, k, v):
+        # One Rust pass per tensor gathers it into Z-order and pools it (no torch passes at these sizes).
+        (q, qp), (k, kp), (v, vp) = (llsa_permute_pool(x, perm, inverse, block_size, layout.levels) for x in (q, k, v))
+        bounds = [layout.token_offset(lv) for lv in range(1, layout.levels + 2)]
+        query_levels, key_levels = ([p.detach()[:, :, a:b] for a, b in zip(bounds, bounds[1:])] for p in (qp, kp))
+        indices = select(query_levels, key_levels, layout, kernel)
+        out = attend(q, k, v, indices, layout, scale=scale, kernel=kernel, pooled_kv=(kp.detach(), vp.detach()))
+        out = llsa_permute_pool(out, inverse, perm, block_size, 0)[0]
+        return (out, indices) if return_indices else out
+    if grid is not None:
         q, k, v = (_Permute.apply(x, perm, inverse) for x in (q, k, v))
     with torch.no_grad():
         key_levels = llsa_plan.pyramid(k, block_size, layout.levels)
@@ -229,3 +279,9 @@ def llsa_attention(q, k, v, *, block_size, topk, levels, grid: TokenGrid | None,
     if inverse is not None:
         out = _Permute.apply(out, inverse, perm)
     return (out, indices) if return_indices else out
+
+
+def _rust_prep(kernel: str, *xs: torch.Tensor) -> bool:
+    """Whether the Rust gather-and-pool pass can prepare these tensors (CPU, the Rust kernels' float dtypes)."""
+    return kernel == "rust" and all(x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                                    for x in xs)

@@ -1,5 +1,6 @@
-//! LLSA's hierarchical top-K selection on CPU (`specs/llsa.md`): dense top-K at the coarsest level, then at each finer
-//! level top-K over the children of the parent's choices. Scores are raw dot products of the pooled q and k (f32);
+//! LLSA's hierarchical top-K selection on CPU (`specs/llsa.md`), and the pass that prepares its inputs (the
+//! Z-order gather and the pooled pyramid, [`permute_pool`]). The selection: dense top-K at the coarsest level, then
+//! at each finer level top-K over the children of the parent's choices. Scores are raw dot products of the pooled q and k (f32);
 //! ranks follow a descending stable sort: higher score first, ties to the lower id, NaN above everything (as
 //! `torch.sort` orders them), −0.0 equal to +0.0.
 
@@ -185,6 +186,111 @@ fn refine(
         top(&s[r * kc..(r + 1) * kc], candidates.iter().copied(), count, &mut best);
         write_ids(level.out, b, h, r0 + r, &best);
     }
+    Ok(())
+}
+
+/// Fine rows gathered per task of [`permute_pool`] at least (whole coarsest tokens: tasks own their pooled rows).
+const PERMUTE_ROWS: usize = 512;
+
+/// `dst[b, h, r] = src[b, h, perm[r]]` (`src (B, H, N, C)` any strides, `dst` contiguous, same float dtype) and, for
+/// `levels >= 1`, the pyramid of `dst` in `pooled (B, H, P, C)` (f32, contiguous, levels `1..=levels` concatenated):
+/// each token the mean of all fine tokens under it, level-l sums taken in order over the `block` level-(l−1) sums
+/// and divided by the count, as `llsa_plan.pyramid` computes them. `perm` holds `N` int64 row ids in `[0, N)`.
+pub fn permute_pool(
+    src: &View,
+    perm: &View,
+    dst: &View,
+    pooled: &View,
+    block: usize,
+    levels: usize,
+    threads: usize,
+) -> Result<(), ViewError> {
+    src.expect(4, true)?;
+    let (bh_shape, n, c) = ([src.shape[0], src.shape[1]], src.shape[2], src.shape[3]);
+    if dst.shape != src.shape || dst.dtype != src.dtype {
+        let (name, want, got) = (dst.name, (src.dtype, &src.shape), (dst.dtype, &dst.shape));
+        return err(format!("{name}: expected {want:?}, got {got:?}"));
+    }
+    dst.expect_contiguous()?;
+    let rows: Vec<usize> = perm
+        .to_i64_vec()?
+        .into_iter()
+        .map(|x| usize::try_from(x).ok().filter(|&r| r < n))
+        .collect::<Option<Vec<usize>>>()
+        .ok_or_else(|| ViewError(format!("{}: row ids must lie in [0, {n})", perm.name)))?;
+    if rows.len() != n {
+        return err(format!("{}: expected {n} row ids, got {}", perm.name, rows.len()));
+    }
+    if levels > 0 && block < 2 {
+        return err("block size must be >= 2");
+    }
+    // sizes[l] = tokens of level l; level_rows[l - 1] = first row of level l in `pooled`.
+    let mut sizes = vec![n];
+    for l in 0..levels {
+        sizes.push(sizes[l].div_ceil(block));
+    }
+    let level_rows: Vec<usize> =
+        sizes[1..].iter().scan(0, |acc, &s| Some(std::mem::replace(acc, *acc + s))).collect();
+    let total: usize = sizes[1..].iter().sum();
+    let want = [bh_shape[0], bh_shape[1], total, c];
+    if pooled.shape != want || pooled.dtype != DType::F32 {
+        return err(format!("{}: expected float32 {want:?}, got {:?} {:?}", pooled.name, pooled.dtype, pooled.shape));
+    }
+    if levels > 0 {
+        pooled.expect_contiguous()?; // written only when there are levels (an empty tensor has no layout)
+    }
+    let span = (0..levels)
+        .try_fold(1usize, |acc, _| acc.checked_mul(block))
+        .ok_or_else(|| ViewError("block_size ** levels overflows".into()))?;
+    let chunk = span.saturating_mul(PERMUTE_ROWS.div_ceil(span)).max(1);
+    let per_bh = n.div_ceil(chunk);
+    let heads = bh_shape[1];
+    let pool = pool(threads).map_err(ViewError)?;
+    pool.install(|| {
+        let tasks = 0..bh_shape[0] * heads * per_bh;
+        tasks.into_par_iter().for_each_init(|| (Vec::new(), vec![0.0f32; c]), |(sums, mean), task| {
+            let (bh, t) = (task / per_bh, task % per_bh);
+            let (b, h, r0) = (bh / heads, bh % heads, t * chunk);
+            let r1 = (r0 + chunk).min(n);
+            sums.clear();
+            sums.resize((r1 - r0) * c, 0.0f32);
+            for r in r0..r1 {
+                let row = &mut sums[(r - r0) * c..(r - r0 + 1) * c];
+                src.load_row(&[b, h, rows[r]], row);
+                if dst.dtype == DType::F32 {
+                    // SAFETY: `dst` is a validated contiguous f32 tensor, so row r of (b, h) is `c` consecutive
+                    // floats in its allocation; tasks own disjoint row ranges.
+                    unsafe {
+                        let at = (dst.ptr as *mut f32).add(dst.offset(&[b, h, r]));
+                        std::ptr::copy_nonoverlapping(row.as_ptr(), at, c);
+                    }
+                } else {
+                    // SAFETY: as above (`store_row` converts to dst's half dtype).
+                    unsafe { dst.store_row(&[b, h, r], row) };
+                }
+            }
+            // Level by level, in place: token i of the level sums rows [i·block, (i+1)·block) of the level below.
+            let (mut len, mut first, mut count) = (r1 - r0, r0, 1usize);
+            for l in 1..=levels {
+                let next = len.div_ceil(block);
+                for i in 0..next {
+                    let (g0, g1) = (i * block, ((i + 1) * block).min(len));
+                    for g in g0 + 1..g1 {
+                        let (acc, rest) = sums.split_at_mut(g * c);
+                        acc[g0 * c..(g0 + 1) * c].iter_mut().zip(&rest[..c]).for_each(|(a, x)| *a += x);
+                    }
+                    sums.copy_within(g0 * c..(g0 + 1) * c, i * c);
+                }
+                (len, first, count) = (next, first / block, count * block);
+                for i in 0..len {
+                    let fine = (n - (first + i) * count).min(count) as f32;
+                    mean.iter_mut().zip(&sums[i * c..(i + 1) * c]).for_each(|(m, s)| *m = s / fine);
+                    // SAFETY: level-l tokens [first, first + len) lie under this task's rows only.
+                    unsafe { pooled.store_row(&[b, h, level_rows[l - 1] + first + i], mean) };
+                }
+            }
+        })
+    });
     Ok(())
 }
 
