@@ -21,7 +21,6 @@ from ._checks import check_grid, check_int
 from ._methods import SPARSE_METHODS, check_options, clear_global_kv, sparse_attention, square_grid
 from ._rope import apply_rope
 from .grid import TokenGrid
-from .reference import power_map
 
 METHODS = ("dense", "clear", "grat", "pisa", "llsa", "linear", "dydila")
 
@@ -39,7 +38,6 @@ _MODULE_OPTIONS: dict[str, frozenset[str]] = {
 }
 _LINEAR_DEFAULTS = {"linear": {"normalize": True, "eps": 1e-6}, "dydila": {"normalize": False, "eps": 1e-6}}
 _DYDILA_SIZES = {"num_projectors": 3, "num_kernels": 9, "num_lambdas": 9}
-_STREAMS = ("q", "k", "q_aux", "k_aux")
 
 
 def _qk_norm(qk_norm: bool | str, head_dim: int) -> Callable[[], nn.Module]:
@@ -114,17 +112,10 @@ class Attention(nn.Module):
             options = {**_LINEAR_DEFAULTS[method], **options}
         if method == "dydila":
             # difattn.nn imports this module, so its building blocks are imported when they are needed.
-            from .nn import RoutedProjection, RoutedValue
+            from .nn import add_dynamic_routers
 
-            sizes = {name: check_int(name, options.pop(name, size), minimum=1) for name, size in _DYDILA_SIZES.items()}
-            self.q_aux = RoutedProjection(dim, sizes["num_projectors"], bias=qkv_bias)
-            self.k_aux = RoutedProjection(dim, sizes["num_projectors"], bias=qkv_bias)
-            self.kernels = nn.ModuleDict(
-                {s: RoutedValue(self.head_dim, sizes["num_kernels"], low=1.0, high=5.0, minimum=1.0) for s in _STREAMS}
-            )
-            self.lambdas = nn.ModuleDict(
-                {s: RoutedValue(2 * self.head_dim, sizes["num_lambdas"], low=0.0, high=0.5) for s in ("q", "k")}
-            )
+            sizes = {name: options.pop(name, size) for name, size in _DYDILA_SIZES.items()}
+            add_dynamic_routers(self, dim, self.head_dim, bias=qkv_bias, **sizes)
         self.options = options
 
     def extra_repr(self) -> str:
@@ -170,24 +161,9 @@ class Attention(nn.Module):
 
     def _attend_dydila(self, x, q, k, v, grid):
         """As :class:`difattn.nn.DyDiLA` (``specs/dydila.md``), on this module's (normed, rotated) q and k."""
-        B, N, C = x.shape
-        aux = {
-            name: proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh)
-            for name, proj in (("q_aux", self.q_aux), ("k_aux", self.k_aux))
-        }
-        streams = {"q": q, "k": k, **aux}
-        gammas = {s: self.kernels[s](z) for s, z in streams.items()}  # (B, H, N) each
-        lambdas = {}
-        for side in ("q", "k"):  # λ routers see [φ(z), φ(z_aux)] without gradient (spec choice)
-            with torch.no_grad():
-                eps = self.options["eps"]
-                features = torch.cat([power_map(streams[s], gammas[s], eps) for s in (side, f"{side}_aux")], dim=-1)
-            lambdas[side] = self.lambdas[side](features)
-        return functional.dydila_attention(
-            q, k, v, aux["q_aux"], aux["k_aux"],
-            gamma_q=gammas["q"], gamma_k=gammas["k"], gamma_q_aux=gammas["q_aux"], gamma_k_aux=gammas["k_aux"],
-            lambda_q=lambdas["q"], lambda_k=lambdas["k"], **self.options,
-        )
+        from .nn import dynamic_differential
+
+        return dynamic_differential(self, x, q, k, v, **self.options)
 
     def _conv_on_grid(self, v: torch.Tensor, grid: TokenGrid | None) -> torch.Tensor:
         """Depthwise conv of the image tokens of ``v`` ``(B, N, C)`` on their grid; text rows get zeros."""

@@ -116,6 +116,49 @@ def _check_heads(dim: int, num_heads: int) -> int:
     return dim // num_heads
 
 
+def add_dynamic_routers(
+    module: nn.Module, dim: int, head_dim: int, *, num_projectors: int, num_kernels: int, num_lambdas: int, bias: bool
+) -> None:
+    """Registers DyDiLA's per-token routing on ``module`` under the names :class:`DyDiLA` and
+    ``Attention(method="dydila")`` share (so each loads the other's weights): ``q_aux``, ``k_aux`` (projector
+    banks), ``kernels`` (γ of the four streams, banks over [1, 5] clamped >= 1) and ``lambdas`` (λ of q and k,
+    banks over [0, 0.5])."""
+    check_int("num_kernels", num_kernels, minimum=1)
+    check_int("num_lambdas", num_lambdas, minimum=1)
+    module.q_aux = RoutedProjection(dim, num_projectors, bias=bias)
+    module.k_aux = RoutedProjection(dim, num_projectors, bias=bias)
+    module.kernels = nn.ModuleDict(
+        {s: RoutedValue(head_dim, num_kernels, low=1.0, high=5.0, minimum=1.0) for s in STREAMS}
+    )
+    module.lambdas = nn.ModuleDict({s: RoutedValue(2 * head_dim, num_lambdas, low=0.0, high=0.5) for s in ("q", "k")})
+
+
+def dynamic_differential(
+    module: nn.Module, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float,
+    **options,
+) -> torch.Tensor:
+    """DyDiLA's core with the routers :func:`add_dynamic_routers` put on ``module``: the auxiliary projections of
+    ``x (B, N, dim)``, per-token γ of each stream and λ of each side (λ routed on ``[φ(z), φ(z_aux)]`` without
+    gradient, spec choice), then :func:`difattn.dydila_attention` on ``q, k, v (B, H, N, Dh)`` with ``options``
+    (``normalize``, ``backend``). Returns ``(B, H, N, Dh)``."""
+    B, N, _ = x.shape
+    H, Dh = q.shape[1], q.shape[3]
+    streams = {"q": q, "k": k}
+    for name in ("q_aux", "k_aux"):
+        streams[name] = getattr(module, name)(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh), no copy
+    gammas = {s: module.kernels[s](z) for s, z in streams.items()}  # (B, H, N) each
+    lambdas = {}
+    for side in ("q", "k"):
+        with torch.no_grad():
+            features = torch.cat([power_map(streams[s], gammas[s], eps) for s in (side, f"{side}_aux")], dim=-1)
+        lambdas[side] = module.lambdas[side](features)
+    return functional.dydila_attention(
+        q, k, v, streams["q_aux"], streams["k_aux"],
+        gamma_q=gammas["q"], gamma_k=gammas["k"], gamma_q_aux=gammas["q_aux"], gamma_k_aux=gammas["k_aux"],
+        lambda_q=lambdas["q"], lambda_k=lambdas["k"], eps=eps, **options,
+    )
+
+
 class DyDiLA(nn.Module):
     """Dynamic differential linear attention (``specs/dydila.md``).
 
@@ -154,52 +197,26 @@ class DyDiLA(nn.Module):
     ) -> None:
         super().__init__()
         head_dim = _check_heads(dim, num_heads)
-        check_int("num_kernels", num_kernels, minimum=1)
-        check_int("num_lambdas", num_lambdas, minimum=1)
         self.num_heads, self.head_dim = num_heads, head_dim
         self.normalize, self.eps, self.backend = check_bool("normalize", normalize), eps, backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.q_aux = RoutedProjection(dim, num_projectors, bias=qkv_bias)
-        self.k_aux = RoutedProjection(dim, num_projectors, bias=qkv_bias)
-        self.kernels = nn.ModuleDict(
-            {s: RoutedValue(head_dim, num_kernels, low=1.0, high=5.0, minimum=1.0) for s in STREAMS}
-        )
-        self.lambdas = nn.ModuleDict({s: RoutedValue(2 * head_dim, num_lambdas, low=0.0, high=0.5) for s in ("q", "k")})
+        add_dynamic_routers(self, dim, head_dim, num_projectors=num_projectors, num_kernels=num_kernels,
+                            num_lambdas=num_lambdas, bias=qkv_bias)
         self.dwconv = _depthwise(dim, dwconv_kernel)
         self.proj = nn.Linear(dim, dim)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, normalize={self.normalize}"
 
-    def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        B, N, C = t.shape
-        return t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh), no copy
-
     def forward(self, x: torch.Tensor, grid: TokenGrid | None = None) -> torch.Tensor:
         B, N, C = x.shape  # (B, N, dim)
         grid = _grid_for(N, grid) if self.dwconv is not None or grid is not None else None
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
-        streams = {"q": q, "k": k, "q_aux": self._heads(self.q_aux(x)), "k_aux": self._heads(self.k_aux(x))}
-        gammas = {s: self.kernels[s](z) for s, z in streams.items()}  # (B, H, N) each
-        lambdas = {s: self._route_lambda(s, streams, gammas) for s in ("q", "k")}
-        out = functional.dydila_attention(
-            q, k, v, streams["q_aux"], streams["k_aux"],
-            gamma_q=gammas["q"], gamma_k=gammas["k"], gamma_q_aux=gammas["q_aux"], gamma_k_aux=gammas["k_aux"],
-            lambda_q=lambdas["q"], lambda_k=lambdas["k"], normalize=self.normalize, eps=self.eps, backend=self.backend,
-        )  # (B, H, N, Dh)
+        out = dynamic_differential(self, x, q, k, v, eps=self.eps, normalize=self.normalize, backend=self.backend)
         out = out.transpose(1, 2).reshape(B, N, C)
         if self.dwconv is not None:
             out = out + conv_on_grid(self.dwconv, v.transpose(1, 2).reshape(B, N, C), grid)
         return self.proj(out)
-
-    def _route_lambda(self, side: str, streams: dict, gammas: dict) -> torch.Tensor:
-        """λ of one side from ``[φ(z), φ(z_aux)]`` (router input only: computed without gradient)."""
-        aux = f"{side}_aux"
-        with torch.no_grad():
-            features = torch.cat(
-                [power_map(streams[side], gammas[side], self.eps), power_map(streams[aux], gammas[aux], self.eps)], -1
-            )
-        return self.lambdas[side](features)
 
 
 class LiTAttention(nn.Module):
