@@ -123,3 +123,12 @@ def test_pisa_keep_only_baseline():
     assert selected.sum(-1).eq(blocks.shape[-1]).all()
     assert int(token_block.bincount().max()) <= 64 and token_block.numel() == shape.grid.num_tokens
     assert baselines.keep_only_error(q, k, v, token_block, selected, dense) > 1e-3
+
+
+def test_linear_work_models():
+    """Linear attention's work is 4·N·D·Dv (D/N of dense); DyDiLA adds its prologue (44·N·D); forward+backward
+    scales by 3 / 3.5 for both (backward 2x forward against dense's 2.5x), and by 1 for the sparse methods."""
+    assert work.linear_fraction(4096, 64) == 64 / 4096
+    assert work.dydila_fraction(4096, 64) == (64 + 11) / 4096
+    assert work.pass_factor("dydila", True) == work.pass_factor("linear", True) == 3 / 3.5
+    assert work.pass_factor("linear", False) == work.pass_factor("pisa", True) == 1.0

@@ -14,7 +14,7 @@ mod power;
 use rayon::prelude::*;
 
 pub use features::{Dydila, Plain, Stream, StreamGrads};
-use features::{load_rows, store_rows, FeatureMap, Rows, Side};
+use features::{load_rows, output_rows, rows_in_shape, store_rows, FeatureMap, Rows, Side};
 
 use super::pool::pool;
 use super::simd::matmul;
@@ -91,6 +91,28 @@ impl Dims {
 
 fn err<T>(msg: impl Into<String>) -> Result<T, ViewError> {
     Err(ViewError(msg.into()))
+}
+
+// ------------------------------------------------------------------------------------------------ GEMM operands
+
+/// A GEMM input: `(pointer, row stride, column stride)`, in f32 elements.
+#[derive(Clone, Copy)]
+struct Operand {
+    ptr: *const f32,
+    rs: usize,
+    cs: usize,
+}
+
+/// Rows of a `(B, H, N, W)` view as a GEMM input: in place when the view is f32 (any strides), else converted into
+/// `buf` (`rows.len x W`).
+fn input_rows(view: &View, rows: Rows, buf: &mut [f32]) -> Operand {
+    if view.dtype == DType::F32 && rows_in_shape(view, rows) {
+        // SAFETY: validated view and an index inside its shape: the offset is inside the tensor.
+        let ptr = unsafe { (view.ptr as *const f32).add(view.offset(&[rows.b, rows.h, rows.n0, 0])) };
+        return Operand { ptr, rs: view.strides[2], cs: view.strides[3] };
+    }
+    load_rows(view, rows, buf);
+    Operand { ptr: buf.as_ptr(), rs: view.shape[3], cs: 1 }
 }
 
 // ------------------------------------------------------------------------------------------------ validation
@@ -327,9 +349,9 @@ fn reduce_state<F: FeatureMap>(f: &F, v: &View, dims: Dims, splits: usize) -> Ve
             for n0 in (start..end).step_by(BLOCK) {
                 let rows = Rows { b, h, n0, len: (end - n0).min(BLOCK) };
                 f.load(Side::Key, rows, kb, scratch);
-                load_rows(v, rows, vb);
-                // SAFETY: kb holds len x d, vb len x dv, s d x dv (row-major), no overlap.
-                unsafe { matmul(d, dv, rows.len, s.as_mut_ptr(), dv, true, kb.as_ptr(), 1, d, vb.as_ptr(), dv, 1) };
+                let vr = input_rows(v, rows, vb);
+                // SAFETY: kb holds len x d, vr addresses len x dv, s is d x dv (row-major), no overlap.
+                unsafe { matmul(d, dv, rows.len, s.as_mut_ptr(), dv, true, kb.as_ptr(), 1, d, vr.ptr, vr.rs, vr.cs) };
                 for row in kb[..rows.len * d].chunks_exact(d) {
                     m.iter_mut().zip(row).for_each(|(a, x)| *a += x);
                 }
@@ -362,16 +384,20 @@ fn readout<F: FeatureMap>(f: &F, out: &View, states: &[f32], dims: Dims, opts: O
             let rows = Rows { b, h, n0, len: (dims.n - n0).min(BLOCK) };
             let (s, m) = states[bh * dims.width()..(bh + 1) * dims.width()].split_at(d * dv);
             f.load(Side::Query, rows, qb, scratch);
-            // SAFETY: qb holds len x d, s d x dv, ob len x dv.
-            unsafe { matmul(rows.len, dv, d, ob.as_mut_ptr(), dv, false, qb.as_ptr(), d, 1, s.as_ptr(), dv, 1) };
+            // SAFETY: each (b, h, token block) belongs to one task.
+            let (o, in_place) = unsafe { output_rows(out, rows, ob) };
+            // SAFETY: qb holds len x d, s d x dv, o len x dv.
+            unsafe { matmul(rows.len, dv, d, o.as_mut_ptr(), dv, false, qb.as_ptr(), d, 1, s.as_ptr(), dv, 1) };
             if opts.normalize {
-                for (o, q) in ob[..rows.len * dv].chunks_exact_mut(dv).zip(qb.chunks_exact(d)) {
+                for (o, q) in o.chunks_exact_mut(dv).zip(qb.chunks_exact(d)) {
                     let inv = 1.0 / (vmath::dot(q, m) + opts.eps);
                     o.iter_mut().for_each(|x| *x *= inv);
                 }
             }
-            // SAFETY: each (b, h, token block) belongs to one task.
-            unsafe { store_rows(out, rows, ob) };
+            if !in_place {
+                // SAFETY: as above.
+                unsafe { store_rows(out, rows, o) };
+            }
         },
     );
 }
@@ -415,7 +441,7 @@ fn backward<F: FeatureMap>(
 
 /// Per token block: `T = g Sᵀ`; without normalisation `dQ̂ = T`, else with `den = Q̂·m + eps`,
 /// `dden = −(Q̂·T)/den²`: `dQ̂ = T/den + dden m`, `g ← g/den`, `dm += dden Q̂`; then `dS += Q̂ᵀ g`.
-/// Writes the query-side input gradients; returns `[dS | dm]` per head, summed over the splits.
+/// Writes the query-side input gradients; returns `[dS | dm] / N` per head, summed over the splits.
 fn query_pass<F: FeatureMap>(f: &F, dout: &View, states: &[f32], dims: Dims, opts: Options, splits: usize) -> Vec<f32> {
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
     let mut partial = vec![0.0f32; dims.bh() * splits * width];
@@ -430,9 +456,16 @@ fn query_pass<F: FeatureMap>(f: &F, dout: &View, states: &[f32], dims: Dims, opt
             for n0 in (start..end).step_by(BLOCK) {
                 let rows = Rows { b, h, n0, len: (end - n0).min(BLOCK) };
                 f.load(Side::Query, rows, qb, scratch);
-                load_rows(dout, rows, gb);
-                // SAFETY (all matmuls): buffers hold len x d / len x dv; S and dS are d x dv row-major.
-                unsafe { matmul(rows.len, d, dv, tb.as_mut_ptr(), d, false, gb.as_ptr(), dv, 1, s.as_ptr(), 1, dv) };
+                // Normalising rescales g: then it needs a copy.
+                let g = if opts.normalize {
+                    load_rows(dout, rows, gb);
+                    Operand { ptr: gb.as_ptr(), rs: dv, cs: 1 }
+                } else {
+                    input_rows(dout, rows, gb)
+                };
+                // SAFETY (all matmuls): buffers hold len x d / len x dv, g addresses len x dv; S and dS are d x dv
+                // row-major.
+                unsafe { matmul(rows.len, d, dv, tb.as_mut_ptr(), d, false, g.ptr, g.rs, g.cs, s.as_ptr(), 1, dv) };
                 if opts.normalize {
                     let per_row = qb.chunks_exact(d).zip(tb.chunks_exact_mut(d)).zip(gb.chunks_exact_mut(dv));
                     for ((q, t), g) in per_row.take(rows.len) {
@@ -443,19 +476,19 @@ fn query_pass<F: FeatureMap>(f: &F, dout: &View, states: &[f32], dims: Dims, opt
                         dm.iter_mut().zip(q).for_each(|(a, qi)| *a += dden * qi);
                     }
                 }
-                unsafe { matmul(d, dv, rows.len, ds.as_mut_ptr(), dv, true, qb.as_ptr(), 1, d, gb.as_ptr(), dv, 1) };
+                unsafe { matmul(d, dv, rows.len, ds.as_mut_ptr(), dv, true, qb.as_ptr(), 1, d, g.ptr, g.rs, g.cs) };
                 // SAFETY: each token row belongs to one (head, split) task.
                 unsafe { f.store_grad(Side::Query, rows, tb, scratch) };
             }
         },
     );
-    sum_splits(&partial, dims, splits, 1.0)
+    sum_splits(&partial, dims, splits, 1.0 / dims.n as f32)
 }
 
-/// Per token block: `dK̂ = (V dSᵀ + dm) / N`, `dV = K̂ dS / N`; writes the key-side input gradients and dv.
+/// Per token block, with `[dS | dm] / N` from the query pass: `dK̂ = V dSᵀ/N + dm/N`, `dV = K̂ dS/N`; writes the
+/// key-side input gradients and dv.
 fn key_pass<F: FeatureMap>(f: &F, v: &View, dv_out: &View, dstates: &[f32], dims: Dims) {
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
-    let inv_n = 1.0 / dims.n as f32;
     (0..dims.bh() * dims.blocks()).into_par_iter().for_each_init(
         || {
             let (rows_d, rows_dv) = (vec![0.0f32; BLOCK * d], vec![0.0f32; BLOCK * dv]);
@@ -468,20 +501,23 @@ fn key_pass<F: FeatureMap>(f: &F, v: &View, dv_out: &View, dstates: &[f32], dims
             let rows = Rows { b, h, n0, len: (dims.n - n0).min(BLOCK) };
             let (ds, dm) = dstates[bh * width..(bh + 1) * width].split_at(d * dv);
             f.load(Side::Key, rows, kb, scratch);
-            load_rows(v, rows, vb);
-            // SAFETY: buffers hold len x d / len x dv; dS is d x dv row-major.
+            let vr = input_rows(v, rows, vb);
+            // SAFETY: each (b, h, token block) belongs to one task.
+            let (dvr, in_place) = unsafe { output_rows(dv_out, rows, dvb) };
+            // SAFETY: kb, dkb hold len x d, vr and dvr address len x dv; dS is d x dv row-major.
             unsafe {
-                matmul(rows.len, d, dv, dkb.as_mut_ptr(), d, false, vb.as_ptr(), dv, 1, ds.as_ptr(), 1, dv);
-                matmul(rows.len, dv, d, dvb.as_mut_ptr(), dv, false, kb.as_ptr(), d, 1, ds.as_ptr(), dv, 1);
+                matmul(rows.len, d, dv, dkb.as_mut_ptr(), d, false, vr.ptr, vr.rs, vr.cs, ds.as_ptr(), 1, dv);
+                matmul(rows.len, dv, d, dvr.as_mut_ptr(), dv, false, kb.as_ptr(), d, 1, ds.as_ptr(), dv, 1);
             }
             for row in dkb[..rows.len * d].chunks_exact_mut(d) {
-                row.iter_mut().zip(dm).for_each(|(x, mi)| *x = (*x + mi) * inv_n);
+                row.iter_mut().zip(dm).for_each(|(x, mi)| *x += mi);
             }
-            dvb[..rows.len * dv].iter_mut().for_each(|x| *x *= inv_n);
-            // SAFETY: each (b, h, token block) belongs to one task.
+            // SAFETY: as above.
             unsafe {
                 f.store_grad(Side::Key, rows, dkb, scratch);
-                store_rows(dv_out, rows, dvb);
+                if !in_place {
+                    store_rows(dv_out, rows, dvr);
+                }
             }
         },
     );

@@ -46,14 +46,15 @@ class Case:
     def reference(self, q, k, v, extra, grid: TokenGrid) -> torch.Tensor:
         return _CALLS[self.method](q, k, v, extra, grid, "torch", self.options)
 
-    def needed_fraction(self, shape: Shape) -> float:
-        return _NEEDED[self.method](shape, self.options)
+    def needed_fraction(self, shape: Shape, backward: bool = False) -> float:
+        """Work the method must do, as a fraction of dense attention's in the same pass."""
+        return _NEEDED[self.method](shape, self.options) * work.pass_factor(self.method, backward)
 
-    def computed_fraction(self, shape: Shape, backend: str) -> float:
+    def computed_fraction(self, shape: Shape, backend: str, backward: bool = False) -> float:
         """Work the backend's kernels do: whole blocks for the block engine, the needed work otherwise."""
         if self.method in ("clear", "grat") and backend in block_plan.KERNEL_BLOCKS:
             return work.plan_pairs(self._plan(shape.grid, backend)) / shape.grid.num_tokens**2
-        return self.needed_fraction(shape)
+        return self.needed_fraction(shape, backward)
 
     def density(self, shape: Shape) -> float | None:
         if self.method != "pisa":
@@ -107,7 +108,7 @@ _NEEDED: dict[str, Callable[[Shape, dict], float]] = {
     "pisa": lambda s, o: work.pisa_fraction(s.grid.num_tokens, o["density"], o["block_size"]),
     "llsa": lambda s, o: work.llsa_fraction(s.grid.num_tokens, o["block_size"], o["topk"], o.get("levels")),
     "linear": lambda s, o: work.linear_fraction(s.grid.num_tokens, s.head_dim),
-    "dydila": lambda s, o: work.linear_fraction(s.grid.num_tokens, s.head_dim),
+    "dydila": lambda s, o: work.dydila_fraction(s.grid.num_tokens, s.head_dim),
 }
 
 CASES = {

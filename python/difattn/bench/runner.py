@@ -166,7 +166,8 @@ def _measure(cfg, shape, pass_name, case, backend, inputs, baseline: dict, dense
     q, k, v, extra = inputs[0]
     with torch.no_grad():
         out = fn(q, k, v, extra)
-    needed, computed = case.needed_fraction(shape), case.computed_fraction(shape, backend)
+    backward = pass_name == "fwd+bwd"
+    needed, computed = case.needed_fraction(shape, backward), case.computed_fraction(shape, backend, backward)
     speedup = baseline["dense_ms"] / t.median
     return {
         "method": case.method, "backend": backend, "pass": pass_name,

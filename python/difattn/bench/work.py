@@ -1,7 +1,9 @@
 """Work models: the FLOPs each method must do (needed) and does (computed), as fractions of dense attention.
 
 Dense attention costs ``4·B·H·N²·D`` forward (two GEMMs) and 2.5x that backward; a method that attends a
-fraction ``f`` of the (query, key) pairs needs ``f`` of it. Pair counts are exact and closed-form (no N² mask).
+fraction ``f`` of the (query, key) pairs needs ``f`` of it, forward and backward. Pair counts are exact and
+closed-form (no N² mask). Linear attention's backward is 2x its forward (four GEMMs against two), so its
+forward+backward fraction is scaled by ``(1 + 2) / (1 + 2.5)`` (:func:`pass_factor`).
 """
 
 from __future__ import annotations
@@ -90,6 +92,30 @@ def llsa_fraction(num_tokens: int, block_size: int, topk, levels) -> float:
     return min(1.0, keys / num_tokens)
 
 
+DENSE_BACKWARD_RATIO = 2.5
+LINEAR_BACKWARD_RATIO = 2.0
+
+
+def pass_factor(method: str, backward: bool) -> float:
+    """Factor on a method's forward fraction for the forward+backward pass (1 where its backward scales like
+    dense attention's)."""
+    if not backward or method not in ("linear", "dydila"):
+        return 1.0
+    return (1 + LINEAR_BACKWARD_RATIO) / (1 + DENSE_BACKWARD_RATIO)
+
+
 def linear_fraction(num_tokens: int, head_dim_v: int) -> float:
     """``S = kᵀv`` and ``O = qS`` cost ``4·N·D·Dv`` against dense ``4·N²·D``."""
     return head_dim_v / num_tokens
+
+
+# Prologue FLOPs of DyDiLA per token, per head-dim element, both sides: each of the four power maps costs 10 per
+# element (relu, +eps, r² as mul+add, log2, ·γ, exp2, p² as mul+add, ·‖r‖/‖p‖; log2 and exp2 counted as one FLOP
+# each, as dense attention's count leaves softmax's exp out entirely) and each of the two differentials 2 (·λ, −).
+DYDILA_PROLOGUE_FLOPS = 4 * 10 + 2 * 2
+
+
+def dydila_fraction(num_tokens: int, head_dim_v: int) -> float:
+    """The linear core on ``Q̂, K̂`` (``4·N·D·Dv``) plus the prologue the spec makes part of the op (four power maps
+    and two differentials, ``44·N·D``) against dense ``4·N²·D``: ``(Dv + 11) / N``."""
+    return (head_dim_v + DYDILA_PROLOGUE_FLOPS / 4) / num_tokens

@@ -1,8 +1,8 @@
 //! Where the feature rows `Q̂`, `K̂` of the linear core come from and where their gradients go: the inputs
 //! themselves (`Plain`, linear attention) or the DyDiLA prologue (`Dydila`: power maps with per-token exponents
-//! and the token differential), recomputed per block in the forward and in the backward.
+//! and the token differential), computed a block of tokens at a time in the forward and again in the backward.
 
-use super::power::{power_row, power_row_grad};
+use super::power::{power_rows, power_rows_grad, Norms};
 use crate::cpu::vmath::dot;
 use crate::cpu::view::{DType, View};
 
@@ -62,6 +62,26 @@ pub fn load_rows(view: &View, rows: Rows, dst: &mut [f32]) {
     }
 }
 
+/// Whether `rows` lie inside a `(B, H, N, W)` view's shape.
+pub fn rows_in_shape(view: &View, rows: Rows) -> bool {
+    rows.b < view.shape[0] && rows.h < view.shape[1] && rows.n0 + rows.len <= view.shape[2]
+}
+
+/// Rows `rows` of a `(B, H, N, W)` view in place, when it is f32 with contiguous rows (`rows.len x W` values);
+/// `None` otherwise (read them with [`load_rows`]).
+pub fn rows_in_place(view: &View, rows: Rows) -> Option<&[f32]> {
+    let w = view.shape[3];
+    let contiguous = view.strides[3] == 1 && (rows.len == 1 || view.strides[2] == w);
+    if view.dtype != DType::F32 || !contiguous || !rows_in_shape(view, rows) || rows.len == 0 {
+        return None;
+    }
+    let start = view.offset(&[rows.b, rows.h, rows.n0, 0]);
+    // SAFETY: the view was validated by `View::new`; with unit column stride and row stride W, elements
+    // `(b, h, n0 .. n0 + len, 0 .. W)` (all inside the shape, checked above) are exactly the `len·W` consecutive
+    // f32 values from `start`. Inputs are only read while the kernels run.
+    Some(unsafe { std::slice::from_raw_parts((view.ptr as *const f32).add(start), rows.len * w) })
+}
+
 /// # Safety
 /// As for [`View::store_row`]: one writer per row, validated output.
 pub unsafe fn store_rows(view: &View, rows: Rows, src: &[f32]) {
@@ -69,6 +89,21 @@ pub unsafe fn store_rows(view: &View, rows: Rows, src: &[f32]) {
     for (r, row) in src[..rows.len * w].chunks_exact(w).enumerate() {
         view.store_row(&[rows.b, rows.h, rows.n0 + r], row);
     }
+}
+
+/// Rows of a validated contiguous `(B, H, N, W)` output to compute into (`rows.len x W`, row-major): the output
+/// itself when it is f32, else `buf`; the flag says whether it is in place (if not, `store_rows` it afterwards).
+///
+/// # Safety
+/// The caller must be the only one touching these rows of the output while the slice lives.
+pub unsafe fn output_rows<'a>(view: &'a View, rows: Rows, buf: &'a mut [f32]) -> (&'a mut [f32], bool) {
+    let w = view.shape[3];
+    if view.dtype == DType::F32 && rows_in_shape(view, rows) {
+        // Contiguous (checked by `check_output`): the rows are `len·W` consecutive values from their first one.
+        let ptr = (view.ptr as *mut f32).add(view.offset(&[rows.b, rows.h, rows.n0, 0]));
+        return (std::slice::from_raw_parts_mut(ptr, rows.len * w), true);
+    }
+    (&mut buf[..rows.len * w], false)
 }
 
 /// Linear attention: the features are q and k as given.
@@ -120,51 +155,71 @@ pub struct Dydila<'a> {
     pub eps: f32,
 }
 
-/// Buffers of the two power maps (main and aux stream) of `slots` tokens. In the backward a slot per row of a
-/// block keeps what `load` computed, so `store_grad` on the same rows does not map them again.
+/// The two power maps (`[main, aux]` stream) of a block of tokens, kept from `load` to `store_grad` of the same
+/// rows so the backward maps each block once. Row buffers are `rows x D`, per-token ones `rows`.
 pub struct DydilaScratch {
+    /// Copies of the input rows when they cannot be read in place (not f32, or strided).
     z: [Vec<f32>; 2],
-    r: [Vec<f32>; 2],
     ls: [Vec<f32>; 2],
     p: [Vec<f32>; 2],
-    params: Vec<[f32; 3]>,
-    norms: Vec<Norms>,
+    gamma: [Vec<f32>; 2],
+    lambda: Vec<f32>,
+    norms: [Vec<Norms>; 2],
     cached: Option<(Side, Rows)>,
-    g: Vec<f32>,
+    /// Backward only (empty in the forward): `∂L/∂φ` of the aux map, `dz`, `dγ` per stream, `dλ`.
+    g_aux: Vec<f32>,
     dz: [Vec<f32>; 2],
+    dgamma: [Vec<f32>; 2],
+    dlambda: Vec<f32>,
 }
-
-/// `(n1, n2)` of the two maps of one token.
-type Norms = [(f32, f32); 2];
 
 impl Dydila<'_> {
     fn head_dim(&self) -> usize {
         self.sides[0].z.shape[3]
     }
 
-    /// Loads and maps the main and aux rows of token `n` into `slot`, with its `(γ, γ_aux, λ)` and norms.
-    fn map_token(&self, side: &Stream, b: usize, h: usize, n: usize, slot: usize, s: &mut DydilaScratch) {
-        let (d, idx) = (self.head_dim(), [b, h, n]);
-        let rows = slot * d..(slot + 1) * d;
-        let params = [load_scalar(side.gamma, &idx), load_scalar(side.gamma_aux, &idx), load_scalar(side.lambda, &idx)];
-        for (j, view) in [side.z, side.z_aux].into_iter().enumerate() {
-            view.load_row(&idx, &mut s.z[j][rows.clone()]);
-            let (r, ls, p) = (&mut s.r[j][rows.clone()], &mut s.ls[j][rows.clone()], &mut s.p[j][rows.clone()]);
-            s.norms[slot][j] = power_row(&s.z[j][rows.clone()], params[j], self.eps, r, ls, p);
+    /// Loads `rows` of both streams of `side` with their `(γ, γ_aux, λ)` and maps them (power maps).
+    fn map_rows(&self, side: Side, rows: Rows, s: &mut DydilaScratch) {
+        let (st, len, d) = (&self.sides[side as usize], rows.len, self.head_dim());
+        for r in 0..len {
+            let idx = [rows.b, rows.h, rows.n0 + r];
+            s.gamma[0][r] = load_scalar(st.gamma, &idx);
+            s.gamma[1][r] = load_scalar(st.gamma_aux, &idx);
+            s.lambda[r] = load_scalar(st.lambda, &idx);
         }
-        s.params[slot] = params;
+        for (j, view) in [st.z, st.z_aux].into_iter().enumerate() {
+            let z = match rows_in_place(view, rows) {
+                Some(z) => z,
+                None => {
+                    load_rows(view, rows, &mut s.z[j]);
+                    &s.z[j][..len * d]
+                }
+            };
+            let (ls, p) = (&mut s.ls[j][..len * d], &mut s.p[j][..len * d]);
+            power_rows(z, &s.gamma[j][..len], self.eps, ls, p, &mut s.norms[j][..len]);
+        }
+        s.cached = Some((side, rows));
     }
 
-    /// Maps `rows` of `side`: one slot per row when gradients follow, else slot 0 for every row.
-    fn map_rows(&self, side: Side, rows: Rows, s: &mut DydilaScratch, mut each: impl FnMut(usize, usize, &mut DydilaScratch))
-    {
-        let keep = self.grads.is_some();
-        for r in 0..rows.len {
-            let slot = if keep { r } else { 0 };
-            self.map_token(&self.sides[side as usize], rows.b, rows.h, rows.n0 + r, slot, s);
-            each(r, slot, s);
+    /// `dλ = −dẐ · φ(z_aux)` and `∂L/∂φ(z_aux) = −λ dẐ` of every row of the block, from `grad = dẐ`.
+    fn differential_grad(&self, len: usize, grad: &[f32], s: &mut DydilaScratch) {
+        let d = self.head_dim();
+        let rows = grad.chunks_exact(d).zip(s.p[1].chunks_exact(d)).zip(s.g_aux.chunks_exact_mut(d));
+        let per_token = s.norms[1].iter().zip(&s.lambda).zip(&mut s.dlambda);
+        for (((g, pa), ga), ((&(n1a, n2a), &lambda), dl)) in rows.zip(per_token).take(len) {
+            *dl = -(n1a / n2a) * dot(g, pa);
+            ga.iter_mut().zip(g).for_each(|(a, x)| *a = -lambda * x);
         }
-        s.cached = keep.then_some((side, rows));
+    }
+}
+
+/// Stores per-token values (`rows.len` of them) into a validated f32 `(B, H, N)` output.
+///
+/// # Safety
+/// As for [`View::store_f32`]: one writer per token, validated output.
+unsafe fn store_tokens(view: &View, rows: Rows, src: &[f32]) {
+    for (r, x) in src[..rows.len].iter().enumerate() {
+        view.store_f32(&[rows.b, rows.h, rows.n0 + r], *x);
     }
 }
 
@@ -173,57 +228,59 @@ impl FeatureMap for Dydila<'_> {
 
     fn scratch(&self, rows: usize) -> DydilaScratch {
         let d = self.head_dim();
-        let slots = if self.grads.is_some() { rows } else { 1 };
-        let block = || vec![0.0f32; slots * d];
+        let block = || vec![0.0f32; rows * d];
+        let grad_rows = if self.grads.is_some() { rows } else { 0 };
+        let grad_block = || vec![0.0f32; grad_rows * d];
         DydilaScratch {
             z: [block(), block()],
-            r: [block(), block()],
             ls: [block(), block()],
             p: [block(), block()],
-            params: vec![[0.0; 3]; slots],
-            norms: vec![[(0.0, 0.0); 2]; slots],
+            gamma: [vec![0.0; rows], vec![0.0; rows]],
+            lambda: vec![0.0; rows],
+            norms: [vec![(0.0, 0.0); rows], vec![(0.0, 0.0); rows]],
             cached: None,
-            g: vec![0.0; d],
-            dz: [vec![0.0; d], vec![0.0; d]],
+            g_aux: grad_block(),
+            dz: [grad_block(), grad_block()],
+            dgamma: [vec![0.0; grad_rows], vec![0.0; grad_rows]],
+            dlambda: vec![0.0; grad_rows],
         }
     }
 
     fn load(&self, side: Side, rows: Rows, dst: &mut [f32], s: &mut DydilaScratch) {
         let d = self.head_dim();
-        self.map_rows(side, rows, s, |r, slot, s| {
-            let [(n1, n2), (n1a, n2a)] = s.norms[slot];
-            let (c, ca) = (n1 / n2, s.params[slot][2] * n1a / n2a);
-            let (p, pa) = (&s.p[0][slot * d..(slot + 1) * d], &s.p[1][slot * d..(slot + 1) * d]);
-            for ((o, p), pa) in dst[r * d..(r + 1) * d].iter_mut().zip(p).zip(pa) {
-                *o = c * p - ca * pa;
-            }
-        });
+        self.map_rows(side, rows, s);
+        let block = dst.chunks_exact_mut(d).zip(s.p[0].chunks_exact(d).zip(s.p[1].chunks_exact(d)));
+        let per_token = s.norms[0].iter().zip(&s.norms[1]).zip(&s.lambda);
+        for ((o, (p, pa)), ((&(n1, n2), &(n1a, n2a)), &lambda)) in block.zip(per_token).take(rows.len) {
+            let (c, ca) = (n1 / n2, lambda * n1a / n2a);
+            o.iter_mut().zip(p).zip(pa).for_each(|((o, p), pa)| *o = c * p - ca * pa);
+        }
     }
 
     unsafe fn store_grad(&self, side: Side, rows: Rows, grad: &[f32], s: &mut DydilaScratch) {
         let Some(all_grads) = &self.grads else { return };
         if s.cached != Some((side, rows)) {
-            self.map_rows(side, rows, s, |_, _, _| {});
+            self.map_rows(side, rows, s);
         }
-        let (d, out) = (self.head_dim(), &all_grads[side as usize]);
-        for (r, g) in grad[..rows.len * d].chunks_exact(d).enumerate() {
-            let [gamma, gamma_aux, lambda] = s.params[r];
-            let [(n1, n2), (n1a, n2a)] = s.norms[r];
-            let row = r * d..(r + 1) * d;
-            // dφ(z) = dẐ, dφ(z_aux) = −λ dẐ, dλ = −dẐ · φ(z_aux).
-            let dlambda = -(n1a / n2a) * dot(g, &s.p[1][row.clone()]);
-            s.g.iter_mut().zip(g).for_each(|(ga, x)| *ga = -lambda * x);
-            let parts = |j: usize| (&s.z[j][row.clone()], &s.r[j][row.clone()], &s.ls[j][row.clone()], &s.p[j][row.clone()]);
-            let ((z, rr, ls, p), (za, ra, lsa, pa)) = (parts(0), parts(1));
-            let (dz, dz_aux) = s.dz.split_at_mut(1);
-            let dgamma = power_row_grad(z, g, gamma, rr, ls, p, n1, n2, &mut dz[0]);
-            let dgamma_aux = power_row_grad(za, &s.g, gamma_aux, ra, lsa, pa, n1a, n2a, &mut dz_aux[0]);
-            let idx = [rows.b, rows.h, rows.n0 + r];
-            out.dz.store_row(&idx, &s.dz[0]);
-            out.dz_aux.store_row(&idx, &s.dz[1]);
-            out.dgamma.store_f32(&idx, dgamma);
-            out.dgamma_aux.store_f32(&idx, dgamma_aux);
-            out.dlambda.store_f32(&idx, dlambda);
+        let (d, len, out) = (self.head_dim(), rows.len, &all_grads[side as usize]);
+        // dφ(z) = dẐ, dφ(z_aux) = −λ dẐ, dλ = −dẐ · φ(z_aux).
+        self.differential_grad(len, grad, s);
+        let st = &self.sides[side as usize];
+        let grad_views = [out.dz, out.dz_aux];
+        for (j, (g, view)) in [(&grad[..len * d], st.z), (&s.g_aux[..len * d], st.z_aux)].into_iter().enumerate() {
+            // The rows `map_rows` read: in place, or its copy.
+            let z = rows_in_place(view, rows).unwrap_or(&s.z[j][..len * d]);
+            let (ls, p, norms) = (&s.ls[j][..len * d], &s.p[j][..len * d], &s.norms[j][..len]);
+            // SAFETY: the caller is the only writer of these rows.
+            let (dz, in_place) = output_rows(grad_views[j], rows, &mut s.dz[j]);
+            power_rows_grad(z, g, &s.gamma[j][..len], self.eps, ls, p, norms, dz, &mut s.dgamma[j][..len]);
+            if !in_place {
+                store_rows(grad_views[j], rows, dz);
+            }
         }
+
+        store_tokens(out.dgamma, rows, &s.dgamma[0]);
+        store_tokens(out.dgamma_aux, rows, &s.dgamma[1]);
+        store_tokens(out.dlambda, rows, &s.dlambda);
     }
 }

@@ -1,98 +1,112 @@
-//! Row math of the DyDiLA power map `φ_γ(z) = ‖r‖ · r^γ / ‖r^γ‖`, `r = relu(z) + ε`, and its gradients, on the
-//! shared `log2` / `exp2` of `vmath`, with reductions in eight accumulators so they vectorise. Each row function
-//! is compiled twice (AVX2+FMA and baseline) and chosen at run time.
+//! Block math of the DyDiLA power map `φ_γ(z) = ‖r‖ · r^γ / ‖r^γ‖`, `r = relu(z) + ε`, and its gradients, on the
+//! shared `log2` / `exp2` of `vmath`, with reductions in eight accumulators so they vectorise.
+//!
+//! The functions take a block of rows (`rows x D`, row-major, one exponent per row) and run each pass over every
+//! row before the next pass starts: a single row of 64 values is too short to hide the long latency chains of
+//! `log2` / `exp2`, while independent rows overlap in the core. Each block function is compiled twice (AVX2+FMA
+//! and baseline) and chosen at run time, once per block.
 
-use crate::cpu::vmath::{exp2_one, has_avx2_fma, log2_one, madd, LANES};
+use crate::cpu::vmath::{dot, exp2_one, has_avx2_fma, log2_one, madd, LANES};
 
 const LN_2: f32 = std::f32::consts::LN_2;
+
+/// `(n1, n2) = (‖r‖, ‖p‖)` of one row, so `φ = (n1 / n2) · p`.
+pub type Norms = (f32, f32);
 
 fn lanes_sum(acc: [f32; LANES]) -> f32 {
     acc.iter().sum()
 }
 
-/// The parts of `φ_γ(z)` for one row, all length D: `r`, `ls = log2(r / max r)` and `p = 2^(γ·ls)`.
-/// Returns `(n1, n2) = (‖r‖, ‖p‖)`, so `φ = (n1 / n2) · p`. Dividing by `max r` keeps every power <= 1 (no
-/// overflow for any γ >= 0) and does not change the map.
+fn lanes_max(acc: [f32; LANES]) -> f32 {
+    acc.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `r = relu(z) + ε` (the same expression in the forward and in the backward).
 #[inline(always)]
-fn power_row_body<const FMA: bool>(
-    z: &[f32],
-    gamma: f32,
-    eps: f32,
-    r: &mut [f32],
-    ls: &mut [f32],
-    p: &mut [f32],
-) -> (f32, f32) {
-    let d = z.len();
-    let (r, ls, p) = (&mut r[..d], &mut ls[..d], &mut p[..d]);
-    let mut rmax = [0.0f32; LANES];
+fn shifted_relu(z: f32, eps: f32) -> f32 {
+    z.max(0.0) + eps
+}
+
+/// Pass 1 of one row: `ls = log2 r`; returns `(‖r‖, max ls)`.
+#[inline(always)]
+fn log_row<const FMA: bool>(z: &[f32], eps: f32, ls: &mut [f32]) -> (f32, f32) {
     let mut r2 = [0.0f32; LANES];
-    let split = d - d % LANES;
-    for (zc, rc) in z[..split].chunks_exact(LANES).zip(r[..split].chunks_exact_mut(LANES)) {
+    let mut lmax = [f32::NEG_INFINITY; LANES];
+    let mut step = |zi: f32, li: &mut f32, l: usize| {
+        let x = shifted_relu(zi, eps);
+        r2[l] = madd::<FMA>(x, x, r2[l]);
+        *li = log2_one::<FMA>(x.max(f32::MIN_POSITIVE));
+        lmax[l] = if *li > lmax[l] { *li } else { lmax[l] };
+    };
+    let split = z.len() - z.len() % LANES;
+    for (zc, lc) in z[..split].chunks_exact(LANES).zip(ls[..split].chunks_exact_mut(LANES)) {
         for l in 0..LANES {
-            let x = zc[l].max(0.0) + eps;
-            rc[l] = x;
-            rmax[l] = if x > rmax[l] { x } else { rmax[l] };
-            r2[l] = madd::<FMA>(x, x, r2[l]);
+            step(zc[l], &mut lc[l], l);
         }
     }
-    for i in split..d {
-        r[i] = z[i].max(0.0) + eps;
-        rmax[0] = rmax[0].max(r[i]);
-        r2[0] = madd::<FMA>(r[i], r[i], r2[0]);
+    for (zi, li) in z[split..].iter().zip(&mut ls[split..]) {
+        step(*zi, li, 0);
     }
-    let inv_max = 1.0 / rmax.iter().fold(0.0f32, |a, &b| a.max(b));
+    (lanes_sum(r2).sqrt(), lanes_max(lmax))
+}
+
+/// Pass 2 of one row: `p = 2^(γ·(ls − shift))`; returns `‖p‖`.
+#[inline(always)]
+fn exp_row<const FMA: bool>(gamma: f32, shift: f32, ls: &[f32], p: &mut [f32]) -> f32 {
     let mut p2 = [0.0f32; LANES];
-    // Two short loops rather than one long body: more independent iterations fit in the reorder window.
-    for (rc, lc) in r[..split].chunks_exact(LANES).zip(ls[..split].chunks_exact_mut(LANES)) {
-        for l in 0..LANES {
-            lc[l] = log2_one::<FMA>((rc[l] * inv_max).max(f32::MIN_POSITIVE));
-        }
-    }
+    let offset = -gamma * shift;
+    let mut step = |li: f32, pi: &mut f32, l: usize| {
+        *pi = exp2_one::<FMA>(madd::<FMA>(gamma, li, offset));
+        p2[l] = madd::<FMA>(*pi, *pi, p2[l]);
+    };
+    let split = ls.len() - ls.len() % LANES;
     for (lc, pc) in ls[..split].chunks_exact(LANES).zip(p[..split].chunks_exact_mut(LANES)) {
         for l in 0..LANES {
-            pc[l] = exp2_one::<FMA>(gamma * lc[l]);
-            p2[l] = madd::<FMA>(pc[l], pc[l], p2[l]);
+            step(lc[l], &mut pc[l], l);
         }
     }
-    for i in split..d {
-        ls[i] = log2_one::<FMA>((r[i] * inv_max).max(f32::MIN_POSITIVE));
-        p[i] = exp2_one::<FMA>(gamma * ls[i]);
-        p2[0] = madd::<FMA>(p[i], p[i], p2[0]);
+    for (li, pi) in ls[split..].iter().zip(&mut p[split..]) {
+        step(*li, pi, 0);
     }
-    (lanes_sum(r2).sqrt(), lanes_sum(p2).sqrt())
+    lanes_sum(p2).sqrt()
+}
+
+/// The parts of `φ_γ(z)` for a block of rows: `ls = log2 r` and `p = (r / max r)^γ = 2^(γ·(ls − max ls))` (`rows x
+/// D` each, with `rows = gamma.len()`), and `norms` per row. Dividing by `max r` keeps every power <= 1 (no
+/// overflow for any γ >= 0) and does not change the map.
+#[inline(always)]
+fn power_rows_body<const FMA: bool>(z: &[f32], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
+    let d = z.len() / gamma.len().max(1);
+    for ((zr, lr), n) in z.chunks_exact(d).zip(ls.chunks_exact_mut(d)).zip(norms.iter_mut()) {
+        *n = log_row::<FMA>(zr, eps, lr);
+    }
+    for (((lr, pr), n), &g) in ls.chunks_exact(d).zip(p.chunks_exact_mut(d)).zip(norms.iter_mut()).zip(gamma) {
+        n.1 = exp_row::<FMA>(g, n.1, lr, pr);
+    }
 }
 
 /// Gradients of one power map given `G = ∂L/∂φ` (the spec's formulas, written with `u = p / n2`):
 /// `∂L/∂r = (G·u) r / n1 + γ n1 (u / r) ⊙ (G − u (G·u))`, `∂L/∂z = ∂L/∂r ⊙ 1[z > 0]`,
-/// `∂L/∂γ = n1 Σ (G − u (G·u)) ⊙ u ⊙ ln(r / max r)` (the shift of `ln r` by `ln max r` drops out because
-/// `G − u (G·u)` is orthogonal to `u`). Writes `dz` (length D) and returns `∂L/∂γ`.
+/// `∂L/∂γ = n1 Σ (G − u (G·u)) ⊙ u ⊙ ln r` (`ls = log2 r`, so `ln r = ls · ln 2`). Writes `dz` of one row and
+/// returns `∂L/∂γ`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn power_row_grad_body<const FMA: bool>(
-    z: &[f32],
-    g: &[f32],
-    gamma: f32,
-    r: &[f32],
-    ls: &[f32],
-    p: &[f32],
-    n1: f32,
-    n2: f32,
-    dz: &mut [f32],
-) -> f32 {
-    let d = z.len();
-    let (g, r, ls, p, dz) = (&g[..d], &r[..d], &ls[..d], &p[..d], &mut dz[..d]);
+fn grad_row<const FMA: bool>(z: &[f32], g: &[f32], gamma: f32, eps: f32, ls: &[f32], p: &[f32], norms: Norms, dz: &mut [f32]) -> f32 {
+    let (n1, n2) = norms;
     let inv_n2 = 1.0 / n2;
-    let gu = crate::cpu::vmath::dot(g, p) * inv_n2;
+    let gu = dot(g, p) * inv_n2;
     let (a, b) = (gu / n1, gamma * n1);
     let mut dgamma = [0.0f32; LANES];
-    let split = d - d % LANES;
     let mut step = |i: usize, l: usize| {
+        let r = shifted_relu(z[i], eps);
         let u = p[i] * inv_n2;
         let proj = madd::<FMA>(-u, gu, g[i]);
-        let dr = madd::<FMA>(a, r[i], b * (u / r[i]) * proj);
+        let dr = madd::<FMA>(a, r, b * (u / r) * proj);
         dz[i] = if z[i] > 0.0 { dr } else { 0.0 };
         dgamma[l] = madd::<FMA>(proj * u, ls[i], dgamma[l]);
     };
+    let d = z.len();
+    let split = d - d % LANES;
     for c in (0..split).step_by(LANES) {
         for l in 0..LANES {
             step(c + l, l);
@@ -104,58 +118,93 @@ fn power_row_grad_body<const FMA: bool>(
     n1 * lanes_sum(dgamma) * LN_2
 }
 
+/// [`grad_row`] over a block: `g`, `z`, `ls`, `p`, `dz` are `rows x D`, `gamma`, `norms`, `dgamma` per row.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn power_rows_grad_body<const FMA: bool>(
+    z: &[f32],
+    g: &[f32],
+    gamma: &[f32],
+    eps: f32,
+    ls: &[f32],
+    p: &[f32],
+    norms: &[Norms],
+    dz: &mut [f32],
+    dgamma: &mut [f32],
+) {
+    let d = z.len() / gamma.len().max(1);
+    let rows = z.chunks_exact(d).zip(g.chunks_exact(d)).zip(ls.chunks_exact(d).zip(p.chunks_exact(d)));
+    let per_row = gamma.iter().zip(norms).zip(dz.chunks_exact_mut(d).zip(dgamma.iter_mut()));
+    for (((zr, gr), (lr, pr)), ((&ga, &n), (dzr, dg))) in rows.zip(per_row) {
+        *dg = grad_row::<FMA>(zr, gr, ga, eps, lr, pr, n, dzr);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn power_row_avx2(z: &[f32], gamma: f32, eps: f32, r: &mut [f32], ls: &mut [f32], p: &mut [f32]) -> (f32, f32) {
-    power_row_body::<true>(z, gamma, eps, r, ls, p)
+unsafe fn power_rows_avx2(z: &[f32], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
+    power_rows_body::<true>(z, gamma, eps, ls, p, norms)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn power_row_grad_avx2(
+unsafe fn power_rows_grad_avx2(
     z: &[f32],
     g: &[f32],
-    gamma: f32,
-    r: &[f32],
+    gamma: &[f32],
+    eps: f32,
     ls: &[f32],
     p: &[f32],
-    n1: f32,
-    n2: f32,
+    norms: &[Norms],
     dz: &mut [f32],
-) -> f32 {
-    power_row_grad_body::<true>(z, g, gamma, r, ls, p, n1, n2, dz)
+    dgamma: &mut [f32],
+) {
+    power_rows_grad_body::<true>(z, g, gamma, eps, ls, p, norms, dz, dgamma)
 }
 
-/// See [`power_row_body`]: fills `r`, `ls`, `p` (each at least `z.len()` long) and returns `(‖r‖, ‖p‖)`.
-pub fn power_row(z: &[f32], gamma: f32, eps: f32, r: &mut [f32], ls: &mut [f32], p: &mut [f32]) -> (f32, f32) {
+/// Panics unless the block buffers hold `gamma.len() >= 1` rows of the same width `>= 1` (a caller bug, not user
+/// data: the kernels size them from validated shapes).
+fn check_block(gamma: &[f32], row_buffers: &[usize], per_row: &[usize]) {
+    let rows = gamma.len();
+    let width = row_buffers[0] / rows.max(1);
+    assert!(rows > 0 && width > 0, "power block: empty block");
+    assert!(row_buffers.iter().all(|&len| len == rows * width), "power block: buffers of {rows} rows disagree");
+    assert!(per_row.iter().all(|&len| len == rows), "power block: per-row buffers disagree");
+}
+
+/// See [`power_rows_body`]: fills `ls`, `p` (`rows x D`, like `z`) and `norms` for `rows = gamma.len()` rows.
+pub fn power_rows(z: &[f32], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
+    check_block(gamma, &[z.len(), ls.len(), p.len()], &[norms.len()]);
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the features were detected at run time.
-        return unsafe { power_row_avx2(z, gamma, eps, r, ls, p) };
+        return unsafe { power_rows_avx2(z, gamma, eps, ls, p, norms) };
     }
-    power_row_body::<false>(z, gamma, eps, r, ls, p)
+    power_rows_body::<false>(z, gamma, eps, ls, p, norms)
 }
 
-/// See [`power_row_grad_body`]: writes `dz` and returns `∂L/∂γ` of one row.
+/// See [`grad_row`]: from [`power_rows`]' `ls`, `p`, `norms` and `g = ∂L/∂φ`, writes `dz` (`rows x D`) and
+/// `dgamma` (per row).
 #[allow(clippy::too_many_arguments)]
-pub fn power_row_grad(
+pub fn power_rows_grad(
     z: &[f32],
     g: &[f32],
-    gamma: f32,
-    r: &[f32],
+    gamma: &[f32],
+    eps: f32,
     ls: &[f32],
     p: &[f32],
-    n1: f32,
-    n2: f32,
+    norms: &[Norms],
     dz: &mut [f32],
-) -> f32 {
+    dgamma: &mut [f32],
+) {
+    check_block(gamma, &[z.len(), g.len(), ls.len(), p.len(), dz.len()], &[norms.len(), dgamma.len()]);
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the features were detected at run time.
-        return unsafe { power_row_grad_avx2(z, g, gamma, r, ls, p, n1, n2, dz) };
+        return unsafe { power_rows_grad_avx2(z, g, gamma, eps, ls, p, norms, dz, dgamma) };
     }
-    power_row_grad_body::<false>(z, g, gamma, r, ls, p, n1, n2, dz)
+    power_rows_grad_body::<false>(z, g, gamma, eps, ls, p, norms, dz, dgamma)
 }
 
 #[cfg(test)]
@@ -170,27 +219,34 @@ mod tests {
     }
 
     #[test]
-    fn power_row_matches_the_definition_and_its_gradients_match_finite_differences() {
-        let z: Vec<f32> = (0..19).map(|i| ((i * 37 % 11) as f32 - 4.0) * 0.3 + 0.05).collect();
-        let g: Vec<f32> = (0..19).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.25).collect();
-        let (gamma, eps) = (2.7f32, 1e-6f32);
-        let (mut r, mut ls, mut p, mut dz) = (vec![0.0; 19], vec![0.0; 19], vec![0.0; 19], vec![0.0; 19]);
-        let (n1, n2) = power_row(&z, gamma, eps, &mut r, &mut ls, &mut p);
-        let want = naive_power(&z, gamma as f64, eps as f64);
-        for (i, w) in want.iter().enumerate() {
-            assert!(((n1 / n2 * p[i]) as f64 - w).abs() < 1e-5 * (1.0 + w.abs()));
-        }
-        let dgamma = power_row_grad(&z, &g, gamma, &r, &ls, &p, n1, n2, &mut dz);
-        let loss = |z: &[f32], gamma: f64| -> f64 { naive_power(z, gamma, eps as f64).iter().zip(&g).map(|(a, b)| a * *b as f64).sum() };
-        let h = 1e-3;
-        let fd_gamma = (loss(&z, gamma as f64 + h) - loss(&z, gamma as f64 - h)) / (2.0 * h);
-        assert!((dgamma as f64 - fd_gamma).abs() < 1e-3 * (1.0 + fd_gamma.abs()), "{dgamma} vs {fd_gamma}");
-        for i in 0..19 {
-            let (mut zp, mut zm) = (z.clone(), z.clone());
-            zp[i] += h as f32;
-            zm[i] -= h as f32;
-            let fd = (loss(&zp, gamma as f64) - loss(&zm, gamma as f64)) / (2.0 * h);
-            assert!((dz[i] as f64 - fd).abs() < 2e-3 * (1.0 + fd.abs()), "dz[{i}] {} vs {fd}", dz[i]);
+    fn power_rows_match_the_definition_and_their_gradients_match_finite_differences() {
+        // Three rows of 19 (a tail after two full lanes), different exponents.
+        let (rows, d, eps) = (3, 19, 1e-6f32);
+        let z: Vec<f32> = (0..rows * d).map(|i| ((i * 37 % 11) as f32 - 4.0) * 0.3 + 0.05).collect();
+        let g: Vec<f32> = (0..rows * d).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.25).collect();
+        let gamma = [2.7f32, 1.0, 4.2];
+        let (mut ls, mut p, mut dz) = (vec![0.0; rows * d], vec![0.0; rows * d], vec![0.0; rows * d]);
+        let (mut norms, mut dgamma) = (vec![(0.0, 0.0); rows], vec![0.0; rows]);
+        power_rows(&z, &gamma, eps, &mut ls, &mut p, &mut norms);
+        power_rows_grad(&z, &g, &gamma, eps, &ls, &p, &norms, &mut dz, &mut dgamma);
+        for row in 0..rows {
+            let (zr, gr, at) = (&z[row * d..(row + 1) * d], &g[row * d..(row + 1) * d], row * d);
+            let (n1, n2) = norms[row];
+            let want = naive_power(zr, gamma[row] as f64, eps as f64);
+            for (i, w) in want.iter().enumerate() {
+                assert!(((n1 / n2 * p[at + i]) as f64 - w).abs() < 1e-5 * (1.0 + w.abs()));
+            }
+            let loss = |z: &[f32], gamma: f64| -> f64 { naive_power(z, gamma, eps as f64).iter().zip(gr).map(|(a, b)| a * *b as f64).sum() };
+            let h = 1e-3;
+            let fd_gamma = (loss(zr, gamma[row] as f64 + h) - loss(zr, gamma[row] as f64 - h)) / (2.0 * h);
+            assert!((dgamma[row] as f64 - fd_gamma).abs() < 1e-3 * (1.0 + fd_gamma.abs()), "{} vs {fd_gamma}", dgamma[row]);
+            for i in 0..d {
+                let (mut zp, mut zm) = (zr.to_vec(), zr.to_vec());
+                zp[i] += h as f32;
+                zm[i] -= h as f32;
+                let fd = (loss(&zp, gamma[row] as f64) - loss(&zm, gamma[row] as f64)) / (2.0 * h);
+                assert!((dz[at + i] as f64 - fd).abs() < 2e-3 * (1.0 + fd.abs()), "dz[{row}, {i}] {} vs {fd}", dz[at + i]);
+            }
         }
     }
 }
