@@ -184,3 +184,57 @@ def test_opcheck_block_attention_cpu():
     plan = block_plan.clear_plan(grid, 2.0, 1.0, 0, SMALL_BLOCKS, "cpu")
     q, k, v = random_qkv(1, 2, grid.num_tokens, 16, requires_grad=True)
     torch.library.opcheck(block_attention_fwd, (q, k, v, list(plan.tensors), None, plan.max_d2, plan.max_dt, list(plan.max_blocks), 0.25, "rust"))
+
+
+def _clear_plus_grat(q, k, v, grid):
+    return difattn.clear_attention(q, k, v, grid, radius=2.5) + difattn.grat_attention(q, k, v, grid, group=(2, 3))
+
+
+def test_compile_fullgraph_with_grids_from_outside_and_inside():
+    """CLEAR and GRAT trace whole under torch.compile(fullgraph=True): the plans are custom ops (static grids use
+    the real plan's sizes, symbolic ones data-dependent sizes). Forward and gradients equal eager for grids passed
+    in (new, equal objects each call) and grids built inside the compiled function; a changed grid recompiles at
+    most once more (to dynamic sizes), never silently reusing a stale plan."""
+    import torch._dynamo.testing
+
+    passed_in = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    built_inside = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    outside = torch.compile(_clear_plus_grat, fullgraph=True, backend=passed_in)
+
+    @torch.compile(fullgraph=True, backend=built_inside)
+    def inside(q, k, v, height):
+        return _clear_plus_grat(q, k, v, difattn.TokenGrid(height, 7, text_tokens=3))
+
+    for seed, height in enumerate([6, 6, 5, 4]):
+        grid = difattn.TokenGrid(height, 7, text_tokens=3)
+        q, k, v = random_qkv(1, 2, grid.num_tokens, 16, seed=seed)
+        runs = {}
+        for name, fn, arg in (("eager", _clear_plus_grat, grid), ("outside", outside, difattn.TokenGrid(height, 7, text_tokens=3)),
+                              ("inside", inside, height)):
+            inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+            out = fn(*inputs, arg)
+            out.square().sum().backward()
+            runs[name] = (out, [x.grad for x in inputs])
+        for name in ("outside", "inside"):
+            torch.testing.assert_close(runs[name][0], runs["eager"][0])
+            for got, want in zip(runs[name][1], runs["eager"][1]):
+                torch.testing.assert_close(got, want)
+    assert passed_in.frame_count <= 2 and built_inside.frame_count <= 3
+
+
+@pytest.mark.parametrize("blocks", [CPU_BLOCKS, GPU_BLOCKS])
+def test_traced_plans_equal_the_cached_plans(blocks):
+    """The plan ops return the core's plan; the thresholds computed from the options are the core's, and the block
+    shape bounds every block of the plan (the Triton tiles are sized from it)."""
+    for grid in [difattn.TokenGrid(5, 9, text_tokens=3), difattn.TokenGrid(4, 6, frames=2, text_tokens=70,
+                                                                           text_position="last")]:
+        for radius, rt in [(2.5, 1.0), (4.0, 2.0), (0.5, 0.7)]:
+            cached = block_plan.clear_plan(grid, radius, rt, 3, blocks, "cpu")
+            traced = block_plan.traced_clear_plan(grid, radius, rt, 3, blocks, torch.device("cpu"))
+            assert (traced.max_d2, traced.max_dt) == (cached.max_d2, cached.max_dt)
+            assert all(torch.equal(a, b) for a, b in zip(traced.tensors, cached.tensors))
+            assert traced.max_blocks[0] >= cached.max_blocks[0] and traced.max_blocks[1] >= cached.max_blocks[1]
+        cached = block_plan.grat_plan(grid, (1, 2, 3), "criss_cross", 1, True, blocks, "cpu")
+        traced = block_plan.traced_grat_plan(grid, (1, 2, 3), "criss_cross", 1, True, blocks, torch.device("cpu"))
+        assert all(torch.equal(a, b) for a, b in zip(traced.tensors, cached.tensors))
+        assert traced.max_blocks[0] >= cached.max_blocks[0] and traced.max_blocks[1] >= cached.max_blocks[1]

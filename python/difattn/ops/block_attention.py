@@ -3,8 +3,8 @@
 ``kernel="rust"`` runs the Rust CPU kernels, ``kernel="triton"`` the Triton kernels (CUDA tensors, or CPU tensors
 under ``TRITON_INTERPRET=1``). Both take q, k, v in ``(B, H, N, D)``
 with any strides and gather rows through the plan's permutations (no permuted copies). The forward returns the
-output in q's dtype and the log-sum-exp (fp32) that the backward reuses. ``max_blocks`` (largest query and key
-block) must be the plan's own: the Triton tiles are sized from it without a device sync.
+output in q's dtype and the log-sum-exp (fp32) that the backward reuses. ``max_blocks`` (query and key block
+sizes) must be at least the plan's largest blocks: the Triton tiles are sized from it without a device sync.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ per entry (0 full, 1 masked), its transpose (key block → query blocks, for the
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,6 +96,87 @@ def grat_plan(grid: TokenGrid, group: tuple[int, int, int], pattern: str, reach:
     """GRAT's plan for ``grid`` on ``device`` (cached by every argument)."""
     arrays = core().grat_plan(grid.core_args(), group, pattern, reach, text_masked, blocks.q_block, blocks.k_block)
     return _plan(arrays, -1, 0, device)
+
+
+def max_below(bound: float) -> int:
+    """The largest integer strictly below ``bound`` (−1 when ``bound <= 0``): CLEAR's element-mask thresholds
+    (``dy² + dx² <= max_below(r²)``, ``|dt| <= max_below(rt)``), as the core computes them."""
+    return -1 if bound <= 0 else math.ceil(bound) - 1
+
+
+# The plans as custom ops, for the attention code: torch.compile cannot trace into the compiled core, but it keeps
+# a custom op in the graph (fullgraph) and sizes its outputs with the fake implementation, which builds the real
+# (cached) plan when the grid is static and gives data-dependent sizes when it is symbolic. The thresholds come
+# from the options and ``max_blocks`` from the block shape (plans never hold a larger block), so nothing on the
+# traced path reads plan values.
+@torch.library.custom_op("difattn::clear_plan", mutates_args=())
+def _clear_plan_op(frames: int, height: int, width: int, text_tokens: int, text_position: str, radius: float,
+                   temporal_radius: float, global_tokens: int, q_tile: list[int], k_tile: list[int],
+                   device: torch.device) -> list[torch.Tensor]:
+    grid = TokenGrid(height, width, frames=frames, text_tokens=text_tokens, text_position=text_position)
+    plan = clear_plan(grid, radius, temporal_radius, global_tokens, BlockShape(tuple(q_tile), tuple(k_tile)),
+                      str(device))
+    return [t.clone() for t in plan.tensors]  # fresh outputs: a compiled graph may reuse an op's output buffers
+
+
+@_clear_plan_op.register_fake
+def _(frames, height, width, text_tokens, text_position, radius, temporal_radius, global_tokens, q_tile, k_tile,
+      device):
+    def build():
+        grid = TokenGrid(height, width, frames=frames, text_tokens=text_tokens, text_position=text_position)
+        return clear_plan(grid, radius, temporal_radius, global_tokens, BlockShape(tuple(q_tile), tuple(k_tile)), "cpu")
+
+    return _fake_plan(build, (frames, height, width, text_tokens, global_tokens), device)
+
+
+@torch.library.custom_op("difattn::grat_plan", mutates_args=())
+def _grat_plan_op(frames: int, height: int, width: int, text_tokens: int, text_position: str, group: list[int],
+                  pattern: str, reach: int, text_masked: bool, q_tile: list[int], k_tile: list[int],
+                  device: torch.device) -> list[torch.Tensor]:
+    grid = TokenGrid(height, width, frames=frames, text_tokens=text_tokens, text_position=text_position)
+    plan = grat_plan(grid, tuple(group), pattern, reach, text_masked, BlockShape(tuple(q_tile), tuple(k_tile)),
+                     str(device))
+    return [t.clone() for t in plan.tensors]
+
+
+@_grat_plan_op.register_fake
+def _(frames, height, width, text_tokens, text_position, group, pattern, reach, text_masked, q_tile, k_tile, device):
+    def build():
+        grid = TokenGrid(height, width, frames=frames, text_tokens=text_tokens, text_position=text_position)
+        return grat_plan(grid, tuple(group), pattern, reach, text_masked, BlockShape(tuple(q_tile), tuple(k_tile)),
+                         "cpu")
+
+    return _fake_plan(build, (frames, height, width, text_tokens, *group), device)
+
+
+def _fake_plan(build, sizes: tuple, device: torch.device) -> list[torch.Tensor]:
+    """Outputs of the plan ops while tracing: the real plan's shapes for a static grid, else unbacked lengths."""
+    dtypes = [torch.int32 if name in _INT32_FIELDS else torch.int64 for name in PLAN_FIELDS]
+    if all(isinstance(s, int) for s in sizes):
+        return [torch.empty(t.shape, dtype=t.dtype, device=device) for t in build().tensors]
+    ctx = torch.library.get_ctx()
+    return [torch.empty(ctx.new_dynamic_size(), dtype=dtype, device=device) for dtype in dtypes]
+
+
+def traced_clear_plan(grid: TokenGrid, radius: float, temporal_radius: float, global_tokens: int,
+                      blocks: BlockShape, device: torch.device) -> BlockPlan:
+    """:func:`clear_plan` through its custom op (what the attention code calls: torch.compile traces it)."""
+    tensors = torch.ops.difattn.clear_plan(
+        grid.frames, grid.height, grid.width, grid.text_tokens, grid.text_position, radius, temporal_radius,
+        global_tokens, list(blocks.q_tile), list(blocks.k_tile), device,
+    )
+    return BlockPlan(tuple(tensors), max_below(radius * radius), max_below(temporal_radius),
+                     (blocks.q_block, blocks.k_block))
+
+
+def traced_grat_plan(grid: TokenGrid, group: tuple[int, int, int], pattern: str, reach: int, text_masked: bool,
+                     blocks: BlockShape, device: torch.device) -> BlockPlan:
+    """:func:`grat_plan` through its custom op (what the attention code calls: torch.compile traces it)."""
+    tensors = torch.ops.difattn.grat_plan(
+        grid.frames, grid.height, grid.width, grid.text_tokens, grid.text_position, list(group), pattern, reach,
+        text_masked, list(blocks.q_tile), list(blocks.k_tile), device,
+    )
+    return BlockPlan(tuple(tensors), -1, 0, (blocks.q_block, blocks.k_block))
 
 
 def clear_cache() -> None:

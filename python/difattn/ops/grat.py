@@ -7,14 +7,14 @@ import torch
 from .._options import grat_group
 from ..grid import TokenGrid
 from .block_attention import block_attention
-from .block_plan import KERNEL_BLOCKS, grat_plan
+from .block_plan import KERNEL_BLOCKS, traced_grat_plan
 
 
 def grat_attention(q, k, v, grid: TokenGrid, *, group=None, pattern="neighbors", reach=1, text_mask=None,
                    scale, kernel: str) -> torch.Tensor:
     """Same contract as :func:`difattn.grat_attention` (arguments validated) on the ``kernel`` engine."""
     masked = text_mask is not None and grid.text_tokens > 0
-    plan = grat_plan(grid, grat_group(grid, group), pattern, reach, masked, KERNEL_BLOCKS[kernel], str(q.device))
+    plan = traced_grat_plan(grid, grat_group(grid, group), pattern, reach, masked, KERNEL_BLOCKS[kernel], q.device)
     key_valid = _key_valid(grid, text_mask, plan.field("k_perm")) if masked else None
     return block_attention(q, k, v, plan, scale=scale, kernel=kernel, key_valid=key_valid)
 
