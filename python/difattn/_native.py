@@ -1,12 +1,14 @@
-"""Access to the compiled core, ``difattn._core``, with a helpful error when it is missing."""
+"""Access to the compiled core, ``difattn._core``, with a helpful error when it is missing.
+
+The import is tried once, when this module loads; the result lives in module globals (plain reads, which
+torch.compile traces without the warnings a cached function would give).
+"""
 
 from __future__ import annotations
 
-import functools
 from types import ModuleType
 
 
-@functools.cache
 def _import_core() -> tuple[ModuleType | None, str]:
     try:
         from . import _core
@@ -15,15 +17,16 @@ def _import_core() -> tuple[ModuleType | None, str]:
     return _core, ""
 
 
+_CORE, _REASON = _import_core()
+
+
 def core_status() -> tuple[bool, str]:
     """``(available, reason_if_not)``."""
-    core, reason = _import_core()
-    return core is not None, reason
+    return _CORE is not None, _REASON
 
 
 def core() -> ModuleType:
     """The compiled core; raises ``RuntimeError`` saying how to get it when it is missing."""
-    module, reason = _import_core()
-    if module is None:
-        raise RuntimeError(reason)
-    return module
+    if _CORE is None:
+        raise RuntimeError(_REASON)
+    return _CORE
