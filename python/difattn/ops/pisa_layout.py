@@ -80,9 +80,20 @@ def _(grid, block_size, device):
             torch.empty(num_blocks + 1, dtype=torch.int64, device=device))
 
 
-@functools.lru_cache(maxsize=64)
 def pisa_layout(grid: TokenGrid | None, num_tokens: int, block_size: int, device: str) -> PisaLayout:
-    """The reference's layout (:func:`difattn.reference.pisa.pisa_layout`), cached (traced by ``torch.compile``)."""
+    """The reference's layout (:func:`difattn.reference.pisa.pisa_layout`): cached in eager mode, built in the
+    graph under ``torch.compile`` (which would trace through a cache anyway, with a warning)."""
+    if torch.compiler.is_compiling():
+        return _build_layout(grid, num_tokens, block_size, device)
+    return _cached_layout(grid, num_tokens, block_size, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_layout(grid: TokenGrid | None, num_tokens: int, block_size: int, device: str) -> PisaLayout:
+    return _build_layout(grid, num_tokens, block_size, device)
+
+
+def _build_layout(grid: TokenGrid | None, num_tokens: int, block_size: int, device: str) -> PisaLayout:
     num_blocks, max_block = layout_sizes(grid, num_tokens, block_size)
     if grid is None:
         perm = torch.arange(num_tokens, device=device)
