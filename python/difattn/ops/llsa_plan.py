@@ -15,6 +15,8 @@ block) pairs whose partial gradients are summed per pooled token.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -111,7 +113,22 @@ def unpool(grads: torch.Tensor, layout: Layout) -> torch.Tensor:
 
 
 def pooled_blocks(layout: Layout, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pb_offsets`` (int32, pooled blocks + 1) and ``pbias`` (float32, ``log2(count)`` per pooled token)."""
+    """``pb_offsets`` (int32, pooled blocks + 1) and ``pbias`` (float32, ``log2(count)`` per pooled token).
+
+    Cached per layout and device in eager mode: besides saving the work, it keeps ``torch.log2`` off the hot path,
+    where MKL's vector log opens an OpenMP region whose spinning workers then compete with the kernels' threads
+    (about 10% of the CPU forward at 2 threads)."""
+    if torch.compiler.is_compiling():
+        return _pooled_blocks(layout, device)
+    return _cached_pooled_blocks(layout, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_pooled_blocks(layout: Layout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return _pooled_blocks(layout, device)
+
+
+def _pooled_blocks(layout: Layout, device) -> tuple[torch.Tensor, torch.Tensor]:
     starts = [torch.arange(0, layout.sizes[lv], layout.block_size, device=device) + layout.token_offset(lv)
               for lv in range(1, layout.levels + 1)]
     end = torch.full((1,), layout.pooled_tokens, device=device, dtype=torch.int64)
