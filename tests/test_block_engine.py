@@ -238,3 +238,29 @@ def test_traced_plans_equal_the_cached_plans(blocks):
         traced = block_plan.traced_grat_plan(grid, (1, 2, 3), "criss_cross", 1, True, blocks, torch.device("cpu"))
         assert all(torch.equal(a, b) for a, b in zip(traced.tensors, cached.tensors))
         assert traced.max_blocks[0] >= cached.max_blocks[0] and traced.max_blocks[1] >= cached.max_blocks[1]
+
+
+@pytest.mark.parametrize("batch, heads, threads", [(1, 1, 2), (2, 3, 1), (2, 2, 2)])
+def test_backward_one_pass_and_two_pass(batch, heads, threads):
+    """The CPU backward runs one pass per (b, h) slice when there are at least two slices per thread and two
+    passes otherwise; both give the reference's gradients (CLEAR with masked rim blocks, GRAT with a text mask)."""
+    grid = difattn.TokenGrid(7, 9, text_tokens=5)
+    text_mask = torch.tensor([[True, True, False, True, False]] * batch)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q, k, v = random_qkv(batch, heads, grid.num_tokens, 24, seed=batch * 10 + heads)
+        compare_with_reference(
+            f"clear rust backward {batch}x{heads}/{threads}",
+            lambda q, k, v: difattn.clear_attention(q, k, v, grid, radius=2.5, backend="rust"),
+            lambda q, k, v: reference.clear_attention(q, k, v, grid, radius=2.5, scale=24**-0.5),
+            (q, k, v),
+        )
+        compare_with_reference(
+            f"grat rust backward {batch}x{heads}/{threads}",
+            lambda q, k, v: difattn.grat_attention(q, k, v, grid, group=(2, 3), text_mask=text_mask, backend="rust"),
+            lambda q, k, v: reference.grat_attention(q, k, v, grid, group=(2, 3), text_mask=text_mask, scale=24**-0.5),
+            (q, k, v),
+        )
+    finally:
+        torch.set_num_threads(before)
