@@ -159,7 +159,37 @@ def dynamic_differential(
     )
 
 
-class DyDiLA(nn.Module):
+class _LinearAttentionLayer(nn.Module):
+    """What DyDiLA and LiT share: ``qkv``, an attention core on ``(B, H, N, Dh)`` heads (:meth:`_attend`), a
+    ``dwconv_kernel``² depthwise conv of V on the image grid added to its output, and ``proj``."""
+
+    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool, dwconv_kernel: int, normalize: bool, eps: float,
+                 backend: str) -> None:
+        super().__init__()
+        self.head_dim = _check_heads(dim, num_heads)
+        self.num_heads = num_heads
+        self.normalize, self.eps, self.backend = check_bool("normalize", normalize), eps, backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.dwconv = _depthwise(dim, dwconv_kernel)
+        self.proj = nn.Linear(dim, dim)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, normalize={self.normalize}"
+
+    def _attend(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, grid: TokenGrid | None = None) -> torch.Tensor:
+        B, N, C = x.shape  # (B, N, dim)
+        grid = _grid_for(N, grid) if self.dwconv is not None or grid is not None else None
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
+        out = self._attend(x, q, k, v).transpose(1, 2).reshape(B, N, C)
+        if self.dwconv is not None:
+            out = out + conv_on_grid(self.dwconv, v.transpose(1, 2).reshape(B, N, C), grid)
+        return self.proj(out)
+
+
+class DyDiLA(_LinearAttentionLayer):
     """Dynamic differential linear attention (``specs/dydila.md``).
 
     Shared projections ``q, k, v = qkv(x)``; routed auxiliary projections ``q_aux``, ``k_aux`` (banks of
@@ -195,31 +225,16 @@ class DyDiLA(nn.Module):
         qkv_bias: bool = True,
         backend: str = "auto",
     ) -> None:
-        super().__init__()
-        head_dim = _check_heads(dim, num_heads)
-        self.num_heads, self.head_dim = num_heads, head_dim
-        self.normalize, self.eps, self.backend = check_bool("normalize", normalize), eps, backend
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        add_dynamic_routers(self, dim, head_dim, num_projectors=num_projectors, num_kernels=num_kernels,
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, dwconv_kernel=dwconv_kernel, normalize=normalize, eps=eps,
+                         backend=backend)
+        add_dynamic_routers(self, dim, self.head_dim, num_projectors=num_projectors, num_kernels=num_kernels,
                             num_lambdas=num_lambdas, bias=qkv_bias)
-        self.dwconv = _depthwise(dim, dwconv_kernel)
-        self.proj = nn.Linear(dim, dim)
 
-    def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, head_dim={self.head_dim}, normalize={self.normalize}"
-
-    def forward(self, x: torch.Tensor, grid: TokenGrid | None = None) -> torch.Tensor:
-        B, N, C = x.shape  # (B, N, dim)
-        grid = _grid_for(N, grid) if self.dwconv is not None or grid is not None else None
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
-        out = dynamic_differential(self, x, q, k, v, eps=self.eps, normalize=self.normalize, backend=self.backend)
-        out = out.transpose(1, 2).reshape(B, N, C)
-        if self.dwconv is not None:
-            out = out + conv_on_grid(self.dwconv, v.transpose(1, 2).reshape(B, N, C), grid)
-        return self.proj(out)
+    def _attend(self, x, q, k, v):
+        return dynamic_differential(self, x, q, k, v, eps=self.eps, normalize=self.normalize, backend=self.backend)
 
 
-class LiTAttention(nn.Module):
+class LiTAttention(_LinearAttentionLayer):
     """LiT's attention: ReLU features, linear attention (normalised by default), plus a ``dwconv_kernel``²
     depthwise conv of V on the image grid, then ``proj``. Parameters ``qkv``, ``proj`` as timm's ``Attention``,
     ``dwconv`` a plain ``nn.Conv2d``.
@@ -244,28 +259,13 @@ class LiTAttention(nn.Module):
         eps: float = 1e-6,
         backend: str = "auto",
     ) -> None:
-        super().__init__()
-        self.head_dim = _check_heads(dim, num_heads)
-        self.num_heads = num_heads
-        self.normalize, self.eps, self.backend = check_bool("normalize", normalize), eps, backend
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.dwconv = _depthwise(dim, dwconv_kernel)
-        self.proj = nn.Linear(dim, dim)
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, dwconv_kernel=dwconv_kernel, normalize=normalize, eps=eps,
+                         backend=backend)
 
-    def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, head_dim={self.head_dim}, normalize={self.normalize}"
-
-    def forward(self, x: torch.Tensor, grid: TokenGrid | None = None) -> torch.Tensor:
-        B, N, C = x.shape  # (B, N, dim)
-        grid = _grid_for(N, grid) if self.dwconv is not None or grid is not None else None
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
-        out = functional.linear_attention(
+    def _attend(self, x, q, k, v):
+        return functional.linear_attention(
             F.relu(q), F.relu(k), v, normalize=self.normalize, eps=self.eps, backend=self.backend
         )
-        out = out.transpose(1, 2).reshape(B, N, C)
-        if self.dwconv is not None:
-            out = out + conv_on_grid(self.dwconv, v.transpose(1, 2).reshape(B, N, C), grid)
-        return self.proj(out)
 
 
 # Last: the method-switching Attention (its own file) reuses the building blocks above.
