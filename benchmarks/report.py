@@ -49,17 +49,26 @@ def _dense(r: dict) -> str:
     return f"{r['dense_ms']:.2f}" + (f" ({', '.join(split)})" if split else "")
 
 
-def table(records: list[dict]) -> list[str]:
+def _dense_rate(r: dict, matmul_gflops: float | None) -> str:
+    """Dense SDPA's FLOP rate (``4·B·H·N²·D``, ×3.5 with the backward) and its share of the matmul ceiling."""
+    flops = 4 * r["B"] * r["H"] * r["N"] ** 2 * r["D"] * (3.5 if r["pass"] == "fwd+bwd" else 1.0)
+    rate = flops / (r["dense_ms"] * 1e6)
+    return f"{rate:.1f}" + (f" ({rate / matmul_gflops:.0%})" if matmul_gflops else "")
+
+
+def table(records: list[dict], matmul_gflops: float | None = None) -> list[str]:
     lines = [
-        "| method | options | backend | pass | shape | B×H×D | ms (min–max) | dense ms | other baselines, ms | "
-        "speedup | needed work | efficiency (needed / computed) | rel. err vs dense (keep-or-drop) | vs reference |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | options | backend | pass | shape | B×H×D | ms (min–max) | dense ms | dense GFLOP/s (of matmul) | "
+        "other baselines, ms | speedup | needed work | efficiency (needed / computed) | "
+        "rel. err vs dense (keep-or-drop) | vs reference |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         drop = f" ({r['rel_err_drop']:.2e})" if r.get("rel_err_drop") is not None else ""
         lines.append(
             f"| {r['method']} | {_options(r)} | {r['backend']} | {r['pass']} | {_shape(r)} | {r['B']}×{r['H']}×{r['D']} | "
-            f"{r['ms']:.2f} ({r['ms_min']:.2f}–{r['ms_max']:.2f}) | {_dense(r)} | {_baselines(r)} | {r['speedup']:.2f}× | "
+            f"{r['ms']:.2f} ({r['ms_min']:.2f}–{r['ms_max']:.2f}) | {_dense(r)} | {_dense_rate(r, matmul_gflops)} | "
+            f"{_baselines(r)} | {r['speedup']:.2f}× | "
             f"{r['work_fraction']:.4f} | {r['efficiency']:.2f} / {_num(r.get('computed_efficiency'), '.2f')} | "
             f"{r['rel_err_dense']:.2e}{drop} | {_num(r.get('rel_err_ref'), '.1e')} |"
         )
@@ -81,7 +90,8 @@ def benchmarks_md(results: list[tuple[Path, dict]]) -> str:
         "compute (whole blocks). Baselines: FlexAttention with the method's mask in raster and in tile order, NATTEN",
         "(CLEAR's bounding square window) and flash-linear-attention (causal chunked kernel) when installed, and for",
         "PISA the keep-or-drop attention over the same selected blocks (time through FlexAttention; its error vs",
-        "dense in parentheses next to PISA's).",
+        "dense in parentheses next to PISA's). *dense GFLOP/s*: the dense kernel's rate, and in parentheses its share of",
+        "the device's square-matmul rate measured in the same run (the practical ceiling of any GEMM-based kernel).",
         "",
     ]
     for path, data in results:
@@ -89,9 +99,10 @@ def benchmarks_md(results: list[tuple[Path, dict]]) -> str:
             f"## {path.stem}",
             "",
             f"Device: {data['device']}; torch {data['torch']}, triton {data['triton']}, {data.get('threads', '?')} threads; "
-            f"commit `{data['commit']}`.",
+            f"commit `{data['commit']}`" + (f"; square matmul {data['matmul_gflops']:.1f} GFLOP/s." if data.get("matmul_gflops")
+                                            else "."),
             "",
-            *table(data["records"]),
+            *table(data["records"], data.get("matmul_gflops")),
             "",
         ]
     return "\n".join(out)

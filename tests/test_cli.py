@@ -35,7 +35,8 @@ def test_bench_writes_json_schema(tmp_path, capsys):
                  "--backward", "--methods", "clear", "pisa", "linear", "--json", str(path)])
     assert code == 0
     payload = json.loads(path.read_text())
-    assert {"device", "torch", "triton", "commit", "records"} <= set(payload)
+    assert {"device", "torch", "triton", "commit", "threads", "matmul_gflops", "records"} <= set(payload)
+    assert payload["matmul_gflops"] > 0
     records = payload["records"]
     assert {r["method"] for r in records} == {"clear", "pisa", "linear"}
     assert {r["pass"] for r in records} == {"fwd", "fwd+bwd"}

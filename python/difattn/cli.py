@@ -77,7 +77,7 @@ def _bench(args: argparse.Namespace) -> int:
     records = run(cfg)
     print(format_table(records))
     path = Path(args.json or f"difattn-bench-{device.type}.json")
-    write_json(path, device, records)
+    write_json(path, device, dtype, records)
     print(f"wrote {path}")
     if args.plot:
         print(f"wrote {args.plot}" if plot(records, Path(args.plot)) else "--plot needs matplotlib (pip install 'difattn[bench]')")

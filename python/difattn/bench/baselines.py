@@ -23,6 +23,19 @@ from .cases import Case, Shape
 Fn = Callable[..., torch.Tensor]
 
 
+def matmul_gflops(device: torch.device, dtype: torch.dtype) -> float:
+    """The device's square-matmul rate in ``dtype`` (GFLOP/s): the ceiling the dense kernel's rate is read against.
+    ``n = 2048`` on CPU, ``8192`` on CUDA; float64 and float32 run as themselves, half types on CPU as float32."""
+    from .timing import time_call
+
+    n = 8192 if device.type == "cuda" else 2048
+    if device.type != "cuda" and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    t = time_call(lambda i: a @ b, device, min_repeats=3, max_repeats=10, budget_s=1.0)
+    return 2 * n**3 / (t.median * 1e6)
+
+
 def dense_fns(device: torch.device) -> dict[str, Fn]:
     """Dense SDPA: torch's CPU flash kernel; on CUDA the flash and the cuDNN backends, each timed on its own."""
     if device.type != "cuda":

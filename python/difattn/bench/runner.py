@@ -1,7 +1,9 @@
 """Runs the benchmark: every case on every backend that can run it here, against dense SDPA (and FlexAttention
 with the same mask, in raster and in tile order, where the method has a mask), with a progress bar.
 
-JSON schema (stable): ``{"device", "torch", "triton", "commit", "threads", "records": [record, ...]}``; a record is
+JSON schema (stable): ``{"device", "torch", "triton", "commit", "threads", "matmul_gflops", "records": [record,
+...]}`` (``matmul_gflops``: the device's square-matmul rate in the bench dtype, the ceiling to read dense SDPA's rate
+against); a record is
 ``{"method", "backend", "pass" ("fwd" | "fwd+bwd"), "B", "H", "N", "D", "dtype", "options", "grid", "density",
 "ms", "ms_min", "ms_max", "dense_ms", "dense_flash_ms", "dense_cudnn_ms", "flex_ms", "flex_tiled_ms", "natten_ms",
 "fla_ms", "drop_ms", "work_fraction", "computed_fraction", "speedup", "efficiency", "computed_efficiency",
@@ -188,8 +190,8 @@ def _jsonable(options: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
 
 
-def environment(device: torch.device) -> dict:
-    """Device and versions for the JSON header."""
+def environment(device: torch.device, dtype: torch.dtype) -> dict:
+    """Device, versions and the matmul ceiling for the JSON header."""
     try:
         import triton
 
@@ -199,7 +201,7 @@ def environment(device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {
         "device": name, "torch": torch.__version__, "triton": triton_version, "commit": _commit(),
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "matmul_gflops": baselines.matmul_gflops(device, dtype),
     }
 
 
@@ -242,8 +244,8 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, device: torch.device, records: list[dict]) -> None:
-    payload = {**environment(device), "records": records}
+def write_json(path: Path, device: torch.device, dtype: torch.dtype, records: list[dict]) -> None:
+    payload = {**environment(device, dtype), "records": records}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
 
