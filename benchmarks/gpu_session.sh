@@ -29,7 +29,7 @@ run() {
         python3 -m difattn info
     } >"$out/env.txt" 2>&1
     cat "$out/env.txt"
-    timeout "${GPU_TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu -x -rs tests 2>&1 | tee "$out/gpu-tests.log"
+    timeout "${GPU_TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests 2>&1 | tee "$out/gpu-tests.log"
     local gpu
     gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -cs 'A-Za-z0-9' '-' | sed 's/-*$//')
     timeout "${GPU_BENCH_TIMEOUT:-240}" python3 -m difattn bench --device cuda --backward \
