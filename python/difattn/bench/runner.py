@@ -73,11 +73,20 @@ def _make_inputs(cfg: BenchConfig, shape: Shape, requires_grad: bool) -> list:
 
 
 def _timed(fn, inputs: list, backward: bool, cfg: BenchConfig) -> Timing:
+    """Times ``fn`` (and its backward). The output gradients are made once, and the inputs' ``.grad`` are cleared
+    before each call, so the time is the op's alone: no gradient accumulation into old buffers, no fill."""
+    leaves = [[t for t in (q, k, v, *extra) if t.requires_grad] for q, k, v, extra in inputs]
+    grad_outs = [torch.ones_like(v) for _, _, v, _ in inputs]  # outputs are (B, H, N, Dv) in the inputs' dtype
+
     def call(i: int):
-        q, k, v, extra = inputs[i % len(inputs)]
+        j = i % len(inputs)
+        q, k, v, extra = inputs[j]
+        if backward:
+            for t in leaves[j]:
+                t.grad = None
         out = fn(q, k, v, extra)
         if backward:
-            out.backward(torch.ones_like(out))
+            out.backward(grad_outs[j] if out.shape == grad_outs[j].shape else torch.ones_like(out))
         return out
 
     return time_call(call, cfg.device, budget_s=cfg.cpu_budget_s)
