@@ -8,13 +8,13 @@ pub const LANES: usize = 8;
 
 // Cephes' exp2f polynomial on [−0.5, 0.5]: 2^f = 1 + f · P(f).
 #[allow(clippy::excessive_precision)] // coefficients as published
-const EXP2_P: [f32; 6] = [1.535_336_2e-4, 1.339_887_4e-3, 9.618_437_4e-3, 5.550_332_5e-2, 2.402_264_8e-1, 6.931_472e-1];
+pub(crate) const EXP2_P: [f32; 6] = [1.535_336_2e-4, 1.339_887_4e-3, 9.618_437_4e-3, 5.550_332_5e-2, 2.402_264_8e-1, 6.931_472e-1];
 /// 1.5·2²³: adding it rounds |x| < 2²² to an integer held in the low mantissa bits.
-const ROUND_MAGIC: f32 = 12_582_912.0;
+pub(crate) const ROUND_MAGIC: f32 = 12_582_912.0;
 
 // Cephes' logf polynomial: ln(1 + x) = x − x²/2 + x³ · P(x) for 1 + x ∈ [√½, √2).
 #[allow(clippy::excessive_precision)]
-const LOG_P: [f32; 9] = [
+pub(crate) const LOG_P: [f32; 9] = [
     7.037_683_6e-2, -1.151_461e-1, 1.167_699_9e-1, -1.242_014_1e-1, 1.424_932_3e-1, -1.666_805_8e-1, 2.000_071_4e-1,
     -2.499_999_4e-1, 3.333_333e-1,
 ];

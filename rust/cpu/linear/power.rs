@@ -3,10 +3,14 @@
 //!
 //! The functions take a block of rows (`rows x D`, row-major, one exponent per row) and run each pass over every
 //! row before the next pass starts: a single row of 64 values is too short to hide the long latency chains of
-//! `log2` / `exp2`, while independent rows overlap in the core. Each block function is compiled twice (AVX2+FMA
-//! and baseline) and chosen at run time, once per block.
+//! `log2` / `exp2`, while independent rows overlap in the core. Each block function has a portable body (the
+//! baseline, and the reference of the tests) and an AVX2+FMA clone written with intrinsics (`avx2`), chosen at
+//! run time once per block.
 
 use crate::cpu::vmath::{dot, exp2_one, has_avx2_fma, log2_one, madd, LANES};
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 
 const LN_2: f32 = std::f32::consts::LN_2;
 
@@ -140,29 +144,6 @@ fn power_rows_grad_body<const FMA: bool>(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn power_rows_avx2(z: &[f32], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
-    power_rows_body::<true>(z, gamma, eps, ls, p, norms)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn power_rows_grad_avx2(
-    z: &[f32],
-    g: &[f32],
-    gamma: &[f32],
-    eps: f32,
-    ls: &[f32],
-    p: &[f32],
-    norms: &[Norms],
-    dz: &mut [f32],
-    dgamma: &mut [f32],
-) {
-    power_rows_grad_body::<true>(z, g, gamma, eps, ls, p, norms, dz, dgamma)
-}
-
 /// Panics unless the block buffers hold `gamma.len() >= 1` rows of the same width `>= 1` (a caller bug, not user
 /// data: the kernels size them from validated shapes).
 fn check_block(gamma: &[f32], row_buffers: &[usize], per_row: &[usize]) {
@@ -179,7 +160,7 @@ pub fn power_rows(z: &[f32], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the features were detected at run time.
-        return unsafe { power_rows_avx2(z, gamma, eps, ls, p, norms) };
+        return unsafe { avx2::power_rows(z, gamma, eps, ls, p, norms) };
     }
     power_rows_body::<false>(z, gamma, eps, ls, p, norms)
 }
@@ -202,7 +183,7 @@ pub fn power_rows_grad(
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the features were detected at run time.
-        return unsafe { power_rows_grad_avx2(z, g, gamma, eps, ls, p, norms, dz, dgamma) };
+        return unsafe { avx2::power_rows_grad(z, g, gamma, eps, ls, p, norms, dz, dgamma) };
     }
     power_rows_grad_body::<false>(z, g, gamma, eps, ls, p, norms, dz, dgamma)
 }
@@ -249,4 +230,40 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn vector_paths_match_the_portable_body_on_every_tail() {
+        let eps = 1e-6f32;
+        for d in 1..=80 {
+            let rows = 3;
+            // Negatives, zeros and positives; exponents across [0, 4].
+            let z: Vec<f32> = (0..rows * d).map(|i| if i % 5 == 0 { 0.0 } else { ((i * 37 % 23) as f32 - 9.0) * 0.17 }).collect();
+            let g: Vec<f32> = (0..rows * d).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.25).collect();
+            let gamma = [0.0f32, 1.7, 4.0];
+            let run = |portable: bool| {
+                let (mut ls, mut p, mut dz) = (vec![0.0; rows * d], vec![0.0; rows * d], vec![0.0; rows * d]);
+                let (mut norms, mut dgamma) = (vec![(0.0, 0.0); rows], vec![0.0; rows]);
+                if portable {
+                    power_rows_body::<true>(&z, &gamma, eps, &mut ls, &mut p, &mut norms);
+                    power_rows_grad_body::<true>(&z, &g, &gamma, eps, &ls, &p, &norms, &mut dz, &mut dgamma);
+                } else {
+                    power_rows(&z, &gamma, eps, &mut ls, &mut p, &mut norms);
+                    power_rows_grad(&z, &g, &gamma, eps, &ls, &p, &norms, &mut dz, &mut dgamma);
+                }
+                (ls, p, norms, dz, dgamma)
+            };
+            let (want, got) = (run(true), run(false));
+            let close = |a: f32, b: f32, tol: f32| (a - b).abs() <= tol * (1.0 + a.abs().max(b.abs()));
+            for i in 0..rows * d {
+                assert!(close(want.0[i], got.0[i], 1e-6), "ls d={d} i={i}: {} vs {}", want.0[i], got.0[i]);
+                assert!(close(want.1[i], got.1[i], 1e-6), "p d={d} i={i}: {} vs {}", want.1[i], got.1[i]);
+                assert!(close(want.3[i], got.3[i], 1e-5), "dz d={d} i={i}: {} vs {}", want.3[i], got.3[i]);
+            }
+            for r in 0..rows {
+                assert!(close(want.2[r].0, got.2[r].0, 1e-6) && close(want.2[r].1, got.2[r].1, 1e-6), "norms d={d}");
+                assert!(close(want.4[r], got.4[r], 1e-5), "dgamma d={d}: {} vs {}", want.4[r], got.4[r]);
+            }
+        }
+    }
 }
+
