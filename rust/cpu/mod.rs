@@ -8,5 +8,7 @@ pub mod llsa;
 pub mod pisa;
 pub mod pool;
 pub mod simd;
+#[cfg(test)]
+mod test_support;
 pub mod view;
 pub mod vmath;

@@ -1,29 +1,7 @@
 //! The linear core against naive f64 loops, DyDiLA's backward against finite differences, and the checks.
 
 use super::*;
-
-fn contiguous_strides(shape: &[usize]) -> Vec<i64> {
-    let mut strides = vec![1i64; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * shape[i + 1] as i64;
-    }
-    strides
-}
-
-fn view(name: &'static str, data: &[f32], shape: &[usize]) -> View {
-    View::new(name, data.as_ptr() as usize, "float32", shape.to_vec(), contiguous_strides(shape)).unwrap()
-}
-
-/// Deterministic values in about [-1.5, 1.5].
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 3.0 - 1.5
-        })
-        .collect()
-}
+use crate::cpu::test_support::{values, view, view_of};
 
 /// `O = Q S`, `S = (1/N) Σ kᵀ v` per head in f64 (`/ (q·mean k + eps)` when normalising); row-major inputs.
 #[allow(clippy::too_many_arguments)]
@@ -220,8 +198,8 @@ fn bad_descriptors_are_errors() {
     assert!(linear_forward(&q, &q, &q, &out, &wrong_state, &ksum, opts, 1).unwrap_err().0.contains("state"));
     let bad_eps = Options { normalize: true, eps: 0.0 };
     assert!(linear_forward(&q, &q, &q, &out, &state, &ksum, bad_eps, 1).unwrap_err().0.contains("eps"));
-    let ints = View::new("k", a.as_ptr() as usize, "int32", vec![1, 1, n, d], contiguous_strides(&[1, 1, n, d])).unwrap();
+    let ints = view_of("k", &a, "int32", &[1, 1, n, d]);
     assert!(linear_forward(&q, &ints, &q, &out, &state, &ksum, opts, 1).is_err());
-    let empty = View::new("q", a.as_ptr() as usize, "float32", vec![1, 1, 0, d], contiguous_strides(&[1, 1, 0, d])).unwrap();
+    let empty = view("q", &a, &[1, 1, 0, d]);
     assert!(linear_forward(&empty, &empty, &empty, &out, &state, &ksum, opts, 1).is_err());
 }

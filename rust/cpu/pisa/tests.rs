@@ -1,29 +1,7 @@
 //! The PISA forward against a naive f64 reading of the spec, and the validation of layouts and selections.
 
 use super::*;
-
-fn contiguous_strides(shape: &[usize]) -> Vec<i64> {
-    let mut strides = vec![1i64; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * shape[i + 1] as i64;
-    }
-    strides
-}
-
-fn view(name: &'static str, data: &[f32], shape: &[usize]) -> View {
-    View::new(name, data.as_ptr() as usize, "float32", shape.to_vec(), contiguous_strides(shape)).unwrap()
-}
-
-/// Deterministic values in about [-1.5, 1.5].
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 3.0 - 1.5
-        })
-        .collect()
-}
+use crate::cpu::test_support::{values, view};
 
 struct Case {
     n: usize,

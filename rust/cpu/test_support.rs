@@ -1,0 +1,33 @@
+//! Helpers shared by the kernels' unit tests: contiguous views over test buffers and deterministic values.
+
+use super::view::View;
+
+/// Row-major strides of `shape`, in elements.
+pub fn contiguous_strides(shape: &[usize]) -> Vec<i64> {
+    let mut strides = vec![1i64; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1] as i64;
+    }
+    strides
+}
+
+/// A contiguous view of `data` as `dtype` with `shape` (the caller keeps `data` alive and large enough).
+pub fn view_of<T>(name: &'static str, data: &[T], dtype: &str, shape: &[usize]) -> View {
+    View::new(name, data.as_ptr() as usize, dtype, shape.to_vec(), contiguous_strides(shape)).unwrap()
+}
+
+/// A contiguous f32 view of `data` with `shape`.
+pub fn view(name: &'static str, data: &[f32], shape: &[usize]) -> View {
+    view_of(name, data, "float32", shape)
+}
+
+/// `n` deterministic values in about [-1.5, 1.5] from `seed`.
+pub fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 3.0 - 1.5
+        })
+        .collect()
+}
