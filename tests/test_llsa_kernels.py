@@ -159,23 +159,18 @@ def test_grid_with_text_matches_reference(grid, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_tokens, block_size, levels", [(1037, 4, 3), (50, 5, 1), (700, 3, 2)])
-def test_permute_pool_is_gather_plus_pyramid(num_tokens, block_size, levels, dtype):
-    """The Rust gather-and-pool pass equals ``x[:, :, perm]`` and ``llsa_plan.pyramid`` of it; its backward gathers
-    the gradient by the inverse; without levels it only gathers."""
-    x = random_qkv(2, 3, num_tokens, 72, dtype=dtype, seed=num_tokens, token_major=True)[0].requires_grad_()
+def test_zorder_pool_is_the_pyramid_of_the_permuted_rows(num_tokens, block_size, levels, dtype):
+    """The Rust pooling pass, reading rows through the permutation in place (token-major strides here), equals
+    ``llsa_plan.pyramid`` of ``x[:, :, perm]``; bad row ids and a missing level are errors."""
+    x = random_qkv(2, 3, num_tokens, 72, dtype=dtype, seed=num_tokens, token_major=True)[0]
     perm = torch.randperm(num_tokens, generator=torch.Generator().manual_seed(1))
-    inverse = torch.argsort(perm)
-    out, pooled = llsa_ops.llsa_permute_pool(x, perm, inverse, block_size, levels)
-    assert torch.equal(out, x[:, :, perm]) and out.is_contiguous()
-    expected = torch.cat(llsa_plan.pyramid(out.detach(), block_size, levels), dim=2)
+    pooled = llsa_ops.llsa_zorder_pool(x, perm, block_size, levels)
+    expected = torch.cat(llsa_plan.pyramid(x[:, :, perm], block_size, levels), dim=2)
     torch.testing.assert_close(pooled, expected, rtol=1e-6, atol=1e-6)
-    grad = torch.randn(out.shape).to(dtype)
-    out.backward(grad)
-    assert torch.equal(x.grad, grad[:, :, inverse])
-    only, empty = llsa_ops.llsa_permute_pool(x.detach(), perm, inverse, block_size, 0)
-    assert torch.equal(only, out) and empty.shape == (2, 3, 0, 72)
     with pytest.raises(ValueError, match="row ids"):
-        llsa_ops.llsa_permute_pool(x.detach(), perm + 1, inverse, block_size, levels)
+        llsa_ops.llsa_zorder_pool(x, perm + 1, block_size, levels)
+    with pytest.raises(ValueError, match="levels >= 1"):
+        llsa_ops.llsa_zorder_pool(x, perm, block_size, 0)
 
 
 def test_rust_zorder_equals_reference_zorder():

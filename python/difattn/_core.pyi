@@ -173,20 +173,23 @@ TensorArgs = tuple[int, str, list[int], list[int]]
 LlsaPlanArgs = tuple[TensorArgs, TensorArgs, TensorArgs, TensorArgs]
 
 def llsa_forward(q: TensorArgs, k: TensorArgs, v: TensorArgs, kp: TensorArgs, vp: TensorArgs, out: TensorArgs,
-                 lse: TensorArgs, plan: LlsaPlanArgs, block_size: int, levels: int, scale: float,
-                 threads: int) -> None:
-    """LLSA forward on CPU: writes out (B, H, N, Dv) and lse (B, H, N) float32."""
+                 lse: TensorArgs, plan: LlsaPlanArgs, rows: TensorArgs | None, block_size: int, levels: int,
+                 scale: float, threads: int) -> None:
+    """LLSA forward on CPU: writes out (B, H, N, Dv) and lse (B, H, N) float32. rows (int64 (N,), or None for the
+    identity): internal position r is row rows[r] of q, k, v and out."""
 
 def llsa_backward(q: TensorArgs, k: TensorArgs, v: TensorArgs, kp: TensorArgs, vp: TensorArgs, dout: TensorArgs,
-                  lse: TensorArgs, delta: TensorArgs, dq: TensorArgs, dk: TensorArgs, dv: TensorArgs,
-                  plan: LlsaPlanArgs, block_size: int, levels: int, scale: float, threads: int) -> None:
-    """LLSA backward on CPU: writes dq, dk, dv (k and v through the fine and the pooled keys)."""
+                  out: TensorArgs, lse: TensorArgs, dq: TensorArgs, dk: TensorArgs, dv: TensorArgs,
+                  plan: LlsaPlanArgs, rows: TensorArgs | None, block_size: int, levels: int, scale: float,
+                  threads: int) -> None:
+    """LLSA backward on CPU: writes dq, dk, dv (k and v through the fine and the pooled keys); computes
+    delta = rowsum(dout * out) itself. rows: as for llsa_forward (also for dout, dq, dk, dv)."""
 
 def llsa_select(queries: list[TensorArgs], keys: list[TensorArgs], indices: list[TensorArgs], block_size: int,
                 threads: int) -> None:
     """LLSA selection on CPU: per level (finest first) float32 pooled queries and keys, int64 ids to write."""
 
-def llsa_permute_pool(src: TensorArgs, perm: TensorArgs, dst: TensorArgs, pooled: TensorArgs, block_size: int,
-                      levels: int, threads: int) -> None:
-    """LLSA Z-order gather on CPU: dst[b, h, r] = src[b, h, perm[r]] (int64 perm), and the float32 means of levels
-    1..levels of dst concatenated in pooled (B, H, P, C) (levels = 0: none)."""
+def llsa_zorder_pool(src: TensorArgs, perm: TensorArgs, pooled: TensorArgs, block_size: int, levels: int,
+                     threads: int) -> None:
+    """LLSA pyramid on CPU: the float32 means of levels 1..levels (>= 1) of src[b, h, perm[r]] (int64 perm, rows read
+    in place) concatenated in pooled (B, H, P, C)."""

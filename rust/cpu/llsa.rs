@@ -11,7 +11,9 @@
 //! pooled-key gradients are reduced in the same task. Softmax in base 2, f32 accumulation, f32/f16/bf16 storage.
 //!
 //! Selection (`select`): the hierarchical top-K over the pooled q and k, written as int64 ids per level; its
-//! inputs come from `permute_pool` (the Z-order gather of q, k, v fused with their pooled pyramid).
+//! inputs come from `permute_pool` (the pooled pyramid of q, k, v in Z-order, with or without the gathered copy).
+//! With a Z-order, the plan carries it (`Plan::with_rows`) and the kernels read q, k, v, dout, out and write out, dq,
+//! dk, dv through it, so no permuted copy of any of them is made.
 //!
 //! Backward: dq and the pooled keys' gradients per group (tasks own a range of groups and a partial sum of the
 //! pooled gradients, reduced at the end); then `dk`, `dv` per fine key block over the transposed selection (CSR:
@@ -29,7 +31,7 @@ mod tests;
 pub use backward::{backward, Grads, Upstream};
 pub use forward::forward;
 pub use plan::Plan;
-pub use select::{permute_pool, select, Level};
+pub use select::{select, zorder_pool, Level};
 
 use super::view::{DType, View, ViewError};
 
@@ -103,12 +105,23 @@ fn check_output(t: &View, shape: &[usize], dtype: DType) -> Result<(), ViewError
     t.expect_contiguous()
 }
 
-/// Reads `rows` consecutive rows starting at `row0` of `(b, h)` into `dst` (`rows x width`), times `mul`.
+/// Reads internal positions `[row0, row0 + rows)` of `(b, h)` of a fine tensor (through `plan.row`) into `dst`
+/// (`rows x width`), times `mul`.
 #[allow(clippy::too_many_arguments)]
-fn gather_rows(t: &View, b: usize, h: usize, row0: usize, rows: usize, width: usize, mul: f32, dst: &mut [f32]) {
+fn gather_rows(
+    t: &View,
+    plan: &Plan,
+    b: usize,
+    h: usize,
+    row0: usize,
+    rows: usize,
+    width: usize,
+    mul: f32,
+    dst: &mut [f32],
+) {
     for r in 0..rows {
         let row = &mut dst[r * width..(r + 1) * width];
-        t.load_row(&[b, h, row0 + r], row);
+        t.load_row(&[b, h, plan.row(row0 + r)], row);
         if mul != 1.0 {
             row.iter_mut().for_each(|x| *x *= mul);
         }
@@ -165,12 +178,12 @@ impl KeyRows {
         KeyRows { k: vec![0.0; cap * d], v: vec![0.0; cap * dv], bias: vec![0.0; cap], len: 0 }
     }
 
-    /// The fine blocks `ids` of `(b, h)`.
+    /// The fine blocks `ids` of `(b, h)` (their rows through `plan.row`).
     fn gather_fine(&mut self, inp: &Inputs, plan: &Plan, dims: Dims, b: usize, h: usize, ids: &[u32]) {
         self.len = 0;
         for &p in ids {
             let (r0, rows) = plan.fine_block(p as usize);
-            self.push(inp.k, inp.v, dims, b, h, r0, rows);
+            self.push(inp.k, inp.v, dims, b, h, (r0..r0 + rows).map(|r| plan.row(r)));
         }
     }
 
@@ -180,18 +193,18 @@ impl KeyRows {
         for &p in ids {
             let (r0, rows) = plan.pooled_block(p as usize);
             self.bias[self.len..self.len + rows].copy_from_slice(&plan.pbias[r0..r0 + rows]);
-            self.push(inp.kp, inp.vp, dims, b, h, r0, rows);
+            self.push(inp.kp, inp.vp, dims, b, h, r0..r0 + rows);
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn push(&mut self, k: &View, v: &View, dims: Dims, b: usize, h: usize, r0: usize, rows: usize) {
+    /// Appends rows `rows` (in range) of `(b, h)` of `k` and `v`.
+    fn push(&mut self, k: &View, v: &View, dims: Dims, b: usize, h: usize, rows: impl Iterator<Item = usize>) {
         let (d, dv) = (dims.d, dims.dv);
-        for r in 0..rows {
-            let at = self.len + r;
-            read_row(k, b, h, r0 + r, &mut self.k[at * d..], 1, d);
-            read_row(v, b, h, r0 + r, &mut self.v[at * dv..], 1, dv);
+        for r in rows {
+            let at = self.len;
+            read_row(k, b, h, r, &mut self.k[at * d..], 1, d);
+            read_row(v, b, h, r, &mut self.v[at * dv..], 1, dv);
+            self.len += 1;
         }
-        self.len += rows;
     }
 }

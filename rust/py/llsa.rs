@@ -10,17 +10,23 @@ use crate::cpu::view::View;
 /// The selection handed to a kernel call: `(fine, pooled, pb_offsets, pbias)` (see `cpu::llsa::Plan::new`).
 type PlanArgs = (TensorArgs, TensorArgs, TensorArgs, TensorArgs);
 
-fn build_plan(args: PlanArgs, n: usize, block_size: usize, levels: usize) -> PyResult<Plan> {
+/// The plan, reading and writing the fine tensors through `rows` (int64 permutation of `0..N`) when given.
+fn build_plan(args: PlanArgs, rows: Option<TensorArgs>, n: usize, block_size: usize, levels: usize) -> PyResult<Plan> {
     let (fine, pooled, offsets, bias) = args;
     let (fine, pooled) = (view("fine", fine)?, view("pooled", pooled)?);
     let (offsets, bias) = (view("pb_offsets", offsets)?, view("pbias", bias)?);
-    Plan::new(&fine, &pooled, &offsets, &bias, n, block_size, levels).map_err(view_error)
+    let plan = Plan::new(&fine, &pooled, &offsets, &bias, n, block_size, levels).map_err(view_error)?;
+    match rows {
+        Some(rows) => plan.with_rows(&view("rows", rows)?).map_err(view_error),
+        None => Ok(plan),
+    }
 }
 
-/// LLSA forward on CPU: writes `out (B, H, N, Dv)` and `lse (B, H, N)` (f32).
+/// LLSA forward on CPU: writes `out (B, H, N, Dv)` and `lse (B, H, N)` (f32, internal order); `rows`: the row of
+/// q, k, v and out holding each internal position.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (q, k, v, kp, vp, out, lse, plan, block_size, levels, scale, threads))]
+#[pyo3(signature = (q, k, v, kp, vp, out, lse, plan, rows, block_size, levels, scale, threads))]
 fn llsa_forward(
     py: Python<'_>,
     q: TensorArgs,
@@ -31,6 +37,7 @@ fn llsa_forward(
     out: TensorArgs,
     lse: TensorArgs,
     plan: PlanArgs,
+    rows: Option<TensorArgs>,
     block_size: usize,
     levels: usize,
     scale: f32,
@@ -39,15 +46,16 @@ fn llsa_forward(
     let (q, k, v, kp, vp) = (view("q", q)?, view("k", k)?, view("v", v)?, view("kp", kp)?, view("vp", vp)?);
     let (out, lse) = (view("out", out)?, view("lse", lse)?);
     q.expect(4, true).map_err(view_error)?;
-    let plan = build_plan(plan, q.shape[2], block_size, levels)?;
+    let plan = build_plan(plan, rows, q.shape[2], block_size, levels)?;
     let inputs = Inputs { q: &q, k: &k, v: &v, kp: &kp, vp: &vp };
     py.detach(|| llsa::forward(&inputs, &out, &lse, &plan, scale, threads)).map_err(view_error)
 }
 
-/// LLSA backward on CPU: writes `dq`, `dk`, `dv` (k and v through the fine and the pooled keys).
+/// LLSA backward on CPU: writes `dq`, `dk`, `dv` (k and v through the fine and the pooled keys); `rows` as for the
+/// forward.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (q, k, v, kp, vp, dout, lse, delta, dq, dk, dv, plan, block_size, levels, scale, threads))]
+#[pyo3(signature = (q, k, v, kp, vp, dout, out, lse, dq, dk, dv, plan, rows, block_size, levels, scale, threads))]
 fn llsa_backward(
     py: Python<'_>,
     q: TensorArgs,
@@ -56,24 +64,25 @@ fn llsa_backward(
     kp: TensorArgs,
     vp: TensorArgs,
     dout: TensorArgs,
+    out: TensorArgs,
     lse: TensorArgs,
-    delta: TensorArgs,
     dq: TensorArgs,
     dk: TensorArgs,
     dv: TensorArgs,
     plan: PlanArgs,
+    rows: Option<TensorArgs>,
     block_size: usize,
     levels: usize,
     scale: f32,
     threads: usize,
 ) -> PyResult<()> {
     let (q, k, v, kp, vp) = (view("q", q)?, view("k", k)?, view("v", v)?, view("kp", kp)?, view("vp", vp)?);
-    let (dout, lse, delta) = (view("dout", dout)?, view("lse", lse)?, view("delta", delta)?);
+    let (dout, out, lse) = (view("dout", dout)?, view("out", out)?, view("lse", lse)?);
     let (dq, dk, dv) = (view("dq", dq)?, view("dk", dk)?, view("dv", dv)?);
     q.expect(4, true).map_err(view_error)?;
-    let plan = build_plan(plan, q.shape[2], block_size, levels)?;
+    let plan = build_plan(plan, rows, q.shape[2], block_size, levels)?;
     let inputs = Inputs { q: &q, k: &k, v: &v, kp: &kp, vp: &vp };
-    let upstream = Upstream { dout: &dout, lse: &lse, delta: &delta };
+    let upstream = Upstream { dout: &dout, out: &out, lse: &lse };
     let grads = Grads { dq: &dq, dk: &dk, dv: &dv };
     py.detach(|| llsa::backward(&inputs, &upstream, &grads, &plan, scale, threads)).map_err(view_error)
 }
@@ -100,22 +109,21 @@ fn llsa_select(
     py.detach(|| llsa::select(&levels, block_size, threads)).map_err(view_error)
 }
 
-/// Z-order gather and pyramid on CPU: `dst[b, h, r] = src[b, h, perm[r]]` (`dst` contiguous, src's dtype) and the
-/// float32 means of levels `1..=levels` of `dst` concatenated in `pooled (B, H, P, C)` (`levels = 0`: none, `P = 0`).
+/// The LLSA pyramid on CPU: the float32 means of levels `1..=levels` of `src[b, h, perm[r]]` (rows read in Z-order
+/// in place) concatenated in `pooled (B, H, P, C)`.
 #[pyfunction]
-#[pyo3(signature = (src, perm, dst, pooled, block_size, levels, threads))]
-fn llsa_permute_pool(
+#[pyo3(signature = (src, perm, pooled, block_size, levels, threads))]
+fn llsa_zorder_pool(
     py: Python<'_>,
     src: TensorArgs,
     perm: TensorArgs,
-    dst: TensorArgs,
     pooled: TensorArgs,
     block_size: usize,
     levels: usize,
     threads: usize,
 ) -> PyResult<()> {
-    let (src, perm, dst, pooled) = (view("src", src)?, view("perm", perm)?, view("dst", dst)?, view("pooled", pooled)?);
-    py.detach(|| llsa::permute_pool(&src, &perm, &dst, &pooled, block_size, levels, threads)).map_err(view_error)
+    let (src, perm, pooled) = (view("src", src)?, view("perm", perm)?, view("pooled", pooled)?);
+    py.detach(|| llsa::zorder_pool(&src, &perm, &pooled, block_size, levels, threads)).map_err(view_error)
 }
 
 /// Adds this family's functions to `difattn._core`.
@@ -123,6 +131,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(llsa_forward, m)?)?;
     m.add_function(wrap_pyfunction!(llsa_backward, m)?)?;
     m.add_function(wrap_pyfunction!(llsa_select, m)?)?;
-    m.add_function(wrap_pyfunction!(llsa_permute_pool, m)?)?;
+    m.add_function(wrap_pyfunction!(llsa_zorder_pool, m)?)?;
     Ok(())
 }

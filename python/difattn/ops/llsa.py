@@ -3,7 +3,9 @@
 ``kernel="rust"`` runs the Rust CPU kernels, ``kernel="triton"`` the Triton kernels (CUDA tensors, or CPU tensors under
 ``TRITON_INTERPRET=1``). The ops take the fine ``q, k, v`` (any strides), the pooled keys and values of every level
 ``kp, vp`` (``(B, H, P, ·)``, computed from k and v without autograd: the op owns their backward) and the plan
-``[fine, pooled, pb_offsets, pbias]`` of :mod:`.llsa_plan`. The forward returns the output (q's dtype) and the
+``[fine, pooled, pb_offsets, pbias]`` of :mod:`.llsa_plan`; the Rust kernels also take ``[..., rows]``, an int64
+permutation: internal position ``r`` is row ``rows[r]`` of q, k, v, the output and the gradients (the Z-order without
+a gathered copy). The forward returns the output (q's dtype) and the
 log-sum-exp (fp32); the backward returns dq, and dk, dv through both the fine keys and the pooled ones (the mean-pool
 backward: each fine token gets its level-l ancestor's gradient over that ancestor's count, at every level).
 """
@@ -37,7 +39,7 @@ def llsa_fwd(
     out = torch.empty(B, H, N, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
     core().llsa_forward(
-        _desc(q), _desc(k), _desc(v), _desc(kp), _desc(vp), _desc(out), _desc(lse), _plan_args(plan), block_size,
+        _desc(q), _desc(k), _desc(v), _desc(kp), _desc(vp), _desc(out), _desc(lse), *_plan_args(plan), block_size,
         len(topks), scale, torch.get_num_threads(),
     )
     return out, lse
@@ -50,10 +52,11 @@ def _(q, k, v, kp, vp, plan, block_size, topks, scale, kernel):
 
 
 def _plan_args(plan: list[torch.Tensor]):
-    """Descriptors of the plan tensors (contiguous already: a temporary copy would die before the kernel runs)."""
-    if not all(t.is_contiguous() for t in plan):
-        raise ValueError("plan tensors must be contiguous")
-    return tuple(_desc(t) for t in plan)
+    """Descriptors of the plan tensors (contiguous already: a temporary copy would die before the kernel runs):
+    ``(fine, pooled, pb_offsets, pbias)`` and ``rows`` (``None`` without)."""
+    if len(plan) not in (4, 5) or not all(t.is_contiguous() for t in plan):
+        raise ValueError("plan: 4 or 5 contiguous tensors")
+    return tuple(_desc(t) for t in plan[:4]), (_desc(plan[4]) if len(plan) == 5 else None)
 
 
 @torch.library.custom_op("difattn::llsa_bwd", mutates_args=())
@@ -62,13 +65,13 @@ def llsa_bwd(
     dout: torch.Tensor, lse: torch.Tensor, plan: list[torch.Tensor], block_size: int, topks: list[int], scale: float,
     kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    delta = (dout.float() * out.float()).sum(-1)
     if kernel == "triton":
+        delta = (dout.float() * out.float()).sum(-1)
         return _triton_bwd(q, k, v, kp, vp, dout, lse, delta, plan, _layout(q.shape[2], block_size, topks), scale)
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
-    core().llsa_backward(
-        _desc(q), _desc(k), _desc(v), _desc(kp), _desc(vp), _desc(dout), _desc(lse), _desc(delta),
-        _desc(dq), _desc(dk), _desc(dv), _plan_args(plan), block_size, len(topks), scale, torch.get_num_threads(),
+    core().llsa_backward(  # computes delta = rowsum(dout * out) itself
+        _desc(q), _desc(k), _desc(v), _desc(kp), _desc(vp), _desc(dout), _desc(out), _desc(lse),
+        _desc(dq), _desc(dk), _desc(dv), *_plan_args(plan), block_size, len(topks), scale, torch.get_num_threads(),
     )
     return dq, dk, dv
 
@@ -158,39 +161,20 @@ def select(queries: list[torch.Tensor], keys: list[torch.Tensor], layout: llsa_p
     return llsa_plan.select(queries, keys, layout)
 
 
-@torch.library.custom_op("difattn::llsa_permute_pool", mutates_args=())
-def llsa_permute_pool(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor, block_size: int,
-                      levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x[:, :, perm]`` (contiguous) and, for ``levels >= 1``, its pyramid as ``(B, H, P, C)`` float32 (levels
-    ``1..levels`` concatenated, the values of :func:`.llsa_plan.pyramid`), in one Rust pass over a CPU tensor.
-    ``inverse`` (of ``perm``) is the backward's gather; the pyramid is not differentiated (the attention op owns the
-    pooling's backward)."""
+@torch.library.custom_op("difattn::llsa_zorder_pool", mutates_args=())
+def llsa_zorder_pool(x: torch.Tensor, perm: torch.Tensor, block_size: int, levels: int) -> torch.Tensor:
+    """The pyramid of ``x[:, :, perm]`` (levels ``1..levels``, ``levels >= 1``) as ``(B, H, P, C)`` float32, in one
+    Rust pass over a CPU tensor that reads the rows in place (not differentiated: pass ``x`` detached)."""
     B, H, N, C = x.shape
-    out = torch.empty(B, H, N, C, dtype=x.dtype)
-    sizes = llsa_level_sizes(N, block_size, levels) if levels else [N]
-    pooled = torch.empty(B, H, sum(sizes[1:]), C, dtype=torch.float32)
-    core().llsa_permute_pool(_desc(x), _desc(perm), _desc(out), _desc(pooled), block_size, levels,
-                             torch.get_num_threads())
-    return out, pooled
+    pooled = torch.empty(B, H, sum(llsa_level_sizes(N, block_size, levels)[1:]), C, dtype=torch.float32)
+    core().llsa_zorder_pool(_desc(x), _desc(perm), _desc(pooled), block_size, levels, torch.get_num_threads())
+    return pooled
 
 
-@llsa_permute_pool.register_fake
-def _(x, perm, inverse, block_size, levels):
+@llsa_zorder_pool.register_fake
+def _(x, perm, block_size, levels):
     B, H, N, C = x.shape
-    sizes = llsa_level_sizes(N, block_size, levels) if levels else [N]
-    return x.new_empty(B, H, N, C), x.new_empty(B, H, sum(sizes[1:]), C, dtype=torch.float32)
-
-
-def _permute_pool_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1], inputs[2])
-
-
-def _permute_pool_backward(ctx, grad, grad_pooled):
-    perm, inverse = ctx.saved_tensors
-    return llsa_permute_pool(grad, inverse, perm, 2, 0)[0], None, None, None, None
-
-
-llsa_permute_pool.register_autograd(_permute_pool_backward, setup_context=_permute_pool_setup)
+    return x.new_empty(B, H, sum(llsa_level_sizes(N, block_size, levels)[1:]), C, dtype=torch.float32)
 
 
 def _gather_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -226,10 +210,12 @@ class _Permute(torch.autograd.Function):
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: list[torch.Tensor], layout: llsa_plan.Layout,
            *, scale: float, kernel: str, key_levels: list[torch.Tensor] | None = None,
-           pooled_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+           pooled_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+           rows: torch.Tensor | None = None) -> torch.Tensor:
     """LLSA attention over a given selection ``[I_1, ..., I_L]`` (internal token order); ``key_levels``: k's pyramid
     when the caller has it; ``pooled_kv``: the concatenated float32 pyramids ``(B, H, P, ·)`` of k and v when the
-    caller has them. Returns ``(B, H, N, Dv)``."""
+    caller has them; ``rows`` (Rust kernels): internal position ``r`` is row ``rows[r]`` of q, k, v and the output.
+    Returns ``(B, H, N, Dv)``."""
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"q: the {kernel} LLSA kernels take float32, float16 or bfloat16, got {q.dtype} "
                         "(use backend='torch' for float64)")
@@ -243,8 +229,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: list[torc
             vp = llsa_plan.pooled(llsa_plan.pyramid(v, layout.block_size, layout.levels), v.dtype)
     fine, pooled = llsa_plan.block_lists(indices, layout)
     offsets, bias = llsa_plan.pooled_blocks(layout, q.device)
-    out, _ = llsa_fwd(q, k, v, kp, vp, [fine, pooled, offsets, bias], layout.block_size, list(layout.topks),
-                      float(scale), kernel)
+    plan = [fine, pooled, offsets, bias] + ([] if rows is None else [rows])
+    out, _ = llsa_fwd(q, k, v, kp, vp, plan, layout.block_size, list(layout.topks), float(scale), kernel)
     return out
 
 
@@ -262,13 +248,13 @@ def llsa_attention(q, k, v, *, block_size, topk, levels, grid: TokenGrid | None,
         perm, inverse = llsa_zorder(grid.frames, grid.height, grid.width, grid.text_tokens, grid.text_position,
                                     q.device)
     if grid is not None and _rust_prep(kernel, q, k, v):
-        # One Rust pass per tensor gathers it into Z-order and pools it (no torch passes at these sizes).
-        (q, qp), (k, kp), (v, vp) = (llsa_permute_pool(x, perm, inverse, block_size, layout.levels) for x in (q, k, v))
+        # One Rust pass per tensor pools it in Z-order; the kernels read q, k, v and write the output through the
+        # permutation, so nothing is gathered into a Z-ordered copy nor scattered back (no torch passes either).
+        qp, kp, vp = (llsa_zorder_pool(x.detach(), perm, block_size, layout.levels) for x in (q, k, v))
         bounds = [layout.token_offset(lv) for lv in range(1, layout.levels + 2)]
-        query_levels, key_levels = ([p.detach()[:, :, a:b] for a, b in zip(bounds, bounds[1:])] for p in (qp, kp))
+        query_levels, key_levels = ([p[:, :, a:b] for a, b in zip(bounds, bounds[1:])] for p in (qp, kp))
         indices = select(query_levels, key_levels, layout, kernel)
-        out = attend(q, k, v, indices, layout, scale=scale, kernel=kernel, pooled_kv=(kp.detach(), vp.detach()))
-        out = llsa_permute_pool(out, inverse, perm, block_size, 0)[0]
+        out = attend(q, k, v, indices, layout, scale=scale, kernel=kernel, pooled_kv=(kp, vp), rows=perm)
         return (out, indices) if return_indices else out
     if grid is not None:
         q, k, v = (_Permute.apply(x, perm, inverse) for x in (q, k, v))

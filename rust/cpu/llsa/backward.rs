@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::vmath::exp2_shift_sum;
+use crate::cpu::vmath::{dot, exp2_shift_sum};
 use super::{check_output, err, gather_rows, Dims, Inputs, KeyRows, Plan, LOG2_E};
 use crate::cpu::pool::pool;
 use crate::cpu::simd::matmul;
@@ -16,12 +16,11 @@ const KEY_SIDE_CHUNK: usize = 32;
 /// Query-side tasks per worker thread the pooled partial sums aim for.
 const TASKS_PER_THREAD: usize = 4;
 
-/// The upstream gradient and the forward's statistics: `dout (B, H, N, Dv)`, `lse` and
-/// `delta = rowsum(dout ∘ out)` (both `(B, H, N)` f32).
+/// The upstream gradient and the forward's results: `dout`, `out (B, H, N, Dv)` (q's dtype) and `lse (B, H, N)` (f32).
 pub struct Upstream<'a> {
     pub dout: &'a View,
+    pub out: &'a View,
     pub lse: &'a View,
-    pub delta: &'a View,
 }
 
 /// The gradients `dq, dk (B, H, N, D)`, `dv (B, H, N, Dv)`, contiguous in q's dtype; dk and dv include the
@@ -35,14 +34,14 @@ pub struct Grads<'a> {
 fn check(inp: &Inputs, up: &Upstream, g: &Grads, plan: &Plan) -> Result<Dims, ViewError> {
     let dims = inp.dims(plan)?;
     let (bs, hs, n) = (dims.batch, dims.heads, dims.n);
-    up.dout.expect(4, true)?;
-    if up.dout.shape != [bs, hs, n, dims.dv] {
-        return err(format!("dout: expected shape {:?}, got {:?}", [bs, hs, n, dims.dv], up.dout.shape));
-    }
-    for t in [up.lse, up.delta] {
-        if t.shape != [bs, hs, n] || t.dtype != DType::F32 {
-            return err(format!("{}: expected float32 of shape {:?}", t.name, [bs, hs, n]));
+    for t in [up.dout, up.out] {
+        t.expect(4, true)?;
+        if t.shape != [bs, hs, n, dims.dv] {
+            return err(format!("{}: expected shape {:?}, got {:?}", t.name, [bs, hs, n, dims.dv], t.shape));
         }
+    }
+    if up.lse.shape != [bs, hs, n] || up.lse.dtype != DType::F32 {
+        return err(format!("lse: expected float32 of shape {:?}", [bs, hs, n]));
     }
     let dtype = inp.q.dtype;
     check_output(g.dq, &[bs, hs, n, dims.d], dtype)?;
@@ -62,12 +61,31 @@ pub fn backward(
 ) -> Result<(), ViewError> {
     let dims = check(inp, up, g, plan)?;
     let pool = pool(threads).map_err(ViewError)?;
-    let ctx = Ctx { inp, up, plan, dims, scale };
     pool.install(|| {
+        let delta = row_deltas(up, plan, dims);
+        let ctx = Ctx { inp, up, delta: &delta, plan, dims, scale };
         let pooled = ctx.query_side(g.dq, threads);
         ctx.key_side(g, &pooled);
     });
     Ok(())
+}
+
+/// `delta = rowsum(dout ∘ out)`, f32 `(B·H·N)`, computed once here (a torch pass before the kernel would open an
+/// OpenMP region whose spinning workers compete with the kernel's threads).
+fn row_deltas(up: &Upstream, plan: &Plan, dims: Dims) -> Vec<f32> {
+    let mut delta = vec![0.0f32; dims.batch * dims.heads * dims.n];
+    delta.par_chunks_mut(dims.n.max(1)).enumerate().for_each_init(
+        || (vec![0.0f32; dims.dv], vec![0.0f32; dims.dv]),
+        |(dout, out), (bh, rows)| {
+            let (b, h) = (bh / dims.heads, bh % dims.heads);
+            for (r, x) in rows.iter_mut().enumerate() {
+                up.dout.load_row(&[b, h, plan.row(r)], dout);
+                up.out.load_row(&[b, h, plan.row(r)], out);
+                *x = dot(dout, out);
+            }
+        },
+    );
+    delta
 }
 
 /// The pooled keys' gradients, f32 `(B·H, P, D)` and `(B·H, P, Dv)`.
@@ -79,6 +97,8 @@ struct PooledGrads {
 struct Ctx<'a> {
     inp: &'a Inputs<'a>,
     up: &'a Upstream<'a>,
+    /// `rowsum(dout ∘ out)` per `(b·h, row)`.
+    delta: &'a [f32],
     plan: &'a Plan,
     dims: Dims,
     scale: f32,
@@ -111,11 +131,12 @@ impl QueryRows {
     /// Appends rows `[row0, row0 + rows)` of `(b, h)`.
     fn push(&mut self, ctx: &Ctx, b: usize, h: usize, row0: usize, rows: usize) {
         let (d, dv, at) = (ctx.dims.d, ctx.dims.dv, self.len);
-        gather_rows(ctx.inp.q, b, h, row0, rows, d, 1.0, &mut self.q[at * d..(at + rows) * d]);
-        gather_rows(ctx.up.dout, b, h, row0, rows, dv, 1.0, &mut self.dout[at * dv..(at + rows) * dv]);
+        gather_rows(ctx.inp.q, ctx.plan, b, h, row0, rows, d, 1.0, &mut self.q[at * d..(at + rows) * d]);
+        gather_rows(ctx.up.dout, ctx.plan, b, h, row0, rows, dv, 1.0, &mut self.dout[at * dv..(at + rows) * dv]);
+        let first = (b * ctx.dims.heads + h) * ctx.dims.n + row0;
+        self.delta[at..at + rows].copy_from_slice(&ctx.delta[first..first + rows]);
         for r in 0..rows {
             self.lse[at + r] = ctx.up.lse.load_f32(&[b, h, row0 + r]) * LOG2_E;
-            self.delta[at + r] = ctx.up.delta.load_f32(&[b, h, row0 + r]);
         }
         self.len += rows;
     }
@@ -257,8 +278,8 @@ impl Ctx<'_> {
         for r in 0..rows {
             let row = &mut buf.dq[r * d..(r + 1) * d];
             row.iter_mut().for_each(|x| *x *= self.scale);
-            // SAFETY: groups partition the query rows of (b, h): one writer per row.
-            unsafe { dq.store_row(&[b, h, row0 + r], row) };
+            // SAFETY: groups partition the query rows of (b, h) and `plan.row` is a permutation: one writer per row.
+            unsafe { dq.store_row(&[b, h, plan.row(row0 + r)], row) };
         }
         // The group's pooled-key gradients (dk unscaled until the reduction), added to the task's partial sum.
         unsafe {
@@ -370,10 +391,10 @@ impl Ctx<'_> {
                 add_scaled(dk_row, &pooled.k[row * d..(row + 1) * d], inv);
                 add_scaled(dv_row, &pooled.v[row * dv..(row + 1) * dv], inv);
             }
-            // SAFETY: fine key blocks partition the rows of (b, h): one writer per row.
+            // SAFETY: fine key blocks partition the rows of (b, h) and `plan.row` is a permutation: one writer per row.
             unsafe {
-                g.dk.store_row(&[b, h, token], dk_row);
-                g.dv.store_row(&[b, h, token], dv_row);
+                g.dk.store_row(&[b, h, plan.row(token)], dk_row);
+                g.dv.store_row(&[b, h, plan.row(token)], dv_row);
             }
         }
     }

@@ -70,7 +70,7 @@ fn forward_group(
     let (b, h, d, dv) = (bh / dims.heads, bh % dims.heads, dims.d, dims.dv);
     let row0 = j0 * plan.block;
     let rows = (j1 * plan.block).min(plan.n) - row0;
-    gather_rows(inp.q, b, h, row0, rows, d, scale * LOG2_E, &mut buf.q);
+    gather_rows(inp.q, plan, b, h, row0, rows, d, scale * LOG2_E, &mut buf.q);
     buf.pooled.gather_pooled(inp, plan, dims, b, h, plan.pooled_ids(bh, j0));
     let rp = buf.pooled.len;
     let sp = &mut buf.sp[..rows * rp];
@@ -104,9 +104,10 @@ fn forward_group(
         let inv = 1.0 / buf.l[r];
         row.iter_mut().for_each(|x| *x *= inv);
         let log_den = (buf.m[r] + buf.l[r].log2()) * LN_2;
-        // SAFETY: groups partition the query rows of (b, h): this task is the only writer of these rows.
+        // SAFETY: groups partition the query rows of (b, h) and `plan.row` is a permutation: this task is the only
+        // writer of these rows.
         unsafe {
-            out.store_row(&[b, h, row0 + r], row);
+            out.store_row(&[b, h, plan.row(row0 + r)], row);
             lse.store_f32(&[b, h, row0 + r], log_den);
         }
     }

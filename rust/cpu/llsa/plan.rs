@@ -31,6 +31,9 @@ pub struct Plan {
     pub max_pooled_block: usize,
     /// First pooled row of each level `1..=L`, then P (`L + 1` values).
     pub level_rows: Vec<usize>,
+    /// The row of q, k, v, out and the gradients holding each internal position (`None`: the identity). With the
+    /// Z-order permutation here, the kernels gather and scatter through it and no permuted copy is made.
+    rows: Option<Vec<usize>>,
 }
 
 fn ids(view: &View, name: &str, shape: [usize; 4], bound: usize) -> Result<Vec<u32>, ViewError> {
@@ -134,7 +137,32 @@ impl Plan {
             pbias,
             max_pooled_block,
             level_rows,
+            rows: None,
         })
+    }
+
+    /// The plan reading and writing internal position `r` at row `perm[r]` of the fine tensors; `perm` is a 1-D
+    /// int64 permutation of `0..N` (so every output row keeps exactly one writer).
+    pub fn with_rows(mut self, perm: &View) -> Result<Self, ViewError> {
+        let mut seen = vec![false; self.n];
+        let rows = perm
+            .to_i64_vec()?
+            .into_iter()
+            .map(|x| usize::try_from(x).ok().filter(|&r| r < self.n && !std::mem::replace(&mut seen[r], true)))
+            .collect::<Option<Vec<usize>>>();
+        match rows {
+            Some(rows) if rows.len() == self.n => {
+                self.rows = Some(rows);
+                Ok(self)
+            }
+            _ => err(format!("{}: expected a permutation of 0..{}", perm.name, self.n)),
+        }
+    }
+
+    /// The fine tensors' row of internal position `r`.
+    #[inline]
+    pub fn row(&self, r: usize) -> usize {
+        self.rows.as_ref().map_or(r, |rows| rows[r])
     }
 
     pub fn levels(&self) -> usize {

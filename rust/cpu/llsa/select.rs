@@ -1,5 +1,5 @@
 //! LLSA's hierarchical top-K selection on CPU (`specs/llsa.md`), and the pass that prepares its inputs (the
-//! Z-order gather and the pooled pyramid, [`permute_pool`]). The selection: dense top-K at the coarsest level, then
+//! the pooled pyramid in Z-order, [`zorder_pool`]). The selection: dense top-K at the coarsest level, then
 //! at each finer level top-K over the children of the parent's choices. Scores are raw dot products of the pooled q and k (f32);
 //! ranks follow a descending stable sort: higher score first, ties to the lower id, NaN above everything (as
 //! `torch.sort` orders them), −0.0 equal to +0.0.
@@ -189,29 +189,16 @@ fn refine(
     Ok(())
 }
 
-/// Fine rows gathered per task of [`permute_pool`] at least (whole coarsest tokens: tasks own their pooled rows).
-const PERMUTE_ROWS: usize = 512;
+/// Fine rows read per task of [`zorder_pool`] at least (whole coarsest tokens: tasks own their pooled rows).
+const POOL_ROWS: usize = 512;
 
-/// `dst[b, h, r] = src[b, h, perm[r]]` (`src (B, H, N, C)` any strides, `dst` contiguous, same float dtype) and, for
-/// `levels >= 1`, the pyramid of `dst` in `pooled (B, H, P, C)` (f32, contiguous, levels `1..=levels` concatenated):
-/// each token the mean of all fine tokens under it, level-l sums taken in order over the `block` level-(l−1) sums
-/// and divided by the count, as `llsa_plan.pyramid` computes them. `perm` holds `N` int64 row ids in `[0, N)`.
-pub fn permute_pool(
-    src: &View,
-    perm: &View,
-    dst: &View,
-    pooled: &View,
-    block: usize,
-    levels: usize,
-    threads: usize,
-) -> Result<(), ViewError> {
+/// The pyramid of `src[b, h, perm[r]]` (the rows in Z-order, read in place: `src (B, H, N, C)` any strides and float
+/// dtype) in `pooled (B, H, P, C)` (f32, contiguous, levels `1..=levels` concatenated, `levels >= 1`): each token the
+/// mean of all fine tokens under it, level-l sums taken in order over the `block` level-(l−1) sums and divided by the
+/// count, as `llsa_plan.pyramid` computes them. `perm` holds `N` int64 row ids in `[0, N)`.
+pub fn zorder_pool(src: &View, perm: &View, pooled: &View, block: usize, levels: usize, threads: usize) -> Result<(), ViewError> {
     src.expect(4, true)?;
     let (bh_shape, n, c) = ([src.shape[0], src.shape[1]], src.shape[2], src.shape[3]);
-    if dst.shape != src.shape || dst.dtype != src.dtype {
-        let (name, want, got) = (dst.name, (src.dtype, &src.shape), (dst.dtype, &dst.shape));
-        return err(format!("{name}: expected {want:?}, got {got:?}"));
-    }
-    dst.expect_contiguous()?;
     let rows: Vec<usize> = perm
         .to_i64_vec()?
         .into_iter()
@@ -221,8 +208,8 @@ pub fn permute_pool(
     if rows.len() != n {
         return err(format!("{}: expected {n} row ids, got {}", perm.name, rows.len()));
     }
-    if levels > 0 && block < 2 {
-        return err("block size must be >= 2");
+    if levels == 0 || block < 2 {
+        return err("the pyramid needs levels >= 1 and a block size >= 2");
     }
     // sizes[l] = tokens of level l; level_rows[l - 1] = first row of level l in `pooled`.
     let mut sizes = vec![n];
@@ -236,13 +223,11 @@ pub fn permute_pool(
     if pooled.shape != want || pooled.dtype != DType::F32 {
         return err(format!("{}: expected float32 {want:?}, got {:?} {:?}", pooled.name, pooled.dtype, pooled.shape));
     }
-    if levels > 0 {
-        pooled.expect_contiguous()?; // written only when there are levels (an empty tensor has no layout)
-    }
+    pooled.expect_contiguous()?;
     let span = (0..levels)
         .try_fold(1usize, |acc, _| acc.checked_mul(block))
         .ok_or_else(|| ViewError("block_size ** levels overflows".into()))?;
-    let chunk = span.saturating_mul(PERMUTE_ROWS.div_ceil(span)).max(1);
+    let chunk = span.saturating_mul(POOL_ROWS.div_ceil(span)).max(1);
     let per_bh = n.div_ceil(chunk);
     let heads = bh_shape[1];
     let pool = pool(threads).map_err(ViewError)?;
@@ -257,17 +242,6 @@ pub fn permute_pool(
             for r in r0..r1 {
                 let row = &mut sums[(r - r0) * c..(r - r0 + 1) * c];
                 src.load_row(&[b, h, rows[r]], row);
-                if dst.dtype == DType::F32 {
-                    // SAFETY: `dst` is a validated contiguous f32 tensor, so row r of (b, h) is `c` consecutive
-                    // floats in its allocation; tasks own disjoint row ranges.
-                    unsafe {
-                        let at = (dst.ptr as *mut f32).add(dst.offset(&[b, h, r]));
-                        std::ptr::copy_nonoverlapping(row.as_ptr(), at, c);
-                    }
-                } else {
-                    // SAFETY: as above (`store_row` converts to dst's half dtype).
-                    unsafe { dst.store_row(&[b, h, r], row) };
-                }
             }
             // Level by level, in place: token i of the level sums rows [i·block, (i+1)·block) of the level below.
             let (mut len, mut first, mut count) = (r1 - r0, r0, 1usize);

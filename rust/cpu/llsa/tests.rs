@@ -283,7 +283,6 @@ fn run(case: &Case, threads: usize) {
     assert!(max_err(&out, &want) < 1e-5, "forward error {}", max_err(&out, &want));
 
     let dout = Rng(99).values(bh * n * dv);
-    let delta: Vec<f32> = (0..bh * n).map(|r| (0..dv).map(|c| dout[r * dv + c] * out[r * dv + c]).sum()).collect();
     let grads: Vec<Vec<f32>> = [n * d, n * d, n * dv].iter().map(|&s| vec![f32::NAN; bh * s]).collect();
     let gviews = [
         view_of("dq", &grads[0], "float32", &[1, bh, n, d]),
@@ -292,8 +291,8 @@ fn run(case: &Case, threads: usize) {
     ];
     let up = Upstream {
         dout: &view_of("dout", &dout, "float32", &[1, bh, n, dv]),
+        out: &view_of("out", &out, "float32", &[1, bh, n, dv]),
         lse: &view_of("lse", &lse, "float32", &[1, bh, n]),
-        delta: &view_of("delta", &delta, "float32", &[1, bh, n]),
     };
     let g = Grads { dq: &gviews[0], dk: &gviews[1], dv: &gviews[2] };
     backward(&inputs, &up, &g, &plan, scale, threads).unwrap();
@@ -375,4 +374,18 @@ fn groups_are_runs_of_equal_pooled_blocks() {
             assert!((j0..j1).all(|j| plan.pooled_ids(bh, j) == plan.pooled_ids(bh, j0)));
         }
     }
+}
+
+#[test]
+fn rows_must_be_a_permutation() {
+    let case = Case::new(7, 37, 4, 5, 3, 2);
+    let with = |rows: &[i64]| case.plan().unwrap().with_rows(&view_of("rows", rows, "int64", &[rows.len()]));
+    let mut rows: Vec<i64> = (0..37).rev().collect();
+    let plan = with(&rows).unwrap();
+    assert_eq!((plan.row(0), plan.row(36)), (36, 0));
+    rows[3] = rows[4]; // a repeated row would have two writers
+    assert!(with(&rows).is_err());
+    assert!(with(&rows[..36]).is_err());
+    rows[3] = 37;
+    assert!(with(&rows).is_err());
 }
