@@ -1,18 +1,7 @@
 //! The LLSA kernels against naive f64 loops over the same selection, and the plan's checks and transpose.
 
 use super::*;
-
-fn contiguous_strides(shape: &[usize]) -> Vec<i64> {
-    let mut strides = vec![1i64; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * shape[i + 1] as i64;
-    }
-    strides
-}
-
-fn view_of<T>(name: &'static str, data: &[T], dtype: &str, shape: &[usize]) -> View {
-    View::new(name, data.as_ptr() as usize, dtype, shape.to_vec(), contiguous_strides(shape)).unwrap()
-}
+use crate::cpu::test_support::view_of;
 
 /// Deterministic pseudo-random numbers in [0, 1).
 struct Rng(u64);
