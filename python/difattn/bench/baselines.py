@@ -23,6 +23,17 @@ from .cases import Case, Shape
 Fn = Callable[..., torch.Tensor]
 
 
+def _compiled_flex(device: torch.device):
+    """``torch.compile(flex_attention)``. On CPU, Inductor compiles in this process: its pool of compile workers
+    starts by importing torch in each worker, which took CPU time from the kernels timed right after it."""
+    from torch._inductor import config
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type == "cpu":
+        config.compile_threads = 1
+    return torch.compile(flex_attention, dynamic=False)
+
+
 def matmul_gflops(device: torch.device, dtype: torch.dtype) -> float:
     """The device's square-matmul rate in ``dtype`` (GFLOP/s): the ceiling the dense kernel's rate is read against.
     ``n = 2048`` on CPU, ``8192`` on CUDA; float64 and float32 run as themselves, half types on CPU as float32."""
@@ -58,10 +69,10 @@ def flex_fns(case: Case, shape: Shape, device: torch.device) -> dict[str, Fn]:
     mask_mod = case.mask_mod(shape.grid, device)
     if mask_mod is None:
         return {}
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
     n = shape.grid.num_tokens
-    flex = torch.compile(flex_attention, dynamic=False)
+    flex = _compiled_flex(device)
     raster = create_block_mask(mask_mod, None, None, n, n, device=str(device))
     fns = {"flex_ms": lambda q, k, v, e: flex(q, k, v, block_mask=raster)}
     if case.method in ("clear", "grat"):
@@ -152,12 +163,12 @@ def keep_only_error(q, k, v, token_block, selected, dense_out) -> float:
 
 def keep_only_flex(token_block, selected, n: int, device: torch.device) -> dict[str, Fn]:
     """FlexAttention over PISA's selected blocks (the keep-or-drop baseline's time)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, qi, ki):
         return selected[b, h, token_block[qi], token_block[ki]]
 
     B, H = selected.shape[:2]
-    flex = torch.compile(flex_attention, dynamic=False)
+    flex = _compiled_flex(device)
     block_mask = create_block_mask(mask_mod, B, H, n, n, device=str(device))
     return {"drop_ms": lambda q, k, v, e: flex(q, k, v, block_mask=block_mask)}
