@@ -10,7 +10,7 @@ import difattn
 from difattn import reference
 from difattn.ops import block_plan
 from difattn.ops.block_plan import CPU_BLOCKS, GPU_BLOCKS, BlockShape
-from difattn.testing import assert_close, compare_with_reference, random_qkv
+from difattn.testing import assert_close, compare_with_reference, random_qkv, torch_threads
 from difattn.testing.strategies import head_dims, token_grids
 
 SMALL_BLOCKS = BlockShape((2, 4), (4, 2))  # ragged tiles everywhere on small grids
@@ -246,9 +246,7 @@ def test_backward_one_pass_and_two_pass(batch, heads, threads):
     passes otherwise; both give the reference's gradients (CLEAR with masked rim blocks, GRAT with a text mask)."""
     grid = difattn.TokenGrid(7, 9, text_tokens=5)
     text_mask = torch.tensor([[True, True, False, True, False]] * batch)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         q, k, v = random_qkv(batch, heads, grid.num_tokens, 24, seed=batch * 10 + heads)
         compare_with_reference(
             f"clear rust backward {batch}x{heads}/{threads}",
@@ -262,5 +260,3 @@ def test_backward_one_pass_and_two_pass(batch, heads, threads):
             lambda q, k, v: reference.grat_attention(q, k, v, grid, group=(2, 3), text_mask=text_mask, scale=24**-0.5),
             (q, k, v),
         )
-    finally:
-        torch.set_num_threads(before)

@@ -20,7 +20,7 @@ from difattn.ops import llsa_plan
 from difattn.reference._dense import masked_attention
 from difattn.reference.llsa import _candidate_mask, _counts, _pyramid
 from difattn.reference.ordering import zorder_permutation
-from difattn.testing import compare_with_reference, random_qkv
+from difattn.testing import compare_with_reference, random_qkv, torch_threads
 from difattn.testing.strategies import token_grids
 
 
@@ -82,6 +82,25 @@ def test_gradients_at_every_level(num_tokens, block_size, topks, dtype):
     indices = reference_indices(q, k, block_size, topks)
     compare_with_reference(f"llsa rust L={len(topks)}", rust_attend(indices, block_size, topks, 0.25),
                            reference_attend(indices, block_size, topks, 0.25), (q, k, v))
+
+
+@pytest.mark.parametrize("batch, heads, threads", [(1, 1, 2), (1, 3, 2), (2, 2, 1), (2, 3, 2)])
+def test_backward_one_pass_and_two_pass(batch, heads, threads):
+    """The CPU backward runs one pass per (b, h) slice when there are at least two slices per thread and two
+    passes (query side, then key side) otherwise; both give the reference's gradients (a grid with text, L = 2)."""
+    grid = difattn.TokenGrid(9, 7, text_tokens=5)
+    with torch_threads(threads):
+        q, k, v = random_qkv(batch, heads, grid.num_tokens, 24, seed=batch * 10 + heads, token_major=True)
+        _, indices = difattn.llsa_attention(q, k, v, block_size=4, topk=(3, 2), levels=2, grid=grid,
+                                            return_indices=True, backend="rust")
+        compare_with_reference(
+            f"llsa rust backward {batch}x{heads}/{threads}",
+            lambda q, k, v: difattn.llsa_attention(q, k, v, block_size=4, topk=(3, 2), levels=2, grid=grid,
+                                                   backend="rust"),
+            lambda q, k, v: reference.llsa_attention(q, k, v, block_size=4, topk=(3, 2), levels=2, grid=grid,
+                                                     scale=24**-0.5, indices=indices),
+            (q, k, v),
+        )
 
 
 def near_tie(q, k, block_size, topks, tol=1e-4) -> bool:

@@ -15,10 +15,12 @@
 //! With a Z-order, the plan carries it (`Plan::with_rows`) and the kernels read q, k, v, dout, out and write out, dq,
 //! dk, dv through it, so no permuted copy of any of them is made.
 //!
-//! Backward: dq and the pooled keys' gradients per group (tasks own a range of groups and a partial sum of the
-//! pooled gradients, reduced at the end); then `dk`, `dv` per fine key block over the transposed selection (CSR:
-//! counts, prefix sum, fill), each row adding its level-l ancestors' pooled gradients over their counts (the
-//! mean-pool backward). Every output row has one writer and nothing needs atomics. The kernels' only `unsafe`
+//! Backward (`backward`): with enough `(b, h)` slices per thread, one pass per slice computes dq and every key
+//! gradient from each pair's P and dS made once; otherwise dq and the pooled keys' gradients per group (tasks own a
+//! range of groups and a partial sum of the pooled gradients, reduced at the end), then `dk`, `dv` per fine key
+//! block over the transposed selection (CSR: counts, prefix sum, fill). Either way each row adds its level-l
+//! ancestors' pooled gradients over their counts (the mean-pool backward). Every output row has one writer and
+//! nothing needs atomics. The kernels' only `unsafe`
 //! reads and writes go through validated views and plans; gathers copy rows into f32 buffers for the `gemm` crate.
 
 mod backward;

@@ -5,6 +5,9 @@ The strategies live in :mod:`difattn.testing.strategies` (they need ``hypothesis
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 __all__ = [
@@ -16,6 +19,7 @@ __all__ = [
     "random_qkv",
     "rel_error",
     "compare_with_reference",
+    "torch_threads",
 ]
 
 # Absolute error floor per dtype, relative to the reference's magnitude (max(1, max|ref|)).
@@ -139,3 +143,15 @@ def compare_with_reference(name: str, fast_fn, ref_fn, inputs, *, seed: int = 0)
     assert_close(f"{name} output", out, low, high)
     for i, (g, gl, gh) in enumerate(zip(grads, low_grads, high_grads)):
         assert_close(f"{name} grad of input {i}", g, gl, gh, gradient=True)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Runs the block with ``torch.set_num_threads(threads)`` (the CPU kernels size their pools and pick their
+    schedules from it), then restores the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

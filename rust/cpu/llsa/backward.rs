@@ -1,7 +1,13 @@
-//! LLSA backward. Query side: tasks own a range of groups and compute their dq (fine and pooled keys) and a partial
-//! sum of the pooled keys' gradients (the group's `dSᵀ q`, `Pᵀ dout`), reduced over tasks into `dkp`, `dvp`. Key side:
-//! one task per fine key block over the transposed selection writes its `dk`, `dv` rows: the fine gradient plus the
-//! mean-pool backward of every level (`dkp` of the row's level-l ancestor over its count).
+//! LLSA backward, in one of two schedules.
+//!
+//! - **One pass per `(b, h)` slice** when there are at least `SLICES_PER_THREAD` slices per thread: the slice's task
+//!   walks its groups once and computes dq and every key gradient there (each (query block, key) pair's P and dS
+//!   are made once, 5 GEMMs per pair); it owns f32 sums of its fine and pooled keys' gradients, then writes `dk`,
+//!   `dv` as the fine sum plus the mean-pool backward of every level.
+//! - **Two passes** otherwise (few slices: parallelism must come from within a slice). Query side: tasks own a
+//!   range of groups and compute their dq and a partial sum of the pooled keys' gradients, reduced over tasks.
+//!   Key side: one task per fine key block over the transposed selection recomputes P and dS of its pairs
+//!   (7 GEMMs per fine pair) and writes its `dk`, `dv` rows with the same mean-pool backward.
 
 use rayon::prelude::*;
 
@@ -15,6 +21,8 @@ use crate::cpu::view::{DType, View, ViewError};
 const KEY_SIDE_CHUNK: usize = 32;
 /// Query-side tasks per worker thread the pooled partial sums aim for.
 const TASKS_PER_THREAD: usize = 4;
+/// The one-pass schedule needs at least this many `(b, h)` slices per thread.
+const SLICES_PER_THREAD: usize = 2;
 
 /// The upstream gradient and the forward's results: `dout`, `out (B, H, N, Dv)` (q's dtype) and `lse (B, H, N)` (f32).
 pub struct Upstream<'a> {
@@ -64,8 +72,12 @@ pub fn backward(
     pool.install(|| {
         let delta = row_deltas(up, plan, dims);
         let ctx = Ctx { inp, up, delta: &delta, plan, dims, scale };
-        let pooled = ctx.query_side(g.dq, threads);
-        ctx.key_side(g, &pooled);
+        if plan.batch_heads >= SLICES_PER_THREAD * pool.current_num_threads() {
+            ctx.slices(g);
+        } else {
+            let pooled = ctx.query_side(g.dq, threads);
+            ctx.key_side(g, &pooled);
+        }
     });
     Ok(())
 }
@@ -88,10 +100,17 @@ fn row_deltas(up: &Upstream, plan: &Plan, dims: Dims) -> Vec<f32> {
     delta
 }
 
-/// The pooled keys' gradients, f32 `(B·H, P, D)` and `(B·H, P, Dv)`.
-struct PooledGrads {
+/// Key gradients in f32, `k (S, R, D)` and `v (S, R, Dv)` for `S` slices of `R` rows: the pooled keys' of every
+/// slice (`R = P`), or the fine keys' of one slice (`S = 1`, `R = N`, internal order).
+struct KeyGrads {
     k: Vec<f32>,
     v: Vec<f32>,
+}
+
+impl KeyGrads {
+    fn zeros(rows: usize, dims: Dims) -> Self {
+        KeyGrads { k: vec![0.0; rows * dims.d], v: vec![0.0; rows * dims.dv] }
+    }
 }
 
 struct Ctx<'a> {
@@ -186,8 +205,9 @@ struct GroupBuffers {
     pf: Vec<f32>,
     dsf: Vec<f32>,
     dq: Vec<f32>,
-    dkp: Vec<f32>,
-    dvp: Vec<f32>,
+    /// A key list's gradients before they are added to their rows (pooled keys of a group, or fine keys of a block).
+    dk: Vec<f32>,
+    dv: Vec<f32>,
 }
 
 impl GroupBuffers {
@@ -203,16 +223,35 @@ impl GroupBuffers {
             pf: vec![0.0; plan.block * rf],
             dsf: vec![0.0; plan.block * rf],
             dq: vec![0.0; rows * dims.d],
-            dkp: vec![0.0; rp * dims.d],
-            dvp: vec![0.0; rp * dims.dv],
+            dk: vec![0.0; rp.max(rf) * dims.d],
+            dv: vec![0.0; rp.max(rf) * dims.dv],
         }
     }
 }
 
 impl Ctx<'_> {
+    /// The one-pass schedule: a task per `(b, h)` slice computes dq and the slice's fine and pooled keys' gradients
+    /// in one walk over its groups, then writes `dk`, `dv`.
+    fn slices(&self, g: &Grads) {
+        let (plan, dims) = (self.plan, self.dims);
+        (0..plan.batch_heads).into_par_iter().for_each_init(
+            || (GroupBuffers::new(plan, dims), KeyGrads::zeros(dims.pooled, dims), KeyGrads::zeros(dims.n, dims)),
+            |(buf, pooled, fine), bh| {
+                for x in [&mut pooled.k, &mut pooled.v, &mut fine.k, &mut fine.v] {
+                    x.fill(0.0);
+                }
+                for group in plan.groups(bh) {
+                    self.query_group(g.dq, bh, group, buf, (&mut pooled.k, &mut pooled.v), Some(fine));
+                }
+                pooled.k.iter_mut().for_each(|x| *x *= self.scale);
+                self.store_keys(g, (&pooled.k, &pooled.v), bh, 0, &mut fine.k, &mut fine.v);
+            },
+        );
+    }
+
     /// dq for every query row, and the pooled keys' gradients: tasks `(b·h, split)` own a range of groups and a
     /// partial sum of the pooled gradients of their `(b, h)`; the partial sums are then added per pooled row.
-    fn query_side(&self, dq: &View, threads: usize) -> PooledGrads {
+    fn query_side(&self, dq: &View, threads: usize) -> KeyGrads {
         let (plan, dims) = (self.plan, self.dims);
         let groups: Vec<Vec<(usize, usize)>> =
             (0..plan.batch_heads).into_par_iter().map(|bh| plan.groups(bh)).collect();
@@ -230,28 +269,30 @@ impl Ctx<'_> {
                 let mine = &groups[bh];
                 let (lo, hi) = (mine.len() * split / splits, mine.len() * (split + 1) / splits);
                 for &group in &mine[lo..hi] {
-                    self.query_group(dq, bh, group, buf, acc_k, acc_v);
+                    self.query_group(dq, bh, group, buf, (acc_k, acc_v), None);
                 }
             },
         );
         if splits == 1 {
             part_k.iter_mut().for_each(|x| *x *= self.scale);
-            return PooledGrads { k: part_k, v: part_v };
+            return KeyGrads { k: part_k, v: part_v };
         }
-        PooledGrads {
+        KeyGrads {
             k: self.reduce_splits(&part_k, splits, dims.d, self.scale),
             v: self.reduce_splits(&part_v, splits, dims.dv, 1.0),
         }
     }
 
+    /// dq of the group's rows; its pooled keys' gradients (dk unscaled) added to `pooled` (`P x D`, `P x Dv`) and,
+    /// given `fine` (`N` rows), its fine keys' gradients (dk unscaled) added there.
     fn query_group(
         &self,
         dq: &View,
         bh: usize,
         (j0, j1): (usize, usize),
         buf: &mut GroupBuffers,
-        acc_k: &mut [f32],
-        acc_v: &mut [f32],
+        pooled: (&mut [f32], &mut [f32]),
+        mut fine: Option<&mut KeyGrads>,
     ) {
         let (plan, d, dv) = (self.plan, self.dims.d, self.dims.dv);
         let (b, h) = (bh / self.dims.heads, bh % self.dims.heads);
@@ -274,6 +315,14 @@ impl Ctx<'_> {
             self.probabilities(&buf.qs, r0, lq, &buf.fine, false, pf, dsf);
             let dst = buf.dq[r0 * d..].as_mut_ptr();
             unsafe { matmul(lq, d, rf, dst, d, true, dsf.as_ptr(), rf, 1, buf.fine.k.as_ptr(), d, 1) };
+            if let Some(fine) = fine.as_deref_mut() {
+                unsafe {
+                    matmul(rf, d, lq, buf.dk.as_mut_ptr(), d, false, dsf.as_ptr(), 1, rf, buf.qs.q[r0 * d..].as_ptr(), d, 1);
+                    matmul(rf, dv, lq, buf.dv.as_mut_ptr(), dv, false, pf.as_ptr(), 1, rf, buf.qs.dout[r0 * dv..].as_ptr(), dv, 1);
+                }
+                let ids = plan.fine_ids(bh, j).iter().map(|&p| plan.fine_block(p as usize));
+                scatter_add((&mut fine.k, &mut fine.v), ids, (&buf.dk, &buf.dv), (d, dv));
+            }
         }
         for r in 0..rows {
             let row = &mut buf.dq[r * d..(r + 1) * d];
@@ -281,18 +330,13 @@ impl Ctx<'_> {
             // SAFETY: groups partition the query rows of (b, h) and `plan.row` is a permutation: one writer per row.
             unsafe { dq.store_row(&[b, h, plan.row(row0 + r)], row) };
         }
-        // The group's pooled-key gradients (dk unscaled until the reduction), added to the task's partial sum.
+        // The group's pooled-key gradients, added to the task's sum.
         unsafe {
-            matmul(rp, d, rows, buf.dkp.as_mut_ptr(), d, false, dsp.as_ptr(), 1, rp, buf.qs.q.as_ptr(), d, 1);
-            matmul(rp, dv, rows, buf.dvp.as_mut_ptr(), dv, false, pp.as_ptr(), 1, rp, buf.qs.dout.as_ptr(), dv, 1);
+            matmul(rp, d, rows, buf.dk.as_mut_ptr(), d, false, dsp.as_ptr(), 1, rp, buf.qs.q.as_ptr(), d, 1);
+            matmul(rp, dv, rows, buf.dv.as_mut_ptr(), dv, false, pp.as_ptr(), 1, rp, buf.qs.dout.as_ptr(), dv, 1);
         }
-        let mut at = 0;
-        for &p in plan.pooled_ids(bh, j0) {
-            let (t0, len) = plan.pooled_block(p as usize);
-            add_rows(&mut acc_k[t0 * d..(t0 + len) * d], &buf.dkp[at * d..(at + len) * d]);
-            add_rows(&mut acc_v[t0 * dv..(t0 + len) * dv], &buf.dvp[at * dv..(at + len) * dv]);
-            at += len;
-        }
+        let ids = plan.pooled_ids(bh, j0).iter().map(|&p| plan.pooled_block(p as usize));
+        scatter_add(pooled, ids, (&buf.dk, &buf.dv), (d, dv));
     }
 
     /// `mul · Σ_split part` per `(b·h, pooled row)`: `part` is `(B·H, splits, P, width)`, the result `(B·H, P, width)`.
@@ -313,6 +357,22 @@ fn add_rows(dst: &mut [f32], src: &[f32]) {
     dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
 }
 
+/// Adds the consecutive row runs of `src` (`k` rows of `d`, `v` rows of `dv`) to the runs `(first row, rows)` of
+/// `dst`, in order.
+fn scatter_add(
+    dst: (&mut [f32], &mut [f32]),
+    runs: impl Iterator<Item = (usize, usize)>,
+    src: (&[f32], &[f32]),
+    (d, dv): (usize, usize),
+) {
+    let mut at = 0;
+    for (t0, len) in runs {
+        add_rows(&mut dst.0[t0 * d..(t0 + len) * d], &src.0[at * d..(at + len) * d]);
+        add_rows(&mut dst.1[t0 * dv..(t0 + len) * dv], &src.1[at * dv..(at + len) * dv]);
+        at += len;
+    }
+}
+
 struct KeyBuffers {
     qs: QueryRows,
     keys: KeyRows,
@@ -325,7 +385,7 @@ struct KeyBuffers {
 impl Ctx<'_> {
     /// `dk`, `dv`: one task per `(b·h, fine key block)` over the query blocks that selected it, plus the pooled
     /// gradients of every level spread back to the block's rows.
-    fn key_side(&self, g: &Grads, pooled: &PooledGrads) {
+    fn key_side(&self, g: &Grads, pooled: &KeyGrads) {
         let (plan, dims) = (self.plan, self.dims);
         let transposed: Vec<(Vec<usize>, Vec<u32>)> =
             (0..plan.batch_heads).into_par_iter().map(|bh| plan.transpose(bh)).collect();
@@ -343,7 +403,10 @@ impl Ctx<'_> {
                 let (bh, p) = (task / plan.n_blocks, task % plan.n_blocks);
                 let (indptr, indices) = &transposed[bh];
                 self.key_block(bh, p, &indices[indptr[p]..indptr[p + 1]], buf);
-                self.store_key_block(g, pooled, bh, p, buf);
+                let (r0, lk) = plan.fine_block(p);
+                let (pk, pv) = (dims.pooled * dims.d, dims.pooled * dims.dv);
+                let slice = (&pooled.k[bh * pk..(bh + 1) * pk], &pooled.v[bh * pv..(bh + 1) * pv]);
+                self.store_keys(g, slice, bh, r0, &mut buf.dk[..lk * dims.d], &mut buf.dv[..lk * dims.dv]);
             },
         );
     }
@@ -372,24 +435,22 @@ impl Ctx<'_> {
         }
     }
 
-    /// Writes rows of fine block `p`: `scale · dk` and `dv` plus, at every level, the ancestor's pooled gradient
-    /// over its count (the mean-pool backward).
-    fn store_key_block(&self, g: &Grads, pooled: &PooledGrads, bh: usize, p: usize, buf: &mut KeyBuffers) {
-        let (plan, d, dv, rows) = (self.plan, self.dims.d, self.dims.dv, self.dims.pooled);
+    /// Writes `dk`, `dv` of the internal rows `row0..` of slice `bh`: `scale · dk` and `dv` of the fine keys (as many
+    /// rows as `dk` holds; overwritten) plus, at every level, the ancestor's pooled gradient over its count (the
+    /// mean-pool backward; `pooled` holds the slice's `P` rows, dk already scaled).
+    fn store_keys(&self, g: &Grads, pooled: (&[f32], &[f32]), bh: usize, row0: usize, dk: &mut [f32], dv: &mut [f32]) {
+        let (plan, d, dvw) = (self.plan, self.dims.d, self.dims.dv);
         let (b, h) = (bh / self.dims.heads, bh % self.dims.heads);
-        let (r0, lk) = plan.fine_block(p);
-        for r in 0..lk {
-            let token = r0 + r;
-            let dk_row = &mut buf.dk[r * d..(r + 1) * d];
-            let dv_row = &mut buf.dv[r * dv..(r + 1) * dv];
+        for (r, (dk_row, dv_row)) in dk.chunks_exact_mut(d).zip(dv.chunks_exact_mut(dvw)).enumerate() {
+            let token = row0 + r;
             dk_row.iter_mut().for_each(|x| *x *= self.scale);
             for level in 1..=plan.levels() {
                 let span = plan.span(level);
                 let c = token / span;
                 let inv = 1.0 / span.min(plan.n - c * span) as f32;
-                let row = bh * rows + plan.level_rows[level - 1] + c;
-                add_scaled(dk_row, &pooled.k[row * d..(row + 1) * d], inv);
-                add_scaled(dv_row, &pooled.v[row * dv..(row + 1) * dv], inv);
+                let row = plan.level_rows[level - 1] + c;
+                add_scaled(dk_row, &pooled.0[row * d..(row + 1) * d], inv);
+                add_scaled(dv_row, &pooled.1[row * dvw..(row + 1) * dvw], inv);
             }
             // SAFETY: fine key blocks partition the rows of (b, h) and `plan.row` is a permutation: one writer per row.
             unsafe {

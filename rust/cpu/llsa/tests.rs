@@ -293,9 +293,13 @@ fn run(case: &Case, threads: usize) {
 
 #[test]
 fn forward_and_backward_match_naive_loops() {
-    run(&Case::new(1, 37, 4, 5, 3, 2), 1);
-    run(&Case::new(2, 37, 4, 72, 9, 3), 3);
+    // Two (b, h) slices: one thread runs the one-pass backward, two and three threads the two-pass one.
+    for threads in [1, 3] {
+        run(&Case::new(1, 37, 4, 5, 3, 2), threads);
+        run(&Case::new(2, 37, 4, 72, 9, 3), threads);
+    }
     run(&Case::new(3, 16, 4, 8, 8, 4), 2);
+    run(&Case::new(4, 16, 4, 8, 8, 4), 1);
 }
 
 #[test]
