@@ -1,11 +1,14 @@
 """Tier 1: every Triton kernel compiles for Hopper (sm_90) and Ampere (sm_80) with the installed triton, on a
-machine without a GPU.
+machine without a GPU, and fits the target's shared memory.
 
 The interpreter runs small calls of every op, forward and backward, while each kernel launch is recorded (its
 argument types, constexpr values, num_warps and num_stages); then a subprocess without ``TRITON_INTERPRET``
 compiles every distinct launch ahead of time with ``triton.compile`` down to a cubin (triton bundles ptxas). This
 catches what the interpreter cannot: type errors of the real compiler, shared-memory and register layouts,
-features missing from an older triton (run it under triton 3.6 to check that version too).
+features missing from an older triton (``DIFATTN_AOT_PYTHON=<python of a venv with triton 3.6>`` compiles the
+launches recorded here with that version too). A second case records
+the launches of production tiles (a grid big enough for the GPU plans' 128 x 64 blocks, head dim 128) in fp16 and
+also compiles their bf16 twins (bf16 ``tl.dot`` does not run in the interpreter).
 """
 
 from __future__ import annotations
@@ -83,10 +86,18 @@ def recorded_launches(monkeypatch):
     return launches
 
 
-def _run_every_op(dtype: torch.dtype, head_dim: int) -> None:
-    """Forward and backward of every op on the Triton backend, tiny shapes (N not a multiple of any block)."""
+# Shapes of `_run_every_op`: tiny ones, and production tiles (the CLEAR and GRAT plans reach their full 128 x 64
+# blocks, PISA's and LLSA's default block sizes). N is not a multiple of any block in either.
+_TINY = {"grid": difattn.TokenGrid(5, 7, text_tokens=3), "radius": 2.5, "group": (2, 3), "pisa_block": 16,
+         "llsa_block": 4, "llsa_levels": 2}
+_PRODUCTION = {"grid": difattn.TokenGrid(16, 24, text_tokens=7), "radius": 4.5, "group": (4, 4), "pisa_block": 64,
+               "llsa_block": 16, "llsa_levels": 1}
+
+
+def _run_every_op(dtype: torch.dtype, head_dim: int, shapes: dict) -> None:
+    """Forward and backward of every op on the Triton backend at ``shapes``."""
     gen = torch.Generator().manual_seed(0)
-    grid = difattn.TokenGrid(5, 7, text_tokens=3)
+    grid = shapes["grid"]
     n = grid.num_tokens
 
     def qkv(count=3, positive=False):
@@ -97,11 +108,13 @@ def _run_every_op(dtype: torch.dtype, head_dim: int) -> None:
         out.float().sum().backward()
 
     q, k, v = qkv()
-    backward(difattn.clear_attention(q, k, v, grid, radius=2.5, backend="triton"))
-    backward(difattn.grat_attention(q, k, v, grid, group=(2, 3), pattern="criss_cross", backend="triton"))
-    backward(difattn.pisa_attention(q, k, v, density=0.5, block_size=16, order="hybrid", backend="triton"))
-    backward(difattn.pisa_attention(q, k, v, density=0.5, block_size=16, order="zeroth", backend="triton"))
-    backward(difattn.llsa_attention(q, k, v, block_size=4, topk=2, levels=2, backend="triton"))
+    backward(difattn.clear_attention(q, k, v, grid, radius=shapes["radius"], backend="triton"))
+    backward(difattn.grat_attention(q, k, v, grid, group=shapes["group"], pattern="criss_cross", backend="triton"))
+    for order in ("hybrid", "zeroth"):
+        backward(difattn.pisa_attention(q, k, v, density=0.5, block_size=shapes["pisa_block"], order=order,
+                                        backend="triton"))
+    backward(difattn.llsa_attention(q, k, v, block_size=shapes["llsa_block"], topk=2, levels=shapes["llsa_levels"],
+                                    backend="triton"))
     fq, fk, fv = qkv(positive=True)
     backward(difattn.linear_attention(fq, fk, fv, normalize=True, backend="triton"))
     q_aux, k_aux = qkv(2)
@@ -118,6 +131,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 specs, targets = json.load(sys.stdin)
+# Largest dynamic shared memory per block (bytes): sm_90 (H100/H200) and sm_80 (A100).
+shared_limit = {90: 232448, 80: 166912}
 failures = []
 for spec in specs:
     fn = getattr(importlib.import_module(spec["module"]), spec["name"])
@@ -126,20 +141,29 @@ for spec in specs:
             source = ASTSource(fn, spec["signature"], spec["constexprs"])
             kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=spec["options"])
             assert kernel.asm["cubin"], "empty cubin"
+            shared = kernel.metadata.shared
+            assert shared <= shared_limit[arch], f"{shared} bytes of shared memory, the limit is {shared_limit[arch]}"
         except Exception as exc:  # report every failing kernel, not only the first
             failures.append(f"{spec['name']} sm_{arch} {spec['constexprs']}: {type(exc).__name__}: {exc}"[:2000])
 print(json.dumps({"triton": triton.__version__, "compiled": len(specs) * len(targets), "failures": failures}))
 """
 
 
-@pytest.mark.parametrize("dtype, head_dim, targets", [(torch.float32, 24, [90]), (torch.float16, 72, [90, 80])])
-def test_every_kernel_compiles_for_hopper_and_ampere(recorded_launches, dtype, head_dim, targets):
-    _run_every_op(dtype, head_dim)
+@pytest.mark.parametrize("dtype, head_dim, shapes, targets", [
+    (torch.float32, 24, _TINY, [90]),
+    (torch.float16, 72, _TINY, [90, 80]),
+    (torch.float16, 128, _PRODUCTION, [90]),
+], ids=["tiny-fp32", "tiny-fp16", "production-fp16-bf16"])
+def test_every_kernel_compiles_for_hopper_and_ampere(recorded_launches, dtype, head_dim, shapes, targets):
+    _run_every_op(dtype, head_dim, shapes)
     specs = list(recorded_launches.values())
+    if shapes is _PRODUCTION:  # the bf16 twin of every fp16 launch
+        specs += json.loads(json.dumps(specs).replace('"*fp16"', '"*bf16"'))
     kernels = {spec["name"] for spec in specs}
     assert len(kernels) >= 12, f"expected launches of every kernel, recorded {sorted(kernels)}"
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _COMPILER], input=json.dumps([specs, targets]), env=env,
+    compiler = os.environ.get("DIFATTN_AOT_PYTHON", sys.executable)
+    done = subprocess.run([compiler, "-c", _COMPILER], input=json.dumps([specs, targets]), env=env,
                           capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
