@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import difattn
 from difattn import reference
 from difattn.ops import block_plan
-from difattn.ops.block_plan import CPU_BLOCKS, GPU_BLOCKS, BlockShape
+from difattn.ops.block_plan import CPU_BLOCKS, GPU_BLOCKS, GPU_BLOCKS_WIDE_HEADS, BlockShape, kernel_blocks
 from difattn.testing import assert_close, compare_with_reference, random_qkv, torch_threads
 from difattn.testing.strategies import head_dims, token_grids
 
@@ -222,7 +222,15 @@ def test_compile_fullgraph_with_grids_from_outside_and_inside():
     assert passed_in.frame_count <= 2 and built_inside.frame_count <= 3
 
 
-@pytest.mark.parametrize("blocks", [CPU_BLOCKS, GPU_BLOCKS])
+def test_kernel_blocks_by_head_dim():
+    """Triton plans use 64-query blocks for heads wider than 128 (their backward tiles fit an A100's shared memory),
+    128 otherwise; the CPU engine's blocks do not depend on the head dim."""
+    assert [kernel_blocks("triton", d).q_block for d in (64, 72, 128, 136, 256)] == [128, 128, 128, 64, 64]
+    assert kernel_blocks("triton", 256) == GPU_BLOCKS_WIDE_HEADS and kernel_blocks("triton", 128) == GPU_BLOCKS
+    assert {kernel_blocks("rust", d) for d in (32, 128, 256)} == {CPU_BLOCKS}
+
+
+@pytest.mark.parametrize("blocks", [CPU_BLOCKS, GPU_BLOCKS, GPU_BLOCKS_WIDE_HEADS])
 def test_traced_plans_equal_the_cached_plans(blocks):
     """The plan ops return the core's plan; the thresholds computed from the options are the core's, and the block
     shape bounds every block of the plan (the Triton tiles are sized from it)."""

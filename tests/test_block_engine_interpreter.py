@@ -19,6 +19,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = [
     (difattn.TokenGrid(5, 9, text_tokens=3), torch.float32, 24),
     (difattn.TokenGrid(4, 6, frames=2, text_tokens=2, text_position="last"), torch.float16, 40),
+    (difattn.TokenGrid(9, 17, text_tokens=3), torch.float16, 136),  # wide heads: the 64-query GPU blocks
 ]
 
 

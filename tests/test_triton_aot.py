@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import difattn
+from difattn.testing import random_qkv
 
 pytestmark = pytest.mark.interpreter
 
@@ -149,18 +150,14 @@ print(json.dumps({"triton": triton.__version__, "compiled": len(specs) * len(tar
 """
 
 
-@pytest.mark.parametrize("dtype, head_dim, shapes, targets", [
-    (torch.float32, 24, _TINY, [90]),
-    (torch.float16, 72, _TINY, [90, 80]),
-    (torch.float16, 128, _PRODUCTION, [90]),
-], ids=["tiny-fp32", "tiny-fp16", "production-fp16-bf16"])
-def test_every_kernel_compiles_for_hopper_and_ampere(recorded_launches, dtype, head_dim, shapes, targets):
-    _run_every_op(dtype, head_dim, shapes)
-    specs = list(recorded_launches.values())
-    if shapes is _PRODUCTION:  # the bf16 twin of every fp16 launch
-        specs += json.loads(json.dumps(specs).replace('"*fp16"', '"*bf16"'))
-    kernels = {spec["name"] for spec in specs}
-    assert len(kernels) >= 12, f"expected launches of every kernel, recorded {sorted(kernels)}"
+def _with_bf16_twins(specs: list[dict]) -> list[dict]:
+    """``specs`` and the bf16 twin of every fp16 launch."""
+    return specs + json.loads(json.dumps(specs).replace('"*fp16"', '"*bf16"'))
+
+
+def _compile_all(specs: list[dict], targets: list[int]) -> None:
+    """Compiles every launch for every target in a subprocess without ``TRITON_INTERPRET`` and fails on any error
+    or shared-memory overflow."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     compiler = os.environ.get("DIFATTN_AOT_PYTHON", sys.executable)
     done = subprocess.run([compiler, "-c", _COMPILER], input=json.dumps([specs, targets]), env=env,
@@ -169,3 +166,30 @@ def test_every_kernel_compiles_for_hopper_and_ampere(recorded_launches, dtype, h
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert not report["failures"], "\n".join(report["failures"])
     assert report["compiled"] == len(specs) * len(targets)
+
+
+@pytest.mark.parametrize("dtype, head_dim, shapes, targets", [
+    (torch.float32, 24, _TINY, [90]),
+    (torch.float16, 72, _TINY, [90, 80]),
+    (torch.float16, 128, _PRODUCTION, [90]),
+], ids=["tiny-fp32", "tiny-fp16", "production-fp16-bf16"])
+def test_every_kernel_compiles_for_hopper_and_ampere(recorded_launches, dtype, head_dim, shapes, targets):
+    _run_every_op(dtype, head_dim, shapes)
+    specs = list(recorded_launches.values())
+    if shapes is _PRODUCTION:
+        specs = _with_bf16_twins(specs)
+    kernels = {spec["name"] for spec in specs}
+    assert len(kernels) >= 12, f"expected launches of every kernel, recorded {sorted(kernels)}"
+    _compile_all(specs, targets)
+
+
+def test_block_engine_fits_ampere_at_head_dim_256(recorded_launches):
+    """Head dim 256 on production tiles: the block engine's forward and backward (64-query blocks for wide heads)
+    fit an A100's shared memory as well as an H100's, in fp16 and bf16."""
+    grid = _PRODUCTION["grid"]
+    q, k, v = random_qkv(1, 1, grid.num_tokens, 256, dtype=torch.float16, seed=4, requires_grad=True)
+    difattn.clear_attention(q, k, v, grid, radius=_PRODUCTION["radius"], backend="triton").float().sum().backward()
+    specs = _with_bf16_twins(list(recorded_launches.values()))
+    assert {spec["name"] for spec in specs} == {"_block_attention_fwd_kernel", "_block_attention_bwd_dq_kernel",
+                                                "_block_attention_bwd_dkv_kernel"}
+    _compile_all(specs, [90, 80])

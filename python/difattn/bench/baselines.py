@@ -76,7 +76,7 @@ def flex_fns(case: Case, shape: Shape, device: torch.device) -> dict[str, Fn]:
     raster = create_block_mask(mask_mod, None, None, n, n, device=str(device))
     fns = {"flex_ms": lambda q, k, v, e: flex(q, k, v, block_mask=raster)}
     if case.method in ("clear", "grat"):
-        perm = case._plan(shape.grid, "triton").field("q_perm").to(device)
+        perm = case.plan(shape, "triton").field("q_perm").to(device)
         inv = torch.argsort(perm)
         tiled = create_block_mask(lambda b, h, qi, ki: mask_mod(b, h, perm[qi], perm[ki]), None, None, n, n,
                                   device=str(device))

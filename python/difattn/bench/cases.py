@@ -53,7 +53,7 @@ class Case:
     def computed_fraction(self, shape: Shape, backend: str, backward: bool = False) -> float:
         """Work the backend's kernels do: whole blocks for the block engine, the needed work otherwise."""
         if self.method in ("clear", "grat") and backend in block_plan.KERNEL_BLOCKS:
-            return work.plan_pairs(self._plan(shape.grid, backend)) / shape.grid.num_tokens**2
+            return work.plan_pairs(self.plan(shape, backend)) / shape.grid.num_tokens**2
         return self.needed_fraction(shape, backward)
 
     def density(self, shape: Shape) -> float | None:
@@ -74,8 +74,9 @@ class Case:
             return None if mask is None else (lambda b, h, qi, ki: mask[qi, ki])
         return None
 
-    def _plan(self, grid: TokenGrid, backend: str):
-        blocks = block_plan.KERNEL_BLOCKS[backend]
+    def plan(self, shape: Shape, backend: str):
+        """The block plan ``backend`` runs for this CLEAR or GRAT case at ``shape`` (CPU tensors)."""
+        grid, blocks = shape.grid, block_plan.kernel_blocks(backend, shape.head_dim)
         if self.method == "clear":
             r, rt = clear_radii(grid, self.options["radius"], None)
             return block_plan.clear_plan(grid, r, rt, 0, blocks, "cpu")

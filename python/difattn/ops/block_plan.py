@@ -42,10 +42,21 @@ class BlockShape:
         return self.k_tile[0] * self.k_tile[1]
 
 
-# CPU: 64-token blocks on both sides (8x8 tiles); GPU: 128 queries (8x16) against 64 keys (8x8).
+# CPU: 64-token blocks on both sides (8x8 tiles); GPU: 128 queries (8x16) against 64 keys (8x8), and 64 queries
+# (8x8) for heads wider than WIDE_HEAD_DIM: at D = 256 the backward kernels then need at most 161 KiB of shared
+# memory on sm_80 (an A100 allows 163 KiB) instead of up to 225 KiB (tier 1's ahead-of-time compile checks it).
 CPU_BLOCKS = BlockShape((8, 8), (8, 8))
 GPU_BLOCKS = BlockShape((8, 16), (8, 8))
+GPU_BLOCKS_WIDE_HEADS = BlockShape((8, 8), (8, 8))
 KERNEL_BLOCKS = {"rust": CPU_BLOCKS, "triton": GPU_BLOCKS}
+WIDE_HEAD_DIM = 128
+
+
+def kernel_blocks(kernel: str, head_dim: int) -> BlockShape:
+    """The block shape of ``kernel`` (``"rust"`` or ``"triton"``) for heads of ``head_dim`` (the larger of D, Dv)."""
+    if kernel == "triton" and head_dim > WIDE_HEAD_DIM:
+        return GPU_BLOCKS_WIDE_HEADS
+    return KERNEL_BLOCKS[kernel]
 
 
 @dataclass(frozen=True)

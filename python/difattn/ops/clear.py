@@ -7,7 +7,7 @@ import torch
 from .._options import clear_radii
 from ..grid import TokenGrid
 from .block_attention import block_attention
-from .block_plan import KERNEL_BLOCKS, traced_clear_plan
+from .block_plan import kernel_blocks, traced_clear_plan
 
 
 def clear_attention(q, k, v, grid: TokenGrid, *, radius, scale, global_kv=None, temporal_radius=None,
@@ -18,5 +18,6 @@ def clear_attention(q, k, v, grid: TokenGrid, *, radius, scale, global_kv=None, 
     if global_kv is not None:
         k = torch.cat([k, global_kv[0]], dim=2)
         v = torch.cat([v, global_kv[1]], dim=2)
-    plan = traced_clear_plan(grid, r, rt, num_global, KERNEL_BLOCKS[kernel], q.device)
+    blocks = kernel_blocks(kernel, max(q.shape[-1], v.shape[-1]))
+    plan = traced_clear_plan(grid, r, rt, num_global, blocks, q.device)
     return block_attention(q, k, v, plan, scale=scale, kernel=kernel)
