@@ -13,7 +13,7 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d", [64, 72, 128])
+@pytest.mark.parametrize("d", [64, 72, 128, 256])
 def test_clear_grat_cuda_match_reference(dtype, d):
     grid = difattn.TokenGrid(30, 52, text_tokens=77, text_position="last")
     q, k, v = random_qkv(1, 2, grid.num_tokens, d, dtype=dtype, device="cuda", seed=d, token_major=True)
