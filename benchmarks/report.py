@@ -4,18 +4,23 @@
     python benchmarks/report.py --check    # exit 1 if either is out of date
 
 Every number in those files comes from a JSON file under benchmarks/results/ written by `difattn bench --json`.
+Files named `<series>-run<k>.json` are repeated runs of one series (on a shared host one run can be slowed by
+others' work): the README shows, per case, the median over the runs, and BENCHMARKS.md every run and a summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 README_START, README_END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+RUN_NAME = re.compile(r"^(?P<series>.+)-run(?P<run>\d+)$")
 
 
 def _shape(r: dict) -> str:
@@ -79,6 +84,51 @@ def _load() -> list[tuple[Path, dict]]:
     return [(p, json.loads(p.read_text())) for p in sorted(RESULTS.glob("*.json"))]
 
 
+def series(results: list[tuple[Path, dict]]) -> list[tuple[str, list[tuple[Path, dict]]]]:
+    """Result files grouped by series: ``<series>-run<k>`` files share one (in run order), any other file is a
+    series of one run."""
+    groups: dict[str, list[tuple[int, Path, dict]]] = {}
+    for path, data in results:
+        match = RUN_NAME.match(path.stem)
+        name, run = (match["series"], int(match["run"])) if match else (path.stem, 0)
+        groups.setdefault(name, []).append((run, path, data))
+    return [(name, [(p, d) for _, p, d in sorted(runs, key=lambda x: x[0])]) for name, runs in groups.items()]
+
+
+def _case(r: dict) -> tuple:
+    return (r["method"], r["backend"], r["pass"], json.dumps(r["options"], sort_keys=True), json.dumps(r["grid"]),
+            r["B"], r["H"], r["D"], r["dtype"])
+
+
+def per_case(runs: list[dict]) -> list[list[dict]]:
+    """The records of every case across ``runs`` (JSON documents), in the first run's order; a case missing from a
+    run is left out of that run."""
+    cases: dict[tuple, list[dict]] = {}
+    for data in runs:
+        for r in data["records"]:
+            cases.setdefault(_case(r), []).append(r)
+    return list(cases.values())
+
+
+def summary_table(runs: list[dict]) -> list[str]:
+    """Per case: the efficiency on needed work in each run and the medians over the runs."""
+    lines = [
+        "| method | options | backend | pass | shape | efficiency in each run | median efficiency | median ms | "
+        "median dense ms | median speedup |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for recs in per_case(runs):
+        r = recs[0]
+        med = {key: statistics.median(x[key] for x in recs) for key in ("efficiency", "ms", "dense_ms", "speedup")}
+        each = ", ".join(format(x["efficiency"], ".2f") for x in recs)
+        lines.append(
+            f"| {r['method']} | {_options(r)} | {r['backend']} | {r['pass']} | {_shape(r)} | "
+            f"{each} | {med['efficiency']:.2f} | {med['ms']:.2f} | "
+            f"{med['dense_ms']:.2f} | {med['speedup']:.2f}× |"
+        )
+    return lines
+
+
 def benchmarks_md(results: list[tuple[Path, dict]]) -> str:
     out = [
         "# Benchmarks",
@@ -94,17 +144,22 @@ def benchmarks_md(results: list[tuple[Path, dict]]) -> str:
         "the device's square-matmul rate measured in the same run (the practical ceiling of any GEMM-based kernel).",
         "",
     ]
-    for path, data in results:
-        out += [
-            f"## {path.stem}",
-            "",
-            f"Device: {data['device']}; torch {data['torch']}, triton {data['triton']}, {data.get('threads', '?')} threads; "
-            f"commit `{data['commit']}`" + (f"; square matmul {data['matmul_gflops']:.1f} GFLOP/s." if data.get("matmul_gflops")
-                                            else "."),
-            "",
-            *table(data["records"], data.get("matmul_gflops")),
-            "",
-        ]
+    for name, runs in series(results):
+        out += [f"## {name}", ""]
+        if len(runs) > 1:
+            out += [f"Summary of {len(runs)} runs (files {', '.join(p.name for p, _ in runs)}):", "",
+                    *summary_table([d for _, d in runs]), ""]
+        for path, data in runs:
+            heading = [f"### {path.stem}", ""] if len(runs) > 1 else []
+            out += [
+                *heading,
+                f"Device: {data['device']}; torch {data['torch']}, triton {data['triton']}, "
+                f"{data.get('threads', '?')} threads; commit `{data['commit']}`"
+                + (f"; square matmul {data['matmul_gflops']:.1f} GFLOP/s." if data.get("matmul_gflops") else "."),
+                "",
+                *table(data["records"], data.get("matmul_gflops")),
+                "",
+            ]
     return "\n".join(out)
 
 
@@ -112,14 +167,19 @@ def readme_table(results: list[tuple[Path, dict]]) -> str:
     if not results:
         return "No benchmark results are committed yet."
     lines = []
-    for path, data in results:
-        fwd = [r for r in data["records"] if r["pass"] == "fwd"]
-        lines += [f"**{path.stem}** — {data['device']} (forward; full tables in BENCHMARKS.md):", ""]
+    for name, runs in series(results):
+        docs = [d for _, d in runs]
+        over = f"medians of {len(runs)} runs, " if len(runs) > 1 else ""
+        lines += [f"**{name}** — {docs[0]['device']} (forward; {over}full tables in BENCHMARKS.md):", ""]
         lines += ["| method | options | backend | shape | ms | dense ms | speedup | efficiency on needed work |",
                   "|---|---|---|---|---|---|---|---|"]
-        for r in fwd:
-            lines.append(f"| {r['method']} | {_options(r)} | {r['backend']} | {_shape(r)} | {r['ms']:.2f} | "
-                         f"{r['dense_ms']:.2f} | {r['speedup']:.2f}× | {r['efficiency']:.2f} |")
+        for recs in per_case(docs):
+            r = recs[0]
+            if r["pass"] != "fwd":
+                continue
+            med = {key: statistics.median(x[key] for x in recs) for key in ("ms", "dense_ms", "speedup", "efficiency")}
+            lines.append(f"| {r['method']} | {_options(r)} | {r['backend']} | {_shape(r)} | {med['ms']:.2f} | "
+                         f"{med['dense_ms']:.2f} | {med['speedup']:.2f}× | {med['efficiency']:.2f} |")
         lines.append("")
     return "\n".join(lines).rstrip()
 

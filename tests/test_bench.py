@@ -54,6 +54,34 @@ def test_generated_reports_are_up_to_date():
     assert done.returncode == 0, done.stderr
 
 
+def test_report_groups_runs_into_series_and_takes_medians():
+    """``<series>-run<k>`` files form one series in run order (other files stand alone); the README row of a case is
+    the median over the runs of its ms, dense ms, speedup and efficiency."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import report
+    finally:
+        sys.path.pop(0)
+
+    def run(effs):
+        records = [{"method": "llsa", "backend": "rust", "pass": p, "options": {"topk": 8}, "grid": [1, 8, 8, 0, "first"],
+                    "B": 1, "H": 4, "D": 64, "dtype": "float32", "ms": 10 / e, "dense_ms": 100.0, "speedup": 10 * e,
+                    "efficiency": e} for p, e in zip(("fwd", "fwd+bwd"), effs)]
+        return {"device": "cpu", "records": records}
+
+    results = [(Path(name), run(effs)) for name, effs in
+               [("a-run2.json", (0.5, 0.6)), ("a-run10.json", (0.9, 0.7)), ("a-run1.json", (0.7, 0.8)),
+                ("b.json", (0.3, 0.3))]]
+    grouped = report.series(results)
+    assert [(name, [p.name for p, _ in runs]) for name, runs in grouped] == [
+        ("a", ["a-run1.json", "a-run2.json", "a-run10.json"]), ("b", ["b.json"])]
+    cases = report.per_case([d for _, d in grouped[0][1]])
+    assert [[r["efficiency"] for r in recs] for recs in cases] == [[0.7, 0.5, 0.9], [0.8, 0.6, 0.7]]
+    readme = report.readme_table(results)
+    assert "medians of 3 runs" in readme and "| 14.29 | 100.00 | 7.00× | 0.70 |" in readme
+    assert "| 0.30 |" in readme.split("**b**")[1]
+
+
 def _square_window_attention(q, k, v, side):
     """Brute-force NATTEN semantics on heads-last ``(B, h, w, H, D)``: a ``side``² window clamped inside the grid."""
     B, h, w, H, D = q.shape

@@ -44,7 +44,7 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype) -> float:
         dtype = torch.float32
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     t = time_call(lambda i: a @ b, device, min_repeats=3, max_repeats=10, budget_s=1.0)
-    return 2 * n**3 / (t.median * 1e6)
+    return 2 * n**3 / (t.typical * 1e6)
 
 
 def dense_fns(device: torch.device) -> dict[str, Fn]:

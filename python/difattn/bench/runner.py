@@ -8,6 +8,8 @@ against); a record is
 "ms", "ms_min", "ms_max", "dense_ms", "dense_flash_ms", "dense_cudnn_ms", "flex_ms", "flex_tiled_ms", "natten_ms",
 "fla_ms", "drop_ms", "work_fraction", "computed_fraction", "speedup", "efficiency", "computed_efficiency",
 "peak_mem_mb", "rel_err_dense", "rel_err_ref", "rel_err_drop"}``.
+Every ``*_ms`` is a typical time per call (CPU: the fastest of at least five repeats, as other work on a shared
+host only ever adds time; CUDA: the median of ``triton.testing.do_bench``), ``ms_min`` and ``ms_max`` the extremes.
 ``dense_ms`` is the fastest dense SDPA measured (CPU: torch's flash kernel; CUDA: the faster of the flash and cuDNN
 backends, each also recorded); ``speedup = dense_ms / ms``; ``efficiency = speedup * work_fraction`` (FLOP rate on
 the work the method must do, as a fraction of the dense kernel's); ``computed_efficiency = speedup *
@@ -93,11 +95,11 @@ def _timed(fn, inputs: list, backward: bool, cfg: BenchConfig) -> Timing:
 
 
 def _time_each(fns: dict, inputs: list, backward: bool, cfg: BenchConfig) -> dict[str, float | None]:
-    """Median ms of each baseline; ``None`` for one that cannot run these inputs (unsupported dtype or shape)."""
+    """Typical ms of each baseline; ``None`` for one that cannot run these inputs (unsupported dtype or shape)."""
     out = {}
     for key, fn in fns.items():
         try:
-            out[key] = _timed(fn, inputs, backward, cfg).median
+            out[key] = _timed(fn, inputs, backward, cfg).typical
         except (RuntimeError, ValueError, TypeError, NotImplementedError):
             out[key] = None
     return out
@@ -179,13 +181,13 @@ def _measure(cfg, shape, pass_name, case, backend, inputs, baseline: dict, dense
         out = fn(q, k, v, extra)
     backward = pass_name == "fwd+bwd"
     needed, computed = case.needed_fraction(shape, backward), case.computed_fraction(shape, backend, backward)
-    speedup = baseline["dense_ms"] / t.median
+    speedup = baseline["dense_ms"] / t.typical
     return {
         "method": case.method, "backend": backend, "pass": pass_name,
         "B": shape.batch, "H": shape.heads, "N": shape.grid.num_tokens, "D": shape.head_dim,
         "dtype": str(cfg.dtype).removeprefix("torch."), "options": _jsonable(case.options),
         "grid": [shape.grid.frames, shape.grid.height, shape.grid.width, shape.grid.text_tokens, shape.grid.text_position],
-        "density": case.density(shape), "ms": t.median, "ms_min": t.minimum, "ms_max": t.maximum,
+        "density": case.density(shape), "ms": t.typical, "ms_min": t.minimum, "ms_max": t.maximum,
         **{key: baseline.get(key) for key in _BASELINE_KEYS},
         "work_fraction": needed, "computed_fraction": computed, "speedup": speedup,
         "efficiency": speedup * needed, "computed_efficiency": speedup * computed, "peak_mem_mb": peak,

@@ -1,4 +1,5 @@
-"""Timers: CUDA events through ``triton.testing.do_bench`` on GPU, wall-clock medians on CPU."""
+"""Timers: CUDA events through ``triton.testing.do_bench`` on GPU (reported: the median), wall clock on CPU
+(reported: the fastest repeat, since other work on a shared host only ever adds time to a call)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,19 @@ import torch
 
 @dataclass(frozen=True)
 class Timing:
-    """Milliseconds per call: median, min, max over the timed repeats (warm-up excluded)."""
+    """Milliseconds per call over the timed repeats (warm-up excluded): ``typical`` is the number the bench reports
+    (CPU: the minimum, CUDA: the median)."""
 
+    typical: float
     median: float
     minimum: float
     maximum: float
     repeats: int
 
 
-def time_cpu(fn: Callable[[int], object], *, min_repeats: int = 3, max_repeats: int = 15, budget_s: float = 2.0) -> Timing:
-    """Median wall time of ``fn(i)`` on CPU; ``i`` rotates the inputs. One warm-up call is excluded; repeats stop
-    after ``budget_s`` once ``min_repeats`` are done."""
+def time_cpu(fn: Callable[[int], object], *, min_repeats: int = 5, max_repeats: int = 15, budget_s: float = 2.0) -> Timing:
+    """Wall time of ``fn(i)`` on CPU (typical: the fastest repeat); ``i`` rotates the inputs. One warm-up call is
+    excluded; repeats stop after ``budget_s`` once ``min_repeats`` are done."""
     fn(0)
     samples: list[float] = []
     start = time.perf_counter()
@@ -32,7 +35,7 @@ def time_cpu(fn: Callable[[int], object], *, min_repeats: int = 3, max_repeats: 
         samples.append((time.perf_counter() - t0) * 1e3)
         if len(samples) >= min_repeats and time.perf_counter() - start > budget_s:
             break
-    return Timing(statistics.median(samples), min(samples), max(samples), len(samples))
+    return Timing(min(samples), statistics.median(samples), min(samples), max(samples), len(samples))
 
 
 def time_cuda(fn: Callable[[int], object]) -> Timing:
@@ -41,7 +44,7 @@ def time_cuda(fn: Callable[[int], object]) -> Timing:
 
     counter = iter(range(1 << 30))
     med, lo, hi = do_bench(lambda: fn(next(counter)), quantiles=[0.5, 0.0, 1.0])
-    return Timing(med, lo, hi, -1)
+    return Timing(med, med, lo, hi, -1)
 
 
 def time_call(fn: Callable[[int], object], device: torch.device, **cpu_options) -> Timing:
