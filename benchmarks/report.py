@@ -110,6 +110,11 @@ def per_case(runs: list[dict]) -> list[list[dict]]:
     return list(cases.values())
 
 
+def _medians(recs: list[dict]) -> dict[str, float]:
+    """The medians over one case's records of its ms, dense ms, speedup and efficiency."""
+    return {key: statistics.median(x[key] for x in recs) for key in ("ms", "dense_ms", "speedup", "efficiency")}
+
+
 def summary_table(runs: list[dict]) -> list[str]:
     """Per case: the efficiency on needed work in each run and the medians over the runs."""
     lines = [
@@ -119,7 +124,7 @@ def summary_table(runs: list[dict]) -> list[str]:
     ]
     for recs in per_case(runs):
         r = recs[0]
-        med = {key: statistics.median(x[key] for x in recs) for key in ("efficiency", "ms", "dense_ms", "speedup")}
+        med = _medians(recs)
         each = ", ".join(format(x["efficiency"], ".2f") for x in recs)
         lines.append(
             f"| {r['method']} | {_options(r)} | {r['backend']} | {r['pass']} | {_shape(r)} | "
@@ -177,7 +182,7 @@ def readme_table(results: list[tuple[Path, dict]]) -> str:
             r = recs[0]
             if r["pass"] != "fwd":
                 continue
-            med = {key: statistics.median(x[key] for x in recs) for key in ("ms", "dense_ms", "speedup", "efficiency")}
+            med = _medians(recs)
             lines.append(f"| {r['method']} | {_options(r)} | {r['backend']} | {_shape(r)} | {med['ms']:.2f} | "
                          f"{med['dense_ms']:.2f} | {med['speedup']:.2f}× | {med['efficiency']:.2f} |")
         lines.append("")
