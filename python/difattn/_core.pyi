@@ -78,6 +78,41 @@ def block_attention_backward(
 ) -> None:
     """Block attention backward on CPU: writes dq, dk, dv."""
 
+def clear_forward(
+    q: TensorArgs,
+    k: TensorArgs,
+    v: TensorArgs,
+    global_kv: tuple[TensorArgs, TensorArgs] | None,
+    out: TensorArgs,
+    lse: TensorArgs,
+    grid: GridArgs,
+    radius: float,
+    temporal_radius: float,
+    scale: float,
+    threads: int,
+) -> None:
+    """CLEAR forward on CPU (disc kernels, raster order): writes out (B, H, N, Dv) and lse (B, H, N)."""
+
+def clear_backward(
+    q: TensorArgs,
+    k: TensorArgs,
+    v: TensorArgs,
+    global_kv: tuple[TensorArgs, TensorArgs] | None,
+    dout: TensorArgs,
+    lse: TensorArgs,
+    delta: TensorArgs,
+    dq: TensorArgs,
+    dk: TensorArgs,
+    dv: TensorArgs,
+    dglobal_kv: tuple[TensorArgs, TensorArgs] | None,
+    grid: GridArgs,
+    radius: float,
+    temporal_radius: float,
+    scale: float,
+    threads: int,
+) -> None:
+    """CLEAR backward on CPU: writes dq, dk, dv and, with global tokens, their gradients."""
+
 # One DyDiLA side: (z, z_aux, gamma, gamma_aux, lambda), or its gradients (dz, dz_aux, dgamma, dgamma_aux, dlambda).
 StreamArgs = tuple[TensorArgs, TensorArgs, TensorArgs, TensorArgs, TensorArgs]
 

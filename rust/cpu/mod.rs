@@ -3,6 +3,7 @@
 //! and backward).
 
 pub mod block_attention;
+pub mod clear;
 pub mod linear;
 pub mod llsa;
 pub mod pisa;

@@ -1,6 +1,7 @@
 //! PyO3 glue: converts Python arguments, calls `plan`, returns bytes of little-endian int64.
 //! No logic lives here.
 
+mod clear;
 mod linear;
 mod llsa;
 mod pisa;
@@ -287,6 +288,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(grat_plan, m)?)?;
     m.add_function(wrap_pyfunction!(block_attention_forward, m)?)?;
     m.add_function(wrap_pyfunction!(block_attention_backward, m)?)?;
+    clear::register(m)?;
     linear::register(m)?;
     llsa::register(m)?;
     pisa::register(m)?;

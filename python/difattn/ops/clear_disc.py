@@ -1,0 +1,97 @@
+"""CLEAR's disc kernels on CPU as custom ops: ``difattn::clear_disc_fwd`` / ``_bwd``.
+
+Each tile of eight queries attends exactly the key ranges of its discs, read in place from the raster order (no
+plan, no permutation; see ``rust/cpu/clear.rs``). q, k ``(B, H, N, D)``, v ``(B, H, N, Dv)``, optional global
+tokens ``k_g (B, H, G, D)``, ``v_g (B, H, G, Dv)``; any strides, f32 / f16 / bf16. The forward returns the output
+in q's dtype and the log-sum-exp (fp32) that the backward reuses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._native import core
+from ..grid import TokenGrid
+from .block_attention import _desc
+
+
+def _grid_args(frames: int, height: int, width: int, text_tokens: int, text_position: str):
+    return (frames, height, width, text_tokens, text_position)
+
+
+def _pair(a: torch.Tensor | None, b: torch.Tensor | None):
+    return None if a is None else (_desc(a), _desc(b))
+
+
+@torch.library.custom_op("difattn::clear_disc_fwd", mutates_args=())
+def clear_disc_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_g: torch.Tensor | None, v_g: torch.Tensor | None,
+    frames: int, height: int, width: int, text_tokens: int, text_position: str, radius: float,
+    temporal_radius: float, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, N, _ = q.shape
+    out = torch.empty(B, H, N, v.shape[3], dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    core().clear_forward(
+        _desc(q), _desc(k), _desc(v), _pair(k_g, v_g), _desc(out), _desc(lse),
+        _grid_args(frames, height, width, text_tokens, text_position), radius, temporal_radius, scale,
+        torch.get_num_threads(),
+    )
+    return out, lse
+
+
+@clear_disc_fwd.register_fake
+def _(q, k, v, k_g, v_g, frames, height, width, text_tokens, text_position, radius, temporal_radius, scale):
+    B, H, N, _ = q.shape
+    return q.new_empty(B, H, N, v.shape[3]), q.new_empty(B, H, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("difattn::clear_disc_bwd", mutates_args=())
+def clear_disc_bwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_g: torch.Tensor | None, v_g: torch.Tensor | None,
+    out: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor, frames: int, height: int, width: int,
+    text_tokens: int, text_position: str, radius: float, temporal_radius: float, scale: float,
+) -> list[torch.Tensor]:
+    """``[dq, dk, dv]``, then ``[dk_g, dv_g]`` with global tokens."""
+    delta = (dout.float() * out.float()).sum(-1)
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v))
+    dk_g, dv_g = (None, None) if k_g is None else (torch.empty(t.shape, dtype=t.dtype) for t in (k_g, v_g))
+    core().clear_backward(
+        _desc(q), _desc(k), _desc(v), _pair(k_g, v_g), _desc(dout), _desc(lse), _desc(delta), _desc(dq), _desc(dk),
+        _desc(dv), _pair(dk_g, dv_g), _grid_args(frames, height, width, text_tokens, text_position), radius,
+        temporal_radius, scale, torch.get_num_threads(),
+    )
+    return [dq, dk, dv] + ([] if k_g is None else [dk_g, dv_g])
+
+
+@clear_disc_bwd.register_fake
+def _(q, k, v, k_g, v_g, out, dout, lse, frames, height, width, text_tokens, text_position, radius,
+      temporal_radius, scale):
+    like = [q, k, v] + ([] if k_g is None else [k_g, v_g])
+    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in like]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, k_g, v_g, *options = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, k_g, v_g, out, lse)
+    ctx.options = options
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, k_g, v_g, out, lse = ctx.saved_tensors
+    grads = clear_disc_bwd(q, k, v, k_g, v_g, out, dout.contiguous(), lse, *ctx.options)
+    dq, dk, dv, *global_grads = grads
+    dk_g, dv_g = global_grads if global_grads else (None, None)
+    return (dq, dk, dv, dk_g, dv_g) + (None,) * len(ctx.options)
+
+
+clear_disc_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def clear_disc_attention(q, k, v, grid: TokenGrid, *, radius: float, temporal_radius: float, scale: float,
+                         global_kv=None) -> torch.Tensor:
+    """CLEAR (arguments validated by the caller) with the CPU disc kernels. Returns ``(B, H, N, Dv)``."""
+    k_g, v_g = (None, None) if global_kv is None else global_kv
+    out, _ = clear_disc_fwd(q, k, v, k_g, v_g, *grid.core_args(), float(radius), float(temporal_radius), float(scale))
+    return out

@@ -1,0 +1,256 @@
+//! Backward: per tile, P from the saved log-sum-exp, `dP = dO·Vᵀ`, `dS = P ⊙ (dP − delta)`; dq per tile, and dk,
+//! dv accumulated in f32 buffers that the task owns (its share of one slice's tiles). With fewer slices than
+//! threads a slice is split into parts whose buffers are summed at the end; no two tasks write the same row.
+
+use rayon::prelude::*;
+
+use super::forward::load_lanes;
+use super::geometry::{self, lane_intervals, Segment, Tile};
+use super::lanes::{self, Lanes, LANES};
+use super::{check_inputs, check_output, err, panel_offset, pieces, Dims, Geometry, Inputs, SliceKeys, LOG2_E, PIECE_ROWS};
+use crate::cpu::pool::pool;
+use crate::cpu::view::{DType, View, ViewError};
+use crate::cpu::vmath::{exp2_one, has_avx2_fma};
+
+/// Key-gradient buffers of all parallel parts stay below this many bytes (fewer parts otherwise).
+const PART_BUFFER_BYTES: usize = 1 << 30;
+
+/// `dout (B, H, N, Dv)` (any strides), the forward's `lse` and `delta = rowsum(dout ⊙ out)`, both `(B, H, N)` f32.
+pub struct Upstream<'a> {
+    pub dout: &'a View,
+    pub lse: &'a View,
+    pub delta: &'a View,
+}
+
+/// Outputs, contiguous, any float dtype: `dq`, `dk` like q, `dv` like v, `global = Some((dkg, dvg))` with global
+/// tokens.
+pub struct Grads<'a> {
+    pub dq: &'a View,
+    pub dk: &'a View,
+    pub dv: &'a View,
+    pub global: Option<(&'a View, &'a View)>,
+}
+
+fn check(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry) -> Result<Dims, ViewError> {
+    let dims = check_inputs(inp, geo)?;
+    let (bh, n) = ([dims.batch, dims.heads], geo.tokens());
+    up.dout.expect(4, true)?;
+    if up.dout.shape != [bh[0], bh[1], n, dims.dv] {
+        return err(format!("dout: expected shape {:?}, got {:?}", [bh[0], bh[1], n, dims.dv], up.dout.shape));
+    }
+    for t in [up.lse, up.delta] {
+        if t.dtype != DType::F32 || t.shape != [bh[0], bh[1], n] {
+            return err(format!("{}: expected f32 of shape {:?}, got {:?} {:?}", t.name, [bh[0], bh[1], n], t.dtype, t.shape));
+        }
+    }
+    check_output(grads.dq, &[bh[0], bh[1], n, dims.d], None)?;
+    check_output(grads.dk, &[bh[0], bh[1], n, dims.d], None)?;
+    check_output(grads.dv, &[bh[0], bh[1], n, dims.dv], None)?;
+    match (grads.global, geo.global) {
+        (Some((dkg, dvg)), g) => {
+            check_output(dkg, &[bh[0], bh[1], g, dims.d], None)?;
+            check_output(dvg, &[bh[0], bh[1], g, dims.dv], None)?;
+        }
+        (None, 0) => {}
+        (None, _) => return err("global: gradients of the global tokens are missing"),
+    }
+    Ok(dims)
+}
+
+/// f32 key gradients of one slice (or one part of it), rows padded to a multiple of 8.
+struct KeyGrads {
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+}
+
+/// Writes `dq`, `dk`, `dv` (and the global tokens' gradients).
+pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scale: f32, threads: usize) -> Result<(), ViewError> {
+    let dims = check(inp, up, grads, geo)?;
+    let groups = geometry::groups(geo);
+    let tiles = geometry::tiles(geo);
+    let slices = dims.batch * dims.heads;
+    if slices == 0 {
+        return Ok(());
+    }
+    let part_bytes = geo.keys() * (dims.d_pad + dims.dv_pad) * 4;
+    let parts = if slices >= threads { 1 } else { threads.div_ceil(slices) };
+    let parts = parts.min(PART_BUFFER_BYTES / (part_bytes * slices).max(1)).clamp(1, tiles.len().max(1));
+    let fma = has_avx2_fma();
+    let sums: Vec<(usize, KeyGrads)> = pool(threads).map_err(ViewError)?.install(|| {
+        (0..slices * parts)
+            .into_par_iter()
+            .filter_map(|task| {
+                let (bh, part) = (task / parts, task % parts);
+                let (b, h) = (bh / dims.heads, bh % dims.heads);
+                let keys = SliceKeys::load(inp, geo, &groups, dims, b, h, true);
+                let mut acc = KeyGrads { dk: vec![0.0; geo.keys() * dims.d_pad], dv: vec![0.0; geo.keys() * dims.dv_pad] };
+                let mut buf = Buffers::new(dims);
+                let share = &tiles[part * tiles.len() / parts..(part + 1) * tiles.len() / parts];
+                let ctx = TileCtx { inp, up, dq: grads.dq, keys: &keys, dims, b, h, scale };
+                for tile in share {
+                    geometry::segments(geo, &groups, tile, &mut buf.segments);
+                    if fma {
+                        // SAFETY: the CPU has AVX2 and FMA (checked above).
+                        unsafe { tile_avx2(&ctx, tile, &mut buf, &mut acc) }
+                    } else {
+                        tile_body::<false>(&ctx, tile, &mut buf, &mut acc)
+                    }
+                }
+                if parts == 1 {
+                    store_key_grads(grads, geo, dims, bh, &acc);
+                    None
+                } else {
+                    Some((bh, acc))
+                }
+            })
+            .collect()
+    });
+    if parts > 1 {
+        let mut by_slice: Vec<Vec<KeyGrads>> = (0..slices).map(|_| Vec::new()).collect();
+        for (bh, acc) in sums {
+            by_slice[bh].push(acc);
+        }
+        pool(threads).map_err(ViewError)?.install(|| {
+            by_slice.into_par_iter().enumerate().for_each(|(bh, mut parts)| {
+                let mut total = parts.pop().expect("every slice has at least one part");
+                for p in parts {
+                    total.dk.iter_mut().zip(&p.dk).for_each(|(a, x)| *a += x);
+                    total.dv.iter_mut().zip(&p.dv).for_each(|(a, x)| *a += x);
+                }
+                store_key_grads(grads, geo, dims, bh, &total);
+            })
+        });
+    }
+    Ok(())
+}
+
+fn store_key_grads(grads: &Grads, geo: &Geometry, dims: Dims, bh: usize, acc: &KeyGrads) {
+    let (b, h) = (bh / dims.heads, bh % dims.heads);
+    for i in 0..geo.keys() {
+        let (dk, dv, row) = match grads.global {
+            Some((dkg, dvg)) if i >= geo.tokens() => (dkg, dvg, i - geo.tokens()),
+            _ => (grads.dk, grads.dv, i),
+        };
+        // SAFETY: validated outputs; slice `bh` is stored by exactly one task.
+        unsafe {
+            dk.store_row(&[b, h, row], &acc.dk[i * dims.d_pad..][..dims.d]);
+            dv.store_row(&[b, h, row], &acc.dv[i * dims.dv_pad..][..dims.dv]);
+        }
+    }
+}
+
+struct TileCtx<'a> {
+    inp: &'a Inputs<'a>,
+    up: &'a Upstream<'a>,
+    dq: &'a View,
+    keys: &'a SliceKeys,
+    dims: Dims,
+    b: usize,
+    h: usize,
+    scale: f32,
+}
+
+struct Buffers {
+    segments: Vec<Segment>,
+    /// Queries as base-2 logit factors, channel-major.
+    qt: Vec<Lanes>,
+    /// Queries times `scale`, row-major `(8, d_pad)` (zero rows for dead lanes): the dk update's right side.
+    q_rows: Vec<f32>,
+    /// dout, channel-major (dP's left side) and row-major `(8, dv_pad)` (dead lanes zero: the dv update).
+    dot: Vec<Lanes>,
+    do_rows: Vec<f32>,
+    dq: Vec<Lanes>,
+    p: Vec<Lanes>,
+    ds: Vec<Lanes>,
+    row: Vec<f32>,
+}
+
+impl Buffers {
+    fn new(dims: Dims) -> Self {
+        Buffers {
+            segments: Vec::new(),
+            qt: vec![[0.0; LANES]; dims.d],
+            q_rows: vec![0.0; LANES * dims.d_pad],
+            dot: vec![[0.0; LANES]; dims.dv],
+            do_rows: vec![0.0; LANES * dims.dv_pad],
+            dq: vec![[0.0; LANES]; dims.d],
+            p: vec![[0.0; LANES]; PIECE_ROWS],
+            ds: vec![[0.0; LANES]; PIECE_ROWS],
+            row: vec![0.0; dims.d.max(dims.dv)],
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers, acc: &mut KeyGrads) {
+    tile_body::<true>(ctx, tile, buf, acc)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile_avx2(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers, acc: &mut KeyGrads) {
+    tile_body::<false>(ctx, tile, buf, acc)
+}
+
+/// Fills the row-major copies of the queries (times `scale`) and of dout; dead lanes stay zero.
+fn load_rows(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) {
+    let Dims { d, dv, d_pad, dv_pad, .. } = ctx.dims;
+    buf.q_rows.iter_mut().for_each(|x| *x = 0.0);
+    buf.do_rows.iter_mut().for_each(|x| *x = 0.0);
+    for l in 0..tile.live {
+        for c in 0..d {
+            buf.q_rows[l * d_pad + c] = buf.qt[c][l] * (1.0 / LOG2_E);
+        }
+        for c in 0..dv {
+            buf.do_rows[l * dv_pad + c] = buf.dot[c][l];
+        }
+    }
+}
+
+#[inline(always)]
+fn tile_body<const FMA: bool>(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers, acc: &mut KeyGrads) {
+    let Dims { d, dv, d_pad, dv_pad, .. } = ctx.dims;
+    let (b, h) = (ctx.b, ctx.h);
+    load_lanes(ctx.inp.q, b, h, tile, ctx.scale * LOG2_E, &mut buf.row[..d], &mut buf.qt);
+    load_lanes(ctx.up.dout, b, h, tile, 1.0, &mut buf.row[..dv], &mut buf.dot);
+    load_rows(ctx, tile, buf);
+    let (mut lse2, mut delta) = ([0.0f32; LANES], [0.0f32; LANES]);
+    for l in 0..LANES {
+        lse2[l] = ctx.up.lse.load_f32(&[b, h, tile.rows[l]]) * LOG2_E;
+        delta[l] = ctx.up.delta.load_f32(&[b, h, tile.rows[l]]);
+    }
+    buf.dq.iter_mut().for_each(|a| *a = [0.0; LANES]);
+    let keys = ctx.keys;
+    for seg in &buf.segments {
+        for (start, len) in pieces(seg) {
+            lanes::dots::<FMA>(&buf.qt, &keys.k_panels[panel_offset(seg, start, d)..], seg.group_width, len, &mut buf.p);
+            lanes::dots::<FMA>(&buf.dot, &keys.v_panels[panel_offset(seg, start, dv)..], seg.group_width, len, &mut buf.ds);
+            let (p, ds) = (&mut buf.p[..len], &mut buf.ds[..len]);
+            if let Some(mask) = &seg.mask {
+                let (lo, hi) = lane_intervals(tile, mask);
+                lanes::mask_columns(p, (mask.x0 + (start - seg.start) as i64) as f32, &lo, &hi);
+            }
+            for row in p.iter_mut() {
+                for l in 0..LANES {
+                    row[l] = exp2_one::<FMA>(row[l] - lse2[l]);
+                }
+            }
+            for (dsr, pr) in ds.iter_mut().zip(p.iter()) {
+                for l in 0..LANES {
+                    dsr[l] = pr[l] * (dsr[l] - delta[l]);
+                }
+            }
+            lanes::combine::<FMA>(ds, &keys.k_rows[start * d..], d, &mut buf.dq);
+            lanes::update::<FMA>(ds, &buf.q_rows, d_pad, &mut acc.dk[start * d_pad..], d_pad);
+            lanes::update::<FMA>(p, &buf.do_rows, dv_pad, &mut acc.dv[start * dv_pad..], dv_pad);
+        }
+    }
+    let row = &mut buf.row[..d];
+    for l in 0..tile.live {
+        for (c, x) in row.iter_mut().enumerate() {
+            *x = buf.dq[c][l] * ctx.scale;
+        }
+        // SAFETY: validated output; each query row belongs to exactly one tile and one task.
+        unsafe { ctx.dq.store_row(&[b, h, tile.rows[l]], row) };
+    }
+}

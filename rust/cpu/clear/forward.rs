@@ -1,0 +1,187 @@
+//! Forward: per tile, an online softmax over its key segments, batched into pieces of up to `PIECE_KEYS` keys
+//! (logits and the disc mask per segment, then one rescale, exp and P·V per batch), then `out` and the log-sum-exp (natural log, f32) per query.
+
+use rayon::prelude::*;
+
+use super::geometry::{self, lane_intervals, Segment, Tile};
+use super::lanes::{self, Lanes, LANES};
+use super::{check_inputs, check_output, panel_offset, pieces, Dims, Geometry, Inputs, SliceKeys, LN_2, LOG2_E, PIECE_KEYS, PIECE_ROWS};
+use crate::cpu::pool::pool;
+use crate::cpu::view::{DType, View, ViewError};
+use crate::cpu::vmath::{exp2_one, has_avx2_fma, log2_one};
+
+/// Writes `out (B, H, N, Dv)` (any float dtype, contiguous) and `lse (B, H, N)` (f32, contiguous).
+pub fn forward(inp: &Inputs, out: &View, lse: &View, geo: &Geometry, scale: f32, threads: usize) -> Result<(), ViewError> {
+    let dims = check_inputs(inp, geo)?;
+    let n = geo.tokens();
+    check_output(out, &[dims.batch, dims.heads, n, dims.dv], None)?;
+    check_output(lse, &[dims.batch, dims.heads, n], Some(DType::F32))?;
+    let groups = geometry::groups(geo);
+    let tiles = geometry::tiles(geo);
+    let fma = has_avx2_fma();
+    pool(threads).map_err(ViewError)?.install(|| {
+        (0..dims.batch * dims.heads).into_par_iter().for_each(|bh| {
+            let (b, h) = (bh / dims.heads, bh % dims.heads);
+            let keys = SliceKeys::load(inp, geo, &groups, dims, b, h, false);
+            tiles.par_iter().for_each_init(
+                || Buffers::new(dims),
+                |buf, tile| {
+                    geometry::segments(geo, &groups, tile, &mut buf.segments);
+                    let ctx = TileCtx { q: inp.q, out, lse, keys: &keys, dims, b, h, scale };
+                    if fma {
+                        // SAFETY: the CPU has AVX2 and FMA (checked above).
+                        unsafe { tile_avx2(&ctx, tile, buf) }
+                    } else {
+                        tile_body::<false>(&ctx, tile, buf)
+                    }
+                },
+            );
+        });
+    });
+    Ok(())
+}
+
+struct TileCtx<'a> {
+    q: &'a View,
+    out: &'a View,
+    lse: &'a View,
+    keys: &'a SliceKeys,
+    dims: Dims,
+    b: usize,
+    h: usize,
+    scale: f32,
+}
+
+struct Buffers {
+    segments: Vec<Segment>,
+    /// Queries, channel-major: `qt[c][l]`.
+    qt: Vec<Lanes>,
+    /// Output accumulators, channel-major.
+    acc: Vec<Lanes>,
+    /// Logits, then probabilities, of a batch of pieces.
+    s: Vec<Lanes>,
+    /// The batched pieces: `(first key, row in s, len)`.
+    batch: Vec<(usize, usize, usize)>,
+    row: Vec<f32>,
+}
+
+impl Buffers {
+    fn new(dims: Dims) -> Self {
+        Buffers {
+            segments: Vec::new(),
+            qt: vec![[0.0; LANES]; dims.d],
+            acc: vec![[0.0; LANES]; dims.dv],
+            s: vec![[0.0; LANES]; PIECE_ROWS],
+            batch: Vec::new(),
+            row: vec![0.0; dims.d.max(dims.dv)],
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) {
+    tile_body::<true>(ctx, tile, buf)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile_avx2(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) {
+    tile_body::<false>(ctx, tile, buf)
+}
+
+/// Loads the tile's rows of `t` (q, or dout) channel-major into `lanes`, times `mul`.
+pub(super) fn load_lanes(t: &View, b: usize, h: usize, tile: &Tile, mul: f32, row: &mut [f32], lanes: &mut [Lanes]) {
+    for l in 0..LANES {
+        t.load_row(&[b, h, tile.rows[l]], row);
+        for (c, x) in row.iter().enumerate() {
+            lanes[c][l] = x * mul;
+        }
+    }
+}
+
+#[inline(always)]
+fn tile_body<const FMA: bool>(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) {
+    let Dims { d, dv, .. } = ctx.dims;
+    let (b, h) = (ctx.b, ctx.h);
+    load_lanes(ctx.q, b, h, tile, ctx.scale * LOG2_E, &mut buf.row[..d], &mut buf.qt);
+    let mut state = Softmax { m: [f32::NEG_INFINITY; LANES], l: [0.0; LANES] };
+    buf.acc.iter_mut().for_each(|a| *a = [0.0; LANES]);
+    // Logits of consecutive pieces share one buffer and one softmax update (`flush`).
+    let mut filled = 0;
+    buf.batch.clear();
+    let segments = std::mem::take(&mut buf.segments);
+    for seg in &segments {
+        for (start, len) in pieces(seg) {
+            if filled + len > PIECE_KEYS {
+                flush::<FMA>(ctx, buf, filled, &mut state);
+                filled = 0;
+            }
+            let s = &mut buf.s[filled..];
+            lanes::dots::<FMA>(&buf.qt, &ctx.keys.k_panels[panel_offset(seg, start, d)..], seg.group_width, len, s);
+            if let Some(mask) = &seg.mask {
+                let (lo, hi) = lane_intervals(tile, mask);
+                lanes::mask_columns(&mut s[..len], (mask.x0 + (start - seg.start) as i64) as f32, &lo, &hi);
+            }
+            buf.batch.push((start, filled, len));
+            filled += len;
+        }
+    }
+    flush::<FMA>(ctx, buf, filled, &mut state);
+    buf.segments = segments;
+    let row = &mut buf.row[..dv];
+    for l in 0..tile.live {
+        let inv = 1.0 / state.l[l];
+        for (c, x) in row.iter_mut().enumerate() {
+            *x = buf.acc[c][l] * inv;
+        }
+        let at = [b, h, tile.rows[l]];
+        // SAFETY: validated outputs; each query row belongs to exactly one tile, so this task is its only writer.
+        unsafe {
+            ctx.out.store_row(&at, row);
+            ctx.lse.store_f32(&at, (state.m[l] + log2_one::<FMA>(state.l[l])) * LN_2);
+        }
+    }
+}
+
+/// Running maximum and sum of the online softmax, per lane.
+struct Softmax {
+    m: Lanes,
+    l: Lanes,
+}
+
+/// Folds the batched logits `s[..filled]` into the softmax and the output accumulators.
+#[inline(always)]
+fn flush<const FMA: bool>(ctx: &TileCtx, buf: &mut Buffers, filled: usize, state: &mut Softmax) {
+    let s = &mut buf.s[..filled];
+    let piece_max = lanes::max_lanes(s);
+    let mut shift = [0.0f32; LANES];
+    let mut alpha = [1.0f32; LANES];
+    for l in 0..LANES {
+        let m_new = if piece_max[l] > state.m[l] { piece_max[l] } else { state.m[l] };
+        // Lanes that have seen no allowed key yet keep shift 0 (their probabilities are exact zeros).
+        if m_new != f32::NEG_INFINITY {
+            alpha[l] = exp2_one::<FMA>(state.m[l] - m_new);
+            shift[l] = m_new;
+        }
+        state.m[l] = m_new;
+    }
+    if alpha != [1.0; LANES] {
+        for a in buf.acc.iter_mut() {
+            for l in 0..LANES {
+                a[l] *= alpha[l];
+            }
+        }
+        for l in 0..LANES {
+            state.l[l] *= alpha[l];
+        }
+    }
+    let sums = lanes::exp2_shift::<FMA>(s, &shift);
+    for l in 0..LANES {
+        state.l[l] += sums[l];
+    }
+    let dv = ctx.dims.dv;
+    for &(start, slot, len) in &buf.batch {
+        lanes::combine::<FMA>(&buf.s[slot..slot + len], &ctx.keys.v_rows[start * dv..], dv, &mut buf.acc);
+    }
+    buf.batch.clear();
+}

@@ -1,0 +1,249 @@
+//! Where CLEAR's keys are, seen from a tile of 16 queries: the key groups (runs of keys stored as one transposed
+//! panel), the query tiles, and per tile the contiguous key segments its queries need.
+//!
+//! Image tokens are in raster order, so the keys of one image row are consecutive: a query tile's disc keys are a
+//! few contiguous ranges, one per key row, read in place (no gather, no permutation).
+
+use super::lanes::{Lanes, LANES};
+
+/// Keys per text or global group (image groups are the grid's rows).
+const GROUP_KEYS: usize = 64;
+/// Image rows per query tile (4×4 tiles; the last rows of a frame take wider tiles).
+const TILE_ROWS: usize = 4;
+
+/// The sequence and the mask: `[text][image]` or `[image][text]`, `global` extra keys after the sequence; an image
+/// pair is allowed when `dy² + dx² <= max_d2` and `|dt| <= max_dt`.
+#[derive(Clone, Copy, Debug)]
+pub struct Geometry {
+    pub frames: usize,
+    pub height: usize,
+    pub width: usize,
+    pub text: usize,
+    pub text_first: bool,
+    pub global: usize,
+    pub max_d2: i64,
+    pub max_dt: i64,
+}
+
+impl Geometry {
+    pub fn image(&self) -> usize {
+        self.frames * self.height * self.width
+    }
+
+    /// Sequence length N (text and image).
+    pub fn tokens(&self) -> usize {
+        self.image() + self.text
+    }
+
+    /// Keys: the sequence, then the global tokens.
+    pub fn keys(&self) -> usize {
+        self.tokens() + self.global
+    }
+
+    fn image_start(&self) -> usize {
+        if self.text_first {
+            self.text
+        } else {
+            0
+        }
+    }
+
+    fn text_start(&self) -> usize {
+        if self.text_first {
+            0
+        } else {
+            self.image()
+        }
+    }
+
+    /// The largest `|dx|` of the disc's row at vertical offset `dy`, `None` outside the disc.
+    fn half_width(&self, dy: i64) -> Option<i64> {
+        let rest = self.max_d2.checked_sub(dy.checked_mul(dy)?)?;
+        (rest >= 0).then(|| isqrt(rest))
+    }
+}
+
+fn isqrt(x: i64) -> i64 {
+    let mut r = (x as f64).sqrt() as i64;
+    while r * r > x {
+        r -= 1;
+    }
+    while (r + 1) * (r + 1) <= x {
+        r += 1;
+    }
+    r
+}
+
+/// Keys `start .. start + width`, stored as a panel of `width` columns: channel `c` of key `start + j` at
+/// `start·channels + c·width + j`.
+#[derive(Clone, Copy, Debug)]
+pub struct Group {
+    pub start: usize,
+    pub width: usize,
+}
+
+/// The groups, in key order: text in runs of 64, each image row, global tokens in runs of 64.
+pub fn groups(g: &Geometry) -> Vec<Group> {
+    let mut out = Vec::new();
+    let runs = |out: &mut Vec<Group>, start: usize, len: usize| {
+        for s in (0..len).step_by(GROUP_KEYS) {
+            out.push(Group { start: start + s, width: GROUP_KEYS.min(len - s) });
+        }
+    };
+    let image = |out: &mut Vec<Group>| {
+        for row in 0..g.frames * g.height {
+            out.push(Group { start: g.image_start() + row * g.width, width: g.width });
+        }
+    };
+    if g.text_first {
+        runs(&mut out, 0, g.text);
+        image(&mut out);
+    } else {
+        image(&mut out);
+        runs(&mut out, g.image(), g.text);
+    }
+    runs(&mut out, g.tokens(), g.global);
+    out
+}
+
+/// Where a tile's queries sit.
+#[derive(Clone, Copy, Debug)]
+pub enum Place {
+    /// Consecutive text tokens: they see every sequence key (not the global ones).
+    Text,
+    /// `rows × cols` image tokens at `(t, y, x)`; lane `r·cols + c` is `(y + r, x + c)`.
+    Image { t: usize, y: usize, x: usize, rows: usize, cols: usize },
+}
+
+/// Up to 16 queries computed together (one per lane). Lanes past `live` repeat lane 0.
+#[derive(Clone, Copy, Debug)]
+pub struct Tile {
+    pub rows: [usize; LANES],
+    pub live: usize,
+    pub place: Place,
+}
+
+/// Every query in tiles of 16: text in runs, image rows in 4×4 tiles (a frame's last rows in wider tiles).
+pub fn tiles(g: &Geometry) -> Vec<Tile> {
+    let mut out = Vec::new();
+    let t0 = g.text_start();
+    for s in (0..g.text).step_by(LANES) {
+        let live = LANES.min(g.text - s);
+        let mut rows = [t0 + s; LANES];
+        for (l, r) in rows.iter_mut().enumerate().take(live) {
+            *r = t0 + s + l;
+        }
+        out.push(Tile { rows, live, place: Place::Text });
+    }
+    for t in 0..g.frames {
+        for y in (0..g.height).step_by(TILE_ROWS) {
+            let rows = TILE_ROWS.min(g.height - y);
+            let step = LANES / rows;
+            for x in (0..g.width).step_by(step) {
+                let cols = step.min(g.width - x);
+                let first = g.image_start() + (t * g.height + y) * g.width + x;
+                let mut lanes = [first; LANES];
+                for r in 0..rows {
+                    for c in 0..cols {
+                        lanes[r * cols + c] = first + r * g.width + c;
+                    }
+                }
+                out.push(Tile { rows: lanes, live: rows * cols, place: Place::Image { t, y, x, rows, cols } });
+            }
+        }
+    }
+    out
+}
+
+/// Keys `start .. start + len` of the group at `group_start` (width `group_width`); `mask`: some lane may not see
+/// all of them.
+#[derive(Clone, Copy, Debug)]
+pub struct Segment {
+    pub start: usize,
+    pub len: usize,
+    pub group_start: usize,
+    pub group_width: usize,
+    pub mask: Option<RowMask>,
+}
+
+/// The disc test of a segment on one image key row: its first key's column, and per tile row the half-width
+/// of that row's disc on this key row (−1: the key row is outside it).
+#[derive(Clone, Copy, Debug)]
+pub struct RowMask {
+    pub x0: i64,
+    pub half_widths: [i64; TILE_ROWS],
+}
+
+fn whole(group: &Group) -> Segment {
+    Segment { start: group.start, len: group.width, group_start: group.start, group_width: group.width, mask: None }
+}
+
+/// The key segments of `tile` (into `out`, cleared first): every key some lane of it may attend.
+pub fn segments(g: &Geometry, groups: &[Group], tile: &Tile, out: &mut Vec<Segment>) {
+    out.clear();
+    let (t, y0, x0, rows, cols) = match tile.place {
+        Place::Text => {
+            out.extend(groups.iter().filter(|gr| gr.start < g.tokens()).map(whole));
+            return;
+        }
+        Place::Image { t, y, x, rows, cols } => (t, y as i64, x as i64, rows as i64, cols as i64),
+    };
+    let text = g.text_start()..g.text_start() + g.text;
+    out.extend(groups.iter().filter(|gr| text.contains(&gr.start)).map(whole));
+    let reach = isqrt(g.max_d2.max(0));
+    let (width, height) = (g.width as i64, g.height as i64);
+    for kt in 0..g.frames {
+        if (kt as i64 - t as i64).abs() > g.max_dt {
+            continue;
+        }
+        for ky in (y0 - reach).max(0)..=(y0 + rows - 1 + reach).min(height - 1) {
+            // Union of the tile rows' key ranges on this key row, and whether every row covers all of it.
+            let (mut lo, mut hi, mut inner_lo, mut inner_hi, mut every_row) = (i64::MAX, i64::MIN, i64::MIN, i64::MAX, true);
+            let mut half_widths = [-1i64; TILE_ROWS];
+            for r in 0..rows {
+                match g.half_width(ky - (y0 + r)) {
+                    Some(w) => {
+                        half_widths[r as usize] = w;
+                        lo = lo.min(x0 - w);
+                        hi = hi.max(x0 + cols - 1 + w);
+                        inner_lo = inner_lo.max(x0 + cols - 1 - w);
+                        inner_hi = inner_hi.min(x0 + w);
+                    }
+                    None => every_row = false,
+                }
+            }
+            let (lo, hi) = (lo.max(0), hi.min(width - 1));
+            if lo > hi {
+                continue;
+            }
+            let full = every_row && inner_lo <= lo && inner_hi >= hi;
+            let group_start = g.image_start() + ((kt * g.height) as i64 + ky) as usize * g.width;
+            out.push(Segment {
+                start: group_start + lo as usize,
+                len: (hi - lo + 1) as usize,
+                group_start,
+                group_width: g.width,
+                mask: (!full).then_some(RowMask { x0: lo, half_widths }),
+            });
+        }
+    }
+    out.extend(groups.iter().filter(|gr| gr.start >= g.tokens()).map(whole));
+}
+
+/// Per lane of an image tile, the key columns `[lo, hi]` its disc keeps on a masked segment's key row (`lo > hi`:
+/// none), as f32 (exact: grid coordinates are far below 2²⁴).
+pub fn lane_intervals(tile: &Tile, mask: &RowMask) -> (Lanes, Lanes) {
+    let (mut lo, mut hi) = ([1.0f32; LANES], [0.0f32; LANES]);
+    if let Place::Image { x, rows, cols, .. } = tile.place {
+        for l in 0..LANES {
+            let l0 = if l < rows * cols { l } else { 0 };
+            let w = mask.half_widths[l0 / cols];
+            if w >= 0 {
+                let qx = (x + l0 % cols) as i64;
+                lo[l] = (qx - w) as f32;
+                hi[l] = (qx + w) as f32;
+            }
+        }
+    }
+    (lo, hi)
+}
