@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from difattn import TokenGrid, reference
+from difattn._native import core
 from difattn.bench import work
 from difattn.ops import block_plan
 from difattn.testing.strategies import token_grids
@@ -47,6 +48,18 @@ def test_plan_pairs_cover_needed_pairs():
     grid = TokenGrid(30, 52, text_tokens=77, text_position="last")
     plan = block_plan.clear_plan(grid, 8.0, 1.0, 0, block_plan.CPU_BLOCKS, "cpu")
     assert work.plan_pairs(plan) >= work.clear_pairs(grid, 8.0)
+
+
+def test_clear_cpu_computed_pairs():
+    """CLEAR's CPU kernels compute every lane of each 16-query tile over the union of its discs: never fewer pairs
+    than needed, exactly the needed ones when a single full tile sees every key, and the union's excess at r=8."""
+    pairs = lambda grid, r: core().clear_computed_pairs(grid.core_args(), 0, r, 1.0)
+    grid = TokenGrid(30, 52, text_tokens=77, text_position="last")
+    assert pairs(grid, 8.0) >= work.clear_pairs(grid, 8.0)
+    assert pairs(TokenGrid(1, 16), 20.0) == work.clear_pairs(TokenGrid(1, 16), 20.0) == 256
+    assert pairs(TokenGrid(4, 4, text_tokens=16), 1.0) == 32 * 32  # text tiles see all 32 keys; the image tile its discs' union
+    ratio = pairs(TokenGrid(64, 64), 8.0) / work.clear_pairs(TokenGrid(64, 64), 8.0)
+    assert 1.4 < ratio < 1.55
 
 
 def test_generated_reports_are_up_to_date():

@@ -113,6 +113,9 @@ def clear_backward(
 ) -> None:
     """CLEAR backward on CPU: writes dq, dk, dv and, with global tokens, their gradients."""
 
+def clear_computed_pairs(grid: GridArgs, global_tokens: int, radius: float, temporal_radius: float) -> int:
+    """(query, key) pairs the CPU disc kernels compute (every lane of every tile)."""
+
 # One DyDiLA side: (z, z_aux, gamma, gamma_aux, lambda), or its gradients (dz, dz_aux, dgamma, dgamma_aux, dlambda).
 StreamArgs = tuple[TensorArgs, TensorArgs, TensorArgs, TensorArgs, TensorArgs]
 

@@ -1,7 +1,7 @@
-//! CLEAR on CPU without tiles of keys: each tile of eight queries (2×4 image tokens, or 8 text tokens) attends
+//! CLEAR on CPU without blocks of keys: each tile of 16 queries (4×4 image tokens, or 16 text tokens) attends
 //! exactly the contiguous key ranges of its discs, read in place from the raster order (`geometry`), with the
-//! eight queries in the lanes of a vector (`lanes`). Computed pairs exceed the needed ones only by the union of
-//! the tile's discs (about 1.3× at r = 8, less for larger radii), against 2–3× for the block engine's tiles.
+//! queries in the lanes of two vectors (`lanes`). Computed pairs exceed the needed ones only by the union of the
+//! tile's discs (1.47× at r = 8 and 1.21× at r = 16 on a 64×64 grid), against 2–3× for the block engine's tiles.
 //!
 //! Layouts: q, k `(B, H, N, D)`, v `(B, H, N, Dv)`, global tokens `kg (B, H, G, D)`, `vg (B, H, G, Dv)`, any
 //! strides, f32 / f16 / bf16. Per `(b, h)` slice the keys are converted once to f32 panels (transposed per group
@@ -17,7 +17,7 @@ mod tests;
 
 pub use backward::{backward, Grads, Upstream};
 pub use forward::forward;
-pub use geometry::Geometry;
+pub use geometry::{computed_pairs, Geometry};
 
 use geometry::Group;
 use lanes::LANES;
@@ -26,11 +26,10 @@ use super::view::{DType, View, ViewError};
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 const LN_2: f32 = std::f32::consts::LN_2;
-/// Keys per piece: logits of a tile for this many keys stay in L1 (8 KiB).
+/// Keys per piece: logits of a tile for this many keys stay in L1 (16 KiB).
 const PIECE_KEYS: usize = 256;
-/// Rows of logit buffers: a piece plus the padding of [`lanes::dots`]' last block.
-const PIECE_ROWS: usize = PIECE_KEYS + 12;
-const PANEL_TAIL: usize = 16;
+/// Rows of logit buffers: a piece plus the overrun of [`lanes::dots`]' last block.
+const PIECE_ROWS: usize = PIECE_KEYS + lanes::DOTS_OVERRUN;
 
 fn err<T>(msg: impl Into<String>) -> Result<T, ViewError> {
     Err(ViewError(msg.into()))
@@ -136,10 +135,10 @@ impl SliceKeys {
     }
 }
 
-/// Rows `(keys, channels)` regrouped per group as `(channels, width)` panels, plus `PANEL_TAIL` zeros: the last
-/// block of [`lanes::dots`] may read up to 11 columns past a group.
+/// Rows `(keys, channels)` regrouped per group as `(channels, width)` panels, plus zeros that the last block of
+/// [`lanes::dots`] may read past the last group.
 fn panels(rows: &[f32], channels: usize, groups: &[Group]) -> Vec<f32> {
-    let mut out = vec![0.0f32; rows.len() + PANEL_TAIL];
+    let mut out = vec![0.0f32; rows.len() + lanes::DOTS_OVERRUN];
     for g in groups {
         let panel = &mut out[g.start * channels..(g.start + g.width) * channels];
         for j in 0..g.width {

@@ -91,7 +91,14 @@ fn clear_backward(
     py.detach(|| clear::backward(&inp, &up, &grads, &geo, scale, threads)).map_err(view_error)
 }
 
+/// (query, key) pairs the CPU kernels compute on `grid` (all lanes of every tile, for the benchmark's work model).
+#[pyfunction]
+fn clear_computed_pairs(grid: GridArgs, global_tokens: usize, radius: f64, temporal_radius: f64) -> PyResult<u64> {
+    Ok(clear::computed_pairs(&geometry(grid, global_tokens, radius, temporal_radius)?))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(clear_computed_pairs, m)?)?;
     m.add_function(wrap_pyfunction!(clear_forward, m)?)?;
     m.add_function(wrap_pyfunction!(clear_backward, m)?)?;
     Ok(())

@@ -14,6 +14,7 @@ import torch
 from .. import functional, reference
 from .._options import clear_radii, grat_group, pisa_num_selected
 from ..grid import TokenGrid
+from .._native import core
 from ..ops import block_plan
 from . import work
 
@@ -51,7 +52,11 @@ class Case:
         return _NEEDED[self.method](shape, self.options) * work.pass_factor(self.method, backward)
 
     def computed_fraction(self, shape: Shape, backend: str, backward: bool = False) -> float:
-        """Work the backend's kernels do: whole blocks for the block engine, the needed work otherwise."""
+        """Work the backend's kernels do: whole blocks for the block engine, every lane of CLEAR's CPU tiles, the
+        needed work otherwise."""
+        if self.method == "clear" and backend == "rust":
+            r, rt = clear_radii(shape.grid, self.options["radius"], None)
+            return core().clear_computed_pairs(shape.grid.core_args(), 0, r, rt) / shape.grid.num_tokens**2
         if self.method in ("clear", "grat") and backend in block_plan.KERNEL_BLOCKS:
             return work.plan_pairs(self.plan(shape, backend)) / shape.grid.num_tokens**2
         return self.needed_fraction(shape, backward)
@@ -75,7 +80,8 @@ class Case:
         return None
 
     def plan(self, shape: Shape, backend: str):
-        """The block plan ``backend`` runs for this CLEAR or GRAT case at ``shape`` (CPU tensors)."""
+        """The block plan ``backend`` runs for this CLEAR or GRAT case at ``shape`` (CPU tensors; CLEAR's Rust
+        kernels need none, see :meth:`computed_fraction`)."""
         grid, blocks = shape.grid, block_plan.kernel_blocks(backend, shape.head_dim)
         if self.method == "clear":
             r, rt = clear_radii(grid, self.options["radius"], None)

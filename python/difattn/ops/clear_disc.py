@@ -1,9 +1,9 @@
 """CLEAR's disc kernels on CPU as custom ops: ``difattn::clear_disc_fwd`` / ``_bwd``.
 
-Each tile of eight queries attends exactly the key ranges of its discs, read in place from the raster order (no
-plan, no permutation; see ``rust/cpu/clear.rs``). q, k ``(B, H, N, D)``, v ``(B, H, N, Dv)``, optional global
-tokens ``k_g (B, H, G, D)``, ``v_g (B, H, G, Dv)``; any strides, f32 / f16 / bf16. The forward returns the output
-in q's dtype and the log-sum-exp (fp32) that the backward reuses.
+Each tile of 16 queries (4×4 image tokens) attends exactly the key ranges of its discs, read in place from the
+raster order (no plan, no permutation; see ``rust/cpu/clear.rs``). q, k ``(B, H, N, D)``, v ``(B, H, N, Dv)``,
+optional global tokens ``k_g (B, H, G, D)``, ``v_g (B, H, G, Dv)``; any strides, f32 / f16 / bf16. The forward
+returns the output in q's dtype and the log-sum-exp (fp32) that the backward reuses.
 """
 
 from __future__ import annotations

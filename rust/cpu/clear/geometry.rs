@@ -247,3 +247,17 @@ pub fn lane_intervals(tile: &Tile, mask: &RowMask) -> (Lanes, Lanes) {
     }
     (lo, hi)
 }
+
+/// (query, key) pairs the kernels compute for `g`: every lane of every tile times its segments' keys (the
+/// benchmark's computed work).
+pub fn computed_pairs(g: &Geometry) -> u64 {
+    let groups = groups(g);
+    let mut segs = Vec::new();
+    tiles(g)
+        .iter()
+        .map(|tile| {
+            segments(g, &groups, tile, &mut segs);
+            (LANES * segs.iter().map(|s| s.len).sum::<usize>()) as u64
+        })
+        .sum()
+}

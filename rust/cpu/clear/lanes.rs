@@ -1,10 +1,11 @@
-//! The three small products of the disc kernels, with the eight queries of a tile in the eight lanes of a vector.
+//! The three small products of the disc kernels, with the 16 queries of a tile in 16 lanes (two AVX2 vectors).
 //! Generic over `FMA` and `#[inline(always)]`: the tile functions that call them are compiled once for AVX2+FMA
-//! and once for the baseline (`vmath`'s scheme), and each `[f32; 8]` becomes one vector register.
+//! and once for the baseline (`vmath`'s scheme), and each `[f32; 16]` becomes two vector registers.
 //!
 //! - [`dots`]: logits `s[j] = Σ_c a[c]·panel[c][j]` of the lanes against keys stored as a transposed panel
-//!   (a register block of 12 keys: one vector load and 12 broadcasts per channel for 12 FMAs).
-//! - [`combine`]: `acc[c] += Σ_j w[j]·rows[j][c]` (P·V, dS·K) over row-major keys, 12 channels per block.
+//!   (a register block of 6 keys: two vector loads and 6 broadcasts per channel for 12 FMAs, the shape of a
+//!   GEMM microkernel; with 8 lanes the broadcasts, one per FMA, ran this CPU at about half the rate).
+//! - [`combine`]: `acc[c] += Σ_j w[j]·rows[j][c]` (P·V, dS·K) over row-major keys, 6 channels per block.
 //! - [`update`]: `dst[j][c] += Σ_l w[j][l]·b[l][c]` (the key gradients), 3 keys × 32 channels per block.
 
 use crate::cpu::vmath::{exp2_one, madd};
@@ -20,9 +21,12 @@ fn fma_lanes<const FMA: bool>(a: f32, b: &Lanes, acc: &mut Lanes) {
     }
 }
 
-/// `out[j] = Σ_c a[c] · panel[c·stride + j]` for `j < n`, computed in blocks of 12, 8 or 4 keys: the tail block
-/// runs past `n` (by at most 11 keys), so `out` and the panel's columns must extend that far (checked by the
-/// slicing). Blocks of fewer keys would be bound by the FMA latency, not its throughput.
+/// Keys [`dots`] may compute past `n`.
+pub const DOTS_OVERRUN: usize = 1;
+
+/// `out[j] = Σ_c a[c] · panel[c·stride + j]` for `j < n`, computed in blocks of 6, 4 or 2 keys: the tail block
+/// may run [`DOTS_OVERRUN`] key past `n`, so `out` and the panel's columns must extend that far (checked by the
+/// slicing). Blocks of a single key would be bound by the FMA latency, not its throughput.
 #[inline(always)]
 pub fn dots<const FMA: bool>(a: &[Lanes], panel: &[f32], stride: usize, n: usize, out: &mut [Lanes]) {
     let mut j = 0;
