@@ -20,7 +20,6 @@ pub use forward::forward;
 pub use geometry::{computed_pairs, Geometry};
 
 use geometry::Group;
-use lanes::LANES;
 
 use super::view::{DType, View, ViewError};
 
@@ -49,7 +48,7 @@ struct Dims {
     heads: usize,
     d: usize,
     dv: usize,
-    /// `d`, `dv` rounded up to a multiple of 8 (rows of the key-gradient buffers).
+    /// `d`, `dv` rounded up to a multiple of [`lanes::COLS`] (rows of the key-gradient buffers).
     d_pad: usize,
     dv_pad: usize,
 }
@@ -91,7 +90,7 @@ fn check_inputs(inp: &Inputs, geo: &Geometry) -> Result<Dims, ViewError> {
     if geo.max_d2 < 0 || geo.max_dt < 0 {
         return err("max_d2 and max_dt must be >= 0");
     }
-    let pad = |x: usize| x.div_ceil(LANES) * LANES;
+    let pad = |x: usize| x.div_ceil(lanes::COLS) * lanes::COLS;
     Ok(Dims { batch, heads, d, dv, d_pad: pad(d), dv_pad: pad(dv) })
 }
 

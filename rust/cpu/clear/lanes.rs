@@ -89,11 +89,22 @@ fn combine_block<const FMA: bool, const CB: usize>(w: &[Lanes], rows: &[f32], st
     acc.copy_from_slice(&a);
 }
 
-/// `dst[j·stride + c] += Σ_l w[j][l] · b[l·width + c]` for `j < w.len()`, `c < width`; `width` a multiple of 8
-/// (callers pad rows with zeros).
+/// Channels per vector of [`update`]: its rows must be padded to a multiple of this.
+pub const COLS: usize = 8;
+type Cols = [f32; COLS];
+
+#[inline(always)]
+fn fma_cols<const FMA: bool>(a: f32, b: &Cols, acc: &mut Cols) {
+    for i in 0..COLS {
+        acc[i] = madd::<FMA>(a, b[i], acc[i]);
+    }
+}
+
+/// `dst[j·stride + c] += Σ_l w[j][l] · b[l·width + c]` for `j < w.len()`, `c < width`; `width` a multiple of
+/// [`COLS`] (callers pad rows with zeros). Vectors run along the channels here: 3 keys × 4 vectors per block.
 #[inline(always)]
 pub fn update<const FMA: bool>(w: &[Lanes], b: &[f32], width: usize, dst: &mut [f32], stride: usize) {
-    debug_assert!(width % LANES == 0);
+    debug_assert!(width % COLS == 0);
     let n = w.len();
     let mut j = 0;
     while j + 3 <= n {
@@ -109,37 +120,37 @@ pub fn update<const FMA: bool>(w: &[Lanes], b: &[f32], width: usize, dst: &mut [
 #[inline(always)]
 fn update_keys<const FMA: bool, const JB: usize>(w: &[Lanes], b: &[f32], width: usize, dst: &mut [f32], stride: usize) {
     let mut c = 0;
-    while c + 4 * LANES <= width {
+    while c + 4 * COLS <= width {
         update_block::<FMA, JB, 4>(w, &b[c..], width, &mut dst[c..], stride);
-        c += 4 * LANES;
+        c += 4 * COLS;
     }
     while c < width {
         update_block::<FMA, JB, 1>(w, &b[c..], width, &mut dst[c..], stride);
-        c += LANES;
+        c += COLS;
     }
 }
 
 #[inline(always)]
 fn update_block<const FMA: bool, const JB: usize, const VB: usize>(w: &[Lanes], b: &[f32], width: usize, dst: &mut [f32], stride: usize) {
-    let mut acc = [[[0.0f32; LANES]; VB]; JB];
+    let mut acc = [[[0.0f32; COLS]; VB]; JB];
     for (jj, a) in acc.iter_mut().enumerate() {
         for (v, av) in a.iter_mut().enumerate() {
-            av.copy_from_slice(&dst[jj * stride + v * LANES..][..LANES]);
+            av.copy_from_slice(&dst[jj * stride + v * COLS..][..COLS]);
         }
     }
     for l in 0..LANES {
-        let row = &b[l * width..][..VB * LANES];
+        let row = &b[l * width..][..VB * COLS];
         for v in 0..VB {
-            let mut bv = [0.0f32; LANES];
-            bv.copy_from_slice(&row[v * LANES..(v + 1) * LANES]);
+            let mut bv = [0.0f32; COLS];
+            bv.copy_from_slice(&row[v * COLS..(v + 1) * COLS]);
             for jj in 0..JB {
-                fma_lanes::<FMA>(w[jj][l], &bv, &mut acc[jj][v]);
+                fma_cols::<FMA>(w[jj][l], &bv, &mut acc[jj][v]);
             }
         }
     }
     for (jj, a) in acc.iter().enumerate() {
         for (v, av) in a.iter().enumerate() {
-            dst[jj * stride + v * LANES..][..LANES].copy_from_slice(av);
+            dst[jj * stride + v * COLS..][..COLS].copy_from_slice(av);
         }
     }
 }
