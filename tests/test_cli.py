@@ -45,7 +45,8 @@ def test_bench_writes_json_schema(tmp_path, capsys):
         assert r["N"] == 45 and r["ms"] > 0 and r["dense_ms"] > 0
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["ms"])
     clear_fwd = next(r for r in records if r["method"] == "clear" and r["pass"] == "fwd")
-    assert 0 < clear_fwd["work_fraction"] <= clear_fwd["computed_fraction"] <= 1
+    # CLEAR's CPU kernels compute whole 16-lane tiles: on a grid this small they may do more than dense work.
+    assert 0 < clear_fwd["work_fraction"] <= clear_fwd["computed_fraction"]
     assert clear_fwd["rel_err_ref"] < 1e-5  # the fast path agrees with the reference
     assert "speedup" in capsys.readouterr().out
 
