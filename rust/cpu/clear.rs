@@ -134,6 +134,15 @@ impl SliceKeys {
     }
 }
 
+/// One `(b, h)` slice as the tile functions see it: its keys in f32, the shapes, and the softmax scale.
+struct Slice<'a> {
+    keys: &'a SliceKeys,
+    dims: Dims,
+    b: usize,
+    h: usize,
+    scale: f32,
+}
+
 /// Rows `(keys, channels)` regrouped per group as `(channels, width)` panels, plus zeros that the last block of
 /// [`lanes::dots`] may read past the last group.
 fn panels(rows: &[f32], channels: usize, groups: &[Group]) -> Vec<f32> {

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use super::forward::load_lanes;
 use super::geometry::{self, lane_intervals, Segment, Tile};
 use super::lanes::{self, Lanes, LANES};
-use super::{check_inputs, check_output, err, panel_offset, pieces, Dims, Geometry, Inputs, SliceKeys, LOG2_E, PIECE_ROWS};
+use super::{check_inputs, check_output, err, panel_offset, pieces, Dims, Geometry, Inputs, Slice, SliceKeys, LOG2_E, PIECE_ROWS};
 use crate::cpu::pool::pool;
 use crate::cpu::view::{DType, View, ViewError};
 use crate::cpu::vmath::{exp2_one, has_avx2_fma};
@@ -86,7 +86,7 @@ pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scal
                 let mut acc = KeyGrads { dk: vec![0.0; geo.keys() * dims.d_pad], dv: vec![0.0; geo.keys() * dims.dv_pad] };
                 let mut buf = Buffers::new(dims);
                 let share = &tiles[part * tiles.len() / parts..(part + 1) * tiles.len() / parts];
-                let ctx = TileCtx { inp, up, dq: grads.dq, keys: &keys, dims, b, h, scale };
+                let ctx = TileCtx { inp, up, dq: grads.dq, slice: Slice { keys: &keys, dims, b, h, scale } };
                 for tile in share {
                     geometry::segments(geo, &groups, tile, &mut buf.segments);
                     if fma {
@@ -143,20 +143,16 @@ struct TileCtx<'a> {
     inp: &'a Inputs<'a>,
     up: &'a Upstream<'a>,
     dq: &'a View,
-    keys: &'a SliceKeys,
-    dims: Dims,
-    b: usize,
-    h: usize,
-    scale: f32,
+    slice: Slice<'a>,
 }
 
 struct Buffers {
     segments: Vec<Segment>,
     /// Queries as base-2 logit factors, channel-major.
     qt: Vec<Lanes>,
-    /// Queries times `scale`, row-major `(8, d_pad)` (zero rows for dead lanes): the dk update's right side.
+    /// Queries times `scale`, row-major `(LANES, d_pad)` (zero rows for dead lanes): the dk update's right side.
     q_rows: Vec<f32>,
-    /// dout, channel-major (dP's left side) and row-major `(8, dv_pad)` (dead lanes zero: the dv update).
+    /// dout, channel-major (dP's left side) and row-major `(LANES, dv_pad)` (dead lanes zero: the dv update).
     dot: Vec<Lanes>,
     do_rows: Vec<f32>,
     dq: Vec<Lanes>,
@@ -194,7 +190,7 @@ unsafe fn tile_avx2(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers, acc: &mut Key
 
 /// Fills the row-major copies of the queries (times `scale`) and of dout; dead lanes stay zero.
 fn load_rows(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) {
-    let Dims { d, dv, d_pad, dv_pad, .. } = ctx.dims;
+    let Dims { d, dv, d_pad, dv_pad, .. } = ctx.slice.dims;
     buf.q_rows.iter_mut().for_each(|x| *x = 0.0);
     buf.do_rows.iter_mut().for_each(|x| *x = 0.0);
     for l in 0..tile.live {
@@ -209,9 +205,8 @@ fn load_rows(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) {
 
 #[inline(always)]
 fn tile_body<const FMA: bool>(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers, acc: &mut KeyGrads) {
-    let Dims { d, dv, d_pad, dv_pad, .. } = ctx.dims;
-    let (b, h) = (ctx.b, ctx.h);
-    load_lanes(ctx.inp.q, b, h, tile, ctx.scale * LOG2_E, &mut buf.row[..d], &mut buf.qt);
+    let Slice { keys, dims: Dims { d, dv, d_pad, dv_pad, .. }, b, h, scale } = ctx.slice;
+    load_lanes(ctx.inp.q, b, h, tile, scale * LOG2_E, &mut buf.row[..d], &mut buf.qt);
     load_lanes(ctx.up.dout, b, h, tile, 1.0, &mut buf.row[..dv], &mut buf.dot);
     load_rows(ctx, tile, buf);
     let (mut lse2, mut delta) = ([0.0f32; LANES], [0.0f32; LANES]);
@@ -220,7 +215,6 @@ fn tile_body<const FMA: bool>(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers, acc
         delta[l] = ctx.up.delta.load_f32(&[b, h, tile.rows[l]]);
     }
     buf.dq.iter_mut().for_each(|a| *a = [0.0; LANES]);
-    let keys = ctx.keys;
     for seg in &buf.segments {
         for (start, len) in pieces(seg) {
             lanes::dots::<FMA>(&buf.qt, &keys.k_panels[panel_offset(seg, start, d)..], seg.group_width, len, &mut buf.p);
@@ -248,7 +242,7 @@ fn tile_body<const FMA: bool>(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers, acc
     let row = &mut buf.row[..d];
     for l in 0..tile.live {
         for (c, x) in row.iter_mut().enumerate() {
-            *x = buf.dq[c][l] * ctx.scale;
+            *x = buf.dq[c][l] * scale;
         }
         // SAFETY: validated output; each query row belongs to exactly one tile and one task.
         unsafe { ctx.dq.store_row(&[b, h, tile.rows[l]], row) };

@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use super::geometry::{self, lane_intervals, Segment, Tile};
 use super::lanes::{self, Lanes, LANES};
-use super::{check_inputs, check_output, panel_offset, pieces, Dims, Geometry, Inputs, SliceKeys, LN_2, LOG2_E, PIECE_KEYS, PIECE_ROWS};
+use super::{check_inputs, check_output, panel_offset, pieces, Dims, Geometry, Inputs, Slice, SliceKeys, LN_2, LOG2_E, PIECE_KEYS, PIECE_ROWS};
 use crate::cpu::pool::pool;
 use crate::cpu::view::{DType, View, ViewError};
 use crate::cpu::vmath::{exp2_one, has_avx2_fma, log2_one};
@@ -27,7 +27,7 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, geo: &Geometry, scale: f32,
                 || Buffers::new(dims),
                 |buf, tile| {
                     geometry::segments(geo, &groups, tile, &mut buf.segments);
-                    let ctx = TileCtx { q: inp.q, out, lse, keys: &keys, dims, b, h, scale };
+                    let ctx = TileCtx { q: inp.q, out, lse, slice: Slice { keys: &keys, dims, b, h, scale } };
                     if fma {
                         // SAFETY: the CPU has AVX2 and FMA (checked above).
                         unsafe { tile_avx2(&ctx, tile, buf) }
@@ -45,11 +45,7 @@ struct TileCtx<'a> {
     q: &'a View,
     out: &'a View,
     lse: &'a View,
-    keys: &'a SliceKeys,
-    dims: Dims,
-    b: usize,
-    h: usize,
-    scale: f32,
+    slice: Slice<'a>,
 }
 
 struct Buffers {
@@ -101,9 +97,8 @@ pub(super) fn load_lanes(t: &View, b: usize, h: usize, tile: &Tile, mul: f32, ro
 
 #[inline(always)]
 fn tile_body<const FMA: bool>(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) {
-    let Dims { d, dv, .. } = ctx.dims;
-    let (b, h) = (ctx.b, ctx.h);
-    load_lanes(ctx.q, b, h, tile, ctx.scale * LOG2_E, &mut buf.row[..d], &mut buf.qt);
+    let Slice { keys, dims: Dims { d, dv, .. }, b, h, scale } = ctx.slice;
+    load_lanes(ctx.q, b, h, tile, scale * LOG2_E, &mut buf.row[..d], &mut buf.qt);
     let mut state = Softmax { m: [f32::NEG_INFINITY; LANES], l: [0.0; LANES] };
     buf.acc.iter_mut().for_each(|a| *a = [0.0; LANES]);
     // Logits of consecutive pieces share one buffer and one softmax update (`flush`).
@@ -117,7 +112,7 @@ fn tile_body<const FMA: bool>(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) {
                 filled = 0;
             }
             let s = &mut buf.s[filled..];
-            lanes::dots::<FMA>(&buf.qt, &ctx.keys.k_panels[panel_offset(seg, start, d)..], seg.group_width, len, s);
+            lanes::dots::<FMA>(&buf.qt, &keys.k_panels[panel_offset(seg, start, d)..], seg.group_width, len, s);
             if let Some(mask) = &seg.mask {
                 let (lo, hi) = lane_intervals(tile, mask);
                 lanes::mask_columns(&mut s[..len], (mask.x0 + (start - seg.start) as i64) as f32, &lo, &hi);
@@ -179,9 +174,9 @@ fn flush<const FMA: bool>(ctx: &TileCtx, buf: &mut Buffers, filled: usize, state
     for l in 0..LANES {
         state.l[l] += sums[l];
     }
-    let dv = ctx.dims.dv;
+    let dv = ctx.slice.dims.dv;
     for &(start, slot, len) in &buf.batch {
-        lanes::combine::<FMA>(&buf.s[slot..slot + len], &ctx.keys.v_rows[start * dv..], dv, &mut buf.acc);
+        lanes::combine::<FMA>(&buf.s[slot..slot + len], &ctx.slice.keys.v_rows[start * dv..], dv, &mut buf.acc);
     }
     buf.batch.clear();
 }
