@@ -132,6 +132,13 @@ fn matches_naive_loop_on_videos_and_large_radii() {
 }
 
 #[test]
+fn matches_naive_loop_when_rows_are_wider_than_a_piece() {
+    // Image rows of 300 keys are split into pieces of at most 256; text queries fold several batches.
+    run(geo(1, 2, 300, 3, true, 1, 100_000, 0), 1, 8, 8, 2);
+    run(geo(1, 3, 270, 0, false, 0, 2, 0), 1, 8, 8, 1);
+}
+
+#[test]
 fn rejects_mismatched_shapes() {
     let g = geo(1, 4, 4, 0, true, 0, 4, 0);
     let x = values(16 * 8, 1);
