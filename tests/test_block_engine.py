@@ -129,6 +129,29 @@ def test_grat_rust_matches_reference(grid, pattern, group, reach, d, dtype, seed
     )
 
 
+@given(grid=token_grids(max_side=12, max_tokens=300), radius=st.floats(0.8, 5.0), rt=st.floats(0.5, 3.0),
+       globals_=st.integers(0, 3), d=head_dims(), seed=st.integers(0, 99))
+def test_clear_rust_videos_and_global_tokens_match_reference(grid, radius, rt, globals_, d, seed):
+    """Frames within ``temporal_radius`` and global tokens (every image query sees them, text queries do not)."""
+    q, k, v = random_qkv(1, 2, grid.num_tokens, d, seed=seed)
+    kg, vg, _ = random_qkv(1, 2, globals_, d, seed=seed + 1)
+    kw = dict(radius=radius, temporal_radius=rt)
+    if globals_:
+        compare_with_reference(
+            "clear video+global",
+            lambda q, k, v, kg, vg: difattn.clear_attention(q, k, v, grid, global_kv=(kg, vg), backend="rust", **kw),
+            lambda q, k, v, kg, vg: reference.clear_attention(q, k, v, grid, global_kv=(kg, vg), scale=d**-0.5, **kw),
+            (q, k, v, kg, vg),
+        )
+    else:
+        compare_with_reference(
+            "clear video",
+            lambda q, k, v: difattn.clear_attention(q, k, v, grid, backend="rust", **kw),
+            lambda q, k, v: reference.clear_attention(q, k, v, grid, scale=d**-0.5, **kw),
+            (q, k, v),
+        )
+
+
 def test_clear_global_kv_gradients():
     grid = difattn.TokenGrid(9, 10, text_tokens=4, text_position="last")
     q, k, v = random_qkv(2, 2, grid.num_tokens, 72, seed=3)
