@@ -15,10 +15,6 @@ from ..grid import TokenGrid
 from .block_attention import _desc
 
 
-def _grid_args(frames: int, height: int, width: int, text_tokens: int, text_position: str):
-    return (frames, height, width, text_tokens, text_position)
-
-
 def _pair(a: torch.Tensor | None, b: torch.Tensor | None):
     return None if a is None else (_desc(a), _desc(b))
 
@@ -34,7 +30,7 @@ def clear_disc_fwd(
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
     core().clear_forward(
         _desc(q), _desc(k), _desc(v), _pair(k_g, v_g), _desc(out), _desc(lse),
-        _grid_args(frames, height, width, text_tokens, text_position), radius, temporal_radius, scale,
+        (frames, height, width, text_tokens, text_position), radius, temporal_radius, scale,
         torch.get_num_threads(),
     )
     return out, lse
@@ -58,7 +54,7 @@ def clear_disc_bwd(
     dk_g, dv_g = (None, None) if k_g is None else (torch.empty(t.shape, dtype=t.dtype) for t in (k_g, v_g))
     core().clear_backward(
         _desc(q), _desc(k), _desc(v), _pair(k_g, v_g), _desc(dout), _desc(lse), _desc(delta), _desc(dq), _desc(dk),
-        _desc(dv), _pair(dk_g, dv_g), _grid_args(frames, height, width, text_tokens, text_position), radius,
+        _desc(dv), _pair(dk_g, dv_g), (frames, height, width, text_tokens, text_position), radius,
         temporal_radius, scale, torch.get_num_threads(),
     )
     return [dq, dk, dv] + ([] if k_g is None else [dk_g, dv_g])
