@@ -1,9 +1,9 @@
 //! Block math of the DyDiLA power map `φ_γ(z) = ‖r‖ · r^γ / ‖r^γ‖`, `r = relu(z) + ε`, and its gradients, on the
 //! shared `log2` / `exp2` of `vmath`, with reductions in eight accumulators so they vectorise.
 //!
-//! The functions take a block of rows (`rows x D`, row-major, one exponent per row) and run each pass over every
-//! row before the next pass starts: a single row of 64 values is too short to hide the long latency chains of
-//! `log2` / `exp2`, while independent rows overlap in the core. Each block function has a portable body (the
+//! The functions take a block of rows (`rows x D`, row-major, one exponent per row). The forward makes two passes
+//! over each row while it is in L1 (`r` with its norm and maximum, then `log2 r` and the power), which measured a
+//! little faster than running each pass over the whole block. Each block function has a portable body (the
 //! baseline, and the reference of the tests) and an AVX2+FMA clone written with intrinsics (`avx2`), chosen at
 //! run time once per block.
 
@@ -31,61 +31,62 @@ fn shifted_relu(z: f32, eps: f32) -> f32 {
     z.max(0.0) + eps
 }
 
-/// Pass 1 of one row: `ls = log2 r`; returns `(‖r‖, max ls)`.
+/// Pass 1 of one row: `r = max(relu(z) + ε, f32::MIN_POSITIVE)` into `r_out` (the clamp keeps `log2 r` finite for
+/// ε = 0); returns `(‖r‖, max r)`.
 #[inline(always)]
-fn log_row<const FMA: bool>(z: &[f32], eps: f32, ls: &mut [f32]) -> (f32, f32) {
+fn relu_row<const FMA: bool>(z: &[f32], eps: f32, r_out: &mut [f32]) -> (f32, f32) {
     let mut r2 = [0.0f32; LANES];
-    let mut lmax = [f32::NEG_INFINITY; LANES];
-    let mut step = |zi: f32, li: &mut f32, l: usize| {
-        let x = shifted_relu(zi, eps);
+    let mut rmax = [0.0f32; LANES];
+    let mut step = |zi: f32, ri: &mut f32, l: usize| {
+        let x = shifted_relu(zi, eps).max(f32::MIN_POSITIVE);
         r2[l] = madd::<FMA>(x, x, r2[l]);
-        *li = log2_one::<FMA>(x.max(f32::MIN_POSITIVE));
-        lmax[l] = if *li > lmax[l] { *li } else { lmax[l] };
+        rmax[l] = rmax[l].max(x);
+        *ri = x;
     };
     let split = z.len() - z.len() % LANES;
-    for (zc, lc) in z[..split].chunks_exact(LANES).zip(ls[..split].chunks_exact_mut(LANES)) {
+    for (zc, rc) in z[..split].chunks_exact(LANES).zip(r_out[..split].chunks_exact_mut(LANES)) {
         for l in 0..LANES {
-            step(zc[l], &mut lc[l], l);
+            step(zc[l], &mut rc[l], l);
         }
     }
-    for (zi, li) in z[split..].iter().zip(&mut ls[split..]) {
-        step(*zi, li, 0);
+    for (zi, ri) in z[split..].iter().zip(&mut r_out[split..]) {
+        step(*zi, ri, 0);
     }
-    (lanes_sum(r2).sqrt(), lanes_max(lmax))
+    (lanes_sum(r2).sqrt(), lanes_max(rmax))
 }
 
-/// Pass 2 of one row: `p = 2^(γ·(ls − shift))`; returns `‖p‖`.
+/// Pass 2 of one row: `ls = log2 r` in place over pass 1's `r`, and `p = 2^(γ·(ls − shift))`; returns `‖p‖`.
 #[inline(always)]
-fn exp_row<const FMA: bool>(gamma: f32, shift: f32, ls: &[f32], p: &mut [f32]) -> f32 {
+fn power_row<const FMA: bool>(gamma: f32, shift: f32, ls: &mut [f32], p: &mut [f32]) -> f32 {
     let mut p2 = [0.0f32; LANES];
     let offset = -gamma * shift;
-    let mut step = |li: f32, pi: &mut f32, l: usize| {
-        *pi = exp2_one::<FMA>(madd::<FMA>(gamma, li, offset));
+    let mut step = |li: &mut f32, pi: &mut f32, l: usize| {
+        *li = log2_one::<FMA>(*li);
+        *pi = exp2_one::<FMA>(madd::<FMA>(gamma, *li, offset));
         p2[l] = madd::<FMA>(*pi, *pi, p2[l]);
     };
     let split = ls.len() - ls.len() % LANES;
-    for (lc, pc) in ls[..split].chunks_exact(LANES).zip(p[..split].chunks_exact_mut(LANES)) {
+    for (lc, pc) in ls[..split].chunks_exact_mut(LANES).zip(p[..split].chunks_exact_mut(LANES)) {
         for l in 0..LANES {
-            step(lc[l], &mut pc[l], l);
+            step(&mut lc[l], &mut pc[l], l);
         }
     }
-    for (li, pi) in ls[split..].iter().zip(&mut p[split..]) {
-        step(*li, pi, 0);
+    for (li, pi) in ls[split..].iter_mut().zip(&mut p[split..]) {
+        step(li, pi, 0);
     }
     lanes_sum(p2).sqrt()
 }
 
-/// The parts of `φ_γ(z)` for a block of rows: `ls = log2 r` and `p = (r / max r)^γ = 2^(γ·(ls − max ls))` (`rows x
-/// D` each, with `rows = gamma.len()`), and `norms` per row. Dividing by `max r` keeps every power <= 1 (no
-/// overflow for any γ >= 0) and does not change the map.
+/// The parts of `φ_γ(z)` for a block of rows: `ls = log2 r` and `p = (r / max r)^γ = 2^(γ·(ls − log2 max r))`
+/// (`rows x D` each, with `rows = gamma.len()`), and `norms` per row. Dividing by `max r` keeps every power <= 1
+/// (no overflow for any γ >= 0) and does not change the map.
 #[inline(always)]
 fn power_rows_body<const FMA: bool>(z: &[f32], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
     let d = z.len() / gamma.len().max(1);
-    for ((zr, lr), n) in z.chunks_exact(d).zip(ls.chunks_exact_mut(d)).zip(norms.iter_mut()) {
-        *n = log_row::<FMA>(zr, eps, lr);
-    }
-    for (((lr, pr), n), &g) in ls.chunks_exact(d).zip(p.chunks_exact_mut(d)).zip(norms.iter_mut()).zip(gamma) {
-        n.1 = exp_row::<FMA>(g, n.1, lr, pr);
+    let rows = z.chunks_exact(d).zip(ls.chunks_exact_mut(d)).zip(p.chunks_exact_mut(d));
+    for (((zr, lr), pr), (n, &g)) in rows.zip(norms.iter_mut().zip(gamma)) {
+        let (n1, rmax) = relu_row::<FMA>(zr, eps, lr);
+        *n = (n1, power_row::<FMA>(g, log2_one::<FMA>(rmax), lr, pr));
     }
 }
 
@@ -266,4 +267,3 @@ mod tests {
         }
     }
 }
-
