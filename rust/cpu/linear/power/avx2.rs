@@ -1,8 +1,8 @@
-//! The AVX2+FMA clones of [`super::power_rows`] and [`super::power_rows_grad`], written with intrinsics: `vmath`'s `log2` / `exp2`
-//! polynomials (the same operations in the same order), `STEP` vectors at a time so their long dependency chains
-//! interleave (on Zen-class cores a single vector's `log2` → `exp2` chain leaves the pipes mostly idle: 4 vectors
-//! per step run a row about 1.25× faster than 2), with the exponent bit tricks folded into fewer integer
-//! operations. Tails shorter than a vector go through padded copies (AMD's masked stores are slow).
+//! The AVX2+FMA clones of [`super::power_rows`] and [`super::power_rows_grad`], written with intrinsics: `vmath`'s
+//! `log2` / `exp2` (the same operations in the same order per lane; lane sums in tree order), `STEP` vectors at a
+//! time so their long dependency chains interleave (a single vector's `log2` → `exp2` chain leaves the pipes
+//! mostly idle: on the Zen-class test machine 4 vectors per step ran a row 1.2× faster than 2), with the exponent
+//! bit tricks folded into fewer integer operations. Tails go through padded copies (AMD's masked stores are slow).
 
 use std::arch::x86_64::*;
 
@@ -148,7 +148,7 @@ fn relu_row(z: &[f32], eps: f32, r_out: &mut [f32]) -> (f32, f32) {
     let mut zs = z.chunks_exact(STEP * W);
     let mut rs = r_out.chunks_exact_mut(STEP * W);
     for (zc, rc) in (&mut zs).zip(&mut rs) {
-        // SAFETY: both chunks hold STEP·8 values.
+        // SAFETY (load and store): both chunks hold STEP·8 values.
         let mut r = unsafe { load_v::<STEP>(zc.as_ptr()) };
         for j in 0..STEP {
             r[j] = relu(r[j]);
@@ -158,15 +158,16 @@ fn relu_row(z: &[f32], eps: f32, r_out: &mut [f32]) -> (f32, f32) {
         unsafe { store_v(rc.as_mut_ptr(), r) };
     }
     for (zc, rc) in zs.remainder().chunks(W).zip(rs.into_remainder().chunks_mut(W)) {
-        // Zero-padded tails: a padded lane has r = max(ε, tiny) <= every r (harmless in the maximum), masked out of
-        // the norm.
+        // Vectors past the last full step, padded with zeros: a padded lane has r = max(ε, tiny) <= every r
+        // (harmless in the maximum) and is masked out of the norm.
         let r = relu(padded(zc, 0.0));
         rc.copy_from_slice(&to_lanes(r)[..rc.len()]);
         let kept = _mm256_and_ps(r, tail_mask(rc.len()));
         r2[0] = _mm256_fmadd_ps(kept, kept, r2[0]);
         rmax[0] = _mm256_max_ps(r, rmax[0]);
     }
-    let (r2, rmax) = (r2[1..].iter().fold(r2[0], |a, b| _mm256_add_ps(a, *b)), rmax[1..].iter().fold(rmax[0], |a, b| _mm256_max_ps(a, *b)));
+    let r2 = r2[1..].iter().fold(r2[0], |a, b| _mm256_add_ps(a, *b));
+    let rmax = rmax[1..].iter().fold(rmax[0], |a, b| _mm256_max_ps(a, *b));
     (hsum(r2).sqrt(), hmax(rmax))
 }
 
@@ -183,7 +184,7 @@ fn power_row(gamma: f32, shift: f32, ls: &mut [f32], p: &mut [f32]) -> f32 {
     let mut lss = ls.chunks_exact_mut(STEP * W);
     let mut ps = p.chunks_exact_mut(STEP * W);
     for (lc, pc) in (&mut lss).zip(&mut ps) {
-        // SAFETY: both chunks hold STEP·8 values.
+        // SAFETY (load and stores): both chunks hold STEP·8 values.
         let r = unsafe { load_v::<STEP>(lc.as_ptr()) };
         let l = log2_v(r);
         let mut x = l;
