@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use super::pool::pool;
 use super::simd::matmul;
 use super::vmath::{self, exp2_shift_sum};
-use super::view::{View, ViewError};
+use super::view::{err, View, ViewError};
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 const LN_2: f32 = std::f32::consts::LN_2;
@@ -67,10 +67,6 @@ impl KeyColumns {
         let column = |i: usize| coords.chunks_exact(3).map(|c| c[i]).collect();
         KeyColumns { t: column(0), y: column(1), x: column(2) }
     }
-}
-
-fn err<T>(msg: impl Into<String>) -> Result<T, ViewError> {
-    Err(ViewError(msg.into()))
 }
 
 fn to_usize(name: &str, values: Vec<i64>, bound: usize) -> Result<Vec<usize>, ViewError> {

@@ -21,7 +21,7 @@ pub use geometry::{computed_pairs, Geometry};
 
 use geometry::Group;
 
-use super::view::{DType, View, ViewError};
+use super::view::{err, DType, View, ViewError};
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 const LN_2: f32 = std::f32::consts::LN_2;
@@ -29,10 +29,6 @@ const LN_2: f32 = std::f32::consts::LN_2;
 const PIECE_KEYS: usize = 256;
 /// Rows of logit buffers: a piece plus the overrun of [`lanes::dots`]' last block.
 const PIECE_ROWS: usize = PIECE_KEYS + lanes::DOTS_OVERRUN;
-
-fn err<T>(msg: impl Into<String>) -> Result<T, ViewError> {
-    Err(ViewError(msg.into()))
-}
 
 /// The attention inputs; `global = Some((kg, vg))` adds keys every image query attends.
 pub struct Inputs<'a> {

@@ -19,7 +19,7 @@ use features::{load_rows, output_rows, rows_in_shape, store_rows, FeatureMap, Ro
 use super::pool::pool;
 use super::simd::matmul;
 use super::vmath;
-use super::view::{DType, View, ViewError};
+use super::view::{err, DType, View, ViewError};
 
 /// Tokens per GEMM block.
 const BLOCK: usize = 128;
@@ -87,10 +87,6 @@ impl Dims {
         let per = self.blocks().div_ceil(splits) * BLOCK;
         ((s * per).min(self.n), ((s + 1) * per).min(self.n))
     }
-}
-
-fn err<T>(msg: impl Into<String>) -> Result<T, ViewError> {
-    Err(ViewError(msg.into()))
 }
 
 // ------------------------------------------------------------------------------------------------ GEMM operands

@@ -35,14 +35,10 @@ pub use forward::forward;
 pub use plan::Plan;
 pub use select::{select, zorder_pool, Level};
 
-use super::view::{DType, View, ViewError};
+use super::view::{err, DType, View, ViewError};
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 const LN_2: f32 = std::f32::consts::LN_2;
-
-fn err<T>(msg: impl Into<String>) -> Result<T, ViewError> {
-    Err(ViewError(msg.into()))
-}
 
 /// The attention inputs: fine `q, k (B, H, N, D)`, `v (B, H, N, Dv)` and pooled `kp (B, H, P, D)`, `vp (B, H, P, Dv)`.
 pub struct Inputs<'a> {

@@ -23,7 +23,7 @@ pub use stats::{stats, StatsOutputs};
 use super::pool::pool;
 use super::simd::matmul;
 use super::vmath::{self, exp2_shift_sum};
-use super::view::{DType, View, ViewError};
+use super::view::{err, DType, View, ViewError};
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 const LN_2: f32 = std::f32::consts::LN_2;
@@ -32,10 +32,6 @@ pub const CHUNK: usize = 64;
 /// Keys per GEMM in the exact phase: consecutive selected blocks are gathered together up to this many keys
 /// (larger GEMMs, fewer online-softmax rescales).
 pub(crate) const GROUP_KEYS: usize = 256;
-
-fn err<T>(msg: impl Into<String>) -> Result<T, ViewError> {
-    Err(ViewError(msg.into()))
-}
 
 fn to_index(name: &str, values: &[i64], bound: usize) -> Result<Vec<usize>, ViewError> {
     values

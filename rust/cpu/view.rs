@@ -44,6 +44,11 @@ impl DType {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ViewError(pub String);
 
+/// `Err(ViewError(msg))`: the kernels' validation failures, raised as `ValueError` by the Python layer.
+pub fn err<T>(msg: impl Into<String>) -> Result<T, ViewError> {
+    Err(ViewError(msg.into()))
+}
+
 impl fmt::Display for ViewError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

@@ -31,6 +31,15 @@ fn pair(names: (&'static str, &'static str), args: Option<(TensorArgs, TensorArg
     args.map(|(a, b)| Ok((view(names.0, a)?, view(names.1, b)?))).transpose()
 }
 
+/// Number of `global_kv` tokens (dim 2 of `k_g`; 0 without them).
+fn global_tokens(global: &Option<(View, View)>) -> usize {
+    global.as_ref().map_or(0, |(kg, _)| kg.shape.get(2).copied().unwrap_or(0))
+}
+
+fn refs(pair: &Option<(View, View)>) -> Option<(&View, &View)> {
+    pair.as_ref().map(|(a, b)| (a, b))
+}
+
 /// CLEAR forward on CPU: writes `out (B, H, N, Dv)` and `lse (B, H, N)` (f32).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
@@ -51,8 +60,8 @@ fn clear_forward(
 ) -> PyResult<()> {
     let (q, k, v, out, lse) = (view("q", q)?, view("k", k)?, view("v", v)?, view("out", out)?, view("lse", lse)?);
     let global = pair(("k_g", "v_g"), global_kv)?;
-    let geo = geometry(grid, global.as_ref().map_or(0, |g| g.0.shape.get(2).copied().unwrap_or(0)), radius, temporal_radius)?;
-    let inp = Inputs { q: &q, k: &k, v: &v, global: global.as_ref().map(|(a, b)| (a, b)) };
+    let geo = geometry(grid, global_tokens(&global), radius, temporal_radius)?;
+    let inp = Inputs { q: &q, k: &k, v: &v, global: refs(&global) };
     py.detach(|| clear::forward(&inp, &out, &lse, &geo, scale, threads)).map_err(view_error)
 }
 
@@ -84,10 +93,10 @@ fn clear_backward(
     let (dq, dk, dv) = (view("dq", dq)?, view("dk", dk)?, view("dv", dv)?);
     let global = pair(("k_g", "v_g"), global_kv)?;
     let dglobal = pair(("dk_g", "dv_g"), dglobal_kv)?;
-    let geo = geometry(grid, global.as_ref().map_or(0, |g| g.0.shape.get(2).copied().unwrap_or(0)), radius, temporal_radius)?;
-    let inp = Inputs { q: &q, k: &k, v: &v, global: global.as_ref().map(|(a, b)| (a, b)) };
+    let geo = geometry(grid, global_tokens(&global), radius, temporal_radius)?;
+    let inp = Inputs { q: &q, k: &k, v: &v, global: refs(&global) };
     let up = Upstream { dout: &dout, lse: &lse, delta: &delta };
-    let grads = Grads { dq: &dq, dk: &dk, dv: &dv, global: dglobal.as_ref().map(|(a, b)| (a, b)) };
+    let grads = Grads { dq: &dq, dk: &dk, dv: &dv, global: refs(&dglobal) };
     py.detach(|| clear::backward(&inp, &up, &grads, &geo, scale, threads)).map_err(view_error)
 }
 
