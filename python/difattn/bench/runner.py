@@ -1,9 +1,10 @@
 """Runs the benchmark: every case on every backend that can run it here, against dense SDPA (and FlexAttention
 with the same mask, in raster and in tile order, where the method has a mask), with a progress bar.
 
-JSON schema (stable): ``{"device", "torch", "triton", "commit", "threads", "matmul_gflops", "records": [record,
-...]}`` (``matmul_gflops``: the device's square-matmul rate in the bench dtype, the ceiling to read dense SDPA's rate
-against); a record is
+JSON schema (stable): ``{"device", "cpu", "torch", "triton", "commit", "threads", "matmul_gflops", "records":
+[record, ...]}`` (``cpu``: the CPU's model name, family, model, ISA extensions and logical CPUs, see
+:func:`cpu_description`; ``matmul_gflops``: the device's square-matmul rate in the bench dtype, the ceiling to read
+dense SDPA's rate against); a record is
 ``{"method", "backend", "pass" ("fwd" | "fwd+bwd"), "B", "H", "N", "D", "dtype", "options", "grid", "density",
 "ms", "ms_min", "ms_max", "dense_ms", "dense_flash_ms", "dense_cudnn_ms", "flex_ms", "flex_tiled_ms", "natten_ms",
 "fla_ms", "drop_ms", "work_fraction", "computed_fraction", "speedup", "efficiency", "computed_efficiency",
@@ -23,6 +24,7 @@ against dense). ``null`` where a value does not apply or was not measured.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,21 +211,39 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    cpu = cpu_description()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu['model_name']})"
     return {
-        "device": name, "torch": torch.__version__, "triton": triton_version, "commit": _commit(),
+        "device": name, "cpu": cpu, "torch": torch.__version__, "triton": triton_version, "commit": _commit(),
         "threads": torch.get_num_threads(), "matmul_gflops": baselines.matmul_gflops(device, dtype),
     }
 
 
-def _cpu_name() -> str:
+# The x86 ISA extensions the CPU kernels and torch's CPU kernels can use, as /proc/cpuinfo names them.
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "avx512_bf16",
+              "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_description() -> dict:
+    """``{"model_name", "family", "model", "isa": [...], "logical_cpus"}`` of this machine's CPU, from
+    /proc/cpuinfo (the model name alone does not tell an AVX2-only EPYC from an AVX-512 one)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"cpu ({line.split(':', 1)[1].strip()})"
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model", "flags") and key not in fields:
+                fields[key] = value.strip()
     except OSError:
         pass
-    return "cpu"
+    flags = set(fields.get("flags", "").split())
+    return {
+        "model_name": fields.get("model name", "unknown"),
+        "family": int(fields["cpu family"]) if fields.get("cpu family", "").isdigit() else None,
+        "model": int(fields["model"]) if fields.get("model", "").isdigit() else None,
+        "isa": [flag for flag in _ISA_FLAGS if flag in flags],
+        "logical_cpus": os.cpu_count(),
+    }
 
 
 def _commit() -> str | None:
