@@ -8,7 +8,7 @@
 single-stream blocks) and keeps the model's projections, q/k norms and RoPE. The token geometry is read from
 each call, so any resolution works without reconfiguring anything; ``remove`` restores the stock processors.
 
-Settings the papers report for FLUX (see ``specs/``):
+Settings the papers report for FLUX:
 
 - CLEAR: ``radius=16`` (or 8/32) needs the distilled weights of the CLEAR authors, which load on top of
   FLUX.1-dev (``--clear-checkpoint``); the ``*_down_4`` checkpoints also carry the global-token pooling weights

@@ -5,15 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from difattn import TokenGrid, reference
+from difattn import backends
 from difattn._native import core
 from difattn.bench import work
-from difattn.ops import block_plan
 from difattn.testing.strategies import token_grids
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,10 +43,13 @@ def test_spec_check_values():
     assert round(sparsity("neighbors"), 2) == 98.96
 
 
-def test_plan_pairs_cover_needed_pairs():
+def test_computed_pairs_cover_needed_pairs():
     grid = TokenGrid(30, 52, text_tokens=77, text_position="last")
-    plan = block_plan.clear_plan(grid, 8.0, 1.0, 0, block_plan.CPU_BLOCKS, "cpu")
-    assert work.plan_pairs(plan) >= work.clear_pairs(grid, 8.0)
+    clear = {"radius": 8.0, "temporal_radius": 1.0}
+    for backend in ("rust", "triton"):
+        assert backends.computed_pairs("clear", backend, grid, 64, clear) >= work.clear_pairs(grid, 8.0)
+        grat = {"group": (1, 8, 8), "pattern": "neighbors", "reach": 1}
+        assert backends.computed_pairs("grat", backend, grid, 64, grat) >= work.grat_pairs(grid, (8, 8), "neighbors", 1)
 
 
 def test_clear_cpu_computed_pairs():

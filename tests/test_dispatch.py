@@ -1,4 +1,9 @@
-"""The backend table: explicit backends explain why they cannot run; auto falls back to torch."""
+"""The backend table: one rule for every method. An explicit backend that cannot run a call raises RuntimeError
+with the reason; auto runs the first preferred backend that can and otherwise the torch reference, logging why once."""
+
+import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,45 +15,74 @@ from difattn.testing import random_qkv
 GRID = difattn.TokenGrid(4, 4, text_tokens=2)
 
 
-def test_auto_on_cpu_runs_a_backend_and_matches_reference():
-    q, k, v = random_qkv(1, 2, GRID.num_tokens, 8, seed=1)
-    out = difattn.clear_attention(q, k, v, GRID, radius=2.0)
-    torch.testing.assert_close(out, reference.clear_attention(q, k, v, GRID, radius=2.0, scale=8**-0.5))
+def _call(method: str, dtype: torch.dtype, backend: str):
+    """One small call of ``method`` through its public function."""
+    q, k, v = random_qkv(1, 2, GRID.num_tokens, 8, dtype=dtype, seed=1)
+    if method == "clear":
+        return difattn.clear_attention(q, k, v, GRID, radius=2.0, backend=backend)
+    if method == "grat":
+        return difattn.grat_attention(q, k, v, GRID, group=(2, 2), backend=backend)
+    if method == "pisa":
+        return difattn.pisa_attention(q, k, v, block_size=4, backend=backend)
+    if method == "llsa":
+        return difattn.llsa_attention(q, k, v, block_size=2, topk=2, backend=backend)
+    if method == "linear":
+        return difattn.linear_attention(q.relu(), k.relu(), v, backend=backend)
+    return difattn.dydila_attention(q, k, v, q, k, gamma_q=2.0, gamma_k=2.0, gamma_q_aux=1.5, gamma_k_aux=1.5,
+                                    lambda_q=0.1, lambda_k=0.1, backend=backend)
 
 
-def test_auto_prefers_rust_on_cpu_and_falls_back_to_torch():
+@pytest.mark.parametrize("method", backends.METHODS)
+def test_explicit_rust_refuses_float64_with_the_reason(method):
+    """Before the table knew dtypes, float64 with backend="rust" gave a ValueError (CLEAR, GRAT), a TypeError
+    (LLSA) or ran the reference silently (PISA, linear, DyDiLA)."""
+    with pytest.raises(RuntimeError, match=rf"{method}: backend='rust' cannot run this call: .*float64"):
+        _call(method, torch.float64, "rust")
+
+
+@pytest.mark.parametrize("method", backends.METHODS)
+def test_explicit_triton_without_cuda_or_interpreter_raises_runtime_error(method, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("CPU tensors on a machine with CUDA still need TRITON_INTERPRET; tested without CUDA")
+    with pytest.raises(RuntimeError, match=rf"{method}: backend='triton' cannot run this call: .*CUDA"):
+        _call(method, torch.float32, "triton")
+
+
+@pytest.mark.parametrize("method", backends.METHODS)
+def test_auto_runs_rust_for_float32_and_the_reference_for_float64(method):
     cpu = torch.device("cpu")
-    for method in backends.METHODS:
-        impl = backends.select(method, "auto", cpu)
-        rust = backends.BACKENDS["rust"]
-        expected = "rust" if rust.can_run(method, cpu)[0] else "torch"
-        assert impl is backends.BACKENDS[expected].implementations[method]
+    assert backends.select(method, "auto", cpu, torch.float32) is backends.BACKENDS["rust"].implementations[method]
+    assert backends.select(method, "auto", cpu, torch.float64) is backends.BACKENDS["torch"].implementations[method]
+    assert _call(method, torch.float64, "auto").dtype == torch.float64
+
+
+def test_auto_fallback_is_logged_once(caplog):
+    backends._ANNOUNCED.discard(("clear", "rust: its kernels take float16, bfloat16, float32, got float64"))
+    with caplog.at_level(logging.WARNING, logger="difattn"):
+        for _ in range(3):
+            _call("clear", torch.float64, "auto")
+    messages = [r.getMessage() for r in caplog.records if "clear runs on the torch reference" in r.getMessage()]
+    assert len(messages) == 1 and "float64" in messages[0]
+
+
+def test_pisa_first_order_is_a_reference_only_option():
+    q, k, v = random_qkv(1, 2, 16, 8, seed=3)
+    ok, reason = backends.BACKENDS["rust"].can_run("pisa", torch.device("cpu"), torch.float32, {"order": "first"})
+    assert not ok and "order='first'" in reason
+    with pytest.raises(RuntimeError, match="order='first'"):
+        difattn.pisa_attention(q, k, v, block_size=4, order="first", backend="rust")
+    out = difattn.pisa_attention(q, k, v, block_size=4, order="first")
+    torch.testing.assert_close(out, reference.pisa_attention(q, k, v, block_size=4, order="first", scale=8**-0.5))
 
 
 def test_explicit_torch_backend_runs_every_method():
     for method in backends.METHODS:
-        assert backends.BACKENDS["torch"].can_run(method, torch.device("cpu")) == (True, "")
-
-
-@pytest.mark.parametrize("method", backends.METHODS)
-def test_unbuilt_backend_raises_runtime_error_with_reason(method):
-    for name in ("rust", "triton"):
-        ok, reason = backends.BACKENDS[name].can_run(method, torch.device("cpu"))
-        if ok:
-            continue
-        assert reason and name in reason
-        with pytest.raises(RuntimeError, match=name):
-            backends.select(method, name, torch.device("cpu"))
-
-
-def test_triton_needs_cuda_or_interpreter(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    ok, reason = backends.BACKENDS["triton"].runtime_check(torch.device("cpu"))
-    assert not ok and ("CUDA" in reason or "triton" in reason)
+        assert backends.BACKENDS["torch"].can_run(method, torch.device("cpu"), torch.float64) == (True, "")
 
 
 def test_rust_backend_rejects_cuda_tensors():
-    ok, reason = backends.BACKENDS["rust"].runtime_check(torch.device("cuda"))
+    ok, reason = backends.BACKENDS["rust"].can_run("clear", torch.device("cuda"), torch.float32)
     assert not ok and "CPU" in reason
 
 
@@ -59,9 +93,6 @@ def test_availability_lists_every_backend():
 
 
 def test_import_works_without_triton_and_says_why_when_used():
-    import subprocess
-    import sys
-
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch, difattn\n"
@@ -77,25 +108,12 @@ def test_import_works_without_triton_and_says_why_when_used():
         "    assert 'triton' in str(err)\n"
         "else:\n"
         "    raise SystemExit('no error')\n"
-        "assert 'triton' not in [m for m in sys.modules if sys.modules[m] is not None and m == 'triton']\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
 
 
 def test_import_does_not_load_triton():
-    import subprocess
-    import sys
-
-    code = "import sys, difattn; assert 'triton' not in sys.modules, 'triton imported eagerly'"
+    code = "import sys, difattn, difattn.cli; assert 'triton' not in sys.modules, 'triton imported eagerly'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-
-
-def test_auto_sends_float64_to_the_reference():
-    grid = difattn.TokenGrid(5, 6, text_tokens=2)
-    q, k, v = random_qkv(1, 2, grid.num_tokens, 8, dtype=torch.float64, seed=5)
-    out = difattn.clear_attention(q, k, v, grid, radius=2.0)
-    assert out.dtype == torch.float64
-    torch.testing.assert_close(out, reference.clear_attention(q, k, v, grid, radius=2.0, scale=8**-0.5))
-    assert backends.select("grat", "auto", torch.device("cpu"), torch.float64) is backends.BACKENDS["torch"].implementations["grat"]

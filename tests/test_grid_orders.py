@@ -1,11 +1,12 @@
-"""TokenGrid and the token orders: Rust (difattn.plans) against the plain-torch reference, exactly."""
+"""TokenGrid and the token orders: Rust (difattn.ops._base.orders) against the plain-torch reference, exactly."""
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from difattn import TokenGrid, plans
+from difattn import TokenGrid
+from difattn.ops._base import orders as plans
 from difattn.reference import ordering
 from difattn.testing.strategies import token_grids
 

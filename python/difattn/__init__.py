@@ -18,7 +18,7 @@ from .functional import (
     pisa_attention,
 )
 from .grid import TokenGrid
-from . import nn  # noqa: E402  (difattn.nn: the modules; imports functional, so it comes after it)
+from . import nn  # noqa: F401  (difattn.nn, the modules, is part of the package namespace)
 
 try:
     __version__ = _version("difattn")

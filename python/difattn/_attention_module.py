@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional
-from ._checks import check_grid, check_int
+from ._checks import check_int
+from ._linear_layers import add_dynamic_routers, conv_on_grid, depthwise_conv, dynamic_differential
 from ._methods import SPARSE_METHODS, check_options, clear_global_kv, sparse_attention, square_grid
 from ._rope import apply_rope
-from .grid import TokenGrid
+from .grid import TokenGrid, check_grid
 
 METHODS = ("dense", "clear", "grat", "pisa", "llsa", "linear", "dydila")
 
@@ -58,7 +59,7 @@ class Attention(nn.Module):
         dim: model width; ``num_heads`` must divide it.
         method: ``"dense"`` (SDPA), ``"clear"``, ``"grat"``, ``"pisa"``, ``"llsa"`` (the sparse methods of
             :mod:`difattn`), ``"linear"`` (LiT: ReLU features, linear attention, depthwise conv on V) or
-            ``"dydila"`` (dynamic differential linear attention, ``specs/dydila.md``).
+            ``"dydila"`` (dynamic differential linear attention, arXiv 2601.13683).
         qkv_bias: bias of the fused ``qkv`` projection.
         qk_norm: ``False``, ``True``/``"layer_norm"`` (timm) or ``"rms_norm"``: a norm over each head's q and k.
         **method_options: the method's options, checked by name: ``radius``, ``temporal_radius``, ``down_factor``
@@ -105,15 +106,9 @@ class Attention(nn.Module):
         if down_factor is not None and check_int("down_factor", down_factor, minimum=1) > 1:
             self.spatial_weight = nn.Parameter(torch.full((1, 1, 1, down_factor, 1, down_factor, 1), down_factor**-2.0))
         if method in ("linear", "dydila"):
-            kernel = check_int("dwconv_kernel", options.pop("dwconv_kernel", 5), minimum=0)
-            if kernel % 2 == 0 and kernel:
-                raise ValueError(f"dwconv_kernel must be odd (a centred 'same' conv) or 0 (none), got {kernel}")
-            self.dwconv = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim) if kernel else None
+            self.dwconv = depthwise_conv(dim, options.pop("dwconv_kernel", 5))
             options = {**_LINEAR_DEFAULTS[method], **options}
         if method == "dydila":
-            # difattn.nn imports this module, so its building blocks are imported when they are needed.
-            from .nn import add_dynamic_routers
-
             sizes = {name: options.pop(name, size) for name, size in _DYDILA_SIZES.items()}
             add_dynamic_routers(self, dim, self.head_dim, bias=qkv_bias, **sizes)
         self.options = options
@@ -160,15 +155,11 @@ class Attention(nn.Module):
         return functional.linear_attention(F.relu(q), F.relu(k), v, **self.options)
 
     def _attend_dydila(self, x, q, k, v, grid):
-        """As :class:`difattn.nn.DyDiLA` (``specs/dydila.md``), on this module's (normed, rotated) q and k."""
-        from .nn import dynamic_differential
-
+        """As :class:`difattn.nn.DyDiLA`, on this module's (normed, rotated) q and k."""
         return dynamic_differential(self, x, q, k, v, **self.options)
 
     def _conv_on_grid(self, v: torch.Tensor, grid: TokenGrid | None) -> torch.Tensor:
         """Depthwise conv of the image tokens of ``v`` ``(B, N, C)`` on their grid; text rows get zeros."""
-        from .nn import conv_on_grid
-
         return conv_on_grid(self.dwconv, v, square_grid(v.shape[1], self.method) if grid is None else grid)
 
 

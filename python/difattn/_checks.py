@@ -111,19 +111,6 @@ def check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int]:
     return B, H, N, D, v.shape[3]
 
 
-def check_grid(grid: Any, num_tokens: int, *, name: str = "grid") -> None:
-    """``grid`` is a ``TokenGrid`` describing exactly ``num_tokens`` tokens."""
-    from .grid import TokenGrid
-
-    if not isinstance(grid, TokenGrid):
-        raise TypeError(f"{name} must be a difattn.TokenGrid, got {type(grid).__name__}")
-    if grid.num_tokens != num_tokens:
-        raise ValueError(
-            f"{name} describes {grid.num_tokens} tokens ({grid.text_tokens} text + {grid.frames}x{grid.height}"
-            f"x{grid.width} image) but q, k, v have N = {num_tokens}"
-        )
-
-
 def resolve_scale(scale: Any, head_dim: int) -> float:
     """``scale`` or ``head_dim ** -0.5`` when None; must be finite and positive."""
     if scale is None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from ._checks import check_choice, check_float, check_int
 from .grid import TokenGrid
 
@@ -23,6 +25,12 @@ def clear_radii(grid: TokenGrid, radius: Any, temporal_radius: Any) -> tuple[flo
     if temporal_radius is None:
         return r, float(grid.frames)
     return r, check_float("temporal_radius", temporal_radius, greater_than=0.0)
+
+
+def clear_thresholds(radius: float, temporal_radius: float) -> tuple[int, int]:
+    """``(max_d2, max_dt)``: integer bounds of CLEAR's mask, ``dy² + dx² <= max_d2`` and ``|dt| <= max_dt``, the
+    largest integers strictly below ``r²`` and ``rt`` (``dy² + dx² < r²`` on integer offsets)."""
+    return math.ceil(radius * radius) - 1, math.ceil(temporal_radius) - 1
 
 
 def grat_group(grid: TokenGrid, group: Any) -> tuple[int, int, int]:
@@ -51,8 +59,11 @@ def pisa_tile(block_size: int) -> tuple[int, int]:
 
 
 def pisa_num_selected(density: float, num_blocks: int) -> int:
-    """Exact key blocks per query block: ``k = max(1, floor(density * M))``."""
-    return max(1, math.floor(density * num_blocks))
+    """Exact key blocks per query block: ``k = max(1, floor(density * M))``. A symbolic ``M`` (``torch.compile``
+    with dynamic shapes) stays symbolic: ``sym_int`` truncates, the floor of a positive product."""
+    if isinstance(num_blocks, int):
+        return max(1, math.floor(density * num_blocks))
+    return torch.sym_max(1, torch.sym_int(density * num_blocks))
 
 
 def check_pisa(density: Any, block_size: Any, order: Any, routing_bias: Any, sink: Any) -> None:

@@ -9,6 +9,11 @@ from pathlib import Path
 
 import torch
 
+from . import __version__
+from ._native import core, core_status
+from .backends import METHODS, availability
+from .bench import cases as bench_cases
+from .bench.runner import BenchConfig, format_table, plot, run, write_json
 from .grid import TokenGrid
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -29,10 +34,6 @@ def parse_grid(text: str) -> TokenGrid:
 
 
 def _info(_: argparse.Namespace) -> int:
-    from . import __version__
-    from ._native import core, core_status
-    from .backends import METHODS, availability
-
     print(f"difattn {__version__}")
     ok, reason = core_status()
     print("compiled core: " + (", ".join(f"{k}={v}" for k, v in core().build_info()) if ok else f"missing: {reason}"))
@@ -47,9 +48,6 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import cases as bench_cases
-    from .bench.runner import BenchConfig, format_table, plot, run, write_json
-
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -84,15 +82,7 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _grid_label(grid: TokenGrid) -> str:
-    frames = f"{grid.frames}x" if grid.frames > 1 else ""
-    text = f"+{grid.text_tokens}{grid.text_position}" if grid.text_tokens else ""
-    return f"{frames}{grid.height}x{grid.width}{text}"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from .backends import METHODS
-
     parser = argparse.ArgumentParser(prog="difattn", description="Efficient attention for Diffusion Transformers")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, build, and which backends can run here").set_defaults(func=_info)

@@ -17,7 +17,6 @@ from ._checks import (
     check_backend,
     check_choice,
     check_float,
-    check_grid,
     check_int,
     check_qkv,
     check_same_kind,
@@ -25,7 +24,7 @@ from ._checks import (
     resolve_scale,
 )
 from .backends import select
-from .grid import TokenGrid
+from .grid import TokenGrid, check_grid
 
 
 def clear_attention(
@@ -49,12 +48,12 @@ def clear_attention(
     """
     B, H, N, D, Dv = check_qkv(q, k, v)
     check_grid(grid, N)
-    _options.clear_radii(grid, radius, temporal_radius)
+    r, rt = _options.clear_radii(grid, radius, temporal_radius)
     scale = resolve_scale(scale, D)
     if global_kv is not None:
         _check_global_kv(global_kv, q, v)
     impl = select("clear", check_backend(backend), q.device, q.dtype)
-    return impl(q, k, v, grid, radius=radius, scale=scale, global_kv=global_kv, temporal_radius=temporal_radius)
+    return impl(q, k, v, grid, radius=r, temporal_radius=rt, scale=scale, global_kv=global_kv)
 
 
 def grat_attention(
@@ -79,7 +78,7 @@ def grat_attention(
     """
     B, H, N, D, Dv = check_qkv(q, k, v)
     check_grid(grid, N)
-    _options.grat_group(grid, group)
+    group = _options.grat_group(grid, group)
     check_choice("pattern", pattern, _options.GRAT_PATTERNS)
     check_int("reach", reach, minimum=0)
     if text_mask is not None:
@@ -118,7 +117,7 @@ def pisa_attention(
         _options.pisa_tile(block_size)
     check_bool("return_blocks", return_blocks)
     scale = resolve_scale(scale, D)
-    impl = select("pisa", check_backend(backend), q.device, q.dtype)
+    impl = select("pisa", check_backend(backend), q.device, q.dtype, {"order": order})
     return impl(
         q, k, v, density=density, block_size=block_size, order=order, routing_bias=routing_bias,
         sink=sink, grid=grid, return_blocks=return_blocks, scale=scale,
@@ -145,14 +144,14 @@ def llsa_attention(
     end). Returns ``(B, H, N, Dv)``, plus ``[I_1, ..., I_L]`` with ``return_indices=True``.
     """
     B, H, N, D, Dv = check_qkv(q, k, v)
-    _options.llsa_config(N, block_size, topk, levels)
+    levels, topks = _options.llsa_config(N, block_size, topk, levels)
     if grid is not None:
         check_grid(grid, N)
     check_bool("return_indices", return_indices)
     scale = resolve_scale(scale, D)
     impl = select("llsa", check_backend(backend), q.device, q.dtype)
     return impl(
-        q, k, v, block_size=block_size, topk=topk, levels=levels, grid=grid,
+        q, k, v, block_size=block_size, topk=topks, levels=levels, grid=grid,
         return_indices=return_indices, scale=scale,
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -90,3 +91,14 @@ class TokenGrid:
     def core_args(self) -> tuple[int, int, int, int, str]:
         """The grid as the compiled core takes it: ``(frames, height, width, text_tokens, text_position)``."""
         return (self.frames, self.height, self.width, self.text_tokens, self.text_position)
+
+
+def check_grid(grid: Any, num_tokens: int, *, name: str = "grid") -> None:
+    """``grid`` is a ``TokenGrid`` describing exactly ``num_tokens`` tokens."""
+    if not isinstance(grid, TokenGrid):
+        raise TypeError(f"{name} must be a difattn.TokenGrid, got {type(grid).__name__}")
+    if grid.num_tokens != num_tokens:
+        raise ValueError(
+            f"{name} describes {grid.num_tokens} tokens ({grid.text_tokens} text + {grid.frames}x{grid.height}"
+            f"x{grid.width} image) but q, k, v have N = {num_tokens}"
+        )

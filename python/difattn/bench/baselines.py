@@ -16,8 +16,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import functional, reference
+from .. import backends, functional, reference
 from .._options import clear_radii
+from ..testing import rel_error
 from .cases import Case, Shape
 
 Fn = Callable[..., torch.Tensor]
@@ -76,7 +77,8 @@ def flex_fns(case: Case, shape: Shape, device: torch.device) -> dict[str, Fn]:
     raster = create_block_mask(mask_mod, None, None, n, n, device=str(device))
     fns = {"flex_ms": lambda q, k, v, e: flex(q, k, v, block_mask=raster)}
     if case.method in ("clear", "grat"):
-        perm = case.plan(shape, "triton").field("q_perm").to(device)
+        plan = backends.block_plan_for(case.method, "triton", shape.grid, shape.head_dim, case.resolved_options(shape))
+        perm = plan.q_perm.to(device)
         inv = torch.argsort(perm)
         tiled = create_block_mask(lambda b, h, qi, ki: mask_mod(b, h, perm[qi], perm[ki]), None, None, n, n,
                                   device=str(device))
@@ -154,8 +156,6 @@ def pisa_keep_only(case: Case, shape: Shape, q, k, v, backend: str):
 
 def keep_only_error(q, k, v, token_block, selected, dense_out) -> float:
     """Relative error against dense of attention restricted to the selected blocks (materialises the mask)."""
-    from ..testing import rel_error
-
     mask = selected[:, :, token_block][:, :, :, token_block]
     with torch.no_grad():
         return rel_error(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), dense_out)

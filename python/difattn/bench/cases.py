@@ -11,11 +11,9 @@ from typing import Callable
 
 import torch
 
-from .. import functional, reference
+from .. import backends, functional, reference
 from .._options import clear_radii, grat_group, pisa_num_selected
 from ..grid import TokenGrid
-from .._native import core
-from ..ops import block_plan
 from . import work
 
 
@@ -54,11 +52,9 @@ class Case:
     def computed_fraction(self, shape: Shape, backend: str, backward: bool = False) -> float:
         """Work the backend's kernels do: whole blocks for the block engine, every lane of CLEAR's CPU tiles, the
         needed work otherwise."""
-        if self.method == "clear" and backend == "rust":
-            r, rt = clear_radii(shape.grid, self.options["radius"], None)
-            return core().clear_computed_pairs(shape.grid.core_args(), 0, r, rt) / shape.grid.num_tokens**2
-        if self.method in ("clear", "grat") and backend in block_plan.KERNEL_BLOCKS:
-            return work.plan_pairs(self.plan(shape, backend)) / shape.grid.num_tokens**2
+        pairs = backends.computed_pairs(self.method, backend, shape.grid, shape.head_dim, self.resolved_options(shape))
+        if pairs is not None:
+            return pairs / shape.grid.num_tokens**2
         return self.needed_fraction(shape, backward)
 
     def density(self, shape: Shape) -> float | None:
@@ -79,16 +75,15 @@ class Case:
             return None if mask is None else (lambda b, h, qi, ki: mask[qi, ki])
         return None
 
-    def plan(self, shape: Shape, backend: str):
-        """The block plan ``backend`` runs for this CLEAR or GRAT case at ``shape`` (CPU tensors; CLEAR's Rust
-        kernels need none, see :meth:`computed_fraction`)."""
-        grid, blocks = shape.grid, block_plan.kernel_blocks(backend, shape.head_dim)
+    def resolved_options(self, shape: Shape) -> dict:
+        """The options as the implementations receive them (CLEAR's radii, GRAT's group as ``(gt, gh, gw)``)."""
         if self.method == "clear":
-            r, rt = clear_radii(grid, self.options["radius"], None)
-            return block_plan.clear_plan(grid, r, rt, 0, blocks, "cpu")
-        group = grat_group(grid, self.options.get("group"))
-        return block_plan.grat_plan(grid, group, self.options.get("pattern", "neighbors"), self.options.get("reach", 1),
-                                    False, blocks, "cpu")
+            r, rt = clear_radii(shape.grid, self.options["radius"], self.options.get("temporal_radius"))
+            return {"radius": r, "temporal_radius": rt}
+        if self.method == "grat":
+            return {"group": grat_group(shape.grid, self.options.get("group")),
+                    "pattern": self.options.get("pattern", "neighbors"), "reach": self.options.get("reach", 1)}
+        return dict(self.options)
 
 
 def _dydila_call(q, k, v, extra, grid, backend, options):

@@ -12,15 +12,13 @@ import math
 
 import torch
 
-from .._options import clear_radii, grat_group, llsa_config, llsa_level_sizes, pisa_num_selected
+from .._options import clear_radii, clear_thresholds, grat_group, llsa_config, llsa_level_sizes, pisa_num_selected
 from ..grid import TokenGrid
-from ..ops.block_plan import BlockPlan
 
 
 def clear_pairs(grid: TokenGrid, radius: float, temporal_radius: float | None = None) -> int:
     """Allowed (query, key) pairs of CLEAR's mask: text rows and columns plus clipped discs."""
-    r, rt = clear_radii(grid, radius, temporal_radius)
-    max_d2 = math.ceil(r * r) - 1
+    max_d2, max_dt = clear_thresholds(*clear_radii(grid, radius, temporal_radius))
     reach = math.isqrt(max_d2)
     dy = torch.arange(-reach, reach + 1)
     half = torch.tensor([math.isqrt(max_d2 - int(d) ** 2) for d in dy])  # |dx| <= half[dy]
@@ -31,7 +29,6 @@ def clear_pairs(grid: TokenGrid, radius: float, temporal_radius: float | None = 
     hi = (x + half[None, :]).clamp(max=grid.width - 1)
     cols = (hi - lo + 1).clamp(min=0)  # (W, 2R+1): keys per (query column, dy)
     spatial = int((rows_ok.long().sum(0) * cols.sum(0)).sum())  # summed over query rows, columns and dy
-    max_dt = math.ceil(rt) - 1
     frame_pairs = sum(min(grid.frames, t + max_dt + 1) - max(0, t - max_dt) for t in range(grid.frames))
     image = spatial * frame_pairs
     text, n = grid.text_tokens, grid.num_tokens
@@ -67,14 +64,6 @@ def grat_pairs(grid: TokenGrid, group, pattern: str, reach: int) -> int:
             image = p * tq + tp * q - p * q
     text, n = grid.text_tokens, grid.num_tokens
     return image + text * n + grid.image_tokens * text
-
-
-def plan_pairs(plan: BlockPlan) -> int:
-    """(query, key) pairs a block plan computes (whole blocks)."""
-    q_sizes = plan.field("q_offsets").diff()
-    k_sizes = plan.field("k_offsets").diff()
-    rows = torch.repeat_interleave(q_sizes, plan.field("indptr").diff())
-    return int((rows * k_sizes[plan.field("indices")]).sum())
 
 
 def pisa_fraction(num_tokens: int, density: float, block_size: int) -> float:

@@ -2,7 +2,7 @@
 
 LiT ("Delving into a Simplified Linear Diffusion Transformer", arXiv 2501.12976) is DiT with few heads and
 ReLU linear attention plus a 5x5 depthwise conv on the values (:class:`difattn.nn.LiTAttention`); DyDi-LiT
-(arXiv 2601.13683, ``specs/dydila.md``) swaps that attention for dynamic differential linear attention
+(arXiv 2601.13683) swaps that attention for dynamic differential linear attention
 (:class:`difattn.nn.DyDiLA`). Everything else is
 :class:`~difattn.models.dit.DiT`, so both can inherit a DiT checkpoint (:func:`inherit_dit_weights`).
 Heads per size (the papers' "few heads"): S 2, B 3, L 4, XL 4.

@@ -1,14 +1,13 @@
-"""CLEAR in plain torch: softmax attention under the dense local-disc mask (``specs/clear.md``)."""
+"""CLEAR in plain torch: softmax attention under the dense local-disc mask (Liu et al., "CLEAR: Conv-Like
+Linearization Revs Pre-Trained Diffusion Transformers Up", arXiv 2412.16112)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .._checks import check_grid, resolve_scale
-from .._options import clear_radii
-from ..grid import TokenGrid
+from .._checks import resolve_scale
+from .._options import clear_radii, clear_thresholds
+from ..grid import TokenGrid, check_grid
 from ._dense import masked_attention
 
 
@@ -25,10 +24,8 @@ def clear_mask(
     Windows are clipped at the border (edge queries keep a partial disc); ``temporal_radius`` defaults to
     ``grid.frames`` (every frame).
     """
-    r, rt = clear_radii(grid, radius, temporal_radius)
     # Offsets are integers, so the strict float tests become exact integer bounds.
-    max_sq_distance = math.ceil(r * r) - 1
-    max_frame_distance = math.ceil(rt) - 1
+    max_sq_distance, max_frame_distance = clear_thresholds(*clear_radii(grid, radius, temporal_radius))
     t, y, x = grid.coords(device).unbind(1)
     dy = y[:, None] - y[None, :]
     dx = x[:, None] - x[None, :]

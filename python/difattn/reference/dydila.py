@@ -1,38 +1,15 @@
-"""DyDiLA in plain torch: power maps, token differential, linear attention (``specs/dydila.md``)."""
+"""DyDiLA in plain torch: power maps, token differential, linear attention."""
 
 from __future__ import annotations
 
 import torch
 
 from .._checks import check_float
+from .._feature_maps import PerToken, accumulation_dtype, column, power_map
 from .._options import check_linear
-from .linear import accumulation_dtype, linear_attention
+from .linear import linear_attention
 
-PerToken = torch.Tensor | float  # a (B, H, N) tensor or one value for every token
-
-
-def _column(value: PerToken, dtype: torch.dtype) -> PerToken:
-    """A ``(B, H, N)`` tensor as ``(B, H, N, 1)`` in ``dtype`` (it scales rows of ``(B, H, N, D)``); a float as is."""
-    return value.to(dtype).unsqueeze(-1) if isinstance(value, torch.Tensor) else value
-
-
-def power_map(z: torch.Tensor, gamma: PerToken, eps: float = 1e-6) -> torch.Tensor:
-    """The norm-preserving power map ``φ_γ(z) = ‖r‖ · r^γ / ‖r^γ‖`` with ``r = relu(z) + eps``.
-
-    Args:
-        z: ``(B, H, N, D)``; norms run over the head dim D.
-        gamma: ``(B, H, N)`` exponent per token, or a float for every token.
-
-    Computed in float32 (float64 for float64 z); returns ``(B, H, N, D)`` in z's dtype.
-    """
-    acc = accumulation_dtype(z.dtype)
-    r = torch.relu(z.to(acc)) + eps
-    # r^γ / ‖r^γ‖ is unchanged when r is divided by any positive constant; dividing by the row's largest entry
-    # keeps every power <= 1, so large activations or exponents cannot overflow. The map does not depend on
-    # that divisor, so it carries no gradient.
-    powered = (r / r.amax(dim=-1, keepdim=True).detach()) ** _column(gamma, acc)
-    out = r.norm(dim=-1, keepdim=True) * powered / powered.norm(dim=-1, keepdim=True)
-    return out.to(z.dtype)
+__all__ = ["dydila_attention", "power_map"]
 
 
 def _check_per_token(name: str, value: PerToken, tokens: torch.Size) -> None:
@@ -87,6 +64,6 @@ def dydila_attention(
     for name, value in per_token.items():
         _check_per_token(name, value, q.shape[:3])
     acc = accumulation_dtype(q.dtype)
-    q_hat = power_map(q.to(acc), gamma_q, eps) - _column(lambda_q, acc) * power_map(q_aux.to(acc), gamma_q_aux, eps)
-    k_hat = power_map(k.to(acc), gamma_k, eps) - _column(lambda_k, acc) * power_map(k_aux.to(acc), gamma_k_aux, eps)
+    q_hat = power_map(q.to(acc), gamma_q, eps) - column(lambda_q, acc) * power_map(q_aux.to(acc), gamma_q_aux, eps)
+    k_hat = power_map(k.to(acc), gamma_k, eps) - column(lambda_k, acc) * power_map(k_aux.to(acc), gamma_k_aux, eps)
     return linear_attention(q_hat, k_hat, v.to(acc), normalize=normalize, eps=eps).to(q.dtype)

@@ -1,12 +1,13 @@
-"""GRAT in plain torch: softmax attention under the dense group mask (``specs/grat.md``)."""
+"""GRAT in plain torch: softmax attention under the dense group mask (Ren et al., "Grouping First, Attending
+Smartly: Training-Free Acceleration for Diffusion Transformers", arXiv 2505.14687)."""
 
 from __future__ import annotations
 
 import torch
 
-from .._checks import check_choice, check_grid, check_int, resolve_scale
+from .._checks import check_choice, check_int, resolve_scale
 from .._options import GRAT_PATTERNS, grat_group
-from ..grid import TokenGrid
+from ..grid import TokenGrid, check_grid
 from ._dense import masked_attention
 
 

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .._feature_maps import accumulation_dtype
 from .._options import check_linear
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, float32 for every other float dtype."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def linear_attention(

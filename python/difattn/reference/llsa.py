@@ -1,4 +1,5 @@
-"""LLSA in plain torch: hierarchical top-K block selection plus coarse-token KV enrichment (``specs/llsa.md``).
+"""LLSA in plain torch: hierarchical top-K block selection plus coarse-token KV enrichment (Zhou et al., "Trainable
+Log-linear Sparse Attention for Efficient Diffusion Transformers", arXiv 2512.16615).
 
 The attention is one masked softmax per query over the concatenation of every level's tokens
 ``[fine (N) | level 1 (n_1) | ... | level L (n_L)]``, with ``ln(count)`` added to the logits of pooled tokens.
@@ -11,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_bool, check_grid, check_qkv, resolve_scale
+from .._checks import check_bool, check_qkv, resolve_scale
 from .._options import llsa_config, llsa_level_sizes
-from ..grid import TokenGrid
+from ..grid import TokenGrid, check_grid
 from ._dense import masked_attention
 from .ordering import inverse_permutation, zorder_permutation
 

@@ -1,5 +1,5 @@
-"""PISA in plain torch: exact attention on each query block's top key blocks, a Taylor expansion of the rest
-(``specs/pisa.md``).
+"""PISA in plain torch: exact attention on each query block's top key blocks, a Taylor expansion of the rest (Li
+et al., "PISA: Piecewise Sparse Attention Is Wiser for Efficient Diffusion Transformers", arXiv 2602.01077).
 
 The attention is written as one masked softmax over ``N + M`` entries per query: the N tokens (allowed where
 their block is selected) and the M block centroids (allowed where the block is not selected, logit
@@ -13,9 +13,9 @@ from typing import NamedTuple
 
 import torch
 
-from .._checks import check_bool, check_grid, check_qkv, resolve_scale
+from .._checks import check_bool, check_qkv, resolve_scale
 from .._options import check_pisa, pisa_num_selected, pisa_tile
-from ..grid import TokenGrid
+from ..grid import TokenGrid, check_grid
 from .ordering import inverse_permutation, pisa_block_sizes, tile_permutation
 
 # Queries per chunk: (B*H) * chunk * (N + M) logits live at once besides what autograd keeps.

@@ -1,0 +1,57 @@
+"""CLEAR's CPU disc kernels (backend="rust") against the torch reference, forward and every gradient."""
+
+import difattn
+import torch
+from difattn import reference
+from difattn.testing import compare_with_reference, random_qkv
+from difattn.testing.strategies import head_dims, token_grids
+from hypothesis import given
+from hypothesis import strategies as st
+
+
+@given(grid=token_grids(max_side=20, max_tokens=400), radius=st.floats(0.8, 7.0), d=head_dims(),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), seed=st.integers(0, 99))
+def test_clear_rust_matches_reference(grid, radius, d, dtype, seed):
+    q, k, v = random_qkv(1, 2, grid.num_tokens, d, dtype=dtype, seed=seed, token_major=seed % 2 == 0)
+    scale = d**-0.5
+    compare_with_reference(
+        "clear",
+        lambda q, k, v: difattn.clear_attention(q, k, v, grid, radius=radius, backend="rust"),
+        lambda q, k, v: reference.clear_attention(q, k, v, grid, radius=radius, scale=scale),
+        (q, k, v),
+    )
+
+
+@given(grid=token_grids(max_side=12, max_tokens=300), radius=st.floats(0.8, 5.0), rt=st.floats(0.5, 3.0),
+       globals_=st.integers(0, 3), d=head_dims(), seed=st.integers(0, 99))
+def test_clear_rust_videos_and_global_tokens_match_reference(grid, radius, rt, globals_, d, seed):
+    """Frames within ``temporal_radius`` and global tokens (every image query sees them, text queries do not)."""
+    q, k, v = random_qkv(1, 2, grid.num_tokens, d, seed=seed)
+    kg, vg, _ = random_qkv(1, 2, globals_, d, seed=seed + 1)
+    kw = dict(radius=radius, temporal_radius=rt)
+    if globals_:
+        compare_with_reference(
+            "clear video+global",
+            lambda q, k, v, kg, vg: difattn.clear_attention(q, k, v, grid, global_kv=(kg, vg), backend="rust", **kw),
+            lambda q, k, v, kg, vg: reference.clear_attention(q, k, v, grid, global_kv=(kg, vg), scale=d**-0.5, **kw),
+            (q, k, v, kg, vg),
+        )
+    else:
+        compare_with_reference(
+            "clear video",
+            lambda q, k, v: difattn.clear_attention(q, k, v, grid, backend="rust", **kw),
+            lambda q, k, v: reference.clear_attention(q, k, v, grid, scale=d**-0.5, **kw),
+            (q, k, v),
+        )
+
+
+def test_clear_global_kv_gradients():
+    grid = difattn.TokenGrid(9, 10, text_tokens=4, text_position="last")
+    q, k, v = random_qkv(2, 2, grid.num_tokens, 72, seed=3)
+    kg, vg, _ = random_qkv(2, 2, 5, 72, seed=4)
+    compare_with_reference(
+        "clear+global",
+        lambda q, k, v, kg, vg: difattn.clear_attention(q, k, v, grid, radius=2.5, global_kv=(kg, vg), backend="rust"),
+        lambda q, k, v, kg, vg: reference.clear_attention(q, k, v, grid, radius=2.5, global_kv=(kg, vg), scale=72**-0.5),
+        (q, k, v, kg, vg),
+    )
