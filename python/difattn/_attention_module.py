@@ -73,6 +73,13 @@ class Attention(nn.Module):
     GRAT, CLEAR's global tokens and the depthwise conv need it and infer a square image grid when it is None
     and N is a perfect square (otherwise ``ValueError``); PISA and LLSA use it when given or inferable and run
     in sequence order otherwise. ``rope=(cos, sin)``, each ``(N, head_dim)``, rotates q and k after the norm.
+
+    ``process_group``: None (one process), or a ``ProcessGroup`` / 1-D ``DeviceMesh`` to run sequence-parallel:
+    ``x`` is then this rank's shard of the tokens (:func:`difattn.distributed.shard`), ``grid`` the full grid
+    (required), ``rope`` this rank's rows of the tables, and the output this rank's shard; attention runs through
+    :func:`difattn.distributed.attention` (exact) and the depthwise conv gets its halo rows. Parameter gradients
+    are then this rank's share: sum them over the group. CLEAR's global tokens (``down_factor``) are not supported
+    sharded.
     """
 
     def __init__(
@@ -83,6 +90,7 @@ class Attention(nn.Module):
         method: str = "dense",
         qkv_bias: bool = True,
         qk_norm: bool | str = False,
+        process_group: Any = None,
         **method_options: Any,
     ) -> None:
         super().__init__()
@@ -112,6 +120,9 @@ class Attention(nn.Module):
             sizes = {name: options.pop(name, size) for name, size in _DYDILA_SIZES.items()}
             add_dynamic_routers(self, dim, self.head_dim, bias=qkv_bias, **sizes)
         self.options = options
+        self.process_group = process_group
+        if process_group is not None and self.spatial_weight is not None:
+            raise ValueError("down_factor: CLEAR's global tokens are not supported with a process_group yet")
 
     def extra_repr(self) -> str:
         opts = "".join(f", {name}={value!r}" for name, value in sorted(self.options.items()))
@@ -124,14 +135,17 @@ class Attention(nn.Module):
         *,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        B, N, C = x.shape  # (B, N, dim)
-        if grid is not None:
+        B, N, C = x.shape  # (B, N, dim); this rank's shard of the tokens when sharded
+        if grid is not None and self.process_group is None:
             check_grid(grid, N)
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = _ATTEND[self.method](self, x, q, k, v, grid)  # (B, H, N, Dh)
+        if self.process_group is None:
+            out = _ATTEND[self.method](self, x, q, k, v, grid)  # (B, H, N, Dh)
+        else:
+            out = self._attend_sharded(x, q, k, v, grid)
         out = out.transpose(1, 2).reshape(B, N, C)
         if self.dwconv is not None:
             out = out + self._conv_on_grid(v.transpose(1, 2).reshape(B, N, C), grid)
@@ -158,8 +172,30 @@ class Attention(nn.Module):
         """As :class:`difattn.nn.DyDiLA`, on this module's (normed, rotated) q and k."""
         return dynamic_differential(self, x, q, k, v, **self.options)
 
+    def _attend_sharded(self, x, q, k, v, grid):
+        """The method on this rank's shard, through :func:`difattn.distributed.attention`."""
+        if grid is None:
+            raise ValueError("grid: a sharded Attention (process_group set) needs the full TokenGrid of the sequence")
+        from . import distributed  # torch.distributed is imported only when a sharded layer runs
+
+        group = self.process_group
+        if self.method == "dydila":
+
+            def attend(q, k, v, q_aux, k_aux, **options):
+                return distributed.attention("dydila", q, k, v, grid, process_group=group, q_aux=q_aux, k_aux=k_aux,
+                                             **options)
+
+            return dynamic_differential(self, x, q, k, v, attend=attend, **self.options)
+        if self.method == "linear":
+            q, k = F.relu(q), F.relu(k)
+        return distributed.attention(self.method, q, k, v, grid, process_group=group, **self.options)
+
     def _conv_on_grid(self, v: torch.Tensor, grid: TokenGrid | None) -> torch.Tensor:
         """Depthwise conv of the image tokens of ``v`` ``(B, N, C)`` on their grid; text rows get zeros."""
+        if self.process_group is not None:
+            from .distributed._conv import conv_on_stripes
+
+            return conv_on_stripes(self.dwconv, v, grid, process_group=self.process_group)
         return conv_on_grid(self.dwconv, v, square_grid(v.shape[1], self.method) if grid is None else grid)
 
 

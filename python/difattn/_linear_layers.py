@@ -6,6 +6,7 @@ and ``difattn.nn.Attention(method="dydila" | "linear")``: DyDiLA's routed projec
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -129,12 +130,12 @@ def add_dynamic_routers(
 
 def dynamic_differential(
     module: nn.Module, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float,
-    **options,
+    attend: Callable[..., torch.Tensor] | None = None, **options,
 ) -> torch.Tensor:
     """DyDiLA's core with the routers :func:`add_dynamic_routers` put on ``module``: the auxiliary projections of
     ``x (B, N, dim)``, per-token γ of each stream and λ of each side (λ routed on ``[φ(z), φ(z_aux)]`` without
-    gradient, spec choice), then :func:`difattn.dydila_attention` on ``q, k, v (B, H, N, Dh)`` with ``options``
-    (``normalize``, ``backend``). Returns ``(B, H, N, Dh)``."""
+    gradient, spec choice), then ``attend`` (default :func:`difattn.dydila_attention`; or its sequence-parallel
+    form) on ``q, k, v (B, H, N, Dh)`` with ``options`` (``normalize``, ``backend``). Returns ``(B, H, N, Dh)``."""
     B, N, _ = x.shape
     H, Dh = q.shape[1], q.shape[3]
     streams = {"q": q, "k": k}
@@ -146,7 +147,8 @@ def dynamic_differential(
         with torch.no_grad():
             features = torch.cat([power_map(streams[s], gammas[s], eps) for s in (side, f"{side}_aux")], dim=-1)
         lambdas[side] = module.lambdas[side](features)
-    return functional.dydila_attention(
+    attend = functional.dydila_attention if attend is None else attend
+    return attend(
         q, k, v, streams["q_aux"], streams["k_aux"],
         gamma_q=gammas["q"], gamma_k=gammas["k"], gamma_q_aux=gammas["q_aux"], gamma_k_aux=gammas["k_aux"],
         lambda_q=lambdas["q"], lambda_k=lambdas["k"], eps=eps, **options,

@@ -120,15 +120,19 @@ def make_attention(
     num_heads: int,
     qk_norm: bool | str,
     attention_options: dict[str, Any] | None,
+    process_group: Any = None,
 ) -> nn.Module:
     """The attention layer of a block: :class:`difattn.nn.Attention` for a method name, else the factory's module."""
     options = dict(attention_options or {})
     if isinstance(attention, str):
-        return Attention(hidden_size, num_heads, method=attention, qkv_bias=True, qk_norm=qk_norm, **options)
+        return Attention(hidden_size, num_heads, method=attention, qkv_bias=True, qk_norm=qk_norm,
+                         process_group=process_group, **options)
     if not callable(attention):
         raise TypeError(f"attention must be a method name or a module factory, got {type(attention).__name__}")
     if qk_norm:
         raise ValueError("qk_norm applies to difattn.nn.Attention; configure a custom attention factory directly")
+    if process_group is not None:
+        raise ValueError("process_group applies to difattn.nn.Attention; give a custom attention factory its own")
     return attention(hidden_size, num_heads, **options)
 
 
@@ -145,10 +149,11 @@ class DiTBlock(nn.Module):
         attention: str | Callable[..., nn.Module] = "dense",
         attention_options: dict[str, Any] | None = None,
         qk_norm: bool | str = False,
+        process_group: Any = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = make_attention(attention, hidden_size, num_heads, qk_norm, attention_options)
+        self.attn = make_attention(attention, hidden_size, num_heads, qk_norm, attention_options, process_group)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
@@ -192,6 +197,10 @@ class DiT(nn.Module):
         attention: method name or attention factory (module docstring); attention_options: its options.
         qk_norm: q/k norm of :class:`difattn.nn.Attention` (``"rms_norm"`` for the pixel DiT).
         pos_embed: ``"sincos"`` (DiT's fixed 2-D embedding, a frozen parameter) or ``"rope"`` (2-D RoPE).
+        process_group: None, or a ``ProcessGroup`` / 1-D ``DeviceMesh`` to run the blocks sequence-parallel:
+            every rank takes the same inputs and returns the same output; in between each holds its stripe of
+            token rows (:mod:`difattn.distributed`), and attention is exact. Parameter gradients are each rank's
+            share: sum them over the group (e.g. data-parallel over it). Needs at least one token row per rank.
     """
 
     def __init__(
@@ -211,6 +220,7 @@ class DiT(nn.Module):
         attention_options: dict[str, Any] | None = None,
         qk_norm: bool | str = False,
         pos_embed: str = "sincos",
+        process_group: Any = None,
     ) -> None:
         super().__init__()
         if pos_embed not in ("sincos", "rope"):
@@ -222,6 +232,7 @@ class DiT(nn.Module):
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size, self.num_heads = patch_size, num_heads
         self.grid_size = (height // patch_size, width // patch_size)
+        self.process_group = process_group
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -234,7 +245,7 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(
             DiTBlock(
                 hidden_size, num_heads, mlp_ratio=mlp_ratio, attention=attention,
-                attention_options=attention_options, qk_norm=qk_norm,
+                attention_options=attention_options, qk_norm=qk_norm, process_group=process_group,
             )
             for _ in range(depth)
         )
@@ -291,9 +302,17 @@ class DiT(nn.Module):
         else:
             x = x + sincos_pos_embed_2d(x.shape[-1], grid.height, grid.width, device=x.device).to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (B, D)
+        if self.process_group is not None:  # this rank's rows of tokens (and of the RoPE tables) from here on
+            from .. import distributed
+
+            x = distributed.shard(x, grid, process_group=self.process_group)
+            if rope is not None:
+                rope = tuple(distributed.shard(table, grid, process_group=self.process_group) for table in rope)
         for block in self.blocks:
             x = block(x, c, grid, rope)  # (B, N, D)
         x = self.final_layer(x, c)  # (B, N, p * p * out_channels)
+        if self.process_group is not None:
+            x = distributed.gather(x, grid, process_group=self.process_group)
         return self.unpatchify(x, grid)  # (B, out_channels, H, W)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
