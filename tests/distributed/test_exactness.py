@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from _cases import CASES, GRIDS, check
-from _harness import run_ranks
 
 
 def _all_cases(rank: int, world: int) -> None:
@@ -18,8 +17,8 @@ def _all_cases(rank: int, world: int) -> None:
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_every_method_and_scheme_is_exact_in_float64(world):
-    run_ranks(_all_cases, world, timeout=120)
+def test_every_method_and_scheme_is_exact_in_float64(ranks, world):
+    ranks(world).run(_all_cases, timeout=120)
 
 
 def _rust_cases(rank: int, world: int) -> None:
@@ -27,5 +26,5 @@ def _rust_cases(rank: int, world: int) -> None:
         check(case, "7x6+5first", dtype=torch.float32, backend="rust")
 
 
-def test_fp32_rust_kernels_sharded_match_single_process():
-    run_ranks(_rust_cases, 3, timeout=120)
+def test_fp32_rust_kernels_sharded_match_single_process(ranks):
+    ranks(3).run(_rust_cases, timeout=120)

@@ -11,7 +11,6 @@ import difattn.distributed as dd
 from difattn.models import DiT
 from difattn.testing import assert_close
 
-from _harness import run_ranks
 
 GRID = difattn.TokenGrid(7, 6, text_tokens=5)  # rows 3, 2, 2 on three ranks
 MODULES = {
@@ -91,5 +90,5 @@ def _modules(rank: int, world: int) -> None:
     _dit(rank, world)
 
 
-def test_sharded_attention_layers_and_dit_equal_one_process():
-    run_ranks(_modules, 3, timeout=150)
+def test_sharded_attention_layers_and_dit_equal_one_process(ranks):
+    ranks(3).run(_modules, timeout=150)
