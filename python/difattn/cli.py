@@ -13,6 +13,7 @@ from . import __version__
 from ._native import core, core_status
 from .backends import METHODS, availability
 from .bench import cases as bench_cases
+from .bench import distributed as bench_distributed
 from .bench.runner import BenchConfig, format_table, plot, run, write_json
 from .grid import TokenGrid
 
@@ -48,6 +49,8 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.world_size is not None:
+        return _bench_distributed(args)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -82,6 +85,33 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_distributed(args: argparse.Namespace) -> int:
+    if args.world_size < 2:
+        print("difattn bench: --world-size must be at least 2", file=sys.stderr)
+        return 2
+    if args.grid and len(args.grid) > 1:
+        print("difattn bench: --world-size takes one --grid", file=sys.stderr)
+        return 2
+    dtype = _DTYPES[args.dtype or "float32"]
+    cfg = bench_distributed.Config(
+        world=args.world_size, grid=args.grid[0] if args.grid else TokenGrid(48, 48, text_tokens=64),
+        B=args.batch or 1, H=args.heads or 8, D=args.head_dim or 64, dtype=dtype, backward=args.backward,
+        methods=("dense", *args.methods), repeats=3 if args.quick else 5,
+        json=args.json or f"difattn-bench-distributed-{args.world_size}.json",
+    )
+    print(f"difattn bench on {cfg.world} processes, grid {_grid_label(cfg.grid)}, B={cfg.B} H={cfg.H} D={cfg.D}, "
+          f"{dtype}: time per layer (slowest rank) and forward bytes each rank sends")
+    bench_distributed.run(cfg)
+    print(f"wrote {cfg.json}")
+    return 0
+
+
+def _grid_label(grid: TokenGrid) -> str:
+    frames = f"{grid.frames}x" if grid.frames > 1 else ""
+    text = f"+{grid.text_tokens}{grid.text_position}" if grid.text_tokens else ""
+    return f"{frames}{grid.height}x{grid.width}{text}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="difattn", description="Efficient attention for Diffusion Transformers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--flex", action="store_true", help="also time FlexAttention on CPU (always on CUDA)")
     bench.add_argument("--json", help="where to write the JSON records (default: difattn-bench-<device>.json)")
     bench.add_argument("--plot", help="write a PNG of speedup against tokens here")
+    bench.add_argument("--world-size", type=int, help="run the sequence-parallel schemes on this many processes "
+                       "(gloo on CPU, NCCL with as many GPUs): bytes per rank and time per layer")
     bench.set_defaults(func=_bench)
     return parser
 

@@ -103,3 +103,33 @@ def test_device_mesh_group_and_all_gathered_kv_baseline(ranks):
 
 def test_bad_arguments_raise_on_every_rank(ranks):
     ranks(2).run(_errors)
+
+
+def _counts(rank: int, world: int) -> None:
+    """The bytes counted on real collectives equal those of the meta-tensor dry run the bench extrapolates with,
+    and Ulysses moves what its formula says: (P-1)/P of q, k, v and of the output."""
+    from difattn.bench.distributed import _call, _inputs, cases
+    from difattn.distributed import _traffic
+    from difattn.distributed._comm import DryComm
+    from difattn.distributed._layout import Layout
+
+    grid = difattn.TokenGrid(8, 6, text_tokens=4)
+    layout, comm = Layout.stripes(grid, world), Comm()
+    for case in cases(radius=2.0):
+        if case.method in ("pisa", "llsa", "grat"):  # GRAT's 8x8 groups exceed this grid; its halo is CLEAR's code
+            continue
+        shape = (1, 4, grid.num_tokens, 8)
+        x = {n: t.index_select(2, layout.indices(rank)) if isinstance(t, torch.Tensor) else t
+             for n, t in _inputs(case, shape, torch.float32, "cpu", 0).items()}
+        with _traffic.counting() as real:
+            _call(case, comm, layout, x)
+        meta = _inputs(case, (1, 4, layout.count(rank), 8), torch.float32, "meta", 0)
+        with _traffic.counting() as dry:
+            _call(case, DryComm(rank, world), layout, meta)
+        assert (real.sent, real.received, real.calls) == (dry.sent, dry.received, dry.calls), case
+        if case.method == "dense" and case.scheme == "ulysses":
+            assert real.sent == 4 * 4 * 8 * 4 * layout.count(rank) * (world - 1) // world
+
+
+def test_counted_bytes_match_dry_run_and_formula(ranks):
+    ranks(2).run(_counts)
