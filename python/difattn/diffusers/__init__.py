@@ -15,6 +15,13 @@ attention too), ``DiTTransformer2DModel`` and ``PixArtTransformer2DModel`` (self
 is untouched), ``WanTransformer3DModel`` (video self-attention only) and ``HunyuanVideoTransformer3DModel`` (image
 first, text last; its text padding becomes GRAT's ``text_mask``, and the other methods drop padded text keys).
 
+Context parallelism: ``transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=P))`` (or
+``ring_degree``), before or after ``apply``, splits the sequence over the processes with the model's ``_cp_plan``
+(FLUX and Wan have one in diffusers 0.42). difattn's layers then run :mod:`difattn.distributed`'s exact schemes on
+the shards (``parallel=`` picks one) instead of diffusers' ring/Ulysses attention, which cannot be exact for a
+local method (see ``_processor.py``); dense layers keep diffusers' own. diffusers 0.42.1's ``enable_parallelism``
+divides by ``torch.accelerator.device_count()`` and so fails on machines without an accelerator.
+
 The token geometry (frames, height, width, text length) is read from the transformer's arguments on every
 call, so resolution and prompt length may change between calls. Each layer keeps the model's own processor for
 projections, norms and RoPE and replaces only its self-attention call (see ``_processor.py``).
@@ -39,6 +46,7 @@ from ._session import Session
 __all__ = ["apply", "remove", "attention_layers", "METHODS", "DifattnProcessor"]
 
 METHODS = ("dense", "clear", "grat", "pisa", "llsa")
+PARALLEL = ("auto", "ulysses", "halo")
 _SESSION = "_difattn_session"
 
 
@@ -58,6 +66,7 @@ def apply(
     *,
     dense_layers: Iterable[int | str] = (),
     dense_steps: int = 0,
+    parallel: str = "auto",
     **method_options: Any,
 ) -> None:
     """Run ``method`` in the attention layers of ``transformer`` (replacing any earlier ``apply``).
@@ -69,6 +78,10 @@ def apply(
             from the end) or as names from it.
         dense_steps: the first ``dense_steps`` denoising steps of every generation run dense (steps are
             counted from the ``timestep`` argument; see :class:`~difattn.diffusers._session.Session`).
+        parallel: the scheme of :func:`difattn.distributed.attention` under diffusers' context parallelism:
+            ``"auto"`` (the halo for CLEAR and GRAT neighbours where each rank's image tokens are whole rows of
+            one frame and that moves fewer bytes, else Ulysses), ``"ulysses"`` or ``"halo"``. Every choice is
+            exact; unused without context parallelism.
         **method_options: the method's options, as :mod:`difattn.functional` names them (``radius``,
             ``temporal_radius`` / ``group``, ``pattern``, ``reach`` / ``density``, ``block_size``, ``order``,
             ``routing_bias``, ``sink`` / ``block_size``, ``topk``, ``levels``; ``backend`` for all), plus
@@ -87,12 +100,14 @@ def apply(
     layers = family.layers(transformer)
     dense = _layer_indices(dense_layers, [name for name, _ in layers])
     check_int("dense_steps", dense_steps, minimum=0)
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {', '.join(map(repr, PARALLEL))}; got {parallel!r}")
 
     remove(transformer)
     session = Session(
         transformer, family, method, spec, options,
         down_factor=down_factor if down_factor and down_factor > 1 else None,
-        dense_layers=dense, dense_steps=dense_steps,
+        dense_layers=dense, dense_steps=dense_steps, parallel=parallel,
     )
     for index, (name, module) in enumerate(layers):
         original = module.processor

@@ -23,6 +23,10 @@ BACKEND_NAME = "difattn"
 _ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar("difattn_layer_attention", default=None)
 
 
+def tested_range() -> str:
+    return f"{_TESTED[0][0]}.{_TESTED[0][1]} to {_TESTED[1][0]}.{_TESTED[1][1]}"
+
+
 def _version() -> tuple[int, int] | None:
     import diffusers
 
@@ -83,17 +87,17 @@ def _difattn_attention(
     enable_gqa: bool = False,
     _parallel_config: Any = None,
 ) -> torch.Tensor:
-    """The registered backend: dispatcher layout ``(B, N, H, D)`` in and out."""
+    """The registered backend: dispatcher layout ``(B, N, H, D)`` in and out. Under context parallelism
+    (``_parallel_config``) the tensors are this rank's shard and the layer runs difattn's own exact schemes."""
     layer = _ACTIVE.get()
     if layer is None:
         raise RuntimeError(
             "the 'difattn' attention backend only runs inside layers set up by difattn.diffusers.apply(); "
             "use that instead of set_attention_backend('difattn')"
         )
-    if _parallel_config is not None:
-        raise NotImplementedError("difattn does not support context parallelism")
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     out = layer(
-        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+        parallel_config=_parallel_config,
     )
     return out.transpose(1, 2)

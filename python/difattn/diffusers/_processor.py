@@ -16,6 +16,15 @@ Either way the call reaches :class:`LayerAttention`, which turns the call's geom
 :class:`~difattn.TokenGrid` and a ``text_mask`` and runs the method. Calls with a different key length (Wan's
 image cross-attention, IP adapters) pass through to SDPA. A difattn layer that sees no attention call raises,
 so a processor path difattn cannot reach never runs dense silently.
+
+Context parallelism (diffusers' ``enable_parallelism`` with a ``ContextParallelConfig``): the model's ``_cp_plan``
+splits the sequence into balanced runs of text and image tokens per rank, and the dispatcher hands difattn's
+backend this rank's shard. diffusers' own "ring" and "Ulysses" attention cannot carry a local method exactly (the
+ring all-gathers K/V chunk by chunk into an op that is not told where the chunk sits; under Ulysses a joint model
+sees ``[txt_0, img_0, txt_1, img_1, ...]``), so difattn never uses them: it runs its own exact schemes of
+:mod:`difattn.distributed` over the whole context-parallel mesh, on the layout diffusers' split produced (image
+row stripes when each rank's image run is whole rows of a single frame, where the halo scheme applies; Ulysses
+otherwise). Only the dispatcher route can see the shards, so context parallelism needs it.
 """
 
 from __future__ import annotations
@@ -75,9 +84,13 @@ class DifattnProcessor(nn.Module):
     def _route(self, layer: "LayerAttention") -> Iterator[None]:
         original = self.original
         uses_dispatcher = hasattr(original, "_attention_backend")
-        if uses_dispatcher and getattr(original, "_parallel_config", None) is not None:
-            raise NotImplementedError(f"difattn: layer {self.name} is context-parallel; difattn does not support that")
         backend = _dispatcher.backend() if uses_dispatcher else None
+        if backend is None and getattr(original, "_parallel_config", None) is not None:
+            raise NotImplementedError(
+                f"difattn: layer {self.name} is context-parallel, which difattn supports through diffusers' attention "
+                f"dispatcher registry (diffusers {_dispatcher.tested_range()}); this diffusers version has no "
+                "registry difattn knows"
+            )
         if backend is not None:
             with _pinned_backend(original, backend), _dispatcher.active(layer):
                 yield
@@ -164,6 +177,7 @@ class LayerAttention:
         is_causal: bool = False,
         scale: float | None = None,
         enable_gqa: bool = False,
+        parallel_config: Any = None,
     ) -> torch.Tensor:
         q, k, v = query, key, value
         if k.shape[-2] != q.shape[-2]:  # cross-attention to another context: not ours
@@ -175,6 +189,8 @@ class LayerAttention:
         if dropout_p or is_causal or k.shape[1] != q.shape[1]:
             raise ValueError(f"difattn: layer {name} asks for dropout, causal or grouped-query attention")
         self.calls += 1
+        if parallel_config is not None:
+            return self._attend_sharded(q, k, v, attn_mask, scale, parallel_config)
         grid = self.session.geometry().grid(q.shape[2])
         text_mask = text_padding(attn_mask, grid, q.shape[0], name)
         weight = self.processor.spatial_weight
@@ -184,11 +200,43 @@ class LayerAttention:
             return run(q, k, v, grid, text_mask, global_kv)
         return _per_sample(run, q, k, v, grid, text_mask, global_kv, scale)
 
+    def _attend_sharded(self, q, k, v, attn_mask, scale, parallel_config) -> torch.Tensor:
+        """This rank's shard under diffusers' context parallelism, by difattn's own exact schemes."""
+        from ..distributed._attention import run
+        from ..distributed._comm import Comm
+
+        name = self.processor.name
+        if attn_mask is not None or self.processor.spatial_weight is not None:
+            raise NotImplementedError(
+                f"difattn: layer {name} is context-parallel with an attention mask or CLEAR's global tokens "
+                "(down_factor), which difattn does not shard yet"
+            )
+        comm = Comm(parallel_config.context_parallel_config._flattened_mesh.get_group())
+        layout = _context_parallel_layout(self.session.geometry(), q.shape[2], comm.rank, comm.world, name)
+        options = dict(self.session.options, scale=scale)
+        return run(self.session.method, comm, layout, q, k, v, self.session.parallel, options)
+
     def _attend(self, q, k, v, grid, text_mask, global_kv, *, scale):
         return sparse_attention(
             self.session.method, q, k, v, grid=grid, options=self.session.options, scale=scale,
             text_mask=text_mask, global_kv=global_kv,
         )
+
+
+def _context_parallel_layout(geometry, num_tokens: int, rank: int, world: int, name: str):
+    """The layout of diffusers' split (balanced runs of text and image tokens) of the joint or image-only sequence
+    that puts ``num_tokens`` tokens on ``rank``."""
+    from ..distributed._layout import Layout
+
+    image = geometry.frames * geometry.height * geometry.width
+    for total in dict.fromkeys((image + geometry.text_tokens, image)):
+        layout = Layout.chunks(geometry.grid(total), world)
+        if layout.count(rank) == num_tokens:
+            return layout
+    raise ValueError(
+        f"difattn: layer {name} got {num_tokens} tokens on rank {rank} of {world}, which is no rank's share of this "
+        f"call's {image} image and {geometry.text_tokens} text tokens under diffusers' context-parallel split"
+    )
 
 
 def text_padding(attn_mask: torch.Tensor | None, grid: TokenGrid, batch: int, name: str) -> torch.Tensor | None:

@@ -33,8 +33,10 @@ class Session:
         down_factor: int | None,
         dense_layers: frozenset[int],
         dense_steps: int,
+        parallel: str = "auto",
     ) -> None:
         self.family, self.method, self.spec, self.options = family, method, spec, options
+        self.parallel = parallel  # the difattn.distributed scheme under context parallelism
         self.down_factor, self.dense_layers, self.dense_steps = down_factor, dense_layers, dense_steps
         self.step = 0
         self._last_timestep: float | None = None
