@@ -6,6 +6,8 @@
 Every number in those files comes from a JSON file under benchmarks/results/ written by `difattn bench --json`.
 Files named `<series>-run<k>.json` are repeated runs of one series (on a shared host one run can be slowed by
 others' work): the README shows, per case, the median over the runs, and BENCHMARKS.md every run and a summary.
+Files of `difattn bench --world-size P` (``"kind": "distributed"``) fill the sequence-parallelism tables instead:
+bytes per rank and time per layer of each scheme, measured and (at sizes that cannot run here) counted.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 README_START, README_END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+SCALING_START, SCALING_END = "<!-- scaling-table:start -->", "<!-- scaling-table:end -->"
 RUN_NAME = re.compile(r"^(?P<series>.+)-run(?P<run>\d+)$")
 
 
@@ -134,6 +137,56 @@ def summary_table(runs: list[dict]) -> list[str]:
     return lines
 
 
+def is_distributed(data: dict) -> bool:
+    return data.get("kind") == "distributed"
+
+
+def _mb(values: list[int]) -> str:
+    """Most bytes any rank moved, in MB (and the least, when the ranks differ)."""
+    hi, lo = max(values) / 1e6, min(values) / 1e6
+    return f"{hi:.3f}" if hi == lo else f"{hi:.3f} ({lo:.3f})"
+
+
+def scaling_table(records: list[dict], *, measured: bool) -> list[str]:
+    """One row per scheme: forward bytes sent per rank (most, least), and for measured runs the time per layer."""
+    head = "| method | scheme | options | pass | shape | B×H×D | dtype | ranks | MB sent per rank (fewest) | "
+    head += "ms per layer (slowest rank; fastest of repeats) |" if measured else "all-reduce payload MB |"
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        last = f"{r['ms']:.2f}" if measured else _mb(r["payload_bytes"]) if r["scheme"] == "state" else "–"
+        lines.append(f"| {r['method']} | {r['scheme']} | {_options(r)} | {r['pass']} | {_shape(r)} | "
+                     f"{r['B']}×{r['H']}×{r['D']} | {r['dtype']} | {r['world_size']} | {_mb(r['sent_bytes'])} | "
+                     f"{last} |")
+    return lines
+
+
+def scaling_md(results: list[tuple[Path, dict]]) -> list[str]:
+    out = ["## Sequence parallelism (`difattn bench --world-size P`)", "",
+           "Bytes each rank sends in one layer's forward pass, counted at the collectives (all-to-all: the pieces for",
+           "other ranks; all-reduce: the ring algorithm's 2(P−1)/P of the payload; the backward mirrors them), and",
+           "the time per layer. *Counted, not measured* rows run the same scheme code on `meta` tensors for every",
+           "rank of a size that cannot run here.", ""]
+    for path, data in results:
+        out += [f"### {path.stem}", "",
+                f"Device: {data['device']}, {data['world_size']} processes ({data['backend']}, "
+                f"{data.get('threads_per_rank', '?')} threads each); torch {data['torch']}; commit `{data['commit']}`.",
+                "", *scaling_table(data["records"], measured=True), "",
+                "Counted, not measured:", "", *scaling_table(data["computed"], measured=False), ""]
+    return out
+
+
+def scaling_readme(results: list[tuple[Path, dict]]) -> str:
+    if not results:
+        return "No sequence-parallel results are committed yet."
+    lines = []
+    for path, data in results:
+        lines += [f"**{path.stem}** — {data['device']}, {data['world_size']} {data['backend']} processes (forward; "
+                  "full tables in BENCHMARKS.md):", "",
+                  *scaling_table([r for r in data["records"] if r["pass"] == "fwd"], measured=True), "",
+                  "Counted on `meta` tensors, not measured:", "", *scaling_table(data["computed"], measured=False), ""]
+    return "\n".join(lines).rstrip()
+
+
 def benchmarks_md(results: list[tuple[Path, dict]]) -> str:
     out = [
         "# Benchmarks",
@@ -149,7 +202,7 @@ def benchmarks_md(results: list[tuple[Path, dict]]) -> str:
         "the device's square-matmul rate measured in the same run (the practical ceiling of any GEMM-based kernel).",
         "",
     ]
-    for name, runs in series(results):
+    for name, runs in series([(p, d) for p, d in results if not is_distributed(d)]):
         out += [f"## {name}", ""]
         if len(runs) > 1:
             out += [f"Summary of {len(runs)} runs (files {', '.join(p.name for p, _ in runs)}):", "",
@@ -165,10 +218,14 @@ def benchmarks_md(results: list[tuple[Path, dict]]) -> str:
                 *table(data["records"], data.get("matmul_gflops")),
                 "",
             ]
+    distributed = [(p, d) for p, d in results if is_distributed(d)]
+    if distributed:
+        out += scaling_md(distributed)
     return "\n".join(out)
 
 
 def readme_table(results: list[tuple[Path, dict]]) -> str:
+    results = [(p, d) for p, d in results if not is_distributed(d)]
     if not results:
         return "No benchmark results are committed yet."
     lines = []
@@ -192,9 +249,15 @@ def readme_table(results: list[tuple[Path, dict]]) -> str:
 def render() -> tuple[str, str]:
     results = _load()
     readme = (ROOT / "README.md").read_text()
-    start, end = readme.index(README_START) + len(README_START), readme.index(README_END)
-    new_readme = readme[:start] + "\n" + readme_table(results) + "\n" + readme[end:]
-    return benchmarks_md(results) + "\n", new_readme
+    readme = _between(readme, README_START, README_END, readme_table(results))
+    readme = _between(readme, SCALING_START, SCALING_END,
+                      scaling_readme([(p, d) for p, d in results if is_distributed(d)]))
+    return benchmarks_md(results) + "\n", readme
+
+
+def _between(text: str, start_marker: str, end_marker: str, body: str) -> str:
+    start, end = text.index(start_marker) + len(start_marker), text.index(end_marker)
+    return text[:start] + "\n" + body + "\n" + text[end:]
 
 
 def main() -> int:

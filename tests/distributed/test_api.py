@@ -133,3 +133,25 @@ def _counts(rank: int, world: int) -> None:
 
 def test_counted_bytes_match_dry_run_and_formula(ranks):
     ranks(2).run(_counts)
+
+
+def _contiguous_runs(rank: int, world: int) -> None:
+    """diffusers' split of a video (contiguous runs of the raster sequence, not stripes) runs exactly by Ulysses;
+    the halo refuses it."""
+    from difattn.distributed._attention import run
+    from difattn.distributed._layout import Layout
+
+    grid = difattn.TokenGrid(3, 4, frames=3)
+    layout = Layout.chunks(grid, world)
+    q, k, v = random_qkv(1, 2, grid.num_tokens, 8, dtype=torch.float64, seed=4)
+    want = difattn.clear_attention(q, k, v, grid, radius=2.0, temporal_radius=2.0)
+    index = layout.indices(rank)
+    local = [t.index_select(2, index) for t in (q, k, v)]
+    options = {"radius": 2.0, "temporal_radius": 2.0}
+    _exact("clear on diffusers' video runs", run("clear", Comm(), layout, *local, "auto", options),
+           want.index_select(2, index))
+    _raises(ValueError, "stripes", run, "clear", Comm(), layout, *local, "halo", options)
+
+
+def test_contiguous_runs_of_a_video_by_ulysses(ranks):
+    ranks(2).run(_contiguous_runs)

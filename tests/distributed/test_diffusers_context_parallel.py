@@ -13,8 +13,8 @@ import torch
 
 pytest.importorskip("diffusers", reason="the diffusers tests need diffusers (the 'test' extra)")
 
-import difattn.diffusers  # noqa: E402
-from difattn.testing import assert_close  # noqa: E402
+import difattn.diffusers
+from difattn.testing import assert_close
 
 CASES = (
     ("clear", "auto", {"radius": 2.0}),

@@ -16,6 +16,7 @@ cannot run here, not measurements. JSON: ``{"kind": "distributed", "world_size",
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -152,6 +153,12 @@ def _time(fn, repeats: int, device) -> tuple[float, float]:
     return min(samples), max(samples)
 
 
+def _step(case: Scheme, comm, layout, leaves: dict, backward: bool) -> None:
+    out = _call(case, comm, layout, leaves)
+    if backward:
+        out.sum().backward()
+
+
 def _measure(rank: int, cfg: Config, device) -> list[dict]:
     import torch.distributed as dist
 
@@ -173,14 +180,9 @@ def _measure(rank: int, cfg: Config, device) -> list[dict]:
         counted = [None] * cfg.world
         dist.all_gather_object(counted, traffic)
         for pass_name in passes:
-            leaves = {n: t.requires_grad_(pass_name == "fwd+bwd") if isinstance(t, torch.Tensor) else t
-                      for n, t in x.items()}
-
-            def step():
-                out = _call(case, comm, layout, leaves)
-                if pass_name == "fwd+bwd":
-                    out.sum().backward()
-
+            backward = pass_name == "fwd+bwd"
+            leaves = {n: t.requires_grad_(backward) if isinstance(t, torch.Tensor) else t for n, t in x.items()}
+            step = functools.partial(_step, case, comm, layout, leaves, backward)
             ms, ms_max = _time(step, cfg.repeats, device)
             records.append({**_record(case, cfg.grid, cfg.B, cfg.H, cfg.D, cfg.dtype, pass_name, cfg.world),
                             "ms": ms, "ms_max": ms_max, **_bytes(counted), "computed": False})

@@ -65,7 +65,7 @@ def _choose(method: str, scheme: str, layout: Layout | None, options: dict[str, 
             return "state"
         if not halo_ok or layout.rows is None:
             return "ulysses"
-        B, H, _, D = q.shape
+        _, H, _, D = q.shape
         heaviest = max(layout.count(r) for r in range(layout.world))
         through_ulysses = heaviest * H * 2 * (D + v.shape[-1]) * (layout.world - 1) // layout.world
         halo = halo_bytes(layout, _wants(method, layout, options), H, D + v.shape[-1], 1)
@@ -106,7 +106,7 @@ def attention(
     ``"pisa"``, ``"llsa"``, ``"linear"``, ``"dydila"``. ``scheme``: ``"ulysses"`` (every method; needs at least
     as many heads as ranks), ``"halo"`` (CLEAR, GRAT neighbours; stripe layouts), ``"state"`` (linear, DyDiLA),
     or ``"auto"``: state for the linear methods, the halo for the local ones when it moves fewer bytes than
-    Ulysses, else Ulysses. ``options``: the public function's keyword options (not ``grid``, ``return_*``);
+    Ulysses (it computes its halo rows' queries too, so on a fast interconnect Ulysses may be faster), else Ulysses. ``options``: the public function's keyword options (not ``grid``, ``return_*``);
     DyDiLA's ``q_aux``, ``k_aux`` and per-token ``gamma_*``/``lambda_*`` shards (``(B, H, n_r)``, or floats)
     as keywords; GRAT's ``text_mask`` and CLEAR's ``global_kv`` whole on every rank (their gradients on each
     rank are that rank's share: sum them over the group). The state scheme computes in torch (``backend`` is

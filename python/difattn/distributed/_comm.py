@@ -35,7 +35,9 @@ def resolve_group(process_group: Any) -> Any:
         if process_group.ndim != 1:
             raise ValueError(f"process_group: a DeviceMesh must be one-dimensional, got {process_group.ndim} dims")
         return process_group.get_group()
-    raise TypeError(f"process_group must be None, a ProcessGroup or a 1-D DeviceMesh, got {type(process_group).__name__}")
+    raise TypeError(
+        f"process_group must be None, a ProcessGroup or a 1-D DeviceMesh, got {type(process_group).__name__}"
+    )
 
 
 class Comm:
@@ -46,7 +48,9 @@ class Comm:
         self.rank = dist.get_rank(self.group)
         self.world = dist.get_world_size(self.group)
 
-    def all_to_all(self, send: Sequence[torch.Tensor | None], recv_shapes: Sequence[Shape | None]) -> list[torch.Tensor | None]:
+    def all_to_all(
+        self, send: Sequence[torch.Tensor | None], recv_shapes: Sequence[Shape | None]
+    ) -> list[torch.Tensor | None]:
         """Send ``send[s]`` to rank s and receive a tensor of ``recv_shapes[s]`` from it (None: nothing).
 
         Every tensor has one dtype and device. ``send[rank]`` is returned as this rank's own piece without being
@@ -95,7 +99,7 @@ class DryComm(Comm):
     """Rank ``rank`` of ``world`` without a process group: collectives return uninitialised ``meta`` tensors of the
     right sizes and are counted like real ones. For byte counts of sizes that cannot run here."""
 
-    def __init__(self, rank: int, world: int) -> None:  # noqa: D107 - no group to resolve
+    def __init__(self, rank: int, world: int) -> None:
         self.group, self.rank, self.world = None, rank, world
 
     def _exchange(self, flat: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:

@@ -18,7 +18,9 @@ from ._layout import Layout
 from ._rows import clip, exchange_rows
 
 
-def conv_on_stripes(conv: nn.Conv2d, tokens: torch.Tensor, grid: TokenGrid, *, process_group: Any = None) -> torch.Tensor:
+def conv_on_stripes(
+    conv: nn.Conv2d, tokens: torch.Tensor, grid: TokenGrid, *, process_group: Any = None
+) -> torch.Tensor:
     """``conv`` over the image tokens of this rank's shard ``tokens (B, n_r, C)`` of ``grid``; text rows get zeros.
 
     Equals the same rows of the conv of the full token grid, each frame on its own. Returns ``(B, n_r, C)``.

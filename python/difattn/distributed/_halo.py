@@ -8,7 +8,9 @@ image queries see all text), then runs the public method on the grid of its exte
 rows, halo rows; all text) and keeps its own image queries' outputs. Every image query of the stripe sees exactly
 the keys it sees on the full grid, at the same relative positions, clipped at the same true borders; GRAT's
 extended stripe starts on a group boundary so groups are the same. The other queries of the extended grid (halo
-rows, text) are zeros and their outputs are dropped. Text queries are computed by :mod:`._text`.
+rows, text) are zeros and their outputs are dropped: the public functions are self-attention, so the halo rows'
+queries cost ``(rows + 2 halo) / rows`` of the image work, the price of moving fewer bytes than Ulysses. Text
+queries are computed by :mod:`._text`.
 """
 
 from __future__ import annotations
