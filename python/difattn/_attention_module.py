@@ -77,9 +77,8 @@ class Attention(nn.Module):
     ``process_group``: None (one process), or a ``ProcessGroup`` / 1-D ``DeviceMesh`` to run sequence-parallel:
     ``x`` is then this rank's shard of the tokens (:func:`difattn.distributed.shard`), ``grid`` the full grid
     (required), ``rope`` this rank's rows of the tables, and the output this rank's shard; attention runs through
-    :func:`difattn.distributed.attention` (exact) and the depthwise conv gets its halo rows. Parameter gradients
-    are then this rank's share: sum them over the group. CLEAR's global tokens (``down_factor``) are not supported
-    sharded.
+    :func:`difattn.distributed.attention` (exact), the depthwise conv gets its halo rows and CLEAR's global tokens
+    are pooled per stripe and all-reduced. Parameter gradients are then this rank's share: sum them over the group.
     """
 
     def __init__(
@@ -121,8 +120,6 @@ class Attention(nn.Module):
             add_dynamic_routers(self, dim, self.head_dim, bias=qkv_bias, **sizes)
         self.options = options
         self.process_group = process_group
-        if process_group is not None and self.spatial_weight is not None:
-            raise ValueError("down_factor: CLEAR's global tokens are not supported with a process_group yet")
 
     def extra_repr(self) -> str:
         opts = "".join(f", {name}={value!r}" for name, value in sorted(self.options.items()))
@@ -186,9 +183,14 @@ class Attention(nn.Module):
                                              **options)
 
             return dynamic_differential(self, x, q, k, v, attend=attend, **self.options)
+        options = dict(self.options)
         if self.method == "linear":
             q, k = F.relu(q), F.relu(k)
-        return distributed.attention(self.method, q, k, v, grid, process_group=group, **self.options)
+        if self.spatial_weight is not None:
+            from .distributed._pool import global_kv_on_stripes
+
+            options["global_kv"] = global_kv_on_stripes(k, v, grid, self.spatial_weight, process_group=group)
+        return distributed.attention(self.method, q, k, v, grid, process_group=group, **options)
 
     def _conv_on_grid(self, v: torch.Tensor, grid: TokenGrid | None) -> torch.Tensor:
         """Depthwise conv of the image tokens of ``v`` ``(B, N, C)`` on their grid; text rows get zeros."""

@@ -16,6 +16,7 @@ GRID = difattn.TokenGrid(7, 6, text_tokens=5)  # rows 3, 2, 2 on three ranks
 MODULES = {
     "dense": {},
     "clear": {"radius": 2.5},
+    "clear+global": {"radius": 1.5, "down_factor": 3},  # 3x3 windows cut by the stripes (rows 3, 2, 2)
     "grat": {"group": (2, 2)},
     "pisa": {"density": 0.5, "block_size": 4},
     "llsa": {"block_size": 4, "topk": 2, "levels": 1},
@@ -50,7 +51,8 @@ def _attention_layers(rank: int, world: int) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, GRID.num_tokens, 32, generator=gen, dtype=torch.float64)
     dout = torch.randn(x.shape, generator=gen, dtype=torch.float64)
-    for method, options in MODULES.items():
+    for label, options in MODULES.items():
+        method = label.split("+")[0]
         single = difattn.nn.Attention(32, 4, method=method, qk_norm=True, **options).double()
         _randomise(single, 1)
         sharded = difattn.nn.Attention(32, 4, method=method, qk_norm=True, process_group=dist.group.WORLD, **options)
@@ -60,9 +62,9 @@ def _attention_layers(rank: int, world: int) -> None:
         out.backward(dout)
         out_local = sharded(xl, GRID)
         out_local.backward(dd.shard(dout, GRID))
-        _same(f"Attention({method}) output", out_local, dd.shard(out, GRID))
-        _same(f"Attention({method}) grad of x", xl.grad, dd.shard(xs.grad, GRID))
-        _check_grads(f"Attention({method})", sharded, single)
+        _same(f"Attention({label}) output", out_local, dd.shard(out, GRID))
+        _same(f"Attention({label}) grad of x", xl.grad, dd.shard(xs.grad, GRID))
+        _check_grads(f"Attention({label})", sharded, single)
 
 
 def _dit(rank: int, world: int) -> None:
