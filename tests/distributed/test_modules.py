@@ -12,7 +12,10 @@ from difattn.models import DiT
 from difattn.testing import assert_close
 
 
-GRID = difattn.TokenGrid(7, 6, text_tokens=5)  # rows 3, 2, 2 on three ranks
+GRIDS = (
+    difattn.TokenGrid(7, 6, text_tokens=5),  # rows 3, 2, 2 on three ranks
+    difattn.TokenGrid(5, 4, frames=2, text_tokens=4, text_position="last"),  # rows 2, 2, 1; frames convolved apart
+)
 MODULES = {
     "dense": {},
     "clear": {"radius": 2.5},
@@ -48,23 +51,28 @@ def _check_grads(label: str, sharded: torch.nn.Module, single: torch.nn.Module) 
 
 
 def _attention_layers(rank: int, world: int) -> None:
+    for grid in GRIDS:
+        for label, options in MODULES.items():
+            _attention_layer(grid, label, options)
+
+
+def _attention_layer(grid: difattn.TokenGrid, label: str, options: dict) -> None:
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, GRID.num_tokens, 32, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, grid.num_tokens, 32, generator=gen, dtype=torch.float64)
     dout = torch.randn(x.shape, generator=gen, dtype=torch.float64)
-    for label, options in MODULES.items():
-        method = label.split("+")[0]
-        single = difattn.nn.Attention(32, 4, method=method, qk_norm=True, **options).double()
-        _randomise(single, 1)
-        sharded = difattn.nn.Attention(32, 4, method=method, qk_norm=True, process_group=dist.group.WORLD, **options)
-        sharded.double().load_state_dict(single.state_dict())
-        xs, xl = x.clone().requires_grad_(True), dd.shard(x, GRID).requires_grad_(True)
-        out = single(xs, GRID)
-        out.backward(dout)
-        out_local = sharded(xl, GRID)
-        out_local.backward(dd.shard(dout, GRID))
-        _same(f"Attention({label}) output", out_local, dd.shard(out, GRID))
-        _same(f"Attention({label}) grad of x", xl.grad, dd.shard(xs.grad, GRID))
-        _check_grads(f"Attention({label})", sharded, single)
+    method = label.split("+")[0]
+    single = difattn.nn.Attention(32, 4, method=method, qk_norm=True, **options).double()
+    _randomise(single, 1)
+    sharded = difattn.nn.Attention(32, 4, method=method, qk_norm=True, process_group=dist.group.WORLD, **options)
+    sharded.double().load_state_dict(single.state_dict())
+    xs, xl = x.clone().requires_grad_(True), dd.shard(x, grid).requires_grad_(True)
+    out = single(xs, grid)
+    out.backward(dout)
+    out_local = sharded(xl, grid)
+    out_local.backward(dd.shard(dout, grid))
+    _same(f"Attention({label}) on {grid} output", out_local, dd.shard(out, grid))
+    _same(f"Attention({label}) on {grid} grad of x", xl.grad, dd.shard(xs.grad, grid))
+    _check_grads(f"Attention({label}) on {grid}", sharded, single)
 
 
 def _dit(rank: int, world: int) -> None:
