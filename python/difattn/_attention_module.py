@@ -119,7 +119,16 @@ class Attention(nn.Module):
             sizes = {name: options.pop(name, size) for name, size in _DYDILA_SIZES.items()}
             add_dynamic_routers(self, dim, self.head_dim, bias=qkv_bias, **sizes)
         self.options = options
-        self.process_group = process_group
+        self._group = None
+        if process_group is not None:
+            from .distributed._comm import SharedGroup
+
+            self._group = SharedGroup(process_group)
+
+    @property
+    def process_group(self) -> Any:
+        """The process group the layer runs sequence-parallel over, or None."""
+        return None if self._group is None else self._group.group
 
     def extra_repr(self) -> str:
         opts = "".join(f", {name}={value!r}" for name, value in sorted(self.options.items()))

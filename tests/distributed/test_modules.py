@@ -3,6 +3,8 @@ module on one process: outputs, input gradients, and parameter gradients summed 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 
@@ -93,6 +95,10 @@ def _dit(rank: int, world: int) -> None:
         out_sharded.backward(dout)
         _same(f"DiT({method}, {pos_embed}) output", out_sharded, out)
         _check_grads(f"DiT({method}, {pos_embed})", sharded, single)
+    ema = copy.deepcopy(sharded)  # what EMA training does; a ProcessGroup cannot be copied, so it is shared
+    assert ema.process_group is sharded.process_group
+    with torch.no_grad():
+        _same("deep copy of a sharded DiT", ema(x, t, y), sharded(x, t, y))
 
 
 def _modules(rank: int, world: int) -> None:

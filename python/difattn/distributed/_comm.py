@@ -40,6 +40,19 @@ def resolve_group(process_group: Any) -> Any:
     )
 
 
+class SharedGroup:
+    """A process group held by a module; copies of the module share it (``copy.deepcopy`` of a model, as EMA
+    training does, cannot copy a ``ProcessGroup``)."""
+
+    __slots__ = ("group",)
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    def __deepcopy__(self, memo: dict) -> "SharedGroup":
+        return self
+
+
 class Comm:
     """This rank's view of a process group; ``rank`` and ``world`` are group-local."""
 

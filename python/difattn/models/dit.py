@@ -232,7 +232,11 @@ class DiT(nn.Module):
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size, self.num_heads = patch_size, num_heads
         self.grid_size = (height // patch_size, width // patch_size)
-        self.process_group = process_group
+        self._group = None
+        if process_group is not None:
+            from ..distributed._comm import SharedGroup
+
+            self._group = SharedGroup(process_group)  # copy.deepcopy (EMA) shares the group instead of copying it
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -251,6 +255,11 @@ class DiT(nn.Module):
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+
+    @property
+    def process_group(self) -> Any:
+        """The process group the blocks run sequence-parallel over, or None."""
+        return None if self._group is None else self._group.group
 
     def initialize_weights(self) -> None:
         def _basic_init(module: nn.Module) -> None:
