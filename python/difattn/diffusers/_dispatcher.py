@@ -96,8 +96,9 @@ def _difattn_attention(
             "use that instead of set_attention_backend('difattn')"
         )
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    context_parallel = getattr(_parallel_config, "context_parallel_config", None) is not None
     out = layer(
         q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
-        parallel_config=_parallel_config,
+        parallel_config=_parallel_config if context_parallel else None,
     )
     return out.transpose(1, 2)
