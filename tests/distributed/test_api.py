@@ -62,6 +62,9 @@ def _mesh_and_baseline(rank: int, world: int) -> None:
     got = dd.attention("clear", *(dd.shard(t, GRID, process_group=mesh) for t in (q, k, v)), GRID,
                        process_group=mesh, radius=2.0)
     _exact("clear on a DeviceMesh", got, want)
+    one = [t[:, :1] for t in (q, k, v)]  # fewer heads than ranks: "auto" keeps the heads (halo), Ulysses cannot
+    got = dd.attention("clear", *(dd.shard(t, GRID) for t in one), GRID, radius=5.0)
+    _exact("clear with one head", got, dd.shard(difattn.clear_attention(*one, GRID, radius=5.0), GRID))
     comm = Comm()
     got = dense_kv_gather(comm, layout_of(GRID, world), *(dd.shard(t, GRID) for t in (q, k, v)), None)
     _exact("dense with all-gathered K/V", got, dd.shard(F.scaled_dot_product_attention(q, k, v), GRID))
@@ -76,6 +79,8 @@ def _errors(rank: int, world: int) -> None:
     q, k, v = (dd.shard(t, GRID) for t in random_qkv(1, 2, GRID.num_tokens, 8, dtype=torch.float64))
     one_head = tuple(t[:, :1] for t in (q, k, v))
     _raises(ValueError, "2 ranks", dd.attention, "dense", *one_head, GRID, scheme="ulysses")
+    _raises(TypeError, "radius", dd.attention, "clear", q, k, v, GRID)
+    _raises(ValueError, "radius", dd.attention, "clear", q, k, v, GRID, radius=-1.0)
     _raises(ValueError, "criss_cross", dd.attention, "grat", q, k, v, GRID, scheme="halo", pattern="criss_cross")
     _raises(ValueError, "scheme 'state'", dd.attention, "clear", q, k, v, GRID, scheme="state", radius=2.0)
     _raises(ValueError, "scheme must be", dd.attention, "clear", q, k, v, GRID, scheme="ring", radius=2.0)

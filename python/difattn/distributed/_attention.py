@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import functional
-from .._checks import check_qkv, resolve_scale
-from .._options import check_linear, grat_group
+from .._checks import check_int, check_qkv, resolve_scale
+from .._options import check_linear, clear_radii, grat_group
 from ._comm import Comm
 from ._halo import clear_wants, grat_wants, halo_attention, halo_bytes
 from ._layout import Layout, balanced
@@ -51,10 +51,10 @@ def _check_options(method: str, options: dict[str, Any]) -> None:
             f"method {method!r} does not take option(s) {', '.join(unknown)} in difattn.distributed{hint}; "
             f"it accepts: {', '.join(sorted(allowed)) or 'none'}"
         )
-    if method == "dydila":
-        missing = sorted({"q_aux", "k_aux", *_DYDILA_TOKENS} - set(options))
-        if missing:
-            raise TypeError(f"method 'dydila' needs option(s) {', '.join(missing)}")
+    required = {"clear": {"radius"}, "dydila": {"q_aux", "k_aux", *_DYDILA_TOKENS}}.get(method, set())
+    missing = sorted(required - set(options))
+    if missing:
+        raise TypeError(f"method {method!r} needs option(s) {', '.join(missing)}")
 
 
 def _choose(method: str, scheme: str, layout: Layout | None, options: dict[str, Any], q, v) -> str:
@@ -66,6 +66,8 @@ def _choose(method: str, scheme: str, layout: Layout | None, options: dict[str, 
         if not halo_ok or layout.rows is None:
             return "ulysses"
         _, H, _, D = q.shape
+        if H < layout.world:  # too few heads to split: the halo keeps them
+            return "halo"
         heaviest = max(layout.count(r) for r in range(layout.world))
         through_ulysses = heaviest * H * 2 * (D + v.shape[-1]) * (layout.world - 1) // layout.world
         halo = halo_bytes(layout, _wants(method, layout, options), H, D + v.shape[-1], 1)
@@ -83,9 +85,10 @@ def _choose(method: str, scheme: str, layout: Layout | None, options: dict[str, 
 
 def _wants(method: str, layout: Layout, options: dict[str, Any]):
     if method == "clear":
-        return clear_wants(layout, options["radius"])
+        radius, _ = clear_radii(layout.grid, options["radius"], options.get("temporal_radius"))
+        return clear_wants(layout, radius)
     _, gh, _ = grat_group(layout.grid, options.get("group"))
-    return grat_wants(layout, gh, options.get("reach", 1))
+    return grat_wants(layout, gh, check_int("reach", options.get("reach", 1), minimum=0))
 
 
 def attention(
