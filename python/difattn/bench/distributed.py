@@ -105,6 +105,8 @@ def computed(grid: TokenGrid, world: int, *, B: int = 1, H: int = 24, D: int = 1
         per_rank = []
         for rank in range(world):
             x = _inputs(case, (B, H, layout.count(rank), D), dtype, "meta", 0)
+            if case.method in ("clear", "grat") and case.scheme == "halo":
+                x["backend"] = "torch"  # meta tensors run on the reference (the bytes do not depend on it)
             with _traffic.counting() as traffic:
                 _call(case, DryComm(rank, world), layout, x)
             per_rank.append(traffic)
