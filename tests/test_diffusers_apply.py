@@ -1,12 +1,14 @@
 """difattn.diffusers.apply options: dense layers and steps, routes, text padding, CLEAR checkpoints, errors."""
 
+import logging
+
 import pytest
 import torch
 
 import difattn.diffusers as dd
 from difattn import TokenGrid, reference
 from difattn.diffusers import _dispatcher
-from diffusers_tiny import flux, hunyuan_video, run, sd3
+from diffusers_tiny import flux, hunyuan_video, qwen_image, run, sana, sd3, wan
 
 SPARSE_CLEAR = {"radius": 1.5}
 
@@ -69,7 +71,7 @@ def test_dense_method_is_the_stock_model(flux_model):
 
 def test_dispatcher_and_sdpa_routes_agree(flux_model, monkeypatch):
     """FLUX calls diffusers' dispatcher: the registered backend and SDPA interception must give the same output."""
-    if _dispatcher.backend() is None:
+    if _dispatcher.register() is None:
         pytest.skip("this diffusers version is outside the registry versions difattn knows")
     model, make = flux_model
     kwargs = make(6, 5)
@@ -78,7 +80,7 @@ def test_dispatcher_and_sdpa_routes_agree(flux_model, monkeypatch):
     monkeypatch.setattr(_dispatcher, "active", lambda layer: (entered.append(layer), real_active(layer))[1])
     via_dispatcher = _applied(model, kwargs, "clear", **SPARSE_CLEAR)
     assert len(entered) == 2  # both layers went through the registered backend
-    monkeypatch.setattr(_dispatcher, "backend", lambda: None)
+    monkeypatch.setattr(_dispatcher, "register", lambda: None)
     entered.clear()
     via_sdpa = _applied(model, kwargs, "clear", **SPARSE_CLEAR)
     assert entered == []
@@ -235,3 +237,79 @@ def test_processor_exposes_the_stock_signature(flux_model):
         assert wrapped.original is stock
     finally:
         dd.remove(model)
+
+
+def test_apply_returns_and_logs_what_it_changed(flux_model, caplog):
+    model, _ = flux_model
+    with caplog.at_level(logging.INFO, logger="difattn"):
+        summary = dd.apply(model, "clear", radius=4, dense_layers=[0], dense_steps=2)
+        dd.remove(model)
+    assert isinstance(summary, dd.ApplySummary)
+    assert (summary.model, summary.family, summary.method) == ("FluxTransformer2DModel", "flux", "clear")
+    assert summary.options == {"radius": 4} and summary.dense_steps == 2
+    assert summary.replaced == ("single_transformer_blocks.0.attn",)
+    assert summary.dense == ("transformer_blocks.0.attn",)
+    assert summary.dispatcher == (_dispatcher.register() is not None)
+    assert str(summary).startswith("difattn: clear(radius=4) in 1 of 2 attention layers of FluxTransformer2DModel")
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("difattn")]
+    assert messages[0] == str(summary) and "removed" in messages[1] and len(messages) == 2
+    assert dd.apply(model, "dense").dense == tuple(dd.attention_layers(model))
+    dd.remove(model)
+
+
+@pytest.mark.parametrize("build", [flux, wan], ids=["flux", "wan"])
+def test_dispatcher_backend_name_works_after_apply(build):
+    """After apply, set_attention_backend("difattn") and attention_backend("difattn") are accepted: difattn's layers
+    run the method, every other dispatcher call (Wan's cross-attention) runs SDPA; remove() undoes the choice."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry, attention_backend
+
+    if _dispatcher.register() is None:
+        pytest.skip("this diffusers version is outside the registry versions difattn knows")
+    model, make = build()
+    kwargs = make(4, 6)
+    stock = run(model, kwargs)
+    expected = _applied(model, kwargs, "clear", **SPARSE_CLEAR)
+    dd.apply(model, "clear", **SPARSE_CLEAR)
+    try:
+        with attention_backend("difattn"):
+            torch.testing.assert_close(run(model, kwargs), expected, atol=1e-6, rtol=1e-5)
+        model.set_attention_backend("difattn")
+        assert _AttentionBackendRegistry._active_backend.value == "difattn"
+        torch.testing.assert_close(run(model, kwargs), expected, atol=1e-6, rtol=1e-5)
+    finally:
+        dd.remove(model)
+    assert _AttentionBackendRegistry._active_backend.value == "native"
+    assert not any(getattr(getattr(m, "processor", None), "_attention_backend", None) for m in model.modules())
+    assert torch.equal(run(model, kwargs), stock)
+
+
+def test_dispatcher_backend_without_apply_says_what_to_call():
+    from diffusers.models.attention_dispatch import attention_backend
+
+    if _dispatcher.register() is None:
+        pytest.skip("this diffusers version is outside the registry versions difattn knows")
+    model, make = flux()
+    with attention_backend("difattn"), pytest.raises(RuntimeError, match=r"difattn\.diffusers\.apply"):
+        run(model, make(4, 6))
+
+
+def test_sana_has_nothing_to_replace():
+    model = sana()
+    processors = [type(m.processor) for m in model.modules() if hasattr(m, "processor")]
+    with pytest.raises(ValueError, match="linear attention"):
+        dd.apply(model, "clear", radius=4)
+    assert [type(m.processor) for m in model.modules() if hasattr(m, "processor")] == processors
+    assert not hasattr(model, "_difattn_session")
+
+
+def test_qwen_image_edit_images_become_frames():
+    """QwenImage-Edit packs the image and a same-sized reference image: two frames of one grid; references of
+    another size cannot form a grid and raise (instead of running on a wrong geometry)."""
+    model, make = qwen_image()
+    kwargs = make(4, 3, batch=1)
+    kwargs["hidden_states"] = torch.cat([kwargs["hidden_states"], kwargs["hidden_states"].flip(1)], dim=1)
+    kwargs["img_shapes"] = [[(1, 4, 3), (1, 4, 3)]]
+    stock = run(model, kwargs)
+    torch.testing.assert_close(_applied(model, kwargs, "clear", radius=100.0), stock, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="img_shapes"):
+        _applied(model, dict(kwargs, img_shapes=[[(1, 4, 3), (1, 3, 4)]]), "clear", radius=1.5)

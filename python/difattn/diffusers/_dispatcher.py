@@ -2,17 +2,23 @@
 
 The dispatcher's registry (``_AttentionBackendRegistry``, keyed by members of the ``AttentionBackendName`` enum)
 is private, so difattn registers itself only on diffusers releases whose registry it knows (``_TESTED``) and
-only when the registry still looks the way it expects; everywhere else :func:`backend` returns None and the
-processors intercept SDPA instead (see :mod:`._processor`). The backend is not meant to be selected by name:
-it runs the :class:`~._processor.LayerAttention` that a difattn processor makes :func:`active` for its call.
+only when the registry still looks the way it expects; everywhere else :func:`register` returns None and the
+processors intercept SDPA instead (see :mod:`._processor`).
+
+``apply()`` registers the backend, so from then on diffusers knows the name ``"difattn"``:
+``transformer.set_attention_backend("difattn")`` and ``with attention_backend("difattn")`` are accepted. The
+backend runs the method only inside the layers ``apply()`` set up (the :class:`~._processor.LayerAttention` a
+difattn processor makes :func:`active` for its call); every other attention call that reaches it (cross-attention,
+layers kept dense) runs diffusers' native SDPA backend, as the stock model would. With no transformer set up by
+``apply()`` left in the process, it raises and says what to call.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import re
+import weakref
 from typing import Any, Iterator
 
 import torch
@@ -21,6 +27,8 @@ _TESTED = ((0, 35), (0, 42))  # first and last diffusers minor releases this reg
 BACKEND_NAME = "difattn"
 
 _ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar("difattn_layer_attention", default=None)
+_SESSIONS: "weakref.WeakSet[Any]" = weakref.WeakSet()  # live apply() sessions: the backend is usable while any is
+_MEMBER: list[Any] = []  # the registered enum member, once registered
 
 
 def tested_range() -> str:
@@ -34,9 +42,8 @@ def _version() -> tuple[int, int] | None:
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
-@functools.cache
-def backend() -> Any:
-    """The registered ``AttentionBackendName`` for difattn, or None where the registry cannot be used."""
+def _dispatch_module() -> Any:
+    """diffusers' ``attention_dispatch`` module when its registry has the known layout, else None."""
     version = _version()
     if version is None or not _TESTED[0] <= version <= _TESTED[1]:
         return None
@@ -48,22 +55,56 @@ def backend() -> Any:
     names = getattr(dispatch, "AttentionBackendName", None)
     if registry is None or names is None or not isinstance(getattr(registry, "_backends", None), dict):
         return None
+    return dispatch
+
+
+def register() -> Any:
+    """Register the ``"difattn"`` backend (once); returns its ``AttentionBackendName`` member, or None where the
+    registry cannot be used. Called by ``apply()``."""
+    if _MEMBER:
+        return _MEMBER[0]
+    dispatch = _dispatch_module()
+    if dispatch is None:
+        return None
+    names = dispatch.AttentionBackendName
     member = names._value2member_map_.get(BACKEND_NAME)
     if member is None:
-        # An enum member outside the class body: the registry and the dispatcher only need its value and type.
+        # An enum member outside the class body. The dispatcher needs its value and type; set_attention_backend()
+        # checks the name against AttentionBackendName.__members__, which is _member_map_.
         member = str.__new__(names, BACKEND_NAME)
         member._name_, member._value_ = BACKEND_NAME.upper(), BACKEND_NAME
         names._value2member_map_[BACKEND_NAME] = member
-    registry.register(member, constraints=[])(_difattn_attention)
+        names._member_map_[BACKEND_NAME.upper()] = member
+    dispatch._AttentionBackendRegistry.register(member, constraints=[])(_difattn_attention)
+    _MEMBER.append(member)
     return member
 
 
-@functools.cache
 def native() -> Any:
-    """The dispatcher's native (SDPA) backend, which the interception route relies on."""
+    """The dispatcher's native (SDPA) backend member."""
     from diffusers.models.attention_dispatch import AttentionBackendName
 
     return AttentionBackendName.NATIVE
+
+
+def track(session: Any) -> None:
+    """Count ``session`` as live (the backend serves transformers while one is)."""
+    _SESSIONS.add(session)
+
+
+def untrack(session: Any) -> None:
+    """Forget ``session``; with none left, diffusers' active backend goes back to native if it was difattn."""
+    _SESSIONS.discard(session)
+    if _SESSIONS or not _MEMBER:
+        return
+    registry = _dispatch_module()._AttentionBackendRegistry
+    if registry._active_backend is _MEMBER[0]:
+        registry.set_active_backend(native())
+
+
+def is_difattn(backend: Any) -> bool:
+    """Whether ``backend`` (a processor's ``_attention_backend``) is the registered difattn member."""
+    return bool(_MEMBER) and backend is _MEMBER[0]
 
 
 @contextlib.contextmanager
@@ -91,9 +132,19 @@ def _difattn_attention(
     (``_parallel_config``) the tensors are this rank's shard and the layer runs difattn's own exact schemes."""
     layer = _ACTIVE.get()
     if layer is None:
-        raise RuntimeError(
-            "the 'difattn' attention backend only runs inside layers set up by difattn.diffusers.apply(); "
-            "use that instead of set_attention_backend('difattn')"
+        if not _SESSIONS:
+            raise RuntimeError(
+                "the 'difattn' attention backend runs only in transformers set up by "
+                "difattn.diffusers.apply(transformer, method, **options), and none is set up now; call apply() (it "
+                "registers the backend and chooses the method), or pick another backend, e.g. "
+                "transformer.set_attention_backend('native')"
+            )
+        # Outside difattn's layers (cross-attention, layers kept dense): what the stock model computes.
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        return dispatch_attention_fn(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+            enable_gqa=enable_gqa, backend=native(), parallel_config=_parallel_config,
         )
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     context_parallel = getattr(_parallel_config, "context_parallel_config", None) is not None

@@ -82,9 +82,9 @@ class DifattnProcessor(nn.Module):
 
     @contextlib.contextmanager
     def _route(self, layer: "LayerAttention") -> Iterator[None]:
-        original = self.original
+        original, session = self.original, self.session
         uses_dispatcher = hasattr(original, "_attention_backend")
-        backend = _dispatcher.backend() if uses_dispatcher else None
+        backend = session.backend if uses_dispatcher else None
         if backend is None and getattr(original, "_parallel_config", None) is not None:
             raise NotImplementedError(
                 f"difattn: layer {self.name} is context-parallel, which difattn supports through diffusers' attention "
@@ -95,7 +95,7 @@ class DifattnProcessor(nn.Module):
             with _pinned_backend(original, backend), _dispatcher.active(layer):
                 yield
         else:
-            pin = _pinned_backend(original, _dispatcher.native()) if uses_dispatcher else contextlib.nullcontext()
+            pin = _pinned_backend(original, session.native) if uses_dispatcher else contextlib.nullcontext()
             with pin, _InterceptSDPA(layer):
                 yield
 
@@ -243,8 +243,10 @@ def text_padding(attn_mask: torch.Tensor | None, grid: TokenGrid, batch: int, na
     """The ``(B, T)`` bool text mask a key-padding ``attn_mask`` expresses (None when nothing is padded).
 
     Accepts bool masks and additive float masks (0 = attend, very negative = masked), shaped ``(B, N)``,
-    ``(B, 1, N)``, ``(B, 1, 1, N)`` or ``(B, 1, N, N)`` with identical rows. Masks on image keys, per-head or
-    per-query masks raise ``ValueError``: no difattn method expresses them.
+    ``(B, 1, N)``, ``(B, 1, 1, N)`` or ``(B, 1, N, N)``. A square mask must give every real token's query the same
+    keys; the rows of padded text queries may hold anything (Chroma masks them whole): their outputs are padding,
+    which no real token reads. Masks on image keys, per-head masks or different rows for real queries raise
+    ``ValueError``: no difattn method expresses them.
     """
     if attn_mask is None:
         return None
@@ -259,9 +261,14 @@ def text_padding(attn_mask: torch.Tensor | None, grid: TokenGrid, batch: int, na
         allowed = allowed.unsqueeze(1)
     if allowed.shape[1] != 1 or allowed.shape[-1] != n or allowed.shape[0] not in (1, batch):
         raise ValueError(f"difattn: layer {name} got an attention mask of shape {tuple(attn_mask.shape)}")
-    keys = allowed[:, 0, 0]
-    if allowed.shape[2] != 1 and not bool((allowed[:, 0] == keys[:, None]).all()):
-        raise ValueError(f"difattn: layer {name} got a per-query attention mask; only key padding is supported")
+    rows = allowed[:, 0]  # (B or 1, 1 or N, N)
+    if rows.shape[1] == 1:
+        keys = rows[:, 0]
+    else:
+        keys = rows.diagonal(dim1=-2, dim2=-1)  # a real token sees itself, so the diagonal is the key mask
+        same = (rows == keys[:, None, :]).all(dim=-1)  # (B, N): the query's row is the key mask
+        if not bool(same[keys].all()):
+            raise ValueError(f"difattn: layer {name} got a per-query attention mask; only key padding is supported")
     keys = keys.expand(batch, n)
     image = slice(grid.image_range.start, grid.image_range.stop)
     if not bool(keys[:, image].all()):

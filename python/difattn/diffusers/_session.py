@@ -20,6 +20,9 @@ class Session:
     ``timestep``: a call with a smaller timestep than the previous one starts the next step, an equal one
     belongs to the same step (classifier-free guidance run as a second call), a larger one starts a new
     generation at step 0.
+
+    ``backend`` is difattn's registered dispatcher backend (None where diffusers' registry cannot be used) and
+    ``native`` diffusers' SDPA backend (None without a dispatcher); both are looked up once, at ``apply`` time.
     """
 
     def __init__(
@@ -34,10 +37,13 @@ class Session:
         dense_layers: frozenset[int],
         dense_steps: int,
         parallel: str = "auto",
+        backend: Any,
+        native: Any,
     ) -> None:
         self.family, self.method, self.spec, self.options = family, method, spec, options
         self.parallel = parallel  # the difattn.distributed scheme under context parallelism
         self.down_factor, self.dense_layers, self.dense_steps = down_factor, dense_layers, dense_steps
+        self.backend, self.native = backend, native
         self.step = 0
         self._last_timestep: float | None = None
         self._geometry: Geometry | None = None
