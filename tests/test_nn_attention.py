@@ -35,8 +35,9 @@ def _x(batch: int, tokens: int, seed: int = 0) -> torch.Tensor:
 
 
 def _module(method: str = "dense", seed: int = 0, **options) -> Attention:
+    """DiT's attention layer: qkv with bias, as facebookresearch/DiT builds timm's Attention."""
     torch.manual_seed(seed)
-    return Attention(DIM, HEADS, method=method, **options)
+    return Attention(DIM, HEADS, method=method, **{"qkv_bias": True, **options})
 
 
 def _timm_attention(module: Attention, x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +83,7 @@ def test_exact_settings_equal_dense(method, grid):
     module = _module(method, **EXACT[method])
     module.load_state_dict(dense.state_dict())  # a dense checkpoint loads unchanged
     x = _x(2, 64 if grid is None else grid.num_tokens)
-    torch.testing.assert_close(module(x, grid), dense(x, grid), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(module(x, grid=grid), dense(x, grid=grid), atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", sorted(SPARSE))
@@ -92,9 +93,9 @@ def test_sparse_settings_run_and_differ(method):
     module.load_state_dict(dense.state_dict())
     grid = TokenGrid(6, 10)
     x = _x(2, grid.num_tokens)
-    out = module(x, grid)
+    out = module(x, grid=grid)
     assert out.shape == x.shape and torch.isfinite(out).all()
-    assert (out - dense(x, grid)).abs().max() > 1e-3
+    assert (out - dense(x, grid=grid)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("method", sorted(ANY))
@@ -114,7 +115,7 @@ def test_backward_reaches_every_parameter(method):
 def test_grid_inferred_when_square(method):
     module = _module(method, **SPARSE[method])
     x = _x(1, 49)
-    torch.testing.assert_close(module(x), module(x, TokenGrid(7, 7)))
+    torch.testing.assert_close(module(x), module(x, grid=TokenGrid(7, 7)))
 
 
 @pytest.mark.parametrize("method, options", [("clear", SPARSE["clear"]), ("grat", SPARSE["grat"]), ("linear", {})])
@@ -122,7 +123,7 @@ def test_grid_needed_but_not_inferable(method, options):
     module = _module(method, **options)
     with pytest.raises(ValueError, match="grid"):
         module(_x(1, 50))
-    assert module(_x(1, 50), TokenGrid(5, 10)).shape == (1, 50, DIM)
+    assert module(_x(1, 50), grid=TokenGrid(5, 10)).shape == (1, 50, DIM)
 
 
 def test_pisa_and_llsa_run_without_grid_on_any_length():
@@ -142,7 +143,7 @@ def test_option_errors_name_the_option():
     with pytest.raises(ValueError, match="qk_norm"):
         Attention(DIM, HEADS, qk_norm="batch_norm")
     with pytest.raises(ValueError, match="grid"):
-        _module()(_x(1, 20), TokenGrid(4, 4))
+        _module()(_x(1, 20), grid=TokenGrid(4, 4))
 
 
 def test_clear_global_tokens_match_reference_pooling():
@@ -160,7 +161,7 @@ def test_clear_global_tokens_match_reference_pooling():
 
     out = reference.clear_attention(q, k, v, grid, radius=1.5, global_kv=(pooled(k), pooled(v)))
     expected = module.proj(out.transpose(1, 2).reshape(B, N, C))
-    torch.testing.assert_close(module(x, grid), expected, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(module(x, grid=grid), expected, atol=2e-6, rtol=1e-5)
 
 
 def test_linear_is_relu_linear_attention():
@@ -188,7 +189,7 @@ def test_linear_methods_share_weights_with_the_nn_classes(method, cls):
     module.load_state_dict(other.state_dict())
     grid = TokenGrid(4, 5, text_tokens=2)
     x = _x(2, grid.num_tokens)
-    torch.testing.assert_close(module(x, grid), other(x, grid), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(module(x, grid=grid), other(x, grid=grid), atol=1e-6, rtol=1e-5)
 
 
 def test_rope_rotates_pairs_and_leaves_text_alone():
@@ -227,4 +228,4 @@ def test_public_functions_back_the_module():
     B, N, C = x.shape
     q, k, v = module.qkv(x).view(B, N, 3, HEADS, C // HEADS).permute(2, 0, 3, 1, 4)
     out = difattn.grat_attention(q, k, v, grid, group=(2, 2))
-    torch.testing.assert_close(module(x, grid), module.proj(out.transpose(1, 2).reshape(B, N, C)))
+    torch.testing.assert_close(module(x, grid=grid), module.proj(out.transpose(1, 2).reshape(B, N, C)))

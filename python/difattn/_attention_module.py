@@ -1,7 +1,8 @@
 """``difattn.nn.Attention``: a DiT self-attention layer whose attention method is an option.
 
-Parameters are named like timm's ``Attention`` as DiT uses it (``qkv``, ``proj``, and ``q_norm``/``k_norm`` when
-``qk_norm``), so a pretrained DiT's attention weights load unchanged whatever the method; methods that add
+Parameters are named like timm's ``Attention`` (``qkv``, ``proj``, and ``q_norm``/``k_norm`` when ``qk_norm``) and
+``forward`` takes timm's call, so the module replaces ``block.attn`` of a timm ViT or DiT and a pretrained model's
+attention weights load unchanged whatever the method; methods that add
 weights (CLEAR's global-token pooling, the depthwise conv of linear attention, DyDiLA's banks and routers) add
 them under their own names. For ``"dydila"`` those are the names of :class:`difattn.nn.DyDiLA` (``q_aux``,
 ``k_aux``, ``kernels``, ``lambdas``, ``dwconv``), whose building blocks it reuses, so the two load each other's
@@ -10,6 +11,7 @@ weights.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -53,15 +55,19 @@ def _qk_norm(qk_norm: bool | str, head_dim: int) -> Callable[[], nn.Module]:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a choice of attention method.
+    """Multi-head self-attention with a choice of attention method, a drop-in for timm's ``Attention``.
 
     Args:
         dim: model width; ``num_heads`` must divide it.
         method: ``"dense"`` (SDPA), ``"clear"``, ``"grat"``, ``"pisa"``, ``"llsa"`` (the sparse methods of
             :mod:`difattn`), ``"linear"`` (LiT: ReLU features, linear attention, depthwise conv on V) or
             ``"dydila"`` (dynamic differential linear attention, arXiv 2601.13683).
-        qkv_bias: bias of the fused ``qkv`` projection.
+        qkv_bias: bias of the fused ``qkv`` projection; ``False`` by default, as in timm's ``Attention`` (timm's
+            ViTs and facebookresearch/DiT pass ``qkv_bias=True``, and so does :mod:`difattn.models`).
         qk_norm: ``False``, ``True``/``"layer_norm"`` (timm) or ``"rms_norm"``: a norm over each head's q and k.
+        num_prefix_tokens: tokens before the image (timm's class token and registers, ``model.num_prefix_tokens``);
+            the methods treat them as text tokens of the grid: they attend to every token and every token attends
+            to them.
         **method_options: the method's options, checked by name: ``radius``, ``temporal_radius``, ``down_factor``
             (CLEAR global tokens), ``backend``; ``group``, ``pattern``, ``reach`` (GRAT); ``density``,
             ``block_size``, ``order``, ``routing_bias``, ``sink`` (PISA); ``block_size``, ``topk``, ``levels``
@@ -69,10 +75,14 @@ class Attention(nn.Module):
             ``num_projectors``, ``num_kernels``, ``num_lambdas`` (DyDiLA, with :class:`difattn.nn.DyDiLA`'s
             parameter names).
 
-    ``forward(x, grid=None, *, rope=None)``: ``x`` is ``(B, N, dim)``. ``grid`` describes the N tokens; CLEAR,
-    GRAT, CLEAR's global tokens and the depthwise conv need it and infer a square image grid when it is None
-    and N is a perfect square (otherwise ``ValueError``); PISA and LLSA use it when given or inferable and run
-    in sequence order otherwise. ``rope=(cos, sin)``, each ``(N, head_dim)``, rotates q and k after the norm.
+    ``forward(x, attn_mask=None, *, is_causal=False, grid=None, rope=None)``: ``x`` is ``(B, N, dim)``; returns
+    ``(B, N, dim)``. ``attn_mask`` and ``is_causal`` are timm's and SDPA's; only ``"dense"`` on one process takes
+    them (otherwise they must be None/False, which is what timm passes by default). ``grid`` describes the N
+    tokens; given without text tokens it gets the ``num_prefix_tokens`` in front. When it is None, a square image
+    grid after the prefix tokens is inferred when ``N - num_prefix_tokens`` is a perfect square; CLEAR, GRAT,
+    CLEAR's global tokens and the depthwise conv need a grid (``ValueError`` otherwise), PISA and LLSA use it when
+    known and run in sequence order otherwise. ``rope=(cos, sin)``, each ``(N, head_dim)``, rotates q and k after
+    the norm.
 
     ``process_group``: None (one process), or a ``ProcessGroup`` / 1-D ``DeviceMesh`` to run sequence-parallel:
     ``x`` is then this rank's shard of the tokens (:func:`difattn.distributed.shard`), ``grid`` the full grid
@@ -87,8 +97,9 @@ class Attention(nn.Module):
         num_heads: int,
         *,
         method: str = "dense",
-        qkv_bias: bool = True,
+        qkv_bias: bool = False,
         qk_norm: bool | str = False,
+        num_prefix_tokens: int = 0,
         process_group: Any = None,
         **method_options: Any,
     ) -> None:
@@ -102,6 +113,7 @@ class Attention(nn.Module):
         required = SPARSE_METHODS[method].required if method in SPARSE_METHODS else frozenset()
         options = check_options(method, method_options, _MODULE_OPTIONS[method], required)
         self.method, self.num_heads, self.head_dim = method, num_heads, dim // num_heads
+        self.num_prefix_tokens = check_int("num_prefix_tokens", num_prefix_tokens, minimum=0)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         norm = _qk_norm(qk_norm, self.head_dim)
         self.q_norm, self.k_norm = norm(), norm()
@@ -132,23 +144,34 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         opts = "".join(f", {name}={value!r}" for name, value in sorted(self.options.items()))
-        return f"method={self.method!r}, heads={self.num_heads}, head_dim={self.head_dim}{opts}"
+        prefix = f", num_prefix_tokens={self.num_prefix_tokens}" if self.num_prefix_tokens else ""
+        return f"method={self.method!r}, heads={self.num_heads}, head_dim={self.head_dim}{prefix}{opts}"
 
     def forward(
         self,
         x: torch.Tensor,
-        grid: TokenGrid | None = None,
+        attn_mask: torch.Tensor | None = None,
         *,
+        is_causal: bool = False,
+        grid: TokenGrid | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        if isinstance(attn_mask, TokenGrid):
+            raise TypeError("attn_mask: got a TokenGrid; pass it by name, attn(x, grid=grid) (the second positional "
+                            "argument is timm's attn_mask)")
+        dense = self.method == "dense" and self.process_group is None
+        if not dense and (attn_mask is not None or is_causal):
+            raise ValueError(f"attn_mask, is_causal: method {self.method!r} (or a sharded layer) takes no attention "
+                             "mask and is not causal; only method='dense' on one process accepts them")
         B, N, C = x.shape  # (B, N, dim); this rank's shard of the tokens when sharded
-        if grid is not None and self.process_group is None:
-            check_grid(grid, N)
+        grid = self._grid(N, grid)
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.process_group is None:
+        if dense:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        elif self.process_group is None:
             out = _ATTEND[self.method](self, x, q, k, v, grid)  # (B, H, N, Dh)
         else:
             out = self._attend_sharded(x, q, k, v, grid)
@@ -157,17 +180,31 @@ class Attention(nn.Module):
             out = out + self._conv_on_grid(v.transpose(1, 2).reshape(B, N, C), grid)
         return self.proj(out)
 
+    def _grid(self, num_tokens: int, grid: TokenGrid | None) -> TokenGrid | None:
+        """The grid of the N tokens: ``grid`` (with the prefix tokens put in front when it has no text), else the
+        square image grid after the prefix tokens when ``N - num_prefix_tokens`` is a perfect square, else None.
+        A sharded layer's N is its shard: its grid, the full one, is taken as given (no inference)."""
+        prefix, sharded = self.num_prefix_tokens, self.process_group is not None
+        if grid is not None:
+            if prefix and grid.text_tokens == 0 and (sharded or grid.num_tokens + prefix == num_tokens):
+                grid = TokenGrid(grid.height, grid.width, grid.frames, prefix, "first")
+            if not sharded:
+                check_grid(grid, num_tokens)
+            return grid
+        side = math.isqrt(max(num_tokens - prefix, 0))
+        if sharded or not side or side * side != num_tokens - prefix:
+            return None
+        return TokenGrid(side, side, 1, prefix, "first")
+
+    def _needed(self, grid: TokenGrid | None, num_tokens: int) -> TokenGrid:
+        """``grid``; when there is none, the ``ValueError`` that says how to pass one."""
+        return square_grid(num_tokens - self.num_prefix_tokens, self.method) if grid is None else grid
+
     # Each _attend_* maps (x, q, k, v, grid) to the (B, H, N, Dh) attention output.
 
-    def _attend_dense(self, x, q, k, v, grid):
-        return F.scaled_dot_product_attention(q, k, v)
-
     def _attend_sparse(self, x, q, k, v, grid):
-        spec = SPARSE_METHODS[self.method]
-        if grid is None and (spec.needs_grid or self.spatial_weight is not None):
-            grid = square_grid(q.shape[2], self.method)
-        elif grid is None:
-            grid = _square_or_none(q.shape[2])
+        if SPARSE_METHODS[self.method].needs_grid or self.spatial_weight is not None:
+            grid = self._needed(grid, q.shape[2])
         global_kv = None if self.spatial_weight is None else clear_global_kv(k, v, grid, self.spatial_weight)
         return sparse_attention(self.method, q, k, v, grid=grid, options=self.options, global_kv=global_kv)
 
@@ -207,11 +244,10 @@ class Attention(nn.Module):
             from .distributed._conv import conv_on_stripes
 
             return conv_on_stripes(self.dwconv, v, grid, process_group=self.process_group)
-        return conv_on_grid(self.dwconv, v, square_grid(v.shape[1], self.method) if grid is None else grid)
+        return conv_on_grid(self.dwconv, v, self._needed(grid, v.shape[1]))
 
 
 _ATTEND = {
-    "dense": Attention._attend_dense,
     "clear": Attention._attend_sparse,
     "grat": Attention._attend_sparse,
     "pisa": Attention._attend_sparse,
@@ -219,10 +255,3 @@ _ATTEND = {
     "linear": Attention._attend_linear,
     "dydila": Attention._attend_dydila,
 }
-
-
-def _square_or_none(num_tokens: int) -> TokenGrid | None:
-    try:
-        return square_grid(num_tokens, "")
-    except ValueError:
-        return None

@@ -8,7 +8,7 @@ adaLN_modulation}``, ``final_layer``), so an original DiT checkpoint loads uncha
 
 - ``attention=`` picks the attention layer: a method name for :class:`difattn.nn.Attention` (``"dense"``,
   ``"clear"``, ``"grat"``, ``"pisa"``, ``"llsa"``, ``"linear"``, ``"dydila"``), or any factory called as
-  ``attention(hidden_size, num_heads, **attention_options)`` whose module runs ``forward(x, grid)``.
+  ``attention(hidden_size, num_heads, **attention_options)`` whose module runs ``forward(x, grid=grid)``.
 - Inputs may be any ``H x W`` divisible by the patch (non-square too): the sin-cos positional embedding is
   computed for the input's grid, and every attention layer receives that grid. ``pos_embed="rope"`` replaces
   it by 2-D RoPE inside attention (the pixel DiT).
@@ -167,7 +167,7 @@ class DiTBlock(nn.Module):
     ) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         attn_in = modulate(self.norm1(x), shift_msa, scale_msa)
-        attn_out = self.attn(attn_in, grid) if rope is None else self.attn(attn_in, grid, rope=rope)
+        attn_out = self.attn(attn_in, grid=grid) if rope is None else self.attn(attn_in, grid=grid, rope=rope)
         x = x + gate_msa.unsqueeze(1) * attn_out
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
