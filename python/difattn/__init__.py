@@ -7,6 +7,7 @@ log-linear sparse) and DyDiLA (dynamic differential linear attention), each behi
 
 from __future__ import annotations
 
+import logging as _logging
 from importlib.metadata import PackageNotFoundError, version as _version
 
 from .functional import (
@@ -19,6 +20,10 @@ from .functional import (
 )
 from .grid import TokenGrid
 from . import nn  # noqa: F401  (difattn.nn, the modules, is part of the package namespace)
+
+# The library reports through the "difattn" logger (e.g. what difattn.diffusers.apply changed) and never prints;
+# the application decides where records go.
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 try:
     __version__ = _version("difattn")
