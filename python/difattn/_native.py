@@ -1,19 +1,34 @@
 """Access to the compiled core, ``difattn._core``, with a helpful error when it is missing.
 
 The import is tried once, when this module loads; the result lives in module globals (plain reads, which
-torch.compile traces without the warnings a cached function would give).
+torch.compile traces without the warnings a cached function would give). When it fails, a ``RuntimeWarning``
+says so once, naming the cause, because ``backend="auto"`` then quietly runs the CPU methods on the slow torch
+reference instead of the Rust kernels.
 """
 
 from __future__ import annotations
 
+import importlib
+import warnings
 from types import ModuleType
+
+_BUILD = "build it with `pip install .` from a source checkout (needs a Rust toolchain: https://rustup.rs)"
 
 
 def _import_core() -> tuple[ModuleType | None, str]:
     try:
-        from . import _core
-    except ImportError as err:  # a source checkout that was never built, or a broken wheel
-        return None, f"the compiled core difattn._core cannot be imported ({err}); reinstall with `pip install .`"
+        _core = importlib.import_module(f"{__package__}._core")
+    except ImportError as err:
+        if isinstance(err, ModuleNotFoundError) and err.name == f"{__package__}._core":
+            reason = f"the compiled core difattn._core is missing (a source tree that was never built?); {_BUILD}"
+        else:  # present but broken: wrong platform, an incompatible libc, a truncated file
+            reason = f"the compiled core difattn._core failed to import ({type(err).__name__}: {err}); {_BUILD}"
+        warnings.warn(
+            f"difattn: {reason}. Until then the CPU methods run on the slow torch reference backend.",
+            RuntimeWarning,
+            stacklevel=1,
+        )
+        return None, reason
     return _core, ""
 
 
