@@ -9,6 +9,7 @@ difattn reads by perturbing one token.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import pytest
@@ -218,13 +219,16 @@ def qwen_image():
 
     def inputs(height: int, width: int, *, text: int = 7, batch: int = 2, timestep: float = 0.5,
                real_text: tuple[int, ...] | None = None, seed: int = 0):
-        return {
+        kwargs = {
             "hidden_states": _randn(batch, height * width, 16, seed=seed),
             "encoder_hidden_states": _randn(batch, text, 16, seed=seed + 1),
             "encoder_hidden_states_mask": _text_mask(batch, text, real_text),
             "timestep": torch.full((batch,), timestep),
             "img_shapes": [(1, height, width)] * batch,
         }
+        if "txt_seq_lens" in inspect.signature(model.forward).parameters:  # older releases (0.35) need the lengths
+            kwargs["txt_seq_lens"] = [text] * batch
+        return kwargs
 
     return model, inputs
 

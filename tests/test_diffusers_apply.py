@@ -274,7 +274,6 @@ def test_dispatcher_backend_name_works_after_apply(build):
         with attention_backend("difattn"):
             torch.testing.assert_close(run(model, kwargs), expected, atol=1e-6, rtol=1e-5)
         model.set_attention_backend("difattn")
-        assert _AttentionBackendRegistry._active_backend.value == "difattn"
         torch.testing.assert_close(run(model, kwargs), expected, atol=1e-6, rtol=1e-5)
     finally:
         dd.remove(model)

@@ -25,7 +25,7 @@ Supported transformers (by class, subclasses included), with the side the text t
 
 ``SanaTransformer2DModel`` is recognised but has nothing to replace (its self-attention is linear attention
 already, its other layers attend to the text), so ``apply`` raises for it. The tests run tiny random models of
-every family on diffusers 0.42 (see the README for the versions tested).
+every family on diffusers 0.42.1 and 0.35.2 (where it has the model).
 
 Context parallelism: ``transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=P))`` (or
 ``ring_degree``), before or after ``apply``, splits the sequence over the processes with the model's ``_cp_plan``

@@ -142,9 +142,11 @@ def _difattn_attention(
         # Outside difattn's layers (cross-attention, layers kept dense): what the stock model computes.
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
+        # parallel_config only where set: diffusers 0.35's dispatch_attention_fn has no such parameter.
+        parallel = {} if _parallel_config is None else {"parallel_config": _parallel_config}
         return dispatch_attention_fn(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-            enable_gqa=enable_gqa, backend=native(), parallel_config=_parallel_config,
+            enable_gqa=enable_gqa, backend=native(), **parallel,
         )
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     context_parallel = getattr(_parallel_config, "context_parallel_config", None) is not None
