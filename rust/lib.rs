@@ -1,7 +1,10 @@
 //! Compiled core of difattn.
 //!
-//! `plan` is pure Rust (token geometry, permutations, block layouts) and knows nothing of Python;
-//! `py` is the only module that touches PyO3 and is compiled only with the `python` feature.
+//! `plan` is pure Rust (token geometry, permutations, block layouts) and `cpu` holds the CPU kernels; neither knows
+//! Python. `py` is the only module that touches PyO3 and is compiled only with the `python` feature.
+
+// Inside an `unsafe fn`, every unsafe operation still needs its own `unsafe` block (and its SAFETY comment).
+#![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod cpu;
 pub mod plan;

@@ -7,15 +7,12 @@
 
 use rayon::prelude::*;
 
+use super::common::{check_input, check_output, gather, Dims, LN_2, LOG2_E};
+use super::matmul::{Gemm, Mat, MatMut};
 use super::pool::pool;
-use super::simd::matmul;
 use super::vmath::{self, exp2_shift_sum};
-use super::view::{err, View, ViewError};
-
-const LOG2_E: f32 = std::f32::consts::LOG2_E;
-const LN_2: f32 = std::f32::consts::LN_2;
-pub const FULL: u8 = 0;
-pub const MASKED: u8 = 1;
+use super::view::{err, DType, View, ViewError};
+use crate::plan::blocks::MASKED;
 /// Grid coordinates stay below this, so `dy² + dx²` fits in an i32.
 const MAX_COORD: i32 = 32_768;
 /// Keys per forward GEMM: consecutive key blocks of a query block are gathered into one panel up to this many
@@ -36,21 +33,21 @@ pub enum Spatial {
 
 /// A validated block plan (see `plan::blocks`), with its transpose for the key-side backward.
 pub struct Plan {
-    pub q_perm: Vec<usize>,
-    pub q_offsets: Vec<usize>,
-    pub k_perm: Vec<usize>,
-    pub k_offsets: Vec<usize>,
-    pub indptr: Vec<usize>,
-    pub indices: Vec<usize>,
-    pub kinds: Vec<u8>,
-    pub t_indptr: Vec<usize>,
-    pub t_indices: Vec<usize>,
-    pub t_kinds: Vec<u8>,
-    pub q_coords: Vec<i32>,
-    pub k_coords: Vec<i32>,
+    q_perm: Vec<usize>,
+    q_offsets: Vec<usize>,
+    k_perm: Vec<usize>,
+    k_offsets: Vec<usize>,
+    indptr: Vec<usize>,
+    indices: Vec<usize>,
+    kinds: Vec<u8>,
+    t_indptr: Vec<usize>,
+    t_indices: Vec<usize>,
+    t_kinds: Vec<u8>,
+    /// `(t, y, x)` per query position (`t < 0`: text or extra query).
+    q_coords: Vec<i32>,
     /// `(B, Nk)` in key layout order, 1 = valid; `None`: every key valid.
-    pub key_valid: Option<Vec<i32>>,
-    pub spatial: Spatial,
+    key_valid: Option<Vec<i32>>,
+    spatial: Spatial,
     /// The key coordinates as separate `t`, `y`, `x` arrays (the element mask's loop vectorises over them).
     key_columns: KeyColumns,
 }
@@ -154,9 +151,19 @@ impl Plan {
         let (t_indptr, t_indices, t_kinds) = transpose(&indptr, &indices, &kinds, mk);
         let key_columns = KeyColumns::new(&k_coords);
         Ok(Plan {
-            q_perm, q_offsets, k_perm, k_offsets, indptr, indices, kinds, t_indptr, t_indices, t_kinds, q_coords, k_coords,
-            key_valid, spatial, key_columns,
+            q_perm, q_offsets, k_perm, k_offsets, indptr, indices, kinds, t_indptr, t_indices, t_kinds, q_coords, key_valid,
+            spatial, key_columns,
         })
+    }
+
+    /// The query positions of query block `i`: `(first, len)`.
+    fn q_block(&self, i: usize) -> (usize, usize) {
+        (self.q_offsets[i], self.q_offsets[i + 1] - self.q_offsets[i])
+    }
+
+    /// The key positions of key block `j`: `(first, len)`.
+    fn k_block(&self, j: usize) -> (usize, usize) {
+        (self.k_offsets[j], self.k_offsets[j + 1] - self.k_offsets[j])
     }
 
     fn max_q_block(&self) -> usize {
@@ -246,61 +253,29 @@ fn transpose(indptr: &[usize], indices: &[usize], kinds: &[u8], cols: usize) -> 
     (start, t_indices, t_kinds)
 }
 
-/// Shapes shared by the passes.
-#[derive(Clone, Copy)]
-struct Dims {
-    batch: usize,
-    heads: usize,
-    d: usize,
-    dv: usize,
-}
-
+/// Checks q, k, v against each other and the plan; `Dims::n` is the query count.
 fn check_inputs(q: &View, k: &View, v: &View, plan: &Plan) -> Result<Dims, ViewError> {
-    for t in [q, k, v] {
-        t.expect(4, true)?;
-        if t.dtype != q.dtype {
-            return err(format!("{}: dtype differs from q", t.name));
-        }
-    }
-    let (batch, heads, nq, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
-    let (nk, dv) = (k.shape[2], v.shape[3]);
-    if k.shape != [batch, heads, nk, d] || v.shape[..3] != [batch, heads, nk] {
-        return err(format!("shapes disagree: q {:?}, k {:?}, v {:?}", q.shape, k.shape, v.shape));
-    }
+    q.expect(4, true)?;
+    v.expect(4, true)?;
+    let [batch, heads, nq, d] = q.shape()[..] else { unreachable!("4 dims checked") };
+    let (nk, dv) = (k.shape().get(2).copied().unwrap_or(0), v.shape()[3]);
+    check_input(k, &[batch, heads, nk, d], q.dtype())?;
+    check_input(v, &[batch, heads, nk, dv], q.dtype())?;
     if plan.q_perm.len() != nq || plan.k_perm.len() != nk {
         return err("plan does not match the sequence lengths of q and k");
     }
-    Ok(Dims { batch, heads, d, dv })
-}
-
-fn check_output(t: &View, shape: &[usize], dtype: super::view::DType) -> Result<(), ViewError> {
-    if t.shape != shape || t.dtype != dtype {
-        return err(format!("{}: expected shape {shape:?} and dtype {dtype:?}, got {:?} {:?}", t.name, t.shape, t.dtype));
-    }
-    t.expect_contiguous()
-}
-
-/// Gathers rows `perm[p0..p0+rows]` of `(b, h)` into `dst` (`rows x width`), scaled by `mul`.
-fn gather(t: &View, b: usize, h: usize, perm: &[usize], p0: usize, rows: usize, width: usize, mul: f32, dst: &mut [f32]) {
-    for r in 0..rows {
-        let row = &mut dst[r * width..(r + 1) * width];
-        t.load_row(&[b, h, perm[p0 + r]], row);
-        if mul != 1.0 {
-            row.iter_mut().for_each(|x| *x *= mul);
-        }
-    }
+    Ok(Dims { batch, heads, n: nq, d, dv })
 }
 
 /// Forward: writes `out (B, H, Nq, Dv)` (q's dtype, contiguous) and `lse (B, H, Nq)` (f32, natural log of
 /// the softmax denominator of `scale · q·k`, −∞ for a query with no allowed key).
 pub fn forward(q: &View, k: &View, v: &View, out: &View, lse: &View, plan: &Plan, scale: f32, threads: usize) -> Result<(), ViewError> {
     let dims = check_inputs(q, k, v, plan)?;
-    let nq = q.shape[2];
-    check_output(out, &[dims.batch, dims.heads, nq, dims.dv], q.dtype)?;
-    check_output(lse, &[dims.batch, dims.heads, nq], super::view::DType::F32)?;
+    check_output(out, &[dims.batch, dims.heads, dims.n, dims.dv], q.dtype())?;
+    check_output(lse, &[dims.batch, dims.heads, dims.n], DType::F32)?;
     let (bq, bk) = (plan.max_q_block(), plan.max_k_block());
     let mq = plan.q_offsets.len() - 1;
-    let tasks = dims.batch * dims.heads * mq;
+    let tasks = dims.slices() * mq;
     let pool = pool(threads).map_err(ViewError)?;
     pool.install(|| {
         (0..tasks).into_par_iter().for_each_init(
@@ -340,10 +315,10 @@ impl ForwardBuffers {
 fn forward_block(q: &View, k: &View, v: &View, out: &View, lse: &View, plan: &Plan, scale: f32, dims: Dims, task: usize, buf: &mut ForwardBuffers) {
     let mq = plan.q_offsets.len() - 1;
     let (bh, i) = (task / mq, task % mq);
-    let (b, h) = (bh / dims.heads, bh % dims.heads);
-    let (q0, lq) = (plan.q_offsets[i], plan.q_offsets[i + 1] - plan.q_offsets[i]);
+    let (b, h) = dims.slice(bh);
+    let (q0, lq) = plan.q_block(i);
     let (d, dv) = (dims.d, dims.dv);
-    gather(q, b, h, &plan.q_perm, q0, lq, d, scale * LOG2_E, &mut buf.q);
+    gather(q, (b, h), plan.q_perm[q0..q0 + lq].iter().copied(), d, scale * LOG2_E, &mut buf.q);
     buf.m[..lq].fill(f32::NEG_INFINITY);
     buf.l[..lq].fill(0.0);
     buf.acc[..lq * dv].fill(0.0);
@@ -353,24 +328,22 @@ fn forward_block(q: &View, k: &View, v: &View, out: &View, lse: &View, plan: &Pl
         let first = entries.start;
         let mut lk = 0;
         while let Some(e) = entries.clone().next() {
-            let j = plan.indices[e];
-            let (k0, len) = (plan.k_offsets[j], plan.k_offsets[j + 1] - plan.k_offsets[j]);
+            let (k0, len) = plan.k_block(plan.indices[e]);
             if lk > 0 && lk + len > PANEL_KEYS {
                 break;
             }
-            gather(k, b, h, &plan.k_perm, k0, len, d, 1.0, &mut buf.k[lk * d..]);
-            gather(v, b, h, &plan.k_perm, k0, len, dv, 1.0, &mut buf.v[lk * dv..]);
+            let keys = &plan.k_perm[k0..k0 + len];
+            gather(k, (b, h), keys.iter().copied(), d, 1.0, &mut buf.k[lk * d..]);
+            gather(v, (b, h), keys.iter().copied(), dv, 1.0, &mut buf.v[lk * dv..]);
             lk += len;
             entries.start += 1;
         }
         let s = &mut buf.s[..lq * lk];
-        // SAFETY: buffers hold at least lq x d, lk x d, lk x dv and lq x lk elements (panels are at most
-        // max(PANEL_KEYS, largest key block) keys).
-        unsafe { matmul(lq, lk, d, s.as_mut_ptr(), lk, false, buf.q.as_ptr(), d, 1, buf.k.as_ptr(), 1, d) };
+        // s = q · kᵀ (panels hold at most max(PANEL_KEYS, largest key block) keys: the buffers' sizes)
+        Gemm { m: lq, n: lk, k: d, accumulate: false }.run(MatMut::rows(s, lk), Mat::rows(&buf.q, d), Mat::rows(&buf.k, d).t());
         let mut column = 0;
         for e in first..entries.start {
-            let j = plan.indices[e];
-            let (k0, len) = (plan.k_offsets[j], plan.k_offsets[j + 1] - plan.k_offsets[j]);
+            let (k0, len) = plan.k_block(plan.indices[e]);
             if plan.kinds[e] == MASKED {
                 plan.apply_mask(b, q0, k0, lq, len, &mut s[column..], lk);
             }
@@ -391,8 +364,8 @@ fn forward_block(q: &View, k: &View, v: &View, out: &View, lse: &View, plan: &Pl
                 buf.acc[r * dv..(r + 1) * dv].iter_mut().for_each(|x| *x *= alpha);
             }
         }
-        // SAFETY: as above; acc holds lq x dv.
-        unsafe { matmul(lq, dv, lk, buf.acc.as_mut_ptr(), dv, true, s.as_ptr(), lk, 1, buf.v.as_ptr(), dv, 1) };
+        // acc += p · v
+        Gemm { m: lq, n: dv, k: lk, accumulate: true }.run(MatMut::rows(&mut buf.acc, dv), Mat::rows(s, lk), Mat::rows(&buf.v, dv));
     }
     for r in 0..lq {
         let row = &mut buf.acc[r * dv..(r + 1) * dv];
@@ -401,7 +374,8 @@ fn forward_block(q: &View, k: &View, v: &View, out: &View, lse: &View, plan: &Pl
         row.iter_mut().for_each(|x| *x *= inv);
         let token = plan.q_perm[q0 + r];
         let log_den = if l > 0.0 { (buf.m[r] + l.log2()) * LN_2 } else { f32::NEG_INFINITY };
-        // SAFETY: q_perm is a permutation, so this task is the only writer of these rows.
+        // SAFETY: `out` and `lse` are validated contiguous outputs and q_perm is a permutation, so this task (query
+        // block i of slice bh) is the only one touching row `token` of either.
         unsafe {
             out.store_row(&[b, h, token], row);
             lse.store_f32(&[b, h, token], log_den);
@@ -427,24 +401,18 @@ pub fn backward(
     threads: usize,
 ) -> Result<(), ViewError> {
     let dims = check_inputs(q, k, v, plan)?;
-    let (nq, nk) = (q.shape[2], k.shape[2]);
-    dout.expect(4, true)?;
-    if dout.shape != [dims.batch, dims.heads, nq, dims.dv] {
-        return err(format!("dout: expected shape {:?}", [dims.batch, dims.heads, nq, dims.dv]));
-    }
-    for t in [lse, delta] {
-        if t.shape != [dims.batch, dims.heads, nq] || t.dtype != super::view::DType::F32 {
-            return err(format!("{}: expected f32 of shape {:?}", t.name, [dims.batch, dims.heads, nq]));
-        }
-    }
-    check_output(dq, &[dims.batch, dims.heads, nq, dims.d], q.dtype)?;
-    check_output(dk, &[dims.batch, dims.heads, nk, dims.d], q.dtype)?;
-    check_output(dv, &[dims.batch, dims.heads, nk, dims.dv], q.dtype)?;
+    let (bh, nq, nk) = ([dims.batch, dims.heads], dims.n, plan.k_perm.len());
+    check_input(dout, &[bh[0], bh[1], nq, dims.dv], None)?;
+    check_input(lse, &[bh[0], bh[1], nq], DType::F32)?;
+    check_input(delta, &[bh[0], bh[1], nq], DType::F32)?;
+    check_output(dq, &[bh[0], bh[1], nq, dims.d], q.dtype())?;
+    check_output(dk, &[bh[0], bh[1], nk, dims.d], q.dtype())?;
+    check_output(dv, &[bh[0], bh[1], nk, dims.dv], q.dtype())?;
     let (bq, bk) = (plan.max_q_block(), plan.max_k_block());
     let pool = pool(threads).map_err(ViewError)?;
     let (mq, mk) = (plan.q_offsets.len() - 1, plan.k_offsets.len() - 1);
     let ctx = BackwardCtx { q, k, v, dout, lse, delta, plan, scale, dims };
-    let slices = dims.batch * dims.heads;
+    let slices = dims.slices();
     if slices >= SLICES_PER_THREAD * pool.current_num_threads() {
         // Enough slices to keep every thread busy: one pass per slice, which owns its dq rows.
         pool.install(|| {
@@ -456,10 +424,10 @@ pub fn backward(
         return Ok(());
     }
     pool.install(|| {
-        (0..dims.batch * dims.heads * mq)
+        (0..slices * mq)
             .into_par_iter()
             .for_each_init(|| BackwardBuffers::new(bq, bk, dims), |buf, task| ctx.dq_block(dq, task, buf));
-        (0..dims.batch * dims.heads * mk)
+        (0..slices * mk)
             .into_par_iter()
             .for_each_init(|| BackwardBuffers::new(bq, bk, dims), |buf, task| ctx.dkv_block(dk, dv, task, buf));
     });
@@ -513,22 +481,22 @@ impl BackwardCtx<'_> {
     /// Loads the query side of block `i` (q scaled by `scale·log2 e`, dout, lse in base 2, delta).
     fn load_query_block(&self, b: usize, h: usize, i: usize, buf: &mut BackwardBuffers) -> (usize, usize) {
         let plan = self.plan;
-        let (q0, lq) = (plan.q_offsets[i], plan.q_offsets[i + 1] - plan.q_offsets[i]);
-        gather(self.q, b, h, &plan.q_perm, q0, lq, self.dims.d, 1.0, &mut buf.q);
-        gather(self.dout, b, h, &plan.q_perm, q0, lq, self.dims.dv, 1.0, &mut buf.dout);
-        for r in 0..lq {
-            let token = plan.q_perm[q0 + r];
-            buf.lse[r] = self.lse.load_f32(&[b, h, token]) * LOG2_E;
-            buf.delta[r] = self.delta.load_f32(&[b, h, token]);
+        let (q0, lq) = plan.q_block(i);
+        let tokens = &plan.q_perm[q0..q0 + lq];
+        gather(self.q, (b, h), tokens.iter().copied(), self.dims.d, 1.0, &mut buf.q);
+        gather(self.dout, (b, h), tokens.iter().copied(), self.dims.dv, 1.0, &mut buf.dout);
+        for (r, &token) in tokens.iter().enumerate() {
+            buf.lse[r] = self.lse.load(&[b, h, token]) * LOG2_E;
+            buf.delta[r] = self.delta.load(&[b, h, token]);
         }
         (q0, lq)
     }
 
     fn load_key_block(&self, b: usize, h: usize, j: usize, buf: &mut BackwardBuffers) -> (usize, usize) {
-        let plan = self.plan;
-        let (k0, lk) = (plan.k_offsets[j], plan.k_offsets[j + 1] - plan.k_offsets[j]);
-        gather(self.k, b, h, &plan.k_perm, k0, lk, self.dims.d, 1.0, &mut buf.k);
-        gather(self.v, b, h, &plan.k_perm, k0, lk, self.dims.dv, 1.0, &mut buf.v);
+        let (k0, lk) = self.plan.k_block(j);
+        let tokens = &self.plan.k_perm[k0..k0 + lk];
+        gather(self.k, (b, h), tokens.iter().copied(), self.dims.d, 1.0, &mut buf.k);
+        gather(self.v, (b, h), tokens.iter().copied(), self.dims.dv, 1.0, &mut buf.v);
         (k0, lk)
     }
 
@@ -536,11 +504,9 @@ impl BackwardCtx<'_> {
     fn probabilities(&self, b: usize, q0: usize, lq: usize, k0: usize, lk: usize, kind: u8, buf: &mut BackwardBuffers) {
         let (d, dv) = (self.dims.d, self.dims.dv);
         let (p, dp) = (&mut buf.p[..lq * lk], &mut buf.dp[..lq * lk]);
-        // SAFETY: buffer sizes cover lq x d, lk x d, lk x dv, lq x dv and lq x lk.
-        unsafe {
-            matmul(lq, lk, d, p.as_mut_ptr(), lk, false, buf.q.as_ptr(), d, 1, buf.k.as_ptr(), 1, d);
-            matmul(lq, lk, dv, dp.as_mut_ptr(), lk, false, buf.dout.as_ptr(), dv, 1, buf.v.as_ptr(), 1, dv);
-        }
+        // p = q · kᵀ ; dp = dout · vᵀ
+        Gemm { m: lq, n: lk, k: d, accumulate: false }.run(MatMut::rows(p, lk), Mat::rows(&buf.q, d), Mat::rows(&buf.k, d).t());
+        Gemm { m: lq, n: lk, k: dv, accumulate: false }.run(MatMut::rows(dp, lk), Mat::rows(&buf.dout, dv), Mat::rows(&buf.v, dv).t());
         if kind == MASKED {
             self.plan.apply_mask(b, q0, k0, lq, lk, p, lk);
         }
@@ -563,19 +529,20 @@ impl BackwardCtx<'_> {
         let (plan, d) = (self.plan, self.dims.d);
         let mq = plan.q_offsets.len() - 1;
         let (bh, i) = (task / mq, task % mq);
-        let (b, h) = (bh / self.dims.heads, bh % self.dims.heads);
+        let (b, h) = self.dims.slice(bh);
         let (q0, lq) = self.load_query_block(b, h, i, buf);
         buf.acc_a[..lq * d].fill(0.0);
         for e in plan.indptr[i]..plan.indptr[i + 1] {
             let (k0, lk) = self.load_key_block(b, h, plan.indices[e], buf);
             self.probabilities(b, q0, lq, k0, lk, plan.kinds[e], buf);
             // dq += dS · k
-            unsafe { matmul(lq, d, lk, buf.acc_a.as_mut_ptr(), d, true, buf.dp.as_ptr(), lk, 1, buf.k.as_ptr(), d, 1) };
+            Gemm { m: lq, n: d, k: lk, accumulate: true }.run(MatMut::rows(&mut buf.acc_a, d), Mat::rows(&buf.dp, lk), Mat::rows(&buf.k, d));
         }
         for r in 0..lq {
             let row = &mut buf.acc_a[r * d..(r + 1) * d];
             row.iter_mut().for_each(|x| *x *= self.scale);
-            // SAFETY: q_perm is a permutation: one writer per row.
+            // SAFETY: `dq` is a validated contiguous output and q_perm is a permutation, so this task (query block i
+            // of slice bh) is the only one touching this row.
             unsafe { dq.store_row(&[b, h, plan.q_perm[q0 + r]], row) };
         }
     }
@@ -591,31 +558,28 @@ impl BackwardCtx<'_> {
     fn key_block(&self, dk: &View, dv_out: &View, bh: usize, j: usize, buf: &mut BackwardBuffers,
                  mut dq_acc: Option<&mut [f32]>) {
         let (plan, d, dv) = (self.plan, self.dims.d, self.dims.dv);
-        let (b, h) = (bh / self.dims.heads, bh % self.dims.heads);
+        let (b, h) = self.dims.slice(bh);
         let (k0, lk) = self.load_key_block(b, h, j, buf);
         buf.acc_a[..lk * d].fill(0.0);
         buf.acc_b[..lk * dv].fill(0.0);
         for e in plan.t_indptr[j]..plan.t_indptr[j + 1] {
             let (q0, lq) = self.load_query_block(b, h, plan.t_indices[e], buf);
             self.probabilities(b, q0, lq, k0, lk, plan.t_kinds[e], buf);
-            // SAFETY: the buffers hold lq x lk, lq x dv, lq x d, lk x d and lk x dv values; dq_acc holds every
-            // query position of the slice (checked by the caller), so rows q0..q0+lq are inside it.
-            unsafe {
-                // dv += Pᵀ · dout ; dk += dSᵀ · q
-                matmul(lk, dv, lq, buf.acc_b.as_mut_ptr(), dv, true, buf.p.as_ptr(), 1, lk, buf.dout.as_ptr(), dv, 1);
-                matmul(lk, d, lq, buf.acc_a.as_mut_ptr(), d, true, buf.dp.as_ptr(), 1, lk, buf.q.as_ptr(), d, 1);
-                if let Some(acc) = dq_acc.as_deref_mut() {
-                    // dq += dS · k
-                    let rows = &mut acc[q0 * d..(q0 + lq) * d];
-                    matmul(lq, d, lk, rows.as_mut_ptr(), d, true, buf.dp.as_ptr(), lk, 1, buf.k.as_ptr(), d, 1);
-                }
+            // dv += Pᵀ · dout ; dk += dSᵀ · q
+            Gemm { m: lk, n: dv, k: lq, accumulate: true }.run(MatMut::rows(&mut buf.acc_b, dv), Mat::rows(&buf.p, lk).t(), Mat::rows(&buf.dout, dv));
+            Gemm { m: lk, n: d, k: lq, accumulate: true }.run(MatMut::rows(&mut buf.acc_a, d), Mat::rows(&buf.dp, lk).t(), Mat::rows(&buf.q, d));
+            if let Some(acc) = dq_acc.as_deref_mut() {
+                // dq += dS · k (the slice's dq rows in query layout order)
+                let rows = &mut acc[q0 * d..(q0 + lq) * d];
+                Gemm { m: lq, n: d, k: lk, accumulate: true }.run(MatMut::rows(rows, d), Mat::rows(&buf.dp, lk), Mat::rows(&buf.k, d));
             }
         }
         for r in 0..lk {
             let token = plan.k_perm[k0 + r];
             let dk_row = &mut buf.acc_a[r * d..(r + 1) * d];
             dk_row.iter_mut().for_each(|x| *x *= self.scale);
-            // SAFETY: k_perm is a permutation: one writer per row.
+            // SAFETY: `dk`, `dv` are validated contiguous outputs and k_perm is a permutation, so this task (key block
+            // j of slice bh) is the only one touching row `token` of either.
             unsafe {
                 dk.store_row(&[b, h, token], dk_row);
                 dv_out.store_row(&[b, h, token], &buf.acc_b[r * dv..(r + 1) * dv]);
@@ -634,10 +598,11 @@ impl BackwardCtx<'_> {
         for j in 0..plan.k_offsets.len() - 1 {
             self.key_block(dk, dv_out, bh, j, buf, Some(dq_acc.as_mut_slice()));
         }
-        let (b, h) = (bh / self.dims.heads, bh % self.dims.heads);
+        let (b, h) = self.dims.slice(bh);
         for (position, row) in dq_acc.chunks_exact_mut(d).enumerate() {
             row.iter_mut().for_each(|x| *x *= self.scale);
-            // SAFETY: q_perm is a permutation and this task owns slice bh: one writer per row.
+            // SAFETY: `dq` is a validated contiguous output, q_perm is a permutation and this task owns slice bh, so
+            // it is the only one touching this row.
             unsafe { dq.store_row(&[b, h, plan.q_perm[position]], row) };
         }
     }

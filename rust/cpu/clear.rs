@@ -21,10 +21,8 @@ pub use geometry::{computed_pairs, Geometry};
 
 use geometry::Group;
 
-use super::view::{err, DType, View, ViewError};
-
-const LOG2_E: f32 = std::f32::consts::LOG2_E;
-const LN_2: f32 = std::f32::consts::LN_2;
+use super::common::{check_input, Dims};
+use super::view::{err, View, ViewError};
 /// Keys per piece: logits of a tile for this many keys stay in L1 (16 KiB).
 const PIECE_KEYS: usize = 256;
 /// Rows of logit buffers: a piece plus the overrun of [`lanes::dots`]' last block.
@@ -38,47 +36,33 @@ pub struct Inputs<'a> {
     pub global: Option<(&'a View, &'a View)>,
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Dims {
-    batch: usize,
-    heads: usize,
-    d: usize,
-    dv: usize,
-    /// `d`, `dv` rounded up to a multiple of [`lanes::COLS`] (rows of the key-gradient buffers).
-    d_pad: usize,
-    dv_pad: usize,
+/// `x` rounded up to a multiple of [`lanes::COLS`]: the row length of the key-gradient buffers for `x` channels.
+fn padded(x: usize) -> usize {
+    x.div_ceil(lanes::COLS) * lanes::COLS
 }
 
-fn expect_shape(t: &View, shape: &[usize]) -> Result<(), ViewError> {
-    if t.shape != shape {
-        return err(format!("{}: expected shape {shape:?}, got {:?}", t.name, t.shape));
-    }
-    Ok(())
-}
-
+/// Checks the inputs (any float dtypes) against each other and the grid; `Dims::n` is the sequence length.
 fn check_inputs(inp: &Inputs, geo: &Geometry) -> Result<Dims, ViewError> {
     for t in [inp.q, inp.k, inp.v] {
         t.expect(4, true)?;
     }
-    let [batch, heads, n, d] = inp.q.shape[..] else { return err("q: expected 4 dims") };
+    let [batch, heads, n, d] = inp.q.shape()[..] else { return err("q: expected 4 dims") };
     if n != geo.tokens() {
         return err(format!("q: {n} tokens but the grid has {}", geo.tokens()));
     }
     if d == 0 {
         return err("q: head dim must be positive");
     }
-    expect_shape(inp.k, &[batch, heads, n, d])?;
-    let dv = inp.v.shape[3];
+    check_input(inp.k, &[batch, heads, n, d], None)?;
+    let dv = inp.v.shape()[3];
     if dv == 0 {
         return err("v: head dim must be positive");
     }
-    expect_shape(inp.v, &[batch, heads, n, dv])?;
+    check_input(inp.v, &[batch, heads, n, dv], None)?;
     match inp.global {
         Some((kg, vg)) => {
-            kg.expect(4, true)?;
-            vg.expect(4, true)?;
-            expect_shape(kg, &[batch, heads, geo.global, d])?;
-            expect_shape(vg, &[batch, heads, geo.global, dv])?;
+            check_input(kg, &[batch, heads, geo.global, d], None)?;
+            check_input(vg, &[batch, heads, geo.global, dv], None)?;
         }
         None if geo.global > 0 => return err("global: the geometry has global tokens but none were given"),
         None => {}
@@ -86,18 +70,7 @@ fn check_inputs(inp: &Inputs, geo: &Geometry) -> Result<Dims, ViewError> {
     if geo.max_d2 < 0 || geo.max_dt < 0 {
         return err("max_d2 and max_dt must be >= 0");
     }
-    let pad = |x: usize| x.div_ceil(lanes::COLS) * lanes::COLS;
-    Ok(Dims { batch, heads, d, dv, d_pad: pad(d), dv_pad: pad(dv) })
-}
-
-fn check_output(t: &View, shape: &[usize], dtype: Option<DType>) -> Result<(), ViewError> {
-    expect_shape(t, shape)?;
-    t.expect_contiguous()?;
-    match dtype {
-        Some(dt) if t.dtype != dt => err(format!("{}: expected dtype {dt:?}, got {:?}", t.name, t.dtype)),
-        None if !t.dtype.is_float() => err(format!("{}: expected a float dtype, got {:?}", t.name, t.dtype)),
-        _ => Ok(()),
-    }
+    Ok(Dims { batch, heads, n, d, dv })
 }
 
 /// One slice's keys in f32: `k` as panels (per group, channel-major) and, for the backward, as rows; `v` as rows

@@ -14,12 +14,13 @@ mod power;
 use rayon::prelude::*;
 
 pub use features::{Dydila, Plain, Stream, StreamGrads};
-use features::{load_rows, output_rows, rows_in_shape, store_rows, FeatureMap, Rows, Side};
+use features::{load_rows, output_rows, store_rows, FeatureMap, Rows, Side};
 
+use super::common::{check_input, check_output, Dims};
+use super::matmul::{Gemm, Mat, MatMut};
 use super::pool::pool;
-use super::simd::matmul;
-use super::vmath;
 use super::view::{err, DType, View, ViewError};
+use super::vmath;
 
 /// Tokens per GEMM block.
 const BLOCK: usize = 128;
@@ -49,27 +50,11 @@ pub struct DydilaGrads<'a> {
     pub dv: &'a View,
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Dims {
-    batch: usize,
-    heads: usize,
-    n: usize,
-    d: usize,
-    dv: usize,
-}
-
+/// The core's work split, from the call's shapes.
 impl Dims {
-    fn bh(&self) -> usize {
-        self.batch * self.heads
-    }
-
     /// f32 values of one head's state: `S` (`d x dv`) then `m = mean K̂` (`d`).
     fn width(&self) -> usize {
         self.d * self.dv + self.d
-    }
-
-    fn head(&self, bh: usize) -> (usize, usize) {
-        (bh / self.heads, bh % self.heads)
     }
 
     fn blocks(&self) -> usize {
@@ -78,7 +63,7 @@ impl Dims {
 
     /// Token splits of the state reduction: enough tasks for every worker, never below `MIN_SPLIT_TOKENS` each.
     fn splits(&self, threads: usize) -> usize {
-        let wanted = (TASKS_PER_THREAD * threads.max(1)).div_ceil(self.bh());
+        let wanted = (TASKS_PER_THREAD * threads.max(1)).div_ceil(self.slices());
         wanted.clamp(1, self.n.div_ceil(MIN_SPLIT_TOKENS).max(1))
     }
 
@@ -89,70 +74,32 @@ impl Dims {
     }
 }
 
-// ------------------------------------------------------------------------------------------------ GEMM operands
-
-/// A GEMM input: `(pointer, row stride, column stride)`, in f32 elements.
-#[derive(Clone, Copy)]
-struct Operand {
-    ptr: *const f32,
-    rs: usize,
-    cs: usize,
-}
-
 /// Rows of a `(B, H, N, W)` view as a GEMM input: in place when the view is f32 (any strides), else converted into
 /// `buf` (`rows.len x W`).
-fn input_rows(view: &View, rows: Rows, buf: &mut [f32]) -> Operand {
-    if view.dtype == DType::F32 && rows_in_shape(view, rows) {
-        // SAFETY: validated view and an index inside its shape: the offset is inside the tensor.
-        let ptr = unsafe { (view.ptr as *const f32).add(view.offset(&[rows.b, rows.h, rows.n0, 0])) };
-        return Operand { ptr, rs: view.strides[2], cs: view.strides[3] };
+fn input_rows<'a>(view: &'a View, rows: Rows, buf: &'a mut [f32]) -> Mat<'a> {
+    if view.dtype() == DType::F32 {
+        return view.matrix(&[rows.b, rows.h, rows.n0, 0]);
     }
     load_rows(view, rows, buf);
-    Operand { ptr: buf.as_ptr(), rs: view.shape[3], cs: 1 }
+    Mat::rows(buf, view.shape()[3])
 }
-
-// ------------------------------------------------------------------------------------------------ validation
 
 fn check_qkv(q: &View, k: &View, v: &View) -> Result<Dims, ViewError> {
     for t in [q, k, v] {
         t.expect(4, true)?;
-        if t.dtype != q.dtype {
-            return err(format!("{}: dtype {:?} differs from q's {:?}", t.name, t.dtype, q.dtype));
+        if t.dtype() != q.dtype() {
+            return err(format!("{}: dtype {:?} differs from q's {:?}", t.name(), t.dtype(), q.dtype()));
         }
     }
-    let [batch, heads, n, d] = q.shape[..] else { unreachable!("4 dims checked") };
-    let dv = v.shape[3];
-    if k.shape != q.shape || v.shape[..3] != q.shape[..3] {
-        return err(format!("shapes disagree: q {:?}, k {:?}, v {:?}", q.shape, k.shape, v.shape));
+    let [batch, heads, n, d] = q.shape()[..] else { unreachable!("4 dims checked") };
+    let dv = v.shape()[3];
+    if k.shape() != q.shape() || v.shape()[..3] != q.shape()[..3] {
+        return err(format!("shapes disagree: q {:?}, k {:?}, v {:?}", q.shape(), k.shape(), v.shape()));
     }
     if batch * heads * n * d * dv == 0 {
-        return err(format!("empty input: q {:?}, v {:?}", q.shape, v.shape));
+        return err(format!("empty input: q {:?}, v {:?}", q.shape(), v.shape()));
     }
     Ok(Dims { batch, heads, n, d, dv })
-}
-
-fn check_like(t: &View, like: &View) -> Result<(), ViewError> {
-    t.expect(4, true)?;
-    if t.shape != like.shape || t.dtype != like.dtype {
-        let (name, want) = (t.name, like.name);
-        return err(format!("{name}: expected shape {:?} and dtype {:?} like {want}, got {:?} {:?}", like.shape, like.dtype, t.shape, t.dtype));
-    }
-    Ok(())
-}
-
-fn check_per_token(t: &View, dims: Dims) -> Result<(), ViewError> {
-    t.expect(3, true)?;
-    if t.shape != [dims.batch, dims.heads, dims.n] {
-        return err(format!("{}: expected shape {:?}, got {:?}", t.name, [dims.batch, dims.heads, dims.n], t.shape));
-    }
-    Ok(())
-}
-
-fn check_output(t: &View, shape: &[usize], dtype: DType) -> Result<(), ViewError> {
-    if t.shape != shape || t.dtype != dtype {
-        return err(format!("{}: expected shape {shape:?} and dtype {dtype:?}, got {:?} {:?}", t.name, t.shape, t.dtype));
-    }
-    t.expect_contiguous()
 }
 
 fn check_options(opts: Options) -> Result<(), ViewError> {
@@ -171,40 +118,35 @@ fn check_state(state: &View, ksum: &View, dims: Dims, output: bool) -> Result<()
     for (t, shape) in shapes {
         if output {
             check_output(t, &shape, DType::F32)?;
-        } else if t.shape != shape || t.dtype != DType::F32 {
-            return err(format!("{}: expected f32 of shape {shape:?}, got {:?} {:?}", t.name, t.dtype, t.shape));
+        } else {
+            check_input(t, &shape, DType::F32)?;
         }
     }
     Ok(())
 }
 
 fn check_dout(dout: &View, dims: Dims) -> Result<(), ViewError> {
-    dout.expect(4, true)?;
-    if dout.shape != [dims.batch, dims.heads, dims.n, dims.dv] {
-        return err(format!("dout: expected shape {:?}, got {:?}", [dims.batch, dims.heads, dims.n, dims.dv], dout.shape));
-    }
-    Ok(())
+    check_input(dout, &[dims.batch, dims.heads, dims.n, dims.dv], None)
 }
 
 fn check_stream(s: &Stream, q: &View, dims: Dims) -> Result<(), ViewError> {
-    check_like(s.z, q)?;
-    check_like(s.z_aux, q)?;
+    check_input(s.z, q.shape(), q.dtype())?;
+    check_input(s.z_aux, q.shape(), q.dtype())?;
     for t in [s.gamma, s.gamma_aux, s.lambda] {
-        check_per_token(t, dims)?;
+        check_input(t, &[dims.batch, dims.heads, dims.n], None)?;
     }
     Ok(())
 }
 
 fn check_stream_grads(g: &StreamGrads, like: &View, dims: Dims) -> Result<(), ViewError> {
-    check_output(g.dz, &like.shape, like.dtype)?;
-    check_output(g.dz_aux, &like.shape, like.dtype)?;
+    check_output(g.dz, like.shape(), like.dtype())?;
+    check_output(g.dz_aux, like.shape(), like.dtype())?;
     for t in [g.dgamma, g.dgamma_aux, g.dlambda] {
         check_output(t, &[dims.batch, dims.heads, dims.n], DType::F32)?;
     }
     Ok(())
 }
 
-// ------------------------------------------------------------------------------------------------ public API
 
 /// Linear attention forward: writes `out (B, H, N, Dv)` (q's dtype), `state = (1/N) Σ kᵀv` and `ksum = mean k`.
 #[allow(clippy::too_many_arguments)]
@@ -220,7 +162,7 @@ pub fn linear_forward(
 ) -> Result<(), ViewError> {
     let dims = check_qkv(q, k, v)?;
     check_options(opts)?;
-    check_output(out, &[dims.batch, dims.heads, dims.n, dims.dv], q.dtype)?;
+    check_output(out, &[dims.batch, dims.heads, dims.n, dims.dv], q.dtype())?;
     check_state(state, ksum, dims, true)?;
     forward(&Plain { inputs: [q, k], grads: None }, v, out, state, ksum, dims, opts, threads)
 }
@@ -243,9 +185,9 @@ pub fn linear_backward(
     check_state(state, ksum, dims, false)?;
     check_dout(dout, dims)?;
     let [dq, dk, dv] = grads;
-    check_output(dq, &q.shape, q.dtype)?;
-    check_output(dk, &k.shape, q.dtype)?;
-    check_output(dv, &v.shape, q.dtype)?;
+    check_output(dq, q.shape(), q.dtype())?;
+    check_output(dk, k.shape(), q.dtype())?;
+    check_output(dv, v.shape(), q.dtype())?;
     let f = Plain { inputs: [q, k], grads: Some([dq, dk]) };
     backward(&f, v, state, ksum, dout, dv, dims, opts, threads)
 }
@@ -269,7 +211,7 @@ pub fn dydila_forward(
 ) -> Result<(), ViewError> {
     let dims = check_dydila(x)?;
     check_options(opts)?;
-    check_output(out, &[dims.batch, dims.heads, dims.n, dims.dv], x.q.z.dtype)?;
+    check_output(out, &[dims.batch, dims.heads, dims.n, dims.dv], x.q.z.dtype())?;
     check_state(state, ksum, dims, true)?;
     let f = Dydila { sides: [x.q, x.k], grads: None, eps: opts.eps };
     forward(&f, x.v, out, state, ksum, dims, opts, threads)
@@ -292,12 +234,10 @@ pub fn dydila_backward(
     check_dout(dout, dims)?;
     check_stream_grads(&grads.q, x.q.z, dims)?;
     check_stream_grads(&grads.k, x.q.z, dims)?;
-    check_output(grads.dv, &x.v.shape, x.q.z.dtype)?;
+    check_output(grads.dv, x.v.shape(), x.q.z.dtype())?;
     let f = Dydila { sides: [x.q, x.k], grads: Some([grads.q, grads.k]), eps: opts.eps };
     backward(&f, x.v, state, ksum, dout, grads.dv, dims, opts, threads)
 }
-
-// ------------------------------------------------------------------------------------------------ forward
 
 #[allow(clippy::too_many_arguments)]
 fn forward<F: FeatureMap>(
@@ -322,7 +262,7 @@ fn forward<F: FeatureMap>(
 /// Sums `partial` (`bh x splits` slots of `width`) over the splits, times `scale`: `bh` slots.
 fn sum_splits(partial: &[f32], dims: Dims, splits: usize, scale: f32) -> Vec<f32> {
     let width = dims.width();
-    let mut total = vec![0.0f32; dims.bh() * width];
+    let mut total = vec![0.0f32; dims.slices() * width];
     total.par_chunks_mut(width).enumerate().for_each(|(bh, t)| {
         for part in partial[bh * splits * width..(bh + 1) * splits * width].chunks_exact(width) {
             t.iter_mut().zip(part).for_each(|(a, b)| *a += b);
@@ -335,19 +275,19 @@ fn sum_splits(partial: &[f32], dims: Dims, splits: usize, scale: f32) -> Vec<f32
 /// `[S | m]` per head: `S = (1/N) Σ K̂ᵀ V`, `m = (1/N) Σ K̂`.
 fn reduce_state<F: FeatureMap>(f: &F, v: &View, dims: Dims, splits: usize) -> Vec<f32> {
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
-    let mut partial = vec![0.0f32; dims.bh() * splits * width];
+    let mut partial = vec![0.0f32; dims.slices() * splits * width];
     partial.par_chunks_mut(width).enumerate().for_each_init(
         || (vec![0.0f32; BLOCK * d], vec![0.0f32; BLOCK * dv], f.scratch(BLOCK)),
         |(kb, vb, scratch), (task, acc)| {
-            let (b, h) = dims.head(task / splits);
+            let (b, h) = dims.slice(task / splits);
             let (start, end) = dims.split_range(task % splits, splits);
             let (s, m) = acc.split_at_mut(d * dv);
             for n0 in (start..end).step_by(BLOCK) {
                 let rows = Rows { b, h, n0, len: (end - n0).min(BLOCK) };
                 f.load(Side::Key, rows, kb, scratch);
+                // S += K̂ᵀ · V
                 let vr = input_rows(v, rows, vb);
-                // SAFETY: kb holds len x d, vr addresses len x dv, s is d x dv (row-major), no overlap.
-                unsafe { matmul(d, dv, rows.len, s.as_mut_ptr(), dv, true, kb.as_ptr(), 1, d, vr.ptr, vr.rs, vr.cs) };
+                Gemm { m: d, n: dv, k: rows.len, accumulate: true }.run(MatMut::rows(s, dv), Mat::rows(kb, d).t(), vr);
                 for row in kb[..rows.len * d].chunks_exact(d) {
                     m.iter_mut().zip(row).for_each(|(a, x)| *a += x);
                 }
@@ -360,30 +300,32 @@ fn reduce_state<F: FeatureMap>(f: &F, v: &View, dims: Dims, splits: usize) -> Ve
 fn write_states(states: &[f32], state: &View, ksum: &View, dims: Dims) {
     let (d, dv) = (dims.d, dims.dv);
     for (bh, st) in states.chunks_exact(dims.width()).enumerate() {
-        let (b, h) = dims.head(bh);
+        let (b, h) = dims.slice(bh);
         for i in 0..d {
-            // SAFETY: validated contiguous f32 outputs; only this thread writes them.
+            // SAFETY: a validated contiguous f32 output; only this thread (outside any parallel region) writes it.
             unsafe { state.store_row(&[b, h, i], &st[i * dv..(i + 1) * dv]) };
         }
+        // SAFETY: as for `state`.
         unsafe { ksum.store_row(&[b, h], &st[d * dv..]) };
     }
 }
 
 fn readout<F: FeatureMap>(f: &F, out: &View, states: &[f32], dims: Dims, opts: Options) {
     let (d, dv) = (dims.d, dims.dv);
-    (0..dims.bh() * dims.blocks()).into_par_iter().for_each_init(
+    (0..dims.slices() * dims.blocks()).into_par_iter().for_each_init(
         || (vec![0.0f32; BLOCK * d], vec![0.0f32; BLOCK * dv], f.scratch(BLOCK)),
         |(qb, ob, scratch), task| {
             let (bh, blk) = (task / dims.blocks(), task % dims.blocks());
-            let (b, h) = dims.head(bh);
+            let (b, h) = dims.slice(bh);
             let n0 = blk * BLOCK;
             let rows = Rows { b, h, n0, len: (dims.n - n0).min(BLOCK) };
             let (s, m) = states[bh * dims.width()..(bh + 1) * dims.width()].split_at(d * dv);
             f.load(Side::Query, rows, qb, scratch);
-            // SAFETY: each (b, h, token block) belongs to one task.
+            // SAFETY: `out` is a validated contiguous output and each (b, h, token block) belongs to one task, so
+            // this task alone touches these rows while `o` lives.
             let (o, in_place) = unsafe { output_rows(out, rows, ob) };
-            // SAFETY: qb holds len x d, s d x dv, o len x dv.
-            unsafe { matmul(rows.len, dv, d, o.as_mut_ptr(), dv, false, qb.as_ptr(), d, 1, s.as_ptr(), dv, 1) };
+            // O = Q̂ · S
+            Gemm { m: rows.len, n: dv, k: d, accumulate: false }.run(MatMut::rows(o, dv), Mat::rows(qb, d), Mat::rows(s, dv));
             if opts.normalize {
                 for (o, q) in o.chunks_exact_mut(dv).zip(qb.chunks_exact(d)) {
                     let inv = 1.0 / (vmath::dot(q, m) + opts.eps);
@@ -391,21 +333,19 @@ fn readout<F: FeatureMap>(f: &F, out: &View, states: &[f32], dims: Dims, opts: O
                 }
             }
             if !in_place {
-                // SAFETY: as above.
+                // SAFETY: as for `output_rows` above.
                 unsafe { store_rows(out, rows, o) };
             }
         },
     );
 }
 
-// ------------------------------------------------------------------------------------------------ backward
-
 /// Reads `[S | m]` per head from the forward's outputs.
 fn read_states(state: &View, ksum: &View, dims: Dims) -> Vec<f32> {
     let (d, dv) = (dims.d, dims.dv);
-    let mut states = vec![0.0f32; dims.bh() * dims.width()];
+    let mut states = vec![0.0f32; dims.slices() * dims.width()];
     for (bh, st) in states.chunks_exact_mut(dims.width()).enumerate() {
-        let (b, h) = dims.head(bh);
+        let (b, h) = dims.slice(bh);
         for i in 0..d {
             state.load_row(&[b, h, i], &mut st[i * dv..(i + 1) * dv]);
         }
@@ -440,29 +380,24 @@ fn backward<F: FeatureMap>(
 /// Writes the query-side input gradients; returns `[dS | dm] / N` per head, summed over the splits.
 fn query_pass<F: FeatureMap>(f: &F, dout: &View, states: &[f32], dims: Dims, opts: Options, splits: usize) -> Vec<f32> {
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
-    let mut partial = vec![0.0f32; dims.bh() * splits * width];
+    let mut partial = vec![0.0f32; dims.slices() * splits * width];
     partial.par_chunks_mut(width).enumerate().for_each_init(
         || (vec![0.0f32; BLOCK * d], vec![0.0f32; BLOCK * dv], vec![0.0f32; BLOCK * d], f.scratch(BLOCK)),
         |(qb, gb, tb, scratch), (task, acc)| {
             let bh = task / splits;
-            let (b, h) = dims.head(bh);
+            let (b, h) = dims.slice(bh);
             let (start, end) = dims.split_range(task % splits, splits);
             let (s, m) = states[bh * width..(bh + 1) * width].split_at(d * dv);
             let (ds, dm) = acc.split_at_mut(d * dv);
             for n0 in (start..end).step_by(BLOCK) {
                 let rows = Rows { b, h, n0, len: (end - n0).min(BLOCK) };
                 f.load(Side::Query, rows, qb, scratch);
-                // Normalising rescales g: then it needs a copy.
-                let g = if opts.normalize {
-                    load_rows(dout, rows, gb);
-                    Operand { ptr: gb.as_ptr(), rs: dv, cs: 1 }
-                } else {
-                    input_rows(dout, rows, gb)
-                };
-                // SAFETY (all matmuls): buffers hold len x d / len x dv, g addresses len x dv; S and dS are d x dv
-                // row-major.
-                unsafe { matmul(rows.len, d, dv, tb.as_mut_ptr(), d, false, g.ptr, g.rs, g.cs, s.as_ptr(), 1, dv) };
+                // T = g · Sᵀ, then dS += Q̂ᵀ · g (g rescaled in between when normalising)
+                let (t_of, ds_of) = (Gemm { m: rows.len, n: d, k: dv, accumulate: false }, Gemm { m: d, n: dv, k: rows.len, accumulate: true });
                 if opts.normalize {
+                    // Normalising rescales g: it needs a copy.
+                    load_rows(dout, rows, gb);
+                    t_of.run(MatMut::rows(tb, d), Mat::rows(gb, dv), Mat::rows(s, dv).t());
                     let per_row = qb.chunks_exact(d).zip(tb.chunks_exact_mut(d)).zip(gb.chunks_exact_mut(dv));
                     for ((q, t), g) in per_row.take(rows.len) {
                         let inv = 1.0 / (vmath::dot(q, m) + opts.eps);
@@ -471,9 +406,14 @@ fn query_pass<F: FeatureMap>(f: &F, dout: &View, states: &[f32], dims: Dims, opt
                         g.iter_mut().for_each(|x| *x *= inv);
                         dm.iter_mut().zip(q).for_each(|(a, qi)| *a += dden * qi);
                     }
+                    ds_of.run(MatMut::rows(ds, dv), Mat::rows(qb, d).t(), Mat::rows(gb, dv));
+                } else {
+                    let g = input_rows(dout, rows, gb);
+                    t_of.run(MatMut::rows(tb, d), g, Mat::rows(s, dv).t());
+                    ds_of.run(MatMut::rows(ds, dv), Mat::rows(qb, d).t(), g);
                 }
-                unsafe { matmul(d, dv, rows.len, ds.as_mut_ptr(), dv, true, qb.as_ptr(), 1, d, g.ptr, g.rs, g.cs) };
-                // SAFETY: each token row belongs to one (head, split) task.
+                // SAFETY: the query-side gradient outputs are validated contiguous outputs, and each token row
+                // belongs to one (head, split) task.
                 unsafe { f.store_grad(Side::Query, rows, tb, scratch) };
             }
         },
@@ -485,30 +425,30 @@ fn query_pass<F: FeatureMap>(f: &F, dout: &View, states: &[f32], dims: Dims, opt
 /// key-side input gradients and dv.
 fn key_pass<F: FeatureMap>(f: &F, v: &View, dv_out: &View, dstates: &[f32], dims: Dims) {
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
-    (0..dims.bh() * dims.blocks()).into_par_iter().for_each_init(
+    (0..dims.slices() * dims.blocks()).into_par_iter().for_each_init(
         || {
             let (rows_d, rows_dv) = (vec![0.0f32; BLOCK * d], vec![0.0f32; BLOCK * dv]);
             (rows_d.clone(), rows_dv.clone(), rows_d, rows_dv, f.scratch(BLOCK))
         },
         |(kb, vb, dkb, dvb, scratch), task| {
             let (bh, blk) = (task / dims.blocks(), task % dims.blocks());
-            let (b, h) = dims.head(bh);
+            let (b, h) = dims.slice(bh);
             let n0 = blk * BLOCK;
             let rows = Rows { b, h, n0, len: (dims.n - n0).min(BLOCK) };
             let (ds, dm) = dstates[bh * width..(bh + 1) * width].split_at(d * dv);
             f.load(Side::Key, rows, kb, scratch);
             let vr = input_rows(v, rows, vb);
-            // SAFETY: each (b, h, token block) belongs to one task.
+            // SAFETY: `dv_out` is a validated contiguous output and each (b, h, token block) belongs to one task, so
+            // this task alone touches these rows while `dvr` lives.
             let (dvr, in_place) = unsafe { output_rows(dv_out, rows, dvb) };
-            // SAFETY: kb, dkb hold len x d, vr and dvr address len x dv; dS is d x dv row-major.
-            unsafe {
-                matmul(rows.len, d, dv, dkb.as_mut_ptr(), d, false, vr.ptr, vr.rs, vr.cs, ds.as_ptr(), 1, dv);
-                matmul(rows.len, dv, d, dvr.as_mut_ptr(), dv, false, kb.as_ptr(), d, 1, ds.as_ptr(), dv, 1);
-            }
+            // dK̂ = V · dSᵀ ; dV = K̂ · dS
+            Gemm { m: rows.len, n: d, k: dv, accumulate: false }.run(MatMut::rows(dkb, d), vr, Mat::rows(ds, dv).t());
+            Gemm { m: rows.len, n: dv, k: d, accumulate: false }.run(MatMut::rows(dvr, dv), Mat::rows(kb, d), Mat::rows(ds, dv));
             for row in dkb[..rows.len * d].chunks_exact_mut(d) {
                 row.iter_mut().zip(dm).for_each(|(x, mi)| *x += mi);
             }
-            // SAFETY: as above.
+            // SAFETY: the key-side gradient outputs and `dv_out` are validated contiguous outputs whose rows of this
+            // (b, h, token block) only this task touches.
             unsafe {
                 f.store_grad(Side::Key, rows, dkb, scratch);
                 if !in_place {

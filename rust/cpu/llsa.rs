@@ -1,4 +1,5 @@
-//! LLSA kernels on CPU: log-linear sparse attention over a data-dependent selection (`specs/llsa.md`).
+//! LLSA kernels on CPU: log-linear sparse attention over a data-dependent selection (each query block attends
+//! its top-K fine key blocks and, at every coarser level, the pooled tokens that a hierarchical top-K kept).
 //!
 //! Keys live in two tensors: the fine tokens `k, v (B, H, N, ·)` (any strides) and the pooled tokens of every level
 //! concatenated, `kp, vp (B, H, P, ·)`, `P = n_1 + … + n_L`. A key *block* is `block` consecutive tokens of one level
@@ -20,8 +21,8 @@
 //! range of groups and a partial sum of the pooled gradients, reduced at the end), then `dk`, `dv` per fine key
 //! block over the transposed selection (CSR: counts, prefix sum, fill). Either way each row adds its level-l
 //! ancestors' pooled gradients over their counts (the mean-pool backward). Every output row has one writer and
-//! nothing needs atomics. The kernels' only `unsafe`
-//! reads and writes go through validated views and plans; gathers copy rows into f32 buffers for the `gemm` crate.
+//! nothing needs atomics. Reads and writes go through validated views and plans; gathers copy rows into f32
+//! buffers for the GEMMs.
 
 mod backward;
 mod forward;
@@ -35,10 +36,8 @@ pub use forward::forward;
 pub use plan::Plan;
 pub use select::{select, zorder_pool, Level};
 
-use super::view::{err, DType, View, ViewError};
-
-const LOG2_E: f32 = std::f32::consts::LOG2_E;
-const LN_2: f32 = std::f32::consts::LN_2;
+use super::common::{check_input, gather, Dims};
+use super::view::{err, View, ViewError};
 
 /// The attention inputs: fine `q, k (B, H, N, D)`, `v (B, H, N, Dv)` and pooled `kp (B, H, P, D)`, `vp (B, H, P, Dv)`.
 pub struct Inputs<'a> {
@@ -49,28 +48,14 @@ pub struct Inputs<'a> {
     pub vp: &'a View,
 }
 
-/// Shapes shared by the passes.
-#[derive(Clone, Copy, Debug)]
-struct Dims {
-    batch: usize,
-    heads: usize,
-    n: usize,
-    pooled: usize,
-    d: usize,
-    dv: usize,
-}
-
 impl Inputs<'_> {
-    /// Checks ranks, dtypes and that every shape agrees with q's and with the plan.
+    /// Checks ranks, dtypes and that every shape agrees with q's and with the plan (`P` is
+    /// `plan.pooled_tokens()`).
     fn dims(&self, plan: &Plan) -> Result<Dims, ViewError> {
-        for t in [self.q, self.k, self.v, self.kp, self.vp] {
-            t.expect(4, true)?;
-            if t.dtype != self.q.dtype {
-                return err(format!("{}: dtype {:?} differs from q's {:?}", t.name, t.dtype, self.q.dtype));
-            }
-        }
-        let (batch, heads, n, d) = (self.q.shape[0], self.q.shape[1], self.q.shape[2], self.q.shape[3]);
-        let (pooled, dv) = (plan.pooled_tokens(), self.v.shape[3]);
+        self.q.expect(4, true)?;
+        self.v.expect(4, true)?;
+        let [batch, heads, n, d] = self.q.shape()[..] else { unreachable!("4 dims checked") };
+        let (pooled, dv) = (plan.pooled_tokens(), self.v.shape()[3]);
         let expected: [(&View, [usize; 4]); 4] = [
             (self.k, [batch, heads, n, d]),
             (self.v, [batch, heads, n, dv]),
@@ -78,88 +63,22 @@ impl Inputs<'_> {
             (self.vp, [batch, heads, pooled, dv]),
         ];
         for (t, shape) in expected {
-            if t.shape != shape {
-                return err(format!("{}: expected shape {shape:?}, got {:?}", t.name, t.shape));
-            }
+            check_input(t, &shape, self.q.dtype())?;
         }
         if d == 0 || dv == 0 {
             return err("head dims must be >= 1");
         }
         if n != plan.n || batch * heads != plan.batch_heads {
-            return err(format!("plan (N={}, B*H={}) does not match q {:?}", plan.n, plan.batch_heads, self.q.shape));
+            return err(format!("plan (N={}, B*H={}) does not match q {:?}", plan.n, plan.batch_heads, self.q.shape()));
         }
-        Ok(Dims { batch, heads, n, pooled, d, dv })
+        Ok(Dims { batch, heads, n, d, dv })
     }
-}
-
-/// An output: the given shape and dtype, contiguous (so rows of different tasks never overlap).
-fn check_output(t: &View, shape: &[usize], dtype: DType) -> Result<(), ViewError> {
-    if t.shape != shape || t.dtype != dtype {
-        return err(format!(
-            "{}: expected shape {shape:?} and dtype {dtype:?}, got {:?} {:?}",
-            t.name, t.shape, t.dtype
-        ));
-    }
-    t.expect_contiguous()
 }
 
 /// Reads internal positions `[row0, row0 + rows)` of `(b, h)` of a fine tensor (through `plan.row`) into `dst`
 /// (`rows x width`), times `mul`.
-#[allow(clippy::too_many_arguments)]
-fn gather_rows(
-    t: &View,
-    plan: &Plan,
-    b: usize,
-    h: usize,
-    row0: usize,
-    rows: usize,
-    width: usize,
-    mul: f32,
-    dst: &mut [f32],
-) {
-    for r in 0..rows {
-        let row = &mut dst[r * width..(r + 1) * width];
-        t.load_row(&[b, h, plan.row(row0 + r)], row);
-        if mul != 1.0 {
-            row.iter_mut().for_each(|x| *x *= mul);
-        }
-    }
-}
-
-/// Reads row `r` of `(b, h)` of a float view (validated, `r` in range) into `dst[c * step]`, `c < width`, as f32.
-#[inline]
-fn read_row(t: &View, b: usize, h: usize, r: usize, dst: &mut [f32], step: usize, width: usize) {
-    assert!(width == t.shape[3] && (width == 0 || (width - 1) * step < dst.len()), "read_row: destination too small");
-    let base = b * t.strides[0] + h * t.strides[1] + r * t.strides[2];
-    let s = t.strides[3];
-    // SAFETY: `View::new` checked that every in-shape offset fits the allocation it describes; callers pass
-    // b, h, r inside the shape, and the assert above bounds the writes.
-    unsafe {
-        match t.dtype {
-            DType::F32 if s == 1 && step == 1 => {
-                std::ptr::copy_nonoverlapping((t.ptr as *const f32).add(base), dst.as_mut_ptr(), width);
-            }
-            DType::F32 => {
-                let p = (t.ptr as *const f32).add(base);
-                for c in 0..width {
-                    *dst.get_unchecked_mut(c * step) = *p.add(c * s);
-                }
-            }
-            DType::F16 => {
-                let p = (t.ptr as *const half::f16).add(base);
-                for c in 0..width {
-                    *dst.get_unchecked_mut(c * step) = (*p.add(c * s)).to_f32();
-                }
-            }
-            DType::BF16 => {
-                let p = (t.ptr as *const half::bf16).add(base);
-                for c in 0..width {
-                    *dst.get_unchecked_mut(c * step) = (*p.add(c * s)).to_f32();
-                }
-            }
-            _ => unreachable!("float views are checked by `Inputs::dims`"),
-        }
-    }
+fn gather_rows(t: &View, plan: &Plan, (b, h): (usize, usize), (row0, rows): (usize, usize), width: usize, mul: f32, dst: &mut [f32]) {
+    gather(t, (b, h), (row0..row0 + rows).map(|r| plan.row(r)), width, mul, dst);
 }
 
 /// Keys and values of a list of blocks gathered into contiguous rows, with the log2-count bias of each row. The
@@ -200,8 +119,8 @@ impl KeyRows {
         let (d, dv) = (dims.d, dims.dv);
         for r in rows {
             let at = self.len;
-            read_row(k, b, h, r, &mut self.k[at * d..], 1, d);
-            read_row(v, b, h, r, &mut self.v[at * dv..], 1, dv);
+            k.load_row(&[b, h, r], &mut self.k[at * d..(at + 1) * d]);
+            v.load_row(&[b, h, r], &mut self.v[at * dv..(at + 1) * dv]);
             self.len += 1;
         }
     }

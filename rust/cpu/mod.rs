@@ -1,14 +1,18 @@
-//! CPU kernels. `view` checks raw tensor descriptors before any `unsafe` read; `simd` is the GEMM front and
-//! `vmath` the element-wise vector math; `block_attention` is the one attention engine over block plans (forward
-//! and backward).
+//! CPU kernels. `view` checks raw tensor descriptors before any `unsafe` access; `matmul` is the GEMM front and
+//! `vmath` the element-wise vector math; `common` holds what the kernels share (shapes, checks, gathers).
+//!
+//! The kernels: `block_attention` runs attention over block plans (GRAT, and CLEAR's plans when asked for them);
+//! `clear` is CLEAR's own disc kernels (the CPU default), and `pisa`, `llsa` and `linear` (linear attention and
+//! DyDiLA) have theirs. Each has a forward and a backward.
 
 pub mod block_attention;
 pub mod clear;
+pub mod common;
 pub mod linear;
 pub mod llsa;
+pub mod matmul;
 pub mod pisa;
 pub mod pool;
-pub mod simd;
 #[cfg(test)]
 mod test_support;
 pub mod view;

@@ -1,4 +1,5 @@
-//! PISA on CPU (`specs/pisa.md`): for each query block, one online softmax over the tokens of its selected key
+//! PISA on CPU (piecewise sparse attention: exact attention on the selected key blocks, a Taylor expansion around
+//! the block centroids on the others): for each query block, one online softmax over the tokens of its selected key
 //! blocks (exact phase) and then over the centroids of every other block (centroid phase: key `k̄_j`, logit bias
 //! `ln n_j`, value `w_j = V̂_j / n_j`), plus the running `z = Σ_{j∉S} e^{c_j − m}` of the first-order term, rescaled
 //! with everything else whenever the max rises. The backward recomputes the probabilities (FlashAttention-2
@@ -20,13 +21,11 @@ use rayon::prelude::*;
 pub use backward::{backward, BackwardOutputs, BackwardRows};
 pub use stats::{stats, StatsOutputs};
 
+use super::common::{check_input, check_output, gather, Dims, LN_2, LOG2_E};
+use super::matmul::{Gemm, Mat, MatMut};
 use super::pool::pool;
-use super::simd::matmul;
 use super::vmath::{self, exp2_shift_sum};
 use super::view::{err, DType, View, ViewError};
-
-const LOG2_E: f32 = std::f32::consts::LOG2_E;
-const LN_2: f32 = std::f32::consts::LN_2;
 /// Centroids per GEMM in the centroid phase.
 pub const CHUNK: usize = 64;
 /// Keys per GEMM in the exact phase: consecutive selected blocks are gathered together up to this many keys
@@ -79,6 +78,12 @@ impl Layout {
         (self.offsets[j], self.offsets[j + 1] - self.offsets[j])
     }
 
+    /// The tokens of block `j`, in block order.
+    fn tokens(&self, j: usize) -> impl Iterator<Item = usize> + '_ {
+        let (p0, len) = self.block(j);
+        self.perm[p0..p0 + len].iter().copied()
+    }
+
     fn max_block(&self) -> usize {
         self.offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0)
     }
@@ -124,17 +129,6 @@ impl Selection {
     }
 }
 
-/// Shapes shared by the passes.
-#[derive(Clone, Copy, Debug)]
-struct Dims {
-    batch: usize,
-    heads: usize,
-    n: usize,
-    d: usize,
-    dv: usize,
-    m: usize,
-}
-
 /// The inputs of both passes: tokens, centroids and the layout they are gathered through.
 pub struct Inputs<'a> {
     pub q: &'a View,
@@ -147,61 +141,27 @@ pub struct Inputs<'a> {
     pub scale: f32,
 }
 
-fn check_shape(t: &View, shape: &[usize], dtype: Option<DType>) -> Result<(), ViewError> {
-    if t.shape != shape || dtype.is_some_and(|d| d != t.dtype) || !t.dtype.is_float() {
-        return err(format!("{}: expected shape {shape:?}{}, got {:?} {:?}", t.name,
-            dtype.map_or(String::new(), |d| format!(" and dtype {d:?}")), t.shape, t.dtype));
-    }
-    Ok(())
-}
-
-fn check_output(t: &View, shape: &[usize], dtype: DType) -> Result<(), ViewError> {
-    check_shape(t, shape, Some(dtype))?;
-    t.expect_contiguous()
-}
-
 impl Inputs<'_> {
+    /// Checks every input against q's shape and the layout; `M` is `self.layout.num_blocks()`.
     fn check(&self) -> Result<Dims, ViewError> {
         let q = self.q;
         q.expect(4, true)?;
-        let (batch, heads, n, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
         self.v.expect(4, true)?;
-        let dv = self.v.shape[3];
+        let [batch, heads, n, d] = q.shape()[..] else { unreachable!("4 dims checked") };
+        let dv = self.v.shape()[3];
         let m = self.layout.num_blocks();
-        check_shape(self.k, &[batch, heads, n, d], Some(q.dtype))?;
-        check_shape(self.v, &[batch, heads, n, dv], Some(q.dtype))?;
-        check_shape(self.key_mean, &[batch, heads, m, d], Some(DType::F32))?;
-        check_shape(self.value_mean, &[batch, heads, m, dv], Some(DType::F32))?;
+        check_input(self.k, &[batch, heads, n, d], q.dtype())?;
+        check_input(self.v, &[batch, heads, n, dv], q.dtype())?;
+        check_input(self.key_mean, &[batch, heads, m, d], DType::F32)?;
+        check_input(self.value_mean, &[batch, heads, m, dv], DType::F32)?;
         if self.layout.perm.len() != n {
             return err(format!("perm: length {} != N = {n}", self.layout.perm.len()));
         }
         if self.selection.m != m || self.selection.ids.len() != batch * heads * m * self.selection.k {
             return err("blocks: selection does not match (B, H, M)");
         }
-        Ok(Dims { batch, heads, n, d, dv, m })
+        Ok(Dims { batch, heads, n, d, dv })
     }
-
-    /// `(b, h)` of slice `bh`.
-    fn slice(&self, dims: Dims, bh: usize) -> (usize, usize) {
-        (bh / dims.heads, bh % dims.heads)
-    }
-}
-
-/// Gathers rows `perm[p0..p0+rows]` of `(b, h)` into `dst` (`rows x width`), scaled by `mul`.
-#[allow(clippy::too_many_arguments)]
-fn gather(t: &View, b: usize, h: usize, perm: &[usize], p0: usize, rows: usize, width: usize, mul: f32, dst: &mut [f32]) {
-    for r in 0..rows {
-        let row = &mut dst[r * width..(r + 1) * width];
-        t.load_row(&[b, h, perm[p0 + r]], row);
-        if mul != 1.0 {
-            row.iter_mut().for_each(|x| *x *= mul);
-        }
-    }
-}
-
-/// Address of row `row` of slice `(b, h)` of a validated 4-D f32 view, with the strides of dims 2 and 3.
-fn f32_rows(t: &View, b: usize, h: usize, row: usize) -> (*const f32, usize, usize) {
-    ((t.ptr as *const f32).wrapping_add(t.offset(&[b, h, row, 0])), t.strides[2], t.strides[3])
 }
 
 /// Splits a list of blocks into runs of consecutive entries with at most `GROUP_KEYS` tokens (or one block).
@@ -241,15 +201,15 @@ fn centroid_bias(layout: &Layout, selected: &[bool], c0: usize, cols: usize, bia
 pub fn forward(x: &Inputs, moment_mean: Option<&View>, out: &View, lse: &View, zeta: &View, threads: usize) -> Result<(), ViewError> {
     let dims = x.check()?;
     if let Some(t) = moment_mean {
-        check_shape(t, &[dims.batch, dims.heads, dims.d, dims.dv], Some(DType::F32))?;
+        check_input(t, &[dims.batch, dims.heads, dims.d, dims.dv], DType::F32)?;
     }
-    check_output(out, &[dims.batch, dims.heads, dims.n, dims.dv], x.q.dtype)?;
+    check_output(out, &[dims.batch, dims.heads, dims.n, dims.dv], x.q.dtype())?;
     check_output(lse, &[dims.batch, dims.heads, dims.n], DType::F32)?;
     check_output(zeta, &[dims.batch, dims.heads, dims.n], DType::F32)?;
     let pool = pool(threads).map_err(ViewError)?;
     let block = x.layout.max_block();
     pool.install(|| {
-        (0..dims.batch * dims.heads * dims.m).into_par_iter().for_each_init(
+        (0..dims.slices() * x.layout.num_blocks()).into_par_iter().for_each_init(
             || ForwardBuffers::new(block, dims),
             |buf, task| forward_block(x, moment_mean, [out, lse, zeta], dims, task, buf),
         )
@@ -332,26 +292,24 @@ impl State {
 
 fn forward_block(x: &Inputs, moment_mean: Option<&View>, outs: [&View; 3], dims: Dims, task: usize, buf: &mut ForwardBuffers) {
     let [out, lse, zeta] = outs;
-    let (layout, (d, dv, m)) = (x.layout, (dims.d, dims.dv, dims.m));
+    let (layout, (d, dv, m)) = (x.layout, (dims.d, dims.dv, x.layout.num_blocks()));
     let (bh, i) = (task / m, task % m);
-    let (b, h) = x.slice(dims, bh);
+    let (b, h) = dims.slice(bh);
     let (q0, lq) = layout.block(i);
-    gather(x.q, b, h, &layout.perm, q0, lq, d, x.scale * LOG2_E, &mut buf.q);
+    gather(x.q, (b, h), layout.tokens(i), d, x.scale * LOG2_E, &mut buf.q);
     buf.state.reset(lq);
     for group in groups(layout, x.selection.row(bh, i)) {
         let mut lk = 0;
         for &j in group {
-            let (k0, len) = layout.block(j);
-            gather(x.k, b, h, &layout.perm, k0, len, d, 1.0, &mut buf.k[lk * d..]);
-            gather(x.v, b, h, &layout.perm, k0, len, dv, 1.0, &mut buf.v[lk * dv..]);
-            lk += len;
+            gather(x.k, (b, h), layout.tokens(j), d, 1.0, &mut buf.k[lk * d..]);
+            gather(x.v, (b, h), layout.tokens(j), dv, 1.0, &mut buf.v[lk * dv..]);
+            lk += layout.block(j).1;
         }
         let s = &mut buf.s[..lq * lk];
-        // SAFETY: the buffers hold lq x d, lk x d, lk x dv and lq x lk values (groups hold at most GROUP_KEYS keys
-        // or one block).
-        unsafe { matmul(lq, lk, d, s.as_mut_ptr(), lk, false, buf.q.as_ptr(), d, 1, buf.k.as_ptr(), 1, d) };
+        // s = q · kᵀ ; acc += p · v (groups hold at most GROUP_KEYS keys or one block: the buffers' sizes)
+        Gemm { m: lq, n: lk, k: d, accumulate: false }.run(MatMut::rows(s, lk), Mat::rows(&buf.q, d), Mat::rows(&buf.k, d).t());
         buf.state.update(s, lq, lk, None);
-        unsafe { matmul(lq, dv, lk, buf.state.acc.as_mut_ptr(), dv, true, s.as_ptr(), lk, 1, buf.v.as_ptr(), dv, 1) };
+        Gemm { m: lq, n: dv, k: lk, accumulate: true }.run(MatMut::rows(&mut buf.state.acc, dv), Mat::rows(s, lk), Mat::rows(&buf.v, dv));
     }
     let selected = x.selection.mask_row(bh, i);
     for c0 in (0..m).step_by(CHUNK) {
@@ -359,22 +317,20 @@ fn forward_block(x: &Inputs, moment_mean: Option<&View>, outs: [&View; 3], dims:
         if !centroid_bias(layout, selected, c0, cols, &mut buf.bias, &mut buf.weight) {
             continue;
         }
-        let (km, km_rs, km_cs) = f32_rows(x.key_mean, b, h, c0);
-        let (vm, vm_rs, vm_cs) = f32_rows(x.value_mean, b, h, c0);
+        let (km, vm) = (x.key_mean.matrix(&[b, h, c0, 0]), x.value_mean.matrix(&[b, h, c0, 0]));
         let s = &mut buf.s[..lq * cols];
-        // SAFETY: key_mean / value_mean are validated f32 views of (B, H, M, ·) and c0 + cols <= M.
-        unsafe { matmul(lq, cols, d, s.as_mut_ptr(), cols, false, buf.q.as_ptr(), d, 1, km, km_cs, km_rs) };
+        // s = q · k̄ᵀ + bias ; acc += p · w over centroids c0..c0+cols
+        Gemm { m: lq, n: cols, k: d, accumulate: false }.run(MatMut::rows(s, cols), Mat::rows(&buf.q, d), km.t());
         for row in s.chunks_exact_mut(cols) {
             row.iter_mut().zip(&buf.bias[..cols]).for_each(|(x, b)| *x += b);
         }
         buf.state.update(s, lq, cols, Some(&buf.weight[..cols]));
-        unsafe { matmul(lq, dv, cols, buf.state.acc.as_mut_ptr(), dv, true, s.as_ptr(), cols, 1, vm, vm_rs, vm_cs) };
+        Gemm { m: lq, n: dv, k: cols, accumulate: true }.run(MatMut::rows(&mut buf.state.acc, dv), Mat::rows(s, cols), vm);
     }
     if let Some(hm) = moment_mean {
         // first = q·H̄ · (scale · log2 e): the query rows are stored scaled.
-        let (p, rs, cs) = f32_rows(hm, b, h, 0);
-        // SAFETY: H̄ is a validated f32 view of (B, H, D, Dv); first holds lq x dv values.
-        unsafe { matmul(lq, dv, d, buf.first.as_mut_ptr(), dv, false, buf.q.as_ptr(), d, 1, p, rs, cs) };
+        let hm = hm.matrix(&[b, h, 0, 0]);
+        Gemm { m: lq, n: dv, k: d, accumulate: false }.run(MatMut::rows(&mut buf.first, dv), Mat::rows(&buf.q, d), hm);
     }
     let st = &buf.state;
     for r in 0..lq {
@@ -389,7 +345,8 @@ fn forward_block(x: &Inputs, moment_mean: Option<&View>, outs: [&View; 3], dims:
         }
         row.iter_mut().for_each(|x| *x *= inv);
         let log_den = if l > 0.0 { (st.m[r] + l.log2()) * LN_2 } else { f32::NEG_INFINITY };
-        // SAFETY: perm is a permutation, so this task is the only writer of these rows.
+        // SAFETY: `out`, `lse`, `zeta` are validated contiguous outputs and perm is a permutation, so this task
+        // (query block i of slice bh) is the only one touching row `token` of each.
         unsafe {
             out.store_row(&[b, h, token], row);
             lse.store_f32(&[b, h, token], log_den);

@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use super::matmul::Mat;
+
 /// Element types the kernels read and write (computation is always f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
@@ -57,22 +59,24 @@ impl fmt::Display for ViewError {
 
 impl std::error::Error for ViewError {}
 
-/// A strided tensor: base address, element type, shape and strides (in elements).
+/// A strided tensor: base address, element type, shape and strides (in elements), checked by [`View::new`].
+///
+/// The address is a plain number, so a view is `Send` and `Sync`; what makes sharing it sound is the contract of
+/// its `unsafe` writers (`store_*`): a caller writes only elements that no other thread reads or writes meanwhile.
+/// Its readers check every index against the shape (a bad index panics, it never reads out of bounds).
 #[derive(Clone, Debug)]
 pub struct View {
-    pub name: &'static str,
-    pub ptr: usize,
-    pub dtype: DType,
-    pub shape: Vec<usize>,
-    pub strides: Vec<usize>,
+    name: &'static str,
+    ptr: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    strides: Vec<usize>,
 }
 
-// The kernels only read inputs and write disjoint rows of outputs; see `RowWriter`.
-unsafe impl Send for View {}
-unsafe impl Sync for View {}
-
 impl View {
-    /// Checks address, alignment, strides and that every element's offset fits in `isize`.
+    /// Checks address, alignment, strides and that every element's offset fits in `isize`. The caller (the
+    /// Python layer) vouches that the descriptor is a live tensor: every element inside `shape` is addressable,
+    /// and inputs are not written while a kernel reads them.
     pub fn new(name: &'static str, ptr: usize, dtype: &str, shape: Vec<usize>, strides: Vec<i64>) -> Result<Self, ViewError> {
         let dtype = DType::parse(dtype).map_err(|e| ViewError(format!("{name}: {e}")))?;
         if shape.len() != strides.len() {
@@ -103,6 +107,19 @@ impl View {
         Ok(View { name, ptr, dtype, shape, strides: ustrides })
     }
 
+    /// The argument name, for error messages.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
     pub fn expect(&self, dims: usize, float: bool) -> Result<(), ViewError> {
         if self.shape.len() != dims {
             return Err(ViewError(format!("{}: expected {dims} dims, got {:?}", self.name, self.shape)));
@@ -125,10 +142,31 @@ impl View {
         Ok(())
     }
 
-    /// Offset (elements) of index `idx` (caller guarantees `idx[i] < shape[i]`).
+    /// Offset (elements) of the full index `idx`. Panics unless `idx` lies inside the shape, so the offset is
+    /// one of the element offsets `new` checked.
     #[inline]
-    pub fn offset(&self, idx: &[usize]) -> usize {
+    fn offset(&self, idx: &[usize]) -> usize {
+        assert!(
+            idx.len() == self.shape.len() && idx.iter().zip(&self.shape).all(|(i, n)| i < n),
+            "{}: index {idx:?} outside the shape {:?}",
+            self.name,
+            self.shape
+        );
         idx.iter().zip(&self.strides).map(|(i, s)| i * s).sum()
+    }
+
+    /// Offset (elements) of the first element of the last-dim row at `lead` (all indices but the last) and the
+    /// last dim's stride. Panics unless `lead` lies inside the shape and the row holds `len` elements.
+    #[inline]
+    fn row_offset(&self, lead: &[usize], len: usize) -> (usize, usize) {
+        let last = self.shape.len().wrapping_sub(1);
+        assert!(
+            lead.len() == last && lead.iter().zip(&self.shape).all(|(i, n)| i < n) && self.shape[last] == len,
+            "{}: row {lead:?} of {len} values outside the shape {:?}",
+            self.name,
+            self.shape
+        );
+        (lead.iter().zip(&self.strides).map(|(i, s)| i * s).sum(), self.strides[last])
     }
 
     /// Reads the 1-D int64 contents (validated: 1 dim, int64).
@@ -136,27 +174,26 @@ impl View {
         if self.shape.len() != 1 || self.dtype != DType::I64 {
             return Err(ViewError(format!("{}: expected a 1-D int64 tensor", self.name)));
         }
-        let base = self.ptr as *const i64;
-        // SAFETY: `new` checked alignment, that the base is non-null when non-empty and that every offset fits.
-        Ok((0..self.shape[0]).map(|i| unsafe { *base.add(i * self.strides[0]) }).collect())
+        Ok((0..self.shape[0]).map(|i| self.load_i64(&[i])).collect())
     }
 
     /// Reads the contents of an int32 / uint8 tensor of any rank in index order.
     pub fn to_i32_vec(&self) -> Result<Vec<i32>, ViewError> {
+        if !matches!(self.dtype, DType::I32 | DType::U8) {
+            return Err(ViewError(format!("{}: expected int32 or bool", self.name)));
+        }
         let numel: usize = self.shape.iter().product();
         let mut out = Vec::with_capacity(numel);
         let mut idx = vec![0usize; self.shape.len()];
         for _ in 0..numel {
             let off = self.offset(&idx);
-            // SAFETY: validated in `new`; `idx` stays inside `shape`.
-            let value = unsafe {
-                match self.dtype {
-                    DType::I32 => *(self.ptr as *const i32).add(off),
-                    DType::U8 => *(self.ptr as *const u8).add(off) as i32,
-                    _ => return Err(ViewError(format!("{}: expected int32 or bool", self.name))),
-                }
-            };
-            out.push(value);
+            out.push(if self.dtype == DType::I32 {
+                // SAFETY: an in-shape element (`offset` checked the index, `new` its offset) of an int32 view.
+                unsafe { *(self.ptr as *const i32).add(off) }
+            } else {
+                // SAFETY: an in-shape element (`offset` checked the index, `new` its offset) of a uint8 view.
+                unsafe { *(self.ptr as *const u8).add(off) as i32 }
+            });
             for d in (0..idx.len()).rev() {
                 idx[d] += 1;
                 if idx[d] < self.shape[d] {
@@ -168,86 +205,179 @@ impl View {
         Ok(out)
     }
 
-    /// Reads `dst.len()` elements along the last dim at `idx` (all but last index) into f32.
+    /// Reads the last-dim row at `lead` (all indices but the last) into `dst`, converted to f32. Panics unless
+    /// the view is float, `lead` lies inside the shape and `dst.len()` is the last dim.
     #[inline]
     pub fn load_row(&self, lead: &[usize], dst: &mut [f32]) {
-        let base = self.offset(lead);
-        let step = *self.strides.last().unwrap_or(&1);
-        // SAFETY: `new` validated the view; callers pass in-range leading indices and `dst.len()` equal to the
-        // last dim.
-        unsafe {
-            match self.dtype {
-                DType::F32 => {
-                    let p = (self.ptr as *const f32).add(base);
-                    if step == 1 {
-                        dst.copy_from_slice(std::slice::from_raw_parts(p, dst.len()));
-                    } else {
-                        for (i, d) in dst.iter_mut().enumerate() {
-                            *d = *p.add(i * step);
-                        }
-                    }
-                }
-                DType::F16 => {
-                    let p = (self.ptr as *const half::f16).add(base);
-                    for (i, d) in dst.iter_mut().enumerate() {
-                        *d = (*p.add(i * step)).to_f32();
-                    }
-                }
-                DType::BF16 => {
-                    let p = (self.ptr as *const half::bf16).add(base);
-                    for (i, d) in dst.iter_mut().enumerate() {
-                        *d = (*p.add(i * step)).to_f32();
-                    }
-                }
-                _ => unreachable!("float views are checked by `expect`"),
+        let (base, step) = self.row_offset(lead, dst.len());
+        match self.dtype {
+            DType::F32 if step == 1 => {
+                // SAFETY: `row_offset` checked that the row's `dst.len()` elements are in the shape (their offsets
+                // checked by `new`); with unit stride they are consecutive f32 values from `base`.
+                let row = unsafe { std::slice::from_raw_parts((self.ptr as *const f32).add(base), dst.len()) };
+                dst.copy_from_slice(row);
             }
+            // SAFETY (the three arms): an f32 / f16 / bf16 view, and `row_offset` checked that `base + i·step`,
+            // `i < dst.len()`, are offsets of in-shape elements.
+            DType::F32 => unsafe { self.read_row::<f32>(base, step, dst, |x| x) },
+            // SAFETY: see the arm above.
+            DType::F16 => unsafe { self.read_row(base, step, dst, half::f16::to_f32) },
+            // SAFETY: see the arm above.
+            DType::BF16 => unsafe { self.read_row(base, step, dst, half::bf16::to_f32) },
+            other => panic!("{}: load_row of a {other:?} view", self.name),
         }
     }
 
-    /// Writes `src` along the last dim at `lead`, converting from f32.
+    /// `dst[i] = convert(element at offset base + i·step)`.
     ///
     /// # Safety
-    /// The caller must be the only writer of this row at this time, and the view must be a validated output.
+    /// The view's elements have type `T`, and `base + i·step` is the offset of an in-shape element for every
+    /// `i < dst.len()`.
+    #[inline(always)]
+    unsafe fn read_row<T: Copy>(&self, base: usize, step: usize, dst: &mut [f32], convert: impl Fn(T) -> f32) {
+        let p = self.ptr as *const T;
+        for (i, d) in dst.iter_mut().enumerate() {
+            // SAFETY: by the contract an in-shape element of type `T`, whose offset `new` checked (and whose
+            // address is aligned: `new` checked the base address, and offsets count whole elements).
+            *d = convert(unsafe { *p.add(base + i * step) });
+        }
+    }
+
+    /// Writes `src` to the last-dim row at `lead`, converted from f32. Panics unless the view is float, `lead`
+    /// lies inside the shape and `src.len()` is the last dim.
+    ///
+    /// # Safety
+    /// No other thread may read or write this row while the call runs (each output row has one writer), and the
+    /// view must be writable (an output the caller owns for the kernel's duration).
     #[inline]
     pub unsafe fn store_row(&self, lead: &[usize], src: &[f32]) {
-        let base = self.offset(lead);
-        let step = *self.strides.last().unwrap_or(&1);
+        let (base, step) = self.row_offset(lead, src.len());
         match self.dtype {
-            DType::F32 => {
-                let p = (self.ptr as *mut f32).add(base);
-                for (i, s) in src.iter().enumerate() {
-                    *p.add(i * step) = *s;
-                }
-            }
-            DType::F16 => {
-                let p = (self.ptr as *mut half::f16).add(base);
-                for (i, s) in src.iter().enumerate() {
-                    *p.add(i * step) = half::f16::from_f32(*s);
-                }
-            }
-            DType::BF16 => {
-                let p = (self.ptr as *mut half::bf16).add(base);
-                for (i, s) in src.iter().enumerate() {
-                    *p.add(i * step) = half::bf16::from_f32(*s);
-                }
-            }
-            _ => unreachable!("float views are checked by `expect`"),
+            // SAFETY (the three arms): an f32 / f16 / bf16 view; `row_offset` checked that `base + i·step`,
+            // `i < src.len()`, are offsets of in-shape elements, which the caller owns for this call.
+            DType::F32 => unsafe { self.write_row::<f32>(base, step, src, |x| x) },
+            // SAFETY: see the arm above.
+            DType::F16 => unsafe { self.write_row(base, step, src, half::f16::from_f32) },
+            // SAFETY: see the arm above.
+            DType::BF16 => unsafe { self.write_row(base, step, src, half::bf16::from_f32) },
+            other => panic!("{}: store_row of a {other:?} view", self.name),
         }
     }
 
-    /// Writes one f32 at a 3-D index (lse rows).
+    /// `element at offset base + i·step = convert(src[i])`.
     ///
     /// # Safety
-    /// As for [`View::store_row`].
-    #[inline]
-    pub unsafe fn store_f32(&self, idx: &[usize], value: f32) {
-        *(self.ptr as *mut f32).add(self.offset(idx)) = value;
+    /// As for [`View::read_row`], and no other thread reads or writes these elements during the call.
+    #[inline(always)]
+    unsafe fn write_row<T: Copy>(&self, base: usize, step: usize, src: &[f32], convert: impl Fn(f32) -> T) {
+        let p = self.ptr as *mut T;
+        for (i, s) in src.iter().enumerate() {
+            // SAFETY: by the contract an in-shape element of type `T` (aligned, offset checked by `new`) that this
+            // call alone accesses.
+            unsafe { *p.add(base + i * step) = convert(*s) };
+        }
     }
 
-    /// Reads one f32 at an index (f32 views only).
+    /// Reads one element at the full index `idx`, converted to f32. Panics unless the view is float and `idx`
+    /// lies inside the shape.
     #[inline]
-    pub fn load_f32(&self, idx: &[usize]) -> f32 {
-        // SAFETY: validated view, in-range index, f32 dtype checked by callers.
-        unsafe { *(self.ptr as *const f32).add(self.offset(idx)) }
+    pub fn load(&self, idx: &[usize]) -> f32 {
+        let off = self.offset(idx);
+        // SAFETY (each arm): an in-shape element (`offset`, `new`) read as the view's own type.
+        match self.dtype {
+            // SAFETY: see above.
+            DType::F32 => unsafe { *(self.ptr as *const f32).add(off) },
+            // SAFETY: see above.
+            DType::F16 => unsafe { *(self.ptr as *const half::f16).add(off) }.to_f32(),
+            // SAFETY: see above.
+            DType::BF16 => unsafe { *(self.ptr as *const half::bf16).add(off) }.to_f32(),
+            other => panic!("{}: load of a {other:?} view", self.name),
+        }
+    }
+
+    /// Reads one element of an int64 view at the full index `idx`. Panics unless the view is int64 and `idx`
+    /// lies inside the shape.
+    #[inline]
+    pub fn load_i64(&self, idx: &[usize]) -> i64 {
+        assert_eq!(self.dtype, DType::I64, "{}: load_i64 of a {:?} view", self.name, self.dtype);
+        let off = self.offset(idx);
+        // SAFETY: an in-shape element (`offset`, `new`) of an int64 view.
+        unsafe { *(self.ptr as *const i64).add(off) }
+    }
+
+    /// Writes one f32 at the full index `idx`. Panics unless the view is f32 and `idx` lies inside the shape.
+    ///
+    /// # Safety
+    /// As for [`View::store_row`], for this element.
+    #[inline]
+    pub unsafe fn store_f32(&self, idx: &[usize], value: f32) {
+        assert_eq!(self.dtype, DType::F32, "{}: store_f32 of a {:?} view", self.name, self.dtype);
+        let off = self.offset(idx);
+        // SAFETY: an in-shape element (`offset`, `new`) of an f32 view, owned by the caller for this call.
+        unsafe { *(self.ptr as *mut f32).add(off) = value };
+    }
+
+    /// Writes one int64 at the full index `idx`. Panics unless the view is int64 and `idx` lies inside the shape.
+    ///
+    /// # Safety
+    /// As for [`View::store_row`], for this element.
+    #[inline]
+    pub unsafe fn store_i64(&self, idx: &[usize], value: i64) {
+        assert_eq!(self.dtype, DType::I64, "{}: store_i64 of a {:?} view", self.name, self.dtype);
+        let off = self.offset(idx);
+        // SAFETY: an in-shape element (`offset`, `new`) of an int64 view, owned by the caller for this call.
+        unsafe { *(self.ptr as *mut i64).add(off) = value };
+    }
+
+    /// The f32 matrix over the last two dims from the full index `first`: element `(i, j)` is the view's element
+    /// at `first` plus `i` in the second-to-last dim and `j` in the last, for every such element in the shape.
+    /// Panics unless the view is f32 with at least 2 dims and `first` lies inside the shape.
+    pub fn matrix(&self, first: &[usize]) -> Mat<'_> {
+        assert!(self.dtype == DType::F32 && self.shape.len() >= 2, "{}: matrix of a {:?} view", self.name, self.dtype);
+        let off = self.offset(first);
+        let nd = self.shape.len();
+        let (rows, cols) = (self.shape[nd - 2] - first[nd - 2], self.shape[nd - 1] - first[nd - 1]);
+        // SAFETY: element (i, j), i < rows, j < cols, is the in-shape element at `first` plus (i, j) in the last two
+        // dims, at offset `off + i·strides[-2] + j·strides[-1]`: checked by `new`, vouched for by the caller, and an
+        // input nothing writes while the kernels read it (the returned matrix borrows the view).
+        unsafe {
+            Mat::from_raw((self.ptr as *const f32).add(off), rows, cols, self.strides[nd - 2], self.strides[nd - 1])
+        }
+    }
+
+    /// Rows `lead[-1] .. lead[-1] + rows` of the last dim at the leading indices `lead[..-1]` as one slice of
+    /// `rows x W` f32 values, when they are consecutive in memory (an f32 view with unit last stride and row
+    /// stride `W`, or a single row); `None` otherwise, and when the rows leave the shape or `rows` is 0.
+    pub fn f32_rows(&self, lead: &[usize], rows: usize) -> Option<&[f32]> {
+        let start = self.consecutive_rows(lead, rows)?;
+        // SAFETY: `consecutive_rows` checked that these `rows·W` elements are in-shape (checked by `new`, vouched
+        // for by the caller) and consecutive f32 values from `start`; an input nothing writes while the kernels
+        // read it (the slice borrows the view).
+        Some(unsafe { std::slice::from_raw_parts((self.ptr as *const f32).add(start), rows * self.shape[lead.len()]) })
+    }
+
+    /// The rows of [`View::f32_rows`], writable.
+    ///
+    /// # Safety
+    /// As for [`View::store_row`], for these rows and for as long as the slice lives.
+    #[allow(clippy::mut_from_ref)] // the caller's exclusive ownership of the rows is this function's contract
+    pub unsafe fn f32_rows_mut(&self, lead: &[usize], rows: usize) -> Option<&mut [f32]> {
+        let start = self.consecutive_rows(lead, rows)?;
+        let len = rows * self.shape[lead.len()];
+        // SAFETY: as in `f32_rows`, and the caller owns these elements exclusively while the slice lives.
+        Some(unsafe { std::slice::from_raw_parts_mut((self.ptr as *mut f32).add(start), len) })
+    }
+
+    /// Offset of the first of `rows` consecutive last-dim rows (see [`View::f32_rows`]), or `None`.
+    fn consecutive_rows(&self, lead: &[usize], rows: usize) -> Option<usize> {
+        let nd = self.shape.len();
+        if self.dtype != DType::F32 || nd < 2 || lead.len() != nd - 1 || rows == 0 {
+            return None;
+        }
+        let w = self.shape[nd - 1];
+        let inside = lead[..nd - 2].iter().zip(&self.shape).all(|(i, n)| i < n)
+            && lead[nd - 2].checked_add(rows).is_some_and(|end| end <= self.shape[nd - 2]);
+        let consecutive = self.strides[nd - 1] == 1 && (rows == 1 || self.strides[nd - 2] == w);
+        (inside && consecutive && w > 0).then(|| lead.iter().zip(&self.strides).map(|(i, s)| i * s).sum())
     }
 }

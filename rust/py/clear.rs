@@ -33,7 +33,7 @@ fn pair(names: (&'static str, &'static str), args: Option<(TensorArgs, TensorArg
 
 /// Number of `global_kv` tokens (dim 2 of `k_g`; 0 without them).
 fn global_tokens(global: &Option<(View, View)>) -> usize {
-    global.as_ref().map_or(0, |(kg, _)| kg.shape.get(2).copied().unwrap_or(0))
+    global.as_ref().map_or(0, |(kg, _)| kg.shape().get(2).copied().unwrap_or(0))
 }
 
 fn refs(pair: &Option<(View, View)>) -> Option<(&View, &View)> {

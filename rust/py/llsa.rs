@@ -46,7 +46,7 @@ fn llsa_forward(
     let (q, k, v, kp, vp) = (view("q", q)?, view("k", k)?, view("v", v)?, view("kp", kp)?, view("vp", vp)?);
     let (out, lse) = (view("out", out)?, view("lse", lse)?);
     q.expect(4, true).map_err(view_error)?;
-    let plan = build_plan(plan, rows, q.shape[2], block_size, levels)?;
+    let plan = build_plan(plan, rows, q.shape()[2], block_size, levels)?;
     let inputs = Inputs { q: &q, k: &k, v: &v, kp: &kp, vp: &vp };
     py.detach(|| llsa::forward(&inputs, &out, &lse, &plan, scale, threads)).map_err(view_error)
 }
@@ -80,7 +80,7 @@ fn llsa_backward(
     let (dout, out, lse) = (view("dout", dout)?, view("out", out)?, view("lse", lse)?);
     let (dq, dk, dv) = (view("dq", dq)?, view("dk", dk)?, view("dv", dv)?);
     q.expect(4, true).map_err(view_error)?;
-    let plan = build_plan(plan, rows, q.shape[2], block_size, levels)?;
+    let plan = build_plan(plan, rows, q.shape()[2], block_size, levels)?;
     let inputs = Inputs { q: &q, k: &k, v: &v, kp: &kp, vp: &vp };
     let upstream = Upstream { dout: &dout, out: &out, lse: &lse };
     let grads = Grads { dq: &dq, dk: &dk, dv: &dv };

@@ -230,7 +230,7 @@ fn block_attention_forward(
     let (q, k, v, out, lse) = (view("q", q)?, view("k", k)?, view("v", v)?, view("out", out)?, view("lse", lse)?);
     q.expect(4, true).map_err(view_error)?;
     k.expect(4, true).map_err(view_error)?;
-    let plan = build_plan(plan, key_valid, max_d2, max_dt, q.shape[2], k.shape[2], q.shape[0])?;
+    let plan = build_plan(plan, key_valid, max_d2, max_dt, q.shape()[2], k.shape()[2], q.shape()[0])?;
     py.detach(|| block_attention::forward(&q, &k, &v, &out, &lse, &plan, scale, threads)).map_err(view_error)
 }
 
@@ -261,7 +261,7 @@ fn block_attention_backward(
     let (dq, dk, dv) = (view("dq", dq)?, view("dk", dk)?, view("dv", dv)?);
     q.expect(4, true).map_err(view_error)?;
     k.expect(4, true).map_err(view_error)?;
-    let plan = build_plan(plan, key_valid, max_d2, max_dt, q.shape[2], k.shape[2], q.shape[0])?;
+    let plan = build_plan(plan, key_valid, max_d2, max_dt, q.shape()[2], k.shape()[2], q.shape()[0])?;
     py.detach(|| block_attention::backward(&q, &k, &v, &dout, &lse, &delta, &dq, &dk, &dv, &plan, scale, threads))
         .map_err(view_error)
 }

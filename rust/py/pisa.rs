@@ -28,8 +28,8 @@ impl Plan {
     /// Reads and validates the layout and selection for `q (B, H, N, D)`.
     fn build(&self, q: &View) -> Result<(Layout, Selection), ViewError> {
         q.expect(4, true)?;
-        let layout = Layout::new(&self.perm.to_i64_vec()?, &self.offsets.to_i64_vec()?, q.shape[2])?;
-        let selection = Selection::new(&self.blocks.to_i64_vec()?, q.shape[0] * q.shape[1], layout.num_blocks())?;
+        let layout = Layout::new(&self.perm.to_i64_vec()?, &self.offsets.to_i64_vec()?, q.shape()[2])?;
+        let selection = Selection::new(&self.blocks.to_i64_vec()?, q.shape()[0] * q.shape()[1], layout.num_blocks())?;
         Ok((layout, selection))
     }
 }
@@ -68,7 +68,7 @@ fn pisa_stats(
     let spread = spread.map(|t| view("spread", t)).transpose()?;
     py.detach(|| {
         k.expect(4, true)?;
-        let layout = Layout::new(&perm.to_i64_vec()?, &offsets.to_i64_vec()?, k.shape[2])?;
+        let layout = Layout::new(&perm.to_i64_vec()?, &offsets.to_i64_vec()?, k.shape()[2])?;
         let outs = StatsOutputs {
             key_mean: &key_mean,
             value_mean: &value_mean,

@@ -7,7 +7,8 @@ use rayon::prelude::*;
 use super::forward::load_lanes;
 use super::geometry::{self, lane_intervals, Segment, Tile};
 use super::lanes::{self, Lanes, LANES};
-use super::{check_inputs, check_output, err, panel_offset, pieces, Dims, Geometry, Inputs, Slice, SliceKeys, LOG2_E, PIECE_ROWS};
+use super::{check_inputs, err, padded, panel_offset, pieces, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_ROWS};
+use crate::cpu::common::{check_input, check_output, LOG2_E};
 use crate::cpu::pool::pool;
 use crate::cpu::view::{DType, View, ViewError};
 use crate::cpu::vmath::{exp2_one, has_avx2_fma};
@@ -34,15 +35,9 @@ pub struct Grads<'a> {
 fn check(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry) -> Result<Dims, ViewError> {
     let dims = check_inputs(inp, geo)?;
     let (bh, n) = ([dims.batch, dims.heads], geo.tokens());
-    up.dout.expect(4, true)?;
-    if up.dout.shape != [bh[0], bh[1], n, dims.dv] {
-        return err(format!("dout: expected shape {:?}, got {:?}", [bh[0], bh[1], n, dims.dv], up.dout.shape));
-    }
-    for t in [up.lse, up.delta] {
-        if t.dtype != DType::F32 || t.shape != [bh[0], bh[1], n] {
-            return err(format!("{}: expected f32 of shape {:?}, got {:?} {:?}", t.name, [bh[0], bh[1], n], t.dtype, t.shape));
-        }
-    }
+    check_input(up.dout, &[bh[0], bh[1], n, dims.dv], None)?;
+    check_input(up.lse, &[bh[0], bh[1], n], DType::F32)?;
+    check_input(up.delta, &[bh[0], bh[1], n], DType::F32)?;
     check_output(grads.dq, &[bh[0], bh[1], n, dims.d], None)?;
     check_output(grads.dk, &[bh[0], bh[1], n, dims.d], None)?;
     check_output(grads.dv, &[bh[0], bh[1], n, dims.dv], None)?;
@@ -57,7 +52,7 @@ fn check(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry) -> Result<D
     Ok(dims)
 }
 
-/// f32 key gradients of one slice (or one part of it), rows padded to a multiple of 8.
+/// f32 key gradients of one slice (or one part of it), rows padded to a multiple of [`lanes::COLS`].
 struct KeyGrads {
     dk: Vec<f32>,
     dv: Vec<f32>,
@@ -68,11 +63,12 @@ pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scal
     let dims = check(inp, up, grads, geo)?;
     let groups = geometry::groups(geo);
     let tiles = geometry::tiles(geo);
-    let slices = dims.batch * dims.heads;
+    let slices = dims.slices();
     if slices == 0 {
         return Ok(());
     }
-    let part_bytes = geo.keys() * (dims.d_pad + dims.dv_pad) * 4;
+    let (d_pad, dv_pad) = (padded(dims.d), padded(dims.dv));
+    let part_bytes = geo.keys() * (d_pad + dv_pad) * 4;
     let parts = if slices >= threads { 1 } else { threads.div_ceil(slices) };
     let parts = parts.min(PART_BUFFER_BYTES / (part_bytes * slices).max(1)).clamp(1, tiles.len().max(1));
     let fma = has_avx2_fma();
@@ -81,9 +77,9 @@ pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scal
             .into_par_iter()
             .filter_map(|task| {
                 let (bh, part) = (task / parts, task % parts);
-                let (b, h) = (bh / dims.heads, bh % dims.heads);
+                let (b, h) = dims.slice(bh);
                 let keys = SliceKeys::load(inp, geo, &groups, dims, b, h, true);
-                let mut acc = KeyGrads { dk: vec![0.0; geo.keys() * dims.d_pad], dv: vec![0.0; geo.keys() * dims.dv_pad] };
+                let mut acc = KeyGrads { dk: vec![0.0; geo.keys() * d_pad], dv: vec![0.0; geo.keys() * dv_pad] };
                 let mut buf = Buffers::new(dims);
                 let share = &tiles[part * tiles.len() / parts..(part + 1) * tiles.len() / parts];
                 let ctx = TileCtx { inp, up, dq: grads.dq, slice: Slice { keys: &keys, dims, b, h, scale } };
@@ -125,16 +121,18 @@ pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scal
 }
 
 fn store_key_grads(grads: &Grads, geo: &Geometry, dims: Dims, bh: usize, acc: &KeyGrads) {
-    let (b, h) = (bh / dims.heads, bh % dims.heads);
+    let (b, h) = dims.slice(bh);
+    let (d_pad, dv_pad) = (padded(dims.d), padded(dims.dv));
     for i in 0..geo.keys() {
         let (dk, dv, row) = match grads.global {
             Some((dkg, dvg)) if i >= geo.tokens() => (dkg, dvg, i - geo.tokens()),
             _ => (grads.dk, grads.dv, i),
         };
-        // SAFETY: validated outputs; slice `bh` is stored by exactly one task.
+        // SAFETY: validated contiguous outputs; slice `bh` is stored by exactly one task, so it is the only one
+        // touching this row of either.
         unsafe {
-            dk.store_row(&[b, h, row], &acc.dk[i * dims.d_pad..][..dims.d]);
-            dv.store_row(&[b, h, row], &acc.dv[i * dims.dv_pad..][..dims.dv]);
+            dk.store_row(&[b, h, row], &acc.dk[i * d_pad..][..dims.d]);
+            dv.store_row(&[b, h, row], &acc.dv[i * dv_pad..][..dims.dv]);
         }
     }
 }
@@ -150,9 +148,9 @@ struct Buffers {
     segments: Vec<Segment>,
     /// Queries as base-2 logit factors, channel-major.
     qt: Vec<Lanes>,
-    /// Queries times `scale`, row-major `(LANES, d_pad)` (zero rows for dead lanes): the dk update's right side.
+    /// Queries times `scale`, row-major `(LANES, padded(d))` (zero rows for dead lanes): the dk update's right side.
     q_rows: Vec<f32>,
-    /// dout, channel-major (dP's left side) and row-major `(LANES, dv_pad)` (dead lanes zero: the dv update).
+    /// dout, channel-major (dP's left side) and row-major `(LANES, padded(dv))` (dead lanes zero: the dv update).
     dot: Vec<Lanes>,
     do_rows: Vec<f32>,
     dq: Vec<Lanes>,
@@ -166,9 +164,9 @@ impl Buffers {
         Buffers {
             segments: Vec::new(),
             qt: vec![[0.0; LANES]; dims.d],
-            q_rows: vec![0.0; LANES * dims.d_pad],
+            q_rows: vec![0.0; LANES * padded(dims.d)],
             dot: vec![[0.0; LANES]; dims.dv],
-            do_rows: vec![0.0; LANES * dims.dv_pad],
+            do_rows: vec![0.0; LANES * padded(dims.dv)],
             dq: vec![[0.0; LANES]; dims.d],
             p: vec![[0.0; LANES]; PIECE_ROWS],
             ds: vec![[0.0; LANES]; PIECE_ROWS],
@@ -190,7 +188,8 @@ unsafe fn tile_avx2(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers, acc: &mut Key
 
 /// Fills the row-major copies of the queries (times `scale`) and of dout; dead lanes stay zero.
 fn load_rows(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) {
-    let Dims { d, dv, d_pad, dv_pad, .. } = ctx.slice.dims;
+    let Dims { d, dv, .. } = ctx.slice.dims;
+    let (d_pad, dv_pad) = (padded(d), padded(dv));
     buf.q_rows.iter_mut().for_each(|x| *x = 0.0);
     buf.do_rows.iter_mut().for_each(|x| *x = 0.0);
     for l in 0..tile.live {
@@ -205,14 +204,15 @@ fn load_rows(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) {
 
 #[inline(always)]
 fn tile_body<const FMA: bool>(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers, acc: &mut KeyGrads) {
-    let Slice { keys, dims: Dims { d, dv, d_pad, dv_pad, .. }, b, h, scale } = ctx.slice;
+    let Slice { keys, dims: Dims { d, dv, .. }, b, h, scale } = ctx.slice;
+    let (d_pad, dv_pad) = (padded(d), padded(dv));
     load_lanes(ctx.inp.q, b, h, tile, scale * LOG2_E, &mut buf.row[..d], &mut buf.qt);
     load_lanes(ctx.up.dout, b, h, tile, 1.0, &mut buf.row[..dv], &mut buf.dot);
     load_rows(ctx, tile, buf);
     let (mut lse2, mut delta) = ([0.0f32; LANES], [0.0f32; LANES]);
     for l in 0..LANES {
-        lse2[l] = ctx.up.lse.load_f32(&[b, h, tile.rows[l]]) * LOG2_E;
-        delta[l] = ctx.up.delta.load_f32(&[b, h, tile.rows[l]]);
+        lse2[l] = ctx.up.lse.load(&[b, h, tile.rows[l]]) * LOG2_E;
+        delta[l] = ctx.up.delta.load(&[b, h, tile.rows[l]]);
     }
     buf.dq.iter_mut().for_each(|a| *a = [0.0; LANES]);
     for seg in &buf.segments {
@@ -244,7 +244,8 @@ fn tile_body<const FMA: bool>(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers, acc
         for (c, x) in row.iter_mut().enumerate() {
             *x = buf.dq[c][l] * scale;
         }
-        // SAFETY: validated output; each query row belongs to exactly one tile and one task.
+        // SAFETY: `dq` is a validated contiguous output; each query row belongs to exactly one tile and one task, so
+        // this task is the only one touching it.
         unsafe { ctx.dq.store_row(&[b, h, tile.rows[l]], row) };
     }
 }

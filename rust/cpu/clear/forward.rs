@@ -5,7 +5,8 @@ use rayon::prelude::*;
 
 use super::geometry::{self, lane_intervals, Segment, Tile};
 use super::lanes::{self, Lanes, LANES};
-use super::{check_inputs, check_output, panel_offset, pieces, Dims, Geometry, Inputs, Slice, SliceKeys, LN_2, LOG2_E, PIECE_KEYS, PIECE_ROWS};
+use super::{check_inputs, panel_offset, pieces, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_KEYS, PIECE_ROWS};
+use crate::cpu::common::{check_output, LN_2, LOG2_E};
 use crate::cpu::pool::pool;
 use crate::cpu::view::{DType, View, ViewError};
 use crate::cpu::vmath::{exp2_one, has_avx2_fma, log2_one};
@@ -15,13 +16,13 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, geo: &Geometry, scale: f32,
     let dims = check_inputs(inp, geo)?;
     let n = geo.tokens();
     check_output(out, &[dims.batch, dims.heads, n, dims.dv], None)?;
-    check_output(lse, &[dims.batch, dims.heads, n], Some(DType::F32))?;
+    check_output(lse, &[dims.batch, dims.heads, n], DType::F32)?;
     let groups = geometry::groups(geo);
     let tiles = geometry::tiles(geo);
     let fma = has_avx2_fma();
     pool(threads).map_err(ViewError)?.install(|| {
-        (0..dims.batch * dims.heads).into_par_iter().for_each(|bh| {
-            let (b, h) = (bh / dims.heads, bh % dims.heads);
+        (0..dims.slices()).into_par_iter().for_each(|bh| {
+            let (b, h) = dims.slice(bh);
             let keys = SliceKeys::load(inp, geo, &groups, dims, b, h, false);
             tiles.par_iter().for_each_init(
                 || Buffers::new(dims),
@@ -130,7 +131,8 @@ fn tile_body<const FMA: bool>(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) {
             *x = buf.acc[c][l] * inv;
         }
         let at = [b, h, tile.rows[l]];
-        // SAFETY: validated outputs; each query row belongs to exactly one tile, so this task is its only writer.
+        // SAFETY: `out`, `lse` are validated contiguous outputs; each query row belongs to exactly one tile, so this
+        // task is the only one touching this row of either.
         unsafe {
             ctx.out.store_row(&at, row);
             ctx.lse.store_f32(&at, (state.m[l] + log2_one::<FMA>(state.l[l])) * LN_2);

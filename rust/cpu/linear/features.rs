@@ -3,8 +3,9 @@
 //! and the token differential), computed a block of tokens at a time in the forward and again in the backward.
 
 use super::power::{power_rows, power_rows_grad, Norms};
+use crate::cpu::common::gather;
+use crate::cpu::view::View;
 use crate::cpu::vmath::dot;
-use crate::cpu::view::{DType, View};
 
 /// The two sides of the core: queries (read out) and keys (reduced into the state).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,54 +41,26 @@ pub trait FeatureMap: Sync {
     unsafe fn store_grad(&self, side: Side, rows: Rows, grad: &[f32], scratch: &mut Self::Scratch);
 }
 
-/// One element of a validated float view at a full index (`idx` inside the shape).
-pub fn load_scalar(view: &View, idx: &[usize]) -> f32 {
-    let off = view.offset(idx);
-    // SAFETY: the view was validated by `View::new` and its shape checked by the caller; `idx` is in range.
-    unsafe {
-        match view.dtype {
-            DType::F32 => *(view.ptr as *const f32).add(off),
-            DType::F16 => (*(view.ptr as *const half::f16).add(off)).to_f32(),
-            DType::BF16 => (*(view.ptr as *const half::bf16).add(off)).to_f32(),
-            _ => f32::NAN, // rejected by the shape/dtype checks before any kernel runs
-        }
-    }
-}
-
 /// Reads `rows` of a `(B, H, N, W)` view into `dst` (`rows.len x W`) as f32.
 pub fn load_rows(view: &View, rows: Rows, dst: &mut [f32]) {
-    let w = view.shape[3];
-    for (r, row) in dst[..rows.len * w].chunks_exact_mut(w).enumerate() {
-        view.load_row(&[rows.b, rows.h, rows.n0 + r], row);
-    }
+    gather(view, (rows.b, rows.h), rows.n0..rows.n0 + rows.len, view.shape()[3], 1.0, dst);
 }
 
-/// Whether `rows` lie inside a `(B, H, N, W)` view's shape.
-pub fn rows_in_shape(view: &View, rows: Rows) -> bool {
-    rows.b < view.shape[0] && rows.h < view.shape[1] && rows.n0 + rows.len <= view.shape[2]
-}
-
-/// Rows `rows` of a `(B, H, N, W)` view in place, when it is f32 with contiguous rows (`rows.len x W` values);
+/// Rows `rows` of a `(B, H, N, W)` view in place, when it is f32 with consecutive rows (`rows.len x W` values);
 /// `None` otherwise (read them with [`load_rows`]).
 pub fn rows_in_place(view: &View, rows: Rows) -> Option<&[f32]> {
-    let w = view.shape[3];
-    let contiguous = view.strides[3] == 1 && (rows.len == 1 || view.strides[2] == w);
-    if view.dtype != DType::F32 || !contiguous || !rows_in_shape(view, rows) || rows.len == 0 {
-        return None;
-    }
-    let start = view.offset(&[rows.b, rows.h, rows.n0, 0]);
-    // SAFETY: the view was validated by `View::new`; with unit column stride and row stride W, elements
-    // `(b, h, n0 .. n0 + len, 0 .. W)` (all inside the shape, checked above) are exactly the `len·W` consecutive
-    // f32 values from `start`. Inputs are only read while the kernels run.
-    Some(unsafe { std::slice::from_raw_parts((view.ptr as *const f32).add(start), rows.len * w) })
+    view.f32_rows(&[rows.b, rows.h, rows.n0], rows.len)
 }
 
+/// Writes `src` (`rows.len x W`) to `rows` of a `(B, H, N, W)` output.
+///
 /// # Safety
-/// As for [`View::store_row`]: one writer per row, validated output.
+/// As for [`View::store_row`], for these rows.
 pub unsafe fn store_rows(view: &View, rows: Rows, src: &[f32]) {
-    let w = view.shape[3];
+    let w = view.shape()[3];
     for (r, row) in src[..rows.len * w].chunks_exact(w).enumerate() {
-        view.store_row(&[rows.b, rows.h, rows.n0 + r], row);
+        // SAFETY: the caller owns these rows of the output (this function's contract).
+        unsafe { view.store_row(&[rows.b, rows.h, rows.n0 + r], row) };
     }
 }
 
@@ -95,15 +68,13 @@ pub unsafe fn store_rows(view: &View, rows: Rows, src: &[f32]) {
 /// itself when it is f32, else `buf`; the flag says whether it is in place (if not, `store_rows` it afterwards).
 ///
 /// # Safety
-/// The caller must be the only one touching these rows of the output while the slice lives.
+/// As for [`View::store_row`], for these rows and for as long as the returned slice lives.
 pub unsafe fn output_rows<'a>(view: &'a View, rows: Rows, buf: &'a mut [f32]) -> (&'a mut [f32], bool) {
-    let w = view.shape[3];
-    if view.dtype == DType::F32 && rows_in_shape(view, rows) {
-        // Contiguous (checked by `check_output`): the rows are `len·W` consecutive values from their first one.
-        let ptr = (view.ptr as *mut f32).add(view.offset(&[rows.b, rows.h, rows.n0, 0]));
-        return (std::slice::from_raw_parts_mut(ptr, rows.len * w), true);
+    // SAFETY: the caller owns these rows of the output while the slice lives (this function's contract).
+    match unsafe { view.f32_rows_mut(&[rows.b, rows.h, rows.n0], rows.len) } {
+        Some(own) => (own, true),
+        None => (&mut buf[..rows.len * view.shape()[3]], false),
     }
-    (&mut buf[..rows.len * w], false)
 }
 
 /// Linear attention: the features are q and k as given.
@@ -124,7 +95,8 @@ impl FeatureMap for Plain<'_> {
 
     unsafe fn store_grad(&self, side: Side, rows: Rows, grad: &[f32], _: &mut ()) {
         if let Some(grads) = self.grads {
-            store_rows(grads[side as usize], rows, grad);
+            // SAFETY: the caller owns these rows of the gradient outputs (`store_grad`'s contract).
+            unsafe { store_rows(grads[side as usize], rows, grad) };
         }
     }
 }
@@ -175,7 +147,7 @@ pub struct DydilaScratch {
 
 impl Dydila<'_> {
     fn head_dim(&self) -> usize {
-        self.sides[0].z.shape[3]
+        self.sides[0].z.shape()[3]
     }
 
     /// Loads `rows` of both streams of `side` with their `(γ, γ_aux, λ)` and maps them (power maps).
@@ -183,9 +155,9 @@ impl Dydila<'_> {
         let (st, len, d) = (&self.sides[side as usize], rows.len, self.head_dim());
         for r in 0..len {
             let idx = [rows.b, rows.h, rows.n0 + r];
-            s.gamma[0][r] = load_scalar(st.gamma, &idx);
-            s.gamma[1][r] = load_scalar(st.gamma_aux, &idx);
-            s.lambda[r] = load_scalar(st.lambda, &idx);
+            s.gamma[0][r] = st.gamma.load(&idx);
+            s.gamma[1][r] = st.gamma_aux.load(&idx);
+            s.lambda[r] = st.lambda.load(&idx);
         }
         for (j, view) in [st.z, st.z_aux].into_iter().enumerate() {
             let z = match rows_in_place(view, rows) {
@@ -216,10 +188,11 @@ impl Dydila<'_> {
 /// Stores per-token values (`rows.len` of them) into a validated f32 `(B, H, N)` output.
 ///
 /// # Safety
-/// As for [`View::store_f32`]: one writer per token, validated output.
+/// As for [`View::store_f32`], for these tokens.
 unsafe fn store_tokens(view: &View, rows: Rows, src: &[f32]) {
     for (r, x) in src[..rows.len].iter().enumerate() {
-        view.store_f32(&[rows.b, rows.h, rows.n0 + r], *x);
+        // SAFETY: the caller owns these tokens of the output (this function's contract).
+        unsafe { view.store_f32(&[rows.b, rows.h, rows.n0 + r], *x) };
     }
 }
 
@@ -271,16 +244,20 @@ impl FeatureMap for Dydila<'_> {
             // The rows `map_rows` read: in place, or its copy.
             let z = rows_in_place(view, rows).unwrap_or(&s.z[j][..len * d]);
             let (ls, p, norms) = (&s.ls[j][..len * d], &s.p[j][..len * d], &s.norms[j][..len]);
-            // SAFETY: the caller is the only writer of these rows.
-            let (dz, in_place) = output_rows(grad_views[j], rows, &mut s.dz[j]);
+            // SAFETY: the caller owns these rows of the gradient outputs (`store_grad`'s contract); the slice is
+            // dropped at the end of this iteration.
+            let (dz, in_place) = unsafe { output_rows(grad_views[j], rows, &mut s.dz[j]) };
             power_rows_grad(z, g, &s.gamma[j][..len], self.eps, ls, p, norms, dz, &mut s.dgamma[j][..len]);
             if !in_place {
-                store_rows(grad_views[j], rows, dz);
+                // SAFETY: as above.
+                unsafe { store_rows(grad_views[j], rows, dz) };
             }
         }
-
-        store_tokens(out.dgamma, rows, &s.dgamma[0]);
-        store_tokens(out.dgamma_aux, rows, &s.dgamma[1]);
-        store_tokens(out.dlambda, rows, &s.dlambda);
+        // SAFETY: the caller owns these tokens of the gradient outputs (`store_grad`'s contract).
+        unsafe {
+            store_tokens(out.dgamma, rows, &s.dgamma[0]);
+            store_tokens(out.dgamma_aux, rows, &s.dgamma[1]);
+            store_tokens(out.dlambda, rows, &s.dlambda);
+        }
     }
 }

@@ -11,11 +11,12 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::vmath::{dot, exp2_shift_sum};
-use super::{check_output, err, gather_rows, Dims, Inputs, KeyRows, Plan, LOG2_E};
+use super::{gather_rows, Inputs, KeyRows, Plan};
+use crate::cpu::common::{check_input, check_output, Dims, LOG2_E};
+use crate::cpu::matmul::{Gemm, Mat, MatMut};
 use crate::cpu::pool::pool;
-use crate::cpu::simd::matmul;
 use crate::cpu::view::{DType, View, ViewError};
+use crate::cpu::vmath::{dot, exp2_shift_sum};
 
 /// Query blocks gathered at once by the key-side pass.
 const KEY_SIDE_CHUNK: usize = 32;
@@ -42,16 +43,10 @@ pub struct Grads<'a> {
 fn check(inp: &Inputs, up: &Upstream, g: &Grads, plan: &Plan) -> Result<Dims, ViewError> {
     let dims = inp.dims(plan)?;
     let (bs, hs, n) = (dims.batch, dims.heads, dims.n);
-    for t in [up.dout, up.out] {
-        t.expect(4, true)?;
-        if t.shape != [bs, hs, n, dims.dv] {
-            return err(format!("{}: expected shape {:?}, got {:?}", t.name, [bs, hs, n, dims.dv], t.shape));
-        }
-    }
-    if up.lse.shape != [bs, hs, n] || up.lse.dtype != DType::F32 {
-        return err(format!("lse: expected float32 of shape {:?}", [bs, hs, n]));
-    }
-    let dtype = inp.q.dtype;
+    check_input(up.dout, &[bs, hs, n, dims.dv], None)?;
+    check_input(up.out, &[bs, hs, n, dims.dv], None)?;
+    check_input(up.lse, &[bs, hs, n], DType::F32)?;
+    let dtype = inp.q.dtype();
     check_output(g.dq, &[bs, hs, n, dims.d], dtype)?;
     check_output(g.dk, &[bs, hs, n, dims.d], dtype)?;
     check_output(g.dv, &[bs, hs, n, dims.dv], dtype)?;
@@ -85,11 +80,11 @@ pub fn backward(
 /// `delta = rowsum(dout ∘ out)`, f32 `(B·H·N)`, computed once here (a torch pass before the kernel would open an
 /// OpenMP region whose spinning workers compete with the kernel's threads).
 fn row_deltas(up: &Upstream, plan: &Plan, dims: Dims) -> Vec<f32> {
-    let mut delta = vec![0.0f32; dims.batch * dims.heads * dims.n];
+    let mut delta = vec![0.0f32; dims.slices() * dims.n];
     delta.par_chunks_mut(dims.n.max(1)).enumerate().for_each_init(
         || (vec![0.0f32; dims.dv], vec![0.0f32; dims.dv]),
         |(dout, out), (bh, rows)| {
-            let (b, h) = (bh / dims.heads, bh % dims.heads);
+            let (b, h) = dims.slice(bh);
             for (r, x) in rows.iter_mut().enumerate() {
                 up.dout.load_row(&[b, h, plan.row(r)], dout);
                 up.out.load_row(&[b, h, plan.row(r)], out);
@@ -150,12 +145,12 @@ impl QueryRows {
     /// Appends rows `[row0, row0 + rows)` of `(b, h)`.
     fn push(&mut self, ctx: &Ctx, b: usize, h: usize, row0: usize, rows: usize) {
         let (d, dv, at) = (ctx.dims.d, ctx.dims.dv, self.len);
-        gather_rows(ctx.inp.q, ctx.plan, b, h, row0, rows, d, 1.0, &mut self.q[at * d..(at + rows) * d]);
-        gather_rows(ctx.up.dout, ctx.plan, b, h, row0, rows, dv, 1.0, &mut self.dout[at * dv..(at + rows) * dv]);
+        gather_rows(ctx.inp.q, ctx.plan, (b, h), (row0, rows), d, 1.0, &mut self.q[at * d..(at + rows) * d]);
+        gather_rows(ctx.up.dout, ctx.plan, (b, h), (row0, rows), dv, 1.0, &mut self.dout[at * dv..(at + rows) * dv]);
         let first = (b * ctx.dims.heads + h) * ctx.dims.n + row0;
         self.delta[at..at + rows].copy_from_slice(&ctx.delta[first..first + rows]);
         for r in 0..rows {
-            self.lse[at + r] = ctx.up.lse.load_f32(&[b, h, row0 + r]) * LOG2_E;
+            self.lse[at + r] = ctx.up.lse.load(&[b, h, row0 + r]) * LOG2_E;
         }
         self.len += rows;
     }
@@ -177,11 +172,9 @@ impl Ctx<'_> {
     ) {
         let (d, dv, rk) = (self.dims.d, self.dims.dv, keys.len);
         let mul = self.scale * LOG2_E;
-        // SAFETY: the buffers hold lq x d, lq x dv, rk x d, rk x dv and lq x rk floats.
-        unsafe {
-            matmul(lq, rk, d, p.as_mut_ptr(), rk, false, qs.q[q0 * d..].as_ptr(), d, 1, keys.k.as_ptr(), 1, d);
-            matmul(lq, rk, dv, ds.as_mut_ptr(), rk, false, qs.dout[q0 * dv..].as_ptr(), dv, 1, keys.v.as_ptr(), 1, dv);
-        }
+        // p = q · kᵀ ; ds = dout · vᵀ
+        Gemm { m: lq, n: rk, k: d, accumulate: false }.run(MatMut::rows(p, rk), Mat::rows(&qs.q[q0 * d..], d), Mat::rows(&keys.k, d).t());
+        Gemm { m: lq, n: rk, k: dv, accumulate: false }.run(MatMut::rows(ds, rk), Mat::rows(&qs.dout[q0 * dv..], dv), Mat::rows(&keys.v, dv).t());
         for r in 0..lq {
             let row = &mut p[r * rk..(r + 1) * rk];
             if pooled {
@@ -235,7 +228,7 @@ impl Ctx<'_> {
     fn slices(&self, g: &Grads) {
         let (plan, dims) = (self.plan, self.dims);
         (0..plan.batch_heads).into_par_iter().for_each_init(
-            || (GroupBuffers::new(plan, dims), KeyGrads::zeros(dims.pooled, dims), KeyGrads::zeros(dims.n, dims)),
+            || (GroupBuffers::new(plan, dims), KeyGrads::zeros(plan.pooled_tokens(), dims), KeyGrads::zeros(dims.n, dims)),
             |(buf, pooled, fine), bh| {
                 for x in [&mut pooled.k, &mut pooled.v, &mut fine.k, &mut fine.v] {
                     x.fill(0.0);
@@ -258,8 +251,9 @@ impl Ctx<'_> {
         let fewest = groups.iter().map(Vec::len).min().unwrap_or(1).max(1);
         // Splits of a head's groups: enough tasks for the pool, at most ~N/P (partial sums stay smaller than k).
         let wanted = (TASKS_PER_THREAD * threads.max(1)).div_ceil(plan.batch_heads);
-        let splits = wanted.min(fewest).min((plan.n / dims.pooled.max(1)).max(1)).max(1);
-        let (pd, pdv) = (dims.pooled * dims.d, dims.pooled * dims.dv);
+        let pooled = plan.pooled_tokens();
+        let splits = wanted.min(fewest).min((plan.n / pooled.max(1)).max(1)).max(1);
+        let (pd, pdv) = (pooled * dims.d, pooled * dims.dv);
         let mut part_k = vec![0.0f32; plan.batch_heads * splits * pd];
         let mut part_v = vec![0.0f32; plan.batch_heads * splits * pdv];
         part_k.par_chunks_mut(pd.max(1)).zip(part_v.par_chunks_mut(pdv.max(1))).enumerate().for_each_init(
@@ -295,7 +289,7 @@ impl Ctx<'_> {
         mut fine: Option<&mut KeyGrads>,
     ) {
         let (plan, d, dv) = (self.plan, self.dims.d, self.dims.dv);
-        let (b, h) = (bh / self.dims.heads, bh % self.dims.heads);
+        let (b, h) = self.dims.slice(bh);
         let row0 = j0 * plan.block;
         let rows = (j1 * plan.block).min(plan.n) - row0;
         buf.qs.clear();
@@ -304,8 +298,8 @@ impl Ctx<'_> {
         let rp = buf.pooled.len;
         let (pp, dsp) = (&mut buf.pp[..rows * rp], &mut buf.dsp[..rows * rp]);
         self.probabilities(&buf.qs, 0, rows, &buf.pooled, true, pp, dsp);
-        // SAFETY (every matmul below): the buffers hold at least the rows x cols they are given.
-        unsafe { matmul(rows, d, rp, buf.dq.as_mut_ptr(), d, false, dsp.as_ptr(), rp, 1, buf.pooled.k.as_ptr(), d, 1) };
+        // dq = dS · kp over the pooled keys
+        Gemm { m: rows, n: d, k: rp, accumulate: false }.run(MatMut::rows(&mut buf.dq, d), Mat::rows(dsp, rp), Mat::rows(&buf.pooled.k, d));
         for j in j0..j1 {
             let r0 = (j - j0) * plan.block;
             let lq = plan.fine_block(j).1;
@@ -313,13 +307,13 @@ impl Ctx<'_> {
             let rf = buf.fine.len;
             let (pf, dsf) = (&mut buf.pf[..lq * rf], &mut buf.dsf[..lq * rf]);
             self.probabilities(&buf.qs, r0, lq, &buf.fine, false, pf, dsf);
-            let dst = buf.dq[r0 * d..].as_mut_ptr();
-            unsafe { matmul(lq, d, rf, dst, d, true, dsf.as_ptr(), rf, 1, buf.fine.k.as_ptr(), d, 1) };
+            // dq += dS · k over query block j's fine keys
+            Gemm { m: lq, n: d, k: rf, accumulate: true }.run(MatMut::rows(&mut buf.dq[r0 * d..], d), Mat::rows(dsf, rf), Mat::rows(&buf.fine.k, d));
             if let Some(fine) = fine.as_deref_mut() {
-                unsafe {
-                    matmul(rf, d, lq, buf.dk.as_mut_ptr(), d, false, dsf.as_ptr(), 1, rf, buf.qs.q[r0 * d..].as_ptr(), d, 1);
-                    matmul(rf, dv, lq, buf.dv.as_mut_ptr(), dv, false, pf.as_ptr(), 1, rf, buf.qs.dout[r0 * dv..].as_ptr(), dv, 1);
-                }
+                // dk = dSᵀ · q ; dv = Pᵀ · dout of the fine keys, then added to their rows
+                let (q, dout) = (Mat::rows(&buf.qs.q[r0 * d..], d), Mat::rows(&buf.qs.dout[r0 * dv..], dv));
+                Gemm { m: rf, n: d, k: lq, accumulate: false }.run(MatMut::rows(&mut buf.dk, d), Mat::rows(dsf, rf).t(), q);
+                Gemm { m: rf, n: dv, k: lq, accumulate: false }.run(MatMut::rows(&mut buf.dv, dv), Mat::rows(pf, rf).t(), dout);
                 let ids = plan.fine_ids(bh, j).iter().map(|&p| plan.fine_block(p as usize));
                 scatter_add((&mut fine.k, &mut fine.v), ids, (&buf.dk, &buf.dv), (d, dv));
             }
@@ -327,21 +321,20 @@ impl Ctx<'_> {
         for r in 0..rows {
             let row = &mut buf.dq[r * d..(r + 1) * d];
             row.iter_mut().for_each(|x| *x *= self.scale);
-            // SAFETY: groups partition the query rows of (b, h) and `plan.row` is a permutation: one writer per row.
+            // SAFETY: `dq` is a validated contiguous output; groups partition the query rows of (b, h) and
+            // `plan.row` is a permutation, so this task is the only one touching this row.
             unsafe { dq.store_row(&[b, h, plan.row(row0 + r)], row) };
         }
-        // The group's pooled-key gradients, added to the task's sum.
-        unsafe {
-            matmul(rp, d, rows, buf.dk.as_mut_ptr(), d, false, dsp.as_ptr(), 1, rp, buf.qs.q.as_ptr(), d, 1);
-            matmul(rp, dv, rows, buf.dv.as_mut_ptr(), dv, false, pp.as_ptr(), 1, rp, buf.qs.dout.as_ptr(), dv, 1);
-        }
+        // The group's pooled-key gradients (dk = dSᵀ · q ; dv = Pᵀ · dout), added to the task's sum.
+        Gemm { m: rp, n: d, k: rows, accumulate: false }.run(MatMut::rows(&mut buf.dk, d), Mat::rows(dsp, rp).t(), Mat::rows(&buf.qs.q, d));
+        Gemm { m: rp, n: dv, k: rows, accumulate: false }.run(MatMut::rows(&mut buf.dv, dv), Mat::rows(pp, rp).t(), Mat::rows(&buf.qs.dout, dv));
         let ids = plan.pooled_ids(bh, j0).iter().map(|&p| plan.pooled_block(p as usize));
         scatter_add(pooled, ids, (&buf.dk, &buf.dv), (d, dv));
     }
 
     /// `mul · Σ_split part` per `(b·h, pooled row)`: `part` is `(B·H, splits, P, width)`, the result `(B·H, P, width)`.
     fn reduce_splits(&self, part: &[f32], splits: usize, width: usize, mul: f32) -> Vec<f32> {
-        let p = self.dims.pooled;
+        let p = self.plan.pooled_tokens();
         let mut out = vec![0.0f32; self.plan.batch_heads * p * width];
         out.par_chunks_mut((p * width).max(1)).enumerate().for_each(|(bh, dst)| {
             for s in 0..splits {
@@ -404,7 +397,7 @@ impl Ctx<'_> {
                 let (indptr, indices) = &transposed[bh];
                 self.key_block(bh, p, &indices[indptr[p]..indptr[p + 1]], buf);
                 let (r0, lk) = plan.fine_block(p);
-                let (pk, pv) = (dims.pooled * dims.d, dims.pooled * dims.dv);
+                let (pk, pv) = (plan.pooled_tokens() * dims.d, plan.pooled_tokens() * dims.dv);
                 let slice = (&pooled.k[bh * pk..(bh + 1) * pk], &pooled.v[bh * pv..(bh + 1) * pv]);
                 self.store_keys(g, slice, bh, r0, &mut buf.dk[..lk * dims.d], &mut buf.dv[..lk * dims.dv]);
             },
@@ -413,7 +406,7 @@ impl Ctx<'_> {
 
     fn key_block(&self, bh: usize, p: usize, choosers: &[u32], buf: &mut KeyBuffers) {
         let (plan, d, dv) = (self.plan, self.dims.d, self.dims.dv);
-        let (b, h) = (bh / self.dims.heads, bh % self.dims.heads);
+        let (b, h) = self.dims.slice(bh);
         buf.keys.gather_fine(self.inp, plan, self.dims, b, h, &[p as u32]);
         let lk = buf.keys.len;
         buf.dk[..lk * d].fill(0.0);
@@ -427,11 +420,9 @@ impl Ctx<'_> {
             let tq = buf.qs.len;
             let (pt, ds) = (&mut buf.p[..tq * lk], &mut buf.ds[..tq * lk]);
             self.probabilities(&buf.qs, 0, tq, &buf.keys, false, pt, ds);
-            // SAFETY: dv, dk hold lk x dv and lk x d; p, ds hold tq x lk; q, dout hold tq rows.
-            unsafe {
-                matmul(lk, dv, tq, buf.dv.as_mut_ptr(), dv, true, pt.as_ptr(), 1, lk, buf.qs.dout.as_ptr(), dv, 1);
-                matmul(lk, d, tq, buf.dk.as_mut_ptr(), d, true, ds.as_ptr(), 1, lk, buf.qs.q.as_ptr(), d, 1);
-            }
+            // dv += Pᵀ · dout ; dk += dSᵀ · q
+            Gemm { m: lk, n: dv, k: tq, accumulate: true }.run(MatMut::rows(&mut buf.dv, dv), Mat::rows(pt, lk).t(), Mat::rows(&buf.qs.dout, dv));
+            Gemm { m: lk, n: d, k: tq, accumulate: true }.run(MatMut::rows(&mut buf.dk, d), Mat::rows(ds, lk).t(), Mat::rows(&buf.qs.q, d));
         }
     }
 
@@ -440,7 +431,7 @@ impl Ctx<'_> {
     /// mean-pool backward; `pooled` holds the slice's `P` rows, dk already scaled).
     fn store_keys(&self, g: &Grads, pooled: (&[f32], &[f32]), bh: usize, row0: usize, dk: &mut [f32], dv: &mut [f32]) {
         let (plan, d, dvw) = (self.plan, self.dims.d, self.dims.dv);
-        let (b, h) = (bh / self.dims.heads, bh % self.dims.heads);
+        let (b, h) = self.dims.slice(bh);
         for (r, (dk_row, dv_row)) in dk.chunks_exact_mut(d).zip(dv.chunks_exact_mut(dvw)).enumerate() {
             let token = row0 + r;
             dk_row.iter_mut().for_each(|x| *x *= self.scale);
@@ -452,7 +443,8 @@ impl Ctx<'_> {
                 add_scaled(dk_row, &pooled.0[row * d..(row + 1) * d], inv);
                 add_scaled(dv_row, &pooled.1[row * dvw..(row + 1) * dvw], inv);
             }
-            // SAFETY: fine key blocks partition the rows of (b, h) and `plan.row` is a permutation: one writer per row.
+            // SAFETY: `dk`, `dv` are validated contiguous outputs; fine key blocks partition the rows of (b, h) and
+            // `plan.row` is a permutation, so this task is the only one touching this row of either.
             unsafe {
                 g.dk.store_row(&[b, h, plan.row(token)], dk_row);
                 g.dv.store_row(&[b, h, plan.row(token)], dv_row);

@@ -3,17 +3,18 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::vmath::{self, exp2_shift_sum};
-use super::{check_output, gather_rows, Dims, Inputs, KeyRows, Plan, LN_2, LOG2_E};
+use super::{gather_rows, Inputs, KeyRows, Plan};
+use crate::cpu::common::{check_output, Dims, LN_2, LOG2_E};
+use crate::cpu::matmul::{Gemm, Mat, MatMut};
 use crate::cpu::pool::pool;
-use crate::cpu::simd::matmul;
 use crate::cpu::view::{DType, View, ViewError};
+use crate::cpu::vmath::{self, exp2_shift_sum};
 
 /// Writes `out (B, H, N, Dv)` (q's dtype, contiguous) and `lse (B, H, N)` (f32, natural log of the softmax
 /// denominator of `scale·q·k + ln(count)`).
 pub fn forward(inp: &Inputs, out: &View, lse: &View, plan: &Plan, scale: f32, threads: usize) -> Result<(), ViewError> {
     let dims = inp.dims(plan)?;
-    check_output(out, &[dims.batch, dims.heads, dims.n, dims.dv], inp.q.dtype)?;
+    check_output(out, &[dims.batch, dims.heads, dims.n, dims.dv], inp.q.dtype())?;
     check_output(lse, &[dims.batch, dims.heads, dims.n], DType::F32)?;
     let tasks: Vec<(usize, usize, usize)> =
         (0..plan.batch_heads).flat_map(|bh| plan.groups(bh).into_iter().map(move |(j0, j1)| (bh, j0, j1))).collect();
@@ -67,15 +68,15 @@ fn forward_group(
     (j0, j1): (usize, usize),
     buf: &mut Buffers,
 ) {
-    let (b, h, d, dv) = (bh / dims.heads, bh % dims.heads, dims.d, dims.dv);
+    let ((b, h), d, dv) = (dims.slice(bh), dims.d, dims.dv);
     let row0 = j0 * plan.block;
     let rows = (j1 * plan.block).min(plan.n) - row0;
-    gather_rows(inp.q, plan, b, h, row0, rows, d, scale * LOG2_E, &mut buf.q);
+    gather_rows(inp.q, plan, (b, h), (row0, rows), d, scale * LOG2_E, &mut buf.q);
     buf.pooled.gather_pooled(inp, plan, dims, b, h, plan.pooled_ids(bh, j0));
     let rp = buf.pooled.len;
     let sp = &mut buf.sp[..rows * rp];
-    // SAFETY (every matmul below): the buffers hold at least the rows x cols they are given.
-    unsafe { matmul(rows, rp, d, sp.as_mut_ptr(), rp, false, buf.q.as_ptr(), d, 1, buf.pooled.k.as_ptr(), 1, d) };
+    // sp = q · kpᵀ + bias over the group's rows
+    Gemm { m: rows, n: rp, k: d, accumulate: false }.run(MatMut::rows(sp, rp), Mat::rows(&buf.q, d), Mat::rows(&buf.pooled.k, d).t());
     for row in sp.chunks_exact_mut(rp) {
         row.iter_mut().zip(&buf.pooled.bias[..rp]).for_each(|(s, bias)| *s += bias);
     }
@@ -85,9 +86,8 @@ fn forward_group(
         buf.fine.gather_fine(inp, plan, dims, b, h, plan.fine_ids(bh, j));
         let rf = buf.fine.len;
         let sf = &mut buf.sf[..lq * rf];
-        unsafe {
-            matmul(lq, rf, d, sf.as_mut_ptr(), rf, false, buf.q[r0 * d..].as_ptr(), d, 1, buf.fine.k.as_ptr(), 1, d)
-        };
+        // sf = q · kᵀ over query block j's rows and its fine keys
+        Gemm { m: lq, n: rf, k: d, accumulate: false }.run(MatMut::rows(sf, rf), Mat::rows(&buf.q[r0 * d..], d), Mat::rows(&buf.fine.k, d).t());
         for r in 0..lq {
             let fine_row = &mut sf[r * rf..(r + 1) * rf];
             let pooled_row = &mut sp[(r0 + r) * rp..(r0 + r + 1) * rp];
@@ -95,17 +95,18 @@ fn forward_group(
             buf.l[r0 + r] = exp2_shift_sum(fine_row, m) + exp2_shift_sum(pooled_row, m);
             buf.m[r0 + r] = m;
         }
-        let acc = buf.acc[r0 * dv..].as_mut_ptr();
-        unsafe { matmul(lq, dv, rf, acc, dv, false, sf.as_ptr(), rf, 1, buf.fine.v.as_ptr(), dv, 1) };
+        // acc = p · v over the fine keys
+        Gemm { m: lq, n: dv, k: rf, accumulate: false }.run(MatMut::rows(&mut buf.acc[r0 * dv..], dv), Mat::rows(sf, rf), Mat::rows(&buf.fine.v, dv));
     }
-    unsafe { matmul(rows, dv, rp, buf.acc.as_mut_ptr(), dv, true, sp.as_ptr(), rp, 1, buf.pooled.v.as_ptr(), dv, 1) };
+    // acc += p · vp over the pooled keys
+    Gemm { m: rows, n: dv, k: rp, accumulate: true }.run(MatMut::rows(&mut buf.acc, dv), Mat::rows(sp, rp), Mat::rows(&buf.pooled.v, dv));
     for r in 0..rows {
         let row = &mut buf.acc[r * dv..(r + 1) * dv];
         let inv = 1.0 / buf.l[r];
         row.iter_mut().for_each(|x| *x *= inv);
         let log_den = (buf.m[r] + buf.l[r].log2()) * LN_2;
-        // SAFETY: groups partition the query rows of (b, h) and `plan.row` is a permutation: this task is the only
-        // writer of these rows.
+        // SAFETY: `out`, `lse` are validated contiguous outputs; groups partition the query rows of (b, h) and
+        // `plan.row` is a permutation, so this task is the only one touching these rows.
         unsafe {
             out.store_row(&[b, h, plan.row(row0 + r)], row);
             lse.store_f32(&[b, h, row0 + r], log_den);

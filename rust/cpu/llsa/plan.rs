@@ -37,10 +37,10 @@ pub struct Plan {
 }
 
 fn ids(view: &View, name: &str, shape: [usize; 4], bound: usize) -> Result<Vec<u32>, ViewError> {
-    if view.shape != shape || view.dtype != DType::I32 {
+    if view.shape() != shape || view.dtype() != DType::I32 {
         return err(format!(
             "{name}: expected an int32 tensor of shape {shape:?}, got {:?} {:?}",
-            view.dtype, view.shape
+            view.dtype(), view.shape()
         ));
     }
     view.to_i32_vec()?
@@ -51,7 +51,7 @@ fn ids(view: &View, name: &str, shape: [usize; 4], bound: usize) -> Result<Vec<u
 }
 
 fn offsets(view: &View, block: usize) -> Result<Vec<usize>, ViewError> {
-    if view.shape.len() != 1 || view.shape[0] < 2 || view.dtype != DType::I32 {
+    if view.shape().len() != 1 || view.shape()[0] < 2 || view.dtype() != DType::I32 {
         return err("pb_offsets: expected a 1-D int32 tensor of at least 2 values");
     }
     let raw = view.to_i32_vec()?;
@@ -63,13 +63,13 @@ fn offsets(view: &View, block: usize) -> Result<Vec<usize>, ViewError> {
 }
 
 fn f32_values(view: &View, len: usize) -> Result<Vec<f32>, ViewError> {
-    if view.shape != [len] || view.dtype != DType::F32 {
+    if view.shape() != [len] || view.dtype() != DType::F32 {
         return err(format!(
             "pbias: expected a float32 tensor of shape [{len}], got {:?} {:?}",
-            view.dtype, view.shape
+            view.dtype(), view.shape()
         ));
     }
-    let values: Vec<f32> = (0..len).map(|i| view.load_f32(&[i])).collect();
+    let values: Vec<f32> = (0..len).map(|i| view.load(&[i])).collect();
     if values.iter().any(|x| !x.is_finite()) {
         return err("pbias: values must be finite");
     }
@@ -102,11 +102,11 @@ impl Plan {
         if block < 2 || n == 0 || levels == 0 {
             return err("block size must be >= 2, N and levels >= 1");
         }
-        if fine.shape.len() != 4 || pooled.shape.len() != 4 {
+        if fine.shape().len() != 4 || pooled.shape().len() != 4 {
             return err("fine and pooled selections must be 4-D (B, H, blocks, ids)");
         }
-        let (batch, heads, n_blocks) = (fine.shape[0], fine.shape[1], n.div_ceil(block));
-        let (k_fine, k_pooled) = (fine.shape[3], pooled.shape[3]);
+        let (batch, heads, n_blocks) = (fine.shape()[0], fine.shape()[1], n.div_ceil(block));
+        let (k_fine, k_pooled) = (fine.shape()[3], pooled.shape()[3]);
         if k_fine == 0 || k_pooled == 0 {
             return err("every query block needs at least one fine and one pooled key block");
         }
@@ -155,7 +155,7 @@ impl Plan {
                 self.rows = Some(rows);
                 Ok(self)
             }
-            _ => err(format!("{}: expected a permutation of 0..{}", perm.name, self.n)),
+            _ => err(format!("{}: expected a permutation of 0..{}", perm.name(), self.n)),
         }
     }
 

@@ -1,5 +1,5 @@
-//! LLSA's hierarchical top-K selection on CPU (`specs/llsa.md`), and the pass that prepares its inputs (the
-//! the pooled pyramid in Z-order, [`zorder_pool`]). The selection: dense top-K at the coarsest level, then
+//! LLSA's hierarchical top-K selection on CPU, and the pass that prepares its inputs (the pooled pyramid in
+//! Z-order, [`zorder_pool`]). The selection: dense top-K at the coarsest level, then
 //! at each finer level top-K over the children of the parent's choices. Scores are raw dot products of the pooled q and k (f32);
 //! ranks follow a descending stable sort: higher score first, ties to the lower id, NaN above everything (as
 //! `torch.sort` orders them), −0.0 equal to +0.0.
@@ -7,8 +7,9 @@
 use rayon::prelude::*;
 
 use super::{err, View, ViewError};
+use crate::cpu::common::gather;
+use crate::cpu::matmul::{Gemm, Mat, MatMut};
 use crate::cpu::pool::pool;
-use crate::cpu::simd::matmul;
 use crate::cpu::view::DType;
 
 /// One level of the pyramid: pooled queries and keys `(B, H, n, D)` (f32) and the output ids `(B, H, n, K)` (int64,
@@ -53,27 +54,27 @@ struct Shape {
 fn check(levels: &[Level], block: usize) -> Result<Shape, ViewError> {
     let first = levels.first().ok_or_else(|| ViewError("selection needs at least one level".into()))?;
     let (batch, heads, d) = (
-        first.queries.shape.first().copied().unwrap_or(0),
-        first.queries.shape.get(1).copied().unwrap_or(0),
-        first.queries.shape.get(3).copied().unwrap_or(0),
+        first.queries.shape().first().copied().unwrap_or(0),
+        first.queries.shape().get(1).copied().unwrap_or(0),
+        first.queries.shape().get(3).copied().unwrap_or(0),
     );
     let (mut sizes, mut topks) = (Vec::new(), Vec::new());
     for (l, level) in levels.iter().enumerate() {
         for t in [level.queries, level.keys] {
-            if t.dtype != DType::F32 || t.shape.len() != 4 || t.shape[..2] != [batch, heads] || t.shape[3] != d {
+            if t.dtype() != DType::F32 || t.shape().len() != 4 || t.shape()[..2] != [batch, heads] || t.shape()[3] != d {
                 return err(format!(
                     "{}: level {} must be float32 (B, H, n, D) = ({batch}, {heads}, n, {d})",
-                    t.name,
+                    t.name(),
                     l + 1
                 ));
             }
         }
-        let n = level.queries.shape[2];
+        let n = level.queries.shape()[2];
         let out = level.out;
-        if level.keys.shape[2] != n
-            || out.dtype != DType::I64
-            || out.shape.len() != 4
-            || out.shape[..3] != [batch, heads, n]
+        if level.keys.shape()[2] != n
+            || out.dtype() != DType::I64
+            || out.shape().len() != 4
+            || out.shape()[..3] != [batch, heads, n]
         {
             return err(format!("level {}: keys and ids must cover the {n} queries (ids int64 (B, H, n, K))", l + 1));
         }
@@ -84,7 +85,7 @@ fn check(levels: &[Level], block: usize) -> Result<Shape, ViewError> {
             }
         }
         sizes.push(n);
-        topks.push(out.shape[3]);
+        topks.push(out.shape()[3]);
     }
     let last = levels.len() - 1;
     if topks[last] == 0 || topks[last] > sizes[last] || topks.contains(&0) {
@@ -114,19 +115,12 @@ pub fn select(levels: &[Level], block: usize, threads: usize) -> Result<(), View
     })
 }
 
-/// Rows of `(b, h)` of a float view into `dst` (`rows x d`).
-fn rows_of(t: &View, b: usize, h: usize, r0: usize, rows: usize, d: usize, dst: &mut [f32]) {
-    for r in 0..rows {
-        t.load_row(&[b, h, r0 + r], &mut dst[r * d..(r + 1) * d]);
-    }
-}
-
 /// Writes one row of ids (`out` validated contiguous int64; this task is its only writer).
 fn write_ids(out: &View, b: usize, h: usize, row: usize, ids: &[(i32, usize)]) {
-    let at = out.offset(&[b, h, row, 0]);
     for (i, &(_, id)) in ids.iter().enumerate() {
-        // SAFETY: `check` validated the view (int64, contiguous, row < n, i < K); one task writes each row.
-        unsafe { *(out.ptr as *mut i64).add(at + i) = id as i64 };
+        // SAFETY: `check` validated `out` as a contiguous int64 output; row `row` of slice (b, h) is written by
+        // this task only, and nothing reads it before the level is done.
+        unsafe { out.store_i64(&[b, h, row, i], id as i64) };
     }
 }
 
@@ -137,13 +131,12 @@ fn coarse(level: &Level, shape: &Shape, l: usize, bh: usize) {
     let (b, h, d, n, count) = (bh / shape.heads, bh % shape.heads, shape.d, shape.sizes[l], shape.topks[l]);
     let chunk = COARSE_ROWS.min(n);
     let (mut q, mut k, mut s) = (vec![0.0; chunk * d], vec![0.0; n * d], vec![0.0; chunk * n]);
-    rows_of(level.keys, b, h, 0, n, d, &mut k);
+    gather(level.keys, (b, h), 0..n, d, 1.0, &mut k);
     let mut best = Vec::with_capacity(count + 1);
     for j0 in (0..n).step_by(chunk) {
         let rows = chunk.min(n - j0);
-        rows_of(level.queries, b, h, j0, rows, d, &mut q);
-        // SAFETY: q holds rows x d, k n x d and s rows x n floats.
-        unsafe { matmul(rows, n, d, s.as_mut_ptr(), n, false, q.as_ptr(), d, 1, k.as_ptr(), 1, d) };
+        gather(level.queries, (b, h), j0..j0 + rows, d, 1.0, &mut q);
+        Gemm { m: rows, n, k: d, accumulate: false }.run(MatMut::rows(&mut s, n), Mat::rows(&q, d), Mat::rows(&k, d).t());
         for r in 0..rows {
             top(&s[r * n..(r + 1) * n], 0..n, count, &mut best);
             write_ids(level.out, b, h, j0 + r, &best);
@@ -163,10 +156,8 @@ fn refine(
 ) -> Result<(), ViewError> {
     let (b, h, d, n, count) = (bh / shape.heads, bh % shape.heads, shape.d, shape.sizes[l], shape.topks[l]);
     let parent_count = shape.topks[l + 1];
-    let at = parent.out.offset(&[b, h, p, 0]);
-    // SAFETY: the parent level was written by this call (validated int64 view, in-range row).
-    let mut chosen: Vec<usize> =
-        (0..parent_count).map(|i| unsafe { *(parent.out.ptr as *const i64).add(at + i) } as usize).collect();
+    // The parent level's ids, written by this call (so in `0..parent size`) before this level started.
+    let mut chosen: Vec<usize> = (0..parent_count).map(|i| parent.out.load_i64(&[b, h, p, i]) as usize).collect();
     chosen.sort_unstable();
     let candidates: Vec<usize> = chosen.iter().flat_map(|&c| c * block..((c + 1) * block).min(n)).collect();
     if candidates.len() < count {
@@ -175,12 +166,9 @@ fn refine(
     let kc = candidates.len();
     let (r0, rows) = (p * block, block.min(n - p * block));
     let (mut q, mut k, mut s) = (vec![0.0; rows * d], vec![0.0; kc * d], vec![0.0; rows * kc]);
-    rows_of(level.queries, b, h, r0, rows, d, &mut q);
-    for (i, &c) in candidates.iter().enumerate() {
-        level.keys.load_row(&[b, h, c], &mut k[i * d..(i + 1) * d]);
-    }
-    // SAFETY: q holds rows x d, k kc x d and s rows x kc floats.
-    unsafe { matmul(rows, kc, d, s.as_mut_ptr(), kc, false, q.as_ptr(), d, 1, k.as_ptr(), 1, d) };
+    gather(level.queries, (b, h), r0..r0 + rows, d, 1.0, &mut q);
+    gather(level.keys, (b, h), candidates.iter().copied(), d, 1.0, &mut k);
+    Gemm { m: rows, n: kc, k: d, accumulate: false }.run(MatMut::rows(&mut s, kc), Mat::rows(&q, d), Mat::rows(&k, d).t());
     let mut best = Vec::with_capacity(count + 1);
     for r in 0..rows {
         top(&s[r * kc..(r + 1) * kc], candidates.iter().copied(), count, &mut best);
@@ -198,15 +186,15 @@ const POOL_ROWS: usize = 512;
 /// count, as `llsa_plan.pyramid` computes them. `perm` holds `N` int64 row ids in `[0, N)`.
 pub fn zorder_pool(src: &View, perm: &View, pooled: &View, block: usize, levels: usize, threads: usize) -> Result<(), ViewError> {
     src.expect(4, true)?;
-    let (bh_shape, n, c) = ([src.shape[0], src.shape[1]], src.shape[2], src.shape[3]);
+    let (bh_shape, n, c) = ([src.shape()[0], src.shape()[1]], src.shape()[2], src.shape()[3]);
     let rows: Vec<usize> = perm
         .to_i64_vec()?
         .into_iter()
         .map(|x| usize::try_from(x).ok().filter(|&r| r < n))
         .collect::<Option<Vec<usize>>>()
-        .ok_or_else(|| ViewError(format!("{}: row ids must lie in [0, {n})", perm.name)))?;
+        .ok_or_else(|| ViewError(format!("{}: row ids must lie in [0, {n})", perm.name())))?;
     if rows.len() != n {
-        return err(format!("{}: expected {n} row ids, got {}", perm.name, rows.len()));
+        return err(format!("{}: expected {n} row ids, got {}", perm.name(), rows.len()));
     }
     if levels == 0 || block < 2 {
         return err("the pyramid needs levels >= 1 and a block size >= 2");
@@ -220,8 +208,8 @@ pub fn zorder_pool(src: &View, perm: &View, pooled: &View, block: usize, levels:
         sizes[1..].iter().scan(0, |acc, &s| Some(std::mem::replace(acc, *acc + s))).collect();
     let total: usize = sizes[1..].iter().sum();
     let want = [bh_shape[0], bh_shape[1], total, c];
-    if pooled.shape != want || pooled.dtype != DType::F32 {
-        return err(format!("{}: expected float32 {want:?}, got {:?} {:?}", pooled.name, pooled.dtype, pooled.shape));
+    if pooled.shape() != want || pooled.dtype() != DType::F32 {
+        return err(format!("{}: expected float32 {want:?}, got {:?} {:?}", pooled.name(), pooled.dtype(), pooled.shape()));
     }
     pooled.expect_contiguous()?;
     let span = (0..levels)
@@ -259,7 +247,8 @@ pub fn zorder_pool(src: &View, perm: &View, pooled: &View, block: usize, levels:
                 for i in 0..len {
                     let fine = (n - (first + i) * count).min(count) as f32;
                     mean.iter_mut().zip(&sums[i * c..(i + 1) * c]).for_each(|(m, s)| *m = s / fine);
-                    // SAFETY: level-l tokens [first, first + len) lie under this task's rows only.
+                    // SAFETY: `pooled` is a validated contiguous f32 output; level-l tokens [first, first + len) lie
+                    // under this task's rows only, so it is the only one touching these rows.
                     unsafe { pooled.store_row(&[b, h, level_rows[l - 1] + first + i], mean) };
                 }
             }

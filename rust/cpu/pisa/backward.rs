@@ -13,11 +13,12 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::vmath::exp2_shift_sum;
-use super::{centroid_bias, check_output, check_shape, f32_rows, gather, groups, Dims, Inputs, CHUNK, GROUP_KEYS, LOG2_E};
+use super::{centroid_bias, groups, Inputs, CHUNK, GROUP_KEYS};
+use crate::cpu::common::{check_input, check_output, gather, Dims, LOG2_E};
+use crate::cpu::matmul::{Gemm, Mat, MatMut};
 use crate::cpu::pool::pool;
-use crate::cpu::simd::matmul;
 use crate::cpu::view::{DType, View, ViewError};
+use crate::cpu::vmath::exp2_shift_sum;
 
 /// Tasks per worker the pass aims for when it splits the query blocks of a slice.
 const TASKS_PER_THREAD: usize = 2;
@@ -46,22 +47,22 @@ pub struct BackwardOutputs<'a> {
 /// Backward of [`super::forward`]; see the module documentation for the formulas.
 pub fn backward(x: &Inputs, rows: &BackwardRows, outs: &BackwardOutputs, threads: usize) -> Result<(), ViewError> {
     let dims = x.check()?;
-    let (bt, h, n, d, dv, m) = (dims.batch, dims.heads, dims.n, dims.d, dims.dv, dims.m);
-    check_shape(rows.out, &[bt, h, n, dv], None)?;
-    check_shape(rows.dout, &[bt, h, n, dv], None)?;
-    check_shape_f32(rows.lse, &[bt, h, n])?;
-    check_shape_f32(rows.zeta, &[bt, h, n])?;
+    let (bt, h, n, d, dv, m) = (dims.batch, dims.heads, dims.n, dims.d, dims.dv, x.layout.num_blocks());
+    check_input(rows.out, &[bt, h, n, dv], None)?;
+    check_input(rows.dout, &[bt, h, n, dv], None)?;
+    check_input(rows.lse, &[bt, h, n], DType::F32)?;
+    check_input(rows.zeta, &[bt, h, n], DType::F32)?;
     match (rows.moment_mean, outs.dmoment_mean) {
         (Some(hm), Some(dhm)) => {
-            check_shape_f32(hm, &[bt, h, d, dv])?;
+            check_input(hm, &[bt, h, d, dv], DType::F32)?;
             check_output(dhm, &[bt, h, d, dv], DType::F32)?;
         }
         (None, None) => {}
         _ => return Err(ViewError("dmoment_mean: comes with moment_mean".into())),
     }
-    check_output(outs.dq, &[bt, h, n, d], x.q.dtype)?;
-    check_output(outs.dk, &[bt, h, n, d], x.q.dtype)?;
-    check_output(outs.dv, &[bt, h, n, dv], x.q.dtype)?;
+    check_output(outs.dq, &[bt, h, n, d], x.q.dtype())?;
+    check_output(outs.dk, &[bt, h, n, d], x.q.dtype())?;
+    check_output(outs.dv, &[bt, h, n, dv], x.q.dtype())?;
     check_output(outs.dkey_mean, &[bt, h, m, d], DType::F32)?;
     check_output(outs.dvalue_mean, &[bt, h, m, dv], DType::F32)?;
     let pool = pool(threads).map_err(ViewError)?;
@@ -82,13 +83,6 @@ pub fn backward(x: &Inputs, rows: &BackwardRows, outs: &BackwardOutputs, threads
             (0..slices).into_par_iter().for_each(|bh| ctx.store_moment_grad(dhm, &partials[bh * splits..(bh + 1) * splits], bh));
         }
     });
-    Ok(())
-}
-
-fn check_shape_f32(t: &View, shape: &[usize]) -> Result<(), ViewError> {
-    if t.shape != shape || t.dtype != DType::F32 {
-        return Err(ViewError(format!("{}: expected f32 of shape {shape:?}, got {:?} {:?}", t.name, t.dtype, t.shape)));
-    }
     Ok(())
 }
 
@@ -154,22 +148,22 @@ impl Ctx<'_> {
     fn load_query(&self, b: usize, h: usize, i: usize, buf: &mut Buffers) -> (usize, usize) {
         let (layout, Dims { d, dv, .. }) = (self.x.layout, self.dims);
         let (q0, lq) = layout.block(i);
-        gather(self.x.q, b, h, &layout.perm, q0, lq, d, 1.0, &mut buf.q);
-        gather(self.rows.dout, b, h, &layout.perm, q0, lq, dv, 1.0, &mut buf.dout);
-        gather(self.rows.out, b, h, &layout.perm, q0, lq, dv, 1.0, &mut buf.out);
+        gather(self.x.q, (b, h), layout.tokens(i), d, 1.0, &mut buf.q);
+        gather(self.rows.dout, (b, h), layout.tokens(i), dv, 1.0, &mut buf.dout);
+        gather(self.rows.out, (b, h), layout.tokens(i), dv, 1.0, &mut buf.out);
         for r in 0..lq {
             let idx = [b, h, layout.perm[q0 + r]];
-            buf.lse[r] = self.rows.lse.load_f32(&idx) * LOG2_E;
+            buf.lse[r] = self.rows.lse.load(&idx) * LOG2_E;
             let (g, o) = (&buf.dout[r * dv..(r + 1) * dv], &buf.out[r * dv..(r + 1) * dv]);
             buf.delta[r] = g.iter().zip(o).map(|(g, o)| g * o).sum();
             buf.rho[r] = 0.0;
         }
         if let Some(hm) = self.rows.moment_mean {
-            let (p, rs, cs) = f32_rows(hm, b, h, 0);
-            // r = q·H̄ into `out` (no longer needed); SAFETY: a validated f32 (B, H, D, Dv) view, lq x dv buffers.
-            unsafe { matmul(lq, dv, d, buf.out.as_mut_ptr(), dv, false, buf.q.as_ptr(), d, 1, p, rs, cs) };
+            // r = q·H̄ into `out` (no longer needed)
+            let hm = hm.matrix(&[b, h, 0, 0]);
+            Gemm { m: lq, n: dv, k: d, accumulate: false }.run(MatMut::rows(&mut buf.out, dv), Mat::rows(&buf.q, d), hm);
             for r in 0..lq {
-                let zeta = self.rows.zeta.load_f32(&[b, h, layout.perm[q0 + r]]);
+                let zeta = self.rows.zeta.load(&[b, h, layout.perm[q0 + r]]);
                 let (g, first) = (&buf.dout[r * dv..(r + 1) * dv], &buf.out[r * dv..(r + 1) * dv]);
                 buf.rho[r] = self.x.scale * g.iter().zip(first).map(|(g, f)| g * f).sum::<f32>();
                 buf.zg[r * dv..(r + 1) * dv].iter_mut().zip(g).for_each(|(z, g)| *z = zeta * g);
@@ -204,8 +198,8 @@ impl Ctx<'_> {
 
     /// dq of query blocks `split` of `splits` of slice `bh` (written), and their key-side gradients (returned).
     fn query_range(&self, bh: usize, split: usize, splits: usize, dq: &View, buf: &mut Buffers) -> KeyGrads {
-        let Dims { n, d, dv, m, .. } = self.dims;
-        let (b, h) = self.x.slice(self.dims, bh);
+        let (Dims { n, d, dv, .. }, m) = (self.dims, self.x.layout.num_blocks());
+        let (b, h) = self.dims.slice(bh);
         let hybrid = if self.rows.moment_mean.is_some() { d * dv } else { 0 };
         let mut grads = KeyGrads {
             dk: vec![0.0; n * d], dv: vec![0.0; n * dv], dkm: vec![0.0; m * d], dvm: vec![0.0; m * dv], dhm: vec![0.0; hybrid],
@@ -216,17 +210,16 @@ impl Ctx<'_> {
             self.exact_entries(b, h, bh, i, lq, &mut grads, buf);
             self.centroid_entries(b, h, bh, i, lq, &mut grads, buf);
             if let Some(hm) = self.rows.moment_mean {
-                let (p, rs, cs) = f32_rows(hm, b, h, 0);
-                // dq += (ζ g)·H̄ᵀ ; dH̄ += qᵀ (ζ g). SAFETY: validated (B, H, D, Dv) f32 view; lq x dv, lq x d buffers.
-                unsafe {
-                    matmul(lq, d, dv, buf.dq.as_mut_ptr(), d, true, buf.zg.as_ptr(), dv, 1, p, cs, rs);
-                    matmul(d, dv, lq, grads.dhm.as_mut_ptr(), dv, true, buf.q.as_ptr(), 1, d, buf.zg.as_ptr(), dv, 1);
-                }
+                // dq += (ζ g)·H̄ᵀ ; dH̄ += qᵀ (ζ g)
+                let hm = hm.matrix(&[b, h, 0, 0]);
+                Gemm { m: lq, n: d, k: dv, accumulate: true }.run(MatMut::rows(&mut buf.dq, d), Mat::rows(&buf.zg, dv), hm.t());
+                Gemm { m: d, n: dv, k: lq, accumulate: true }.run(MatMut::rows(&mut grads.dhm, dv), Mat::rows(&buf.q, d).t(), Mat::rows(&buf.zg, dv));
             }
             for r in 0..lq {
                 let row = &mut buf.dq[r * d..(r + 1) * d];
                 row.iter_mut().for_each(|x| *x *= self.x.scale);
-                // SAFETY: perm is a permutation and query block i belongs to this task: one writer per row.
+                // SAFETY: `dq` is a validated contiguous output and perm is a permutation; query block i belongs to
+                // this task, so it is the only one touching this row.
                 unsafe { dq.store_row(&[b, h, self.x.layout.perm[q0 + r]], row) };
             }
         }
@@ -239,27 +232,22 @@ impl Ctx<'_> {
         for group in groups(layout, self.x.selection.row(bh, i)) {
             let mut lk = 0;
             for &j in group {
-                let (k0, len) = layout.block(j);
-                gather(self.x.k, b, h, &layout.perm, k0, len, d, 1.0, &mut buf.k[lk * d..]);
-                gather(self.x.v, b, h, &layout.perm, k0, len, dv, 1.0, &mut buf.v[lk * dv..]);
-                lk += len;
+                gather(self.x.k, (b, h), layout.tokens(j), d, 1.0, &mut buf.k[lk * d..]);
+                gather(self.x.v, (b, h), layout.tokens(j), dv, 1.0, &mut buf.v[lk * dv..]);
+                lk += layout.block(j).1;
             }
-            // SAFETY (all GEMMs below): buffers hold lq x d (q, dq), lq x dv (dout), lk x d (k), lk x dv (v) and
-            // lq x lk (p, dp) values; the key-side rows k0..k0+len lie inside the N x d / N x dv task buffers.
-            unsafe {
-                matmul(lq, lk, d, buf.p.as_mut_ptr(), lk, false, buf.q.as_ptr(), d, 1, buf.k.as_ptr(), 1, d);
-                matmul(lq, lk, dv, buf.dp.as_mut_ptr(), lk, false, buf.dout.as_ptr(), dv, 1, buf.v.as_ptr(), 1, dv);
-            }
+            // p = q · kᵀ ; dp = dout · vᵀ, then dq += dS · k
+            Gemm { m: lq, n: lk, k: d, accumulate: false }.run(MatMut::rows(&mut buf.p, lk), Mat::rows(&buf.q, d), Mat::rows(&buf.k, d).t());
+            Gemm { m: lq, n: lk, k: dv, accumulate: false }.run(MatMut::rows(&mut buf.dp, lk), Mat::rows(&buf.dout, dv), Mat::rows(&buf.v, dv).t());
             self.probabilities(lq, lk, false, buf);
-            unsafe { matmul(lq, d, lk, buf.dq.as_mut_ptr(), d, true, buf.dp.as_ptr(), lk, 1, buf.k.as_ptr(), d, 1) };
+            Gemm { m: lq, n: d, k: lk, accumulate: true }.run(MatMut::rows(&mut buf.dq, d), Mat::rows(&buf.dp, lk), Mat::rows(&buf.k, d));
             let mut col = 0;
             for &j in group {
                 let (k0, len) = layout.block(j);
-                unsafe {
-                    // dk_j += dSᵀ q ; dv_j += Pᵀ dout (columns col..col+len of dS and P)
-                    matmul(len, d, lq, grads.dk[k0 * d..].as_mut_ptr(), d, true, buf.dp[col..].as_ptr(), 1, lk, buf.q.as_ptr(), d, 1);
-                    matmul(len, dv, lq, grads.dv[k0 * dv..].as_mut_ptr(), dv, true, buf.p[col..].as_ptr(), 1, lk, buf.dout.as_ptr(), dv, 1);
-                }
+                // dk_j += dSᵀ q ; dv_j += Pᵀ dout (columns col..col+len of dS and P; rows k0.. of the task's sums)
+                let (ds_j, p_j) = (Mat::rows(&buf.dp[col..], lk).t(), Mat::rows(&buf.p[col..], lk).t());
+                Gemm { m: len, n: d, k: lq, accumulate: true }.run(MatMut::rows(&mut grads.dk[k0 * d..], d), ds_j, Mat::rows(&buf.q, d));
+                Gemm { m: len, n: dv, k: lq, accumulate: true }.run(MatMut::rows(&mut grads.dv[k0 * dv..], dv), p_j, Mat::rows(&buf.dout, dv));
                 col += len;
             }
         }
@@ -267,41 +255,37 @@ impl Ctx<'_> {
 
     #[allow(clippy::too_many_arguments)]
     fn centroid_entries(&self, b: usize, h: usize, bh: usize, i: usize, lq: usize, grads: &mut KeyGrads, buf: &mut Buffers) {
-        let (d, dv, m) = (self.dims.d, self.dims.dv, self.dims.m);
+        let (d, dv, m) = (self.dims.d, self.dims.dv, self.x.layout.num_blocks());
         let selected = self.x.selection.mask_row(bh, i);
         for c0 in (0..m).step_by(CHUNK) {
             let cols = CHUNK.min(m - c0);
             if !centroid_bias(self.x.layout, selected, c0, cols, &mut buf.bias, &mut buf.weight) {
                 continue;
             }
-            let (km, km_rs, km_cs) = f32_rows(self.x.key_mean, b, h, c0);
-            let (vm, vm_rs, vm_cs) = f32_rows(self.x.value_mean, b, h, c0);
-            // SAFETY: validated f32 views of (B, H, M, ·) with c0 + cols <= M; buffers hold lq x cols (p, dp),
-            // lq x d (q, dq), lq x dv (dout); rows c0..c0+cols lie inside the M x d / M x dv task buffers.
-            unsafe {
-                matmul(lq, cols, d, buf.p.as_mut_ptr(), cols, false, buf.q.as_ptr(), d, 1, km, km_cs, km_rs);
-                matmul(lq, cols, dv, buf.dp.as_mut_ptr(), cols, false, buf.dout.as_ptr(), dv, 1, vm, vm_cs, vm_rs);
-            }
+            let (km, vm) = (self.x.key_mean.matrix(&[b, h, c0, 0]), self.x.value_mean.matrix(&[b, h, c0, 0]));
+            // p = q · k̄ᵀ ; dp = dout · wᵀ over centroids c0..c0+cols
+            Gemm { m: lq, n: cols, k: d, accumulate: false }.run(MatMut::rows(&mut buf.p, cols), Mat::rows(&buf.q, d), km.t());
+            Gemm { m: lq, n: cols, k: dv, accumulate: false }.run(MatMut::rows(&mut buf.dp, cols), Mat::rows(&buf.dout, dv), vm.t());
             self.probabilities(lq, cols, true, buf);
-            unsafe {
-                matmul(lq, d, cols, buf.dq.as_mut_ptr(), d, true, buf.dp.as_ptr(), cols, 1, km, km_rs, km_cs);
-                matmul(cols, d, lq, grads.dkm[c0 * d..].as_mut_ptr(), d, true, buf.dp.as_ptr(), 1, cols, buf.q.as_ptr(), d, 1);
-                matmul(cols, dv, lq, grads.dvm[c0 * dv..].as_mut_ptr(), dv, true, buf.p.as_ptr(), 1, cols, buf.dout.as_ptr(), dv, 1);
-            }
+            // dq += dC · k̄ ; dk̄ += dCᵀ q ; dw += Pᵀ dout (rows c0.. of the task's sums)
+            Gemm { m: lq, n: d, k: cols, accumulate: true }.run(MatMut::rows(&mut buf.dq, d), Mat::rows(&buf.dp, cols), km);
+            let (dc, p) = (Mat::rows(&buf.dp, cols).t(), Mat::rows(&buf.p, cols).t());
+            Gemm { m: cols, n: d, k: lq, accumulate: true }.run(MatMut::rows(&mut grads.dkm[c0 * d..], d), dc, Mat::rows(&buf.q, d));
+            Gemm { m: cols, n: dv, k: lq, accumulate: true }.run(MatMut::rows(&mut grads.dvm[c0 * dv..], dv), p, Mat::rows(&buf.dout, dv));
         }
     }
 
     /// Sums the splits' `dH̄` of slice `bh` and writes it (times `scale`).
     fn store_moment_grad(&self, dhm: &View, partials: &[KeyGrads], bh: usize) {
         let Dims { d, dv, .. } = self.dims;
-        let (b, h) = self.x.slice(self.dims, bh);
+        let (b, h) = self.dims.slice(bh);
         let mut sum = vec![0.0f32; d * dv];
         for part in partials {
             sum.iter_mut().zip(&part.dhm).for_each(|(x, y)| *x += y);
         }
         sum.iter_mut().for_each(|x| *x *= self.x.scale);
         for i in 0..d {
-            // SAFETY: slice bh of the validated output belongs to this task.
+            // SAFETY: a validated contiguous f32 output whose slice bh only this task touches.
             unsafe { dhm.store_row(&[b, h, i], &sum[i * dv..(i + 1) * dv]) };
         }
     }
@@ -309,13 +293,14 @@ impl Ctx<'_> {
     /// Sums the splits' gradients of key block `j` of slice `bh` (its tokens and its centroid) and writes them.
     fn store_key_grads(&self, outs: &BackwardOutputs, partials: &[KeyGrads], bh: usize, j: usize) {
         let Dims { d, dv, .. } = self.dims;
-        let (b, h) = self.x.slice(self.dims, bh);
+        let (b, h) = self.dims.slice(bh);
         let (k0, len) = self.x.layout.block(j);
         let (mut gk, mut gv) = (vec![0.0f32; d], vec![0.0f32; dv]);
         for p in k0..k0 + len {
             sum_rows(&mut gk, &mut gv, partials.iter().map(|g| (&g.dk[p * d..(p + 1) * d], &g.dv[p * dv..(p + 1) * dv])));
             gk.iter_mut().for_each(|x| *x *= self.x.scale);
-            // SAFETY: perm is a permutation and block j belongs to this task: one writer per row.
+            // SAFETY: `dk`, `dv` are validated contiguous outputs and perm is a permutation; key block j of slice bh
+            // belongs to this task, so it is the only one touching this row of either.
             unsafe {
                 outs.dk.store_row(&[b, h, self.x.layout.perm[p]], &gk);
                 outs.dv.store_row(&[b, h, self.x.layout.perm[p]], &gv);
@@ -323,7 +308,7 @@ impl Ctx<'_> {
         }
         sum_rows(&mut gk, &mut gv, partials.iter().map(|g| (&g.dkm[j * d..(j + 1) * d], &g.dvm[j * dv..(j + 1) * dv])));
         gk.iter_mut().for_each(|x| *x *= self.x.scale);
-        // SAFETY: centroid row j of slice bh belongs to this task.
+        // SAFETY: validated contiguous f32 outputs whose centroid row j of slice bh only this task touches.
         unsafe {
             outs.dkey_mean.store_row(&[b, h, j], &gk);
             outs.dvalue_mean.store_row(&[b, h, j], &gv);

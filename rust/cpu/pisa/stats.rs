@@ -7,9 +7,10 @@
 
 use rayon::prelude::*;
 
-use super::{check_output, check_shape, err, gather, Layout};
+use super::{err, Layout};
+use crate::cpu::common::{check_input, check_output, gather};
+use crate::cpu::matmul::{Gemm, Mat, MatMut};
 use crate::cpu::pool::pool;
-use crate::cpu::simd::matmul;
 use crate::cpu::view::{DType, View, ViewError};
 
 /// Tasks per worker the passes aim for.
@@ -37,11 +38,11 @@ struct Shape {
 pub fn stats(k: &View, v: &View, q: Option<&View>, layout: &Layout, outs: &StatsOutputs, threads: usize) -> Result<(), ViewError> {
     k.expect(4, true)?;
     v.expect(4, true)?;
-    let (batch, heads, n, d) = (k.shape[0], k.shape[1], k.shape[2], k.shape[3]);
-    let (dv, m) = (v.shape[3], layout.num_blocks());
-    check_shape(v, &[batch, heads, n, dv], None)?;
+    let [batch, heads, n, d] = k.shape()[..] else { unreachable!("4 dims checked") };
+    let (dv, m) = (v.shape()[3], layout.num_blocks());
+    check_input(v, &[batch, heads, n, dv], None)?;
     if let Some(q) = q {
-        check_shape(q, &[batch, heads, n, d], None)?;
+        check_input(q, &[batch, heads, n, d], None)?;
     }
     if layout.perm.len() != n {
         return err(format!("perm: length {} != N = {n}", layout.perm.len()));
@@ -129,10 +130,9 @@ impl Pass<'_> {
     /// Gathers the keys and values of block `j` of slice `(b, h)`; returns the block's length.
     fn load(&self, b: usize, h: usize, j: usize, rows: &mut Rows) -> usize {
         let Shape { d, dv, .. } = self.shape;
-        let (p0, len) = self.layout.block(j);
-        gather(self.k, b, h, &self.layout.perm, p0, len, d, 1.0, &mut rows.k);
-        gather(self.v, b, h, &self.layout.perm, p0, len, dv, 1.0, &mut rows.v);
-        len
+        gather(self.k, (b, h), self.layout.tokens(j), d, 1.0, &mut rows.k);
+        gather(self.v, (b, h), self.layout.tokens(j), dv, 1.0, &mut rows.v);
+        self.layout.block(j).1
     }
 
     /// `rows.moment = Σ_t (k_t − k̄) v_tᵀ` of the loaded block, whose key mean is `rows.row[..d]`.
@@ -141,8 +141,7 @@ impl Pass<'_> {
         for r in rows.k[..len * d].chunks_exact_mut(d) {
             r.iter_mut().zip(&rows.row[..d]).for_each(|(x, mean)| *x -= mean);
         }
-        // SAFETY: k holds len x d, v len x dv, moment d x dv values.
-        unsafe { matmul(d, dv, len, rows.moment.as_mut_ptr(), dv, accumulate, rows.k.as_ptr(), 1, d, rows.v.as_ptr(), dv, 1) };
+        Gemm { m: d, n: dv, k: len, accumulate }.run(MatMut::rows(&mut rows.moment, dv), Mat::rows(&rows.k, d).t(), Mat::rows(&rows.v, dv));
     }
 
     /// Means of the blocks of one split (written) and the split's partial `Σ H_j` (returned, `d x dv`).
@@ -152,15 +151,18 @@ impl Pass<'_> {
         rows.moment.fill(0.0);
         for j in (m * split.0 / split.1)..(m * (split.0 + 1) / split.1) {
             let len = self.load(b, h, j, rows);
-            // SAFETY (stores): block j of slice bh belongs to this task; outputs are validated f32 views.
             column_mean(&rows.v, len, dv, &mut rows.row[..dv]);
+            // SAFETY (the three stores): validated contiguous f32 outputs, whose row j of slice bh only this task
+            // (the split holding block j) touches.
             unsafe { outs.value_mean.store_row(&[b, h, j], &rows.row[..dv]) };
             if let (Some(q), Some(query_mean)) = (q, outs.query_mean) {
-                gather(q, b, h, &self.layout.perm, self.layout.block(j).0, len, d, 1.0, &mut rows.q);
+                gather(q, (b, h), self.layout.tokens(j), d, 1.0, &mut rows.q);
                 column_mean(&rows.q, len, d, &mut rows.row[..d]);
+                // SAFETY: as for `value_mean` above.
                 unsafe { query_mean.store_row(&[b, h, j], &rows.row[..d]) };
             }
             column_mean(&rows.k, len, d, &mut rows.row[..d]);
+            // SAFETY: as for `value_mean` above.
             unsafe { outs.key_mean.store_row(&[b, h, j], &rows.row[..d]) };
             if outs.moment_mean.is_some() {
                 self.block_moment(len, rows, true);
@@ -179,7 +181,7 @@ impl Pass<'_> {
         let inv = 1.0 / m as f32;
         mean.iter_mut().for_each(|x| *x *= inv);
         for i in 0..d {
-            // SAFETY: slice bh of the validated output belongs to this task.
+            // SAFETY: a validated contiguous f32 output whose slice bh only this task touches.
             unsafe { moment_mean.store_row(&[bh / heads, bh % heads, i], &mean[i * dv..(i + 1) * dv]) };
         }
         mean
@@ -194,7 +196,8 @@ impl Pass<'_> {
             column_mean(&rows.k, len, d, &mut rows.row[..d]);
             self.block_moment(len, rows, false);
             let sq: f32 = rows.moment.iter().zip(mean).map(|(x, y)| (x - y) * (x - y)).sum();
-            // SAFETY: block j of slice bh belongs to this task.
+            // SAFETY: a validated contiguous f32 output whose element (b, h, j) only this task (the split holding
+            // block j) touches.
             unsafe { spread.store_f32(&[b, h, j], sq.sqrt()) };
         }
     }

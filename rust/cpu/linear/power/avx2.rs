@@ -112,29 +112,27 @@ fn hmax(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)))
 }
 
-/// `N` vectors from `ptr`.
-///
-/// # Safety
-/// `ptr` must be valid for reads of `N·8` f32 values.
+/// The first `N·8` values of `src` as `N` vectors (panics if it holds fewer).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn load_v<const N: usize>(ptr: *const f32) -> [__m256; N] {
+fn load_v<const N: usize>(src: &[f32]) -> [__m256; N] {
+    let src = &src[..N * W];
     let mut v = [_mm256_setzero_ps(); N];
     for (j, v) in v.iter_mut().enumerate() {
-        *v = _mm256_loadu_ps(ptr.add(j * W));
+        // SAFETY: `src` holds `N·8` values, so the 8 from `j·8` (`j < N`) are inside it.
+        *v = unsafe { _mm256_loadu_ps(src.as_ptr().add(j * W)) };
     }
     v
 }
 
-/// Writes `N` vectors to `ptr`.
-///
-/// # Safety
-/// `ptr` must be valid for writes of `N·8` f32 values.
+/// Writes `N` vectors to the first `N·8` values of `dst` (panics if it holds fewer).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn store_v<const N: usize>(ptr: *mut f32, v: [__m256; N]) {
+fn store_v<const N: usize>(dst: &mut [f32], v: [__m256; N]) {
+    let dst = &mut dst[..N * W];
     for (j, v) in v.iter().enumerate() {
-        _mm256_storeu_ps(ptr.add(j * W), *v);
+        // SAFETY: `dst` holds `N·8` values, so the 8 from `j·8` (`j < N`) are inside it.
+        unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(j * W), *v) };
     }
 }
 
@@ -148,14 +146,13 @@ fn relu_row(z: &[f32], eps: f32, r_out: &mut [f32]) -> (f32, f32) {
     let mut zs = z.chunks_exact(STEP * W);
     let mut rs = r_out.chunks_exact_mut(STEP * W);
     for (zc, rc) in (&mut zs).zip(&mut rs) {
-        // SAFETY (load and store): both chunks hold STEP·8 values.
-        let mut r = unsafe { load_v::<STEP>(zc.as_ptr()) };
+        let mut r = load_v::<STEP>(zc);
         for j in 0..STEP {
             r[j] = relu(r[j]);
             r2[j] = _mm256_fmadd_ps(r[j], r[j], r2[j]);
             rmax[j] = _mm256_max_ps(r[j], rmax[j]);
         }
-        unsafe { store_v(rc.as_mut_ptr(), r) };
+        store_v(rc, r);
     }
     for (zc, rc) in zs.remainder().chunks(W).zip(rs.into_remainder().chunks_mut(W)) {
         // Vectors past the last full step, padded with zeros: a padded lane has r = max(ε, tiny) <= every r
@@ -184,18 +181,15 @@ fn power_row(gamma: f32, shift: f32, ls: &mut [f32], p: &mut [f32]) -> f32 {
     let mut lss = ls.chunks_exact_mut(STEP * W);
     let mut ps = p.chunks_exact_mut(STEP * W);
     for (lc, pc) in (&mut lss).zip(&mut ps) {
-        // SAFETY (load and stores): both chunks hold STEP·8 values.
-        let r = unsafe { load_v::<STEP>(lc.as_ptr()) };
+        let r = load_v::<STEP>(lc);
         let l = log2_v(r);
         let mut x = l;
         for j in 0..STEP {
             x[j] = _mm256_fmadd_ps(g, l[j], offset);
         }
         let v = exp2_v(x);
-        unsafe {
-            store_v(lc.as_mut_ptr(), l);
-            store_v(pc.as_mut_ptr(), v);
-        }
+        store_v(lc, l);
+        store_v(pc, v);
         for j in 0..STEP {
             p2[j] = _mm256_fmadd_ps(v[j], v[j], p2[j]);
         }
