@@ -101,7 +101,7 @@ impl View {
             }
             ustrides.push(s);
         }
-        if span.checked_mul(dtype.size()).map_or(true, |b| b > isize::MAX as usize) {
+        if span.checked_mul(dtype.size()).is_none_or(|b| b > isize::MAX as usize) {
             return Err(ViewError(format!("{name}: offsets overflow")));
         }
         Ok(View { name, ptr, dtype, shape, strides: ustrides })
@@ -217,12 +217,12 @@ impl View {
                 let row = unsafe { std::slice::from_raw_parts((self.ptr as *const f32).add(base), dst.len()) };
                 dst.copy_from_slice(row);
             }
-            // SAFETY (the three arms): an f32 / f16 / bf16 view, and `row_offset` checked that `base + i·step`,
-            // `i < dst.len()`, are offsets of in-shape elements.
+            // SAFETY: an f32 view, and `row_offset` checked that `base + i·step`, `i < dst.len()`, are offsets of
+            // in-shape elements.
             DType::F32 => unsafe { self.read_row::<f32>(base, step, dst, |x| x) },
-            // SAFETY: see the arm above.
+            // SAFETY: an f16 view; the offsets as for f32.
             DType::F16 => unsafe { self.read_row(base, step, dst, half::f16::to_f32) },
-            // SAFETY: see the arm above.
+            // SAFETY: a bf16 view; the offsets as for f32.
             DType::BF16 => unsafe { self.read_row(base, step, dst, half::bf16::to_f32) },
             other => panic!("{}: load_row of a {other:?} view", self.name),
         }
@@ -253,12 +253,12 @@ impl View {
     pub unsafe fn store_row(&self, lead: &[usize], src: &[f32]) {
         let (base, step) = self.row_offset(lead, src.len());
         match self.dtype {
-            // SAFETY (the three arms): an f32 / f16 / bf16 view; `row_offset` checked that `base + i·step`,
-            // `i < src.len()`, are offsets of in-shape elements, which the caller owns for this call.
+            // SAFETY: an f32 view; `row_offset` checked that `base + i·step`, `i < src.len()`, are offsets of
+            // in-shape elements, which the caller owns for this call (`store_row`'s contract).
             DType::F32 => unsafe { self.write_row::<f32>(base, step, src, |x| x) },
-            // SAFETY: see the arm above.
+            // SAFETY: an f16 view; the offsets and their ownership as for f32.
             DType::F16 => unsafe { self.write_row(base, step, src, half::f16::from_f32) },
-            // SAFETY: see the arm above.
+            // SAFETY: a bf16 view; the offsets and their ownership as for f32.
             DType::BF16 => unsafe { self.write_row(base, step, src, half::bf16::from_f32) },
             other => panic!("{}: store_row of a {other:?} view", self.name),
         }
@@ -283,13 +283,12 @@ impl View {
     #[inline]
     pub fn load(&self, idx: &[usize]) -> f32 {
         let off = self.offset(idx);
-        // SAFETY (each arm): an in-shape element (`offset`, `new`) read as the view's own type.
         match self.dtype {
-            // SAFETY: see above.
+            // SAFETY: an in-shape element (`offset` checked the index, `new` its offset) of an f32 view.
             DType::F32 => unsafe { *(self.ptr as *const f32).add(off) },
-            // SAFETY: see above.
+            // SAFETY: an in-shape element (`offset` checked the index, `new` its offset) of an f16 view.
             DType::F16 => unsafe { *(self.ptr as *const half::f16).add(off) }.to_f32(),
-            // SAFETY: see above.
+            // SAFETY: an in-shape element (`offset` checked the index, `new` its offset) of a bf16 view.
             DType::BF16 => unsafe { *(self.ptr as *const half::bf16).add(off) }.to_f32(),
             other => panic!("{}: load of a {other:?} view", self.name),
         }

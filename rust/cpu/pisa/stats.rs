@@ -152,17 +152,17 @@ impl Pass<'_> {
         for j in (m * split.0 / split.1)..(m * (split.0 + 1) / split.1) {
             let len = self.load(b, h, j, rows);
             column_mean(&rows.v, len, dv, &mut rows.row[..dv]);
-            // SAFETY (the three stores): validated contiguous f32 outputs, whose row j of slice bh only this task
-            // (the split holding block j) touches.
+            // SAFETY: a validated contiguous f32 output, whose row j of slice bh only this task (the split holding
+            // block j) touches.
             unsafe { outs.value_mean.store_row(&[b, h, j], &rows.row[..dv]) };
             if let (Some(q), Some(query_mean)) = (q, outs.query_mean) {
                 gather(q, (b, h), self.layout.tokens(j), d, 1.0, &mut rows.q);
                 column_mean(&rows.q, len, d, &mut rows.row[..d]);
-                // SAFETY: as for `value_mean` above.
+                // SAFETY: a validated contiguous f32 output whose row j of slice bh only this task touches.
                 unsafe { query_mean.store_row(&[b, h, j], &rows.row[..d]) };
             }
             column_mean(&rows.k, len, d, &mut rows.row[..d]);
-            // SAFETY: as for `value_mean` above.
+            // SAFETY: a validated contiguous f32 output whose row j of slice bh only this task touches.
             unsafe { outs.key_mean.store_row(&[b, h, j], &rows.row[..d]) };
             if outs.moment_mean.is_some() {
                 self.block_moment(len, rows, true);

@@ -258,16 +258,14 @@ fn grad_row(z: &[f32], g: &[f32], gamma: f32, eps: f32, ls: &[f32], p: &[f32], n
     };
     let split = z.len() - z.len() % W;
     for at in (0..split).step_by(W) {
-        // SAFETY: every row has `z.len() >= at + 8` values (same lengths, checked by the caller).
-        let [zv, gv, lv, pv] = [z, g, ls, p].map(|row| unsafe { _mm256_loadu_ps(row.as_ptr().add(at)) });
-        unsafe { _mm256_storeu_ps(dz.as_mut_ptr().add(at), step(zv, gv, lv, pv)) };
+        let [zv, gv, lv, pv] = [z, g, ls, p].map(|row| load_v::<1>(&row[at..])[0]);
+        store_v(&mut dz[at..], [step(zv, gv, lv, pv)]);
     }
     if split < z.len() {
         // Zero-padded tails: padded lanes have r = ε > 0 and u = 0, so they add 0 to dγ.
         let [zv, gv, lv, pv] = [z, g, ls, p].map(|row| padded(&row[split..], 0.0));
         let mut out = [0.0; W];
-        // SAFETY: `out` holds 8 values.
-        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), step(zv, gv, lv, pv)) };
+        store_v(&mut out, [step(zv, gv, lv, pv)]);
         dz[split..].copy_from_slice(&out[..z.len() - split]);
     }
     n1 * hsum(dgamma) * std::f32::consts::LN_2
