@@ -607,3 +607,6 @@ impl BackwardCtx<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

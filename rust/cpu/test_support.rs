@@ -21,6 +21,11 @@ pub fn view(name: &'static str, data: &[f32], shape: &[usize]) -> View {
     view_of(name, data, "float32", shape)
 }
 
+/// A contiguous f32 view of `data` with `shape` that a kernel may write (its address comes from a mutable borrow).
+pub fn view_mut(name: &'static str, data: &mut [f32], shape: &[usize]) -> View {
+    View::new(name, data.as_mut_ptr() as usize, "float32", shape.to_vec(), contiguous_strides(shape)).unwrap()
+}
+
 /// `n` deterministic values in about [-1.5, 1.5] from `seed`.
 pub fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
