@@ -270,7 +270,7 @@ mod tests {
     use super::*;
     use crate::plan::grid::TextPosition;
 
-    /// Brute-force CLEAR mask over sequence indices, straight from the spec.
+    /// Brute-force CLEAR mask over sequence indices, straight from its definition.
     fn clear_allowed(grid: &TokenGrid, a: usize, b: usize, r: f64, rt: f64) -> bool {
         let coord = |i: usize| -> Option<(i64, i64, i64)> {
             let s = grid.image_start();

@@ -1,5 +1,9 @@
-//! PyO3 glue: converts Python arguments, calls `plan`, returns bytes of little-endian int64.
-//! No logic lives here.
+//! The PyO3 module `difattn._core` (built with the `python` feature): it turns Python arguments (grid and tile
+//! tuples, tensor descriptors) into the validated types of `plan` and `cpu`, releases the GIL around the work,
+//! and raises every validation error as `ValueError`. This file holds that conversion, the token orders and block
+//! plans (returned as little-endian int64 / int32 bytes, the plan with its CSR transpose), the block engine's
+//! entry points (which rebuild `cpu::block_attention::Plan` from the plan tensors on every call) and the module's
+//! registration; `clear`, `linear`, `llsa` and `pisa` hold the glue of those methods' kernels.
 
 mod clear;
 mod linear;

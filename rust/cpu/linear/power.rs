@@ -90,7 +90,7 @@ fn power_rows_body<const FMA: bool>(z: &[f32], gamma: &[f32], eps: f32, ls: &mut
     }
 }
 
-/// Gradients of one power map given `G = ∂L/∂φ` (the spec's formulas, written with `u = p / n2`):
+/// Gradients of one power map given `G = ∂L/∂φ` (written with `u = p / n2`):
 /// `∂L/∂r = (G·u) r / n1 + γ n1 (u / r) ⊙ (G − u (G·u))`, `∂L/∂z = ∂L/∂r ⊙ 1[z > 0]`,
 /// `∂L/∂γ = n1 Σ (G − u (G·u)) ⊙ u ⊙ ln r` (`ls = log2 r`, so `ln r = ls · ln 2`). Writes `dz` of one row and
 /// returns `∂L/∂γ`.

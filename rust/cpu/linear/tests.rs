@@ -77,7 +77,7 @@ fn linear_forward_and_backward_match_naive_loops_across_splits() {
     }
 }
 
-/// DyDiLA in f64 from the spec's definitions: `(B·H, N, ·)` row-major inputs, per-token `(B·H, N)` parameters.
+/// DyDiLA in f64 from its definitions: `(B·H, N, ·)` row-major inputs, per-token `(B·H, N)` parameters.
 struct Case {
     bh: usize,
     n: usize,

@@ -1,4 +1,4 @@
-//! The PISA forward against a naive f64 reading of the spec, and the validation of layouts and selections.
+//! The PISA forward against a naive f64 reading of its definition, and the validation of layouts and selections.
 
 use super::*;
 use crate::cpu::test_support::{values, view};
