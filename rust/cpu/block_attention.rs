@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use super::common::{check_input, check_output, gather, Dims, LN_2, LOG2_E};
+use super::common::{check_input, check_output, gather, Dims, OnlineSoftmax, LOG2_E};
 use super::matmul::{Gemm, Mat, MatMut};
 use super::pool::pool;
 use super::vmath::{self, exp2_shift_sum};
@@ -291,9 +291,7 @@ struct ForwardBuffers {
     k: Vec<f32>,
     v: Vec<f32>,
     s: Vec<f32>,
-    acc: Vec<f32>,
-    m: Vec<f32>,
-    l: Vec<f32>,
+    state: OnlineSoftmax,
 }
 
 impl ForwardBuffers {
@@ -304,9 +302,7 @@ impl ForwardBuffers {
             k: vec![0.0; panel * dims.d],
             v: vec![0.0; panel * dims.dv],
             s: vec![0.0; bq * panel],
-            acc: vec![0.0; bq * dims.dv],
-            m: vec![0.0; bq],
-            l: vec![0.0; bq],
+            state: OnlineSoftmax::new(bq, dims.dv),
         }
     }
 }
@@ -319,9 +315,7 @@ fn forward_block(q: &View, k: &View, v: &View, out: &View, lse: &View, plan: &Pl
     let (q0, lq) = plan.q_block(i);
     let (d, dv) = (dims.d, dims.dv);
     gather(q, (b, h), plan.q_perm[q0..q0 + lq].iter().copied(), d, scale * LOG2_E, &mut buf.q);
-    buf.m[..lq].fill(f32::NEG_INFINITY);
-    buf.l[..lq].fill(0.0);
-    buf.acc[..lq * dv].fill(0.0);
+    buf.state.reset(lq);
     let mut entries = plan.indptr[i]..plan.indptr[i + 1];
     while !entries.is_empty() {
         // A panel: consecutive entries gathered side by side, up to PANEL_KEYS keys (or one block).
@@ -349,31 +343,17 @@ fn forward_block(q: &View, k: &View, v: &View, out: &View, lse: &View, plan: &Pl
             }
             column += len;
         }
-        for r in 0..lq {
-            let row = &mut s[r * lk..(r + 1) * lk];
-            let row_max = vmath::max(row);
-            let m_new = buf.m[r].max(row_max);
-            if m_new == f32::NEG_INFINITY {
-                row.fill(0.0);
-                continue;
-            }
-            let alpha = if buf.m[r] == f32::NEG_INFINITY { 0.0 } else { (buf.m[r] - m_new).exp2() };
-            buf.l[r] = buf.l[r] * alpha + exp2_shift_sum(row, m_new);
-            buf.m[r] = m_new;
-            if alpha != 1.0 {
-                buf.acc[r * dv..(r + 1) * dv].iter_mut().for_each(|x| *x *= alpha);
-            }
-        }
+        buf.state.update(s, lq, lk, |_, _, _| {});
         // acc += p · v
-        Gemm { m: lq, n: dv, k: lk, accumulate: true }.run(MatMut::rows(&mut buf.acc, dv), Mat::rows(s, lk), Mat::rows(&buf.v, dv));
+        Gemm { m: lq, n: dv, k: lk, accumulate: true }.run(MatMut::rows(&mut buf.state.acc, dv), Mat::rows(s, lk), Mat::rows(&buf.v, dv));
     }
+    let st = &mut buf.state;
     for r in 0..lq {
-        let row = &mut buf.acc[r * dv..(r + 1) * dv];
-        let l = buf.l[r];
-        let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+        let inv = st.inverse(r);
+        let log_den = st.log_denominator(r);
+        let row = &mut st.acc[r * dv..(r + 1) * dv];
         row.iter_mut().for_each(|x| *x *= inv);
         let token = plan.q_perm[q0 + r];
-        let log_den = if l > 0.0 { (buf.m[r] + l.log2()) * LN_2 } else { f32::NEG_INFINITY };
         // SAFETY: `out` and `lse` are validated contiguous outputs and q_perm is a permutation, so this task (query
         // block i of slice bh) is the only one touching row `token` of either.
         unsafe {

@@ -2,6 +2,7 @@
 //! and outputs, and the row gather through a permutation.
 
 use super::view::{err, DType, View, ViewError};
+use super::vmath::{self, exp2_shift_sum};
 
 /// Logits are scaled by `log2 e` so the softmax runs on `exp2`; log-sum-exps go back to natural log by `ln 2`.
 pub const LOG2_E: f32 = std::f32::consts::LOG2_E;
@@ -26,6 +27,72 @@ impl Dims {
     /// `(b, h)` of slice `bh`.
     pub fn slice(&self, bh: usize) -> (usize, usize) {
         (bh / self.heads, bh % self.heads)
+    }
+}
+
+/// The running state of an online softmax over rows of base-2 logits (FlashAttention's): per row the max `m` and
+/// the denominator `l` so far, and the numerator `acc` (`rows x width`, row-major), which the caller adds `P·V` to.
+pub struct OnlineSoftmax {
+    pub m: Vec<f32>,
+    pub l: Vec<f32>,
+    pub acc: Vec<f32>,
+    width: usize,
+}
+
+impl OnlineSoftmax {
+    pub fn new(rows: usize, width: usize) -> Self {
+        OnlineSoftmax { m: vec![0.0; rows], l: vec![0.0; rows], acc: vec![0.0; rows * width], width }
+    }
+
+    /// Starts `rows` rows afresh: nothing seen yet.
+    pub fn reset(&mut self, rows: usize) {
+        self.m[..rows].fill(f32::NEG_INFINITY);
+        self.l[..rows].fill(0.0);
+        self.acc[..rows * self.width].fill(0.0);
+    }
+
+    /// Folds the logits `s` (`rows x cols`, row-major) in: turns them into probabilities `2^(s − m)` against the
+    /// new row maxima and rescales `l` and `acc` by `alpha = 2^(m_old − m_new)` where the max rose. A row with no
+    /// finite logit so far becomes zeros. `each(r, p, alpha)` sees every other row's probabilities and `alpha`
+    /// (for the caller's own running sums).
+    #[inline(always)]
+    pub fn update(&mut self, s: &mut [f32], rows: usize, cols: usize, mut each: impl FnMut(usize, &[f32], f32)) {
+        let width = self.width;
+        for r in 0..rows {
+            let row = &mut s[r * cols..(r + 1) * cols];
+            let m_new = self.m[r].max(vmath::max(row));
+            if m_new == f32::NEG_INFINITY {
+                row.fill(0.0);
+                continue;
+            }
+            let alpha = if self.m[r] == f32::NEG_INFINITY { 0.0 } else { (self.m[r] - m_new).exp2() };
+            self.l[r] = self.l[r] * alpha + exp2_shift_sum(row, m_new);
+            each(r, row, alpha);
+            self.m[r] = m_new;
+            if alpha != 1.0 {
+                self.acc[r * width..(r + 1) * width].iter_mut().for_each(|x| *x *= alpha);
+            }
+        }
+    }
+
+    /// `1 / l` of row `r`, 0 for a row that saw no allowed key.
+    pub fn inverse(&self, r: usize) -> f32 {
+        let l = self.l[r];
+        if l > 0.0 {
+            1.0 / l
+        } else {
+            0.0
+        }
+    }
+
+    /// The natural log of row `r`'s softmax denominator (−∞ for a row that saw no allowed key).
+    pub fn log_denominator(&self, r: usize) -> f32 {
+        let l = self.l[r];
+        if l > 0.0 {
+            (self.m[r] + l.log2()) * LN_2
+        } else {
+            f32::NEG_INFINITY
+        }
     }
 }
 

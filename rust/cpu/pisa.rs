@@ -21,10 +21,9 @@ use rayon::prelude::*;
 pub use backward::{backward, BackwardOutputs, BackwardRows};
 pub use stats::{stats, StatsOutputs};
 
-use super::common::{check_input, check_output, gather, Dims, LN_2, LOG2_E};
+use super::common::{check_input, check_output, gather, Dims, OnlineSoftmax, LOG2_E};
 use super::matmul::{Gemm, Mat, MatMut};
 use super::pool::pool;
-use super::vmath::{self, exp2_shift_sum};
 use super::view::{err, DType, View, ViewError};
 /// Centroids per GEMM in the centroid phase.
 pub const CHUNK: usize = 64;
@@ -245,48 +244,31 @@ impl ForwardBuffers {
     }
 }
 
-/// The online-softmax state of a query block: running max `m`, denominator `l`, first-order sum `z` (all base 2
-/// over logits in `log2 e` units) and the numerator `acc` (`rows x dv`).
+/// The online-softmax state of a query block (over logits in `log2 e` units) and the first-order sum
+/// `z = Σ_{j∉S} 2^(c_j − m)` of the centroid phase, rescaled with it.
 struct State {
-    m: Vec<f32>,
-    l: Vec<f32>,
+    softmax: OnlineSoftmax,
     z: Vec<f32>,
-    acc: Vec<f32>,
-    dv: usize,
 }
 
 impl State {
     fn new(rows: usize, dv: usize) -> Self {
-        State { m: vec![0.0; rows], l: vec![0.0; rows], z: vec![0.0; rows], acc: vec![0.0; rows * dv], dv }
+        State { softmax: OnlineSoftmax::new(rows, dv), z: vec![0.0; rows] }
     }
 
     fn reset(&mut self, rows: usize) {
-        self.m[..rows].fill(f32::NEG_INFINITY);
-        self.l[..rows].fill(0.0);
+        self.softmax.reset(rows);
         self.z[..rows].fill(0.0);
-        self.acc[..rows * self.dv].fill(0.0);
     }
 
-    /// Folds the logits `s` (`rows x cols`) in: rescales `l`, `z` and `acc` where the max rises and turns `s` into
-    /// unnormalised probabilities. `z_weight` (per column, the centroid phase): `z += Σ_c p_c · z_weight[c]`.
+    /// Folds the logits `s` (`rows x cols`) in (see [`OnlineSoftmax::update`]), rescaling `z` as well. `z_weight`
+    /// (per column, the centroid phase): `z += Σ_c p_c · z_weight[c]`.
     fn update(&mut self, s: &mut [f32], rows: usize, cols: usize, z_weight: Option<&[f32]>) {
-        let dv = self.dv;
-        for r in 0..rows {
-            let row = &mut s[r * cols..(r + 1) * cols];
-            let m_new = self.m[r].max(vmath::max(row));
-            if m_new == f32::NEG_INFINITY {
-                row.fill(0.0);
-                continue;
-            }
-            let alpha = if self.m[r] == f32::NEG_INFINITY { 0.0 } else { (self.m[r] - m_new).exp2() };
-            self.l[r] = self.l[r] * alpha + exp2_shift_sum(row, m_new);
-            let added = z_weight.map_or(0.0, |w| row.iter().zip(w).map(|(p, w)| p * w).sum::<f32>());
-            self.z[r] = self.z[r] * alpha + added;
-            self.m[r] = m_new;
-            if alpha != 1.0 {
-                self.acc[r * dv..(r + 1) * dv].iter_mut().for_each(|x| *x *= alpha);
-            }
-        }
+        let z = &mut self.z;
+        self.softmax.update(s, rows, cols, |r, p, alpha| {
+            let added = z_weight.map_or(0.0, |w| p.iter().zip(w).map(|(p, w)| p * w).sum::<f32>());
+            z[r] = z[r] * alpha + added;
+        });
     }
 }
 
@@ -309,7 +291,7 @@ fn forward_block(x: &Inputs, moment_mean: Option<&View>, outs: [&View; 3], dims:
         // s = q · kᵀ ; acc += p · v (groups hold at most GROUP_KEYS keys or one block: the buffers' sizes)
         Gemm { m: lq, n: lk, k: d, accumulate: false }.run(MatMut::rows(s, lk), Mat::rows(&buf.q, d), Mat::rows(&buf.k, d).t());
         buf.state.update(s, lq, lk, None);
-        Gemm { m: lq, n: dv, k: lk, accumulate: true }.run(MatMut::rows(&mut buf.state.acc, dv), Mat::rows(s, lk), Mat::rows(&buf.v, dv));
+        Gemm { m: lq, n: dv, k: lk, accumulate: true }.run(MatMut::rows(&mut buf.state.softmax.acc, dv), Mat::rows(s, lk), Mat::rows(&buf.v, dv));
     }
     let selected = x.selection.mask_row(bh, i);
     for c0 in (0..m).step_by(CHUNK) {
@@ -325,7 +307,7 @@ fn forward_block(x: &Inputs, moment_mean: Option<&View>, outs: [&View; 3], dims:
             row.iter_mut().zip(&buf.bias[..cols]).for_each(|(x, b)| *x += b);
         }
         buf.state.update(s, lq, cols, Some(&buf.weight[..cols]));
-        Gemm { m: lq, n: dv, k: cols, accumulate: true }.run(MatMut::rows(&mut buf.state.acc, dv), Mat::rows(s, cols), vm);
+        Gemm { m: lq, n: dv, k: cols, accumulate: true }.run(MatMut::rows(&mut buf.state.softmax.acc, dv), Mat::rows(s, cols), vm);
     }
     if let Some(hm) = moment_mean {
         // first = q·H̄ · (scale · log2 e): the query rows are stored scaled.
@@ -335,16 +317,15 @@ fn forward_block(x: &Inputs, moment_mean: Option<&View>, outs: [&View; 3], dims:
     let st = &buf.state;
     for r in 0..lq {
         let token = layout.perm[q0 + r];
-        let l = st.l[r];
-        let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+        let inv = st.softmax.inverse(r);
         let row = &mut buf.row;
-        row.copy_from_slice(&st.acc[r * dv..(r + 1) * dv]);
+        row.copy_from_slice(&st.softmax.acc[r * dv..(r + 1) * dv]);
         if moment_mean.is_some() {
             let weight = st.z[r] / LOG2_E;
             row.iter_mut().zip(&buf.first[r * dv..(r + 1) * dv]).for_each(|(x, f)| *x += weight * f);
         }
         row.iter_mut().for_each(|x| *x *= inv);
-        let log_den = if l > 0.0 { (st.m[r] + l.log2()) * LN_2 } else { f32::NEG_INFINITY };
+        let log_den = st.softmax.log_denominator(r);
         // SAFETY: `out`, `lse`, `zeta` are validated contiguous outputs and perm is a permutation, so this task
         // (query block i of slice bh) is the only one touching row `token` of each.
         unsafe {
