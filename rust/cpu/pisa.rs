@@ -101,7 +101,7 @@ impl Selection {
     /// `ids`: `(slices, m, k)` flattened; validates ranges and distinctness of every row.
     pub fn new(ids: &[i64], slices: usize, m: usize) -> Result<Self, ViewError> {
         let rows = slices * m;
-        if rows == 0 || ids.len() % rows != 0 || ids.len() / rows == 0 || ids.len() / rows > m {
+        if rows == 0 || !ids.len().is_multiple_of(rows) || ids.len() / rows == 0 || ids.len() / rows > m {
             return err(format!("blocks: need (B, H, M, k) ids with M = {m} and 1 <= k <= M, got {} values", ids.len()));
         }
         let k = ids.len() / rows;

@@ -3,7 +3,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-static POOLS: OnceLock<Mutex<HashMap<(u32, usize), Arc<rayon::ThreadPool>>>> = OnceLock::new();
+/// The pools built so far, by `(process id, threads)`.
+type Pools = Mutex<HashMap<(u32, usize), Arc<rayon::ThreadPool>>>;
+
+static POOLS: OnceLock<Pools> = OnceLock::new();
 
 /// The pool with `threads` workers for this process.
 pub fn pool(threads: usize) -> Result<Arc<rayon::ThreadPool>, String> {

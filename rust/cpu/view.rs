@@ -86,7 +86,7 @@ impl View {
         if numel > 0 && ptr == 0 {
             return Err(ViewError(format!("{name}: null data pointer")));
         }
-        if ptr % dtype.size() != 0 {
+        if !ptr.is_multiple_of(dtype.size()) {
             return Err(ViewError(format!("{name}: data pointer not aligned to {} bytes", dtype.size())));
         }
         let mut span: usize = 0;

@@ -104,7 +104,7 @@ fn fma_cols<const FMA: bool>(a: f32, b: &Cols, acc: &mut Cols) {
 /// [`COLS`] (callers pad rows with zeros). Vectors run along the channels here: 3 keys × 4 vectors per block.
 #[inline(always)]
 pub fn update<const FMA: bool>(w: &[Lanes], b: &[f32], width: usize, dst: &mut [f32], stride: usize) {
-    debug_assert!(width % COLS == 0);
+    debug_assert!(width.is_multiple_of(COLS));
     let n = w.len();
     let mut j = 0;
     while j + 3 <= n {
