@@ -26,6 +26,24 @@ pub fn view_mut(name: &'static str, data: &mut [f32], shape: &[usize]) -> View {
     View::new(name, data.as_mut_ptr() as usize, "float32", shape.to_vec(), contiguous_strides(shape)).unwrap()
 }
 
+/// The results of a naive f64 attention loop: forward `out`, `lse` and the gradients `dq`, `dk`, `dv`.
+pub struct Naive {
+    pub out: Vec<f64>,
+    pub lse: Vec<f64>,
+    pub dq: Vec<f64>,
+    pub dk: Vec<f64>,
+    pub dv: Vec<f64>,
+}
+
+/// Asserts `|got − want| <= tol · (1 + |want|)` elementwise (an infinite `want` must be met exactly).
+pub fn close(name: &str, got: &[f32], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        let ok = if b.is_infinite() { *a as f64 == *b } else { (*a as f64 - b).abs() <= tol * (1.0 + b.abs()) };
+        assert!(ok, "{name}[{i}]: {a} vs {b}");
+    }
+}
+
 /// `n` deterministic values in about [-1.5, 1.5] from `seed`.
 pub fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);

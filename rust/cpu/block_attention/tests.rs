@@ -4,7 +4,7 @@
 //! 3 threads (the one-pass and the two-pass backward).
 
 use super::*;
-use crate::cpu::test_support::{values, view, view_mut};
+use crate::cpu::test_support::{close, values, view, view_mut, Naive};
 
 const BATCH: usize = 2;
 const HEADS: usize = 2;
@@ -136,14 +136,6 @@ fn strided(data: &[f32], n: usize, w: usize, (b, h, t, i): (usize, usize, usize,
     data[((b * n + t) * HEADS + h) * w + i] as f64
 }
 
-struct Naive {
-    out: Vec<f64>,
-    lse: Vec<f64>,
-    dq: Vec<f64>,
-    dk: Vec<f64>,
-    dv: Vec<f64>,
-}
-
 /// Attention over the allowed pairs in f64: q, v, dout `(B, H, N, ·)` contiguous, k `(B, Nk, H, D)`; outputs
 /// `(B, H, N, ·)` by token.
 fn naive(c: &Case, spatial: Spatial, q: &[f32], k: &[f32], v: &[f32], dout: &[f32]) -> Naive {
@@ -202,14 +194,6 @@ fn naive(c: &Case, spatial: Spatial, q: &[f32], k: &[f32], v: &[f32], dout: &[f3
         }
     }
     r
-}
-
-fn close(name: &str, got: &[f32], want: &[f64], tol: f64) {
-    assert_eq!(got.len(), want.len(), "{name}: length");
-    for (i, (a, b)) in got.iter().zip(want).enumerate() {
-        let ok = if b.is_infinite() { *a as f64 == *b } else { (*a as f64 - b).abs() <= tol * (1.0 + b.abs()) };
-        assert!(ok, "{name}[{i}]: {a} vs {b}");
-    }
 }
 
 fn run(spatial: Spatial, threads: usize) {

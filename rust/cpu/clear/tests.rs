@@ -3,7 +3,7 @@
 //! tails of every size, at 1 and 3 threads (one part per slice, and slices split into parts).
 
 use super::*;
-use crate::cpu::test_support::{values, view};
+use crate::cpu::test_support::{close, values, view, Naive};
 
 fn allowed(g: &Geometry, q: usize, k: usize) -> bool {
     let image = |i: usize| -> Option<(i64, i64, i64)> {
@@ -22,14 +22,6 @@ fn allowed(g: &Geometry, q: usize, k: usize) -> bool {
         }
         _ => true,
     }
-}
-
-struct Naive {
-    out: Vec<f64>,
-    lse: Vec<f64>,
-    dq: Vec<f64>,
-    dk: Vec<f64>,
-    dv: Vec<f64>,
 }
 
 /// One slice: q (N, d), keys (NK, d) and values (NK, dv) with the global tokens appended, dout (N, dv).
@@ -64,13 +56,6 @@ fn naive(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], dout: &[f32], d: usize, 
     r
 }
 
-fn close(name: &str, got: &[f32], want: &[f64]) {
-    assert_eq!(got.len(), want.len(), "{name}: length");
-    for (i, (a, b)) in got.iter().zip(want).enumerate() {
-        assert!((*a as f64 - b).abs() <= 2e-5 + 2e-5 * b.abs(), "{name}[{i}]: {a} vs {b}");
-    }
-}
-
 fn run(g: Geometry, heads: usize, d: usize, dv: usize, threads: usize) {
     let (n, gl) = (g.tokens(), g.global);
     let scale = 0.3f32;
@@ -99,13 +84,13 @@ fn run(g: Geometry, heads: usize, d: usize, dv: usize, threads: usize) {
         let cat = |a: &[f32], b: &[f32], w: usize| [&a[h * n * w..(h + 1) * n * w], &b[h * gl * w..(h + 1) * gl * w]].concat();
         let r = naive(&g, &q[h * n * d..(h + 1) * n * d], &cat(&k, &kg, d), &cat(&v, &vg, dv), &dout[h * n * dv..(h + 1) * n * dv], d, dv, scale as f64);
         let tag = format!("{g:?} h{h} t{threads}");
-        close(&format!("out {tag}"), &out[h * n * dv..(h + 1) * n * dv], &r.out);
-        close(&format!("lse {tag}"), &lse[h * n..(h + 1) * n], &r.lse);
-        close(&format!("dq {tag}"), &dq[h * n * d..(h + 1) * n * d], &r.dq);
-        close(&format!("dk {tag}"), &dk[h * n * d..(h + 1) * n * d], &r.dk[..n * d]);
-        close(&format!("dv {tag}"), &dvb[h * n * dv..(h + 1) * n * dv], &r.dv[..n * dv]);
-        close(&format!("dkg {tag}"), &dkg[h * gl * d..(h + 1) * gl * d], &r.dk[n * d..]);
-        close(&format!("dvg {tag}"), &dvg[h * gl * dv..(h + 1) * gl * dv], &r.dv[n * dv..]);
+        close(&format!("out {tag}"), &out[h * n * dv..(h + 1) * n * dv], &r.out, 2e-5);
+        close(&format!("lse {tag}"), &lse[h * n..(h + 1) * n], &r.lse, 2e-5);
+        close(&format!("dq {tag}"), &dq[h * n * d..(h + 1) * n * d], &r.dq, 2e-5);
+        close(&format!("dk {tag}"), &dk[h * n * d..(h + 1) * n * d], &r.dk[..n * d], 2e-5);
+        close(&format!("dv {tag}"), &dvb[h * n * dv..(h + 1) * n * dv], &r.dv[..n * dv], 2e-5);
+        close(&format!("dkg {tag}"), &dkg[h * gl * d..(h + 1) * gl * d], &r.dk[n * d..], 2e-5);
+        close(&format!("dvg {tag}"), &dvg[h * gl * dv..(h + 1) * gl * dv], &r.dv[n * dv..], 2e-5);
     }
 }
 
