@@ -314,7 +314,7 @@ fn forward_block(q: &View, k: &View, v: &View, out: &View, lse: &View, plan: &Pl
     let (b, h) = dims.slice(bh);
     let (q0, lq) = plan.q_block(i);
     let (d, dv) = (dims.d, dims.dv);
-    gather(q, (b, h), plan.q_perm[q0..q0 + lq].iter().copied(), d, scale * LOG2_E, &mut buf.q);
+    gather(q, (b, h), plan.q_perm[q0..q0 + lq].iter().copied(), scale * LOG2_E, &mut buf.q);
     buf.state.reset(lq);
     let mut entries = plan.indptr[i]..plan.indptr[i + 1];
     while !entries.is_empty() {
@@ -327,8 +327,8 @@ fn forward_block(q: &View, k: &View, v: &View, out: &View, lse: &View, plan: &Pl
                 break;
             }
             let keys = &plan.k_perm[k0..k0 + len];
-            gather(k, (b, h), keys.iter().copied(), d, 1.0, &mut buf.k[lk * d..]);
-            gather(v, (b, h), keys.iter().copied(), dv, 1.0, &mut buf.v[lk * dv..]);
+            gather(k, (b, h), keys.iter().copied(), 1.0, &mut buf.k[lk * d..]);
+            gather(v, (b, h), keys.iter().copied(), 1.0, &mut buf.v[lk * dv..]);
             lk += len;
             entries.start += 1;
         }
@@ -463,8 +463,8 @@ impl BackwardCtx<'_> {
         let plan = self.plan;
         let (q0, lq) = plan.q_block(i);
         let tokens = &plan.q_perm[q0..q0 + lq];
-        gather(self.q, (b, h), tokens.iter().copied(), self.dims.d, 1.0, &mut buf.q);
-        gather(self.dout, (b, h), tokens.iter().copied(), self.dims.dv, 1.0, &mut buf.dout);
+        gather(self.q, (b, h), tokens.iter().copied(), 1.0, &mut buf.q);
+        gather(self.dout, (b, h), tokens.iter().copied(), 1.0, &mut buf.dout);
         for (r, &token) in tokens.iter().enumerate() {
             buf.lse[r] = self.lse.load(&[b, h, token]) * LOG2_E;
             buf.delta[r] = self.delta.load(&[b, h, token]);
@@ -475,8 +475,8 @@ impl BackwardCtx<'_> {
     fn load_key_block(&self, b: usize, h: usize, j: usize, buf: &mut BackwardBuffers) -> (usize, usize) {
         let (k0, lk) = self.plan.k_block(j);
         let tokens = &self.plan.k_perm[k0..k0 + lk];
-        gather(self.k, (b, h), tokens.iter().copied(), self.dims.d, 1.0, &mut buf.k);
-        gather(self.v, (b, h), tokens.iter().copied(), self.dims.dv, 1.0, &mut buf.v);
+        gather(self.k, (b, h), tokens.iter().copied(), 1.0, &mut buf.k);
+        gather(self.v, (b, h), tokens.iter().copied(), 1.0, &mut buf.v);
         (k0, lk)
     }
 

@@ -88,13 +88,12 @@ impl SliceKeys {
         let (d, dv) = (dims.d, dims.dv);
         let mut k_rows = vec![0.0f32; keys * d];
         let mut v_rows = vec![0.0f32; keys * dv];
-        for i in 0..keys {
-            let (kv, vv, row) = match inp.global {
-                Some((kg, vg)) if i >= geo.tokens() => (kg, vg, i - geo.tokens()),
-                _ => (inp.k, inp.v, i),
-            };
-            kv.load_row(&[b, h, row], &mut k_rows[i * d..(i + 1) * d]);
-            vv.load_row(&[b, h, row], &mut v_rows[i * dv..(i + 1) * dv]);
+        let n = geo.tokens();
+        inp.k.load_rows(&[b, h], 0..n, &mut k_rows);
+        inp.v.load_rows(&[b, h], 0..n, &mut v_rows);
+        if let Some((kg, vg)) = inp.global {
+            kg.load_rows(&[b, h], 0..geo.global, &mut k_rows[n * d..]);
+            vg.load_rows(&[b, h], 0..geo.global, &mut v_rows[n * dv..]);
         }
         let k_panels = panels(&k_rows, d, groups);
         let v_panels = if backward { panels(&v_rows, dv, groups) } else { Vec::new() };

@@ -113,15 +113,12 @@ pub fn check_output(t: &View, shape: &[usize], dtype: impl Into<Option<DType>>) 
     t.expect_contiguous()
 }
 
-/// Gathers the rows `rows` (in that order) of slice `(b, h)` of a `(B, H, N, width)` float view into `dst`
-/// (`rows x width`, row-major), times `mul`.
+/// Gathers the rows `rows` (in that order) of slice `(b, h)` of a `(B, H, N, W)` float view into `dst`
+/// (`rows x W`, row-major), times `mul`.
 #[inline]
-pub fn gather(t: &View, (b, h): (usize, usize), rows: impl IntoIterator<Item = usize>, width: usize, mul: f32, dst: &mut [f32]) {
-    for (r, row) in rows.into_iter().enumerate() {
-        let out = &mut dst[r * width..(r + 1) * width];
-        t.load_row(&[b, h, row], out);
-        if mul != 1.0 {
-            out.iter_mut().for_each(|x| *x *= mul);
-        }
+pub fn gather(t: &View, (b, h): (usize, usize), rows: impl IntoIterator<Item = usize>, mul: f32, dst: &mut [f32]) {
+    let count = t.load_rows(&[b, h], rows, dst);
+    if mul != 1.0 {
+        dst[..count * t.shape()[3]].iter_mut().for_each(|x| *x *= mul);
     }
 }

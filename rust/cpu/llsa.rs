@@ -76,9 +76,9 @@ impl Inputs<'_> {
 }
 
 /// Reads internal positions `[row0, row0 + rows)` of `(b, h)` of a fine tensor (through `plan.row`) into `dst`
-/// (`rows x width`), times `mul`.
-fn gather_rows(t: &View, plan: &Plan, (b, h): (usize, usize), (row0, rows): (usize, usize), width: usize, mul: f32, dst: &mut [f32]) {
-    gather(t, (b, h), (row0..row0 + rows).map(|r| plan.row(r)), width, mul, dst);
+/// (`rows x W`), times `mul`.
+fn gather_rows(t: &View, plan: &Plan, (b, h): (usize, usize), (row0, rows): (usize, usize), mul: f32, dst: &mut [f32]) {
+    gather(t, (b, h), (row0..row0 + rows).map(|r| plan.row(r)), mul, dst);
 }
 
 /// Keys and values of a list of blocks gathered into contiguous rows, with the log2-count bias of each row. The
@@ -115,13 +115,9 @@ impl KeyRows {
     }
 
     /// Appends rows `rows` (in range) of `(b, h)` of `k` and `v`.
-    fn push(&mut self, k: &View, v: &View, dims: Dims, b: usize, h: usize, rows: impl Iterator<Item = usize>) {
-        let (d, dv) = (dims.d, dims.dv);
-        for r in rows {
-            let at = self.len;
-            k.load_row(&[b, h, r], &mut self.k[at * d..(at + 1) * d]);
-            v.load_row(&[b, h, r], &mut self.v[at * dv..(at + 1) * dv]);
-            self.len += 1;
-        }
+    fn push(&mut self, k: &View, v: &View, dims: Dims, b: usize, h: usize, rows: impl Iterator<Item = usize> + Clone) {
+        let at = self.len;
+        self.len += k.load_rows(&[b, h], rows.clone(), &mut self.k[at * dims.d..]);
+        v.load_rows(&[b, h], rows, &mut self.v[at * dims.dv..]);
     }
 }

@@ -278,13 +278,13 @@ fn forward_block(x: &Inputs, moment_mean: Option<&View>, outs: [&View; 3], dims:
     let (bh, i) = (task / m, task % m);
     let (b, h) = dims.slice(bh);
     let (q0, lq) = layout.block(i);
-    gather(x.q, (b, h), layout.tokens(i), d, x.scale * LOG2_E, &mut buf.q);
+    gather(x.q, (b, h), layout.tokens(i), x.scale * LOG2_E, &mut buf.q);
     buf.state.reset(lq);
     for group in groups(layout, x.selection.row(bh, i)) {
         let mut lk = 0;
         for &j in group {
-            gather(x.k, (b, h), layout.tokens(j), d, 1.0, &mut buf.k[lk * d..]);
-            gather(x.v, (b, h), layout.tokens(j), dv, 1.0, &mut buf.v[lk * dv..]);
+            gather(x.k, (b, h), layout.tokens(j), 1.0, &mut buf.k[lk * d..]);
+            gather(x.v, (b, h), layout.tokens(j), 1.0, &mut buf.v[lk * dv..]);
             lk += layout.block(j).1;
         }
         let s = &mut buf.s[..lq * lk];

@@ -142,31 +142,51 @@ impl View {
         Ok(())
     }
 
-    /// Offset (elements) of the full index `idx`. Panics unless `idx` lies inside the shape, so the offset is
-    /// one of the element offsets `new` checked.
-    #[inline]
-    fn offset(&self, idx: &[usize]) -> usize {
-        assert!(
-            idx.len() == self.shape.len() && idx.iter().zip(&self.shape).all(|(i, n)| i < n),
-            "{}: index {idx:?} outside the shape {:?}",
-            self.name,
-            self.shape
-        );
-        idx.iter().zip(&self.strides).map(|(i, s)| i * s).sum()
+    /// Offset (elements) of the leading indices `idx` (the first `idx.len()` dims), and whether they lie inside
+    /// the shape (the offset means nothing otherwise).
+    #[inline(always)]
+    fn prefix_offset(&self, idx: &[usize]) -> (usize, bool) {
+        let (mut off, mut inside) = (0usize, idx.len() <= self.shape.len());
+        for ((&i, &n), &s) in idx.iter().zip(&self.shape).zip(&self.strides) {
+            inside &= i < n;
+            off = off.wrapping_add(i.wrapping_mul(s));
+        }
+        (off, inside)
     }
 
-    /// Offset (elements) of the first element of the last-dim row at `lead` (all indices but the last) and the
-    /// last dim's stride. Panics unless `lead` lies inside the shape and the row holds `len` elements.
-    #[inline]
-    fn row_offset(&self, lead: &[usize], len: usize) -> (usize, usize) {
+    /// Offset (elements) of the full index `idx`. Panics unless `idx` lies inside the shape, so the offset is
+    /// one of the element offsets `new` checked.
+    #[inline(always)]
+    fn offset(&self, idx: &[usize]) -> usize {
+        let (off, inside) = self.prefix_offset(idx);
+        if !inside || idx.len() != self.shape.len() {
+            self.outside(idx, None);
+        }
+        off
+    }
+
+    /// Offset (elements) of element `start` of the last-dim row at `lead` (all indices but the last), and the
+    /// last dim's stride. Panics unless `lead` lies inside the shape and the row holds elements `start..start +
+    /// len` (exactly those when `whole`).
+    #[inline(always)]
+    fn span_offset(&self, lead: &[usize], start: usize, len: usize, whole: bool) -> (usize, usize) {
+        let (off, inside) = self.prefix_offset(lead);
         let last = self.shape.len().wrapping_sub(1);
-        assert!(
-            lead.len() == last && lead.iter().zip(&self.shape).all(|(i, n)| i < n) && self.shape[last] == len,
-            "{}: row {lead:?} of {len} values outside the shape {:?}",
-            self.name,
-            self.shape
-        );
-        (lead.iter().zip(&self.strides).map(|(i, s)| i * s).sum(), self.strides[last])
+        let fits = if whole { start == 0 && self.shape[last] == len } else { start.checked_add(len).is_some_and(|end| end <= self.shape[last]) };
+        if !inside || lead.len() != last || !fits {
+            self.outside(lead, Some(len));
+        }
+        (off + start * self.strides[last], self.strides[last])
+    }
+
+    /// The panic of a bad index (a kernel bug: kernels index validated views within their checked shapes).
+    #[cold]
+    #[inline(never)]
+    fn outside(&self, idx: &[usize], row: Option<usize>) -> ! {
+        match row {
+            Some(len) => panic!("{}: row {idx:?} of {len} values outside the shape {:?}", self.name, self.shape),
+            None => panic!("{}: index {idx:?} outside the shape {:?}", self.name, self.shape),
+        }
     }
 
     /// Reads the 1-D int64 contents (validated: 1 dim, int64).
@@ -207,24 +227,70 @@ impl View {
 
     /// Reads the last-dim row at `lead` (all indices but the last) into `dst`, converted to f32. Panics unless
     /// the view is float, `lead` lies inside the shape and `dst.len()` is the last dim.
-    #[inline]
+    #[inline(always)]
     pub fn load_row(&self, lead: &[usize], dst: &mut [f32]) {
-        let (base, step) = self.row_offset(lead, dst.len());
+        let (base, step) = self.span_offset(lead, 0, dst.len(), true);
+        // SAFETY: `span_offset` checked that `base + i·step`, `i < dst.len()`, are the offsets of the row's
+        // in-shape elements.
+        unsafe { self.read(base, step, dst) };
+    }
+
+    /// Reads elements `start..start + dst.len()` of the last-dim row at `lead` (all indices but the last) into
+    /// `dst`, converted to f32. Panics unless the view is float and they lie inside the shape.
+    #[inline(always)]
+    pub fn load_span(&self, lead: &[usize], start: usize, dst: &mut [f32]) {
+        let (base, step) = self.span_offset(lead, start, dst.len(), false);
+        // SAFETY: `span_offset` checked that `base + i·step`, `i < dst.len()`, are the offsets of in-shape
+        // elements.
+        unsafe { self.read(base, step, dst) };
+    }
+
+    /// Reads the last-dim rows `rows` (indices into the second-to-last dim, in that order) at the leading indices
+    /// `lead` (all dims but the last two) into `dst`, `W` values per row (the last dim), converted to f32; returns
+    /// how many rows it read. Panics unless the view is float, `lead` and every row lie inside the shape and `dst`
+    /// holds the rows. One check of `lead` per call, one compare per row.
+    #[inline]
+    pub fn load_rows(&self, lead: &[usize], rows: impl IntoIterator<Item = usize>, dst: &mut [f32]) -> usize {
+        let nd = self.shape.len();
+        let (base, inside) = self.prefix_offset(lead);
+        if !inside || lead.len() + 2 != nd {
+            self.outside(lead, None);
+        }
+        let (n, w, rs, step) = (self.shape[nd - 2], self.shape[nd - 1], self.strides[nd - 2], self.strides[nd - 1]);
+        let mut count = 0;
+        for (r, row) in rows.into_iter().enumerate() {
+            let out = &mut dst[r * w..(r + 1) * w];
+            if row >= n {
+                self.outside(&[row], None);
+            }
+            // SAFETY: `lead` and `row` lie inside the shape (checked above), so `base + row·rs + i·step`, `i < W`,
+            // are the offsets of the row's in-shape elements.
+            unsafe { self.read(base + row * rs, step, out) };
+            count += 1;
+        }
+        count
+    }
+
+    /// `dst[i] = element at offset base + i·step`, converted to f32. Panics unless the view is float.
+    ///
+    /// # Safety
+    /// `base + i·step` must be the offset of an in-shape element for every `i < dst.len()`.
+    #[inline(always)]
+    unsafe fn read(&self, base: usize, step: usize, dst: &mut [f32]) {
         match self.dtype {
             DType::F32 if step == 1 => {
-                // SAFETY: `row_offset` checked that the row's `dst.len()` elements are in the shape (their offsets
-                // checked by `new`); with unit stride they are consecutive f32 values from `base`.
+                // SAFETY: by the contract, `dst.len()` consecutive in-shape f32 elements from `base` (their
+                // offsets checked by `new`).
                 let row = unsafe { std::slice::from_raw_parts((self.ptr as *const f32).add(base), dst.len()) };
                 dst.copy_from_slice(row);
             }
-            // SAFETY: an f32 view, and `row_offset` checked that `base + i·step`, `i < dst.len()`, are offsets of
-            // in-shape elements.
+            // SAFETY: an f32 view, and the offsets are in-shape elements (the contract).
             DType::F32 => unsafe { self.read_row::<f32>(base, step, dst, |x| x) },
             // SAFETY: an f16 view; the offsets as for f32.
             DType::F16 => unsafe { self.read_row(base, step, dst, half::f16::to_f32) },
             // SAFETY: a bf16 view; the offsets as for f32.
             DType::BF16 => unsafe { self.read_row(base, step, dst, half::bf16::to_f32) },
-            other => panic!("{}: load_row of a {other:?} view", self.name),
+            other => panic!("{}: reading rows of a {other:?} view", self.name),
         }
     }
 
@@ -249,18 +315,42 @@ impl View {
     /// # Safety
     /// No other thread may read or write this row while the call runs (each output row has one writer), and the
     /// view must be writable (an output the caller owns for the kernel's duration).
-    #[inline]
+    #[inline(always)]
     pub unsafe fn store_row(&self, lead: &[usize], src: &[f32]) {
-        let (base, step) = self.row_offset(lead, src.len());
+        let (base, step) = self.span_offset(lead, 0, src.len(), true);
+        // SAFETY: `span_offset` checked that `base + i·step`, `i < src.len()`, are the offsets of the row's
+        // in-shape elements, which the caller owns for this call (this function's contract).
+        unsafe { self.write(base, step, src) };
+    }
+
+    /// Writes `src` to elements `start..start + src.len()` of the last-dim row at `lead`, converted from f32.
+    /// Panics unless the view is float and they lie inside the shape.
+    ///
+    /// # Safety
+    /// As for [`View::store_row`], for these elements.
+    #[inline(always)]
+    pub unsafe fn store_span(&self, lead: &[usize], start: usize, src: &[f32]) {
+        let (base, step) = self.span_offset(lead, start, src.len(), false);
+        // SAFETY: `span_offset` checked that `base + i·step`, `i < src.len()`, are the offsets of in-shape
+        // elements, which the caller owns for this call (this function's contract).
+        unsafe { self.write(base, step, src) };
+    }
+
+    /// `element at offset base + i·step = src[i]`, converted from f32. Panics unless the view is float.
+    ///
+    /// # Safety
+    /// `base + i·step` must be the offset of an in-shape element for every `i < src.len()`, and no other thread
+    /// may read or write these elements during the call.
+    #[inline(always)]
+    unsafe fn write(&self, base: usize, step: usize, src: &[f32]) {
         match self.dtype {
-            // SAFETY: an f32 view; `row_offset` checked that `base + i·step`, `i < src.len()`, are offsets of
-            // in-shape elements, which the caller owns for this call (`store_row`'s contract).
+            // SAFETY: an f32 view; the offsets are in-shape elements this call alone accesses (the contract).
             DType::F32 => unsafe { self.write_row::<f32>(base, step, src, |x| x) },
             // SAFETY: an f16 view; the offsets and their ownership as for f32.
             DType::F16 => unsafe { self.write_row(base, step, src, half::f16::from_f32) },
             // SAFETY: a bf16 view; the offsets and their ownership as for f32.
             DType::BF16 => unsafe { self.write_row(base, step, src, half::bf16::from_f32) },
-            other => panic!("{}: store_row of a {other:?} view", self.name),
+            other => panic!("{}: writing rows of a {other:?} view", self.name),
         }
     }
 
@@ -280,7 +370,7 @@ impl View {
 
     /// Reads one element at the full index `idx`, converted to f32. Panics unless the view is float and `idx`
     /// lies inside the shape.
-    #[inline]
+    #[inline(always)]
     pub fn load(&self, idx: &[usize]) -> f32 {
         let off = self.offset(idx);
         match self.dtype {
@@ -308,7 +398,7 @@ impl View {
     ///
     /// # Safety
     /// As for [`View::store_row`], for this element.
-    #[inline]
+    #[inline(always)]
     pub unsafe fn store_f32(&self, idx: &[usize], value: f32) {
         assert_eq!(self.dtype, DType::F32, "{}: store_f32 of a {:?} view", self.name, self.dtype);
         let off = self.offset(idx);

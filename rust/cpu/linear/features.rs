@@ -43,7 +43,7 @@ pub trait FeatureMap: Sync {
 
 /// Reads `rows` of a `(B, H, N, W)` view into `dst` (`rows.len x W`) as f32.
 pub fn load_rows(view: &View, rows: Rows, dst: &mut [f32]) {
-    gather(view, (rows.b, rows.h), rows.n0..rows.n0 + rows.len, view.shape()[3], 1.0, dst);
+    gather(view, (rows.b, rows.h), rows.n0..rows.n0 + rows.len, 1.0, dst);
 }
 
 /// Rows `rows` of a `(B, H, N, W)` view in place, when it is f32 with consecutive rows (`rows.len x W` values);
@@ -153,12 +153,10 @@ impl Dydila<'_> {
     /// Loads `rows` of both streams of `side` with their `(γ, γ_aux, λ)` and maps them (power maps).
     fn map_rows(&self, side: Side, rows: Rows, s: &mut DydilaScratch) {
         let (st, len, d) = (&self.sides[side as usize], rows.len, self.head_dim());
-        for r in 0..len {
-            let idx = [rows.b, rows.h, rows.n0 + r];
-            s.gamma[0][r] = st.gamma.load(&idx);
-            s.gamma[1][r] = st.gamma_aux.load(&idx);
-            s.lambda[r] = st.lambda.load(&idx);
-        }
+        let lead = [rows.b, rows.h];
+        st.gamma.load_span(&lead, rows.n0, &mut s.gamma[0][..len]);
+        st.gamma_aux.load_span(&lead, rows.n0, &mut s.gamma[1][..len]);
+        st.lambda.load_span(&lead, rows.n0, &mut s.lambda[..len]);
         for (j, view) in [st.z, st.z_aux].into_iter().enumerate() {
             let z = match rows_in_place(view, rows) {
                 Some(z) => z,
@@ -185,15 +183,13 @@ impl Dydila<'_> {
     }
 }
 
-/// Stores per-token values (`rows.len` of them) into a validated f32 `(B, H, N)` output.
+/// Stores per-token values (`rows.len` of them) into a validated `(B, H, N)` output.
 ///
 /// # Safety
-/// As for [`View::store_f32`], for these tokens.
+/// As for [`View::store_row`], for these tokens.
 unsafe fn store_tokens(view: &View, rows: Rows, src: &[f32]) {
-    for (r, x) in src[..rows.len].iter().enumerate() {
-        // SAFETY: the caller owns these tokens of the output (this function's contract).
-        unsafe { view.store_f32(&[rows.b, rows.h, rows.n0 + r], *x) };
-    }
+    // SAFETY: the caller owns these tokens of the output (this function's contract).
+    unsafe { view.store_span(&[rows.b, rows.h], rows.n0, &src[..rows.len]) };
 }
 
 impl FeatureMap for Dydila<'_> {

@@ -145,8 +145,8 @@ impl QueryRows {
     /// Appends rows `[row0, row0 + rows)` of `(b, h)`.
     fn push(&mut self, ctx: &Ctx, b: usize, h: usize, row0: usize, rows: usize) {
         let (d, dv, at) = (ctx.dims.d, ctx.dims.dv, self.len);
-        gather_rows(ctx.inp.q, ctx.plan, (b, h), (row0, rows), d, 1.0, &mut self.q[at * d..(at + rows) * d]);
-        gather_rows(ctx.up.dout, ctx.plan, (b, h), (row0, rows), dv, 1.0, &mut self.dout[at * dv..(at + rows) * dv]);
+        gather_rows(ctx.inp.q, ctx.plan, (b, h), (row0, rows), 1.0, &mut self.q[at * d..(at + rows) * d]);
+        gather_rows(ctx.up.dout, ctx.plan, (b, h), (row0, rows), 1.0, &mut self.dout[at * dv..(at + rows) * dv]);
         let first = (b * ctx.dims.heads + h) * ctx.dims.n + row0;
         self.delta[at..at + rows].copy_from_slice(&ctx.delta[first..first + rows]);
         for r in 0..rows {

@@ -71,7 +71,7 @@ fn forward_group(
     let ((b, h), d, dv) = (dims.slice(bh), dims.d, dims.dv);
     let row0 = j0 * plan.block;
     let rows = (j1 * plan.block).min(plan.n) - row0;
-    gather_rows(inp.q, plan, (b, h), (row0, rows), d, scale * LOG2_E, &mut buf.q);
+    gather_rows(inp.q, plan, (b, h), (row0, rows), scale * LOG2_E, &mut buf.q);
     buf.pooled.gather_pooled(inp, plan, dims, b, h, plan.pooled_ids(bh, j0));
     let rp = buf.pooled.len;
     let sp = &mut buf.sp[..rows * rp];

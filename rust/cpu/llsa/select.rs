@@ -131,11 +131,11 @@ fn coarse(level: &Level, shape: &Shape, l: usize, bh: usize) {
     let (b, h, d, n, count) = (bh / shape.heads, bh % shape.heads, shape.d, shape.sizes[l], shape.topks[l]);
     let chunk = COARSE_ROWS.min(n);
     let (mut q, mut k, mut s) = (vec![0.0; chunk * d], vec![0.0; n * d], vec![0.0; chunk * n]);
-    gather(level.keys, (b, h), 0..n, d, 1.0, &mut k);
+    gather(level.keys, (b, h), 0..n, 1.0, &mut k);
     let mut best = Vec::with_capacity(count + 1);
     for j0 in (0..n).step_by(chunk) {
         let rows = chunk.min(n - j0);
-        gather(level.queries, (b, h), j0..j0 + rows, d, 1.0, &mut q);
+        gather(level.queries, (b, h), j0..j0 + rows, 1.0, &mut q);
         Gemm { m: rows, n, k: d, accumulate: false }.run(MatMut::rows(&mut s, n), Mat::rows(&q, d), Mat::rows(&k, d).t());
         for r in 0..rows {
             top(&s[r * n..(r + 1) * n], 0..n, count, &mut best);
@@ -166,8 +166,8 @@ fn refine(
     let kc = candidates.len();
     let (r0, rows) = (p * block, block.min(n - p * block));
     let (mut q, mut k, mut s) = (vec![0.0; rows * d], vec![0.0; kc * d], vec![0.0; rows * kc]);
-    gather(level.queries, (b, h), r0..r0 + rows, d, 1.0, &mut q);
-    gather(level.keys, (b, h), candidates.iter().copied(), d, 1.0, &mut k);
+    gather(level.queries, (b, h), r0..r0 + rows, 1.0, &mut q);
+    gather(level.keys, (b, h), candidates.iter().copied(), 1.0, &mut k);
     Gemm { m: rows, n: kc, k: d, accumulate: false }.run(MatMut::rows(&mut s, kc), Mat::rows(&q, d), Mat::rows(&k, d).t());
     let mut best = Vec::with_capacity(count + 1);
     for r in 0..rows {

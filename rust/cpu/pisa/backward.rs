@@ -148,9 +148,9 @@ impl Ctx<'_> {
     fn load_query(&self, b: usize, h: usize, i: usize, buf: &mut Buffers) -> (usize, usize) {
         let (layout, Dims { d, dv, .. }) = (self.x.layout, self.dims);
         let (q0, lq) = layout.block(i);
-        gather(self.x.q, (b, h), layout.tokens(i), d, 1.0, &mut buf.q);
-        gather(self.rows.dout, (b, h), layout.tokens(i), dv, 1.0, &mut buf.dout);
-        gather(self.rows.out, (b, h), layout.tokens(i), dv, 1.0, &mut buf.out);
+        gather(self.x.q, (b, h), layout.tokens(i), 1.0, &mut buf.q);
+        gather(self.rows.dout, (b, h), layout.tokens(i), 1.0, &mut buf.dout);
+        gather(self.rows.out, (b, h), layout.tokens(i), 1.0, &mut buf.out);
         for r in 0..lq {
             let idx = [b, h, layout.perm[q0 + r]];
             buf.lse[r] = self.rows.lse.load(&idx) * LOG2_E;
@@ -232,8 +232,8 @@ impl Ctx<'_> {
         for group in groups(layout, self.x.selection.row(bh, i)) {
             let mut lk = 0;
             for &j in group {
-                gather(self.x.k, (b, h), layout.tokens(j), d, 1.0, &mut buf.k[lk * d..]);
-                gather(self.x.v, (b, h), layout.tokens(j), dv, 1.0, &mut buf.v[lk * dv..]);
+                gather(self.x.k, (b, h), layout.tokens(j), 1.0, &mut buf.k[lk * d..]);
+                gather(self.x.v, (b, h), layout.tokens(j), 1.0, &mut buf.v[lk * dv..]);
                 lk += layout.block(j).1;
             }
             // p = q · kᵀ ; dp = dout · vᵀ, then dq += dS · k

@@ -129,9 +129,8 @@ fn column_mean(values: &[f32], rows: usize, width: usize, out: &mut [f32]) {
 impl Pass<'_> {
     /// Gathers the keys and values of block `j` of slice `(b, h)`; returns the block's length.
     fn load(&self, b: usize, h: usize, j: usize, rows: &mut Rows) -> usize {
-        let Shape { d, dv, .. } = self.shape;
-        gather(self.k, (b, h), self.layout.tokens(j), d, 1.0, &mut rows.k);
-        gather(self.v, (b, h), self.layout.tokens(j), dv, 1.0, &mut rows.v);
+        gather(self.k, (b, h), self.layout.tokens(j), 1.0, &mut rows.k);
+        gather(self.v, (b, h), self.layout.tokens(j), 1.0, &mut rows.v);
         self.layout.block(j).1
     }
 
@@ -156,7 +155,7 @@ impl Pass<'_> {
             // block j) touches.
             unsafe { outs.value_mean.store_row(&[b, h, j], &rows.row[..dv]) };
             if let (Some(q), Some(query_mean)) = (q, outs.query_mean) {
-                gather(q, (b, h), self.layout.tokens(j), d, 1.0, &mut rows.q);
+                gather(q, (b, h), self.layout.tokens(j), 1.0, &mut rows.q);
                 column_mean(&rows.q, len, d, &mut rows.row[..d]);
                 // SAFETY: a validated contiguous f32 output whose row j of slice bh only this task touches.
                 unsafe { query_mean.store_row(&[b, h, j], &rows.row[..d]) };

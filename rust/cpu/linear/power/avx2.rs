@@ -257,9 +257,10 @@ fn grad_row(z: &[f32], g: &[f32], gamma: f32, eps: f32, ls: &[f32], p: &[f32], n
         _mm256_and_ps(dr, _mm256_cmp_ps::<_CMP_GT_OQ>(zv, zero))
     };
     let split = z.len() - z.len() % W;
-    for at in (0..split).step_by(W) {
-        let [zv, gv, lv, pv] = [z, g, ls, p].map(|row| load_v::<1>(&row[at..])[0]);
-        store_v(&mut dz[at..], [step(zv, gv, lv, pv)]);
+    let vectors = z.chunks_exact(W).zip(g.chunks_exact(W)).zip(ls.chunks_exact(W).zip(p.chunks_exact(W)));
+    for (((zc, gc), (lc, pc)), dc) in vectors.zip(dz.chunks_exact_mut(W)) {
+        let [zv, gv, lv, pv] = [zc, gc, lc, pc].map(|c| load_v::<1>(c)[0]);
+        store_v(dc, [step(zv, gv, lv, pv)]);
     }
     if split < z.len() {
         // Zero-padded tails: padded lanes have r = ε > 0 and u = 0, so they add 0 to dγ.
