@@ -1,5 +1,5 @@
-//! What the attention kernels share: the base-2 softmax constants, the shapes of a call, the checks of inputs
-//! and outputs, and the row gather through a permutation.
+//! What the attention kernels share: the base-2 softmax constants, the shapes of a call, the online softmax, the
+//! checks of inputs and outputs, and the row gather through a permutation.
 
 use super::view::{err, DType, View, ViewError};
 use super::vmath::{self, exp2_shift_sum};
