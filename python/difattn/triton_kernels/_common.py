@@ -43,12 +43,18 @@ def load_rows(p_base, o_r, m_r, stride_r, stride_c, width, BLOCK_W: tl.constexpr
 
 
 @triton.jit
+def store_tile(p_base, o_r, o_c, m_r, m_c, stride_r, stride_c, b_x):
+    """Stores the ``(len(o_r), len(o_c))`` tile ``b_x`` at ``p_base + o_r·stride_r + o_c·stride_c`` inside
+    ``m_r × m_c``, in the pointee dtype."""
+    tl.store(p_base + o_r[:, None] * stride_r + o_c[None, :] * stride_c, b_x.to(p_base.dtype.element_ty),
+             mask=m_r[:, None] & m_c[None, :])
+
+
+@triton.jit
 def store_rows(p_base, o_r, m_r, stride_r, width, b_x, BLOCK_W: tl.constexpr):
-    """Stores the ``(len(o_r), BLOCK_W)`` tile ``b_x`` into rows ``o_r`` (unit column stride, ``width`` columns)
-    in the pointee dtype."""
+    """Stores the ``(len(o_r), BLOCK_W)`` tile ``b_x`` into rows ``o_r`` (unit column stride, ``width`` columns)."""
     o_c = tl.arange(0, BLOCK_W)
-    tl.store(p_base + o_r[:, None] * stride_r + o_c[None, :], b_x.to(p_base.dtype.element_ty),
-             mask=m_r[:, None] & (o_c[None, :] < width))
+    store_tile(p_base, o_r, o_c, m_r, o_c < width, stride_r, 1, b_x)
 
 
 @triton.jit
