@@ -20,18 +20,27 @@ def block_rows(perm_ptr, off_ptr, i_blk, BLOCK: tl.constexpr):
     """Block ``i_blk`` of a permuted layout (``off (M+1,)`` block offsets, ``perm (N,)`` layout position → sequence
     row): the ``(BLOCK,)`` layout positions, sequence rows (int64) and mask of its slots."""
     i_start = tl.load(off_ptr + i_blk)
-    m_rows = tl.arange(0, BLOCK) < tl.load(off_ptr + i_blk + 1) - i_start
-    o_pos = i_start + tl.arange(0, BLOCK)
-    o_rows = tl.load(perm_ptr + o_pos, mask=m_rows, other=0).to(tl.int64)
-    return o_pos, o_rows, m_rows
+    o_slot = tl.arange(0, BLOCK)
+    m_rows = o_slot < tl.load(off_ptr + i_blk + 1) - i_start
+    # Scalar start, 32-bit slot offsets: int64 offset vectors here cost registers in every loop that calls this.
+    o_rows = tl.load(perm_ptr + i_start + o_slot, mask=m_rows, other=0).to(tl.int64)
+    return i_start + o_slot, o_rows, m_rows
 
 
 @triton.jit
 def load_tile(p_base, o_r, o_c, m_r, m_c, stride_r, stride_c):
-    """``(len(o_r), len(o_c))`` tile at ``p_base + o_r·stride_r + o_c·stride_c``, zero outside ``m_r × m_c``.
-
-    Swapping the roles of rows and columns loads a transposed tile."""
+    """``(len(o_r), len(o_c))`` tile at ``p_base + o_r·stride_r + o_c·stride_c``, zero outside ``m_r × m_c``."""
     return tl.load(p_base + o_r[:, None] * stride_r + o_c[None, :] * stride_c, mask=m_r[:, None] & m_c[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def load_tile_t(p_base, o_r, o_c, m_r, m_c, stride_r, stride_c):
+    """``(len(o_c), len(o_r))``: the transpose of :func:`load_tile`'s tile, read transposed (no ``tl.trans``).
+
+    The row offsets are added first, as in :func:`load_tile` (with the column offsets first, ptxas spills hundreds
+    of bytes more in LLSA's kernels at head dim 128)."""
+    return tl.load(p_base + o_r[None, :] * stride_r + o_c[:, None] * stride_c, mask=m_r[None, :] & m_c[:, None],
                    other=0.0)
 
 

@@ -17,45 +17,77 @@ from ._common import (
 
 
 @triton.jit
-def _pair_mask(
-    p_kind, i_b, q_pos, k_pos, m_q, m_k, q_coords_ptr, k_coords_ptr, valid_ptr, stride_valid_b, max_d2, max_dt,
+def _entry_kind(p_kind, SPATIAL: tl.constexpr, HAS_VALID: tl.constexpr):
+    """Kind of a plan entry (0: full block), read only when an entry can carry an element mask. Loaded at the top of
+    the loops, before the tiles (ptxas spills less than with the load next to its use)."""
+    i_kind = 0
+    if SPATIAL or HAS_VALID:
+        i_kind = tl.load(p_kind)
+    return i_kind
+
+
+@triton.jit
+def _outer(x_q, x_k, TRANSPOSED: tl.constexpr):
+    """Per-query ``x_q`` and per-key ``x_k`` expanded to broadcast over a (queries, keys) tile, or over a
+    (keys, queries) tile when TRANSPOSED (the dk/dv pass), so that no mask is built and then transposed."""
+    if TRANSPOSED:
+        e_q = x_q[None, :]
+        e_k = x_k[:, None]
+    else:
+        e_q = x_q[:, None]
+        e_k = x_k[None, :]
+    return e_q, e_k
+
+
+@triton.jit
+def _element_mask(
+    i_b, q_pos, k_pos, m_q, m_k, q_coords_ptr, k_coords_ptr, valid_ptr, stride_valid_b, max_d2, max_dt,
     SPATIAL: tl.constexpr, HAS_VALID: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
-    """Allowed pairs of one plan entry, ``(len(q_pos), len(k_pos))`` bool (``(len(k_pos), len(q_pos))`` when
-    TRANSPOSED); positions in layout order.
+    """Allowed pairs of a masked entry (positions in layout order; tile orientation as :func:`_outer`): valid
+    slots, a valid key (HAS_VALID) and, between two image tokens, ``dy² + dx² ≤ max_d2`` and ``|dt| ≤ max_dt``
+    (SPATIAL; text tokens carry ``t = -1``)."""
+    e_mq, e_mk = _outer(m_q, m_k, TRANSPOSED)
+    m_s = e_mq & e_mk
+    if HAS_VALID:
+        b_valid = tl.load(valid_ptr + i_b * stride_valid_b + k_pos, mask=m_k, other=0)
+        _, e_valid = _outer(m_q, b_valid != 0, TRANSPOSED)
+        m_s = m_s & e_valid
+    if SPATIAL:
+        e_qt, e_kt = _outer(tl.load(q_coords_ptr + 3 * q_pos, mask=m_q, other=-1),
+                            tl.load(k_coords_ptr + 3 * k_pos, mask=m_k, other=-1), TRANSPOSED)
+        e_qy, e_ky = _outer(tl.load(q_coords_ptr + 3 * q_pos + 1, mask=m_q, other=0),
+                            tl.load(k_coords_ptr + 3 * k_pos + 1, mask=m_k, other=0), TRANSPOSED)
+        e_qx, e_kx = _outer(tl.load(q_coords_ptr + 3 * q_pos + 2, mask=m_q, other=0),
+                            tl.load(k_coords_ptr + 3 * k_pos + 2, mask=m_k, other=0), TRANSPOSED)
+        b_dy = e_qy - e_ky
+        b_dx = e_qx - e_kx
+        b_dt = e_qt - e_kt
+        b_dt = tl.where(b_dt < 0, -b_dt, b_dt)
+        m_near = (b_dy * b_dy + b_dx * b_dx <= max_d2) & (b_dt <= max_dt)
+        m_text = (e_qt < 0) | (e_kt < 0)
+        m_s = m_s & (m_near | m_text)
+    return m_s
 
-    Every valid slot pair of a full entry (kind 0); a masked entry (kind ≠ 0, read only when SPATIAL or HAS_VALID)
-    also needs a valid key (HAS_VALID) and, between two image tokens, ``dy² + dx² ≤ max_d2`` and ``|dt| ≤ max_dt``
-    (SPATIAL; text tokens carry ``t = -1``).
-    """
-    if TRANSPOSED:
-        m_s = m_k[:, None] & m_q[None, :]
-    else:
-        m_s = m_q[:, None] & m_k[None, :]
+
+@triton.jit
+def _pair_mask(
+    i_kind, i_b, q_pos, k_pos, m_q, m_k, q_coords_ptr, k_coords_ptr, valid_ptr, stride_valid_b, max_d2, max_dt,
+    SPATIAL: tl.constexpr, HAS_VALID: tl.constexpr, TRANSPOSED: tl.constexpr,
+):
+    """Allowed pairs of one plan entry (orientation as :func:`_outer`): the valid slots of a full entry
+    (``i_kind`` 0, see :func:`_entry_kind`), :func:`_element_mask` of a masked one. Each branch builds its own
+    mask, so no tile-sized mask stays live across the masked branch."""
     if SPATIAL or HAS_VALID:
-        if tl.load(p_kind) != 0:
-            m_e = m_q[:, None] & m_k[None, :]
-            if HAS_VALID:
-                b_valid = tl.load(valid_ptr + i_b * stride_valid_b + k_pos, mask=m_k, other=0)
-                m_e = m_e & (b_valid != 0)[None, :]
-            if SPATIAL:
-                b_qt = tl.load(q_coords_ptr + 3 * q_pos, mask=m_q, other=-1)
-                b_qy = tl.load(q_coords_ptr + 3 * q_pos + 1, mask=m_q, other=0)
-                b_qx = tl.load(q_coords_ptr + 3 * q_pos + 2, mask=m_q, other=0)
-                b_kt = tl.load(k_coords_ptr + 3 * k_pos, mask=m_k, other=-1)
-                b_ky = tl.load(k_coords_ptr + 3 * k_pos + 1, mask=m_k, other=0)
-                b_kx = tl.load(k_coords_ptr + 3 * k_pos + 2, mask=m_k, other=0)
-                b_dy = b_qy[:, None] - b_ky[None, :]
-                b_dx = b_qx[:, None] - b_kx[None, :]
-                b_dt = b_qt[:, None] - b_kt[None, :]
-                b_dt = tl.where(b_dt < 0, -b_dt, b_dt)
-                m_near = (b_dy * b_dy + b_dx * b_dx <= max_d2) & (b_dt <= max_dt)
-                m_text = (b_qt[:, None] < 0) | (b_kt[None, :] < 0)
-                m_e = m_e & (m_near | m_text)
-            if TRANSPOSED:
-                m_s = tl.trans(m_e)
-            else:
-                m_s = m_e
+        if i_kind != 0:
+            m_s = _element_mask(i_b, q_pos, k_pos, m_q, m_k, q_coords_ptr, k_coords_ptr, valid_ptr, stride_valid_b,
+                                max_d2, max_dt, SPATIAL, HAS_VALID, TRANSPOSED)
+        else:
+            e_mq, e_mk = _outer(m_q, m_k, TRANSPOSED)
+            m_s = e_mq & e_mk
+    else:
+        e_mq, e_mk = _outer(m_q, m_k, TRANSPOSED)
+        m_s = e_mq & e_mk
     return m_s
 
 
@@ -75,11 +107,13 @@ def attend_blocks(
     v; ``qk_scale = scale · log2(e)``.
     """
     for e in range(e_start, e_end):
-        k_pos, k_rows, m_k = block_rows(k_perm_ptr, k_off_ptr, tl.load(p_blocks + e), BLOCK_N)
+        i_blk = tl.load(p_blocks + e)
+        i_kind = _entry_kind(p_kinds + e, SPATIAL, HAS_VALID)
+        k_pos, k_rows, m_k = block_rows(k_perm_ptr, k_off_ptr, i_blk, BLOCK_N)
         b_k = load_rows(p_k, k_rows, m_k, stride_kn, stride_kd, D, BLOCK_D)
         b_v = load_rows(p_v, k_rows, m_k, stride_vn, stride_vd, DV, BLOCK_DV)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
-        m_s = _pair_mask(p_kinds + e, i_b, q_pos, k_pos, m_q, m_k, q_coords_ptr, k_coords_ptr, valid_ptr,
+        m_s = _pair_mask(i_kind, i_b, q_pos, k_pos, m_q, m_k, q_coords_ptr, k_coords_ptr, valid_ptr,
                          stride_valid_b, max_d2, max_dt, SPATIAL, HAS_VALID, False)
         b_s = tl.where(m_s, b_s, float("-inf"))
         b_m, b_l, b_acc, _, _ = online_softmax_step(b_s, b_v, b_m, b_l, b_acc, PRECISION)
@@ -101,11 +135,13 @@ def dq_blocks(
     the other arguments as in :func:`attend_blocks`.
     """
     for e in range(e_start, e_end):
-        k_pos, k_rows, m_k = block_rows(k_perm_ptr, k_off_ptr, tl.load(p_blocks + e), BLOCK_N)
+        i_blk = tl.load(p_blocks + e)
+        i_kind = _entry_kind(p_kinds + e, SPATIAL, HAS_VALID)
+        k_pos, k_rows, m_k = block_rows(k_perm_ptr, k_off_ptr, i_blk, BLOCK_N)
         b_k = load_rows(p_k, k_rows, m_k, stride_kn, stride_kd, D, BLOCK_D)
         b_v = load_rows(p_v, k_rows, m_k, stride_vn, stride_vd, DV, BLOCK_DV)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
-        m_s = _pair_mask(p_kinds + e, i_b, q_pos, k_pos, m_q, m_k, q_coords_ptr, k_coords_ptr, valid_ptr,
+        m_s = _pair_mask(i_kind, i_b, q_pos, k_pos, m_q, m_k, q_coords_ptr, k_coords_ptr, valid_ptr,
                          stride_valid_b, max_d2, max_dt, SPATIAL, HAS_VALID, False)
         b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
@@ -222,12 +258,14 @@ def _block_attention_bwd_dkv_kernel(
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for e in range(tl.load(p_t_indptr), tl.load(p_t_indptr + 1)):
-        q_pos, q_rows, m_q = block_rows(q_perm_ptr, q_off_ptr, tl.load(p_t_indices + e), BLOCK_M)
+        i_blk = tl.load(p_t_indices + e)
+        i_kind = _entry_kind(t_kinds_ptr + e, SPATIAL, HAS_VALID)
+        q_pos, q_rows, m_q = block_rows(q_perm_ptr, q_off_ptr, i_blk, BLOCK_M)
         b_q = load_rows(p_q, q_rows, m_q, stride_qn, stride_qd, D, BLOCK_D)
         b_do = load_rows(p_do, q_rows, m_q, stride_don, 1, DV, BLOCK_DV)
         b_lse, b_delta = load_row_stats(lse_ptr + o_l, delta_ptr + o_l, q_rows, m_q)
         b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale  # (keys, queries)
-        m_st = _pair_mask(t_kinds_ptr + e, i_b, q_pos, k_pos, m_q, m_k, q_coords_ptr, k_coords_ptr, valid_ptr,
+        m_st = _pair_mask(i_kind, i_b, q_pos, k_pos, m_q, m_k, q_coords_ptr, k_coords_ptr, valid_ptr,
                           stride_valid_b, max_d2, max_dt, SPATIAL, HAS_VALID, True)
         b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
         b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)

@@ -122,7 +122,7 @@ def _readout_kernel(
     o_n64 = o_n.to(tl.int64)
     o_o64 = o_o.to(tl.int64)
     p_x = x_ptr + i_bb * stride_xb + i_hh * stride_xh
-    p_m = m_ptr + i_bh * C * O
+    p_m = m_ptr + i_bh * C * O + o_o64[None, :] * stride_mo
     b_acc = tl.zeros([BLOCK_N, BLOCK_O], dtype=tl.float32)
     b_den = tl.zeros([BLOCK_N], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -130,7 +130,7 @@ def _readout_kernel(
         m_c = o_c < C
         o_c64 = o_c.to(tl.int64)
         b_x = load_tile(p_x, o_n64, o_c64, m_n, m_c, stride_xn, stride_xc).to(tl.float32)
-        b_m = load_tile(p_m, o_c64, o_o64, m_c, m_o, stride_mc, stride_mo)
+        b_m = tl.load(p_m + o_c64[:, None] * stride_mc, mask=m_c[:, None] & m_o[None, :], other=0.0)
         b_acc = tl.dot(b_x, b_m, b_acc, input_precision=PRECISION)
         if NORM_DEN:
             b_v = tl.load(den_vec_ptr + i_bh * C + o_c, mask=m_c, other=0.0)
@@ -148,7 +148,7 @@ def _readout_kernel(
             b_acc += b_coef[:, None] * b_vec[None, :]
         else:
             b_acc += beta * b_vec[None, :]
-    store_tile(out_ptr + i_bb * stride_ob + i_hh * stride_oh, o_n64, o_o64, m_n, m_o, stride_on, stride_oo, b_acc)
+    store_tile(out_ptr + i_bb * stride_ob + i_hh * stride_oh, o_n64, o_o, m_n, m_o, stride_on, stride_oo, b_acc)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -282,16 +282,16 @@ def _features_bwd_kernel(
     gamma_a = tl.load(ga_ptr + i_bb * stride_gab + i_hh * stride_gah + o_n64 * stride_gan, mask=m_n, other=1.0)
     gamma_a = gamma_a.to(tl.float32)
     lam = tl.load(l_ptr + i_bb * stride_lb + i_hh * stride_lh + o_n64 * stride_ln, mask=m_n, other=0.0).to(tl.float32)
-    o_tile = i_bh * N * D
-    g = load_tile(grad_ptr + o_tile, o_n64, o_d, m_n, m_d, D, 1)
+    o_rows = i_bh * N + o_n64
+    g = load_tile(grad_ptr, o_rows, o_d, m_n, m_d, D, 1)
     r, ls, p, n1, n2 = _power_map(z, gamma, m_d, eps)
     ra, lsa, pa, n1a, n2a = _power_map(za, gamma_a, m_d, eps)
     # dφ(z) = G, dφ(z_aux) = −λ G, dλ = −G · φ(z_aux)
     dlam = -(n1a / n2a) * tl.sum(g * pa, 1)
     dz, dgamma = _power_map_grad(z, g, gamma, r, ls, p, n1, n2, m_d)
     dza, dgamma_a = _power_map_grad(za, -lam[:, None] * g, gamma_a, ra, lsa, pa, n1a, n2a, m_d)
-    store_rows(dz_ptr + o_tile, o_n64, m_n, D, D, dz, BLOCK_D)
-    store_rows(dza_ptr + o_tile, o_n64, m_n, D, D, dza, BLOCK_D)
+    store_rows(dz_ptr, o_rows, m_n, D, D, dz, BLOCK_D)
+    store_rows(dza_ptr, o_rows, m_n, D, D, dza, BLOCK_D)
     o_tok = i_bh * N + o_n64
     tl.store(dg_ptr + o_tok, dgamma, mask=m_n)
     tl.store(dga_ptr + o_tok, dgamma_a, mask=m_n)

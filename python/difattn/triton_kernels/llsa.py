@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    LOG2_E, load_row_stats, load_rows, load_tile, online_softmax_finish, online_softmax_step, store_rows,
+    LOG2_E, load_row_stats, load_rows, load_tile_t, online_softmax_finish, online_softmax_step, store_rows,
 )
 
 
@@ -54,7 +54,7 @@ def _fwd_pass(
     o_d = tl.arange(0, BLOCK_D)
     for e0 in range(0, count, BLOCK_N // BS_PAD):
         k_rows, m_k = _key_tile(sel_ptr, e0, count, o_g, o_w, BS, N, pb_off_ptr, POOLED)
-        b_kt = load_tile(k_base, o_d, k_rows, o_d < D, m_k, stride_kd, stride_kn)
+        b_kt = load_tile_t(k_base, k_rows, o_d, m_k, o_d < D, stride_kn, stride_kd)
         b_v = load_rows(v_base, k_rows, m_k, stride_vn, stride_vd, DV, BLOCK_DV)
         b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
         if POOLED:
@@ -125,7 +125,7 @@ def _dq_pass(
     for e0 in range(0, count, BLOCK_N // BS_PAD):
         k_rows, m_k = _key_tile(sel_ptr, e0, count, o_g, o_w, BS, N, pb_off_ptr, POOLED)
         b_k = load_rows(k_base, k_rows, m_k, stride_kn, stride_kd, D, BLOCK_D)
-        b_vt = load_tile(v_base, o_dv, k_rows, o_dv < DV, m_k, stride_vd, stride_vn)
+        b_vt = load_tile_t(v_base, k_rows, o_dv, m_k, o_dv < DV, stride_vn, stride_vd)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
         if POOLED:
             b_s += tl.load(pbias_ptr + k_rows, mask=m_k, other=0.0)[None, :]
@@ -188,7 +188,7 @@ def _dkv_step(
 ):
     """``dv += Pᵀ dout``, ``dk += dSᵀ q`` of a key tile against one tile of query rows (dk unscaled)."""
     o_d = tl.arange(0, BLOCK_D)
-    b_qt = load_tile(q_base, o_d, q_rows, o_d < D, m_q, stride_qd, stride_qn)
+    b_qt = load_tile_t(q_base, q_rows, o_d, m_q, o_d < D, stride_qn, stride_qd)
     b_do = load_rows(do_base, q_rows, m_q, stride_don, 1, DV, BLOCK_DV)
     b_lse, b_delta = load_row_stats(lse_base, delta_base, q_rows, m_q)
     b_st = tl.dot(b_k, b_qt, input_precision=PRECISION) * qk_scale + b_bias[:, None]  # (keys, queries)
