@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import F32_MIN_NORMAL, LN_2, load_tile, store_rows, store_tile
+from ._common import F32_MIN_NORMAL, LN_2, load_tile, store_rows
 
 # tl.dot precision by input dtype: fp32 needs IEEE products to match an fp32 reference; fp16 outputs are compared at
 # fp16's precision, which plain tf32 (same 10-bit mantissa) would eat into, so it takes the 3-pass split; bf16 has
@@ -66,8 +66,8 @@ def _state_kernel(
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
     m_a = o_a < DA
     m_b = o_b < DB
-    p_a = a_ptr + i_bb * stride_ab + i_hh * stride_ah
-    p_b = b_ptr + i_bb * stride_bb + i_hh * stride_bh
+    p_a0 = a_ptr + i_bb * stride_ab + i_hh * stride_ah + o_a[None, :].to(tl.int64) * stride_ad
+    p_b0 = b_ptr + i_bb * stride_bb + i_hh * stride_bh + o_b[None, :].to(tl.int64) * stride_bd
     b_acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
     b_sum = tl.zeros([BLOCK_A], dtype=tl.float32)
     # Splits hold whole blocks; the last one runs past N, masked. (Loop bounds derived from program ids are
@@ -76,8 +76,8 @@ def _state_kernel(
         o_n = i_s * TOKENS_PER_SPLIT + step * BLOCK_N + tl.arange(0, BLOCK_N)
         m_n = o_n < N
         o_n64 = o_n.to(tl.int64)
-        b_x = load_tile(p_a, o_n64, o_a.to(tl.int64), m_n, m_a, stride_an, stride_ad).to(tl.float32)
-        b_y = load_tile(p_b, o_n64, o_b.to(tl.int64), m_n, m_b, stride_bn, stride_bd).to(tl.float32)
+        b_x = tl.load(p_a0 + o_n64[:, None] * stride_an, mask=m_n[:, None] & m_a[None, :], other=0.0).to(tl.float32)
+        b_y = tl.load(p_b0 + o_n64[:, None] * stride_bn, mask=m_n[:, None] & m_b[None, :], other=0.0).to(tl.float32)
         if ROW_SCALE:
             b_s = tl.load(scale_ptr + i_bh * N + o_n64, mask=m_n, other=0.0)
             b_y = b_y * b_s[:, None]
@@ -89,7 +89,8 @@ def _state_kernel(
             else:
                 b_sum += tl.sum(b_x, 0)
     slot = i_bh * n_splits + i_s
-    store_tile(part_ptr + slot * DA * DB, o_a.to(tl.int64), o_b, m_a, m_b, DB, 1, b_acc)
+    p_part = part_ptr + slot * DA * DB + o_a[:, None].to(tl.int64) * DB + o_b[None, :]
+    tl.store(p_part, b_acc, mask=m_a[:, None] & m_b[None, :])
     if COLSUM:
         if i_b == 0:
             tl.store(colsum_ptr + slot * DA + o_a, b_sum, mask=m_a)
@@ -120,17 +121,16 @@ def _readout_kernel(
     m_n = o_n < N
     m_o = o_o < O
     o_n64 = o_n.to(tl.int64)
-    o_o64 = o_o.to(tl.int64)
-    p_x = x_ptr + i_bb * stride_xb + i_hh * stride_xh
-    p_m = m_ptr + i_bh * C * O + o_o64[None, :] * stride_mo
+    p_x0 = x_ptr + i_bb * stride_xb + i_hh * stride_xh + o_n64[:, None] * stride_xn
+    p_m0 = m_ptr + i_bh * C * O + o_o[None, :].to(tl.int64) * stride_mo
     b_acc = tl.zeros([BLOCK_N, BLOCK_O], dtype=tl.float32)
     b_den = tl.zeros([BLOCK_N], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         o_c = c0 + tl.arange(0, BLOCK_C)
         m_c = o_c < C
-        o_c64 = o_c.to(tl.int64)
-        b_x = load_tile(p_x, o_n64, o_c64, m_n, m_c, stride_xn, stride_xc).to(tl.float32)
-        b_m = tl.load(p_m + o_c64[:, None] * stride_mc, mask=m_c[:, None] & m_o[None, :], other=0.0)
+        b_x = tl.load(p_x0 + o_c[None, :].to(tl.int64) * stride_xc, mask=m_n[:, None] & m_c[None, :], other=0.0)
+        b_x = b_x.to(tl.float32)
+        b_m = tl.load(p_m0 + o_c[:, None].to(tl.int64) * stride_mc, mask=m_c[:, None] & m_o[None, :], other=0.0)
         b_acc = tl.dot(b_x, b_m, b_acc, input_precision=PRECISION)
         if NORM_DEN:
             b_v = tl.load(den_vec_ptr + i_bh * C + o_c, mask=m_c, other=0.0)
@@ -148,7 +148,8 @@ def _readout_kernel(
             b_acc += b_coef[:, None] * b_vec[None, :]
         else:
             b_acc += beta * b_vec[None, :]
-    store_tile(out_ptr + i_bb * stride_ob + i_hh * stride_oh, o_n64, o_o, m_n, m_o, stride_on, stride_oo, b_acc)
+    p_out = out_ptr + i_bb * stride_ob + i_hh * stride_oh + o_n64[:, None] * stride_on + o_o[None, :] * stride_oo
+    tl.store(p_out, b_acc.to(out_ptr.dtype.element_ty), mask=m_n[:, None] & m_o[None, :])
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -168,22 +169,24 @@ def _norm_bwd_kernel(
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
     o_n64 = o_n.to(tl.int64)
-    p_q = q_ptr + i_bb * stride_qb + i_hh * stride_qh
-    p_g = g_ptr + i_bb * stride_gb + i_hh * stride_gh
+    p_q0 = q_ptr + i_bb * stride_qb + i_hh * stride_qh + o_n64[:, None] * stride_qn
+    p_g0 = g_ptr + i_bb * stride_gb + i_hh * stride_gh + o_n64[:, None] * stride_gn
     b_den = tl.zeros([BLOCK_N], dtype=tl.float32)
     b_qt = tl.zeros([BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         o_d = d0 + tl.arange(0, BLOCK_D)
         m_d = o_d < D
-        o_d64 = o_d.to(tl.int64)
-        b_q = load_tile(p_q, o_n64, o_d64, m_n, m_d, stride_qn, stride_qd).to(tl.float32)
+        b_q = tl.load(p_q0 + o_d[None, :].to(tl.int64) * stride_qd, mask=m_n[:, None] & m_d[None, :], other=0.0)
+        b_q = b_q.to(tl.float32)
         b_m = tl.load(m_ptr + i_bh * D + o_d, mask=m_d, other=0.0)
         b_t = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         for v0 in range(0, DV, BLOCK_V):
             o_v = v0 + tl.arange(0, BLOCK_V)
             m_v = o_v < DV
-            b_g = load_tile(p_g, o_n64, o_v.to(tl.int64), m_n, m_v, stride_gn, stride_gd)
-            b_st = load_tile(s_ptr + i_bh * D * DV, o_v, o_d64, m_v, m_d, 1, DV)  # Sᵀ: (v, d) = S[d, v]
+            b_g = tl.load(p_g0 + o_v[None, :].to(tl.int64) * stride_gd, mask=m_n[:, None] & m_v[None, :], other=0.0)
+            # Sᵀ tile: element (v, d) = S[d, v]
+            p_st = s_ptr + i_bh * D * DV + o_d[None, :].to(tl.int64) * DV + o_v[:, None]
+            b_st = tl.load(p_st, mask=m_v[:, None] & m_d[None, :], other=0.0)
             b_t = tl.dot(b_g.to(tl.float32), b_st, b_t, input_precision=PRECISION)
         b_qt += tl.sum(b_q * b_t, 1)
         b_den += tl.sum(b_q * b_m[None, :], 1)
@@ -282,17 +285,16 @@ def _features_bwd_kernel(
     gamma_a = tl.load(ga_ptr + i_bb * stride_gab + i_hh * stride_gah + o_n64 * stride_gan, mask=m_n, other=1.0)
     gamma_a = gamma_a.to(tl.float32)
     lam = tl.load(l_ptr + i_bb * stride_lb + i_hh * stride_lh + o_n64 * stride_ln, mask=m_n, other=0.0).to(tl.float32)
-    o_rows = i_bh * N + o_n64
-    g = load_tile(grad_ptr, o_rows, o_d, m_n, m_d, D, 1)
+    o_tok = i_bh * N + o_n64
+    g = load_tile(grad_ptr, o_tok, o_d, m_n, m_d, D, 1)
     r, ls, p, n1, n2 = _power_map(z, gamma, m_d, eps)
     ra, lsa, pa, n1a, n2a = _power_map(za, gamma_a, m_d, eps)
     # dφ(z) = G, dφ(z_aux) = −λ G, dλ = −G · φ(z_aux)
     dlam = -(n1a / n2a) * tl.sum(g * pa, 1)
     dz, dgamma = _power_map_grad(z, g, gamma, r, ls, p, n1, n2, m_d)
     dza, dgamma_a = _power_map_grad(za, -lam[:, None] * g, gamma_a, ra, lsa, pa, n1a, n2a, m_d)
-    store_rows(dz_ptr, o_rows, m_n, D, D, dz, BLOCK_D)
-    store_rows(dza_ptr, o_rows, m_n, D, D, dza, BLOCK_D)
-    o_tok = i_bh * N + o_n64
+    store_rows(dz_ptr, o_tok, m_n, D, D, dz, BLOCK_D)
+    store_rows(dza_ptr, o_tok, m_n, D, D, dza, BLOCK_D)
     tl.store(dg_ptr + o_tok, dgamma, mask=m_n)
     tl.store(dga_ptr + o_tok, dgamma_a, mask=m_n)
     tl.store(dl_ptr + o_tok, dlam, mask=m_n)
