@@ -1,9 +1,12 @@
-"""Triton kernels of the block attention engine (CLEAR, GRAT): forward and backward over a block plan.
+"""Triton kernels of the block attention engine: forward and backward over a key-block list per query block.
 
-One program per (query block, batch·head) in the forward and the dq pass, one per (key block, batch·head) in the
-dk/dv pass (over the transposed plan), so no output is written by two programs and no atomics are needed.
-Rows are gathered through the plan's permutations (int64 offsets), ragged blocks and head dims that are not
-powers of two are masked, full entries skip the element mask, and softmax runs in base 2 with fp32 state.
+CLEAR and GRAT run it over a block plan (one for every batch·head); PISA runs its exact part on it, over its
+selection (``attend_blocks`` and ``dq_blocks`` inside its own kernels, the dk/dv kernel with one transposed list
+per batch·head). One program per (query block, batch·head) in the forward and the dq pass, one per (key block,
+batch·head) in the dk/dv pass (over the transposed lists), so no output is written by two programs and no atomics
+are needed. Rows are gathered through permutations (int64 offsets), ragged blocks and head dims that are not powers
+of two are masked, full entries skip the element mask (compiled out when no entry can be masked), and softmax runs
+in base 2 with fp32 state.
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ def attend_blocks(
     SPATIAL: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Online softmax of one query block over the key blocks ``p_blocks[e_start:e_end]`` (entry kinds at
-    ``p_kinds``, see :func:`_pair_mask`).
+    ``p_kinds``, see :func:`_entry_kind` and :func:`_pair_mask`).
 
     ``b_q (BLOCK_M, BLOCK_D)``; state ``b_m, b_l (BLOCK_M,)``, ``b_acc (BLOCK_M, BLOCK_DV)`` fp32, returned updated;
     ``q_pos, m_q (BLOCK_M,)``: layout positions and mask of the query slots; ``p_k, p_v``: this batch·head's k and
