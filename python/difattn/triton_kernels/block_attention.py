@@ -349,3 +349,24 @@ def block_attention_bwd(q, k, v, out, dout, lse, plan_tensors, key_valid, max_d2
         q_coords, k_coords, valid, *strides, 0, 0, *sizes, **meta,  # one transposed plan for every batch·head
     )
     return dq, dk, dv
+
+
+def whole_block_dkv(q, k, v, dout, lse, delta, perm, offsets, t_indptr, t_indices, scale: float, block: int,
+                    meta: dict):
+    """``(dk, dv)`` (contiguous, q's dtype) of attention over whole key blocks listed per batch·head: key block j of
+    ``(b, h)`` is attended by the query blocks ``t_indices[b·H + h, t_indptr[b·H + h, j] : t_indptr[.., j + 1]]``;
+    q and k share one layout (``perm``, ``offsets``). ``dout`` contiguous, ``lse``, ``delta`` ``(B, H, N)`` fp32;
+    ``meta``: ``BLOCK_D``, ``BLOCK_DV``, ``PRECISION`` and the launch options."""
+    import torch
+
+    B, H, N, D = q.shape
+    DV = v.shape[3]
+    dk = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
+    dv = torch.empty(B, H, N, DV, dtype=q.dtype, device=q.device)
+    _block_attention_bwd_dkv_kernel[(offsets.numel() - 1, B * H)](
+        q, k, v, dout, lse, delta, dk, dv, perm, offsets, perm, offsets, t_indptr, t_indices, t_indices,
+        perm, perm, perm, *q.stride(), *k.stride(), *v.stride(), *dout.stride()[:3], *lse.stride()[:2], 0,
+        t_indptr.stride(0), t_indices.stride(0), N, N, H, D, DV, scale, 0, 0,  # no kinds, coordinates or validity
+        BLOCK_M=block, BLOCK_N=block, SPATIAL=False, HAS_VALID=False, **meta,
+    )
+    return dk, dv

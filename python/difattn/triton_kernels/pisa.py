@@ -27,7 +27,7 @@ import triton.language as tl
 from ._common import (
     LOG2_E, block_rows, load_row_stats, load_rows, online_softmax_finish, online_softmax_step, store_rows,
 )
-from .block_attention import _block_attention_bwd_dkv_kernel, attend_blocks, dq_blocks
+from .block_attention import attend_blocks, dq_blocks, whole_block_dkv
 
 # Centroids per chunk of the centroid phase (the tests lower it to cover several chunks on tiny shapes).
 CENTROID_CHUNK = 64
@@ -293,8 +293,6 @@ def pisa_bwd(q, k, v, key_mean, value_mean, moment_mean, out, dout, lse, zeta, p
         rho = scale * ((q.float() @ moment_mean) * grad).sum(-1)
     # dq in fp32 when the first-order term adds to it below (one rounding to q's dtype at the end).
     dq = torch.empty(B, H, N, D, dtype=torch.float32 if hybrid else q.dtype, device=q.device)
-    dk = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
-    dv = torch.empty(B, H, N, DV, dtype=q.dtype, device=q.device)
     meta = _meta(q, v, max_block)
     common = (*_strides(q, k, v), N, M, K, H, D, DV, scale)
     mask = selection_mask(blocks)
@@ -304,16 +302,10 @@ def pisa_bwd(q, k, v, key_mean, value_mean, moment_mean, out, dout, lse, zeta, p
         q, k, v, key_mean, value_mean, dout, lse, delta, rho_arg, dq, perm, offsets, blocks, mask, *common,
         BLOCK_C=chunk, HYBRID=hybrid, **meta,
     )
-    # The exact blocks' dk, dv on the block engine's kernel: whole blocks (no element masks), q and k in one
-    # layout, one transposed selection per batch·head.
+    # The exact blocks' dk, dv on the block engine's kernel, over the selection's transpose.
     t_indptr, t_indices = transposed_selection(blocks)
-    engine_meta = {key: value for key, value in meta.items() if key != "BLOCK"}
-    _block_attention_bwd_dkv_kernel[(M, B * H)](
-        q, k, v, dout, lse, delta, dk, dv, perm, offsets, perm, offsets, t_indptr, t_indices, t_indices,
-        perm, perm, perm, *_strides(q, k, v), *dout.stride()[:3], *lse.stride()[:2], 0,
-        t_indptr.stride(0), t_indices.stride(0), N, N, H, D, DV, scale, 0, 0,
-        BLOCK_M=meta["BLOCK"], BLOCK_N=meta["BLOCK"], SPATIAL=False, HAS_VALID=False, **engine_meta,
-    )
+    dk, dv = whole_block_dkv(q, k, v, dout, lse, delta, perm, offsets, t_indptr, t_indices, scale, meta["BLOCK"],
+                             {key: value for key, value in meta.items() if key != "BLOCK"})
     chunks = -(-M // chunk)
     splits = _splits(q.device, chunks * B * H, M)
     dkm = torch.empty(splits, B, H, M, D, dtype=torch.float32, device=q.device)
