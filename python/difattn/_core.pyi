@@ -8,8 +8,9 @@ TileArgs = tuple[int, int, int]
 def tile_order(grid: GridArgs, tile: TileArgs) -> tuple[bytes, bytes]:
     """(perm, inverse) of the tile order, int64 each; text tokens stay in place."""
 
-def tile_sizes(grid: GridArgs, tile: TileArgs) -> bytes:
-    """Token count of each tile of `tile_order`, int64."""
+def token_blocks(grid: GridArgs, tile: TileArgs, block: int, text_block: int) -> tuple[bytes, bytes]:
+    """(perm, offsets), int64 each: image tokens in tiles, text in runs of `text_block`, each cut into blocks of at
+    most `block` tokens."""
 
 def group_order(grid: GridArgs, group: TileArgs) -> tuple[bytes, bytes]:
     """(perm, inverse) of GRAT's group-major order, int64 each."""

@@ -15,6 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::cpu::view::{View, ViewError};
+use crate::plan::blocks::Layout;
 use crate::plan::{self, GridError, TextPosition, Tile, TokenGrid};
 
 /// A tensor as Python describes it: `(data_ptr, dtype name, shape, strides in elements)`.
@@ -68,11 +69,19 @@ fn tile_order<'py>(
     with_inverse(py, perm)
 }
 
-/// Token counts of the tiles of `tile_order`, in that order (int64 bytes).
+/// Image tokens in tiles and text in runs, cut into blocks of at most `block` tokens (text runs of `text_block`):
+/// `(perm, offsets)`, int64 bytes each — the block layout of the engine's plans, and PISA's.
 #[pyfunction]
-fn tile_sizes<'py>(py: Python<'py>, grid: GridArgs, tile: (usize, usize, usize)) -> PyResult<Bound<'py, PyBytes>> {
+fn token_blocks<'py>(
+    py: Python<'py>,
+    grid: GridArgs,
+    tile: (usize, usize, usize),
+    block: usize,
+    text_block: usize,
+) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
     let (grid, tile) = (to_grid(grid)?, to_tile(tile)?);
-    Ok(as_bytes(py, &plan::tile_sizes(&grid, tile)))
+    let layout = py.detach(|| Layout::tiled(&grid, tile, block, text_block, 0)).map_err(value_error)?;
+    Ok((as_bytes(py, &layout.perm), as_bytes(py, &layout.offsets)))
 }
 
 /// Group-major order (GRAT) and its inverse (int64 bytes each).
@@ -117,7 +126,7 @@ fn build_info() -> Vec<(&'static str, String)> {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tile_order, m)?)?;
-    m.add_function(wrap_pyfunction!(tile_sizes, m)?)?;
+    m.add_function(wrap_pyfunction!(token_blocks, m)?)?;
     m.add_function(wrap_pyfunction!(group_order, m)?)?;
     m.add_function(wrap_pyfunction!(zorder, m)?)?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;
