@@ -215,3 +215,77 @@ def test_capture_records_self_attention_calls_only():
     sq, sk, sv = cap.stacked()
     assert sq.shape == (2, 6, 10, 8)
     assert torch.equal(sq[:, 3:], 2 * q) and torch.equal(sk[:, :3], k) and torch.equal(sv[:, 3:], v)
+
+
+def test_bench_json_carries_quality_records(tmp_path, monkeypatch):
+    """The plain run adds its cases' quality on structured inputs, with the speed of the matching forward record;
+    ``--quality`` sweeps the knobs (captured and end-to-end models skipped here: no weights, no diffusers)."""
+    import json
+
+    from difattn.bench import pipelines
+    from difattn.bench.quality_suite import QUALITY_FIELDS
+    from difattn.cli import main
+
+    keys = {"method", "backend", "options", "inputs", "source", "B", "H", "N", "D", "dtype", "grid", "ms", "dense_ms",
+            "speedup", "work_fraction", *QUALITY_FIELDS, "steps", "dense_steps", "dense_layers"}
+    path = tmp_path / "plain.json"
+    assert main(["bench", "--device", "cpu", "--grid", "8x8+3", "--heads", "2", "--head-dim", "16", "--quick",
+                 "--methods", "clear", "pisa", "linear", "--json", str(path)]) == 0
+    payload = json.loads(path.read_text())
+    quality_records = payload["quality"]
+    assert {r["method"] for r in quality_records} == {"clear", "pisa", "linear"}
+    for r in quality_records:
+        assert set(r) == keys and r["inputs"] == "structured"
+        speed = next(s for s in payload["records"] if s["method"] == r["method"] and s["pass"] == "fwd")
+        assert r["speedup"] == speed["speedup"] and r["rel_err_dense"] != speed["rel_err_dense"]
+        assert (r["recall"] is None) == (r["method"] == "linear")
+
+    path = tmp_path / "quality.json"
+    monkeypatch.setattr(pipelines, "available", lambda: False)
+    assert main(["bench", "--device", "cpu", "--grid", "16x16", "--heads", "2", "--head-dim", "16", "--quick",
+                 "--quality", "--methods", "clear", "--digits-weights", str(tmp_path / "none.pt"), "--json", str(path)]) == 0
+    payload = json.loads(path.read_text())
+    radii = [r["options"]["radius"] for r in payload["quality"]]
+    assert payload["records"] == [] and radii == sorted(radii) and len(radii) >= 4
+    recalls = [r["recall"] for r in payload["quality"]]
+    assert recalls == sorted(recalls) and all(r["speedup"] > 0 for r in payload["quality"])
+
+
+def test_digits_model_capture_and_sample(tmp_path):
+    """Weights saved as the example saves them load into any method; capture stacks every layer's heads; a sample
+    with every step dense equals the dense sample."""
+    from difattn.bench import digits
+    from difattn.models import PixelDiT
+
+    torch.manual_seed(0)
+    config = {"input_size": 8, "in_channels": 1, "hidden_size": 32, "depth": 2, "num_heads": 2, "num_classes": 10}
+    model = PixelDiT(**config, attention="dense")
+    for p in model.parameters():  # adaLN-Zero starts as the identity: make every layer matter
+        torch.nn.init.normal_(p, std=0.05)
+    path = tmp_path / "digits.pt"
+    torch.save({"config": config, "state_dict": {n: t.half() for n, t in model.state_dict().items()}}, path)
+    dense, clear = digits.load(path), digits.load(path, "clear", {"radius": 2.0})
+    grid, q, k, v = digits.capture(dense)
+    assert grid == TokenGrid(8, 8) and q.shape == (4, 4, 64, 16) and k.shape == v.shape == q.shape
+    labels, noise = torch.arange(3), torch.randn(3, 1, 8, 8)
+    want = digits.sample(lambda i: dense, labels, noise, 3)
+    assert torch.equal(digits.sample(lambda i: dense if i < 3 else clear, labels, noise, 3), want)
+    assert quality.psnr(digits.sample(lambda i: clear, labels, noise, 3), want) < 80
+
+
+def test_pipeline_dense_steps_cover_the_run():
+    """End to end on the tiny Wan: with every step dense the latent equals the dense run's; with CLEAR it does not."""
+    pytest.importorskip("diffusers")
+    import difattn.diffusers as dd
+    from difattn.bench import pipelines
+
+    family = pipelines.FAMILIES["wan"]()
+    model = family.build()
+    want = pipelines.run(family, model, 2)
+    for dense_steps, same in ((2, True), (0, False)):
+        dd.apply(model, "clear", radius=2.0, dense_steps=dense_steps)
+        try:
+            got = pipelines.run(family, model, 2)
+        finally:
+            dd.remove(model)
+        assert torch.equal(got, want) == same
