@@ -245,10 +245,14 @@ def test_bench_json_carries_quality_records(tmp_path, monkeypatch):
     assert main(["bench", "--device", "cpu", "--grid", "16x16", "--heads", "2", "--head-dim", "16", "--quick",
                  "--quality", "--methods", "clear", "--digits-weights", str(tmp_path / "none.pt"), "--json", str(path)]) == 0
     payload = json.loads(path.read_text())
-    radii = [r["options"]["radius"] for r in payload["quality"]]
+    structured = [r for r in payload["quality"] if r["inputs"] == "structured"]
+    noise = [r for r in payload["quality"] if r["inputs"] == "random"]
+    radii = [r["options"]["radius"] for r in structured]
     assert payload["records"] == [] and radii == sorted(radii) and len(radii) >= 4
-    recalls = [r["recall"] for r in payload["quality"]]
-    assert recalls == sorted(recalls) and all(r["speedup"] > 0 for r in payload["quality"])
+    assert [r["options"] for r in noise] == [r["options"] for r in structured]
+    recalls = [r["recall"] for r in structured]
+    assert recalls == sorted(recalls) and all(r["speedup"] > 0 for r in structured)
+    assert all(n["recall"] < s["recall"] for n, s in zip(noise, structured) if s["recall"] < 1)
 
 
 def test_digits_model_capture_and_sample(tmp_path):

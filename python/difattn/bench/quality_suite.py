@@ -5,7 +5,8 @@ end, next to its speedup.
 - :func:`default_quality`: the plain run's cases on structured inputs of each bench shape, with the speed of the
   matching forward record (cheap: one float64 dense pass per shape).
 - :func:`run_quality` (``difattn bench --quality``): a sweep of each method's main knob (:data:`cases.QUALITY_CASES`)
-  on structured inputs, each setting timed forward; the small-grid settings (:data:`cases.SMALL_GRID_CASES`) on
+  on structured inputs, each setting timed forward, and the same settings on i.i.d. random q/k/v for contrast;
+  the small-grid settings (:data:`cases.SMALL_GRID_CASES`) on
   captured patterns (the trained digits PixelDiT, tiny diffusers models) and end to end.
 
 A quality record (the ``"quality"`` list of the bench JSON; schema also in :mod:`.runner`) is
@@ -26,11 +27,12 @@ import torch
 
 from .. import functional, reference
 from ..grid import TokenGrid
+from ..testing import random_qkv
 from . import baselines, quality
 from .cases import CASES, QUALITY_CASES, Case, Shape
 from .inputs import structured_qkv
 from .progress import Progress
-from .runner import REFERENCE_LIMIT, BenchConfig, runnable_backends
+from .runner import REFERENCE_LIMIT, BenchConfig, jsonable, runnable_backends
 from .timing import time_call
 
 QUALITY_FIELDS = ("rel_err_dense", "cos_dense", "worst_head_rel_err", "recall", "worst_head_recall", "taylor_mass",
@@ -99,15 +101,11 @@ def record(case: Case, backend: str, inputs: str, source: str, shape: Shape, dty
     """One quality record (schema in the module docstring); absent speed or pipeline fields are null."""
     g = shape.grid
     return {
-        "method": case.method, "backend": backend, "options": _jsonable(case.options), "inputs": inputs,
+        "method": case.method, "backend": backend, "options": jsonable(case.options), "inputs": inputs,
         "source": source, "B": shape.batch, "H": shape.heads, "N": g.num_tokens, "D": shape.head_dim,
         "dtype": str(dtype).removeprefix("torch."), "grid": [g.frames, g.height, g.width, g.text_tokens, g.text_position],
         **{key: fields.get(key) for key in (*_SPEED_FIELDS, *QUALITY_FIELDS, *_PIPELINE_FIELDS)},
     }
-
-
-def _jsonable(options: dict) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
 
 
 def _structured(cfg: BenchConfig, shape: Shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -116,6 +114,7 @@ def _structured(cfg: BenchConfig, shape: Shape) -> tuple[torch.Tensor, torch.Ten
 
 
 SOURCE = f"structured_qkv(seed={STRUCTURED_SEED})"
+RANDOM_SOURCE = "i.i.d. N(0, 1) q, k, v (testing.random_qkv, seed 0)"
 
 
 def default_quality(cfg: BenchConfig, records: list[dict]) -> list[dict]:
@@ -131,12 +130,14 @@ def default_quality(cfg: BenchConfig, records: list[dict]) -> list[dict]:
         for (case, backend), fields in zip(runs, evaluate(runs, shape.grid, q, k, v)):
             if fields is None:
                 continue
-            speed = next((r for r in records if r["pass"] == "fwd" and r["method"] == case.method and r["backend"] == backend
-                          and r["options"] == _jsonable(case.options) and r["N"] == shape.grid.num_tokens
-                          and r["H"] == shape.heads and r["D"] == shape.head_dim and r["B"] == shape.batch), {})
-            speed = {key: speed[key] for key in _SPEED_FIELDS if key in speed}
-            out.append(record(case, backend, "structured", SOURCE, shape, cfg.dtype, fields | speed))
+            mine = record(case, backend, "structured", SOURCE, shape, cfg.dtype, fields)
+            speed = next((r for r in records if r["pass"] == "fwd" and _same_case(r, mine)), {})
+            out.append(mine | {key: speed[key] for key in _SPEED_FIELDS if key in speed})
     return out
+
+
+def _same_case(a: dict, b: dict) -> bool:
+    return all(a[key] == b[key] for key in ("method", "backend", "options", "grid", "B", "H", "D", "dtype"))
 
 
 def _time(fn, cfg: BenchConfig) -> float:
@@ -158,7 +159,7 @@ def sweep(cfg: BenchConfig, progress: Progress | None = None) -> list[dict]:
             speeds = []
             for case, backend in runs:
                 if progress:
-                    progress.update(f"sweep {case.method} {json.dumps(_jsonable(case.options))}")
+                    progress.update(f"sweep {case.method} {json.dumps(jsonable(case.options))}")
                 try:
                     ms = _time(lambda: case.call(q, k, v, extra, shape.grid, backend), cfg)
                 except ValueError:  # a setting this shape cannot take
@@ -170,6 +171,11 @@ def sweep(cfg: BenchConfig, progress: Progress | None = None) -> list[dict]:
         runs, speeds = [r for r, s in zip(runs, speeds) if s], [s for s in speeds if s]
         for (case, backend), speed, fields in zip(runs, speeds, evaluate(runs, shape.grid, q, k, v)):
             out.append(record(case, backend, "structured", SOURCE, shape, cfg.dtype, fields | speed))
+        # The same settings on i.i.d. Gaussian q, k, v (the inputs the speed records' error is measured on).
+        noise = random_qkv(shape.batch, shape.heads, shape.grid.num_tokens, shape.head_dim, dtype=cfg.dtype,
+                           device=cfg.device)
+        for (case, backend), speed, fields in zip(runs, speeds, evaluate(runs, shape.grid, *noise)):
+            out.append(record(case, backend, "random", RANDOM_SOURCE, shape, cfg.dtype, fields | speed))
     return out
 
 

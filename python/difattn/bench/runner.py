@@ -200,7 +200,7 @@ def _measure(cfg, shape, pass_name, case, backend, inputs, baseline: dict, dense
     return {
         "method": case.method, "backend": backend, "pass": pass_name,
         "B": shape.batch, "H": shape.heads, "N": shape.grid.num_tokens, "D": shape.head_dim,
-        "dtype": str(cfg.dtype).removeprefix("torch."), "options": _jsonable(case.options),
+        "dtype": str(cfg.dtype).removeprefix("torch."), "options": jsonable(case.options),
         "grid": [shape.grid.frames, shape.grid.height, shape.grid.width, shape.grid.text_tokens, shape.grid.text_position],
         "density": case.density(shape), "ms": t.typical, "ms_min": t.minimum, "ms_max": t.maximum,
         **{key: baseline.get(key) for key in _BASELINE_KEYS},
@@ -212,7 +212,8 @@ def _measure(cfg, shape, pass_name, case, backend, inputs, baseline: dict, dense
     }
 
 
-def _jsonable(options: dict) -> dict:
+def jsonable(options: dict) -> dict:
+    """Options as JSON values (tuples become lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
 
 
