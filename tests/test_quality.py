@@ -277,6 +277,18 @@ def test_digits_model_capture_and_sample(tmp_path):
     assert quality.psnr(digits.sample(lambda i: clear, labels, noise, 3), want) < 80
 
 
+def test_pipeline_training_is_deterministic():
+    """The few training steps the tiny models take are seeded: two runs give the same weights, which moved."""
+    pytest.importorskip("diffusers")
+    from difattn.bench import pipelines
+
+    family = pipelines.FAMILIES["wan"]()
+    start = family.build().state_dict()
+    a, b = (pipelines.train(family, family.build(), steps=2).state_dict() for _ in range(2))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not all(torch.equal(a[n], start[n]) for n in a)
+
+
 def test_pipeline_dense_steps_cover_the_run():
     """End to end on the tiny Wan: with every step dense the latent equals the dense run's; with CLEAR it does not."""
     pytest.importorskip("diffusers")
