@@ -305,3 +305,14 @@ def test_pipeline_dense_steps_cover_the_run():
         finally:
             dd.remove(model)
         assert torch.equal(got, want) == same
+
+
+def test_pareto_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from difattn.bench.quality_suite import pareto_plot
+
+    records = [{"method": m, "inputs": "structured", "speedup": s, "rel_err_dense": e, "recall": r}
+               for m, s, e, r in (("clear", 10.0, 0.5, 0.4), ("clear", 3.0, 0.2, 0.8), ("linear", 50.0, 0.8, None))]
+    png = tmp_path / "pareto.png"
+    assert pareto_plot(records + [{**records[0], "inputs": "captured", "speedup": None}], png, "title")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

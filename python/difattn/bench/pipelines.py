@@ -29,8 +29,8 @@ import torch
 
 from ..grid import TokenGrid
 from .capture import SDPACapture, euler_flow
-from .inputs import smooth_field
 from .cases import SMALL_GRID_CASES, Shape
+from .inputs import smooth_field
 
 STEPS = 6
 TRAIN_STEPS = 100
