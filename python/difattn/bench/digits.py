@@ -91,7 +91,8 @@ def quality_records(path: Path, methods) -> list[dict]:
     dense = load(path)
     grid, q, k, v = capture(dense)
     shape = Shape(grid, batch=q.shape[0], heads=q.shape[1], head_dim=q.shape[-1])
-    runs = [(c, runnable_backends(c.method, q.device)[0]) for m in methods for c in SMALL_GRID_CASES[m]]
+    runs = [(c, runnable_backends(c.method, q.device, q.dtype, c.options)[0])
+            for m in methods for c in SMALL_GRID_CASES[m]]
     source = f"digits PixelDiT 16x16, {len(dense.blocks)} layers x {dense.num_heads} heads, step {SAMPLE_STEPS // 2}/{SAMPLE_STEPS}"
     out = [record(c, b, "captured", source, shape, torch.float32, fields)
            for (c, b), fields in zip(runs, evaluate(runs, grid, q, k, v)) if fields]

@@ -195,7 +195,8 @@ def quality_records(methods) -> list[dict]:
         model = train(family, family.build())
         q, k, v = capture(family, model)
         shape = Shape(family.grid, batch=q.shape[0], heads=q.shape[1], head_dim=q.shape[-1])
-        runs = [(c, runnable_backends(c.method, q.device)[0]) for m in methods for c in SMALL_GRID_CASES[m]]
+        runs = [(c, runnable_backends(c.method, q.device, q.dtype, c.options)[0])
+                for m in methods for c in SMALL_GRID_CASES[m]]
         source = (f"tiny {family.name} ({TRAIN_STEPS} training steps on smooth random latents), "
                   f"{len(dd.attention_layers(model))} layers, step {STEPS // 2}/{STEPS}")
         out += [record(c, b, "captured", source, shape, torch.float32, fields)

@@ -125,7 +125,8 @@ def default_quality(cfg: BenchConfig, records: list[dict]) -> list[dict]:
     for shape in cfg.shapes:
         if shape.grid.num_tokens > REFERENCE_LIMIT:
             continue
-        runs = [(c, b) for m in cfg.methods for c in table[m] for b in runnable_backends(c.method, cfg.device)]
+        runs = [(c, b) for m in cfg.methods for c in table[m]
+                for b in runnable_backends(c.method, cfg.device, cfg.dtype, c.options)]
         q, k, v = _structured(cfg, shape)
         for (case, backend), fields in zip(runs, evaluate(runs, shape.grid, q, k, v)):
             if fields is None:
@@ -155,7 +156,8 @@ def sweep(cfg: BenchConfig, progress: Progress | None = None) -> list[dict]:
         extra = method_extra(q, k)
         with torch.no_grad():
             dense_ms = min(_time(lambda f=f: f(q, k, v, extra), cfg) for f in baselines.dense_fns(cfg.device).values())
-            runs = [(c, runnable_backends(c.method, cfg.device)[0]) for m in cfg.methods for c in QUALITY_CASES[m]]
+            runs = [(c, runnable_backends(c.method, cfg.device, cfg.dtype, c.options)[0])
+                    for m in cfg.methods for c in QUALITY_CASES[m]]
             speeds = []
             for case, backend in runs:
                 if progress:

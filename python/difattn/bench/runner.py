@@ -138,12 +138,13 @@ def _baselines(cfg: BenchConfig, case: Case, shape: Shape, inputs: list, backwar
     return {**_time_each(fns, inputs, backward, cfg), **extra}
 
 
-def runnable_backends(method: str, device: torch.device) -> list[str]:
-    """Fast backends that can run ``method`` here; the torch reference only when there is none. Triton counts
-    only on CUDA (its CPU interpreter is a test tool, not something to time)."""
+def runnable_backends(method: str, device: torch.device, dtype: torch.dtype | None = None,
+                      options: dict | None = None) -> list[str]:
+    """Fast backends that can run ``method`` here (for ``dtype`` and ``options`` when given); the torch reference
+    only when there is none. Triton counts only on CUDA (its CPU interpreter is a test tool, not something to time)."""
     fast = [
         name for name, b in BACKENDS.items()
-        if name != "torch" and (name != "triton" or device.type == "cuda") and b.can_run(method, device)[0]
+        if name != "torch" and (name != "triton" or device.type == "cuda") and b.can_run(method, device, dtype, options)[0]
     ]
     return fast or ["torch"]
 
