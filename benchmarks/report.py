@@ -272,8 +272,8 @@ def quality_md(path: Path, data: dict) -> list[str]:
     plot = pareto_path(path)
     return [
         f"## Quality: {path.stem}", "",
-        f"Device: {data['device']}; torch {data['torch']}, {data.get('threads', '?')} threads; commit `{data['commit']}`."
-        " Speed numbers here come from the same run as the quality numbers; on a shared CPU they are noisy (the speed",
+        f"Device: {data['device']}; torch {data['torch']}, {data.get('threads', '?')} threads; commit `{data['commit']}`.",
+        "Speed numbers here come from the same run as the quality numbers; on a shared CPU they are noisy (the speed",
         "series above are the reference).", "",
         *QUALITY_INTRO, "",
         f"![speedup against error and recall]({plot.relative_to(ROOT).as_posix()})", "",

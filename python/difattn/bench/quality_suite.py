@@ -225,34 +225,46 @@ def format_quality_table(records: list[dict]) -> str:
 
 def pareto_plot(records: list[dict], path: Path, title: str = "") -> bool:
     """Speedup against relative error (left) and against recall (right), one curve per method through its settings
-    on structured inputs, the legend outside the axes; False without matplotlib."""
+    on structured inputs (PISA's zeroth order dashed beside its hybrid curve), the legend outside the axes; settings
+    timed on the torch reference are left out when a compiled backend ran others. False without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib import ticker
     except ImportError:
         return False
-    points: dict[str, list[dict]] = {}
-    for r in records:
-        if r["inputs"] == "structured" and r.get("speedup") is not None:
-            points.setdefault(r["method"], []).append(r)
+    timed = [r for r in records if r["inputs"] == "structured" and r.get("speedup") is not None]
+    if any(r.get("backend") != "torch" for r in timed):
+        timed = [r for r in timed if r.get("backend") != "torch"]
+    points: dict[tuple[str, str], list[dict]] = {}
+    for r in timed:
+        variant = r["options"].get("order", "hybrid") if r["method"] == "pisa" else ""
+        points.setdefault((r["method"], "" if variant == "hybrid" else variant), []).append(r)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method, recs in sorted(points.items()):
+    colors: dict[str, str] = {}
+    for (method, variant), recs in sorted(points.items()):
         recs = sorted(recs, key=lambda r: r["speedup"])
-        (line,) = axes[0].plot([r["speedup"] for r in recs], [r["rel_err_dense"] for r in recs], marker="o", label=method)
+        style = {"marker": "o", "linestyle": "--" if variant else "-", "color": colors.get(method)}
+        (line,) = axes[0].plot([r["speedup"] for r in recs], [r["rel_err_dense"] for r in recs],
+                               label=f"{method} ({variant})" if variant else method, **style)
+        colors.setdefault(method, line.get_color())
         with_recall = [r for r in recs if r["recall"] is not None]
         if with_recall:
-            axes[1].plot([r["speedup"] for r in with_recall], [r["recall"] for r in with_recall], marker="o",
-                         color=line.get_color())
+            axes[1].plot([r["speedup"] for r in with_recall], [r["recall"] for r in with_recall],
+                         **{**style, "color": line.get_color()})
     axes[0].set(xscale="log", yscale="log", xlabel="speedup over dense SDPA", ylabel="relative L2 error vs float64 dense")
     axes[1].set(xscale="log", xlabel="speedup over dense SDPA", ylabel="softmax-mass recall (exact pairs)", ylim=(0, 1.02))
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
-    fig.legend(loc="center left", bbox_to_anchor=(0.87, 0.5), title="method")
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}×"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    fig.legend(loc="center left", bbox_to_anchor=(0.83, 0.5), title="method")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    fig.tight_layout(rect=(0, 0, 0.82, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
