@@ -39,8 +39,11 @@ def test_tile_order_matches_reference(grid, tile):
     perm, inv = plans.tile_order(grid, tile)
     assert torch.equal(perm, ordering.tile_permutation(grid, tile))
     assert torch.equal(inv, ordering.inverse_permutation(perm))
-    assert torch.equal(plans.tile_sizes(grid, tile), ordering.tile_sizes(grid, tile))
-    assert int(plans.tile_sizes(grid, tile).sum()) == grid.image_tokens
+    block = tile[1] * tile[2]
+    if tile[0] == 1:  # PISA's layout: tiles of one frame, one block each, text in runs of the block size
+        blocks_perm, offsets = plans.token_blocks(grid, tile, block, "cpu")
+        assert torch.equal(blocks_perm, perm)
+        assert torch.equal(offsets.diff(), ordering.pisa_block_sizes(grid, grid.num_tokens, block, tile[1:]))
 
 
 @given(grid=token_grids(), group=tiles)

@@ -8,8 +8,9 @@ TileArgs = tuple[int, int, int]
 def tile_order(grid: GridArgs, tile: TileArgs) -> tuple[bytes, bytes]:
     """(perm, inverse) of the tile order, int64 each; text tokens stay in place."""
 
-def tile_sizes(grid: GridArgs, tile: TileArgs) -> bytes:
-    """Token count of each tile of `tile_order`, int64."""
+def token_blocks(grid: GridArgs, tile: TileArgs, block: int, text_block: int) -> tuple[bytes, bytes]:
+    """(perm, offsets), int64 each: image tokens in tiles, text in runs of `text_block`, each cut into blocks of at
+    most `block` tokens."""
 
 def group_order(grid: GridArgs, group: TileArgs) -> tuple[bytes, bytes]:
     """(perm, inverse) of GRAT's group-major order, int64 each."""
@@ -23,26 +24,44 @@ def build_info() -> list[tuple[str, str]]:
 # A tensor as Python hands it over: (data_ptr, dtype name, shape, strides in elements). The core validates
 # alignment, strides and extents before reading; outputs must be contiguous.
 TensorArgs = tuple[int, str, list[int], list[int]]
-# Plan tensors for a kernel call: q_perm, q_offsets, k_perm, k_offsets, indptr, indices, kinds, q_coords, k_coords.
-PlanArgs = tuple[TensorArgs, TensorArgs, TensorArgs, TensorArgs, TensorArgs, TensorArgs, TensorArgs, TensorArgs, TensorArgs]
 
-def clear_plan(
-    grid: GridArgs,
-    radius: float,
-    temporal_radius: float,
-    global_tokens: int,
-    q_tile: TileArgs,
-    k_tile: TileArgs,
-    q_block: int,
-    k_block: int,
-) -> tuple[dict[str, bytes], int, int]:
-    """CLEAR's block plan arrays (int64 bytes; kinds and coords int32) and the element-mask thresholds
-    (max_d2, max_dt)."""
+class BlockPlan:
+    """A block plan of the attention engine (CLEAR, GRAT): built and validated once by the core, immutable, handed
+    to the CPU kernels as is."""
 
-def grat_plan(
-    grid: GridArgs, group: TileArgs, pattern: str, reach: int, text_masked: bool, q_block: int, k_block: int
-) -> dict[str, bytes]:
-    """GRAT's block plan arrays."""
+    @staticmethod
+    def clear(
+        grid: GridArgs,
+        radius: float,
+        temporal_radius: float,
+        global_tokens: int,
+        q_tile: TileArgs,
+        k_tile: TileArgs,
+        q_block: int,
+        k_block: int,
+    ) -> BlockPlan:
+        """CLEAR's plan: discs of `radius` within `temporal_radius` frames, `global_tokens` extra keys."""
+
+    @staticmethod
+    def grat(
+        grid: GridArgs, group: TileArgs, pattern: str, reach: int, text_masked: bool, q_block: int, k_block: int
+    ) -> BlockPlan:
+        """GRAT's plan: `pattern` "neighbors" (within `reach`) or "criss_cross"; `text_masked` masks text keys."""
+
+    @property
+    def thresholds(self) -> tuple[int, int]:
+        """(max_d2, max_dt) of the element mask; max_d2 < 0 without a disc."""
+
+    @property
+    def max_blocks(self) -> tuple[int, int]:
+        """The largest query block and the largest key block."""
+
+    @property
+    def computed_pairs(self) -> int:
+        """(query, key) pairs the engine computes over this plan."""
+
+    def arrays(self) -> dict[str, bytes]:
+        """The arrays as little-endian bytes (int64; kinds, t_kinds and the (t, y, x) coords int32)."""
 
 def block_attention_forward(
     q: TensorArgs,
@@ -50,10 +69,8 @@ def block_attention_forward(
     v: TensorArgs,
     out: TensorArgs,
     lse: TensorArgs,
-    plan: PlanArgs,
+    plan: BlockPlan,
     key_valid: TensorArgs | None,
-    max_d2: int,
-    max_dt: int,
     scale: float,
     threads: int,
 ) -> None:
@@ -69,10 +86,8 @@ def block_attention_backward(
     dq: TensorArgs,
     dk: TensorArgs,
     dv: TensorArgs,
-    plan: PlanArgs,
+    plan: BlockPlan,
     key_valid: TensorArgs | None,
-    max_d2: int,
-    max_dt: int,
     scale: float,
     threads: int,
 ) -> None:

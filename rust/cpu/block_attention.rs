@@ -12,9 +12,7 @@ use super::matmul::{Gemm, Mat, MatMut};
 use super::pool::pool;
 use super::vmath::{self, exp2_shift_sum};
 use super::view::{err, DType, View, ViewError};
-use crate::plan::blocks::MASKED;
-/// Grid coordinates stay below this, so `dy² + dx²` fits in an i32.
-const MAX_COORD: i32 = 32_768;
+use crate::plan::blocks::{BlockPlan, Spatial, MASKED};
 /// Keys per forward GEMM: consecutive key blocks of a query block are gathered into one panel up to this many
 /// keys (larger GEMMs, fewer online-softmax passes).
 const PANEL_KEYS: usize = 256;
@@ -22,181 +20,29 @@ const PANEL_KEYS: usize = 256;
 /// two passes, over query blocks then key blocks, which parallelise within a slice).
 const SLICES_PER_THREAD: usize = 2;
 
-/// The element mask applied to `MASKED` entries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Spatial {
-    /// Every pair allowed (only key validity applies): GRAT.
-    None,
-    /// Image pairs allowed when `|dt| <= max_dt` and `dy² + dx² <= max_d2`; text and extra tokens always: CLEAR.
-    Disc { max_d2: i64, max_dt: i64 },
-}
-
-/// A validated block plan (see `plan::blocks`), with its transpose for the key-side backward.
-pub struct Plan {
-    q_perm: Vec<usize>,
-    q_offsets: Vec<usize>,
-    k_perm: Vec<usize>,
-    k_offsets: Vec<usize>,
-    indptr: Vec<usize>,
-    indices: Vec<usize>,
-    kinds: Vec<u8>,
-    t_indptr: Vec<usize>,
-    t_indices: Vec<usize>,
-    t_kinds: Vec<u8>,
-    /// `(t, y, x)` per query position (`t < 0`: text or extra query).
-    q_coords: Vec<i32>,
-    /// `(B, Nk)` in key layout order, 1 = valid; `None`: every key valid.
-    key_valid: Option<Vec<i32>>,
-    spatial: Spatial,
-    /// The key coordinates as separate `t`, `y`, `x` arrays (the element mask's loop vectorises over them).
-    key_columns: KeyColumns,
-}
-
-/// Key positions' `(t, y, x)` as three arrays (`t < 0`: text or extra key, always allowed by the disc).
-struct KeyColumns {
-    t: Vec<i32>,
-    y: Vec<i32>,
-    x: Vec<i32>,
-}
-
-impl KeyColumns {
-    fn new(coords: &[i32]) -> Self {
-        let column = |i: usize| coords.chunks_exact(3).map(|c| c[i]).collect();
-        KeyColumns { t: column(0), y: column(1), x: column(2) }
-    }
-}
-
-fn to_usize(name: &str, values: Vec<i64>, bound: usize) -> Result<Vec<usize>, ViewError> {
-    values
-        .into_iter()
-        .map(|x| usize::try_from(x).ok().filter(|&u| u <= bound).ok_or_else(|| ViewError(format!("{name}: value {x} out of range 0..={bound}"))))
-        .collect()
-}
-
-fn check_permutation(name: &str, perm: &[usize], n: usize) -> Result<(), ViewError> {
-    if perm.len() != n {
-        return err(format!("{name}: length {} != {n}", perm.len()));
-    }
-    let mut seen = vec![false; n];
-    for &p in perm {
-        if p >= n || std::mem::replace(&mut seen[p], true) {
-            return err(format!("{name}: not a permutation of 0..{n}"));
-        }
-    }
-    Ok(())
-}
-
-fn check_offsets(name: &str, offsets: &[usize], n: usize) -> Result<usize, ViewError> {
-    if offsets.first() != Some(&0) || offsets.last() != Some(&n) || offsets.windows(2).any(|w| w[0] > w[1]) {
-        return err(format!("{name}: must rise from 0 to {n}"));
-    }
-    Ok(offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0))
-}
-
-fn check_csr(name: &str, indptr: &[usize], indices: &[usize], kinds: &[u8], rows: usize, cols: usize) -> Result<(), ViewError> {
-    if indptr.len() != rows + 1 || indptr[0] != 0 || indptr.windows(2).any(|w| w[0] > w[1]) || indptr[rows] != indices.len() {
-        return err(format!("{name}: indptr does not describe {rows} rows of {} entries", indices.len()));
-    }
-    if kinds.len() != indices.len() || kinds.iter().any(|&k| k > MASKED) || indices.iter().any(|&j| j >= cols) {
-        return err(format!("{name}: indices or kinds out of range"));
-    }
-    Ok(())
-}
-
-impl Plan {
-    /// Validates every array against `nq` queries, `nk` keys and `batch`; any violation is an error, never UB.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        q_perm: Vec<i64>,
-        q_offsets: Vec<i64>,
-        k_perm: Vec<i64>,
-        k_offsets: Vec<i64>,
-        csr: (Vec<i64>, Vec<i64>, Vec<i32>),
-        q_coords: Vec<i32>,
-        k_coords: Vec<i32>,
-        key_valid: Option<Vec<i32>>,
-        spatial: Spatial,
-        nq: usize,
-        nk: usize,
-        batch: usize,
-    ) -> Result<Self, ViewError> {
-        let q_perm = to_usize("q_perm", q_perm, nq)?;
-        let k_perm = to_usize("k_perm", k_perm, nk)?;
-        check_permutation("q_perm", &q_perm, nq)?;
-        check_permutation("k_perm", &k_perm, nk)?;
-        let q_offsets = to_usize("q_offsets", q_offsets, nq)?;
-        let k_offsets = to_usize("k_offsets", k_offsets, nk)?;
-        check_offsets("q_offsets", &q_offsets, nq)?;
-        check_offsets("k_offsets", &k_offsets, nk)?;
-        let (mq, mk) = (q_offsets.len() - 1, k_offsets.len() - 1);
-        let indptr = to_usize("indptr", csr.0, usize::MAX >> 1)?;
-        let indices = to_usize("indices", csr.1, usize::MAX >> 1)?;
-        let kinds: Vec<u8> = csr.2.iter().map(|&k| k.clamp(0, 255) as u8).collect();
-        if csr.2.iter().any(|&k| !(0..=1).contains(&k)) {
-            return err("kinds: values must be 0 (full) or 1 (masked)");
-        }
-        check_csr("plan", &indptr, &indices, &kinds, mq, mk)?;
-        if q_coords.len() != 3 * nq || k_coords.len() != 3 * nk {
-            return err("coords: need 3 values per token");
-        }
-        // The element mask squares coordinate differences in i32.
-        if q_coords.iter().chain(&k_coords).any(|&c| !(-2..MAX_COORD).contains(&c)) {
-            return err(format!("coords: values must lie in -2..{MAX_COORD}"));
-        }
-        if let Some(valid) = &key_valid {
-            if valid.len() != batch * nk {
-                return err(format!("key_valid: need {batch} x {nk} values, got {}", valid.len()));
+/// Sets disallowed logits of a block pair to −∞ (`s` holds `rows` rows of `cols` logits at row stride `stride`,
+/// for query positions `q0..` and key positions `k0..` of `plan`): keys that `key_valid` (`(B, Nk)` in key layout
+/// order, 0 = invalid) marks invalid for batch `b`, and for a disc plan the image pairs with `|dt| > max_dt` or
+/// `dy² + dx² > max_d2` (text and extra tokens on either side are always allowed).
+#[allow(clippy::too_many_arguments)]
+fn apply_mask(plan: &BlockPlan, key_valid: Option<&[i32]>, b: usize, q0: usize, k0: usize, rows: usize, cols: usize,
+              s: &mut [f32], stride: usize) {
+    let nk = plan.k_perm().len();
+    let valid = key_valid.map(|v| &v[b * nk + k0..b * nk + k0 + cols]);
+    let keys = plan.key_columns();
+    let span = k0..k0 + cols;
+    let (kt, ky, kx) = (&keys.t[span.clone()], &keys.y[span.clone()], &keys.x[span]);
+    for r in 0..rows {
+        let row = &mut s[r * stride..r * stride + cols];
+        let qc = &plan.q_coords()[3 * (q0 + r)..3 * (q0 + r) + 3];
+        if let Spatial::Disc { max_d2, max_dt } = plan.spatial() {
+            if qc[0] >= 0 {
+                let limits = (max_d2.min(i32::MAX as i64) as i32, max_dt.min(i32::MAX as i64) as i32);
+                mask_disc_row(row, (qc[0], qc[1], qc[2]), (kt, ky, kx), limits);
             }
         }
-        let (t_indptr, t_indices, t_kinds) = transpose(&indptr, &indices, &kinds, mk);
-        let key_columns = KeyColumns::new(&k_coords);
-        Ok(Plan {
-            q_perm, q_offsets, k_perm, k_offsets, indptr, indices, kinds, t_indptr, t_indices, t_kinds, q_coords, key_valid,
-            spatial, key_columns,
-        })
-    }
-
-    /// The query positions of query block `i`: `(first, len)`.
-    fn q_block(&self, i: usize) -> (usize, usize) {
-        (self.q_offsets[i], self.q_offsets[i + 1] - self.q_offsets[i])
-    }
-
-    /// The key positions of key block `j`: `(first, len)`.
-    fn k_block(&self, j: usize) -> (usize, usize) {
-        (self.k_offsets[j], self.k_offsets[j + 1] - self.k_offsets[j])
-    }
-
-    fn max_q_block(&self) -> usize {
-        self.q_offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0)
-    }
-
-    fn max_k_block(&self) -> usize {
-        self.k_offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0)
-    }
-
-    /// Sets disallowed logits of the block pair to −∞ (`s` holds `rows` rows of `cols` logits at row stride
-    /// `stride`): keys marked
-    /// invalid for batch `b`, and for the disc image pairs with `|dt| > max_dt` or `dy² + dx² > max_d2` (text and
-    /// extra tokens on either side are always allowed).
-    #[allow(clippy::too_many_arguments)]
-    fn apply_mask(&self, b: usize, q0: usize, k0: usize, rows: usize, cols: usize, s: &mut [f32], stride: usize) {
-        let nk = self.k_perm.len();
-        let valid = self.key_valid.as_ref().map(|v| &v[b * nk + k0..b * nk + k0 + cols]);
-        let keys = &self.key_columns;
-        let span = k0..k0 + cols;
-        let (kt, ky, kx) = (&keys.t[span.clone()], &keys.y[span.clone()], &keys.x[span]);
-        for r in 0..rows {
-            let row = &mut s[r * stride..r * stride + cols];
-            let qc = &self.q_coords[3 * (q0 + r)..3 * (q0 + r) + 3];
-            if let Spatial::Disc { max_d2, max_dt } = self.spatial {
-                if qc[0] >= 0 {
-                    let limits = (max_d2.min(i32::MAX as i64) as i32, max_dt.min(i32::MAX as i64) as i32);
-                    mask_disc_row(row, (qc[0], qc[1], qc[2]), (kt, ky, kx), limits);
-                }
-            }
-            if let Some(valid) = valid {
-                row.iter_mut().zip(valid).for_each(|(x, &ok)| *x = if ok == 0 { f32::NEG_INFINITY } else { *x });
-            }
+        if let Some(valid) = valid {
+            row.iter_mut().zip(valid).for_each(|(x, &ok)| *x = if ok == 0 { f32::NEG_INFINITY } else { *x });
         }
     }
 }
@@ -206,7 +52,7 @@ fn mask_disc_row_body(row: &mut [f32], q: (i32, i32, i32), keys: (&[i32], &[i32]
     let (kt, ky, kx) = keys;
     let (max_d2, max_dt) = limits;
     for (c, x) in row.iter_mut().enumerate() {
-        // Coordinates lie in -2..2^15 (checked by `Plan::new`), so the squares cannot overflow.
+        // Coordinates of a disc plan lie in -2..2^15 (checked by `BlockPlan::from_arrays`), so the squares cannot overflow.
         let (dt, dy, dx) = ((q.0 - kt[c]).abs(), q.1 - ky[c], q.2 - kx[c]);
         let inside = kt[c] < 0 || (dt <= max_dt && dy * dy + dx * dx <= max_d2);
         *x = if inside { *x } else { f32::NEG_INFINITY };
@@ -219,7 +65,7 @@ unsafe fn mask_disc_row_avx2(row: &mut [f32], q: (i32, i32, i32), keys: (&[i32],
     mask_disc_row_body(row, q, keys, limits)
 }
 
-/// The disc mask of one image query row over `row.len()` keys (see [`Plan::apply_mask`]).
+/// The disc mask of one image query row over `row.len()` keys (see [`apply_mask`]).
 fn mask_disc_row(row: &mut [f32], q: (i32, i32, i32), keys: (&[i32], &[i32], &[i32]), limits: (i32, i32)) {
     let n = row.len();
     let keys = (&keys.0[..n], &keys.1[..n], &keys.2[..n]);
@@ -231,56 +77,42 @@ fn mask_disc_row(row: &mut [f32], q: (i32, i32, i32), keys: (&[i32], &[i32], &[i
     mask_disc_row_body(row, q, keys, limits)
 }
 
-/// CSR transpose: for each key block the query blocks listing it, in increasing order.
-fn transpose(indptr: &[usize], indices: &[usize], kinds: &[u8], cols: usize) -> (Vec<usize>, Vec<usize>, Vec<u8>) {
-    let mut start = vec![0usize; cols + 1];
-    for &j in indices {
-        start[j + 1] += 1;
-    }
-    for j in 0..cols {
-        start[j + 1] += start[j];
-    }
-    let mut fill = start.clone();
-    let (mut t_indices, mut t_kinds) = (vec![0usize; indices.len()], vec![0u8; indices.len()]);
-    for i in 0..indptr.len() - 1 {
-        for e in indptr[i]..indptr[i + 1] {
-            let slot = &mut fill[indices[e]];
-            t_indices[*slot] = i;
-            t_kinds[*slot] = kinds[e];
-            *slot += 1;
-        }
-    }
-    (start, t_indices, t_kinds)
-}
-
 /// Checks q, k, v against each other and the plan; `Dims::n` is the query count.
-fn check_inputs(q: &View, k: &View, v: &View, plan: &Plan) -> Result<Dims, ViewError> {
+fn check_inputs(q: &View, k: &View, v: &View, plan: &BlockPlan, key_valid: Option<&[i32]>) -> Result<Dims, ViewError> {
     q.expect(4, true)?;
     v.expect(4, true)?;
     let [batch, heads, nq, d] = q.shape()[..] else { unreachable!("4 dims checked") };
     let (nk, dv) = (k.shape().get(2).copied().unwrap_or(0), v.shape()[3]);
     check_input(k, &[batch, heads, nk, d], q.dtype())?;
     check_input(v, &[batch, heads, nk, dv], q.dtype())?;
-    if plan.q_perm.len() != nq || plan.k_perm.len() != nk {
+    if plan.q_perm().len() != nq || plan.k_perm().len() != nk {
         return err("plan does not match the sequence lengths of q and k");
+    }
+    if let Some(valid) = key_valid {
+        if valid.len() != batch * nk {
+            return err(format!("key_valid: need {batch} x {nk} values, got {}", valid.len()));
+        }
     }
     Ok(Dims { batch, heads, n: nq, d, dv })
 }
 
 /// Forward: writes `out (B, H, Nq, Dv)` (q's dtype, contiguous) and `lse (B, H, Nq)` (f32, natural log of
-/// the softmax denominator of `scale · q·k`, −∞ for a query with no allowed key).
-pub fn forward(q: &View, k: &View, v: &View, out: &View, lse: &View, plan: &Plan, scale: f32, threads: usize) -> Result<(), ViewError> {
-    let dims = check_inputs(q, k, v, plan)?;
+/// the softmax denominator of `scale · q·k`, −∞ for a query with no allowed key). `key_valid`: `(B, Nk)` in the
+/// plan's key order, 0 for keys masked entries must skip.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(q: &View, k: &View, v: &View, out: &View, lse: &View, plan: &BlockPlan, key_valid: Option<&[i32]>,
+               scale: f32, threads: usize) -> Result<(), ViewError> {
+    let dims = check_inputs(q, k, v, plan, key_valid)?;
     check_output(out, &[dims.batch, dims.heads, dims.n, dims.dv], q.dtype())?;
     check_output(lse, &[dims.batch, dims.heads, dims.n], DType::F32)?;
     let (bq, bk) = (plan.max_q_block(), plan.max_k_block());
-    let mq = plan.q_offsets.len() - 1;
+    let mq = plan.num_query_blocks();
     let tasks = dims.slices() * mq;
     let pool = pool(threads).map_err(ViewError)?;
     pool.install(|| {
         (0..tasks).into_par_iter().for_each_init(
             || ForwardBuffers::new(bq, bk, dims),
-            |buf, task| forward_block(q, k, v, out, lse, plan, scale, dims, task, buf),
+            |buf, task| forward_block(q, k, v, out, lse, (plan, key_valid), scale, dims, task, buf),
         )
     });
     Ok(())
@@ -308,25 +140,27 @@ impl ForwardBuffers {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn forward_block(q: &View, k: &View, v: &View, out: &View, lse: &View, plan: &Plan, scale: f32, dims: Dims, task: usize, buf: &mut ForwardBuffers) {
-    let mq = plan.q_offsets.len() - 1;
+fn forward_block(q: &View, k: &View, v: &View, out: &View, lse: &View, masks: (&BlockPlan, Option<&[i32]>), scale: f32,
+                 dims: Dims, task: usize, buf: &mut ForwardBuffers) {
+    let (plan, key_valid) = masks;
+    let mq = plan.num_query_blocks();
     let (bh, i) = (task / mq, task % mq);
     let (b, h) = dims.slice(bh);
     let (q0, lq) = plan.q_block(i);
     let (d, dv) = (dims.d, dims.dv);
-    gather(q, (b, h), plan.q_perm[q0..q0 + lq].iter().copied(), scale * LOG2_E, &mut buf.q);
+    gather(q, (b, h), plan.q_perm()[q0..q0 + lq].iter().copied(), scale * LOG2_E, &mut buf.q);
     buf.state.reset(lq);
-    let mut entries = plan.indptr[i]..plan.indptr[i + 1];
+    let mut entries = plan.indptr()[i]..plan.indptr()[i + 1];
     while !entries.is_empty() {
         // A panel: consecutive entries gathered side by side, up to PANEL_KEYS keys (or one block).
         let first = entries.start;
         let mut lk = 0;
         while let Some(e) = entries.clone().next() {
-            let (k0, len) = plan.k_block(plan.indices[e]);
+            let (k0, len) = plan.k_block(plan.indices()[e]);
             if lk > 0 && lk + len > PANEL_KEYS {
                 break;
             }
-            let keys = &plan.k_perm[k0..k0 + len];
+            let keys = &plan.k_perm()[k0..k0 + len];
             gather(k, (b, h), keys.iter().copied(), 1.0, &mut buf.k[lk * d..]);
             gather(v, (b, h), keys.iter().copied(), 1.0, &mut buf.v[lk * dv..]);
             lk += len;
@@ -337,9 +171,9 @@ fn forward_block(q: &View, k: &View, v: &View, out: &View, lse: &View, plan: &Pl
         Gemm { m: lq, n: lk, k: d, accumulate: false }.run(MatMut::rows(s, lk), Mat::rows(&buf.q, d), Mat::rows(&buf.k, d).t());
         let mut column = 0;
         for e in first..entries.start {
-            let (k0, len) = plan.k_block(plan.indices[e]);
-            if plan.kinds[e] == MASKED {
-                plan.apply_mask(b, q0, k0, lq, len, &mut s[column..], lk);
+            let (k0, len) = plan.k_block(plan.indices()[e]);
+            if plan.kinds()[e] == MASKED {
+                apply_mask(plan, key_valid, b, q0, k0, lq, len, &mut s[column..], lk);
             }
             column += len;
         }
@@ -353,7 +187,7 @@ fn forward_block(q: &View, k: &View, v: &View, out: &View, lse: &View, plan: &Pl
         let log_den = st.log_denominator(r);
         let row = &mut st.acc[r * dv..(r + 1) * dv];
         row.iter_mut().for_each(|x| *x *= inv);
-        let token = plan.q_perm[q0 + r];
+        let token = plan.q_perm()[q0 + r];
         // SAFETY: `out` and `lse` are validated contiguous outputs and q_perm is a permutation, so this task (query
         // block i of slice bh) is the only one touching row `token` of either.
         unsafe {
@@ -376,12 +210,13 @@ pub fn backward(
     dq: &View,
     dk: &View,
     dv: &View,
-    plan: &Plan,
+    plan: &BlockPlan,
+    key_valid: Option<&[i32]>,
     scale: f32,
     threads: usize,
 ) -> Result<(), ViewError> {
-    let dims = check_inputs(q, k, v, plan)?;
-    let (bh, nq, nk) = ([dims.batch, dims.heads], dims.n, plan.k_perm.len());
+    let dims = check_inputs(q, k, v, plan, key_valid)?;
+    let (bh, nq, nk) = ([dims.batch, dims.heads], dims.n, plan.k_perm().len());
     check_input(dout, &[bh[0], bh[1], nq, dims.dv], None)?;
     check_input(lse, &[bh[0], bh[1], nq], DType::F32)?;
     check_input(delta, &[bh[0], bh[1], nq], DType::F32)?;
@@ -390,8 +225,8 @@ pub fn backward(
     check_output(dv, &[bh[0], bh[1], nk, dims.dv], q.dtype())?;
     let (bq, bk) = (plan.max_q_block(), plan.max_k_block());
     let pool = pool(threads).map_err(ViewError)?;
-    let (mq, mk) = (plan.q_offsets.len() - 1, plan.k_offsets.len() - 1);
-    let ctx = BackwardCtx { q, k, v, dout, lse, delta, plan, scale, dims };
+    let (mq, mk) = (plan.num_query_blocks(), plan.num_key_blocks());
+    let ctx = BackwardCtx { q, k, v, dout, lse, delta, plan, key_valid, scale, dims };
     let slices = dims.slices();
     if slices >= SLICES_PER_THREAD * pool.current_num_threads() {
         // Enough slices to keep every thread busy: one pass per slice, which owns its dq rows.
@@ -421,7 +256,8 @@ struct BackwardCtx<'a> {
     dout: &'a View,
     lse: &'a View,
     delta: &'a View,
-    plan: &'a Plan,
+    plan: &'a BlockPlan,
+    key_valid: Option<&'a [i32]>,
     scale: f32,
     dims: Dims,
 }
@@ -462,7 +298,7 @@ impl BackwardCtx<'_> {
     fn load_query_block(&self, b: usize, h: usize, i: usize, buf: &mut BackwardBuffers) -> (usize, usize) {
         let plan = self.plan;
         let (q0, lq) = plan.q_block(i);
-        let tokens = &plan.q_perm[q0..q0 + lq];
+        let tokens = &plan.q_perm()[q0..q0 + lq];
         gather(self.q, (b, h), tokens.iter().copied(), 1.0, &mut buf.q);
         gather(self.dout, (b, h), tokens.iter().copied(), 1.0, &mut buf.dout);
         for (r, &token) in tokens.iter().enumerate() {
@@ -474,7 +310,7 @@ impl BackwardCtx<'_> {
 
     fn load_key_block(&self, b: usize, h: usize, j: usize, buf: &mut BackwardBuffers) -> (usize, usize) {
         let (k0, lk) = self.plan.k_block(j);
-        let tokens = &self.plan.k_perm[k0..k0 + lk];
+        let tokens = &self.plan.k_perm()[k0..k0 + lk];
         gather(self.k, (b, h), tokens.iter().copied(), 1.0, &mut buf.k);
         gather(self.v, (b, h), tokens.iter().copied(), 1.0, &mut buf.v);
         (k0, lk)
@@ -488,7 +324,7 @@ impl BackwardCtx<'_> {
         Gemm { m: lq, n: lk, k: d, accumulate: false }.run(MatMut::rows(p, lk), Mat::rows(&buf.q, d), Mat::rows(&buf.k, d).t());
         Gemm { m: lq, n: lk, k: dv, accumulate: false }.run(MatMut::rows(dp, lk), Mat::rows(&buf.dout, dv), Mat::rows(&buf.v, dv).t());
         if kind == MASKED {
-            self.plan.apply_mask(b, q0, k0, lq, lk, p, lk);
+            apply_mask(self.plan, self.key_valid, b, q0, k0, lq, lk, p, lk);
         }
         let mul = self.scale * LOG2_E;
         for r in 0..lq {
@@ -507,14 +343,14 @@ impl BackwardCtx<'_> {
 
     fn dq_block(&self, dq: &View, task: usize, buf: &mut BackwardBuffers) {
         let (plan, d) = (self.plan, self.dims.d);
-        let mq = plan.q_offsets.len() - 1;
+        let mq = plan.num_query_blocks();
         let (bh, i) = (task / mq, task % mq);
         let (b, h) = self.dims.slice(bh);
         let (q0, lq) = self.load_query_block(b, h, i, buf);
         buf.acc_a[..lq * d].fill(0.0);
-        for e in plan.indptr[i]..plan.indptr[i + 1] {
-            let (k0, lk) = self.load_key_block(b, h, plan.indices[e], buf);
-            self.probabilities(b, q0, lq, k0, lk, plan.kinds[e], buf);
+        for e in plan.indptr()[i]..plan.indptr()[i + 1] {
+            let (k0, lk) = self.load_key_block(b, h, plan.indices()[e], buf);
+            self.probabilities(b, q0, lq, k0, lk, plan.kinds()[e], buf);
             // dq += dS · k
             Gemm { m: lq, n: d, k: lk, accumulate: true }.run(MatMut::rows(&mut buf.acc_a, d), Mat::rows(&buf.dp, lk), Mat::rows(&buf.k, d));
         }
@@ -523,12 +359,12 @@ impl BackwardCtx<'_> {
             row.iter_mut().for_each(|x| *x *= self.scale);
             // SAFETY: `dq` is a validated contiguous output and q_perm is a permutation, so this task (query block i
             // of slice bh) is the only one touching this row.
-            unsafe { dq.store_row(&[b, h, plan.q_perm[q0 + r]], row) };
+            unsafe { dq.store_row(&[b, h, plan.q_perm()[q0 + r]], row) };
         }
     }
 
     fn dkv_block(&self, dk: &View, dv_out: &View, task: usize, buf: &mut BackwardBuffers) {
-        let mk = self.plan.k_offsets.len() - 1;
+        let mk = self.plan.num_key_blocks();
         let (bh, j) = (task / mk, task % mk);
         self.key_block(dk, dv_out, bh, j, buf, None);
     }
@@ -542,9 +378,9 @@ impl BackwardCtx<'_> {
         let (k0, lk) = self.load_key_block(b, h, j, buf);
         buf.acc_a[..lk * d].fill(0.0);
         buf.acc_b[..lk * dv].fill(0.0);
-        for e in plan.t_indptr[j]..plan.t_indptr[j + 1] {
-            let (q0, lq) = self.load_query_block(b, h, plan.t_indices[e], buf);
-            self.probabilities(b, q0, lq, k0, lk, plan.t_kinds[e], buf);
+        for e in plan.t_indptr()[j]..plan.t_indptr()[j + 1] {
+            let (q0, lq) = self.load_query_block(b, h, plan.t_indices()[e], buf);
+            self.probabilities(b, q0, lq, k0, lk, plan.t_kinds()[e], buf);
             // dv += Pᵀ · dout ; dk += dSᵀ · q
             Gemm { m: lk, n: dv, k: lq, accumulate: true }.run(MatMut::rows(&mut buf.acc_b, dv), Mat::rows(&buf.p, lk).t(), Mat::rows(&buf.dout, dv));
             Gemm { m: lk, n: d, k: lq, accumulate: true }.run(MatMut::rows(&mut buf.acc_a, d), Mat::rows(&buf.dp, lk).t(), Mat::rows(&buf.q, d));
@@ -555,7 +391,7 @@ impl BackwardCtx<'_> {
             }
         }
         for r in 0..lk {
-            let token = plan.k_perm[k0 + r];
+            let token = plan.k_perm()[k0 + r];
             let dk_row = &mut buf.acc_a[r * d..(r + 1) * d];
             dk_row.iter_mut().for_each(|x| *x *= self.scale);
             // SAFETY: `dk`, `dv` are validated contiguous outputs and k_perm is a permutation, so this task (key block
@@ -572,10 +408,10 @@ impl BackwardCtx<'_> {
     fn slice_backward(&self, dq: &View, dk: &View, dv_out: &View, bh: usize, buf: &mut BackwardBuffers,
                       dq_acc: &mut Vec<f32>) {
         let (plan, d) = (self.plan, self.dims.d);
-        let nq = plan.q_perm.len();
+        let nq = plan.q_perm().len();
         dq_acc.clear();
         dq_acc.resize(nq * d, 0.0);
-        for j in 0..plan.k_offsets.len() - 1 {
+        for j in 0..plan.num_key_blocks() {
             self.key_block(dk, dv_out, bh, j, buf, Some(dq_acc.as_mut_slice()));
         }
         let (b, h) = self.dims.slice(bh);
@@ -583,7 +419,7 @@ impl BackwardCtx<'_> {
             row.iter_mut().for_each(|x| *x *= self.scale);
             // SAFETY: `dq` is a validated contiguous output, q_perm is a permutation and this task owns slice bh, so
             // it is the only one touching this row.
-            unsafe { dq.store_row(&[b, h, plan.q_perm[position]], row) };
+            unsafe { dq.store_row(&[b, h, plan.q_perm()[position]], row) };
         }
     }
 }

@@ -5,6 +5,8 @@
 //! are empty. Query and key sides have their own layout (order and block boundaries), so a kernel may use
 //! different block sizes for queries and keys.
 
+use std::fmt;
+
 use super::grid::{GridError, TokenGrid};
 use super::permute::{tile_order, Tile};
 
@@ -34,14 +36,70 @@ pub struct Layout {
     pub blocks: Vec<BlockKind>,
 }
 
-/// The CSR plan: for query block `i`, key blocks `indices[indptr[i]..indptr[i+1]]` with `kinds`.
+/// A plan's arrays that do not describe a plan (or a plan's grid that cannot be laid out).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlanError(pub String);
+
+impl fmt::Display for PlanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PlanError {}
+
+impl From<GridError> for PlanError {
+    fn from(err: GridError) -> Self {
+        PlanError(err.to_string())
+    }
+}
+
+fn invalid<T>(msg: impl Into<String>) -> Result<T, PlanError> {
+    Err(PlanError(msg.into()))
+}
+
+/// The element mask of `MASKED` entries (key validity, when a call has it, applies besides).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Spatial {
+    /// Every pair allowed: GRAT (its masked entries are text keys under a padding mask).
+    None,
+    /// Image pairs allowed when `|dt| <= max_dt` and `dy² + dx² <= max_d2`; text and extra tokens always: CLEAR.
+    Disc { max_d2: i64, max_dt: i64 },
+}
+
+/// Grid coordinates of a disc plan stay below this, so `dy² + dx²` fits in an i32.
+pub const MAX_COORD: i32 = 32_768;
+
+/// Key positions' `(t, y, x)` as three arrays (`t < 0`: text or extra key); the element mask's loop vectorises
+/// over them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyColumns {
+    pub t: Vec<i32>,
+    pub y: Vec<i32>,
+    pub x: Vec<i32>,
+}
+
+/// The one block plan: built and validated once, then read by the CPU kernels as is and exported once per device
+/// for the Triton kernels. Query and key sides each have a token order (`*_perm`, gather indices into the
+/// sequence; keys may add extra tokens after it) and block boundaries (`*_offsets`); query block `i` attends key
+/// blocks `indices[indptr[i]..indptr[i+1]]` with `kinds` (`FULL` or `MASKED`); the transpose lists, per key block,
+/// the query blocks that attend it (the key-side backward); `q_coords` / `key_columns` hold `(t, y, x)` per
+/// position (text `-1`, extra tokens `-2`) for the disc mask.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockPlan {
-    pub q: Layout,
-    pub k: Layout,
-    pub indptr: Vec<i64>,
-    pub indices: Vec<i64>,
-    pub kinds: Vec<u8>,
+    q_perm: Vec<usize>,
+    q_offsets: Vec<usize>,
+    k_perm: Vec<usize>,
+    k_offsets: Vec<usize>,
+    indptr: Vec<usize>,
+    indices: Vec<usize>,
+    kinds: Vec<u8>,
+    t_indptr: Vec<usize>,
+    t_indices: Vec<usize>,
+    t_kinds: Vec<u8>,
+    q_coords: Vec<i32>,
+    key_columns: KeyColumns,
+    spatial: Spatial,
 }
 
 impl Layout {
@@ -155,21 +213,24 @@ pub fn clear_relation(q: &BlockKind, k: &BlockKind, max_d2: i64, max_dt: i64) ->
     }
 }
 
-/// Builds the CSR from a relation between a query block and a key block.
-pub fn build_plan(q: Layout, k: Layout, relation: impl Fn(&BlockKind, &BlockKind) -> Option<u8>) -> BlockPlan {
+/// The CSR of a relation between query blocks and key blocks: `(indptr, indices, kinds)`.
+fn relate(q: &Layout, k: &Layout, relation: impl Fn(&BlockKind, &BlockKind) -> Option<u8>) -> Csr {
     let mut indptr = vec![0i64];
     let (mut indices, mut kinds) = (Vec::new(), Vec::new());
     for qb in &q.blocks {
         for (j, kb) in k.blocks.iter().enumerate() {
             if let Some(kind) = relation(qb, kb) {
                 indices.push(j as i64);
-                kinds.push(kind);
+                kinds.push(i32::from(kind));
             }
         }
         indptr.push(indices.len() as i64);
     }
-    BlockPlan { q, k, indptr, indices, kinds }
+    (indptr, indices, kinds)
 }
+
+/// A CSR as arrays: `(indptr, indices, kinds)`.
+pub type Csr = (Vec<i64>, Vec<i64>, Vec<i32>);
 
 /// Options of a CLEAR plan.
 #[derive(Clone, Copy, Debug)]
@@ -184,14 +245,13 @@ pub struct ClearOptions {
 }
 
 /// CLEAR: image queries see a disc (and all text, and the global tokens); text queries see every token but the
-/// global ones. Returns the plan and the integer thresholds `(max_d2, max_dt)` of the element mask.
-pub fn clear_plan(grid: &TokenGrid, o: &ClearOptions) -> Result<(BlockPlan, i64, i64), GridError> {
+/// global ones. The plan's mask is the disc `dy² + dx² <= max_below(r²)`, `|dt| <= max_below(rt)`.
+pub fn clear_plan(grid: &TokenGrid, o: &ClearOptions) -> Result<BlockPlan, PlanError> {
     let q = Layout::tiled(grid, o.q_tile, o.q_block, o.q_block, 0)?;
     let k = Layout::tiled(grid, o.k_tile, o.k_block, o.k_block, o.global_tokens)?;
-    let max_d2 = max_below(o.radius * o.radius);
-    let max_dt = max_below(o.temporal_radius);
-    let plan = build_plan(q, k, |a, b| clear_relation(a, b, max_d2, max_dt));
-    Ok((plan, max_d2, max_dt))
+    let (max_d2, max_dt) = (max_below(o.radius * o.radius), max_below(o.temporal_radius));
+    let csr = relate(&q, &k, |a, b| clear_relation(a, b, max_d2, max_dt));
+    BlockPlan::from_layouts(grid, q, k, csr, Spatial::Disc { max_d2, max_dt })
 }
 
 /// GRAT's key-group pattern.
@@ -233,36 +293,219 @@ pub struct GratOptions {
 }
 
 /// GRAT: group-major layouts (each group cut into blocks), group-level pattern, text rules.
-pub fn grat_plan(grid: &TokenGrid, o: &GratOptions) -> Result<BlockPlan, GridError> {
+pub fn grat_plan(grid: &TokenGrid, o: &GratOptions) -> Result<BlockPlan, PlanError> {
     let q = Layout::tiled(grid, o.group, o.q_block, o.q_block, 0)?;
     let k = Layout::tiled(grid, o.group, o.k_block, o.k_block, 0)?;
-    Ok(build_plan(q, k, |a, b| grat_relation(a, b, o.pattern, o.text_masked)))
+    let csr = relate(&q, &k, |a, b| grat_relation(a, b, o.pattern, o.text_masked));
+    BlockPlan::from_layouts(grid, q, k, csr, Spatial::None)
 }
 
 /// The CSR transposed: for each key block, the query blocks that list it (and the entry kinds), in increasing
 /// query-block order. Counts, prefix sum, fill — no dense mask.
-pub fn transpose(indptr: &[i64], indices: &[i64], kinds: &[u8], num_key_blocks: usize) -> (Vec<i64>, Vec<i64>, Vec<u8>) {
-    let mut counts = vec![0i64; num_key_blocks + 1];
+fn transpose(indptr: &[usize], indices: &[usize], kinds: &[u8], num_key_blocks: usize) -> (Vec<usize>, Vec<usize>, Vec<u8>) {
+    let mut t_indptr = vec![0usize; num_key_blocks + 1];
     for &j in indices {
-        counts[j as usize + 1] += 1;
+        t_indptr[j + 1] += 1;
     }
     for j in 0..num_key_blocks {
-        counts[j + 1] += counts[j];
+        t_indptr[j + 1] += t_indptr[j];
     }
-    let t_indptr = counts.clone();
-    let mut fill = counts;
-    let mut t_indices = vec![0i64; indices.len()];
-    let mut t_kinds = vec![0u8; indices.len()];
+    let mut fill = t_indptr.clone();
+    let (mut t_indices, mut t_kinds) = (vec![0usize; indices.len()], vec![0u8; indices.len()]);
     for i in 0..indptr.len().saturating_sub(1) {
-        for e in indptr[i] as usize..indptr[i + 1] as usize {
-            let j = indices[e] as usize;
-            let slot = fill[j] as usize;
-            t_indices[slot] = i as i64;
-            t_kinds[slot] = kinds[e];
-            fill[j] += 1;
+        for e in indptr[i]..indptr[i + 1] {
+            let slot = &mut fill[indices[e]];
+            t_indices[*slot] = i;
+            t_kinds[*slot] = kinds[e];
+            *slot += 1;
         }
     }
     (t_indptr, t_indices, t_kinds)
+}
+
+fn to_usize(name: &str, values: Vec<i64>, bound: usize) -> Result<Vec<usize>, PlanError> {
+    values
+        .into_iter()
+        .map(|x| usize::try_from(x).ok().filter(|&u| u <= bound).ok_or_else(|| PlanError(format!("{name}: value {x} out of range 0..={bound}"))))
+        .collect()
+}
+
+fn check_permutation(name: &str, perm: &[usize], n: usize) -> Result<(), PlanError> {
+    let mut seen = vec![false; n];
+    for &p in perm {
+        if p >= n || std::mem::replace(&mut seen[p], true) {
+            return invalid(format!("{name}: not a permutation of 0..{n}"));
+        }
+    }
+    Ok(())
+}
+
+fn check_offsets(name: &str, offsets: &[usize], n: usize) -> Result<(), PlanError> {
+    if offsets.first() != Some(&0) || offsets.last() != Some(&n) || offsets.windows(2).any(|w| w[0] > w[1]) {
+        return invalid(format!("{name}: must rise from 0 to {n}"));
+    }
+    Ok(())
+}
+
+fn check_csr(indptr: &[usize], indices: &[usize], kinds: &[u8], rows: usize, cols: usize) -> Result<(), PlanError> {
+    if indptr.len() != rows + 1 || indptr[0] != 0 || indptr.windows(2).any(|w| w[0] > w[1]) || indptr[rows] != indices.len() {
+        return invalid(format!("plan: indptr does not describe {rows} rows of {} entries", indices.len()));
+    }
+    if kinds.len() != indices.len() || kinds.iter().any(|&k| k > MASKED) || indices.iter().any(|&j| j >= cols) {
+        return invalid("plan: indices or kinds out of range");
+    }
+    Ok(())
+}
+
+impl BlockPlan {
+    /// Validates every array (permutations, offsets rising from 0 to the token counts, the CSR, coordinates per
+    /// position) and builds the transpose; any violation is an error, never a plan.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_arrays(
+        q_perm: Vec<i64>,
+        q_offsets: Vec<i64>,
+        k_perm: Vec<i64>,
+        k_offsets: Vec<i64>,
+        csr: Csr,
+        q_coords: Vec<i32>,
+        k_coords: Vec<i32>,
+        spatial: Spatial,
+    ) -> Result<Self, PlanError> {
+        let (nq, nk) = (q_perm.len(), k_perm.len());
+        let q_perm = to_usize("q_perm", q_perm, nq)?;
+        let k_perm = to_usize("k_perm", k_perm, nk)?;
+        check_permutation("q_perm", &q_perm, nq)?;
+        check_permutation("k_perm", &k_perm, nk)?;
+        let q_offsets = to_usize("q_offsets", q_offsets, nq)?;
+        let k_offsets = to_usize("k_offsets", k_offsets, nk)?;
+        check_offsets("q_offsets", &q_offsets, nq)?;
+        check_offsets("k_offsets", &k_offsets, nk)?;
+        let (mq, mk) = (q_offsets.len() - 1, k_offsets.len() - 1);
+        let (indptr, indices, kinds) = csr;
+        let indptr = to_usize("indptr", indptr, usize::MAX >> 1)?;
+        let indices = to_usize("indices", indices, usize::MAX >> 1)?;
+        if kinds.iter().any(|&k| !(0..=i32::from(MASKED)).contains(&k)) {
+            return invalid("kinds: values must be 0 (full) or 1 (masked)");
+        }
+        let kinds: Vec<u8> = kinds.into_iter().map(|k| k as u8).collect();
+        check_csr(&indptr, &indices, &kinds, mq, mk)?;
+        if q_coords.len() != 3 * nq || k_coords.len() != 3 * nk {
+            return invalid("coords: need 3 values per token");
+        }
+        // Only the disc squares coordinate differences (in i32).
+        if matches!(spatial, Spatial::Disc { .. }) && q_coords.iter().chain(&k_coords).any(|&c| !(-2..MAX_COORD).contains(&c)) {
+            return invalid(format!("coords: values must lie in -2..{MAX_COORD}"));
+        }
+        let (t_indptr, t_indices, t_kinds) = transpose(&indptr, &indices, &kinds, mk);
+        let column = |i: usize| k_coords.chunks_exact(3).map(|c| c[i]).collect();
+        let key_columns = KeyColumns { t: column(0), y: column(1), x: column(2) };
+        Ok(BlockPlan {
+            q_perm, q_offsets, k_perm, k_offsets, indptr, indices, kinds, t_indptr, t_indices, t_kinds, q_coords,
+            key_columns, spatial,
+        })
+    }
+
+    fn from_layouts(grid: &TokenGrid, q: Layout, k: Layout, csr: Csr, spatial: Spatial) -> Result<Self, PlanError> {
+        let (q_coords, k_coords) = (q.coords(grid), k.coords(grid));
+        Self::from_arrays(q.perm, q.offsets, k.perm, k.offsets, csr, q_coords, k_coords, spatial)
+    }
+
+    /// Query tokens in attention order (gather indices into the sequence).
+    pub fn q_perm(&self) -> &[usize] {
+        &self.q_perm
+    }
+
+    /// Query block boundaries (blocks + 1).
+    pub fn q_offsets(&self) -> &[usize] {
+        &self.q_offsets
+    }
+
+    /// Key tokens in attention order (indices past the sequence are extra keys).
+    pub fn k_perm(&self) -> &[usize] {
+        &self.k_perm
+    }
+
+    /// Key block boundaries (blocks + 1).
+    pub fn k_offsets(&self) -> &[usize] {
+        &self.k_offsets
+    }
+
+    pub fn indptr(&self) -> &[usize] {
+        &self.indptr
+    }
+
+    pub fn indices(&self) -> &[usize] {
+        &self.indices
+    }
+
+    pub fn kinds(&self) -> &[u8] {
+        &self.kinds
+    }
+
+    pub fn t_indptr(&self) -> &[usize] {
+        &self.t_indptr
+    }
+
+    pub fn t_indices(&self) -> &[usize] {
+        &self.t_indices
+    }
+
+    pub fn t_kinds(&self) -> &[u8] {
+        &self.t_kinds
+    }
+
+    /// `(t, y, x)` per query position, 3 values each.
+    pub fn q_coords(&self) -> &[i32] {
+        &self.q_coords
+    }
+
+    pub fn key_columns(&self) -> &KeyColumns {
+        &self.key_columns
+    }
+
+    /// `(t, y, x)` per key position, 3 values each (the columns interleaved).
+    pub fn k_coords(&self) -> Vec<i32> {
+        let c = &self.key_columns;
+        (0..c.t.len()).flat_map(|i| [c.t[i], c.y[i], c.x[i]]).collect()
+    }
+
+    pub fn spatial(&self) -> Spatial {
+        self.spatial
+    }
+
+    pub fn num_query_blocks(&self) -> usize {
+        self.q_offsets.len() - 1
+    }
+
+    pub fn num_key_blocks(&self) -> usize {
+        self.k_offsets.len() - 1
+    }
+
+    /// The query positions of query block `i`: `(first, len)`.
+    pub fn q_block(&self, i: usize) -> (usize, usize) {
+        (self.q_offsets[i], self.q_offsets[i + 1] - self.q_offsets[i])
+    }
+
+    /// The key positions of key block `j`: `(first, len)`.
+    pub fn k_block(&self, j: usize) -> (usize, usize) {
+        (self.k_offsets[j], self.k_offsets[j + 1] - self.k_offsets[j])
+    }
+
+    pub fn max_q_block(&self) -> usize {
+        self.q_offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0)
+    }
+
+    pub fn max_k_block(&self) -> usize {
+        self.k_offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0)
+    }
+
+    /// (query, key) pairs the engine computes over this plan: every pair of every listed block pair.
+    pub fn computed_pairs(&self) -> u64 {
+        (0..self.num_query_blocks())
+            .flat_map(|i| (self.indptr[i]..self.indptr[i + 1]).map(move |e| (i, e)))
+            .map(|(i, e)| (self.q_block(i).1 * self.k_block(self.indices[e]).1) as u64)
+            .sum()
+    }
 }
 
 #[cfg(test)]
@@ -291,14 +534,15 @@ mod tests {
     fn expand(plan: &BlockPlan, allowed: impl Fn(usize, usize) -> bool) -> (usize, bool) {
         // Returns (allowed pairs covered by the plan, every FULL entry truly full).
         let (mut covered, mut full_ok) = (0usize, true);
-        for i in 0..plan.q.num_blocks() {
-            for e in plan.indptr[i] as usize..plan.indptr[i + 1] as usize {
-                let j = plan.indices[e] as usize;
-                for qa in plan.q.offsets[i]..plan.q.offsets[i + 1] {
-                    for kb in plan.k.offsets[j]..plan.k.offsets[j + 1] {
-                        let ok = allowed(plan.q.perm[qa as usize] as usize, plan.k.perm[kb as usize] as usize);
+        for i in 0..plan.num_query_blocks() {
+            let (q0, lq) = plan.q_block(i);
+            for e in plan.indptr()[i]..plan.indptr()[i + 1] {
+                let (k0, lk) = plan.k_block(plan.indices()[e]);
+                for &qa in &plan.q_perm()[q0..q0 + lq] {
+                    for &kb in &plan.k_perm()[k0..k0 + lk] {
+                        let ok = allowed(qa, kb);
                         covered += ok as usize;
-                        full_ok &= plan.kinds[e] == MASKED || ok;
+                        full_ok &= plan.kinds()[e] == MASKED || ok;
                     }
                 }
             }
@@ -323,7 +567,7 @@ mod tests {
                 q_block: 16,
                 k_block: 8,
             };
-            let (plan, _, _) = clear_plan(&grid, &o).unwrap();
+            let plan = clear_plan(&grid, &o).unwrap();
             let n = grid.num_tokens();
             let total = (0..n).flat_map(|a| (0..n).map(move |b| (a, b))).filter(|&(a, b)| clear_allowed(&grid, a, b, r, rt)).count();
             let (covered, full_ok) = expand(&plan, |a, b| clear_allowed(&grid, a, b, r, rt));
@@ -343,18 +587,18 @@ mod tests {
             k_block: 4,
         };
         let plan = grat_plan(&grid, &o).unwrap();
-        let (tp, ti, tk) = transpose(&plan.indptr, &plan.indices, &plan.kinds, plan.k.num_blocks());
-        let mut pairs: Vec<(i64, i64, u8)> = Vec::new();
-        for j in 0..plan.k.num_blocks() {
-            for e in tp[j] as usize..tp[j + 1] as usize {
-                pairs.push((ti[e], j as i64, tk[e]));
+        let (tp, ti, tk) = (plan.t_indptr(), plan.t_indices(), plan.t_kinds());
+        let mut pairs: Vec<(usize, usize, u8)> = Vec::new();
+        for j in 0..plan.num_key_blocks() {
+            for e in tp[j]..tp[j + 1] {
+                pairs.push((ti[e], j, tk[e]));
             }
         }
         pairs.sort();
-        let mut direct: Vec<(i64, i64, u8)> = Vec::new();
-        for i in 0..plan.q.num_blocks() {
-            for e in plan.indptr[i] as usize..plan.indptr[i + 1] as usize {
-                direct.push((i as i64, plan.indices[e], plan.kinds[e]));
+        let mut direct: Vec<(usize, usize, u8)> = Vec::new();
+        for i in 0..plan.num_query_blocks() {
+            for e in plan.indptr()[i]..plan.indptr()[i + 1] {
+                direct.push((i, plan.indices()[e], plan.kinds()[e]));
             }
         }
         assert_eq!(pairs, direct);

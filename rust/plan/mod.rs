@@ -5,4 +5,4 @@ pub mod blocks;
 pub mod permute;
 
 pub use grid::{GridError, TextPosition, TokenGrid};
-pub use permute::{group_order, inverse, morton, tile_order, tile_sizes, zorder, Tile};
+pub use permute::{group_order, inverse, morton, tile_order, zorder, Tile};

@@ -52,20 +52,6 @@ pub fn tile_order(grid: &TokenGrid, tile: Tile) -> Vec<i64> {
     perm
 }
 
-/// Sizes (token counts) of the tiles of [`tile_order`], in that order.
-pub fn tile_sizes(grid: &TokenGrid, tile: Tile) -> Vec<i64> {
-    let span = |n: usize, step: usize| (0..n).step_by(step).map(move |s| ((s + step).min(n) - s) as i64);
-    let mut sizes = Vec::new();
-    for ft in span(grid.frames, tile.frames) {
-        for fy in span(grid.height, tile.height) {
-            for fx in span(grid.width, tile.width) {
-                sizes.push(ft * fy * fx);
-            }
-        }
-    }
-    sizes
-}
-
 /// Group-major order (GRAT): every group contiguous, groups and tokens inside a group in raster order.
 /// It is the tile order with the group as the tile.
 pub fn group_order(grid: &TokenGrid, group: Tile) -> Vec<i64> {
@@ -144,7 +130,6 @@ mod tests {
         let g = grid(1, 3, 5, 0, TextPosition::First);
         let p = tile_order(&g, Tile::new(1, 2, 2).unwrap());
         assert_eq!(p, vec![0, 1, 5, 6, 2, 3, 7, 8, 4, 9, 10, 11, 12, 13, 14]);
-        assert_eq!(tile_sizes(&g, Tile::new(1, 2, 2).unwrap()), vec![4, 4, 2, 2, 2, 1]);
     }
 
     #[test]

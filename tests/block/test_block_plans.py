@@ -2,8 +2,6 @@
 full entries really full, the counts of the papers' settings, the plan cache, the plan keys the ops carry, the
 Rust launcher's validation and the custom ops under ``opcheck`` and ``torch.compile``."""
 
-import dataclasses
-
 import pytest
 import torch
 from hypothesis import given
@@ -182,14 +180,16 @@ def test_exactness_window_covering_everything_equals_dense(grid):
         assert_close("grat covering", grat, low, dense)
 
 
-def test_rust_rejects_a_plan_that_is_not_a_permutation():
-    """The core validates a plan before any unsafe read (here fed to the Rust launcher directly)."""
+def test_rust_kernels_reject_a_plan_or_validity_that_does_not_fit_the_tensors():
+    """A plan is the core's own validated object (Python cannot hand it arrays); the kernels still check it against
+    the tensors they get, and the key validity's size, before any unsafe read."""
     plan = clear_plan(difattn.TokenGrid(4, 4), 2.0, 1.0, 0, CPU_BLOCKS)
-    q, k, v = random_qkv(1, 1, 16, 8)
-    with pytest.raises(ValueError, match="q_perm"):
-        rust_launch.forward(q, k, v, dataclasses.replace(plan, q_perm=torch.zeros_like(plan.q_perm)), None, 0.3)
-    with pytest.raises(ValueError, match="out of range"):
-        rust_launch.forward(q, k, v, dataclasses.replace(plan, indices=plan.indices + 100), None, 0.3)
+    q, k, v = random_qkv(1, 1, 20, 8)
+    with pytest.raises(ValueError, match="plan does not match"):
+        rust_launch.forward(q, k, v, plan, None, 0.3)
+    q, k, v = random_qkv(2, 1, 16, 8)
+    with pytest.raises(ValueError, match="key_valid"):
+        rust_launch.forward(q, k, v, plan, torch.ones(1, 16, dtype=torch.bool), 0.3)
 
 
 @pytest.mark.parametrize("method", ["clear", "grat"])

@@ -1,9 +1,12 @@
-"""Triton kernels of the block attention engine (CLEAR, GRAT): forward and backward over a block plan.
+"""Triton kernels of the block attention engine: forward and backward over a key-block list per query block.
 
-One program per (query block, batch·head) in the forward and the dq pass, one per (key block, batch·head) in the
-dk/dv pass (over the transposed plan), so no output is written by two programs and no atomics are needed.
-Rows are gathered through the plan's permutations (int64 offsets), ragged blocks and head dims that are not
-powers of two are masked, full entries skip the element mask, and softmax runs in base 2 with fp32 state.
+CLEAR and GRAT run it over a block plan (one for every batch·head); PISA runs its exact part on it, over its
+selection (``attend_blocks`` and ``dq_blocks`` inside its own kernels, the dk/dv kernel with one transposed list
+per batch·head). One program per (query block, batch·head) in the forward and the dq pass, one per (key block,
+batch·head) in the dk/dv pass (over the transposed lists), so no output is written by two programs and no atomics
+are needed. Rows are gathered through permutations (int64 offsets), ragged blocks and head dims that are not powers
+of two are masked, full entries skip the element mask (compiled out when no entry can be masked), and softmax runs
+in base 2 with fp32 state.
 """
 
 from __future__ import annotations
@@ -11,52 +14,143 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2_E = 1.4426950408889634
+from ._common import (
+    LOG2_E, block_rows, load_row_stats, load_rows, online_softmax_finish, online_softmax_step, store_rows,
+)
 
 
 @triton.jit
-def _block_rows(perm_ptr, off_ptr, block, BLOCK: tl.constexpr):
-    """Layout positions, sequence rows (int64) and validity of the ``BLOCK`` slots of block ``block``."""
-    start = tl.load(off_ptr + block)
-    ok = tl.arange(0, BLOCK) < tl.load(off_ptr + block + 1) - start
-    pos = start + tl.arange(0, BLOCK)
-    rows = tl.load(perm_ptr + pos, mask=ok, other=0).to(tl.int64)
-    return pos, rows, ok
+def _entry_kind(p_kind, SPATIAL: tl.constexpr, HAS_VALID: tl.constexpr):
+    """Kind of a plan entry (0: full block), read only when an entry can carry an element mask. Loaded at the top of
+    the loops, before the tiles (ptxas spills less than with the load next to its use)."""
+    i_kind = 0
+    if SPATIAL or HAS_VALID:
+        i_kind = tl.load(p_kind)
+    return i_kind
 
 
 @triton.jit
-def _load_rows(ptr, base, rows, ok, stride_n, stride_d, width, BLOCK_W: tl.constexpr):
-    """``(len(rows), BLOCK_W)`` tile of gathered rows, zero outside ``ok`` rows and ``width`` columns."""
-    o_w = tl.arange(0, BLOCK_W)
-    return tl.load(ptr + base + rows[:, None] * stride_n + o_w[None, :] * stride_d,
-                   mask=ok[:, None] & (o_w[None, :] < width), other=0.0)
+def _outer(x_q, x_k, TRANSPOSED: tl.constexpr):
+    """Per-query ``x_q`` and per-key ``x_k`` expanded to broadcast over a (queries, keys) tile, or over a
+    (keys, queries) tile when TRANSPOSED (the dk/dv pass), so that no mask is built and then transposed."""
+    if TRANSPOSED:
+        e_q = x_q[None, :]
+        e_k = x_k[:, None]
+    else:
+        e_q = x_q[:, None]
+        e_k = x_k[None, :]
+    return e_q, e_k
 
 
 @triton.jit
 def _element_mask(
-    b, q_pos, k_pos, q_ok, k_ok, q_coords_ptr, k_coords_ptr, valid_ptr, stride_valid_b,
-    max_d2, max_dt, SPATIAL: tl.constexpr, HAS_VALID: tl.constexpr,
+    i_b, q_pos, k_pos, m_q, m_k, q_coords_ptr, k_coords_ptr, valid_ptr, stride_valid_b, max_d2, max_dt,
+    SPATIAL: tl.constexpr, HAS_VALID: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
-    """Allowed pairs of a masked entry: ``(len(q_pos), len(k_pos))`` bool (positions in layout order)."""
-    allowed = q_ok[:, None] & k_ok[None, :]
+    """Allowed pairs of a masked entry (positions in layout order; tile orientation as :func:`_outer`): valid
+    slots, a valid key (HAS_VALID) and, between two image tokens, ``dy² + dx² ≤ max_d2`` and ``|dt| ≤ max_dt``
+    (SPATIAL; text tokens carry ``t = -1``)."""
+    e_mq, e_mk = _outer(m_q, m_k, TRANSPOSED)
+    m_s = e_mq & e_mk
     if HAS_VALID:
-        valid = tl.load(valid_ptr + b * stride_valid_b + k_pos, mask=k_ok, other=0)
-        allowed = allowed & (valid != 0)[None, :]
+        b_valid = tl.load(valid_ptr + i_b * stride_valid_b + k_pos, mask=m_k, other=0)
+        _, e_valid = _outer(m_q, b_valid != 0, TRANSPOSED)
+        m_s = m_s & e_valid
     if SPATIAL:
-        qt = tl.load(q_coords_ptr + 3 * q_pos, mask=q_ok, other=-1)
-        qy = tl.load(q_coords_ptr + 3 * q_pos + 1, mask=q_ok, other=0)
-        qx = tl.load(q_coords_ptr + 3 * q_pos + 2, mask=q_ok, other=0)
-        kt = tl.load(k_coords_ptr + 3 * k_pos, mask=k_ok, other=-1)
-        ky = tl.load(k_coords_ptr + 3 * k_pos + 1, mask=k_ok, other=0)
-        kx = tl.load(k_coords_ptr + 3 * k_pos + 2, mask=k_ok, other=0)
-        dy = qy[:, None] - ky[None, :]
-        dx = qx[:, None] - kx[None, :]
-        dt = qt[:, None] - kt[None, :]
-        dt = tl.where(dt < 0, -dt, dt)
-        near = (dy * dy + dx * dx <= max_d2) & (dt <= max_dt)
-        text = (qt[:, None] < 0) | (kt[None, :] < 0)
-        allowed = allowed & (near | text)
-    return allowed
+        e_qt, e_kt = _outer(tl.load(q_coords_ptr + 3 * q_pos, mask=m_q, other=-1),
+                            tl.load(k_coords_ptr + 3 * k_pos, mask=m_k, other=-1), TRANSPOSED)
+        e_qy, e_ky = _outer(tl.load(q_coords_ptr + 3 * q_pos + 1, mask=m_q, other=0),
+                            tl.load(k_coords_ptr + 3 * k_pos + 1, mask=m_k, other=0), TRANSPOSED)
+        e_qx, e_kx = _outer(tl.load(q_coords_ptr + 3 * q_pos + 2, mask=m_q, other=0),
+                            tl.load(k_coords_ptr + 3 * k_pos + 2, mask=m_k, other=0), TRANSPOSED)
+        b_dy = e_qy - e_ky
+        b_dx = e_qx - e_kx
+        b_dt = e_qt - e_kt
+        b_dt = tl.where(b_dt < 0, -b_dt, b_dt)
+        m_near = (b_dy * b_dy + b_dx * b_dx <= max_d2) & (b_dt <= max_dt)
+        m_text = (e_qt < 0) | (e_kt < 0)
+        m_s = m_s & (m_near | m_text)
+    return m_s
+
+
+@triton.jit
+def _pair_mask(
+    i_kind, i_b, q_pos, k_pos, m_q, m_k, q_coords_ptr, k_coords_ptr, valid_ptr, stride_valid_b, max_d2, max_dt,
+    SPATIAL: tl.constexpr, HAS_VALID: tl.constexpr, TRANSPOSED: tl.constexpr,
+):
+    """Allowed pairs of one plan entry (orientation as :func:`_outer`): the valid slots of a full entry
+    (``i_kind`` 0, see :func:`_entry_kind`), :func:`_element_mask` of a masked one. Each branch builds its own
+    mask, so no tile-sized mask stays live across the masked branch."""
+    if SPATIAL or HAS_VALID:
+        if i_kind != 0:
+            m_s = _element_mask(i_b, q_pos, k_pos, m_q, m_k, q_coords_ptr, k_coords_ptr, valid_ptr, stride_valid_b,
+                                max_d2, max_dt, SPATIAL, HAS_VALID, TRANSPOSED)
+        else:
+            e_mq, e_mk = _outer(m_q, m_k, TRANSPOSED)
+            m_s = e_mq & e_mk
+    else:
+        e_mq, e_mk = _outer(m_q, m_k, TRANSPOSED)
+        m_s = e_mq & e_mk
+    return m_s
+
+
+@triton.jit
+def attend_blocks(
+    b_q, b_m, b_l, b_acc, q_pos, m_q, p_blocks, p_kinds, e_start, e_end, k_perm_ptr, k_off_ptr,
+    p_k, p_v, stride_kn, stride_kd, stride_vn, stride_vd, D, DV, qk_scale,
+    i_b, q_coords_ptr, k_coords_ptr, valid_ptr, stride_valid_b, max_d2, max_dt,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SPATIAL: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Online softmax of one query block over the key blocks ``p_blocks[e_start:e_end]`` (entry kinds at
+    ``p_kinds``, see :func:`_entry_kind` and :func:`_pair_mask`).
+
+    ``b_q (BLOCK_M, BLOCK_D)``; state ``b_m, b_l (BLOCK_M,)``, ``b_acc (BLOCK_M, BLOCK_DV)`` fp32, returned updated;
+    ``q_pos, m_q (BLOCK_M,)``: layout positions and mask of the query slots; ``p_k, p_v``: this batch·head's k and
+    v; ``qk_scale = scale · log2(e)``.
+    """
+    for e in range(e_start, e_end):
+        i_blk = tl.load(p_blocks + e)
+        i_kind = _entry_kind(p_kinds + e, SPATIAL, HAS_VALID)
+        k_pos, k_rows, m_k = block_rows(k_perm_ptr, k_off_ptr, i_blk, BLOCK_N)
+        b_k = load_rows(p_k, k_rows, m_k, stride_kn, stride_kd, D, BLOCK_D)
+        b_v = load_rows(p_v, k_rows, m_k, stride_vn, stride_vd, DV, BLOCK_DV)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
+        m_s = _pair_mask(i_kind, i_b, q_pos, k_pos, m_q, m_k, q_coords_ptr, k_coords_ptr, valid_ptr,
+                         stride_valid_b, max_d2, max_dt, SPATIAL, HAS_VALID, False)
+        b_s = tl.where(m_s, b_s, float("-inf"))
+        b_m, b_l, b_acc, _, _ = online_softmax_step(b_s, b_v, b_m, b_l, b_acc, PRECISION)
+    return b_m, b_l, b_acc
+
+
+@triton.jit
+def dq_blocks(
+    b_q, b_do, b_lse, b_delta, b_dq, q_pos, m_q, p_blocks, p_kinds, e_start, e_end, k_perm_ptr, k_off_ptr,
+    p_k, p_v, stride_kn, stride_kd, stride_vn, stride_vd, D, DV, qk_scale,
+    i_b, q_coords_ptr, k_coords_ptr, valid_ptr, stride_valid_b, max_d2, max_dt,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SPATIAL: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``dq += dS·k`` (unscaled, fp32 ``(BLOCK_M, BLOCK_D)``) of one query block over the key blocks
+    ``p_blocks[e_start:e_end]``: ``P = 2^(s − lse)``, ``dS = P ∘ (dout·vᵀ − Δ)``.
+
+    ``b_do (BLOCK_M, BLOCK_DV)``, ``b_lse`` (base 2) and ``b_delta (BLOCK_M,)``: the query rows' backward inputs;
+    the other arguments as in :func:`attend_blocks`.
+    """
+    for e in range(e_start, e_end):
+        i_blk = tl.load(p_blocks + e)
+        i_kind = _entry_kind(p_kinds + e, SPATIAL, HAS_VALID)
+        k_pos, k_rows, m_k = block_rows(k_perm_ptr, k_off_ptr, i_blk, BLOCK_N)
+        b_k = load_rows(p_k, k_rows, m_k, stride_kn, stride_kd, D, BLOCK_D)
+        b_v = load_rows(p_v, k_rows, m_k, stride_vn, stride_vd, DV, BLOCK_DV)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
+        m_s = _pair_mask(i_kind, i_b, q_pos, k_pos, m_q, m_k, q_coords_ptr, k_coords_ptr, valid_ptr,
+                         stride_valid_b, max_d2, max_dt, SPATIAL, HAS_VALID, False)
+        b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
+    return b_dq
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_K", "max_d2", "max_dt"])
@@ -69,50 +163,31 @@ def _block_attention_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on,
     stride_lb, stride_lh, stride_valid_b,
-    N_Q, N_K, H, D, DV, qk_scale, max_d2, max_dt,
+    N_Q, N_K, H, D, DV, scale, max_d2, max_dt,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SPATIAL: tl.constexpr, HAS_VALID: tl.constexpr,
+    SPATIAL: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """One query block of one batch·head: ``out (BLOCK_M, DV)`` and ``lse (BLOCK_M,)`` over the plan's row."""
     i_q = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    o_dv = tl.arange(0, BLOCK_DV)
-    q_pos, q_rows, m_q = _block_rows(q_perm_ptr, q_off_ptr, i_q, BLOCK_M)
-    b_q = _load_rows(q_ptr, i_b * stride_qb + i_h * stride_qh, q_rows, m_q, stride_qn, stride_qd, D, BLOCK_D)
-
+    q_pos, q_rows, m_q = block_rows(q_perm_ptr, q_off_ptr, i_q, BLOCK_M)
+    b_q = load_rows(q_ptr + i_b * stride_qb + i_h * stride_qh, q_rows, m_q, stride_qn, stride_qd, D, BLOCK_D)
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    e_start = tl.load(indptr_ptr + i_q)
-    e_end = tl.load(indptr_ptr + i_q + 1)
-    for e in range(e_start, e_end):
-        j = tl.load(indices_ptr + e)
-        kind = tl.load(kinds_ptr + e)
-        k_pos, k_rows, m_k = _block_rows(k_perm_ptr, k_off_ptr, j, BLOCK_N)
-        b_k = _load_rows(k_ptr, i_b * stride_kb + i_h * stride_kh, k_rows, m_k, stride_kn, stride_kd, D, BLOCK_D)
-        b_v = _load_rows(v_ptr, i_b * stride_vb + i_h * stride_vh, k_rows, m_k, stride_vn, stride_vd, DV, BLOCK_DV)
-        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale
-        if kind != 0:
-            allowed = _element_mask(i_b, q_pos, k_pos, m_q, m_k, q_coords_ptr, k_coords_ptr, valid_ptr,
-                                    stride_valid_b, max_d2, max_dt, SPATIAL, HAS_VALID)
-        else:
-            allowed = m_q[:, None] & m_k[None, :]
-        b_s = tl.where(allowed, b_s, float("-inf"))
-        m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(b_m - m_safe)
-        b_p = tl.exp2(b_s - m_safe[:, None])
-        b_l = b_l * alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-        b_m = m_new
-
-    has_key = b_l > 0.0
-    b_out = b_acc / tl.where(has_key, b_l, 1.0)[:, None]
-    p_out = out_ptr + i_b * stride_ob + i_h * stride_oh + q_rows[:, None] * stride_on + o_dv[None, :]
-    tl.store(p_out, b_out.to(out_ptr.dtype.element_ty), mask=m_q[:, None] & (o_dv[None, :] < DV))
-    lse = tl.where(has_key, (b_m + tl.log2(tl.where(has_key, b_l, 1.0))) / 1.4426950408889634, float("-inf"))
-    tl.store(lse_ptr + i_b * stride_lb + i_h * stride_lh + q_rows, lse, mask=m_q)
+    b_m, b_l, b_acc = attend_blocks(
+        b_q, b_m, b_l, b_acc, q_pos, m_q, indices_ptr, kinds_ptr, tl.load(indptr_ptr + i_q),
+        tl.load(indptr_ptr + i_q + 1), k_perm_ptr, k_off_ptr, k_ptr + i_b * stride_kb + i_h * stride_kh,
+        v_ptr + i_b * stride_vb + i_h * stride_vh, stride_kn, stride_kd, stride_vn, stride_vd, D, DV,
+        scale * LOG2_E, i_b, q_coords_ptr, k_coords_ptr, valid_ptr, stride_valid_b, max_d2, max_dt,
+        BLOCK_N, BLOCK_D, BLOCK_DV, SPATIAL, HAS_VALID, PRECISION,
+    )
+    b_inv_l, b_lse = online_softmax_finish(b_m, b_l)
+    store_rows(out_ptr + i_b * stride_ob + i_h * stride_oh, q_rows, m_q, stride_on, DV, b_acc * b_inv_l[:, None],
+               BLOCK_DV)
+    tl.store(lse_ptr + i_b * stride_lb + i_h * stride_lh + q_rows, b_lse, mask=m_q)
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_K", "max_d2", "max_dt"])
@@ -127,39 +202,27 @@ def _block_attention_bwd_dq_kernel(
     stride_lb, stride_lh, stride_valid_b,
     N_Q, N_K, H, D, DV, scale, max_d2, max_dt,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SPATIAL: tl.constexpr, HAS_VALID: tl.constexpr,
+    SPATIAL: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """``dq (BLOCK_M, D)`` of one query block of one batch·head (contiguous ``(B, H, N_Q, D)`` output)."""
     i_q = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    o_d = tl.arange(0, BLOCK_D)
-    q_pos, q_rows, m_q = _block_rows(q_perm_ptr, q_off_ptr, i_q, BLOCK_M)
-    b_q = _load_rows(q_ptr, i_b * stride_qb + i_h * stride_qh, q_rows, m_q, stride_qn, stride_qd, D, BLOCK_D)
-    b_do = _load_rows(do_ptr, i_b * stride_dob + i_h * stride_doh, q_rows, m_q, stride_don, 1, DV, BLOCK_DV)
-    l_off = i_b * stride_lb + i_h * stride_lh + q_rows
-    b_lse = tl.load(lse_ptr + l_off, mask=m_q, other=0.0) * 1.4426950408889634
-    b_delta = tl.load(delta_ptr + l_off, mask=m_q, other=0.0)
-    qk_scale = scale * 1.4426950408889634
+    q_pos, q_rows, m_q = block_rows(q_perm_ptr, q_off_ptr, i_q, BLOCK_M)
+    b_q = load_rows(q_ptr + i_b * stride_qb + i_h * stride_qh, q_rows, m_q, stride_qn, stride_qd, D, BLOCK_D)
+    b_do = load_rows(do_ptr + i_b * stride_dob + i_h * stride_doh, q_rows, m_q, stride_don, 1, DV, BLOCK_DV)
+    o_l = i_b * stride_lb + i_h * stride_lh
+    b_lse, b_delta = load_row_stats(lse_ptr + o_l, delta_ptr + o_l, q_rows, m_q)
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for e in range(tl.load(indptr_ptr + i_q), tl.load(indptr_ptr + i_q + 1)):
-        j = tl.load(indices_ptr + e)
-        kind = tl.load(kinds_ptr + e)
-        k_pos, k_rows, m_k = _block_rows(k_perm_ptr, k_off_ptr, j, BLOCK_N)
-        b_k = _load_rows(k_ptr, i_b * stride_kb + i_h * stride_kh, k_rows, m_k, stride_kn, stride_kd, D, BLOCK_D)
-        b_v = _load_rows(v_ptr, i_b * stride_vb + i_h * stride_vh, k_rows, m_k, stride_vn, stride_vd, DV, BLOCK_DV)
-        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale
-        if kind != 0:
-            allowed = _element_mask(i_b, q_pos, k_pos, m_q, m_k, q_coords_ptr, k_coords_ptr, valid_ptr,
-                                    stride_valid_b, max_d2, max_dt, SPATIAL, HAS_VALID)
-        else:
-            allowed = m_q[:, None] & m_k[None, :]
-        b_p = tl.where(allowed, tl.exp2(b_s - b_lse[:, None]), 0.0)
-        b_dp = tl.dot(b_do, tl.trans(b_v))
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
-    p_dq = dq_ptr + ((i_b * H + i_h) * N_Q + q_rows[:, None]) * D + o_d[None, :]
-    tl.store(p_dq, (b_dq * scale).to(dq_ptr.dtype.element_ty), mask=m_q[:, None] & (o_d[None, :] < D))
+    b_dq = dq_blocks(
+        b_q, b_do, b_lse, b_delta, b_dq, q_pos, m_q, indices_ptr, kinds_ptr, tl.load(indptr_ptr + i_q),
+        tl.load(indptr_ptr + i_q + 1), k_perm_ptr, k_off_ptr, k_ptr + i_b * stride_kb + i_h * stride_kh,
+        v_ptr + i_b * stride_vb + i_h * stride_vh, stride_kn, stride_kd, stride_vn, stride_vd, D, DV,
+        scale * LOG2_E, i_b, q_coords_ptr, k_coords_ptr, valid_ptr, stride_valid_b, max_d2, max_dt,
+        BLOCK_N, BLOCK_D, BLOCK_DV, SPATIAL, HAS_VALID, PRECISION,
+    )
+    store_rows(dq_ptr + i_bh * N_Q * D, q_rows, m_q, D, D, b_dq * scale, BLOCK_D)
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_K", "max_d2", "max_dt"])
@@ -171,48 +234,50 @@ def _block_attention_bwd_dkv_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_don,
-    stride_lb, stride_lh, stride_valid_b,
+    stride_lb, stride_lh, stride_valid_b, stride_t_indptr_bh, stride_t_indices_bh,
     N_Q, N_K, H, D, DV, scale, max_d2, max_dt,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SPATIAL: tl.constexpr, HAS_VALID: tl.constexpr,
+    SPATIAL: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """``dk (BLOCK_N, D)``, ``dv (BLOCK_N, DV)`` of one key block of one batch·head over the query blocks of the
+    transposed plan (contiguous ``(B, H, N_K, ·)`` outputs): ``dv = Pᵀ dout``, ``dk = dSᵀ q``.
+
+    The transposed lists are shared by every batch·head (strides 0, the block plans) or one per batch·head
+    (PISA's selections).
+    """
     i_k = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
-    k_pos, k_rows, m_k = _block_rows(k_perm_ptr, k_off_ptr, i_k, BLOCK_N)
-    b_k = _load_rows(k_ptr, i_b * stride_kb + i_h * stride_kh, k_rows, m_k, stride_kn, stride_kd, D, BLOCK_D)
-    b_v = _load_rows(v_ptr, i_b * stride_vb + i_h * stride_vh, k_rows, m_k, stride_vn, stride_vd, DV, BLOCK_DV)
-    qk_scale = scale * 1.4426950408889634
+    k_pos, k_rows, m_k = block_rows(k_perm_ptr, k_off_ptr, i_k, BLOCK_N)
+    b_k = load_rows(k_ptr + i_b * stride_kb + i_h * stride_kh, k_rows, m_k, stride_kn, stride_kd, D, BLOCK_D)
+    b_v = load_rows(v_ptr + i_b * stride_vb + i_h * stride_vh, k_rows, m_k, stride_vn, stride_vd, DV, BLOCK_DV)
+    p_q = q_ptr + i_b * stride_qb + i_h * stride_qh
+    p_do = do_ptr + i_b * stride_dob + i_h * stride_doh
+    o_l = i_b * stride_lb + i_h * stride_lh
+    p_t_indptr = t_indptr_ptr + i_bh * stride_t_indptr_bh + i_k
+    p_t_indices = t_indices_ptr + i_bh * stride_t_indices_bh
+    qk_scale = scale * LOG2_E
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    for e in range(tl.load(t_indptr_ptr + i_k), tl.load(t_indptr_ptr + i_k + 1)):
-        i = tl.load(t_indices_ptr + e)
-        kind = tl.load(t_kinds_ptr + e)
-        q_pos, q_rows, m_q = _block_rows(q_perm_ptr, q_off_ptr, i, BLOCK_M)
-        b_q = _load_rows(q_ptr, i_b * stride_qb + i_h * stride_qh, q_rows, m_q, stride_qn, stride_qd, D, BLOCK_D)
-        b_do = _load_rows(do_ptr, i_b * stride_dob + i_h * stride_doh, q_rows, m_q, stride_don, 1, DV, BLOCK_DV)
-        l_off = i_b * stride_lb + i_h * stride_lh + q_rows
-        b_lse = tl.load(lse_ptr + l_off, mask=m_q, other=0.0) * 1.4426950408889634
-        b_delta = tl.load(delta_ptr + l_off, mask=m_q, other=0.0)
-        b_st = tl.dot(b_k, tl.trans(b_q)) * qk_scale  # (keys, queries)
-        if kind != 0:
-            allowed = tl.trans(_element_mask(i_b, q_pos, k_pos, m_q, m_k, q_coords_ptr, k_coords_ptr, valid_ptr,
-                                             stride_valid_b, max_d2, max_dt, SPATIAL, HAS_VALID))
-        else:
-            allowed = m_k[:, None] & m_q[None, :]
-        b_pt = tl.where(allowed, tl.exp2(b_st - b_lse[None, :]), 0.0)
-        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)
-        b_dpt = tl.dot(b_v, tl.trans(b_do))
+    for e in range(tl.load(p_t_indptr), tl.load(p_t_indptr + 1)):
+        i_blk = tl.load(p_t_indices + e)
+        i_kind = _entry_kind(t_kinds_ptr + e, SPATIAL, HAS_VALID)
+        q_pos, q_rows, m_q = block_rows(q_perm_ptr, q_off_ptr, i_blk, BLOCK_M)
+        b_q = load_rows(p_q, q_rows, m_q, stride_qn, stride_qd, D, BLOCK_D)
+        b_do = load_rows(p_do, q_rows, m_q, stride_don, 1, DV, BLOCK_DV)
+        b_lse, b_delta = load_row_stats(lse_ptr + o_l, delta_ptr + o_l, q_rows, m_q)
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale  # (keys, queries)
+        m_st = _pair_mask(i_kind, i_b, q_pos, k_pos, m_q, m_k, q_coords_ptr, k_coords_ptr, valid_ptr,
+                          stride_valid_b, max_d2, max_dt, SPATIAL, HAS_VALID, True)
+        b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
+        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
         b_dst = b_pt * (b_dpt - b_delta[None, :])
-        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q)
-    base = (i_b * H + i_h) * N_K
-    tl.store(dk_ptr + (base + k_rows[:, None]) * D + o_d[None, :], (b_dk * scale).to(dk_ptr.dtype.element_ty),
-             mask=m_k[:, None] & (o_d[None, :] < D))
-    tl.store(dv_ptr + (base + k_rows[:, None]) * DV + o_dv[None, :], b_dv.to(dv_ptr.dtype.element_ty),
-             mask=m_k[:, None] & (o_dv[None, :] < DV))
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PRECISION)
+    o_kv = i_bh * N_K
+    store_rows(dk_ptr + o_kv * D, k_rows, m_k, D, D, b_dk * scale, BLOCK_D)
+    store_rows(dv_ptr + o_kv * DV, k_rows, m_k, DV, DV, b_dv, BLOCK_DV)
 
 
 # --- launchers -------------------------------------------------------------------------------------------------
@@ -228,6 +293,7 @@ def _meta(q, v, max_blocks, max_d2, key_valid):
         BLOCK_M=_block(max_blocks[0]), BLOCK_N=_block(max_blocks[1]),
         BLOCK_D=block_d, BLOCK_DV=_block(v.shape[3]),
         SPATIAL=max_d2 >= 0, HAS_VALID=key_valid is not None,
+        PRECISION="tf32",  # tl.dot's default: fp32 inputs multiply in tf32 on the GPU
         num_warps=8 if block_d >= 128 else 4, num_stages=2,
     )
 
@@ -248,7 +314,7 @@ def block_attention_fwd(q, k, v, plan_tensors, key_valid, max_d2: int, max_dt: i
         q, k, v, out, lse, q_perm, q_off, k_perm, k_off, indptr, indices, kinds, q_coords, k_coords, valid,
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3], *lse.stride()[:2],
         valid.stride(0) if key_valid is not None else 0,
-        N, k.shape[2], H, D, DV, scale * LOG2_E, max_d2, max_dt,
+        N, k.shape[2], H, D, DV, scale, max_d2, max_dt,
         **_meta(q, v, max_blocks, max_d2, key_valid),
     )
     return out, lse
@@ -268,18 +334,39 @@ def block_attention_bwd(q, k, v, out, dout, lse, plan_tensors, key_valid, max_d2
     dk = torch.empty(B, H, NK, D, dtype=q.dtype, device=q.device)
     dv = torch.empty(B, H, NK, DV, dtype=q.dtype, device=q.device)
     valid = key_valid if key_valid is not None else kinds
-    common = (
+    strides = (
         *q.stride(), *k.stride(), *v.stride(), *dout.stride()[:3], *lse.stride()[:2],
         valid.stride(0) if key_valid is not None else 0,
-        N, NK, H, D, DV, scale, max_d2, max_dt,
     )
+    sizes = (N, NK, H, D, DV, scale, max_d2, max_dt)
     meta = _meta(q, v, max_blocks, max_d2, key_valid)
     _block_attention_bwd_dq_kernel[(q_off.numel() - 1, B * H)](
         q, k, v, dout, lse, delta, dq, q_perm, q_off, k_perm, k_off, indptr, indices, kinds,
-        q_coords, k_coords, valid, *common, **meta,
+        q_coords, k_coords, valid, *strides, *sizes, **meta,
     )
     _block_attention_bwd_dkv_kernel[(k_off.numel() - 1, B * H)](
         q, k, v, dout, lse, delta, dk, dv, q_perm, q_off, k_perm, k_off, t_indptr, t_indices, t_kinds,
-        q_coords, k_coords, valid, *common, **meta,
+        q_coords, k_coords, valid, *strides, 0, 0, *sizes, **meta,  # one transposed plan for every batch·head
     )
     return dq, dk, dv
+
+
+def whole_block_dkv(q, k, v, dout, lse, delta, perm, offsets, t_indptr, t_indices, scale: float, block: int,
+                    meta: dict):
+    """``(dk, dv)`` (contiguous, q's dtype) of attention over whole key blocks listed per batch·head: key block j of
+    ``(b, h)`` is attended by the query blocks ``t_indices[b·H + h, t_indptr[b·H + h, j] : t_indptr[.., j + 1]]``;
+    q and k share one layout (``perm``, ``offsets``). ``dout`` contiguous, ``lse``, ``delta`` ``(B, H, N)`` fp32;
+    ``meta``: ``BLOCK_D``, ``BLOCK_DV``, ``PRECISION`` and the launch options."""
+    import torch
+
+    B, H, N, D = q.shape
+    DV = v.shape[3]
+    dk = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
+    dv = torch.empty(B, H, N, DV, dtype=q.dtype, device=q.device)
+    _block_attention_bwd_dkv_kernel[(offsets.numel() - 1, B * H)](
+        q, k, v, dout, lse, delta, dk, dv, perm, offsets, perm, offsets, t_indptr, t_indices, t_indices,
+        perm, perm, perm, *q.stride(), *k.stride(), *v.stride(), *dout.stride()[:3], *lse.stride()[:2], 0,
+        t_indptr.stride(0), t_indices.stride(0), N, N, H, D, DV, scale, 0, 0,  # no kinds, coordinates or validity
+        BLOCK_M=block, BLOCK_N=block, SPATIAL=False, HAS_VALID=False, **meta,
+    )
+    return dk, dv

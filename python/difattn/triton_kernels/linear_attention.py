@@ -1,4 +1,4 @@
-"""Triton kernels of the linear core (LiT) and DyDiLA, forward and backward (``specs/dydila.md``).
+"""Triton kernels of the linear core (LiT) and DyDiLA, forward and backward (Cao et al., arXiv 2601.13683).
 
 Plan: a prologue materialises DyDiLA's features ``Q̂, K̂`` in fp32 (power maps with per-token exponents, token
 differential); the state reduction ``S = (1/N) Σ K̂ᵀ V`` runs one program per (state tile, token split,
@@ -21,8 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-LN_2 = tl.constexpr(0.6931471805599453)
-F32_MIN_NORMAL = tl.constexpr(1.1754943508222875e-38)
+from ._common import F32_MIN_NORMAL, LN_2, load_tile, store_rows
 
 # tl.dot precision by input dtype: fp32 needs IEEE products to match an fp32 reference; fp16 outputs are compared at
 # fp16's precision, which plain tf32 (same 10-bit mantissa) would eat into, so it takes the 3-pass split; bf16 has
@@ -243,18 +242,17 @@ def _features_kernel(
     m_n = o_n < N
     m_d = o_d < D
     o_n64 = o_n.to(tl.int64)
-    m = m_n[:, None] & m_d[None, :]
-    z = tl.load(z_ptr + i_bb * stride_zb + i_hh * stride_zh + o_n64[:, None] * stride_zn + o_d[None, :] * stride_zd,
-                mask=m, other=0.0).to(tl.float32)
-    za = tl.load(za_ptr + i_bb * stride_ab + i_hh * stride_ah + o_n64[:, None] * stride_an + o_d[None, :] * stride_ad,
-                 mask=m, other=0.0).to(tl.float32)
+    z = load_tile(z_ptr + i_bb * stride_zb + i_hh * stride_zh, o_n64, o_d, m_n, m_d, stride_zn, stride_zd)
+    z = z.to(tl.float32)
+    za = load_tile(za_ptr + i_bb * stride_ab + i_hh * stride_ah, o_n64, o_d, m_n, m_d, stride_an, stride_ad)
+    za = za.to(tl.float32)
     gamma = tl.load(g_ptr + i_bb * stride_gb + i_hh * stride_gh + o_n64 * stride_gn, mask=m_n, other=1.0).to(tl.float32)
     gamma_a = tl.load(ga_ptr + i_bb * stride_gab + i_hh * stride_gah + o_n64 * stride_gan, mask=m_n, other=1.0)
     lam = tl.load(l_ptr + i_bb * stride_lb + i_hh * stride_lh + o_n64 * stride_ln, mask=m_n, other=0.0).to(tl.float32)
     r, ls, p, n1, n2 = _power_map(z, gamma, m_d, eps)
     ra, lsa, pa, n1a, n2a = _power_map(za, gamma_a.to(tl.float32), m_d, eps)
     feat = (n1 / n2)[:, None] * p - (lam * n1a / n2a)[:, None] * pa
-    tl.store(out_ptr + (i_bh * N + o_n64[:, None]) * D + o_d[None, :], feat, mask=m)
+    store_rows(out_ptr + i_bh * N * D, o_n64, m_n, D, D, feat, BLOCK_D)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -279,26 +277,24 @@ def _features_bwd_kernel(
     m_n = o_n < N
     m_d = o_d < D
     o_n64 = o_n.to(tl.int64)
-    m = m_n[:, None] & m_d[None, :]
-    z = tl.load(z_ptr + i_bb * stride_zb + i_hh * stride_zh + o_n64[:, None] * stride_zn + o_d[None, :] * stride_zd,
-                mask=m, other=0.0).to(tl.float32)
-    za = tl.load(za_ptr + i_bb * stride_ab + i_hh * stride_ah + o_n64[:, None] * stride_an + o_d[None, :] * stride_ad,
-                 mask=m, other=0.0).to(tl.float32)
+    z = load_tile(z_ptr + i_bb * stride_zb + i_hh * stride_zh, o_n64, o_d, m_n, m_d, stride_zn, stride_zd)
+    z = z.to(tl.float32)
+    za = load_tile(za_ptr + i_bb * stride_ab + i_hh * stride_ah, o_n64, o_d, m_n, m_d, stride_an, stride_ad)
+    za = za.to(tl.float32)
     gamma = tl.load(g_ptr + i_bb * stride_gb + i_hh * stride_gh + o_n64 * stride_gn, mask=m_n, other=1.0).to(tl.float32)
     gamma_a = tl.load(ga_ptr + i_bb * stride_gab + i_hh * stride_gah + o_n64 * stride_gan, mask=m_n, other=1.0)
     gamma_a = gamma_a.to(tl.float32)
     lam = tl.load(l_ptr + i_bb * stride_lb + i_hh * stride_lh + o_n64 * stride_ln, mask=m_n, other=0.0).to(tl.float32)
-    o_rows = (i_bh * N + o_n64[:, None]) * D + o_d[None, :]
-    g = tl.load(grad_ptr + o_rows, mask=m, other=0.0)
+    o_tok = i_bh * N + o_n64
+    g = load_tile(grad_ptr, o_tok, o_d, m_n, m_d, D, 1)
     r, ls, p, n1, n2 = _power_map(z, gamma, m_d, eps)
     ra, lsa, pa, n1a, n2a = _power_map(za, gamma_a, m_d, eps)
     # dφ(z) = G, dφ(z_aux) = −λ G, dλ = −G · φ(z_aux)
     dlam = -(n1a / n2a) * tl.sum(g * pa, 1)
     dz, dgamma = _power_map_grad(z, g, gamma, r, ls, p, n1, n2, m_d)
     dza, dgamma_a = _power_map_grad(za, -lam[:, None] * g, gamma_a, ra, lsa, pa, n1a, n2a, m_d)
-    tl.store(dz_ptr + o_rows, dz.to(dz_ptr.dtype.element_ty), mask=m)
-    tl.store(dza_ptr + o_rows, dza.to(dza_ptr.dtype.element_ty), mask=m)
-    o_tok = i_bh * N + o_n64
+    store_rows(dz_ptr, o_tok, m_n, D, D, dz, BLOCK_D)
+    store_rows(dza_ptr, o_tok, m_n, D, D, dza, BLOCK_D)
     tl.store(dg_ptr + o_tok, dgamma, mask=m_n)
     tl.store(dga_ptr + o_tok, dgamma_a, mask=m_n)
     tl.store(dl_ptr + o_tok, dlam, mask=m_n)

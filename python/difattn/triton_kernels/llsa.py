@@ -19,23 +19,25 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2_E = 1.4426950408889634
+from ._common import (
+    LOG2_E, load_row_stats, load_rows, load_tile_t, online_softmax_finish, online_softmax_step, store_rows,
+)
 
 
 @triton.jit
 def _key_tile(sel_ptr, e0, count, o_g, o_w, BS, N, pb_off_ptr, POOLED: tl.constexpr):
     """Rows and mask of the key tile holding blocks ``sel[e0 : e0 + GROUP]`` (fine rows of k, or pooled rows)."""
     m_e = (e0 + o_g) < count
-    blk = tl.load(sel_ptr + e0 + o_g, mask=m_e, other=0).to(tl.int64)
+    o_blk = tl.load(sel_ptr + e0 + o_g, mask=m_e, other=0).to(tl.int64)
     if POOLED:
-        start = tl.load(pb_off_ptr + blk, mask=m_e, other=0).to(tl.int64)
-        end = tl.load(pb_off_ptr + blk + 1, mask=m_e, other=0).to(tl.int64)
-        rows = start + o_w
-        m_k = m_e & (rows < end)
+        o_start = tl.load(pb_off_ptr + o_blk, mask=m_e, other=0).to(tl.int64)
+        o_end = tl.load(pb_off_ptr + o_blk + 1, mask=m_e, other=0).to(tl.int64)
+        o_rows = o_start + o_w
+        m_rows = m_e & (o_rows < o_end)
     else:
-        rows = blk * BS + o_w
-        m_k = m_e & (o_w < BS) & (rows < N)
-    return rows, m_k
+        o_rows = o_blk * BS + o_w
+        m_rows = m_e & (o_w < BS) & (o_rows < N)
+    return o_rows, m_rows
 
 
 @triton.jit
@@ -50,24 +52,15 @@ def _fwd_pass(
     o_g = o_n // BS_PAD
     o_w = o_n % BS_PAD
     o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
     for e0 in range(0, count, BLOCK_N // BS_PAD):
-        rows, m_k = _key_tile(sel_ptr, e0, count, o_g, o_w, BS, N, pb_off_ptr, POOLED)
-        b_kt = tl.load(k_base + rows[None, :] * stride_kn + o_d[:, None] * stride_kd,
-                       mask=m_k[None, :] & (o_d[:, None] < D), other=0.0)
-        b_v = tl.load(v_base + rows[:, None] * stride_vn + o_dv[None, :] * stride_vd,
-                      mask=m_k[:, None] & (o_dv[None, :] < DV), other=0.0)
+        k_rows, m_k = _key_tile(sel_ptr, e0, count, o_g, o_w, BS, N, pb_off_ptr, POOLED)
+        b_kt = load_tile_t(k_base, k_rows, o_d, m_k, o_d < D, stride_kn, stride_kd)
+        b_v = load_rows(v_base, k_rows, m_k, stride_vn, stride_vd, DV, BLOCK_DV)
         b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
         if POOLED:
-            b_s += tl.load(pbias_ptr + rows, mask=m_k, other=0.0)[None, :]
+            b_s += tl.load(pbias_ptr + k_rows, mask=m_k, other=0.0)[None, :]
         b_s = tl.where(m_k[None, :], b_s, float("-inf"))
-        m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(b_m - m_safe)
-        b_p = tl.exp2(b_s - m_safe[:, None])
-        b_l = b_l * alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-        b_m = m_new
+        b_m, b_l, b_acc, _, _ = online_softmax_step(b_s, b_v, b_m, b_l, b_acc, PRECISION)
     return b_m, b_l, b_acc
 
 
@@ -80,21 +73,21 @@ def _llsa_fwd_kernel(
     stride_kpb, stride_kph, stride_kpn, stride_kpd,
     stride_vpb, stride_vph, stride_vpn, stride_vpd,
     stride_ob, stride_oh, stride_on, stride_lb, stride_lh,
-    N, NB, H, D, DV, BS, K_FINE, K_POOLED, qk_scale,
+    N, NB, H, D, DV, BS, K_FINE, K_POOLED, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BS_PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """One fine query block of one batch·head: ``out (BS, DV)`` and ``lse (BS,)`` over its fine, then its pooled
+    key blocks."""
     i_q = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
+    qk_scale = scale * LOG2_E
     o_m = tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
     q_rows = i_q.to(tl.int64) * BS + o_m
     m_q = (o_m < BS) & (q_rows < N)
-    b_q = tl.load(q_ptr + i_b * stride_qb + i_h * stride_qh + q_rows[:, None] * stride_qn + o_d[None, :] * stride_qd,
-                  mask=m_q[:, None] & (o_d[None, :] < D), other=0.0)
+    b_q = load_rows(q_ptr + i_b * stride_qb + i_h * stride_qh, q_rows, m_q, stride_qn, stride_qd, D, BLOCK_D)
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -111,12 +104,10 @@ def _llsa_fwd_kernel(
         stride_kpn, stride_kpd, stride_vpn, stride_vpd, pb_off_ptr, pbias_ptr, BS, N, D, DV, qk_scale,
         BLOCK_N, BLOCK_D, BLOCK_DV, BS_PAD, True, PRECISION,
     )
-    has_key = b_l > 0.0
-    b_out = b_acc / tl.where(has_key, b_l, 1.0)[:, None]
-    p_out = out_ptr + i_b * stride_ob + i_h * stride_oh + q_rows[:, None] * stride_on + o_dv[None, :]
-    tl.store(p_out, b_out.to(out_ptr.dtype.element_ty), mask=m_q[:, None] & (o_dv[None, :] < DV))
-    lse = (b_m + tl.log2(tl.where(has_key, b_l, 1.0))) / 1.4426950408889634
-    tl.store(lse_ptr + i_b * stride_lb + i_h * stride_lh + q_rows, lse, mask=m_q)
+    b_inv_l, b_lse = online_softmax_finish(b_m, b_l)
+    store_rows(out_ptr + i_b * stride_ob + i_h * stride_oh, q_rows, m_q, stride_on, DV, b_acc * b_inv_l[:, None],
+               BLOCK_DV)
+    tl.store(lse_ptr + i_b * stride_lb + i_h * stride_lh + q_rows, b_lse, mask=m_q)
 
 
 @triton.jit
@@ -130,17 +121,14 @@ def _dq_pass(
     o_n = tl.arange(0, BLOCK_N)
     o_g = o_n // BS_PAD
     o_w = o_n % BS_PAD
-    o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     for e0 in range(0, count, BLOCK_N // BS_PAD):
-        rows, m_k = _key_tile(sel_ptr, e0, count, o_g, o_w, BS, N, pb_off_ptr, POOLED)
-        b_k = tl.load(k_base + rows[:, None] * stride_kn + o_d[None, :] * stride_kd,
-                      mask=m_k[:, None] & (o_d[None, :] < D), other=0.0)
-        b_vt = tl.load(v_base + rows[None, :] * stride_vn + o_dv[:, None] * stride_vd,
-                       mask=m_k[None, :] & (o_dv[:, None] < DV), other=0.0)
+        k_rows, m_k = _key_tile(sel_ptr, e0, count, o_g, o_w, BS, N, pb_off_ptr, POOLED)
+        b_k = load_rows(k_base, k_rows, m_k, stride_kn, stride_kd, D, BLOCK_D)
+        b_vt = load_tile_t(v_base, k_rows, o_dv, m_k, o_dv < DV, stride_vn, stride_vd)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
         if POOLED:
-            b_s += tl.load(pbias_ptr + rows, mask=m_k, other=0.0)[None, :]
+            b_s += tl.load(pbias_ptr + k_rows, mask=m_k, other=0.0)[None, :]
         b_p = tl.where(m_k[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)
         b_dp = tl.dot(b_do, b_vt, input_precision=PRECISION)
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -162,24 +150,19 @@ def _llsa_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BS_PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """``dq (BS, D)`` of one fine query block of one batch·head (contiguous ``(B, H, N, D)`` output)."""
     i_q = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
+    qk_scale = scale * LOG2_E
     o_m = tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
     q_rows = i_q.to(tl.int64) * BS + o_m
     m_q = (o_m < BS) & (q_rows < N)
-    m_qd = m_q[:, None] & (o_d[None, :] < D)
-    b_q = tl.load(q_ptr + i_b * stride_qb + i_h * stride_qh + q_rows[:, None] * stride_qn + o_d[None, :] * stride_qd,
-                  mask=m_qd, other=0.0)
-    b_do = tl.load(do_ptr + i_b * stride_dob + i_h * stride_doh + q_rows[:, None] * stride_don + o_dv[None, :],
-                   mask=m_q[:, None] & (o_dv[None, :] < DV), other=0.0)
-    l_off = i_b * stride_lb + i_h * stride_lh + q_rows
-    b_lse = tl.load(lse_ptr + l_off, mask=m_q, other=0.0) * 1.4426950408889634
-    b_delta = tl.load(delta_ptr + l_off, mask=m_q, other=0.0)
-    qk_scale = scale * 1.4426950408889634
+    b_q = load_rows(q_ptr + i_b * stride_qb + i_h * stride_qh, q_rows, m_q, stride_qn, stride_qd, D, BLOCK_D)
+    b_do = load_rows(do_ptr + i_b * stride_dob + i_h * stride_doh, q_rows, m_q, stride_don, 1, DV, BLOCK_DV)
+    o_l = i_b * stride_lb + i_h * stride_lh
+    b_lse, b_delta = load_row_stats(lse_ptr + o_l, delta_ptr + o_l, q_rows, m_q)
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row = i_bh * NB + i_q
     b_dq = _dq_pass(
@@ -194,8 +177,7 @@ def _llsa_bwd_dq_kernel(
         stride_kpn, stride_kpd, stride_vpn, stride_vpd, pb_off_ptr, pbias_ptr, BS, N, D, DV, qk_scale,
         BLOCK_N, BLOCK_D, BLOCK_DV, BS_PAD, True, PRECISION,
     )
-    p_dq = dq_ptr + ((i_b * H + i_h) * N + q_rows[:, None]) * D + o_d[None, :]
-    tl.store(p_dq, (b_dq * scale).to(dq_ptr.dtype.element_ty), mask=m_qd)
+    store_rows(dq_ptr + i_bh * N * D, q_rows, m_q, D, D, b_dq * scale, BLOCK_D)
 
 
 @triton.jit
@@ -206,13 +188,9 @@ def _dkv_step(
 ):
     """``dv += Pᵀ dout``, ``dk += dSᵀ q`` of a key tile against one tile of query rows (dk unscaled)."""
     o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
-    b_qt = tl.load(q_base + q_rows[None, :] * stride_qn + o_d[:, None] * stride_qd,
-                   mask=m_q[None, :] & (o_d[:, None] < D), other=0.0)
-    b_do = tl.load(do_base + q_rows[:, None] * stride_don + o_dv[None, :],
-                   mask=m_q[:, None] & (o_dv[None, :] < DV), other=0.0)
-    b_lse = tl.load(lse_base + q_rows, mask=m_q, other=0.0) * 1.4426950408889634
-    b_delta = tl.load(delta_base + q_rows, mask=m_q, other=0.0)
+    b_qt = load_tile_t(q_base, q_rows, o_d, m_q, o_d < D, stride_qn, stride_qd)
+    b_do = load_rows(do_base, q_rows, m_q, stride_don, 1, DV, BLOCK_DV)
+    b_lse, b_delta = load_row_stats(lse_base, delta_base, q_rows, m_q)
     b_st = tl.dot(b_k, b_qt, input_precision=PRECISION) * qk_scale + b_bias[:, None]  # (keys, queries)
     b_pt = tl.where(m_k[:, None] & m_q[None, :], tl.exp2(b_st - b_lse[None, :]), 0.0)
     b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
@@ -233,21 +211,17 @@ def _llsa_bwd_fine_dkv_kernel(
     BLOCK_K: tl.constexpr, BLOCK_MQ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BS_PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """``dk (BS, D)``, ``dv (BS, DV)`` through one fine key block of one batch·head, over the query blocks that
+    chose it (fp32 contiguous ``(B, H, N, ·)`` outputs)."""
     i_k = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
     o_n = tl.arange(0, BLOCK_K)
-    o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
     k_rows = i_k.to(tl.int64) * BS + o_n
     m_k = (o_n < BS) & (k_rows < N)
-    m_kd = m_k[:, None] & (o_d[None, :] < D)
-    m_kdv = m_k[:, None] & (o_dv[None, :] < DV)
-    b_k = tl.load(k_ptr + i_b * stride_kb + i_h * stride_kh + k_rows[:, None] * stride_kn + o_d[None, :] * stride_kd,
-                  mask=m_kd, other=0.0)
-    b_v = tl.load(v_ptr + i_b * stride_vb + i_h * stride_vh + k_rows[:, None] * stride_vn + o_dv[None, :] * stride_vd,
-                  mask=m_kdv, other=0.0)
+    b_k = load_rows(k_ptr + i_b * stride_kb + i_h * stride_kh, k_rows, m_k, stride_kn, stride_kd, D, BLOCK_D)
+    b_v = load_rows(v_ptr + i_b * stride_vb + i_h * stride_vh, k_rows, m_k, stride_vn, stride_vd, DV, BLOCK_DV)
     b_bias = tl.zeros([BLOCK_K], dtype=tl.float32)
     b_dk = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_K, BLOCK_DV], dtype=tl.float32)
@@ -260,19 +234,17 @@ def _llsa_bwd_fine_dkv_kernel(
     q_base = q_ptr + i_b * stride_qb + i_h * stride_qh
     do_base = do_ptr + i_b * stride_dob + i_h * stride_doh
     l_off = i_b * stride_lb + i_h * stride_lh
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2_E
     for e0 in range(t_start, t_end, BLOCK_MQ // BS_PAD):
         m_e = (e0 + o_g) < t_end
-        blk = tl.load(choosers + e0 + o_g, mask=m_e, other=0).to(tl.int64)
-        q_rows = blk * BS + o_w
+        o_blk = tl.load(choosers + e0 + o_g, mask=m_e, other=0).to(tl.int64)
+        q_rows = o_blk * BS + o_w
         m_q = m_e & (o_w < BS) & (q_rows < N)
         b_dk, b_dv = _dkv_step(b_k, b_v, b_dk, b_dv, b_bias, m_k, q_rows, m_q, q_base, do_base, lse_ptr + l_off,
                                delta_ptr + l_off, stride_qn, stride_qd, stride_don, D, DV, qk_scale,
                                BLOCK_D, BLOCK_DV, PRECISION)
-    base = (i_b * H + i_h) * N
-    tl.store(dk_ptr + (base + k_rows[:, None]) * D + o_d[None, :], (b_dk * scale).to(dk_ptr.dtype.element_ty),
-             mask=m_kd)
-    tl.store(dv_ptr + (base + k_rows[:, None]) * DV + o_dv[None, :], b_dv.to(dv_ptr.dtype.element_ty), mask=m_kdv)
+    store_rows(dk_ptr + i_bh * N * D, k_rows, m_k, D, D, b_dk * scale, BLOCK_D)
+    store_rows(dv_ptr + i_bh * N * DV, k_rows, m_k, DV, DV, b_dv, BLOCK_DV)
 
 
 @triton.jit(do_not_specialize=["N", "NI"])
@@ -287,22 +259,20 @@ def _llsa_bwd_pooled_dkv_kernel(
     BLOCK_K: tl.constexpr, BLOCK_MQ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """Partial ``dk, dv (BS, ·)`` of one item (a query range and one pooled block) of one batch·head, fp32
+    ``(B·H, NI, BS, ·)``; the caller sums them per pooled token."""
     i_item = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    blk = tl.load(blocks_ptr + i_bh * NI + i_item).to(tl.int64)
-    start = tl.load(pb_off_ptr + blk).to(tl.int64)
-    end = tl.load(pb_off_ptr + blk + 1).to(tl.int64)
+    i_blk = tl.load(blocks_ptr + i_bh * NI + i_item).to(tl.int64)
+    i_start = tl.load(pb_off_ptr + i_blk).to(tl.int64)
+    i_end = tl.load(pb_off_ptr + i_blk + 1).to(tl.int64)
     o_n = tl.arange(0, BLOCK_K)
-    o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
-    k_rows = start + o_n
-    m_k = k_rows < end
-    p_k = kp_ptr + i_b * stride_kpb + i_h * stride_kph + k_rows[:, None] * stride_kpn + o_d[None, :] * stride_kpd
-    b_k = tl.load(p_k, mask=m_k[:, None] & (o_d[None, :] < D), other=0.0)
-    p_v = vp_ptr + i_b * stride_vpb + i_h * stride_vph + k_rows[:, None] * stride_vpn + o_dv[None, :] * stride_vpd
-    b_v = tl.load(p_v, mask=m_k[:, None] & (o_dv[None, :] < DV), other=0.0)
+    k_rows = i_start + o_n
+    m_k = k_rows < i_end
+    b_k = load_rows(kp_ptr + i_b * stride_kpb + i_h * stride_kph, k_rows, m_k, stride_kpn, stride_kpd, D, BLOCK_D)
+    b_v = load_rows(vp_ptr + i_b * stride_vpb + i_h * stride_vph, k_rows, m_k, stride_vpn, stride_vpd, DV, BLOCK_DV)
     b_bias = tl.load(pbias_ptr + k_rows, mask=m_k, other=0.0)
     b_dk = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_K, BLOCK_DV], dtype=tl.float32)
@@ -312,7 +282,7 @@ def _llsa_bwd_pooled_dkv_kernel(
     q_base = q_ptr + i_b * stride_qb + i_h * stride_qh
     do_base = do_ptr + i_b * stride_dob + i_h * stride_doh
     l_off = i_b * stride_lb + i_h * stride_lh
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2_E
     for q0 in range(q_start, q_end, BLOCK_MQ):
         q_rows = q0 + o_m
         m_q = q_rows < q_end
@@ -320,10 +290,9 @@ def _llsa_bwd_pooled_dkv_kernel(
                                delta_ptr + l_off, stride_qn, stride_qd, stride_don, D, DV, qk_scale,
                                BLOCK_D, BLOCK_DV, PRECISION)
     # Partial rows (B*H, NI, BS, ·): rows past the block's end stay zero and are dropped by the caller.
-    slot = (i_bh * NI + i_item) * BS + o_n
-    m_slot = o_n < BS
-    tl.store(part_k_ptr + slot[:, None] * D + o_d[None, :], b_dk * scale, mask=m_slot[:, None] & (o_d[None, :] < D))
-    tl.store(part_v_ptr + slot[:, None] * DV + o_dv[None, :], b_dv, mask=m_slot[:, None] & (o_dv[None, :] < DV))
+    o_slot = (i_bh * NI + i_item) * BS + o_n
+    store_rows(part_k_ptr, o_slot, o_n < BS, D, D, b_dk * scale, BLOCK_D)
+    store_rows(part_v_ptr, o_slot, o_n < BS, DV, DV, b_dv, BLOCK_DV)
 
 
 # --- launchers -------------------------------------------------------------------------------------------------
@@ -368,7 +337,7 @@ def llsa_fwd(q, k, v, kp, vp, plan, block_size: int, scale: float):
     _llsa_fwd_kernel[(NB, B * H)](
         q, k, v, kp, vp, out, lse, fine, pooled, pb_off, pbias,
         *q.stride(), *k.stride(), *v.stride(), *kp.stride(), *vp.stride(), *out.stride()[:3], *lse.stride()[:2],
-        N, NB, H, D, DV, block_size, fine.shape[3], pooled.shape[3], scale * LOG2_E,
+        N, NB, H, D, DV, block_size, fine.shape[3], pooled.shape[3], scale,
         BLOCK_M=_pow2(block_size), BLOCK_N=_key_tile_size(meta["BS_PAD"], _tile(q, meta["BLOCK_D"])), **meta,
     )
     return out, lse

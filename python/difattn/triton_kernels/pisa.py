@@ -1,15 +1,17 @@
-"""Triton kernels of PISA (``specs/pisa.md``): one fused forward for the exact blocks, the centroids and the
-first-order term, and the backward in three kernels.
+"""Triton kernels of PISA (piecewise sparse attention, Li et al., arXiv 2602.01077): one fused forward for the
+exact blocks, the centroids and the first-order term, and the backward in three kernels.
 
-Forward, one program per (query block, batch·head): an online softmax over the tokens of the selected key blocks,
-then over every other block's centroid (key ``k̄_j``, logit ``+ log2 n_j``, value ``w_j = V̂_j / n_j``) in chunks,
-with the running ``z = Σ e^{c_j - m}`` of the first-order term rescaled with everything else whenever the max rises.
-``out = (acc + scale·z·(q·H̄)) / den``; ``lse`` and ``zeta = z / den`` are stored for the backward.
+Forward, one program per (query block, batch·head): an online softmax over the tokens of the selected key blocks
+(the block engine's loop, :func:`.block_attention.attend_blocks`), then over every other block's centroid (key
+``k̄_j``, logit ``+ log2 n_j``, value ``w_j = V̂_j / n_j``) in chunks, with the running ``z = Σ e^{c_j - m}`` of the
+first-order term rescaled with everything else whenever the max rises. ``out = (acc + scale·z·(q·H̄)) / den``;
+``lse`` and ``zeta = z / den`` are stored for the backward.
 
 Backward (``Δ = rowsum(dout·out)``, ``ρ = scale·(q·H̄)·dout``; exact ``dℓ = P(dout·v − Δ)``, centroid
-``dc = P(dout·w + ρ/n − Δ)``): dq per query block; dk, dv per key block over the query blocks that selected it (the
-selection's transpose, per batch·head); dk̄, dw per chunk of centroids over a split of the query blocks, the splits
-summed afterwards. No output is written by two programs, so nothing needs atomics.
+``dc = P(dout·w + ρ/n − Δ)``): dq per query block (the engine's loop, then the centroids); dk, dv per key block
+over the query blocks that selected it, on the block engine's dk/dv kernel with the selection's transpose per
+batch·head; dk̄, dw per chunk of centroids over a split of the query blocks, the splits summed afterwards. No output
+is written by two programs, so nothing needs atomics.
 
 Rows are gathered through the block permutation (int64 offsets), every load and store is masked (ragged blocks,
 head dims that are not powers of two), softmax runs in base 2 with fp32 state.
@@ -22,27 +24,26 @@ import os
 import triton
 import triton.language as tl
 
-LOG2_E = 1.4426950408889634
+from ._common import (
+    LOG2_E, block_rows, load_row_stats, load_rows, online_softmax_finish, online_softmax_step, store_rows,
+)
+from .block_attention import attend_blocks, dq_blocks, whole_block_dkv
+
 # Centroids per chunk of the centroid phase (the tests lower it to cover several chunks on tiny shapes).
 CENTROID_CHUNK = 64
 
 
 @triton.jit
-def _gather(ptr, base, rows, stride_n, o_c, stride_c, m_r, m_c):
-    """``(len(rows), len(o_c))`` block of a (N, C) slice at ``base``; zeros outside the masks."""
-    return tl.load(ptr + base + rows[:, None] * stride_n + o_c[None, :] * stride_c, mask=m_r[:, None] & m_c[None, :], other=0.0)
-
-
-@triton.jit
-def _centroid_bias(off_ptr, sel_ptr, sel_base, o_c, M):
-    """Per centroid of the chunk: ``(open, log2 n_j or -inf, 1/n_j or 0)``; open = exists and not selected."""
+def _centroid_bias(off_ptr, p_sel, o_c, M):
+    """Per centroid ``o_c`` of a chunk, for one query block (``p_sel``: its row of the selection mask):
+    ``(open, log2 n_j or -inf, 1/n_j or 0)``; open = exists and not selected."""
     m_c = o_c < M
-    selected = tl.load(sel_ptr + sel_base + o_c, mask=m_c, other=1)
-    n_c = (tl.load(off_ptr + o_c + 1, mask=m_c, other=1) - tl.load(off_ptr + o_c, mask=m_c, other=0)).to(tl.float32)
-    is_open = m_c & (selected == 0)
-    bias = tl.where(is_open, tl.log2(n_c), float("-inf"))
-    weight = tl.where(is_open, 1.0 / n_c, 0.0)
-    return is_open, bias, weight
+    b_sel = tl.load(p_sel + o_c, mask=m_c, other=1)
+    b_n = (tl.load(off_ptr + o_c + 1, mask=m_c, other=1) - tl.load(off_ptr + o_c, mask=m_c, other=0)).to(tl.float32)
+    m_open = m_c & (b_sel == 0)
+    b_bias = tl.where(m_open, tl.log2(b_n), float("-inf"))
+    b_weight = tl.where(m_open, 1.0 / b_n, 0.0)
+    return m_open, b_bias, b_weight
 
 
 @triton.jit(do_not_specialize=["N", "M", "NUM_SEL"])
@@ -56,96 +57,62 @@ def _pisa_fwd_kernel(
     BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HYBRID: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """One query block of one batch·head: ``out``, ``lse`` and ``zeta`` of its ``BLOCK`` rows (contiguous
+    ``(B, H, N, ·)``)."""
     i_q = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    qk_scale = scale * 1.4426950408889634
-    q_start = tl.load(off_ptr + i_q)
-    q_len = tl.load(off_ptr + i_q + 1) - q_start
-    o_m = tl.arange(0, BLOCK)
-    o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
-    m_d = o_d < D
-    m_dv = o_dv < DV
-    m_q = o_m < q_len
-    q_rows = tl.load(perm_ptr + q_start + o_m, mask=m_q, other=0).to(tl.int64)
-    b_q = _gather(q_ptr, i_b * stride_qb + i_h * stride_qh, q_rows, stride_qn, o_d, stride_qd, m_q, m_d)
-    k_base = i_b * stride_kb + i_h * stride_kh
-    v_base = i_b * stride_vb + i_h * stride_vh
-
+    qk_scale = scale * LOG2_E
+    q_pos, q_rows, m_q = block_rows(perm_ptr, off_ptr, i_q, BLOCK)
+    b_q = load_rows(q_ptr + i_b * stride_qb + i_h * stride_qh, q_rows, m_q, stride_qn, stride_qd, D, BLOCK_D)
     b_m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK], dtype=tl.float32)
-    b_z = tl.zeros([BLOCK], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK, BLOCK_DV], dtype=tl.float32)
-    row = i_bh * M + i_q
-    for e in range(0, NUM_SEL):
-        j = tl.load(blocks_ptr + row * NUM_SEL + e)
-        k_start = tl.load(off_ptr + j)
-        m_k = o_m < tl.load(off_ptr + j + 1) - k_start
-        k_rows = tl.load(perm_ptr + k_start + o_m, mask=m_k, other=0).to(tl.int64)
-        b_kt = tl.trans(_gather(k_ptr, k_base, k_rows, stride_kn, o_d, stride_kd, m_k, m_d))
-        b_v = _gather(v_ptr, v_base, k_rows, stride_vn, o_dv, stride_vd, m_k, m_dv)
-        b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
-        b_s = tl.where(m_q[:, None] & m_k[None, :], b_s, float("-inf"))
-        m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(b_m - m_safe)
-        b_p = tl.exp2(b_s - m_safe[:, None])
-        b_l = b_l * alpha + tl.sum(b_p, 1)
-        b_z = b_z * alpha
-        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-        b_m = m_new
-
-    cent_base = i_bh * M
-    for c0 in range(0, M, BLOCK_C):
-        o_c = c0 + tl.arange(0, BLOCK_C)
-        is_open, bias, weight = _centroid_bias(off_ptr, sel_ptr, row * M, o_c, M)
-        if tl.sum(is_open.to(tl.int32)) > 0:
+    i_row = i_bh * M + i_q
+    # The selected blocks, whole (no element masks), on the block engine's loop; the first-order sum z is still 0.
+    b_m, b_l, b_acc = attend_blocks(
+        b_q, b_m, b_l, b_acc, q_pos, m_q, blocks_ptr + i_row * NUM_SEL, blocks_ptr, 0, NUM_SEL, perm_ptr, off_ptr,
+        k_ptr + i_b * stride_kb + i_h * stride_kh, v_ptr + i_b * stride_vb + i_h * stride_vh,
+        stride_kn, stride_kd, stride_vn, stride_vd, D, DV, qk_scale,
+        i_b, perm_ptr, perm_ptr, perm_ptr, 0, 0, 0, BLOCK, BLOCK_D, BLOCK_DV, False, False, PRECISION,
+    )
+    b_z = tl.zeros([BLOCK], dtype=tl.float32)
+    for i_c in range(0, M, BLOCK_C):
+        o_c = i_c + tl.arange(0, BLOCK_C)
+        m_open, b_bias, b_weight = _centroid_bias(off_ptr, sel_ptr + i_row * M, o_c, M)
+        if tl.sum(m_open.to(tl.int32)) > 0:
             m_c = o_c < M
-            b_kmt = tl.trans(_gather(km_ptr, cent_base * D, o_c, D, o_d, 1, m_c, m_d)).to(b_q.dtype)
-            b_w = _gather(vm_ptr, cent_base * DV, o_c, DV, o_dv, 1, m_c, m_dv).to(b_q.dtype)
-            b_s = tl.dot(b_q, b_kmt, input_precision=PRECISION) * qk_scale + bias[None, :]
-            m_new = tl.maximum(b_m, tl.max(b_s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(b_m - m_safe)
-            b_p = tl.exp2(b_s - m_safe[:, None])
-            b_l = b_l * alpha + tl.sum(b_p, 1)
-            b_z = b_z * alpha + tl.sum(b_p * weight[None, :], 1)
-            b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_w.dtype), b_w, input_precision=PRECISION)
-            b_m = m_new
+            b_km = load_rows(km_ptr + i_bh * M * D, o_c, m_c, D, 1, D, BLOCK_D).to(b_q.dtype)
+            b_w = load_rows(vm_ptr + i_bh * M * DV, o_c, m_c, DV, 1, DV, BLOCK_DV).to(b_q.dtype)
+            b_s = tl.dot(b_q, tl.trans(b_km), input_precision=PRECISION) * qk_scale + b_bias[None, :]
+            b_m, b_l, b_acc, b_alpha, b_p = online_softmax_step(b_s, b_w, b_m, b_l, b_acc, PRECISION)
+            b_z = b_z * b_alpha + tl.sum(b_p * b_weight[None, :], 1)
 
-    has_key = b_l > 0.0
-    inv_l = 1.0 / tl.where(has_key, b_l, 1.0)
-    o_base = i_bh * N * DV
+    b_inv_l, b_lse = online_softmax_finish(b_m, b_l)
+    o_out = i_bh * N * DV
     if HYBRID:
-        b_first = _gather(first_ptr, o_base, q_rows, DV, o_dv, 1, m_q, m_dv)
-        b_acc += (scale * b_z)[:, None] * b_first
-    b_out = b_acc * inv_l[:, None]
-    tl.store(out_ptr + o_base + q_rows[:, None] * DV + o_dv[None, :], b_out.to(out_ptr.dtype.element_ty),
-             mask=m_q[:, None] & m_dv[None, :])
-    lse = tl.where(has_key, (b_m + tl.log2(tl.where(has_key, b_l, 1.0))) / 1.4426950408889634, float("-inf"))
-    tl.store(lse_ptr + i_bh * N + q_rows, lse, mask=m_q)
-    tl.store(zeta_ptr + i_bh * N + q_rows, b_z * inv_l, mask=m_q)
+        b_acc += (scale * b_z)[:, None] * load_rows(first_ptr + o_out, q_rows, m_q, DV, 1, DV, BLOCK_DV)
+    store_rows(out_ptr + o_out, q_rows, m_q, DV, DV, b_acc * b_inv_l[:, None], BLOCK_DV)
+    tl.store(lse_ptr + i_bh * N + q_rows, b_lse, mask=m_q)
+    tl.store(zeta_ptr + i_bh * N + q_rows, b_z * b_inv_l, mask=m_q)
 
 
 @triton.jit
 def _load_query_side(q_ptr, do_ptr, lse_ptr, delta_ptr, rho_ptr, perm_ptr, off_ptr, i_q, i_b, i_h, i_bh, N, D, DV,
-                     stride_qb, stride_qh, stride_qn, stride_qd, o_m, o_d, o_dv, HYBRID: tl.constexpr):
-    """Query block ``i_q``: rows, mask, q, dout, lse (base 2), delta, rho (0 without the first-order term)."""
-    q_start = tl.load(off_ptr + i_q)
-    m_q = o_m < tl.load(off_ptr + i_q + 1) - q_start
-    q_rows = tl.load(perm_ptr + q_start + o_m, mask=m_q, other=0).to(tl.int64)
-    b_q = _gather(q_ptr, i_b * stride_qb + i_h * stride_qh, q_rows, stride_qn, o_d, stride_qd, m_q, o_d < D)
-    b_do = _gather(do_ptr, i_bh * N * DV, q_rows, DV, o_dv, 1, m_q, o_dv < DV)
-    row_ptr = i_bh * N + q_rows
-    b_lse = tl.load(lse_ptr + row_ptr, mask=m_q, other=0.0) * 1.4426950408889634
-    b_delta = tl.load(delta_ptr + row_ptr, mask=m_q, other=0.0)
+                     stride_qb, stride_qh, stride_qn, stride_qd,
+                     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HYBRID: tl.constexpr):
+    """Query block ``i_q``: layout positions, rows, mask, q, dout, lse (base 2), delta, rho (0 without the
+    first-order term)."""
+    q_pos, q_rows, m_q = block_rows(perm_ptr, off_ptr, i_q, BLOCK)
+    b_q = load_rows(q_ptr + i_b * stride_qb + i_h * stride_qh, q_rows, m_q, stride_qn, stride_qd, D, BLOCK_D)
+    b_do = load_rows(do_ptr + i_bh * N * DV, q_rows, m_q, DV, 1, DV, BLOCK_DV)
+    b_lse, b_delta = load_row_stats(lse_ptr + i_bh * N, delta_ptr + i_bh * N, q_rows, m_q)
     if HYBRID:
-        b_rho = tl.load(rho_ptr + row_ptr, mask=m_q, other=0.0)
+        b_rho = tl.load(rho_ptr + i_bh * N + q_rows, mask=m_q, other=0.0)
     else:
         b_rho = tl.zeros_like(b_delta)
-    return q_rows, m_q, b_q, b_do, b_lse, b_delta, b_rho
+    return q_pos, q_rows, m_q, b_q, b_do, b_lse, b_delta, b_rho
 
 
 @triton.jit(do_not_specialize=["N", "M", "NUM_SEL"])
@@ -159,96 +126,37 @@ def _pisa_bwd_dq_kernel(
     BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HYBRID: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """``dq`` of one query block of one batch·head: the exact part on the block engine's loop, then the
+    centroids' ``dc = P(dout·w + ρ/n − Δ)``."""
     i_q = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    qk_scale = scale * 1.4426950408889634
-    o_m = tl.arange(0, BLOCK)
-    o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
-    m_d = o_d < D
-    m_dv = o_dv < DV
-    q_rows, m_q, b_q, b_do, b_lse, b_delta, b_rho = _load_query_side(
+    qk_scale = scale * LOG2_E
+    q_pos, q_rows, m_q, b_q, b_do, b_lse, b_delta, b_rho = _load_query_side(
         q_ptr, do_ptr, lse_ptr, delta_ptr, rho_ptr, perm_ptr, off_ptr, i_q, i_b, i_h, i_bh, N, D, DV,
-        stride_qb, stride_qh, stride_qn, stride_qd, o_m, o_d, o_dv, HYBRID)
-    k_base = i_b * stride_kb + i_h * stride_kh
-    v_base = i_b * stride_vb + i_h * stride_vh
+        stride_qb, stride_qh, stride_qn, stride_qd, BLOCK, BLOCK_D, BLOCK_DV, HYBRID)
+    i_row = i_bh * M + i_q
     b_dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    row = i_bh * M + i_q
-    for e in range(0, NUM_SEL):
-        j = tl.load(blocks_ptr + row * NUM_SEL + e)
-        k_start = tl.load(off_ptr + j)
-        m_k = o_m < tl.load(off_ptr + j + 1) - k_start
-        k_rows = tl.load(perm_ptr + k_start + o_m, mask=m_k, other=0).to(tl.int64)
-        b_k = _gather(k_ptr, k_base, k_rows, stride_kn, o_d, stride_kd, m_k, m_d)
-        b_vt = tl.trans(_gather(v_ptr, v_base, k_rows, stride_vn, o_dv, stride_vd, m_k, m_dv))
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
-        b_p = tl.where(m_q[:, None] & m_k[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)
-        b_dp = tl.dot(b_do, b_vt, input_precision=PRECISION)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
-    cent_base = i_bh * M
-    for c0 in range(0, M, BLOCK_C):
-        o_c = c0 + tl.arange(0, BLOCK_C)
-        is_open, bias, weight = _centroid_bias(off_ptr, sel_ptr, row * M, o_c, M)
-        if tl.sum(is_open.to(tl.int32)) > 0:
+    b_dq = dq_blocks(
+        b_q, b_do, b_lse, b_delta, b_dq, q_pos, m_q, blocks_ptr + i_row * NUM_SEL, blocks_ptr, 0, NUM_SEL,
+        perm_ptr, off_ptr, k_ptr + i_b * stride_kb + i_h * stride_kh, v_ptr + i_b * stride_vb + i_h * stride_vh,
+        stride_kn, stride_kd, stride_vn, stride_vd, D, DV, qk_scale,
+        i_b, perm_ptr, perm_ptr, perm_ptr, 0, 0, 0, BLOCK, BLOCK_D, BLOCK_DV, False, False, PRECISION,
+    )
+    for i_c in range(0, M, BLOCK_C):
+        o_c = i_c + tl.arange(0, BLOCK_C)
+        m_open, b_bias, b_weight = _centroid_bias(off_ptr, sel_ptr + i_row * M, o_c, M)
+        if tl.sum(m_open.to(tl.int32)) > 0:
             m_c = o_c < M
-            b_km = _gather(km_ptr, cent_base * D, o_c, D, o_d, 1, m_c, m_d).to(b_q.dtype)
-            b_wt = tl.trans(_gather(vm_ptr, cent_base * DV, o_c, DV, o_dv, 1, m_c, m_dv)).to(b_do.dtype)
-            b_s = tl.dot(b_q, tl.trans(b_km), input_precision=PRECISION) * qk_scale + bias[None, :]
+            b_km = load_rows(km_ptr + i_bh * M * D, o_c, m_c, D, 1, D, BLOCK_D).to(b_q.dtype)
+            b_w = load_rows(vm_ptr + i_bh * M * DV, o_c, m_c, DV, 1, DV, BLOCK_DV).to(b_do.dtype)
+            b_s = tl.dot(b_q, tl.trans(b_km), input_precision=PRECISION) * qk_scale + b_bias[None, :]
             b_p = tl.where(m_q[:, None], tl.exp2(b_s - b_lse[:, None]), 0.0)
-            b_dp = tl.dot(b_do, b_wt, input_precision=PRECISION)
-            b_dc = b_p * (b_dp + b_rho[:, None] * weight[None, :] - b_delta[:, None])
+            b_dp = tl.dot(b_do, tl.trans(b_w), input_precision=PRECISION)
+            b_dc = b_p * (b_dp + b_rho[:, None] * b_weight[None, :] - b_delta[:, None])
             b_dq += tl.dot(b_dc.to(b_km.dtype), b_km, input_precision=PRECISION)
-    tl.store(dq_ptr + (i_bh * N + q_rows[:, None]) * D + o_d[None, :], (b_dq * scale).to(dq_ptr.dtype.element_ty),
-             mask=m_q[:, None] & m_d[None, :])
-
-
-@triton.jit(do_not_specialize=["N", "M", "NUM_SEL"])
-def _pisa_bwd_dkv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, rho_ptr, dk_ptr, dv_ptr,
-    perm_ptr, off_ptr, t_indptr_ptr, t_indices_ptr,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    N, M, NUM_SEL, H, D, DV, scale,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-):
-    i_k = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    qk_scale = scale * 1.4426950408889634
-    o_n = tl.arange(0, BLOCK)
-    o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
-    m_d = o_d < D
-    m_dv = o_dv < DV
-    k_start = tl.load(off_ptr + i_k)
-    m_k = o_n < tl.load(off_ptr + i_k + 1) - k_start
-    k_rows = tl.load(perm_ptr + k_start + o_n, mask=m_k, other=0).to(tl.int64)
-    b_k = _gather(k_ptr, i_b * stride_kb + i_h * stride_kh, k_rows, stride_kn, o_d, stride_kd, m_k, m_d)
-    b_v = _gather(v_ptr, i_b * stride_vb + i_h * stride_vh, k_rows, stride_vn, o_dv, stride_vd, m_k, m_dv)
-    b_dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    b_dv = tl.zeros([BLOCK, BLOCK_DV], dtype=tl.float32)
-    t_row = t_indptr_ptr + i_bh * (M + 1) + i_k
-    for e in range(tl.load(t_row), tl.load(t_row + 1)):
-        i_q = tl.load(t_indices_ptr + i_bh * M * NUM_SEL + e)
-        q_rows, m_q, b_q, b_do, b_lse, b_delta, b_rho = _load_query_side(
-            q_ptr, do_ptr, lse_ptr, delta_ptr, rho_ptr, perm_ptr, off_ptr, i_q, i_b, i_h, i_bh, N, D, DV,
-            stride_qb, stride_qh, stride_qn, stride_qd, o_n, o_d, o_dv, False)
-        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale  # (keys, queries)
-        b_pt = tl.where(m_k[:, None] & m_q[None, :], tl.exp2(b_st - b_lse[None, :]), 0.0)
-        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
-        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
-        b_dst = b_pt * (b_dpt - b_delta[None, :])
-        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PRECISION)
-    base = i_bh * N
-    tl.store(dk_ptr + (base + k_rows[:, None]) * D + o_d[None, :], (b_dk * scale).to(dk_ptr.dtype.element_ty),
-             mask=m_k[:, None] & m_d[None, :])
-    tl.store(dv_ptr + (base + k_rows[:, None]) * DV + o_dv[None, :], b_dv.to(dv_ptr.dtype.element_ty),
-             mask=m_k[:, None] & m_dv[None, :])
+    store_rows(dq_ptr + i_bh * N * D, q_rows, m_q, D, D, b_dq * scale, BLOCK_D)
 
 
 @triton.jit(do_not_specialize=["N", "M", "NUM_SEL", "SPLITS"])
@@ -260,39 +168,36 @@ def _pisa_bwd_centroid_kernel(
     BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HYBRID: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """Partial ``dk̄ (BLOCK_C, D)``, ``dw (BLOCK_C, DV)`` of one chunk of centroids of one batch·head over one
+    split of the query blocks (fp32 ``(SPLITS, B, H, M, ·)``, summed by the caller)."""
     i_chunk = tl.program_id(0) // SPLITS
     i_split = tl.program_id(0) % SPLITS
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    qk_scale = scale * 1.4426950408889634
-    o_m = tl.arange(0, BLOCK)
-    o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
-    m_d = o_d < D
-    m_dv = o_dv < DV
+    qk_scale = scale * LOG2_E
     o_c = i_chunk * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < M
     # The centroids only feed dots: keep them in the input dtype (half the registers of fp32).
-    b_km = _gather(km_ptr, i_bh * M * D, o_c, D, o_d, 1, m_c, m_d).to(q_ptr.dtype.element_ty)
-    b_w = _gather(vm_ptr, i_bh * M * DV, o_c, DV, o_dv, 1, m_c, m_dv).to(do_ptr.dtype.element_ty)
+    b_km = load_rows(km_ptr + i_bh * M * D, o_c, m_c, D, 1, D, BLOCK_D).to(q_ptr.dtype.element_ty)
+    b_w = load_rows(vm_ptr + i_bh * M * DV, o_c, m_c, DV, 1, DV, BLOCK_DV).to(do_ptr.dtype.element_ty)
     b_dkm = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
     b_dw = tl.zeros([BLOCK_C, BLOCK_DV], dtype=tl.float32)
     for i_q in range(M * i_split // SPLITS, M * (i_split + 1) // SPLITS):
-        is_open, bias, weight = _centroid_bias(off_ptr, sel_ptr, (i_bh * M + i_q) * M, o_c, M)
-        if tl.sum(is_open.to(tl.int32)) > 0:
-            q_rows, m_q, b_q, b_do, b_lse, b_delta, b_rho = _load_query_side(
+        m_open, b_bias, b_weight = _centroid_bias(off_ptr, sel_ptr + (i_bh * M + i_q) * M, o_c, M)
+        if tl.sum(m_open.to(tl.int32)) > 0:
+            _, _, m_q, b_q, b_do, b_lse, b_delta, b_rho = _load_query_side(
                 q_ptr, do_ptr, lse_ptr, delta_ptr, rho_ptr, perm_ptr, off_ptr, i_q, i_b, i_h, i_bh, N, D, DV,
-                stride_qb, stride_qh, stride_qn, stride_qd, o_m, o_d, o_dv, HYBRID)
-            b_st = tl.dot(b_km, tl.trans(b_q), input_precision=PRECISION) * qk_scale + bias[:, None]
+                stride_qb, stride_qh, stride_qn, stride_qd, BLOCK, BLOCK_D, BLOCK_DV, HYBRID)
+            b_st = tl.dot(b_km, tl.trans(b_q), input_precision=PRECISION) * qk_scale + b_bias[:, None]
             b_pt = tl.where(m_q[None, :], tl.exp2(b_st - b_lse[None, :]), 0.0)  # (centroids, queries)
             b_dpt = tl.dot(b_w, tl.trans(b_do), input_precision=PRECISION)
-            b_dct = b_pt * (b_dpt + weight[:, None] * b_rho[None, :] - b_delta[None, :])
+            b_dct = b_pt * (b_dpt + b_weight[:, None] * b_rho[None, :] - b_delta[None, :])
             b_dkm += tl.dot(b_dct.to(b_q.dtype), b_q, input_precision=PRECISION)
             b_dw += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
-    part = i_split * (tl.num_programs(1).to(tl.int64) * M) + i_bh * M
-    tl.store(dkm_ptr + (part + o_c[:, None]) * D + o_d[None, :], b_dkm * scale, mask=m_c[:, None] & m_d[None, :])
-    tl.store(dvm_ptr + (part + o_c[:, None]) * DV + o_dv[None, :], b_dw, mask=m_c[:, None] & m_dv[None, :])
+    o_part = (i_split * tl.num_programs(1).to(tl.int64) + i_bh) * M
+    store_rows(dkm_ptr + o_part * D, o_c, m_c, D, D, b_dkm * scale, BLOCK_D)
+    store_rows(dvm_ptr + o_part * DV, o_c, m_c, DV, DV, b_dw, BLOCK_DV)
 
 
 # --- launchers -------------------------------------------------------------------------------------------------
@@ -388,8 +293,6 @@ def pisa_bwd(q, k, v, key_mean, value_mean, moment_mean, out, dout, lse, zeta, p
         rho = scale * ((q.float() @ moment_mean) * grad).sum(-1)
     # dq in fp32 when the first-order term adds to it below (one rounding to q's dtype at the end).
     dq = torch.empty(B, H, N, D, dtype=torch.float32 if hybrid else q.dtype, device=q.device)
-    dk = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
-    dv = torch.empty(B, H, N, DV, dtype=q.dtype, device=q.device)
     meta = _meta(q, v, max_block)
     common = (*_strides(q, k, v), N, M, K, H, D, DV, scale)
     mask = selection_mask(blocks)
@@ -399,11 +302,10 @@ def pisa_bwd(q, k, v, key_mean, value_mean, moment_mean, out, dout, lse, zeta, p
         q, k, v, key_mean, value_mean, dout, lse, delta, rho_arg, dq, perm, offsets, blocks, mask, *common,
         BLOCK_C=chunk, HYBRID=hybrid, **meta,
     )
+    # The exact blocks' dk, dv on the block engine's kernel, over the selection's transpose.
     t_indptr, t_indices = transposed_selection(blocks)
-    _pisa_bwd_dkv_kernel[(M, B * H)](
-        q, k, v, dout, lse, delta, rho_arg, dk, dv, perm, offsets, t_indptr, t_indices, *common,
-        **meta,
-    )
+    dk, dv = whole_block_dkv(q, k, v, dout, lse, delta, perm, offsets, t_indptr, t_indices, scale, meta["BLOCK"],
+                             {key: value for key, value in meta.items() if key != "BLOCK"})
     chunks = -(-M // chunk)
     splits = _splits(q.device, chunks * B * H, M)
     dkm = torch.empty(splits, B, H, M, D, dtype=torch.float32, device=q.device)

@@ -29,7 +29,8 @@ impl Lcg {
     }
 }
 
-/// A plan in the arrays `Plan::new` takes, and the per-position views of it the naive loop needs.
+/// A plan in the arrays `BlockPlan::from_arrays` takes, the key validity, and the per-position views of it the
+/// naive loop needs.
 struct Case {
     nq: usize,
     nk: usize,
@@ -106,10 +107,10 @@ fn case() -> Case {
     Case { nq, nk, q_perm, q_offsets, k_perm, k_offsets, indptr, indices, kinds, q_coords, k_coords, key_valid }
 }
 
-fn plan(c: &Case, spatial: Spatial) -> Plan {
+fn plan(c: &Case, spatial: Spatial) -> BlockPlan {
     let csr = (c.indptr.clone(), c.indices.clone(), c.kinds.clone());
     let (q_perm, q_offsets, k_perm, k_offsets) = (c.q_perm.clone(), c.q_offsets.clone(), c.k_perm.clone(), c.k_offsets.clone());
-    Plan::new(q_perm, q_offsets, k_perm, k_offsets, csr, c.q_coords.clone(), c.k_coords.clone(), Some(c.key_valid.clone()), spatial, c.nq, c.nk, BATCH)
+    BlockPlan::from_arrays(q_perm, q_offsets, k_perm, k_offsets, csr, c.q_coords.clone(), c.k_coords.clone(), spatial)
         .unwrap()
 }
 
@@ -209,7 +210,7 @@ fn run(spatial: Spatial, threads: usize) {
     let vv = view("v", &v, &[BATCH, HEADS, nk, DV]);
     let (mut out, mut lse) = (vec![f32::NAN; BATCH * HEADS * nq * DV], vec![f32::NAN; BATCH * HEADS * nq]);
     let (outv, lsev) = (view_mut("out", &mut out, &[BATCH, HEADS, nq, DV]), view_mut("lse", &mut lse, &[BATCH, HEADS, nq]));
-    forward(&qv, &kv, &vv, &outv, &lsev, &plan, SCALE, threads).unwrap();
+    forward(&qv, &kv, &vv, &outv, &lsev, &plan, Some(&c.key_valid), SCALE, threads).unwrap();
     let want = naive(&c, spatial, &q, &k, &v, &dout);
     let tag = format!("{spatial:?} threads={threads}");
     close(&format!("out {tag}"), &out, &want.out, 2e-6);
@@ -219,7 +220,7 @@ fn run(spatial: Spatial, threads: usize) {
     let (doutv, deltav) = (view("dout", &dout, &[BATCH, HEADS, nq, DV]), view("delta", &delta, &[BATCH, HEADS, nq]));
     let dqv = view_mut("dq", &mut dq, &[BATCH, HEADS, nq, D]);
     let (dkv, dvv) = (view_mut("dk", &mut dk, &[BATCH, HEADS, nk, D]), view_mut("dv", &mut dv, &[BATCH, HEADS, nk, DV]));
-    backward(&qv, &kv, &vv, &doutv, &lsev, &deltav, &dqv, &dkv, &dvv, &plan, SCALE, threads).unwrap();
+    backward(&qv, &kv, &vv, &doutv, &lsev, &deltav, &dqv, &dkv, &dvv, &plan, Some(&c.key_valid), SCALE, threads).unwrap();
     close(&format!("dq {tag}"), &dq, &want.dq, 2e-6);
     close(&format!("dk {tag}"), &dk, &want.dk, 2e-6);
     close(&format!("dv {tag}"), &dv, &want.dv, 2e-6);
@@ -272,20 +273,33 @@ fn matches_naive_loop_with_key_validity_only() {
 
 #[test]
 fn rejects_bad_plans() {
-    let c = case();
-    let with = |f: &dyn Fn(&mut Case)| {
+    let with = |spatial: Spatial, f: &dyn Fn(&mut Case)| {
         let mut bad = case();
         f(&mut bad);
         let csr = (bad.indptr.clone(), bad.indices.clone(), bad.kinds.clone());
-        Plan::new(bad.q_perm, bad.q_offsets, bad.k_perm, bad.k_offsets, csr, bad.q_coords, bad.k_coords, Some(bad.key_valid), Spatial::None, c.nq, c.nk, BATCH)
+        BlockPlan::from_arrays(bad.q_perm, bad.q_offsets, bad.k_perm, bad.k_offsets, csr, bad.q_coords, bad.k_coords, spatial)
             .map(drop)
     };
-    assert!(with(&|_| {}).is_ok());
-    assert!(with(&|x| x.q_perm[1] = x.q_perm[0]).unwrap_err().0.contains("q_perm"));
-    assert!(with(&|x| x.k_offsets[1] = 0).is_ok()); // an empty key block is allowed
-    assert!(with(&|x| x.k_offsets[2] = 0).unwrap_err().0.contains("k_offsets"));
-    assert!(with(&|x| x.indices[0] = 10_000).unwrap_err().0.contains("out of range"));
-    assert!(with(&|x| x.kinds[0] = 2).unwrap_err().0.contains("kinds"));
-    assert!(with(&|x| { x.key_valid.pop(); }).unwrap_err().0.contains("key_valid"));
-    assert!(with(&|x| x.q_coords[0] = 40_000).unwrap_err().0.contains("coords"));
+    let disc = Spatial::Disc { max_d2: 8, max_dt: 0 };
+    assert!(with(Spatial::None, &|_| {}).is_ok());
+    assert!(with(Spatial::None, &|x| x.q_perm[1] = x.q_perm[0]).unwrap_err().0.contains("q_perm"));
+    assert!(with(Spatial::None, &|x| x.k_offsets[1] = 0).is_ok()); // an empty key block is allowed
+    assert!(with(Spatial::None, &|x| x.k_offsets[2] = 0).unwrap_err().0.contains("k_offsets"));
+    assert!(with(Spatial::None, &|x| x.indices[0] = 10_000).unwrap_err().0.contains("out of range"));
+    assert!(with(Spatial::None, &|x| x.kinds[0] = 2).unwrap_err().0.contains("kinds"));
+    // Coordinates bound the disc's squares; a plan without a disc never squares them.
+    assert!(with(disc, &|x| x.q_coords[0] = 40_000).unwrap_err().0.contains("coords"));
+    assert!(with(Spatial::None, &|x| x.q_coords[0] = 40_000).is_ok());
+}
+
+#[test]
+fn rejects_key_validity_of_the_wrong_size() {
+    let c = case();
+    let p = plan(&c, Spatial::None);
+    let (q, k, v) = (values(BATCH * HEADS * c.nq * D, 1), values(BATCH * HEADS * c.nk * D, 2), values(BATCH * HEADS * c.nk * DV, 3));
+    let (mut out, mut lse) = (vec![0.0f32; BATCH * HEADS * c.nq * DV], vec![0.0f32; BATCH * HEADS * c.nq]);
+    let (qv, kv, vv) = (view("q", &q, &[BATCH, HEADS, c.nq, D]), view("k", &k, &[BATCH, HEADS, c.nk, D]), view("v", &v, &[BATCH, HEADS, c.nk, DV]));
+    let (outv, lsev) = (view_mut("out", &mut out, &[BATCH, HEADS, c.nq, DV]), view_mut("lse", &mut lse, &[BATCH, HEADS, c.nq]));
+    let short = &c.key_valid[1..];
+    assert!(forward(&qv, &kv, &vv, &outv, &lsev, &p, Some(short), SCALE, 1).unwrap_err().0.contains("key_valid"));
 }

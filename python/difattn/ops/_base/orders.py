@@ -54,12 +54,14 @@ def zorder(grid: TokenGrid, device=None) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
-def tile_sizes(grid: TokenGrid, tile: tuple[int, int, int]) -> torch.Tensor:
-    """Token count of each tile of :func:`tile_order`, in that order (CPU int64)."""
-    return _int64(core().tile_sizes(grid.core_args(), tuple(tile)))
+def token_blocks(grid: TokenGrid, tile: tuple[int, int, int], block: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(perm (N,), offsets (M + 1,))`` int64: image tokens in tiles of ``tile`` and text in runs of ``block``, each
+    cut into blocks of at most ``block`` tokens (text first or last as in the sequence)."""
+    perm, offsets = core().token_blocks(grid.core_args(), tuple(tile), block, block)
+    return _int64(perm).to(device), _int64(offsets).to(device)
 
 
 def clear_cache() -> None:
     """Drop every cached order."""
     _order_on.cache_clear()
-    tile_sizes.cache_clear()
+    token_blocks.cache_clear()

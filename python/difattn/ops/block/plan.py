@@ -96,29 +96,42 @@ class BlockPlanKey:
                             floats[0], floats[1], global_tokens, (gt, gh, gw), pattern, reach, bool(text_masked))
 
 
-@dataclass(frozen=True)
-class BlockPlan:
-    """A block plan on one device (int64 unless noted): ``q_perm``/``k_perm`` ``(N_q,)``/``(N_k,)``,
-    ``q_offsets``/``k_offsets`` (blocks + 1), the CSR ``indptr``, ``indices``, ``kinds`` (int32) and its transpose
-    ``t_indptr``, ``t_indices``, ``t_kinds`` (int32), ``q_coords``/``k_coords`` (int32, ``(N, 3)`` flattened);
-    ``max_d2``/``max_dt`` the element-mask thresholds and ``max_blocks`` the largest query and key block (what a
-    kernel's tiles must hold)."""
+_FIELDS = ("q_perm", "q_offsets", "k_perm", "k_offsets", "indptr", "indices", "kinds", "t_indptr", "t_indices",
+           "t_kinds", "q_coords", "k_coords")
+_INT32_FIELDS = ("kinds", "t_kinds", "q_coords", "k_coords")
 
-    q_perm: torch.Tensor
-    q_offsets: torch.Tensor
-    k_perm: torch.Tensor
-    k_offsets: torch.Tensor
-    indptr: torch.Tensor
-    indices: torch.Tensor
-    kinds: torch.Tensor
-    t_indptr: torch.Tensor
-    t_indices: torch.Tensor
-    t_kinds: torch.Tensor
-    q_coords: torch.Tensor
-    k_coords: torch.Tensor
-    max_d2: int
-    max_dt: int
-    max_blocks: tuple[int, int]
+
+def _array(name: str) -> property:
+    return property(lambda self: self._arrays[name], doc=f"The plan's ``{name}`` on the plan's device.")
+
+
+class BlockPlan:
+    """A block plan, seen from Python: the core's ``difattn._core.BlockPlan`` (``native``, what the Rust kernels
+    take as is) and, for the Triton kernels, its arrays as tensors on ``device`` (int64 unless noted):
+    ``q_perm``/``k_perm`` ``(N_q,)``/``(N_k,)``, ``q_offsets``/``k_offsets`` (blocks + 1), the CSR ``indptr``,
+    ``indices``, ``kinds`` (int32) and its transpose ``t_indptr``, ``t_indices``, ``t_kinds`` (int32),
+    ``q_coords``/``k_coords`` (int32, ``(N, 3)`` flattened). Each array is read from the core once, when first
+    used. ``max_d2``/``max_dt`` are the element-mask thresholds (``max_d2 < 0``: no disc) and ``max_blocks`` the
+    largest query and key block (what a kernel's tiles must hold)."""
+
+    def __init__(self, native, device: torch.device) -> None:
+        self.native = native
+        self.device = device
+        self.max_d2, self.max_dt = native.thresholds
+        self.max_blocks = native.max_blocks
+
+    @functools.cached_property
+    def _arrays(self) -> dict[str, torch.Tensor]:
+        raw = self.native.arrays()
+        return {
+            name: torch.from_numpy(np.frombuffer(data, dtype="<i4" if name in _INT32_FIELDS else "<i8").copy()).to(
+                self.device)
+            for name, data in raw.items()
+        }
+
+    q_perm, q_offsets, k_perm, k_offsets = (_array(n) for n in _FIELDS[:4])
+    indptr, indices, kinds, t_indptr, t_indices, t_kinds = (_array(n) for n in _FIELDS[4:10])
+    q_coords, k_coords = _array("q_coords"), _array("k_coords")
 
     @property
     def num_query_blocks(self) -> int:
@@ -129,46 +142,29 @@ class BlockPlan:
         return self.k_offsets.numel() - 1
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """The twelve tensors in the order the Triton launchers take them."""
-        return (self.q_perm, self.q_offsets, self.k_perm, self.k_offsets, self.indptr, self.indices, self.kinds,
-                self.t_indptr, self.t_indices, self.t_kinds, self.q_coords, self.k_coords)
+        """The twelve arrays in the order the Triton launchers take them."""
+        return tuple(self._arrays[name] for name in _FIELDS)
 
     def computed_pairs(self) -> int:
         """(query, key) pairs the engine computes over this plan (whole blocks)."""
-        rows = torch.repeat_interleave(self.q_offsets.diff(), self.indptr.diff())
-        return int((rows * self.k_offsets.diff()[self.indices]).sum())
-
-
-_INT32_FIELDS = ("kinds", "t_kinds", "q_coords", "k_coords")
-_FIELDS = ("q_perm", "q_offsets", "k_perm", "k_offsets", "indptr", "indices", "kinds", "t_indptr", "t_indices",
-           "t_kinds", "q_coords", "k_coords")
+        return self.native.computed_pairs
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def block_plan(key: BlockPlanKey, device: torch.device) -> BlockPlan:
-    """The plan of ``key`` on ``device``, built once (on CPU, by the compiled core) and cached per device."""
+    """The plan of ``key`` on ``device``: built once by the compiled core (on any device's first use) and cached."""
     if device.type != "cpu":
-        cpu = block_plan(key, torch.device("cpu"))
-        moved = {name: getattr(cpu, name).to(device) for name in _FIELDS}
-        return BlockPlan(**moved, max_d2=cpu.max_d2, max_dt=cpu.max_dt, max_blocks=cpu.max_blocks)
+        return BlockPlan(block_plan(key, torch.device("cpu")).native, device)
     frames, height, width, text_tokens, position = key.grid
-    args = (frames, height, width, text_tokens, position)
+    grid = (frames, height, width, text_tokens, position)
     blocks = key.blocks
     if key.method == "clear":
-        arrays, max_d2, max_dt = core().clear_plan(
-            args, key.radius, key.temporal_radius, key.global_tokens, (1, *blocks.q_tile), (1, *blocks.k_tile),
-            blocks.q_block, blocks.k_block,
-        )
+        native = core().BlockPlan.clear(grid, key.radius, key.temporal_radius, key.global_tokens,
+                                        (1, *blocks.q_tile), (1, *blocks.k_tile), blocks.q_block, blocks.k_block)
     else:
-        arrays = core().grat_plan(args, key.group, key.pattern, key.reach, key.text_masked, blocks.q_block,
-                                  blocks.k_block)
-        max_d2, max_dt = -1, 0
-    tensors = {
-        name: torch.from_numpy(np.frombuffer(arrays[name], dtype="<i4" if name in _INT32_FIELDS else "<i8").copy())
-        for name in _FIELDS
-    }
-    largest = (int(tensors["q_offsets"].diff().max()), int(tensors["k_offsets"].diff().max()))
-    return BlockPlan(**tensors, max_d2=max_d2, max_dt=max_dt, max_blocks=largest)
+        native = core().BlockPlan.grat(grid, key.group, key.pattern, key.reach, key.text_masked, blocks.q_block,
+                                       blocks.k_block)
+    return BlockPlan(native, device)
 
 
 def clear_plan_key(grid: TokenGrid, radius: float, temporal_radius: float, global_tokens: int,

@@ -58,18 +58,11 @@ def _grid_from(grid: list[int]) -> TokenGrid:
 
 @torch.library.custom_op("difattn::pisa_grid_layout", mutates_args=())
 def pisa_grid_layout(grid: list[int], block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(perm (N,), offsets (M+1,))`` int64 of a grid's layout (the compiled core's tile order, cached). A custom
-    op so that ``torch.compile`` sees an opaque call instead of the compiled core."""
-    g = _grid_from(grid)
-    tile = (1, *pisa_tile(block_size))
-    perm = orders.tile_order(g, tile, device)[0]
-    text = torch.full((-(-g.text_tokens // block_size),), block_size, dtype=torch.int64)
-    if g.text_tokens:
-        text[-1] = g.text_tokens - block_size * (text.numel() - 1)
-    image = orders.tile_sizes(g, tile)
-    counts = torch.cat([text, image] if g.text_position == "first" else [image, text])
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-    return perm.clone(), offsets.to(device)
+    """``(perm (N,), offsets (M+1,))`` int64 of a grid's layout: the compiled core's block layout (tiles of
+    ``th x tw = block_size`` image tokens, text in runs of ``block_size``), cached. A custom op so that
+    ``torch.compile`` sees an opaque call instead of the compiled core."""
+    perm, offsets = orders.token_blocks(_grid_from(grid), (1, *pisa_tile(block_size)), block_size, str(device))
+    return perm.clone(), offsets.clone()
 
 
 @pisa_grid_layout.register_fake

@@ -1,0 +1,138 @@
+"""``torch.library.opcheck`` on every custom op of the ``difattn`` namespace, on CPU (the CUDA twins run in the
+gpu tier). A new op without a case here fails :func:`test_every_op_has_a_case`."""
+
+import importlib
+import pkgutil
+
+import pytest
+import torch
+
+import difattn
+import difattn.ops.block.op as block_op
+import difattn.ops.clear.disc_op as disc_op
+import difattn.ops.linear.op as linear_op
+import difattn.ops.llsa.op as llsa_op
+import difattn.ops.pisa.layout as pisa_layout_op
+import difattn.ops.pisa.op as pisa_op
+import difattn.ops.pisa.stats as pisa_stats_op
+from difattn.ops.block.plan import BlockShape, clear_plan_key, grat_plan_key
+from difattn.ops.llsa import plan as llsa_plan
+from difattn.ops.pisa.layout import pisa_layout
+from difattn.testing import random_qkv
+
+GRID = difattn.TokenGrid(5, 6, text_tokens=3)
+SMALL_BLOCKS = BlockShape((2, 4), (4, 2))
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def _block():
+    key = grat_plan_key(GRID, (1, 2, 3), "neighbors", 1, True, SMALL_BLOCKS)
+    valid = torch.tensor([[True, False, True] + [True] * GRID.image_tokens])
+    q, k, v = random_qkv(1, 2, GRID.num_tokens, 16, seed=1)
+    out, lse = block_op.block_attention_fwd(q, k, v, valid, *key.op_args(), 0.25, "rust")
+    disc = clear_plan_key(GRID, 2.0, 1.0, 0, SMALL_BLOCKS)
+    return {
+        "block_attention_fwd": [(block_op.block_attention_fwd, (*_leaves(q, k, v), valid, *key.op_args(), 0.25, "rust")),
+                                (block_op.block_attention_fwd, (*_leaves(q, k, v), None, *disc.op_args(), 0.25, "rust"))],
+        "block_attention_bwd": [(block_op.block_attention_bwd,
+                                 (q, k, v, out, torch.randn_like(out), lse, valid, *key.op_args(), 0.25, "rust"))],
+    }
+
+
+def _clear():
+    q, k, v = random_qkv(1, 2, GRID.num_tokens, 16, seed=2)
+    kg, vg, _ = random_qkv(1, 2, 2, 16, seed=3)
+    options = (*GRID.core_args(), 2.0, 1.0, 0.25)
+    out, lse = disc_op.clear_disc_fwd(q, k, v, kg, vg, *options)
+    return {
+        "clear_disc_fwd": [(disc_op.clear_disc_fwd, (*_leaves(q, k, v, kg, vg), *options)),
+                           (disc_op.clear_disc_fwd, (*_leaves(q, k, v), None, None, *options))],
+        "clear_disc_bwd": [(disc_op.clear_disc_bwd, (q, k, v, kg, vg, out, torch.randn_like(out), lse, *options))],
+    }
+
+
+def _pisa():
+    q, k, v = random_qkv(1, 2, GRID.num_tokens, 16, seed=4)
+    layout = pisa_layout(GRID, GRID.num_tokens, 4, "cpu")
+    key_mean, value_mean, moment_mean, query_mean, _ = pisa_stats_op.block_stats(q, k, v, layout, moments=True,
+                                                                               spread=False, backend="rust")
+    blocks = pisa_stats_op.route(query_mean, key_mean, 0.25, 2, sink=None)
+    plan = (layout.perm, layout.offsets, blocks, layout.max_block, 0.25, "rust")
+    out, lse, zeta = pisa_op.pisa_fwd(q, k, v, key_mean, value_mean, moment_mean, *plan)
+    stats_args = (layout.perm, layout.offsets, layout.block_of, layout.slots, layout.max_block)
+    return {
+        "pisa_fwd": [(pisa_op.pisa_fwd, (*_leaves(q, k, v, key_mean, value_mean, moment_mean), *plan)),
+                     (pisa_op.pisa_fwd, (*_leaves(q, k, v, key_mean, value_mean), None, *plan))],
+        "pisa_bwd": [(pisa_op.pisa_bwd, (q, k, v, key_mean, value_mean, moment_mean, out, torch.randn_like(out), lse,
+                                         zeta, layout.perm, layout.offsets, blocks, layout.max_block, 0.25, "rust"))],
+        "pisa_stats": [(pisa_stats_op.pisa_stats, (*_leaves(q, k, v), *stats_args, True, True, "rust")),
+                       (pisa_stats_op.pisa_stats, (*_leaves(q, k, v), *stats_args, False, False, "rust"))],
+        "pisa_grid_layout": [(pisa_layout_op.pisa_grid_layout, ([1, 5, 6, 3, 0], 4, torch.device("cpu")))],
+    }
+
+
+def _llsa():
+    q, k, v = random_qkv(1, 2, GRID.num_tokens, 16, seed=5)
+    layout = llsa_plan.Layout(GRID.num_tokens, 4, (3, 2))
+    queries, keys = (llsa_plan.pyramid(x, 4, 2) for x in (q, k))
+    indices = llsa_plan.select(queries, keys, layout)
+    fine, pooled = llsa_plan.block_lists(indices, layout)
+    offsets, bias = llsa_plan.pooled_blocks(layout, "cpu")
+    kp, vp = llsa_plan.pooled(keys, k.dtype), llsa_plan.pooled(llsa_plan.pyramid(v, 4, 2), v.dtype)
+    plan = [fine, pooled, offsets, bias]
+    out, lse = llsa_op.llsa_fwd(q, k, v, kp, vp, plan, 4, [3, 2], 0.25, "rust")
+    perm, _ = llsa_op.llsa_zorder(*GRID.core_args(), torch.device("cpu"))
+    return {
+        "llsa_fwd": [(llsa_op.llsa_fwd, (*_leaves(q, k, v), kp, vp, plan, 4, [3, 2], 0.25, "rust"))],
+        "llsa_bwd": [(llsa_op.llsa_bwd, (q, k, v, kp, vp, out, torch.randn_like(out), lse, plan, 4, [3, 2], 0.25,
+                                         "rust"))],
+        "llsa_zorder": [(llsa_op.llsa_zorder, (*GRID.core_args(), torch.device("cpu")))],
+        "llsa_select_cpu": [(llsa_op.llsa_select_cpu, ([x.float() for x in queries], [x.float() for x in keys], 4,
+                                                       [3, 2]))],
+        "llsa_zorder_pool": [(llsa_op.llsa_zorder_pool, (k, perm, 4, 2))],
+    }
+
+
+def _linear():
+    q, k, v = random_qkv(1, 2, 9, 16, seed=6)
+    q, k = q.relu() + 0.1, k.relu() + 0.1
+    out, state, ksum = linear_op.linear_attention_fwd(q, k, v, True, 1e-6, "rust")
+    q_aux, k_aux, _ = random_qkv(1, 2, 9, 16, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    params = [1.0 + 2.0 * torch.rand(1, 2, 9, generator=gen) for _ in range(4)] + \
+             [0.3 * torch.rand(1, 2, 9, generator=gen) for _ in range(2)]
+    d_out, d_state, d_ksum = linear_op.dydila_fwd(q, k, v, q_aux, k_aux, *params, False, 1e-6, "rust")
+    return {
+        "linear_attention_fwd": [(linear_op.linear_attention_fwd, (*_leaves(q, k, v), True, 1e-6, "rust")),
+                                 (linear_op.linear_attention_fwd, (*_leaves(q, k, v), False, 1e-6, "rust"))],
+        "linear_attention_bwd": [(linear_op.linear_attention_bwd,
+                                  (q, k, v, state, ksum, torch.randn_like(out), True, 1e-6, "rust"))],
+        "dydila_fwd": [(linear_op.dydila_fwd, (*_leaves(q, k, v, q_aux, k_aux, *params), False, 1e-6, "rust"))],
+        "dydila_bwd": [(linear_op.dydila_bwd, (q, k, v, q_aux, k_aux, *params, d_state, d_ksum,
+                                               torch.randn_like(d_out), False, 1e-6, "rust"))],
+    }
+
+
+def _cases() -> dict:
+    return {**_block(), **_clear(), **_pisa(), **_llsa(), **_linear()}
+
+
+CASES = _cases()
+
+
+def test_every_op_has_a_case():
+    # Every module of difattn.ops imported (the Triton launchers register no op), so every op is registered.
+    for module in pkgutil.walk_packages(difattn.ops.__path__, "difattn.ops."):
+        if not module.name.endswith("triton_launch"):
+            importlib.import_module(module.name)
+    ops = {name for name in dir(torch.ops.difattn) if not name.startswith("_") and name != "name"}
+    assert ops == set(CASES), f"ops without an opcheck case: {ops - set(CASES)}; stale cases: {set(CASES) - ops}"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_opcheck(name):
+    for op, args in CASES[name]:
+        torch.library.opcheck(op, args)
