@@ -8,6 +8,9 @@ Files named `<series>-run<k>.json` are repeated runs of one series (on a shared 
 others' work): the README shows, per case, the median over the runs, and BENCHMARKS.md every run and a summary.
 Files of `difattn bench --world-size P` (``"kind": "distributed"``) fill the sequence-parallelism tables instead:
 bytes per rank and time per layer of each scheme, measured and (at sizes that cannot run here) counted.
+A file with quality records (`difattn bench --quality`) also gets a quality section in BENCHMARKS.md and a Pareto
+plot next to it, `<name>-pareto.png` (drawn by `difattn.bench.quality_suite.pareto_plot`, so rewriting needs
+difattn importable and matplotlib; `--check` only checks that the plot exists).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def table(records: list[dict], matmul_gflops: float | None = None) -> list[str]:
     lines = [
         "| method | options | backend | pass | shape | B×H×D | ms (min–max) | dense ms | dense GFLOP/s (of matmul) | "
         "other baselines, ms | speedup | needed work | efficiency (needed / computed) | "
-        "rel. err vs dense (keep-or-drop) | vs reference |",
+        "rel. err vs dense, random q/k/v (keep-or-drop) | vs reference |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
@@ -187,6 +190,97 @@ def scaling_readme(results: list[tuple[Path, dict]]) -> str:
     return "\n".join(lines).rstrip()
 
 
+def _grid_shape(r: dict) -> str:
+    return f"{_shape(r)}, {r['B']}×{r['H']}×{r['D']}"
+
+
+def _recall(r: dict) -> str:
+    if r.get("recall") is None:
+        return "–"
+    return f"{r['recall']:.3f} ({r['worst_head_recall']:.3f})"
+
+
+def _taylor(r: dict) -> str:
+    if r.get("taylor_mass") is None:
+        return "–"
+    return f"{r['taylor_mass']:.3f} / {r['taylor_mass_est']:.3f}"
+
+
+def _schedule(r: dict) -> str:
+    layers = ", ".join(map(str, r.get("dense_layers") or [])) or "–"
+    return f"{r.get('dense_steps') or 0} of {r['steps']} | {layers}"
+
+
+def quality_tables(records: list[dict]) -> list[str]:
+    """The quality records by inputs: structured (with speed), captured (by source), pipeline (by source)."""
+    out = []
+    timed = [r for r in records if r["inputs"] in ("structured", "random")]
+    for inputs, shape in dict.fromkeys((r["inputs"], _grid_shape(r)) for r in timed):
+        recs = [r for r in timed if (r["inputs"], _grid_shape(r)) == (inputs, shape)]
+        out += [f"#### {inputs.capitalize()} inputs, {shape} ({recs[0]['source']})", "",
+                "| method | options | backend | ms | dense ms | speedup | needed work | rel. L2 err | cos | "
+                "worst head err | recall (worst head) | Taylor mass: dense / PISA |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in recs:
+            out.append(f"| {r['method']} | {_options(r)} | {r['backend']} | {_num(r['ms'], '.2f')} | "
+                       f"{_num(r['dense_ms'], '.2f')} | {_num(r['speedup'], '.2f')}× | {_num(r['work_fraction'], '.4f')} | "
+                       f"{r['rel_err_dense']:.3e} | {r['cos_dense']:.5f} | {r['worst_head_rel_err']:.3e} | "
+                       f"{_recall(r)} | {_taylor(r)} |")
+        out.append("")
+    captured = [r for r in records if r["inputs"] == "captured"]
+    for source in dict.fromkeys(r["source"] for r in captured):
+        recs = [r for r in captured if r["source"] == source]
+        out += [f"#### Captured: {source} ({_grid_shape(recs[0])})", "",
+                "| method | options | rel. L2 err | cos | worst head err | recall (worst head) | "
+                "Taylor mass: dense / PISA |", "|---|---|---|---|---|---|---|"]
+        out += [f"| {r['method']} | {_options(r)} | {r['rel_err_dense']:.3e} | {r['cos_dense']:.5f} | "
+                f"{r['worst_head_rel_err']:.3e} | {_recall(r)} | {_taylor(r)} |" for r in recs]
+        out.append("")
+    pipeline = [r for r in records if r["inputs"] == "pipeline"]
+    for source in dict.fromkeys(r["source"] for r in pipeline):
+        recs = [r for r in pipeline if r["source"] == source]
+        out += [f"#### End to end: {source} ({_shape(recs[0])})", "",
+                "| method | options | dense steps | dense layers | PSNR dB | SSIM | rel. L2 err |",
+                "|---|---|---|---|---|---|---|"]
+        out += [f"| {r['method']} | {_options(r)} | {_schedule(r)} | {_num(r['psnr'], '.2f')} | "
+                f"{_num(r['ssim'], '.4f')} | {r['rel_err_dense']:.3e} |" for r in recs]
+        out.append("")
+    return out
+
+
+QUALITY_INTRO = [
+    "Each method and setting against float64 dense attention on the same q, k, v: relative L2 error and cosine of",
+    "the output, the worst (batch, head), and the softmax-mass recall: the share of dense attention probability on",
+    "the (query, key) pairs the method computes exactly (CLEAR's and GRAT's masks, PISA's selected blocks, LLSA's",
+    "selected fine blocks; mean over queries, worst head in parentheses; none for linear attention and DyDiLA). For",
+    "PISA, the Taylor part: the dense mass on the blocks it approximates and the share its own softmax gives them.",
+    "*Structured* inputs are DiT-like (`difattn.bench.inputs`: local, axial and segment heads with random-frequency",
+    "RoPE over smooth random fields, sinks, text); *random* ones are the i.i.d. Gaussian q, k, v of the speed runs;",
+    "*captured* ones come from the trained digits PixelDiT and from tiny diffusers models trained 100 steps on",
+    "smooth random latents; *end to end* compares the final sample (images for the digits PixelDiT,",
+    "latents for the diffusers models) with the dense run's from the same noise and steps (PSNR over the dense",
+    "sample's range, SSIM). Linear attention is LiT's ReLU-feature form on the same q, k; DyDiLA uses q, k as its",
+    "auxiliary streams with γ = 3, λ = 0.25 (neither approximates softmax attention, as trained models adapt to them).",
+]
+
+
+def pareto_path(path: Path) -> Path:
+    return path.with_name(path.stem + "-pareto.png")
+
+
+def quality_md(path: Path, data: dict) -> list[str]:
+    plot = pareto_path(path)
+    return [
+        f"## Quality: {path.stem}", "",
+        f"Device: {data['device']}; torch {data['torch']}, {data.get('threads', '?')} threads; commit `{data['commit']}`.",
+        "Speed numbers here come from the same run as the quality numbers; on a shared CPU they are noisy (the speed",
+        "series above are the reference).", "",
+        *QUALITY_INTRO, "",
+        f"![speedup against error and recall]({plot.relative_to(ROOT).as_posix()})", "",
+        *quality_tables(data["quality"]),
+    ]
+
+
 def benchmarks_md(results: list[tuple[Path, dict]]) -> str:
     out = [
         "# Benchmarks",
@@ -203,6 +297,8 @@ def benchmarks_md(results: list[tuple[Path, dict]]) -> str:
         "",
     ]
     for name, runs in series([(p, d) for p, d in results if not is_distributed(d)]):
+        if not any(d["records"] for _, d in runs):
+            continue
         out += [f"## {name}", ""]
         if len(runs) > 1:
             out += [f"Summary of {len(runs)} runs (files {', '.join(p.name for p, _ in runs)}):", "",
@@ -218,6 +314,9 @@ def benchmarks_md(results: list[tuple[Path, dict]]) -> str:
                 *table(data["records"], data.get("matmul_gflops")),
                 "",
             ]
+    for path, data in results:
+        if data.get("quality"):
+            out += quality_md(path, data)
     distributed = [(p, d) for p, d in results if is_distributed(d)]
     if distributed:
         out += scaling_md(distributed)
@@ -231,6 +330,8 @@ def readme_table(results: list[tuple[Path, dict]]) -> str:
     lines = []
     for name, runs in series(results):
         docs = [d for _, d in runs]
+        if not any(d["records"] for d in docs):
+            continue
         over = f"medians of {len(runs)} runs, " if len(runs) > 1 else ""
         lines += [f"**{name}** — {docs[0]['device']} (forward; {over}full tables in BENCHMARKS.md):", ""]
         lines += ["| method | options | backend | shape | ms | dense ms | speedup | efficiency on needed work |",
@@ -266,14 +367,22 @@ def main() -> int:
     args = parser.parse_args()
     bench_md, readme = render()
     targets = {ROOT / "BENCHMARKS.md": bench_md, ROOT / "README.md": readme}
+    plots = [(pareto_path(path), data) for path, data in _load() if data.get("quality")]
     if args.check:
         stale = [p.name for p, text in targets.items() if not p.exists() or p.read_text() != text]
+        stale += [p.name for p, _ in plots if not p.exists()]
         if stale:
             print("out of date: " + ", ".join(stale) + " (run python benchmarks/report.py)", file=sys.stderr)
             return 1
         return 0
     for path, text in targets.items():
         path.write_text(text)
+    if plots:
+        from difattn.bench.quality_suite import pareto_plot
+
+        for path, data in plots:
+            if not pareto_plot(data["quality"], path, f"{path.stem.removesuffix('-pareto')}: {data['device']}"):
+                print(f"{path.name}: not drawn (needs matplotlib)", file=sys.stderr)
     return 0
 
 

@@ -7,7 +7,9 @@ The 1,797 8x8 digits (one token per pixel: 64 tokens; ``--size 16`` upsamples th
 times the work) are learned with rectified flow (``x_t = (1 - t) x + t ε``, the model predicts ``ε - x``) by
 :class:`difattn.models.PixelDiT` (patch 1, 2-D RoPE, RMS q/k norm), conditioned on the digit class. Writes to
 ``--out``: ``loss.png`` (training loss), ``samples.png`` (one row per class, sampled with classifier-free
-guidance) and ``metrics.json``. Needs ``scikit-learn`` and ``matplotlib``.
+guidance) and ``metrics.json``; ``--save PATH`` also writes the trained weights (float16) with the model's
+configuration, as ``difattn bench --quality`` loads them (``difattn.bench.digits``). Needs ``scikit-learn`` and
+``matplotlib``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=Path("digits_out"))
+    parser.add_argument("--save", type=Path, help="also write the weights (float16) and the model config here")
     return parser.parse_args(argv)
 
 
@@ -138,10 +141,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     options = method_options(args.method, args.option)
     images, labels = load_digits(args.size)
-    model = PixelDiT(
-        input_size=args.size, in_channels=1, hidden_size=args.hidden, depth=args.depth, num_heads=args.heads,
-        num_classes=10, attention=args.method, attention_options=options,
-    )
+    config = {"input_size": args.size, "in_channels": 1, "hidden_size": args.hidden, "depth": args.depth,
+              "num_heads": args.heads, "num_classes": 10}
+    model = PixelDiT(**config, attention=args.method, attention_options=options)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
@@ -170,6 +172,11 @@ def main(argv: list[str] | None = None) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if args.save:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        weights = {name: t.half() for name, t in model.state_dict().items()}
+        torch.save({"config": config, "method": args.method, "metrics": metrics, "state_dict": weights}, args.save)
+        print(f"wrote {args.save}")
     print(f"wrote {args.out / 'loss.png'}, {args.out / 'samples.png'} and metrics.json")
     return metrics
 

@@ -14,6 +14,8 @@ from ._native import core, core_status
 from .backends import METHODS, availability
 from .bench import cases as bench_cases
 from .bench import distributed as bench_distributed
+from .bench.digits import DEFAULT_WEIGHTS as DIGITS_WEIGHTS
+from .bench.quality_suite import default_quality, format_quality_table, pareto_plot, run_quality
 from .bench.runner import BenchConfig, format_table, plot, run, write_json
 from .grid import TokenGrid
 
@@ -75,13 +77,21 @@ def _bench(args: argparse.Namespace) -> int:
     )
     print(f"difattn bench on {device} ({torch.get_num_threads()} threads), {dtype}, shapes: "
           + ", ".join(f"{s.label} B={s.batch} H={s.heads} D={s.head_dim}" for s in shapes))
-    records = run(cfg)
-    print(format_table(records))
+    if args.quality:
+        records, quality = [], run_quality(cfg, digits_weights=Path(args.digits_weights or DIGITS_WEIGHTS))
+    else:
+        records = run(cfg)
+        print(format_table(records))
+        print("err/rand: relative error against dense on the timed i.i.d. random q/k/v (nearly flat attention); "
+              "quality on structured inputs below")
+        quality = default_quality(cfg, records)
+    print(format_quality_table(quality))
     path = Path(args.json or f"difattn-bench-{device.type}.json")
-    write_json(path, device, dtype, records)
+    write_json(path, device, dtype, records, quality)
     print(f"wrote {path}")
     if args.plot:
-        print(f"wrote {args.plot}" if plot(records, Path(args.plot)) else "--plot needs matplotlib (pip install 'difattn[bench]')")
+        drawn = pareto_plot(quality, Path(args.plot)) if args.quality else plot(records, Path(args.plot))
+        print(f"wrote {args.plot}" if drawn else "--plot needs matplotlib (pip install 'difattn[bench]')")
     return 0
 
 
@@ -129,7 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="smaller shapes, one case per method, shorter timing")
     bench.add_argument("--flex", action="store_true", help="also time FlexAttention on CPU (always on CUDA)")
     bench.add_argument("--json", help="where to write the JSON records (default: difattn-bench-<device>.json)")
-    bench.add_argument("--plot", help="write a PNG of speedup against tokens here")
+    bench.add_argument("--plot", help="write a PNG of speedup against tokens here (with --quality: the Pareto plot of "
+                       "speedup against error and recall)")
+    bench.add_argument("--quality", action="store_true",
+                       help="instead of the speed cases: each method's knob swept on structured inputs (error, recall "
+                            "and speedup), captured attention patterns and end-to-end samples")
+    bench.add_argument("--digits-weights", help=f"the trained digits PixelDiT for --quality (default: "
+                       f"{DIGITS_WEIGHTS}; skipped when absent)")
     bench.add_argument("--world-size", type=int, help="run the sequence-parallel schemes on this many processes "
                        "(gloo on CPU, NCCL with as many GPUs): bytes per rank and time per layer")
     bench.set_defaults(func=_bench)

@@ -16,10 +16,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import backends, functional, reference
+from .. import backends, functional
 from .._options import clear_radii
 from ..testing import rel_error
 from .cases import Case, Shape
+from .quality import pisa_blocks
 
 Fn = Callable[..., torch.Tensor]
 
@@ -143,14 +144,7 @@ def pisa_keep_only(case: Case, shape: Shape, q, k, v, backend: str):
     whether query block i keeps key block j."""
     _, blocks = functional.pisa_attention(q, k, v, grid=shape.grid, backend=backend, return_blocks=True,
                                           **case.options)
-    perm, counts = reference.pisa.pisa_layout(shape.grid, shape.grid.num_tokens, case.options["block_size"])
-    block_of_position = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-    token_block = torch.empty_like(block_of_position)
-    token_block[perm if perm is not None else torch.arange(token_block.numel())] = block_of_position
-    token_block = token_block.to(q.device)
-    B, H, M, _ = blocks.shape
-    selected = torch.zeros(B, H, M, M, dtype=torch.bool, device=q.device)
-    selected.scatter_(-1, blocks, True)
+    selected, token_block = pisa_blocks(blocks, shape.grid, shape.grid.num_tokens, case.options["block_size"])
     return token_block, selected
 
 

@@ -124,6 +124,35 @@ CASES = {
 }
 QUICK_CASES = {method: cases[:1] for method, cases in CASES.items()}
 
+# The quality sweep (``difattn bench --quality``) of each method's main knob, for grids of about 64x64 tokens.
+# PISA's order="first" (per-block moments, memory-bound) has no kernel: the sweep runs it on the torch backend.
+QUALITY_CASES = {
+    "clear": tuple(Case("clear", {"radius": r}) for r in (2.0, 4.0, 8.0, 16.0, 32.0)),
+    "grat": (*(Case("grat", {"group": (g, g), "pattern": "neighbors", "reach": 1}) for g in (4, 8, 16)),
+             Case("grat", {"group": (8, 8), "pattern": "neighbors", "reach": 2}),
+             *(Case("grat", {"group": (g, g), "pattern": "criss_cross"}) for g in (8, 16))),
+    "pisa": (*(Case("pisa", {"density": d, "block_size": 64, "order": "hybrid"}) for d in (0.03125, 0.0625, 0.125, 0.25, 0.5)),
+             *(Case("pisa", {"density": d, "block_size": 64, "order": "zeroth"}) for d in (0.0625, 0.125, 0.25)),
+             Case("pisa", {"density": 0.125, "block_size": 64, "order": "first"})),
+    "llsa": (*(Case("llsa", {"block_size": 16, "topk": k}) for k in (4, 8, 16, 32)),
+             Case("llsa", {"block_size": 16, "topk": 8, "levels": 2})),
+    "linear": CASES["linear"],
+    "dydila": CASES["dydila"],
+}
+# The same knobs scaled to the small grids of captured patterns and end-to-end models (16x16 to 24x24 tokens);
+# end to end, the first two settings of each method run, the first also with dense steps and layers.
+SMALL_GRID_CASES = {
+    "clear": tuple(Case("clear", {"radius": r}) for r in (4.0, 2.0, 8.0)),
+    "grat": (Case("grat", {"group": (4, 4), "pattern": "neighbors", "reach": 1}),
+             Case("grat", {"group": (2, 2), "pattern": "neighbors", "reach": 1}),
+             Case("grat", {"group": (4, 4), "pattern": "criss_cross"})),
+    "pisa": (*(Case("pisa", {"density": d, "block_size": 16, "order": "hybrid"}) for d in (0.25, 0.125, 0.5)),
+             Case("pisa", {"density": 0.25, "block_size": 16, "order": "zeroth"})),
+    "llsa": tuple(Case("llsa", {"block_size": 4, "topk": k}) for k in (8, 4, 16)),
+    "linear": CASES["linear"],
+    "dydila": CASES["dydila"],
+}
+
 
 def _grid(side: int, text: int = 0, frames: int = 1, width: int | None = None, position: str = "first") -> TokenGrid:
     return TokenGrid(side, width or side, frames=frames, text_tokens=text, text_position=position)

@@ -2,7 +2,7 @@
 with the same mask, in raster and in tile order, where the method has a mask), with a progress bar.
 
 JSON schema (stable): ``{"device", "cpu", "torch", "triton", "commit", "threads", "matmul_gflops", "records":
-[record, ...]}`` (``cpu``: the CPU's model name, family, model, ISA extensions and logical CPUs, see
+[record, ...], "quality": [quality record, ...]}`` (``cpu``: the CPU's model name, family, model, ISA extensions and logical CPUs, see
 :func:`cpu_description`; ``matmul_gflops``: the device's square-matmul rate in the bench dtype, the ceiling to read
 dense SDPA's rate against); a record is
 ``{"method", "backend", "pass" ("fwd" | "fwd+bwd"), "B", "H", "N", "D", "dtype", "options", "grid", "density",
@@ -18,7 +18,20 @@ computed_fraction`` (on the work the kernels actually do). Baselines (:mod:`.bas
 method's mask (``flex_ms`` raster order, ``flex_tiled_ms`` tile order; on CUDA, or on CPU with ``flex``), NATTEN
 for CLEAR and flash-linear-attention for linear attention when installed, and for PISA the keep-or-drop
 block-sparse attention over the same selected blocks (``drop_ms`` through FlexAttention, ``rel_err_drop`` its error
-against dense). ``null`` where a value does not apply or was not measured.
+against dense). ``null`` where a value does not apply or was not measured. ``rel_err_dense`` of a speed record is
+measured on the timed inputs, i.i.d. Gaussian q, k, v, where softmax attention is nearly flat: it says how a
+method treats noise, not how it treats a model's attention (tables label it "random q/k/v").
+
+A quality record (:mod:`.quality_suite`) measures one method and setting against float64 dense attention on
+structured DiT-like inputs (:mod:`.inputs`), on q/k/v captured from a model, or end to end:
+``{"method", "backend", "options", "inputs" ("random" | "structured" | "captured" | "pipeline"), "source", "B", "H",
+"N", "D", "dtype", "grid", "ms", "dense_ms", "speedup", "work_fraction", "rel_err_dense", "cos_dense",
+"worst_head_rel_err", "recall", "worst_head_recall", "taylor_mass", "taylor_mass_est", "psnr", "ssim", "steps",
+"dense_steps", "dense_layers"}`` (metrics defined in :mod:`.quality`; speed fields are the forward times of the
+same setting and shape, ``null`` for captured and pipeline records; ``recall`` is ``null`` for linear attention
+and DyDiLA, ``psnr``/``ssim`` and the step fields only on pipeline records). The plain run adds the quality of its
+own cases on structured inputs; ``difattn bench --quality`` runs the sweep of :data:`.cases.QUALITY_CASES`,
+captured patterns and end-to-end models instead of the speed cases.
 """
 
 from __future__ import annotations
@@ -117,7 +130,7 @@ def _baselines(cfg: BenchConfig, case: Case, shape: Shape, inputs: list, backwar
     if case.method == "pisa":
         q, k, v, _ = inputs[0]
         with torch.no_grad():
-            token_block, selected = baselines.pisa_keep_only(case, shape, q, k, v, _runnable_backends("pisa", cfg.device)[0])
+            token_block, selected = baselines.pisa_keep_only(case, shape, q, k, v, runnable_backends("pisa", cfg.device)[0])
         if shape.grid.num_tokens <= REFERENCE_LIMIT:
             extra["rel_err_drop"] = baselines.keep_only_error(q, k, v, token_block, selected, dense_out)
         if flex_here:
@@ -125,12 +138,13 @@ def _baselines(cfg: BenchConfig, case: Case, shape: Shape, inputs: list, backwar
     return {**_time_each(fns, inputs, backward, cfg), **extra}
 
 
-def _runnable_backends(method: str, device: torch.device) -> list[str]:
-    """Fast backends that can run ``method`` here; the torch reference only when there is none. Triton counts
-    only on CUDA (its CPU interpreter is a test tool, not something to time)."""
+def runnable_backends(method: str, device: torch.device, dtype: torch.dtype | None = None,
+                      options: dict | None = None) -> list[str]:
+    """Fast backends that can run ``method`` here (for ``dtype`` and ``options`` when given); the torch reference
+    only when there is none. Triton counts only on CUDA (its CPU interpreter is a test tool, not something to time)."""
     fast = [
         name for name, b in BACKENDS.items()
-        if name != "torch" and (name != "triton" or device.type == "cuda") and b.can_run(method, device)[0]
+        if name != "torch" and (name != "triton" or device.type == "cuda") and b.can_run(method, device, dtype, options)[0]
     ]
     return fast or ["torch"]
 
@@ -140,7 +154,7 @@ def run(cfg: BenchConfig) -> list[dict]:
     table = cfg.cases or CASES
     cases = [c for m in cfg.methods for c in table[m]]
     passes = ["fwd"] + (["fwd+bwd"] if cfg.backward else [])
-    steps = [(s, p, c, b) for s in cfg.shapes for p in passes for c in cases for b in _runnable_backends(c.method, cfg.device)]
+    steps = [(s, p, c, b) for s in cfg.shapes for p in passes for c in cases for b in runnable_backends(c.method, cfg.device)]
     progress = Progress(len(steps))
     records = []
     for shape in cfg.shapes:
@@ -161,7 +175,7 @@ def run(cfg: BenchConfig) -> list[dict]:
                 if shape.grid.num_tokens <= REFERENCE_LIMIT:
                     with torch.no_grad():
                         reference = case.reference(q, k, v, extra, shape.grid)
-                for backend in _runnable_backends(case.method, cfg.device):
+                for backend in runnable_backends(case.method, cfg.device):
                     if (shape, pass_name, case, backend) not in steps:
                         continue
                     progress.update(f"{case.method} {backend} {shape.label} {pass_name}")
@@ -187,7 +201,7 @@ def _measure(cfg, shape, pass_name, case, backend, inputs, baseline: dict, dense
     return {
         "method": case.method, "backend": backend, "pass": pass_name,
         "B": shape.batch, "H": shape.heads, "N": shape.grid.num_tokens, "D": shape.head_dim,
-        "dtype": str(cfg.dtype).removeprefix("torch."), "options": _jsonable(case.options),
+        "dtype": str(cfg.dtype).removeprefix("torch."), "options": jsonable(case.options),
         "grid": [shape.grid.frames, shape.grid.height, shape.grid.width, shape.grid.text_tokens, shape.grid.text_position],
         "density": case.density(shape), "ms": t.typical, "ms_min": t.minimum, "ms_max": t.maximum,
         **{key: baseline.get(key) for key in _BASELINE_KEYS},
@@ -199,7 +213,8 @@ def _measure(cfg, shape, pass_name, case, backend, inputs, baseline: dict, dense
     }
 
 
-def _jsonable(options: dict) -> dict:
+def jsonable(options: dict) -> dict:
+    """Options as JSON values (tuples become lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
 
 
@@ -260,7 +275,7 @@ def _fmt(x, spec: str) -> str:
 
 def format_table(records: list[dict]) -> str:
     head = (f"{'method':<7} {'backend':<7} {'pass':<7} {'shape':>14} {'ms':>9} {'dense':>9} {'flex':>9} "
-            f"{'speedup':>8} {'work':>6} {'effic.':>6} {'c.eff.':>6} {'err/dense':>9} {'err/ref':>8}")
+            f"{'speedup':>8} {'work':>6} {'effic.':>6} {'c.eff.':>6} {'err/rand':>9} {'err/ref':>8}")
     lines = [head, "-" * len(head)]
     for r in records:
         f, h, w, t, _ = r["grid"]
@@ -275,8 +290,9 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, device: torch.device, dtype: torch.dtype, records: list[dict]) -> None:
-    payload = {**environment(device, dtype), "records": records}
+def write_json(path: Path, device: torch.device, dtype: torch.dtype, records: list[dict],
+               quality: list[dict] | None = None) -> None:
+    payload = {**environment(device, dtype), "records": records, "quality": quality or []}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
 
