@@ -1,5 +1,5 @@
-"""The LLSA reference against a literal reading of specs/llsa.md (pooled tokens, selection and key lists built
-token by token in float64), plus its exactness properties, gradients at every level and the Z-order layout."""
+"""The LLSA reference against a literal reading of the LLSA paper's algorithm (pooled tokens, selection and key lists
+built token by token in float64), plus its exactness properties, gradients at every level and the Z-order layout."""
 
 from __future__ import annotations
 

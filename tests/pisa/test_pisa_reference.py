@@ -1,5 +1,5 @@
-"""The PISA reference against a literal, loop-by-loop reading of specs/pisa.md (float64), plus its exactness
-properties, routing rules and gradients."""
+"""The PISA reference against a literal, loop-by-loop reading of the PISA paper's equations (float64), plus its
+exactness properties, routing rules and gradients."""
 
 from __future__ import annotations
 
