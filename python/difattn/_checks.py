@@ -87,8 +87,12 @@ def check_same_kind(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor
         raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {x.device}")
 
 
-def check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int]:
-    """Self-attention inputs ``(B, H, N, D)``, ``(B, H, N, D)``, ``(B, H, N, Dv)``; returns ``(B, H, N, D, Dv)``."""
+def check_qkv(q: Any, k: Any, v: Any, *, cross: bool = False) -> tuple[int, int, int, int, int]:
+    """Self-attention inputs ``(B, H, N, D)``, ``(B, H, N, D)``, ``(B, H, N, Dv)``; returns ``(B, H, N, D, Dv)``.
+
+    With ``cross=True`` k and v may have another sequence length ``Nk`` than q (cross-attention): ``(B, H, Nk, D)``
+    and ``(B, H, Nk, Dv)``; N is still q's.
+    """
     check_tensor("q", q, ndim=4)
     check_tensor("k", k, ndim=4)
     check_tensor("v", v, ndim=4)
@@ -99,15 +103,17 @@ def check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int]:
         raise ValueError(
             f"k and v must have q's batch and heads (B, H) = {(B, H)}, got k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
-    if k.shape[2] != N or v.shape[2] != N:
+    if cross and v.shape[2] != k.shape[2]:
+        raise ValueError(f"v must have k's sequence length Nk = {k.shape[2]}, got {v.shape[2]}")
+    if not cross and (k.shape[2] != N or v.shape[2] != N):
         raise ValueError(
             f"k and v must have q's sequence length N = {N} (self-attention), "
             f"got k {k.shape[2]}, v {v.shape[2]}"
         )
     if k.shape[3] != D:
         raise ValueError(f"k must have q's head dim D = {D}, got {k.shape[3]}")
-    if min(B, H, N, D, v.shape[3]) == 0:
-        raise ValueError(f"q, k, v must not be empty, got q {tuple(q.shape)}, v {tuple(v.shape)}")
+    if min(B, H, N, D, k.shape[2], v.shape[3]) == 0:
+        raise ValueError(f"q, k, v must not be empty, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     return B, H, N, D, v.shape[3]
 
 

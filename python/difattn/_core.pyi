@@ -196,11 +196,12 @@ def dydila_backward(
 
 def pisa_stats(
     k: TensorArgs, v: TensorArgs, q: TensorArgs | None, layout: tuple[TensorArgs, TensorArgs], key_mean: TensorArgs,
-    value_mean: TensorArgs, moment_mean: TensorArgs | None, query_mean: TensorArgs | None, spread: TensorArgs | None,
-    threads: int,
+    value_mean: TensorArgs, moment_mean: TensorArgs | None, query_mean: TensorArgs | None,
+    key_variance: TensorArgs | None, spread: tuple[TensorArgs, float] | None, threads: int,
 ) -> None:
-    """PISA block statistics on CPU (f32 outputs): key_mean, value_mean and, when given, moment_mean (H̄),
-    query_mean (needs q) and spread (‖H_j − H̄‖_F, needs moment_mean). layout = (perm, offsets), int64."""
+    """PISA block statistics on CPU (f32 outputs): key_mean, value_mean and, when given, moment_mean (H̄, the mean
+    moment per token), query_mean (needs q), key_variance ((1/n_j) Σ ‖k_t − k̄_j‖²) and spread = (out, c)
+    (‖H_j − c·H̄‖_F; c ≠ 0 needs moment_mean). layout = (perm, offsets), int64."""
 
 def pisa_forward(
     q: TensorArgs, k: TensorArgs, v: TensorArgs, centroids: tuple[TensorArgs, TensorArgs],

@@ -16,6 +16,8 @@ from .grid import TokenGrid
 GRAT_PATTERNS = ("neighbors", "criss_cross")
 PISA_ORDERS = ("zeroth", "hybrid", "first")
 PISA_SINKS = (None, "first", "last")
+# Routing biases by name (``routing_bias=True`` is "centered", ``False`` none); see :func:`pisa_routing_bias`.
+PISA_ROUTING_BIASES = ("centered", "uncentered", "key_variance")
 LLSA_MAX_COARSE_TOKENS = 256  # default levels: smallest L with N / B**L <= 256
 
 
@@ -58,6 +60,15 @@ def pisa_tile(block_size: int) -> tuple[int, int]:
     return th, block_size // th
 
 
+def pisa_num_blocks(grid: TokenGrid | None, num_tokens: int, block_size: int) -> int:
+    """M: runs of ``block_size`` tokens without a grid; with one, ``ceil(T / b)`` text blocks plus one block per
+    ``th x tw`` image tile per frame."""
+    if grid is None:
+        return -(-num_tokens // block_size)
+    th, tw = pisa_tile(block_size)
+    return -(-grid.text_tokens // block_size) + grid.frames * -(-grid.height // th) * -(-grid.width // tw)
+
+
 def pisa_num_selected(density: float, num_blocks: int) -> int:
     """Exact key blocks per query block: ``k = max(1, floor(density * M))``. A symbolic ``M`` (``torch.compile``
     with dynamic shapes) stays symbolic: ``sym_int`` truncates, the floor of a positive product."""
@@ -66,13 +77,49 @@ def pisa_num_selected(density: float, num_blocks: int) -> int:
     return torch.sym_max(1, torch.sym_int(density * num_blocks))
 
 
-def check_pisa(density: Any, block_size: Any, order: Any, routing_bias: Any, sink: Any) -> None:
+def pisa_routing_bias(routing_bias: Any) -> str | None:
+    """The routing bias by name: ``False`` (or None) → None, ``True`` → ``"centered"``, or one of
+    :data:`PISA_ROUTING_BIASES`."""
+    if routing_bias is None:
+        return None
+    if isinstance(routing_bias, bool):
+        return "centered" if routing_bias else None
+    names = ", ".join(map(repr, PISA_ROUTING_BIASES))
+    if not isinstance(routing_bias, str):
+        raise TypeError(f"routing_bias must be a bool or one of {names}, got {type(routing_bias).__name__}")
+    if routing_bias not in PISA_ROUTING_BIASES:
+        raise ValueError(f"routing_bias must be False, True or one of {names}; got {routing_bias!r}")
+    return routing_bias
+
+
+def check_pisa(density: Any, block_size: Any, order: Any, routing_bias: Any, sink: Any) -> str | None:
+    """Validates PISA's options; returns the routing bias by name (:func:`pisa_routing_bias`)."""
     check_float("density", density, greater_than=0.0, at_most=1.0)
     check_int("block_size", block_size, minimum=1)
     check_choice("order", order, PISA_ORDERS)
-    if not isinstance(routing_bias, bool):
-        raise TypeError(f"routing_bias must be a bool, got {type(routing_bias).__name__}")
+    bias = pisa_routing_bias(routing_bias)
     check_choice("sink", sink, PISA_SINKS)
+    return bias
+
+
+def check_pisa_blocks(blocks: Any, shape: tuple[int, int, int, int], num_key_blocks: int,
+                      device: torch.device) -> torch.Tensor:
+    """A given PISA selection: an int64 tensor of ``shape = (B, H, M, k)`` on ``device`` holding key-block ids in
+    ``[0, num_key_blocks)``, no id twice in a query block's row. Returns it contiguous."""
+    if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.int64:
+        raise TypeError(f"blocks must be an int64 torch.Tensor of shape (B, H, M, k) = {shape}, got {blocks!r:.80}")
+    if tuple(blocks.shape) != shape:
+        raise ValueError(f"blocks must have shape (B, H, M, k) = {shape} (k = max(1, floor(density * M))), got "
+                         f"{tuple(blocks.shape)}")
+    if blocks.device != device:
+        raise ValueError(f"blocks must be on the device of q ({device}), got {blocks.device}")
+    ascending = blocks.sort(dim=-1).values
+    low, high = int(ascending[..., 0].min()), int(ascending[..., -1].max())
+    if low < 0 or high >= num_key_blocks:
+        raise ValueError(f"blocks must hold key block ids in [0, {num_key_blocks}), got values in [{low}, {high}]")
+    if bool((ascending[..., 1:] == ascending[..., :-1]).any()):
+        raise ValueError("blocks must not repeat a block id within a query block's selection")
+    return blocks.contiguous()
 
 
 def llsa_default_levels(num_tokens: int, block_size: int) -> int:

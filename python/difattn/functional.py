@@ -96,31 +96,46 @@ def pisa_attention(
     density: float = 0.125,
     block_size: int = 64,
     order: str = "hybrid",
-    routing_bias: bool = False,
+    routing_bias: bool | str = False,
     sink: str | None = None,
     grid: TokenGrid | None = None,
     return_blocks: bool = False,
     scale: float | None = None,
+    blocks: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """PISA: exact attention on the top ``density`` of key blocks, Taylor-approximated attention on the rest.
 
     ``order``: ``"zeroth"`` (block centroids), ``"hybrid"`` (centroids + the mean first-order term; the paper's
-    method) or ``"first"`` (per-block first-order terms). ``sink="first"/"last"`` always keeps block 0 / M-1
-    exact. With ``grid``, blocks are text runs and image tiles (8x8 for 64, 8x16 for 128) that never mix text and
-    image. Returns ``(B, H, N, Dv)``, plus the selected block ids ``(B, H, M, k)`` with ``return_blocks=True``.
+    method) or ``"first"`` (per-block first-order terms). The hybrid term is ``s·(Σ_U n_j e^{c_j−m})·q·H̄`` with
+    ``H̄ = (1/N) Σ_j H_j`` the mean moment per token: each unselected block j stands in for its ``q·H_j`` by
+    ``n_j q·H̄`` (the authors' released kernels; with equal blocks it is the paper's ``(1/M) Σ_j H_j``).
+    ``routing_bias``: ``False``; ``True`` or ``"centered"`` (the paper, ``+ ln(‖H_j − (1/M) Σ_i H_i‖_F + 1e-5)``);
+    ``"uncentered"`` (the released kernels and FLUX processor, ``+ ln(‖H_j‖_F + 1e-5)``); ``"key_variance"`` (the
+    authors' trainable zeroth-order variant, ``+ ln(max(var_j, 1e-8))``, ``var_j = (1/n_j) Σ_{t∈j} ‖k_t − k̄_j‖²``).
+    ``sink="first"/"last"`` always keeps block 0 / M-1 exact. With ``grid``, blocks are text runs and image tiles
+    (8x8 for 64, 8x16 for 128) that never mix text and image. ``blocks``: a selection ``(B, H, M, k)`` int64 to use
+    instead of the routing (the form ``return_blocks=True`` returns; ``k = max(1, floor(density · M))``, ids in
+    ``[0, M)``, none twice in a row; ``routing_bias`` and ``sink`` must then be left unset). Returns
+    ``(B, H, N, Dv)``, plus the selected block ids ``(B, H, M, k)`` with ``return_blocks=True``.
     """
     B, H, N, D, Dv = check_qkv(q, k, v)
-    _options.check_pisa(density, block_size, order, routing_bias, sink)
+    bias = _options.check_pisa(density, block_size, order, routing_bias, sink)
     if grid is not None:
         check_grid(grid, N)
         _options.pisa_tile(block_size)
     check_bool("return_blocks", return_blocks)
     scale = resolve_scale(scale, D)
+    if blocks is not None:
+        if bias is not None or sink is not None:
+            raise ValueError("routing_bias and sink choose blocks: leave them unset when blocks is given")
+        num_blocks = _options.pisa_num_blocks(grid, N, block_size)
+        shape = (B, H, num_blocks, _options.pisa_num_selected(density, num_blocks))
+        blocks = _options.check_pisa_blocks(blocks, shape, num_blocks, q.device)
     impl = select("pisa", check_backend(backend), q.device, q.dtype, {"order": order})
     return impl(
-        q, k, v, density=density, block_size=block_size, order=order, routing_bias=routing_bias,
-        sink=sink, grid=grid, return_blocks=return_blocks, scale=scale,
+        q, k, v, density=density, block_size=block_size, order=order, routing_bias=bias,
+        sink=sink, grid=grid, return_blocks=return_blocks, scale=scale, blocks=blocks,
     )
 
 

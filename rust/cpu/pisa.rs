@@ -1,14 +1,15 @@
 //! PISA on CPU (piecewise sparse attention: exact attention on the selected key blocks, a Taylor expansion around
 //! the block centroids on the others): for each query block, one online softmax over the tokens of its selected key
 //! blocks (exact phase) and then over the centroids of every other block (centroid phase: key `k̄_j`, logit bias
-//! `ln n_j`, value `w_j = V̂_j / n_j`), plus the running `z = Σ_{j∉S} e^{c_j − m}` of the first-order term, rescaled
-//! with everything else whenever the max rises. The backward recomputes the probabilities (FlashAttention-2
+//! `ln n_j`, value `w_j = V̂_j / n_j`), plus the running `z = Σ_{j∉S} n_j e^{c_j − m}` of the first-order term (the
+//! centroids' share of the denominator: each unselected block's `q·H_j` is approximated by `n_j q·H̄`, `H̄` the mean
+//! moment per token), rescaled with everything else whenever the max rises. The backward recomputes the probabilities (FlashAttention-2
 //! style), once per block pair: dq rows directly, the key-side gradients into per-task buffers summed afterwards,
 //! so no two tasks write the same row and nothing needs atomics.
 //!
 //! Layouts: q, k `(B, H, N, D)`, v `(B, H, N, Dv)`, any strides, f32/f16/bf16; rows are gathered through the block
 //! permutation `perm` (block order → token), blocks are runs `offsets[j]..offsets[j+1]` of it. Centroids
-//! `key_mean (B, H, M, D)`, `value_mean (B, H, M, Dv)` and the mean moment `H̄ (B, H, D, Dv)` (`stats`) are f32
+//! `key_mean (B, H, M, D)`, `value_mean (B, H, M, Dv)` and the mean moment per token `H̄ (B, H, D, Dv)` (`stats`) are f32
 //! with any strides. Computation in f32, softmax in base 2.
 
 mod backward;
@@ -43,7 +44,6 @@ pub struct Layout {
     pub perm: Vec<usize>,
     pub offsets: Vec<usize>,
     log2_count: Vec<f32>,
-    inv_count: Vec<f32>,
 }
 
 impl Layout {
@@ -60,13 +60,8 @@ impl Layout {
         if offsets.len() < 2 || offsets[0] != 0 || offsets[offsets.len() - 1] != n || offsets.windows(2).any(|w| w[0] >= w[1]) {
             return err(format!("offsets: must rise strictly from 0 to N = {n} (every block non-empty)"));
         }
-        let counts: Vec<f32> = offsets.windows(2).map(|w| (w[1] - w[0]) as f32).collect();
-        Ok(Layout {
-            perm,
-            log2_count: counts.iter().map(|c| c.log2()).collect(),
-            inv_count: counts.iter().map(|c| 1.0 / c).collect(),
-            offsets,
-        })
+        let log2_count = offsets.windows(2).map(|w| ((w[1] - w[0]) as f32).log2()).collect();
+        Ok(Layout { perm, log2_count, offsets })
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -181,22 +176,22 @@ fn groups<'a>(layout: &'a Layout, blocks: &'a [usize]) -> impl Iterator<Item = &
     })
 }
 
-/// Column biases of centroids `c0..c0+cols` for query block `i`: `log2 n_j`, or −∞ where j is selected. Returns
-/// false when every centroid of the chunk is selected (nothing to do).
-fn centroid_bias(layout: &Layout, selected: &[bool], c0: usize, cols: usize, bias: &mut [f32], weight: &mut [f32]) -> bool {
+/// Column biases of centroids `c0..c0+cols` for query block `i`: `log2 n_j`, or −∞ where j is selected (so its
+/// probability is 0). Returns false when every centroid of the chunk is selected (nothing to do).
+fn centroid_bias(layout: &Layout, selected: &[bool], c0: usize, cols: usize, bias: &mut [f32]) -> bool {
     let mut any = false;
     for c in 0..cols {
         let open = !selected[c0 + c];
         any |= open;
         bias[c] = if open { layout.log2_count[c0 + c] } else { f32::NEG_INFINITY };
-        weight[c] = if open { layout.inv_count[c0 + c] } else { 0.0 };
     }
     any
 }
 
 /// Forward: writes `out (B, H, N, Dv)` (q's dtype), `lse (B, H, N)` (natural log of the softmax denominator, f32)
 /// and `zeta (B, H, N)` (`z / den`: the first-order weight, f32); all contiguous. `moment_mean`: `H̄ (B, H, D, Dv)`
-/// f32 for the hybrid order (`out += scale · z · q·H̄ / den`), or None for the zeroth order.
+/// f32, the mean moment per token, for the hybrid order (`out += scale · z · q·H̄ / den`), or None for the zeroth
+/// order.
 pub fn forward(x: &Inputs, moment_mean: Option<&View>, out: &View, lse: &View, zeta: &View, threads: usize) -> Result<(), ViewError> {
     let dims = x.check()?;
     if let Some(t) = moment_mean {
@@ -224,7 +219,6 @@ struct ForwardBuffers {
     first: Vec<f32>,
     row: Vec<f32>,
     bias: Vec<f32>,
-    weight: Vec<f32>,
     state: State,
 }
 
@@ -238,14 +232,13 @@ impl ForwardBuffers {
             first: vec![0.0; block * dims.dv],
             row: vec![0.0; dims.dv],
             bias: vec![0.0; CHUNK],
-            weight: vec![0.0; CHUNK],
             state: State::new(block, dims.dv),
         }
     }
 }
 
 /// The online-softmax state of a query block (over logits in `log2 e` units) and the first-order sum
-/// `z = Σ_{j∉S} 2^(c_j − m)` of the centroid phase, rescaled with it.
+/// `z = Σ_{j∉S} n_j 2^(c_j − m)` of the centroid phase (its probabilities' sum), rescaled with it.
 struct State {
     softmax: OnlineSoftmax,
     z: Vec<f32>,
@@ -261,12 +254,12 @@ impl State {
         self.z[..rows].fill(0.0);
     }
 
-    /// Folds the logits `s` (`rows x cols`) in (see [`OnlineSoftmax::update`]), rescaling `z` as well. `z_weight`
-    /// (per column, the centroid phase): `z += Σ_c p_c · z_weight[c]`.
-    fn update(&mut self, s: &mut [f32], rows: usize, cols: usize, z_weight: Option<&[f32]>) {
+    /// Folds the logits `s` (`rows x cols`) in (see [`OnlineSoftmax::update`]), rescaling `z` as well; for
+    /// centroids (`centroids`), `z += Σ_c p_c` (a selected centroid's `p` is 0).
+    fn update(&mut self, s: &mut [f32], rows: usize, cols: usize, centroids: bool) {
         let z = &mut self.z;
         self.softmax.update(s, rows, cols, |r, p, alpha| {
-            let added = z_weight.map_or(0.0, |w| p.iter().zip(w).map(|(p, w)| p * w).sum::<f32>());
+            let added = if centroids { p.iter().sum::<f32>() } else { 0.0 };
             z[r] = z[r] * alpha + added;
         });
     }
@@ -290,13 +283,13 @@ fn forward_block(x: &Inputs, moment_mean: Option<&View>, outs: [&View; 3], dims:
         let s = &mut buf.s[..lq * lk];
         // s = q · kᵀ ; acc += p · v (groups hold at most GROUP_KEYS keys or one block: the buffers' sizes)
         Gemm { m: lq, n: lk, k: d, accumulate: false }.run(MatMut::rows(s, lk), Mat::rows(&buf.q, d), Mat::rows(&buf.k, d).t());
-        buf.state.update(s, lq, lk, None);
+        buf.state.update(s, lq, lk, false);
         Gemm { m: lq, n: dv, k: lk, accumulate: true }.run(MatMut::rows(&mut buf.state.softmax.acc, dv), Mat::rows(s, lk), Mat::rows(&buf.v, dv));
     }
     let selected = x.selection.mask_row(bh, i);
     for c0 in (0..m).step_by(CHUNK) {
         let cols = CHUNK.min(m - c0);
-        if !centroid_bias(layout, selected, c0, cols, &mut buf.bias, &mut buf.weight) {
+        if !centroid_bias(layout, selected, c0, cols, &mut buf.bias) {
             continue;
         }
         let (km, vm) = (x.key_mean.matrix(&[b, h, c0, 0]), x.value_mean.matrix(&[b, h, c0, 0]));
@@ -306,7 +299,7 @@ fn forward_block(x: &Inputs, moment_mean: Option<&View>, outs: [&View; 3], dims:
         for row in s.chunks_exact_mut(cols) {
             row.iter_mut().zip(&buf.bias[..cols]).for_each(|(x, b)| *x += b);
         }
-        buf.state.update(s, lq, cols, Some(&buf.weight[..cols]));
+        buf.state.update(s, lq, cols, true);
         Gemm { m: lq, n: dv, k: cols, accumulate: true }.run(MatMut::rows(&mut buf.state.softmax.acc, dv), Mat::rows(s, cols), vm);
     }
     if let Some(hm) = moment_mean {

@@ -42,11 +42,12 @@ fn check_scale(scale: f32) -> PyResult<()> {
     }
 }
 
-/// PISA block statistics on CPU: writes `key_mean`, `value_mean` and, when given, `moment_mean` (H̄), `query_mean`
-/// (needs `q`) and `spread` (‖H_j − H̄‖_F, needs `moment_mean`). `layout = (perm, offsets)`.
+/// PISA block statistics on CPU: writes `key_mean`, `value_mean` and, when given, `moment_mean` (H̄, the mean moment
+/// per token), `query_mean` (needs `q`), `key_variance` and `spread = (out, c)` (‖H_j − c·H̄‖_F; c ≠ 0 needs
+/// `moment_mean`). `layout = (perm, offsets)`.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (k, v, q, layout, key_mean, value_mean, moment_mean, query_mean, spread, threads))]
+#[pyo3(signature = (k, v, q, layout, key_mean, value_mean, moment_mean, query_mean, key_variance, spread, threads))]
 fn pisa_stats(
     py: Python<'_>,
     k: TensorArgs,
@@ -57,7 +58,8 @@ fn pisa_stats(
     value_mean: TensorArgs,
     moment_mean: Option<TensorArgs>,
     query_mean: Option<TensorArgs>,
-    spread: Option<TensorArgs>,
+    key_variance: Option<TensorArgs>,
+    spread: Option<(TensorArgs, f32)>,
     threads: usize,
 ) -> PyResult<()> {
     let (k, v, q) = (view("k", k)?, view("v", v)?, q.map(|t| view("q", t)).transpose()?);
@@ -65,7 +67,8 @@ fn pisa_stats(
     let (key_mean, value_mean) = (view("key_mean", key_mean)?, view("value_mean", value_mean)?);
     let moment_mean = moment_mean.map(|t| view("moment_mean", t)).transpose()?;
     let query_mean = query_mean.map(|t| view("query_mean", t)).transpose()?;
-    let spread = spread.map(|t| view("spread", t)).transpose()?;
+    let key_variance = key_variance.map(|t| view("key_variance", t)).transpose()?;
+    let spread = spread.map(|(t, centre)| view("spread", t).map(|t| (t, centre))).transpose()?;
     py.detach(|| {
         k.expect(4, true)?;
         let layout = Layout::new(&perm.to_i64_vec()?, &offsets.to_i64_vec()?, k.shape()[2])?;
@@ -74,7 +77,8 @@ fn pisa_stats(
             value_mean: &value_mean,
             moment_mean: moment_mean.as_ref(),
             query_mean: query_mean.as_ref(),
-            spread: spread.as_ref(),
+            key_variance: key_variance.as_ref(),
+            spread: spread.as_ref().map(|(t, centre)| (t, *centre)),
         };
         pisa::stats(&k, &v, q.as_ref(), &layout, &outs, threads)
     })

@@ -6,6 +6,7 @@ import torch
 
 import difattn
 from difattn import reference
+from difattn._options import pisa_routing_bias
 from difattn.ops.pisa.method import pisa_on_kernels
 from difattn.ops.pisa.op import pisa_fwd
 from difattn.ops.pisa.layout import pisa_layout
@@ -16,6 +17,7 @@ pytestmark = pytest.mark.gpu
 
 
 def triton_pisa(q, k, v, **options):
+    options["routing_bias"] = pisa_routing_bias(options["routing_bias"])
     return pisa_on_kernels(q, k, v, backend="triton", **options)
 
 
@@ -82,7 +84,7 @@ def test_opcheck_cuda(hybrid):
     grid = difattn.TokenGrid(12, 20, text_tokens=5)
     q, k, v = random_qkv(1, 2, grid.num_tokens, 64, dtype=torch.bfloat16, device="cuda")
     layout = pisa_layout(grid, grid.num_tokens, 64, "cuda")
-    key_mean, value_mean, moment_mean, query_mean, _ = block_stats(q, k, v, layout, moments=True, spread=False,
+    key_mean, value_mean, moment_mean, query_mean, _ = block_stats(q, k, v, layout, moments=True, bias=None,
                                                                    backend="triton")
     blocks = route(query_mean, key_mean, 0.125, 2, sink="first")
     args = [x.detach().requires_grad_() for x in (q, k, v, key_mean, value_mean, moment_mean)]

@@ -9,6 +9,7 @@ import torch
 
 import difattn
 from difattn import reference
+from difattn._options import pisa_routing_bias
 from difattn.ops.pisa.method import pisa_on_kernels
 from difattn.testing import compare_with_reference, random_qkv
 from pisa_cases import late_centroid_case
@@ -35,6 +36,7 @@ def small_chunks(monkeypatch):
 
 
 def triton_pisa(q, k, v, **options):
+    options["routing_bias"] = pisa_routing_bias(options["routing_bias"])
     return pisa_on_kernels(q, k, v, backend="triton", **options)
 
 

@@ -15,91 +15,14 @@ from difattn.reference._dense import dense_attention
 from difattn.reference.pisa import pisa_attention, pisa_layout
 from difattn.testing import random_qkv, rel_error
 from difattn.testing.strategies import token_grids
+from pisa_brute import brute_layout, brute_pisa_batched, brute_route
 
-# Image tile (th, tw) of a block of b tokens, as the spec lists them (th = 2^floor(log2(b)/2), tw = b / th).
-TILES = {4: (2, 2), 8: (2, 4), 16: (4, 4), 64: (8, 8), 128: (8, 16)}
 ORDERS = ("zeroth", "hybrid", "first")
 GRIDS = {
     "none": None,
     "text_first": TokenGrid(5, 7, text_tokens=11, text_position="first"),
     "text_last_video": TokenGrid(3, 6, frames=2, text_tokens=5, text_position="last"),
 }
-
-
-def brute_layout(grid: TokenGrid | None, num_tokens: int, block_size: int) -> list[list[int]]:
-    """Blocks in the spec's numbering, each as the list of its tokens' positions in the original sequence."""
-    if grid is None:
-        return [list(range(s, min(s + block_size, num_tokens))) for s in range(0, num_tokens, block_size)]
-    th, tw = TILES[block_size]
-    text = list(grid.text_range)
-    text_blocks = [text[s : s + block_size] for s in range(0, len(text), block_size)]
-    start = grid.image_range.start
-    image_blocks = [
-        [start + (f * grid.height + y) * grid.width + x
-         for y in range(ty, min(ty + th, grid.height)) for x in range(tx, min(tx + tw, grid.width))]
-        for f in range(grid.frames) for ty in range(0, grid.height, th) for tx in range(0, grid.width, tw)
-    ]
-    return text_blocks + image_blocks if grid.text_position == "first" else image_blocks + text_blocks
-
-
-def brute_stats(k, v, layout):
-    """Per block: k̄_j, V̂_j, H_j; and H̄ (lists over blocks of one (batch, head) slice)."""
-    key_mean = [k[idx].mean(0) for idx in layout]
-    value_sum = [v[idx].sum(0) for idx in layout]
-    moments = [sum(torch.outer(k[t] - key_mean[j], v[t]) for t in idx) for j, idx in enumerate(layout)]
-    return key_mean, value_sum, moments, sum(moments) / len(layout)
-
-
-def brute_route(q, k, v, layout, scale, num_selected, routing_bias, sink) -> list[list[int]]:
-    """S_i for every query block i of one slice: sorted by descending score, ties to the lower j, sink first."""
-    key_mean, _, moments, moment_mean = brute_stats(k, v, layout)
-    num_blocks = len(layout)
-    selections = []
-    for idx in layout:
-        query_mean = q[idx].mean(0)
-        score = [float(scale * query_mean @ key_mean[j]) for j in range(num_blocks)]
-        if routing_bias:
-            score = [score[j] + math.log(float(torch.linalg.norm(moments[j] - moment_mean)) + 1e-5)
-                     for j in range(num_blocks)]
-        ranked = sorted(range(num_blocks), key=lambda j: (-score[j], j))
-        if sink is not None:
-            forced = 0 if sink == "first" else num_blocks - 1
-            ranked = [forced] + [j for j in ranked if j != forced]
-        selections.append(ranked[:num_selected])
-    return selections
-
-
-def brute_pisa(q, k, v, layout, selection, scale, order):
-    """``(N, Dv)``: the spec's num / den for every query token of one slice, token by token, block by block."""
-    key_mean, value_sum, moments, moment_mean = brute_stats(k, v, layout)
-    rows = {}
-    for i, queries in enumerate(layout):
-        exact = [u for j in selection[i] for u in layout[j]]
-        others = [j for j in range(len(layout)) if j not in selection[i]]
-        for t in queries:
-            exact_logits = scale * (k[exact] @ q[t])
-            centroid_logits = [scale * (key_mean[j] @ q[t]) for j in others]
-            m = torch.cat([exact_logits] + [c[None] for c in centroid_logits]).max()
-            den = torch.exp(exact_logits - m).sum()
-            num = torch.exp(exact_logits - m) @ v[exact]
-            for j, c in zip(others, centroid_logits):
-                den = den + len(layout[j]) * torch.exp(c - m)
-                num = num + torch.exp(c - m) * value_sum[j]
-                if order == "hybrid":
-                    num = num + scale * torch.exp(c - m) * (q[t] @ moment_mean)
-                elif order == "first":
-                    num = num + scale * torch.exp(c - m) * (q[t] @ moments[j])
-            rows[t] = num / den
-    return torch.stack([rows[t] for t in range(q.shape[0])])
-
-
-def brute_pisa_batched(q, k, v, layout, blocks, scale, order):
-    """brute_pisa over every (batch, head) slice of ``(B, H, N, D)`` inputs, with the op's ``blocks``."""
-    return torch.stack([
-        torch.stack([brute_pisa(q[b, h], k[b, h], v[b, h], layout, blocks[b, h].tolist(), scale, order)
-                     for h in range(q.shape[1])])
-        for b in range(q.shape[0])
-    ])
 
 
 def block_constant_keys(layout, num_tokens: int, dim: int, seed: int) -> torch.Tensor:
@@ -147,7 +70,8 @@ def test_matches_brute_force(shape, order, density, sink, seed):
 
 
 @settings(max_examples=25, deadline=None)
-@given(shape=layouts(), density=st.sampled_from([0.05, 0.2, 0.5, 1.0]), routing_bias=st.booleans(),
+@given(shape=layouts(), density=st.sampled_from([0.05, 0.2, 0.5, 1.0]),
+       routing_bias=st.sampled_from([False, True, "centered", "uncentered", "key_variance"]),
        sink=st.sampled_from([None, "first", "last"]), seed=st.integers(0, 2**16))
 def test_selection_matches_brute_force_routing(shape, density, routing_bias, sink, seed):
     grid, num_tokens, block_size = shape

@@ -14,12 +14,13 @@ from hypothesis import strategies as st
 import difattn
 from difattn import reference
 from difattn._native import core
+from difattn._options import pisa_routing_bias
 from difattn.ops._base.descriptors import tensor_desc
 from difattn.ops.pisa import rust_launch
 from difattn.ops.pisa.layout import pisa_layout
 from difattn.ops.pisa.method import pisa_on_kernels
 from difattn.ops.pisa.op import pisa_fwd
-from difattn.ops.pisa.stats import block_stats, pisa_stats, route, torch_stats
+from difattn.ops.pisa.stats import block_stats, pisa_stats, route, score_bias, torch_stats
 from difattn.reference.pisa import pisa_layout as reference_layout
 from difattn.testing import assert_close, assert_finite, compare_with_reference, nan_poisoned, random_qkv
 from difattn.testing.strategies import head_dims, token_grids
@@ -29,10 +30,12 @@ ORDERS = ("zeroth", "hybrid")
 
 
 def fast(q, k, v, *, backend="rust", **options):
-    """The kernel path with every option spelled out (``blocks`` passes a selection, as the reference takes)."""
+    """The kernel path with every option spelled out and resolved as the public function resolves them (``blocks``
+    passes a selection, as the reference takes)."""
     full = dict(density=0.125, block_size=64, order="hybrid", routing_bias=False, sink=None, grid=None,
                 return_blocks=False, scale=q.shape[-1] ** -0.5)
     full.update(options)
+    full["routing_bias"] = pisa_routing_bias(full["routing_bias"])
     return pisa_on_kernels(q, k, v, backend=backend, **full)
 
 
@@ -100,18 +103,19 @@ def test_routing_equals_reference(shape, density, sink, seed):
 @given(shape=pisa_shapes(max_tokens=160), density=st.sampled_from([0.1, 0.3]), sink=st.sampled_from([None, "last"]),
        seed=st.integers(0, 2**16))
 def test_routing_bias_equals_reference_in_float64(shape, density, sink, seed):
-    """The torch statistics' Gram-matrix form of ‖H_j − H̄‖_F routes like the reference's explicit moments (float64,
-    where rounding cannot flip a tie)."""
+    """The torch statistics (the Gram-matrix form of ‖H_j − c·H̄‖_F, the masked key variance) route like the
+    reference's explicit moments (float64, where rounding cannot flip a tie), for every routing bias."""
     grid, num_tokens, block_size = shape
     q, k, v = random_qkv(1, 2, num_tokens, 8, Dv=6, dtype=torch.float64, seed=seed)
     layout = pisa_layout(grid, num_tokens, block_size, "cpu")
-    key_mean, _, _, query_mean, spread = torch_stats(q, k, v, layout.counts, layout.slots, layout.max_block,
-                                                     moments=True, spread=True)
     num_selected = max(1, math.floor(density * layout.num_blocks))
-    blocks = route(query_mean, key_mean, 0.3, num_selected, sink=sink, spread=spread)
-    _, expected = reference.pisa_attention(q, k, v, density=density, block_size=block_size, routing_bias=True,
-                                           sink=sink, grid=grid, return_blocks=True, scale=0.3)
-    assert torch.equal(blocks, expected)
+    for bias in ("centered", "uncentered", "key_variance"):
+        key_mean, _, _, query_mean, statistic = torch_stats(q, k, v, layout.counts, layout.slots, layout.max_block,
+                                                            moments=bias == "centered", bias=bias)
+        blocks = route(query_mean, key_mean, 0.3, num_selected, sink=sink, bias=score_bias(statistic, bias))
+        _, expected = reference.pisa_attention(q, k, v, density=density, block_size=block_size, routing_bias=bias,
+                                               sink=sink, grid=grid, return_blocks=True, scale=0.3)
+        assert torch.equal(blocks, expected), bias
 
 
 @settings(max_examples=12)
@@ -120,24 +124,26 @@ def test_rust_statistics_match_torch(shape, dtype, seed):
     grid, num_tokens, block_size = shape
     q, k, v = random_qkv(2, 2, num_tokens, 24, Dv=20, dtype=dtype, seed=seed, token_major=seed % 2 == 0)
     layout = pisa_layout(grid, num_tokens, block_size, "cpu")
-    rust = block_stats(q, k, v, layout, moments=True, spread=True, backend="rust")
-    high = torch_stats(*(x.double() for x in (q, k, v)), layout.counts, layout.slots, layout.max_block, moments=True,
-                       spread=True)
-    for name, a, b in zip(("key_mean", "value_mean", "moment_mean", "query_mean", "spread"), rust, high):
-        assert a.dtype == torch.float32
-        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=name)
+    for bias in ("centered", "uncentered", "key_variance"):
+        rust = block_stats(q, k, v, layout, moments=True, bias=bias, backend="rust")
+        high = torch_stats(*(x.double() for x in (q, k, v)), layout.counts, layout.slots, layout.max_block,
+                           moments=True, bias=bias)
+        for name, a, b in zip(("key_mean", "value_mean", "moment_mean", "query_mean", bias), rust, high):
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("bias", [True, "uncentered", "key_variance"])
 @pytest.mark.parametrize("grid", [None, difattn.TokenGrid(9, 11, text_tokens=6, text_position="last")])
-def test_routing_bias_fp32_matches_reference(grid):
+def test_routing_bias_fp32_matches_reference(grid, bias):
     num_tokens = grid.num_tokens if grid is not None else 300
     q, k, v = random_qkv(2, 3, num_tokens, 16, seed=5, token_major=True)
-    kw = dict(density=0.2, block_size=8, routing_bias=True, sink="first", grid=grid, scale=0.25)
+    kw = dict(density=0.2, block_size=8, routing_bias=bias, sink="first", grid=grid, scale=0.25)
     for order in ORDERS:
         _, blocks = fast(q, k, v, order=order, return_blocks=True, **kw)
         _, expected = reference.pisa_attention(q, k, v, order=order, return_blocks=True, **kw)
         assert torch.equal(blocks, expected)
-    compare_given_blocks("pisa rust routing bias", q, k, v, order="hybrid", **kw)
+    compare_given_blocks(f"pisa rust routing bias {bias}", q, k, v, order="hybrid", **kw)
 
 
 @pytest.mark.parametrize("d, dv", [(256, 40), (72, 96)])
@@ -225,15 +231,15 @@ def test_bad_selections_are_rejected():
     q, k, v = random_qkv(1, 2, 20, 4, seed=9)  # block_size 4: M = 5, density 0.4: k = 2
     good = torch.zeros(1, 2, 5, 2, dtype=torch.int64)
     good[..., 1] = 1
-    fast(q, k, v, density=0.4, block_size=4, blocks=good)
+    difattn.pisa_attention(q, k, v, density=0.4, block_size=4, blocks=good, backend="rust")
     for bad in (good[..., :1], good + 4, torch.zeros_like(good)):
         with pytest.raises(ValueError, match="blocks"):
-            fast(q, k, v, density=0.4, block_size=4, blocks=bad)
+            difattn.pisa_attention(q, k, v, density=0.4, block_size=4, blocks=bad, backend="rust")
     with pytest.raises(TypeError, match="blocks"):
-        fast(q, k, v, density=0.4, block_size=4, blocks=good.int())
+        difattn.pisa_attention(q, k, v, density=0.4, block_size=4, blocks=good.int(), backend="rust")
     # The compiled core validates on its own too: repeats and out-of-range ids never reach a kernel.
     layout = pisa_layout(None, 20, 4, "cpu")
-    key_mean, value_mean, *_ = block_stats(q, k, v, layout, moments=False, spread=False, backend="rust")
+    key_mean, value_mean, *_ = block_stats(q, k, v, layout, moments=False, bias=None, backend="rust")
     for bad, message in ((torch.zeros_like(good), "repeats"), (good + 4, "out of range")):
         with pytest.raises(ValueError, match=message):
             pisa_fwd(q, k, v, key_mean, value_mean, None, layout.perm, layout.offsets, bad, 4, 0.5, "rust")
@@ -250,10 +256,10 @@ def test_kernels_write_every_output():
     B, H, N, D = q.shape
     M, Dv = layout.num_blocks, 20
     stats = [nan_poisoned(shape, dtype=torch.float32) for shape in ((B, H, M, D), (B, H, M, Dv), (B, H, D, Dv),
-                                                                    (B, H, M, D), (B, H, M))]
+                                                                    (B, H, M, D), (B, H, M), (B, H, M))]
     core().pisa_stats(tensor_desc(k), tensor_desc(v), tensor_desc(q), (tensor_desc(layout.perm), tensor_desc(layout.offsets)),
-                      *(tensor_desc(x) for x in stats), 2)
-    for name, x in zip(("key_mean", "value_mean", "moment_mean", "query_mean", "spread"), stats):
+                      *(tensor_desc(x) for x in stats[:5]), (tensor_desc(stats[5]), 1.5), 2)
+    for name, x in zip(("key_mean", "value_mean", "moment_mean", "query_mean", "key_variance", "spread"), stats):
         assert_finite(name, x)
     key_mean, value_mean, moment_mean = stats[:3]
     blocks = route(stats[3], key_mean, 0.2, 3, sink="first")
@@ -279,7 +285,7 @@ def test_opcheck_pisa_cpu(hybrid):
     grid = difattn.TokenGrid(5, 6, text_tokens=3)
     q, k, v = random_qkv(1, 2, grid.num_tokens, 16, seed=10)
     layout = pisa_layout(grid, grid.num_tokens, 4, "cpu")
-    key_mean, value_mean, moment_mean, query_mean, _ = block_stats(q, k, v, layout, moments=True, spread=False,
+    key_mean, value_mean, moment_mean, query_mean, _ = block_stats(q, k, v, layout, moments=True, bias=None,
                                                                    backend="rust")
     blocks = route(query_mean, key_mean, 0.25, 2, sink=None)
     args = [x.detach().requires_grad_() for x in (q, k, v, key_mean, value_mean, moment_mean)]
@@ -288,7 +294,7 @@ def test_opcheck_pisa_cpu(hybrid):
     torch.library.opcheck(pisa_fwd, (*args, layout.perm, layout.offsets, blocks, layout.max_block, 0.25, "rust"))
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
     torch.library.opcheck(pisa_stats, (*leaves, layout.perm, layout.offsets, layout.block_of, layout.slots,
-                                       layout.max_block, True, hybrid, "rust"))
+                                       layout.max_block, True, "centered" if hybrid else "", "rust"))
 
 
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")

@@ -3,12 +3,13 @@ exact blocks, the centroids and the first-order term, and the backward in three 
 
 Forward, one program per (query block, batch·head): an online softmax over the tokens of the selected key blocks
 (the block engine's loop, :func:`.block_attention.attend_blocks`), then over every other block's centroid (key
-``k̄_j``, logit ``+ log2 n_j``, value ``w_j = V̂_j / n_j``) in chunks, with the running ``z = Σ e^{c_j - m}`` of the
-first-order term rescaled with everything else whenever the max rises. ``out = (acc + scale·z·(q·H̄)) / den``;
-``lse`` and ``zeta = z / den`` are stored for the backward.
+``k̄_j``, logit ``+ log2 n_j``, value ``w_j = V̂_j / n_j``) in chunks, with the running ``z = Σ n_j e^{c_j - m}`` (the
+centroids' share of the denominator) of the first-order term rescaled with everything else whenever the max rises.
+``out = (acc + scale·z·(q·H̄)) / den``, ``H̄`` the mean moment per token (each unselected block's ``q·H_j`` taken as
+``n_j q·H̄``); ``lse`` and ``zeta = z / den`` are stored for the backward.
 
 Backward (``Δ = rowsum(dout·out)``, ``ρ = scale·(q·H̄)·dout``; exact ``dℓ = P(dout·v − Δ)``, centroid
-``dc = P(dout·w + ρ/n − Δ)``): dq per query block (the engine's loop, then the centroids); dk, dv per key block
+``dc = P(dout·w + ρ − Δ)``): dq per query block (the engine's loop, then the centroids); dk, dv per key block
 over the query blocks that selected it, on the block engine's dk/dv kernel with the selection's transpose per
 batch·head; dk̄, dw per chunk of centroids over a split of the query blocks, the splits summed afterwards. No output
 is written by two programs, so nothing needs atomics.
@@ -36,14 +37,12 @@ CENTROID_CHUNK = 64
 @triton.jit
 def _centroid_bias(off_ptr, p_sel, o_c, M):
     """Per centroid ``o_c`` of a chunk, for one query block (``p_sel``: its row of the selection mask):
-    ``(open, log2 n_j or -inf, 1/n_j or 0)``; open = exists and not selected."""
+    ``(open, log2 n_j or -inf)``; open = exists and not selected (a closed centroid's probability is 0)."""
     m_c = o_c < M
     b_sel = tl.load(p_sel + o_c, mask=m_c, other=1)
     b_n = (tl.load(off_ptr + o_c + 1, mask=m_c, other=1) - tl.load(off_ptr + o_c, mask=m_c, other=0)).to(tl.float32)
     m_open = m_c & (b_sel == 0)
-    b_bias = tl.where(m_open, tl.log2(b_n), float("-inf"))
-    b_weight = tl.where(m_open, 1.0 / b_n, 0.0)
-    return m_open, b_bias, b_weight
+    return m_open, tl.where(m_open, tl.log2(b_n), float("-inf"))
 
 
 @triton.jit(do_not_specialize=["N", "M", "NUM_SEL"])
@@ -80,14 +79,14 @@ def _pisa_fwd_kernel(
     b_z = tl.zeros([BLOCK], dtype=tl.float32)
     for i_c in range(0, M, BLOCK_C):
         o_c = i_c + tl.arange(0, BLOCK_C)
-        m_open, b_bias, b_weight = _centroid_bias(off_ptr, sel_ptr + i_row * M, o_c, M)
+        m_open, b_bias = _centroid_bias(off_ptr, sel_ptr + i_row * M, o_c, M)
         if tl.sum(m_open.to(tl.int32)) > 0:
             m_c = o_c < M
             b_km = load_rows(km_ptr + i_bh * M * D, o_c, m_c, D, 1, D, BLOCK_D).to(b_q.dtype)
             b_w = load_rows(vm_ptr + i_bh * M * DV, o_c, m_c, DV, 1, DV, BLOCK_DV).to(b_q.dtype)
             b_s = tl.dot(b_q, tl.trans(b_km), input_precision=PRECISION) * qk_scale + b_bias[None, :]
             b_m, b_l, b_acc, b_alpha, b_p = online_softmax_step(b_s, b_w, b_m, b_l, b_acc, PRECISION)
-            b_z = b_z * b_alpha + tl.sum(b_p * b_weight[None, :], 1)
+            b_z = b_z * b_alpha + tl.sum(b_p, 1)
 
     b_inv_l, b_lse = online_softmax_finish(b_m, b_l)
     o_out = i_bh * N * DV
@@ -127,7 +126,7 @@ def _pisa_bwd_dq_kernel(
     HYBRID: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """``dq`` of one query block of one batch·head: the exact part on the block engine's loop, then the
-    centroids' ``dc = P(dout·w + ρ/n − Δ)``."""
+    centroids' ``dc = P(dout·w + ρ − Δ)``."""
     i_q = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
@@ -146,7 +145,7 @@ def _pisa_bwd_dq_kernel(
     )
     for i_c in range(0, M, BLOCK_C):
         o_c = i_c + tl.arange(0, BLOCK_C)
-        m_open, b_bias, b_weight = _centroid_bias(off_ptr, sel_ptr + i_row * M, o_c, M)
+        m_open, b_bias = _centroid_bias(off_ptr, sel_ptr + i_row * M, o_c, M)
         if tl.sum(m_open.to(tl.int32)) > 0:
             m_c = o_c < M
             b_km = load_rows(km_ptr + i_bh * M * D, o_c, m_c, D, 1, D, BLOCK_D).to(b_q.dtype)
@@ -154,7 +153,7 @@ def _pisa_bwd_dq_kernel(
             b_s = tl.dot(b_q, tl.trans(b_km), input_precision=PRECISION) * qk_scale + b_bias[None, :]
             b_p = tl.where(m_q[:, None], tl.exp2(b_s - b_lse[:, None]), 0.0)
             b_dp = tl.dot(b_do, tl.trans(b_w), input_precision=PRECISION)
-            b_dc = b_p * (b_dp + b_rho[:, None] * b_weight[None, :] - b_delta[:, None])
+            b_dc = b_p * (b_dp + b_rho[:, None] - b_delta[:, None])
             b_dq += tl.dot(b_dc.to(b_km.dtype), b_km, input_precision=PRECISION)
     store_rows(dq_ptr + i_bh * N * D, q_rows, m_q, D, D, b_dq * scale, BLOCK_D)
 
@@ -184,7 +183,7 @@ def _pisa_bwd_centroid_kernel(
     b_dkm = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
     b_dw = tl.zeros([BLOCK_C, BLOCK_DV], dtype=tl.float32)
     for i_q in range(M * i_split // SPLITS, M * (i_split + 1) // SPLITS):
-        m_open, b_bias, b_weight = _centroid_bias(off_ptr, sel_ptr + (i_bh * M + i_q) * M, o_c, M)
+        m_open, b_bias = _centroid_bias(off_ptr, sel_ptr + (i_bh * M + i_q) * M, o_c, M)
         if tl.sum(m_open.to(tl.int32)) > 0:
             _, _, m_q, b_q, b_do, b_lse, b_delta, b_rho = _load_query_side(
                 q_ptr, do_ptr, lse_ptr, delta_ptr, rho_ptr, perm_ptr, off_ptr, i_q, i_b, i_h, i_bh, N, D, DV,
@@ -192,7 +191,7 @@ def _pisa_bwd_centroid_kernel(
             b_st = tl.dot(b_km, tl.trans(b_q), input_precision=PRECISION) * qk_scale + b_bias[:, None]
             b_pt = tl.where(m_q[None, :], tl.exp2(b_st - b_lse[None, :]), 0.0)  # (centroids, queries)
             b_dpt = tl.dot(b_w, tl.trans(b_do), input_precision=PRECISION)
-            b_dct = b_pt * (b_dpt + b_weight[:, None] * b_rho[None, :] - b_delta[None, :])
+            b_dct = b_pt * (b_dpt + b_rho[None, :] - b_delta[None, :])
             b_dkm += tl.dot(b_dct.to(b_q.dtype), b_q, input_precision=PRECISION)
             b_dw += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
     o_part = (i_split * tl.num_programs(1).to(tl.int64) + i_bh) * M

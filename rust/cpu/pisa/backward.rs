@@ -2,8 +2,9 @@
 //! order) and `P` the softmax probabilities of the forward (recomputed from `lse`):
 //!
 //! - exact entries: `dℓ_u = P_u (g·v_u − Δ)`, so `dq += s dℓ_u k_u`, `dk_u += s dℓ_u q`, `dv_u += P_u g`;
-//! - centroid entries: `dc_j = P_j (g·w_j + ρ / n_j − Δ)`, so `dq += s dc_j k̄_j`, `dk̄_j += s dc_j q`,
-//!   `dw_j += P_j g` (the `ρ / n_j` term is the derivative of `ζ = z / den` that the first-order term scales);
+//! - centroid entries: `dc_j = P_j (g·w_j + ρ − Δ)`, so `dq += s dc_j k̄_j`, `dk̄_j += s dc_j q`,
+//!   `dw_j += P_j g` (the `ρ` term is the derivative of `ζ = z / den`, `z = Σ_U n_j e^{c_j−m}`, that the
+//!   first-order term scales);
 //! - the first-order term `s ζ q·H̄`: `dq += s ζ H̄ g`, `dH̄ += s ζ q gᵀ`.
 //!
 //! One pass over (slice, split of the query blocks) tasks computes every logit once (five GEMMs per block pair,
@@ -116,7 +117,6 @@ struct Buffers {
     p: Vec<f32>,
     dp: Vec<f32>,
     bias: Vec<f32>,
-    weight: Vec<f32>,
 }
 
 impl Buffers {
@@ -137,7 +137,6 @@ impl Buffers {
             p: vec![0.0; block * wide],
             dp: vec![0.0; block * wide],
             bias: vec![0.0; CHUNK],
-            weight: vec![0.0; CHUNK],
         }
     }
 }
@@ -172,8 +171,8 @@ impl Ctx<'_> {
         (q0, lq)
     }
 
-    /// `p = 2^(p·scale·log2 e + bias − lse)` and `dp = p ∘ (dp + ρ·weight − Δ)` over `lq x cols` (`bias`,
-    /// `weight`: per column, or none for exact entries).
+    /// `p = 2^(p·scale·log2 e + bias − lse)` and `dp = p ∘ (dp + ρ − Δ)` over `lq x cols` (`bias` per column and
+    /// the `ρ` term for centroids; neither for exact entries).
     fn probabilities(&self, lq: usize, cols: usize, centroid: bool, buf: &mut Buffers) {
         let mul = self.x.scale * LOG2_E;
         let (p, dp) = (&mut buf.p[..lq * cols], &mut buf.dp[..lq * cols]);
@@ -187,9 +186,7 @@ impl Ctx<'_> {
             exp2_shift_sum(row, buf.lse[r]);
             let (drow, delta, rho) = (&mut dp[r * cols..(r + 1) * cols], buf.delta[r], buf.rho[r]);
             if centroid {
-                for ((g, p), w) in drow.iter_mut().zip(row.iter()).zip(&buf.weight[..cols]) {
-                    *g = p * (*g + rho * w - delta);
-                }
+                drow.iter_mut().zip(row.iter()).for_each(|(g, p)| *g = p * (*g + rho - delta));
             } else {
                 drow.iter_mut().zip(row.iter()).for_each(|(g, p)| *g = p * (*g - delta));
             }
@@ -259,7 +256,7 @@ impl Ctx<'_> {
         let selected = self.x.selection.mask_row(bh, i);
         for c0 in (0..m).step_by(CHUNK) {
             let cols = CHUNK.min(m - c0);
-            if !centroid_bias(self.x.layout, selected, c0, cols, &mut buf.bias, &mut buf.weight) {
+            if !centroid_bias(self.x.layout, selected, c0, cols, &mut buf.bias) {
                 continue;
             }
             let (km, vm) = (self.x.key_mean.matrix(&[b, h, c0, 0]), self.x.value_mean.matrix(&[b, h, c0, 0]));

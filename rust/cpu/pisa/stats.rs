@@ -1,9 +1,10 @@
 //! The block statistics of PISA in one pass over the tokens (rows gathered through the layout, f32):
-//! `k̄_j` (key mean), `w_j = V̂_j / n_j` (value mean), optionally `q̄_j` (query mean, for routing) and
-//! `H̄ = (1/M) Σ_j Σ_{t∈j} (k_t − k̄_j) v_tᵀ`, reduced over blocks without materialising the per-block `H_j`.
-//! The routing bias's `‖H_j − H̄‖_F` takes a second pass that recomputes each `H_j` in a `D x Dv` buffer.
+//! `k̄_j` (key mean), `w_j = V̂_j / n_j` (value mean), optionally `q̄_j` (query mean, for routing), the key variance
+//! `(1/n_j) Σ_{t∈j} ‖k_t − k̄_j‖²` (a routing bias) and `H̄ = (1/N) Σ_j Σ_{t∈j} (k_t − k̄_j) v_tᵀ` (the mean moment
+//! per token), reduced over blocks without materialising the per-block `H_j`. The moment routing biases'
+//! `‖H_j − c·H̄‖_F` take a second pass that recomputes each `H_j` in a `D x Dv` buffer.
 //!
-//! Tasks are (slice, split of the blocks); each keeps a partial `H̄`, summed per slice in a fixed order.
+//! Tasks are (slice, split of the blocks); each keeps a partial `Σ H_j`, summed per slice in a fixed order.
 
 use rayon::prelude::*;
 
@@ -17,18 +18,21 @@ use crate::cpu::view::{DType, View, ViewError};
 const TASKS_PER_THREAD: usize = 2;
 
 /// Outputs (f32, contiguous): `key_mean (B, H, M, D)`, `value_mean (B, H, M, Dv)`, and when given
-/// `moment_mean (B, H, D, Dv)`, `query_mean (B, H, M, D)`, `spread (B, H, M)` (which needs `moment_mean`).
+/// `moment_mean (B, H, D, Dv)`, `query_mean (B, H, M, D)`, `key_variance (B, H, M)` and `spread (B, H, M)` with its
+/// centring factor `c`: `‖H_j − c·H̄‖_F` (c > 0 needs `moment_mean`).
 pub struct StatsOutputs<'a> {
     pub key_mean: &'a View,
     pub value_mean: &'a View,
     pub moment_mean: Option<&'a View>,
     pub query_mean: Option<&'a View>,
-    pub spread: Option<&'a View>,
+    pub key_variance: Option<&'a View>,
+    pub spread: Option<(&'a View, f32)>,
 }
 
 #[derive(Clone, Copy)]
 struct Shape {
     heads: usize,
+    n: usize,
     d: usize,
     dv: usize,
     m: usize,
@@ -57,13 +61,16 @@ pub fn stats(k: &View, v: &View, q: Option<&View>, layout: &Layout, outs: &Stats
         (None, None) => {}
         _ => return err("query_mean: q and query_mean come together"),
     }
-    if let Some(t) = outs.spread {
+    if let Some(t) = outs.key_variance {
         check_output(t, &[batch, heads, m], DType::F32)?;
-        if outs.moment_mean.is_none() {
-            return err("spread: needs moment_mean");
+    }
+    if let Some((t, centre)) = outs.spread {
+        check_output(t, &[batch, heads, m], DType::F32)?;
+        if !centre.is_finite() || (centre != 0.0 && outs.moment_mean.is_none()) {
+            return err("spread: a finite centring factor, and moment_mean when it is not 0");
         }
     }
-    let shape = Shape { heads, d, dv, m };
+    let shape = Shape { heads, n, d, dv, m };
     let slices = batch * heads;
     let splits = (TASKS_PER_THREAD * threads.max(1)).div_ceil(slices).clamp(1, m);
     let block = layout.max_block();
@@ -77,12 +84,18 @@ pub fn stats(k: &View, v: &View, q: Option<&View>, layout: &Layout, outs: &Stats
                 |rows, task| pass.means_and_moments(q, outs, task / splits, (task % splits, splits), rows),
             )
             .collect();
-        let Some(moment_mean) = outs.moment_mean else { return };
-        let means: Vec<Vec<f32>> = (0..slices).into_par_iter().map(|bh| pass.reduce(moment_mean, &partials[bh * splits..(bh + 1) * splits], bh)).collect();
-        if let Some(spread) = outs.spread {
+        let means: Vec<Vec<f32>> = match outs.moment_mean {
+            Some(moment_mean) => (0..slices).into_par_iter().map(|bh| pass.reduce(moment_mean, &partials[bh * splits..(bh + 1) * splits], bh)).collect(),
+            None => Vec::new(),
+        };
+        if let Some((spread, centre)) = outs.spread {
+            // The centre c·H̄ of each slice (zero when c = 0: no moment_mean needed).
+            let centres: Vec<Vec<f32>> = (0..slices)
+                .map(|bh| means.get(bh).map_or_else(|| vec![0.0; d * dv], |h| h.iter().map(|x| x * centre).collect()))
+                .collect();
             (0..slices * splits).into_par_iter().for_each_init(
                 || Rows::new(block, shape),
-                |rows, task| pass.spread(spread, &means[task / splits], task / splits, (task % splits, splits), rows),
+                |rows, task| pass.spread(spread, &centres[task / splits], task / splits, (task % splits, splits), rows),
             );
         }
     });
@@ -145,7 +158,7 @@ impl Pass<'_> {
 
     /// Means of the blocks of one split (written) and the split's partial `Σ H_j` (returned, `d x dv`).
     fn means_and_moments(&self, q: Option<&View>, outs: &StatsOutputs, bh: usize, split: (usize, usize), rows: &mut Rows) -> Vec<f32> {
-        let Shape { heads, d, dv, m } = self.shape;
+        let Shape { heads, d, dv, m, .. } = self.shape;
         let (b, h) = (bh / heads, bh % heads);
         rows.moment.fill(0.0);
         for j in (m * split.0 / split.1)..(m * (split.0 + 1) / split.1) {
@@ -163,6 +176,12 @@ impl Pass<'_> {
             column_mean(&rows.k, len, d, &mut rows.row[..d]);
             // SAFETY: a validated contiguous f32 output whose row j of slice bh only this task touches.
             unsafe { outs.key_mean.store_row(&[b, h, j], &rows.row[..d]) };
+            if let Some(key_variance) = outs.key_variance {
+                let mean = &rows.row[..d];
+                let sq: f32 = rows.k[..len * d].chunks_exact(d).map(|r| r.iter().zip(mean).map(|(x, m)| (x - m) * (x - m)).sum::<f32>()).sum();
+                // SAFETY: a validated contiguous f32 output whose element (b, h, j) only this task touches.
+                unsafe { key_variance.store_f32(&[b, h, j], sq / len as f32) };
+            }
             if outs.moment_mean.is_some() {
                 self.block_moment(len, rows, true);
             }
@@ -170,14 +189,14 @@ impl Pass<'_> {
         rows.moment.clone()
     }
 
-    /// `H̄` of slice `bh` from its splits' partial sums (written, and returned row-major `d x dv`).
+    /// `H̄ = (1/N) Σ_j H_j` of slice `bh` from its splits' partial sums (written, and returned row-major `d x dv`).
     fn reduce(&self, moment_mean: &View, partials: &[Vec<f32>], bh: usize) -> Vec<f32> {
-        let Shape { heads, d, dv, m } = self.shape;
+        let Shape { heads, n, d, dv, .. } = self.shape;
         let mut mean = vec![0.0f32; d * dv];
         for part in partials {
             mean.iter_mut().zip(part).for_each(|(x, y)| *x += y);
         }
-        let inv = 1.0 / m as f32;
+        let inv = 1.0 / n as f32;
         mean.iter_mut().for_each(|x| *x *= inv);
         for i in 0..d {
             // SAFETY: a validated contiguous f32 output whose slice bh only this task touches.
@@ -186,15 +205,15 @@ impl Pass<'_> {
         mean
     }
 
-    /// `‖H_j − H̄‖_F` for the blocks of one split.
-    fn spread(&self, spread: &View, mean: &[f32], bh: usize, split: (usize, usize), rows: &mut Rows) {
+    /// `‖H_j − centre‖_F` for the blocks of one split (`centre`: `d x dv`).
+    fn spread(&self, spread: &View, centre: &[f32], bh: usize, split: (usize, usize), rows: &mut Rows) {
         let Shape { heads, d, m, .. } = self.shape;
         let (b, h) = (bh / heads, bh % heads);
         for j in (m * split.0 / split.1)..(m * (split.0 + 1) / split.1) {
             let len = self.load(b, h, j, rows);
             column_mean(&rows.k, len, d, &mut rows.row[..d]);
             self.block_moment(len, rows, false);
-            let sq: f32 = rows.moment.iter().zip(mean).map(|(x, y)| (x - y) * (x - y)).sum();
+            let sq: f32 = rows.moment.iter().zip(centre).map(|(x, y)| (x - y) * (x - y)).sum();
             // SAFETY: a validated contiguous f32 output whose element (b, h, j) only this task (the split holding
             // block j) touches.
             unsafe { spread.store_f32(&[b, h, j], sq.sqrt()) };

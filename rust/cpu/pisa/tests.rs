@@ -26,7 +26,8 @@ fn case() -> Case {
     Case { n, d, dv, perm, offsets, ids, q: values(n * d, 1), k: values(n * d, 2), v: values(n * dv, 3) }
 }
 
-/// Spec's `num / den` for every token of the single slice, in f64; `hybrid` adds `s Σ_U e^{c−m} q·H̄`.
+/// Spec's `num / den` for every token of the single slice, in f64; `hybrid` adds `s Σ_U n_j e^{c_j−m} q·H̄` with
+/// `H̄ = (1/N) Σ_j H_j` (each unselected block's moment stood in for by its token count times the mean per token).
 fn naive(c: &Case, scale: f64, hybrid: bool) -> Vec<f64> {
     let (d, dv) = (c.d, c.dv);
     let m = c.offsets.len() - 1;
@@ -40,7 +41,7 @@ fn naive(c: &Case, scale: f64, hybrid: bool) -> Vec<f64> {
         for &t in ts {
             for a in 0..d {
                 for e in 0..dv {
-                    hbar[a * dv + e] += (key(t, a) - kmean[j][a]) * val(t, e) / m as f64;
+                    hbar[a * dv + e] += (key(t, a) - kmean[j][a]) * val(t, e) / c.n as f64;
                 }
             }
         }
@@ -63,7 +64,7 @@ fn naive(c: &Case, scale: f64, hybrid: bool) -> Vec<f64> {
             for (&j, &cj) in others.iter().zip(&cent) {
                 let w = (cj - mx).exp();
                 den += block[j].len() as f64 * w;
-                z += w;
+                z += block[j].len() as f64 * w;
                 (0..dv).for_each(|e| num[e] += w * vsum[j][e]);
             }
             for e in 0..dv {
@@ -75,7 +76,7 @@ fn naive(c: &Case, scale: f64, hybrid: bool) -> Vec<f64> {
     out
 }
 
-/// Centroids and `H̄` in f32, by direct loops.
+/// Centroids and `H̄ = (1/N) Σ_j H_j` in f32, by direct loops.
 fn centroids(c: &Case) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (d, dv) = (c.d, c.dv);
     let m = c.offsets.len() - 1;
@@ -91,7 +92,7 @@ fn centroids(c: &Case) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         for &t in &ts {
             for a in 0..d {
                 for e in 0..dv {
-                    hbar[a * dv + e] += (c.k[t * d + a] - km[j * d + a]) * c.v[t * dv + e] / m as f32;
+                    hbar[a * dv + e] += (c.k[t * d + a] - km[j * d + a]) * c.v[t * dv + e] / c.n as f32;
                 }
             }
         }
@@ -144,17 +145,25 @@ fn stats_match_direct_loops() {
     let layout = Layout::new(&c.perm, &c.offsets, n).unwrap();
     let (k, v, q) = (view("k", &c.k, &[1, 1, n, d]), view("v", &c.v, &[1, 1, n, dv]), view("q", &c.q, &[1, 1, n, d]));
     let out = |len: usize| vec![f32::NAN; len];
-    let (okm, ovm, ohm, oqm, osp) = (out(m * d), out(m * dv), out(d * dv), out(m * d), out(m));
+    // The centred spread ‖H_j − (1/M) Σ_i H_i‖_F: the centre is H̄ times N / M.
+    let centre = n as f32 / m as f32;
+    let (okm, ovm, ohm, oqm, okv, osp) = (out(m * d), out(m * dv), out(d * dv), out(m * d), out(m), out(m));
     let outs = StatsOutputs {
         key_mean: &view("key_mean", &okm, &[1, 1, m, d]),
         value_mean: &view("value_mean", &ovm, &[1, 1, m, dv]),
         moment_mean: Some(&view("moment_mean", &ohm, &[1, 1, d, dv])),
         query_mean: Some(&view("query_mean", &oqm, &[1, 1, m, d])),
-        spread: Some(&view("spread", &osp, &[1, 1, m])),
+        key_variance: Some(&view("key_variance", &okv, &[1, 1, m])),
+        spread: Some((&view("spread", &osp, &[1, 1, m]), centre)),
     };
     stats(&k, &v, Some(&q), &layout, &outs, 3).unwrap();
     let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()));
     assert!(close(&okm, &km) && close(&ovm, &vm) && close(&ohm, &hbar));
+    for j in 0..m {
+        let ts: Vec<usize> = (c.offsets[j]..c.offsets[j + 1]).map(|p| c.perm[p as usize] as usize).collect();
+        let var: f32 = ts.iter().map(|&t| (0..d).map(|a| (c.k[t * d + a] - km[j * d + a]).powi(2)).sum::<f32>()).sum::<f32>() / ts.len() as f32;
+        assert!((okv[j] - var).abs() < 1e-5 * (1.0 + var), "key variance {} vs {var}", okv[j]);
+    }
     for j in 0..m {
         let ts: Vec<usize> = (c.offsets[j]..c.offsets[j + 1]).map(|p| c.perm[p as usize] as usize).collect();
         for a in 0..d {
@@ -165,7 +174,7 @@ fn stats_match_direct_loops() {
         for a in 0..d {
             for e in 0..dv {
                 let hj: f32 = ts.iter().map(|&t| (c.k[t * d + a] - km[j * d + a]) * c.v[t * dv + e]).sum();
-                sq += (hj - hbar[a * dv + e]).powi(2);
+                sq += (hj - centre * hbar[a * dv + e]).powi(2);
             }
         }
         assert!((osp[j] - sq.sqrt()).abs() < 1e-4 * (1.0 + sq.sqrt()), "{} vs {}", osp[j], sq.sqrt());

@@ -1,0 +1,150 @@
+"""PISA's conventions from the authors' released code, on every backend, against the independent twins of
+``pisa_brute`` (written from the formulas, not from the code under test), on shapes where the conventions differ:
+ragged N (a short last block), grids with border tiles and text runs that are not a multiple of the block.
+
+- the hybrid order's first-order term weights each unselected block by its token count,
+  ``s·(Σ_U n_j e^{c_j−m})·q·(Σ_j H_j)/N`` (the released kernel), forward and gradients;
+- the routing biases ``"centered"`` (the paper), ``"uncentered"`` (the released kernels), ``"key_variance"`` (the
+  trainable zeroth-order variant) select exactly the twin's blocks;
+- a selection passed as ``blocks=`` is honoured and validated by the public function on every backend.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import difattn
+from difattn.testing import compare_with_reference, random_qkv
+from pisa_brute import brute_layout, brute_pisa_batched, brute_route
+
+HAS_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (backend, dtype): the Triton kernels under the interpreter take fp32/fp16 only.
+BACKENDS = [
+    ("torch", torch.float32),
+    ("rust", torch.float32),
+    ("rust", torch.bfloat16),
+    pytest.param("triton", torch.float32, marks=pytest.mark.interpreter),
+    pytest.param("triton", torch.float16, marks=pytest.mark.interpreter),
+]
+# Ragged shapes: a short last block; border tiles of 2x1, 1x2 and 1x1 plus a text run of 4 + 2; a video whose
+# tiles of 2x4 are cut at the right border and the text run of 3 is one short block.
+SHAPES = {
+    "ragged_n": (None, 27, 4),
+    "border_tiles_text_last": (difattn.TokenGrid(5, 7, text_tokens=6, text_position="last"), None, 4),
+    "video_text_first": (difattn.TokenGrid(3, 5, frames=2, text_tokens=3), None, 8),
+}
+
+
+def _skip_without_triton(backend: str) -> None:
+    if backend == "triton" and not HAS_TRITON:
+        pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1")
+
+
+def _case(name: str, dtype: torch.dtype, seed: int, dim: int = 8):
+    grid, num_tokens, block_size = SHAPES[name]
+    num_tokens = grid.num_tokens if grid is not None else num_tokens
+    q, k, v = random_qkv(1, 2, num_tokens, dim, Dv=dim - 2, dtype=dtype, device=DEVICE, seed=seed,
+                         token_major=True)
+    return grid, block_size, brute_layout(grid, num_tokens, block_size), (q, k, v)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("backend, dtype", BACKENDS)
+@pytest.mark.parametrize("order", ["zeroth", "hybrid"])
+def test_first_order_term_weights_blocks_by_token_count(backend, dtype, shape, order):
+    """Forward and gradients of every backend against the twin of the released weighting (the shapes' ragged blocks
+    make it differ from ``s·(Σ_U e^{c_j−m})·q·(1/M) Σ_j H_j``: the test fails on the old rule)."""
+    _skip_without_triton(backend)
+    grid, block_size, layout, (q, k, v) = _case(shape, dtype, seed=3)
+    density = 0.3
+    num_selected = max(1, math.floor(density * len(layout)))
+    gen = torch.Generator().manual_seed(5)
+    blocks = torch.stack([torch.randperm(len(layout), generator=gen)[:num_selected] for _ in range(2 * len(layout))])
+    blocks = blocks.reshape(1, 2, len(layout), num_selected).to(DEVICE)
+    compare_with_reference(
+        f"pisa {backend} {order} {shape}",
+        lambda q, k, v: difattn.pisa_attention(q, k, v, density=density, block_size=block_size, order=order,
+                                               grid=grid, blocks=blocks, scale=0.4, backend=backend),
+        lambda q, k, v: brute_pisa_batched(q, k, v, layout, blocks, 0.4, order),
+        (q, k, v),
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("backend", ["torch", "rust", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("bias", [True, "centered", "uncentered", "key_variance"])
+@pytest.mark.parametrize("sink", [None, "last"])
+def test_routing_biases_select_the_twins_blocks(backend, bias, shape, sink):
+    _skip_without_triton(backend)
+    grid, block_size, layout, (q, k, v) = _case(shape, torch.float32, seed=11)
+    density = 0.4
+    _, blocks = difattn.pisa_attention(q, k, v, density=density, block_size=block_size, routing_bias=bias, sink=sink,
+                                       grid=grid, return_blocks=True, scale=0.35, backend=backend)
+    num_selected = max(1, math.floor(density * len(layout)))
+    q64, k64, v64 = (x.double().cpu() for x in (q, k, v))
+    for h in range(2):
+        expected = brute_route(q64[0, h], k64[0, h], v64[0, h], layout, 0.35, num_selected, bias, sink)
+        assert blocks[0, h].tolist() == expected, (backend, bias, h)
+
+
+def test_routing_biases_differ_on_these_shapes():
+    """The three biases and no bias are four different rules here (else the test above could not tell them apart)."""
+    grid, block_size, layout, (q, k, v) = _case("border_tiles_text_last", torch.float64, seed=11)
+    selections = {
+        str(bias): difattn.pisa_attention(q, k, v, density=0.4, block_size=block_size, routing_bias=bias, grid=grid,
+                                          return_blocks=True, scale=0.35)[1]
+        for bias in (False, "centered", "uncentered", "key_variance")
+    }
+    names = list(selections)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not torch.equal(selections[a], selections[b]), (a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "rust", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_given_blocks_are_honoured(backend):
+    """A selection made by the caller replaces the routing on every backend: the output is the twin's for it."""
+    _skip_without_triton(backend)
+    grid, block_size, layout, (q, k, v) = _case("border_tiles_text_last", torch.float32, seed=2)
+    num_selected = max(1, math.floor(0.3 * len(layout)))
+    # Worst-scored blocks: nothing the routing would pick.
+    _, routed = difattn.pisa_attention(q, k, v, density=1.0, block_size=block_size, grid=grid, return_blocks=True)
+    blocks = routed.flip(-1)[..., :num_selected].contiguous()
+    out, returned = difattn.pisa_attention(q, k, v, density=0.3, block_size=block_size, grid=grid, blocks=blocks,
+                                           return_blocks=True, backend=backend)
+    assert torch.equal(returned, blocks)
+    expected = brute_pisa_batched(*(x.double() for x in (q, k, v)), layout, blocks, 8**-0.5, "hybrid")
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "rust", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_bad_blocks_are_rejected_by_the_public_function(backend):
+    _skip_without_triton(backend)
+    q, k, v = random_qkv(1, 2, 18, 4, device=DEVICE, seed=9)  # block_size 4: M = 5 (the last of 2), k = 2
+    good = torch.zeros(1, 2, 5, 2, dtype=torch.int64, device=DEVICE)
+    good[..., 1] = 4
+    kw = dict(density=0.4, block_size=4, backend=backend)
+    difattn.pisa_attention(q, k, v, blocks=good, **kw)
+    for bad, message in ((good[..., :1], "shape"), (good + 1, r"\[0, 5\)"), (good - 4, r"\[0, 5\)"),
+                         (torch.zeros_like(good), "repeat"), (good[:, :1], "shape")):
+        with pytest.raises(ValueError, match="blocks"):
+            difattn.pisa_attention(q, k, v, blocks=bad, **kw)
+    with pytest.raises(TypeError, match="blocks"):
+        difattn.pisa_attention(q, k, v, blocks=good.int(), **kw)
+    with pytest.raises(ValueError, match="routing_bias and sink"):
+        difattn.pisa_attention(q, k, v, blocks=good, routing_bias="uncentered", **kw)
+    with pytest.raises(ValueError, match="routing_bias and sink"):
+        difattn.pisa_attention(q, k, v, blocks=good, sink="first", **kw)
+
+
+def test_routing_bias_values_are_checked():
+    q, k, v = random_qkv(1, 1, 16, 4, seed=1)
+    with pytest.raises(ValueError, match="routing_bias"):
+        difattn.pisa_attention(q, k, v, block_size=4, routing_bias="centred")
+    with pytest.raises(TypeError, match="routing_bias"):
+        difattn.pisa_attention(q, k, v, block_size=4, routing_bias=1)
