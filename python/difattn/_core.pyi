@@ -223,7 +223,7 @@ def pisa_backward(
 # A tensor as the kernels take it: (data_ptr, dtype name, shape, strides in elements).
 TensorArgs = tuple[int, str, list[int], list[int]]
 # LLSA's selection as the kernels walk it: (fine (B,H,n_1,K_1) int32, pooled (B,H,n_1,E) int32,
-# pb_offsets (pooled blocks + 1,) int32, pbias (P,) float32 log2 counts); see difattn.ops.llsa_plan.
+# pb_offsets (pooled blocks + 1,) int32, pbias (P,) float32 log2 weights); see difattn.ops.llsa.plan.
 LlsaPlanArgs = tuple[TensorArgs, TensorArgs, TensorArgs, TensorArgs]
 
 def llsa_forward(q: TensorArgs, k: TensorArgs, v: TensorArgs, kp: TensorArgs, vp: TensorArgs, out: TensorArgs,
@@ -234,16 +234,18 @@ def llsa_forward(q: TensorArgs, k: TensorArgs, v: TensorArgs, kp: TensorArgs, vp
 
 def llsa_backward(q: TensorArgs, k: TensorArgs, v: TensorArgs, kp: TensorArgs, vp: TensorArgs, dout: TensorArgs,
                   out: TensorArgs, lse: TensorArgs, dq: TensorArgs, dk: TensorArgs, dv: TensorArgs,
-                  plan: LlsaPlanArgs, rows: TensorArgs | None, block_size: int, levels: int, scale: float,
-                  threads: int) -> None:
-    """LLSA backward on CPU: writes dq, dk, dv (k and v through the fine and the pooled keys); computes
-    delta = rowsum(dout * out) itself. rows: as for llsa_forward (also for dout, dq, dk, dv)."""
+                  plan: LlsaPlanArgs, rows: TensorArgs | None, block_size: int, levels: int, children: bool,
+                  scale: float, threads: int) -> None:
+    """LLSA backward on CPU: writes dq, dk, dv (k and v through the fine and the pooled keys, whose levels pool
+    their children with children=True, else the fine tokens); computes delta = rowsum(dout * out) itself. rows: as
+    for llsa_forward (also for dout, dq, dk, dv)."""
 
 def llsa_select(queries: list[TensorArgs], keys: list[TensorArgs], indices: list[TensorArgs], block_size: int,
                 threads: int) -> None:
     """LLSA selection on CPU: per level (finest first) float32 pooled queries and keys, int64 ids to write."""
 
 def llsa_zorder_pool(src: TensorArgs, perm: TensorArgs, pooled: TensorArgs, block_size: int, levels: int,
-                     threads: int) -> None:
+                     children: bool, threads: int) -> None:
     """LLSA pyramid on CPU: the float32 means of levels 1..levels (>= 1) of src[b, h, perm[r]] (int64 perm, rows read
-    in place) concatenated in pooled (B, H, P, C)."""
+    in place; each token the mean of its children with children=True, else of the fine tokens under it)
+    concatenated in pooled (B, H, P, C)."""

@@ -19,6 +19,7 @@ PISA_SINKS = (None, "first", "last")
 # Routing biases by name (``routing_bias=True`` is "centered", ``False`` none); see :func:`pisa_routing_bias`.
 PISA_ROUTING_BIASES = ("centered", "uncentered", "key_variance")
 LLSA_MAX_COARSE_TOKENS = 256  # default levels: smallest L with N / B**L <= 256
+LLSA_POOLINGS = ("children", "tokens")
 
 
 def clear_radii(grid: TokenGrid, radius: Any, temporal_radius: Any) -> tuple[float, float]:
@@ -174,6 +175,50 @@ def llsa_config(num_tokens: int, block_size: Any, topk: Any, levels: Any) -> tup
                 f"block_size={block_size}); lower topk"
             )
     return levels, ks
+
+
+def llsa_pooling(coarse_pooling: Any) -> str:
+    """``"children"`` (level l is the plain mean of its level-(l−1) children) or ``"tokens"`` (the count-weighted
+    mean of the fine tokens under it)."""
+    if not isinstance(coarse_pooling, str):
+        raise TypeError(f"coarse_pooling must be a str, got {type(coarse_pooling).__name__}")
+    return check_choice("coarse_pooling", coarse_pooling, LLSA_POOLINGS)
+
+
+def llsa_token_weight(token_weight: Any, levels: int) -> tuple[float, ...] | None:
+    """``(w_1, ..., w_L)`` from a positive float (every level) or one per level, or None (the counts)."""
+    if token_weight is None:
+        return None
+    if isinstance(token_weight, (tuple, list)):
+        if len(token_weight) != levels:
+            raise ValueError(f"token_weight must have one entry per level ({levels}), got {len(token_weight)}: "
+                             f"{tuple(token_weight)}")
+        return tuple(check_float(f"token_weight[{i}]", w, greater_than=0.0) for i, w in enumerate(token_weight))
+    return (check_float("token_weight", token_weight, greater_than=0.0),) * levels
+
+
+def check_llsa_indices(indices: Any, shapes: list[tuple[int, int, int, int]], device: torch.device) -> list[torch.Tensor]:
+    """A given LLSA selection ``[I_1, ..., I_L]``: ``I_l`` int64 of ``shapes[l-1] = (B, H, n_l, K_l)`` on ``device``,
+    level-l ids in ``[0, n_l)``, no id twice in a row. Returns the tensors contiguous."""
+    if not isinstance(indices, (list, tuple)) or len(indices) != len(shapes):
+        raise TypeError(f"indices must be a list [I_1, ..., I_L] of {len(shapes)} int64 tensors, got {indices!r:.80}")
+    checked = []
+    for level, (ids, shape) in enumerate(zip(indices, shapes), 1):
+        name = f"indices[{level - 1}] (I_{level})"
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
+            raise TypeError(f"{name} must be an int64 torch.Tensor of shape {shape}, got {ids!r:.80}")
+        if tuple(ids.shape) != shape:
+            raise ValueError(f"{name} must have shape (B, H, n_{level}, K_{level}) = {shape}, got {tuple(ids.shape)}")
+        if ids.device != device:
+            raise ValueError(f"{name} must be on the device of q ({device}), got {ids.device}")
+        ascending = ids.sort(dim=-1).values
+        low, high = int(ascending[..., 0].min()), int(ascending[..., -1].max())
+        if low < 0 or high >= shape[2]:
+            raise ValueError(f"{name} must hold level-{level} ids in [0, {shape[2]}), got values in [{low}, {high}]")
+        if bool((ascending[..., 1:] == ascending[..., :-1]).any()):
+            raise ValueError(f"{name} must not repeat an id within a row")
+        checked.append(ids.contiguous())
+    return checked
 
 
 def check_linear(normalize: Any, eps: Any) -> float:

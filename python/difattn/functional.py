@@ -150,13 +150,30 @@ def llsa_attention(
     grid: TokenGrid | None = None,
     return_indices: bool = False,
     scale: float | None = None,
+    coarse_pooling: str = "children",
+    token_weight: float | tuple[float, ...] | None = None,
+    indices: list[torch.Tensor] | None = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """LLSA: hierarchical top-K block selection with coarse-token KV enrichment (log-linear cost, trainable).
 
-    ``topk``: keys kept per query at every level, or one per level ``(K_1, ..., K_L)``. ``levels`` defaults to
-    the smallest L with ``N / block_size**L <= 256``. With ``grid`` image tokens are Z-ordered (text stays at its
-    end). Returns ``(B, H, N, Dv)``, plus ``[I_1, ..., I_L]`` with ``return_indices=True``.
+    ``topk``: keys kept per query at every level, or one per level ``(K_1, ..., K_L)``, finest first. ``levels``
+    defaults to the smallest L with ``N / block_size**L <= 256``. With ``grid`` image tokens are Z-ordered (text
+    stays at its end). ``coarse_pooling``: ``"children"`` (default, the authors' rule: a level-l token is the plain
+    mean of its ``block_size`` level-(l−1) children, so a model trained with their code runs unchanged) or
+    ``"tokens"`` (the mean of all fine tokens under it, its children weighted by their counts); the two differ only
+    where a level's last token is short (N not a multiple of ``block_size**(l−1)``, from level 2 on). ``token_weight``:
+    the softmax weight of every level-l token (logit ``+ ln w_l``), one float or ``(w_1, ..., w_L)``: the authors'
+    kernels take it as ``token_weight, token_weight_2`` and pass ``(block_size, block_size**2)``; None (default)
+    weights each token by its count of fine tokens, which is the same except for a short last token, where it is
+    what the authors' variable-length kernels use. ``indices``: a selection ``[I_1, ..., I_L]`` to use instead of
+    the routing (the form ``return_indices=True`` returns: ``I_l`` int64 ``(B, H, n_l, K_l)``, level-l ids in
+    ``[0, n_l)``, none twice in a row). Returns ``(B, H, N, Dv)``, plus ``[I_1, ..., I_L]`` with
+    ``return_indices=True``.
+
+    The authors' configs list the top-K coarsest first (``sparse_topk``, and ``llsa_l2(q, k, v, topk1, topk2)``
+    gets ``sparse_topk[1], sparse_topk[0]``): their two-level ``sparse_topk=[K_2, K_1]`` is
+    ``topk=(K_1, K_2), levels=2`` here, and one level takes ``topk=sparse_topk[1], levels=1``.
     """
     B, H, N, D, Dv = check_qkv(q, k, v)
     levels, topks = _options.llsa_config(N, block_size, topk, levels)
@@ -164,10 +181,16 @@ def llsa_attention(
         check_grid(grid, N)
     check_bool("return_indices", return_indices)
     scale = resolve_scale(scale, D)
+    coarse_pooling = _options.llsa_pooling(coarse_pooling)
+    token_weight = _options.llsa_token_weight(token_weight, levels)
+    if indices is not None:
+        sizes = _options.llsa_level_sizes(N, block_size, levels)
+        shapes = [(B, H, sizes[level], kk) for level, kk in enumerate(topks, 1)]
+        indices = _options.check_llsa_indices(indices, shapes, q.device)
     impl = select("llsa", check_backend(backend), q.device, q.dtype)
     return impl(
-        q, k, v, block_size=block_size, topk=topks, levels=levels, grid=grid,
-        return_indices=return_indices, scale=scale,
+        q, k, v, block_size=block_size, topk=topks, levels=levels, grid=grid, return_indices=return_indices,
+        scale=scale, coarse_pooling=coarse_pooling, token_weight=token_weight, indices=indices,
     )
 
 

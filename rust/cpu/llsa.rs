@@ -20,7 +20,8 @@
 //! gradient from each pair's P and dS made once; otherwise dq and the pooled keys' gradients per group (tasks own a
 //! range of groups and a partial sum of the pooled gradients, reduced at the end), then `dk`, `dv` per fine key
 //! block over the transposed selection (CSR: counts, prefix sum, fill). Either way each row adds its level-l
-//! ancestors' pooled gradients over their counts (the mean-pool backward). Every output row has one writer and
+//! ancestors' pooled gradients times its weight in them (the mean-pool backward of the pooling rule: over the
+//! ancestor's count pooling fine tokens, over the product of the ancestors' numbers of children pooling children). Every output row has one writer and
 //! nothing needs atomics. Reads and writes go through validated views and plans; gathers copy rows into f32
 //! buffers for the GEMMs.
 
@@ -33,7 +34,7 @@ mod tests;
 
 pub use backward::{backward, Grads, Upstream};
 pub use forward::forward;
-pub use plan::Plan;
+pub use plan::{Plan, Pooling};
 pub use select::{select, zorder_pool, Level};
 
 use super::common::{check_input, gather, Dims};

@@ -4,7 +4,7 @@
 use pyo3::prelude::*;
 
 use super::{view, view_error, TensorArgs};
-use crate::cpu::llsa::{self, Grads, Inputs, Level, Plan, Upstream};
+use crate::cpu::llsa::{self, Grads, Inputs, Level, Plan, Pooling, Upstream};
 use crate::cpu::view::View;
 
 /// The selection handed to a kernel call: `(fine, pooled, pb_offsets, pbias)` (see `cpu::llsa::Plan::new`).
@@ -51,11 +51,20 @@ fn llsa_forward(
     py.detach(|| llsa::forward(&inputs, &out, &lse, &plan, scale, threads)).map_err(view_error)
 }
 
-/// LLSA backward on CPU: writes `dq`, `dk`, `dv` (k and v through the fine and the pooled keys); `rows` as for the
-/// forward.
+/// The pooling rule: `children` (each level-l token the mean of its children) or the mean of the fine tokens.
+fn pooling(children: bool) -> Pooling {
+    if children {
+        Pooling::Children
+    } else {
+        Pooling::Tokens
+    }
+}
+
+/// LLSA backward on CPU: writes `dq`, `dk`, `dv` (k and v through the fine and the pooled keys, pooled by the rule
+/// `children`); `rows` as for the forward.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (q, k, v, kp, vp, dout, out, lse, dq, dk, dv, plan, rows, block_size, levels, scale, threads))]
+#[pyo3(signature = (q, k, v, kp, vp, dout, out, lse, dq, dk, dv, plan, rows, block_size, levels, children, scale, threads))]
 fn llsa_backward(
     py: Python<'_>,
     q: TensorArgs,
@@ -73,6 +82,7 @@ fn llsa_backward(
     rows: Option<TensorArgs>,
     block_size: usize,
     levels: usize,
+    children: bool,
     scale: f32,
     threads: usize,
 ) -> PyResult<()> {
@@ -80,7 +90,7 @@ fn llsa_backward(
     let (dout, out, lse) = (view("dout", dout)?, view("out", out)?, view("lse", lse)?);
     let (dq, dk, dv) = (view("dq", dq)?, view("dk", dk)?, view("dv", dv)?);
     q.expect(4, true).map_err(view_error)?;
-    let plan = build_plan(plan, rows, q.shape()[2], block_size, levels)?;
+    let plan = build_plan(plan, rows, q.shape()[2], block_size, levels)?.with_pooling(pooling(children));
     let inputs = Inputs { q: &q, k: &k, v: &v, kp: &kp, vp: &vp };
     let upstream = Upstream { dout: &dout, out: &out, lse: &lse };
     let grads = Grads { dq: &dq, dk: &dk, dv: &dv };
@@ -110,9 +120,11 @@ fn llsa_select(
 }
 
 /// The LLSA pyramid on CPU: the float32 means of levels `1..=levels` of `src[b, h, perm[r]]` (rows read in Z-order
-/// in place) concatenated in `pooled (B, H, P, C)`.
+/// in place; each token the mean of its children with `children`, else of the fine tokens under it) concatenated in
+/// `pooled (B, H, P, C)`.
 #[pyfunction]
-#[pyo3(signature = (src, perm, pooled, block_size, levels, threads))]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (src, perm, pooled, block_size, levels, children, threads))]
 fn llsa_zorder_pool(
     py: Python<'_>,
     src: TensorArgs,
@@ -120,10 +132,12 @@ fn llsa_zorder_pool(
     pooled: TensorArgs,
     block_size: usize,
     levels: usize,
+    children: bool,
     threads: usize,
 ) -> PyResult<()> {
     let (src, perm, pooled) = (view("src", src)?, view("perm", perm)?, view("pooled", pooled)?);
-    py.detach(|| llsa::zorder_pool(&src, &perm, &pooled, block_size, levels, threads)).map_err(view_error)
+    let rule = pooling(children);
+    py.detach(|| llsa::zorder_pool(&src, &perm, &pooled, block_size, levels, rule, threads)).map_err(view_error)
 }
 
 /// Adds this family's functions to `difattn._core`.

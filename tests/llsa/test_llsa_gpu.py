@@ -53,7 +53,7 @@ def test_cuda_selection_equals_reference_with_exact_ties():
     gen = torch.Generator().manual_seed(0)
     q, k = (torch.randint(-2, 3, (2, 2, 4096, 8), generator=gen).float().cuda() for _ in range(2))
     layout = llsa_plan.Layout(4096, 16, (8, 4))
-    ours = llsa_plan.select(llsa_plan.pyramid(q, 16, 2), llsa_plan.pyramid(k, 16, 2), layout)
+    ours = llsa_plan.select(llsa_plan.pyramid(q, 16, 2, True), llsa_plan.pyramid(k, 16, 2, True), layout)
     _, expected = reference.llsa_attention(q, k, k, block_size=16, topk=(8, 4), levels=2, return_indices=True)
     assert all(torch.equal(a, b) for a, b in zip(ours, expected))
 
@@ -79,11 +79,11 @@ def test_compile_fullgraph_and_one_kernel_for_two_resolutions():
 def test_opcheck_cuda():
     q, k, v = random_qkv(1, 2, 300, 64, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     layout = llsa_plan.Layout(300, 16, (4, 4))
-    key_levels = llsa_plan.pyramid(k, 16, 2)
-    indices = llsa_plan.select(llsa_plan.pyramid(q, 16, 2), key_levels, layout)
+    key_levels = llsa_plan.pyramid(k, 16, 2, True)
+    indices = llsa_plan.select(llsa_plan.pyramid(q, 16, 2, True), key_levels, layout)
     fine, pooled = llsa_plan.block_lists(indices, layout)
     offsets, bias = llsa_plan.pooled_blocks(layout, "cuda")
     kp = llsa_plan.pooled(key_levels, k.dtype).detach().requires_grad_()
-    vp = llsa_plan.pooled(llsa_plan.pyramid(v, 16, 2), v.dtype).detach().requires_grad_()
-    torch.library.opcheck(llsa_op.llsa_fwd, (q, k, v, kp, vp, [fine, pooled, offsets, bias], 16, [4, 4], 0.125,
+    vp = llsa_plan.pooled(llsa_plan.pyramid(v, 16, 2, True), v.dtype).detach().requires_grad_()
+    torch.library.opcheck(llsa_op.llsa_fwd, (q, k, v, kp, vp, [fine, pooled, offsets, bias], 16, [4, 4], True, 0.125,
                                               "triton"))

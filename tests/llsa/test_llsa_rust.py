@@ -47,17 +47,17 @@ def reference_indices(q, k, block_size, topks, grid=None):
     return indices
 
 
-def rust_attend(indices, block_size, topks, scale):
+def rust_attend(indices, block_size, topks, scale, pooling="children"):
     def run(q, k, v):
-        return llsa_method.attend(q, k, v, indices, llsa_plan.Layout(q.shape[2], block_size, topks), scale=scale,
-                                  backend="rust")
+        layout = llsa_plan.Layout(q.shape[2], block_size, topks, pooling == "children")
+        return llsa_method.attend(q, k, v, indices, layout, scale=scale, backend="rust")
     return run
 
 
-def reference_attend(indices, block_size, topks, scale):
+def reference_attend(indices, block_size, topks, scale, pooling="children"):
     def run(q, k, v):
         return reference.llsa_attention(q, k, v, block_size=block_size, topk=topks, levels=len(topks), scale=scale,
-                                        indices=indices)
+                                        indices=indices, coarse_pooling=pooling)
     return run
 
 
@@ -76,15 +76,16 @@ def test_rust_matches_reference_given_indices(config, batch, heads, d, dv, dtype
 @pytest.mark.parametrize("num_tokens, block_size, topks", [(37, 4, (3,)), (37, 4, (3, 2)), (70, 3, (2, 2, 1)),
                                                            (64, 4, (4, 2, 1))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gradients_at_every_level(num_tokens, block_size, topks, dtype):
+@pytest.mark.parametrize("pooling", ["children", "tokens"])
+def test_gradients_at_every_level(num_tokens, block_size, topks, dtype, pooling):
     """L = 1, 2, 3: k and v get gradient through the fine keys and through the pooled tokens of every level (the
-    mean-pool backward, 1/count per level); values with a large mean make the pooled contributions dominate, so
-    a wrong weight at any level fails."""
+    mean-pool backward of either pooling rule); values with a large mean make the pooled contributions dominate,
+    so a wrong weight at any level fails."""
     q, k, v = random_qkv(2, 1, num_tokens, 16, Dv=8, dtype=dtype, seed=len(topks))
     v = (v.float() + 3.0).to(dtype)
     indices = reference_indices(q, k, block_size, topks)
-    compare_with_reference(f"llsa rust L={len(topks)}", rust_attend(indices, block_size, topks, 0.25),
-                           reference_attend(indices, block_size, topks, 0.25), (q, k, v))
+    compare_with_reference(f"llsa rust L={len(topks)} {pooling}", rust_attend(indices, block_size, topks, 0.25, pooling),
+                           reference_attend(indices, block_size, topks, 0.25, pooling), (q, k, v))
 
 
 @pytest.mark.parametrize("batch, heads, threads", [(1, 1, 2), (1, 3, 2), (2, 2, 1), (2, 3, 2)])
@@ -109,7 +110,7 @@ def test_backward_one_pass_and_two_pass(batch, heads, threads):
 def near_tie(q, k, block_size, topks, tol=1e-4) -> bool:
     """Whether any query's top-K at any level is decided by a score gap below ``tol`` (relative), in which case
     a different summation order may legitimately pick differently."""
-    queries, keys = _pyramid(q, block_size, len(topks)), _pyramid(k, block_size, len(topks))
+    queries, keys = _pyramid(q, block_size, len(topks), True), _pyramid(k, block_size, len(topks), True)
     chosen = reference_indices(q, k, block_size, topks)
     for level in range(len(topks), 0, -1):
         scores = (queries[level - 1].double() @ keys[level - 1].double().transpose(-1, -2))
@@ -142,7 +143,7 @@ def test_selection_equals_reference(config, grid, seed):
     assert [x.dtype for x in ours] == [torch.int64] * len(topks)
     assert all(torch.equal(a, b) for a, b in zip(ours, expected))
     layout = llsa_plan.Layout(num_tokens, block_size, topks)
-    torch_path = llsa_plan.select(*(llsa_plan.pyramid(x, block_size, len(topks)) for x in (qi, ki)), layout)
+    torch_path = llsa_plan.select(*(llsa_plan.pyramid(x, block_size, len(topks), True) for x in (qi, ki)), layout)
     assert all(torch.equal(a, b) for a, b in zip(torch_path, expected))  # the selection GPUs run
 
 
@@ -154,7 +155,7 @@ def test_selection_breaks_exact_ties_like_the_reference(num_tokens, block_size, 
     gen = torch.Generator().manual_seed(num_tokens)
     q, k = (torch.randint(-2, 3, (1, 2, num_tokens, 4), generator=gen).float() for _ in range(2))
     layout = llsa_plan.Layout(num_tokens, block_size, topks)
-    queries, keys = (llsa_plan.pyramid(x, block_size, len(topks)) for x in (q, k))
+    queries, keys = (llsa_plan.pyramid(x, block_size, len(topks), True) for x in (q, k))
     ours = launcher("llsa_select", path)(queries, keys, layout)
     assert all(torch.equal(a, b) for a, b in zip(ours, reference_indices(q, k, block_size, topks)))
 
@@ -181,18 +182,20 @@ def test_grid_with_text_matches_reference(grid, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_tokens, block_size, levels", [(1037, 4, 3), (50, 5, 1), (700, 3, 2)])
-def test_zorder_pool_is_the_pyramid_of_the_permuted_rows(num_tokens, block_size, levels, dtype):
+@pytest.mark.parametrize("children", [True, False])
+def test_zorder_pool_is_the_pyramid_of_the_permuted_rows(num_tokens, block_size, levels, dtype, children):
     """The Rust pooling pass, reading rows through the permutation in place (token-major strides here), equals
-    ``llsa_plan.pyramid`` of ``x[:, :, perm]``; bad row ids and a missing level are errors."""
+    ``llsa_plan.pyramid`` of ``x[:, :, perm]`` under either pooling rule; bad row ids and a missing level are
+    errors."""
     x = random_qkv(2, 3, num_tokens, 72, dtype=dtype, seed=num_tokens, token_major=True)[0]
     perm = torch.randperm(num_tokens, generator=torch.Generator().manual_seed(1))
-    pooled = llsa_op.llsa_zorder_pool(x, perm, block_size, levels)
-    expected = torch.cat(llsa_plan.pyramid(x[:, :, perm], block_size, levels), dim=2)
+    pooled = llsa_op.llsa_zorder_pool(x, perm, block_size, levels, children)
+    expected = torch.cat(llsa_plan.pyramid(x[:, :, perm], block_size, levels, children), dim=2)
     torch.testing.assert_close(pooled, expected, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="row ids"):
-        llsa_op.llsa_zorder_pool(x, perm + 1, block_size, levels)
+        llsa_op.llsa_zorder_pool(x, perm + 1, block_size, levels, children)
     with pytest.raises(ValueError, match="levels >= 1"):
-        llsa_op.llsa_zorder_pool(x, perm, block_size, 0)
+        llsa_op.llsa_zorder_pool(x, perm, block_size, 0, children)
 
 
 def test_rust_zorder_equals_reference_zorder():
@@ -206,8 +209,8 @@ def test_topk_of_every_block_is_attention_over_all_tokens_and_pooled_tokens():
     """Exactness: L = 1 with K_1 = every block is one softmax over all fine tokens and all level-1 tokens."""
     q, k, v = random_qkv(1, 2, 45, 16, dtype=torch.float64, seed=3)
     n1 = math.ceil(45 / 4)
-    keys = torch.cat([k, _pyramid(k, 4, 1)[0]], dim=2)
-    values = torch.cat([v, _pyramid(v, 4, 1)[0]], dim=2)
+    keys = torch.cat([k, _pyramid(k, 4, 1, True)[0]], dim=2)
+    values = torch.cat([v, _pyramid(v, 4, 1, True)[0]], dim=2)
     bias = torch.log(torch.cat([torch.ones(45), _counts(45, 4, 1, "cpu").double()]))[None, :]
     dense = masked_attention(q, keys, values, scale=0.25, bias=bias)
     low = masked_attention(*(x.float() for x in (q, keys, values)), scale=0.25, bias=bias.float())
@@ -230,8 +233,8 @@ def test_rust_rejects_bad_selections_and_dtypes():
     indices = reference_indices(q, k, 4, (3, 2))
     fine, pooled = llsa_plan.block_lists(indices, layout)
     offsets, bias = llsa_plan.pooled_blocks(layout, "cpu")
-    kp = llsa_plan.pooled(_pyramid(k, 4, 2), k.dtype)
-    vp = llsa_plan.pooled(_pyramid(v, 4, 2), v.dtype)
+    kp = llsa_plan.pooled(_pyramid(k, 4, 2, True), k.dtype)
+    vp = llsa_plan.pooled(_pyramid(v, 4, 2, True), v.dtype)
     bad_fine = fine.clone()
     bad_fine[0, 0, 0, 0] = 10  # 10 fine blocks
     bad_pooled = pooled.clone()
@@ -241,9 +244,9 @@ def test_rust_rejects_bad_selections_and_dtypes():
              ([fine.long(), pooled, offsets, bias], "int32"))
     for plan, match in cases:
         with pytest.raises(ValueError, match=match):
-            llsa_op.llsa_fwd(q, k, v, kp, vp, plan, 4, [3, 2], 0.3, "rust")
+            llsa_op.llsa_fwd(q, k, v, kp, vp, plan, 4, [3, 2], True, 0.3, "rust")
     with pytest.raises(ValueError, match="kp"):
-        llsa_op.llsa_fwd(q, k, v, kp[:, :, :-1], vp, [fine, pooled, offsets, bias], 4, [3, 2], 0.3, "rust")
+        llsa_op.llsa_fwd(q, k, v, kp[:, :, :-1], vp, [fine, pooled, offsets, bias], 4, [3, 2], True, 0.3, "rust")
     with pytest.raises(RuntimeError, match="float64"):
         difattn.llsa_attention(q.double(), k.double(), v.double(), block_size=4, topk=(3, 2), levels=2,
                                backend="rust")
@@ -256,9 +259,10 @@ def test_opcheck_and_compile_fullgraph_on_cpu():
     indices = reference_indices(q.detach(), k.detach(), 4, (3, 2))
     fine, pooled = llsa_plan.block_lists(indices, layout)
     offsets, bias = llsa_plan.pooled_blocks(layout, "cpu")
-    kp = llsa_plan.pooled(_pyramid(k, 4, 2), k.dtype).detach().requires_grad_()
-    vp = llsa_plan.pooled(_pyramid(v, 4, 2), v.dtype).detach().requires_grad_()
-    torch.library.opcheck(llsa_op.llsa_fwd, (q, k, v, kp, vp, [fine, pooled, offsets, bias], 4, [3, 2], 0.25, "rust"))
+    kp = llsa_plan.pooled(_pyramid(k, 4, 2, True), k.dtype).detach().requires_grad_()
+    vp = llsa_plan.pooled(_pyramid(v, 4, 2, True), v.dtype).detach().requires_grad_()
+    torch.library.opcheck(llsa_op.llsa_fwd, (q, k, v, kp, vp, [fine, pooled, offsets, bias], 4, [3, 2], True, 0.25,
+                                             "rust"))
 
     grid = difattn.TokenGrid(5, 9, text_tokens=5)  # 50 tokens
 
@@ -270,13 +274,14 @@ def test_opcheck_and_compile_fullgraph_on_cpu():
 
 
 @pytest.mark.parametrize("num_tokens, block_size, topks", [(3000, 4, (3, 2, 2)), (2500, 5, (2, 3)), (700, 3, (4,))])
-def test_key_side_plans_cover_exactly_the_forward_pairs(num_tokens, block_size, topks):
+@pytest.mark.parametrize("children", [True, False])
+def test_key_side_plans_cover_exactly_the_forward_pairs(num_tokens, block_size, topks, children):
     """The Triton key side: the CSR transpose lists every (fine key block, query block) pair of the selection once,
     in increasing query order; the pooled items cover every (query token, pooled block) pair of the forward once
     (several query chunks at the coarsest level here); ``unpool`` is the pyramid's backward."""
     q, k = (torch.randn(2, 1, num_tokens, 8, generator=torch.Generator().manual_seed(i)) for i in range(2))
-    layout = llsa_plan.Layout(num_tokens, block_size, topks)
-    indices = llsa_plan.select(*(llsa_plan.pyramid(x, block_size, len(topks)) for x in (q, k)), layout)
+    layout = llsa_plan.Layout(num_tokens, block_size, topks, children)
+    indices = llsa_plan.select(*(llsa_plan.pyramid(x, block_size, len(topks), children) for x in (q, k)), layout)
     fine, pooled = llsa_plan.block_lists(indices, layout)
     indptr, chosen_by = llsa_plan.transpose(fine, layout.num_blocks)
     for bh in range(2):
@@ -296,5 +301,5 @@ def test_key_side_plans_cover_exactly_the_forward_pairs(num_tokens, block_size, 
         assert torch.equal(items, forward)
     x = torch.randn(1, 2, num_tokens, 3, dtype=torch.float64, requires_grad=True)
     grads = torch.randn(1, 2, layout.pooled_tokens, 3, dtype=torch.float64)
-    (torch.cat(llsa_plan.pyramid(x, block_size, len(topks)), dim=2) * grads).sum().backward()
+    (torch.cat(llsa_plan.pyramid(x, block_size, len(topks), children), dim=2) * grads).sum().backward()
     torch.testing.assert_close(llsa_plan.unpool(grads, layout).double(), x.grad, rtol=1e-6, atol=1e-6)

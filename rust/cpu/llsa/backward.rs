@@ -427,8 +427,8 @@ impl Ctx<'_> {
     }
 
     /// Writes `dk`, `dv` of the internal rows `row0..` of slice `bh`: `scale · dk` and `dv` of the fine keys (as many
-    /// rows as `dk` holds; overwritten) plus, at every level, the ancestor's pooled gradient over its count (the
-    /// mean-pool backward; `pooled` holds the slice's `P` rows, dk already scaled).
+    /// rows as `dk` holds; overwritten) plus, at every level, the ancestor's pooled gradient times the row's weight
+    /// in it (the mean-pool backward, `Plan::pool_weight`; `pooled` holds the slice's `P` rows, dk already scaled).
     fn store_keys(&self, g: &Grads, pooled: (&[f32], &[f32]), bh: usize, row0: usize, dk: &mut [f32], dv: &mut [f32]) {
         let (plan, d, dvw) = (self.plan, self.dims.d, self.dims.dv);
         let (b, h) = self.dims.slice(bh);
@@ -436,12 +436,10 @@ impl Ctx<'_> {
             let token = row0 + r;
             dk_row.iter_mut().for_each(|x| *x *= self.scale);
             for level in 1..=plan.levels() {
-                let span = plan.span(level);
-                let c = token / span;
-                let inv = 1.0 / span.min(plan.n - c * span) as f32;
-                let row = plan.level_rows[level - 1] + c;
-                add_scaled(dk_row, &pooled.0[row * d..(row + 1) * d], inv);
-                add_scaled(dv_row, &pooled.1[row * dvw..(row + 1) * dvw], inv);
+                let weight = plan.pool_weight(token, level);
+                let row = plan.level_rows[level - 1] + token / plan.span(level);
+                add_scaled(dk_row, &pooled.0[row * d..(row + 1) * d], weight);
+                add_scaled(dv_row, &pooled.1[row * dvw..(row + 1) * dvw], weight);
             }
             // SAFETY: `dk`, `dv` are validated contiguous outputs; fine key blocks partition the rows of (b, h) and
             // `plan.row` is a permutation, so this task is the only one touching this row of either.

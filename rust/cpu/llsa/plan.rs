@@ -34,6 +34,17 @@ pub struct Plan {
     /// The row of q, k, v, out and the gradients holding each internal position (`None`: the identity). With the
     /// Z-order permutation here, the kernels gather and scatter through it and no permuted copy is made.
     rows: Option<Vec<usize>>,
+    /// How the pooled tokens were made from the fine ones (their mean-pool backward).
+    pub pooling: Pooling,
+}
+
+/// A level-l token is the plain mean of its level-(l−1) children (`Children`, the default) or of the fine tokens
+/// under it (`Tokens`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Pooling {
+    #[default]
+    Children,
+    Tokens,
 }
 
 fn ids(view: &View, name: &str, shape: [usize; 4], bound: usize) -> Result<Vec<u32>, ViewError> {
@@ -138,7 +149,14 @@ impl Plan {
             max_pooled_block,
             level_rows,
             rows: None,
+            pooling: Pooling::default(),
         })
+    }
+
+    /// The plan with pooled tokens made by `pooling`.
+    pub fn with_pooling(mut self, pooling: Pooling) -> Self {
+        self.pooling = pooling;
+        self
     }
 
     /// The plan reading and writing internal position `r` at row `perm[r]` of the fine tensors; `perm` is a 1-D
@@ -172,6 +190,22 @@ impl Plan {
     /// Fine tokens under each level-`level` token (`block^level`; the last token of a level counts what it has).
     pub fn span(&self, level: usize) -> usize {
         self.block.saturating_pow(level as u32)
+    }
+
+    /// Weight of fine token `token` in the value of its level-`level` ancestor (the mean-pool backward): `1 / count`
+    /// of that ancestor pooling tokens; pooling children, `Π_{i ≤ level} 1 / children` of its ancestor at level i.
+    pub fn pool_weight(&self, token: usize, level: usize) -> f32 {
+        match self.pooling {
+            Pooling::Tokens => {
+                let span = self.span(level);
+                1.0 / span.min(self.n - token / span * span) as f32
+            }
+            Pooling::Children => (1..=level).fold(1.0, |weight, l| {
+                let below = if l == 1 { self.n } else { self.level_rows[l - 1] - self.level_rows[l - 2] };
+                let first_child = token / self.span(l) * self.block;
+                weight / self.block.min(below - first_child) as f32
+            }),
+        }
     }
 
     pub fn pooled_tokens(&self) -> usize {

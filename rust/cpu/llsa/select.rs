@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use super::{err, View, ViewError};
+use super::{err, Pooling, View, ViewError};
 use crate::cpu::common::gather;
 use crate::cpu::matmul::{Gemm, Mat, MatMut};
 use crate::cpu::pool::pool;
@@ -181,10 +181,11 @@ fn refine(
 const POOL_ROWS: usize = 512;
 
 /// The pyramid of `src[b, h, perm[r]]` (the rows in Z-order, read in place: `src (B, H, N, C)` any strides and float
-/// dtype) in `pooled (B, H, P, C)` (f32, contiguous, levels `1..=levels` concatenated, `levels >= 1`): each token the
-/// mean of all fine tokens under it, level-l sums taken in order over the `block` level-(l−1) sums and divided by the
-/// count, as `llsa_plan.pyramid` computes them. `perm` holds `N` int64 row ids in `[0, N)`.
-pub fn zorder_pool(src: &View, perm: &View, pooled: &View, block: usize, levels: usize, threads: usize) -> Result<(), ViewError> {
+/// dtype) in `pooled (B, H, P, C)` (f32, contiguous, levels `1..=levels` concatenated, `levels >= 1`), as
+/// `llsa_plan.pyramid` computes them: pooling children, each token the mean of its level-(l−1) children; pooling
+/// tokens, the mean of all fine tokens under it (level-l sums taken in order over the `block` level-(l−1) sums and
+/// divided by the count). `perm` holds `N` int64 row ids in `[0, N)`.
+pub fn zorder_pool(src: &View, perm: &View, pooled: &View, block: usize, levels: usize, pooling: Pooling, threads: usize) -> Result<(), ViewError> {
     src.expect(4, true)?;
     let (bh_shape, n, c) = ([src.shape()[0], src.shape()[1]], src.shape()[2], src.shape()[3]);
     let rows: Vec<usize> = perm
@@ -231,7 +232,8 @@ pub fn zorder_pool(src: &View, perm: &View, pooled: &View, block: usize, levels:
                 let row = &mut sums[(r - r0) * c..(r - r0 + 1) * c];
                 src.load_row(&[b, h, rows[r]], row);
             }
-            // Level by level, in place: token i of the level sums rows [i·block, (i+1)·block) of the level below.
+            // Level by level, in place: token i of the level sums rows [i·block, (i+1)·block) of the level below (the
+            // children's means when pooling children: the sum over their number, then, is the token's mean).
             let (mut len, mut first, mut count) = (r1 - r0, r0, 1usize);
             for l in 1..=levels {
                 let next = len.div_ceil(block);
@@ -242,10 +244,17 @@ pub fn zorder_pool(src: &View, perm: &View, pooled: &View, block: usize, levels:
                         acc[g0 * c..(g0 + 1) * c].iter_mut().zip(&rest[..c]).for_each(|(a, x)| *a += x);
                     }
                     sums.copy_within(g0 * c..(g0 + 1) * c, i * c);
+                    if pooling == Pooling::Children {
+                        let inv = 1.0 / (g1 - g0) as f32;
+                        sums[i * c..(i + 1) * c].iter_mut().for_each(|x| *x *= inv);
+                    }
                 }
                 (len, first, count) = (next, first / block, count * block);
                 for i in 0..len {
-                    let fine = (n - (first + i) * count).min(count) as f32;
+                    let fine = match pooling {
+                        Pooling::Children => 1.0,
+                        Pooling::Tokens => (n - (first + i) * count).min(count) as f32,
+                    };
                     mean.iter_mut().zip(&sums[i * c..(i + 1) * c]).for_each(|(m, s)| *m = s / fine);
                     // SAFETY: `pooled` is a validated contiguous f32 output; level-l tokens [first, first + len) lie
                     // under this task's rows only, so it is the only one touching these rows.

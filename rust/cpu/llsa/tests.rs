@@ -179,15 +179,22 @@ impl Case {
     }
 
     /// `(dq, dk, dv)` in f64 for upstream gradient `dout`, k and v through the fine and the pooled keys (the pooled
-    /// rows' gradients spread to the fine tokens under them, over their counts).
-    fn naive_grads(&self, dout: &[f32], scale: f64) -> [Vec<f64>; 3] {
+    /// rows' gradients spread to the fine tokens under them: over their counts when the levels pool fine tokens; over
+    /// the level-1 parent's children, times over the level-2 parent's children, when they pool children).
+    fn naive_grads(&self, dout: &[f32], scale: f64, pooling: Pooling) -> [Vec<f64>; 3] {
         let [dq, mut dk, mut dv, dkp, dvp] = self.naive_grads_split(dout, scale);
         let (n, b, level1) = (self.n, self.block, self.n.div_ceil(self.block));
         for h in 0..self.bh {
             for t in 0..n {
+                let children_1 = b.min(n - (t / b) * b) as f64;
+                let children_2 = b.min(level1 - (t / (b * b)) * b) as f64;
                 for (level, row) in [(1, t / b), (2, level1 + t / (b * b))] {
                     let span = b.pow(level);
-                    let count = span.min(n - (t / span) * span) as f64;
+                    let count = match (pooling, level) {
+                        (Pooling::Tokens, _) => span.min(n - (t / span) * span) as f64,
+                        (Pooling::Children, 1) => children_1,
+                        (Pooling::Children, _) => children_1 * children_2,
+                    };
                     let p = h * self.pooled_tokens() + row;
                     for c in 0..self.d {
                         dk[(h * n + t) * self.d + c] += dkp[p * self.d + c] / count;
@@ -245,10 +252,10 @@ fn max_err(got: &[f32], want: &[f64]) -> f64 {
     got.iter().zip(want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max) / scale
 }
 
-fn run(case: &Case, threads: usize) {
+fn run(case: &Case, threads: usize, pooling: Pooling) {
     let (bh, n, d, dv, p) = (case.bh, case.n, case.d, case.dv, case.pooled_tokens());
     let scale = 0.37f32;
-    let plan = case.plan().unwrap();
+    let plan = case.plan().unwrap().with_pooling(pooling);
     let (q, k, v) = (
         view_of("q", &case.q, "float32", &[1, bh, n, d]),
         view_of("k", &case.k, "float32", &[1, bh, n, d]),
@@ -285,7 +292,7 @@ fn run(case: &Case, threads: usize) {
     };
     let g = Grads { dq: &gviews[0], dk: &gviews[1], dv: &gviews[2] };
     backward(&inputs, &up, &g, &plan, scale, threads).unwrap();
-    let want = case.naive_grads(&dout, scale as f64);
+    let want = case.naive_grads(&dout, scale as f64, pooling);
     for (i, (got, want)) in grads.iter().zip(&want).enumerate() {
         assert!(max_err(got, want) < 1e-5, "gradient {i} error {}", max_err(got, want));
     }
@@ -294,12 +301,16 @@ fn run(case: &Case, threads: usize) {
 #[test]
 fn forward_and_backward_match_naive_loops() {
     // Two (b, h) slices: one thread runs the one-pass backward, two and three threads the two-pass one.
-    for threads in [1, 3] {
-        run(&Case::new(1, 37, 4, 5, 3, 2), threads);
-        run(&Case::new(2, 37, 4, 72, 9, 3), threads);
+    // N = 37, blocks of 4: the last level-1 token holds 1 token and the last level-2 token 2 children (5 tokens),
+    // so the two pooling rules' backwards differ.
+    for pooling in [Pooling::Children, Pooling::Tokens] {
+        for threads in [1, 3] {
+            run(&Case::new(1, 37, 4, 5, 3, 2), threads, pooling);
+            run(&Case::new(2, 37, 4, 72, 9, 3), threads, pooling);
+        }
+        run(&Case::new(3, 16, 4, 8, 8, 4), 2, pooling);
+        run(&Case::new(4, 16, 4, 8, 8, 4), 1, pooling);
     }
-    run(&Case::new(3, 16, 4, 8, 8, 4), 2);
-    run(&Case::new(4, 16, 4, 8, 8, 4), 1);
 }
 
 #[test]

@@ -68,31 +68,35 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: list[torc
             kp, vp = pooled_kv[0].to(k.dtype), pooled_kv[1].to(v.dtype)
         else:
             if key_levels is None:
-                key_levels = llsa_plan.pyramid(k, layout.block_size, layout.levels)
+                key_levels = llsa_plan.pyramid(k, layout.block_size, layout.levels, layout.children)
             kp = llsa_plan.pooled(key_levels, k.dtype)
-            vp = llsa_plan.pooled(llsa_plan.pyramid(v, layout.block_size, layout.levels), v.dtype)
+            vp = llsa_plan.pooled(llsa_plan.pyramid(v, layout.block_size, layout.levels, layout.children), v.dtype)
     fine, pooled = llsa_plan.block_lists(indices, layout)
     offsets, bias = llsa_plan.pooled_blocks(layout, q.device)
     plan = [fine, pooled, offsets, bias] + ([] if rows is None else [rows])
-    out, _ = llsa_fwd(q, k, v, kp, vp, plan, layout.block_size, list(layout.topks), float(scale), backend)
+    out, _ = llsa_fwd(q, k, v, kp, vp, plan, layout.block_size, list(layout.topks), layout.children, float(scale),
+                      backend)
     return out
 
 
 def llsa_on_kernels(q, k, v, *, block_size: int, topk: tuple[int, ...], levels: int, grid: TokenGrid | None,
-                    return_indices: bool, scale: float, backend: str):
+                    return_indices: bool, scale: float, backend: str, coarse_pooling: str = "children",
+                    token_weight: tuple[float, ...] | None = None, indices: list[torch.Tensor] | None = None):
     """LLSA on ``backend``'s kernels with the pyramids made by torch ops (q, k, v gathered into Z-order with a grid).
-    ``topk`` holds one top-K per level (``levels`` of them, resolved). Returns ``(B, H, N, Dv)``, plus ``[I_1, ..., I_L]`` (Z-ordered numbering)
-    with ``return_indices``."""
-    layout = llsa_plan.Layout(q.shape[2], block_size, topk)
+    ``topk`` holds one top-K per level (``levels`` of them), ``token_weight`` one weight per level or None (resolved);
+    ``indices``: a validated selection to use instead of the routing. Returns ``(B, H, N, Dv)``, plus
+    ``[I_1, ..., I_L]`` (Z-ordered numbering) with ``return_indices``."""
+    layout = llsa_plan.Layout(q.shape[2], block_size, topk, coarse_pooling == "children", token_weight)
     assert layout.levels == levels, "topk must hold one top-K per level"
     inverse = None
     if grid is not None:
         perm, inverse = llsa_zorder(*grid.core_args(), q.device)
         q, k, v = (_Permute.apply(x, perm, inverse) for x in (q, k, v))
     with torch.no_grad():
-        key_levels = llsa_plan.pyramid(k, block_size, layout.levels)
-        queries = llsa_plan.pyramid(q, block_size, layout.levels)
-        indices = launcher("llsa_select", backend)(queries, key_levels, layout)
+        key_levels = llsa_plan.pyramid(k, block_size, layout.levels, layout.children)
+        if indices is None:
+            queries = llsa_plan.pyramid(q, block_size, layout.levels, layout.children)
+            indices = launcher("llsa_select", backend)(queries, key_levels, layout)
     out = attend(q, k, v, indices, layout, scale=scale, backend=backend, key_levels=key_levels)
     if inverse is not None:
         out = _Permute.apply(out, inverse, perm)
@@ -100,18 +104,22 @@ def llsa_on_kernels(q, k, v, *, block_size: int, topk: tuple[int, ...], levels: 
 
 
 def llsa_on_cpu(q, k, v, *, block_size: int, topk: tuple[int, ...], levels: int, grid: TokenGrid | None,
-                return_indices: bool, scale: float):
+                return_indices: bool, scale: float, coarse_pooling: str = "children",
+                token_weight: tuple[float, ...] | None = None, indices: list[torch.Tensor] | None = None):
     """LLSA on the Rust kernels. With a grid, one Rust pass per tensor pools it in Z-order, and the kernels read
     q, k, v and write the output through the permutation: nothing is gathered into a Z-ordered copy nor scattered
     back. Returns as :func:`llsa_on_kernels`."""
+    options = dict(block_size=block_size, topk=topk, levels=levels, return_indices=return_indices, scale=scale,
+                   coarse_pooling=coarse_pooling, token_weight=token_weight, indices=indices)
     if grid is None:
-        return llsa_on_kernels(q, k, v, block_size=block_size, topk=topk, levels=levels, grid=None,
-                               return_indices=return_indices, scale=scale, backend="rust")
-    layout = llsa_plan.Layout(q.shape[2], block_size, topk)
+        return llsa_on_kernels(q, k, v, grid=None, backend="rust", **options)
+    layout = llsa_plan.Layout(q.shape[2], block_size, topk, coarse_pooling == "children", token_weight)
     perm, _ = llsa_zorder(*grid.core_args(), q.device)
-    qp, kp, vp = (llsa_zorder_pool(x.detach(), perm, block_size, layout.levels) for x in (q, k, v))
-    bounds = [layout.token_offset(lv) for lv in range(1, layout.levels + 2)]
-    query_levels, key_levels = ([p[:, :, a:b] for a, b in zip(bounds, bounds[1:])] for p in (qp, kp))
-    indices = _select_rust(query_levels, key_levels, layout)
+    kp, vp = (llsa_zorder_pool(x.detach(), perm, block_size, layout.levels, layout.children) for x in (k, v))
+    if indices is None:
+        qp = llsa_zorder_pool(q.detach(), perm, block_size, layout.levels, layout.children)
+        bounds = [layout.token_offset(lv) for lv in range(1, layout.levels + 2)]
+        query_levels, key_levels = ([p[:, :, a:b] for a, b in zip(bounds, bounds[1:])] for p in (qp, kp))
+        indices = _select_rust(query_levels, key_levels, layout)
     out = attend(q, k, v, indices, layout, scale=scale, backend="rust", pooled_kv=(kp, vp), rows=perm)
     return (out, indices) if return_indices else out

@@ -27,11 +27,15 @@ from ..._options import llsa_level_sizes
 
 @dataclass(frozen=True)
 class Layout:
-    """Sizes of one LLSA problem: ``N`` tokens, blocks of ``b``, ``L = len(topks)`` levels."""
+    """Sizes of one LLSA problem: ``N`` tokens, blocks of ``b``, ``L = len(topks)`` levels; the pooling rule
+    (``children``: a level-l token is the plain mean of its level-(l−1) children, else of the fine tokens under it)
+    and the pooled tokens' weights (``token_weight``: one per level, or None for their counts)."""
 
     num_tokens: int
     block_size: int
     topks: tuple[int, ...]
+    children: bool = True
+    token_weight: tuple[float, ...] | None = None
 
     @property
     def levels(self) -> int:
@@ -83,14 +87,19 @@ def _sum_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return x.reshape(B, H, groups, block_size, C).sum(3)
 
 
-def pyramid(x: torch.Tensor, block_size: int, levels: int) -> list[torch.Tensor]:
-    """Levels 1..L of ``x`` in float32 (float64 for float64): each token the mean of all fine tokens under it
-    (sums pooled level by level, divided by the count), exactly as the reference computes them."""
-    sums = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    out = []
+def pyramid(x: torch.Tensor, block_size: int, levels: int, children: bool) -> list[torch.Tensor]:
+    """Levels 1..L of ``x`` in float32 (float64 for float64), exactly as the reference computes them: with
+    ``children`` each token the mean of its level-(l−1) children, else of all fine tokens under it (sums pooled
+    level by level, divided by the count)."""
+    level_x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    sums, out = level_x, []
     for level in range(1, levels + 1):
-        sums = _sum_pool(sums, block_size)
-        out.append(sums / counts(x.shape[2], block_size, level, x.device)[:, None].to(sums.dtype))
+        if children:
+            level_x = _sum_pool(level_x, block_size) / counts(level_x.shape[2], block_size, 1, x.device)[:, None]
+        else:
+            sums = _sum_pool(sums, block_size)
+            level_x = sums / counts(x.shape[2], block_size, level, x.device)[:, None].to(sums.dtype)
+        out.append(level_x)
     return out
 
 
@@ -100,20 +109,27 @@ def pooled(levels: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 
 
 def unpool(grads: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """The mean-pool backward: ``(B, H, P, C)`` gradients of the pooled tokens to ``(B, H, N, C)``, each fine token
-    getting, at every level, its ancestor's gradient over that ancestor's count (float32)."""
-    b, spread = layout.block_size, None
+    """The mean-pool backward: ``(B, H, P, C)`` gradients of the pooled tokens to ``(B, H, N, C)`` (float32). Pooling
+    tokens, each fine token gets, at every level, its ancestor's gradient over that ancestor's count; pooling
+    children, each level-(l−1) token gets its parent's gradient (its own plus what came from above) over the
+    parent's number of children, level by level down."""
+    b, sizes, spread = layout.block_size, layout.sizes, None
     for level in range(layout.levels, 0, -1):
-        start, size = layout.token_offset(level), layout.sizes[level]
-        part = grads[:, :, start : start + size].float() / counts(layout.num_tokens, b, level, grads.device)[:, None]
+        start, size = layout.token_offset(level), sizes[level]
+        part = grads[:, :, start : start + size].float()
+        if not layout.children:
+            part = part / counts(layout.num_tokens, b, level, grads.device)[:, None]
         if spread is not None:
             part = part + spread.repeat_interleave(b, dim=2)[:, :, :size]
+        if layout.children:
+            part = part / counts(sizes[level - 1], b, 1, grads.device)[:, None]
         spread = part
     return spread.repeat_interleave(b, dim=2)[:, :, : layout.num_tokens]
 
 
 def pooled_blocks(layout: Layout, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pb_offsets`` (int32, pooled blocks + 1) and ``pbias`` (float32, ``log2(count)`` per pooled token).
+    """``pb_offsets`` (int32, pooled blocks + 1) and ``pbias`` (float32, ``log2`` of each pooled token's weight: its
+    count, or the layout's ``token_weight`` of its level).
 
     Cached per layout and device in eager mode: besides saving the work, it keeps ``torch.log2`` off the hot path,
     where MKL's vector log opens an OpenMP region whose spinning workers then compete with the kernels' threads
@@ -133,8 +149,11 @@ def _pooled_blocks(layout: Layout, device) -> tuple[torch.Tensor, torch.Tensor]:
               for lv in range(1, layout.levels + 1)]
     end = torch.full((1,), layout.pooled_tokens, device=device, dtype=torch.int64)
     offsets = torch.cat(starts + [end]).to(torch.int32)
-    per_level = [counts(layout.num_tokens, layout.block_size, lv, device) for lv in range(1, layout.levels + 1)]
-    return offsets, torch.log2(torch.cat(per_level).to(torch.float32))
+    per_level = [counts(layout.num_tokens, layout.block_size, lv, device).to(torch.float32)
+                 for lv in range(1, layout.levels + 1)]
+    if layout.token_weight is not None:
+        per_level = [torch.full_like(c, w) for c, w in zip(per_level, layout.token_weight)]
+    return offsets, torch.log2(torch.cat(per_level))
 
 
 def _top(scores: torch.Tensor, count: int) -> torch.Tensor:

@@ -27,11 +27,11 @@ def forward(q, k, v, kp, vp, plan, block_size: int, topks: list[int], scale: flo
     return out, lse
 
 
-def backward(q, k, v, kp, vp, out, dout, lse, plan, block_size: int, topks: list[int], scale: float):
+def backward(q, k, v, kp, vp, out, dout, lse, plan, block_size: int, topks: list[int], children: bool, scale: float):
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     core().llsa_backward(  # computes delta = rowsum(dout * out) itself
         tensor_desc(q), tensor_desc(k), tensor_desc(v), tensor_desc(kp), tensor_desc(vp), tensor_desc(dout),
         tensor_desc(out), tensor_desc(lse), tensor_desc(dq), tensor_desc(dk), tensor_desc(dv), *_plan_args(plan),
-        block_size, len(topks), scale, torch.get_num_threads(),
+        block_size, len(topks), children, scale, torch.get_num_threads(),
     )
     return dq, dk, dv

@@ -13,10 +13,11 @@ def forward(q, k, v, kp, vp, plan, block_size: int, topks: list[int], scale: flo
     return kernels.llsa_fwd(q, k, v, kp, vp, plan, block_size, scale)
 
 
-def backward(q, k, v, kp, vp, out, dout, lse, plan, block_size: int, topks: list[int], scale: float):
+def backward(q, k, v, kp, vp, out, dout, lse, plan, block_size: int, topks: list[int], children: bool, scale: float):
     """The key side needs the transposed fine selection and the pooled items. The items' partial gradients are
-    summed per pooled token (``index_add_``), spread back to the fine tokens and added to the fine gradients."""
-    layout = llsa_plan.Layout(q.shape[2], block_size, tuple(topks))
+    summed per pooled token (``index_add_``), spread back to the fine tokens (the pooling rule's mean-pool backward)
+    and added to the fine gradients."""
+    layout = llsa_plan.Layout(q.shape[2], block_size, tuple(topks), children)
     delta = (dout.float() * out.float()).sum(-1)
     fine, pooled = plan[0], plan[1]
     t_indptr, t_indices = llsa_plan.transpose(fine, layout.num_blocks)
