@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version as _version
 
 from .functional import (
     clear_attention,
+    clear_global_kv,
     dydila_attention,
     grat_attention,
     linear_attention,
@@ -33,6 +34,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 __all__ = [
     "TokenGrid",
     "clear_attention",
+    "clear_global_kv",
     "grat_attention",
     "pisa_attention",
     "llsa_attention",

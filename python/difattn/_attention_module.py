@@ -20,8 +20,9 @@ from torch import nn
 
 from . import functional
 from ._checks import check_int
+from ._options import clear_proportional, clear_proportional_scale
 from ._linear_layers import add_dynamic_routers, conv_on_grid, depthwise_conv, dynamic_differential
-from ._methods import SPARSE_METHODS, check_options, clear_global_kv, sparse_attention, square_grid
+from ._methods import SPARSE_METHODS, check_options, sparse_attention, square_grid
 from ._rope import apply_rope
 from .grid import TokenGrid, check_grid
 
@@ -30,7 +31,7 @@ METHODS = ("dense", "clear", "grat", "pisa", "llsa", "linear", "dydila")
 # Options handled by the module itself rather than passed to a public function.
 _MODULE_OPTIONS: dict[str, frozenset[str]] = {
     "dense": frozenset(),
-    "clear": SPARSE_METHODS["clear"].options | {"down_factor"},
+    "clear": SPARSE_METHODS["clear"].options | {"down_factor", "proportional_attention"},
     "grat": SPARSE_METHODS["grat"].options,
     "pisa": SPARSE_METHODS["pisa"].options,
     "llsa": SPARSE_METHODS["llsa"].options,
@@ -69,9 +70,12 @@ class Attention(nn.Module):
             the methods treat them as text tokens of the grid: they attend to every token and every token attends
             to them.
         **method_options: the method's options, checked by name: ``radius``, ``temporal_radius``, ``down_factor``
-            (CLEAR global tokens), ``backend``; ``group``, ``pattern``, ``reach`` (GRAT); ``density``,
-            ``block_size``, ``order``, ``routing_bias``, ``sink`` (PISA); ``block_size``, ``topk``, ``levels``
-            (LLSA); ``normalize``, ``eps``, ``dwconv_kernel`` (linear, DyDiLA; 0 disables the conv);
+            (CLEAR global tokens, pooled by the parameter ``spatial_weight`` as :func:`difattn.clear_global_kv`),
+            ``proportional_attention`` (CLEAR's high-resolution inference: ``True``, or the training sequence length
+            ``T`` (``True``: 4608, FLUX at 1024² with 512 text tokens), gives ``scale = sqrt(log_T(c·N) / head_dim)``
+            for N tokens, ``c = 10`` with global tokens and 1 without, as the released processors), ``backend``;
+            ``group``, ``pattern``, ``reach`` (GRAT); ``density``, ``block_size``, ``order``, ``routing_bias``,
+            ``sink`` (PISA); ``block_size``, ``topk``, ``levels``, ``coarse_pooling``, ``token_weight`` (LLSA); ``normalize``, ``eps``, ``dwconv_kernel`` (linear, DyDiLA; 0 disables the conv);
             ``num_projectors``, ``num_kernels``, ``num_lambdas`` (DyDiLA, with :class:`difattn.nn.DyDiLA`'s
             parameter names).
 
@@ -124,6 +128,7 @@ class Attention(nn.Module):
         down_factor = options.pop("down_factor", None)
         if down_factor is not None and check_int("down_factor", down_factor, minimum=1) > 1:
             self.spatial_weight = nn.Parameter(torch.full((1, 1, 1, down_factor, 1, down_factor, 1), down_factor**-2.0))
+        self.proportional_attention = clear_proportional(options.pop("proportional_attention", False))
         if method in ("linear", "dydila"):
             self.dwconv = depthwise_conv(dim, options.pop("dwconv_kernel", 5))
             options = {**_LINEAR_DEFAULTS[method], **options}
@@ -202,11 +207,20 @@ class Attention(nn.Module):
 
     # Each _attend_* maps (x, q, k, v, grid) to the (B, H, N, Dh) attention output.
 
+    def _scale(self, num_tokens: int) -> float | None:
+        """The attention scale of a call over ``num_tokens`` (the whole sequence): CLEAR's proportional attention's,
+        or None (the method's default)."""
+        if self.proportional_attention is None:
+            return None
+        return clear_proportional_scale(num_tokens, self.head_dim, self.proportional_attention,
+                                        self.spatial_weight is not None)
+
     def _attend_sparse(self, x, q, k, v, grid):
         if SPARSE_METHODS[self.method].needs_grid or self.spatial_weight is not None:
             grid = self._needed(grid, q.shape[2])
-        global_kv = None if self.spatial_weight is None else clear_global_kv(k, v, grid, self.spatial_weight)
-        return sparse_attention(self.method, q, k, v, grid=grid, options=self.options, global_kv=global_kv)
+        global_kv = None if self.spatial_weight is None else functional.clear_global_kv(k, v, grid, self.spatial_weight)
+        return sparse_attention(self.method, q, k, v, grid=grid, options=self.options, global_kv=global_kv,
+                                scale=self._scale(q.shape[2]))
 
     def _attend_linear(self, x, q, k, v, grid):
         return functional.linear_attention(F.relu(q), F.relu(k), v, **self.options)
@@ -236,6 +250,8 @@ class Attention(nn.Module):
             from .distributed._pool import global_kv_on_stripes
 
             options["global_kv"] = global_kv_on_stripes(k, v, grid, self.spatial_weight, process_group=group)
+        if self.proportional_attention is not None:
+            options["scale"] = self._scale(grid.num_tokens)
         return distributed.attention(self.method, q, k, v, grid, process_group=group, **options)
 
     def _conv_on_grid(self, v: torch.Tensor, grid: TokenGrid | None) -> torch.Tensor:

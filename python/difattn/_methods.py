@@ -55,7 +55,11 @@ SPARSE_METHODS: dict[str, SparseMethod] = {
         functional.pisa_attention,
         frozenset({"density", "block_size", "order", "routing_bias", "sink", "backend"}),
     ),
-    "llsa": SparseMethod("llsa", functional.llsa_attention, frozenset({"block_size", "topk", "levels", "backend"})),
+    "llsa": SparseMethod(
+        "llsa",
+        functional.llsa_attention,
+        frozenset({"block_size", "topk", "levels", "coarse_pooling", "token_weight", "backend"}),
+    ),
 }
 
 
@@ -82,31 +86,6 @@ def square_grid(num_tokens: int, method: str) -> TokenGrid:
             f"perfect square, so no square grid can be inferred: pass grid=difattn.TokenGrid(height, width, ...)"
         )
     return TokenGrid(side, side)
-
-
-def clear_global_kv(
-    k: torch.Tensor, v: torch.Tensor, grid: TokenGrid, spatial_weight: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLEAR's global tokens: learnable weighted ``d x d`` poolings of the image keys and values.
-
-    ``spatial_weight`` has the reference's shape ``(1, 1, 1, d, 1, d, 1)`` (one weight per window cell, shared
-    over heads and channels). Each frame is pooled on its own; sides that are not multiples of ``d`` are
-    zero-padded, so border windows sum only the tokens they hold (the reference requires divisibility).
-    Returns ``(k_g, v_g)``, ``(B, H, frames * ceil(h/d) * ceil(w/d), D)`` each, windows in raster order.
-    """
-    d = spatial_weight.shape[3]
-    image = slice(grid.image_range.start, grid.image_range.stop)
-    pad_h, pad_w = -grid.height % d, -grid.width % d
-
-    def pool(x: torch.Tensor) -> torch.Tensor:
-        B, H, _, D = x.shape
-        x = x[:, :, image].reshape(B * H * grid.frames, grid.height, grid.width, D)
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # pads width, then height
-        rows, cols = (grid.height + pad_h) // d, (grid.width + pad_w) // d
-        windows = x.reshape(B, H, grid.frames * rows, d, cols, d, D) * spatial_weight.to(x.dtype)
-        return windows.sum(dim=(3, 5)).flatten(2, 3)
-
-    return pool(k), pool(v)
 
 
 def sparse_attention(

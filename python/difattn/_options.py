@@ -36,6 +36,35 @@ def clear_thresholds(radius: float, temporal_radius: float) -> tuple[int, int]:
     return math.ceil(radius * radius) - 1, math.ceil(temporal_radius) - 1
 
 
+# The sequence length the released CLEAR processors scale from under proportional attention: FLUX at 1024² (a 64x64
+# latent grid) with 512 text tokens, the resolution it was trained at.
+CLEAR_TRAIN_TOKENS = 64 * 64 + 512
+# Under proportional attention with global tokens the released processor takes log(10·N), without them log(N).
+CLEAR_GLOBAL_TOKEN_FACTOR = 10
+
+
+def clear_proportional(proportional_attention: Any) -> int | None:
+    """``proportional_attention`` as the training sequence length ``T`` it scales from: ``False`` → None, ``True`` →
+    :data:`CLEAR_TRAIN_TOKENS`, or an int ``T >= 2``."""
+    if proportional_attention is False:
+        return None
+    if proportional_attention is True:
+        return CLEAR_TRAIN_TOKENS
+    if not isinstance(proportional_attention, int):
+        raise TypeError("proportional_attention must be a bool or the training sequence length (an int), got "
+                        f"{type(proportional_attention).__name__}")
+    return check_int("proportional_attention", proportional_attention, minimum=2)
+
+
+def clear_proportional_scale(num_tokens: int, head_dim: int, train_tokens: int, global_tokens: bool) -> float:
+    """CLEAR's proportional attention (its high-resolution inference): ``scale = sqrt(log_T(c·N) / D)`` for a call of
+    N tokens (text and image, before any global token), ``T = train_tokens``; ``c = 10`` with global tokens and 1
+    without, as the released processors with and without them compute it. At ``N = T`` (and no global tokens) it is
+    the usual ``D**-0.5``; longer sequences sharpen the softmax as their logits' spread grows."""
+    factor = CLEAR_GLOBAL_TOKEN_FACTOR if global_tokens else 1
+    return math.sqrt(math.log(factor * num_tokens) / math.log(train_tokens) / head_dim)
+
+
 def grat_group(grid: TokenGrid, group: Any) -> tuple[int, int, int]:
     """The group as ``(gt, gh, gw)``.
 

@@ -56,6 +56,43 @@ def clear_attention(
     return impl(q, k, v, grid, radius=r, temporal_radius=rt, scale=scale, global_kv=global_kv)
 
 
+def clear_global_kv(
+    k: torch.Tensor, v: torch.Tensor, grid: TokenGrid, spatial_weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLEAR's global tokens (the paper's ``down_factor`` variant): learnable weighted ``d x d`` poolings of the image
+    keys and values, for :func:`clear_attention`'s ``global_kv``.
+
+    ``k: (B, H, N, D)``, ``v: (B, H, N, Dv)`` (post-norm, post-RoPE, the sequence ``grid`` describes);
+    ``spatial_weight``: ``(1, 1, 1, d, 1, d, 1)``, one weight per window cell shared over heads and channels: the
+    tensor the released CLEAR checkpoints store as ``<attention layer>.processor.spatial_weight`` (e.g.
+    ``transformer_blocks.0.attn.processor.spatial_weight`` in ``clear_local_8_down_4.safetensors``; initialised to
+    ``1/d²``), the parameter of the same name that :func:`difattn.diffusers.apply` (``down_factor=d``) and
+    :class:`difattn.nn.Attention` create. Each frame is pooled on its own; sides that are not multiples of ``d`` are
+    zero-padded, so border windows sum only the tokens they hold (the released code requires divisibility).
+    Returns ``(k_g, v_g)``, ``(B, H, frames * ceil(h/d) * ceil(w/d), ·)``, windows in raster order. Differentiable
+    in ``k``, ``v`` and ``spatial_weight``.
+    """
+    B, H, N, D, Dv = check_qkv(k, k, v)
+    check_grid(grid, N)
+    check_tensor("spatial_weight", spatial_weight, ndim=7)
+    d = spatial_weight.shape[3]
+    if spatial_weight.shape != (1, 1, 1, d, 1, d, 1):
+        raise ValueError(f"spatial_weight must have shape (1, 1, 1, d, 1, d, 1), got {tuple(spatial_weight.shape)}")
+    if spatial_weight.device != k.device:
+        raise ValueError(f"spatial_weight must be on k's device ({k.device}), got {spatial_weight.device}")
+    image = slice(grid.image_range.start, grid.image_range.stop)
+    pad_h, pad_w = -grid.height % d, -grid.width % d
+
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, image].reshape(B * H * grid.frames, grid.height, grid.width, x.shape[-1])
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # pads width, then height
+        rows, cols = (grid.height + pad_h) // d, (grid.width + pad_w) // d
+        windows = x.reshape(B, H, grid.frames * rows, d, cols, d, x.shape[-1]) * spatial_weight.to(x.dtype)
+        return windows.sum(dim=(3, 5)).flatten(2, 3)
+
+    return pool(k), pool(v)
+
+
 def grat_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -57,6 +57,7 @@ from torch import nn
 
 from .._checks import check_int
 from .._methods import SPARSE_METHODS, check_options
+from .._options import clear_proportional
 from . import _dispatcher
 from ._families import family_of
 from ._processor import DifattnProcessor, processor_class
@@ -108,9 +109,13 @@ def apply(
             exact; unused without context parallelism.
         **method_options: the method's options, as :mod:`difattn.functional` names them (``radius``,
             ``temporal_radius`` / ``group``, ``pattern``, ``reach`` / ``density``, ``block_size``, ``order``,
-            ``routing_bias``, ``sink`` / ``block_size``, ``topk``, ``levels``; ``backend`` for all), plus
-            ``down_factor`` for CLEAR's learnable global tokens. The grid, text mask and scale come from the
-            model.
+            ``routing_bias``, ``sink`` / ``block_size``, ``topk``, ``levels``, ``coarse_pooling``,
+            ``token_weight``; ``backend`` for all), plus for CLEAR ``down_factor`` (learnable global tokens: the
+            parameter ``<layer>.processor.spatial_weight`` of the released checkpoints, pooled as
+            :func:`difattn.clear_global_kv`) and ``proportional_attention`` (the released high-resolution inference:
+            ``True``, or the training sequence length ``T``, default 4608 = FLUX at 1024² with 512 text tokens, sets
+            ``scale = sqrt(log_T(c·N) / head_dim)`` for a call of N tokens, ``c = 10`` with global tokens and 1
+            without, as the released processors do). The grid, text mask and scale come from the model.
 
     Returns:
         An :class:`ApplySummary` of the layers replaced and kept dense; the same is logged (INFO) on the
@@ -122,12 +127,14 @@ def apply(
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
     spec = SPARSE_METHODS.get(method)
-    allowed = frozenset() if spec is None else spec.options | ({"down_factor"} if method == "clear" else set())
+    clear_only = {"down_factor", "proportional_attention"} if method == "clear" else set()
+    allowed = frozenset() if spec is None else spec.options | clear_only
     options = check_options(method, method_options, allowed, frozenset() if spec is None else spec.required)
     given = dict(options)
     down_factor = options.pop("down_factor", None)
     if down_factor is not None:
         down_factor = check_int("down_factor", down_factor, minimum=1)
+    proportional = clear_proportional(options.pop("proportional_attention", False))
     layers = family.layers(transformer)
     names = [name for name, _ in layers]
     dense = _layer_indices(dense_layers, names)
@@ -138,7 +145,7 @@ def apply(
     remove(transformer)
     session = Session(
         transformer, family, method, spec, options,
-        down_factor=down_factor if down_factor and down_factor > 1 else None,
+        down_factor=down_factor if down_factor and down_factor > 1 else None, proportional=proportional,
         dense_layers=dense, dense_steps=dense_steps, parallel=parallel, backend=_dispatcher.register(),
         native=_native_backend(),
     )

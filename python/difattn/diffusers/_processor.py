@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .._methods import clear_global_kv, sparse_attention
+from .._methods import sparse_attention
+from ..functional import clear_global_kv
 from ..grid import TokenGrid
 from . import _dispatcher
 
@@ -192,6 +193,7 @@ class LayerAttention:
         if parallel_config is not None:
             return self._attend_sharded(q, k, v, attn_mask, scale, parallel_config)
         grid = self.session.geometry().grid(q.shape[2])
+        scale = self.session.scale(grid.num_tokens, q.shape[3], scale)
         text_mask = text_padding(attn_mask, grid, q.shape[0], name)
         weight = self.processor.spatial_weight
         global_kv = None if weight is None else clear_global_kv(k, v, grid, weight)
@@ -213,7 +215,7 @@ class LayerAttention:
             )
         comm = Comm(parallel_config.context_parallel_config._flattened_mesh.get_group())
         layout = _context_parallel_layout(self.session.geometry(), q.shape[2], comm.rank, comm.world, name)
-        options = dict(self.session.options, scale=scale)
+        options = dict(self.session.options, scale=self.session.scale(layout.grid.num_tokens, q.shape[3], scale))
         return run(self.session.method, comm, layout, q, k, v, self.session.parallel, options)
 
     def _attend(self, q, k, v, grid, text_mask, global_kv, *, scale):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .._methods import SparseMethod
+from .._options import clear_proportional_scale
 from ._families import Family, Geometry
 
 
@@ -23,6 +24,7 @@ class Session:
 
     ``backend`` is difattn's registered dispatcher backend (None where diffusers' registry cannot be used) and
     ``native`` diffusers' SDPA backend (None without a dispatcher); both are looked up once, at ``apply`` time.
+    ``proportional``: the training sequence length CLEAR's proportional attention scales from, or None.
     """
 
     def __init__(
@@ -34,6 +36,7 @@ class Session:
         options: dict[str, Any],
         *,
         down_factor: int | None,
+        proportional: int | None = None,
         dense_layers: frozenset[int],
         dense_steps: int,
         parallel: str = "auto",
@@ -43,6 +46,7 @@ class Session:
         self.family, self.method, self.spec, self.options = family, method, spec, options
         self.parallel = parallel  # the difattn.distributed scheme under context parallelism
         self.down_factor, self.dense_layers, self.dense_steps = down_factor, dense_layers, dense_steps
+        self.proportional = proportional
         self.backend, self.native = backend, native
         self.step = 0
         self._last_timestep: float | None = None
@@ -79,6 +83,13 @@ class Session:
                 self._geometry_error
             )
         return self._geometry
+
+    def scale(self, num_tokens: int, head_dim: int, given: float | None) -> float | None:
+        """The attention scale of a call over ``num_tokens`` (the whole sequence): CLEAR's proportional attention's
+        when it is on (it replaces the model's, as the released processors do), else the model's ``given``."""
+        if self.proportional is None:
+            return given
+        return clear_proportional_scale(num_tokens, head_dim, self.proportional, self.down_factor is not None)
 
     def runs_dense(self, index: int) -> bool:
         """Whether layer ``index`` runs the stock processor in the current call."""

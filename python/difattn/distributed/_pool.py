@@ -2,7 +2,7 @@
 
 A pooling window is a weighted sum, so each rank pools the rows of its stripe into the windows they fall in (a
 window cut by a stripe boundary gets a partial sum from each side), and one all-reduce adds them up: every rank
-then holds all global tokens, as :func:`difattn._methods.clear_global_kv` computes them on the full grid. The
+then holds all global tokens, as :func:`difattn.clear_global_kv` computes them on the full grid. The
 all-reduce's autograd adds every rank's use of the tokens back onto each contribution.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .._methods import clear_global_kv
+from ..functional import clear_global_kv
 from ..grid import TokenGrid
 from ._comm import Comm
 from ._layout import Layout
