@@ -65,6 +65,35 @@ def clear_proportional_scale(num_tokens: int, head_dim: int, train_tokens: int, 
     return math.sqrt(math.log(factor * num_tokens) / math.log(train_tokens) / head_dim)
 
 
+def grat_text_mask(text_mask: Any, batch: int, grid: TokenGrid, device: torch.device) -> torch.Tensor | None:
+    """GRAT's valid text keys as a ``(B, T)`` bool mask (None: every text token is valid).
+
+    ``text_mask`` is that mask, or (the released code's form) the attendable text count of each sample, an integer
+    tensor ``(B,)`` with ``0 <= n_b <= T``: sample b's first ``n_b`` text tokens (in sequence order) are valid,
+    ``mask[b, t] = t < n_b``. Either is on ``device``.
+    """
+    if text_mask is None:
+        return None
+    if not isinstance(text_mask, torch.Tensor):
+        raise TypeError(f"text_mask must be a bool (B, T) or integer (B,) torch.Tensor, got {type(text_mask).__name__}")
+    if text_mask.device != device:
+        raise ValueError(f"text_mask must be on q's device ({device}), got {text_mask.device}")
+    if text_mask.dtype == torch.bool:
+        if tuple(text_mask.shape) != (batch, grid.text_tokens):
+            raise ValueError(
+                f"text_mask must have shape (B, T) = {(batch, grid.text_tokens)}, got {tuple(text_mask.shape)}"
+            )
+        return text_mask
+    if text_mask.is_floating_point() or text_mask.is_complex():
+        raise TypeError(f"text_mask must have dtype torch.bool (a mask) or an integer dtype (counts), got "
+                        f"{text_mask.dtype}")
+    if tuple(text_mask.shape) != (batch,):
+        raise ValueError(f"text_mask as counts must have shape (B,) = ({batch},), got {tuple(text_mask.shape)}")
+    if bool(((text_mask < 0) | (text_mask > grid.text_tokens)).any()):
+        raise ValueError(f"text_mask counts must lie in [0, T] = [0, {grid.text_tokens}], got {text_mask.tolist()}")
+    return torch.arange(grid.text_tokens, device=device) < text_mask[:, None]
+
+
 def grat_group(grid: TokenGrid, group: Any) -> tuple[int, int, int]:
     """The group as ``(gt, gh, gw)``.
 

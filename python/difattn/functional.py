@@ -111,15 +111,16 @@ def grat_attention(
     ``group``: ``(gh, gw)`` or ``(gt, gh, gw)``; default 16x16 on images, 4x8x8 on videos.
     ``pattern="neighbors"``: groups within ``reach`` on every axis; ``"criss_cross"``: the group's row and
     column bands (and its frame plane on videos). Text queries see every valid key, every query sees valid text.
-    ``text_mask``: ``(B, T)`` bool, True for real (non-padding) text tokens. Returns ``(B, H, N, Dv)``.
+    ``text_mask``: ``(B, T)`` bool, True for real (non-padding) text tokens; or, as the authors' released code takes
+    it, the attendable text count of each sample, an integer tensor ``(B,)``: sample b's first ``n_b`` text tokens
+    are real (``mask[b, t] = t < n_b``). Returns ``(B, H, N, Dv)``.
     """
     B, H, N, D, Dv = check_qkv(q, k, v)
     check_grid(grid, N)
     group = _options.grat_group(grid, group)
     check_choice("pattern", pattern, _options.GRAT_PATTERNS)
     check_int("reach", reach, minimum=0)
-    if text_mask is not None:
-        _check_text_mask(text_mask, B, grid, q)
+    text_mask = _options.grat_text_mask(text_mask, B, grid, q.device)
     scale = resolve_scale(scale, D)
     impl = select("grat", check_backend(backend), q.device, q.dtype)
     return impl(q, k, v, grid, group=group, pattern=pattern, reach=reach, text_mask=text_mask, scale=scale)
@@ -302,19 +303,6 @@ def _check_global_kv(global_kv: Any, q: torch.Tensor, v: torch.Tensor) -> None:
             )
     if k_g.shape[2] != v_g.shape[2]:
         raise ValueError(f"global_kv keys and values must have the same count G, got {k_g.shape[2]} and {v_g.shape[2]}")
-
-
-def _check_text_mask(text_mask: Any, batch: int, grid: TokenGrid, q: torch.Tensor) -> None:
-    if not isinstance(text_mask, torch.Tensor):
-        raise TypeError(f"text_mask must be a bool torch.Tensor, got {type(text_mask).__name__}")
-    if text_mask.dtype != torch.bool:
-        raise TypeError(f"text_mask must have dtype torch.bool, got {text_mask.dtype}")
-    if tuple(text_mask.shape) != (batch, grid.text_tokens):
-        raise ValueError(
-            f"text_mask must have shape (B, T) = {(batch, grid.text_tokens)}, got {tuple(text_mask.shape)}"
-        )
-    if text_mask.device != q.device:
-        raise ValueError(f"text_mask must be on q's device ({q.device}), got {text_mask.device}")
 
 
 def _check_token_param(name: str, value: Any, shape: tuple[int, int, int], q: torch.Tensor) -> None:

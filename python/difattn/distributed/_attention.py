@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .. import functional
 from .._checks import check_int, check_qkv, resolve_scale
-from .._options import check_linear, clear_radii, grat_group
+from .._options import check_linear, clear_radii, grat_group, grat_text_mask
 from ._comm import Comm
 from ._halo import clear_wants, grat_wants, halo_attention, halo_bytes
 from ._layout import Layout, balanced
@@ -163,13 +163,14 @@ def _halo(method: str, comm: Comm, layout: Layout, q, k, v, options: dict[str, A
     fn, call = _FUNCTIONS[method], dict(options)
     if method == "grat":
         call["group"] = grat_group(layout.grid, options.get("group"))
+        call["text_mask"] = grat_text_mask(options.get("text_mask"), q.shape[0], layout.grid, q.device)
 
     def run_extended(q_ext, k_ext, v_ext, grid_ext):
         return fn(q_ext, k_ext, v_ext, grid_ext, **call)
 
     return halo_attention(
         comm, layout, q, k, v, wants=_wants(method, layout, options), run=run_extended,
-        scale=resolve_scale(options.get("scale"), q.shape[3]), text_mask=options.get("text_mask"),
+        scale=resolve_scale(options.get("scale"), q.shape[3]), text_mask=call.get("text_mask"),
     )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_choice, check_int, resolve_scale
-from .._options import GRAT_PATTERNS, grat_group
+from .._options import GRAT_PATTERNS, grat_group, grat_text_mask
 from ..grid import TokenGrid, check_grid
 from ._dense import masked_attention
 
@@ -85,11 +85,14 @@ def grat_attention(
 
     Args:
         q, k: ``(B, H, N, D)``; v: ``(B, H, N, Dv)``, N = ``grid.num_tokens``.
-        text_mask: optional ``(B, T)`` bool of valid text tokens; padded text keys are excluded for every query.
+        text_mask: optional ``(B, T)`` bool of valid text tokens, or ``(B,)`` integer counts of them (sample b's
+            first ``n_b`` text tokens); padded text keys are excluded for every query.
 
     Returns ``(B, H, N, Dv)`` in q's dtype.
     """
     check_grid(grid, q.shape[2])
+    if text_mask is not None and text_mask.dtype != torch.bool:
+        text_mask = grat_text_mask(text_mask, q.shape[0], grid, q.device)
     mask = grat_mask(grid, group, pattern, reach, text_mask, device=q.device)
     if text_mask is not None and text_mask.shape[0] != q.shape[0]:
         raise ValueError(f"text_mask must have q's batch size {q.shape[0]}, got shape {tuple(text_mask.shape)}")
