@@ -105,10 +105,13 @@ def _triton_check(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
-def _pisa_orders(dtype: torch.dtype | None, options: dict[str, Any]) -> str:
+def _pisa_limits(dtype: torch.dtype | None, options: dict[str, Any]) -> str:
     if options.get("order") == "first":
         return ("the kernels implement the zeroth and hybrid orders; order='first' (per-block first-order terms, "
                 "memory-bound) runs on backend='torch'")
+    if options.get("cross"):
+        return ("the kernels take one block layout for queries and keys; cross-attention (k and v with another "
+                "length than q) runs on backend='torch'")
     return ""
 
 
@@ -151,7 +154,7 @@ BACKENDS: dict[str, Backend] = {
         },
         dtypes=KERNEL_DTYPES,
         runtime_check=_rust_check,
-        limits={"pisa": _pisa_orders},
+        limits={"pisa": _pisa_limits},
     ),
     "triton": Backend(
         "triton",
@@ -165,7 +168,7 @@ BACKENDS: dict[str, Backend] = {
         },
         dtypes=KERNEL_DTYPES,
         runtime_check=_triton_check,
-        limits={method: _triton_limits(_pisa_orders if method == "pisa" else _no_limits) for method in METHODS},
+        limits={method: _triton_limits(_pisa_limits if method == "pisa" else _no_limits) for method in METHODS},
     ),
 }
 

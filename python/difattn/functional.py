@@ -156,21 +156,31 @@ def pisa_attention(
     instead of the routing (the form ``return_blocks=True`` returns; ``k = max(1, floor(density · M))``, ids in
     ``[0, M)``, none twice in a row; ``routing_bias`` and ``sink`` must then be left unset). Returns
     ``(B, H, N, Dv)``, plus the selected block ids ``(B, H, M, k)`` with ``return_blocks=True``.
+
+    Cross-attention (the authors' zeroth-order variant allows it): k, v may hold ``Nk != N`` tokens
+    (``(B, H, Nk, D)``, ``(B, H, Nk, Dv)``), without a grid. Query blocks are then runs of ``block_size`` over q
+    (``M = ceil(N / b)``), key blocks runs over k (``Mk = ceil(Nk / b)``, ``k = max(1, floor(density · Mk))``, ids in
+    ``[0, Mk)``, ``H̄ = (1/Nk) Σ_j H_j``); the selection is ``(B, H, M, k)``.
     """
-    B, H, N, D, Dv = check_qkv(q, k, v)
+    B, H, N, D, Dv = check_qkv(q, k, v, cross=True)
+    num_keys = k.shape[2]
     bias = _options.check_pisa(density, block_size, order, routing_bias, sink)
     if grid is not None:
         check_grid(grid, N)
         _options.pisa_tile(block_size)
+        if num_keys != N:
+            raise ValueError(f"grid: cross-attention (k has {num_keys} tokens, q {N}) runs without a grid")
     check_bool("return_blocks", return_blocks)
     scale = resolve_scale(scale, D)
     if blocks is not None:
         if bias is not None or sink is not None:
             raise ValueError("routing_bias and sink choose blocks: leave them unset when blocks is given")
-        num_blocks = _options.pisa_num_blocks(grid, N, block_size)
-        shape = (B, H, num_blocks, _options.pisa_num_selected(density, num_blocks))
-        blocks = _options.check_pisa_blocks(blocks, shape, num_blocks, q.device)
-    impl = select("pisa", check_backend(backend), q.device, q.dtype, {"order": order})
+        num_key_blocks = _options.pisa_num_blocks(grid, num_keys, block_size)
+        shape = (B, H, _options.pisa_num_blocks(grid, N, block_size),
+                 _options.pisa_num_selected(density, num_key_blocks))
+        blocks = _options.check_pisa_blocks(blocks, shape, num_key_blocks, q.device)
+    options = {"order": order, "cross": num_keys != N}
+    impl = select("pisa", check_backend(backend), q.device, q.dtype, options)
     return impl(
         q, k, v, density=density, block_size=block_size, order=order, routing_bias=bias,
         sink=sink, grid=grid, return_blocks=return_blocks, scale=scale, blocks=blocks,

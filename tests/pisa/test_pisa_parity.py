@@ -6,7 +6,9 @@ ragged N (a short last block), grids with border tiles and text runs that are no
   ``s·(Σ_U n_j e^{c_j−m})·q·(Σ_j H_j)/N`` (the released kernel), forward and gradients;
 - the routing biases ``"centered"`` (the paper), ``"uncentered"`` (the released kernels), ``"key_variance"`` (the
   trainable zeroth-order variant) select exactly the twin's blocks;
-- a selection passed as ``blocks=`` is honoured and validated by the public function on every backend.
+- a selection passed as ``blocks=`` is honoured and validated by the public function on every backend;
+- cross-attention (k, v longer or shorter than q, as the authors' zeroth-order variant allows): query blocks over q,
+  key blocks over k, on the torch backend; the kernels' backends refuse it by the backend table with the reason.
 """
 
 from __future__ import annotations
@@ -148,3 +150,69 @@ def test_routing_bias_values_are_checked():
         difattn.pisa_attention(q, k, v, block_size=4, routing_bias="centred")
     with pytest.raises(TypeError, match="routing_bias"):
         difattn.pisa_attention(q, k, v, block_size=4, routing_bias=1)
+
+
+CROSS = [(27, 13), (10, 33)]  # (N, Nk) with short last blocks on both sides (block size 4)
+
+
+def _cross_case(num_queries: int, num_keys: int, dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 2, num_queries, 8, generator=gen, dtype=torch.float64).to(dtype)
+    k = torch.randn(1, 2, num_keys, 8, generator=gen, dtype=torch.float64).to(dtype)
+    v = torch.randn(1, 2, num_keys, 6, generator=gen, dtype=torch.float64).to(dtype)
+    return q, k, v, brute_layout(None, num_queries, 4), brute_layout(None, num_keys, 4)
+
+
+@pytest.mark.parametrize("lengths", CROSS)
+@pytest.mark.parametrize("order", ["zeroth", "hybrid", "first"])
+def test_cross_attention_matches_the_twin(lengths, order):
+    """Forward and gradients with a given selection, and the routing of every bias, against the twin."""
+    q, k, v, layout, key_layout = _cross_case(*lengths, torch.float32, seed=7)
+    density = 0.5
+    num_selected = max(1, math.floor(density * len(key_layout)))
+    gen = torch.Generator().manual_seed(1)
+    blocks = torch.stack([torch.randperm(len(key_layout), generator=gen)[:num_selected]
+                          for _ in range(2 * len(layout))]).reshape(1, 2, len(layout), num_selected)
+    compare_with_reference(
+        f"pisa cross {order} {lengths}",
+        lambda q, k, v: difattn.pisa_attention(q, k, v, density=density, block_size=4, order=order, blocks=blocks,
+                                               scale=0.4),
+        lambda q, k, v: brute_pisa_batched(q, k, v, layout, blocks, 0.4, order, key_layout),
+        (q, k, v),
+    )
+    q64, k64, v64 = (x.double() for x in (q, k, v))
+    for bias in (False, "centered", "uncentered", "key_variance"):
+        _, routed = difattn.pisa_attention(q, k, v, density=density, block_size=4, order=order, routing_bias=bias,
+                                           sink="last", return_blocks=True, scale=0.4)
+        for h in range(2):
+            expected = brute_route(q64[0, h], k64[0, h], v64[0, h], layout, 0.4, num_selected, bias, "last",
+                                   key_layout)
+            assert routed[0, h].tolist() == expected, (bias, h)
+
+
+@pytest.mark.parametrize("backend", ["rust", "triton"])
+def test_cross_attention_is_refused_by_the_kernels_backends(backend):
+    q, k, v, _, _ = _cross_case(27, 13, torch.float32, seed=2)
+    ok, reason = difattn.backends.BACKENDS[backend].can_run("pisa", torch.device("cpu"), torch.float32,
+                                                            {"order": "hybrid", "cross": True})
+    assert not ok
+    if backend == "rust" or HAS_TRITON:  # else triton is refused for the device first
+        assert "cross-attention" in reason
+    if backend == "rust":
+        with pytest.raises(RuntimeError, match="cross-attention"):
+            difattn.pisa_attention(q, k, v, block_size=4, backend="rust")
+        # auto falls back to the torch reference, which runs it
+        torch.testing.assert_close(difattn.pisa_attention(q, k, v, block_size=4),
+                                   difattn.pisa_attention(q, k, v, block_size=4, backend="torch"))
+
+
+def test_cross_attention_arguments_are_checked():
+    q, k, v, _, _ = _cross_case(27, 13, torch.float32, seed=3)
+    with pytest.raises(ValueError, match="grid"):
+        difattn.pisa_attention(q, k, v, block_size=4, grid=difattn.TokenGrid(3, 9))
+    with pytest.raises(ValueError, match="v must have k's sequence length"):
+        difattn.pisa_attention(q, k, v[:, :, :12], block_size=4)
+    wrong = torch.zeros(1, 2, 7, 1, dtype=torch.int64)  # M = 7 query blocks, k = 1 of Mk = 4: ids below 4
+    wrong[..., 0] = 4
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        difattn.pisa_attention(q, k, v, density=0.3, block_size=4, blocks=wrong)
