@@ -261,22 +261,24 @@ def dydila_attention(
 ) -> torch.Tensor:
     """DyDiLA core: power maps with per-token exponents, token differential, then linear attention.
 
-    ``q, k, q_aux, k_aux: (B, H, N, D)``, ``v: (B, H, N, Dv)``; each gamma/lambda is a ``(B, H, N)`` tensor or a
-    float. ``Q̂ = φ(q) − λ_q φ(q_aux)``, ``K̂ = φ(k) − λ_k φ(k_aux)`` with ``φ_γ(z) = ‖r‖ r^γ / ‖r^γ‖``,
-    ``r = relu(z) + eps``; ``O = Q̂ S``, ``S = (1/N) Σ K̂ᵀ V``. Returns ``(B, H, N, Dv)``.
+    ``q, q_aux: (B, H, N, D)``, ``k, k_aux: (B, H, Nk, D)``, ``v: (B, H, Nk, Dv)`` (``Nk = N`` for self-attention;
+    another ``Nk`` is cross-attention); each gamma/lambda is a float or a tensor of its side's tokens, ``(B, H, N)``
+    for ``*_q*``, ``(B, H, Nk)`` for ``*_k*``. ``Q̂ = φ(q) − λ_q φ(q_aux)``, ``K̂ = φ(k) − λ_k φ(k_aux)`` with
+    ``φ_γ(z) = ‖r‖ r^γ / ‖r^γ‖``, ``r = relu(z) + eps``; ``O = Q̂ S``, ``S = (1/Nk) Σ K̂ᵀ V`` (normalize:
+    ``O / (Q̂ · mean(K̂) + eps)``). Returns ``(B, H, N, Dv)``.
     """
-    B, H, N, D, Dv = check_qkv(q, k, v)
-    for name, aux in (("q_aux", q_aux), ("k_aux", k_aux)):
+    B, H, N, D, Dv = check_qkv(q, k, v, cross=True)
+    for name, aux, like, side in (("q_aux", q_aux, q, "q"), ("k_aux", k_aux, k, "k")):
         check_tensor(name, aux, ndim=4)
         check_same_kind(name, aux, "q", q)
-        if aux.shape != q.shape:
-            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(aux.shape)}")
+        if aux.shape != like.shape:
+            raise ValueError(f"{name} must have {side}'s shape {tuple(like.shape)}, got {tuple(aux.shape)}")
     token_params = {
         "gamma_q": gamma_q, "gamma_k": gamma_k, "gamma_q_aux": gamma_q_aux, "gamma_k_aux": gamma_k_aux,
         "lambda_q": lambda_q, "lambda_k": lambda_k,
     }
     for name, value in token_params.items():
-        _check_token_param(name, value, (B, H, N), q)
+        _check_token_param(name, value, (B, H, k.shape[2] if "_k" in name else N), q)
     eps = _options.check_linear(normalize, eps)
     impl = select("dydila", check_backend(backend), q.device, q.dtype)
     return impl(q, k, v, q_aux, k_aux, **token_params, normalize=normalize, eps=eps)
@@ -316,12 +318,14 @@ def _check_global_kv(global_kv: Any, q: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def _check_token_param(name: str, value: Any, shape: tuple[int, int, int], q: torch.Tensor) -> None:
-    """A per-token parameter: a finite float or a float tensor of shape ``(B, H, N)`` on q's device."""
+    """A per-token parameter: a finite float or a float tensor of its side's ``shape`` (``(B, H, N)`` or
+    ``(B, H, Nk)``) on q's device."""
     if isinstance(value, torch.Tensor):
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
         if tuple(value.shape) != shape:
-            raise ValueError(f"{name} must have shape (B, H, N) = {shape}, got {tuple(value.shape)}")
+            side = "(B, H, Nk)" if "_k" in name else "(B, H, N)"
+            raise ValueError(f"{name} must have shape {side} = {shape}, got {tuple(value.shape)}")
         if value.device != q.device:
             raise ValueError(f"{name} must be on q's device ({q.device}), got {value.device}")
         return

@@ -1,8 +1,9 @@
-//! Linear-attention kernels on CPU (DyDiLA, LiT): the non-causal core `S = (1/N) Σ_n K̂_nᵀ V_n` (f32,
+//! Linear-attention kernels on CPU (DyDiLA, LiT): the non-causal core `S = (1/Nk) Σ_n K̂_nᵀ V_n` (f32,
 //! `D x Dv`), `O = Q̂ S` (divided by `Q̂ · mean(K̂) + eps` when normalising), forward and backward, over feature rows
 //! that are either the inputs (linear attention) or DyDiLA's prologue (`features`).
 //!
-//! Layouts: q, k, q_aux, k_aux `(B, H, N, D)`, v `(B, H, N, Dv)`, per-token parameters `(B, H, N)`; any strides,
+//! Layouts: q, q_aux `(B, H, N, D)`, k, k_aux `(B, H, Nk, D)`, v `(B, H, Nk, Dv)`, per-token parameters `(B, H, N)` on
+//! the query side and `(B, H, Nk)` on the key side (`Nk != N`: cross-attention, `S = (1/Nk) Σ K̂ᵀ V`); any strides,
 //! f32/f16/bf16, f32 accumulation. Work runs on a dedicated pool in blocks of `BLOCK` tokens through the `gemm`
 //! crate: the state reduction over `(b, h, token split)` tasks (the token range is split when `B·H` is small and the
 //! partial states are summed), the readout over `(b, h, token block)` tasks. The backward mirrors it: a query pass
@@ -84,7 +85,8 @@ fn input_rows<'a>(view: &'a View, rows: Rows, buf: &'a mut [f32]) -> Mat<'a> {
     Mat::rows(buf, view.shape()[3])
 }
 
-fn check_qkv(q: &View, k: &View, v: &View) -> Result<Dims, ViewError> {
+/// The shapes of a call as the query side's and the key side's `Dims` (the same but for `n`: N and Nk).
+fn check_qkv(q: &View, k: &View, v: &View) -> Result<(Dims, Dims), ViewError> {
     for t in [q, k, v] {
         t.expect(4, true)?;
         if t.dtype() != q.dtype() {
@@ -92,14 +94,15 @@ fn check_qkv(q: &View, k: &View, v: &View) -> Result<Dims, ViewError> {
         }
     }
     let [batch, heads, n, d] = q.shape()[..] else { unreachable!("4 dims checked") };
-    let dv = v.shape()[3];
-    if k.shape() != q.shape() || v.shape()[..3] != q.shape()[..3] {
+    let (nk, dv) = (k.shape()[2], v.shape()[3]);
+    if k.shape()[..2] != q.shape()[..2] || k.shape()[3] != d || v.shape()[..3] != k.shape()[..3] {
         return err(format!("shapes disagree: q {:?}, k {:?}, v {:?}", q.shape(), k.shape(), v.shape()));
     }
-    if batch * heads * n * d * dv == 0 {
-        return err(format!("empty input: q {:?}, v {:?}", q.shape(), v.shape()));
+    if batch * heads * n * nk * d * dv == 0 {
+        return err(format!("empty input: q {:?}, k {:?}, v {:?}", q.shape(), k.shape(), v.shape()));
     }
-    Ok(Dims { batch, heads, n, d, dv })
+    let queries = Dims { batch, heads, n, d, dv };
+    Ok((queries, Dims { n: nk, ..queries }))
 }
 
 fn check_options(opts: Options) -> Result<(), ViewError> {
@@ -129,9 +132,9 @@ fn check_dout(dout: &View, dims: Dims) -> Result<(), ViewError> {
     check_input(dout, &[dims.batch, dims.heads, dims.n, dims.dv], None)
 }
 
-fn check_stream(s: &Stream, q: &View, dims: Dims) -> Result<(), ViewError> {
-    check_input(s.z, q.shape(), q.dtype())?;
-    check_input(s.z_aux, q.shape(), q.dtype())?;
+/// One side's inputs against its `z` (q or k, checked by `check_qkv`) and its `dims`.
+fn check_stream(s: &Stream, dims: Dims) -> Result<(), ViewError> {
+    check_input(s.z_aux, s.z.shape(), s.z.dtype())?;
     for t in [s.gamma, s.gamma_aux, s.lambda] {
         check_input(t, &[dims.batch, dims.heads, dims.n], None)?;
     }
@@ -160,11 +163,11 @@ pub fn linear_forward(
     opts: Options,
     threads: usize,
 ) -> Result<(), ViewError> {
-    let dims = check_qkv(q, k, v)?;
+    let (dims, keys) = check_qkv(q, k, v)?;
     check_options(opts)?;
     check_output(out, &[dims.batch, dims.heads, dims.n, dims.dv], q.dtype())?;
     check_state(state, ksum, dims, true)?;
-    forward(&Plain { inputs: [q, k], grads: None }, v, out, state, ksum, dims, opts, threads)
+    forward(&Plain { inputs: [q, k], grads: None }, v, out, state, ksum, [dims, keys], opts, threads)
 }
 
 /// Linear attention backward from the forward's `state` and `ksum`: writes `dq`, `dk`, `dv` (q's dtype).
@@ -180,7 +183,7 @@ pub fn linear_backward(
     opts: Options,
     threads: usize,
 ) -> Result<(), ViewError> {
-    let dims = check_qkv(q, k, v)?;
+    let (dims, keys) = check_qkv(q, k, v)?;
     check_options(opts)?;
     check_state(state, ksum, dims, false)?;
     check_dout(dout, dims)?;
@@ -189,14 +192,14 @@ pub fn linear_backward(
     check_output(dk, k.shape(), q.dtype())?;
     check_output(dv, v.shape(), q.dtype())?;
     let f = Plain { inputs: [q, k], grads: Some([dq, dk]) };
-    backward(&f, v, state, ksum, dout, dv, dims, opts, threads)
+    backward(&f, v, state, ksum, dout, dv, [dims, keys], opts, threads)
 }
 
-fn check_dydila(x: &DydilaInputs) -> Result<Dims, ViewError> {
-    let dims = check_qkv(x.q.z, x.k.z, x.v)?;
-    check_stream(&x.q, x.q.z, dims)?;
-    check_stream(&x.k, x.q.z, dims)?;
-    Ok(dims)
+fn check_dydila(x: &DydilaInputs) -> Result<(Dims, Dims), ViewError> {
+    let (dims, keys) = check_qkv(x.q.z, x.k.z, x.v)?;
+    check_stream(&x.q, dims)?;
+    check_stream(&x.k, keys)?;
+    Ok((dims, keys))
 }
 
 /// DyDiLA forward: prologue (power maps, differential) fused into the linear core; writes `out`, `state`, `ksum`
@@ -209,12 +212,12 @@ pub fn dydila_forward(
     opts: Options,
     threads: usize,
 ) -> Result<(), ViewError> {
-    let dims = check_dydila(x)?;
+    let (dims, keys) = check_dydila(x)?;
     check_options(opts)?;
     check_output(out, &[dims.batch, dims.heads, dims.n, dims.dv], x.q.z.dtype())?;
     check_state(state, ksum, dims, true)?;
     let f = Dydila { sides: [x.q, x.k], grads: None, eps: opts.eps };
-    forward(&f, x.v, out, state, ksum, dims, opts, threads)
+    forward(&f, x.v, out, state, ksum, [dims, keys], opts, threads)
 }
 
 /// DyDiLA backward: gradients of every input (q, k, v, q_aux, k_aux in q's dtype; γ's and λ's as f32).
@@ -228,15 +231,15 @@ pub fn dydila_backward(
     opts: Options,
     threads: usize,
 ) -> Result<(), ViewError> {
-    let dims = check_dydila(x)?;
+    let (dims, keys) = check_dydila(x)?;
     check_options(opts)?;
     check_state(state, ksum, dims, false)?;
     check_dout(dout, dims)?;
     check_stream_grads(&grads.q, x.q.z, dims)?;
-    check_stream_grads(&grads.k, x.q.z, dims)?;
+    check_stream_grads(&grads.k, x.k.z, keys)?;
     check_output(grads.dv, x.v.shape(), x.q.z.dtype())?;
     let f = Dydila { sides: [x.q, x.k], grads: Some([grads.q, grads.k]), eps: opts.eps };
-    backward(&f, x.v, state, ksum, dout, grads.dv, dims, opts, threads)
+    backward(&f, x.v, state, ksum, dout, grads.dv, [dims, keys], opts, threads)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -246,13 +249,13 @@ fn forward<F: FeatureMap>(
     out: &View,
     state: &View,
     ksum: &View,
-    dims: Dims,
+    [dims, keys]: [Dims; 2],
     opts: Options,
     threads: usize,
 ) -> Result<(), ViewError> {
     let pool = pool(threads).map_err(ViewError)?;
     pool.install(|| {
-        let states = reduce_state(f, v, dims, dims.splits(threads));
+        let states = reduce_state(f, v, keys, keys.splits(threads));
         write_states(&states, state, ksum, dims);
         readout(f, out, &states, dims, opts);
     });
@@ -272,7 +275,7 @@ fn sum_splits(partial: &[f32], dims: Dims, splits: usize, scale: f32) -> Vec<f32
     total
 }
 
-/// `[S | m]` per head: `S = (1/N) Σ K̂ᵀ V`, `m = (1/N) Σ K̂`.
+/// `[S | m]` per head: `S = (1/Nk) Σ K̂ᵀ V`, `m = (1/Nk) Σ K̂` (`dims`: the key side's).
 fn reduce_state<F: FeatureMap>(f: &F, v: &View, dims: Dims, splits: usize) -> Vec<f32> {
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
     let mut partial = vec![0.0f32; dims.slices() * splits * width];
@@ -362,23 +365,32 @@ fn backward<F: FeatureMap>(
     ksum: &View,
     dout: &View,
     dv_out: &View,
-    dims: Dims,
+    [dims, keys]: [Dims; 2],
     opts: Options,
     threads: usize,
 ) -> Result<(), ViewError> {
     let pool = pool(threads).map_err(ViewError)?;
     let states = read_states(state, ksum, dims);
     pool.install(|| {
-        let dstates = query_pass(f, dout, &states, dims, opts, dims.splits(threads));
-        key_pass(f, v, dv_out, &dstates, dims);
+        let dstates = query_pass(f, dout, &states, dims, opts, dims.splits(threads), keys.n);
+        key_pass(f, v, dv_out, &dstates, keys);
     });
     Ok(())
 }
 
 /// Per token block: `T = g Sᵀ`; without normalisation `dQ̂ = T`, else with `den = Q̂·m + eps`,
 /// `dden = −(Q̂·T)/den²`: `dQ̂ = T/den + dden m`, `g ← g/den`, `dm += dden Q̂`; then `dS += Q̂ᵀ g`.
-/// Writes the query-side input gradients; returns `[dS | dm] / N` per head, summed over the splits.
-fn query_pass<F: FeatureMap>(f: &F, dout: &View, states: &[f32], dims: Dims, opts: Options, splits: usize) -> Vec<f32> {
+/// Writes the query-side input gradients; returns `[dS | dm] / Nk` per head (`num_keys = Nk`: `S` is a mean over the
+/// keys), summed over the splits.
+fn query_pass<F: FeatureMap>(
+    f: &F,
+    dout: &View,
+    states: &[f32],
+    dims: Dims,
+    opts: Options,
+    splits: usize,
+    num_keys: usize,
+) -> Vec<f32> {
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
     let mut partial = vec![0.0f32; dims.slices() * splits * width];
     partial.par_chunks_mut(width).enumerate().for_each_init(
@@ -418,11 +430,11 @@ fn query_pass<F: FeatureMap>(f: &F, dout: &View, states: &[f32], dims: Dims, opt
             }
         },
     );
-    sum_splits(&partial, dims, splits, 1.0 / dims.n as f32)
+    sum_splits(&partial, dims, splits, 1.0 / num_keys as f32)
 }
 
-/// Per token block, with `[dS | dm] / N` from the query pass: `dK̂ = V dSᵀ/N + dm/N`, `dV = K̂ dS/N`; writes the
-/// key-side input gradients and dv.
+/// Per key block, with `[dS | dm] / Nk` from the query pass: `dK̂ = V dSᵀ/Nk + dm/Nk`, `dV = K̂ dS/Nk`; writes the
+/// key-side input gradients and dv (`dims`: the key side's).
 fn key_pass<F: FeatureMap>(f: &F, v: &View, dv_out: &View, dstates: &[f32], dims: Dims) {
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
     (0..dims.slices() * dims.blocks()).into_par_iter().for_each_init(

@@ -38,11 +38,13 @@ def dydila_attention(
     """Dynamic differential linear attention::
 
         Q̂ = φ_γq(q) − λ_q φ_γq_aux(q_aux),   K̂ = φ_γk(k) − λ_k φ_γk_aux(k_aux)
-        O = Q̂ S,  S = (1/N) Σ_n K̂_nᵀ v_n     (normalize: O / (Q̂ · mean_n(K̂) + eps))
+        O = Q̂ S,  S = (1/Nk) Σ_n K̂_nᵀ v_n     (normalize: O / (Q̂ · mean_n(K̂) + eps))
 
     Args:
-        q, k, q_aux, k_aux: ``(B, H, N, D)``; v: ``(B, H, N, Dv)``.
-        gamma_*, lambda_*: ``(B, H, N)`` tensors (one value per token and head) or floats.
+        q, q_aux: ``(B, H, N, D)``; k, k_aux: ``(B, H, Nk, D)``; v: ``(B, H, Nk, Dv)`` (``Nk != N``:
+            cross-attention).
+        gamma_*, lambda_*: tensors of their side's tokens (one value per token and head), ``(B, H, N)`` for the
+            query side, ``(B, H, Nk)`` for the key side, or floats.
 
     Differentiable in every tensor input, gammas and lambdas included. Computed in float32 (float64 for float64
     inputs); returns ``(B, H, N, Dv)`` in q's dtype.
@@ -62,7 +64,7 @@ def dydila_attention(
         "lambda_k": lambda_k,
     }
     for name, value in per_token.items():
-        _check_per_token(name, value, q.shape[:3])
+        _check_per_token(name, value, (k if "_k" in name else q).shape[:3])
     acc = accumulation_dtype(q.dtype)
     q_hat = power_map(q.to(acc), gamma_q, eps) - column(lambda_q, acc) * power_map(q_aux.to(acc), gamma_q_aux, eps)
     k_hat = power_map(k.to(acc), gamma_k, eps) - column(lambda_k, acc) * power_map(k_aux.to(acc), gamma_k_aux, eps)

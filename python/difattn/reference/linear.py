@@ -16,10 +16,10 @@ def linear_attention(
     normalize: bool = True,
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """``O = q S`` with the state ``S = (1/N) Σ_n k_nᵀ v_n``, optionally ``O / (q · mean_n(k) + eps)``.
+    """``O = q S`` with the state ``S = (1/Nk) Σ_n k_nᵀ v_n``, optionally ``O / (q · mean_n(k) + eps)``.
 
     Args:
-        q, k: ``(B, H, N, D)`` features (no activation is applied here); v: ``(B, H, N, Dv)``.
+        q: ``(B, H, N, D)``, k: ``(B, H, Nk, D)`` features (no activation is applied here); v: ``(B, H, Nk, Dv)``.
 
     The state and the output are computed in float32 (float64 for float64 inputs). Returns ``(B, H, N, Dv)`` in
     q's dtype.

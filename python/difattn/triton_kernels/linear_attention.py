@@ -1,7 +1,7 @@
 """Triton kernels of the linear core (LiT) and DyDiLA, forward and backward (Cao et al., arXiv 2601.13683).
 
 Plan: a prologue materialises DyDiLA's features ``Q̂, K̂`` in fp32 (power maps with per-token exponents, token
-differential); the state reduction ``S = (1/N) Σ K̂ᵀ V`` runs one program per (state tile, token split,
+differential); the state reduction ``S = (1/Nk) Σ K̂ᵀ V`` (over the Nk keys; ``Nk != N`` for cross-attention) runs one program per (state tile, token split,
 batch·head) and writes partial states that are summed over the splits (the token range is split when B·H alone
 cannot fill the device); the readout ``O = Q̂ S`` runs one program per (token block, output tile, batch·head) and
 loops over the contraction tiles. Head dims that are not powers of two (72, 192, 288) tile the state with masks,
@@ -9,7 +9,7 @@ so a 288 x 288 fp32 state never has to fit in one program. Every load and store 
 accumulation is fp32 and outputs take the input's dtype.
 
 The backward reuses the two kernels: ``dS = Σ Q̂ᵀ g'`` and ``dm = Σ dden Q̂`` are state reductions,
-``dQ̂ = g Sᵀ s + c m``, ``dK̂ = (V dSᵀ + dm) / N`` and ``dV = K̂ dS / N`` are readouts; a per-token kernel computes the normalisation terms
+``dQ̂ = g Sᵀ s + c m``, ``dK̂ = (V dSᵀ + dm) / Nk`` and ``dV = K̂ dS / Nk`` are readouts; a per-token kernel computes the normalisation terms
 and the prologue has its own backward.
 """
 
@@ -372,9 +372,9 @@ def _readout(x, m, m_strides, out, *, scale=None, alpha=1.0, coef=None, beta=0.0
 
 def _core_fwd(q, k, v, normalize: bool, eps: float, out_dtype: torch.dtype, precision: str, cfg: Config):
     B, H, N, D = q.shape
-    Dv = v.shape[3]
+    Dv, num_keys = v.shape[3], k.shape[2]
     s_sum, k_sum = _reduce(k, v, None, None, colsum=True, precision=precision, cfg=cfg)
-    state, ksum = s_sum / N, k_sum / N
+    state, ksum = s_sum / num_keys, k_sum / num_keys
     out = torch.empty(B, H, N, Dv, dtype=out_dtype, device=q.device)
     _readout(q, state, (Dv, 1), out, den_vec=ksum if normalize else None, eps=eps, precision=precision, cfg=cfg)
     return out, state.view(B, H, D, Dv), ksum.view(B, H, D)
@@ -382,9 +382,10 @@ def _core_fwd(q, k, v, normalize: bool, eps: float, out_dtype: torch.dtype, prec
 
 def _core_bwd(q, k, v, state, ksum, dout, normalize: bool, eps: float, feature_dtype, value_dtype, precision: str,
               cfg: Config):
-    """``(dq, dk, dv)`` of the linear core; ``dq``, ``dk`` in ``feature_dtype``, ``dv`` in ``value_dtype``."""
+    """``(dq, dk, dv)`` of the linear core; ``dq``, ``dk`` in ``feature_dtype``, ``dv`` in ``value_dtype``. ``S`` is
+    a mean over the ``Nk`` keys, so the key-side gradients carry ``1/Nk``."""
     B, H, N, D = q.shape
-    Dv = v.shape[3]
+    Dv, num_keys = v.shape[3], k.shape[2]
     state = state.reshape(B * H, D, Dv).contiguous()
     ksum = ksum.reshape(B * H, D).contiguous()
     inv_den = dden = None
@@ -403,10 +404,10 @@ def _core_bwd(q, k, v, state, ksum, dout, normalize: bool, eps: float, feature_d
     # dQ̂ = g Sᵀ · inv_den + dden · m ; Sᵀ[c = v, o = d] = S[d, v]
     _readout(dout, state, (1, Dv), dq, scale=inv_den, coef=dden, add_vec=ksum if normalize else None,
              precision=precision, cfg=cfg)
-    # dK̂ = (V dSᵀ + dm) / N ; dV = K̂ dS / N
-    _readout(v, ds, (1, Dv), dk, alpha=1.0 / N, beta=1.0 / N, add_vec=dm if normalize else None,
+    # dK̂ = (V dSᵀ + dm) / Nk ; dV = K̂ dS / Nk
+    _readout(v, ds, (1, Dv), dk, alpha=1.0 / num_keys, beta=1.0 / num_keys, add_vec=dm if normalize else None,
              precision=precision, cfg=cfg)
-    _readout(k, ds, (Dv, 1), dv, alpha=1.0 / N, precision=precision, cfg=cfg)
+    _readout(k, ds, (Dv, 1), dv, alpha=1.0 / num_keys, precision=precision, cfg=cfg)
     return dq, dk, dv
 
 

@@ -3,19 +3,20 @@
 use super::*;
 use crate::cpu::test_support::{values, view, view_of};
 
-/// `O = Q S`, `S = (1/N) Σ kᵀ v` per head in f64 (`/ (q·mean k + eps)` when normalising); row-major inputs.
+/// `O = Q S`, `S = (1/Nk) Σ kᵀ v` per head in f64 (`/ (q·mean k + eps)` when normalising); row-major inputs of
+/// `n` queries and `nk` keys.
 #[allow(clippy::too_many_arguments)]
-fn naive_linear(q: &[f64], k: &[f64], v: &[f64], bh: usize, n: usize, d: usize, dv: usize, normalize: bool, eps: f64) -> Vec<f64> {
+fn naive_linear(q: &[f64], k: &[f64], v: &[f64], bh: usize, [n, nk]: [usize; 2], d: usize, dv: usize, normalize: bool, eps: f64) -> Vec<f64> {
     let mut out = vec![0.0; bh * n * dv];
     for h in 0..bh {
-        let (q, k, v) = (&q[h * n * d..], &k[h * n * d..], &v[h * n * dv..]);
+        let (q, k, v) = (&q[h * n * d..], &k[h * nk * d..], &v[h * nk * dv..]);
         let mut s = vec![0.0; d * dv];
         let mut m = vec![0.0; d];
-        for t in 0..n {
+        for t in 0..nk {
             for i in 0..d {
-                m[i] += k[t * d + i] / n as f64;
+                m[i] += k[t * d + i] / nk as f64;
                 for j in 0..dv {
-                    s[i * dv + j] += k[t * d + i] * v[t * dv + j] / n as f64;
+                    s[i * dv + j] += k[t * d + i] * v[t * dv + j] / nk as f64;
                 }
             }
         }
@@ -51,7 +52,7 @@ fn linear_forward_and_backward_match_naive_loops_across_splits() {
         let (out, state, ksum) = (view("out", &od, &[b, h, n, dv]), view("state", &sd, &[b, h, d, dv]), view("ksum", &md, &[b, h, d]));
         assert_eq!(Dims { batch: b, heads: h, n, d, dv }.splits(3), 3);
         linear_forward(&q, &k, &v, &out, &state, &ksum, opts, 3).unwrap();
-        let want = naive_linear(&to_f64(&qd), &to_f64(&kd), &to_f64(&vd), b * h, n, d, dv, normalize, 1e-6);
+        let want = naive_linear(&to_f64(&qd), &to_f64(&kd), &to_f64(&vd), b * h, [n, n], d, dv, normalize, 1e-6);
         assert!(max_rel_err(&od, &want) < 1e-5, "forward normalize={normalize}");
 
         // Backward of L = Σ G ⊙ O by central differences on a few entries of every input.
@@ -61,7 +62,7 @@ fn linear_forward_and_backward_match_naive_loops_across_splits() {
         let dout = view("dout", &gd, &[b, h, n, dv]);
         linear_backward(&q, &k, &v, &state, &ksum, &dout, [&dq, &dk, &dvv], opts, 3).unwrap();
         let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
-            naive_linear(q, k, v, b * h, n, d, dv, normalize, 1e-6).iter().zip(&gd).map(|(o, g)| o * *g as f64).sum()
+            naive_linear(q, k, v, b * h, [n, n], d, dv, normalize, 1e-6).iter().zip(&gd).map(|(o, g)| o * *g as f64).sum()
         };
         let base = [to_f64(&qd), to_f64(&kd), to_f64(&vd)];
         for (which, got) in [&dqd, &dkd, &dvd].into_iter().enumerate() {
@@ -72,6 +73,41 @@ fn linear_forward_and_backward_match_naive_loops_across_splits() {
                 minus[which][idx] -= 1e-4;
                 let fd = (loss(&plus[0], &plus[1], &plus[2]) - loss(&minus[0], &minus[1], &minus[2])) / 2e-4;
                 assert!((got[idx] as f64 - fd).abs() < 1e-3 * (1.0 + fd.abs()), "grad {which}[{idx}]: {} vs {fd}", got[idx]);
+            }
+        }
+    }
+}
+
+#[test]
+fn cross_attention_forward_and_backward_match_naive_loops() {
+    // 700 queries, 2300 keys (3 key splits with 3 threads) and the reverse: the state is a mean over the keys.
+    let (b, h, d, dv) = (1, 2, 5, 3);
+    for [n, nk] in [[700, 2300], [2300, 700]] {
+        let (qd, kd, vd) = (values(b * h * n * d, 5), values(b * h * nk * d, 6), values(b * h * nk * dv, 7));
+        let (qd, kd): (Vec<f32>, Vec<f32>) = (qd.iter().map(|x| x.abs() + 0.1).collect(), kd.iter().map(|x| x.abs() + 0.1).collect());
+        let opts = Options { normalize: true, eps: 1e-6 };
+        let (q, k, v) = (view("q", &qd, &[b, h, n, d]), view("k", &kd, &[b, h, nk, d]), view("v", &vd, &[b, h, nk, dv]));
+        let (od, sd, md) = (vec![f32::NAN; b * h * n * dv], vec![f32::NAN; b * h * d * dv], vec![f32::NAN; b * h * d]);
+        let (out, state, ksum) = (view("out", &od, &[b, h, n, dv]), view("state", &sd, &[b, h, d, dv]), view("ksum", &md, &[b, h, d]));
+        linear_forward(&q, &k, &v, &out, &state, &ksum, opts, 3).unwrap();
+        let want = naive_linear(&to_f64(&qd), &to_f64(&kd), &to_f64(&vd), b * h, [n, nk], d, dv, true, 1e-6);
+        assert!(max_rel_err(&od, &want) < 1e-5, "forward {n} x {nk}");
+
+        let gd = values(b * h * n * dv, 8);
+        let (dqd, dkd, dvd) = (vec![f32::NAN; qd.len()], vec![f32::NAN; kd.len()], vec![f32::NAN; vd.len()]);
+        let (dq, dk, dvv) = (view("dq", &dqd, &[b, h, n, d]), view("dk", &dkd, &[b, h, nk, d]), view("dv", &dvd, &[b, h, nk, dv]));
+        linear_backward(&q, &k, &v, &state, &ksum, &view("dout", &gd, &[b, h, n, dv]), [&dq, &dk, &dvv], opts, 3).unwrap();
+        let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
+            naive_linear(q, k, v, b * h, [n, nk], d, dv, true, 1e-6).iter().zip(&gd).map(|(o, g)| o * *g as f64).sum()
+        };
+        let base = [to_f64(&qd), to_f64(&kd), to_f64(&vd)];
+        for (which, got) in [&dqd, &dkd, &dvd].into_iter().enumerate() {
+            for idx in [0, got.len() / 2 + 3, got.len() - 1] {
+                let (mut plus, mut minus) = (base.clone(), base.clone());
+                plus[which][idx] += 1e-4;
+                minus[which][idx] -= 1e-4;
+                let fd = (loss(&plus[0], &plus[1], &plus[2]) - loss(&minus[0], &minus[1], &minus[2])) / 2e-4;
+                assert!((got[idx] as f64 - fd).abs() < 1e-3 * (1.0 + fd.abs()), "{n} x {nk}: grad {which}[{idx}]: {} vs {fd}", got[idx]);
             }
         }
     }
@@ -110,7 +146,7 @@ impl Case {
     fn output(&self, x: &[Vec<f64>], normalize: bool) -> Vec<f64> {
         let q_hat = self.features(x, 0, 3, 5, 7, 9);
         let k_hat = self.features(x, 1, 4, 6, 8, 10);
-        naive_linear(&q_hat, &k_hat, &x[2], self.bh, self.n, self.d, self.dv, normalize, 1e-6)
+        naive_linear(&q_hat, &k_hat, &x[2], self.bh, [self.n, self.n], self.d, self.dv, normalize, 1e-6)
     }
 }
 

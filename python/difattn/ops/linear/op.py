@@ -1,9 +1,10 @@
 """Linear attention and DyDiLA as custom ops: ``difattn::linear_attention_fwd`` / ``_bwd`` and
 ``difattn::dydila_fwd`` / ``_bwd``.
 
-Inputs ``(B, H, N, D)`` / ``(B, H, N, Dv)`` with any strides, per-token parameters ``(B, H, N)`` in any float dtype
-(stride 0 allowed). The forward returns the output in q's dtype together with the fp32 state
-``S = (1/N) Σ K̂ᵀ V`` ``(B, H, D, Dv)`` and ``ksum = mean K̂`` ``(B, H, D)``, which the backward reuses (they carry
+Inputs q ``(B, H, N, D)``, k ``(B, H, Nk, D)``, v ``(B, H, Nk, Dv)`` (``Nk != N``: cross-attention) with any strides,
+per-token parameters ``(B, H, N)`` / ``(B, H, Nk)`` by side in any float dtype (stride 0 allowed). The forward returns
+the output in q's dtype together with the fp32 state ``S = (1/Nk) Σ K̂ᵀ V`` ``(B, H, D, Dv)`` and ``ksum = mean K̂``
+``(B, H, D)``, which the backward reuses (they carry
 no gradient). The backward recomputes the DyDiLA prologue rather than saving ``Q̂``, ``K̂``.
 """
 
@@ -96,7 +97,7 @@ def dydila_bwd(
 @dydila_bwd.register_fake
 def _(q, k, v, q_aux, k_aux, gamma_q, gamma_k, gamma_q_aux, gamma_k_aux, lambda_q, lambda_k, state, ksum, dout,
       normalize, eps, backend):
-    return dydila_grads_like(q, v)
+    return dydila_grads_like(q, k, v)
 
 
 def _dydila_setup(ctx, inputs, output):

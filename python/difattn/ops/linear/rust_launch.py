@@ -16,12 +16,14 @@ def state_like(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return torch.empty(B, H, D, v.shape[3], **f32), torch.empty(B, H, D, **f32)
 
 
-def dydila_grads_like(q: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
-    """Empty ``[dq, dk, dv, dq_aux, dk_aux]`` (q's dtype) and six per-token gradients ``(B, H, N)`` fp32."""
+def dydila_grads_like(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+    """Empty ``[dq, dk, dv, dq_aux, dk_aux]`` (q's dtype) and the per-token gradients ``[dγq, dγk, dγq_aux, dγk_aux,
+    dλq, dλk]`` fp32, ``(B, H, N)`` on the query side and ``(B, H, Nk)`` on the key side."""
     like = dict(dtype=q.dtype, device=q.device)
-    big = [torch.empty(q.shape, **like), torch.empty(q.shape, **like), torch.empty(v.shape, **like)]
-    big += [torch.empty(q.shape, **like), torch.empty(q.shape, **like)]
-    return big + [torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) for _ in range(6)]
+    big = [torch.empty(q.shape, **like), torch.empty(k.shape, **like), torch.empty(v.shape, **like)]
+    big += [torch.empty(q.shape, **like), torch.empty(k.shape, **like)]
+    sides = (q, k, q, k, q, k)
+    return big + [torch.empty(x.shape[:3], dtype=torch.float32, device=q.device) for x in sides]
 
 
 def linear_forward(q, k, v, normalize: bool, eps: float):
@@ -62,7 +64,7 @@ def dydila_forward(q, k, v, q_aux, k_aux, params, normalize: bool, eps: float):
 
 
 def dydila_backward(q, k, v, q_aux, k_aux, params, state, ksum, dout, normalize: bool, eps: float):
-    grads = dydila_grads_like(q, v)
+    grads = dydila_grads_like(q, k, v)
     dq, dk, dv, dq_aux, dk_aux, dgq, dgk, dgqa, dgka, dlq, dlk = grads
     q_side, k_side = _sides(q, k, q_aux, k_aux, params)
     core().dydila_backward(
