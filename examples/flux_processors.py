@@ -12,9 +12,13 @@ Settings the papers report for FLUX:
 
 - CLEAR: ``radius=16`` (or 8/32) needs the distilled weights of the CLEAR authors, which load on top of
   FLUX.1-dev (``--clear-checkpoint``); the ``*_down_4`` checkpoints also carry the global-token pooling weights
-  (``down_factor=4``). Without them CLEAR is an approximation.
+  (``down_factor=4``). Without them CLEAR is an approximation. Above 1024² the released inference sets
+  ``proportional_attention=True`` (``scale = sqrt(log_4608(c·N) / head_dim)``, ``c = 10`` with global tokens):
+  ``--proportional-attention``.
 - GRAT (training-free): ``group=(16, 16)``, ``pattern="criss_cross"`` (quality) or ``"neighbors"`` (speed).
-- PISA (training-free): ``density=0.15``, ``routing_bias=True``, the first four attention layers dense.
+- PISA (training-free): ``density=0.15``, the first four attention layers dense, and the routing bias of the
+  authors' released FLUX processor, ``routing_bias="uncentered"`` (``ln(‖H_j‖_F + 1e-5)``; ``True`` is the
+  paper's centred form).
 - Any method: ``dense_steps=k`` keeps the first k denoising steps dense.
 """
 
@@ -34,11 +38,13 @@ def method_options(args: argparse.Namespace) -> tuple[dict, dict]:
         options = {"radius": args.radius}
         if args.down_factor > 1:
             options["down_factor"] = args.down_factor
+        if args.proportional_attention:
+            options["proportional_attention"] = True
         return options, {}
     if args.method == "grat":
         return {"group": (16, 16), "pattern": args.grat_pattern}, {}
     if args.method == "pisa":
-        return {"density": 0.15, "routing_bias": True}, {"dense_layers": range(4)}
+        return {"density": 0.15, "routing_bias": "uncentered"}, {"dense_layers": range(4)}
     if args.method == "llsa":
         return {"block_size": 16, "topk": 8}, {}
     return {}, {}
@@ -50,6 +56,8 @@ def main() -> None:
     parser.add_argument("--method", choices=difattn.diffusers.METHODS, default="clear")
     parser.add_argument("--radius", type=float, default=16.0, help="CLEAR radius in latent tokens (16 px each)")
     parser.add_argument("--down-factor", type=int, default=1, help="CLEAR global tokens (4 for *_down_4 weights)")
+    parser.add_argument("--proportional-attention", action="store_true",
+                        help="CLEAR's released high-resolution inference (attention scale from log(N))")
     parser.add_argument("--clear-checkpoint", help="a CLEAR safetensors file from huggingface.co/Huage001/CLEAR")
     parser.add_argument("--grat-pattern", choices=("neighbors", "criss_cross"), default="criss_cross")
     parser.add_argument("--dense-steps", type=int, default=0)

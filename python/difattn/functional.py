@@ -219,6 +219,10 @@ def llsa_attention(
     ``[0, n_l)``, none twice in a row). Returns ``(B, H, N, Dv)``, plus ``[I_1, ..., I_L]`` with
     ``return_indices=True``.
 
+    Pooling runs in fp32 whatever the input dtype (the authors' kernels pool in the input dtype): in bf16, at
+    N = 4096 with blocks of 16, that keeps the output's error against float64 at about 0.2% where bf16 pooling gives
+    about 0.55%, and some 10% of the fine query blocks would route differently.
+
     The authors' configs list the top-K coarsest first (``sparse_topk``, and ``llsa_l2(q, k, v, topk1, topk2)``
     gets ``sparse_topk[1], sparse_topk[0]``): their two-level ``sparse_topk=[K_2, K_1]`` is
     ``topk=(K_1, K_2), levels=2`` here, and one level takes ``topk=sparse_topk[1], levels=1``.
