@@ -58,7 +58,7 @@ def _pisa():
     q, k, v = random_qkv(1, 2, GRID.num_tokens, 16, seed=4)
     layout = pisa_layout(GRID, GRID.num_tokens, 4, "cpu")
     key_mean, value_mean, moment_mean, query_mean, _ = pisa_stats_op.block_stats(q, k, v, layout, moments=True,
-                                                                               spread=False, backend="rust")
+                                                                               bias=None, backend="rust")
     blocks = pisa_stats_op.route(query_mean, key_mean, 0.25, 2, sink=None)
     plan = (layout.perm, layout.offsets, blocks, layout.max_block, 0.25, "rust")
     out, lse, zeta = pisa_op.pisa_fwd(q, k, v, key_mean, value_mean, moment_mean, *plan)
@@ -68,8 +68,9 @@ def _pisa():
                      (pisa_op.pisa_fwd, (*_leaves(q, k, v, key_mean, value_mean), None, *plan))],
         "pisa_bwd": [(pisa_op.pisa_bwd, (q, k, v, key_mean, value_mean, moment_mean, out, torch.randn_like(out), lse,
                                          zeta, layout.perm, layout.offsets, blocks, layout.max_block, 0.25, "rust"))],
-        "pisa_stats": [(pisa_stats_op.pisa_stats, (*_leaves(q, k, v), *stats_args, True, True, "rust")),
-                       (pisa_stats_op.pisa_stats, (*_leaves(q, k, v), *stats_args, False, False, "rust"))],
+        "pisa_stats": [(pisa_stats_op.pisa_stats, (*_leaves(q, k, v), *stats_args, moments, bias, "rust"))
+                       for moments, bias in ((True, "centered"), (False, "uncentered"), (False, "key_variance"),
+                                             (False, ""))],
         "pisa_grid_layout": [(pisa_layout_op.pisa_grid_layout, ([1, 5, 6, 3, 0], 4, torch.device("cpu")))],
     }
 
@@ -77,22 +78,23 @@ def _pisa():
 def _llsa():
     q, k, v = random_qkv(1, 2, GRID.num_tokens, 16, seed=5)
     layout = llsa_plan.Layout(GRID.num_tokens, 4, (3, 2))
-    queries, keys = (llsa_plan.pyramid(x, 4, 2) for x in (q, k))
+    queries, keys = (llsa_plan.pyramid(x, 4, 2, True) for x in (q, k))
     indices = llsa_plan.select(queries, keys, layout)
     fine, pooled = llsa_plan.block_lists(indices, layout)
     offsets, bias = llsa_plan.pooled_blocks(layout, "cpu")
-    kp, vp = llsa_plan.pooled(keys, k.dtype), llsa_plan.pooled(llsa_plan.pyramid(v, 4, 2), v.dtype)
+    kp, vp = llsa_plan.pooled(keys, k.dtype), llsa_plan.pooled(llsa_plan.pyramid(v, 4, 2, True), v.dtype)
     plan = [fine, pooled, offsets, bias]
-    out, lse = llsa_op.llsa_fwd(q, k, v, kp, vp, plan, 4, [3, 2], 0.25, "rust")
+    out, lse = llsa_op.llsa_fwd(q, k, v, kp, vp, plan, 4, [3, 2], True, 0.25, "rust")
     perm, _ = llsa_op.llsa_zorder(*GRID.core_args(), torch.device("cpu"))
     return {
-        "llsa_fwd": [(llsa_op.llsa_fwd, (*_leaves(q, k, v), kp, vp, plan, 4, [3, 2], 0.25, "rust"))],
-        "llsa_bwd": [(llsa_op.llsa_bwd, (q, k, v, kp, vp, out, torch.randn_like(out), lse, plan, 4, [3, 2], 0.25,
-                                         "rust"))],
+        "llsa_fwd": [(llsa_op.llsa_fwd, (*_leaves(q, k, v), kp, vp, plan, 4, [3, 2], children, 0.25, "rust"))
+                     for children in (True, False)],
+        "llsa_bwd": [(llsa_op.llsa_bwd, (q, k, v, kp, vp, out, torch.randn_like(out), lse, plan, 4, [3, 2], children,
+                                         0.25, "rust")) for children in (True, False)],
         "llsa_zorder": [(llsa_op.llsa_zorder, (*GRID.core_args(), torch.device("cpu")))],
         "llsa_select_cpu": [(llsa_op.llsa_select_cpu, ([x.float() for x in queries], [x.float() for x in keys], 4,
                                                        [3, 2]))],
-        "llsa_zorder_pool": [(llsa_op.llsa_zorder_pool, (k, perm, 4, 2))],
+        "llsa_zorder_pool": [(llsa_op.llsa_zorder_pool, (k, perm, 4, 2, children)) for children in (True, False)],
     }
 
 
@@ -105,14 +107,22 @@ def _linear():
     params = [1.0 + 2.0 * torch.rand(1, 2, 9, generator=gen) for _ in range(4)] + \
              [0.3 * torch.rand(1, 2, 9, generator=gen) for _ in range(2)]
     d_out, d_state, d_ksum = linear_op.dydila_fwd(q, k, v, q_aux, k_aux, *params, False, 1e-6, "rust")
+    # Cross-attention: the key side (k, v, k_aux and its parameters) holds 13 tokens, the query side 9.
+    _, k_x, v_x = random_qkv(1, 2, 13, 16, seed=9)
+    k_x, k_aux_x = k_x.relu() + 0.1, random_qkv(1, 2, 13, 16, seed=10)[1]
+    params_x = [p if i % 2 == 0 else 1.0 + torch.rand(1, 2, 13, generator=gen) for i, p in enumerate(params)]
+    cross = (q, k_x, v_x, q_aux, k_aux_x, *params_x)
+    x_out, x_state, x_ksum = linear_op.dydila_fwd(*cross, True, 1e-6, "rust")
     return {
         "linear_attention_fwd": [(linear_op.linear_attention_fwd, (*_leaves(q, k, v), True, 1e-6, "rust")),
                                  (linear_op.linear_attention_fwd, (*_leaves(q, k, v), False, 1e-6, "rust"))],
         "linear_attention_bwd": [(linear_op.linear_attention_bwd,
                                   (q, k, v, state, ksum, torch.randn_like(out), True, 1e-6, "rust"))],
-        "dydila_fwd": [(linear_op.dydila_fwd, (*_leaves(q, k, v, q_aux, k_aux, *params), False, 1e-6, "rust"))],
+        "dydila_fwd": [(linear_op.dydila_fwd, (*_leaves(q, k, v, q_aux, k_aux, *params), False, 1e-6, "rust")),
+                       (linear_op.dydila_fwd, (*_leaves(*cross), True, 1e-6, "rust"))],
         "dydila_bwd": [(linear_op.dydila_bwd, (q, k, v, q_aux, k_aux, *params, d_state, d_ksum,
-                                               torch.randn_like(d_out), False, 1e-6, "rust"))],
+                                               torch.randn_like(d_out), False, 1e-6, "rust")),
+                       (linear_op.dydila_bwd, (*cross, x_state, x_ksum, torch.randn_like(x_out), True, 1e-6, "rust"))],
     }
 
 
