@@ -75,9 +75,9 @@ class Attention(nn.Module):
             ``T`` (``True``: 4608, FLUX at 1024² with 512 text tokens), gives ``scale = sqrt(log_T(c·N) / head_dim)``
             for N tokens, ``c = 10`` with global tokens and 1 without, as the released processors), ``backend``;
             ``group``, ``pattern``, ``reach`` (GRAT); ``density``, ``block_size``, ``order``, ``routing_bias``,
-            ``sink`` (PISA); ``block_size``, ``topk``, ``levels``, ``coarse_pooling``, ``token_weight`` (LLSA); ``normalize``, ``eps``, ``dwconv_kernel`` (linear, DyDiLA; 0 disables the conv);
-            ``num_projectors``, ``num_kernels``, ``num_lambdas`` (DyDiLA, with :class:`difattn.nn.DyDiLA`'s
-            parameter names).
+            ``sink`` (PISA); ``block_size``, ``topk``, ``levels``, ``coarse_pooling``, ``token_weight`` (LLSA);
+            ``normalize``, ``eps``, ``dwconv_kernel`` (linear, DyDiLA; 0 disables the conv); ``num_projectors``,
+            ``num_kernels``, ``num_lambdas`` (DyDiLA, with :class:`difattn.nn.DyDiLA`'s parameter names).
 
     ``forward(x, attn_mask=None, *, is_causal=False, grid=None, rope=None)``: ``x`` is ``(B, N, dim)``; returns
     ``(B, N, dim)``. ``attn_mask`` and ``is_causal`` are timm's and SDPA's; only ``"dense"`` on one process takes

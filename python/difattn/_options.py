@@ -255,7 +255,8 @@ def llsa_token_weight(token_weight: Any, levels: int) -> tuple[float, ...] | Non
     return (check_float("token_weight", token_weight, greater_than=0.0),) * levels
 
 
-def check_llsa_indices(indices: Any, shapes: list[tuple[int, int, int, int]], device: torch.device) -> list[torch.Tensor]:
+def check_llsa_indices(indices: Any, shapes: list[tuple[int, int, int, int]],
+                       device: torch.device) -> list[torch.Tensor]:
     """A given LLSA selection ``[I_1, ..., I_L]``: ``I_l`` int64 of ``shapes[l-1] = (B, H, n_l, K_l)`` on ``device``,
     level-l ids in ``[0, n_l)``, no id twice in a row. Returns the tensors contiguous."""
     if not isinstance(indices, (list, tuple)) or len(indices) != len(shapes):

@@ -25,12 +25,14 @@ class Case:
     method: str
     scheme: str
     options: dict = field(default_factory=dict)
-    text_mask: bool = False  # GRAT: pad the last text token of sample 0
+    # GRAT: pad the last text token of sample 0, as a (B, T) mask (True) or as per-sample text counts ("counts")
+    text_mask: bool | str = False
 
     @property
     def name(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in self.options.items())
-        return f"{self.method}/{self.scheme}({opts}{',text_mask' if self.text_mask else ''})"
+        mask = {False: "", True: ",text_mask", "counts": ",text_counts"}[self.text_mask]
+        return f"{self.method}/{self.scheme}({opts}{mask})"
 
 
 CASES = (
@@ -41,6 +43,7 @@ CASES = (
     Case("clear", "auto", {"radius": 1.5}),
     Case("grat", "halo", {"group": (2, 2), "reach": 1}),
     Case("grat", "halo", {"group": (3, 2), "reach": 1}, text_mask=True),
+    Case("grat", "halo", {"group": (2, 2), "reach": 1}, text_mask="counts"),
     Case("grat", "ulysses", {"group": (2, 3), "pattern": "criss_cross"}, text_mask=True),
     Case("pisa", "ulysses", {"density": 0.5, "block_size": 4}),
     Case("llsa", "ulysses", {"block_size": 4, "topk": 2, "levels": 1}),
@@ -115,6 +118,8 @@ def _shard(name: str, value, grid):
 def _text_mask(case: Case, grid: difattn.TokenGrid, B: int = 2):
     if not case.text_mask:
         return None
+    if case.text_mask == "counts":
+        return torch.tensor([grid.text_tokens - 1] + [grid.text_tokens] * (B - 1))
     mask = torch.ones(B, grid.text_tokens, dtype=torch.bool)
     mask[0, -1] = False
     return mask

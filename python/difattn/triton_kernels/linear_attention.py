@@ -1,16 +1,16 @@
 """Triton kernels of the linear core (LiT) and DyDiLA, forward and backward (Cao et al., arXiv 2601.13683).
 
 Plan: a prologue materialises DyDiLA's features ``Q̂, K̂`` in fp32 (power maps with per-token exponents, token
-differential); the state reduction ``S = (1/Nk) Σ K̂ᵀ V`` (over the Nk keys; ``Nk != N`` for cross-attention) runs one program per (state tile, token split,
-batch·head) and writes partial states that are summed over the splits (the token range is split when B·H alone
-cannot fill the device); the readout ``O = Q̂ S`` runs one program per (token block, output tile, batch·head) and
-loops over the contraction tiles. Head dims that are not powers of two (72, 192, 288) tile the state with masks,
-so a 288 x 288 fp32 state never has to fit in one program. Every load and store is masked, offsets are int64,
-accumulation is fp32 and outputs take the input's dtype.
+differential); the state reduction ``S = (1/Nk) Σ K̂ᵀ V`` (over the Nk keys; ``Nk != N`` for cross-attention) runs
+one program per (state tile, token split, batch·head) and writes partial states that are summed over the splits (the
+token range is split when B·H alone cannot fill the device); the readout ``O = Q̂ S`` runs one program per (token
+block, output tile, batch·head) and loops over the contraction tiles. Head dims that are not powers of two (72, 192,
+288) tile the state with masks, so a 288 x 288 fp32 state never has to fit in one program. Every load and store is
+masked, offsets are int64, accumulation is fp32 and outputs take the input's dtype.
 
 The backward reuses the two kernels: ``dS = Σ Q̂ᵀ g'`` and ``dm = Σ dden Q̂`` are state reductions,
-``dQ̂ = g Sᵀ s + c m``, ``dK̂ = (V dSᵀ + dm) / Nk`` and ``dV = K̂ dS / Nk`` are readouts; a per-token kernel computes the normalisation terms
-and the prologue has its own backward.
+``dQ̂ = g Sᵀ s + c m``, ``dK̂ = (V dSᵀ + dm) / Nk`` and ``dV = K̂ dS / Nk`` are readouts; a per-token kernel computes
+the normalisation terms and the prologue has its own backward.
 """
 
 from __future__ import annotations

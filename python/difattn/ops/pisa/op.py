@@ -2,9 +2,10 @@
 
 One kernel per query block runs an online softmax over the tokens of its selected key blocks and over every other
 block's centroid (key ``k̄_j``, logit ``+ ln n_j``, value ``w_j = V̂_j / n_j``), keeping ``z = Σ_unselected
-n_j e^{c_j − m}`` for the first-order term: ``out = (acc + s·z·(q·H̄)) / den``, ``H̄`` the mean moment per token. The forward returns ``out`` (q's
-dtype), ``lse`` and ``zeta = z / den`` (fp32, reused by the backward); the backward returns the gradients of q, k,
-v (exact entries), k̄, w and H̄, which autograd carries through :mod:`.stats` to every token of their blocks.
+n_j e^{c_j − m}`` for the first-order term: ``out = (acc + s·z·(q·H̄)) / den``, ``H̄`` the mean moment per token. The
+forward returns ``out`` (q's dtype), ``lse`` and ``zeta = z / den`` (fp32, reused by the backward); the backward
+returns the gradients of q, k, v (exact entries), k̄, w and H̄, which autograd carries through :mod:`.stats` to every
+token of their blocks.
 """
 
 from __future__ import annotations

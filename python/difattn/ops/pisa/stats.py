@@ -93,7 +93,9 @@ def _stats_rust(q, k, v, perm, offsets, slots, max_block: int, moments: bool, bi
     key_mean, value_mean, query_mean = new(B, H, M, D), new(B, H, M, Dv), new(B, H, M, D)
     moment_mean = new(B, H, D, Dv) if moments else new(0)
     statistic = new(B, H, M) if bias else new(0)
-    spread = (tensor_desc(statistic), N / M if bias == "centered" else 0.0) if bias in ("centered", "uncentered") else None
+    spread = None
+    if bias in ("centered", "uncentered"):
+        spread = (tensor_desc(statistic), N / M if bias == "centered" else 0.0)
     core().pisa_stats(
         tensor_desc(k), tensor_desc(v), tensor_desc(q), (tensor_desc(perm.contiguous()), tensor_desc(offsets.contiguous())),
         tensor_desc(key_mean), tensor_desc(value_mean), tensor_desc(moment_mean) if moments else None,
