@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional
-from ._checks import check_int
+from ._checks import check_int, check_tokens
 from ._options import clear_proportional, clear_proportional_scale
 from ._linear_layers import add_dynamic_routers, conv_on_grid, depthwise_conv, dynamic_differential
 from ._methods import SPARSE_METHODS, check_options, sparse_attention, square_grid
@@ -168,7 +168,8 @@ class Attention(nn.Module):
         if not dense and (attn_mask is not None or is_causal):
             raise ValueError(f"attn_mask, is_causal: method {self.method!r} (or a sharded layer) takes no attention "
                              "mask and is not causal; only method='dense' on one process accepts them")
-        B, N, C = x.shape  # (B, N, dim); this rank's shard of the tokens when sharded
+        B, N = check_tokens(x, self.qkv.in_features)  # x: (B, N, dim); this rank's shard of the tokens when sharded
+        C = x.shape[2]
         grid = self._grid(N, grid)
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
         q, k = self.q_norm(q), self.k_norm(k)

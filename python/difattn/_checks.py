@@ -14,15 +14,21 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKEND_NAMES = ("auto", "triton", "rust", "torch")
+# Sizes and counts (grid sides, block sizes, top-K, levels, reach, ...) stay within int32, so a product of two of
+# them fits in the int64 of the custom ops' schemas and of the kernels' index arithmetic.
+MAX_INT = 2**31 - 1
+# Scalars the kernels hold in float32 (scale, eps) must be normal float32 numbers, neither 0 nor inf once converted.
+F32_TINY = torch.finfo(torch.float32).tiny
+F32_MAX = torch.finfo(torch.float32).max
 
 
-def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
-    """An int (not a bool) within ``[minimum, maximum]``."""
+def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int = MAX_INT) -> int:
+    """An int (not a bool) within ``[minimum, maximum]`` (at most ``MAX_INT`` unless told otherwise)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
+    if value > maximum:
         raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 
@@ -79,6 +85,17 @@ def check_tensor(name: str, x: Any, *, ndim: int) -> torch.Tensor:
     return x
 
 
+def check_tokens(x: Any, dim: int) -> tuple[int, int]:
+    """A module's input ``x``: a floating-point tensor ``(B, N, dim)``; returns ``(B, N)``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape (B, N, dim={dim}), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor of shape (B, N, dim={dim}), got {x.dtype}")
+    if x.dim() != 3 or x.shape[2] != dim:
+        raise ValueError(f"x must have shape (B, N, dim) with dim = {dim}, got {tuple(x.shape)}")
+    return x.shape[0], x.shape[1]
+
+
 def check_same_kind(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     """``x`` has the dtype and device of ``ref``."""
     if x.dtype != ref.dtype:
@@ -118,7 +135,8 @@ def check_qkv(q: Any, k: Any, v: Any, *, cross: bool = False) -> tuple[int, int,
 
 
 def resolve_scale(scale: Any, head_dim: int) -> float:
-    """``scale`` or ``head_dim ** -0.5`` when None; must be finite and positive."""
+    """``scale`` or ``head_dim ** -0.5`` when None; must be positive and a normal float32 number (the kernels hold
+    it in float32)."""
     if scale is None:
         return head_dim**-0.5
-    return check_float("scale", scale, greater_than=0.0)
+    return check_float("scale", scale, greater_than=0.0, at_least=F32_TINY, at_most=F32_MAX)

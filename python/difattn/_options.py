@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ._checks import check_choice, check_float, check_int
+from ._checks import F32_MAX, F32_TINY, check_choice, check_float, check_int
 from .grid import TokenGrid
 
 GRAT_PATTERNS = ("neighbors", "criss_cross")
@@ -23,17 +23,25 @@ LLSA_POOLINGS = ("children", "tokens")
 
 
 def clear_radii(grid: TokenGrid, radius: Any, temporal_radius: Any) -> tuple[float, float]:
-    """``(r, rt)``: spatial disc radius (> 0) and temporal radius (> 0, default ``grid.frames``: all frames)."""
+    """``(r, rt)``: spatial disc radius and temporal radius (each > 0 and finite; ``rt`` defaults to
+    ``grid.frames``: every frame).
+
+    A radius beyond the grid's reach is clamped to the smallest one that already covers the whole grid, which gives
+    exactly the same mask: ``isqrt((height-1)² + (width-1)²) + 1`` for ``r`` (strictly above the grid's diagonal)
+    and ``frames`` for ``rt``. Every threshold derived from them is then a small integer.
+    """
     r = check_float("radius", radius, greater_than=0.0)
+    r = min(r, float(math.isqrt((grid.height - 1) ** 2 + (grid.width - 1) ** 2) + 1))
     if temporal_radius is None:
         return r, float(grid.frames)
-    return r, check_float("temporal_radius", temporal_radius, greater_than=0.0)
+    return r, min(check_float("temporal_radius", temporal_radius, greater_than=0.0), float(grid.frames))
 
 
 def clear_thresholds(radius: float, temporal_radius: float) -> tuple[int, int]:
     """``(max_d2, max_dt)``: integer bounds of CLEAR's mask, ``dy² + dx² <= max_d2`` and ``|dt| <= max_dt``, the
-    largest integers strictly below ``r²`` and ``rt`` (``dy² + dx² < r²`` on integer offsets)."""
-    return math.ceil(radius * radius) - 1, math.ceil(temporal_radius) - 1
+    largest integers strictly below ``r²`` and ``rt`` (``dy² + dx² < r²`` on integer offsets). Radii are > 0, so
+    both are >= 0 (a query always sees itself), even where ``r²`` underflows to 0."""
+    return max(math.ceil(radius * radius) - 1, 0), max(math.ceil(temporal_radius) - 1, 0)
 
 
 # The sequence length the released CLEAR processors scale from under proportional attention: FLUX at 1024² (a 64x64
@@ -189,6 +197,14 @@ def llsa_default_levels(num_tokens: int, block_size: int) -> int:
     return levels
 
 
+def llsa_top_level(num_tokens: int, block_size: int) -> int:
+    """The first level that holds a single token (at least 1): coarser levels would repeat it."""
+    levels, size = 1, -(-num_tokens // block_size)
+    while size > 1:
+        levels, size = levels + 1, -(-size // block_size)
+    return levels
+
+
 def llsa_level_sizes(num_tokens: int, block_size: int, levels: int) -> list[int]:
     """Tokens per level ``[n_0 = N, n_1, ..., n_L]`` with ``n_l = ceil(n_{l-1} / B)``."""
     sizes = [num_tokens]
@@ -212,6 +228,12 @@ def llsa_config(num_tokens: int, block_size: Any, topk: Any, levels: Any) -> tup
     if levels is None:
         levels = llsa_default_levels(num_tokens, block_size)
     levels = check_int("levels", levels, minimum=1)
+    most = llsa_top_level(num_tokens, block_size)
+    if levels > most:
+        raise ValueError(
+            f"levels must be <= {most}: with N={num_tokens} and block_size={block_size}, level {most} already holds "
+            f"a single token; got {levels}"
+        )
     if isinstance(topk, (tuple, list)):
         if len(topk) != levels:
             raise ValueError(f"topk must have one entry per level ({levels}), got {len(topk)}: {tuple(topk)}")
@@ -283,4 +305,4 @@ def check_llsa_indices(indices: Any, shapes: list[tuple[int, int, int, int]],
 def check_linear(normalize: Any, eps: Any) -> float:
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-    return check_float("eps", eps, greater_than=0.0)
+    return check_float("eps", eps, greater_than=0.0, at_least=F32_TINY, at_most=F32_MAX)

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import functional
 from ._attention_module import Attention
-from ._checks import check_bool
+from ._checks import check_bool, check_tokens
 from ._linear_layers import (
     RoutedProjection,
     RoutedValue,
@@ -54,7 +54,8 @@ class _LinearAttentionLayer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, grid: TokenGrid | None = None) -> torch.Tensor:
-        B, N, C = x.shape  # (B, N, dim)
+        B, N = check_tokens(x, self.qkv.in_features)  # x: (B, N, dim)
+        C = x.shape[2]
         grid = grid_for(N, grid) if self.dwconv is not None or grid is not None else None
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
         out = self._attend(x, q, k, v).transpose(1, 2).reshape(B, N, C)

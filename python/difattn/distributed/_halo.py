@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .._options import clear_thresholds
 from ..grid import TokenGrid
 from ._comm import Comm
 from ._layout import Layout, Span
@@ -32,7 +33,7 @@ RunExtended = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, TokenGrid], to
 
 def clear_wants(layout: Layout, radius: float) -> tuple[Span, ...]:
     """Rows each rank reads for CLEAR: its stripe widened by ``h = floor(sqrt(ceil(r²) − 1))`` rows."""
-    reach = math.isqrt(math.ceil(radius * radius) - 1)
+    reach = math.isqrt(clear_thresholds(radius, 1.0)[0])
     return tuple(clip((y0 - reach, y1 + reach), layout.grid.height) for y0, y1 in layout.rows)
 
 

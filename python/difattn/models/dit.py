@@ -22,8 +22,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..nn import Attention
+from .._attention_module import METHODS
+from .._checks import check_choice
 from .._rope import rope_2d
+from ..nn import Attention
 from ..grid import TokenGrid
 
 
@@ -125,6 +127,7 @@ def make_attention(
     """The attention layer of a block: :class:`difattn.nn.Attention` for a method name, else the factory's module."""
     options = dict(attention_options or {})
     if isinstance(attention, str):
+        check_choice("attention", attention, METHODS)
         return Attention(hidden_size, num_heads, method=attention, qkv_bias=True, qk_norm=qk_norm,
                          process_group=process_group, **options)
     if not callable(attention):
