@@ -52,21 +52,22 @@ impl OnlineSoftmax {
     }
 
     /// Folds the logits `s` (`rows x cols`, row-major) in: turns them into probabilities `2^(s − m)` against the
-    /// new row maxima and rescales `l` and `acc` by `alpha = 2^(m_old − m_new)` where the max rose. A row with no
-    /// finite logit so far becomes zeros. `each(r, p, alpha)` sees every other row's probabilities and `alpha`
-    /// (for the caller's own running sums).
+    /// new row maxima and rescales `l` and `acc` by `alpha = 2^(m_old − m_new)` where the max rose. `each(r, p,
+    /// alpha)` sees every row's probabilities and `alpha` (for the caller's own running sums).
+    ///
+    /// NaN: the max skips NaN logits (as `maxps` and Triton's `tl.max` do), so a NaN logit reaches the output
+    /// through its probability `2^(NaN − m) = NaN` and the sums, as in a plain softmax; only masked (−∞) logits
+    /// vanish. A row with no finite logit so far is shifted by 0 (its −∞ logits give exact zeros, never
+    /// `−∞ − (−∞)`), not skipped, so an all-NaN row stays NaN.
     #[inline(always)]
     pub fn update(&mut self, s: &mut [f32], rows: usize, cols: usize, mut each: impl FnMut(usize, &[f32], f32)) {
         let width = self.width;
         for r in 0..rows {
             let row = &mut s[r * cols..(r + 1) * cols];
             let m_new = self.m[r].max(vmath::max(row));
-            if m_new == f32::NEG_INFINITY {
-                row.fill(0.0);
-                continue;
-            }
+            let shift = if m_new == f32::NEG_INFINITY { 0.0 } else { m_new };
             let alpha = if self.m[r] == f32::NEG_INFINITY { 0.0 } else { (self.m[r] - m_new).exp2() };
-            self.l[r] = self.l[r] * alpha + exp2_shift_sum(row, m_new);
+            self.l[r] = self.l[r] * alpha + exp2_shift_sum(row, shift);
             each(r, row, alpha);
             self.m[r] = m_new;
             if alpha != 1.0 {
@@ -75,23 +76,24 @@ impl OnlineSoftmax {
         }
     }
 
-    /// `1 / l` of row `r`, 0 for a row that saw no allowed key.
+    /// `1 / l` of row `r`, 0 for a row that saw no allowed key (NaN for a row that saw a NaN logit).
     pub fn inverse(&self, r: usize) -> f32 {
         let l = self.l[r];
-        if l > 0.0 {
-            1.0 / l
-        } else {
+        if l == 0.0 {
             0.0
+        } else {
+            1.0 / l
         }
     }
 
-    /// The natural log of row `r`'s softmax denominator (−∞ for a row that saw no allowed key).
+    /// The natural log of row `r`'s softmax denominator (−∞ for a row that saw no allowed key, NaN for a row that
+    /// saw a NaN logit, so that its backward is NaN too).
     pub fn log_denominator(&self, r: usize) -> f32 {
         let l = self.l[r];
-        if l > 0.0 {
-            (self.m[r] + l.log2()) * LN_2
-        } else {
+        if l == 0.0 {
             f32::NEG_INFINITY
+        } else {
+            (self.m[r] + l.log2()) * LN_2
         }
     }
 }

@@ -82,7 +82,8 @@ def online_softmax_step(b_s, b_v, b_m, b_l, b_acc, PRECISION: tl.constexpr):
     ``b_m, b_l (M,)`` and ``b_acc (M, DV)``: the running max, sum and weighted values (fp32). Returns them updated,
     then ``alpha (M,)`` (the factor the old state was rescaled by) and ``b_p (M, N)`` (the tile's weights), for
     state kept beside them (PISA's first-order sum). A row that has seen no allowed key keeps ``m = -inf``,
-    ``l = 0``: its max is taken as 0 so that no ``-inf − -inf`` arises.
+    ``l = 0``: its max is taken as 0 so that no ``-inf − -inf`` arises. ``tl.max`` skips NaN; a NaN logit reaches
+    the output through its weight ``2^(NaN − m) = NaN``, as in a plain softmax.
     """
     m_new = tl.maximum(b_m, tl.max(b_s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -96,7 +97,8 @@ def online_softmax_step(b_s, b_v, b_m, b_l, b_acc, PRECISION: tl.constexpr):
 @triton.jit
 def online_softmax_finish(b_m, b_l):
     """``(1/l, lse)`` of the final state, ``(M,)`` each; ``lse`` in natural log. Rows without any allowed key get
-    ``1/l = 1`` (their accumulator is 0, so the output is 0) and ``lse = -inf``."""
-    has_key = b_l > 0.0
+    ``1/l = 1`` (their accumulator is 0, so the output is 0) and ``lse = -inf``; a row that met a NaN logit (``l``
+    NaN) keeps NaN in both, so its backward is NaN too, as the reference's."""
+    has_key = b_l != 0.0
     b_l = tl.where(has_key, b_l, 1.0)
     return 1.0 / b_l, tl.where(has_key, (b_m + tl.log2(b_l)) * LN_2, float("-inf"))

@@ -199,9 +199,10 @@ def _norm_bwd_kernel(
 def _power_map(z, gamma, m_d, eps):
     """``φ_γ(z)`` parts of a ``(BLOCK_N, BLOCK_D)`` tile of full rows: ``r``, ``ls = log2(r / max r)``,
     ``p = 2^(γ ls)``, ``n1 = ‖r‖``, ``n2 = ‖p‖`` (padding columns hold r = 0, p = 0)."""
-    r = tl.where(m_d[None, :], tl.maximum(z, 0.0) + eps, 0.0)
+    # NaN-propagating maxima: a NaN in z makes its row NaN, as torch's relu and norms do.
+    r = tl.where(m_d[None, :], tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL) + eps, 0.0)
     r_max = tl.max(r, 1)
-    ls = tl.log2(tl.maximum(r / r_max[:, None], F32_MIN_NORMAL))
+    ls = tl.log2(tl.maximum(r / r_max[:, None], F32_MIN_NORMAL, propagate_nan=tl.PropagateNan.ALL))
     p = tl.where(m_d[None, :], tl.exp2(gamma[:, None] * ls), 0.0)
     n1 = tl.sqrt(tl.sum(r * r, 1))
     n2 = tl.sqrt(tl.sum(p * p, 1))
@@ -210,10 +211,30 @@ def _power_map(z, gamma, m_d, eps):
 
 @triton.jit
 def _power_map_grad(z, g, gamma, r, ls, p, n1, n2, m_d):
-    """``(∂L/∂z, ∂L/∂γ)`` of ``φ_γ`` given ``G = ∂L/∂φ`` (the spec's formulas with ``u = p / n2``)."""
+    """``(∂L/∂z, ∂L/∂γ)`` of ``φ_γ`` given ``G = ∂L/∂φ`` (the formulas with ``u = p / n2``).
+
+    The projection ``G − u (G·u)`` is rebuilt from sums over the other entries, ``(g_i Σ_{j≠i} p_j² − p_i
+    Σ_{j≠i} g_j p_j) / n2²``, with the sums split at ``p = 1/2`` (powers are relative to the row's largest ``r``,
+    so the largest is ≈ 1): where one power dominates (large γ) the direct form cancels to a rounding error that
+    the gradient multiplies by γ; here an entry leaves its own group's sum, a lone large entry exactly.
+    """
     u = p / n2[:, None]
-    gu = tl.sum(g * u, 1)
-    proj = g - u * gu[:, None]
+    own2 = p * p
+    own_g = g * p
+    # Each product in exactly one group, selected (not subtracted, which fp contraction could turn into an fma).
+    large = p > 0.5
+    l2 = tl.where(large, own2, 0.0)
+    lg = tl.where(large, own_g, 0.0)
+    s2 = tl.where(large, 0.0, own2)
+    sg = tl.where(large, 0.0, own_g)
+    large2 = tl.sum(l2, 1)
+    large_g = tl.sum(lg, 1)
+    small2 = tl.sum(s2, 1)
+    small_g = tl.sum(sg, 1)
+    gu = (small_g + large_g) / n2
+    others2 = (small2[:, None] - s2) + (large2[:, None] - l2)
+    others_g = (small_g[:, None] - sg) + (large_g[:, None] - lg)
+    proj = (g * others2 - p * others_g) / (n2 * n2)[:, None]
     r_safe = tl.where(m_d[None, :], r, 1.0)
     dr = (gu / n1)[:, None] * r + (gamma * n1)[:, None] * (u / r_safe) * proj
     dz = tl.where(z > 0.0, dr, 0.0)

@@ -7,7 +7,7 @@
 //! baseline, and the reference of the tests) and an AVX2+FMA clone written with intrinsics (`avx2`), chosen at
 //! run time once per block.
 
-use crate::cpu::vmath::{dot, exp2_one, has_avx2_fma, log2_one, madd, LANES};
+use crate::cpu::vmath::{exp2_one, has_avx2_fma, log2_one, madd, LANES};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -25,10 +25,11 @@ fn lanes_max(acc: [f32; LANES]) -> f32 {
     acc.iter().copied().fold(f32::NEG_INFINITY, f32::max)
 }
 
-/// `r = relu(z) + ε` (the same expression in the forward and in the backward).
+/// `r = relu(z) + ε` (the same expression in the forward and in the backward). A NaN `z` stays NaN, as torch's
+/// relu keeps it (`f32::max` would drop it).
 #[inline(always)]
 fn shifted_relu(z: f32, eps: f32) -> f32 {
-    z.max(0.0) + eps
+    (if z < 0.0 { 0.0 } else { z }) + eps
 }
 
 /// Pass 1 of one row: `r = max(relu(z) + ε, f32::MIN_POSITIVE)` into `r_out` (the clamp keeps `log2 r` finite for
@@ -38,7 +39,8 @@ fn relu_row<const FMA: bool>(z: &[f32], eps: f32, r_out: &mut [f32]) -> (f32, f3
     let mut r2 = [0.0f32; LANES];
     let mut rmax = [0.0f32; LANES];
     let mut step = |zi: f32, ri: &mut f32, l: usize| {
-        let x = shifted_relu(zi, eps).max(f32::MIN_POSITIVE);
+        let x = shifted_relu(zi, eps);
+        let x = if x < f32::MIN_POSITIVE { f32::MIN_POSITIVE } else { x }; // NaN passes (the row's norms go NaN)
         r2[l] = madd::<FMA>(x, x, r2[l]);
         rmax[l] = rmax[l].max(x);
         *ri = x;
@@ -90,6 +92,48 @@ fn power_rows_body<const FMA: bool>(z: &[f32], gamma: &[f32], eps: f32, ls: &mut
     }
 }
 
+/// Where a power counts as large: powers are taken relative to the row's largest `r`, so the largest is ≈ 1.
+const LARGE: f32 = 0.5;
+
+/// The sums [`projection`] rebuilds `G − u (G·u)` from, split at [`LARGE`]: `[Σ p², Σ g·p]` over the small
+/// powers, then over the large ones (plain products, so a lone large entry's sum is bit-equal to its own term).
+#[inline(always)]
+pub(super) fn split_sums(g: &[f32], p: &[f32]) -> [f32; 4] {
+    let (mut small2, mut small_g, mut large2, mut large_g) = ([0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES]);
+    let mut step = |gi: f32, pi: f32, l: usize| {
+        let (own2, own_g) = (pi * pi, gi * pi);
+        let large = pi > LARGE;
+        large2[l] += if large { own2 } else { 0.0 };
+        large_g[l] += if large { own_g } else { 0.0 };
+        small2[l] += if large { 0.0 } else { own2 };
+        small_g[l] += if large { 0.0 } else { own_g };
+    };
+    let split = p.len() - p.len() % LANES;
+    for (gc, pc) in g[..split].chunks_exact(LANES).zip(p[..split].chunks_exact(LANES)) {
+        for l in 0..LANES {
+            step(gc[l], pc[l], l);
+        }
+    }
+    for (gi, pi) in g[split..].iter().zip(&p[split..]) {
+        step(*gi, *pi, 0);
+    }
+    [lanes_sum(small2), lanes_sum(small_g), lanes_sum(large2), lanes_sum(large_g)]
+}
+
+/// `(G − u (G·u))_i · ‖p‖²` (`u = p / ‖p‖`) from sums over the other entries: `g_i Σ_{j≠i} p_j² − p_i Σ_{j≠i} g_j
+/// p_j`. Where one power dominates the row (large γ: `u ≈ e_k`) the direct form cancels to a rounding error that
+/// the gradient then multiplies by γ (dq off by 0.16 at γ = 1e6); here entry i leaves its own group's sum, a lone
+/// large entry exactly, so nothing cancels.
+#[inline(always)]
+fn projection(gi: f32, pi: f32, sums: &[f32; 4]) -> f32 {
+    let [small2, small_g, large2, large_g] = *sums;
+    let (own2, own_g) = (pi * pi, gi * pi);
+    let (l2, lg) = if pi > LARGE { (own2, own_g) } else { (0.0, 0.0) };
+    let others2 = (small2 - (own2 - l2)) + (large2 - l2);
+    let others_g = (small_g - (own_g - lg)) + (large_g - lg);
+    gi * others2 - pi * others_g
+}
+
 /// Gradients of one power map given `G = ∂L/∂φ` (written with `u = p / n2`):
 /// `∂L/∂r = (G·u) r / n1 + γ n1 (u / r) ⊙ (G − u (G·u))`, `∂L/∂z = ∂L/∂r ⊙ 1[z > 0]`,
 /// `∂L/∂γ = n1 Σ (G − u (G·u)) ⊙ u ⊙ ln r` (`ls = log2 r`, so `ln r = ls · ln 2`). Writes `dz` of one row and
@@ -99,13 +143,14 @@ fn power_rows_body<const FMA: bool>(z: &[f32], gamma: &[f32], eps: f32, ls: &mut
 fn grad_row<const FMA: bool>(z: &[f32], g: &[f32], gamma: f32, eps: f32, ls: &[f32], p: &[f32], norms: Norms, dz: &mut [f32]) -> f32 {
     let (n1, n2) = norms;
     let inv_n2 = 1.0 / n2;
-    let gu = dot(g, p) * inv_n2;
-    let (a, b) = (gu / n1, gamma * n1);
+    let sums = split_sums(g, p);
+    let gu = (sums[1] + sums[3]) * inv_n2;
+    let (a, b, inv_n2_sq) = (gu / n1, gamma * n1, inv_n2 * inv_n2);
     let mut dgamma = [0.0f32; LANES];
     let mut step = |i: usize, l: usize| {
         let r = shifted_relu(z[i], eps);
         let u = p[i] * inv_n2;
-        let proj = madd::<FMA>(-u, gu, g[i]);
+        let proj = projection(g[i], p[i], &sums) * inv_n2_sq;
         let dr = madd::<FMA>(a, r, b * (u / r) * proj);
         dz[i] = if z[i] > 0.0 { dr } else { 0.0 };
         dgamma[l] = madd::<FMA>(proj * u, ls[i], dgamma[l]);

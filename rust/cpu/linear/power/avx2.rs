@@ -141,7 +141,8 @@ fn store_v<const N: usize>(dst: &mut [f32], v: [__m256; N]) {
 #[target_feature(enable = "avx2,fma")]
 fn relu_row(z: &[f32], eps: f32, r_out: &mut [f32]) -> (f32, f32) {
     let (zero, eps, tiny) = (_mm256_setzero_ps(), _mm256_set1_ps(eps), _mm256_set1_ps(f32::MIN_POSITIVE));
-    let relu = |z: __m256| _mm256_max_ps(_mm256_add_ps(_mm256_max_ps(z, zero), eps), tiny);
+    // `max_ps` returns its second operand when either is NaN: `z` second, so a NaN z stays NaN (as in torch).
+    let relu = |z: __m256| _mm256_max_ps(tiny, _mm256_add_ps(_mm256_max_ps(zero, z), eps));
     let (mut r2, mut rmax) = ([zero; STEP], [zero; STEP]);
     let mut zs = z.chunks_exact(STEP * W);
     let mut rs = r_out.chunks_exact_mut(STEP * W);
@@ -238,20 +239,35 @@ pub fn power_rows_grad(
     }
 }
 
+/// `super::projection` per lane (the same operations in the same order).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn projection(gv: __m256, pv: __m256, sums: &[__m256; 4]) -> __m256 {
+    let [small2, small_g, large2, large_g] = *sums;
+    let (own2, own_g) = (_mm256_mul_ps(pv, pv), _mm256_mul_ps(gv, pv));
+    let large = _mm256_cmp_ps::<_CMP_GT_OQ>(pv, _mm256_set1_ps(super::LARGE));
+    let (l2, lg) = (_mm256_and_ps(own2, large), _mm256_and_ps(own_g, large));
+    let others2 = _mm256_add_ps(_mm256_sub_ps(small2, _mm256_sub_ps(own2, l2)), _mm256_sub_ps(large2, l2));
+    let others_g = _mm256_add_ps(_mm256_sub_ps(small_g, _mm256_sub_ps(own_g, lg)), _mm256_sub_ps(large_g, lg));
+    _mm256_sub_ps(_mm256_mul_ps(gv, others2), _mm256_mul_ps(pv, others_g))
+}
+
 /// `∂L/∂z` and `∂L/∂γ` of one row, as `super::grad_row` (same operations in the same order, per lane).
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
 fn grad_row(z: &[f32], g: &[f32], gamma: f32, eps: f32, ls: &[f32], p: &[f32], norms: Norms, dz: &mut [f32]) -> f32 {
     let (n1, n2) = norms;
     let inv_n2 = 1.0 / n2;
-    let gu = crate::cpu::vmath::dot(g, p) * inv_n2;
+    let sums = super::split_sums(g, p);
+    let gu = (sums[1] + sums[3]) * inv_n2;
     let (a, b) = (_mm256_set1_ps(gu / n1), _mm256_set1_ps(gamma * n1));
-    let (inv_n2, gu, eps, zero) = (_mm256_set1_ps(inv_n2), _mm256_set1_ps(gu), _mm256_set1_ps(eps), _mm256_setzero_ps());
+    let (inv_n2_sq, sums) = (_mm256_set1_ps(inv_n2 * inv_n2), splat(sums));
+    let (inv_n2, eps, zero) = (_mm256_set1_ps(inv_n2), _mm256_set1_ps(eps), _mm256_setzero_ps());
     let mut dgamma = zero;
     let mut step = |zv: __m256, gv: __m256, lv: __m256, pv: __m256| -> __m256 {
         let r = _mm256_add_ps(_mm256_max_ps(zv, zero), eps);
         let u = _mm256_mul_ps(pv, inv_n2);
-        let proj = _mm256_fnmadd_ps(u, gu, gv);
+        let proj = _mm256_mul_ps(projection(gv, pv, &sums), inv_n2_sq);
         let dr = _mm256_fmadd_ps(a, r, _mm256_mul_ps(_mm256_mul_ps(b, _mm256_div_ps(u, r)), proj));
         dgamma = _mm256_fmadd_ps(_mm256_mul_ps(proj, u), lv, dgamma);
         _mm256_and_ps(dr, _mm256_cmp_ps::<_CMP_GT_OQ>(zv, zero))
