@@ -123,9 +123,9 @@ impl Layout {
         for t0 in (0..grid.frames).step_by(tile.frames) {
             for y0 in (0..grid.height).step_by(tile.height) {
                 for x0 in (0..grid.width).step_by(tile.width) {
-                    let t = [t0, (t0 + tile.frames).min(grid.frames)];
-                    let y = [y0, (y0 + tile.height).min(grid.height)];
-                    let x = [x0, (x0 + tile.width).min(grid.width)];
+                    let t = [t0, t0.saturating_add(tile.frames).min(grid.frames)];
+                    let y = [y0, y0.saturating_add(tile.height).min(grid.height)];
+                    let x = [x0, x0.saturating_add(tile.width).min(grid.width)];
                     let tile_id = [t0 / tile.frames, y0 / tile.height, x0 / tile.width];
                     let size = (t[1] - t[0]) * (y[1] - y[0]) * (x[1] - x[0]);
                     for start in (0..size).step_by(block) {
@@ -176,12 +176,32 @@ impl Layout {
     }
 }
 
-/// Largest integer strictly below `bound` (as used by the `<` tests of the masks), or -1 when `bound <= 0`.
+/// Largest integer strictly below `bound` (as used by the `<` tests of the masks): -1 when `bound <= 0` (or NaN),
+/// `i64::MAX - 1` from `2^63` on (the float-to-int conversion saturates; nothing overflows).
 pub fn max_below(bound: f64) -> i64 {
-    if bound <= 0.0 {
+    if !(bound > 0.0) {
         return -1;
     }
     (bound.ceil() as i64) - 1
+}
+
+/// CLEAR's integer thresholds `(max_d2, max_dt)` on `grid`: `dy² + dx² <= max_d2` ⇔ `dy² + dx² < r²` and
+/// `|dt| <= max_dt` ⇔ `|dt| < rt` on integer offsets. Both radii must be finite and > 0. Each threshold is at
+/// least 0 (a query always sees itself, even where `r²` underflows) and at most the grid's reach,
+/// `(height−1)² + (width−1)²` and `frames − 1`: a larger radius allows exactly the same pairs (the disc covers
+/// the whole grid), and every later square or sum of the thresholds stays far from overflow.
+pub fn disc_thresholds(grid: &TokenGrid, radius: f64, temporal_radius: f64) -> Result<(i64, i64), PlanError> {
+    if !(radius.is_finite() && radius > 0.0 && temporal_radius.is_finite() && temporal_radius > 0.0) {
+        return invalid(format!("radius and temporal_radius must be finite and > 0, got {radius} and {temporal_radius}"));
+    }
+    let side = |n: usize| i64::try_from(n - 1).unwrap_or(i64::MAX);
+    let reach_d2 = square_sum(side(grid.height), side(grid.width));
+    Ok((max_below(radius * radius).clamp(0, reach_d2), max_below(temporal_radius).clamp(0, side(grid.frames))))
+}
+
+/// `a² + b²`, saturating at `i64::MAX` (offsets of a grid whose sides exceed 3·10⁹ tokens).
+fn square_sum(a: i64, b: i64) -> i64 {
+    a.saturating_mul(a).saturating_add(b.saturating_mul(b))
 }
 
 fn gap(a: [usize; 2], b: [usize; 2]) -> (i64, i64) {
@@ -202,9 +222,9 @@ pub fn clear_relation(q: &BlockKind, k: &BlockKind, max_d2: i64, max_dt: i64) ->
             let (dt_min, dt_max) = gap(*qt, *kt);
             let (dy_min, dy_max) = gap(*qy, *ky);
             let (dx_min, dx_max) = gap(*qx, *kx);
-            if dt_min > max_dt || dy_min * dy_min + dx_min * dx_min > max_d2 {
+            if dt_min > max_dt || square_sum(dy_min, dx_min) > max_d2 {
                 None
-            } else if dt_max <= max_dt && dy_max * dy_max + dx_max * dx_max <= max_d2 {
+            } else if dt_max <= max_dt && square_sum(dy_max, dx_max) <= max_d2 {
                 Some(FULL)
             } else {
                 Some(MASKED)
@@ -245,11 +265,11 @@ pub struct ClearOptions {
 }
 
 /// CLEAR: image queries see a disc (and all text, and the global tokens); text queries see every token but the
-/// global ones. The plan's mask is the disc `dy² + dx² <= max_below(r²)`, `|dt| <= max_below(rt)`.
+/// global ones. The plan's mask is the disc of [`disc_thresholds`].
 pub fn clear_plan(grid: &TokenGrid, o: &ClearOptions) -> Result<BlockPlan, PlanError> {
+    let (max_d2, max_dt) = disc_thresholds(grid, o.radius, o.temporal_radius)?;
     let q = Layout::tiled(grid, o.q_tile, o.q_block, o.q_block, 0)?;
     let k = Layout::tiled(grid, o.k_tile, o.k_block, o.k_block, o.global_tokens)?;
-    let (max_d2, max_dt) = (max_below(o.radius * o.radius), max_below(o.temporal_radius));
     let csr = relate(&q, &k, |a, b| clear_relation(a, b, max_d2, max_dt));
     BlockPlan::from_layouts(grid, q, k, csr, Spatial::Disc { max_d2, max_dt })
 }
@@ -611,5 +631,52 @@ mod tests {
         assert_eq!(max_below(1.0), 0);
         assert_eq!(max_below(0.25), 0);
         assert_eq!(max_below(0.0), -1);
+        assert_eq!(max_below(f64::NAN), -1);
+        assert_eq!(max_below(f64::INFINITY), i64::MAX - 1);
+    }
+
+    /// Radii from underflow to `f64::MAX` (the 3.05e9 hung CLEAR's CPU kernels) on grids up to sides whose
+    /// squares overflow i64: thresholds stay in `[0, reach]`, a radius beyond the reach gives the whole-grid plan.
+    #[test]
+    fn disc_thresholds_clamp_every_radius_to_the_grid() {
+        let radii = [f64::MIN_POSITIVE, 1e-300, 1e-3, 0.5, 1.0, 2f64.sqrt(), 2.5, 3.03e9, 3.05e9, 4e9, 1e10, 1e300, f64::MAX];
+        let sides = [(1, 1, 1), (1, 7, 5), (3, 40_000, 1), (2, 1, 1 << 20), (1, 3_037_000_500, 2), (1, 1 << 40, 1 << 20)];
+        for &(frames, h, w) in &sides {
+            let grid = TokenGrid::new(frames, h, w, 0, TextPosition::First).unwrap();
+            let reach = square_sum((h - 1) as i64, (w - 1) as i64);
+            for &r in &radii {
+                for &rt in &radii {
+                    let (d2, dt) = disc_thresholds(&grid, r, rt).unwrap();
+                    assert!((0..=reach).contains(&d2) && (0..frames as i64).contains(&dt), "{frames}x{h}x{w}, r={r}, rt={rt}");
+                    if r <= 1.0 {
+                        assert_eq!(d2, 0, "a radius <= 1 keeps only dy = dx = 0");
+                    }
+                    if r * r > reach as f64 + 1.0 && reach < i64::MAX - 1 {
+                        assert_eq!(d2, reach);
+                    }
+                }
+            }
+            for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, -f64::INFINITY] {
+                assert!(disc_thresholds(&grid, bad, 1.0).is_err() && disc_thresholds(&grid, 1.0, bad).is_err());
+            }
+        }
+        let grid = TokenGrid::new(2, 9, 14, 3, TextPosition::Last).unwrap();
+        let plan = |radius: f64, temporal_radius: f64| {
+            let o = ClearOptions {
+                radius,
+                temporal_radius,
+                global_tokens: 2,
+                q_tile: Tile::new(1, 4, 4).unwrap(),
+                k_tile: Tile::new(1, 2, 4).unwrap(),
+                q_block: 16,
+                k_block: 8,
+            };
+            clear_plan(&grid, &o).unwrap()
+        };
+        let whole = plan(f64::MAX, f64::MAX);
+        assert!(whole.kinds().iter().all(|&k| k == FULL));
+        for r in [17.0, 3.05e9, 1e300] {
+            assert_eq!(plan(r, 1e300), whole);
+        }
     }
 }

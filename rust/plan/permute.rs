@@ -38,9 +38,9 @@ pub fn tile_order(grid: &TokenGrid, tile: Tile) -> Vec<i64> {
     for t0 in (0..grid.frames).step_by(tile.frames) {
         for y0 in (0..grid.height).step_by(tile.height) {
             for x0 in (0..grid.width).step_by(tile.width) {
-                for t in t0..(t0 + tile.frames).min(grid.frames) {
-                    for y in y0..(y0 + tile.height).min(grid.height) {
-                        for x in x0..(x0 + tile.width).min(grid.width) {
+                for t in t0..t0.saturating_add(tile.frames).min(grid.frames) {
+                    for y in y0..y0.saturating_add(tile.height).min(grid.height) {
+                        for x in x0..x0.saturating_add(tile.width).min(grid.width) {
                             perm[slot] = grid.image_index(t, y, x) as i64;
                             slot += 1;
                         }

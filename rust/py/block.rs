@@ -48,9 +48,6 @@ impl PyBlockPlan {
         q_block: usize,
         k_block: usize,
     ) -> PyResult<Self> {
-        if !(radius.is_finite() && radius > 0.0 && temporal_radius.is_finite() && temporal_radius > 0.0) {
-            return Err(PyValueError::new_err("radius and temporal_radius must be finite and > 0"));
-        }
         let grid = to_grid(grid)?;
         let (q_tile, k_tile) = (to_tile(q_tile)?, to_tile(k_tile)?);
         let o = ClearOptions { radius, temporal_radius, global_tokens, q_tile, k_tile, q_block, k_block };

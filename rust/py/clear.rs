@@ -6,15 +6,14 @@ use pyo3::prelude::*;
 use super::{to_grid, view, view_error, GridArgs, TensorArgs};
 use crate::cpu::clear::{self, Geometry, Grads, Inputs, Upstream};
 use crate::cpu::view::View;
-use crate::plan::blocks::max_below;
+use crate::plan::blocks::disc_thresholds;
 use crate::plan::TextPosition;
 
-/// The mask's integer thresholds from the radii (`dy² + dx² < r²` ⇔ `<= max_d2`).
+/// The sequence and the mask's integer thresholds from the radii (`dy² + dx² < r²` ⇔ `<= max_d2`).
 fn geometry(grid: GridArgs, global: usize, radius: f64, temporal_radius: f64) -> PyResult<Geometry> {
-    if !(radius.is_finite() && radius > 0.0 && temporal_radius.is_finite() && temporal_radius > 0.0) {
-        return Err(PyValueError::new_err("radius and temporal_radius must be finite and > 0"));
-    }
     let grid = to_grid(grid)?;
+    let (max_d2, max_dt) =
+        disc_thresholds(&grid, radius, temporal_radius).map_err(|e| PyValueError::new_err(e.to_string()))?;
     Ok(Geometry {
         frames: grid.frames,
         height: grid.height,
@@ -22,8 +21,8 @@ fn geometry(grid: GridArgs, global: usize, radius: f64, temporal_radius: f64) ->
         text: grid.text_tokens,
         text_first: grid.text_position == TextPosition::First,
         global,
-        max_d2: max_below(radius * radius),
-        max_dt: max_below(temporal_radius),
+        max_d2,
+        max_dt,
     })
 }
 

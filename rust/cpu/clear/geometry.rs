@@ -63,12 +63,15 @@ impl Geometry {
     }
 }
 
+/// `floor(√x)` (0 for `x <= 0`), exact for every `i64`: the float estimate, corrected with squares in `i128`.
 fn isqrt(x: i64) -> i64 {
+    let x = x.max(0);
     let mut r = (x as f64).sqrt() as i64;
-    while r * r > x {
+    let square = |r: i64| i128::from(r) * i128::from(r);
+    while square(r) > i128::from(x) {
         r -= 1;
     }
-    while (r + 1) * (r + 1) <= x {
+    while square(r + 1) <= i128::from(x) {
         r += 1;
     }
     r
@@ -190,7 +193,7 @@ pub fn segments(g: &Geometry, groups: &[Group], tile: &Tile, out: &mut Vec<Segme
     };
     let text = g.text_start()..g.text_start() + g.text;
     out.extend(groups.iter().filter(|gr| text.contains(&gr.start)).map(whole));
-    let reach = isqrt(g.max_d2.max(0));
+    let reach = isqrt(g.max_d2);
     let (width, height) = (g.width as i64, g.height as i64);
     for kt in 0..g.frames {
         if (kt as i64 - t as i64).abs() > g.max_dt {
@@ -260,4 +263,33 @@ pub fn computed_pairs(g: &Geometry) -> u64 {
             (LANES * segs.iter().map(|s| s.len).sum::<usize>()) as u64
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn isqrt_is_exact_over_all_of_i64() {
+        let root = 3_037_000_499i64; // floor(√i64::MAX)
+        for x in [0, 1, 2, 3, 4, 15, 16, 17, 1 << 52, (1 << 52) + 1, root * root - 1, root * root, i64::MAX - 1, i64::MAX] {
+            let r = isqrt(x);
+            assert!(i128::from(r) * i128::from(r) <= i128::from(x) && i128::from(r + 1).pow(2) > i128::from(x), "isqrt({x}) = {r}");
+        }
+        assert_eq!(isqrt(i64::MAX), root);
+        assert_eq!(isqrt(-5), 0);
+    }
+
+    /// Thresholds up to `i64::MAX` (beyond ~(3.04e9)² the old `isqrt` overflowed and never returned): the same
+    /// segments as the grid's own reach.
+    #[test]
+    fn segments_take_any_threshold() {
+        let geo = |max_d2: i64, max_dt: i64| Geometry {
+            frames: 2, height: 9, width: 13, text: 3, text_first: false, global: 2, max_d2, max_dt,
+        };
+        let reach = geo(8 * 8 + 12 * 12, 1);
+        for (d2, dt) in [(i64::MAX, i64::MAX), (i64::MAX - 1, 1), (3_037_000_499i64.pow(2), 7), (1 << 62, 1 << 40)] {
+            assert_eq!(computed_pairs(&geo(d2, dt)), computed_pairs(&reach));
+        }
+    }
 }
