@@ -37,7 +37,7 @@ pub use forward::forward;
 pub use plan::{Plan, Pooling};
 pub use select::{select, zorder_pool, Level};
 
-use super::common::{check_input, gather, Dims};
+use super::common::{check_input, gather, zeros, Dims};
 use super::view::{err, View, ViewError};
 
 /// The attention inputs: fine `q, k (B, H, N, D)`, `v (B, H, N, Dv)` and pooled `kp (B, H, P, D)`, `vp (B, H, P, Dv)`.
@@ -92,8 +92,8 @@ struct KeyRows {
 }
 
 impl KeyRows {
-    fn new(cap: usize, d: usize, dv: usize) -> Self {
-        KeyRows { k: vec![0.0; cap * d], v: vec![0.0; cap * dv], bias: vec![0.0; cap], len: 0 }
+    fn new(cap: usize, d: usize, dv: usize) -> Result<Self, ViewError> {
+        Ok(KeyRows { k: zeros(cap * d)?, v: zeros(cap * dv)?, bias: zeros(cap)?, len: 0 })
     }
 
     /// The fine blocks `ids` of `(b, h)` (their rows through `plan.row`).

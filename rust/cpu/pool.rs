@@ -1,29 +1,32 @@
-//! A dedicated rayon pool per thread count, rebuilt after `fork` (the global pool deadlocks in a forked child).
+//! One rayon pool for the whole process, rebuilt when the thread count changes and after `fork` (the global pool
+//! deadlocks in a forked child). Keeping one pool (not one per thread count ever asked for) bounds the idle
+//! `difattn-*` threads by the current count.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
-/// The pools built so far, by `(process id, threads)`.
-type Pools = Mutex<HashMap<(u32, usize), Arc<rayon::ThreadPool>>>;
+/// The pool and the `(process id, threads)` it was built for.
+type Current = Mutex<Option<((u32, usize), Arc<rayon::ThreadPool>)>>;
 
-static POOLS: OnceLock<Pools> = OnceLock::new();
+static CURRENT: Current = Mutex::new(None);
 
-/// The pool with `threads` workers for this process.
+/// The pool with `threads` workers for this process. A pool built for another count (or by the parent of a fork)
+/// is replaced; calls still running on it keep their `Arc`, and its threads exit once the last one returns.
 pub fn pool(threads: usize) -> Result<Arc<rayon::ThreadPool>, String> {
-    let threads = threads.max(1);
-    let key = (std::process::id(), threads);
-    let mut pools = POOLS.get_or_init(|| Mutex::new(HashMap::new())).lock().map_err(|_| "thread pool lock poisoned".to_string())?;
-    // Pools of a parent process (before fork) have no threads here: forget them.
-    pools.retain(|(pid, _), _| *pid == key.0);
-    if let Some(p) = pools.get(&key) {
-        return Ok(p.clone());
+    let key = (std::process::id(), threads.max(1));
+    let mut current = CURRENT.lock().map_err(|_| "thread pool lock poisoned".to_string())?;
+    if let Some((built_for, p)) = current.as_ref() {
+        if *built_for == key {
+            return Ok(p.clone());
+        }
     }
+    // Drop the old pool before building the new one, so at most one set of idle workers exists.
+    *current = None;
     let built = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
+        .num_threads(key.1)
         .thread_name(|i| format!("difattn-{i}"))
         .build()
         .map_err(|e| e.to_string())?;
     let built = Arc::new(built);
-    pools.insert(key, built.clone());
+    *current = Some((key, built.clone()));
     Ok(built)
 }

@@ -1,6 +1,6 @@
 //! The PyO3 module `difattn._core` (built with the `python` feature): it turns Python arguments (grid and tile
 //! tuples, tensor descriptors) into the validated types of `plan` and `cpu`, releases the GIL around the work,
-//! and raises every validation error as `ValueError`. This file holds that conversion, the token orders (returned
+//! and raises every validation error as `ValueError` (a failed allocation as `MemoryError`). This file holds that conversion, the token orders (returned
 //! as little-endian int64 bytes) and the module's registration; `block` holds the block plan (a `#[pyclass]`) and
 //! the engine's entry points, and `clear`, `linear`, `llsa` and `pisa` the glue of those methods' kernels.
 
@@ -10,10 +10,11 @@ mod linear;
 mod llsa;
 mod pisa;
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyMemoryError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use crate::cpu::common::OUT_OF_MEMORY;
 use crate::cpu::view::{View, ViewError};
 use crate::plan::blocks::Layout;
 use crate::plan::{self, GridError, TextPosition, Tile, TokenGrid};
@@ -109,7 +110,10 @@ fn view(name: &'static str, t: TensorArgs) -> PyResult<View> {
 }
 
 fn view_error(err: ViewError) -> PyErr {
-    PyValueError::new_err(err.to_string())
+    if err.0.starts_with(OUT_OF_MEMORY) {
+        return PyMemoryError::new_err(err.0);
+    }
+    PyValueError::new_err(err.0)
 }
 
 /// How this extension was built.

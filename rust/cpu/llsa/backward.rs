@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use super::{gather_rows, Inputs, KeyRows, Plan};
-use crate::cpu::common::{check_input, check_output, Dims, LOG2_E};
+use crate::cpu::common::{check_input, check_output, zeros, Dims, LOG2_E};
 use crate::cpu::matmul::{Gemm, Mat, MatMut};
 use crate::cpu::pool::pool;
 use crate::cpu::view::{DType, View, ViewError};
@@ -65,34 +65,35 @@ pub fn backward(
     let dims = check(inp, up, g, plan)?;
     let pool = pool(threads).map_err(ViewError)?;
     pool.install(|| {
-        let delta = row_deltas(up, plan, dims);
+        let delta = row_deltas(up, plan, dims)?;
         let ctx = Ctx { inp, up, delta: &delta, plan, dims, scale };
         if plan.batch_heads >= SLICES_PER_THREAD * pool.current_num_threads() {
-            ctx.slices(g);
+            ctx.slices(g)
         } else {
-            let pooled = ctx.query_side(g.dq, threads);
-            ctx.key_side(g, &pooled);
+            let pooled = ctx.query_side(g.dq, threads)?;
+            ctx.key_side(g, &pooled)
         }
-    });
-    Ok(())
+    })
 }
 
 /// `delta = rowsum(dout ∘ out)`, f32 `(B·H·N)`, computed once here (a torch pass before the kernel would open an
 /// OpenMP region whose spinning workers compete with the kernel's threads).
-fn row_deltas(up: &Upstream, plan: &Plan, dims: Dims) -> Vec<f32> {
-    let mut delta = vec![0.0f32; dims.slices() * dims.n];
-    delta.par_chunks_mut(dims.n.max(1)).enumerate().for_each_init(
-        || (vec![0.0f32; dims.dv], vec![0.0f32; dims.dv]),
-        |(dout, out), (bh, rows)| {
+fn row_deltas(up: &Upstream, plan: &Plan, dims: Dims) -> Result<Vec<f32>, ViewError> {
+    let mut delta = zeros(dims.slices() * dims.n)?;
+    delta.par_chunks_mut(dims.n.max(1)).enumerate().try_for_each_init(
+        || Ok::<_, ViewError>((zeros(dims.dv)?, zeros(dims.dv)?)),
+        |bufs, (bh, rows)| {
+            let (dout, out) = bufs.as_mut().map_err(|e| e.clone())?;
             let (b, h) = dims.slice(bh);
             for (r, x) in rows.iter_mut().enumerate() {
                 up.dout.load_row(&[b, h, plan.row(r)], dout);
                 up.out.load_row(&[b, h, plan.row(r)], out);
                 *x = dot(dout, out);
             }
+            Ok(())
         },
-    );
-    delta
+    )?;
+    Ok(delta)
 }
 
 /// Key gradients in f32, `k (S, R, D)` and `v (S, R, Dv)` for `S` slices of `R` rows: the pooled keys' of every
@@ -103,8 +104,8 @@ struct KeyGrads {
 }
 
 impl KeyGrads {
-    fn zeros(rows: usize, dims: Dims) -> Self {
-        KeyGrads { k: vec![0.0; rows * dims.d], v: vec![0.0; rows * dims.dv] }
+    fn zeros(rows: usize, dims: Dims) -> Result<Self, ViewError> {
+        Ok(KeyGrads { k: zeros(rows * dims.d)?, v: zeros(rows * dims.dv)? })
     }
 }
 
@@ -128,14 +129,8 @@ struct QueryRows {
 }
 
 impl QueryRows {
-    fn new(rows: usize, dims: Dims) -> Self {
-        QueryRows {
-            q: vec![0.0; rows * dims.d],
-            dout: vec![0.0; rows * dims.dv],
-            lse: vec![0.0; rows],
-            delta: vec![0.0; rows],
-            len: 0,
-        }
+    fn new(rows: usize, dims: Dims) -> Result<Self, ViewError> {
+        Ok(QueryRows { q: zeros(rows * dims.d)?, dout: zeros(rows * dims.dv)?, lse: zeros(rows)?, delta: zeros(rows)?, len: 0 })
     }
 
     fn clear(&mut self) {
@@ -204,32 +199,33 @@ struct GroupBuffers {
 }
 
 impl GroupBuffers {
-    fn new(plan: &Plan, dims: Dims) -> Self {
-        let rows = plan.max_group() * plan.block;
+    fn new(plan: &Plan, dims: Dims) -> Result<Self, ViewError> {
+        let rows = plan.max_group() * plan.block_rows();
         let (rp, rf) = (plan.max_pooled_rows(), plan.max_fine_rows());
-        GroupBuffers {
-            qs: QueryRows::new(rows, dims),
-            pooled: KeyRows::new(rp, dims.d, dims.dv),
-            fine: KeyRows::new(rf, dims.d, dims.dv),
-            pp: vec![0.0; rows * rp],
-            dsp: vec![0.0; rows * rp],
-            pf: vec![0.0; plan.block * rf],
-            dsf: vec![0.0; plan.block * rf],
-            dq: vec![0.0; rows * dims.d],
-            dk: vec![0.0; rp.max(rf) * dims.d],
-            dv: vec![0.0; rp.max(rf) * dims.dv],
-        }
+        Ok(GroupBuffers {
+            qs: QueryRows::new(rows, dims)?,
+            pooled: KeyRows::new(rp, dims.d, dims.dv)?,
+            fine: KeyRows::new(rf, dims.d, dims.dv)?,
+            pp: zeros(rows * rp)?,
+            dsp: zeros(rows * rp)?,
+            pf: zeros(plan.block_rows() * rf)?,
+            dsf: zeros(plan.block_rows() * rf)?,
+            dq: zeros(rows * dims.d)?,
+            dk: zeros(rp.max(rf) * dims.d)?,
+            dv: zeros(rp.max(rf) * dims.dv)?,
+        })
     }
 }
 
 impl Ctx<'_> {
     /// The one-pass schedule: a task per `(b, h)` slice computes dq and the slice's fine and pooled keys' gradients
     /// in one walk over its groups, then writes `dk`, `dv`.
-    fn slices(&self, g: &Grads) {
+    fn slices(&self, g: &Grads) -> Result<(), ViewError> {
         let (plan, dims) = (self.plan, self.dims);
-        (0..plan.batch_heads).into_par_iter().for_each_init(
-            || (GroupBuffers::new(plan, dims), KeyGrads::zeros(plan.pooled_tokens(), dims), KeyGrads::zeros(dims.n, dims)),
-            |(buf, pooled, fine), bh| {
+        (0..plan.batch_heads).into_par_iter().try_for_each_init(
+            || Ok::<_, ViewError>((GroupBuffers::new(plan, dims)?, KeyGrads::zeros(plan.pooled_tokens(), dims)?, KeyGrads::zeros(dims.n, dims)?)),
+            |bufs, bh| {
+                let (buf, pooled, fine) = bufs.as_mut().map_err(|e| e.clone())?;
                 for x in [&mut pooled.k, &mut pooled.v, &mut fine.k, &mut fine.v] {
                     x.fill(0.0);
                 }
@@ -238,13 +234,14 @@ impl Ctx<'_> {
                 }
                 pooled.k.iter_mut().for_each(|x| *x *= self.scale);
                 self.store_keys(g, (&pooled.k, &pooled.v), bh, 0, &mut fine.k, &mut fine.v);
+                Ok(())
             },
-        );
+        )
     }
 
     /// dq for every query row, and the pooled keys' gradients: tasks `(b·h, split)` own a range of groups and a
     /// partial sum of the pooled gradients of their `(b, h)`; the partial sums are then added per pooled row.
-    fn query_side(&self, dq: &View, threads: usize) -> KeyGrads {
+    fn query_side(&self, dq: &View, threads: usize) -> Result<KeyGrads, ViewError> {
         let (plan, dims) = (self.plan, self.dims);
         let groups: Vec<Vec<(usize, usize)>> =
             (0..plan.batch_heads).into_par_iter().map(|bh| plan.groups(bh)).collect();
@@ -254,27 +251,29 @@ impl Ctx<'_> {
         let pooled = plan.pooled_tokens();
         let splits = wanted.min(fewest).min((plan.n / pooled.max(1)).max(1)).max(1);
         let (pd, pdv) = (pooled * dims.d, pooled * dims.dv);
-        let mut part_k = vec![0.0f32; plan.batch_heads * splits * pd];
-        let mut part_v = vec![0.0f32; plan.batch_heads * splits * pdv];
-        part_k.par_chunks_mut(pd.max(1)).zip(part_v.par_chunks_mut(pdv.max(1))).enumerate().for_each_init(
+        let mut part_k = zeros(plan.batch_heads * splits * pd)?;
+        let mut part_v = zeros(plan.batch_heads * splits * pdv)?;
+        part_k.par_chunks_mut(pd.max(1)).zip(part_v.par_chunks_mut(pdv.max(1))).enumerate().try_for_each_init(
             || GroupBuffers::new(plan, dims),
             |buf, (task, (acc_k, acc_v))| {
+                let buf = buf.as_mut().map_err(|e| e.clone())?;
                 let (bh, split) = (task / splits, task % splits);
                 let mine = &groups[bh];
                 let (lo, hi) = (mine.len() * split / splits, mine.len() * (split + 1) / splits);
                 for &group in &mine[lo..hi] {
                     self.query_group(dq, bh, group, buf, (acc_k, acc_v), None);
                 }
+                Ok::<_, ViewError>(())
             },
-        );
+        )?;
         if splits == 1 {
             part_k.iter_mut().for_each(|x| *x *= self.scale);
-            return KeyGrads { k: part_k, v: part_v };
+            return Ok(KeyGrads { k: part_k, v: part_v });
         }
-        KeyGrads {
-            k: self.reduce_splits(&part_k, splits, dims.d, self.scale),
-            v: self.reduce_splits(&part_v, splits, dims.dv, 1.0),
-        }
+        Ok(KeyGrads {
+            k: self.reduce_splits(&part_k, splits, dims.d, self.scale)?,
+            v: self.reduce_splits(&part_v, splits, dims.dv, 1.0)?,
+        })
     }
 
     /// dq of the group's rows; its pooled keys' gradients (dk unscaled) added to `pooled` (`P x D`, `P x Dv`) and,
@@ -333,16 +332,16 @@ impl Ctx<'_> {
     }
 
     /// `mul · Σ_split part` per `(b·h, pooled row)`: `part` is `(B·H, splits, P, width)`, the result `(B·H, P, width)`.
-    fn reduce_splits(&self, part: &[f32], splits: usize, width: usize, mul: f32) -> Vec<f32> {
+    fn reduce_splits(&self, part: &[f32], splits: usize, width: usize, mul: f32) -> Result<Vec<f32>, ViewError> {
         let p = self.plan.pooled_tokens();
-        let mut out = vec![0.0f32; self.plan.batch_heads * p * width];
+        let mut out = zeros(self.plan.batch_heads * p * width)?;
         out.par_chunks_mut((p * width).max(1)).enumerate().for_each(|(bh, dst)| {
             for s in 0..splits {
                 add_rows(dst, &part[(bh * splits + s) * p * width..(bh * splits + s + 1) * p * width]);
             }
             dst.iter_mut().for_each(|x| *x *= mul);
         });
-        out
+        Ok(out)
     }
 }
 
@@ -378,21 +377,24 @@ struct KeyBuffers {
 impl Ctx<'_> {
     /// `dk`, `dv`: one task per `(b·h, fine key block)` over the query blocks that selected it, plus the pooled
     /// gradients of every level spread back to the block's rows.
-    fn key_side(&self, g: &Grads, pooled: &KeyGrads) {
+    fn key_side(&self, g: &Grads, pooled: &KeyGrads) -> Result<(), ViewError> {
         let (plan, dims) = (self.plan, self.dims);
         let transposed: Vec<(Vec<usize>, Vec<u32>)> =
             (0..plan.batch_heads).into_par_iter().map(|bh| plan.transpose(bh)).collect();
-        let rows = KEY_SIDE_CHUNK * plan.block;
-        (0..plan.batch_heads * plan.n_blocks).into_par_iter().for_each_init(
-            || KeyBuffers {
-                qs: QueryRows::new(rows, dims),
-                keys: KeyRows::new(plan.block, dims.d, dims.dv),
-                p: vec![0.0; rows * plan.block],
-                ds: vec![0.0; rows * plan.block],
-                dk: vec![0.0; plan.block * dims.d],
-                dv: vec![0.0; plan.block * dims.dv],
+        let (rows, lk) = (KEY_SIDE_CHUNK * plan.block_rows(), plan.block_rows());
+        (0..plan.batch_heads * plan.n_blocks).into_par_iter().try_for_each_init(
+            || {
+                Ok::<_, ViewError>(KeyBuffers {
+                    qs: QueryRows::new(rows, dims)?,
+                    keys: KeyRows::new(lk, dims.d, dims.dv)?,
+                    p: zeros(rows * lk)?,
+                    ds: zeros(rows * lk)?,
+                    dk: zeros(lk * dims.d)?,
+                    dv: zeros(lk * dims.dv)?,
+                })
             },
             |buf, task| {
+                let buf = buf.as_mut().map_err(|e| e.clone())?;
                 let (bh, p) = (task / plan.n_blocks, task % plan.n_blocks);
                 let (indptr, indices) = &transposed[bh];
                 self.key_block(bh, p, &indices[indptr[p]..indptr[p + 1]], buf);
@@ -400,8 +402,9 @@ impl Ctx<'_> {
                 let (pk, pv) = (plan.pooled_tokens() * dims.d, plan.pooled_tokens() * dims.dv);
                 let slice = (&pooled.k[bh * pk..(bh + 1) * pk], &pooled.v[bh * pv..(bh + 1) * pv]);
                 self.store_keys(g, slice, bh, r0, &mut buf.dk[..lk * dims.d], &mut buf.dv[..lk * dims.dv]);
+                Ok(())
             },
-        );
+        )
     }
 
     fn key_block(&self, bh: usize, p: usize, choosers: &[u32], buf: &mut KeyBuffers) {

@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use super::{gather_rows, Inputs, KeyRows, Plan};
-use crate::cpu::common::{check_output, Dims, LN_2, LOG2_E};
+use crate::cpu::common::{check_output, zeros, Dims, LN_2, LOG2_E};
 use crate::cpu::matmul::{Gemm, Mat, MatMut};
 use crate::cpu::pool::pool;
 use crate::cpu::view::{DType, View, ViewError};
@@ -20,12 +20,15 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, plan: &Plan, scale: f32, th
         (0..plan.batch_heads).flat_map(|bh| plan.groups(bh).into_iter().map(move |(j0, j1)| (bh, j0, j1))).collect();
     let pool = pool(threads).map_err(ViewError)?;
     pool.install(|| {
-        tasks.par_iter().for_each_init(
+        tasks.par_iter().try_for_each_init(
             || Buffers::new(plan, dims),
-            |buf, &(bh, j0, j1)| forward_group(inp, out, lse, plan, dims, scale, bh, (j0, j1), buf),
+            |buf, &(bh, j0, j1)| {
+                let buf = buf.as_mut().map_err(|e| e.clone())?;
+                forward_group(inp, out, lse, plan, dims, scale, bh, (j0, j1), buf);
+                Ok(())
+            },
         )
-    });
-    Ok(())
+    })
 }
 
 struct Buffers {
@@ -40,19 +43,19 @@ struct Buffers {
 }
 
 impl Buffers {
-    fn new(plan: &Plan, dims: Dims) -> Self {
-        let rows = plan.max_group() * plan.block;
+    fn new(plan: &Plan, dims: Dims) -> Result<Self, ViewError> {
+        let rows = plan.max_group() * plan.block_rows();
         let (rp, rf) = (plan.max_pooled_rows(), plan.max_fine_rows());
-        Buffers {
-            q: vec![0.0; rows * dims.d],
-            pooled: KeyRows::new(rp, dims.d, dims.dv),
-            fine: KeyRows::new(rf, dims.d, dims.dv),
-            sp: vec![0.0; rows * rp],
-            sf: vec![0.0; plan.block * rf],
-            acc: vec![0.0; rows * dims.dv],
-            m: vec![0.0; rows],
-            l: vec![0.0; rows],
-        }
+        Ok(Buffers {
+            q: zeros(rows * dims.d)?,
+            pooled: KeyRows::new(rp, dims.d, dims.dv)?,
+            fine: KeyRows::new(rf, dims.d, dims.dv)?,
+            sp: zeros(rows * rp)?,
+            sf: zeros(plan.block_rows() * rf)?,
+            acc: zeros(rows * dims.dv)?,
+            m: zeros(rows)?,
+            l: zeros(rows)?,
+        })
     }
 }
 

@@ -233,9 +233,15 @@ impl Plan {
         &self.pooled[at..at + self.k_pooled]
     }
 
+    /// Most rows of one block: `min(block, N)` (a block size beyond N holds N rows; buffers are sized by this, not
+    /// by the block size asked for).
+    pub fn block_rows(&self) -> usize {
+        self.block.min(self.n)
+    }
+
     /// Most fine key rows of one query block.
     pub fn max_fine_rows(&self) -> usize {
-        self.k_fine * self.block
+        self.k_fine * self.block_rows()
     }
 
     /// Most pooled key rows of one query block.
@@ -245,7 +251,7 @@ impl Plan {
 
     /// Most query blocks in a group: the pooled logits of a group stay within `GROUP_BUDGET` floats.
     pub fn max_group(&self) -> usize {
-        (GROUP_BUDGET / (self.block * self.max_pooled_rows()).max(1)).clamp(1, self.block.max(1))
+        (GROUP_BUDGET / (self.block_rows() * self.max_pooled_rows()).max(1)).clamp(1, self.n_blocks.max(1))
     }
 
     /// Groups of `(b·h)`: runs `[j0, j1)` of consecutive query blocks with the same pooled blocks, at most
