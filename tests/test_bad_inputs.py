@@ -1,5 +1,10 @@
 """Every public argument is validated: bad input raises ValueError/TypeError naming the argument."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -48,6 +53,16 @@ def dydila(**kw):
 def linear(**kw):
     args = dict(q=Q, k=K, v=V) | kw
     return difattn.linear_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+def nn_attention():
+    return difattn.nn.Attention(32, 2, method="clear", radius=2.0)
+
+
+def tiny_dit(**kw):
+    from difattn.models.dit import DiT
+
+    return DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, **kw)
 
 
 CASES = [
@@ -142,6 +157,19 @@ CASES = [
     # --- linear
     ("linear normalize str", lambda: linear(normalize="true"), TypeError, "normalize"),
     ("linear eps negative", lambda: linear(eps=-1e-6), ValueError, "eps"),
+    # --- values that once gave an unclear message (a later check's, or a raw torch error): the text it must hold
+    ("linear eps below float32", lambda: linear(eps=1e-300), ValueError, "eps must be >="),
+    ("dydila eps below float32", lambda: dydila(eps=1e-300), ValueError, "eps must be >="),
+    ("scale above float32", lambda: clear(scale=1e300), ValueError, "scale"),
+    ("grat reach beyond int64", lambda: grat(reach=2**64), ValueError, "reach"),
+    ("grat group beyond int32", lambda: grat(group=(2**40, 1)), ValueError, "group[0]"),
+    ("pisa block size beyond int32", lambda: pisa(block_size=2**63), ValueError, "block_size"),
+    ("llsa levels beyond one token", lambda: llsa(levels=9), ValueError, "levels must be <="),
+    ("grid side beyond int32", lambda: TokenGrid(2**40, 1), ValueError, "height"),
+    ("nn.Attention 2-D x", lambda: nn_attention()(torch.randn(N, 32)), ValueError, "x must have shape"),
+    ("nn.Attention int x", lambda: nn_attention()(torch.ones(1, N, 32, dtype=torch.long)), TypeError, "x"),
+    ("nn.DyDiLA wrong width", lambda: difattn.nn.DyDiLA(64, 4)(torch.randn(1, 16, 32)), ValueError, "x"),
+    ("DiT attention unknown", lambda: tiny_dit(attention="foo"), ValueError, "attention"),
 ]
 
 
@@ -162,3 +190,86 @@ def test_options_are_keyword_only():
         difattn.clear_attention(Q, K, V, GRID, 2.0)
     with pytest.raises(TypeError):
         difattn.pisa_attention(Q, K, V, 0.5)
+
+
+def _run_capped(code: str, timeout: float = 120) -> str:
+    """Runs ``code`` in a fresh interpreter (a hang, an abort or a memory limit stays there); returns its stdout."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    try:
+        done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"did not return within {timeout} s")
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    return done.stdout
+
+
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+def test_clear_extreme_radii_give_the_clamped_mask(backend):
+    """A radius beyond the grid is the whole grid, one below 1 the query alone: radius >= 3.04e9 hung the Rust
+    kernels (r² near i64::MAX overflowed isqrt's loop), 1e300 raised OverflowError on torch and 1e-300 an error
+    about max_d2."""
+    out = _run_capped(f"""
+        import sys, torch, difattn
+        grid = difattn.TokenGrid(5, 7, frames=2, text_tokens=3)
+        q, k, v = (torch.randn(1, 2, grid.num_tokens, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+        run = lambda r, rt: difattn.clear_attention(q, k, v, grid, radius=r, temporal_radius=rt, backend="{backend}")
+        whole, alone = run(8.0, 2.0), run(0.5, 0.5)
+        for r in (3.03e9, 3.05e9, 4e9, 1e10, 1e300, sys.float_info.max):
+            assert torch.equal(run(r, r), whole), r
+        for r in (1e-300, 5e-324, 1e-3):
+            assert torch.equal(run(r, r), alone), r
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+def test_llsa_buffers_follow_the_sequence_not_the_block_size():
+    """block_size 2**15 at N=72 allocated block_size² floats per thread (4 GiB: the process aborted with
+    "memory allocation failed" under a memory limit); a call needing more memory than allowed raises MemoryError."""
+    out = _run_capped("""
+        import resource, torch, difattn
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 2, 8192, 8, generator=gen) for _ in range(3))
+        small = lambda n, **kw: difattn.llsa_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], backend="rust", **kw)
+        want = difattn.llsa_attention(q[:, :, :72], k[:, :, :72], v[:, :, :72], block_size=2**15, topk=1,
+                                      backend="torch")
+        small(72, block_size=4, topk=1)  # the pool and the libraries are loaded before the limit
+        used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (used + 2**28, resource.RLIM_INFINITY))
+        assert torch.allclose(small(72, block_size=2**15, topk=1), want, atol=1e-5)
+        try:
+            small(8192, block_size=4096, topk=2)  # 4096 x 8192 f32 logits per thread: 128 MiB each
+        except MemoryError as e:
+            print("MemoryError:", e)
+    """)
+    assert out.startswith("MemoryError: out of memory"), out
+
+
+def test_one_thread_pool_whatever_thread_counts_were_used():
+    """One rayon pool was kept per distinct torch.set_num_threads value: 148 idle difattn-* threads after 1-8,
+    16, 32 and 64 threads."""
+    out = _run_capped("""
+        import os, time, torch, difattn
+        q = torch.randn(1, 2, 27, 8)
+        grid = difattn.TokenGrid(4, 6, text_tokens=3)
+        for threads in (1, 2, 3, 4, 5, 6, 7, 8, 16, 3):
+            torch.set_num_threads(threads)
+            difattn.clear_attention(q, q, q, grid, radius=2.0, backend="rust")
+        def ours():
+            count = 0
+            for task in os.listdir("/proc/self/task"):
+                try:
+                    count += open(f"/proc/self/task/{task}/comm").read().startswith("difattn-")
+                except FileNotFoundError:  # a replaced pool's worker that just exited
+                    pass
+            return count
+
+        for _ in range(200):  # a replaced pool's workers exit on their own, shortly after it is dropped
+            if ours() <= 3:
+                break
+            time.sleep(0.05)
+        print(ours())
+    """)
+    assert int(out) <= 3
+
