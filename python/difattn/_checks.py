@@ -131,6 +131,11 @@ def check_qkv(q: Any, k: Any, v: Any, *, cross: bool = False) -> tuple[int, int,
         raise ValueError(f"k must have q's head dim D = {D}, got {k.shape[3]}")
     if min(B, H, N, D, k.shape[2], v.shape[3]) == 0:
         raise ValueError(f"q, k, v must not be empty, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if max(B * H, N, k.shape[2], D, v.shape[3]) > MAX_INT:
+        raise ValueError(
+            f"q, k, v: B*H, N, Nk, D and Dv must each be <= {MAX_INT} (token and row indices are int32 in the kernels "
+            f"and plans), got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     return B, H, N, D, v.shape[3]
 
 
