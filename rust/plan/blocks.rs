@@ -110,6 +110,12 @@ impl Layout {
         if block == 0 || text_block == 0 {
             return Err(GridError::NonPositive { name: "block size" });
         }
+        // Checked before anything is allocated: `coords` writes every side as int32.
+        for (name, value) in [("frames", grid.frames), ("height", grid.height), ("width", grid.width)] {
+            if i32::try_from(value).is_err() {
+                return Err(GridError::SideTooLarge { name, value });
+            }
+        }
         let mut perm = tile_order(grid, tile);
         let mut layout = Layout { perm: Vec::new(), offsets: vec![0], blocks: Vec::new() };
         let text_runs = |layout: &mut Layout| {
@@ -593,6 +599,50 @@ mod tests {
             let (covered, full_ok) = expand(&plan, |a, b| clear_allowed(&grid, a, b, r, rt));
             assert_eq!(covered, total);
             assert!(full_ok);
+        }
+    }
+
+    /// GRAT's plan against its definition for groups from one token to `usize::MAX` (a group larger than the
+    /// grid is one tile) and reach from 0 to `usize::MAX`, on grids with ragged tiles: nothing overflows, and
+    /// every allowed pair is covered exactly once.
+    #[test]
+    fn grat_plan_takes_extreme_groups_and_reach() {
+        let sides = [(1, 1, 1), (1, 5, 7), (3, 4, 2)];
+        let groups = [(1, 1, 1), (1, 2, 3), (2, 3, 2), (1, usize::MAX, 1), (usize::MAX, usize::MAX, usize::MAX)];
+        let reaches = [0, 1, 2, usize::MAX];
+        for &(frames, h, w) in &sides {
+            let grid = TokenGrid::new(frames, h, w, 2, TextPosition::Last).unwrap();
+            for &(gt, gy, gx) in &groups {
+                let group = Tile::new(gt, gy, gx).unwrap();
+                let tile_of = |i: usize| {
+                    let j = i.checked_sub(grid.image_start()).filter(|&j| j < grid.image_tokens())?;
+                    let f = h * w;
+                    Some([(j / f) / gt, ((j % f) / w) / gy, (j % w) / gx])
+                };
+                for &reach in &reaches {
+                    let o = GratOptions { group, pattern: GratPattern::Neighbors { reach }, text_masked: false, q_block: 4, k_block: 3 };
+                    let plan = grat_plan(&grid, &o).unwrap();
+                    let allowed = |a: usize, b: usize| match (tile_of(a), tile_of(b)) {
+                        (Some(ta), Some(tb)) => (0..3).all(|i| ta[i].abs_diff(tb[i]) <= reach),
+                        _ => true,
+                    };
+                    let n = grid.num_tokens();
+                    let total = (0..n).flat_map(|a| (0..n).map(move |b| (a, b))).filter(|&(a, b)| allowed(a, b)).count();
+                    assert_eq!(expand(&plan, allowed), (total, true), "{frames}x{h}x{w}, group {gt}x{gy}x{gx}, reach {reach}");
+                }
+            }
+        }
+    }
+
+    /// Plans hold `(t, y, x)` as int32: a side beyond `i32::MAX` is refused before the token order is allocated
+    /// (a 1 x 2^31 x 1 grid would otherwise allocate 16 GiB, then write truncated coordinates).
+    #[test]
+    fn plans_refuse_sides_beyond_int32() {
+        let big = i32::MAX as usize + 1;
+        for (frames, h, w) in [(big, 1, 1), (1, big, 1), (1, 1, big)] {
+            let grid = TokenGrid::new(frames, h, w, 0, TextPosition::First).unwrap();
+            let e = Layout::tiled(&grid, Tile::new(1, 1, 1).unwrap(), 4, 4, 0).unwrap_err();
+            assert!(matches!(e, GridError::SideTooLarge { value, .. } if value == big), "{e}");
         }
     }
 

@@ -16,6 +16,8 @@ pub enum GridError {
     NonPositive { name: &'static str },
     /// `text_tokens + frames * height * width` overflows `i64`.
     TooLarge,
+    /// A side beyond `i32::MAX`: block plans hold `(t, y, x)` as int32.
+    SideTooLarge { name: &'static str, value: usize },
 }
 
 impl fmt::Display for GridError {
@@ -23,6 +25,9 @@ impl fmt::Display for GridError {
         match self {
             GridError::NonPositive { name } => write!(f, "{name} must be a positive integer"),
             GridError::TooLarge => write!(f, "the grid has more tokens than fit in a 64-bit index"),
+            GridError::SideTooLarge { name, value } => {
+                write!(f, "{name} must be <= {} (block plans hold int32 coordinates), got {value}", i32::MAX)
+            }
         }
     }
 }
