@@ -248,6 +248,24 @@ def test_llsa_buffers_follow_the_sequence_not_the_block_size():
     assert out.startswith("MemoryError: out of memory"), out
 
 
+def test_linear_state_beyond_memory_raises_memory_error():
+    """Linear attention's D x Dv state is allocated whatever N is: D = Dv = 2**15 needs 4 GiB per head even for
+    4 tokens; the kernel's own partial sums aborted the process under a memory limit."""
+    out = _run_capped("""
+        import resource, torch, difattn
+        q = torch.rand(1, 1, 4, 2**15)
+        difattn.linear_attention(q[..., :8], q[..., :8], q[..., :8], backend="rust")  # pool and libraries loaded
+        used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+        # Room for the 4 GiB state torch allocates as an output, not for the kernel's partial sums besides.
+        resource.setrlimit(resource.RLIMIT_AS, (used + 2**32 + 2**28, resource.RLIM_INFINITY))
+        try:
+            difattn.linear_attention(q, q, q, backend="rust")
+        except MemoryError as e:
+            print("MemoryError:", e)
+    """)
+    assert out.startswith("MemoryError: out of memory"), out
+
+
 def test_one_thread_pool_whatever_thread_counts_were_used():
     """One rayon pool was kept per distinct torch.set_num_threads value: 148 idle difattn-* threads after 1-8,
     16, 32 and 64 threads."""

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 pub use features::{Dydila, Plain, Stream, StreamGrads};
 use features::{load_rows, output_rows, store_rows, FeatureMap, Rows, Side};
 
-use super::common::{check_input, check_output, Dims};
+use super::common::{check_input, check_output, zeros, Dims};
 use super::matmul::{Gemm, Mat, MatMut};
 use super::pool::pool;
 use super::view::{err, DType, View, ViewError};
@@ -255,33 +255,33 @@ fn forward<F: FeatureMap>(
 ) -> Result<(), ViewError> {
     let pool = pool(threads).map_err(ViewError)?;
     pool.install(|| {
-        let states = reduce_state(f, v, keys, keys.splits(threads));
+        let states = reduce_state(f, v, keys, keys.splits(threads))?;
         write_states(&states, state, ksum, dims);
-        readout(f, out, &states, dims, opts);
-    });
-    Ok(())
+        readout(f, out, &states, dims, opts)
+    })
 }
 
 /// Sums `partial` (`bh x splits` slots of `width`) over the splits, times `scale`: `bh` slots.
-fn sum_splits(partial: &[f32], dims: Dims, splits: usize, scale: f32) -> Vec<f32> {
+fn sum_splits(partial: &[f32], dims: Dims, splits: usize, scale: f32) -> Result<Vec<f32>, ViewError> {
     let width = dims.width();
-    let mut total = vec![0.0f32; dims.slices() * width];
+    let mut total = zeros(dims.slices() * width)?;
     total.par_chunks_mut(width).enumerate().for_each(|(bh, t)| {
         for part in partial[bh * splits * width..(bh + 1) * splits * width].chunks_exact(width) {
             t.iter_mut().zip(part).for_each(|(a, b)| *a += b);
         }
         t.iter_mut().for_each(|a| *a *= scale);
     });
-    total
+    Ok(total)
 }
 
 /// `[S | m]` per head: `S = (1/Nk) Σ K̂ᵀ V`, `m = (1/Nk) Σ K̂` (`dims`: the key side's).
-fn reduce_state<F: FeatureMap>(f: &F, v: &View, dims: Dims, splits: usize) -> Vec<f32> {
+fn reduce_state<F: FeatureMap>(f: &F, v: &View, dims: Dims, splits: usize) -> Result<Vec<f32>, ViewError> {
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
-    let mut partial = vec![0.0f32; dims.slices() * splits * width];
-    partial.par_chunks_mut(width).enumerate().for_each_init(
-        || (vec![0.0f32; BLOCK * d], vec![0.0f32; BLOCK * dv], f.scratch(BLOCK)),
-        |(kb, vb, scratch), (task, acc)| {
+    let mut partial = zeros(dims.slices() * splits * width)?;
+    partial.par_chunks_mut(width).enumerate().try_for_each_init(
+        || Ok::<_, ViewError>((zeros(BLOCK * d)?, zeros(BLOCK * dv)?, f.scratch(BLOCK))),
+        |bufs, (task, acc)| {
+            let (kb, vb, scratch) = bufs.as_mut().map_err(|e| e.clone())?;
             let (b, h) = dims.slice(task / splits);
             let (start, end) = dims.split_range(task % splits, splits);
             let (s, m) = acc.split_at_mut(d * dv);
@@ -295,8 +295,9 @@ fn reduce_state<F: FeatureMap>(f: &F, v: &View, dims: Dims, splits: usize) -> Ve
                     m.iter_mut().zip(row).for_each(|(a, x)| *a += x);
                 }
             }
+            Ok(())
         },
-    );
+    )?;
     sum_splits(&partial, dims, splits, 1.0 / dims.n as f32)
 }
 
@@ -313,11 +314,12 @@ fn write_states(states: &[f32], state: &View, ksum: &View, dims: Dims) {
     }
 }
 
-fn readout<F: FeatureMap>(f: &F, out: &View, states: &[f32], dims: Dims, opts: Options) {
+fn readout<F: FeatureMap>(f: &F, out: &View, states: &[f32], dims: Dims, opts: Options) -> Result<(), ViewError> {
     let (d, dv) = (dims.d, dims.dv);
-    (0..dims.slices() * dims.blocks()).into_par_iter().for_each_init(
-        || (vec![0.0f32; BLOCK * d], vec![0.0f32; BLOCK * dv], f.scratch(BLOCK)),
-        |(qb, ob, scratch), task| {
+    (0..dims.slices() * dims.blocks()).into_par_iter().try_for_each_init(
+        || Ok::<_, ViewError>((zeros(BLOCK * d)?, zeros(BLOCK * dv)?, f.scratch(BLOCK))),
+        |bufs, task| {
+            let (qb, ob, scratch) = bufs.as_mut().map_err(|e| e.clone())?;
             let (bh, blk) = (task / dims.blocks(), task % dims.blocks());
             let (b, h) = dims.slice(bh);
             let n0 = blk * BLOCK;
@@ -339,14 +341,15 @@ fn readout<F: FeatureMap>(f: &F, out: &View, states: &[f32], dims: Dims, opts: O
                 // SAFETY: as for `output_rows` above.
                 unsafe { store_rows(out, rows, o) };
             }
+            Ok(())
         },
-    );
+    )
 }
 
 /// Reads `[S | m]` per head from the forward's outputs.
-fn read_states(state: &View, ksum: &View, dims: Dims) -> Vec<f32> {
+fn read_states(state: &View, ksum: &View, dims: Dims) -> Result<Vec<f32>, ViewError> {
     let (d, dv) = (dims.d, dims.dv);
-    let mut states = vec![0.0f32; dims.slices() * dims.width()];
+    let mut states = zeros(dims.slices() * dims.width())?;
     for (bh, st) in states.chunks_exact_mut(dims.width()).enumerate() {
         let (b, h) = dims.slice(bh);
         for i in 0..d {
@@ -354,7 +357,7 @@ fn read_states(state: &View, ksum: &View, dims: Dims) -> Vec<f32> {
         }
         ksum.load_row(&[b, h], &mut st[d * dv..]);
     }
-    states
+    Ok(states)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -370,12 +373,11 @@ fn backward<F: FeatureMap>(
     threads: usize,
 ) -> Result<(), ViewError> {
     let pool = pool(threads).map_err(ViewError)?;
-    let states = read_states(state, ksum, dims);
+    let states = read_states(state, ksum, dims)?;
     pool.install(|| {
-        let dstates = query_pass(f, dout, &states, dims, opts, dims.splits(threads), keys.n);
-        key_pass(f, v, dv_out, &dstates, keys);
-    });
-    Ok(())
+        let dstates = query_pass(f, dout, &states, dims, opts, dims.splits(threads), keys.n)?;
+        key_pass(f, v, dv_out, &dstates, keys)
+    })
 }
 
 /// Per token block: `T = g Sᵀ`; without normalisation `dQ̂ = T`, else with `den = Q̂·m + eps`,
@@ -390,12 +392,13 @@ fn query_pass<F: FeatureMap>(
     opts: Options,
     splits: usize,
     num_keys: usize,
-) -> Vec<f32> {
+) -> Result<Vec<f32>, ViewError> {
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
-    let mut partial = vec![0.0f32; dims.slices() * splits * width];
-    partial.par_chunks_mut(width).enumerate().for_each_init(
-        || (vec![0.0f32; BLOCK * d], vec![0.0f32; BLOCK * dv], vec![0.0f32; BLOCK * d], f.scratch(BLOCK)),
-        |(qb, gb, tb, scratch), (task, acc)| {
+    let mut partial = zeros(dims.slices() * splits * width)?;
+    partial.par_chunks_mut(width).enumerate().try_for_each_init(
+        || Ok::<_, ViewError>((zeros(BLOCK * d)?, zeros(BLOCK * dv)?, zeros(BLOCK * d)?, f.scratch(BLOCK))),
+        |bufs, (task, acc)| {
+            let (qb, gb, tb, scratch) = bufs.as_mut().map_err(|e| e.clone())?;
             let bh = task / splits;
             let (b, h) = dims.slice(bh);
             let (start, end) = dims.split_range(task % splits, splits);
@@ -428,21 +431,20 @@ fn query_pass<F: FeatureMap>(
                 // belongs to one (head, split) task.
                 unsafe { f.store_grad(Side::Query, rows, tb, scratch) };
             }
+            Ok(())
         },
-    );
+    )?;
     sum_splits(&partial, dims, splits, 1.0 / num_keys as f32)
 }
 
 /// Per key block, with `[dS | dm] / Nk` from the query pass: `dK̂ = V dSᵀ/Nk + dm/Nk`, `dV = K̂ dS/Nk`; writes the
 /// key-side input gradients and dv (`dims`: the key side's).
-fn key_pass<F: FeatureMap>(f: &F, v: &View, dv_out: &View, dstates: &[f32], dims: Dims) {
+fn key_pass<F: FeatureMap>(f: &F, v: &View, dv_out: &View, dstates: &[f32], dims: Dims) -> Result<(), ViewError> {
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
-    (0..dims.slices() * dims.blocks()).into_par_iter().for_each_init(
-        || {
-            let (rows_d, rows_dv) = (vec![0.0f32; BLOCK * d], vec![0.0f32; BLOCK * dv]);
-            (rows_d.clone(), rows_dv.clone(), rows_d, rows_dv, f.scratch(BLOCK))
-        },
-        |(kb, vb, dkb, dvb, scratch), task| {
+    (0..dims.slices() * dims.blocks()).into_par_iter().try_for_each_init(
+        || Ok::<_, ViewError>((zeros(BLOCK * d)?, zeros(BLOCK * dv)?, zeros(BLOCK * d)?, zeros(BLOCK * dv)?, f.scratch(BLOCK))),
+        |bufs, task| {
+            let (kb, vb, dkb, dvb, scratch) = bufs.as_mut().map_err(|e| e.clone())?;
             let (bh, blk) = (task / dims.blocks(), task % dims.blocks());
             let (b, h) = dims.slice(bh);
             let n0 = blk * BLOCK;
@@ -467,8 +469,9 @@ fn key_pass<F: FeatureMap>(f: &F, v: &View, dv_out: &View, dstates: &[f32], dims
                     store_rows(dv_out, rows, dvr);
                 }
             }
+            Ok(())
         },
-    );
+    )
 }
 
 #[cfg(test)]

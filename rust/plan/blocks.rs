@@ -185,7 +185,7 @@ impl Layout {
 /// Largest integer strictly below `bound` (as used by the `<` tests of the masks): -1 when `bound <= 0` (or NaN),
 /// `i64::MAX - 1` from `2^63` on (the float-to-int conversion saturates; nothing overflows).
 pub fn max_below(bound: f64) -> i64 {
-    if !(bound > 0.0) {
+    if bound.is_nan() || bound <= 0.0 {
         return -1;
     }
     (bound.ceil() as i64) - 1
