@@ -21,7 +21,7 @@ pub use geometry::{computed_pairs, Geometry};
 
 use geometry::Group;
 
-use super::common::{check_input, Dims};
+use super::common::{check_input, zeros, Dims};
 use super::view::{err, View, ViewError};
 /// Keys per piece: logits of a tile for this many keys stay in L1 (16 KiB).
 const PIECE_KEYS: usize = 256;
@@ -83,11 +83,20 @@ struct SliceKeys {
 }
 
 impl SliceKeys {
-    fn load(inp: &Inputs, geo: &Geometry, groups: &[Group], dims: Dims, b: usize, h: usize, backward: bool) -> Self {
+    /// Slice `(b, h)`'s keys (allocated fallibly: they scale with N).
+    fn load(
+        inp: &Inputs,
+        geo: &Geometry,
+        groups: &[Group],
+        dims: Dims,
+        b: usize,
+        h: usize,
+        backward: bool,
+    ) -> Result<Self, ViewError> {
         let keys = geo.keys();
         let (d, dv) = (dims.d, dims.dv);
-        let mut k_rows = vec![0.0f32; keys * d];
-        let mut v_rows = vec![0.0f32; keys * dv];
+        let mut k_rows = zeros(keys * d)?;
+        let mut v_rows = zeros(keys * dv)?;
         let n = geo.tokens();
         inp.k.load_rows(&[b, h], 0..n, &mut k_rows);
         inp.v.load_rows(&[b, h], 0..n, &mut v_rows);
@@ -95,10 +104,10 @@ impl SliceKeys {
             kg.load_rows(&[b, h], 0..geo.global, &mut k_rows[n * d..]);
             vg.load_rows(&[b, h], 0..geo.global, &mut v_rows[n * dv..]);
         }
-        let k_panels = panels(&k_rows, d, groups);
-        let v_panels = if backward { panels(&v_rows, dv, groups) } else { Vec::new() };
+        let k_panels = panels(&k_rows, d, groups)?;
+        let v_panels = if backward { panels(&v_rows, dv, groups)? } else { Vec::new() };
         let k_rows = if backward { k_rows } else { Vec::new() };
-        SliceKeys { k_panels, k_rows, v_rows, v_panels }
+        Ok(SliceKeys { k_panels, k_rows, v_rows, v_panels })
     }
 }
 
@@ -113,8 +122,8 @@ struct Slice<'a> {
 
 /// Rows `(keys, channels)` regrouped per group as `(channels, width)` panels, plus zeros that the last block of
 /// [`lanes::dots`] may read past the last group.
-fn panels(rows: &[f32], channels: usize, groups: &[Group]) -> Vec<f32> {
-    let mut out = vec![0.0f32; rows.len() + lanes::DOTS_OVERRUN];
+fn panels(rows: &[f32], channels: usize, groups: &[Group]) -> Result<Vec<f32>, ViewError> {
+    let mut out = zeros(rows.len() + lanes::DOTS_OVERRUN)?;
     for g in groups {
         let panel = &mut out[g.start * channels..(g.start + g.width) * channels];
         for j in 0..g.width {
@@ -124,7 +133,7 @@ fn panels(rows: &[f32], channels: usize, groups: &[Group]) -> Vec<f32> {
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// A segment's keys in pieces of at most `PIECE_KEYS`: `(first key, len)` per piece.

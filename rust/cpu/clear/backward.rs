@@ -8,7 +8,7 @@ use super::forward::load_lanes;
 use super::geometry::{self, lane_intervals, Segment, Tile};
 use super::lanes::{self, Lanes, LANES};
 use super::{check_inputs, err, padded, panel_offset, pieces, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_ROWS};
-use crate::cpu::common::{check_input, check_output, LOG2_E};
+use crate::cpu::common::{check_input, check_output, zeros, LOG2_E};
 use crate::cpu::pool::pool;
 use crate::cpu::view::{DType, View, ViewError};
 use crate::cpu::vmath::{exp2_one, has_avx2_fma};
@@ -72,14 +72,14 @@ pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scal
     let parts = if slices >= threads { 1 } else { threads.div_ceil(slices) };
     let parts = parts.min(PART_BUFFER_BYTES / (part_bytes * slices).max(1)).clamp(1, tiles.len().max(1));
     let fma = has_avx2_fma();
-    let sums: Vec<(usize, KeyGrads)> = pool(threads).map_err(ViewError)?.install(|| {
+    let sums: Vec<Option<(usize, KeyGrads)>> = pool(threads).map_err(ViewError)?.install(|| {
         (0..slices * parts)
             .into_par_iter()
-            .filter_map(|task| {
+            .map(|task| {
                 let (bh, part) = (task / parts, task % parts);
                 let (b, h) = dims.slice(bh);
-                let keys = SliceKeys::load(inp, geo, &groups, dims, b, h, true);
-                let mut acc = KeyGrads { dk: vec![0.0; geo.keys() * d_pad], dv: vec![0.0; geo.keys() * dv_pad] };
+                let keys = SliceKeys::load(inp, geo, &groups, dims, b, h, true)?;
+                let mut acc = KeyGrads { dk: zeros(geo.keys() * d_pad)?, dv: zeros(geo.keys() * dv_pad)? };
                 let mut buf = Buffers::new(dims);
                 let share = &tiles[part * tiles.len() / parts..(part + 1) * tiles.len() / parts];
                 let ctx = TileCtx { inp, up, dq: grads.dq, slice: Slice { keys: &keys, dims, b, h, scale } };
@@ -94,16 +94,16 @@ pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scal
                 }
                 if parts == 1 {
                     store_key_grads(grads, geo, dims, bh, &acc);
-                    None
+                    Ok(None)
                 } else {
-                    Some((bh, acc))
+                    Ok(Some((bh, acc)))
                 }
             })
-            .collect()
-    });
+            .collect::<Result<_, ViewError>>()
+    })?;
     if parts > 1 {
         let mut by_slice: Vec<Vec<KeyGrads>> = (0..slices).map(|_| Vec::new()).collect();
-        for (bh, acc) in sums {
+        for (bh, acc) in sums.into_iter().flatten() {
             by_slice[bh].push(acc);
         }
         pool(threads).map_err(ViewError)?.install(|| {

@@ -21,9 +21,9 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, geo: &Geometry, scale: f32,
     let tiles = geometry::tiles(geo);
     let fma = has_avx2_fma();
     pool(threads).map_err(ViewError)?.install(|| {
-        (0..dims.slices()).into_par_iter().for_each(|bh| {
+        (0..dims.slices()).into_par_iter().try_for_each(|bh| {
             let (b, h) = dims.slice(bh);
-            let keys = SliceKeys::load(inp, geo, &groups, dims, b, h, false);
+            let keys = SliceKeys::load(inp, geo, &groups, dims, b, h, false)?;
             tiles.par_iter().for_each_init(
                 || Buffers::new(dims),
                 |buf, tile| {
@@ -37,9 +37,9 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, geo: &Geometry, scale: f32,
                     }
                 },
             );
-        });
-    });
-    Ok(())
+            Ok(())
+        })
+    })
 }
 
 struct TileCtx<'a> {
