@@ -194,6 +194,21 @@ def test_options_are_keyword_only():
         difattn.pisa_attention(Q, K, V, 0.5)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("method", [clear, grat, pisa, llsa, dydila, linear], ids=lambda f: f.__name__)
+def test_every_method_runs_on_meta_tensors(method, backend):
+    """Fake tensors (torch.compile's tracing) need shapes without data: PISA read its block sizes with .item()."""
+    q, k, v = (x.to("meta") for x in (Q, K, V))
+    kw = dict(q=q, k=k, v=v, backend=backend)
+    kw |= dict(q_aux=q, k_aux=k) if method is dydila else {}
+    out = method(**kw)
+    assert out.device.type == "meta" and out.shape == (2, 2, N, 8)
+    if method is pisa:
+        out, blocks = pisa(**kw, grid=GRID, return_blocks=True, routing_bias="key_variance")
+        assert out.shape == (2, 2, N, 8) and blocks.device.type == "meta"
+        assert pisa(**(kw | dict(k=k[:, :, :13], v=v[:, :, :13]))).shape == (2, 2, N, 8)  # cross-attention
+
+
 def _run_capped(code: str, timeout: float = 120) -> str:
     """Runs ``code`` in a fresh interpreter (a hang, an abort or a memory limit stays there); returns its stdout."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))

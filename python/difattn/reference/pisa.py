@@ -34,6 +34,7 @@ class _BlockStats(NamedTuple):
     """Per key block statistics in the work dtype; ``M`` key blocks, ``n_j`` tokens in block j."""
 
     counts: torch.Tensor  # (M,) n_j
+    longest: int  # max_j n_j, read on the CPU (so meta and fake tensors work)
     key_mean: torch.Tensor  # (B, H, M, D) k̄_j
     value_sum: torch.Tensor  # (B, H, M, Dv) V̂_j
     moment_mean: torch.Tensor  # (B, H, D, Dv) H̄ = (1/Nk) Σ_j H_j, the mean moment per key token
@@ -109,12 +110,13 @@ def pisa_attention(
         perm = perm.to(q.device)
         q, k, v = q[:, :, perm], k[:, :, perm], v[:, :, perm]
     route_bias = bias if blocks is None else None
-    stats = _block_stats(k, v, key_sizes.to(q.device),
+    # Block sizes are made on the CPU; their maxima are read there, before the sizes move to q's device.
+    stats = _block_stats(k, v, key_sizes.to(q.device), int(key_sizes.max()),
                          with_moments=order == "first" or route_bias in ("centered", "uncentered"))
     shape = (B, H, query_sizes.numel(), pisa_num_selected(density, key_sizes.numel()))
-    query_sizes = query_sizes.to(q.device)
+    query_longest, query_sizes = int(query_sizes.max()), query_sizes.to(q.device)
     if blocks is None:
-        blocks = _route(q, k, query_sizes, stats, scale, shape[3], bias=route_bias, sink=sink)
+        blocks = _route(q, k, (query_sizes, query_longest), stats, scale, shape[3], bias=route_bias, sink=sink)
     else:
         blocks = check_pisa_blocks(blocks, shape, key_sizes.numel(), q.device)
     out = _attend(q, k, v, query_sizes, stats, blocks, scale, order)
@@ -128,39 +130,41 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _block_rows(x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_rows(x: torch.Tensor, counts: torch.Tensor, longest: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rows, inside)``: ``rows`` ``(B, H, M, b_max, C)`` the rows of ``x`` ``(B, H, N, C)`` block by block, zeros
     past a block's end; ``inside`` ``(M, b_max)`` bool, True on real rows."""
     starts = torch.cumsum(counts, 0) - counts
-    offsets = torch.arange(int(counts.max()), device=x.device)
+    offsets = torch.arange(longest, device=x.device)  # longest = max(counts) = b_max
     inside = offsets < counts[:, None]
     rows = torch.where(inside, starts[:, None] + offsets, 0)
     return x[:, :, rows] * inside[..., None].to(x.dtype), inside
 
 
-def _block_mean(x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def _block_mean(x: torch.Tensor, counts: torch.Tensor, longest: int) -> torch.Tensor:
     """``(B, H, M, C)``: the mean of each block's rows of ``x`` in the work dtype."""
-    rows, _ = _block_rows(x.to(_work_dtype(x.dtype)), counts)
+    rows, _ = _block_rows(x.to(_work_dtype(x.dtype)), counts, longest)
     return rows.sum(-2) / counts[:, None].to(rows.dtype)
 
 
-def _block_stats(k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor, *, with_moments: bool) -> _BlockStats:
+def _block_stats(
+    k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor, longest: int, *, with_moments: bool
+) -> _BlockStats:
     """k̄_j, V̂_j and H̄ (without materialising the H_j), plus every H_j when ``with_moments``."""
     work = _work_dtype(k.dtype)
-    key_rows, _ = _block_rows(k.to(work), counts)
-    value_rows, _ = _block_rows(v.to(work), counts)
+    key_rows, _ = _block_rows(k.to(work), counts, longest)
+    value_rows, _ = _block_rows(v.to(work), counts, longest)
     key_mean = key_rows.sum(-2) / counts[:, None].to(work)
     # Padding rows of key_rows turn nonzero here, but their value rows are zero, so they add nothing below.
     centred = key_rows - key_mean[..., None, :]
     moment_mean = centred.flatten(2, 3).transpose(-1, -2) @ value_rows.flatten(2, 3) / k.shape[2]
     moments = centred.transpose(-1, -2) @ value_rows if with_moments else None
-    return _BlockStats(counts, key_mean, value_rows.sum(-2), moment_mean, moments)
+    return _BlockStats(counts, longest, key_mean, value_rows.sum(-2), moment_mean, moments)
 
 
 def _routing_bias(k: torch.Tensor, stats: _BlockStats, bias: str) -> torch.Tensor:
     """``(B, H, M)``: the routing bias of each key block (see :func:`pisa_attention`)."""
     if bias == "key_variance":
-        key_rows, inside = _block_rows(k.to(stats.key_mean.dtype), stats.counts)
+        key_rows, inside = _block_rows(k.to(stats.key_mean.dtype), stats.counts, stats.longest)
         centred = (key_rows - stats.key_mean[..., None, :]) * inside[..., None]
         variance = centred.square().sum((-1, -2)) / stats.counts.to(centred.dtype)
         return torch.log(variance.clamp_min(_VARIANCE_BIAS_EPS))
@@ -172,11 +176,12 @@ def _routing_bias(k: torch.Tensor, stats: _BlockStats, bias: str) -> torch.Tenso
 
 @torch.no_grad()
 def _route(
-    q: torch.Tensor, k: torch.Tensor, query_counts: torch.Tensor, stats: _BlockStats, scale: float, num_selected: int,
-    *, bias: str | None, sink: str | None,
+    q: torch.Tensor, k: torch.Tensor, query_counts: tuple[torch.Tensor, int], stats: _BlockStats, scale: float,
+    num_selected: int, *, bias: str | None, sink: str | None,
 ) -> torch.Tensor:
-    """``(B, H, M, k)`` int64: each query block's top-k key blocks, by descending score, ties to the lower id."""
-    score = scale * _block_mean(q, query_counts) @ stats.key_mean.transpose(-1, -2)
+    """``(B, H, M, k)`` int64: each query block's top-k key blocks, by descending score, ties to the lower id.
+    ``query_counts``: the query blocks' sizes (on q's device) and the largest of them."""
+    score = scale * _block_mean(q, *query_counts) @ stats.key_mean.transpose(-1, -2)
     if bias is not None:
         score = score + _routing_bias(k, stats, bias)[:, :, None, :]
     if sink is not None:
@@ -194,8 +199,10 @@ def _attend(
     num_keys, num_blocks = k.shape[2], stats.counts.numel()
     selected = torch.zeros(B, H, query_counts.numel(), num_blocks, dtype=torch.bool, device=q.device)
     selected.scatter_(-1, blocks, True)
-    query_block = torch.repeat_interleave(torch.arange(query_counts.numel(), device=q.device), query_counts)
-    key_block = torch.repeat_interleave(torch.arange(num_blocks, device=q.device), stats.counts)
+    # output_size: the counts sum to N and Nk, which meta and fake tensors cannot compute.
+    query_block = torch.repeat_interleave(torch.arange(query_counts.numel(), device=q.device), query_counts,
+                                          output_size=N)
+    key_block = torch.repeat_interleave(torch.arange(num_blocks, device=q.device), stats.counts, output_size=num_keys)
     keys = torch.cat([k, stats.key_mean.to(k.dtype)], dim=2)
     values = torch.cat([v, (stats.value_sum / stats.counts[:, None]).to(v.dtype)], dim=2)
     work = stats.key_mean.dtype
