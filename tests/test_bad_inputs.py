@@ -166,8 +166,8 @@ CASES = [
     ("pisa block size beyond int32", lambda: pisa(block_size=2**63), ValueError, "block_size"),
     ("llsa levels beyond one token", lambda: llsa(levels=9), ValueError, "levels must be <="),
     ("grid side beyond int32", lambda: TokenGrid(2**40, 1), ValueError, "height"),
-    ("linear N beyond int32", lambda: linear(**dict(zip("qkv", (x[:1, :1, :1].expand(1, 1, 2**31, 8) for x in (Q, K, V))))),
-     ValueError, "N"),
+    ("linear N beyond int32", lambda: linear(**{n: x[:1, :1, :1].expand(1, 1, 2**31, 8)
+                                                 for n, x in zip("qkv", (Q, K, V))}), ValueError, "N"),
     ("nn.Attention 2-D x", lambda: nn_attention()(torch.randn(N, 32)), ValueError, "x must have shape"),
     ("nn.Attention int x", lambda: nn_attention()(torch.ones(1, N, 32, dtype=torch.long)), TypeError, "x"),
     ("nn.DyDiLA wrong width", lambda: difattn.nn.DyDiLA(64, 4)(torch.randn(1, 16, 32)), ValueError, "x"),
@@ -214,7 +214,7 @@ def _run_capped(code: str, timeout: float = 120) -> str:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     try:
         done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                              timeout=timeout, env=env)
+                              check=False, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         pytest.fail(f"did not return within {timeout} s")
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"

@@ -198,7 +198,8 @@ pub fn max_below(bound: f64) -> i64 {
 /// the whole grid), and every later square or sum of the thresholds stays far from overflow.
 pub fn disc_thresholds(grid: &TokenGrid, radius: f64, temporal_radius: f64) -> Result<(i64, i64), PlanError> {
     if !(radius.is_finite() && radius > 0.0 && temporal_radius.is_finite() && temporal_radius > 0.0) {
-        return invalid(format!("radius and temporal_radius must be finite and > 0, got {radius} and {temporal_radius}"));
+        let got = format!("got {radius} and {temporal_radius}");
+        return invalid(format!("radius and temporal_radius must be finite and > 0, {got}"));
     }
     let side = |n: usize| i64::try_from(n - 1).unwrap_or(i64::MAX);
     let reach_d2 = square_sum(side(grid.height), side(grid.width));
