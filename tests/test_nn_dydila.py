@@ -8,6 +8,7 @@ import torch
 import difattn
 from difattn import TokenGrid, reference
 from difattn.nn import DyDiLA, LiTAttention, straight_through
+from difattn.testing import assert_close
 
 DIM, HEADS = 32, 2
 GRIDS = [
@@ -159,3 +160,77 @@ def test_a_tiny_model_trains(cls):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses[::6]
+
+
+def _twin_power_map(z, gamma, eps):
+    """φ_γ(z) = ‖r‖ · r^γ / ‖r^γ‖ with r = relu(z) + eps, norms over the head dim (the paper's formula as written)."""
+    r = z.relu() + eps
+    p = r ** gamma.unsqueeze(-1)
+    return r.norm(dim=-1, keepdim=True) * p / p.norm(dim=-1, keepdim=True)
+
+
+def _twin_pick(router, bank, features):
+    """The hard routing choice: the bank entry at the argmax of the router's logits."""
+    return bank[(features @ router.weight.T + router.bias).argmax(dim=-1)]
+
+
+def _dydila_twin(module, x, grid, eps=1e-6):
+    """DyDiLA's forward from the module's weights, step by step as the paper states it, in x's dtype: an independent
+    twin (no helper of difattn.nn or difattn.functional, the attention core written out)."""
+    weights = {name: p.detach().to(x.dtype) for name, p in module.named_parameters()}
+    B, N, C = x.shape
+    H, Dh = module.num_heads, C // module.num_heads
+
+    def heads(t):  # (B, N, C) -> (B, H, N, Dh)
+        return t.view(B, N, H, Dh).transpose(1, 2)
+
+    def linear(t, name):
+        return t @ weights[f"{name}.weight"].T + weights[f"{name}.bias"]
+
+    q, k, v = linear(x, "qkv").view(B, N, 3, C).unbind(2)
+    streams = {"q": heads(q), "k": heads(k)}
+    for name in ("q_aux", "k_aux"):  # one full-width projector per token, the router's argmax
+        choice = linear(x, f"{name}.router").argmax(dim=-1)  # (B, N)
+        bank = linear(x, f"{name}.bank").view(B, N, -1, C)  # (B, N, P, C)
+        streams[name] = heads(bank.gather(2, choice[..., None, None].expand(B, N, 1, C)).squeeze(2))
+    gamma, phi = {}, {}
+    for name, z in streams.items():  # γ per token and head from the bank clamped to >= 1
+        logits = z @ weights[f"kernels.{name}.router.weight"].T + weights[f"kernels.{name}.router.bias"]
+        gamma[name] = weights[f"kernels.{name}.bank"].clamp_min(1.0)[logits.argmax(dim=-1)]
+        phi[name] = _twin_power_map(z, gamma[name], eps)
+    hat = {}
+    for side in ("q", "k"):  # λ routed on [φ(z), φ(z_aux)]; the differential φ(z) − λ φ(z_aux)
+        features = torch.cat([phi[side], phi[f"{side}_aux"]], dim=-1)
+        logits = features @ weights[f"lambdas.{side}.router.weight"].T + weights[f"lambdas.{side}.router.bias"]
+        lam = weights[f"lambdas.{side}.bank"][logits.argmax(dim=-1)]
+        hat[side] = phi[side] - lam.unsqueeze(-1) * phi[f"{side}_aux"]
+    vh = heads(v)
+    state = hat["k"].transpose(-1, -2) @ vh / N  # (B, H, Dh, Dh)
+    out = (hat["q"] @ state).transpose(1, 2).reshape(B, N, C)
+    image = slice(grid.image_range.start, grid.image_range.stop)
+    frames = v[:, image].reshape(B * grid.frames, grid.height, grid.width, C).permute(0, 3, 1, 2)
+    conv = torch.nn.functional.conv2d(frames, weights["dwconv.weight"], weights["dwconv.bias"],
+                                      padding=module.dwconv.padding, groups=C)
+    out[:, image] += conv.permute(0, 2, 3, 1).reshape(B, grid.image_tokens, C)
+    return linear(out, "proj")
+
+
+@pytest.mark.parametrize("grid", [TokenGrid(3, 4, text_tokens=3),
+                                  TokenGrid(3, 3, frames=2, text_tokens=2, text_position="last")])
+def test_forward_equals_the_paper_written_out(grid):
+    """DyDiLA's forward against :func:`_dydila_twin` with random banks (distinct per stream and side), so a
+    swapped λ_q/λ_k, γ of one stream used for another, or a router fed the wrong features changes the output by far
+    more than rounding. The module runs in float32 on the default (Rust) core; the twin in float32 and float64."""
+    torch.manual_seed(7)
+    module = DyDiLA(DIM, HEADS, num_projectors=3, num_kernels=5, num_lambdas=4)
+    gen = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for name in ("q", "k", "q_aux", "k_aux"):
+            module.kernels[name].bank.copy_(0.5 + 4.5 * torch.rand(5, generator=gen))  # some below the clamp at 1
+        for name in ("q", "k"):
+            module.lambdas[name].bank.copy_(torch.rand(4, generator=gen))
+    x = _x(grid, seed=9)
+    out = module(x, grid)
+    low = _dydila_twin(module, x, grid)
+    high = _dydila_twin(module, x.double(), grid)
+    assert_close("DyDiLA vs its written-out twin", out, low, high)
