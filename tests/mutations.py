@@ -46,6 +46,11 @@ MUTATIONS = [
         'lambda_q=lambdas["q"], lambda_k=lambdas["k"]', 'lambda_q=lambdas["k"], lambda_k=lambdas["q"]',
         ("tests/test_nn_dydila.py",),
     ),
+    Mutation(
+        "clear-global-pad-first", "python/difattn/_methods.py",
+        "(0, 0, 0, pad_w, 0, pad_h)", "(0, 0, pad_w, 0, pad_h, 0)",
+        ("tests/test_nn_attention.py",),
+    ),
 ]
 
 

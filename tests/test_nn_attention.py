@@ -1,5 +1,6 @@
 """difattn.nn.Attention: timm-compatible parameters, every method, grid inference, exactness against dense."""
 
+import copy
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from difattn import TokenGrid, reference
 from difattn._attention_module import METHODS
 from difattn._rope import apply_rope, rope_2d
 from difattn.nn import Attention
+from difattn.testing import assert_close
 
 DIM, HEADS = 32, 4
 TIMM_KEYS = {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
@@ -162,6 +164,44 @@ def test_clear_global_tokens_match_reference_pooling():
     out = reference.clear_attention(q, k, v, grid, radius=1.5, global_kv=(pooled(k), pooled(v)))
     expected = module.proj(out.transpose(1, 2).reshape(B, N, C))
     torch.testing.assert_close(module(x, grid=grid), expected, atol=2e-6, rtol=1e-5)
+
+
+def _windows_written_out(t: torch.Tensor, grid: TokenGrid, weight: torch.Tensor) -> torch.Tensor:
+    """CLEAR's global tokens of ``t (B, H, N, D)`` one window at a time: d x d windows from the top-left corner of
+    each frame, a border window summing ``weight[a, b] * token`` over only the cells inside the grid."""
+    d = weight.shape[0]
+    image = t[:, :, grid.image_range.start : grid.image_range.stop]
+    image = image.reshape(*t.shape[:2], grid.frames, grid.height, grid.width, t.shape[-1])
+    windows = []
+    for f in range(grid.frames):
+        for y0 in range(0, grid.height, d):
+            for x0 in range(0, grid.width, d):
+                cells = [weight[y - y0, x - x0] * image[:, :, f, y, x]
+                         for y in range(y0, min(y0 + d, grid.height)) for x in range(x0, min(x0 + d, grid.width))]
+                windows.append(torch.stack(cells).sum(0))
+    return torch.stack(windows, dim=2)
+
+
+@pytest.mark.parametrize("d, grid", [(2, TokenGrid(5, 7, text_tokens=3)),
+                                     (3, TokenGrid(4, 5, frames=2, text_tokens=2, text_position="last"))])
+def test_clear_global_tokens_on_sides_the_window_does_not_divide(d, grid):
+    """Border windows hold only the cells inside the grid and windows start at each frame's top-left corner (the
+    zero padding goes after the last row and column): the module against :func:`_windows_written_out` with random
+    cell weights, through the reference."""
+    module = _module("clear", radius=1.5, down_factor=d)
+    with torch.no_grad():
+        module.spatial_weight.copy_(0.5 + torch.rand(module.spatial_weight.shape, generator=torch.Generator().manual_seed(5)))
+    x = _x(2, grid.num_tokens, seed=6)
+    expected = []
+    for dtype in (torch.float32, torch.float64):
+        twin = copy.deepcopy(module).to(dtype)
+        B, N, C = x.shape
+        q, k, v = twin.qkv(x.to(dtype)).view(B, N, 3, HEADS, C // HEADS).permute(2, 0, 3, 1, 4)
+        weight = twin.spatial_weight.reshape(d, d)
+        global_kv = (_windows_written_out(k, grid, weight), _windows_written_out(v, grid, weight))
+        out = reference.clear_attention(q, k, v, grid, radius=1.5, global_kv=global_kv)
+        expected.append(twin.proj(out.transpose(1, 2).reshape(B, N, C)).detach())
+    assert_close("clear global tokens, ragged windows", module(x, grid).detach(), *expected)
 
 
 def test_linear_is_relu_linear_attention():
