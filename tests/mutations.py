@@ -51,6 +51,11 @@ MUTATIONS = [
         "(0, 0, 0, pad_w, 0, pad_h)", "(0, 0, pad_w, 0, pad_h, 0)",
         ("tests/test_nn_attention.py",),
     ),
+    Mutation(
+        "llsa-levels-boundary", "python/difattn/_options.py",
+        "while num_tokens > LLSA_MAX_COARSE_TOKENS", "while num_tokens >= LLSA_MAX_COARSE_TOKENS",
+        ("tests/llsa",),
+    ),
 ]
 
 

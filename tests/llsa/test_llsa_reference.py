@@ -10,6 +10,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+import difattn
 from difattn._options import llsa_config
 from difattn.grid import TokenGrid
 from difattn.reference._dense import dense_attention, masked_attention
@@ -164,3 +165,24 @@ def test_bad_topk_and_indices_are_rejected():
         llsa_attention(q, k, v, block_size=4, topk=(3, 2), levels=2, indices=[indices[0], indices[1] + 3])
     with pytest.raises(TypeError, match="indices"):
         llsa_attention(q, k, v, block_size=4, topk=(3, 2), levels=2, indices=indices[:1])
+
+
+# The paper's default levels (block 16: L = 1 up to 16 * 256 tokens, 2 up to 16**2 * 256, ...), just around each
+# boundary too: the smallest L >= 1 with N / 16**L <= 256.
+SPEC_LEVELS = [(4095, 1), (4096, 1), (4097, 2), (16384, 2), (65535, 2), (65536, 2), (65537, 3), (262144, 3),
+               (1048576, 3), (1048577, 4)]
+
+
+@pytest.mark.parametrize("num_tokens, levels", SPEC_LEVELS)
+def test_default_levels_are_the_spec_values(num_tokens, levels):
+    assert llsa_config(num_tokens, 16, 8, None) == (levels, (8,) * levels)
+
+
+@pytest.mark.parametrize("num_tokens, levels", [(512, 1), (513, 2), (1024, 2), (1025, 3)])
+def test_default_levels_reach_the_attention(num_tokens, levels):
+    """Block 2: 256 coarse tokens at most, so 512 tokens keep one level and 513 need two (the public function and
+    the reference resolve the default the same way)."""
+    q, k, v = random_qkv(1, 1, num_tokens, 4, seed=num_tokens)
+    _, indices = llsa_attention(q, k, v, block_size=2, topk=2, return_indices=True)
+    _, ours = difattn.llsa_attention(q, k, v, block_size=2, topk=2, return_indices=True)
+    assert len(indices) == len(ours) == levels
