@@ -56,6 +56,31 @@ MUTATIONS = [
         "while num_tokens > LLSA_MAX_COARSE_TOKENS", "while num_tokens >= LLSA_MAX_COARSE_TOKENS",
         ("tests/llsa",),
     ),
+    Mutation(
+        "triton-disc-strict", "python/difattn/triton_kernels/block_attention.py",
+        "dy * dy + dx * dx <= max_d2", "dy * dy + dx * dx < max_d2",
+        ("tests/block/test_block_interpreter.py",),
+    ),
+    Mutation(
+        "clear-threshold-not-strict", "python/difattn/_options.py",
+        "math.ceil(radius * radius) - 1", "math.floor(radius * radius)",
+        ("tests/clear/test_clear_reference.py",),
+    ),
+    Mutation(
+        "rust-max-below-not-strict", "rust/plan/blocks.rs",
+        "(bound.ceil() as i64) - 1", "bound.floor() as i64",
+        ("tests/clear/test_clear_rust.py",),
+    ),
+    Mutation(
+        "rust-disc-row-half-width", "rust/cpu/clear/geometry.rs",
+        "(rest >= 0).then(|| isqrt(rest))", "(rest > 0).then(|| isqrt(rest))",
+        ("tests/clear/test_clear_rust.py",),
+    ),
+    Mutation(
+        "rust-engine-disc-strict", "rust/cpu/block_attention.rs",
+        "dy * dy + dx * dx <= max_d2", "dy * dy + dx * dx < max_d2",
+        ("tests/block/test_block_plans.py",),
+    ),
 ]
 
 

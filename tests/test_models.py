@@ -11,6 +11,9 @@ import torch
 import difattn.models as M
 from difattn import TokenGrid
 from difattn.models.dit import sincos_pos_embed_2d
+from difattn.testing import assert_close
+
+from compile_first import run_fresh
 
 
 def _original_dit_xl2_layout() -> dict[str, tuple[int, ...]]:
@@ -153,23 +156,32 @@ def test_registry_and_few_heads():
     assert heads == {"LiT-S/2": 2, "LiT-XL/2": 4, "DyDiLiT-S/2": 2, "DyDiLiT-XL/2": 4, "DiT-S/2": 6}
 
 
-def test_pixel_dit_is_patch_one_rope_rms():
+def _pixel_dit(**attention_options) -> M.PixelDiT:
     torch.manual_seed(0)
-    model = _randomize(M.PixelDiT(
+    return _randomize(M.PixelDiT(
         input_size=(8, 12), in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=10,
-        attention_options={"block_size": 4, "topk": 2},
-    ))
+        attention_options={"block_size": 4, "topk": 2, **attention_options},
+    )).eval()
+
+
+def test_pixel_dit_is_patch_one_rope_rms():
+    """PixelDiT's layout, and its forward and input gradient on the default (Rust) LLSA against the same weights
+    on the torch reference, in float32 and float64."""
+    model = _pixel_dit()
     assert model.patch_size == 1 and model.pos_embed is None
     assert isinstance(model.blocks[0].attn.q_norm, torch.nn.RMSNorm) and model.blocks[0].attn.method == "llsa"
     x, t, y = _inputs(8, 12, channels=3)
-    x.requires_grad_(True)
-    out = model(x, t, y)
-    assert out.shape == (2, 3, 8, 12)
-    out.square().mean().backward()
-    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    shifted = model(torch.roll(x.detach(), 1, dims=-1), t, y)  # RoPE: no absolute position embedding
-    assert torch.isfinite(shifted).all()
+    runs = []
+    for net, dtype in ((model, torch.float32), (_pixel_dit(backend="torch"), torch.float32),
+                       (_pixel_dit(backend="torch").double(), torch.float64)):
+        xi = x.detach().to(dtype).clone().requires_grad_(True)
+        out = net(xi, t.to(dtype), y)
+        out.square().mean().backward()
+        assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+        runs.append((out.detach(), xi.grad))
+    assert runs[0][0].shape == (2, 3, 8, 12)
+    for i, name in enumerate(("output", "input gradient")):
+        assert_close(f"pixel DiT {name}", runs[0][i], runs[1][i], runs[2][i], gradient=i == 1)
 
 
 @pytest.mark.parametrize("cls", [M.LiT, M.DyDiLiT])
@@ -200,24 +212,52 @@ def test_digits_example_runs(tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 0 and (tmp_path / "samples.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("method, options", [("clear", {"radius": 2.0}), ("grat", {"group": (2, 2)}),
-                                             ("pisa", {"density": 0.5, "block_size": 16}),
-                                             ("llsa", {"block_size": 4, "topk": 2}), ("dydila", {})])
-def test_dit_compiles_whole(method, options):
-    """A DiT with each method traces as one graph (torch.compile fullgraph, grids built inside forward) and the
-    compiled forward and its gradients equal eager."""
-    from difattn.models.dit import DiT
+def test_dit_compiles_whole():
+    """A DiT with each method traces as one graph (torch.compile fullgraph, grids built inside forward), each
+    compiled in a fresh process before any op of its method ran eagerly; then the compiled forward and its parameter
+    gradients equal eager. Random weights everywhere (adaLN-Zero's zero final layer would make the output and every
+    gradient 0) and eval mode (no random label dropout). One process for the five methods (a fresh interpreter costs
+    more than the compiles)."""
+    run_fresh("""
+        import torch
+        from difattn.models.dit import DiT
 
-    torch.manual_seed(0)
-    model = DiT(input_size=8, depth=1, hidden_size=64, num_heads=2, num_classes=4, attention=method,
-                attention_options=options)
-    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2) * 999, torch.tensor([1, 3])
-    want = model(x, t, y)
-    want.square().sum().backward()
-    want_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-    model.zero_grad()
-    got = torch.compile(model, fullgraph=True, backend="aot_eager")(x, t, y)
-    got.square().sum().backward()
-    torch.testing.assert_close(got, want)
-    for g, w in zip([p.grad for p in model.parameters() if p.grad is not None], want_grads):
-        torch.testing.assert_close(g, w)
+        METHODS = {"clear": {"radius": 2.0}, "grat": {"group": (2, 2)}, "pisa": {"density": 0.5, "block_size": 16},
+                   "llsa": {"block_size": 4, "topk": 2}, "dydila": {}}
+        gen = torch.Generator().manual_seed(1)
+        x, t, y = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([120.0, 870.0]), torch.tensor([1, 3])
+
+        def model_for(method):
+            torch.manual_seed(0)
+            model = DiT(input_size=8, depth=1, hidden_size=64, num_heads=2, num_classes=4, attention=method,
+                        attention_options=METHODS[method]).eval()
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.2)
+            return model
+
+        def run(model, fn):
+            params = [p for p in model.parameters() if p.requires_grad]
+            out = fn(x, t, y)
+            return out.detach(), torch.autograd.grad(out.square().sum(), params)
+
+        models = {method: model_for(method) for method in METHODS}
+        compiled = {}
+        for method, model in models.items():  # every compile before the first eager call
+            compiled[method] = run(model, torch.compile(model, fullgraph=True, backend="aot_eager"))
+        failures = []
+        for method, model in models.items():
+            got, got_grads = compiled[method]
+            want, want_grads = run(model, model)
+            try:
+                assert want.abs().amax() > 0.1, "the output is (nearly) zero: the comparison would be vacuous"
+                torch.testing.assert_close(got, want)
+                names = [n for n, p in model.named_parameters() if p.requires_grad]
+                for name, g, w in zip(names, got_grads, want_grads):
+                    assert w.abs().amax() > 0, name + ": zero gradient, nothing compared"
+                    torch.testing.assert_close(g, w, msg=name)
+            except AssertionError as err:
+                failures.append(f"{method}: {err}")
+        assert not failures, " | ".join(failures)
+        """)

@@ -1,6 +1,7 @@
 """Tier 1: the Triton block-attention kernels under TRITON_INTERPRET=1 on CPU tensors (fp32/fp16, tiny shapes),
 forward and every gradient against the torch reference."""
 
+import math
 import os
 
 import pytest
@@ -30,6 +31,24 @@ def test_clear_triton_matches_reference(grid, dtype, d):
         "clear triton",
         lambda q, k, v: difattn.clear_attention(q, k, v, grid, radius=2.5, backend="triton"),
         lambda q, k, v: reference.clear_attention(q, k, v, grid, radius=2.5, scale=d**-0.5),
+        (q, k, v),
+    )
+
+
+# dy² + dx² < r²: r = 1 keeps the query itself only (max_d2 = 0), r = 2 drops distance 2 (max_d2 = 3), r = 3 keeps
+# (2, 2) at d² = 8 = max_d2 and drops distance 3; √5 keeps d² = 5 = max_d2 (r² rounds above 5). A kernel testing
+# `<` instead of `<=` against max_d2, or r² instead of the largest integer below it, fails one of these.
+DISC_BOUNDARY_RADII = [1.0, 2.0, 3.0, math.sqrt(5)]
+
+
+@pytest.mark.parametrize("radius", DISC_BOUNDARY_RADII)
+def test_clear_triton_at_integer_and_square_root_radii(radius):
+    grid = difattn.TokenGrid(9, 11, text_tokens=2)
+    q, k, v = random_qkv(1, 1, grid.num_tokens, 16, device=DEVICE, seed=5)
+    compare_with_reference(
+        f"clear triton r={radius:g}",
+        lambda q, k, v: difattn.clear_attention(q, k, v, grid, radius=radius, backend="triton"),
+        lambda q, k, v: reference.clear_attention(q, k, v, grid, radius=radius, scale=0.25),
         (q, k, v),
     )
 

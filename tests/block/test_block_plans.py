@@ -2,6 +2,8 @@
 full entries really full, the counts of the papers' settings, the plan cache, the plan keys the ops carry, the
 Rust launcher's validation and the custom ops under ``opcheck`` and ``torch.compile``."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -11,6 +13,7 @@ import difattn
 from difattn import reference
 from difattn.ops.block import op as block_op
 from difattn.ops.block import rust_launch
+from difattn.ops.clear import clear_on_blocks
 from difattn.ops.block.plan import (
     CPU_BLOCKS,
     GPU_BLOCKS,
@@ -24,6 +27,8 @@ from difattn.ops.block.plan import (
 )
 from difattn.testing import assert_close, compare_with_reference, random_qkv, torch_threads
 from difattn.testing.strategies import token_grids
+
+from compile_first import run_fresh
 
 SMALL_BLOCKS = BlockShape((2, 4), (4, 2))  # ragged tiles everywhere on small grids
 CPU = torch.device("cpu")
@@ -133,39 +138,61 @@ def test_backward_one_pass_and_two_pass(batch, heads, threads):
             (q, k, v),
         )
 
-def _clear_plus_grat(q, k, v, grid):
-    return difattn.clear_attention(q, k, v, grid, radius=2.5) + difattn.grat_attention(q, k, v, grid, group=(2, 3))
+@pytest.mark.parametrize("radius", [1.0, 3.0, math.sqrt(5), 2.1])
+def test_rust_engine_disc_mask_at_integer_and_square_root_radii(radius):
+    """The CPU engine's own element mask on rim blocks (public CLEAR on CPU runs the disc kernels instead): r = 1
+    keeps the query alone, 3 keeps d² = 8, √5 keeps d² = 5, 2.1 keeps (2, 0) but not (2, 1)."""
+    grid = difattn.TokenGrid(19, 22, text_tokens=5)
+    q, k, v = random_qkv(1, 2, grid.num_tokens, 16, seed=3)
+    compare_with_reference(
+        f"clear on the rust engine r={radius:g}",
+        lambda q, k, v: clear_on_blocks(q, k, v, grid, radius=radius, temporal_radius=1.0, scale=0.25, backend="rust"),
+        lambda q, k, v: reference.clear_attention(q, k, v, grid, radius=radius, scale=0.25),
+        (q, k, v),
+    )
 
 def test_compile_fullgraph_with_grids_from_outside_and_inside():
     """CLEAR and GRAT trace whole under torch.compile(fullgraph=True): the plans are custom ops (static grids use
-    the real plan's sizes, symbolic ones data-dependent sizes). Forward and gradients equal eager for grids passed
-    in (new, equal objects each call) and grids built inside the compiled function; a changed grid recompiles at
-    most once more (to dynamic sizes), never silently reusing a stale plan."""
-    import torch._dynamo.testing
+    the real plan's sizes, symbolic ones data-dependent sizes). In a fresh process, every compiled call runs before
+    any eager one (an eager call first would build and cache the plans the trace then finds); then forward and
+    gradients equal eager for grids passed in (new, equal objects each call) and grids built inside the compiled
+    function; a changed grid recompiles at most once more (to dynamic sizes), never silently reusing a stale plan."""
+    run_fresh("""
+        import torch
+        import torch._dynamo.testing
 
-    passed_in = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    built_inside = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    outside = torch.compile(_clear_plus_grat, fullgraph=True, backend=passed_in)
+        import difattn
+        from difattn.testing import random_qkv
 
-    @torch.compile(fullgraph=True, backend=built_inside)
-    def inside(q, k, v, height):
-        return _clear_plus_grat(q, k, v, difattn.TokenGrid(height, 7, text_tokens=3))
+        def clear_plus_grat(q, k, v, grid):
+            return (difattn.clear_attention(q, k, v, grid, radius=2.5)
+                    + difattn.grat_attention(q, k, v, grid, group=(2, 3)))
 
-    for seed, height in enumerate([6, 6, 5, 4]):
-        grid = difattn.TokenGrid(height, 7, text_tokens=3)
-        q, k, v = random_qkv(1, 2, grid.num_tokens, 16, seed=seed)
-        runs = {}
-        for name, fn, arg in (("eager", _clear_plus_grat, grid), ("outside", outside, difattn.TokenGrid(height, 7, text_tokens=3)),
-                              ("inside", inside, height)):
-            inputs = [x.clone().requires_grad_() for x in (q, k, v)]
-            out = fn(*inputs, arg)
-            out.square().sum().backward()
-            runs[name] = (out, [x.grad for x in inputs])
-        for name in ("outside", "inside"):
-            torch.testing.assert_close(runs[name][0], runs["eager"][0])
-            for got, want in zip(runs[name][1], runs["eager"][1]):
+        passed_in = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        built_inside = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        outside = torch.compile(clear_plus_grat, fullgraph=True, backend=passed_in)
+
+        @torch.compile(fullgraph=True, backend=built_inside)
+        def inside(q, k, v, height):
+            return clear_plus_grat(q, k, v, difattn.TokenGrid(height, 7, text_tokens=3))
+
+        def run(fn, seed, height, arg):
+            q, k, v = (x.requires_grad_() for x in random_qkv(1, 2, 7 * height + 3, 16, seed=seed))
+            out = fn(q, k, v, arg)
+            return out.detach(), torch.autograd.grad(out.square().sum(), (q, k, v))
+
+        cases = list(enumerate([6, 6, 5, 4]))
+        compiled = [(run(outside, s, h, difattn.TokenGrid(h, 7, text_tokens=3)), run(inside, s, h, h))
+                    for s, h in cases]
+        for (s, h), runs in zip(cases, compiled):
+            want, want_grads = run(clear_plus_grat, s, h, difattn.TokenGrid(h, 7, text_tokens=3))
+            for got, got_grads in runs:
                 torch.testing.assert_close(got, want)
-    assert passed_in.frame_count <= 2 and built_inside.frame_count <= 3
+                for g, w in zip(got_grads, want_grads):
+                    torch.testing.assert_close(g, w)
+        assert passed_in.frame_count <= 2 and built_inside.frame_count <= 3, (passed_in.frame_count,
+                                                                              built_inside.frame_count)
+        """)
 
 @pytest.mark.parametrize("grid", [difattn.TokenGrid(64, 64), difattn.TokenGrid(30, 52, text_tokens=77, text_position="last")])
 def test_exactness_window_covering_everything_equals_dense(grid):

@@ -1,11 +1,14 @@
 """CLEAR's CPU disc kernels (backend="rust") against the torch reference, forward and every gradient."""
 
+import math
+
 import difattn
+import pytest
 import torch
 from difattn import reference
 from difattn.testing import compare_with_reference, random_qkv
 from difattn.testing.strategies import head_dims, token_grids
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 
@@ -54,4 +57,23 @@ def test_clear_global_kv_gradients():
         lambda q, k, v, kg, vg: difattn.clear_attention(q, k, v, grid, radius=2.5, global_kv=(kg, vg), backend="rust"),
         lambda q, k, v, kg, vg: reference.clear_attention(q, k, v, grid, radius=2.5, global_kv=(kg, vg), scale=72**-0.5),
         (q, k, v, kg, vg),
+    )
+
+
+# Integer radii keep the offsets strictly inside (r = 1: the query alone; r = 3: d² <= 8, so (2, 2) in and (3, 0)
+# out), √k radii keep d² = k (r² rounds above k), and r slightly above an integer k reaches (k, 0) only: the rows
+# where dy² is the whole budget. A threshold off by one anywhere (max_d2, a disc row's half width, `<` for `<=`)
+# fails one of these.
+DISC_BOUNDARY_RADII = [1.0, 2.0, 3.0, 8.0, math.sqrt(2), math.sqrt(5), math.sqrt(8), 2.1, 3.05]
+
+
+@pytest.mark.parametrize("radius", DISC_BOUNDARY_RADII)
+def test_clear_rust_at_integer_and_square_root_radii(radius):
+    grid = difattn.TokenGrid(19, 22, frames=2, text_tokens=5, text_position="last")
+    q, k, v = random_qkv(1, 2, grid.num_tokens, 16, seed=int(radius * 100))
+    compare_with_reference(
+        f"clear rust r={radius:g}",
+        lambda q, k, v: difattn.clear_attention(q, k, v, grid, radius=radius, temporal_radius=1.5, backend="rust"),
+        lambda q, k, v: reference.clear_attention(q, k, v, grid, radius=radius, temporal_radius=1.5, scale=0.25),
+        (q, k, v),
     )

@@ -8,7 +8,7 @@ import torch
 import difattn
 from difattn import reference
 from difattn.ops.linear import op as linear_ops
-from difattn.testing import compare_with_reference, random_qkv, rel_error
+from difattn.testing import compare_with_reference, random_qkv
 
 pytestmark = pytest.mark.gpu
 PER_TOKEN = linear_ops.PER_TOKEN
@@ -61,16 +61,18 @@ def test_dydila_cuda_normalized_small_lambda():
 
 
 def test_long_sequences_split_the_state_reduction():
-    """One head over 128x128 tokens: the state reduction is split over N and the partial states summed."""
+    """One head over 128x128 tokens: the state reduction is split over N and the partial states summed; forward and
+    every gradient against the reference."""
     q, k, v = random_qkv(1, 1, 128 * 128, 128, dtype=torch.bfloat16, device="cuda", seed=3)
-    q, k = q.relu(), k.relu()
-    out = difattn.linear_attention(q, k, v)
-    expected = reference.linear_attention(q.double(), k.double(), v.double())
-    assert rel_error(out, expected) < 1e-2
+    q, k = q.relu() + 0.05, k.relu() + 0.05
+    compare_with_reference(
+        "linear split",
+        lambda q, k, v: difattn.linear_attention(q, k, v),
+        lambda q, k, v: reference.linear_attention(q, k, v),
+        (q, k, v),
+    )
     tensors, params = _dydila_inputs(1, 1, 64 * 64 * 4, 64, torch.bfloat16, seed=4)
-    out = _dydila("auto", False)(*tensors, *params)
-    expected = _dydila("reference", False)(*(x.double() for x in tensors), *params)
-    assert rel_error(out, expected) < 1e-2
+    compare_with_reference("dydila split", _dydila("auto", False), _dydila("reference", False), (*tensors, *params))
 
 
 def test_compile_fullgraph_and_no_recompile():
@@ -103,18 +105,27 @@ def test_opcheck_cuda():
     torch.library.opcheck(linear_ops.dydila_fwd, (*args, False, 1e-6, "triton"))
 
 
-def test_nn_dydila_trains_on_cuda_in_bf16():
+def _train_dydila_in_bf16(backend, steps=20):
+    """Losses of AdamW steps fitting a fixed batch with difattn.nn.DyDiLA (head dim 96) under bf16 autocast."""
     torch.manual_seed(0)
-    model = difattn.nn.DyDiLA(192, 2).cuda()
+    model = difattn.nn.DyDiLA(192, 2, backend=backend).cuda()
     x = torch.randn(2, 256, 192, device="cuda")
     target = torch.randn_like(x)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(20):
+    for _ in range(steps):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = (model(x) - target).float().pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0]
+    return torch.tensor(losses)
+
+
+def test_nn_dydila_trains_on_cuda_in_bf16_as_on_the_reference():
+    """The loss falls, and step by step follows the same model trained with the torch reference as its core (same
+    routing inputs, so only the kernels differ: bf16 rounding, and a rare routing flip once the weights drift)."""
+    fast, ref = _train_dydila_in_bf16("auto"), _train_dydila_in_bf16("torch")
+    assert fast[-1] < fast[0], fast[::5]
+    torch.testing.assert_close(fast, ref, rtol=2e-2, atol=0)

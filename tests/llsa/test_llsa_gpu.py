@@ -8,7 +8,7 @@ import difattn
 from difattn import reference
 from difattn.ops.llsa import op as llsa_op
 from difattn.ops.llsa import plan as llsa_plan
-from difattn.testing import assert_finite, compare_with_reference, random_qkv
+from difattn.testing import compare_with_reference, random_qkv
 
 pytestmark = pytest.mark.gpu
 
@@ -40,13 +40,14 @@ def test_cuda_every_level_on_a_long_sequence(levels, topk):
     _check_against_reference("llsa cuda long", q, k, v, grid, levels=levels, topk=topk)
 
 
-def test_cuda_65536_tokens_runs_forward_and_backward():
+def test_cuda_65536_tokens_at_the_default_levels_follow_the_reference():
+    """65,536 tokens, block 16, top-8: the default levels are 2 (the spec's value); forward and every gradient
+    against the reference given the same selection."""
     grid = difattn.TokenGrid(256, 256)
-    q, k, v = random_qkv(1, 2, grid.num_tokens, 64, dtype=torch.bfloat16, device="cuda", seed=1, requires_grad=True)
-    out = difattn.llsa_attention(q, k, v, grid=grid)
-    out.float().square().mean().backward()
-    for name, x in (("out", out), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
-        assert_finite(name, x)
+    q, k, v = random_qkv(1, 2, grid.num_tokens, 64, dtype=torch.bfloat16, device="cuda", seed=1)
+    _, indices = difattn.llsa_attention(q, k, v, grid=grid, return_indices=True)
+    assert len(indices) == 2
+    _check_against_reference("llsa cuda 65536", q, k, v, grid)
 
 
 def test_cuda_selection_equals_reference_with_exact_ties():

@@ -11,7 +11,7 @@ from difattn.ops.pisa.method import pisa_on_kernels
 from difattn.ops.pisa.op import pisa_fwd
 from difattn.ops.pisa.layout import pisa_layout
 from difattn.ops.pisa.stats import block_stats, pisa_stats, route
-from difattn.testing import compare_with_reference, random_qkv, rel_error
+from difattn.testing import assert_close, compare_with_reference, random_qkv
 
 pytestmark = pytest.mark.gpu
 
@@ -37,27 +37,32 @@ def test_pisa_cuda_matches_reference(dtype, d, order):
     )
 
 
-def test_32k_tokens_density_one_equals_sdpa():
+def test_32k_tokens_density_one_equals_dense():
+    """Queries scaled x3 make each one's attention peaked on a few hundred keys, so a block the kernel skipped or
+    approximated (e.g. every 10th) moves outputs far beyond bf16 rounding; random inputs alone average over all
+    32K keys to outputs of std ~0.006, which such a bug passes."""
     grid = difattn.TokenGrid(128, 256)  # 32768 tokens
-    q, k, v = random_qkv(1, 4, grid.num_tokens, 128, dtype=torch.bfloat16, device="cuda", seed=0)
-    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    q, k, v = random_qkv(1, 2, grid.num_tokens, 128, dtype=torch.bfloat16, device="cuda", seed=0)
+    q = (3.0 * q.float()).to(torch.bfloat16)
+    low = reference.dense_attention(q, k, v)
+    high = reference.dense_attention(*(x.double() for x in (q, k, v)))
     for order in ("zeroth", "hybrid"):
         out = difattn.pisa_attention(q, k, v, density=1.0, grid=grid, order=order)
-        assert (out.float() - dense.float()).abs().max() < 2e-2
+        assert_close(f"pisa density 1 {order}, 32,768 tokens", out, low, high)
 
 
 def test_32k_tokens_forward_and_backward_follow_the_reference():
+    """One head (the float64 reference's autograd graph at 33K tokens takes ~20 GB)."""
     grid = difattn.TokenGrid(128, 256, text_tokens=512)
-    q, k, v = random_qkv(1, 2, grid.num_tokens, 64, dtype=torch.bfloat16, device="cuda", seed=1, requires_grad=True)
-    out, blocks = difattn.pisa_attention(q, k, v, grid=grid, return_blocks=True)
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    high = [x.detach().float().requires_grad_() for x in (q, k, v)]
-    expected = reference.pisa_attention(*high, grid=grid, blocks=blocks)
-    expected_grads = torch.autograd.grad(expected, high, dout.float())
-    assert rel_error(out, expected) < 1e-2
-    for name, g, e in zip("qkv", grads, expected_grads):
-        assert rel_error(g, e) < 3e-2, name
+    q, k, v = random_qkv(1, 1, grid.num_tokens, 64, dtype=torch.bfloat16, device="cuda", seed=1)
+    kw = dict(density=0.125, block_size=64, order="hybrid", routing_bias=False, sink=None, grid=grid, scale=0.125)
+    _, blocks = difattn.pisa_attention(q, k, v, return_blocks=True, **kw)
+    compare_with_reference(
+        "pisa 33,280 tokens",
+        lambda q, k, v: triton_pisa(q, k, v, blocks=blocks, return_blocks=False, **kw),
+        lambda q, k, v: reference.pisa_attention(q, k, v, blocks=blocks, **kw),
+        (q, k, v),
+    )
 
 
 def test_compile_fullgraph_and_no_recompile():
