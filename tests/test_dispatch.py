@@ -4,6 +4,7 @@ with the reason; auto runs the first preferred backend that can and otherwise th
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +118,28 @@ def test_import_does_not_load_triton():
     code = "import sys, difattn, difattn.cli; assert 'triton' not in sys.modules, 'triton imported eagerly'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_without_the_compiled_core_rust_raises_and_auto_runs_the_reference():
+    """An unbuilt source checkout (difattn._core missing): backend="rust" raises RuntimeError naming the core,
+    auto runs the reference for every method (and logs why), with the reference's values."""
+    code = (
+        "import sys; sys.modules['difattn._core'] = None\n"
+        "import logging, torch, difattn\n"
+        "from difattn import backends\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_dispatch import _call\n"
+        "for method in backends.METHODS:\n"
+        "    try:\n"
+        "        _call(method, torch.float32, 'rust')\n"
+        "    except RuntimeError as err:\n"
+        "        assert 'compiled core' in str(err), err\n"
+        "    else:\n"
+        "        raise SystemExit(method + ': no error')\n"
+        "    torch.testing.assert_close(_call(method, torch.float32, 'auto'), _call(method, torch.float32, 'torch'),\n"
+        "                               rtol=0, atol=0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "runs on the torch reference" in done.stderr and "compiled core" in done.stderr
