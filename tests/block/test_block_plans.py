@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import difattn
@@ -26,7 +26,7 @@ from difattn.ops.block.plan import (
     kernel_blocks,
 )
 from difattn.testing import assert_close, compare_with_reference, random_qkv, torch_threads
-from difattn.testing.strategies import token_grids
+from difattn.testing.strategies import disc_radii, token_grids
 
 from compile_first import run_fresh
 
@@ -58,8 +58,12 @@ def plan_pairs(plan, mask_fn):
             full_ok &= bool(kinds[e]) or bool(allowed.all())
     return covered, full_ok
 
-@given(grid=token_grids(max_side=14, max_tokens=300), radius=st.floats(0.5, 9.0), rt=st.sampled_from([None, 1.0, 2.5]),
-       blocks=st.sampled_from([SMALL_BLOCKS, CPU_BLOCKS, GPU_BLOCKS]))
+@given(grid=token_grids(max_side=14, max_text=300, max_tokens=400), radius=disc_radii(9.0),
+       rt=st.sampled_from([None, 1.0, 2.0, 2.5]), blocks=st.sampled_from([SMALL_BLOCKS, CPU_BLOCKS, GPU_BLOCKS]))
+# 300 text tokens: three 128-token GPU blocks, the last one ragged; r = 8 on the GPU tiles; rt = 2 across frames.
+@example(grid=difattn.TokenGrid(9, 11, text_tokens=300), radius=8.0, rt=None, blocks=GPU_BLOCKS)
+@example(grid=difattn.TokenGrid(5, 7, frames=3, text_tokens=3, text_position="last"), radius=3.0, rt=2.0,
+         blocks=CPU_BLOCKS)
 def test_clear_plan_equals_spec_mask(grid, radius, rt, blocks):
     rt_value = float(grid.frames) if rt is None else rt
     mask = reference.clear_mask(grid, radius, temporal_radius=rt)
@@ -68,7 +72,7 @@ def test_clear_plan_equals_spec_mask(grid, radius, rt, blocks):
     assert full_ok
     assert torch.equal(covered, mask.long())  # every allowed pair exactly once, nothing else
 
-@given(grid=token_grids(max_side=14, max_tokens=300), pattern=st.sampled_from(["neighbors", "criss_cross"]),
+@given(grid=token_grids(max_side=14, max_text=300, max_tokens=400), pattern=st.sampled_from(["neighbors", "criss_cross"]),
        group=st.tuples(st.integers(1, 2), st.integers(1, 5), st.integers(1, 5)), reach=st.integers(0, 2),
        blocks=st.sampled_from([SMALL_BLOCKS, CPU_BLOCKS]))
 def test_grat_plan_equals_spec_mask_and_is_all_full(grid, pattern, group, reach, blocks):

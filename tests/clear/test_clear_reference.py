@@ -12,7 +12,7 @@ from brute_force import assert_float64_equal, brute_attention, brute_clear_mask
 from difattn.grid import TokenGrid
 from difattn.reference.clear import clear_attention, clear_mask
 from difattn.testing import random_qkv
-from difattn.testing.strategies import head_dims, token_grids
+from difattn.testing.strategies import disc_radii, head_dims, token_grids
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,11 +20,7 @@ MASK_SETTINGS = settings(max_examples=250, deadline=None)
 ATTENTION_SETTINGS = settings(max_examples=25, deadline=None)
 
 small_grids = token_grids(max_side=9, max_frames=3, max_text=8, max_tokens=120)
-radii = st.one_of(
-    st.integers(1, 6).map(float),  # integer radii: the strict test drops the offsets at distance exactly r
-    st.sampled_from([math.sqrt(2), math.sqrt(5), 2.5]),
-    st.floats(0.3, 7.0),
-)
+radii = disc_radii(7.0)
 temporal_radii = st.one_of(st.none(), st.integers(1, 3).map(float), st.floats(0.3, 3.5))
 
 

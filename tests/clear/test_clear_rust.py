@@ -7,13 +7,19 @@ import pytest
 import torch
 from difattn import reference
 from difattn.testing import compare_with_reference, random_qkv
-from difattn.testing.strategies import head_dims, token_grids
+from difattn.testing.strategies import disc_radii, head_dims, token_grids
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 
-@given(grid=token_grids(max_side=20, max_tokens=400), radius=st.floats(0.8, 7.0), d=head_dims(),
+@given(grid=token_grids(max_side=20, max_text=300, max_tokens=500), radius=disc_radii(7.0), d=head_dims(),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), seed=st.integers(0, 99))
+# FLUX's 512 text tokens (32 text tiles of the kernels) at the spec's r = 8, text first and last; an edge query's
+# quarter disc on a grid narrower than the disc.
+@example(grid=difattn.TokenGrid(12, 16, text_tokens=512), radius=8.0, d=128, dtype=torch.bfloat16, seed=0)
+@example(grid=difattn.TokenGrid(9, 13, text_tokens=512, text_position="last"), radius=8.0, d=64,
+         dtype=torch.float32, seed=1)
+@example(grid=difattn.TokenGrid(3, 30, text_tokens=7), radius=5.0, d=72, dtype=torch.float16, seed=2)
 def test_clear_rust_matches_reference(grid, radius, d, dtype, seed):
     q, k, v = random_qkv(1, 2, grid.num_tokens, d, dtype=dtype, seed=seed, token_major=seed % 2 == 0)
     scale = d**-0.5
@@ -25,8 +31,13 @@ def test_clear_rust_matches_reference(grid, radius, d, dtype, seed):
     )
 
 
-@given(grid=token_grids(max_side=12, max_tokens=300), radius=st.floats(0.8, 5.0), rt=st.floats(0.5, 3.0),
-       globals_=st.integers(0, 3), d=head_dims(), seed=st.integers(0, 99))
+@given(grid=token_grids(max_side=12, max_text=100, max_tokens=300), radius=disc_radii(5.0),
+       rt=st.integers(1, 3).map(float) | st.floats(0.5, 3.0), globals_=st.integers(0, 3), d=head_dims(),
+       seed=st.integers(0, 99))
+# rt = 1: each frame on its own (|dt| < 1); rt = 2: neighbouring frames; global tokens with long text.
+@example(grid=difattn.TokenGrid(5, 6, frames=3, text_tokens=4), radius=3.0, rt=1.0, globals_=2, d=64, seed=0)
+@example(grid=difattn.TokenGrid(4, 7, frames=3, text_tokens=150, text_position="last"), radius=2.0, rt=2.0,
+         globals_=3, d=72, seed=1)
 def test_clear_rust_videos_and_global_tokens_match_reference(grid, radius, rt, globals_, d, seed):
     """Frames within ``temporal_radius`` and global tokens (every image query sees them, text queries do not)."""
     q, k, v = random_qkv(1, 2, grid.num_tokens, d, seed=seed)

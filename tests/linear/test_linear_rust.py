@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import difattn
@@ -15,7 +15,7 @@ from difattn._native import core
 from difattn.ops._base.descriptors import tensor_desc as _desc
 from difattn.ops.linear import op as linear_ops
 from difattn.testing import assert_close, compare_with_reference, random_qkv
-from difattn.testing.strategies import head_dims
+from difattn.testing.strategies import linear_head_dims
 
 PER_TOKEN = linear_ops.PER_TOKEN
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
@@ -57,10 +57,13 @@ def linear_fn(backend, normalize):
 
 
 @given(
-    B=st.integers(1, 2), H=st.integers(1, 3), N=st.integers(1, 300), D=head_dims(),
+    B=st.integers(1, 2), H=st.integers(1, 3), N=st.integers(1, 300), D=linear_head_dims(),
     Dv=st.sampled_from([None, 40]), dtype=DTYPES, normalize=st.booleans(), token_major=st.booleans(),
     seed=st.integers(0, 99),
 )
+# LiT's head dims: 288 (XL, 4 heads) and 192 (S, 2 heads), the state wider than any SIMD tile.
+@example(B=1, H=2, N=257, D=288, Dv=None, dtype=torch.bfloat16, normalize=True, token_major=True, seed=0)
+@example(B=2, H=1, N=100, D=192, Dv=40, dtype=torch.float32, normalize=False, token_major=False, seed=1)
 def test_linear_rust_matches_reference(B, H, N, D, Dv, dtype, normalize, token_major, seed):
     q, k, v = random_qkv(B, H, N, D, Dv=Dv, dtype=dtype, seed=seed, token_major=token_major)
     q, k = relu_features(q, k)
@@ -68,10 +71,14 @@ def test_linear_rust_matches_reference(B, H, N, D, Dv, dtype, normalize, token_m
 
 
 @given(
-    B=st.integers(1, 2), H=st.integers(1, 2), N=st.integers(1, 150), D=head_dims(),
+    B=st.integers(1, 2), H=st.integers(1, 2), N=st.integers(1, 150), D=linear_head_dims(),
     Dv=st.sampled_from([None, 24]), dtype=DTYPES, normalize=st.booleans(), token_major=st.booleans(),
     params_in_input_dtype=st.booleans(), seed=st.integers(0, 99),
 )
+@example(B=1, H=2, N=150, D=288, Dv=None, dtype=torch.float32, normalize=False, token_major=True,
+         params_in_input_dtype=False, seed=0)
+@example(B=1, H=1, N=97, D=192, Dv=24, dtype=torch.bfloat16, normalize=True, token_major=False,
+         params_in_input_dtype=True, seed=1)
 def test_dydila_rust_matches_reference_in_every_input(B, H, N, D, Dv, dtype, normalize, token_major,
                                                       params_in_input_dtype, seed):
     # With normalisation the differential must keep Q̂ · mean(K̂) away from zero: small λ.

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 import difattn
@@ -29,7 +29,7 @@ def close64(actual, expected):
 @st.composite
 def configs(draw, max_tokens: int = 150):
     """``(grid or None, N, block_size, levels, topks)`` accepted by llsa_config, ragged N included."""
-    grid = draw(st.none() | token_grids(max_side=12, max_frames=2, max_text=10, max_tokens=max_tokens))
+    grid = draw(st.none() | token_grids(max_side=12, max_frames=2, max_text=100, max_tokens=max_tokens))
     num_tokens = grid.num_tokens if grid is not None else draw(st.integers(2, max_tokens))
     block_size = draw(st.integers(2, 5))
     levels = draw(st.integers(1, 3))
@@ -43,6 +43,8 @@ def configs(draw, max_tokens: int = 150):
 
 @settings(max_examples=20, deadline=None)
 @given(config=configs(), seed=st.integers(0, 2**16))
+@example(config=(None, 300, 16, 1, (8,)), seed=0)  # the paper's block 16 and top-8 (the last block ragged)
+@example(config=(TokenGrid(9, 14, text_tokens=40), 166, 4, 2, (3, 2)), seed=1)  # text blocks at the end
 def test_matches_brute_force(config, seed):
     grid, num_tokens, block_size, levels, topks = config
     q, k, v = random_qkv(1, 2, num_tokens, 6, Dv=5, dtype=torch.float64, seed=seed)
@@ -53,6 +55,7 @@ def test_matches_brute_force(config, seed):
 
 @settings(max_examples=25, deadline=None)
 @given(config=configs(max_tokens=300), seed=st.integers(0, 2**16))
+@example(config=(None, 300, 16, 1, (8,)), seed=2)
 def test_selection_matches_brute_force(config, seed):
     grid, num_tokens, block_size, levels, topks = config
     q, k, v = random_qkv(2, 2, num_tokens, 6, dtype=torch.float64, seed=seed)

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 import difattn
@@ -64,6 +64,9 @@ def reference_attend(indices, block_size, topks, scale, pooling="children"):
 @given(config=configs(), batch=st.integers(1, 2), heads=st.integers(1, 2), d=st.sampled_from([8, 16, 72]),
        dv=st.sampled_from([None, 24]), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        seed=st.integers(0, 999))
+# The paper's block 16 and top-8: one level at 300 tokens (19 blocks, the last ragged), two at 2,100 tokens.
+@example(config=(300, 16, (8,)), batch=1, heads=2, d=72, dv=None, dtype=torch.bfloat16, seed=0)
+@example(config=(2100, 16, (8, 8)), batch=1, heads=1, d=16, dv=24, dtype=torch.float32, seed=1)
 def test_rust_matches_reference_given_indices(config, batch, heads, d, dv, dtype, seed):
     num_tokens, block_size, topks = config
     q, k, v = random_qkv(batch, heads, num_tokens, d, Dv=dv, dtype=dtype, seed=seed, token_major=seed % 2 == 0)
@@ -124,8 +127,11 @@ def near_tie(q, k, block_size, topks, tol=1e-4) -> bool:
 
 
 @settings(max_examples=15)
-@given(config=configs(max_tokens=200), grid=st.none() | token_grids(max_side=12, max_frames=2, max_tokens=200),
+@given(config=configs(max_tokens=200),
+       grid=st.none() | token_grids(max_side=12, max_frames=2, max_text=100, max_tokens=200),
        seed=st.integers(0, 9999))
+@example(config=(2100, 16, (8, 8)), grid=None, seed=2)
+@example(config=(397, 16, (8,)), grid=difattn.TokenGrid(16, 20, text_tokens=77, text_position="last"), seed=3)
 def test_selection_equals_reference(config, grid, seed):
     num_tokens, block_size, topks = config
     if grid is not None:

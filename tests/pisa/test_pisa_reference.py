@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from difattn.grid import TokenGrid
@@ -42,7 +42,7 @@ def close64(actual, expected):
 def layouts(draw, max_tokens: int = 160):
     """``(grid or None, N, block_size)`` with odd grids, text on either side, N not a multiple of the block."""
     block_size = draw(st.sampled_from([4, 8, 16]))
-    grid = draw(st.none() | token_grids(max_side=13, max_frames=2, max_text=12, max_tokens=max_tokens))
+    grid = draw(st.none() | token_grids(max_side=13, max_frames=2, max_text=100, max_tokens=max_tokens))
     num_tokens = grid.num_tokens if grid is not None else draw(st.integers(1, max_tokens))
     return grid, num_tokens, block_size
 
@@ -60,6 +60,12 @@ def test_layout_matches_spec(grid, block_size):
 @settings(max_examples=20, deadline=None)
 @given(shape=layouts(), order=st.sampled_from(ORDERS), density=st.sampled_from([0.1, 0.3, 0.5]),
        sink=st.sampled_from([None, "first", "last"]), seed=st.integers(0, 2**16))
+# Block 128 (8x16 image tiles, border tiles smaller, one text block); density x M = 0.5 rounding down to k = 1 with
+# the last block as sink (it takes the only place); several text blocks, text last, the last one partial.
+@example(shape=(TokenGrid(10, 20, text_tokens=40), 240, 128), order="hybrid", density=0.5, sink=None, seed=0)
+@example(shape=(None, 150, 16), order="first", density=0.05, sink="last", seed=1)
+@example(shape=(TokenGrid(5, 6, text_tokens=100, text_position="last"), 130, 16), order="zeroth", density=0.3,
+         sink="first", seed=2)
 def test_matches_brute_force(shape, order, density, sink, seed):
     grid, num_tokens, block_size = shape
     q, k, v = random_qkv(1, 2, num_tokens, 8, Dv=6, dtype=torch.float64, seed=seed)
@@ -73,6 +79,8 @@ def test_matches_brute_force(shape, order, density, sink, seed):
 @given(shape=layouts(), density=st.sampled_from([0.05, 0.2, 0.5, 1.0]),
        routing_bias=st.sampled_from([False, True, "centered", "uncentered", "key_variance"]),
        sink=st.sampled_from([None, "first", "last"]), seed=st.integers(0, 2**16))
+@example(shape=(TokenGrid(7, 9, frames=2, text_tokens=20), 146, 8), density=1.0, routing_bias=True, sink="last",
+         seed=3)
 def test_selection_matches_brute_force_routing(shape, density, routing_bias, sink, seed):
     grid, num_tokens, block_size = shape
     q, k, v = random_qkv(2, 2, num_tokens, 8, Dv=6, dtype=torch.float64, seed=seed)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import difattn
@@ -56,8 +56,8 @@ def compare_given_blocks(name, q, k, v, *, backend="rust", **options):
 @st.composite
 def pisa_shapes(draw, max_tokens: int = 260):
     """``(grid or None, N, block_size)``: odd grids with text before or after, N not a multiple of the block."""
-    block_size = draw(st.sampled_from([4, 8, 16, 64]))
-    grid = draw(st.none() | token_grids(max_side=17, max_frames=2, max_text=13, max_tokens=max_tokens))
+    block_size = draw(st.sampled_from([4, 8, 16, 64, 128]))
+    grid = draw(st.none() | token_grids(max_side=17, max_frames=2, max_text=200, max_tokens=max_tokens))
     num_tokens = grid.num_tokens if grid is not None else draw(st.integers(1, max_tokens))
     return grid, num_tokens, block_size
 
@@ -78,6 +78,14 @@ def test_layout_is_the_reference_layout(grid, block_size):
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        density=st.sampled_from([0.05, 0.2, 0.5]), sink=st.sampled_from([None, "first", "last"]),
        seed=st.integers(0, 99))
+# The defaults (block 64, density 0.125) and block 128 (8x16 tiles) with FLUX's 512 text tokens first (four and eight
+# text blocks); text last with the last block as sink (HunyuanVideo's setting).
+@example(shape=(difattn.TokenGrid(16, 24, text_tokens=512), 896, 128), d=128, order="hybrid", dtype=torch.bfloat16,
+         density=0.2, sink=None, seed=0)
+@example(shape=(difattn.TokenGrid(16, 24, text_tokens=512), 896, 64), d=64, order="zeroth", dtype=torch.float32,
+         density=0.125, sink="first", seed=1)
+@example(shape=(difattn.TokenGrid(6, 20, frames=2, text_tokens=70, text_position="last"), 310, 64), d=72,
+         order="hybrid", dtype=torch.float16, density=0.125, sink="last", seed=2)
 def test_rust_matches_reference_given_blocks(shape, d, order, dtype, density, sink, seed):
     grid, num_tokens, block_size = shape
     q, k, v = random_qkv(1, 2, num_tokens, d, Dv=d if seed % 3 else 40, dtype=dtype, seed=seed,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 from hypothesis import strategies as st
 
 from ..grid import TokenGrid
 
 HEAD_DIMS = (64, 72, 96, 128)
+LIT_HEAD_DIMS = (192, 288)
 
 
 @st.composite
@@ -18,26 +21,49 @@ def token_grids(
     max_text: int = 20,
     max_tokens: int = 640,
 ) -> TokenGrid:
-    """Grids with odd and non-square sides, optional frames and text on either side, at most ``max_tokens``."""
+    """Grids with odd and non-square sides, optional frames and text on either side, at most ``max_tokens``.
+
+    Half the draws keep the text short (at most 20 tokens); the others take up to ``max_text`` (FLUX has 512 text
+    tokens, several blocks of every kernel), shrinking the image rather than the text to fit ``max_tokens``.
+    """
     frames = draw(st.integers(1, max_frames))
     height = draw(st.integers(1, max_side))
     width = draw(st.integers(1, max_side))
-    text = draw(st.integers(0, max_text))
+    long_text = min(max_text, max_tokens - 1)
+    text = draw(st.integers(0, min(long_text, 20)) | st.integers(0, long_text))
     position = draw(st.sampled_from(("first", "last")))
-    grid = TokenGrid(height, width, frames=frames, text_tokens=text, text_position=position)
-    if grid.num_tokens > max_tokens:
+    if text + frames * height * width > max_tokens:
         # Shrink the frames first, then the sides, keeping the draw valid rather than filtering it away.
-        frames = max(1, min(frames, max_tokens // max(1, height * width + text)))
-        scale = (max(1, max_tokens - text) / (frames * height * width)) ** 0.5
-        height = max(1, min(height, int(height * scale)))
-        width = max(1, min(width, int(width * scale)))
-        grid = TokenGrid(height, width, frames=frames, text_tokens=min(text, max_tokens // 4), text_position=position)
-    return grid
+        room = max_tokens - text
+        frames = max(1, min(frames, room // (height * width)))
+        scale = (room / (frames * height * width)) ** 0.5
+        height = max(1, min(height, int(height * scale), room))
+        width = max(1, min(width, room // (frames * height)))
+    return TokenGrid(height, width, frames=frames, text_tokens=text, text_position=position)
 
 
 def head_dims() -> st.SearchStrategy[int]:
     """The head dims DiTs use: 64, 72, 96, 128."""
     return st.sampled_from(HEAD_DIMS)
+
+
+def linear_head_dims() -> st.SearchStrategy[int]:
+    """The DiT head dims plus LiT's few-head widths: 1152 / 4 = 288 and 384 / 2 = 192 (linear attention, DyDiLA)."""
+    return st.sampled_from(HEAD_DIMS + LIT_HEAD_DIMS)
+
+
+def disc_radii(max_radius: float = 8.0) -> st.SearchStrategy[float]:
+    """CLEAR radii up to ``max_radius``, drawing the boundaries on purpose: integers (the strict ``dy² + dx² < r²``
+    drops the offsets at distance exactly r), square roots of sums of two squares (r² rounds just above an offset's
+    d², which stays in), an integer plus 0.05 (the disc's widest row is a single cell) and any float."""
+    whole = int(max_radius)
+    sums = sorted({a * a + b * b for a in range(whole + 1) for b in range(whole + 1)} - {0})
+    return st.one_of(
+        st.integers(1, whole).map(float),
+        st.sampled_from([math.sqrt(k) for k in sums if k <= max_radius**2]),
+        st.integers(1, max(1, int(max_radius - 0.05))).map(lambda r: r + 0.05),
+        st.floats(0.3, max_radius),
+    )
 
 
 def float_dtypes(*, low_precision: bool = True):
