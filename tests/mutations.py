@@ -86,6 +86,72 @@ MUTATIONS = [
         "    return core_status()", '    return True, ""',
         ("tests/test_dispatch.py",),
     ),
+    Mutation(
+        "sd3-text-first", "python/difattn/diffusers/_families.py",
+        '_image_2d("last")),', '_image_2d("first")),',
+        ("tests/test_diffusers_processors.py", "tests/test_diffusers_apply.py"),
+    ),
+    Mutation(
+        "wan-height-width-swap", "python/difattn/diffusers/_families.py",
+        "return Geometry(frames // pt, height // ph, width // pw)",
+        "return Geometry(frames // pt, width // pw, height // ph)",
+        ("tests/test_diffusers_processors.py", "tests/test_diffusers_apply.py"),
+    ),
+    Mutation(
+        "clear-global-seen-by-text", "python/difattn/reference/clear.py",
+        "image_rows = ~grid.is_text(q.device)", "image_rows = torch.ones_like(grid.is_text(q.device))",
+        ("tests/clear/test_clear_reference.py",),
+    ),
+    Mutation(
+        "grat-criss-cross-video-as-image", "python/difattn/reference/grat.py",
+        "image_pairs = (da == 0) | (dp == 0) | (dq == 0)", "image_pairs = (dp == 0) | (dq == 0)",
+        ("tests/grat/test_grat_reference.py",),
+    ),
+    Mutation(
+        "pisa-selected-count-ceil", "python/difattn/_options.py",
+        "return max(1, math.floor(density * num_blocks))", "return max(1, math.ceil(density * num_blocks))",
+        ("tests/pisa/test_pisa_reference.py",),
+    ),
+    Mutation(
+        "pisa-tile-transposed", "python/difattn/_options.py",
+        "return th, block_size // th", "return block_size // th, th",
+        ("tests/pisa/test_pisa_reference.py",),
+    ),
+    Mutation(
+        "triton-pisa-centroid-sum-not-rescaled", "python/difattn/triton_kernels/pisa.py",
+        "b_z = b_z * alpha + tl.sum(b_p * weight[None, :], 1)", "b_z = b_z + tl.sum(b_p * weight[None, :], 1)",
+        ("tests/pisa/test_pisa_interpreter.py",),
+    ),
+    Mutation(
+        "rust-pisa-centroid-sum-not-rescaled", "rust/cpu/pisa.rs",
+        "self.z[r] = self.z[r] * alpha + added;", "self.z[r] = self.z[r] + added;",
+        ("tests/pisa/test_pisa_rust.py",),
+    ),
+    Mutation(
+        "llsa-pooled-weight-dropped", "python/difattn/reference/llsa.py",
+        "bias = torch.log(counts.to(work))[None, :]", "bias = torch.zeros_like(counts, dtype=work)[None, :]",
+        ("tests/llsa/test_llsa_reference.py",),
+    ),
+    Mutation(
+        "straight-through-soft-forward", "python/difattn/_linear_layers.py",
+        "return hard + (soft - soft.detach())", "return soft",
+        ("tests/test_nn_dydila.py",),
+    ),
+    Mutation(
+        "kernel-bank-unclamped", "python/difattn/_linear_layers.py",
+        "return self.bank.detach().clamp_min(self.minimum) + (self.bank - self.bank.detach())", "return self.bank",
+        ("tests/test_nn_dydila.py",),
+    ),
+    Mutation(
+        "pisa-llsa-grid-dropped", "python/difattn/_methods.py",
+        'kwargs["grid"] = grid', 'kwargs["grid"] = None',
+        ("tests/test_nn_attention.py",),
+    ),
+    Mutation(
+        "default-scale", "python/difattn/_checks.py",
+        "return head_dim**-0.5", "return head_dim**-0.25",
+        ("tests/test_nn_attention.py",),
+    ),
 ]
 
 

@@ -89,14 +89,25 @@ def test_exact_settings_equal_dense(method, grid):
 
 
 @pytest.mark.parametrize("method", sorted(SPARSE))
-def test_sparse_settings_run_and_differ(method):
+def test_sparse_settings_equal_the_reference_and_differ_from_dense(method):
+    """The module's sparse output is the method's reference on its own q, k, v (the grid reaching PISA's tiles and
+    LLSA's Z-order too), in float32 and float64, and differs from dense."""
     dense = _module()
     module = _module(method, **SPARSE[method])
     module.load_state_dict(dense.state_dict())
-    grid = TokenGrid(6, 10)
+    grid = TokenGrid(6, 10, text_tokens=4, text_position="last")
     x = _x(2, grid.num_tokens)
-    out = module(x, grid=grid)
-    assert out.shape == x.shape and torch.isfinite(out).all()
+    expected = []
+    for dtype in (torch.float32, torch.float64):
+        twin = copy.deepcopy(module).to(dtype)
+        B, N, C = x.shape
+        q, k, v = twin.qkv(x.to(dtype)).view(B, N, 3, HEADS, C // HEADS).permute(2, 0, 3, 1, 4)
+        function = getattr(reference, f"{method}_attention")
+        out = (function(q, k, v, grid, **SPARSE[method]) if method in ("clear", "grat")
+               else function(q, k, v, grid=grid, **SPARSE[method]))
+        expected.append(twin.proj(out.transpose(1, 2).reshape(B, N, C)).detach())
+    out = module(x, grid=grid).detach()
+    assert_close(f"{method} module", out, *expected)
     assert (out - dense(x, grid=grid)).abs().max() > 1e-3
 
 
@@ -201,7 +212,7 @@ def test_clear_global_tokens_on_sides_the_window_does_not_divide(d, grid):
         global_kv = (_windows_written_out(k, grid, weight), _windows_written_out(v, grid, weight))
         out = reference.clear_attention(q, k, v, grid, radius=1.5, global_kv=global_kv)
         expected.append(twin.proj(out.transpose(1, 2).reshape(B, N, C)).detach())
-    assert_close("clear global tokens, ragged windows", module(x, grid).detach(), *expected)
+    assert_close("clear global tokens, ragged windows", module(x, grid=grid).detach(), *expected)
 
 
 def test_linear_is_relu_linear_attention():
