@@ -61,9 +61,10 @@ def _inputs(N, D, Dv, dtype, seed, lambda_max=0.5, B=1, H=2):
 
 
 @in_process
-@pytest.mark.parametrize("dtype, normalize", [(torch.float32, True), (torch.float16, False)])
-def test_linear_triton_matches_reference(dtype, normalize):
-    (q, k, v, _, _), _ = _inputs(37, 24, 40, dtype, seed=1)
+@pytest.mark.parametrize("dtype, normalize, d", [(torch.float32, True, 24), (torch.float16, False, 24),
+                                               (torch.float32, True, 192)])  # 192: LiT-S's head dim
+def test_linear_triton_matches_reference(dtype, normalize, d):
+    (q, k, v, _, _), _ = _inputs(37, d, 40, dtype, seed=1)
     q, k = q.relu() + 0.05, k.relu() + 0.05
     compare_with_reference(
         "linear triton",
@@ -74,9 +75,10 @@ def test_linear_triton_matches_reference(dtype, normalize):
 
 
 @in_process
-@pytest.mark.parametrize("dtype, normalize", [(torch.float32, False), (torch.float16, True)])
-def test_dydila_triton_matches_reference_in_every_input(dtype, normalize):
-    tensors, params = _inputs(29, 24, 16, dtype, seed=2, lambda_max=0.2 if normalize else 0.5)
+@pytest.mark.parametrize("dtype, normalize, d", [(torch.float32, False, 24), (torch.float16, True, 24),
+                                               (torch.float32, False, 288)])  # 288: LiT-XL's head dim
+def test_dydila_triton_matches_reference_in_every_input(dtype, normalize, d):
+    tensors, params = _inputs(29, d, 16, dtype, seed=2, lambda_max=0.2 if normalize else 0.5)
 
     def run(backend):
         def fn(q, k, v, q_aux, k_aux, *p):
