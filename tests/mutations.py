@@ -58,7 +58,7 @@ MUTATIONS = [
     ),
     Mutation(
         "triton-disc-strict", "python/difattn/triton_kernels/block_attention.py",
-        "dy * dy + dx * dx <= max_d2", "dy * dy + dx * dx < max_d2",
+        "b_dy * b_dy + b_dx * b_dx <= max_d2", "b_dy * b_dy + b_dx * b_dx < max_d2",
         ("tests/block/test_block_interpreter.py",),
     ),
     Mutation(
@@ -93,8 +93,8 @@ MUTATIONS = [
     ),
     Mutation(
         "wan-height-width-swap", "python/difattn/diffusers/_families.py",
-        "return Geometry(frames // pt, height // ph, width // pw)",
-        "return Geometry(frames // pt, width // pw, height // ph)",
+        "Geometry(frames // pt, height // ph, width // pw, text(a)",
+        "Geometry(frames // pt, width // pw, height // ph, text(a)",
         ("tests/test_diffusers_processors.py", "tests/test_diffusers_apply.py"),
     ),
     Mutation(
@@ -119,12 +119,12 @@ MUTATIONS = [
     ),
     Mutation(
         "triton-pisa-centroid-sum-not-rescaled", "python/difattn/triton_kernels/pisa.py",
-        "b_z = b_z * alpha + tl.sum(b_p * weight[None, :], 1)", "b_z = b_z + tl.sum(b_p * weight[None, :], 1)",
+        "b_z = b_z * b_alpha + tl.sum(", "b_z = b_z + tl.sum(",
         ("tests/pisa/test_pisa_interpreter.py",),
     ),
     Mutation(
         "rust-pisa-centroid-sum-not-rescaled", "rust/cpu/pisa.rs",
-        "self.z[r] = self.z[r] * alpha + added;", "self.z[r] = self.z[r] + added;",
+        "z[r] = z[r] * alpha + added;", "z[r] = z[r] + added;",
         ("tests/pisa/test_pisa_rust.py",),
     ),
     Mutation(
