@@ -16,8 +16,8 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Local runs: the same examples every run (derandomize), so a failure reproduces by rerunning. CI
-# (DIFATTN_HYPOTHESIS_PROFILE=ci, set by .ci/run): fresh examples every run from one seed printed in the header
-# (DIFATTN_HYPOTHESIS_SEED=<seed> repeats them), and a failure prints its @reproduce_failure blob.
+# (DIFATTN_HYPOTHESIS_PROFILE=ci, set by .ci/run): fresh examples every run from one seed printed in pytest's header
+# and last line (DIFATTN_HYPOTHESIS_SEED=<seed> repeats them), and a failure prints its @reproduce_failure blob.
 settings.register_profile(
     "difattn", deadline=None, max_examples=20, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )

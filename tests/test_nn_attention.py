@@ -88,6 +88,18 @@ def test_exact_settings_equal_dense(method, grid):
     torch.testing.assert_close(module(x, grid=grid), dense(x, grid=grid), atol=2e-6, rtol=1e-5)
 
 
+def _with_reference_attention(module: Attention, x: torch.Tensor, attend) -> list[torch.Tensor]:
+    """``module(x)`` in float32 and float64 (the reference pair of :func:`assert_close`) with its attention replaced
+    by ``attend(twin, q, k, v)``, a reference on the copy's own ``(B, H, N, Dh)`` projections."""
+    outs = []
+    for dtype in (torch.float32, torch.float64):
+        twin = copy.deepcopy(module).to(dtype)
+        B, N, C = x.shape
+        q, k, v = twin.qkv(x.to(dtype)).view(B, N, 3, HEADS, C // HEADS).permute(2, 0, 3, 1, 4)
+        outs.append(twin.proj(attend(twin, q, k, v).transpose(1, 2).reshape(B, N, C)).detach())
+    return outs
+
+
 @pytest.mark.parametrize("method", sorted(SPARSE))
 def test_sparse_settings_equal_the_reference_and_differ_from_dense(method):
     """The module's sparse output is the method's reference on its own q, k, v (the grid reaching PISA's tiles and
@@ -97,17 +109,15 @@ def test_sparse_settings_equal_the_reference_and_differ_from_dense(method):
     module.load_state_dict(dense.state_dict())
     grid = TokenGrid(6, 10, text_tokens=4, text_position="last")
     x = _x(2, grid.num_tokens)
-    expected = []
-    for dtype in (torch.float32, torch.float64):
-        twin = copy.deepcopy(module).to(dtype)
-        B, N, C = x.shape
-        q, k, v = twin.qkv(x.to(dtype)).view(B, N, 3, HEADS, C // HEADS).permute(2, 0, 3, 1, 4)
-        function = getattr(reference, f"{method}_attention")
-        out = (function(q, k, v, grid, **SPARSE[method]) if method in ("clear", "grat")
-               else function(q, k, v, grid=grid, **SPARSE[method]))
-        expected.append(twin.proj(out.transpose(1, 2).reshape(B, N, C)).detach())
+    function = getattr(reference, f"{method}_attention")
+
+    def attend(twin, q, k, v):
+        if method in ("clear", "grat"):
+            return function(q, k, v, grid, **SPARSE[method])
+        return function(q, k, v, grid=grid, **SPARSE[method])
+
     out = module(x, grid=grid).detach()
-    assert_close(f"{method} module", out, *expected)
+    assert_close(f"{method} module", out, *_with_reference_attention(module, x, attend))
     assert (out - dense(x, grid=grid)).abs().max() > 1e-3
 
 
@@ -203,16 +213,14 @@ def test_clear_global_tokens_on_sides_the_window_does_not_divide(d, grid):
     with torch.no_grad():
         module.spatial_weight.copy_(0.5 + torch.rand(module.spatial_weight.shape, generator=torch.Generator().manual_seed(5)))
     x = _x(2, grid.num_tokens, seed=6)
-    expected = []
-    for dtype in (torch.float32, torch.float64):
-        twin = copy.deepcopy(module).to(dtype)
-        B, N, C = x.shape
-        q, k, v = twin.qkv(x.to(dtype)).view(B, N, 3, HEADS, C // HEADS).permute(2, 0, 3, 1, 4)
+
+    def attend(twin, q, k, v):
         weight = twin.spatial_weight.reshape(d, d)
         global_kv = (_windows_written_out(k, grid, weight), _windows_written_out(v, grid, weight))
-        out = reference.clear_attention(q, k, v, grid, radius=1.5, global_kv=global_kv)
-        expected.append(twin.proj(out.transpose(1, 2).reshape(B, N, C)).detach())
-    assert_close("clear global tokens, ragged windows", module(x, grid=grid).detach(), *expected)
+        return reference.clear_attention(q, k, v, grid, radius=1.5, global_kv=global_kv)
+
+    out = module(x, grid=grid).detach()
+    assert_close("clear global tokens, ragged windows", out, *_with_reference_attention(module, x, attend))
 
 
 def test_linear_is_relu_linear_attention():

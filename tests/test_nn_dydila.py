@@ -177,11 +177,6 @@ def _twin_power_map(z, gamma, eps):
     return r.norm(dim=-1, keepdim=True) * p / p.norm(dim=-1, keepdim=True)
 
 
-def _twin_pick(router, bank, features):
-    """The hard routing choice: the bank entry at the argmax of the router's logits."""
-    return bank[(features @ router.weight.T + router.bias).argmax(dim=-1)]
-
-
 def _dydila_twin(module, x, grid, eps=1e-6):
     """DyDiLA's forward from the module's weights, step by step as the paper states it, in x's dtype: an independent
     twin (no helper of difattn.nn or difattn.functional, the attention core written out)."""
