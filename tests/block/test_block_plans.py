@@ -13,7 +13,6 @@ import difattn
 from difattn import reference
 from difattn.ops.block import op as block_op
 from difattn.ops.block import rust_launch
-from difattn.ops.clear import clear_on_blocks
 from difattn.ops.block.plan import (
     CPU_BLOCKS,
     GPU_BLOCKS,
@@ -25,6 +24,7 @@ from difattn.ops.block.plan import (
     grat_plan_key,
     kernel_blocks,
 )
+from difattn.ops.clear import clear_on_blocks
 from difattn.testing import assert_close, compare_with_reference, random_qkv, torch_threads
 from difattn.testing.strategies import disc_radii, token_grids
 

@@ -54,8 +54,9 @@ def linear_head_dims() -> st.SearchStrategy[int]:
 
 def disc_radii(max_radius: float = 8.0) -> st.SearchStrategy[float]:
     """CLEAR radii up to ``max_radius``, drawing the boundaries on purpose: integers (the strict ``dy² + dx² < r²``
-    drops the offsets at distance exactly r), square roots of sums of two squares (r² rounds just above an offset's
-    d², which stays in), an integer plus 0.05 (the disc's widest row is a single cell) and any float."""
+    drops the offsets at distance exactly r), square roots of sums of two squares (r² lands within rounding of an
+    offset's d², above it for √2, √5, √8, below for √13: the offset stays in or drops out by one ulp), an integer
+    plus 0.05 (the disc's widest row is a single cell) and any float."""
     whole = int(max_radius)
     sums = sorted({a * a + b * b for a in range(whole + 1) for b in range(whole + 1)} - {0})
     return st.one_of(
