@@ -18,6 +18,7 @@ from difattn.reference.llsa import llsa_attention
 from difattn.testing import random_qkv, rel_error
 from difattn.testing.strategies import token_grids
 from llsa_brute import brute_llsa_batched, brute_select, brute_zorder
+from llsa_gathered import gathered_llsa
 
 RAGGED = [(1, (3,)), (2, (3, 2)), (3, (2, 3, 1))]  # (L, (K_1, ..., K_L)) at N = 37, block 4: n = 37, 10, 3, 1
 
@@ -189,3 +190,16 @@ def test_default_levels_reach_the_attention(num_tokens, levels):
     _, indices = llsa_attention(q, k, v, block_size=2, topk=2, return_indices=True)
     _, ours = difattn.llsa_attention(q, k, v, block_size=2, topk=2, return_indices=True)
     assert len(indices) == len(ours) == levels
+
+
+@pytest.mark.parametrize("num_tokens, block_size, topks", [(1100, 16, (8, 4)), (300, 16, (8,)), (70, 3, (2, 2, 1))])
+def test_gathered_twin_equals_the_reference(num_tokens, block_size, topks):
+    """The gathered twin the 65,536-token GPU test compares against equals the reference, forward and gradients."""
+    q, k, v = random_qkv(1, 2, num_tokens, 8, Dv=5, dtype=torch.float64, seed=num_tokens, requires_grad=True)
+    out, indices = llsa_attention(q, k, v, block_size=block_size, topk=topks, levels=len(topks), scale=0.3,
+                                  return_indices=True)
+    twin = gathered_llsa(q, k, v, indices, block_size, 0.3)
+    close64(twin, out)
+    dout = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for a, b in zip(torch.autograd.grad(twin, (q, k, v), dout), torch.autograd.grad(out, (q, k, v), dout)):
+        close64(a, b)
