@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tests", nargs="+", help="run these pytest ids instead of each mutation's own")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per pytest run")
     args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # one line per mutation as it finishes, also into a file or pipe
     chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
     if args.tests:
         chosen = [dataclasses.replace(m, tests=tuple(args.tests)) for m in chosen]
