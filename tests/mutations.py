@@ -47,7 +47,7 @@ MUTATIONS = [
         ("tests/test_nn_dydila.py",),
     ),
     Mutation(
-        "clear-global-pad-first", "python/difattn/_methods.py",
+        "clear-global-pad-first", "python/difattn/functional.py",
         "(0, 0, 0, pad_w, 0, pad_h)", "(0, 0, pad_w, 0, pad_h, 0)",
         ("tests/test_nn_attention.py",),
     ),
@@ -129,7 +129,8 @@ MUTATIONS = [
     ),
     Mutation(
         "llsa-pooled-weight-dropped", "python/difattn/reference/llsa.py",
-        "bias = torch.log(counts.to(work))[None, :]", "bias = torch.zeros_like(counts, dtype=work)[None, :]",
+        "bias = torch.log(torch.cat(token_weights))[None, :]",
+        "bias = torch.zeros_like(torch.cat(token_weights))[None, :]",
         ("tests/llsa/test_llsa_reference.py",),
     ),
     Mutation(

@@ -8,20 +8,27 @@ from __future__ import annotations
 import torch
 
 
-def _pooled(x: torch.Tensor, span: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` means of ``x (B, H, N, C)`` over consecutive spans of ``span`` tokens (the last one short), and
-    how many tokens each holds."""
-    B, H, N, C = x.shape
-    sums = torch.nn.functional.pad(x, (0, 0, 0, count * span - N)).view(B, H, count, span, C).sum(3)
-    sizes = (N - torch.arange(count, device=x.device) * span).clamp(max=span)
-    return sums / sizes[:, None].to(x.dtype), sizes
+def _children_means(x: torch.Tensor, block_size: int, levels: int) -> list[torch.Tensor]:
+    """Levels 1..``levels`` of ``x (B, H, N, C)``, the default pooling: a level-l token is the plain mean of its
+    (up to ``block_size``) level-(l−1) tokens, averaged in float32 (float64 for float64) and returned in x's dtype."""
+    work = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    means = []
+    for _ in range(levels):
+        B, H, n, C = work.shape
+        groups = -(-n // block_size)
+        sums = torch.nn.functional.pad(work, (0, 0, 0, groups * block_size - n)).view(B, H, groups, block_size, C)
+        sizes = (n - torch.arange(groups, device=x.device) * block_size).clamp(max=block_size)
+        work = sums.sum(3) / sizes[:, None].to(work.dtype)
+        means.append(work.to(x.dtype))
+    return means
 
 
 def gathered_llsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: list[torch.Tensor], block_size: int,
                   scale: float) -> torch.Tensor:
     """``(B, H, N, Dv)``: every query of fine block j attends, in one softmax with logits ``s·q·k + ln(count)``, to
     the tokens of the blocks ``I_1[j]``, at each level l = 1 … L−1 the children of ``I_{l+1}`` of the parent of the
-    level-l token holding block j, and every level-L token. Sequence order (no grid); matmuls in the input dtype,
+    level-l token holding block j, and every level-L token; pooled tokens are the means of their children (the
+    default ``coarse_pooling="children"``). Sequence order (no grid); matmuls in the input dtype,
     the softmax in float32 (float64 for float64), as the reference does."""
     B, H, N, D = q.shape
     b, L = block_size, len(indices)
@@ -41,11 +48,11 @@ def gathered_llsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: li
     soft = torch.float64 if q.dtype == torch.float64 else torch.float32
     queries = torch.nn.functional.pad(q, (0, 0, 0, blocks * b - N)).view(B, H, blocks, b, D)
     logits, values = [], []
+    pooled_keys, pooled_values = _children_means(k, b, L), _children_means(v, b, L)
     for level, ids in key_sets:
-        if level == 0:
-            keys, vals, counts = k, v, torch.ones(N, device=q.device, dtype=torch.int64)
-        else:
-            (keys, counts), (vals, _) = (_pooled(x, b**level, sizes[level]) for x in (k, v))
+        # The logit bias ln(count): how many fine tokens the level-`level` token covers.
+        counts = (N - torch.arange(sizes[level], device=q.device) * b**level).clamp(max=b**level)
+        keys, vals = (k, v) if level == 0 else (pooled_keys[level - 1], pooled_values[level - 1])
         inside = ids < sizes[level]
         ids = ids.clamp(max=sizes[level] - 1)
         s = (queries @ keys[batch, head, ids].transpose(-1, -2)).to(soft) * scale
