@@ -9,7 +9,8 @@ import textwrap
 
 
 def run_fresh(code: str, *, timeout: float = 600) -> None:
-    """Runs ``code`` (dedented) with ``python -c`` in the test's environment; fails with its output unless it exits 0."""
+    """Runs ``code`` (dedented) with ``python -c`` in the test's environment; fails with its output unless it
+    exits 0."""
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           timeout=timeout)
     assert done.returncode == 0, f"fresh process failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"

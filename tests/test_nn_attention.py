@@ -211,7 +211,8 @@ def test_clear_global_tokens_on_sides_the_window_does_not_divide(d, grid):
     cell weights, through the reference."""
     module = _module("clear", radius=1.5, down_factor=d)
     with torch.no_grad():
-        module.spatial_weight.copy_(0.5 + torch.rand(module.spatial_weight.shape, generator=torch.Generator().manual_seed(5)))
+        gen = torch.Generator().manual_seed(5)
+        module.spatial_weight.copy_(0.5 + torch.rand(module.spatial_weight.shape, generator=gen))
     x = _x(2, grid.num_tokens, seed=6)
 
     def attend(twin, q, k, v):

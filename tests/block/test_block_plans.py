@@ -72,7 +72,8 @@ def test_clear_plan_equals_spec_mask(grid, radius, rt, blocks):
     assert full_ok
     assert torch.equal(covered, mask.long())  # every allowed pair exactly once, nothing else
 
-@given(grid=token_grids(max_side=14, max_text=300, max_tokens=400), pattern=st.sampled_from(["neighbors", "criss_cross"]),
+@given(grid=token_grids(max_side=14, max_text=300, max_tokens=400),
+       pattern=st.sampled_from(["neighbors", "criss_cross"]),
        group=st.tuples(st.integers(1, 2), st.integers(1, 5), st.integers(1, 5)), reach=st.integers(0, 2),
        blocks=st.sampled_from([SMALL_BLOCKS, CPU_BLOCKS]))
 def test_grat_plan_equals_spec_mask_and_is_all_full(grid, pattern, group, reach, blocks):

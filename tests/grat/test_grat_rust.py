@@ -9,7 +9,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 
-@given(grid=token_grids(max_side=20, max_text=300, max_tokens=500), pattern=st.sampled_from(["neighbors", "criss_cross"]),
+@given(grid=token_grids(max_side=20, max_text=300, max_tokens=500),
+       pattern=st.sampled_from(["neighbors", "criss_cross"]),
        group=st.tuples(st.integers(1, 6), st.integers(1, 6)), reach=st.integers(0, 2), d=head_dims(),
        dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 99), masked=st.booleans())
 # FLUX's 512 text tokens (several blocks) with a padding mask; FLUX's 16x16 groups on sides they do not divide
