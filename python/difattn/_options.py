@@ -31,7 +31,9 @@ def clear_radii(grid: TokenGrid, radius: Any, temporal_radius: Any) -> tuple[flo
     and ``frames`` for ``rt``. Every threshold derived from them is then a small integer.
     """
     r = check_float("radius", radius, greater_than=0.0)
-    r = min(r, float(math.isqrt((grid.height - 1) ** 2 + (grid.width - 1) ** 2) + 1))
+    reach_d2 = (grid.height - 1) ** 2 + (grid.width - 1) ** 2
+    if r * r > reach_d2:  # compared first: under torch.compile the sides may be symbolic, which isqrt cannot take
+        r = min(r, float(math.isqrt(reach_d2) + 1))
     if temporal_radius is None:
         return r, float(grid.frames)
     return r, min(check_float("temporal_radius", temporal_radius, greater_than=0.0), float(grid.frames))
