@@ -198,3 +198,8 @@ def test_digits_example_runs(tmp_path):
     ])
     assert np.isfinite(metrics["final_loss"])
     assert (tmp_path / "loss.png").stat().st_size > 0 and (tmp_path / "samples.png").stat().st_size > 0
+
+
+def test_every_model_builder_has_a_docstring():
+    undocumented = [name for name, build in M.MODELS.items() if not (build.__doc__ or "").strip()]
+    assert not undocumented, undocumented
