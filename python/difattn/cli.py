@@ -94,6 +94,10 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         shapes = bench_cases.CPU_QUICK_SHAPES if args.quick else bench_cases.CPU_SHAPES
     dtype = _DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")]
+    if args.option and args.quality:
+        print("difattn bench: --option sets the speed cases; --quality sweeps each method's own settings",
+              file=sys.stderr)
+        return 2
     overrides: dict[str, dict] = {}
     for method, name, value in args.option:
         overrides.setdefault(method, {})[name] = value
