@@ -179,7 +179,8 @@ def with_options(table: dict[str, tuple[Case, ...]], overrides: dict[str, dict])
             raise ValueError(f"--option: unknown method {method!r} (one of {', '.join(table)})")
         unknown = sorted(set(options) - set(option_names(method)))
         if unknown:
-            raise ValueError(f"--option: {method} has no option {unknown[0]!r} (it has {', '.join(option_names(method))})")
+            names = ", ".join(option_names(method))
+            raise ValueError(f"--option: {method} has no option {unknown[0]!r} (it has {names})")
         out[method] = (Case(method, {**table[method][0].options, **options}),)
     return out
 

@@ -27,7 +27,6 @@ _TESTED = ((0, 35), (0, 42))  # first and last diffusers minor releases this reg
 BACKEND_NAME = "difattn"
 
 
-
 class _Active(threading.local):
     """The layer whose call is running in this thread (a thread-local, not a ``ContextVar``: ``torch.compile``
     traces attribute stores on it, and cannot trace ``ContextVar.set``). Set in ``__init__`` (run once per
