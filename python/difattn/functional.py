@@ -129,24 +129,25 @@ def grat_attention(
 @overload
 def pisa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, density: float = ..., block_size: int = ...,
-    order: str = ..., routing_bias: bool = ..., sink: str | None = ..., grid: TokenGrid | None = ...,
-    return_blocks: Literal[False] = ..., scale: float | None = ..., backend: str = ...,
+    order: str = ..., routing_bias: bool | str = ..., sink: str | None = ..., grid: TokenGrid | None = ...,
+    return_blocks: Literal[False] = ..., scale: float | None = ..., blocks: torch.Tensor | None = ...,
+    backend: str = ...,
 ) -> torch.Tensor: ...
 
 
 @overload
 def pisa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, density: float = ..., block_size: int = ...,
-    order: str = ..., routing_bias: bool = ..., sink: str | None = ..., grid: TokenGrid | None = ...,
-    return_blocks: Literal[True], scale: float | None = ..., backend: str = ...,
+    order: str = ..., routing_bias: bool | str = ..., sink: str | None = ..., grid: TokenGrid | None = ...,
+    return_blocks: Literal[True], scale: float | None = ..., blocks: torch.Tensor | None = ..., backend: str = ...,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @overload
 def pisa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, density: float = ..., block_size: int = ...,
-    order: str = ..., routing_bias: bool = ..., sink: str | None = ..., grid: TokenGrid | None = ...,
-    return_blocks: bool, scale: float | None = ..., backend: str = ...,
+    order: str = ..., routing_bias: bool | str = ..., sink: str | None = ..., grid: TokenGrid | None = ...,
+    return_blocks: bool, scale: float | None = ..., blocks: torch.Tensor | None = ..., backend: str = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -215,7 +216,8 @@ def pisa_attention(
 def llsa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = ..., topk: int | tuple[int, ...] = ...,
     levels: int | None = ..., grid: TokenGrid | None = ..., return_indices: Literal[False] = ...,
-    scale: float | None = ..., backend: str = ...,
+    scale: float | None = ..., coarse_pooling: str = ..., token_weight: float | tuple[float, ...] | None = ...,
+    indices: list[torch.Tensor] | None = ..., backend: str = ...,
 ) -> torch.Tensor: ...
 
 
@@ -223,7 +225,8 @@ def llsa_attention(
 def llsa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = ..., topk: int | tuple[int, ...] = ...,
     levels: int | None = ..., grid: TokenGrid | None = ..., return_indices: Literal[True],
-    scale: float | None = ..., backend: str = ...,
+    scale: float | None = ..., coarse_pooling: str = ..., token_weight: float | tuple[float, ...] | None = ...,
+    indices: list[torch.Tensor] | None = ..., backend: str = ...,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
 
 
@@ -231,7 +234,8 @@ def llsa_attention(
 def llsa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = ..., topk: int | tuple[int, ...] = ...,
     levels: int | None = ..., grid: TokenGrid | None = ..., return_indices: bool,
-    scale: float | None = ..., backend: str = ...,
+    scale: float | None = ..., coarse_pooling: str = ..., token_weight: float | tuple[float, ...] | None = ...,
+    indices: list[torch.Tensor] | None = ..., backend: str = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]: ...
 
 
