@@ -1,5 +1,6 @@
 """The command line: `difattn info` and a tiny `difattn bench` run writing JSON with the documented schema."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -32,7 +33,7 @@ def test_console_script_entry_point():
 def test_bench_writes_json_schema(tmp_path, capsys):
     path = tmp_path / "bench.json"
     code = main(["bench", "--device", "cpu", "--grid", "6x7+3", "--heads", "2", "--head-dim", "16", "--quick",
-                 "--backward", "--methods", "clear", "pisa", "linear", "--json", str(path)])
+                 "--backward", "--methods", "clear", "pisa", "linear", "--out", str(path)])
     assert code == 0
     payload = json.loads(path.read_text())
     assert {"device", "torch", "triton", "commit", "threads", "matmul_gflops", "records"} <= set(payload)
@@ -70,3 +71,55 @@ def test_bench_plot_writes_png(tmp_path):
                  "--methods", "grat", "--json", str(tmp_path / "b.json"), "--plot", str(png)])
     assert code == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_version(capsys):
+    from difattn import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"difattn {__version__}"
+
+
+def test_every_bench_flag_has_help():
+    from difattn.cli import build_parser
+
+    bench = build_parser()._subparsers._group_actions[0].choices["bench"]
+    missing = [a.option_strings[0] for a in bench._actions if a.option_strings and not a.help]
+    assert not missing, missing
+
+
+def test_bench_option_sets_a_case_and_out_takes_a_directory(tmp_path, capsys):
+    out = tmp_path / "results"
+    out.mkdir()
+    code = main(["bench", "--device", "cpu", "--grid", "6x7+3", "--heads", "1", "--head-dim", "16", "--quick",
+                 "--option", "clear.radius=2", "--option", "grat.group=(2,2)", "--out", str(out)])
+    assert code == 0
+    records = json.loads((out / "difattn-bench-cpu.json").read_text())["records"]
+    assert {(r["method"], json.dumps(r["options"])) for r in records} == {
+        ("clear", '{"radius": 2}'), ("grat", '{"group": [2, 2], "pattern": "neighbors", "reach": 1}')}
+    table = capsys.readouterr().out
+    assert "options" in table and "radius=2 " in table and "group=2x2, pattern=neighbors, reach=1" in table
+
+
+@pytest.mark.parametrize("option, message", [("clear.bogus=1", "clear has no option 'bogus'"),
+                                             ("nope.radius=1", "unknown method 'nope'")])
+def test_bench_rejects_unknown_options(option, message, capsys):
+    assert main(["bench", "--device", "cpu", "--grid", "6x7", "--option", option]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_option_needs_method_dot_name():
+    from difattn.cli import parse_option
+
+    assert parse_option("grat.pattern=criss_cross") == ("grat", "pattern", "criss_cross")
+    with pytest.raises(argparse.ArgumentTypeError, match="METHOD.NAME=VALUE"):
+        parse_option("radius=3")
+
+
+def test_bench_plot_on_cpu_times_several_sizes(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "b.json"
+    assert main(["bench", "--device", "cpu", "--quick", "--methods", "linear", "--out", str(path),
+                 "--plot", str(tmp_path / "p.png")]) == 0
+    assert sorted({r["N"] for r in json.loads(path.read_text())["records"]}) == [256, 576, 1024]

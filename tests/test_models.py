@@ -261,3 +261,8 @@ def test_dit_compiles_whole():
                 failures.append(f"{method}: {err}")
         assert not failures, " | ".join(failures)
         """)
+
+
+def test_every_model_builder_has_a_docstring():
+    undocumented = [name for name, build in M.MODELS.items() if not (build.__doc__ or "").strip()]
+    assert not undocumented, undocumented

@@ -2,6 +2,7 @@
 gpu tier). A new op without a case here fails :func:`test_every_op_has_a_case`."""
 
 import importlib
+import importlib.util
 import pkgutil
 
 import pytest
@@ -126,8 +127,40 @@ def _linear():
     }
 
 
+_KEEP_ALIVE: list = []
+
+
+def _diffusers():
+    """The ops of a difattn layer under torch.compile (registered by difattn.diffusers, which needs diffusers): a
+    tiny FLUX's first layer with CLEAR and its global-token weights, on a 4x4 latent after 7 text tokens."""
+    if importlib.util.find_spec("diffusers") is None:
+        return {}
+    from diffusers_tiny import flux
+
+    import difattn.diffusers as dd
+    from difattn.diffusers import _compiled
+    from difattn.diffusers._families import Geometry
+
+    model, _ = flux()
+    dd.apply(model, "clear", radius=2.0, down_factor=2, dense_steps=1)
+    processor = model.transformer_blocks[0].attn.processor
+    geometry = _compiled._pack(Geometry(1, 4, 4, 7, "first"))
+    q, k, v = random_qkv(2, 2, 7 + 16, 16, seed=9)
+    weight, step = processor.spatial_weight.detach(), torch.tensor(1)
+    args = (geometry, processor.key, 0.25)
+    _KEEP_ALIVE.append(model)  # the ops find their layer through a weak key
+    return {
+        "diffusers_attention": [(_compiled._attention, (*_leaves(q, k, v), None, _leaves(weight)[0], None, step,
+                                                        *args)),
+                                (_compiled._attention, (*_leaves(q, k, v), None, None, None, None, *args))],
+        "diffusers_attention_backward": [(_compiled._attention_backward,
+                                          (torch.randn_like(q), q, k, v, None, weight, None, step, *args))],
+        "diffusers_step": [(_compiled._step, (torch.tensor([0.5, 0.5]), processor.session.key))],
+    }
+
+
 def _cases() -> dict:
-    return {**_block(), **_clear(), **_pisa(), **_llsa(), **_linear()}
+    return {**_block(), **_clear(), **_pisa(), **_llsa(), **_linear(), **_diffusers()}
 
 
 CASES = _cases()

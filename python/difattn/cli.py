@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 import sys
 from pathlib import Path
@@ -36,6 +37,27 @@ def parse_grid(text: str) -> TokenGrid:
         raise argparse.ArgumentTypeError(f"--grid {text!r}: {err}") from err
 
 
+def parse_option(text: str) -> tuple[str, str, object]:
+    """``METHOD.NAME=VALUE``, e.g. ``clear.radius=12`` or ``grat.group=(4,4)``: the value as a Python literal
+    (a bare word stays a string: ``grat.pattern=criss_cross``)."""
+    target, sep, value = text.partition("=")
+    method, dot, name = target.strip().partition(".")
+    if not (sep and dot and method and name):
+        raise argparse.ArgumentTypeError(f"--option: expected METHOD.NAME=VALUE, e.g. clear.radius=12, got {text!r}")
+    try:
+        return method, name, ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        return method, name, value.strip()
+
+
+def _json_path(out: str | None, default: str) -> Path:
+    """``--out``: a file, or a directory (existing, or given with a trailing slash) to write ``default`` in."""
+    if out is None:
+        return Path(default)
+    path = Path(out)
+    return path / default if path.is_dir() or out.endswith(("/", "\\")) else path
+
+
 def _info(_: argparse.Namespace) -> int:
     print(f"difattn {__version__}")
     ok, reason = core_status()
@@ -67,13 +89,27 @@ def _bench(args: argparse.Namespace) -> int:
         shapes = bench_cases.shapes_for_tokens(args.tokens, args.heads or 4, args.head_dim or 64, args.batch or 1)
     elif on_gpu:
         shapes = bench_cases.GPU_QUICK_SHAPES if args.quick else bench_cases.GPU_SHAPES
+    elif args.plot and not args.quality:
+        shapes = bench_cases.CPU_QUICK_PLOT_SHAPES if args.quick else bench_cases.CPU_PLOT_SHAPES
     else:
         shapes = bench_cases.CPU_QUICK_SHAPES if args.quick else bench_cases.CPU_SHAPES
     dtype = _DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")]
+    if args.option and args.quality:
+        print("difattn bench: --option sets the speed cases; --quality sweeps each method's own settings",
+              file=sys.stderr)
+        return 2
+    overrides: dict[str, dict] = {}
+    for method, name, value in args.option:
+        overrides.setdefault(method, {})[name] = value
+    try:
+        cases = bench_cases.with_options(bench_cases.QUICK_CASES if args.quick else bench_cases.CASES, overrides)
+    except ValueError as err:
+        print(f"difattn bench: {err}", file=sys.stderr)
+        return 2
+    methods = tuple(dict.fromkeys([*args.methods, *overrides])) if args.methods else tuple(overrides or METHODS)
     cfg = BenchConfig(
-        device=device, shapes=shapes, dtype=dtype, backward=args.backward, methods=tuple(args.methods),
-        cases=bench_cases.QUICK_CASES if args.quick else bench_cases.CASES, flex=args.flex,
-        cpu_budget_s=0.3 if args.quick else 1.0,
+        device=device, shapes=shapes, dtype=dtype, backward=args.backward, methods=methods, cases=cases,
+        flex=args.flex, cpu_budget_s=0.3 if args.quick else 1.0,
     )
     print(f"difattn bench on {device} ({torch.get_num_threads()} threads), {dtype}, shapes: "
           + ", ".join(f"{s.label} B={s.batch} H={s.heads} D={s.head_dim}" for s in shapes))
@@ -86,7 +122,7 @@ def _bench(args: argparse.Namespace) -> int:
               "quality on structured inputs below")
         quality = default_quality(cfg, records)
     print(format_quality_table(quality))
-    path = Path(args.json or f"difattn-bench-{device.type}.json")
+    path = _json_path(args.out, f"difattn-bench-{device.type}.json")
     write_json(path, device, dtype, records, quality)
     print(f"wrote {path}")
     if args.plot:
@@ -99,6 +135,10 @@ def _bench_distributed(args: argparse.Namespace) -> int:
     if args.world_size < 2:
         print("difattn bench: --world-size must be at least 2", file=sys.stderr)
         return 2
+    if args.option:
+        print("difattn bench: --option is not supported with --world-size (it times each method's first case)",
+              file=sys.stderr)
+        return 2
     if args.grid and len(args.grid) > 1:
         print("difattn bench: --world-size takes one --grid", file=sys.stderr)
         return 2
@@ -106,8 +146,8 @@ def _bench_distributed(args: argparse.Namespace) -> int:
     cfg = bench_distributed.Config(
         world=args.world_size, grid=args.grid[0] if args.grid else TokenGrid(48, 48, text_tokens=64),
         B=args.batch or 1, H=args.heads or 8, D=args.head_dim or 64, dtype=dtype, backward=args.backward,
-        methods=("dense", *args.methods), repeats=3 if args.quick else 5,
-        json=args.json or f"difattn-bench-distributed-{args.world_size}.json",
+        methods=("dense", *(args.methods or METHODS)), repeats=3 if args.quick else 5,
+        json=str(_json_path(args.out, f"difattn-bench-distributed-{args.world_size}.json")),
     )
     print(f"difattn bench on {cfg.world} processes, grid {_grid_label(cfg.grid)}, B={cfg.B} H={cfg.H} D={cfg.D}, "
           f"{dtype}: time per layer (slowest rank) and forward bytes each rank sends")
@@ -124,11 +164,17 @@ def _grid_label(grid: TokenGrid) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="difattn", description="Efficient attention for Diffusion Transformers")
+    parser.add_argument("--version", action="version", version=f"difattn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, build, and which backends can run here").set_defaults(func=_info)
     bench = sub.add_parser("bench", help="time the methods against dense SDPA on this device")
-    bench.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    bench.add_argument("--methods", nargs="+", choices=METHODS, metavar="METHOD",
+                       help=f"methods to time (default: all of {', '.join(METHODS)}; with --option only those set)")
+    bench.add_argument("--option", action="append", default=[], type=parse_option, metavar="METHOD.NAME=VALUE",
+                       help="time METHOD with this option (the rest from its first default case) instead of its "
+                       "default cases, e.g. clear.radius=12 grat.group=(4,4) pisa.density=0.25; repeatable")
+    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="where to run (default: cuda when available, else cpu)")
     bench.add_argument("--grid", nargs="+", type=parse_grid, help="token grids, e.g. 64x64 64x64+512 8x30x52+226last")
     bench.add_argument("--tokens", nargs="+", type=int, help="square image grids of about these token counts")
     bench.add_argument("--batch", type=int, help="batch size for --grid/--tokens (default 1)")
@@ -138,9 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backward", action="store_true", help="also time forward+backward")
     bench.add_argument("--quick", action="store_true", help="smaller shapes, one case per method, shorter timing")
     bench.add_argument("--flex", action="store_true", help="also time FlexAttention on CPU (always on CUDA)")
-    bench.add_argument("--json", help="where to write the JSON records (default: difattn-bench-<device>.json)")
-    bench.add_argument("--plot", help="write a PNG of speedup against tokens here (with --quality: the Pareto plot of "
-                       "speedup against error and recall)")
+    bench.add_argument("--out", "--json", dest="out", metavar="PATH",
+                       help="the JSON file to write, or a directory to write difattn-bench-<device>.json in "
+                       "(default: that name in the current directory)")
+    bench.add_argument("--plot", metavar="PNG", help="write a plot of speedup against tokens here (needs matplotlib; "
+                       "on CPU without --grid/--tokens it times three sizes so the plot has a trend); with --quality "
+                       "the Pareto plot of speedup against error and recall")
     bench.add_argument("--quality", action="store_true",
                        help="instead of the speed cases: each method's knob swept on structured inputs (error, recall "
                             "and speedup), captured attention patterns and end-to-end samples")

@@ -7,7 +7,7 @@ q's dtype on q's device, tokens in the caller's order (image tokens in raster or
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -126,6 +126,31 @@ def grat_attention(
     return impl(q, k, v, grid, group=group, pattern=pattern, reach=reach, text_mask=text_mask, scale=scale)
 
 
+@overload
+def pisa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, density: float = ..., block_size: int = ...,
+    order: str = ..., routing_bias: bool | str = ..., sink: str | None = ..., grid: TokenGrid | None = ...,
+    return_blocks: Literal[False] = ..., scale: float | None = ..., blocks: torch.Tensor | None = ...,
+    backend: str = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def pisa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, density: float = ..., block_size: int = ...,
+    order: str = ..., routing_bias: bool | str = ..., sink: str | None = ..., grid: TokenGrid | None = ...,
+    return_blocks: Literal[True], scale: float | None = ..., blocks: torch.Tensor | None = ..., backend: str = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def pisa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, density: float = ..., block_size: int = ...,
+    order: str = ..., routing_bias: bool | str = ..., sink: str | None = ..., grid: TokenGrid | None = ...,
+    return_blocks: bool, scale: float | None = ..., blocks: torch.Tensor | None = ..., backend: str = ...,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
+
+
 def pisa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -185,6 +210,33 @@ def pisa_attention(
         q, k, v, density=density, block_size=block_size, order=order, routing_bias=bias,
         sink=sink, grid=grid, return_blocks=return_blocks, scale=scale, blocks=blocks,
     )
+
+
+@overload
+def llsa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = ..., topk: int | tuple[int, ...] = ...,
+    levels: int | None = ..., grid: TokenGrid | None = ..., return_indices: Literal[False] = ...,
+    scale: float | None = ..., coarse_pooling: str = ..., token_weight: float | tuple[float, ...] | None = ...,
+    indices: list[torch.Tensor] | None = ..., backend: str = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def llsa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = ..., topk: int | tuple[int, ...] = ...,
+    levels: int | None = ..., grid: TokenGrid | None = ..., return_indices: Literal[True],
+    scale: float | None = ..., coarse_pooling: str = ..., token_weight: float | tuple[float, ...] | None = ...,
+    indices: list[torch.Tensor] | None = ..., backend: str = ...,
+) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
+
+
+@overload
+def llsa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = ..., topk: int | tuple[int, ...] = ...,
+    levels: int | None = ..., grid: TokenGrid | None = ..., return_indices: bool,
+    scale: float | None = ..., coarse_pooling: str = ..., token_weight: float | tuple[float, ...] | None = ...,
+    indices: list[torch.Tensor] | None = ..., backend: str = ...,
+) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]: ...
 
 
 def llsa_attention(

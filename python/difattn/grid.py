@@ -22,6 +22,11 @@ class TokenGrid:
 
         num_tokens == text_tokens + frames * height * width
 
+    Text tokens see every token and every token sees them; only image tokens are local. So any token that is not
+    on the image grid belongs in ``text_tokens``: a ViT's class token and registers (timm's
+    ``num_prefix_tokens``) are ``TokenGrid(14, 14, text_tokens=1)`` for ViT-B/16 at 224 px, first in the
+    sequence; AuraFlow's register tokens count as text the same way.
+
     Args:
         height: latent rows (tokens), >= 1.
         width: latent columns (tokens), >= 1.

@@ -6,6 +6,7 @@ kernels do (``computed_fraction``), both as fractions of dense attention's FLOPs
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -154,6 +155,36 @@ SMALL_GRID_CASES = {
 }
 
 
+_FUNCTIONS = {
+    "clear": functional.clear_attention, "grat": functional.grat_attention, "pisa": functional.pisa_attention,
+    "llsa": functional.llsa_attention, "linear": functional.linear_attention, "dydila": functional.dydila_attention,
+}
+# Keyword arguments the bench supplies itself (the grid, inputs and backend of each call), never a case option.
+_SUPPLIED = {"grid", "backend", "scale", "global_kv", "text_mask", "return_blocks", "return_indices", "gamma_q",
+             "gamma_k", "gamma_q_aux", "gamma_k_aux", "lambda_q", "lambda_k"}
+
+
+def option_names(method: str) -> tuple[str, ...]:
+    """The options of ``method`` a case may set: its function's keyword-only arguments the bench does not supply."""
+    params = inspect.signature(_FUNCTIONS[method]).parameters.values()
+    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _SUPPLIED)
+
+
+def with_options(table: dict[str, tuple[Case, ...]], overrides: dict[str, dict]) -> dict[str, tuple[Case, ...]]:
+    """``table`` with each method in ``overrides`` timed as one case: its first case's options updated with the
+    given ones (``{"clear": {"radius": 12.0}}``). Raises ``ValueError`` naming an unknown method or option."""
+    out = dict(table)
+    for method, options in overrides.items():
+        if method not in table:
+            raise ValueError(f"--option: unknown method {method!r} (one of {', '.join(table)})")
+        unknown = sorted(set(options) - set(option_names(method)))
+        if unknown:
+            names = ", ".join(option_names(method))
+            raise ValueError(f"--option: {method} has no option {unknown[0]!r} (it has {names})")
+        out[method] = (Case(method, {**table[method][0].options, **options}),)
+    return out
+
+
 def _grid(side: int, text: int = 0, frames: int = 1, width: int | None = None, position: str = "first") -> TokenGrid:
     return TokenGrid(side, width or side, frames=frames, text_tokens=text, text_position=position)
 
@@ -161,6 +192,9 @@ def _grid(side: int, text: int = 0, frames: int = 1, width: int | None = None, p
 # DiT-realistic shapes per device. CPU: the 64x64 grid of the CPU targets (4 heads, D=64).
 CPU_SHAPES = (Shape(_grid(64)),)
 CPU_QUICK_SHAPES = (Shape(_grid(32)),)
+# ``--plot`` on CPU without --grid/--tokens: a size sweep, so the plot shows how the speedup grows with N.
+CPU_PLOT_SHAPES = (Shape(_grid(32)), Shape(_grid(48)), Shape(_grid(64)))
+CPU_QUICK_PLOT_SHAPES = (Shape(_grid(16)), Shape(_grid(24)), Shape(_grid(32)))
 # GPU: FLUX-like (24 heads x 128, 512 text first), Wan-like video (12 heads), pixel grids for LLSA (D=64).
 GPU_SHAPES = (
     Shape(_grid(64, 512), heads=24, head_dim=128),

@@ -273,19 +273,25 @@ def _fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def options_label(options: dict) -> str:
+    """``radius=8.0, group=8x8``: a case's options as the table and the plot show them."""
+    return ", ".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in options.items())
+
+
 def format_table(records: list[dict]) -> str:
-    head = (f"{'method':<7} {'backend':<7} {'pass':<7} {'shape':>14} {'ms':>9} {'dense':>9} {'flex':>9} "
-            f"{'speedup':>8} {'work':>6} {'effic.':>6} {'c.eff.':>6} {'err/rand':>9} {'err/ref':>8}")
+    width = max([len("options")] + [len(options_label(r["options"])) for r in records])
+    head = (f"{'method':<7} {'options':<{width}} {'backend':<7} {'pass':<7} {'shape':>14} {'ms':>9} {'dense':>9} "
+            f"{'flex':>9} {'speedup':>8} {'work':>6} {'effic.':>6} {'c.eff.':>6} {'err/rand':>9} {'err/ref':>8}")
     lines = [head, "-" * len(head)]
     for r in records:
         f, h, w, t, _ = r["grid"]
         shape = f"{f}x{h}x{w}" if f > 1 else f"{h}x{w}"
         shape += f"+{t}" if t else ""
         lines.append(
-            f"{r['method']:<7} {r['backend']:<7} {r['pass']:<7} {shape:>14} {r['ms']:>9.2f} {r['dense_ms']:>9.2f} "
-            f"{_fmt(r['flex_ms'], '9.2f'):>9} {r['speedup']:>7.2f}x {r['work_fraction']:>6.3f} "
-            f"{r['efficiency']:>6.2f} {r['computed_efficiency']:>6.2f} {r['rel_err_dense']:>9.2e} "
-            f"{_fmt(r['rel_err_ref'], '8.1e'):>8}"
+            f"{r['method']:<7} {options_label(r['options']):<{width}} {r['backend']:<7} {r['pass']:<7} {shape:>14} "
+            f"{r['ms']:>9.2f} {r['dense_ms']:>9.2f} {_fmt(r['flex_ms'], '9.2f'):>9} {r['speedup']:>7.2f}x "
+            f"{r['work_fraction']:>6.3f} {r['efficiency']:>6.2f} {r['computed_efficiency']:>6.2f} "
+            f"{r['rel_err_dense']:>9.2e} {_fmt(r['rel_err_ref'], '8.1e'):>8}"
         )
     return "\n".join(lines)
 
@@ -298,29 +304,36 @@ def write_json(path: Path, device: torch.device, dtype: torch.dtype, records: li
 
 
 def plot(records: list[dict], path: Path) -> bool:
-    """Speedup over dense against tokens, one line per (method, backend, pass); False without matplotlib."""
+    """Speedup over dense against tokens, one line per (method, options, backend, pass), the legend outside the
+    axes; False without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[tuple, list] = {}
     for r in records:
-        series.setdefault((r["method"], r["backend"], r["pass"], json.dumps(r["options"])), []).append((r["N"], r["speedup"]))
-    for (method, backend, pass_name, options), points in sorted(series.items()):
+        key = (r["method"], options_label(r["options"]), r["backend"], r["pass"])
+        series.setdefault(key, []).append((r["N"], r["speedup"]))
+    for (method, options, backend, pass_name), points in sorted(series.items()):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{method} {backend} {pass_name} {options}")
-    ax.axhline(1.0, color="gray", lw=0.8)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                label=f"{method} ({options}) {backend} {pass_name}")
+    ax.axhline(1.0, color="gray", lw=0.8, label="dense SDPA")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("tokens N")
     ax.set_ylabel("speedup over dense SDPA")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
+    times = FuncFormatter(lambda y, _: f"{y:g}×")  # 2×, 0.5× rather than 2×10⁰
+    ax.yaxis.set_major_formatter(times)
+    ax.yaxis.set_minor_formatter(times)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)  # outside the data
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True

@@ -38,6 +38,10 @@ The token geometry (frames, height, width, text length) is read from the transfo
 call, so resolution and prompt length may change between calls. Each layer keeps the model's own processor for
 projections, norms and RoPE and replaces only its self-attention call (see ``_processor.py``).
 
+``torch.compile(transformer, fullgraph=True)`` works after ``apply``: under compile each layer's attention call
+is one opaque custom op that runs the method eagerly (see ``_compiled.py``), so the transformer recompiles only
+when shapes change (a new resolution, frame count or prompt length).
+
 ``apply`` is the one way to enable difattn: it registers difattn with diffusers' attention dispatcher, logs what it
 changed on the ``difattn`` logger (INFO) and returns an :class:`ApplySummary`. After ``apply``,
 ``transformer.set_attention_backend("difattn")`` and ``with attention_backend("difattn")`` are accepted too: the

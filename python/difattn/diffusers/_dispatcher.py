@@ -16,8 +16,8 @@ layers kept dense) runs diffusers' native SDPA backend, as the stock model would
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import re
+import threading
 import weakref
 from typing import Any, Iterator
 
@@ -26,7 +26,17 @@ import torch
 _TESTED = ((0, 35), (0, 42))  # first and last diffusers minor releases this registry layout was tested on
 BACKEND_NAME = "difattn"
 
-_ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar("difattn_layer_attention", default=None)
+
+class _Active(threading.local):
+    """The layer whose call is running in this thread (a thread-local, not a ``ContextVar``: ``torch.compile``
+    traces attribute stores on it, and cannot trace ``ContextVar.set``). Set in ``__init__`` (run once per
+    thread) so the attribute is always in the instance dict: compiled graphs guard on that."""
+
+    def __init__(self) -> None:
+        self.layer: Any = None
+
+
+_ACTIVE = _Active()
 _SESSIONS: "weakref.WeakSet[Any]" = weakref.WeakSet()  # live apply() sessions: the backend is usable while any is
 _MEMBER: list[Any] = []  # the registered enum member, once registered
 
@@ -110,11 +120,11 @@ def is_difattn(backend: Any) -> bool:
 @contextlib.contextmanager
 def active(layer: Any) -> Iterator[None]:
     """Make ``layer`` the attention that the difattn backend runs, for the duration of the block."""
-    token = _ACTIVE.set(layer)
+    previous, _ACTIVE.layer = _ACTIVE.layer, layer
     try:
         yield
     finally:
-        _ACTIVE.reset(token)
+        _ACTIVE.layer = previous
 
 
 def _difattn_attention(
@@ -130,7 +140,7 @@ def _difattn_attention(
 ) -> torch.Tensor:
     """The registered backend: dispatcher layout ``(B, N, H, D)`` in and out. Under context parallelism
     (``_parallel_config``) the tensors are this rank's shard and the layer runs difattn's own exact schemes."""
-    layer = _ACTIVE.get()
+    layer = _ACTIVE.layer
     if layer is None:
         if not _SESSIONS:
             raise RuntimeError(

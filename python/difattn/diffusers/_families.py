@@ -23,6 +23,10 @@ class Geometry:
 
     ``trimmed_text``: the model drops padded text tokens itself and runs attention per sample (Mochi), so a
     joint call may hold fewer than ``text_tokens`` text tokens.
+
+    ``ids``: position ids ``(N, 3 or 4)`` the image grid is still to be read from (FLUX, Flux2, Chroma under
+    ``torch.compile``, where the ids' values are unknown while tracing); ``frames``, ``height`` and ``width`` are
+    then 0 until :meth:`resolved` reads them when the layer runs.
     """
 
     frames: int
@@ -31,6 +35,14 @@ class Geometry:
     text_tokens: int = 0
     text_position: str = "first"
     trimmed_text: bool = False
+    ids: torch.Tensor | None = None
+
+    def resolved(self) -> Geometry:
+        """This geometry with the image grid read from ``ids`` (itself when there are none)."""
+        if self.ids is None:
+            return self
+        frames, height, width = _grid_from_ids(self.ids)
+        return Geometry(frames, height, width, self.text_tokens, self.text_position, self.trimmed_text)
 
     def grid(self, num_tokens: int) -> TokenGrid:
         """The grid of a self-attention call over ``num_tokens`` tokens: the image alone, or image and text."""
@@ -118,8 +130,8 @@ def _from_ids(transformer: nn.Module, a: dict[str, Any]) -> Geometry:
     if ids is None:
         name = type(transformer).__name__
         raise ValueError(f"{name} was called without img_ids, so the image grid is unknown")
-    frames, height, width = _grid_from_ids(ids)
-    return Geometry(frames, height, width, _text_length(a.get("encoder_hidden_states")), "first")
+    deferred = Geometry(0, 0, 0, _text_length(a.get("encoder_hidden_states")), "first", ids=ids)
+    return deferred if torch.compiler.is_compiling() else deferred.resolved()
 
 
 def _image_2d(text_position: str, extra_text: Callable[[nn.Module], int] = lambda t: 0) -> Reader:

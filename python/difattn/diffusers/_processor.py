@@ -42,7 +42,8 @@ from torch.overrides import TorchFunctionMode
 from .._methods import sparse_attention
 from ..functional import clear_global_kv
 from ..grid import TokenGrid
-from . import _dispatcher
+from . import _compiled, _dispatcher
+from ._families import Geometry
 
 if TYPE_CHECKING:
     from ._session import Session
@@ -62,6 +63,7 @@ class DifattnProcessor(nn.Module):
         super().__init__()
         self.__dict__["original"] = original  # not a submodule: keeps the state dict unchanged
         self.session, self.index, self.name = session, index, name
+        self.key = _compiled.register(self, name)
         d = session.down_factor
         self.spatial_weight = nn.Parameter(torch.full((1, 1, 1, d, 1, d, 1), d**-2.0)) if d else None
 
@@ -80,6 +82,10 @@ class DifattnProcessor(nn.Module):
                 "could replace (an attention backend other than native/SDPA?); call difattn.diffusers.remove()"
             )
         return out
+
+    def attend(self, q, k, v, attn_mask, geometry: Geometry, scale, spatial_weight) -> torch.Tensor:
+        """This layer's method on one call (what :mod:`._compiled`'s op runs); see :meth:`LayerAttention.attend`."""
+        return LayerAttention(self).attend(q, k, v, attn_mask, geometry, scale, spatial_weight)
 
     @contextlib.contextmanager
     def _route(self, layer: "LayerAttention") -> Iterator[None]:
@@ -192,11 +198,18 @@ class LayerAttention:
         self.calls += 1
         if parallel_config is not None:
             return self._attend_sharded(q, k, v, attn_mask, scale, parallel_config)
-        grid = self.session.geometry().grid(q.shape[2])
+        geometry = self.session.geometry()
+        if torch.compiler.is_compiling():
+            return _compiled.layer_attention(self.processor, q, k, v, attn_mask, geometry, scale)
+        return self.attend(q, k, v, attn_mask, geometry, scale, self.processor.spatial_weight)
+
+    def attend(self, q, k, v, attn_mask, geometry: Geometry, scale, spatial_weight) -> torch.Tensor:
+        """The method on this call's grid (read from ``geometry``), text padding (from ``attn_mask``) and CLEAR's
+        global tokens (pooled with ``spatial_weight``). Runs eagerly: values decide the grid, mask and sub-grids."""
+        grid = geometry.resolved().grid(q.shape[2])
         scale = self.session.scale(grid.num_tokens, q.shape[3], scale)
-        text_mask = text_padding(attn_mask, grid, q.shape[0], name)
-        weight = self.processor.spatial_weight
-        global_kv = None if weight is None else clear_global_kv(k, v, grid, weight)
+        text_mask = text_padding(attn_mask, grid, q.shape[0], self.processor.name)
+        global_kv = None if spatial_weight is None else clear_global_kv(k, v, grid, spatial_weight)
         run = functools.partial(self._attend, scale=scale)
         if text_mask is None or self.session.spec.text_mask:
             return run(q, k, v, grid, text_mask, global_kv)

@@ -10,6 +10,7 @@ from torch import nn
 
 from .._methods import SparseMethod
 from .._options import clear_proportional_scale
+from . import _compiled
 from ._families import Family, Geometry
 
 
@@ -21,6 +22,9 @@ class Session:
     ``timestep``: a call with a smaller timestep than the previous one starts the next step, an equal one
     belongs to the same step (classifier-free guidance run as a second call), a larger one starts a new
     generation at step 0.
+
+    Under ``torch.compile`` the step is counted when the graph runs (:func:`._compiled.denoising_step`), and
+    ``step_tensor`` holds it for the layers' ops.
 
     ``backend`` is difattn's registered dispatcher backend (None where diffusers' registry cannot be used) and
     ``native`` diffusers' SDPA backend (None without a dispatcher); both are looked up once, at ``apply`` time.
@@ -49,6 +53,8 @@ class Session:
         self.proportional = proportional
         self.backend, self.native = backend, native
         self.step = 0
+        self.step_tensor: torch.Tensor | None = None
+        self.key = _compiled.register(self, f"session of {type(transformer).__name__}")
         self._last_timestep: float | None = None
         self._geometry: Geometry | None = None
         self._geometry_error: Exception | None = None
@@ -62,12 +68,18 @@ class Session:
             self._geometry, self._geometry_error = self.family.geometry(transformer, arguments), None
         except Exception as err:  # raised again by geometry() if a difattn layer needs it
             self._geometry, self._geometry_error = None, err
-        if self.dense_steps:
-            self._count_step(arguments.get("timestep"))
-
-    def _count_step(self, timestep: Any) -> None:
+        if not self.dense_steps:
+            return
+        timestep = arguments.get("timestep")
         if timestep is None:
             raise ValueError("dense_steps needs the transformer's timestep argument to count denoising steps")
+        if torch.compiler.is_compiling():
+            self.step_tensor = _compiled.denoising_step(self, timestep)
+        else:
+            self.count_step(timestep)
+
+    def count_step(self, timestep: Any) -> None:
+        """Advance :attr:`step` by this call's ``timestep`` (see the class docstring)."""
         t = float(torch.as_tensor(timestep).detach().float().max())
         if self._last_timestep is None or t > self._last_timestep:
             self.step = 0
@@ -92,5 +104,8 @@ class Session:
         return clear_proportional_scale(num_tokens, head_dim, self.proportional, self.down_factor is not None)
 
     def runs_dense(self, index: int) -> bool:
-        """Whether layer ``index`` runs the stock processor in the current call."""
-        return self.spec is None or index in self.dense_layers or self.step < self.dense_steps
+        """Whether layer ``index`` runs the stock processor in the current call (under ``torch.compile``, the
+        dense steps are left to the layer's op, which sees the step of the call)."""
+        if self.spec is None or index in self.dense_layers:
+            return True
+        return not torch.compiler.is_compiling() and self.step < self.dense_steps

@@ -375,50 +375,74 @@ def _sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
 
 
 def DiT_XL_2(**kwargs: Any) -> DiT:
+    """DiT-XL/2 (Peebles & Xie, 2023): depth 28, width 1152, 16 heads, patch 2; ``kwargs`` go to
+    :class:`DiT` (``input_size``, ``num_classes``, ``attention``, ``attention_options``, ...)."""
     return DiT(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
 
 
 def DiT_XL_4(**kwargs: Any) -> DiT:
+    """DiT-XL/4 (Peebles & Xie, 2023): depth 28, width 1152, 16 heads, patch 4; ``kwargs`` go to
+    :class:`DiT` (``input_size``, ``num_classes``, ``attention``, ``attention_options``, ...)."""
     return DiT(depth=28, hidden_size=1152, patch_size=4, num_heads=16, **kwargs)
 
 
 def DiT_XL_8(**kwargs: Any) -> DiT:
+    """DiT-XL/8 (Peebles & Xie, 2023): depth 28, width 1152, 16 heads, patch 8; ``kwargs`` go to
+    :class:`DiT` (``input_size``, ``num_classes``, ``attention``, ``attention_options``, ...)."""
     return DiT(depth=28, hidden_size=1152, patch_size=8, num_heads=16, **kwargs)
 
 
 def DiT_L_2(**kwargs: Any) -> DiT:
+    """DiT-L/2 (Peebles & Xie, 2023): depth 24, width 1024, 16 heads, patch 2; ``kwargs`` go to
+    :class:`DiT` (``input_size``, ``num_classes``, ``attention``, ``attention_options``, ...)."""
     return DiT(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)
 
 
 def DiT_L_4(**kwargs: Any) -> DiT:
+    """DiT-L/4 (Peebles & Xie, 2023): depth 24, width 1024, 16 heads, patch 4; ``kwargs`` go to
+    :class:`DiT` (``input_size``, ``num_classes``, ``attention``, ``attention_options``, ...)."""
     return DiT(depth=24, hidden_size=1024, patch_size=4, num_heads=16, **kwargs)
 
 
 def DiT_L_8(**kwargs: Any) -> DiT:
+    """DiT-L/8 (Peebles & Xie, 2023): depth 24, width 1024, 16 heads, patch 8; ``kwargs`` go to
+    :class:`DiT` (``input_size``, ``num_classes``, ``attention``, ``attention_options``, ...)."""
     return DiT(depth=24, hidden_size=1024, patch_size=8, num_heads=16, **kwargs)
 
 
 def DiT_B_2(**kwargs: Any) -> DiT:
+    """DiT-B/2 (Peebles & Xie, 2023): depth 12, width 768, 12 heads, patch 2; ``kwargs`` go to
+    :class:`DiT` (``input_size``, ``num_classes``, ``attention``, ``attention_options``, ...)."""
     return DiT(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
 
 
 def DiT_B_4(**kwargs: Any) -> DiT:
+    """DiT-B/4 (Peebles & Xie, 2023): depth 12, width 768, 12 heads, patch 4; ``kwargs`` go to
+    :class:`DiT` (``input_size``, ``num_classes``, ``attention``, ``attention_options``, ...)."""
     return DiT(depth=12, hidden_size=768, patch_size=4, num_heads=12, **kwargs)
 
 
 def DiT_B_8(**kwargs: Any) -> DiT:
+    """DiT-B/8 (Peebles & Xie, 2023): depth 12, width 768, 12 heads, patch 8; ``kwargs`` go to
+    :class:`DiT` (``input_size``, ``num_classes``, ``attention``, ``attention_options``, ...)."""
     return DiT(depth=12, hidden_size=768, patch_size=8, num_heads=12, **kwargs)
 
 
 def DiT_S_2(**kwargs: Any) -> DiT:
+    """DiT-S/2 (Peebles & Xie, 2023): depth 12, width 384, 6 heads, patch 2; ``kwargs`` go to
+    :class:`DiT` (``input_size``, ``num_classes``, ``attention``, ``attention_options``, ...)."""
     return DiT(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
 
 
 def DiT_S_4(**kwargs: Any) -> DiT:
+    """DiT-S/4 (Peebles & Xie, 2023): depth 12, width 384, 6 heads, patch 4; ``kwargs`` go to
+    :class:`DiT` (``input_size``, ``num_classes``, ``attention``, ``attention_options``, ...)."""
     return DiT(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)
 
 
 def DiT_S_8(**kwargs: Any) -> DiT:
+    """DiT-S/8 (Peebles & Xie, 2023): depth 12, width 384, 6 heads, patch 8; ``kwargs`` go to
+    :class:`DiT` (``input_size``, ``num_classes``, ``attention``, ``attention_options``, ...)."""
     return DiT(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs)
 
 

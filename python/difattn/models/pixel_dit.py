@@ -47,18 +47,26 @@ class PixelDiT(DiT):
 
 
 def PixelDiT_S(**kwargs: Any) -> PixelDiT:
+    """PixelDiT-S: depth 12, width 384, 6 heads, on pixels (patch 1); ``kwargs`` go to
+    :class:`PixelDiT`."""
     return PixelDiT(depth=12, hidden_size=384, num_heads=6, **kwargs)
 
 
 def PixelDiT_B(**kwargs: Any) -> PixelDiT:
+    """PixelDiT-B: depth 12, width 768, 12 heads, on pixels (patch 1); ``kwargs`` go to
+    :class:`PixelDiT`."""
     return PixelDiT(depth=12, hidden_size=768, num_heads=12, **kwargs)
 
 
 def PixelDiT_L(**kwargs: Any) -> PixelDiT:
+    """PixelDiT-L: depth 24, width 1024, 16 heads, on pixels (patch 1); ``kwargs`` go to
+    :class:`PixelDiT`."""
     return PixelDiT(depth=24, hidden_size=1024, num_heads=16, **kwargs)
 
 
 def PixelDiT_XL(**kwargs: Any) -> PixelDiT:
+    """PixelDiT-XL: depth 28, width 1152, 16 heads, on pixels (patch 1); ``kwargs`` go to
+    :class:`PixelDiT`."""
     return PixelDiT(depth=28, hidden_size=1152, num_heads=16, **kwargs)
 
 
