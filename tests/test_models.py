@@ -266,3 +266,22 @@ def test_dit_compiles_whole():
 def test_every_model_builder_has_a_docstring():
     undocumented = [name for name, build in M.MODELS.items() if not (build.__doc__ or "").strip()]
     assert not undocumented, undocumented
+
+
+def test_models_take_the_method_as_nn_attention_and_apply_do():
+    """``method="clear", radius=2`` builds the same layers as ``attention="clear", attention_options={...}``, on DiT
+    and PixelDiT (whose LLSA default it replaces); mixing the two spellings of the options is refused by name."""
+    torch.manual_seed(0)
+    one = M.DiT_S_2(input_size=8, num_classes=4, method="clear", radius=2.0)
+    torch.manual_seed(0)
+    other = M.DiT_S_2(input_size=8, num_classes=4, attention="clear", attention_options={"radius": 2.0})
+    assert repr(one) == repr(other)
+    x, t, y = torch.randn(1, 4, 8, 8), torch.tensor([3.0]), torch.tensor([1])
+    one.eval(), other.eval()
+    assert torch.equal(one(x, t, y), other(x, t, y))
+    pixel = M.PixelDiT_S(input_size=8, num_classes=4, method="grat", group=(2, 2))
+    assert {(b.attn.method, b.attn.options["group"]) for b in pixel.blocks} == {("grat", (2, 2))}
+    with pytest.raises(ValueError, match="attention_options"):
+        M.DiT_S_2(input_size=8, num_classes=4, method="clear", radius=2.0, attention_options={"radius": 3.0})
+    with pytest.raises(TypeError, match="dept"):
+        M.DiT_S_2(input_size=8, num_classes=4, dept=3)

@@ -139,6 +139,27 @@ def make_attention(
     return attention(hidden_size, num_heads, **options)
 
 
+def choose_attention(
+    attention: str | Callable[..., nn.Module],
+    attention_options: dict[str, Any] | None,
+    method: str | None,
+    method_options: dict[str, Any],
+) -> tuple[str | Callable[..., nn.Module], dict[str, Any] | None]:
+    """The model's attention and its options from either spelling: ``method="clear", radius=8`` (as
+    :class:`difattn.nn.Attention` and ``difattn.diffusers.apply`` take them; ``method`` replaces ``attention``) or
+    ``attention="clear", attention_options={"radius": 8}`` (which also takes a module factory)."""
+    if method is not None:
+        if not isinstance(method, str):
+            raise TypeError(f"method must be a method name (a factory goes to attention=), got {type(method).__name__}")
+        attention = method
+    if method_options:
+        if attention_options is not None:
+            raise ValueError(f"attention_options: given together with keyword options {sorted(method_options)}; "
+                             "pass the method's options one way")
+        attention_options = dict(method_options)
+    return attention, attention_options
+
+
 class DiTBlock(nn.Module):
     """A DiT block with adaLN-Zero conditioning: ``x += gate * f(modulate(norm(x), shift, scale))`` for f in
     (attention, MLP), the six modulation vectors regressed from the conditioning ``c``."""
@@ -198,6 +219,9 @@ class DiT(nn.Module):
         patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, class_dropout_prob, num_classes,
         learn_sigma: as in DiT (``learn_sigma`` doubles the output channels).
         attention: method name or attention factory (module docstring); attention_options: its options.
+        method, **method_options: the same choice as :class:`difattn.nn.Attention` and ``difattn.diffusers.apply``
+            spell it, ``DiT_XL_2(method="clear", radius=8)``; ``method`` replaces ``attention``, and the keyword
+            options replace ``attention_options`` (giving both is a ``ValueError``).
         qk_norm: q/k norm of :class:`difattn.nn.Attention` (``"rms_norm"`` for the pixel DiT).
         pos_embed: ``"sincos"`` (DiT's fixed 2-D embedding, a frozen parameter) or ``"rope"`` (2-D RoPE).
         process_group: None, or a ``ProcessGroup`` / 1-D ``DeviceMesh`` to run the blocks sequence-parallel:
@@ -224,8 +248,11 @@ class DiT(nn.Module):
         qk_norm: bool | str = False,
         pos_embed: str = "sincos",
         process_group: Any = None,
+        method: str | None = None,
+        **method_options: Any,
     ) -> None:
         super().__init__()
+        attention, attention_options = choose_attention(attention, attention_options, method, method_options)
         if pos_embed not in ("sincos", "rope"):
             raise ValueError(f"pos_embed must be 'sincos' or 'rope', got {pos_embed!r}")
         height, width = (input_size, input_size) if isinstance(input_size, int) else input_size

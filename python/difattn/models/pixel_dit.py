@@ -11,13 +11,14 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .dit import DiT
+from .dit import DiT, choose_attention
 
 
 class PixelDiT(DiT):
     """A DiT on pixels: ``patch_size=1``, ``pos_embed="rope"``, ``qk_norm="rms_norm"``, ``attention="llsa"``
     (``block_size=16, topk=8``), flow-matching output (``learn_sigma=False``). Any DiT argument may be
-    overridden; ``input_size`` may be ``(height, width)``."""
+    overridden (``method="clear", radius=4`` as well as ``attention=``/``attention_options=``); ``input_size`` may
+    be ``(height, width)``."""
 
     def __init__(
         self,
@@ -36,13 +37,17 @@ class PixelDiT(DiT):
         attention_options: dict[str, Any] | None = None,
         qk_norm: bool | str = "rms_norm",
         pos_embed: str = "rope",
+        process_group: Any = None,
+        method: str | None = None,
+        **method_options: Any,
     ) -> None:
+        attention, attention_options = choose_attention(attention, attention_options, method, method_options)
         if attention == "llsa" and attention_options is None:
             attention_options = {"block_size": 16, "topk": 8}
         super().__init__(
             input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, class_dropout_prob,
             num_classes, learn_sigma, attention=attention, attention_options=attention_options, qk_norm=qk_norm,
-            pos_embed=pos_embed,
+            pos_embed=pos_embed, process_group=process_group,
         )
 
 
