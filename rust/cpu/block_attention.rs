@@ -7,10 +7,11 @@
 
 use rayon::prelude::*;
 
-use super::common::{check_input, check_output, gather, Dims, OnlineSoftmax, LOG2_E};
+use super::common::{active_isa, check_input, check_output, gather, Dims, OnlineSoftmax, LOG2_E};
 use super::matmul::{Gemm, Mat, MatMut};
 use super::pool::pool;
-use super::vmath::{self, exp2_shift_sum};
+use super::isa::Isa;
+use super::vmath;
 use super::view::{err, DType, View, ViewError};
 use crate::plan::blocks::{BlockPlan, Spatial, MASKED};
 /// Keys per forward GEMM: consecutive key blocks of a query block are gathered into one panel up to this many
@@ -38,7 +39,7 @@ fn apply_mask(plan: &BlockPlan, key_valid: Option<&[i32]>, b: usize, q0: usize, 
         if let Spatial::Disc { max_d2, max_dt } = plan.spatial() {
             if qc[0] >= 0 {
                 let limits = (max_d2.min(i32::MAX as i64) as i32, max_dt.min(i32::MAX as i64) as i32);
-                mask_disc_row(row, (qc[0], qc[1], qc[2]), (kt, ky, kx), limits);
+                mask_disc_row(Isa::current(), row, (qc[0], qc[1], qc[2]), (kt, ky, kx), limits);
             }
         }
         if let Some(valid) = valid {
@@ -48,8 +49,9 @@ fn apply_mask(plan: &BlockPlan, key_valid: Option<&[i32]>, b: usize, q0: usize, 
 }
 
 #[inline(always)]
-fn mask_disc_row_body(row: &mut [f32], q: (i32, i32, i32), keys: (&[i32], &[i32], &[i32]), limits: (i32, i32)) {
-    let (kt, ky, kx) = keys;
+fn mask_disc_row_body<const FMA: bool, const W: usize>(row: &mut [f32], q: (i32, i32, i32), keys: (&[i32], &[i32], &[i32]), limits: (i32, i32)) {
+    let n = row.len();
+    let (kt, ky, kx) = (&keys.0[..n], &keys.1[..n], &keys.2[..n]);
     let (max_d2, max_dt) = limits;
     for (c, x) in row.iter_mut().enumerate() {
         // Coordinates of a disc plan lie in -2..2^15 (checked by `BlockPlan::from_arrays`), so the squares cannot overflow.
@@ -59,26 +61,14 @@ fn mask_disc_row_body(row: &mut [f32], q: (i32, i32, i32), keys: (&[i32], &[i32]
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn mask_disc_row_avx2(row: &mut [f32], q: (i32, i32, i32), keys: (&[i32], &[i32], &[i32]), limits: (i32, i32)) {
-    mask_disc_row_body(row, q, keys, limits)
-}
-
-/// The disc mask of one image query row over `row.len()` keys (see [`apply_mask`]).
-fn mask_disc_row(row: &mut [f32], q: (i32, i32, i32), keys: (&[i32], &[i32], &[i32]), limits: (i32, i32)) {
-    let n = row.len();
-    let keys = (&keys.0[..n], &keys.1[..n], &keys.2[..n]);
-    #[cfg(target_arch = "x86_64")]
-    if vmath::has_avx2_fma() {
-        // SAFETY: the features were detected at run time.
-        return unsafe { mask_disc_row_avx2(row, q, keys, limits) };
-    }
-    mask_disc_row_body(row, q, keys, limits)
-}
+crate::isa_dispatch!(
+    /// The disc mask of one image query row over `row.len()` keys (see [`apply_mask`]).
+    fn mask_disc_row(row: &mut [f32], q: (i32, i32, i32), keys: (&[i32], &[i32], &[i32]), limits: (i32, i32)) = mask_disc_row_body
+);
 
 /// Checks q, k, v against each other and the plan; `Dims::n` is the query count.
 fn check_inputs(q: &View, k: &View, v: &View, plan: &BlockPlan, key_valid: Option<&[i32]>) -> Result<Dims, ViewError> {
+    active_isa()?;
     q.expect(4, true)?;
     v.expect(4, true)?;
     let [batch, heads, nq, d] = q.shape()[..] else { unreachable!("4 dims checked") };
@@ -186,7 +176,7 @@ fn forward_block(q: &View, k: &View, v: &View, out: &View, lse: &View, masks: (&
         let inv = st.inverse(r);
         let log_den = st.log_denominator(r);
         let row = &mut st.acc[r * dv..(r + 1) * dv];
-        row.iter_mut().for_each(|x| *x *= inv);
+        vmath::scale(row, inv);
         let token = plan.q_perm()[q0 + r];
         // SAFETY: `out` and `lse` are validated contiguous outputs and q_perm is a permutation, so this task (query
         // block i of slice bh) is the only one touching row `token` of either.
@@ -329,15 +319,12 @@ impl BackwardCtx<'_> {
         let mul = self.scale * LOG2_E;
         for r in 0..lq {
             let row = &mut p[r * lk..(r + 1) * lk];
-            row.iter_mut().for_each(|x| *x *= mul);
             if buf.lse[r] == f32::NEG_INFINITY {
                 row.fill(0.0);
             } else {
-                exp2_shift_sum(row, buf.lse[r]);
+                vmath::exp2_affine(row, mul, &[], buf.lse[r]);
             }
-            for c in 0..lk {
-                dp[r * lk + c] = row[c] * (dp[r * lk + c] - buf.delta[r]);
-            }
+            vmath::softmax_grad(&mut dp[r * lk..(r + 1) * lk], row, buf.delta[r]);
         }
     }
 

@@ -36,9 +36,10 @@ pub struct Inputs<'a> {
     pub global: Option<(&'a View, &'a View)>,
 }
 
-/// `x` rounded up to a multiple of [`lanes::COLS`]: the row length of the key-gradient buffers for `x` channels.
-fn padded(x: usize) -> usize {
-    x.div_ceil(lanes::COLS) * lanes::COLS
+/// `x` rounded up to a multiple of `w`, the vector width: the row length of the key-gradient buffers for `x`
+/// channels (see [`lanes::update`]).
+fn padded(x: usize, w: usize) -> usize {
+    x.div_ceil(w) * w
 }
 
 /// Checks the inputs (any float dtypes) against each other and the grid; `Dims::n` is the sequence length.

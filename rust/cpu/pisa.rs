@@ -22,10 +22,11 @@ use rayon::prelude::*;
 pub use backward::{backward, BackwardOutputs, BackwardRows};
 pub use stats::{stats, StatsOutputs};
 
-use super::common::{check_input, check_output, gather, Dims, OnlineSoftmax, LOG2_E};
+use super::common::{active_isa, check_input, check_output, gather, Dims, OnlineSoftmax, LOG2_E};
 use super::matmul::{Gemm, Mat, MatMut};
 use super::pool::pool;
 use super::view::{err, DType, View, ViewError};
+use super::vmath;
 /// Centroids per GEMM in the centroid phase.
 pub const CHUNK: usize = 64;
 /// Keys per GEMM in the exact phase: consecutive selected blocks are gathered together up to this many keys
@@ -138,6 +139,7 @@ pub struct Inputs<'a> {
 impl Inputs<'_> {
     /// Checks every input against q's shape and the layout; `M` is `self.layout.num_blocks()`.
     fn check(&self) -> Result<Dims, ViewError> {
+        active_isa()?;
         let q = self.q;
         q.expect(4, true)?;
         self.v.expect(4, true)?;
@@ -297,7 +299,7 @@ fn forward_block(x: &Inputs, moment_mean: Option<&View>, outs: [&View; 3], dims:
         // s = q · k̄ᵀ + bias ; acc += p · w over centroids c0..c0+cols
         Gemm { m: lq, n: cols, k: d, accumulate: false }.run(MatMut::rows(s, cols), Mat::rows(&buf.q, d), km.t());
         for row in s.chunks_exact_mut(cols) {
-            row.iter_mut().zip(&buf.bias[..cols]).for_each(|(x, b)| *x += b);
+            vmath::add_scaled(row, &buf.bias[..cols], 1.0);
         }
         buf.state.update(s, lq, cols, true);
         Gemm { m: lq, n: dv, k: cols, accumulate: true }.run(MatMut::rows(&mut buf.state.softmax.acc, dv), Mat::rows(s, cols), vm);
@@ -315,9 +317,9 @@ fn forward_block(x: &Inputs, moment_mean: Option<&View>, outs: [&View; 3], dims:
         row.copy_from_slice(&st.softmax.acc[r * dv..(r + 1) * dv]);
         if moment_mean.is_some() {
             let weight = st.z[r] / LOG2_E;
-            row.iter_mut().zip(&buf.first[r * dv..(r + 1) * dv]).for_each(|(x, f)| *x += weight * f);
+            vmath::add_scaled(row, &buf.first[r * dv..(r + 1) * dv], weight);
         }
-        row.iter_mut().for_each(|x| *x *= inv);
+        vmath::scale(row, inv);
         let log_den = st.softmax.log_denominator(r);
         // SAFETY: `out`, `lse`, `zeta` are validated contiguous outputs and perm is a permutation, so this task
         // (query block i of slice bh) is the only one touching row `token` of each.

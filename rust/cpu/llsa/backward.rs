@@ -16,7 +16,7 @@ use crate::cpu::common::{check_input, check_output, Dims, LOG2_E};
 use crate::cpu::matmul::{Gemm, Mat, MatMut};
 use crate::cpu::pool::pool;
 use crate::cpu::view::{DType, View, ViewError};
-use crate::cpu::vmath::{dot, exp2_shift_sum};
+use crate::cpu::vmath::{self, dot};
 
 /// Query blocks gathered at once by the key-side pass.
 const KEY_SIDE_CHUNK: usize = 32;
@@ -175,16 +175,11 @@ impl Ctx<'_> {
         // p = q · kᵀ ; ds = dout · vᵀ
         Gemm { m: lq, n: rk, k: d, accumulate: false }.run(MatMut::rows(p, rk), Mat::rows(&qs.q[q0 * d..], d), Mat::rows(&keys.k, d).t());
         Gemm { m: lq, n: rk, k: dv, accumulate: false }.run(MatMut::rows(ds, rk), Mat::rows(&qs.dout[q0 * dv..], dv), Mat::rows(&keys.v, dv).t());
+        let bias: &[f32] = if pooled { &keys.bias[..rk] } else { &[] };
         for r in 0..lq {
             let row = &mut p[r * rk..(r + 1) * rk];
-            if pooled {
-                row.iter_mut().zip(&keys.bias[..rk]).for_each(|(s, bias)| *s = *s * mul + bias);
-            } else {
-                row.iter_mut().for_each(|s| *s *= mul);
-            }
-            exp2_shift_sum(row, qs.lse[q0 + r]);
-            let delta = qs.delta[q0 + r];
-            ds[r * rk..(r + 1) * rk].iter_mut().zip(row.iter()).for_each(|(g, p)| *g = p * (*g - delta));
+            vmath::exp2_affine(row, mul, bias, qs.lse[q0 + r]);
+            vmath::softmax_grad(&mut ds[r * rk..(r + 1) * rk], row, qs.delta[q0 + r]);
         }
     }
 }
@@ -347,7 +342,7 @@ impl Ctx<'_> {
 }
 
 fn add_rows(dst: &mut [f32], src: &[f32]) {
-    dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
+    vmath::add_scaled(dst, src, 1.0);
 }
 
 /// Adds the consecutive row runs of `src` (`k` rows of `d`, `v` rows of `dv`) to the runs `(first row, rows)` of
@@ -438,8 +433,8 @@ impl Ctx<'_> {
             for level in 1..=plan.levels() {
                 let weight = plan.pool_weight(token, level);
                 let row = plan.level_rows[level - 1] + token / plan.span(level);
-                add_scaled(dk_row, &pooled.0[row * d..(row + 1) * d], weight);
-                add_scaled(dv_row, &pooled.1[row * dvw..(row + 1) * dvw], weight);
+                vmath::add_scaled(dk_row, &pooled.0[row * d..(row + 1) * d], weight);
+                vmath::add_scaled(dv_row, &pooled.1[row * dvw..(row + 1) * dvw], weight);
             }
             // SAFETY: `dk`, `dv` are validated contiguous outputs; fine key blocks partition the rows of (b, h) and
             // `plan.row` is a permutation, so this task is the only one touching this row of either.
@@ -451,6 +446,4 @@ impl Ctx<'_> {
     }
 }
 
-fn add_scaled(dst: &mut [f32], src: &[f32], mul: f32) {
-    dst.iter_mut().zip(src).for_each(|(a, b)| *a += b * mul);
-}
+

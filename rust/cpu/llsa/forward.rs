@@ -78,7 +78,7 @@ fn forward_group(
     // sp = q · kpᵀ + bias over the group's rows
     Gemm { m: rows, n: rp, k: d, accumulate: false }.run(MatMut::rows(sp, rp), Mat::rows(&buf.q, d), Mat::rows(&buf.pooled.k, d).t());
     for row in sp.chunks_exact_mut(rp) {
-        row.iter_mut().zip(&buf.pooled.bias[..rp]).for_each(|(s, bias)| *s += bias);
+        vmath::add_scaled(row, &buf.pooled.bias[..rp], 1.0);
     }
     for j in j0..j1 {
         let r0 = (j - j0) * plan.block;
@@ -102,8 +102,7 @@ fn forward_group(
     Gemm { m: rows, n: dv, k: rp, accumulate: true }.run(MatMut::rows(&mut buf.acc, dv), Mat::rows(sp, rp), Mat::rows(&buf.pooled.v, dv));
     for r in 0..rows {
         let row = &mut buf.acc[r * dv..(r + 1) * dv];
-        let inv = 1.0 / buf.l[r];
-        row.iter_mut().for_each(|x| *x *= inv);
+        vmath::scale(row, 1.0 / buf.l[r]);
         let log_den = (buf.m[r] + buf.l[r].log2()) * LN_2;
         // SAFETY: `out`, `lse` are validated contiguous outputs; groups partition the query rows of (b, h) and
         // `plan.row` is a permutation, so this task is the only one touching these rows.

@@ -19,7 +19,7 @@ use crate::cpu::common::{check_input, check_output, gather, Dims, LOG2_E};
 use crate::cpu::matmul::{Gemm, Mat, MatMut};
 use crate::cpu::pool::pool;
 use crate::cpu::view::{DType, View, ViewError};
-use crate::cpu::vmath::exp2_shift_sum;
+use crate::cpu::vmath;
 
 /// Tasks per worker the pass aims for when it splits the query blocks of a slice.
 const TASKS_PER_THREAD: usize = 2;
@@ -154,7 +154,7 @@ impl Ctx<'_> {
             let idx = [b, h, layout.perm[q0 + r]];
             buf.lse[r] = self.rows.lse.load(&idx) * LOG2_E;
             let (g, o) = (&buf.dout[r * dv..(r + 1) * dv], &buf.out[r * dv..(r + 1) * dv]);
-            buf.delta[r] = g.iter().zip(o).map(|(g, o)| g * o).sum();
+            buf.delta[r] = vmath::dot(g, o);
             buf.rho[r] = 0.0;
         }
         if let Some(hm) = self.rows.moment_mean {
@@ -164,7 +164,7 @@ impl Ctx<'_> {
             for r in 0..lq {
                 let zeta = self.rows.zeta.load(&[b, h, layout.perm[q0 + r]]);
                 let (g, first) = (&buf.dout[r * dv..(r + 1) * dv], &buf.out[r * dv..(r + 1) * dv]);
-                buf.rho[r] = self.x.scale * g.iter().zip(first).map(|(g, f)| g * f).sum::<f32>();
+                buf.rho[r] = self.x.scale * vmath::dot(g, first);
                 buf.zg[r * dv..(r + 1) * dv].iter_mut().zip(g).for_each(|(z, g)| *z = zeta * g);
             }
         }
@@ -176,19 +176,15 @@ impl Ctx<'_> {
     fn probabilities(&self, lq: usize, cols: usize, centroid: bool, buf: &mut Buffers) {
         let mul = self.x.scale * LOG2_E;
         let (p, dp) = (&mut buf.p[..lq * cols], &mut buf.dp[..lq * cols]);
+        let bias: &[f32] = if centroid { &buf.bias[..cols] } else { &[] };
         for r in 0..lq {
             let row = &mut p[r * cols..(r + 1) * cols];
-            if centroid {
-                row.iter_mut().zip(&buf.bias[..cols]).for_each(|(x, bias)| *x = *x * mul + bias);
-            } else {
-                row.iter_mut().for_each(|x| *x *= mul);
-            }
-            exp2_shift_sum(row, buf.lse[r]);
+            vmath::exp2_affine(row, mul, bias, buf.lse[r]);
             let (drow, delta, rho) = (&mut dp[r * cols..(r + 1) * cols], buf.delta[r], buf.rho[r]);
             if centroid {
                 drow.iter_mut().zip(row.iter()).for_each(|(g, p)| *g = p * (*g + rho - delta));
             } else {
-                drow.iter_mut().zip(row.iter()).for_each(|(g, p)| *g = p * (*g - delta));
+                vmath::softmax_grad(drow, row, delta);
             }
         }
     }
@@ -214,7 +210,7 @@ impl Ctx<'_> {
             }
             for r in 0..lq {
                 let row = &mut buf.dq[r * d..(r + 1) * d];
-                row.iter_mut().for_each(|x| *x *= self.x.scale);
+                vmath::scale(row, self.x.scale);
                 // SAFETY: `dq` is a validated contiguous output and perm is a permutation; query block i belongs to
                 // this task, so it is the only one touching this row.
                 unsafe { dq.store_row(&[b, h, self.x.layout.perm[q0 + r]], row) };
