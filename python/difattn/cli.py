@@ -40,6 +40,8 @@ def _info(_: argparse.Namespace) -> int:
     print(f"difattn {__version__}")
     ok, reason = core_status()
     print("compiled core: " + (", ".join(f"{k}={v}" for k, v in core().build_info()) if ok else f"missing: {reason}"))
+    if ok:
+        print(_cpu_isa_line())
     print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
@@ -48,6 +50,19 @@ def _info(_: argparse.Namespace) -> int:
             parts = [name if can else f"{name}: no ({why})" for name, (can, why) in availability(method, device).items()]
             print(f"  {method:<7} " + "; ".join(parts))
     return 0
+
+
+def _cpu_isa_line() -> str:
+    """The CPU kernels' instruction-set level, the levels and vector features of this CPU (AMX and AVX512-FP16
+    are listed when present, though no kernel uses them)."""
+    try:
+        level, levels, features = core().cpu_isa()
+    except ValueError as err:  # a bad DIFATTN_CPU_ISA: every CPU kernel call raises the same
+        return f"CPU ISA: error: {err}"
+    unused = [f for f in features if f.startswith("amx") or f == "avx512fp16"]
+    used = [f for f in features if f not in unused]
+    return (f"CPU ISA: {level} (this CPU runs {', '.join(levels)}; DIFATTN_CPU_ISA forces a lower one); "
+            f"features: {' '.join(used) or 'baseline only'}" + (f"; present, not used: {' '.join(unused)}" if unused else ""))
 
 
 def _bench(args: argparse.Namespace) -> int:
