@@ -20,7 +20,7 @@ from difattn.testing import compare_with_reference, random_qkv, torch_threads
 
 pytestmark = pytest.mark.skipif(not core_status()[0], reason="the compiled core is missing")
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPES = [pytest.param(dtype, id=str(dtype).removeprefix("torch.")) for dtype in (torch.float32, torch.bfloat16, torch.float16)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

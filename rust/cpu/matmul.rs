@@ -7,6 +7,32 @@
 use std::marker::PhantomData;
 
 use super::isa::{Isa, Level};
+use super::view::DType;
+
+#[cfg(target_arch = "x86_64")]
+mod bf16;
+
+/// How a kernel call's attention products (`q·kᵀ`, `p·v` and their backward) run: f32 FMAs, or — for bf16 inputs
+/// on the `Avx512Bf16` level — bf16 dot products with f32 accumulation, which round the operands that are not
+/// inputs (probabilities, score gradients) to bf16 as a bf16 reference computation does. Made only from an
+/// [`Isa`], so the bf16 products run only where the CPU has them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Precision {
+    bf16: bool,
+}
+
+impl Precision {
+    pub const F32: Precision = Precision { bf16: false };
+
+    /// bf16 dot products for bf16 inputs on a level with them; f32 otherwise.
+    pub fn for_inputs(dtype: DType, isa: Isa) -> Precision {
+        Precision { bf16: cfg!(target_arch = "x86_64") && dtype == DType::BF16 && isa.level() >= Level::Avx512Bf16 }
+    }
+
+    pub fn is_bf16(self) -> bool {
+        self.bf16
+    }
+}
 
 /// The elements an operand may address: offsets (in elements from its start) below `Len`, or the index box
 /// `rows x cols` (a view's elements, whatever its strides).
@@ -101,14 +127,44 @@ impl Gemm {
         self.run_on(Isa::current(), dst, lhs, rhs)
     }
 
-    /// [`Gemm::run`] on the micro-kernels of `isa`.
-    pub fn run_on(self, isa: Isa, dst: MatMut, lhs: Mat, rhs: Mat) {
+    /// [`Gemm::run`] in `precision`: bf16 dot products when it says so, f32 on the level in use otherwise.
+    #[inline]
+    pub fn run_in(self, precision: Precision, dst: MatMut, lhs: Mat, rhs: Mat) {
+        if !precision.bf16 {
+            return self.run(dst, lhs, rhs);
+        }
+        self.check(&dst, &lhs, &rhs);
         let Gemm { m, n, k, accumulate } = self;
+        if m == 0 || n == 0 {
+            return;
+        }
+        // SAFETY: `dst` was made from a mutable slice of `len` values borrowed for this call.
+        let out = unsafe { std::slice::from_raw_parts_mut(dst.ptr, dst.len) };
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a bf16 precision is made only from an `Isa` of the `Avx512Bf16` level, whose features (AVX-512 F,
+        // BW and BF16) this CPU has; every element of `lhs` (m x k) and `rhs` (k x n) lies inside its operand
+        // (checked above), and `out` holds the m rows of n values at stride `rs` (checked as well).
+        unsafe {
+            bf16::gemm(m, n, k, out, dst.rs, accumulate, &lhs, &rhs)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("bf16 products exist only on x86-64: {out:p}");
+    }
+
+    /// Panics unless every operand holds the sizes it is used with.
+    fn check(self, dst: &MatMut, lhs: &Mat, rhs: &Mat) {
+        let Gemm { m, n, k, .. } = self;
         assert!(
             covers(Extent::Len(dst.len), m, n, dst.rs, 1) && covers(lhs.extent, m, k, lhs.rs, lhs.cs)
                 && covers(rhs.extent, k, n, rhs.rs, rhs.cs),
             "matmul: an operand is smaller than {m} x {k} · {k} x {n}"
         );
+    }
+
+    /// [`Gemm::run`] on the micro-kernels of `isa`.
+    pub fn run_on(self, isa: Isa, dst: MatMut, lhs: Mat, rhs: Mat) {
+        self.check(&dst, &lhs, &rhs);
+        let Gemm { m, n, k, accumulate } = self;
         if m == 0 || n == 0 {
             return;
         }
@@ -206,6 +262,44 @@ mod tests {
             gemm.run(MatMut::rows(&mut c, 2), one_row, Mat::rows(&b, 2));
         });
         assert!(boxed.is_err());
+    }
+
+    #[test]
+    fn bf16_products_match_a_naive_product_of_the_rounded_operands() {
+        let Ok(isa) = Isa::new(Level::Avx512Bf16) else {
+            eprintln!("skipped: this CPU lacks avx512bf16");
+            return;
+        };
+        let bf16 = Precision::for_inputs(DType::BF16, isa);
+        assert!(bf16.is_bf16() && !Precision::for_inputs(DType::F32, isa).is_bf16());
+        let round = |x: f32| half::bf16::from_f32(x).to_f32() as f64;
+        // Tails of the 8 x 32 tile and of the 16-wide packing, odd inner sizes, both operand orientations.
+        for &(m, n, k) in &[(1, 1, 1), (8, 32, 2), (9, 33, 3), (17, 47, 33), (64, 256, 64), (40, 16, 63), (3, 70, 0)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.0937).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.1171).collect();
+            for (at, bt) in [(false, false), (false, true), (true, false), (true, true)] {
+                let lhs = if at { Mat::rows(&a, m).t() } else { Mat::rows(&a, k) };
+                let rhs = if bt { Mat::rows(&b, k).t() } else { Mat::rows(&b, n) };
+                for accumulate in [false, true] {
+                    let ld = n + 3;
+                    let mut c = vec![0.5f32; m * ld];
+                    Gemm { m, n, k, accumulate }.run_in(bf16, MatMut::rows(&mut c, ld), lhs, rhs);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let mut want = if accumulate { 0.5 } else { 0.0 };
+                            for p in 0..k {
+                                let x = if at { a[p * m + i] } else { a[i * k + p] };
+                                let y = if bt { b[j * k + p] } else { b[p * n + j] };
+                                want += round(x) * round(y);
+                            }
+                            let got = c[i * ld + j] as f64;
+                            assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "{m}x{n}x{k} {at} {bt}: {got} vs {want}");
+                        }
+                        assert!(c[i * ld + n..(i + 1) * ld].iter().all(|&x| x == 0.5), "a padding column was written");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

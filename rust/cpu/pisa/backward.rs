@@ -16,7 +16,8 @@ use rayon::prelude::*;
 
 use super::{centroid_bias, groups, Inputs, CHUNK, GROUP_KEYS};
 use crate::cpu::common::{check_input, check_output, gather, Dims, LOG2_E};
-use crate::cpu::matmul::{Gemm, Mat, MatMut};
+use crate::cpu::isa::Isa;
+use crate::cpu::matmul::{Gemm, Mat, MatMut, Precision};
 use crate::cpu::pool::pool;
 use crate::cpu::view::{DType, View, ViewError};
 use crate::cpu::vmath;
@@ -67,7 +68,7 @@ pub fn backward(x: &Inputs, rows: &BackwardRows, outs: &BackwardOutputs, threads
     check_output(outs.dkey_mean, &[bt, h, m, d], DType::F32)?;
     check_output(outs.dvalue_mean, &[bt, h, m, dv], DType::F32)?;
     let pool = pool(threads).map_err(ViewError)?;
-    let ctx = Ctx { x, rows, dims };
+    let ctx = Ctx { x, rows, dims, precision: Precision::for_inputs(x.q.dtype(), Isa::current()) };
     let block = x.layout.max_block();
     let slices = bt * h;
     let splits = (TASKS_PER_THREAD * threads.max(1)).div_ceil(slices).clamp(1, m);
@@ -101,6 +102,8 @@ struct Ctx<'a> {
     x: &'a Inputs<'a>,
     rows: &'a BackwardRows<'a>,
     dims: Dims,
+    /// Of the exact entries' products (the centroid ones stay f32, as the centroids are).
+    precision: Precision,
 }
 
 struct Buffers {
@@ -230,17 +233,18 @@ impl Ctx<'_> {
                 lk += layout.block(j).1;
             }
             // p = q · kᵀ ; dp = dout · vᵀ, then dq += dS · k
-            Gemm { m: lq, n: lk, k: d, accumulate: false }.run(MatMut::rows(&mut buf.p, lk), Mat::rows(&buf.q, d), Mat::rows(&buf.k, d).t());
-            Gemm { m: lq, n: lk, k: dv, accumulate: false }.run(MatMut::rows(&mut buf.dp, lk), Mat::rows(&buf.dout, dv), Mat::rows(&buf.v, dv).t());
+            let precision = self.precision;
+            Gemm { m: lq, n: lk, k: d, accumulate: false }.run_in(precision, MatMut::rows(&mut buf.p, lk), Mat::rows(&buf.q, d), Mat::rows(&buf.k, d).t());
+            Gemm { m: lq, n: lk, k: dv, accumulate: false }.run_in(precision, MatMut::rows(&mut buf.dp, lk), Mat::rows(&buf.dout, dv), Mat::rows(&buf.v, dv).t());
             self.probabilities(lq, lk, false, buf);
-            Gemm { m: lq, n: d, k: lk, accumulate: true }.run(MatMut::rows(&mut buf.dq, d), Mat::rows(&buf.dp, lk), Mat::rows(&buf.k, d));
+            Gemm { m: lq, n: d, k: lk, accumulate: true }.run_in(precision, MatMut::rows(&mut buf.dq, d), Mat::rows(&buf.dp, lk), Mat::rows(&buf.k, d));
             let mut col = 0;
             for &j in group {
                 let (k0, len) = layout.block(j);
                 // dk_j += dSᵀ q ; dv_j += Pᵀ dout (columns col..col+len of dS and P; rows k0.. of the task's sums)
                 let (ds_j, p_j) = (Mat::rows(&buf.dp[col..], lk).t(), Mat::rows(&buf.p[col..], lk).t());
-                Gemm { m: len, n: d, k: lq, accumulate: true }.run(MatMut::rows(&mut grads.dk[k0 * d..], d), ds_j, Mat::rows(&buf.q, d));
-                Gemm { m: len, n: dv, k: lq, accumulate: true }.run(MatMut::rows(&mut grads.dv[k0 * dv..], dv), p_j, Mat::rows(&buf.dout, dv));
+                Gemm { m: len, n: d, k: lq, accumulate: true }.run_in(precision, MatMut::rows(&mut grads.dk[k0 * d..], d), ds_j, Mat::rows(&buf.q, d));
+                Gemm { m: len, n: dv, k: lq, accumulate: true }.run_in(precision, MatMut::rows(&mut grads.dv[k0 * dv..], dv), p_j, Mat::rows(&buf.dout, dv));
                 col += len;
             }
         }
