@@ -21,7 +21,8 @@ pub use geometry::{computed_pairs, Geometry};
 
 use geometry::Group;
 
-use super::common::{check_input, Dims};
+use super::common::{active_isa, check_input, Dims};
+use super::isa::{Isa, Level};
 use super::view::{err, View, ViewError};
 /// Keys per piece: logits of a tile for this many keys stay in L1 (16 KiB).
 const PIECE_KEYS: usize = 256;
@@ -38,6 +39,14 @@ pub struct Inputs<'a> {
 
 /// `x` rounded up to a multiple of `w`, the vector width: the row length of the key-gradient buffers for `x`
 /// channels (see [`lanes::update`]).
+/// The level CLEAR's tile kernels run on: the one in use, at most AVX2. Their 16-lane tiles are `[f32; 16]` arrays
+/// left to the compiler's vectorizer; its AVX-512 clone ran 25-40x slower than the AVX2 clone on the Zen 4 test CPU
+/// (64x64 grid, r=8, fp32 forward), so AVX-512 CPUs run the AVX2 clone until the lanes are written with explicit
+/// 512-bit vectors.
+fn clear_isa() -> Result<Isa, ViewError> {
+    Ok(active_isa()?.at_most(Level::Avx2))
+}
+
 fn padded(x: usize, w: usize) -> usize {
     x.div_ceil(w) * w
 }

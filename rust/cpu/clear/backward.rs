@@ -8,7 +8,7 @@ use super::forward::load_lanes;
 use super::geometry::{self, lane_intervals, Segment, Tile};
 use super::lanes::{self, Lanes, LANES};
 use super::{check_inputs, err, padded, panel_offset, pieces, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_ROWS};
-use crate::cpu::common::{active_isa, check_input, check_output, LOG2_E};
+use crate::cpu::common::{check_input, check_output, LOG2_E};
 use crate::cpu::pool::pool;
 use crate::cpu::view::{DType, View, ViewError};
 use crate::cpu::vmath::exp2_one;
@@ -67,7 +67,7 @@ pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scal
     if slices == 0 {
         return Ok(());
     }
-    let isa = active_isa()?;
+    let isa = super::clear_isa()?;
     let w = isa.f32_lanes();
     let (d_pad, dv_pad) = (padded(dims.d, w), padded(dims.dv, w));
     let part_bytes = geo.keys() * (d_pad + dv_pad) * 4;

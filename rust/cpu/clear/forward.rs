@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use super::geometry::{self, lane_intervals, Segment, Tile};
 use super::lanes::{self, Lanes, LANES};
 use super::{check_inputs, panel_offset, pieces, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_KEYS, PIECE_ROWS};
-use crate::cpu::common::{active_isa, check_output, LN_2, LOG2_E};
+use crate::cpu::common::{check_output, LN_2, LOG2_E};
 use crate::cpu::pool::pool;
 use crate::cpu::view::{DType, View, ViewError};
 use crate::cpu::vmath::{exp2_one, log2_one};
@@ -19,7 +19,7 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, geo: &Geometry, scale: f32,
     check_output(lse, &[dims.batch, dims.heads, n], DType::F32)?;
     let groups = geometry::groups(geo);
     let tiles = geometry::tiles(geo);
-    let isa = active_isa()?;
+    let isa = super::clear_isa()?;
     pool(threads).map_err(ViewError)?.install(|| {
         (0..dims.slices()).into_par_iter().for_each(|bh| {
             let (b, h) = dims.slice(bh);

@@ -2,6 +2,7 @@
 //! two AVX2 vectors). Generic over `FMA` and the vector width `W` and `#[inline(always)]`: the tile functions that
 //! call them are compiled for each instruction set (`isa_dispatch!`), and each `[f32; 16]` becomes one or two
 //! vector registers; `W` picks register blocks that fill the register file (32 vectors with AVX-512, 16 with AVX2).
+//! (AVX-512 CPUs run the AVX2 clone for now: `clear_isa` says why.)
 //!
 //! - [`dots`]: logits `s[j] = Σ_c a[c]·panel[c][j]` of the lanes against keys stored as a transposed panel
 //!   (a register block of 12 or 6 keys: one or two vector loads and a broadcast per key and channel, the shape
