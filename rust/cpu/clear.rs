@@ -40,9 +40,11 @@ pub struct Inputs<'a> {
 /// `x` rounded up to a multiple of `w`, the vector width: the row length of the key-gradient buffers for `x`
 /// channels (see [`lanes::update`]).
 /// The level CLEAR's tile kernels run on: the one in use, at most AVX2. Their 16-lane tiles are `[f32; 16]` arrays
-/// left to the compiler's vectorizer; its AVX-512 clone ran 25-40x slower than the AVX2 clone on the Zen 4 test CPU
-/// (64x64 grid, r=8, fp32 forward), so AVX-512 CPUs run the AVX2 clone until the lanes are written with explicit
-/// 512-bit vectors.
+/// left to the compiler's vectorizer, which in the AVX-512 clone vectorizes loops over rows of lanes (e.g. the
+/// accumulators' rescale) across the rows, with gathers and scatters (178 in the forward tile function); that clone
+/// ran 25-40x slower than the AVX2 clone on the Zen 4 test CPU (48x48 and 64x64 grids, r=8). Built with LLVM's
+/// `prefer-no-gather,prefer-no-scatter` (unstable as Rust target features) it has none and runs as fast as the AVX2
+/// clone, so AVX-512 CPUs run the AVX2 clone until the lanes are written with explicit vectors.
 fn clear_isa() -> Result<Isa, ViewError> {
     Ok(active_isa()?.at_most(Level::Avx2))
 }
