@@ -51,7 +51,7 @@ def test_grat(cpu_isa, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pisa(cpu_isa, dtype):
     q, k, v = random_qkv(1, 2, 300, 72, dtype=dtype, seed=3, token_major=True)
-    opts = dict(density=0.25, block_size=64, order="hybrid", routing_bias=False, sink=None, grid=None, scale=72**-0.5)
+    opts = dict(density=0.25, block_size=64, order="hybrid", routing_bias=None, sink=None, grid=None, scale=72**-0.5)
     _, blocks = pisa_on_kernels(q, k, v, backend="rust", return_blocks=True, **opts)
     compare_with_reference(
         f"pisa {cpu_isa}",
