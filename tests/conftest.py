@@ -28,6 +28,27 @@ SEED = int(os.environ.get("DIFATTN_HYPOTHESIS_SEED") or secrets.randbelow(2**32)
 
 torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
 
+CPU_ISAS = ("scalar", "avx2", "avx512", "avx512bf16")
+
+
+@pytest.fixture(params=CPU_ISAS)
+def cpu_isa(request):
+    """Runs the test with every CPU kernel on one instruction-set level (``_core.set_cpu_isa``), once per level;
+    levels this CPU lacks are skipped with a message naming the level."""
+    from difattn._native import core, core_status
+
+    if not core_status()[0]:
+        pytest.skip("the compiled core is missing")
+    level = request.param
+    _, supported, features = core().cpu_isa()
+    if level not in supported:
+        pytest.skip(f"this CPU lacks the {level} instruction set (it has: {' '.join(features) or 'the baseline only'})")
+    core().set_cpu_isa(level)
+    try:
+        yield level
+    finally:
+        core().set_cpu_isa(None)
+
 
 def _hypothesis_line() -> str:
     if SEED is None:

@@ -123,3 +123,26 @@ def test_bench_plot_on_cpu_times_several_sizes(tmp_path):
     assert main(["bench", "--device", "cpu", "--quick", "--methods", "linear", "--out", str(path),
                  "--plot", str(tmp_path / "p.png")]) == 0
     assert sorted({r["N"] for r in json.loads(path.read_text())["records"]}) == [256, 576, 1024]
+
+
+def test_bench_block_records_and_arguments(tmp_path, capsys):
+    """`difattn bench --block`: one dense and one record per method and pass, speedups against the dense block;
+    options that do not apply to the DiT-XL/2 block are refused (a small block here, for time)."""
+    import torch
+
+    from difattn import TokenGrid
+    from difattn.bench.block import BlockConfig, format_block_table, run_block
+
+    cfg = BlockConfig(device=torch.device("cpu"), grid=TokenGrid(16, 16), hidden=64, heads=4,
+                      methods=("clear", "llsa", "linear"), budget_s=0.0)
+    records = run_block(cfg)
+    assert [(r["method"], r["pass"]) for r in records] == [
+        (m, p) for p in ("fwd", "fwd+bwd") for m in ("dense", "clear", "llsa", "linear")]
+    for r in records:
+        assert r["N"] == 256 and r["D"] == 16 and r["ms"] > 0
+        dense = next(d for d in records if d["method"] == "dense" and d["pass"] == r["pass"])
+        assert r["dense_ms"] == dense["ms"] and r["speedup"] == pytest.approx(dense["ms"] / r["ms"])
+    assert "radius=8.0" in format_block_table(records)
+    assert main(["bench", "--block", "--heads", "4"]) == 2
+    assert main(["bench", "--block", "--grid", "8x8", "9x9"]) == 2
+    assert "--block" in capsys.readouterr().err

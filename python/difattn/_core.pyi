@@ -21,6 +21,15 @@ def zorder(grid: GridArgs) -> tuple[bytes, bytes]:
 def build_info() -> list[tuple[str, str]]:
     """How the extension was built: version, profile, target."""
 
+def cpu_isa() -> tuple[str, list[str], list[str]]:
+    """(level in use, levels this CPU runs, CPU vector features) of the CPU kernels; levels are "scalar", "avx2",
+    "avx512" (F/BW/DQ/VL) and "avx512bf16". Raises ValueError when DIFATTN_CPU_ISA names an unknown level or one
+    this CPU lacks."""
+
+def set_cpu_isa(level: str | None) -> str:
+    """Makes `level` the level of every CPU kernel in this process (None: back to DIFATTN_CPU_ISA or the best the
+    CPU has); returns the level in use. Raises ValueError for an unknown level or one this CPU lacks."""
+
 # A tensor as Python hands it over: (data_ptr, dtype name, shape, strides in elements). The core validates
 # alignment, strides and extents before reading; outputs must be contiguous.
 TensorArgs = tuple[int, str, list[int], list[int]]

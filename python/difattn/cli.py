@@ -13,6 +13,7 @@ import torch
 from . import __version__
 from ._native import core, core_status
 from .backends import METHODS, availability
+from .bench import block as bench_block
 from .bench import cases as bench_cases
 from .bench import distributed as bench_distributed
 from .bench.digits import DEFAULT_WEIGHTS as DIGITS_WEIGHTS
@@ -62,6 +63,8 @@ def _info(_: argparse.Namespace) -> int:
     print(f"difattn {__version__}")
     ok, reason = core_status()
     print("compiled core: " + (", ".join(f"{k}={v}" for k, v in core().build_info()) if ok else f"missing: {reason}"))
+    if ok:
+        print(_cpu_isa_line())
     print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
@@ -70,6 +73,19 @@ def _info(_: argparse.Namespace) -> int:
             parts = [name if can else f"{name}: no ({why})" for name, (can, why) in availability(method, device).items()]
             print(f"  {method:<7} " + "; ".join(parts))
     return 0
+
+
+def _cpu_isa_line() -> str:
+    """The CPU kernels' instruction-set level, the levels and vector features of this CPU (AMX and AVX512-FP16
+    are listed when present, though no kernel uses them)."""
+    try:
+        level, levels, features = core().cpu_isa()
+    except ValueError as err:  # a bad DIFATTN_CPU_ISA: every CPU kernel call raises the same
+        return f"CPU ISA: error: {err}"
+    unused = [f for f in features if f.startswith("amx") or f == "avx512fp16"]
+    used = [f for f in features if f not in unused]
+    return (f"CPU ISA: {level} (this CPU runs {', '.join(levels)}; DIFATTN_CPU_ISA forces a lower one); "
+            f"features: {' '.join(used) or 'baseline only'}" + (f"; present, not used: {' '.join(unused)}" if unused else ""))
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -82,6 +98,8 @@ def _bench(args: argparse.Namespace) -> int:
         if device.type == "cuda" and not torch.cuda.is_available():
             print("difattn bench: --device cuda but CUDA is not available here", file=sys.stderr)
             return 2
+    if args.block:
+        return _bench_block(args, device)
     on_gpu = device.type == "cuda"
     if args.grid:
         shapes = tuple(bench_cases.Shape(g, args.batch or 1, args.heads or 4, args.head_dim or 64) for g in args.grid)
@@ -128,6 +146,28 @@ def _bench(args: argparse.Namespace) -> int:
     if args.plot:
         drawn = pareto_plot(quality, Path(args.plot)) if args.quality else plot(records, Path(args.plot))
         print(f"wrote {args.plot}" if drawn else "--plot needs matplotlib (pip install 'difattn[bench]')")
+    return 0
+
+
+def _bench_block(args: argparse.Namespace, device: torch.device) -> int:
+    if args.heads or args.head_dim or args.tokens:
+        print("difattn bench: --block is DiT-XL/2's block (1152 wide, 16 heads of 72); --heads, --head-dim and "
+              "--tokens do not apply (--grid sets its latent grid)", file=sys.stderr)
+        return 2
+    if args.grid and len(args.grid) > 1:
+        print("difattn bench: --block takes one --grid", file=sys.stderr)
+        return 2
+    grid = args.grid[0] if args.grid else (TokenGrid(32, 32) if args.quick else bench_block.DEFAULT_GRID)
+    dtype = _DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    cfg = bench_block.BlockConfig(device=device, grid=grid, batch=args.batch or 1, dtype=dtype,
+                                  methods=tuple(args.methods), budget_s=0.3 if args.quick else 1.0)
+    print(f"difattn bench --block on {device} ({torch.get_num_threads()} threads), {dtype}: a DiT-XL/2 block "
+          f"(hidden {cfg.hidden}, {cfg.heads} heads) on {_grid_label(grid)}, B={cfg.batch}, forward and forward+backward")
+    records = bench_block.run_block(cfg)
+    print(bench_block.format_block_table(records))
+    path = Path(args.json or f"difattn-bench-block-{device.type}.json")
+    write_json(path, device, dtype, records)
+    print(f"wrote {path}")
     return 0
 
 
@@ -195,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "and speedup), captured attention patterns and end-to-end samples")
     bench.add_argument("--digits-weights", help=f"the trained digits PixelDiT for --quality (default: "
                        f"{DIGITS_WEIGHTS}; skipped when absent)")
+    bench.add_argument("--block", action="store_true",
+                       help="time a whole DiT-XL/2 block (hidden 1152, 16 heads, D=72) with each method against dense, "
+                       "forward and forward+backward (--grid: its latent grid, default 64x64; --quick: 32x32)")
     bench.add_argument("--world-size", type=int, help="run the sequence-parallel schemes on this many processes "
                        "(gloo on CPU, NCCL with as many GPUs): bytes per rank and time per layer")
     bench.set_defaults(func=_bench)

@@ -7,10 +7,11 @@
 
 use rayon::prelude::*;
 
-use super::common::{check_input, check_output, gather, Dims, OnlineSoftmax, LOG2_E};
-use super::matmul::{Gemm, Mat, MatMut};
+use super::common::{active_isa, check_input, check_output, gather, Dims, OnlineSoftmax, LOG2_E};
+use super::matmul::{Gemm, Mat, MatMut, Precision};
 use super::pool::pool;
-use super::vmath::{self, exp2_shift_sum};
+use super::isa::Isa;
+use super::vmath;
 use super::view::{err, DType, View, ViewError};
 use crate::plan::blocks::{BlockPlan, Spatial, MASKED};
 /// Keys per forward GEMM: consecutive key blocks of a query block are gathered into one panel up to this many
@@ -38,7 +39,7 @@ fn apply_mask(plan: &BlockPlan, key_valid: Option<&[i32]>, b: usize, q0: usize, 
         if let Spatial::Disc { max_d2, max_dt } = plan.spatial() {
             if qc[0] >= 0 {
                 let limits = (max_d2.min(i32::MAX as i64) as i32, max_dt.min(i32::MAX as i64) as i32);
-                mask_disc_row(row, (qc[0], qc[1], qc[2]), (kt, ky, kx), limits);
+                mask_disc_row(Isa::current(), row, (qc[0], qc[1], qc[2]), (kt, ky, kx), limits);
             }
         }
         if let Some(valid) = valid {
@@ -48,8 +49,9 @@ fn apply_mask(plan: &BlockPlan, key_valid: Option<&[i32]>, b: usize, q0: usize, 
 }
 
 #[inline(always)]
-fn mask_disc_row_body(row: &mut [f32], q: (i32, i32, i32), keys: (&[i32], &[i32], &[i32]), limits: (i32, i32)) {
-    let (kt, ky, kx) = keys;
+fn mask_disc_row_body<const FMA: bool, const W: usize>(row: &mut [f32], q: (i32, i32, i32), keys: (&[i32], &[i32], &[i32]), limits: (i32, i32)) {
+    let n = row.len();
+    let (kt, ky, kx) = (&keys.0[..n], &keys.1[..n], &keys.2[..n]);
     let (max_d2, max_dt) = limits;
     for (c, x) in row.iter_mut().enumerate() {
         // Coordinates of a disc plan lie in -2..2^15 (checked by `BlockPlan::from_arrays`), so the squares cannot overflow.
@@ -59,23 +61,10 @@ fn mask_disc_row_body(row: &mut [f32], q: (i32, i32, i32), keys: (&[i32], &[i32]
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn mask_disc_row_avx2(row: &mut [f32], q: (i32, i32, i32), keys: (&[i32], &[i32], &[i32]), limits: (i32, i32)) {
-    mask_disc_row_body(row, q, keys, limits)
-}
-
-/// The disc mask of one image query row over `row.len()` keys (see [`apply_mask`]).
-fn mask_disc_row(row: &mut [f32], q: (i32, i32, i32), keys: (&[i32], &[i32], &[i32]), limits: (i32, i32)) {
-    let n = row.len();
-    let keys = (&keys.0[..n], &keys.1[..n], &keys.2[..n]);
-    #[cfg(target_arch = "x86_64")]
-    if vmath::has_avx2_fma() {
-        // SAFETY: the features were detected at run time.
-        return unsafe { mask_disc_row_avx2(row, q, keys, limits) };
-    }
-    mask_disc_row_body(row, q, keys, limits)
-}
+crate::isa_dispatch!(
+    /// The disc mask of one image query row over `row.len()` keys (see [`apply_mask`]).
+    fn mask_disc_row(row: &mut [f32], q: (i32, i32, i32), keys: (&[i32], &[i32], &[i32]), limits: (i32, i32)) = mask_disc_row_body
+);
 
 /// Checks q, k, v against each other and the plan; `Dims::n` is the query count.
 fn check_inputs(q: &View, k: &View, v: &View, plan: &BlockPlan, key_valid: Option<&[i32]>) -> Result<Dims, ViewError> {
@@ -103,6 +92,7 @@ fn check_inputs(q: &View, k: &View, v: &View, plan: &BlockPlan, key_valid: Optio
 pub fn forward(q: &View, k: &View, v: &View, out: &View, lse: &View, plan: &BlockPlan, key_valid: Option<&[i32]>,
                scale: f32, threads: usize) -> Result<(), ViewError> {
     let dims = check_inputs(q, k, v, plan, key_valid)?;
+    let precision = Precision::for_inputs(q.dtype(), active_isa()?);
     check_output(out, &[dims.batch, dims.heads, dims.n, dims.dv], q.dtype())?;
     check_output(lse, &[dims.batch, dims.heads, dims.n], DType::F32)?;
     let (bq, bk) = (plan.max_q_block(), plan.max_k_block());
@@ -112,7 +102,7 @@ pub fn forward(q: &View, k: &View, v: &View, out: &View, lse: &View, plan: &Bloc
     pool.install(|| {
         (0..tasks).into_par_iter().for_each_init(
             || ForwardBuffers::new(bq, bk, dims),
-            |buf, task| forward_block(q, k, v, out, lse, (plan, key_valid), scale, dims, task, buf),
+            |buf, task| forward_block(q, k, v, out, lse, (plan, key_valid), (scale, precision), dims, task, buf),
         )
     });
     Ok(())
@@ -140,15 +130,17 @@ impl ForwardBuffers {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn forward_block(q: &View, k: &View, v: &View, out: &View, lse: &View, masks: (&BlockPlan, Option<&[i32]>), scale: f32,
-                 dims: Dims, task: usize, buf: &mut ForwardBuffers) {
+fn forward_block(q: &View, k: &View, v: &View, out: &View, lse: &View, masks: (&BlockPlan, Option<&[i32]>),
+                 (scale, precision): (f32, Precision), dims: Dims, task: usize, buf: &mut ForwardBuffers) {
     let (plan, key_valid) = masks;
     let mq = plan.num_query_blocks();
     let (bh, i) = (task / mq, task % mq);
     let (b, h) = dims.slice(bh);
     let (q0, lq) = plan.q_block(i);
     let (d, dv) = (dims.d, dims.dv);
-    gather(q, (b, h), plan.q_perm()[q0..q0 + lq].iter().copied(), scale * LOG2_E, &mut buf.q);
+    // bf16 products take q as it is (exact in bf16) and scale the logits instead.
+    let q_mul = if precision.is_bf16() { 1.0 } else { scale * LOG2_E };
+    gather(q, (b, h), plan.q_perm()[q0..q0 + lq].iter().copied(), q_mul, &mut buf.q);
     buf.state.reset(lq);
     let mut entries = plan.indptr()[i]..plan.indptr()[i + 1];
     while !entries.is_empty() {
@@ -168,7 +160,10 @@ fn forward_block(q: &View, k: &View, v: &View, out: &View, lse: &View, masks: (&
         }
         let s = &mut buf.s[..lq * lk];
         // s = q · kᵀ (panels hold at most max(PANEL_KEYS, largest key block) keys: the buffers' sizes)
-        Gemm { m: lq, n: lk, k: d, accumulate: false }.run(MatMut::rows(s, lk), Mat::rows(&buf.q, d), Mat::rows(&buf.k, d).t());
+        Gemm { m: lq, n: lk, k: d, accumulate: false }.run_in(precision, MatMut::rows(s, lk), Mat::rows(&buf.q, d), Mat::rows(&buf.k, d).t());
+        if precision.is_bf16() {
+            vmath::scale(s, scale * LOG2_E);
+        }
         let mut column = 0;
         for e in first..entries.start {
             let (k0, len) = plan.k_block(plan.indices()[e]);
@@ -179,14 +174,14 @@ fn forward_block(q: &View, k: &View, v: &View, out: &View, lse: &View, masks: (&
         }
         buf.state.update(s, lq, lk, |_, _, _| {});
         // acc += p · v
-        Gemm { m: lq, n: dv, k: lk, accumulate: true }.run(MatMut::rows(&mut buf.state.acc, dv), Mat::rows(s, lk), Mat::rows(&buf.v, dv));
+        Gemm { m: lq, n: dv, k: lk, accumulate: true }.run_in(precision, MatMut::rows(&mut buf.state.acc, dv), Mat::rows(s, lk), Mat::rows(&buf.v, dv));
     }
     let st = &mut buf.state;
     for r in 0..lq {
         let inv = st.inverse(r);
         let log_den = st.log_denominator(r);
         let row = &mut st.acc[r * dv..(r + 1) * dv];
-        row.iter_mut().for_each(|x| *x *= inv);
+        vmath::scale(row, inv);
         let token = plan.q_perm()[q0 + r];
         // SAFETY: `out` and `lse` are validated contiguous outputs and q_perm is a permutation, so this task (query
         // block i of slice bh) is the only one touching row `token` of either.
@@ -226,7 +221,8 @@ pub fn backward(
     let (bq, bk) = (plan.max_q_block(), plan.max_k_block());
     let pool = pool(threads).map_err(ViewError)?;
     let (mq, mk) = (plan.num_query_blocks(), plan.num_key_blocks());
-    let ctx = BackwardCtx { q, k, v, dout, lse, delta, plan, key_valid, scale, dims };
+    let precision = Precision::for_inputs(q.dtype(), active_isa()?);
+    let ctx = BackwardCtx { q, k, v, dout, lse, delta, plan, key_valid, scale, dims, precision };
     let slices = dims.slices();
     if slices >= SLICES_PER_THREAD * pool.current_num_threads() {
         // Enough slices to keep every thread busy: one pass per slice, which owns its dq rows.
@@ -260,6 +256,7 @@ struct BackwardCtx<'a> {
     key_valid: Option<&'a [i32]>,
     scale: f32,
     dims: Dims,
+    precision: Precision,
 }
 
 struct BackwardBuffers {
@@ -321,23 +318,20 @@ impl BackwardCtx<'_> {
         let (d, dv) = (self.dims.d, self.dims.dv);
         let (p, dp) = (&mut buf.p[..lq * lk], &mut buf.dp[..lq * lk]);
         // p = q · kᵀ ; dp = dout · vᵀ
-        Gemm { m: lq, n: lk, k: d, accumulate: false }.run(MatMut::rows(p, lk), Mat::rows(&buf.q, d), Mat::rows(&buf.k, d).t());
-        Gemm { m: lq, n: lk, k: dv, accumulate: false }.run(MatMut::rows(dp, lk), Mat::rows(&buf.dout, dv), Mat::rows(&buf.v, dv).t());
+        Gemm { m: lq, n: lk, k: d, accumulate: false }.run_in(self.precision, MatMut::rows(p, lk), Mat::rows(&buf.q, d), Mat::rows(&buf.k, d).t());
+        Gemm { m: lq, n: lk, k: dv, accumulate: false }.run_in(self.precision, MatMut::rows(dp, lk), Mat::rows(&buf.dout, dv), Mat::rows(&buf.v, dv).t());
         if kind == MASKED {
             apply_mask(self.plan, self.key_valid, b, q0, k0, lq, lk, p, lk);
         }
         let mul = self.scale * LOG2_E;
         for r in 0..lq {
             let row = &mut p[r * lk..(r + 1) * lk];
-            row.iter_mut().for_each(|x| *x *= mul);
             if buf.lse[r] == f32::NEG_INFINITY {
                 row.fill(0.0);
             } else {
-                exp2_shift_sum(row, buf.lse[r]);
+                vmath::exp2_affine(row, mul, &[], buf.lse[r]);
             }
-            for c in 0..lk {
-                dp[r * lk + c] = row[c] * (dp[r * lk + c] - buf.delta[r]);
-            }
+            vmath::softmax_grad(&mut dp[r * lk..(r + 1) * lk], row, buf.delta[r]);
         }
     }
 
@@ -352,7 +346,7 @@ impl BackwardCtx<'_> {
             let (k0, lk) = self.load_key_block(b, h, plan.indices()[e], buf);
             self.probabilities(b, q0, lq, k0, lk, plan.kinds()[e], buf);
             // dq += dS · k
-            Gemm { m: lq, n: d, k: lk, accumulate: true }.run(MatMut::rows(&mut buf.acc_a, d), Mat::rows(&buf.dp, lk), Mat::rows(&buf.k, d));
+            Gemm { m: lq, n: d, k: lk, accumulate: true }.run_in(self.precision, MatMut::rows(&mut buf.acc_a, d), Mat::rows(&buf.dp, lk), Mat::rows(&buf.k, d));
         }
         for r in 0..lq {
             let row = &mut buf.acc_a[r * d..(r + 1) * d];
@@ -382,12 +376,12 @@ impl BackwardCtx<'_> {
             let (q0, lq) = self.load_query_block(b, h, plan.t_indices()[e], buf);
             self.probabilities(b, q0, lq, k0, lk, plan.t_kinds()[e], buf);
             // dv += Pᵀ · dout ; dk += dSᵀ · q
-            Gemm { m: lk, n: dv, k: lq, accumulate: true }.run(MatMut::rows(&mut buf.acc_b, dv), Mat::rows(&buf.p, lk).t(), Mat::rows(&buf.dout, dv));
-            Gemm { m: lk, n: d, k: lq, accumulate: true }.run(MatMut::rows(&mut buf.acc_a, d), Mat::rows(&buf.dp, lk).t(), Mat::rows(&buf.q, d));
+            Gemm { m: lk, n: dv, k: lq, accumulate: true }.run_in(self.precision, MatMut::rows(&mut buf.acc_b, dv), Mat::rows(&buf.p, lk).t(), Mat::rows(&buf.dout, dv));
+            Gemm { m: lk, n: d, k: lq, accumulate: true }.run_in(self.precision, MatMut::rows(&mut buf.acc_a, d), Mat::rows(&buf.dp, lk).t(), Mat::rows(&buf.q, d));
             if let Some(acc) = dq_acc.as_deref_mut() {
                 // dq += dS · k (the slice's dq rows in query layout order)
                 let rows = &mut acc[q0 * d..(q0 + lq) * d];
-                Gemm { m: lq, n: d, k: lk, accumulate: true }.run(MatMut::rows(rows, d), Mat::rows(&buf.dp, lk), Mat::rows(&buf.k, d));
+                Gemm { m: lq, n: d, k: lk, accumulate: true }.run_in(self.precision, MatMut::rows(rows, d), Mat::rows(&buf.dp, lk), Mat::rows(&buf.k, d));
             }
         }
         for r in 0..lk {

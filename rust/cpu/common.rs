@@ -1,6 +1,7 @@
 //! What the attention kernels share: the base-2 softmax constants, the shapes of a call, the online softmax, the
 //! checks of inputs and outputs, and the row gather through a permutation.
 
+use super::isa::Isa;
 use super::view::{err, DType, View, ViewError};
 use super::vmath::{self, exp2_shift_sum};
 
@@ -85,7 +86,7 @@ impl OnlineSoftmax {
             each(r, row, alpha);
             self.m[r] = m_new;
             if alpha != 1.0 {
-                self.acc[r * width..(r + 1) * width].iter_mut().for_each(|x| *x *= alpha);
+                vmath::scale(&mut self.acc[r * width..(r + 1) * width], alpha);
             }
         }
     }
@@ -110,6 +111,11 @@ impl OnlineSoftmax {
             (self.m[r] + l.log2()) * LN_2
         }
     }
+}
+
+/// The instruction-set level in use, or the error of a bad `DIFATTN_CPU_ISA` (every kernel entry point checks it).
+pub fn active_isa() -> Result<Isa, ViewError> {
+    Isa::active().map_err(ViewError)
 }
 
 /// An input of `shape` and `dtype` (any float dtype when `None`).

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 pub use features::{Dydila, Plain, Stream, StreamGrads};
 use features::{load_rows, output_rows, store_rows, FeatureMap, Rows, Side};
 
-use super::common::{check_input, check_output, zeros, Dims};
+use super::common::{active_isa, check_input, check_output, zeros, Dims};
 use super::matmul::{Gemm, Mat, MatMut};
 use super::pool::pool;
 use super::view::{err, DType, View, ViewError};
@@ -87,6 +87,7 @@ fn input_rows<'a>(view: &'a View, rows: Rows, buf: &'a mut [f32]) -> Mat<'a> {
 
 /// The shapes of a call as the query side's and the key side's `Dims` (the same but for `n`: N and Nk).
 fn check_qkv(q: &View, k: &View, v: &View) -> Result<(Dims, Dims), ViewError> {
+    active_isa()?;
     for t in [q, k, v] {
         t.expect(4, true)?;
         if t.dtype() != q.dtype() {
@@ -292,7 +293,7 @@ fn reduce_state<F: FeatureMap>(f: &F, v: &View, dims: Dims, splits: usize) -> Re
                 let vr = input_rows(v, rows, vb);
                 Gemm { m: d, n: dv, k: rows.len, accumulate: true }.run(MatMut::rows(s, dv), Mat::rows(kb, d).t(), vr);
                 for row in kb[..rows.len * d].chunks_exact(d) {
-                    m.iter_mut().zip(row).for_each(|(a, x)| *a += x);
+                    vmath::add_scaled(m, row, 1.0);
                 }
             }
             Ok(())

@@ -37,7 +37,7 @@ pub use forward::forward;
 pub use plan::{Plan, Pooling};
 pub use select::{select, zorder_pool, Level};
 
-use super::common::{check_input, gather, zeros, Dims};
+use super::common::{active_isa, check_input, gather, zeros, Dims};
 use super::view::{err, View, ViewError};
 
 /// The attention inputs: fine `q, k (B, H, N, D)`, `v (B, H, N, Dv)` and pooled `kp (B, H, P, D)`, `vp (B, H, P, Dv)`.
@@ -53,6 +53,7 @@ impl Inputs<'_> {
     /// Checks ranks, dtypes and that every shape agrees with q's and with the plan (`P` is
     /// `plan.pooled_tokens()`).
     fn dims(&self, plan: &Plan) -> Result<Dims, ViewError> {
+        active_isa()?;
         self.q.expect(4, true)?;
         self.v.expect(4, true)?;
         let [batch, heads, n, d] = self.q.shape()[..] else { unreachable!("4 dims checked") };

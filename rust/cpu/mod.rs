@@ -8,6 +8,7 @@
 pub mod block_attention;
 pub mod clear;
 pub mod common;
+pub mod isa;
 pub mod linear;
 pub mod llsa;
 pub mod matmul;

@@ -22,10 +22,12 @@ use rayon::prelude::*;
 pub use backward::{backward, BackwardOutputs, BackwardRows};
 pub use stats::{stats, StatsOutputs};
 
-use super::common::{check_input, check_output, gather, Dims, OnlineSoftmax, LOG2_E};
-use super::matmul::{Gemm, Mat, MatMut};
+use super::common::{active_isa, check_input, check_output, gather, Dims, OnlineSoftmax, LOG2_E};
+use super::isa::Isa;
+use super::matmul::{Gemm, Mat, MatMut, Precision};
 use super::pool::pool;
 use super::view::{err, DType, View, ViewError};
+use super::vmath;
 /// Centroids per GEMM in the centroid phase.
 pub const CHUNK: usize = 64;
 /// Keys per GEMM in the exact phase: consecutive selected blocks are gathered together up to this many keys
@@ -138,6 +140,7 @@ pub struct Inputs<'a> {
 impl Inputs<'_> {
     /// Checks every input against q's shape and the layout; `M` is `self.layout.num_blocks()`.
     fn check(&self) -> Result<Dims, ViewError> {
+        active_isa()?;
         let q = self.q;
         q.expect(4, true)?;
         self.v.expect(4, true)?;
@@ -202,10 +205,11 @@ pub fn forward(x: &Inputs, moment_mean: Option<&View>, out: &View, lse: &View, z
     check_output(zeta, &[dims.batch, dims.heads, dims.n], DType::F32)?;
     let pool = pool(threads).map_err(ViewError)?;
     let block = x.layout.max_block();
+    let precision = Precision::for_inputs(x.q.dtype(), Isa::current());
     pool.install(|| {
         (0..dims.slices() * x.layout.num_blocks()).into_par_iter().for_each_init(
             || ForwardBuffers::new(block, dims),
-            |buf, task| forward_block(x, moment_mean, [out, lse, zeta], dims, task, buf),
+            |buf, task| forward_block(x, moment_mean, [out, lse, zeta], (dims, precision), task, buf),
         )
     });
     Ok(())
@@ -265,13 +269,15 @@ impl State {
     }
 }
 
-fn forward_block(x: &Inputs, moment_mean: Option<&View>, outs: [&View; 3], dims: Dims, task: usize, buf: &mut ForwardBuffers) {
+fn forward_block(x: &Inputs, moment_mean: Option<&View>, outs: [&View; 3], (dims, precision): (Dims, Precision), task: usize, buf: &mut ForwardBuffers) {
     let [out, lse, zeta] = outs;
     let (layout, (d, dv, m)) = (x.layout, (dims.d, dims.dv, x.layout.num_blocks()));
     let (bh, i) = (task / m, task % m);
     let (b, h) = dims.slice(bh);
     let (q0, lq) = layout.block(i);
-    gather(x.q, (b, h), layout.tokens(i), x.scale * LOG2_E, &mut buf.q);
+    // bf16 products take q as it is (exact in bf16) and scale the logits instead (`logit_mul`).
+    let (q_mul, logit_mul) = if precision.is_bf16() { (1.0, x.scale * LOG2_E) } else { (x.scale * LOG2_E, 1.0) };
+    gather(x.q, (b, h), layout.tokens(i), q_mul, &mut buf.q);
     buf.state.reset(lq);
     for group in groups(layout, x.selection.row(bh, i)) {
         let mut lk = 0;
@@ -282,9 +288,12 @@ fn forward_block(x: &Inputs, moment_mean: Option<&View>, outs: [&View; 3], dims:
         }
         let s = &mut buf.s[..lq * lk];
         // s = q · kᵀ ; acc += p · v (groups hold at most GROUP_KEYS keys or one block: the buffers' sizes)
-        Gemm { m: lq, n: lk, k: d, accumulate: false }.run(MatMut::rows(s, lk), Mat::rows(&buf.q, d), Mat::rows(&buf.k, d).t());
+        Gemm { m: lq, n: lk, k: d, accumulate: false }.run_in(precision, MatMut::rows(s, lk), Mat::rows(&buf.q, d), Mat::rows(&buf.k, d).t());
+        if logit_mul != 1.0 {
+            vmath::scale(s, logit_mul);
+        }
         buf.state.update(s, lq, lk, false);
-        Gemm { m: lq, n: dv, k: lk, accumulate: true }.run(MatMut::rows(&mut buf.state.softmax.acc, dv), Mat::rows(s, lk), Mat::rows(&buf.v, dv));
+        Gemm { m: lq, n: dv, k: lk, accumulate: true }.run_in(precision, MatMut::rows(&mut buf.state.softmax.acc, dv), Mat::rows(s, lk), Mat::rows(&buf.v, dv));
     }
     let selected = x.selection.mask_row(bh, i);
     for c0 in (0..m).step_by(CHUNK) {
@@ -297,13 +306,16 @@ fn forward_block(x: &Inputs, moment_mean: Option<&View>, outs: [&View; 3], dims:
         // s = q · k̄ᵀ + bias ; acc += p · w over centroids c0..c0+cols
         Gemm { m: lq, n: cols, k: d, accumulate: false }.run(MatMut::rows(s, cols), Mat::rows(&buf.q, d), km.t());
         for row in s.chunks_exact_mut(cols) {
-            row.iter_mut().zip(&buf.bias[..cols]).for_each(|(x, b)| *x += b);
+            if logit_mul != 1.0 {
+                vmath::scale(row, logit_mul);
+            }
+            vmath::add_scaled(row, &buf.bias[..cols], 1.0);
         }
         buf.state.update(s, lq, cols, true);
         Gemm { m: lq, n: dv, k: cols, accumulate: true }.run(MatMut::rows(&mut buf.state.softmax.acc, dv), Mat::rows(s, cols), vm);
     }
     if let Some(hm) = moment_mean {
-        // first = q·H̄ · (scale · log2 e): the query rows are stored scaled.
+        // first = q·H̄ · (scale · log2 e) / logit_mul: the query rows are stored scaled, or the logits are.
         let hm = hm.matrix(&[b, h, 0, 0]);
         Gemm { m: lq, n: dv, k: d, accumulate: false }.run(MatMut::rows(&mut buf.first, dv), Mat::rows(&buf.q, d), hm);
     }
@@ -314,10 +326,10 @@ fn forward_block(x: &Inputs, moment_mean: Option<&View>, outs: [&View; 3], dims:
         let row = &mut buf.row;
         row.copy_from_slice(&st.softmax.acc[r * dv..(r + 1) * dv]);
         if moment_mean.is_some() {
-            let weight = st.z[r] / LOG2_E;
-            row.iter_mut().zip(&buf.first[r * dv..(r + 1) * dv]).for_each(|(x, f)| *x += weight * f);
+            let weight = st.z[r] / LOG2_E * logit_mul;
+            vmath::add_scaled(row, &buf.first[r * dv..(r + 1) * dv], weight);
         }
-        row.iter_mut().for_each(|x| *x *= inv);
+        vmath::scale(row, inv);
         let log_den = st.softmax.log_denominator(r);
         // SAFETY: `out`, `lse`, `zeta` are validated contiguous outputs and perm is a permutation, so this task
         // (query block i of slice bh) is the only one touching row `token` of each.

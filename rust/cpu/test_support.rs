@@ -1,6 +1,26 @@
-//! Helpers shared by the kernels' unit tests: contiguous views over test buffers and deterministic values.
+//! Helpers shared by the kernels' unit tests: contiguous views over test buffers, deterministic values, and runs
+//! on every instruction-set level of the CPU.
 
+use super::isa::{self, Isa};
 use super::view::View;
+
+/// Runs `f` once on every instruction-set level this CPU runs, each made the process's level in use (the kernels
+/// read it at their entry): the callers take [`isa::TEST_LOCK`], so such tests run one at a time, and the default
+/// comes back afterwards even when `f` panics. Levels the CPU lacks are compiled but cannot run here.
+pub fn on_every_isa(mut f: impl FnMut()) {
+    struct Restore;
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            isa::set(None).expect("the default level");
+        }
+    }
+    let _lock = isa::TEST_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _restore = Restore;
+    for level in Isa::supported() {
+        isa::set(Some(level.level())).expect("a supported level");
+        f();
+    }
+}
 
 /// Row-major strides of `shape`, in elements.
 pub fn contiguous_strides(shape: &[usize]) -> Vec<i64> {

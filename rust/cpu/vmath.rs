@@ -1,9 +1,12 @@
 //! Element-wise vector math shared by every CPU kernel: branch-free `exp2` / `log2` that the compiler vectorises
-//! (no float→int casts, whose saturating semantics scalarise a loop), row reductions with eight accumulators (a
-//! single float accumulator cannot be reordered), and the AVX2+FMA run-time check. Row functions are compiled
-//! twice, for AVX2+FMA and for the baseline, and chosen at run time; callers with their own row loops use the
-//! `FMA`-generic pieces inside their own `#[target_feature]` clones.
+//! (no float→int casts, whose saturating semantics scalarise a loop), and row functions (reductions with one
+//! accumulator per lane: a single float accumulator cannot be reordered) generic over the vector width, compiled
+//! for each instruction set by `isa_dispatch!` and run on the level in use ([`Isa::current`]). Callers with their
+//! own row loops use the `FMA`-generic pieces inside their own clones.
 
+use super::isa::Isa;
+
+/// Lanes of the portable reductions that are not generic over the width (DyDiLA's power maps).
 pub const LANES: usize = 8;
 
 // Cephes' exp2f polynomial on [−0.5, 0.5]: 2^f = 1 + f · P(f).
@@ -63,9 +66,9 @@ pub fn log2_one<const FMA: bool>(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn exp2_shift_sum_body<const FMA: bool>(row: &mut [f32], shift: f32) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let mut chunks = row.chunks_exact_mut(LANES);
+fn exp2_shift_sum_body<const FMA: bool, const W: usize>(row: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0.0f32; W];
+    let mut chunks = row.chunks_exact_mut(W);
     for chunk in &mut chunks {
         for (a, x) in acc.iter_mut().zip(chunk.iter_mut()) {
             *x = exp2_one::<FMA>(*x - shift);
@@ -81,9 +84,23 @@ fn exp2_shift_sum_body<const FMA: bool>(row: &mut [f32], shift: f32) -> f32 {
 }
 
 #[inline(always)]
-fn max_body(xs: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; LANES];
-    let chunks = xs.chunks_exact(LANES);
+fn exp2_affine_body<const FMA: bool, const W: usize>(row: &mut [f32], mul: f32, bias: &[f32], shift: f32) {
+    if bias.is_empty() {
+        for chunk in row.chunks_mut(W) {
+            chunk.iter_mut().for_each(|x| *x = exp2_one::<FMA>(madd::<FMA>(*x, mul, -shift)));
+        }
+        return;
+    }
+    let bias = &bias[..row.len()];
+    for (chunk, bc) in row.chunks_mut(W).zip(bias.chunks(W)) {
+        chunk.iter_mut().zip(bc).for_each(|(x, b)| *x = exp2_one::<FMA>(madd::<FMA>(*x, mul, b - shift)));
+    }
+}
+
+#[inline(always)]
+fn max_body<const FMA: bool, const W: usize>(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; W];
+    let chunks = xs.chunks_exact(W);
     let tail = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
     for chunk in chunks {
         for (a, x) in acc.iter_mut().zip(chunk) {
@@ -94,12 +111,12 @@ fn max_body(xs: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn dot_body<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+fn dot_body<const FMA: bool, const W: usize>(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
-    let split = n - n % LANES;
-    let mut acc = [0.0f32; LANES];
-    for (ac, bc) in a[..split].chunks_exact(LANES).zip(b[..split].chunks_exact(LANES)) {
-        for l in 0..LANES {
+    let split = n - n % W;
+    let mut acc = [0.0f32; W];
+    for (ac, bc) in a[..split].chunks_exact(W).zip(b[..split].chunks_exact(W)) {
+        for l in 0..W {
             acc[l] = madd::<FMA>(ac[l], bc[l], acc[l]);
         }
     }
@@ -109,65 +126,70 @@ fn dot_body<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum()
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp2_shift_sum_avx2(row: &mut [f32], shift: f32) -> f32 {
-    exp2_shift_sum_body::<true>(row, shift)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn max_avx2(row: &[f32]) -> f32 {
-    max_body(row)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_body::<true>(a, b)
-}
-
-/// Whether this CPU has AVX2 and FMA (detected once).
-pub fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *DETECTED.get_or_init(|| std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+#[inline(always)]
+fn add_scaled_body<const FMA: bool, const W: usize>(dst: &mut [f32], src: &[f32], mul: f32) {
+    let src = &src[..dst.len()];
+    for (dc, sc) in dst.chunks_mut(W).zip(src.chunks(W)) {
+        dc.iter_mut().zip(sc).for_each(|(d, s)| *d = madd::<FMA>(*s, mul, *d));
     }
 }
+
+#[inline(always)]
+fn scale_body<const FMA: bool, const W: usize>(row: &mut [f32], mul: f32) {
+    for chunk in row.chunks_mut(W) {
+        chunk.iter_mut().for_each(|x| *x *= mul);
+    }
+}
+
+#[inline(always)]
+fn softmax_grad_body<const FMA: bool, const W: usize>(ds: &mut [f32], p: &[f32], delta: f32) {
+    let p = &p[..ds.len()];
+    for (dc, pc) in ds.chunks_mut(W).zip(p.chunks(W)) {
+        dc.iter_mut().zip(pc).for_each(|(g, p)| *g = p * (*g - delta));
+    }
+}
+
+crate::isa_dispatch!(fn exp2_shift_sum_in(row: &mut [f32], shift: f32) -> f32 = exp2_shift_sum_body);
+crate::isa_dispatch!(fn exp2_affine_in(row: &mut [f32], mul: f32, bias: &[f32], shift: f32) = exp2_affine_body);
+crate::isa_dispatch!(fn max_in(row: &[f32]) -> f32 = max_body);
+crate::isa_dispatch!(fn dot_in(a: &[f32], b: &[f32]) -> f32 = dot_body);
+crate::isa_dispatch!(fn add_scaled_in(dst: &mut [f32], src: &[f32], mul: f32) = add_scaled_body);
+crate::isa_dispatch!(fn scale_in(row: &mut [f32], mul: f32) = scale_body);
+crate::isa_dispatch!(fn softmax_grad_in(ds: &mut [f32], p: &[f32], delta: f32) = softmax_grad_body);
 
 /// `row[i] = 2^(row[i] − shift)` (0 at or below 2^−127, so −∞ gives 0); returns the sum of the new values.
 pub fn exp2_shift_sum(row: &mut [f32], shift: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the features were detected at run time.
-        return unsafe { exp2_shift_sum_avx2(row, shift) };
-    }
-    exp2_shift_sum_body::<false>(row, shift)
+    exp2_shift_sum_in(Isa::current(), row, shift)
+}
+
+/// `row[i] = 2^(row[i]·mul + bias[i] − shift)`, `bias` empty (no bias) or at least as long as `row`.
+pub fn exp2_affine(row: &mut [f32], mul: f32, bias: &[f32], shift: f32) {
+    exp2_affine_in(Isa::current(), row, mul, bias, shift)
 }
 
 /// The largest value of `row` (−∞ when empty).
 pub fn max(row: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the features were detected at run time.
-        return unsafe { max_avx2(row) };
-    }
-    max_body(row)
+    max_in(Isa::current(), row)
 }
 
 /// `Σ a_i b_i` over the shorter of the two.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the features were detected at run time.
-        return unsafe { dot_avx2(a, b) };
-    }
-    dot_body::<false>(a, b)
+    dot_in(Isa::current(), a, b)
+}
+
+/// `dst[i] += mul · src[i]` (`src` at least as long as `dst`).
+pub fn add_scaled(dst: &mut [f32], src: &[f32], mul: f32) {
+    add_scaled_in(Isa::current(), dst, src, mul)
+}
+
+/// `row[i] *= mul`.
+pub fn scale(row: &mut [f32], mul: f32) {
+    scale_in(Isa::current(), row, mul)
+}
+
+/// The softmax gradient of one row: `ds[i] = p[i] · (ds[i] − delta)` (`p` at least as long as `ds`).
+pub fn softmax_grad(ds: &mut [f32], p: &[f32], delta: f32) {
+    softmax_grad_in(Isa::current(), ds, p, delta)
 }
 
 #[cfg(test)]
@@ -190,7 +212,7 @@ mod tests {
         exp2_shift_sum(&mut edge, 0.0);
         assert_eq!(&edge[..4], &[0.0, 1.0, 0.0, 8.0]);
         let mut plain = [-3.5f32, 0.0, 2.25, f32::NEG_INFINITY];
-        exp2_shift_sum_body::<false>(&mut plain, 0.0);
+        exp2_shift_sum_body::<false, 8>(&mut plain, 0.0);
         assert_eq!(plain[3], 0.0);
         assert!((plain[0] - 0.088_388_35).abs() < 1e-7 && (plain[2] - 4.756_828_5).abs() < 1e-6);
     }
@@ -222,5 +244,36 @@ mod tests {
         let ys: Vec<f32> = (0..19).map(|i| i as f32 * 0.5).collect();
         let want: f32 = xs.iter().zip(&ys).map(|(a, b)| a * b).sum();
         assert!((dot(&xs, &ys) - want).abs() < 1e-4);
+    }
+
+    #[test]
+    fn every_isa_matches_the_portable_rows_on_every_tail() {
+        let close = |a: f32, b: f32| (a - b).abs() <= 2e-6 * (1.0 + a.abs().max(b.abs()));
+        for isa in Isa::supported() {
+            for n in 0..70 {
+                let xs: Vec<f32> = (0..n).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.37).collect();
+                let ys: Vec<f32> = (0..n).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.25).collect();
+                let name = isa.level().name();
+                assert_eq!(max_in(isa, &xs), max_body::<false, 8>(&xs), "max {name} n={n}");
+                assert!(close(dot_in(isa, &xs, &ys), dot_body::<false, 8>(&xs, &ys)), "dot {name} n={n}");
+                let (mut a, mut b) = (xs.clone(), xs.clone());
+                assert!(close(exp2_shift_sum_in(isa, &mut a, 1.5), exp2_shift_sum_body::<false, 8>(&mut b, 1.5)));
+                assert!(a.iter().zip(&b).all(|(x, y)| close(*x, *y)), "exp2 {name} n={n}");
+                for bias in [&[][..], &ys[..]] {
+                    let (mut a, mut b) = (xs.clone(), xs.clone());
+                    exp2_affine_in(isa, &mut a, 0.7, bias, 0.5);
+                    exp2_affine_body::<false, 8>(&mut b, 0.7, bias, 0.5);
+                    assert!(a.iter().zip(&b).all(|(x, y)| close(*x, *y)), "exp2_affine {name} n={n}");
+                }
+                let (mut a, mut b) = (xs.clone(), xs.clone());
+                add_scaled_in(isa, &mut a, &ys, -1.25);
+                add_scaled_body::<false, 8>(&mut b, &ys, -1.25);
+                scale_in(isa, &mut a, 0.5);
+                scale_body::<false, 8>(&mut b, 0.5);
+                softmax_grad_in(isa, &mut a, &ys, 0.3);
+                softmax_grad_body::<false, 8>(&mut b, &ys, 0.3);
+                assert!(a.iter().zip(&b).all(|(x, y)| close(*x, *y)), "add/scale/grad {name} n={n}");
+            }
+        }
     }
 }

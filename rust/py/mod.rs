@@ -2,10 +2,12 @@
 //! tuples, tensor descriptors) into the validated types of `plan` and `cpu`, releases the GIL around the work,
 //! and raises every validation error as `ValueError` (a failed allocation as `MemoryError`). This file holds that conversion, the token orders (returned
 //! as little-endian int64 bytes) and the module's registration; `block` holds the block plan (a `#[pyclass]`) and
-//! the engine's entry points, and `clear`, `linear`, `llsa` and `pisa` the glue of those methods' kernels.
+//! the engine's entry points, `clear`, `linear`, `llsa` and `pisa` the glue of those methods' kernels, and `isa`
+//! the CPU instruction-set level.
 
 mod block;
 mod clear;
+mod isa;
 mod linear;
 mod llsa;
 mod pisa;
@@ -136,6 +138,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(build_info, m)?)?;
     block::register(m)?;
     clear::register(m)?;
+    isa::register(m)?;
     linear::register(m)?;
     llsa::register(m)?;
     pisa::register(m)?;

@@ -4,7 +4,7 @@
 //! 3 threads (the one-pass and the two-pass backward).
 
 use super::*;
-use crate::cpu::test_support::{close, values, view, view_mut, Naive};
+use crate::cpu::test_support::{close, on_every_isa, values, view, view_mut, Naive};
 
 const BATCH: usize = 2;
 const HEADS: usize = 2;
@@ -259,16 +259,20 @@ fn plan_covers_what_the_test_means_to_cover() {
 
 #[test]
 fn matches_naive_loop_with_the_disc_mask() {
-    for threads in [1, 3] {
-        run(Spatial::Disc { max_d2: 8, max_dt: 0 }, threads);
-    }
+    on_every_isa(|| {
+        for threads in [1, 3] {
+            run(Spatial::Disc { max_d2: 8, max_dt: 0 }, threads);
+        }
+    });
 }
 
 #[test]
 fn matches_naive_loop_with_key_validity_only() {
-    for threads in [1, 3] {
-        run(Spatial::None, threads);
-    }
+    on_every_isa(|| {
+        for threads in [1, 3] {
+            run(Spatial::None, threads);
+        }
+    });
 }
 
 #[test]

@@ -11,7 +11,7 @@ use super::{check_inputs, err, padded, panel_offset, pieces, Dims, Geometry, Inp
 use crate::cpu::common::{check_input, check_output, zeros, LOG2_E};
 use crate::cpu::pool::pool;
 use crate::cpu::view::{DType, View, ViewError};
-use crate::cpu::vmath::{exp2_one, has_avx2_fma};
+use crate::cpu::vmath::exp2_one;
 
 /// Key-gradient buffers of all parallel parts stay below this many bytes (fewer parts otherwise).
 const PART_BUFFER_BYTES: usize = 1 << 30;
@@ -52,7 +52,7 @@ fn check(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry) -> Result<D
     Ok(dims)
 }
 
-/// f32 key gradients of one slice (or one part of it), rows padded to a multiple of [`lanes::COLS`].
+/// f32 key gradients of one slice (or one part of it), rows padded to a multiple of the vector width.
 struct KeyGrads {
     dk: Vec<f32>,
     dv: Vec<f32>,
@@ -67,11 +67,12 @@ pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scal
     if slices == 0 {
         return Ok(());
     }
-    let (d_pad, dv_pad) = (padded(dims.d), padded(dims.dv));
+    let isa = super::clear_isa()?;
+    let w = isa.f32_lanes();
+    let (d_pad, dv_pad) = (padded(dims.d, w), padded(dims.dv, w));
     let part_bytes = geo.keys() * (d_pad + dv_pad) * 4;
     let parts = if slices >= threads { 1 } else { threads.div_ceil(slices) };
     let parts = parts.min(PART_BUFFER_BYTES / (part_bytes * slices).max(1)).clamp(1, tiles.len().max(1));
-    let fma = has_avx2_fma();
     let sums: Vec<Option<(usize, KeyGrads)>> = pool(threads).map_err(ViewError)?.install(|| {
         (0..slices * parts)
             .into_par_iter()
@@ -80,20 +81,15 @@ pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scal
                 let (b, h) = dims.slice(bh);
                 let keys = SliceKeys::load(inp, geo, &groups, dims, b, h, true)?;
                 let mut acc = KeyGrads { dk: zeros(geo.keys() * d_pad)?, dv: zeros(geo.keys() * dv_pad)? };
-                let mut buf = Buffers::new(dims);
+                let mut buf = Buffers::new(dims, w);
                 let share = &tiles[part * tiles.len() / parts..(part + 1) * tiles.len() / parts];
                 let ctx = TileCtx { inp, up, dq: grads.dq, slice: Slice { keys: &keys, dims, b, h, scale } };
                 for tile in share {
                     geometry::segments(geo, &groups, tile, &mut buf.segments);
-                    if fma {
-                        // SAFETY: the CPU has AVX2 and FMA (checked above).
-                        unsafe { tile_avx2(&ctx, tile, &mut buf, &mut acc) }
-                    } else {
-                        tile_body::<false>(&ctx, tile, &mut buf, &mut acc)
-                    }
+                    tile_fn(isa, &ctx, tile, &mut buf, &mut acc)
                 }
                 if parts == 1 {
-                    store_key_grads(grads, geo, dims, bh, &acc);
+                    store_key_grads(grads, geo, dims, w, bh, &acc);
                     Ok(None)
                 } else {
                     Ok(Some((bh, acc)))
@@ -113,16 +109,16 @@ pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scal
                     total.dk.iter_mut().zip(&p.dk).for_each(|(a, x)| *a += x);
                     total.dv.iter_mut().zip(&p.dv).for_each(|(a, x)| *a += x);
                 }
-                store_key_grads(grads, geo, dims, bh, &total);
+                store_key_grads(grads, geo, dims, w, bh, &total);
             })
         });
     }
     Ok(())
 }
 
-fn store_key_grads(grads: &Grads, geo: &Geometry, dims: Dims, bh: usize, acc: &KeyGrads) {
+fn store_key_grads(grads: &Grads, geo: &Geometry, dims: Dims, w: usize, bh: usize, acc: &KeyGrads) {
     let (b, h) = dims.slice(bh);
-    let (d_pad, dv_pad) = (padded(dims.d), padded(dims.dv));
+    let (d_pad, dv_pad) = (padded(dims.d, w), padded(dims.dv, w));
     for i in 0..geo.keys() {
         let (dk, dv, row) = match grads.global {
             Some((dkg, dvg)) if i >= geo.tokens() => (dkg, dvg, i - geo.tokens()),
@@ -160,13 +156,13 @@ struct Buffers {
 }
 
 impl Buffers {
-    fn new(dims: Dims) -> Self {
+    fn new(dims: Dims, w: usize) -> Self {
         Buffers {
             segments: Vec::new(),
             qt: vec![[0.0; LANES]; dims.d],
-            q_rows: vec![0.0; LANES * padded(dims.d)],
+            q_rows: vec![0.0; LANES * padded(dims.d, w)],
             dot: vec![[0.0; LANES]; dims.dv],
-            do_rows: vec![0.0; LANES * padded(dims.dv)],
+            do_rows: vec![0.0; LANES * padded(dims.dv, w)],
             dq: vec![[0.0; LANES]; dims.d],
             p: vec![[0.0; LANES]; PIECE_ROWS],
             ds: vec![[0.0; LANES]; PIECE_ROWS],
@@ -175,21 +171,13 @@ impl Buffers {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers, acc: &mut KeyGrads) {
-    tile_body::<true>(ctx, tile, buf, acc)
-}
+crate::isa_dispatch!(fn tile_fn(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers, acc: &mut KeyGrads) = tile_body);
 
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile_avx2(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers, acc: &mut KeyGrads) {
-    tile_body::<false>(ctx, tile, buf, acc)
-}
-
-/// Fills the row-major copies of the queries (times `scale`) and of dout; dead lanes stay zero.
-fn load_rows(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) {
+/// Fills the row-major copies of the queries (times `scale`) and of dout (rows padded for `w`-lane vectors); dead
+/// lanes stay zero.
+fn load_rows(ctx: &TileCtx, tile: &Tile, w: usize, buf: &mut Buffers) {
     let Dims { d, dv, .. } = ctx.slice.dims;
-    let (d_pad, dv_pad) = (padded(d), padded(dv));
+    let (d_pad, dv_pad) = (padded(d, w), padded(dv, w));
     buf.q_rows.iter_mut().for_each(|x| *x = 0.0);
     buf.do_rows.iter_mut().for_each(|x| *x = 0.0);
     for l in 0..tile.live {
@@ -203,12 +191,12 @@ fn load_rows(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) {
 }
 
 #[inline(always)]
-fn tile_body<const FMA: bool>(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers, acc: &mut KeyGrads) {
+fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers, acc: &mut KeyGrads) {
     let Slice { keys, dims: Dims { d, dv, .. }, b, h, scale } = ctx.slice;
-    let (d_pad, dv_pad) = (padded(d), padded(dv));
+    let (d_pad, dv_pad) = (padded(d, W), padded(dv, W));
     load_lanes(ctx.inp.q, b, h, tile, scale * LOG2_E, &mut buf.row[..d], &mut buf.qt);
     load_lanes(ctx.up.dout, b, h, tile, 1.0, &mut buf.row[..dv], &mut buf.dot);
-    load_rows(ctx, tile, buf);
+    load_rows(ctx, tile, W, buf);
     let (mut lse2, mut delta) = ([0.0f32; LANES], [0.0f32; LANES]);
     for l in 0..LANES {
         lse2[l] = ctx.up.lse.load(&[b, h, tile.rows[l]]) * LOG2_E;
@@ -217,8 +205,8 @@ fn tile_body<const FMA: bool>(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers, acc
     buf.dq.iter_mut().for_each(|a| *a = [0.0; LANES]);
     for seg in &buf.segments {
         for (start, len) in pieces(seg) {
-            lanes::dots::<FMA>(&buf.qt, &keys.k_panels[panel_offset(seg, start, d)..], seg.group_width, len, &mut buf.p);
-            lanes::dots::<FMA>(&buf.dot, &keys.v_panels[panel_offset(seg, start, dv)..], seg.group_width, len, &mut buf.ds);
+            lanes::dots::<FMA, W>(&buf.qt, &keys.k_panels[panel_offset(seg, start, d)..], seg.group_width, len, &mut buf.p);
+            lanes::dots::<FMA, W>(&buf.dot, &keys.v_panels[panel_offset(seg, start, dv)..], seg.group_width, len, &mut buf.ds);
             let (p, ds) = (&mut buf.p[..len], &mut buf.ds[..len]);
             if let Some(mask) = &seg.mask {
                 let (lo, hi) = lane_intervals(tile, mask);
@@ -234,9 +222,9 @@ fn tile_body<const FMA: bool>(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers, acc
                     dsr[l] = pr[l] * (dsr[l] - delta[l]);
                 }
             }
-            lanes::combine::<FMA>(ds, &keys.k_rows[start * d..], d, &mut buf.dq);
-            lanes::update::<FMA>(ds, &buf.q_rows, d_pad, &mut acc.dk[start * d_pad..], d_pad);
-            lanes::update::<FMA>(p, &buf.do_rows, dv_pad, &mut acc.dv[start * dv_pad..], dv_pad);
+            lanes::combine::<FMA, W>(ds, &keys.k_rows[start * d..], d, &mut buf.dq);
+            lanes::update::<FMA, W>(ds, &buf.q_rows, d_pad, &mut acc.dk[start * d_pad..], d_pad);
+            lanes::update::<FMA, W>(p, &buf.do_rows, dv_pad, &mut acc.dv[start * dv_pad..], dv_pad);
         }
     }
     let row = &mut buf.row[..d];

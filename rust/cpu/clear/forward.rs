@@ -9,7 +9,7 @@ use super::{check_inputs, panel_offset, pieces, Dims, Geometry, Inputs, Slice, S
 use crate::cpu::common::{check_output, LN_2, LOG2_E};
 use crate::cpu::pool::pool;
 use crate::cpu::view::{DType, View, ViewError};
-use crate::cpu::vmath::{exp2_one, has_avx2_fma, log2_one};
+use crate::cpu::vmath::{exp2_one, log2_one};
 
 /// Writes `out (B, H, N, Dv)` (any float dtype, contiguous) and `lse (B, H, N)` (f32, contiguous).
 pub fn forward(inp: &Inputs, out: &View, lse: &View, geo: &Geometry, scale: f32, threads: usize) -> Result<(), ViewError> {
@@ -19,7 +19,7 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, geo: &Geometry, scale: f32,
     check_output(lse, &[dims.batch, dims.heads, n], DType::F32)?;
     let groups = geometry::groups(geo);
     let tiles = geometry::tiles(geo);
-    let fma = has_avx2_fma();
+    let isa = super::clear_isa()?;
     pool(threads).map_err(ViewError)?.install(|| {
         (0..dims.slices()).into_par_iter().try_for_each(|bh| {
             let (b, h) = dims.slice(bh);
@@ -29,12 +29,7 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, geo: &Geometry, scale: f32,
                 |buf, tile| {
                     geometry::segments(geo, &groups, tile, &mut buf.segments);
                     let ctx = TileCtx { q: inp.q, out, lse, slice: Slice { keys: &keys, dims, b, h, scale } };
-                    if fma {
-                        // SAFETY: the CPU has AVX2 and FMA (checked above).
-                        unsafe { tile_avx2(&ctx, tile, buf) }
-                    } else {
-                        tile_body::<false>(&ctx, tile, buf)
-                    }
+                    tile_fn(isa, &ctx, tile, buf)
                 },
             );
             Ok(())
@@ -75,16 +70,7 @@ impl Buffers {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) {
-    tile_body::<true>(ctx, tile, buf)
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile_avx2(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) {
-    tile_body::<false>(ctx, tile, buf)
-}
+crate::isa_dispatch!(fn tile_fn(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) = tile_body);
 
 /// Loads the tile's rows of `t` (q, or dout) channel-major into `lanes`, times `mul`.
 pub(super) fn load_lanes(t: &View, b: usize, h: usize, tile: &Tile, mul: f32, row: &mut [f32], lanes: &mut [Lanes]) {
@@ -97,7 +83,7 @@ pub(super) fn load_lanes(t: &View, b: usize, h: usize, tile: &Tile, mul: f32, ro
 }
 
 #[inline(always)]
-fn tile_body<const FMA: bool>(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) {
+fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) {
     let Slice { keys, dims: Dims { d, dv, .. }, b, h, scale } = ctx.slice;
     load_lanes(ctx.q, b, h, tile, scale * LOG2_E, &mut buf.row[..d], &mut buf.qt);
     let mut state = Softmax { m: [f32::NEG_INFINITY; LANES], l: [0.0; LANES] };
@@ -109,11 +95,11 @@ fn tile_body<const FMA: bool>(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) {
     for seg in &segments {
         for (start, len) in pieces(seg) {
             if filled + len > PIECE_KEYS {
-                flush::<FMA>(ctx, buf, filled, &mut state);
+                flush::<FMA, W>(ctx, buf, filled, &mut state);
                 filled = 0;
             }
             let s = &mut buf.s[filled..];
-            lanes::dots::<FMA>(&buf.qt, &keys.k_panels[panel_offset(seg, start, d)..], seg.group_width, len, s);
+            lanes::dots::<FMA, W>(&buf.qt, &keys.k_panels[panel_offset(seg, start, d)..], seg.group_width, len, s);
             if let Some(mask) = &seg.mask {
                 let (lo, hi) = lane_intervals(tile, mask);
                 lanes::mask_columns(&mut s[..len], (mask.x0 + (start - seg.start) as i64) as f32, &lo, &hi);
@@ -122,7 +108,7 @@ fn tile_body<const FMA: bool>(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) {
             filled += len;
         }
     }
-    flush::<FMA>(ctx, buf, filled, &mut state);
+    flush::<FMA, W>(ctx, buf, filled, &mut state);
     buf.segments = segments;
     let row = &mut buf.row[..dv];
     for l in 0..tile.live {
@@ -148,7 +134,7 @@ struct Softmax {
 
 /// Folds the batched logits `s[..filled]` into the softmax and the output accumulators.
 #[inline(always)]
-fn flush<const FMA: bool>(ctx: &TileCtx, buf: &mut Buffers, filled: usize, state: &mut Softmax) {
+fn flush<const FMA: bool, const W: usize>(ctx: &TileCtx, buf: &mut Buffers, filled: usize, state: &mut Softmax) {
     let s = &mut buf.s[..filled];
     let piece_max = lanes::max_lanes(s);
     let mut shift = [0.0f32; LANES];
@@ -178,7 +164,7 @@ fn flush<const FMA: bool>(ctx: &TileCtx, buf: &mut Buffers, filled: usize, state
     }
     let dv = ctx.slice.dims.dv;
     for &(start, slot, len) in &buf.batch {
-        lanes::combine::<FMA>(&buf.s[slot..slot + len], &ctx.slice.keys.v_rows[start * dv..], dv, &mut buf.acc);
+        lanes::combine::<FMA, W>(&buf.s[slot..slot + len], &ctx.slice.keys.v_rows[start * dv..], dv, &mut buf.acc);
     }
     buf.batch.clear();
 }

@@ -1,12 +1,15 @@
-//! The three small products of the disc kernels, with the 16 queries of a tile in 16 lanes (two AVX2 vectors).
-//! Generic over `FMA` and `#[inline(always)]`: the tile functions that call them are compiled once for AVX2+FMA
-//! and once for the baseline (`vmath`'s scheme), and each `[f32; 16]` becomes two vector registers.
+//! The three small products of the disc kernels, with the 16 queries of a tile in 16 lanes (one AVX-512 vector,
+//! two AVX2 vectors). Generic over `FMA` and the vector width `W` and `#[inline(always)]`: the tile functions that
+//! call them are compiled for each instruction set (`isa_dispatch!`), and each `[f32; 16]` becomes one or two
+//! vector registers; `W` picks register blocks that fill the register file (32 vectors with AVX-512, 16 with AVX2).
+//! (AVX-512 CPUs run the AVX2 clone for now: `clear_isa` says why.)
 //!
 //! - [`dots`]: logits `s[j] = Σ_c a[c]·panel[c][j]` of the lanes against keys stored as a transposed panel
-//!   (a register block of 6 keys: two vector loads and 6 broadcasts per channel for 12 FMAs, the shape of a
-//!   GEMM microkernel; with 8 lanes the broadcasts, one per FMA, ran this CPU at about half the rate).
-//! - [`combine`]: `acc[c] += Σ_j w[j]·rows[j][c]` (P·V, dS·K) over row-major keys, 6 channels per block.
-//! - [`update`]: `dst[j][c] += Σ_l w[j][l]·b[l][c]` (the key gradients), 3 keys × 32 channels per block.
+//!   (a register block of 12 or 6 keys: one or two vector loads and a broadcast per key and channel, the shape
+//!   of a GEMM microkernel; with 8 lanes the broadcasts, one per FMA, ran the AVX2 test CPU at about half the
+//!   rate).
+//! - [`combine`]: `acc[c] += Σ_j w[j]·rows[j][c]` (P·V, dS·K) over row-major keys, 8 or 6 channels per block.
+//! - [`update`]: `dst[j][c] += Σ_l w[j][l]·b[l][c]` (the key gradients), 3 keys × 4 vectors per block.
 
 use crate::cpu::vmath::{exp2_one, madd};
 
@@ -22,26 +25,30 @@ fn fma_lanes<const FMA: bool>(a: f32, b: &Lanes, acc: &mut Lanes) {
 }
 
 /// Keys [`dots`] may compute past `n`.
-pub const DOTS_OVERRUN: usize = 1;
+pub const DOTS_OVERRUN: usize = 3;
 
-/// `out[j] = Σ_c a[c] · panel[c·stride + j]` for `j < n`, computed in blocks of 6, 4 or 2 keys: the tail block
-/// may run [`DOTS_OVERRUN`] key past `n`, so `out` and the panel's columns must extend that far (checked by the
-/// slicing). Blocks of a single key would be bound by the FMA latency, not its throughput.
+/// `out[j] = Σ_c a[c] · panel[c·stride + j]` for `j < n`, computed in register blocks of keys (12, 8, 4 or 2 with
+/// 16-lane vectors, where one vector holds a key's 16 logits; 6, 4 or 2 with 8-lane ones, two vectors a key): the
+/// tail block may run up to [`DOTS_OVERRUN`] keys past `n`, so `out` and the panel's columns must extend that far
+/// (checked by the slicing). Blocks of a single key would be bound by the FMA latency, not its throughput.
 #[inline(always)]
-pub fn dots<const FMA: bool>(a: &[Lanes], panel: &[f32], stride: usize, n: usize, out: &mut [Lanes]) {
+pub fn dots<const FMA: bool, const W: usize>(a: &[Lanes], panel: &[f32], stride: usize, n: usize, out: &mut [Lanes]) {
     let mut j = 0;
     while j < n {
         let rest = n - j;
-        if rest > 4 {
-            dots_block::<FMA, 6>(a, &panel[j..], stride, &mut out[j..j + 6]);
-            j += 6;
-        } else if rest > 2 {
-            dots_block::<FMA, 4>(a, &panel[j..], stride, &mut out[j..j + 4]);
-            j += 4;
+        let block = if W >= LANES {
+            [12, 8, 4, 2][usize::from(rest <= 8) + usize::from(rest <= 4) + usize::from(rest <= 2)]
         } else {
-            dots_block::<FMA, 2>(a, &panel[j..], stride, &mut out[j..j + 2]);
-            j += 2;
+            [6, 4, 2][usize::from(rest <= 4) + usize::from(rest <= 2)]
+        };
+        match block {
+            12 => dots_block::<FMA, 12>(a, &panel[j..], stride, &mut out[j..j + 12]),
+            8 => dots_block::<FMA, 8>(a, &panel[j..], stride, &mut out[j..j + 8]),
+            6 => dots_block::<FMA, 6>(a, &panel[j..], stride, &mut out[j..j + 6]),
+            4 => dots_block::<FMA, 4>(a, &panel[j..], stride, &mut out[j..j + 4]),
+            _ => dots_block::<FMA, 2>(a, &panel[j..], stride, &mut out[j..j + 2]),
         }
+        j += block;
     }
 }
 
@@ -57,14 +64,22 @@ fn dots_block<const FMA: bool, const NB: usize>(a: &[Lanes], panel: &[f32], stri
     out.copy_from_slice(&acc);
 }
 
-/// `acc[c] += Σ_j w[j] · rows[j·stride + c]` for `c < acc.len()`, `j < w.len()`.
+/// `acc[c] += Σ_j w[j] · rows[j·stride + c]` for `c < acc.len()`, `j < w.len()` (8 channels per register block
+/// with 16-lane vectors, 6 with 8-lane ones).
 #[inline(always)]
-pub fn combine<const FMA: bool>(w: &[Lanes], rows: &[f32], stride: usize, acc: &mut [Lanes]) {
+pub fn combine<const FMA: bool, const W: usize>(w: &[Lanes], rows: &[f32], stride: usize, acc: &mut [Lanes]) {
     let n = acc.len();
     let mut c = 0;
-    while c + 6 <= n {
-        combine_block::<FMA, 6>(w, &rows[c..], stride, &mut acc[c..c + 6]);
-        c += 6;
+    if W >= LANES {
+        while c + 8 <= n {
+            combine_block::<FMA, 8>(w, &rows[c..], stride, &mut acc[c..c + 8]);
+            c += 8;
+        }
+    } else {
+        while c + 6 <= n {
+            combine_block::<FMA, 6>(w, &rows[c..], stride, &mut acc[c..c + 6]);
+            c += 6;
+        }
     }
     while c + 2 <= n {
         combine_block::<FMA, 2>(w, &rows[c..], stride, &mut acc[c..c + 2]);
@@ -89,68 +104,67 @@ fn combine_block<const FMA: bool, const CB: usize>(w: &[Lanes], rows: &[f32], st
     acc.copy_from_slice(&a);
 }
 
-/// Channels per vector of [`update`]: its rows must be padded to a multiple of this.
-pub const COLS: usize = 8;
-type Cols = [f32; COLS];
-
+/// `dst[j·stride + c] += Σ_l w[j][l] · b[l·width + c]` for `j < w.len()`, `c < width`; `width` a multiple of `W`
+/// (callers pad rows with zeros: [`super::padded`]). Vectors of `W` lanes run along the channels here: 3 keys × 4
+/// vectors per block.
 #[inline(always)]
-fn fma_cols<const FMA: bool>(a: f32, b: &Cols, acc: &mut Cols) {
-    for i in 0..COLS {
-        acc[i] = madd::<FMA>(a, b[i], acc[i]);
-    }
-}
-
-/// `dst[j·stride + c] += Σ_l w[j][l] · b[l·width + c]` for `j < w.len()`, `c < width`; `width` a multiple of
-/// [`COLS`] (callers pad rows with zeros). Vectors run along the channels here: 3 keys × 4 vectors per block.
-#[inline(always)]
-pub fn update<const FMA: bool>(w: &[Lanes], b: &[f32], width: usize, dst: &mut [f32], stride: usize) {
-    debug_assert!(width.is_multiple_of(COLS));
+pub fn update<const FMA: bool, const W: usize>(w: &[Lanes], b: &[f32], width: usize, dst: &mut [f32], stride: usize) {
+    debug_assert!(width.is_multiple_of(W));
     let n = w.len();
     let mut j = 0;
     while j + 3 <= n {
-        update_keys::<FMA, 3>(&w[j..j + 3], b, width, &mut dst[j * stride..], stride);
+        update_keys::<FMA, W, 3>(&w[j..j + 3], b, width, &mut dst[j * stride..], stride);
         j += 3;
     }
     while j < n {
-        update_keys::<FMA, 1>(&w[j..j + 1], b, width, &mut dst[j * stride..], stride);
+        update_keys::<FMA, W, 1>(&w[j..j + 1], b, width, &mut dst[j * stride..], stride);
         j += 1;
     }
 }
 
 #[inline(always)]
-fn update_keys<const FMA: bool, const JB: usize>(w: &[Lanes], b: &[f32], width: usize, dst: &mut [f32], stride: usize) {
+fn update_keys<const FMA: bool, const W: usize, const JB: usize>(w: &[Lanes], b: &[f32], width: usize, dst: &mut [f32], stride: usize) {
     let mut c = 0;
-    while c + 4 * COLS <= width {
-        update_block::<FMA, JB, 4>(w, &b[c..], width, &mut dst[c..], stride);
-        c += 4 * COLS;
+    while c + 4 * W <= width {
+        update_block::<FMA, W, JB, 4>(w, &b[c..], width, &mut dst[c..], stride);
+        c += 4 * W;
     }
     while c < width {
-        update_block::<FMA, JB, 1>(w, &b[c..], width, &mut dst[c..], stride);
-        c += COLS;
+        update_block::<FMA, W, JB, 1>(w, &b[c..], width, &mut dst[c..], stride);
+        c += W;
     }
 }
 
 #[inline(always)]
-fn update_block<const FMA: bool, const JB: usize, const VB: usize>(w: &[Lanes], b: &[f32], width: usize, dst: &mut [f32], stride: usize) {
-    let mut acc = [[[0.0f32; COLS]; VB]; JB];
+fn update_block<const FMA: bool, const W: usize, const JB: usize, const VB: usize>(
+    w: &[Lanes],
+    b: &[f32],
+    width: usize,
+    dst: &mut [f32],
+    stride: usize,
+) {
+    let mut acc = [[[0.0f32; W]; VB]; JB];
     for (jj, a) in acc.iter_mut().enumerate() {
         for (v, av) in a.iter_mut().enumerate() {
-            av.copy_from_slice(&dst[jj * stride + v * COLS..][..COLS]);
+            av.copy_from_slice(&dst[jj * stride + v * W..][..W]);
         }
     }
     for l in 0..LANES {
-        let row = &b[l * width..][..VB * COLS];
+        let row = &b[l * width..][..VB * W];
         for v in 0..VB {
-            let mut bv = [0.0f32; COLS];
-            bv.copy_from_slice(&row[v * COLS..(v + 1) * COLS]);
+            let mut bv = [0.0f32; W];
+            bv.copy_from_slice(&row[v * W..(v + 1) * W]);
             for jj in 0..JB {
-                fma_cols::<FMA>(w[jj][l], &bv, &mut acc[jj][v]);
+                let a = w[jj][l];
+                for (x, y) in acc[jj][v].iter_mut().zip(&bv) {
+                    *x = madd::<FMA>(a, *y, *x);
+                }
             }
         }
     }
     for (jj, a) in acc.iter().enumerate() {
         for (v, av) in a.iter().enumerate() {
-            dst[jj * stride + v * COLS..][..COLS].copy_from_slice(av);
+            dst[jj * stride + v * W..][..W].copy_from_slice(av);
         }
     }
 }

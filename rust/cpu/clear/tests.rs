@@ -3,7 +3,7 @@
 //! tails of every size, at 1 and 3 threads (one part per slice, and slices split into parts).
 
 use super::*;
-use crate::cpu::test_support::{close, values, view, Naive};
+use crate::cpu::test_support::{close, on_every_isa, values, view, Naive};
 
 fn allowed(g: &Geometry, q: usize, k: usize) -> bool {
     let image = |i: usize| -> Option<(i64, i64, i64)> {
@@ -100,27 +100,33 @@ fn geo(frames: usize, height: usize, width: usize, text: usize, text_first: bool
 
 #[test]
 fn matches_naive_loop_on_images() {
-    for threads in [1, 3] {
-        run(geo(1, 7, 9, 0, true, 0, 6, 0), 2, 13, 11, threads);
-        run(geo(1, 11, 6, 5, true, 0, 8, 0), 1, 16, 16, threads);
-        run(geo(1, 5, 13, 9, false, 3, 3, 0), 2, 8, 5, threads);
-        run(geo(1, 3, 3, 0, true, 0, 0, 0), 1, 4, 4, threads);
-    }
+    on_every_isa(|| {
+        for threads in [1, 3] {
+            run(geo(1, 7, 9, 0, true, 0, 6, 0), 2, 13, 11, threads);
+            run(geo(1, 11, 6, 5, true, 0, 8, 0), 1, 16, 16, threads);
+            run(geo(1, 5, 13, 9, false, 3, 3, 0), 2, 8, 5, threads);
+            run(geo(1, 3, 3, 0, true, 0, 0, 0), 1, 4, 4, threads);
+        }
+    });
 }
 
 #[test]
 fn matches_naive_loop_on_videos_and_large_radii() {
-    for threads in [1, 3] {
-        run(geo(3, 5, 6, 4, false, 2, 4, 1), 2, 9, 7, threads);
-        run(geo(2, 4, 5, 70, true, 0, 1000, 5), 1, 8, 8, threads);
-    }
+    on_every_isa(|| {
+        for threads in [1, 3] {
+            run(geo(3, 5, 6, 4, false, 2, 4, 1), 2, 9, 7, threads);
+            run(geo(2, 4, 5, 70, true, 0, 1000, 5), 1, 8, 8, threads);
+        }
+    });
 }
 
 #[test]
 fn matches_naive_loop_when_rows_are_wider_than_a_piece() {
-    // Image rows of 300 keys are split into pieces of at most 256; text queries fold several batches.
-    run(geo(1, 2, 300, 3, true, 1, 100_000, 0), 1, 8, 8, 2);
-    run(geo(1, 3, 270, 0, false, 0, 2, 0), 1, 8, 8, 1);
+    on_every_isa(|| {
+        // Image rows of 300 keys are split into pieces of at most 256; text queries fold several batches.
+        run(geo(1, 2, 300, 3, true, 1, 100_000, 0), 1, 8, 8, 2);
+        run(geo(1, 3, 270, 0, false, 0, 2, 0), 1, 8, 8, 1);
+    });
 }
 
 #[test]

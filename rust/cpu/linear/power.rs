@@ -7,7 +7,8 @@
 //! baseline, and the reference of the tests) and an AVX2+FMA clone written with intrinsics (`avx2`), chosen at
 //! run time once per block.
 
-use crate::cpu::vmath::{exp2_one, has_avx2_fma, log2_one, madd, LANES};
+use crate::cpu::isa::{Isa, Level};
+use crate::cpu::vmath::{exp2_one, log2_one, madd, LANES};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -17,11 +18,11 @@ const LN_2: f32 = std::f32::consts::LN_2;
 /// `(n1, n2) = (‖r‖, ‖p‖)` of one row, so `φ = (n1 / n2) · p`.
 pub type Norms = (f32, f32);
 
-fn lanes_sum(acc: [f32; LANES]) -> f32 {
+fn lanes_sum<const W: usize>(acc: [f32; W]) -> f32 {
     acc.iter().sum()
 }
 
-fn lanes_max(acc: [f32; LANES]) -> f32 {
+fn lanes_max<const W: usize>(acc: [f32; W]) -> f32 {
     acc.iter().copied().fold(f32::NEG_INFINITY, f32::max)
 }
 
@@ -35,9 +36,9 @@ fn shifted_relu(z: f32, eps: f32) -> f32 {
 /// Pass 1 of one row: `r = max(relu(z) + ε, f32::MIN_POSITIVE)` into `r_out` (the clamp keeps `log2 r` finite for
 /// ε = 0); returns `(‖r‖, max r)`.
 #[inline(always)]
-fn relu_row<const FMA: bool>(z: &[f32], eps: f32, r_out: &mut [f32]) -> (f32, f32) {
-    let mut r2 = [0.0f32; LANES];
-    let mut rmax = [0.0f32; LANES];
+fn relu_row<const FMA: bool, const W: usize>(z: &[f32], eps: f32, r_out: &mut [f32]) -> (f32, f32) {
+    let mut r2 = [0.0f32; W];
+    let mut rmax = [0.0f32; W];
     let mut step = |zi: f32, ri: &mut f32, l: usize| {
         let x = shifted_relu(zi, eps);
         let x = if x < f32::MIN_POSITIVE { f32::MIN_POSITIVE } else { x }; // NaN passes (the row's norms go NaN)
@@ -45,9 +46,9 @@ fn relu_row<const FMA: bool>(z: &[f32], eps: f32, r_out: &mut [f32]) -> (f32, f3
         rmax[l] = rmax[l].max(x);
         *ri = x;
     };
-    let split = z.len() - z.len() % LANES;
-    for (zc, rc) in z[..split].chunks_exact(LANES).zip(r_out[..split].chunks_exact_mut(LANES)) {
-        for l in 0..LANES {
+    let split = z.len() - z.len() % W;
+    for (zc, rc) in z[..split].chunks_exact(W).zip(r_out[..split].chunks_exact_mut(W)) {
+        for l in 0..W {
             step(zc[l], &mut rc[l], l);
         }
     }
@@ -59,17 +60,17 @@ fn relu_row<const FMA: bool>(z: &[f32], eps: f32, r_out: &mut [f32]) -> (f32, f3
 
 /// Pass 2 of one row: `ls = log2 r` in place over pass 1's `r`, and `p = 2^(γ·(ls − shift))`; returns `‖p‖`.
 #[inline(always)]
-fn power_row<const FMA: bool>(gamma: f32, shift: f32, ls: &mut [f32], p: &mut [f32]) -> f32 {
-    let mut p2 = [0.0f32; LANES];
+fn power_row<const FMA: bool, const W: usize>(gamma: f32, shift: f32, ls: &mut [f32], p: &mut [f32]) -> f32 {
+    let mut p2 = [0.0f32; W];
     let offset = -gamma * shift;
     let mut step = |li: &mut f32, pi: &mut f32, l: usize| {
         *li = log2_one::<FMA>(*li);
         *pi = exp2_one::<FMA>(madd::<FMA>(gamma, *li, offset));
         p2[l] = madd::<FMA>(*pi, *pi, p2[l]);
     };
-    let split = ls.len() - ls.len() % LANES;
-    for (lc, pc) in ls[..split].chunks_exact_mut(LANES).zip(p[..split].chunks_exact_mut(LANES)) {
-        for l in 0..LANES {
+    let split = ls.len() - ls.len() % W;
+    for (lc, pc) in ls[..split].chunks_exact_mut(W).zip(p[..split].chunks_exact_mut(W)) {
+        for l in 0..W {
             step(&mut lc[l], &mut pc[l], l);
         }
     }
@@ -83,12 +84,12 @@ fn power_row<const FMA: bool>(gamma: f32, shift: f32, ls: &mut [f32], p: &mut [f
 /// (`rows x D` each, with `rows = gamma.len()`), and `norms` per row. Dividing by `max r` keeps every power <= 1
 /// (no overflow for any γ >= 0) and does not change the map.
 #[inline(always)]
-fn power_rows_body<const FMA: bool>(z: &[f32], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
+fn power_rows_body<const FMA: bool, const W: usize>(z: &[f32], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
     let d = z.len() / gamma.len().max(1);
     let rows = z.chunks_exact(d).zip(ls.chunks_exact_mut(d)).zip(p.chunks_exact_mut(d));
     for (((zr, lr), pr), (n, &g)) in rows.zip(norms.iter_mut().zip(gamma)) {
-        let (n1, rmax) = relu_row::<FMA>(zr, eps, lr);
-        *n = (n1, power_row::<FMA>(g, log2_one::<FMA>(rmax), lr, pr));
+        let (n1, rmax) = relu_row::<FMA, W>(zr, eps, lr);
+        *n = (n1, power_row::<FMA, W>(g, log2_one::<FMA>(rmax), lr, pr));
     }
 }
 
@@ -140,13 +141,13 @@ fn projection(gi: f32, pi: f32, sums: &[f32; 4]) -> f32 {
 /// returns `∂L/∂γ`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn grad_row<const FMA: bool>(z: &[f32], g: &[f32], gamma: f32, eps: f32, ls: &[f32], p: &[f32], norms: Norms, dz: &mut [f32]) -> f32 {
+fn grad_row<const FMA: bool, const W: usize>(z: &[f32], g: &[f32], gamma: f32, eps: f32, ls: &[f32], p: &[f32], norms: Norms, dz: &mut [f32]) -> f32 {
     let (n1, n2) = norms;
     let inv_n2 = 1.0 / n2;
     let sums = split_sums(g, p);
     let gu = (sums[1] + sums[3]) * inv_n2;
     let (a, b, inv_n2_sq) = (gu / n1, gamma * n1, inv_n2 * inv_n2);
-    let mut dgamma = [0.0f32; LANES];
+    let mut dgamma = [0.0f32; W];
     let mut step = |i: usize, l: usize| {
         let r = shifted_relu(z[i], eps);
         let u = p[i] * inv_n2;
@@ -156,9 +157,9 @@ fn grad_row<const FMA: bool>(z: &[f32], g: &[f32], gamma: f32, eps: f32, ls: &[f
         dgamma[l] = madd::<FMA>(proj * u, ls[i], dgamma[l]);
     };
     let d = z.len();
-    let split = d - d % LANES;
-    for c in (0..split).step_by(LANES) {
-        for l in 0..LANES {
+    let split = d - d % W;
+    for c in (0..split).step_by(W) {
+        for l in 0..W {
             step(c + l, l);
         }
     }
@@ -171,7 +172,7 @@ fn grad_row<const FMA: bool>(z: &[f32], g: &[f32], gamma: f32, eps: f32, ls: &[f
 /// [`grad_row`] over a block: `g`, `z`, `ls`, `p`, `dz` are `rows x D`, `gamma`, `norms`, `dgamma` per row.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn power_rows_grad_body<const FMA: bool>(
+fn power_rows_grad_body<const FMA: bool, const W: usize>(
     z: &[f32],
     g: &[f32],
     gamma: &[f32],
@@ -186,7 +187,7 @@ fn power_rows_grad_body<const FMA: bool>(
     let rows = z.chunks_exact(d).zip(g.chunks_exact(d)).zip(ls.chunks_exact(d).zip(p.chunks_exact(d)));
     let per_row = gamma.iter().zip(norms).zip(dz.chunks_exact_mut(d).zip(dgamma.iter_mut()));
     for (((zr, gr), (lr, pr)), ((&ga, &n), (dzr, dg))) in rows.zip(per_row) {
-        *dg = grad_row::<FMA>(zr, gr, ga, eps, lr, pr, n, dzr);
+        *dg = grad_row::<FMA, W>(zr, gr, ga, eps, lr, pr, n, dzr);
     }
 }
 
@@ -200,15 +201,23 @@ fn check_block(gamma: &[f32], row_buffers: &[usize], per_row: &[usize]) {
     assert!(per_row.iter().all(|&len| len == rows), "power block: per-row buffers disagree");
 }
 
+crate::isa_dispatch!(fn power_rows_portable(z: &[f32], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) = power_rows_body);
+crate::isa_dispatch!(fn power_rows_grad_portable(z: &[f32], g: &[f32], gamma: &[f32], eps: f32, ls: &[f32], p: &[f32], norms: &[Norms], dz: &mut [f32], dgamma: &mut [f32]) = power_rows_grad_body);
+
 /// See [`power_rows_body`]: fills `ls`, `p` (`rows x D`, like `z`) and `norms` for `rows = gamma.len()` rows.
 pub fn power_rows(z: &[f32], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
+    power_rows_in(Isa::current(), z, gamma, eps, ls, p, norms)
+}
+
+/// [`power_rows`] on the level `isa`: the AVX2 intrinsics, or the portable body compiled for the level.
+fn power_rows_in(isa: Isa, z: &[f32], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
     check_block(gamma, &[z.len(), ls.len(), p.len()], &[norms.len()]);
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the features were detected at run time.
+    if isa.level() == Level::Avx2 {
+        // SAFETY: an `Isa` holds only a level whose features this CPU has, here AVX2 and FMA.
         return unsafe { avx2::power_rows(z, gamma, eps, ls, p, norms) };
     }
-    power_rows_body::<false>(z, gamma, eps, ls, p, norms)
+    power_rows_portable(isa, z, gamma, eps, ls, p, norms)
 }
 
 /// See [`grad_row`]: from [`power_rows`]' `ls`, `p`, `norms` and `g = ∂L/∂φ`, writes `dz` (`rows x D`) and
@@ -225,13 +234,30 @@ pub fn power_rows_grad(
     dz: &mut [f32],
     dgamma: &mut [f32],
 ) {
+    power_rows_grad_in(Isa::current(), z, g, gamma, eps, ls, p, norms, dz, dgamma)
+}
+
+/// [`power_rows_grad`] on the level `isa`.
+#[allow(clippy::too_many_arguments)]
+fn power_rows_grad_in(
+    isa: Isa,
+    z: &[f32],
+    g: &[f32],
+    gamma: &[f32],
+    eps: f32,
+    ls: &[f32],
+    p: &[f32],
+    norms: &[Norms],
+    dz: &mut [f32],
+    dgamma: &mut [f32],
+) {
     check_block(gamma, &[z.len(), g.len(), ls.len(), p.len(), dz.len()], &[norms.len(), dgamma.len()]);
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the features were detected at run time.
+    if isa.level() == Level::Avx2 {
+        // SAFETY: an `Isa` holds only a level whose features this CPU has, here AVX2 and FMA.
         return unsafe { avx2::power_rows_grad(z, g, gamma, eps, ls, p, norms, dz, dgamma) };
     }
-    power_rows_grad_body::<false>(z, g, gamma, eps, ls, p, norms, dz, dgamma)
+    power_rows_grad_portable(isa, z, g, gamma, eps, ls, p, norms, dz, dgamma)
 }
 
 #[cfg(test)]
@@ -286,28 +312,30 @@ mod tests {
             let z: Vec<f32> = (0..rows * d).map(|i| if i % 5 == 0 { 0.0 } else { ((i * 37 % 23) as f32 - 9.0) * 0.17 }).collect();
             let g: Vec<f32> = (0..rows * d).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.25).collect();
             let gamma = [0.0f32, 1.7, 4.0];
-            let run = |portable: bool| {
+            let run = |isa: Option<Isa>| {
                 let (mut ls, mut p, mut dz) = (vec![0.0; rows * d], vec![0.0; rows * d], vec![0.0; rows * d]);
                 let (mut norms, mut dgamma) = (vec![(0.0, 0.0); rows], vec![0.0; rows]);
-                if portable {
-                    power_rows_body::<true>(&z, &gamma, eps, &mut ls, &mut p, &mut norms);
-                    power_rows_grad_body::<true>(&z, &g, &gamma, eps, &ls, &p, &norms, &mut dz, &mut dgamma);
+                if let Some(isa) = isa {
+                    power_rows_in(isa, &z, &gamma, eps, &mut ls, &mut p, &mut norms);
+                    power_rows_grad_in(isa, &z, &g, &gamma, eps, &ls, &p, &norms, &mut dz, &mut dgamma);
                 } else {
-                    power_rows(&z, &gamma, eps, &mut ls, &mut p, &mut norms);
-                    power_rows_grad(&z, &g, &gamma, eps, &ls, &p, &norms, &mut dz, &mut dgamma);
+                    power_rows_body::<true, 8>(&z, &gamma, eps, &mut ls, &mut p, &mut norms);
+                    power_rows_grad_body::<true, 8>(&z, &g, &gamma, eps, &ls, &p, &norms, &mut dz, &mut dgamma);
                 }
                 (ls, p, norms, dz, dgamma)
             };
-            let (want, got) = (run(true), run(false));
-            let close = |a: f32, b: f32, tol: f32| (a - b).abs() <= tol * (1.0 + a.abs().max(b.abs()));
-            for i in 0..rows * d {
-                assert!(close(want.0[i], got.0[i], 1e-6), "ls d={d} i={i}: {} vs {}", want.0[i], got.0[i]);
-                assert!(close(want.1[i], got.1[i], 1e-6), "p d={d} i={i}: {} vs {}", want.1[i], got.1[i]);
-                assert!(close(want.3[i], got.3[i], 1e-5), "dz d={d} i={i}: {} vs {}", want.3[i], got.3[i]);
-            }
-            for r in 0..rows {
-                assert!(close(want.2[r].0, got.2[r].0, 1e-6) && close(want.2[r].1, got.2[r].1, 1e-6), "norms d={d}");
-                assert!(close(want.4[r], got.4[r], 1e-5), "dgamma d={d}: {} vs {}", want.4[r], got.4[r]);
+            let want = run(None);
+            for got in Isa::supported().into_iter().map(|isa| run(Some(isa))) {
+                let close = |a: f32, b: f32, tol: f32| (a - b).abs() <= tol * (1.0 + a.abs().max(b.abs()));
+                for i in 0..rows * d {
+                    assert!(close(want.0[i], got.0[i], 1e-6), "ls d={d} i={i}: {} vs {}", want.0[i], got.0[i]);
+                    assert!(close(want.1[i], got.1[i], 1e-6), "p d={d} i={i}: {} vs {}", want.1[i], got.1[i]);
+                    assert!(close(want.3[i], got.3[i], 1e-5), "dz d={d} i={i}: {} vs {}", want.3[i], got.3[i]);
+                }
+                for r in 0..rows {
+                    assert!(close(want.2[r].0, got.2[r].0, 1e-6) && close(want.2[r].1, got.2[r].1, 1e-6), "norms d={d}");
+                    assert!(close(want.4[r], got.4[r], 1e-5), "dgamma d={d}: {} vs {}", want.4[r], got.4[r]);
+                }
             }
         }
     }

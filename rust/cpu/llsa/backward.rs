@@ -13,10 +13,11 @@ use rayon::prelude::*;
 
 use super::{gather_rows, Inputs, KeyRows, Plan};
 use crate::cpu::common::{check_input, check_output, zeros, Dims, LOG2_E};
-use crate::cpu::matmul::{Gemm, Mat, MatMut};
+use crate::cpu::isa::Isa;
+use crate::cpu::matmul::{Gemm, Mat, MatMut, Precision};
 use crate::cpu::pool::pool;
 use crate::cpu::view::{DType, View, ViewError};
-use crate::cpu::vmath::{dot, exp2_shift_sum};
+use crate::cpu::vmath::{self, dot};
 
 /// Query blocks gathered at once by the key-side pass.
 const KEY_SIDE_CHUNK: usize = 32;
@@ -66,7 +67,8 @@ pub fn backward(
     let pool = pool(threads).map_err(ViewError)?;
     pool.install(|| {
         let delta = row_deltas(up, plan, dims)?;
-        let ctx = Ctx { inp, up, delta: &delta, plan, dims, scale };
+        let precision = Precision::for_inputs(inp.q.dtype(), Isa::current());
+        let ctx = Ctx { inp, up, delta: &delta, plan, dims, scale, precision };
         if plan.batch_heads >= SLICES_PER_THREAD * pool.current_num_threads() {
             ctx.slices(g)
         } else {
@@ -117,6 +119,7 @@ struct Ctx<'a> {
     plan: &'a Plan,
     dims: Dims,
     scale: f32,
+    precision: Precision,
 }
 
 /// The query side of some rows: q (unscaled), dout, lse in base 2 and delta.
@@ -168,18 +171,13 @@ impl Ctx<'_> {
         let (d, dv, rk) = (self.dims.d, self.dims.dv, keys.len);
         let mul = self.scale * LOG2_E;
         // p = q · kᵀ ; ds = dout · vᵀ
-        Gemm { m: lq, n: rk, k: d, accumulate: false }.run(MatMut::rows(p, rk), Mat::rows(&qs.q[q0 * d..], d), Mat::rows(&keys.k, d).t());
-        Gemm { m: lq, n: rk, k: dv, accumulate: false }.run(MatMut::rows(ds, rk), Mat::rows(&qs.dout[q0 * dv..], dv), Mat::rows(&keys.v, dv).t());
+        Gemm { m: lq, n: rk, k: d, accumulate: false }.run_in(self.precision, MatMut::rows(p, rk), Mat::rows(&qs.q[q0 * d..], d), Mat::rows(&keys.k, d).t());
+        Gemm { m: lq, n: rk, k: dv, accumulate: false }.run_in(self.precision, MatMut::rows(ds, rk), Mat::rows(&qs.dout[q0 * dv..], dv), Mat::rows(&keys.v, dv).t());
+        let bias: &[f32] = if pooled { &keys.bias[..rk] } else { &[] };
         for r in 0..lq {
             let row = &mut p[r * rk..(r + 1) * rk];
-            if pooled {
-                row.iter_mut().zip(&keys.bias[..rk]).for_each(|(s, bias)| *s = *s * mul + bias);
-            } else {
-                row.iter_mut().for_each(|s| *s *= mul);
-            }
-            exp2_shift_sum(row, qs.lse[q0 + r]);
-            let delta = qs.delta[q0 + r];
-            ds[r * rk..(r + 1) * rk].iter_mut().zip(row.iter()).for_each(|(g, p)| *g = p * (*g - delta));
+            vmath::exp2_affine(row, mul, bias, qs.lse[q0 + r]);
+            vmath::softmax_grad(&mut ds[r * rk..(r + 1) * rk], row, qs.delta[q0 + r]);
         }
     }
 }
@@ -298,7 +296,7 @@ impl Ctx<'_> {
         let (pp, dsp) = (&mut buf.pp[..rows * rp], &mut buf.dsp[..rows * rp]);
         self.probabilities(&buf.qs, 0, rows, &buf.pooled, true, pp, dsp);
         // dq = dS · kp over the pooled keys
-        Gemm { m: rows, n: d, k: rp, accumulate: false }.run(MatMut::rows(&mut buf.dq, d), Mat::rows(dsp, rp), Mat::rows(&buf.pooled.k, d));
+        Gemm { m: rows, n: d, k: rp, accumulate: false }.run_in(self.precision, MatMut::rows(&mut buf.dq, d), Mat::rows(dsp, rp), Mat::rows(&buf.pooled.k, d));
         for j in j0..j1 {
             let r0 = (j - j0) * plan.block;
             let lq = plan.fine_block(j).1;
@@ -307,12 +305,12 @@ impl Ctx<'_> {
             let (pf, dsf) = (&mut buf.pf[..lq * rf], &mut buf.dsf[..lq * rf]);
             self.probabilities(&buf.qs, r0, lq, &buf.fine, false, pf, dsf);
             // dq += dS · k over query block j's fine keys
-            Gemm { m: lq, n: d, k: rf, accumulate: true }.run(MatMut::rows(&mut buf.dq[r0 * d..], d), Mat::rows(dsf, rf), Mat::rows(&buf.fine.k, d));
+            Gemm { m: lq, n: d, k: rf, accumulate: true }.run_in(self.precision, MatMut::rows(&mut buf.dq[r0 * d..], d), Mat::rows(dsf, rf), Mat::rows(&buf.fine.k, d));
             if let Some(fine) = fine.as_deref_mut() {
                 // dk = dSᵀ · q ; dv = Pᵀ · dout of the fine keys, then added to their rows
                 let (q, dout) = (Mat::rows(&buf.qs.q[r0 * d..], d), Mat::rows(&buf.qs.dout[r0 * dv..], dv));
-                Gemm { m: rf, n: d, k: lq, accumulate: false }.run(MatMut::rows(&mut buf.dk, d), Mat::rows(dsf, rf).t(), q);
-                Gemm { m: rf, n: dv, k: lq, accumulate: false }.run(MatMut::rows(&mut buf.dv, dv), Mat::rows(pf, rf).t(), dout);
+                Gemm { m: rf, n: d, k: lq, accumulate: false }.run_in(self.precision, MatMut::rows(&mut buf.dk, d), Mat::rows(dsf, rf).t(), q);
+                Gemm { m: rf, n: dv, k: lq, accumulate: false }.run_in(self.precision, MatMut::rows(&mut buf.dv, dv), Mat::rows(pf, rf).t(), dout);
                 let ids = plan.fine_ids(bh, j).iter().map(|&p| plan.fine_block(p as usize));
                 scatter_add((&mut fine.k, &mut fine.v), ids, (&buf.dk, &buf.dv), (d, dv));
             }
@@ -325,8 +323,8 @@ impl Ctx<'_> {
             unsafe { dq.store_row(&[b, h, plan.row(row0 + r)], row) };
         }
         // The group's pooled-key gradients (dk = dSᵀ · q ; dv = Pᵀ · dout), added to the task's sum.
-        Gemm { m: rp, n: d, k: rows, accumulate: false }.run(MatMut::rows(&mut buf.dk, d), Mat::rows(dsp, rp).t(), Mat::rows(&buf.qs.q, d));
-        Gemm { m: rp, n: dv, k: rows, accumulate: false }.run(MatMut::rows(&mut buf.dv, dv), Mat::rows(pp, rp).t(), Mat::rows(&buf.qs.dout, dv));
+        Gemm { m: rp, n: d, k: rows, accumulate: false }.run_in(self.precision, MatMut::rows(&mut buf.dk, d), Mat::rows(dsp, rp).t(), Mat::rows(&buf.qs.q, d));
+        Gemm { m: rp, n: dv, k: rows, accumulate: false }.run_in(self.precision, MatMut::rows(&mut buf.dv, dv), Mat::rows(pp, rp).t(), Mat::rows(&buf.qs.dout, dv));
         let ids = plan.pooled_ids(bh, j0).iter().map(|&p| plan.pooled_block(p as usize));
         scatter_add(pooled, ids, (&buf.dk, &buf.dv), (d, dv));
     }
@@ -346,7 +344,7 @@ impl Ctx<'_> {
 }
 
 fn add_rows(dst: &mut [f32], src: &[f32]) {
-    dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
+    vmath::add_scaled(dst, src, 1.0);
 }
 
 /// Adds the consecutive row runs of `src` (`k` rows of `d`, `v` rows of `dv`) to the runs `(first row, rows)` of
@@ -424,8 +422,8 @@ impl Ctx<'_> {
             let (pt, ds) = (&mut buf.p[..tq * lk], &mut buf.ds[..tq * lk]);
             self.probabilities(&buf.qs, 0, tq, &buf.keys, false, pt, ds);
             // dv += Pᵀ · dout ; dk += dSᵀ · q
-            Gemm { m: lk, n: dv, k: tq, accumulate: true }.run(MatMut::rows(&mut buf.dv, dv), Mat::rows(pt, lk).t(), Mat::rows(&buf.qs.dout, dv));
-            Gemm { m: lk, n: d, k: tq, accumulate: true }.run(MatMut::rows(&mut buf.dk, d), Mat::rows(ds, lk).t(), Mat::rows(&buf.qs.q, d));
+            Gemm { m: lk, n: dv, k: tq, accumulate: true }.run_in(self.precision, MatMut::rows(&mut buf.dv, dv), Mat::rows(pt, lk).t(), Mat::rows(&buf.qs.dout, dv));
+            Gemm { m: lk, n: d, k: tq, accumulate: true }.run_in(self.precision, MatMut::rows(&mut buf.dk, d), Mat::rows(ds, lk).t(), Mat::rows(&buf.qs.q, d));
         }
     }
 
@@ -441,8 +439,8 @@ impl Ctx<'_> {
             for level in 1..=plan.levels() {
                 let weight = plan.pool_weight(token, level);
                 let row = plan.level_rows[level - 1] + token / plan.span(level);
-                add_scaled(dk_row, &pooled.0[row * d..(row + 1) * d], weight);
-                add_scaled(dv_row, &pooled.1[row * dvw..(row + 1) * dvw], weight);
+                vmath::add_scaled(dk_row, &pooled.0[row * d..(row + 1) * d], weight);
+                vmath::add_scaled(dv_row, &pooled.1[row * dvw..(row + 1) * dvw], weight);
             }
             // SAFETY: `dk`, `dv` are validated contiguous outputs; fine key blocks partition the rows of (b, h) and
             // `plan.row` is a permutation, so this task is the only one touching this row of either.
@@ -454,6 +452,4 @@ impl Ctx<'_> {
     }
 }
 
-fn add_scaled(dst: &mut [f32], src: &[f32], mul: f32) {
-    dst.iter_mut().zip(src).for_each(|(a, b)| *a += b * mul);
-}
+

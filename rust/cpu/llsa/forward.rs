@@ -5,7 +5,8 @@ use rayon::prelude::*;
 
 use super::{gather_rows, Inputs, KeyRows, Plan};
 use crate::cpu::common::{check_output, zeros, Dims, LN_2, LOG2_E};
-use crate::cpu::matmul::{Gemm, Mat, MatMut};
+use crate::cpu::isa::Isa;
+use crate::cpu::matmul::{Gemm, Mat, MatMut, Precision};
 use crate::cpu::pool::pool;
 use crate::cpu::view::{DType, View, ViewError};
 use crate::cpu::vmath::{self, exp2_shift_sum};
@@ -19,12 +20,13 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, plan: &Plan, scale: f32, th
     let tasks: Vec<(usize, usize, usize)> =
         (0..plan.batch_heads).flat_map(|bh| plan.groups(bh).into_iter().map(move |(j0, j1)| (bh, j0, j1))).collect();
     let pool = pool(threads).map_err(ViewError)?;
+    let precision = Precision::for_inputs(inp.q.dtype(), Isa::current());
     pool.install(|| {
         tasks.par_iter().try_for_each_init(
             || Buffers::new(plan, dims),
             |buf, &(bh, j0, j1)| {
                 let buf = buf.as_mut().map_err(|e| e.clone())?;
-                forward_group(inp, out, lse, plan, dims, scale, bh, (j0, j1), buf);
+                forward_group(inp, out, lse, plan, dims, (scale, precision), bh, (j0, j1), buf);
                 Ok(())
             },
         )
@@ -66,7 +68,7 @@ fn forward_group(
     lse: &View,
     plan: &Plan,
     dims: Dims,
-    scale: f32,
+    (scale, precision): (f32, Precision),
     bh: usize,
     (j0, j1): (usize, usize),
     buf: &mut Buffers,
@@ -74,14 +76,19 @@ fn forward_group(
     let ((b, h), d, dv) = (dims.slice(bh), dims.d, dims.dv);
     let row0 = j0 * plan.block;
     let rows = (j1 * plan.block).min(plan.n) - row0;
-    gather_rows(inp.q, plan, (b, h), (row0, rows), scale * LOG2_E, &mut buf.q);
+    // bf16 products take q as it is (exact in bf16) and scale the logits instead (`logit_mul`).
+    let (q_mul, logit_mul) = if precision.is_bf16() { (1.0, scale * LOG2_E) } else { (scale * LOG2_E, 1.0) };
+    gather_rows(inp.q, plan, (b, h), (row0, rows), q_mul, &mut buf.q);
     buf.pooled.gather_pooled(inp, plan, dims, b, h, plan.pooled_ids(bh, j0));
     let rp = buf.pooled.len;
     let sp = &mut buf.sp[..rows * rp];
     // sp = q · kpᵀ + bias over the group's rows
-    Gemm { m: rows, n: rp, k: d, accumulate: false }.run(MatMut::rows(sp, rp), Mat::rows(&buf.q, d), Mat::rows(&buf.pooled.k, d).t());
+    Gemm { m: rows, n: rp, k: d, accumulate: false }.run_in(precision, MatMut::rows(sp, rp), Mat::rows(&buf.q, d), Mat::rows(&buf.pooled.k, d).t());
     for row in sp.chunks_exact_mut(rp) {
-        row.iter_mut().zip(&buf.pooled.bias[..rp]).for_each(|(s, bias)| *s += bias);
+        if logit_mul != 1.0 {
+            vmath::scale(row, logit_mul);
+        }
+        vmath::add_scaled(row, &buf.pooled.bias[..rp], 1.0);
     }
     for j in j0..j1 {
         let r0 = (j - j0) * plan.block;
@@ -90,7 +97,10 @@ fn forward_group(
         let rf = buf.fine.len;
         let sf = &mut buf.sf[..lq * rf];
         // sf = q · kᵀ over query block j's rows and its fine keys
-        Gemm { m: lq, n: rf, k: d, accumulate: false }.run(MatMut::rows(sf, rf), Mat::rows(&buf.q[r0 * d..], d), Mat::rows(&buf.fine.k, d).t());
+        Gemm { m: lq, n: rf, k: d, accumulate: false }.run_in(precision, MatMut::rows(sf, rf), Mat::rows(&buf.q[r0 * d..], d), Mat::rows(&buf.fine.k, d).t());
+        if logit_mul != 1.0 {
+            vmath::scale(sf, logit_mul);
+        }
         for r in 0..lq {
             let fine_row = &mut sf[r * rf..(r + 1) * rf];
             let pooled_row = &mut sp[(r0 + r) * rp..(r0 + r + 1) * rp];
@@ -99,14 +109,13 @@ fn forward_group(
             buf.m[r0 + r] = m;
         }
         // acc = p · v over the fine keys
-        Gemm { m: lq, n: dv, k: rf, accumulate: false }.run(MatMut::rows(&mut buf.acc[r0 * dv..], dv), Mat::rows(sf, rf), Mat::rows(&buf.fine.v, dv));
+        Gemm { m: lq, n: dv, k: rf, accumulate: false }.run_in(precision, MatMut::rows(&mut buf.acc[r0 * dv..], dv), Mat::rows(sf, rf), Mat::rows(&buf.fine.v, dv));
     }
     // acc += p · vp over the pooled keys
-    Gemm { m: rows, n: dv, k: rp, accumulate: true }.run(MatMut::rows(&mut buf.acc, dv), Mat::rows(sp, rp), Mat::rows(&buf.pooled.v, dv));
+    Gemm { m: rows, n: dv, k: rp, accumulate: true }.run_in(precision, MatMut::rows(&mut buf.acc, dv), Mat::rows(sp, rp), Mat::rows(&buf.pooled.v, dv));
     for r in 0..rows {
         let row = &mut buf.acc[r * dv..(r + 1) * dv];
-        let inv = 1.0 / buf.l[r];
-        row.iter_mut().for_each(|x| *x *= inv);
+        vmath::scale(row, 1.0 / buf.l[r]);
         let log_den = (buf.m[r] + buf.l[r].log2()) * LN_2;
         // SAFETY: `out`, `lse` are validated contiguous outputs; groups partition the query rows of (b, h) and
         // `plan.row` is a permutation, so this task is the only one touching these rows.

@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 
 use super::{err, Pooling, View, ViewError};
-use crate::cpu::common::gather;
+use crate::cpu::common::{active_isa, gather};
 use crate::cpu::matmul::{Gemm, Mat, MatMut};
 use crate::cpu::pool::pool;
 use crate::cpu::view::DType;
@@ -99,6 +99,7 @@ pub fn select(levels: &[Level], block: usize, threads: usize) -> Result<(), View
     if block < 2 {
         return err("block size must be >= 2");
     }
+    active_isa()?;
     let shape = check(levels, block)?;
     let pool = pool(threads).map_err(ViewError)?;
     let coarsest = levels.len() - 1;
@@ -186,6 +187,7 @@ const POOL_ROWS: usize = 512;
 /// tokens, the mean of all fine tokens under it (level-l sums taken in order over the `block` level-(l−1) sums and
 /// divided by the count). `perm` holds `N` int64 row ids in `[0, N)`.
 pub fn zorder_pool(src: &View, perm: &View, pooled: &View, block: usize, levels: usize, pooling: Pooling, threads: usize) -> Result<(), ViewError> {
+    active_isa()?;
     src.expect(4, true)?;
     let (bh_shape, n, c) = ([src.shape()[0], src.shape()[1]], src.shape()[2], src.shape()[3]);
     let rows: Vec<usize> = perm

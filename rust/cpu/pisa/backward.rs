@@ -16,10 +16,11 @@ use rayon::prelude::*;
 
 use super::{centroid_bias, groups, Inputs, CHUNK, GROUP_KEYS};
 use crate::cpu::common::{check_input, check_output, gather, Dims, LOG2_E};
-use crate::cpu::matmul::{Gemm, Mat, MatMut};
+use crate::cpu::isa::Isa;
+use crate::cpu::matmul::{Gemm, Mat, MatMut, Precision};
 use crate::cpu::pool::pool;
 use crate::cpu::view::{DType, View, ViewError};
-use crate::cpu::vmath::exp2_shift_sum;
+use crate::cpu::vmath;
 
 /// Tasks per worker the pass aims for when it splits the query blocks of a slice.
 const TASKS_PER_THREAD: usize = 2;
@@ -67,7 +68,7 @@ pub fn backward(x: &Inputs, rows: &BackwardRows, outs: &BackwardOutputs, threads
     check_output(outs.dkey_mean, &[bt, h, m, d], DType::F32)?;
     check_output(outs.dvalue_mean, &[bt, h, m, dv], DType::F32)?;
     let pool = pool(threads).map_err(ViewError)?;
-    let ctx = Ctx { x, rows, dims };
+    let ctx = Ctx { x, rows, dims, precision: Precision::for_inputs(x.q.dtype(), Isa::current()) };
     let block = x.layout.max_block();
     let slices = bt * h;
     let splits = (TASKS_PER_THREAD * threads.max(1)).div_ceil(slices).clamp(1, m);
@@ -101,6 +102,8 @@ struct Ctx<'a> {
     x: &'a Inputs<'a>,
     rows: &'a BackwardRows<'a>,
     dims: Dims,
+    /// Of the exact entries' products (the centroid ones stay f32, as the centroids are).
+    precision: Precision,
 }
 
 struct Buffers {
@@ -154,7 +157,7 @@ impl Ctx<'_> {
             let idx = [b, h, layout.perm[q0 + r]];
             buf.lse[r] = self.rows.lse.load(&idx) * LOG2_E;
             let (g, o) = (&buf.dout[r * dv..(r + 1) * dv], &buf.out[r * dv..(r + 1) * dv]);
-            buf.delta[r] = g.iter().zip(o).map(|(g, o)| g * o).sum();
+            buf.delta[r] = vmath::dot(g, o);
             buf.rho[r] = 0.0;
         }
         if let Some(hm) = self.rows.moment_mean {
@@ -164,7 +167,7 @@ impl Ctx<'_> {
             for r in 0..lq {
                 let zeta = self.rows.zeta.load(&[b, h, layout.perm[q0 + r]]);
                 let (g, first) = (&buf.dout[r * dv..(r + 1) * dv], &buf.out[r * dv..(r + 1) * dv]);
-                buf.rho[r] = self.x.scale * g.iter().zip(first).map(|(g, f)| g * f).sum::<f32>();
+                buf.rho[r] = self.x.scale * vmath::dot(g, first);
                 buf.zg[r * dv..(r + 1) * dv].iter_mut().zip(g).for_each(|(z, g)| *z = zeta * g);
             }
         }
@@ -176,19 +179,15 @@ impl Ctx<'_> {
     fn probabilities(&self, lq: usize, cols: usize, centroid: bool, buf: &mut Buffers) {
         let mul = self.x.scale * LOG2_E;
         let (p, dp) = (&mut buf.p[..lq * cols], &mut buf.dp[..lq * cols]);
+        let bias: &[f32] = if centroid { &buf.bias[..cols] } else { &[] };
         for r in 0..lq {
             let row = &mut p[r * cols..(r + 1) * cols];
-            if centroid {
-                row.iter_mut().zip(&buf.bias[..cols]).for_each(|(x, bias)| *x = *x * mul + bias);
-            } else {
-                row.iter_mut().for_each(|x| *x *= mul);
-            }
-            exp2_shift_sum(row, buf.lse[r]);
+            vmath::exp2_affine(row, mul, bias, buf.lse[r]);
             let (drow, delta, rho) = (&mut dp[r * cols..(r + 1) * cols], buf.delta[r], buf.rho[r]);
             if centroid {
                 drow.iter_mut().zip(row.iter()).for_each(|(g, p)| *g = p * (*g + rho - delta));
             } else {
-                drow.iter_mut().zip(row.iter()).for_each(|(g, p)| *g = p * (*g - delta));
+                vmath::softmax_grad(drow, row, delta);
             }
         }
     }
@@ -214,7 +213,7 @@ impl Ctx<'_> {
             }
             for r in 0..lq {
                 let row = &mut buf.dq[r * d..(r + 1) * d];
-                row.iter_mut().for_each(|x| *x *= self.x.scale);
+                vmath::scale(row, self.x.scale);
                 // SAFETY: `dq` is a validated contiguous output and perm is a permutation; query block i belongs to
                 // this task, so it is the only one touching this row.
                 unsafe { dq.store_row(&[b, h, self.x.layout.perm[q0 + r]], row) };
@@ -234,17 +233,18 @@ impl Ctx<'_> {
                 lk += layout.block(j).1;
             }
             // p = q · kᵀ ; dp = dout · vᵀ, then dq += dS · k
-            Gemm { m: lq, n: lk, k: d, accumulate: false }.run(MatMut::rows(&mut buf.p, lk), Mat::rows(&buf.q, d), Mat::rows(&buf.k, d).t());
-            Gemm { m: lq, n: lk, k: dv, accumulate: false }.run(MatMut::rows(&mut buf.dp, lk), Mat::rows(&buf.dout, dv), Mat::rows(&buf.v, dv).t());
+            let precision = self.precision;
+            Gemm { m: lq, n: lk, k: d, accumulate: false }.run_in(precision, MatMut::rows(&mut buf.p, lk), Mat::rows(&buf.q, d), Mat::rows(&buf.k, d).t());
+            Gemm { m: lq, n: lk, k: dv, accumulate: false }.run_in(precision, MatMut::rows(&mut buf.dp, lk), Mat::rows(&buf.dout, dv), Mat::rows(&buf.v, dv).t());
             self.probabilities(lq, lk, false, buf);
-            Gemm { m: lq, n: d, k: lk, accumulate: true }.run(MatMut::rows(&mut buf.dq, d), Mat::rows(&buf.dp, lk), Mat::rows(&buf.k, d));
+            Gemm { m: lq, n: d, k: lk, accumulate: true }.run_in(precision, MatMut::rows(&mut buf.dq, d), Mat::rows(&buf.dp, lk), Mat::rows(&buf.k, d));
             let mut col = 0;
             for &j in group {
                 let (k0, len) = layout.block(j);
                 // dk_j += dSᵀ q ; dv_j += Pᵀ dout (columns col..col+len of dS and P; rows k0.. of the task's sums)
                 let (ds_j, p_j) = (Mat::rows(&buf.dp[col..], lk).t(), Mat::rows(&buf.p[col..], lk).t());
-                Gemm { m: len, n: d, k: lq, accumulate: true }.run(MatMut::rows(&mut grads.dk[k0 * d..], d), ds_j, Mat::rows(&buf.q, d));
-                Gemm { m: len, n: dv, k: lq, accumulate: true }.run(MatMut::rows(&mut grads.dv[k0 * dv..], dv), p_j, Mat::rows(&buf.dout, dv));
+                Gemm { m: len, n: d, k: lq, accumulate: true }.run_in(precision, MatMut::rows(&mut grads.dk[k0 * d..], d), ds_j, Mat::rows(&buf.q, d));
+                Gemm { m: len, n: dv, k: lq, accumulate: true }.run_in(precision, MatMut::rows(&mut grads.dv[k0 * dv..], dv), p_j, Mat::rows(&buf.dout, dv));
                 col += len;
             }
         }

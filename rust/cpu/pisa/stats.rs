@@ -9,7 +9,7 @@
 use rayon::prelude::*;
 
 use super::{err, Layout};
-use crate::cpu::common::{check_input, check_output, gather};
+use crate::cpu::common::{active_isa, check_input, check_output, gather};
 use crate::cpu::matmul::{Gemm, Mat, MatMut};
 use crate::cpu::pool::pool;
 use crate::cpu::view::{DType, View, ViewError};
@@ -40,6 +40,7 @@ struct Shape {
 
 /// Computes the requested statistics of `k`, `v` (and `q`) `(B, H, N, ·)` (any strides, float) over `layout`.
 pub fn stats(k: &View, v: &View, q: Option<&View>, layout: &Layout, outs: &StatsOutputs, threads: usize) -> Result<(), ViewError> {
+    active_isa()?;
     k.expect(4, true)?;
     v.expect(4, true)?;
     let [batch, heads, n, d] = k.shape()[..] else { unreachable!("4 dims checked") };
