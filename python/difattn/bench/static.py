@@ -160,9 +160,19 @@ def run_every_op(dtype, head_dim: int, shapes: dict, recorder: LaunchRecorder | 
 
 
 def with_bf16_twins(launches: list[dict]) -> list[dict]:
-    """``launches`` and the bf16 twin of every fp16 launch (bf16 ``tl.dot`` does not run in the interpreter)."""
-    twins = [x for x in json.loads(json.dumps(launches).replace('"*fp16"', '"*bf16"')) if x not in launches]
-    return launches + twins
+    """``launches`` and the bf16 twin of every fp16 launch (bf16 ``tl.dot`` does not run in the interpreter): bf16
+    pointers, and the linear kernels' matmul precision of bf16 inputs."""
+    import torch
+
+    from ..triton_kernels import linear_attention
+
+    twins = json.loads(json.dumps(launches).replace('"*fp16"', '"*bf16"'))
+    for twin in twins:
+        constexprs = twin["spec"]["constexprs"]
+        if twin["spec"]["module"] == linear_attention.__name__ and "PRECISION" in constexprs:
+            if constexprs["PRECISION"] == linear_attention.matmul_precision(torch.float16):
+                constexprs["PRECISION"] = linear_attention.matmul_precision(torch.bfloat16)
+    return launches + [x for x in twins if x not in launches]
 
 
 # --- compiling and reading the binaries (without TRITON_INTERPRET) ------------------------------------------------
@@ -318,14 +328,15 @@ def format_table(records: list[dict]) -> str:
 
 
 def write_json(path, report: dict) -> None:
-    """``report`` of :func:`production_records` with ``"kind": "static"`` and the commit, as JSON at ``path``."""
+    """``report`` of :func:`production_records` with ``"kind": "static"``, the commit and the table's columns, as
+    JSON at ``path``."""
     from pathlib import Path
 
     from .runner import _commit
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"kind": "static", "commit": _commit(), **report}, indent=1) + "\n")
+    path.write_text(json.dumps({"kind": "static", "commit": _commit(), "columns": COLUMNS, **report}, indent=1) + "\n")
 
 
 def _main(argv: list[str]) -> int:
