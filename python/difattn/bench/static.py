@@ -246,6 +246,7 @@ def compile_launch(spec: dict, arch: int) -> dict:
 
 
 def _dtype(spec: dict) -> str:
+    """The element type of the launch's first floating-point tensor argument (what its matmuls take)."""
     types = [t for t in spec["signature"].values() if t in ("*fp16", "*bf16", "*fp32")]
     return {"*fp16": "float16", "*bf16": "bfloat16", "*fp32": "float32"}[types[0]] if types else "?"
 
