@@ -47,7 +47,8 @@ NO_WGMMA = {
     # LLSA's query blocks are 16 rows (its default block size).
     ("llsa", "_llsa_fwd_kernel"), ("llsa", "_llsa_bwd_dq_kernel"), ("llsa", "_llsa_bwd_fine_dkv_kernel"),
     ("llsa", "_llsa_bwd_pooled_dkv_kernel"),
-    # PISA's centroid backward reduces 16-row chunks of block means.
+    # PISA's centroid backward takes its centroids in chunks of min(64, blocks rounded up to a power of two), at
+    # least 16: the production grid (391 tokens, 7 blocks of 64) gives 16-row chunks; 64 blocks and more give 64.
     ("pisa-hybrid", "_pisa_bwd_centroid_kernel"), ("pisa-zeroth", "_pisa_bwd_centroid_kernel"),
     # DyDiLA's feature maps are elementwise (no matmul).
     ("dydila", "_features_kernel"), ("dydila", "_features_bwd_kernel"),
