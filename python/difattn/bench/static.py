@@ -60,7 +60,7 @@ def launch_spec(interpreted, args: tuple, kwargs: dict) -> dict:
     options = {k: v for k, v in kwargs.items() if k not in bound}
     signature, constexprs, divisible = {}, {}, []
     for i, p in enumerate(parameters):
-        value = bound[p.name] if p.name in bound else p.default
+        value = bound.get(p.name, p.default)
         annotation = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
         if "constexpr" in annotation:
             kind, key = "constexpr", None
@@ -145,7 +145,7 @@ def run_every_op(dtype, head_dim: int, shapes: dict, recorder: LaunchRecorder | 
     both("grat", lambda: difattn.grat_attention(q, k, v, grid, group=shapes["group"], pattern="criss_cross",
                                                 backend="triton"))
     for order in ("hybrid", "zeroth"):
-        both(f"pisa-{order}", lambda: difattn.pisa_attention(q, k, v, density=0.5, block_size=shapes["pisa_block"],
+        both(f"pisa-{order}", lambda order=order: difattn.pisa_attention(q, k, v, density=0.5, block_size=shapes["pisa_block"],
                                                              order=order, backend="triton"))
     both("llsa", lambda: difattn.llsa_attention(q, k, v, block_size=shapes["llsa_block"], topk=2,
                                                 levels=shapes["llsa_levels"], backend="triton"))
@@ -169,9 +169,9 @@ def with_bf16_twins(launches: list[dict]) -> list[dict]:
     twins = json.loads(json.dumps(launches).replace('"*fp16"', '"*bf16"'))
     for twin in twins:
         constexprs = twin["spec"]["constexprs"]
-        if twin["spec"]["module"] == linear_attention.__name__ and "PRECISION" in constexprs:
-            if constexprs["PRECISION"] == linear_attention.matmul_precision(torch.float16):
-                constexprs["PRECISION"] = linear_attention.matmul_precision(torch.bfloat16)
+        if (twin["spec"]["module"] == linear_attention.__name__
+                and constexprs.get("PRECISION") == linear_attention.matmul_precision(torch.float16)):
+            constexprs["PRECISION"] = linear_attention.matmul_precision(torch.bfloat16)
     return launches + [x for x in twins if x not in launches]
 
 
@@ -271,7 +271,7 @@ def compile_all(launches: list[dict], archs: list[int]) -> dict:
                 failures.append(f"{spec['name']} sm_{arch} {spec['constexprs']}: {type(exc).__name__}: {exc}"[:2000])
     from triton import knobs
 
-    ptxas = subprocess.run([knobs.nvidia.ptxas.path, "--version"], capture_output=True, text=True).stdout
+    ptxas = subprocess.run([knobs.nvidia.ptxas.path, "--version"], capture_output=True, text=True, check=False).stdout
     return {"triton": triton.__version__, "ptxas": ptxas.strip().splitlines()[-1] if ptxas else None,
             "records": records, "failures": failures}
 
@@ -287,7 +287,7 @@ def _python(args: list[str], payload, interpret: bool, python: str | None = None
         [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
          *filter(None, [os.environ.get("PYTHONPATH")])])
     done = subprocess.run([python or sys.executable, "-m", "difattn.bench.static", *args], input=json.dumps(payload),
-                          env=env, capture_output=True, text=True, timeout=3600)
+                          env=env, capture_output=True, text=True, timeout=3600, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"difattn.bench.static {args[0]} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
