@@ -58,7 +58,8 @@ NO_WGMMA = {
 
 # Spills that an older triton compiling through DIFATTN_AOT_PYTHON may show, in bytes at most: triton 3.6 (ptxas
 # 12.8) spills a few bytes in these kernels at D = 128, which the newest triton (3.9, ptxas 12.9) compiles without.
-OLDER_TRITON_SPILLS = {("pisa-zeroth", "_pisa_bwd_centroid_kernel", 128): 12, ("llsa", "_llsa_fwd_kernel", 128): 16,
+OLDER_TRITON_SPILLS = {("pisa-hybrid", "_pisa_bwd_centroid_kernel", 128): 12,
+                       ("pisa-zeroth", "_pisa_bwd_centroid_kernel", 128): 12, ("llsa", "_llsa_fwd_kernel", 128): 16,
                        ("llsa", "_llsa_bwd_dq_kernel", 128): 8}
 
 
