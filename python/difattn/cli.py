@@ -167,7 +167,7 @@ def _bench_static(args: argparse.Namespace) -> int:
     print(bench_static.format_table(report["records"]))
     for failure in report["failures"]:
         print(f"failed: {failure}", file=sys.stderr)
-    path = Path(args.json or f"difattn-bench-static-sm{args.arch}.json")
+    path = _json_path(args.out, f"difattn-bench-static-sm{args.arch}.json")
     bench_static.write_json(path, report)
     print(f"wrote {path}")
     return 1 if report["failures"] else 0
