@@ -7,7 +7,9 @@ Every number in those files comes from a JSON file under benchmarks/results/ wri
 Files named `<series>-run<k>.json` are repeated runs of one series (on a shared host one run can be slowed by
 others' work): the README shows, per case, the median over the runs, and BENCHMARKS.md every run and a summary.
 Files of `difattn bench --world-size P` (``"kind": "distributed"``) fill the sequence-parallelism tables instead:
-bytes per rank and time per layer of each scheme, measured and (at sizes that cannot run here) counted.
+bytes per rank and time per layer of each scheme, measured and (at sizes that cannot run here) counted; files of
+`difattn bench --static` (``"kind": "static"``) the table of compiled kernels (registers, spills, shared memory,
+tensor-core instructions of every production launch, read from the binaries without a GPU).
 A file with quality records (`difattn bench --quality`) also gets a quality section in BENCHMARKS.md and a Pareto
 plot next to it, `<name>-pareto.png` (drawn by `difattn.bench.quality_suite.pareto_plot`, so rewriting needs
 difattn importable and matplotlib; `--check` only checks that the plot exists).
@@ -142,6 +144,29 @@ def summary_table(runs: list[dict]) -> list[str]:
 
 def is_distributed(data: dict) -> bool:
     return data.get("kind") == "distributed"
+
+
+def is_static(data: dict) -> bool:
+    return data.get("kind") == "static"
+
+
+def static_md(results: list[tuple[Path, dict]]) -> list[str]:
+    """One table per ``difattn bench --static`` file: every production launch's binary (the file's columns)."""
+    out = ["## Compiled kernels (`difattn bench --static`)", "",
+           "Every production Triton launch compiled ahead of time as a GPU launch compiles it (triton's own",
+           "specialisation of the real arguments), read from the binary without a GPU: registers per thread, bytes",
+           "spilled to local memory, shared memory per block, resident warps per SM as a share of the most an SM",
+           "holds, wgmma (HGMMA) and mma.sync (HMMA) instructions, and the instructions of the longest loop. These",
+           "say how a kernel compiles, not how fast it runs: GPU times are measured separately.", ""]
+    for path, data in results:
+        columns = data["columns"]
+        out += [f"### {path.stem}", "", f"triton {data['triton']}, {data.get('ptxas') or 'ptxas ?'}; commit "
+                f"`{data['commit']}`.", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        for r in data["records"]:
+            cells = [f"{r[c]:.0%}" if c == "occupancy" else str(r[c]) for c in columns]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return out
 
 
 def _mb(values: list[int]) -> str:
@@ -296,7 +321,7 @@ def benchmarks_md(results: list[tuple[Path, dict]]) -> str:
         "the device's square-matmul rate measured in the same run (the practical ceiling of any GEMM-based kernel).",
         "",
     ]
-    for name, runs in series([(p, d) for p, d in results if not is_distributed(d)]):
+    for name, runs in series([(p, d) for p, d in results if not is_distributed(d) and not is_static(d)]):
         if not any(d["records"] for _, d in runs):
             continue
         out += [f"## {name}", ""]
@@ -320,11 +345,14 @@ def benchmarks_md(results: list[tuple[Path, dict]]) -> str:
     distributed = [(p, d) for p, d in results if is_distributed(d)]
     if distributed:
         out += scaling_md(distributed)
+    compiled = [(p, d) for p, d in results if is_static(d)]
+    if compiled:
+        out += static_md(compiled)
     return "\n".join(out)
 
 
 def readme_table(results: list[tuple[Path, dict]]) -> str:
-    results = [(p, d) for p, d in results if not is_distributed(d)]
+    results = [(p, d) for p, d in results if not is_distributed(d) and not is_static(d)]
     if not results:
         return "No benchmark results are committed yet."
     lines = []

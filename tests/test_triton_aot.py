@@ -1,23 +1,22 @@
 """Tier 1: every Triton kernel compiles for Hopper (sm_90) and Ampere (sm_80) with the installed triton, on a
-machine without a GPU, and fits the target's shared memory.
+machine without a GPU, as a GPU launch compiles it, and fits the target's shared memory; production kernels do not
+spill registers and use Hopper's wgmma.
 
-The interpreter runs small calls of every op, forward and backward, while each kernel launch is recorded (its
-argument types, constexpr values, num_warps and num_stages); then a subprocess without ``TRITON_INTERPRET``
-compiles every distinct launch ahead of time with ``triton.compile`` down to a cubin (triton bundles ptxas). This
-catches what the interpreter cannot: type errors of the real compiler, shared-memory and register layouts,
-features missing from an older triton (``DIFATTN_AOT_PYTHON=<python of a venv with triton 3.6>`` compiles the
-launches recorded here with that version too). A second case records
-the launches of production tiles (a grid big enough for the GPU plans' 128 x 64 blocks, head dim 128) in fp16 and
-also compiles their bf16 twins (bf16 ``tl.dot`` does not run in the interpreter).
+The interpreter runs small calls of every op, forward and backward, while each kernel launch is recorded with
+triton's own specialisation of its real arguments (inner strides of 1 become constants, aligned pointers and
+16-divisible integers get divisibility hints), its constexprs, num_warps and num_stages
+(``difattn.bench.static``); then a subprocess without ``TRITON_INTERPRET`` compiles every distinct launch ahead of
+time with ``triton.compile`` down to a cubin (triton bundles ptxas) and reads registers, spills, shared memory and
+tensor-core instructions from it. This catches what the interpreter cannot: type errors of the real compiler,
+shared-memory and register layouts, features missing from an older triton (``DIFATTN_AOT_PYTHON=<python of a venv
+with triton 3.6>`` compiles the launches recorded here with that version too). The production case records the
+launches of production tiles (a grid big enough for the GPU plans' 128 x 64 blocks, head dims 64 and 128) in fp16
+and also compiles their bf16 twins (bf16 ``tl.dot`` does not run in the interpreter).
 """
 
 from __future__ import annotations
 
-import inspect
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -29,167 +28,95 @@ pytestmark = pytest.mark.interpreter
 
 if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("records launches under TRITON_INTERPRET=1 (machines without CUDA)", allow_module_level=True)
-triton_interpreter = pytest.importorskip("triton.runtime.interpreter")
-
-_POINTER_TYPES = {
-    torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64",
-    torch.int64: "*i64", torch.int32: "*i32", torch.int16: "*i16", torch.int8: "*i8", torch.uint8: "*u8",
-    torch.bool: "*i1",
-}
-
-
-def _is_constexpr(parameter: inspect.Parameter) -> bool:
-    annotation = parameter.annotation
-    return "constexpr" in (annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""))
-
-
-def _scalar_type(name: str, value) -> str:
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    if isinstance(value, torch.Tensor):
-        return _POINTER_TYPES[value.dtype]
-    raise TypeError(f"argument {name}: cannot type {type(value).__name__} for ahead-of-time compilation")
-
-
-def _launch_spec(fn, args: tuple, kwargs: dict) -> dict:
-    """``{module, name, signature, constexprs, options}`` of one launch, JSON-ready."""
-    parameters = list(inspect.signature(fn).parameters.values())
-    bound = dict(zip([p.name for p in parameters], args))
-    options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages") if key in kwargs}
-    bound.update(kwargs)
-    signature, constexprs = {}, {}
-    for p in parameters:
-        value = bound[p.name] if p.name in bound else p.default
-        if _is_constexpr(p) or value is None:
-            signature[p.name] = "constexpr"
-            constexprs[p.name] = value
-        else:
-            signature[p.name] = _scalar_type(p.name, value)
-    return {"module": fn.__module__, "name": fn.__name__, "signature": signature, "constexprs": constexprs,
-            "options": options}
+triton = pytest.importorskip("triton")
+pytest.importorskip("triton.runtime.interpreter")
+from difattn.bench import static  # noqa: E402  (after the skip: it needs triton)
 
 
 @pytest.fixture
-def recorded_launches(monkeypatch):
-    launches: dict[str, dict] = {}
-    original = triton_interpreter.InterpretedFunction.run
-
-    def run(self, *args, grid, warmup, **kwargs):
-        spec = _launch_spec(self.fn, args, dict(kwargs))
-        launches.setdefault(json.dumps(spec, sort_keys=True), spec)
-        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
-
-    monkeypatch.setattr(triton_interpreter.InterpretedFunction, "run", run)
-    return launches
+def recorder():
+    with static.LaunchRecorder() as launches:
+        yield launches
 
 
-# Shapes of `_run_every_op`: tiny ones, and production tiles (the CLEAR and GRAT plans reach their full 128 x 64
-# blocks, PISA's and LLSA's default block sizes). N is not a multiple of any block in either.
-_TINY = {"grid": difattn.TokenGrid(5, 7, text_tokens=3), "radius": 2.5, "group": (2, 3), "pisa_block": 16,
-         "llsa_block": 4, "llsa_levels": 2}
-_PRODUCTION = {"grid": difattn.TokenGrid(16, 24, text_tokens=7), "radius": 4.5, "group": (4, 4), "pisa_block": 64,
-               "llsa_block": 16, "llsa_levels": 1}
+# Production kernels at D <= 128 that may use mma.sync instead of wgmma on sm_90, and why. Everything else
+# (attention kernels and the linear state/readout kernels) must use wgmma, and nothing may spill.
+NO_WGMMA = {
+    # GRAT's blocks are its groups: group (4, 4) gives 16-row tiles, below wgmma's 64-row minimum.
+    ("grat", "_block_attention_fwd_kernel"), ("grat", "_block_attention_bwd_dq_kernel"),
+    ("grat", "_block_attention_bwd_dkv_kernel"),
+    # LLSA's query blocks are 16 rows (its default block size).
+    ("llsa", "_llsa_fwd_kernel"), ("llsa", "_llsa_bwd_dq_kernel"), ("llsa", "_llsa_bwd_fine_dkv_kernel"),
+    ("llsa", "_llsa_bwd_pooled_dkv_kernel"),
+    # PISA's centroid backward takes its centroids in chunks of min(64, blocks rounded up to a power of two), at
+    # least 16: the production grid (391 tokens, 7 blocks of 64) gives 16-row chunks; 64 blocks and more give 64.
+    ("pisa-hybrid", "_pisa_bwd_centroid_kernel"), ("pisa-zeroth", "_pisa_bwd_centroid_kernel"),
+    # DyDiLA's feature maps are elementwise (no matmul).
+    ("dydila", "_features_kernel"), ("dydila", "_features_bwd_kernel"),
+}
 
 
-def _run_every_op(dtype: torch.dtype, head_dim: int, shapes: dict) -> None:
-    """Forward and backward of every op on the Triton backend at ``shapes``."""
-    gen = torch.Generator().manual_seed(0)
-    grid = shapes["grid"]
-    n = grid.num_tokens
-
-    def qkv(count=3, positive=False):
-        xs = [torch.randn(1, 2, n, head_dim, generator=gen).to(dtype) for _ in range(count)]
-        return [(x.abs() if positive else x).requires_grad_() for x in xs]
-
-    def backward(out):
-        out.float().sum().backward()
-
-    q, k, v = qkv()
-    backward(difattn.clear_attention(q, k, v, grid, radius=shapes["radius"], backend="triton"))
-    backward(difattn.grat_attention(q, k, v, grid, group=shapes["group"], pattern="criss_cross", backend="triton"))
-    for order in ("hybrid", "zeroth"):
-        backward(difattn.pisa_attention(q, k, v, density=0.5, block_size=shapes["pisa_block"], order=order,
-                                        backend="triton"))
-    backward(difattn.llsa_attention(q, k, v, block_size=shapes["llsa_block"], topk=2, levels=shapes["llsa_levels"],
-                                    backend="triton"))
-    fq, fk, fv = qkv(positive=True)
-    backward(difattn.linear_attention(fq, fk, fv, normalize=True, backend="triton"))
-    q_aux, k_aux = qkv(2)
-    gamma = (1 + torch.rand(1, 2, n, generator=gen)).to(dtype).requires_grad_()
-    lam = (0.3 * torch.rand(1, 2, n, generator=gen)).to(dtype).requires_grad_()
-    backward(difattn.dydila_attention(q, k, v, q_aux, k_aux, gamma_q=gamma, gamma_k=gamma, gamma_q_aux=gamma,
-                                      gamma_k_aux=gamma, lambda_q=lam, lambda_k=lam, backend="triton"))
+# Spills that an older triton compiling through DIFATTN_AOT_PYTHON may show, in bytes at most: triton 3.6 (ptxas
+# 12.8) spills a few bytes in these kernels at D = 128, which the newest triton (3.9, ptxas 12.9) compiles without.
+OLDER_TRITON_SPILLS = {("pisa-hybrid", "_pisa_bwd_centroid_kernel", 128): 12,
+                       ("pisa-zeroth", "_pisa_bwd_centroid_kernel", 128): 12, ("llsa", "_llsa_fwd_kernel", 128): 16,
+                       ("llsa", "_llsa_bwd_dq_kernel", 128): 8}
 
 
-_COMPILER = r"""
-import importlib, json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-specs, targets = json.load(sys.stdin)
-# Largest dynamic shared memory per block (bytes): sm_90 (H100/H200) and sm_80 (A100).
-shared_limit = {90: 232448, 80: 166912}
-failures = []
-for spec in specs:
-    fn = getattr(importlib.import_module(spec["module"]), spec["name"])
-    for arch in targets:
-        try:
-            source = ASTSource(fn, spec["signature"], spec["constexprs"])
-            kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=spec["options"])
-            assert kernel.asm["cubin"], "empty cubin"
-            shared = kernel.metadata.shared
-            assert shared <= shared_limit[arch], f"{shared} bytes of shared memory, the limit is {shared_limit[arch]}"
-        except Exception as exc:  # report every failing kernel, not only the first
-            failures.append(f"{spec['name']} sm_{arch} {spec['constexprs']}: {type(exc).__name__}: {exc}"[:2000])
-print(json.dumps({"triton": triton.__version__, "compiled": len(specs) * len(targets), "failures": failures}))
-"""
-
-
-def _with_bf16_twins(specs: list[dict]) -> list[dict]:
-    """``specs`` and the bf16 twin of every fp16 launch."""
-    return specs + json.loads(json.dumps(specs).replace('"*fp16"', '"*bf16"'))
-
-
-def _compile_all(specs: list[dict], targets: list[int]) -> None:
-    """Compiles every launch for every target in a subprocess without ``TRITON_INTERPRET`` and fails on any error
-    or shared-memory overflow."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    compiler = os.environ.get("DIFATTN_AOT_PYTHON", sys.executable)
-    done = subprocess.run([compiler, "-c", _COMPILER], input=json.dumps([specs, targets]), env=env,
-                          capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stderr[-4000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+def _compile_all(launches: list[dict], targets: list[int]) -> dict:
+    """Compiles every launch for every target in a subprocess without ``TRITON_INTERPRET``; fails on any error or
+    shared-memory overflow. Returns the report: ``triton`` (the compiling version) and the ``records`` (see
+    ``difattn.bench.static``)."""
+    report = static.compile_records(launches, targets, python=os.environ.get("DIFATTN_AOT_PYTHON"))
     assert not report["failures"], "\n".join(report["failures"])
-    assert report["compiled"] == len(specs) * len(targets)
+    assert len(report["records"]) == len(launches) * len(targets)
+    too_big = [f"{r['kernel']} sm_{r['arch']} {r['constexprs']}: {r['smem_bytes']} bytes of shared memory"
+               for r in report["records"] if r["smem_bytes"] > static.SHARED_LIMIT[r["arch"]]]
+    assert not too_big, "\n".join(too_big)
+    return report
 
 
-@pytest.mark.parametrize("dtype, head_dim, shapes, targets", [
-    (torch.float32, 24, _TINY, [90]),
-    (torch.float16, 72, _TINY, [90, 80]),
-    (torch.float16, 128, _PRODUCTION, [90]),
-], ids=["tiny-fp32", "tiny-fp16", "production-fp16-bf16"])
-def test_every_kernel_compiles_for_hopper_and_ampere(recorded_launches, dtype, head_dim, shapes, targets):
-    _run_every_op(dtype, head_dim, shapes)
-    specs = list(recorded_launches.values())
-    if shapes is _PRODUCTION:
-        specs = _with_bf16_twins(specs)
-    kernels = {spec["name"] for spec in specs}
+@pytest.mark.parametrize("dtype, head_dim, targets", [
+    (torch.float32, 24, [90]),
+    (torch.float16, 72, [90, 80]),
+], ids=["tiny-fp32", "tiny-fp16"])
+def test_every_kernel_compiles_for_hopper_and_ampere(recorder, dtype, head_dim, targets):
+    static.run_every_op(dtype, head_dim, static.SHAPES["tiny"], recorder)
+    kernels = {launch["spec"]["name"] for launch in recorder.launches}
     assert len(kernels) >= 12, f"expected launches of every kernel, recorded {sorted(kernels)}"
-    _compile_all(specs, targets)
+    _compile_all(recorder.launches, targets)
 
 
-def test_block_engine_fits_ampere_at_head_dim_256(recorded_launches):
+def test_production_kernels_compile_without_spills_and_use_wgmma(recorder):
+    """Production tiles at head dims 64 and 128, fp16 and bf16, compiled for sm_90 as launched: every kernel
+    compiles and fits, none spills registers (an older triton: ``OLDER_TRITON_SPILLS``), and every one with a
+    matmul runs it on wgmma (except ``NO_WGMMA``)."""
+    for head_dim in (64, 128):
+        static.run_every_op(torch.float16, head_dim, static.SHAPES["production"], recorder)
+    launches = static.with_bf16_twins(recorder.launches)
+    assert len({launch["spec"]["name"] for launch in launches}) >= 12
+    report = _compile_all(launches, [90])
+    records = report["records"]
+    allowed = OLDER_TRITON_SPILLS if report["triton"] != triton.__version__ else {}
+    label = lambda r: f"{r['kernel']} ({r['method']} {r['pass']}, D={r['D']}, {r['dtype']})"  # noqa: E731
+    spills = [f"{label(r)}: {r['spill_bytes']} bytes spilled, {r['regs']} registers" for r in records
+              if r["spill_bytes"] > allowed.get((r["method"], r["kernel"], r["D"]), 0)]
+    assert not spills, "\n".join(spills)
+    no_wgmma = [f"{label(r)}: {r['mma_sync']} mma.sync" for r in records
+                if r["wgmma"] == 0 and (r["method"], r["kernel"]) not in NO_WGMMA]
+    assert not no_wgmma, "\n".join(no_wgmma)
+    exceptions_used = {(r["method"], r["kernel"]) for r in records if r["wgmma"] == 0}
+    assert exceptions_used == NO_WGMMA, f"stale NO_WGMMA entries: {sorted(NO_WGMMA - exceptions_used)}"
+
+
+def test_block_engine_fits_ampere_at_head_dim_256(recorder):
     """Head dim 256 on production tiles: the block engine's forward and backward (64-query blocks for wide heads)
     fit an A100's shared memory as well as an H100's, in fp16 and bf16."""
-    grid = _PRODUCTION["grid"]
+    shapes = static.SHAPES["production"]
+    grid = difattn.TokenGrid(*shapes["grid"][:2], text_tokens=shapes["grid"][2])
     q, k, v = random_qkv(1, 1, grid.num_tokens, 256, dtype=torch.float16, seed=4, requires_grad=True)
-    difattn.clear_attention(q, k, v, grid, radius=_PRODUCTION["radius"], backend="triton").float().sum().backward()
-    specs = _with_bf16_twins(list(recorded_launches.values()))
-    assert {spec["name"] for spec in specs} == {"_block_attention_fwd_kernel", "_block_attention_bwd_dq_kernel",
-                                                "_block_attention_bwd_dkv_kernel"}
-    _compile_all(specs, [90, 80])
+    difattn.clear_attention(q, k, v, grid, radius=shapes["radius"], backend="triton").float().sum().backward()
+    launches = static.with_bf16_twins(recorder.launches)
+    assert {launch["spec"]["name"] for launch in launches} == {
+        "_block_attention_fwd_kernel", "_block_attention_bwd_dq_kernel", "_block_attention_bwd_dkv_kernel"}
+    _compile_all(launches, [90, 80])

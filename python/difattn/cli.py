@@ -16,6 +16,7 @@ from .backends import METHODS, availability
 from .bench import block as bench_block
 from .bench import cases as bench_cases
 from .bench import distributed as bench_distributed
+from .bench import static as bench_static
 from .bench.digits import DEFAULT_WEIGHTS as DIGITS_WEIGHTS
 from .bench.quality_suite import default_quality, format_quality_table, pareto_plot, run_quality
 from .bench.runner import BenchConfig, format_table, plot, run, write_json
@@ -89,6 +90,8 @@ def _cpu_isa_line() -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.static:
+        return _bench_static(args)
     if args.world_size is not None:
         return _bench_distributed(args)
     if args.device == "auto":
@@ -196,6 +199,20 @@ def _bench_distributed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_static(args: argparse.Namespace) -> int:
+    head_dims = (args.head_dim,) if args.head_dim else (64, 128)
+    print(f"difattn bench --static: every production Triton launch (fp16 and bf16, D={head_dims}) compiled for "
+          f"sm_{args.arch} as a launch compiles it; no GPU used")
+    report = bench_static.production_records(head_dims, (args.arch,))
+    print(bench_static.format_table(report["records"]))
+    for failure in report["failures"]:
+        print(f"failed: {failure}", file=sys.stderr)
+    path = _json_path(args.out, f"difattn-bench-static-sm{args.arch}.json")
+    bench_static.write_json(path, report)
+    print(f"wrote {path}")
+    return 1 if report["failures"] else 0
+
+
 def _grid_label(grid: TokenGrid) -> str:
     frames = f"{grid.frames}x" if grid.frames > 1 else ""
     text = f"+{grid.text_tokens}{grid.text_position}" if grid.text_tokens else ""
@@ -219,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tokens", nargs="+", type=int, help="square image grids of about these token counts")
     bench.add_argument("--batch", type=int, help="batch size for --grid/--tokens (default 1)")
     bench.add_argument("--heads", type=int, help="heads for --grid/--tokens (default 4)")
-    bench.add_argument("--head-dim", type=int, help="head dim for --grid/--tokens (default 64)")
+    bench.add_argument("--head-dim", type=int, help="head dim for --grid/--tokens (default 64; --static: 64 and 128)")
     bench.add_argument("--dtype", choices=tuple(_DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
     bench.add_argument("--backward", action="store_true", help="also time forward+backward")
     bench.add_argument("--quick", action="store_true", help="smaller shapes, one case per method, shorter timing")
@@ -240,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "forward and forward+backward (--grid: its latent grid, default 64x64; --quick: 32x32)")
     bench.add_argument("--world-size", type=int, help="run the sequence-parallel schemes on this many processes "
                        "(gloo on CPU, NCCL with as many GPUs): bytes per rank and time per layer")
+    bench.add_argument("--static", action="store_true", help="compile every production Triton launch for a GPU "
+                       "(no GPU needed) and report registers, spills, shared memory, occupancy, tensor-core use")
+    bench.add_argument("--arch", type=int, choices=(80, 90), default=90, help="GPU architecture of --static")
     bench.set_defaults(func=_bench)
     return parser
 

@@ -19,7 +19,13 @@ F32_MIN_NORMAL: tl.constexpr = tl.constexpr(1.1754943508222875e-38)
 def block_rows(perm_ptr, off_ptr, i_blk, BLOCK: tl.constexpr):
     """Block ``i_blk`` of a permuted layout (``off (M+1,)`` block offsets, ``perm (N,)`` layout position → sequence
     row): the ``(BLOCK,)`` layout positions, sequence rows (int64) and mask of its slots."""
-    i_start = tl.load(off_ptr + i_blk)
+    return block_part_rows(perm_ptr, off_ptr, i_blk, 0, BLOCK)
+
+
+@triton.jit
+def block_part_rows(perm_ptr, off_ptr, i_blk, i_part, BLOCK: tl.constexpr):
+    """Part ``i_part`` (slots ``i_part·BLOCK ..``) of block ``i_blk``, as :func:`block_rows` returns a block."""
+    i_start = tl.load(off_ptr + i_blk) + i_part * BLOCK
     o_slot = tl.arange(0, BLOCK)
     m_rows = o_slot < tl.load(off_ptr + i_blk + 1) - i_start
     # Scalar start, 32-bit slot offsets: int64 offset vectors here cost registers in every loop that calls this.

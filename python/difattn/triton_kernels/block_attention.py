@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    LOG2_E, block_rows, load_row_stats, load_rows, online_softmax_finish, online_softmax_step, store_rows,
+    LOG2_E, block_part_rows, block_rows, load_row_stats, load_rows, online_softmax_finish, online_softmax_step, store_rows,
 )
 
 
@@ -237,13 +237,14 @@ def _block_attention_bwd_dkv_kernel(
     stride_lb, stride_lh, stride_valid_b, stride_t_indptr_bh, stride_t_indices_bh,
     N_Q, N_K, H, D, DV, scale, max_d2, max_dt,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SPATIAL: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
+    SPATIAL: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr, BLOCK_MP: tl.constexpr,
 ):
     """``dk (BLOCK_N, D)``, ``dv (BLOCK_N, DV)`` of one key block of one batch·head over the query blocks of the
     transposed plan (contiguous ``(B, H, N_K, ·)`` outputs): ``dv = Pᵀ dout``, ``dk = dSᵀ q``.
 
     The transposed lists are shared by every batch·head (strides 0, the block plans) or one per batch·head
-    (PISA's selections).
+    (PISA's selections). Query blocks are taken ``BLOCK_MP`` rows at a time (one loop step per part: a whole
+    128-row block with q, dout and four (keys, queries) tiles live spills registers on sm_90).
     """
     i_k = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -260,10 +261,11 @@ def _block_attention_bwd_dkv_kernel(
     qk_scale = scale * LOG2_E
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    for e in range(tl.load(p_t_indptr), tl.load(p_t_indptr + 1)):
+    for step in range(tl.load(p_t_indptr) * (BLOCK_M // BLOCK_MP), tl.load(p_t_indptr + 1) * (BLOCK_M // BLOCK_MP)):
+        e = step // (BLOCK_M // BLOCK_MP)
         i_blk = tl.load(p_t_indices + e)
         i_kind = _entry_kind(t_kinds_ptr + e, SPATIAL, HAS_VALID)
-        q_pos, q_rows, m_q = block_rows(q_perm_ptr, q_off_ptr, i_blk, BLOCK_M)
+        q_pos, q_rows, m_q = block_part_rows(q_perm_ptr, q_off_ptr, i_blk, step % (BLOCK_M // BLOCK_MP), BLOCK_MP)
         b_q = load_rows(p_q, q_rows, m_q, stride_qn, stride_qd, D, BLOCK_D)
         b_do = load_rows(p_do, q_rows, m_q, stride_don, 1, DV, BLOCK_DV)
         b_lse, b_delta = load_row_stats(lse_ptr + o_l, delta_ptr + o_l, q_rows, m_q)
@@ -287,6 +289,12 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(int(n)))
 
 
+def _query_part(block_m: int, block_d: int) -> int:
+    """Query rows per step of the dk/dv loop (``BLOCK_MP``): the fewest rows that keep sm_90's tensor cores busy
+    without spilling (64 up to head dim 64, 32 above)."""
+    return min(block_m, 64 if block_d <= 64 else 32)
+
+
 def _meta(q, v, max_blocks, max_d2, key_valid):
     block_d = _block(q.shape[3])
     return dict(
@@ -296,6 +304,12 @@ def _meta(q, v, max_blocks, max_d2, key_valid):
         PRECISION="tf32",  # tl.dot's default: fp32 inputs multiply in tf32 on the GPU
         num_warps=8 if block_d >= 128 else 4, num_stages=2,
     )
+
+
+def _rows_meta(meta: dict) -> dict:
+    """``meta`` of the forward and dq kernels: 8 warps (two warpgroups of 64 rows on sm_90) for 128-row query
+    blocks or wide heads."""
+    return {**meta, "num_warps": 8 if meta["BLOCK_M"] >= 128 else meta["num_warps"]}
 
 
 def block_attention_fwd(q, k, v, plan_tensors, key_valid, max_d2: int, max_dt: int, max_blocks, scale: float):
@@ -315,7 +329,7 @@ def block_attention_fwd(q, k, v, plan_tensors, key_valid, max_d2: int, max_dt: i
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3], *lse.stride()[:2],
         valid.stride(0) if key_valid is not None else 0,
         N, k.shape[2], H, D, DV, scale, max_d2, max_dt,
-        **_meta(q, v, max_blocks, max_d2, key_valid),
+        **_rows_meta(_meta(q, v, max_blocks, max_d2, key_valid)),
     )
     return out, lse
 
@@ -342,11 +356,12 @@ def block_attention_bwd(q, k, v, out, dout, lse, plan_tensors, key_valid, max_d2
     meta = _meta(q, v, max_blocks, max_d2, key_valid)
     _block_attention_bwd_dq_kernel[(q_off.numel() - 1, B * H)](
         q, k, v, dout, lse, delta, dq, q_perm, q_off, k_perm, k_off, indptr, indices, kinds,
-        q_coords, k_coords, valid, *strides, *sizes, **meta,
+        q_coords, k_coords, valid, *strides, *sizes, **_rows_meta(meta),
     )
     _block_attention_bwd_dkv_kernel[(k_off.numel() - 1, B * H)](
         q, k, v, dout, lse, delta, dk, dv, q_perm, q_off, k_perm, k_off, t_indptr, t_indices, t_kinds,
-        q_coords, k_coords, valid, *strides, 0, 0, *sizes, **meta,  # one transposed plan for every batch·head
+        q_coords, k_coords, valid, *strides, 0, 0,  # one transposed plan for every batch·head
+        *sizes, BLOCK_MP=_query_part(meta["BLOCK_M"], meta["BLOCK_D"]), **meta,
     )
     return dq, dk, dv
 
@@ -367,6 +382,6 @@ def whole_block_dkv(q, k, v, dout, lse, delta, perm, offsets, t_indptr, t_indice
         q, k, v, dout, lse, delta, dk, dv, perm, offsets, perm, offsets, t_indptr, t_indices, t_indices,
         perm, perm, perm, *q.stride(), *k.stride(), *v.stride(), *dout.stride()[:3], *lse.stride()[:2], 0,
         t_indptr.stride(0), t_indices.stride(0), N, N, H, D, DV, scale, 0, 0,  # no kinds, coordinates or validity
-        BLOCK_M=block, BLOCK_N=block, SPATIAL=False, HAS_VALID=False, **meta,
+        BLOCK_M=block, BLOCK_N=block, SPATIAL=False, HAS_VALID=False, BLOCK_MP=block, **meta,
     )
     return dk, dv

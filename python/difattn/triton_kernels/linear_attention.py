@@ -23,10 +23,16 @@ import triton.language as tl
 
 from ._common import F32_MIN_NORMAL, LN_2, load_tile, store_rows
 
-# tl.dot precision by input dtype: fp32 needs IEEE products to match an fp32 reference; fp16 outputs are compared at
-# fp16's precision, which plain tf32 (same 10-bit mantissa) would eat into, so it takes the 3-pass split; bf16 has
-# three fewer mantissa bits than tf32.
+# tl.dot precision by input dtype where an operand is fp32 (the state, scaled rows, DyDiLA's features): fp32 needs
+# IEEE products to match an fp32 reference; fp16 outputs are compared at fp16's precision, which plain tf32 (same
+# 10-bit mantissa) would eat into, so it takes the 3-pass split; bf16 has three fewer mantissa bits than tf32.
+# Two 16-bit operands of one dtype multiply as they are (see `_dot`).
 _PRECISION = {torch.float32: "ieee", torch.float16: "tf32x3", torch.bfloat16: "tf32"}
+
+
+def matmul_precision(dtype: torch.dtype) -> str:
+    """The kernels' ``PRECISION`` for inputs of ``dtype`` (used where an operand is fp32)."""
+    return _PRECISION[dtype]
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,37 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------------------ kernels
+
+
+@triton.jit
+def _tf32_split(x):
+    """``(hi, lo)`` of fp32 ``x``: ``hi`` its leading 11 significant bits (exact in tf32), ``lo = x − hi``."""
+    hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)  # clear the 13 low mantissa bits
+    return hi, x - hi
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    """``acc + a·b`` in fp32, with the matmul precision chosen from where the operands come from.
+
+    Two fp16 (or two bf16) operands multiply as they are: each product of two 16-bit values is exact in fp32 and
+    the tensor cores accumulate in fp32. A 16-bit operand beside an fp32 one at ``tf32x3`` is exact in tf32 (same
+    or fewer mantissa bits, fp32's exponent range), so of the 3-pass split's products (hi·hi, hi·lo, lo·hi) the
+    one with its low part is 0: two tf32 passes over the fp32 operand's high and low parts compute the same sum.
+    Anything else multiplies in fp32 at PRECISION."""
+    if a.dtype == b.dtype and a.dtype != tl.float32:
+        acc = tl.dot(a, b, acc)
+    elif PRECISION == "tf32x3" and a.dtype != tl.float32 and b.dtype == tl.float32:
+        b_hi, b_lo = _tf32_split(b)
+        acc = tl.dot(a.to(tl.float32), b_lo, acc, input_precision="tf32")
+        acc = tl.dot(a.to(tl.float32), b_hi, acc, input_precision="tf32")
+    elif PRECISION == "tf32x3" and a.dtype == tl.float32 and b.dtype != tl.float32:
+        a_hi, a_lo = _tf32_split(a)
+        acc = tl.dot(a_lo, b.to(tl.float32), acc, input_precision="tf32")
+        acc = tl.dot(a_hi, b.to(tl.float32), acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit(do_not_specialize=["N", "TOKENS_PER_SPLIT"])
@@ -76,12 +113,13 @@ def _state_kernel(
         o_n = i_s * TOKENS_PER_SPLIT + step * BLOCK_N + tl.arange(0, BLOCK_N)
         m_n = o_n < N
         o_n64 = o_n.to(tl.int64)
-        b_x = tl.load(p_a0 + o_n64[:, None] * stride_an, mask=m_n[:, None] & m_a[None, :], other=0.0).to(tl.float32)
-        b_y = tl.load(p_b0 + o_n64[:, None] * stride_bn, mask=m_n[:, None] & m_b[None, :], other=0.0).to(tl.float32)
+        b_x = tl.load(p_a0 + o_n64[:, None] * stride_an, mask=m_n[:, None] & m_a[None, :], other=0.0)
+        b_y = tl.load(p_b0 + o_n64[:, None] * stride_bn, mask=m_n[:, None] & m_b[None, :], other=0.0)
         if ROW_SCALE:
             b_s = tl.load(scale_ptr + i_bh * N + o_n64, mask=m_n, other=0.0)
-            b_y = b_y * b_s[:, None]
-        b_acc = tl.dot(tl.trans(b_x), b_y, b_acc, input_precision=PRECISION)
+            b_y = b_y.to(tl.float32) * b_s[:, None]
+        b_acc = _dot(tl.trans(b_x), b_y, b_acc, PRECISION)
+        b_x = b_x.to(tl.float32)
         if COLSUM:
             if WEIGHTED:
                 b_w = tl.load(weight_ptr + i_bh * N + o_n64, mask=m_n, other=0.0)
@@ -129,12 +167,11 @@ def _readout_kernel(
         o_c = c0 + tl.arange(0, BLOCK_C)
         m_c = o_c < C
         b_x = tl.load(p_x0 + o_c[None, :].to(tl.int64) * stride_xc, mask=m_n[:, None] & m_c[None, :], other=0.0)
-        b_x = b_x.to(tl.float32)
         b_m = tl.load(p_m0 + o_c[:, None].to(tl.int64) * stride_mc, mask=m_c[:, None] & m_o[None, :], other=0.0)
-        b_acc = tl.dot(b_x, b_m, b_acc, input_precision=PRECISION)
+        b_acc = _dot(b_x, b_m, b_acc, PRECISION)
         if NORM_DEN:
             b_v = tl.load(den_vec_ptr + i_bh * C + o_c, mask=m_c, other=0.0)
-            b_den += tl.sum(b_x * b_v[None, :], 1)
+            b_den += tl.sum(b_x.to(tl.float32) * b_v[None, :], 1)
     if NORM_DEN:
         b_acc = b_acc / (b_den + eps)[:, None]
     if ROW_SCALE:
@@ -187,7 +224,7 @@ def _norm_bwd_kernel(
             # Sᵀ tile: element (v, d) = S[d, v]
             p_st = s_ptr + i_bh * D * DV + o_d[None, :].to(tl.int64) * DV + o_v[:, None]
             b_st = tl.load(p_st, mask=m_v[:, None] & m_d[None, :], other=0.0)
-            b_t = tl.dot(b_g.to(tl.float32), b_st, b_t, input_precision=PRECISION)
+            b_t = _dot(b_g, b_st, b_t, PRECISION)
         b_qt += tl.sum(b_q * b_t, 1)
         b_den += tl.sum(b_q * b_m[None, :], 1)
     inv = 1.0 / (b_den + eps)
@@ -434,12 +471,12 @@ def _core_bwd(q, k, v, state, ksum, dout, normalize: bool, eps: float, feature_d
 
 def linear_fwd(q, k, v, normalize: bool, eps: float, cfg: Config = Config()):
     """Linear attention: ``(out, state (B, H, D, Dv) fp32, ksum (B, H, D) fp32)``."""
-    return _core_fwd(q, k, v, normalize, eps, q.dtype, _PRECISION[q.dtype], cfg)
+    return _core_fwd(q, k, v, normalize, eps, q.dtype, matmul_precision(q.dtype), cfg)
 
 
 def linear_bwd(q, k, v, state, ksum, dout, normalize: bool, eps: float, cfg: Config = Config()):
     """``(dq, dk, dv)`` of linear attention, in q's dtype."""
-    return _core_bwd(q, k, v, state, ksum, dout, normalize, eps, q.dtype, q.dtype, _PRECISION[q.dtype], cfg)
+    return _core_bwd(q, k, v, state, ksum, dout, normalize, eps, q.dtype, q.dtype, matmul_precision(q.dtype), cfg)
 
 
 def _feature_blocks(D: int) -> tuple[int, int, int]:
@@ -486,7 +523,7 @@ def dydila_fwd(q, k, v, q_aux, k_aux, params, normalize: bool, eps: float, cfg: 
     gq, gk, gqa, gka, lq, lk = params
     q_hat = _features(q, q_aux, gq, gqa, lq, eps)
     k_hat = _features(k, k_aux, gk, gka, lk, eps)
-    return _core_fwd(q_hat, k_hat, v, normalize, eps, q.dtype, _PRECISION[q.dtype], cfg)
+    return _core_fwd(q_hat, k_hat, v, normalize, eps, q.dtype, matmul_precision(q.dtype), cfg)
 
 
 def dydila_bwd(q, k, v, q_aux, k_aux, params, state, ksum, dout, normalize: bool, eps: float, cfg: Config = Config()):
@@ -495,7 +532,7 @@ def dydila_bwd(q, k, v, q_aux, k_aux, params, state, ksum, dout, normalize: bool
     q_hat = _features(q, q_aux, gq, gqa, lq, eps)
     k_hat = _features(k, k_aux, gk, gka, lk, eps)
     dq_hat, dk_hat, dv = _core_bwd(q_hat, k_hat, v, state, ksum, dout, normalize, eps, torch.float32, q.dtype,
-                                   _PRECISION[q.dtype], cfg)
+                                   matmul_precision(q.dtype), cfg)
     dq, dq_aux, dgq, dgqa, dlq = _features_bwd(q, q_aux, gq, gqa, lq, dq_hat, eps)
     dk, dk_aux, dgk, dgka, dlk = _features_bwd(k, k_aux, gk, gka, lk, dk_hat, eps)
     return dq, dk, dv, dq_aux, dk_aux, dgq, dgk, dgqa, dgka, dlq, dlk
