@@ -12,25 +12,14 @@ import torch
 import difattn
 from difattn import backends, reference
 from difattn.testing import random_qkv
+from backend_cases import call_method
 
 GRID = difattn.TokenGrid(4, 4, text_tokens=2)
 
 
 def _call(method: str, dtype: torch.dtype, backend: str):
     """One small call of ``method`` through its public function."""
-    q, k, v = random_qkv(1, 2, GRID.num_tokens, 8, dtype=dtype, seed=1)
-    if method == "clear":
-        return difattn.clear_attention(q, k, v, GRID, radius=2.0, backend=backend)
-    if method == "grat":
-        return difattn.grat_attention(q, k, v, GRID, group=(2, 2), backend=backend)
-    if method == "pisa":
-        return difattn.pisa_attention(q, k, v, block_size=4, backend=backend)
-    if method == "llsa":
-        return difattn.llsa_attention(q, k, v, block_size=2, topk=2, backend=backend)
-    if method == "linear":
-        return difattn.linear_attention(q.relu(), k.relu(), v, backend=backend)
-    return difattn.dydila_attention(q, k, v, q, k, gamma_q=2.0, gamma_k=2.0, gamma_q_aux=1.5, gamma_k_aux=1.5,
-                                    lambda_q=0.1, lambda_k=0.1, backend=backend)
+    return call_method(method, *random_qkv(1, 2, GRID.num_tokens, 8, dtype=dtype, seed=1), GRID, backend)
 
 
 @pytest.mark.parametrize("method", backends.METHODS)

@@ -11,6 +11,7 @@ import torch
 
 import difattn
 from difattn import TokenGrid
+from backend_cases import call_method
 
 GRID = TokenGrid(6, 6, text_tokens=4)  # N = 40
 N = GRID.num_tokens
@@ -19,18 +20,7 @@ BACKENDS = ["rust"] + (["triton"] if INTERPRETING else [])
 
 
 def _run(method, q, k, v, backend):
-    if method == "clear":
-        return difattn.clear_attention(q, k, v, GRID, radius=2.0, backend=backend)
-    if method == "grat":
-        return difattn.grat_attention(q, k, v, GRID, group=(2, 2), backend=backend)
-    if method == "pisa":
-        return difattn.pisa_attention(q, k, v, block_size=4, backend=backend)
-    if method == "llsa":
-        return difattn.llsa_attention(q, k, v, block_size=2, topk=2, backend=backend)
-    if method == "linear":
-        return difattn.linear_attention(q.relu(), k.relu(), v, backend=backend)
-    return difattn.dydila_attention(q, k, v, q, k, gamma_q=2.0, gamma_k=2.0, gamma_q_aux=1.5, gamma_k_aux=1.5,
-                                    lambda_q=0.1, lambda_k=0.1, backend=backend)
+    return call_method(method, q, k, v, GRID, backend)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])

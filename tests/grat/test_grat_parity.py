@@ -4,7 +4,6 @@ mask, on every backend, against the literal brute force of ``brute_force`` (mask
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -13,15 +12,9 @@ import difattn
 from brute_force import brute_attention, brute_grat_mask
 from difattn import TokenGrid
 from difattn.testing import compare_with_reference, random_qkv
+from backend_cases import DEVICE, HAS_TRITON, parity_backends
 
-HAS_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = [
-    ("torch", torch.float32),
-    ("rust", torch.float32),
-    ("rust", torch.bfloat16),
-    pytest.param("triton", torch.float32, marks=pytest.mark.interpreter),
-]
+BACKENDS = parity_backends(triton_fp16=False)
 GRIDS = [TokenGrid(3, 4, text_tokens=4), TokenGrid(4, 3, frames=2, text_tokens=3, text_position="last")]
 SCALE = 0.4
 

@@ -7,22 +7,15 @@ exponents and lambdas included), against a twin written token by token from the 
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 import difattn
 from difattn.testing import compare_with_reference
+from backend_cases import DEVICE, HAS_TRITON, parity_backends
 
-HAS_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = [
-    ("torch", torch.float32),
-    ("rust", torch.float32),
-    ("rust", torch.bfloat16),
-    pytest.param("triton", torch.float32, marks=pytest.mark.interpreter),
-]
+BACKENDS = parity_backends(triton_fp16=False)
 EPS = 1e-6
 # Query side, key side: the per-token parameters of each.
 Q_SIDE, K_SIDE = ("gamma_q", "gamma_q_aux", "lambda_q"), ("gamma_k", "gamma_k_aux", "lambda_k")

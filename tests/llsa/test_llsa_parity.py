@@ -10,24 +10,16 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 import difattn
 from difattn.testing import compare_with_reference, random_qkv
+from backend_cases import DEVICE, HAS_TRITON, parity_backends
 from llsa_brute import brute_llsa_batched, brute_select, brute_zorder
 
-HAS_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = [
-    ("torch", torch.float32),
-    ("rust", torch.float32),
-    ("rust", torch.bfloat16),
-    pytest.param("triton", torch.float32, marks=pytest.mark.interpreter),
-    pytest.param("triton", torch.float16, marks=pytest.mark.interpreter),
-]
+BACKENDS = parity_backends(triton_fp16=True)
 # N = 37, blocks of 4: level 1 has 10 tokens (the last covers 1 fine token), level 2 has 3 (the last has 2
 # children, 5 fine tokens): the rules differ there. The grid: 35 image tokens in Z-order plus 4 text tokens.
 SHAPES = {

@@ -14,25 +14,16 @@ ragged N (a short last block), grids with border tiles and text runs that are no
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
 import difattn
 from difattn.testing import compare_with_reference, random_qkv
+from backend_cases import DEVICE, HAS_TRITON, parity_backends
 from pisa_brute import brute_layout, brute_pisa_batched, brute_route
 
-HAS_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# (backend, dtype): the Triton kernels under the interpreter take fp32/fp16 only.
-BACKENDS = [
-    ("torch", torch.float32),
-    ("rust", torch.float32),
-    ("rust", torch.bfloat16),
-    pytest.param("triton", torch.float32, marks=pytest.mark.interpreter),
-    pytest.param("triton", torch.float16, marks=pytest.mark.interpreter),
-]
+BACKENDS = parity_backends(triton_fp16=True)
 # Ragged shapes: a short last block; border tiles of 2x1, 1x2 and 1x1 plus a text run of 4 + 2; a video whose
 # tiles of 2x4 are cut at the right border and the text run of 3 is one short block.
 SHAPES = {
