@@ -1,6 +1,8 @@
 """``torch.library.opcheck`` on every custom op of the ``difattn`` namespace, on CPU (the CUDA twins run in the
 gpu tier). A new op without a case here fails :func:`test_every_op_has_a_case`."""
 
+import contextlib
+import functools
 import importlib
 import importlib.util
 import pkgutil
@@ -127,14 +129,23 @@ def _linear():
     }
 
 
-_KEEP_ALIVE: list = []
 
 
-def _diffusers():
-    """The ops of a difattn layer under torch.compile (registered by difattn.diffusers, which needs diffusers): a
-    tiny FLUX's first layer with CLEAR and its global-token weights, on a 4x4 latent after 7 text tokens."""
+def _diffusers() -> dict:
+    """The ops of a difattn layer under torch.compile (registered by difattn.diffusers, which needs diffusers), each
+    built when its test runs (:func:`_diffusers_cases`)."""
     if importlib.util.find_spec("diffusers") is None:
         return {}
+    importlib.import_module("difattn.diffusers._compiled")  # registers the ops
+    names = ("diffusers_attention", "diffusers_attention_backward", "diffusers_step")
+    return {name: functools.partial(_diffusers_cases, name) for name in names}
+
+
+@contextlib.contextmanager
+def _diffusers_cases(name: str):
+    """The cases of op ``name`` on a tiny FLUX's first layer with CLEAR and its global-token weights, on a 4x4
+    latent after 7 text tokens; the model stays applied while they run (the ops find their layer through a weak
+    key) and is removed after, so no apply() session outlives the test (diffusers' active backend follows them)."""
     from diffusers_tiny import flux
 
     import difattn.diffusers as dd
@@ -143,20 +154,22 @@ def _diffusers():
 
     model, _ = flux()
     dd.apply(model, "clear", radius=2.0, down_factor=2, dense_steps=1)
-    processor = model.transformer_blocks[0].attn.processor
-    geometry = _compiled._pack(Geometry(1, 4, 4, 7, "first"))
-    q, k, v = random_qkv(2, 2, 7 + 16, 16, seed=9)
-    weight, step = processor.spatial_weight.detach(), torch.tensor(1)
-    args = (geometry, processor.key, 0.25)
-    _KEEP_ALIVE.append(model)  # the ops find their layer through a weak key
-    return {
-        "diffusers_attention": [(_compiled._attention, (*_leaves(q, k, v), None, _leaves(weight)[0], None, step,
-                                                        *args)),
-                                (_compiled._attention, (*_leaves(q, k, v), None, None, None, None, *args))],
-        "diffusers_attention_backward": [(_compiled._attention_backward,
-                                          (torch.randn_like(q), q, k, v, None, weight, None, step, *args))],
-        "diffusers_step": [(_compiled._step, (torch.tensor([0.5, 0.5]), processor.session.key))],
-    }
+    try:
+        processor = model.transformer_blocks[0].attn.processor
+        geometry = _compiled._pack(Geometry(1, 4, 4, 7, "first"))
+        q, k, v = random_qkv(2, 2, 7 + 16, 16, seed=9)
+        weight, step = processor.spatial_weight.detach(), torch.tensor(1)
+        args = (geometry, processor.key, 0.25)
+        yield {
+            "diffusers_attention": [(_compiled._attention, (*_leaves(q, k, v), None, _leaves(weight)[0], None, step,
+                                                            *args)),
+                                    (_compiled._attention, (*_leaves(q, k, v), None, None, None, None, *args))],
+            "diffusers_attention_backward": [(_compiled._attention_backward,
+                                              (torch.randn_like(q), q, k, v, None, weight, None, step, *args))],
+            "diffusers_step": [(_compiled._step, (torch.tensor([0.5, 0.5]), processor.session.key))],
+        }[name]
+    finally:
+        dd.remove(model)
 
 
 def _cases() -> dict:
@@ -177,5 +190,7 @@ def test_every_op_has_a_case():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_opcheck(name):
-    for op, args in CASES[name]:
-        torch.library.opcheck(op, args)
+    cases = CASES[name]
+    with cases() if callable(cases) else contextlib.nullcontext(cases) as built:
+        for op, args in built:
+            torch.library.opcheck(op, args)
