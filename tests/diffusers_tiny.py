@@ -507,3 +507,21 @@ PADDED_TEXT = {"hunyuan_video", "hunyuan_video15", "hunyuan_image", "mochi", "qw
 @torch.no_grad()
 def run(model, kwargs) -> torch.Tensor:
     return model(**kwargs, return_dict=False)[0]
+
+
+def layer_call(model, processor, kwargs, monkeypatch) -> dict[str, torch.Tensor]:
+    """Run ``model`` once and return the ``q``, ``k``, ``v`` and ``out`` of the attention call ``processor`` made."""
+    from difattn.diffusers import _processor
+
+    seen: dict[str, torch.Tensor] = {}
+    original = _processor.LayerAttention.__call__
+
+    def spy(self, query, key, value, **options):
+        out = original(self, query, key, value, **options)
+        if self.processor is processor:
+            seen.update(q=query, k=key, v=value, out=out)
+        return out
+
+    monkeypatch.setattr(_processor.LayerAttention, "__call__", spy)
+    run(model, kwargs)
+    return seen

@@ -8,7 +8,7 @@ import torch
 import difattn.diffusers as dd
 from difattn import TokenGrid, reference
 from difattn.diffusers import _dispatcher
-from diffusers_tiny import flux, hunyuan_video, qwen_image, run, sana, sd3, wan
+from diffusers_tiny import flux, hunyuan_video, layer_call, qwen_image, run, sana, sd3, wan
 
 SPARSE_CLEAR = {"radius": 1.5}
 
@@ -113,24 +113,12 @@ def test_clear_global_tokens_load_reference_checkpoint_layout(flux_model):
 def test_clear_global_tokens_are_pooled_post_rope_keys(flux_model, monkeypatch):
     """One layer call against reference.clear_attention with independently pooled global keys and values."""
     model, make = flux_model
-    seen = {}
     dd.apply(model, "clear", radius=1.5, down_factor=2)
     processor = model.get_submodule("single_transformer_blocks.0.attn").processor
     with torch.no_grad():
         processor.spatial_weight.copy_(torch.rand_like(processor.spatial_weight))
-    from difattn.diffusers import _processor
-
-    original = _processor.LayerAttention.__call__
-
-    def spy(self, query, key, value, **kwargs):
-        out = original(self, query, key, value, **kwargs)
-        if self.processor is processor:
-            seen.update(q=query, k=key, v=value, out=out)
-        return out
-
-    monkeypatch.setattr(_processor.LayerAttention, "__call__", spy)
     try:
-        run(model, make(4, 6, text=3))
+        seen = layer_call(model, processor, make(4, 6, text=3), monkeypatch)
     finally:
         dd.remove(model)
     q, k, v = seen["q"], seen["k"], seen["v"]

@@ -68,25 +68,14 @@ def test_proportional_attention_is_checked():
 def test_apply_proportional_attention_scale(down_factor, monkeypatch):
     """One FLUX layer call: the processor runs CLEAR at the released proportional scale of the call's N."""
     import difattn.diffusers as dd
-    from difattn.diffusers import _processor
-    from diffusers_tiny import flux, run
+    from diffusers_tiny import flux, layer_call
 
     model, make = flux()
     options = {} if down_factor is None else {"down_factor": down_factor}
     dd.apply(model, "clear", radius=1.5, proportional_attention=True, **options)
     processor = model.get_submodule("single_transformer_blocks.0.attn").processor
-    seen = {}
-    original = _processor.LayerAttention.__call__
-
-    def spy(self, query, key, value, **kwargs):
-        out = original(self, query, key, value, **kwargs)
-        if self.processor is processor:
-            seen.update(q=query, k=key, v=value, out=out)
-        return out
-
-    monkeypatch.setattr(_processor.LayerAttention, "__call__", spy)
     try:
-        run(model, make(4, 6, text=3))
+        seen = layer_call(model, processor, make(4, 6, text=3), monkeypatch)
     finally:
         dd.remove(model)
     q, k, v = seen["q"], seen["k"], seen["v"]
