@@ -57,9 +57,9 @@ MUTATIONS = [
         ("tests/llsa",),
     ),
     Mutation(
-        "triton-disc-strict", "python/difattn/triton_kernels/block_attention.py",
-        "b_dy * b_dy + b_dx * b_dx <= max_d2", "b_dy * b_dy + b_dx * b_dx < max_d2",
-        ("tests/block/test_block_interpreter.py",),
+        "triton-disc-strict", "python/difattn/ops/block/disc_bits.py",
+        "near = (d2 <= plan.max_d2)", "near = (d2 < plan.max_d2)",
+        ("tests/block/test_disc_bits.py", "tests/block/test_block_interpreter.py"),
     ),
     Mutation(
         "clear-threshold-not-strict", "python/difattn/_options.py",

@@ -63,7 +63,7 @@ def _pisa_fwd_kernel(
     i_b = i_bh // H
     i_h = i_bh % H
     qk_scale = scale * LOG2_E
-    q_pos, q_rows, m_q = block_rows(perm_ptr, off_ptr, i_q, BLOCK)
+    _, q_rows, m_q = block_rows(perm_ptr, off_ptr, i_q, BLOCK)
     b_q = load_rows(q_ptr + i_b * stride_qb + i_h * stride_qh, q_rows, m_q, stride_qn, stride_qd, D, BLOCK_D)
     b_m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK], dtype=tl.float32)
@@ -71,10 +71,10 @@ def _pisa_fwd_kernel(
     i_row = i_bh * M + i_q
     # The selected blocks, whole (no element masks), on the block engine's loop; the first-order sum z is still 0.
     b_m, b_l, b_acc = attend_blocks(
-        b_q, b_m, b_l, b_acc, q_pos, m_q, blocks_ptr + i_row * NUM_SEL, blocks_ptr, 0, NUM_SEL, perm_ptr, off_ptr,
+        b_q, b_m, b_l, b_acc, tl.arange(0, BLOCK), m_q, blocks_ptr + i_row * NUM_SEL, blocks_ptr, 0, NUM_SEL, perm_ptr, off_ptr,
         k_ptr + i_b * stride_kb + i_h * stride_kh, v_ptr + i_b * stride_vb + i_h * stride_vh,
         stride_kn, stride_kd, stride_vn, stride_vd, D, DV, qk_scale,
-        i_b, perm_ptr, perm_ptr, perm_ptr, 0, 0, 0, BLOCK, BLOCK_D, BLOCK_DV, False, False, PRECISION,
+        i_b, perm_ptr, 0, perm_ptr, 0, BLOCK, BLOCK_D, BLOCK_DV, False, False, PRECISION,
     )
     b_z = tl.zeros([BLOCK], dtype=tl.float32)
     for i_c in range(0, M, BLOCK_C):
@@ -101,9 +101,8 @@ def _pisa_fwd_kernel(
 def _load_query_side(q_ptr, do_ptr, lse_ptr, delta_ptr, rho_ptr, perm_ptr, off_ptr, i_q, i_b, i_h, i_bh, N, D, DV,
                      stride_qb, stride_qh, stride_qn, stride_qd,
                      BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HYBRID: tl.constexpr):
-    """Query block ``i_q``: layout positions, rows, mask, q, dout, lse (base 2), delta, rho (0 without the
-    first-order term)."""
-    q_pos, q_rows, m_q = block_rows(perm_ptr, off_ptr, i_q, BLOCK)
+    """Query block ``i_q``: rows, mask, q, dout, lse (base 2), delta, rho (0 without the first-order term)."""
+    _, q_rows, m_q = block_rows(perm_ptr, off_ptr, i_q, BLOCK)
     b_q = load_rows(q_ptr + i_b * stride_qb + i_h * stride_qh, q_rows, m_q, stride_qn, stride_qd, D, BLOCK_D)
     b_do = load_rows(do_ptr + i_bh * N * DV, q_rows, m_q, DV, 1, DV, BLOCK_DV)
     b_lse, b_delta = load_row_stats(lse_ptr + i_bh * N, delta_ptr + i_bh * N, q_rows, m_q)
@@ -111,7 +110,7 @@ def _load_query_side(q_ptr, do_ptr, lse_ptr, delta_ptr, rho_ptr, perm_ptr, off_p
         b_rho = tl.load(rho_ptr + i_bh * N + q_rows, mask=m_q, other=0.0)
     else:
         b_rho = tl.zeros_like(b_delta)
-    return q_pos, q_rows, m_q, b_q, b_do, b_lse, b_delta, b_rho
+    return q_rows, m_q, b_q, b_do, b_lse, b_delta, b_rho
 
 
 @triton.jit(do_not_specialize=["N", "M", "NUM_SEL"])
@@ -132,16 +131,16 @@ def _pisa_bwd_dq_kernel(
     i_b = i_bh // H
     i_h = i_bh % H
     qk_scale = scale * LOG2_E
-    q_pos, q_rows, m_q, b_q, b_do, b_lse, b_delta, b_rho = _load_query_side(
+    q_rows, m_q, b_q, b_do, b_lse, b_delta, b_rho = _load_query_side(
         q_ptr, do_ptr, lse_ptr, delta_ptr, rho_ptr, perm_ptr, off_ptr, i_q, i_b, i_h, i_bh, N, D, DV,
         stride_qb, stride_qh, stride_qn, stride_qd, BLOCK, BLOCK_D, BLOCK_DV, HYBRID)
     i_row = i_bh * M + i_q
     b_dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     b_dq = dq_blocks(
-        b_q, b_do, b_lse, b_delta, b_dq, q_pos, m_q, blocks_ptr + i_row * NUM_SEL, blocks_ptr, 0, NUM_SEL,
+        b_q, b_do, b_lse, b_delta, b_dq, tl.arange(0, BLOCK), m_q, blocks_ptr + i_row * NUM_SEL, blocks_ptr, 0, NUM_SEL,
         perm_ptr, off_ptr, k_ptr + i_b * stride_kb + i_h * stride_kh, v_ptr + i_b * stride_vb + i_h * stride_vh,
         stride_kn, stride_kd, stride_vn, stride_vd, D, DV, qk_scale,
-        i_b, perm_ptr, perm_ptr, perm_ptr, 0, 0, 0, BLOCK, BLOCK_D, BLOCK_DV, False, False, PRECISION,
+        i_b, perm_ptr, 0, perm_ptr, 0, BLOCK, BLOCK_D, BLOCK_DV, False, False, PRECISION,
     )
     for i_c in range(0, M, BLOCK_C):
         o_c = i_c + tl.arange(0, BLOCK_C)
@@ -185,7 +184,7 @@ def _pisa_bwd_centroid_kernel(
     for i_q in range(M * i_split // SPLITS, M * (i_split + 1) // SPLITS):
         m_open, b_bias = _centroid_bias(off_ptr, sel_ptr + (i_bh * M + i_q) * M, o_c, M)
         if tl.sum(m_open.to(tl.int32)) > 0:
-            _, _, m_q, b_q, b_do, b_lse, b_delta, b_rho = _load_query_side(
+            _, m_q, b_q, b_do, b_lse, b_delta, b_rho = _load_query_side(
                 q_ptr, do_ptr, lse_ptr, delta_ptr, rho_ptr, perm_ptr, off_ptr, i_q, i_b, i_h, i_bh, N, D, DV,
                 stride_qb, stride_qh, stride_qn, stride_qd, BLOCK, BLOCK_D, BLOCK_DV, HYBRID)
             b_st = tl.dot(b_km, tl.trans(b_q), input_precision=PRECISION) * qk_scale + b_bias[:, None]

@@ -21,6 +21,7 @@ import torch
 
 from ..._native import core
 from ...grid import TokenGrid
+from .disc_bits import DiscBits, disc_bits
 
 _CACHE_SIZE = 32
 
@@ -144,6 +145,12 @@ class BlockPlan:
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The twelve arrays in the order the Triton launchers take them."""
         return tuple(self._arrays[name] for name in _FIELDS)
+
+    @functools.cached_property
+    def disc_bits(self) -> DiscBits | None:
+        """The element mask of the masked entries as bits (:mod:`.disc_bits`; built on first use), ``None`` without
+        a disc."""
+        return disc_bits(self) if self.max_d2 >= 0 else None
 
     def computed_pairs(self) -> int:
         """(query, key) pairs the engine computes over this plan (whole blocks)."""

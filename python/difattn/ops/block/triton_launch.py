@@ -8,10 +8,9 @@ from .plan import BlockPlan
 
 
 def forward(q, k, v, plan: BlockPlan, key_valid, scale: float):
-    return kernels.block_attention_fwd(q, k, v, plan.tensors(), key_valid, plan.max_d2, plan.max_dt,
-                                       plan.max_blocks, scale)
+    return kernels.block_attention_fwd(q, k, v, plan.tensors(), key_valid, plan.disc_bits, plan.max_blocks, scale)
 
 
 def backward(q, k, v, out, dout, lse, plan: BlockPlan, key_valid, scale: float):
-    return kernels.block_attention_bwd(q, k, v, out, dout, lse, plan.tensors(), key_valid, plan.max_d2, plan.max_dt,
+    return kernels.block_attention_bwd(q, k, v, out, dout, lse, plan.tensors(), key_valid, plan.disc_bits,
                                        plan.max_blocks, scale)
