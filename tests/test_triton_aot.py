@@ -45,9 +45,6 @@ NO_WGMMA = {
     # GRAT's blocks are its groups: group (4, 4) gives 16-row tiles, below wgmma's 64-row minimum.
     ("grat", "_block_attention_fwd_kernel"), ("grat", "_block_attention_bwd_dq_kernel"),
     ("grat", "_block_attention_bwd_dkv_kernel"),
-    # LLSA's query blocks are 16 rows (its default block size).
-    ("llsa", "_llsa_fwd_kernel"), ("llsa", "_llsa_bwd_dq_kernel"), ("llsa", "_llsa_bwd_fine_dkv_kernel"),
-    ("llsa", "_llsa_bwd_pooled_dkv_kernel"),
     # PISA's centroid backward takes its centroids in chunks of min(64, blocks rounded up to a power of two), at
     # least 16: the production grid (391 tokens, 7 blocks of 64) gives 16-row chunks; 64 blocks and more give 64.
     ("pisa-hybrid", "_pisa_bwd_centroid_kernel"), ("pisa-zeroth", "_pisa_bwd_centroid_kernel"),
@@ -59,8 +56,7 @@ NO_WGMMA = {
 # Spills that an older triton compiling through DIFATTN_AOT_PYTHON may show, in bytes at most: triton 3.6 (ptxas
 # 12.8) spills a few bytes in these kernels at D = 128, which the newest triton (3.9, ptxas 12.9) compiles without.
 OLDER_TRITON_SPILLS = {("pisa-hybrid", "_pisa_bwd_centroid_kernel", 128): 12,
-                       ("pisa-zeroth", "_pisa_bwd_centroid_kernel", 128): 12, ("llsa", "_llsa_fwd_kernel", 128): 16,
-                       ("llsa", "_llsa_bwd_dq_kernel", 128): 8}
+                       ("pisa-zeroth", "_pisa_bwd_centroid_kernel", 128): 12}
 
 
 def _compile_all(launches: list[dict], targets: list[int]) -> dict:

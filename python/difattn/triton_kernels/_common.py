@@ -101,6 +101,20 @@ def online_softmax_step(b_s, b_v, b_m, b_l, b_acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def online_softmax_step_t(b_st, b_vt, b_m, b_l, b_acc_t, PRECISION: tl.constexpr):
+    """:func:`online_softmax_step` on transposed tiles, keys along axis 0: ``b_st (N, M)``, ``b_vt (DV, N)``,
+    ``b_acc_t (DV, M)`` (what keeps a tensor-core tile's M at the keys or the head dim when query tiles are
+    narrow). Returns ``b_m, b_l, b_acc_t`` updated."""
+    m_new = tl.maximum(b_m, tl.max(b_st, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(b_m - m_safe)
+    b_pt = tl.exp2(b_st - m_safe[None, :])
+    b_l = b_l * alpha + tl.sum(b_pt, 0)
+    b_acc_t = b_acc_t * alpha[None, :] + tl.dot(b_vt, b_pt.to(b_vt.dtype), input_precision=PRECISION)
+    return m_new, b_l, b_acc_t
+
+
+@triton.jit
 def online_softmax_finish(b_m, b_l):
     """``(1/l, lse)`` of the final state, ``(M,)`` each; ``lse`` in natural log. Rows without any allowed key get
     ``1/l = 1`` (their accumulator is 0, so the output is 0) and ``lse = -inf``; a row that met a NaN logit (``l``

@@ -10,6 +10,10 @@ smaller than 64 tokens still fill a tile. Programs:
 - pooled dk/dv: one per (item, batch·head): an item is a query range and one pooled block; its partial gradients
   are summed per pooled token by the caller.
 
+Query and key blocks are small (16 rows by default) and the tensor cores' M dimension wants 64 rows on sm_90
+(wgmma): every product runs transposed where a block's rows would be M, so that M is a 64-row tile or the head dim
+and the block's 16 rows are N (the state of the forward and dq is kept as ``(D, BS)``).
+
 No output is written by two programs and nothing needs atomics. Every load is masked (ragged blocks, head dims that
 are not powers of two), addressing is int64, softmax runs in base 2 with fp32 state.
 """
@@ -20,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    LOG2_E, load_row_stats, load_rows, load_tile_t, online_softmax_finish, online_softmax_step, store_rows,
+    LOG2_E, load_row_stats, load_rows, load_tile_t, online_softmax_finish, online_softmax_step_t, store_rows,
 )
 
 
@@ -42,26 +46,27 @@ def _key_tile(sel_ptr, e0, count, o_g, o_w, BS, N, pb_off_ptr, POOLED: tl.conste
 
 @triton.jit
 def _fwd_pass(
-    b_q, b_m, b_l, b_acc, sel_ptr, count, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    b_qt, b_m, b_l, b_acc_t, sel_ptr, count, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
     pb_off_ptr, pbias_ptr, BS, N, D, DV, qk_scale,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BS_PAD: tl.constexpr,
     POOLED: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Online softmax of a query block over ``count`` key blocks listed at ``sel_ptr``."""
+    """Online softmax of a query block (``b_qt (BLOCK_D, BLOCK_M)``, state ``b_acc_t (BLOCK_DV, BLOCK_M)``) over
+    ``count`` key blocks listed at ``sel_ptr``, on (keys, queries) tiles."""
     o_n = tl.arange(0, BLOCK_N)
     o_g = o_n // BS_PAD
     o_w = o_n % BS_PAD
-    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
     for e0 in range(0, count, BLOCK_N // BS_PAD):
         k_rows, m_k = _key_tile(sel_ptr, e0, count, o_g, o_w, BS, N, pb_off_ptr, POOLED)
-        b_kt = load_tile_t(k_base, k_rows, o_d, m_k, o_d < D, stride_kn, stride_kd)
-        b_v = load_rows(v_base, k_rows, m_k, stride_vn, stride_vd, DV, BLOCK_DV)
-        b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
+        b_k = load_rows(k_base, k_rows, m_k, stride_kn, stride_kd, D, BLOCK_D)
+        b_vt = load_tile_t(v_base, k_rows, o_dv, m_k, o_dv < DV, stride_vn, stride_vd)
+        b_st = tl.dot(b_k, b_qt, input_precision=PRECISION) * qk_scale
         if POOLED:
-            b_s += tl.load(pbias_ptr + k_rows, mask=m_k, other=0.0)[None, :]
-        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
-        b_m, b_l, b_acc, _, _ = online_softmax_step(b_s, b_v, b_m, b_l, b_acc, PRECISION)
-    return b_m, b_l, b_acc
+            b_st += tl.load(pbias_ptr + k_rows, mask=m_k, other=0.0)[:, None]
+        b_st = tl.where(m_k[:, None], b_st, float("-inf"))
+        b_m, b_l, b_acc_t = online_softmax_step_t(b_st, b_vt, b_m, b_l, b_acc_t, PRECISION)
+    return b_m, b_l, b_acc_t
 
 
 @triton.jit(do_not_specialize=["N", "NB", "K_POOLED"])
@@ -87,53 +92,54 @@ def _llsa_fwd_kernel(
     o_m = tl.arange(0, BLOCK_M)
     q_rows = i_q.to(tl.int64) * BS + o_m
     m_q = (o_m < BS) & (q_rows < N)
-    b_q = load_rows(q_ptr + i_b * stride_qb + i_h * stride_qh, q_rows, m_q, stride_qn, stride_qd, D, BLOCK_D)
+    o_d = tl.arange(0, BLOCK_D)
+    b_qt = load_tile_t(q_ptr + i_b * stride_qb + i_h * stride_qh, q_rows, o_d, m_q, o_d < D, stride_qn, stride_qd)
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
-    b_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    b_acc_t = tl.zeros([BLOCK_DV, BLOCK_M], dtype=tl.float32)
     row = i_bh * NB + i_q
-    b_m, b_l, b_acc = _fwd_pass(
-        b_q, b_m, b_l, b_acc, fine_ptr + row * K_FINE, K_FINE,
+    b_m, b_l, b_acc_t = _fwd_pass(
+        b_qt, b_m, b_l, b_acc_t, fine_ptr + row * K_FINE, K_FINE,
         k_ptr + i_b * stride_kb + i_h * stride_kh, v_ptr + i_b * stride_vb + i_h * stride_vh,
         stride_kn, stride_kd, stride_vn, stride_vd, pb_off_ptr, pbias_ptr, BS, N, D, DV, qk_scale,
         BLOCK_N, BLOCK_D, BLOCK_DV, BS_PAD, False, PRECISION,
     )
-    b_m, b_l, b_acc = _fwd_pass(
-        b_q, b_m, b_l, b_acc, pooled_ptr + row * K_POOLED, K_POOLED,
+    b_m, b_l, b_acc_t = _fwd_pass(
+        b_qt, b_m, b_l, b_acc_t, pooled_ptr + row * K_POOLED, K_POOLED,
         kp_ptr + i_b * stride_kpb + i_h * stride_kph, vp_ptr + i_b * stride_vpb + i_h * stride_vph,
         stride_kpn, stride_kpd, stride_vpn, stride_vpd, pb_off_ptr, pbias_ptr, BS, N, D, DV, qk_scale,
         BLOCK_N, BLOCK_D, BLOCK_DV, BS_PAD, True, PRECISION,
     )
     b_inv_l, b_lse = online_softmax_finish(b_m, b_l)
-    store_rows(out_ptr + i_b * stride_ob + i_h * stride_oh, q_rows, m_q, stride_on, DV, b_acc * b_inv_l[:, None],
-               BLOCK_DV)
+    store_rows(out_ptr + i_b * stride_ob + i_h * stride_oh, q_rows, m_q, stride_on, DV,
+               tl.trans(b_acc_t * b_inv_l[None, :]), BLOCK_DV)
     tl.store(lse_ptr + i_b * stride_lb + i_h * stride_lh + q_rows, b_lse, mask=m_q)
 
 
 @triton.jit
 def _dq_pass(
-    b_q, b_do, b_lse, b_delta, b_dq, sel_ptr, count, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-    pb_off_ptr, pbias_ptr, BS, N, D, DV, qk_scale,
+    b_qt, b_dot, b_lse, b_delta, b_dqt, sel_ptr, count, k_base, v_base, stride_kn, stride_kd, stride_vn,
+    stride_vd, pb_off_ptr, pbias_ptr, BS, N, D, DV, qk_scale,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BS_PAD: tl.constexpr,
     POOLED: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """``dq += dS · k`` of a query block over ``count`` key blocks listed at ``sel_ptr`` (dq unscaled)."""
+    """``dqᵀ += kᵀ · dSᵀ`` of a query block (``b_qt (BLOCK_D, BLOCK_M)``, ``b_dot (BLOCK_DV, BLOCK_M)``, ``b_dqt``
+    unscaled ``(BLOCK_D, BLOCK_M)``) over ``count`` key blocks listed at ``sel_ptr``."""
     o_n = tl.arange(0, BLOCK_N)
     o_g = o_n // BS_PAD
     o_w = o_n % BS_PAD
-    o_dv = tl.arange(0, BLOCK_DV)
     for e0 in range(0, count, BLOCK_N // BS_PAD):
         k_rows, m_k = _key_tile(sel_ptr, e0, count, o_g, o_w, BS, N, pb_off_ptr, POOLED)
         b_k = load_rows(k_base, k_rows, m_k, stride_kn, stride_kd, D, BLOCK_D)
-        b_vt = load_tile_t(v_base, k_rows, o_dv, m_k, o_dv < DV, stride_vn, stride_vd)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
+        b_v = load_rows(v_base, k_rows, m_k, stride_vn, stride_vd, DV, BLOCK_DV)
+        b_st = tl.dot(b_k, b_qt, input_precision=PRECISION) * qk_scale  # (keys, queries)
         if POOLED:
-            b_s += tl.load(pbias_ptr + k_rows, mask=m_k, other=0.0)[None, :]
-        b_p = tl.where(m_k[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)
-        b_dp = tl.dot(b_do, b_vt, input_precision=PRECISION)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
-    return b_dq
+            b_st += tl.load(pbias_ptr + k_rows, mask=m_k, other=0.0)[:, None]
+        b_pt = tl.where(m_k[:, None], tl.exp2(b_st - b_lse[None, :]), 0.0)
+        b_dpt = tl.dot(b_v, b_dot, input_precision=PRECISION)
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dqt += tl.dot(tl.trans(b_k), b_dst.to(b_k.dtype), input_precision=PRECISION)
+    return b_dqt
 
 
 @triton.jit(do_not_specialize=["N", "NB", "K_POOLED"])
@@ -159,45 +165,47 @@ def _llsa_bwd_dq_kernel(
     o_m = tl.arange(0, BLOCK_M)
     q_rows = i_q.to(tl.int64) * BS + o_m
     m_q = (o_m < BS) & (q_rows < N)
-    b_q = load_rows(q_ptr + i_b * stride_qb + i_h * stride_qh, q_rows, m_q, stride_qn, stride_qd, D, BLOCK_D)
-    b_do = load_rows(do_ptr + i_b * stride_dob + i_h * stride_doh, q_rows, m_q, stride_don, 1, DV, BLOCK_DV)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    b_qt = load_tile_t(q_ptr + i_b * stride_qb + i_h * stride_qh, q_rows, o_d, m_q, o_d < D, stride_qn, stride_qd)
+    b_dot = load_tile_t(do_ptr + i_b * stride_dob + i_h * stride_doh, q_rows, o_dv, m_q, o_dv < DV, stride_don, 1)
     o_l = i_b * stride_lb + i_h * stride_lh
     b_lse, b_delta = load_row_stats(lse_ptr + o_l, delta_ptr + o_l, q_rows, m_q)
-    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    b_dqt = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
     row = i_bh * NB + i_q
-    b_dq = _dq_pass(
-        b_q, b_do, b_lse, b_delta, b_dq, fine_ptr + row * K_FINE, K_FINE,
+    b_dqt = _dq_pass(
+        b_qt, b_dot, b_lse, b_delta, b_dqt, fine_ptr + row * K_FINE, K_FINE,
         k_ptr + i_b * stride_kb + i_h * stride_kh, v_ptr + i_b * stride_vb + i_h * stride_vh,
         stride_kn, stride_kd, stride_vn, stride_vd, pb_off_ptr, pbias_ptr, BS, N, D, DV, qk_scale,
         BLOCK_N, BLOCK_D, BLOCK_DV, BS_PAD, False, PRECISION,
     )
-    b_dq = _dq_pass(
-        b_q, b_do, b_lse, b_delta, b_dq, pooled_ptr + row * K_POOLED, K_POOLED,
+    b_dqt = _dq_pass(
+        b_qt, b_dot, b_lse, b_delta, b_dqt, pooled_ptr + row * K_POOLED, K_POOLED,
         kp_ptr + i_b * stride_kpb + i_h * stride_kph, vp_ptr + i_b * stride_vpb + i_h * stride_vph,
         stride_kpn, stride_kpd, stride_vpn, stride_vpd, pb_off_ptr, pbias_ptr, BS, N, D, DV, qk_scale,
         BLOCK_N, BLOCK_D, BLOCK_DV, BS_PAD, True, PRECISION,
     )
-    store_rows(dq_ptr + i_bh * N * D, q_rows, m_q, D, D, b_dq * scale, BLOCK_D)
+    store_rows(dq_ptr + i_bh * N * D, q_rows, m_q, D, D, tl.trans(b_dqt * scale), BLOCK_D)
 
 
 @triton.jit
 def _dkv_step(
-    b_k, b_v, b_dk, b_dv, b_bias, m_k, q_rows, m_q, q_base, do_base, lse_base, delta_base,
+    b_kt, b_vt, b_dkt, b_dvt, b_bias, m_k, q_rows, m_q, q_base, do_base, lse_base, delta_base,
     stride_qn, stride_qd, stride_don, D, DV, qk_scale,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """``dv += Pᵀ dout``, ``dk += dSᵀ q`` of a key tile against one tile of query rows (dk unscaled)."""
-    o_d = tl.arange(0, BLOCK_D)
-    b_qt = load_tile_t(q_base, q_rows, o_d, m_q, o_d < D, stride_qn, stride_qd)
+    """``dvᵀ += doutᵀ P``, ``dkᵀ += qᵀ dS`` of a key block (``b_kt (BLOCK_D, BLOCK_K)``, ``b_vt``, and the
+    accumulators ``b_dkt`` (unscaled), ``b_dvt``, transposed) against one tile of query rows."""
+    b_q = load_rows(q_base, q_rows, m_q, stride_qn, stride_qd, D, BLOCK_D)
     b_do = load_rows(do_base, q_rows, m_q, stride_don, 1, DV, BLOCK_DV)
     b_lse, b_delta = load_row_stats(lse_base, delta_base, q_rows, m_q)
-    b_st = tl.dot(b_k, b_qt, input_precision=PRECISION) * qk_scale + b_bias[:, None]  # (keys, queries)
-    b_pt = tl.where(m_k[:, None] & m_q[None, :], tl.exp2(b_st - b_lse[None, :]), 0.0)
-    b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
-    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
-    b_dst = b_pt * (b_dpt - b_delta[None, :])
-    b_dk += tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), input_precision=PRECISION)
-    return b_dk, b_dv
+    b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale + b_bias[None, :]  # (queries, keys)
+    b_p = tl.where(m_q[:, None] & m_k[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)
+    b_dvt += tl.dot(tl.trans(b_do), b_p.to(b_do.dtype), input_precision=PRECISION)
+    b_dp = tl.dot(b_do, b_vt, input_precision=PRECISION)
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    b_dkt += tl.dot(tl.trans(b_q), b_ds.to(b_q.dtype), input_precision=PRECISION)
+    return b_dkt, b_dvt
 
 
 @triton.jit(do_not_specialize=["N", "NB"])
@@ -220,11 +228,14 @@ def _llsa_bwd_fine_dkv_kernel(
     o_n = tl.arange(0, BLOCK_K)
     k_rows = i_k.to(tl.int64) * BS + o_n
     m_k = (o_n < BS) & (k_rows < N)
-    b_k = load_rows(k_ptr + i_b * stride_kb + i_h * stride_kh, k_rows, m_k, stride_kn, stride_kd, D, BLOCK_D)
-    b_v = load_rows(v_ptr + i_b * stride_vb + i_h * stride_vh, k_rows, m_k, stride_vn, stride_vd, DV, BLOCK_DV)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    b_kt = load_tile_t(k_ptr + i_b * stride_kb + i_h * stride_kh, k_rows, o_d, m_k, o_d < D, stride_kn, stride_kd)
+    b_vt = load_tile_t(v_ptr + i_b * stride_vb + i_h * stride_vh, k_rows, o_dv, m_k, o_dv < DV, stride_vn,
+                       stride_vd)
     b_bias = tl.zeros([BLOCK_K], dtype=tl.float32)
-    b_dk = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-    b_dv = tl.zeros([BLOCK_K, BLOCK_DV], dtype=tl.float32)
+    b_dkt = tl.zeros([BLOCK_D, BLOCK_K], dtype=tl.float32)
+    b_dvt = tl.zeros([BLOCK_DV, BLOCK_K], dtype=tl.float32)
     o_m = tl.arange(0, BLOCK_MQ)
     o_g = o_m // BS_PAD
     o_w = o_m % BS_PAD
@@ -240,11 +251,11 @@ def _llsa_bwd_fine_dkv_kernel(
         o_blk = tl.load(choosers + e0 + o_g, mask=m_e, other=0).to(tl.int64)
         q_rows = o_blk * BS + o_w
         m_q = m_e & (o_w < BS) & (q_rows < N)
-        b_dk, b_dv = _dkv_step(b_k, b_v, b_dk, b_dv, b_bias, m_k, q_rows, m_q, q_base, do_base, lse_ptr + l_off,
-                               delta_ptr + l_off, stride_qn, stride_qd, stride_don, D, DV, qk_scale,
-                               BLOCK_D, BLOCK_DV, PRECISION)
-    store_rows(dk_ptr + i_bh * N * D, k_rows, m_k, D, D, b_dk * scale, BLOCK_D)
-    store_rows(dv_ptr + i_bh * N * DV, k_rows, m_k, DV, DV, b_dv, BLOCK_DV)
+        b_dkt, b_dvt = _dkv_step(b_kt, b_vt, b_dkt, b_dvt, b_bias, m_k, q_rows, m_q, q_base, do_base, lse_ptr + l_off,
+                                 delta_ptr + l_off, stride_qn, stride_qd, stride_don, D, DV, qk_scale,
+                                 BLOCK_D, BLOCK_DV, PRECISION)
+    store_rows(dk_ptr + i_bh * N * D, k_rows, m_k, D, D, tl.trans(b_dkt * scale), BLOCK_D)
+    store_rows(dv_ptr + i_bh * N * DV, k_rows, m_k, DV, DV, tl.trans(b_dvt), BLOCK_DV)
 
 
 @triton.jit(do_not_specialize=["N", "NI"])
@@ -271,11 +282,15 @@ def _llsa_bwd_pooled_dkv_kernel(
     o_n = tl.arange(0, BLOCK_K)
     k_rows = i_start + o_n
     m_k = k_rows < i_end
-    b_k = load_rows(kp_ptr + i_b * stride_kpb + i_h * stride_kph, k_rows, m_k, stride_kpn, stride_kpd, D, BLOCK_D)
-    b_v = load_rows(vp_ptr + i_b * stride_vpb + i_h * stride_vph, k_rows, m_k, stride_vpn, stride_vpd, DV, BLOCK_DV)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    b_kt = load_tile_t(kp_ptr + i_b * stride_kpb + i_h * stride_kph, k_rows, o_d, m_k, o_d < D, stride_kpn,
+                       stride_kpd)
+    b_vt = load_tile_t(vp_ptr + i_b * stride_vpb + i_h * stride_vph, k_rows, o_dv, m_k, o_dv < DV, stride_vpn,
+                       stride_vpd)
     b_bias = tl.load(pbias_ptr + k_rows, mask=m_k, other=0.0)
-    b_dk = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-    b_dv = tl.zeros([BLOCK_K, BLOCK_DV], dtype=tl.float32)
+    b_dkt = tl.zeros([BLOCK_D, BLOCK_K], dtype=tl.float32)
+    b_dvt = tl.zeros([BLOCK_DV, BLOCK_K], dtype=tl.float32)
     q_start = tl.load(ranges_ptr + 2 * i_item).to(tl.int64)
     q_end = tl.load(ranges_ptr + 2 * i_item + 1).to(tl.int64)
     o_m = tl.arange(0, BLOCK_MQ)
@@ -286,13 +301,13 @@ def _llsa_bwd_pooled_dkv_kernel(
     for q0 in range(q_start, q_end, BLOCK_MQ):
         q_rows = q0 + o_m
         m_q = q_rows < q_end
-        b_dk, b_dv = _dkv_step(b_k, b_v, b_dk, b_dv, b_bias, m_k, q_rows, m_q, q_base, do_base, lse_ptr + l_off,
-                               delta_ptr + l_off, stride_qn, stride_qd, stride_don, D, DV, qk_scale,
-                               BLOCK_D, BLOCK_DV, PRECISION)
+        b_dkt, b_dvt = _dkv_step(b_kt, b_vt, b_dkt, b_dvt, b_bias, m_k, q_rows, m_q, q_base, do_base, lse_ptr + l_off,
+                                 delta_ptr + l_off, stride_qn, stride_qd, stride_don, D, DV, qk_scale,
+                                 BLOCK_D, BLOCK_DV, PRECISION)
     # Partial rows (B*H, NI, BS, ·): rows past the block's end stay zero and are dropped by the caller.
     o_slot = (i_bh * NI + i_item) * BS + o_n
-    store_rows(part_k_ptr, o_slot, o_n < BS, D, D, b_dk * scale, BLOCK_D)
-    store_rows(part_v_ptr, o_slot, o_n < BS, DV, DV, b_dv, BLOCK_DV)
+    store_rows(part_k_ptr, o_slot, o_n < BS, D, D, tl.trans(b_dkt * scale), BLOCK_D)
+    store_rows(part_v_ptr, o_slot, o_n < BS, DV, DV, tl.trans(b_dvt), BLOCK_DV)
 
 
 # --- launchers -------------------------------------------------------------------------------------------------
