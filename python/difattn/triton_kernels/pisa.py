@@ -82,8 +82,8 @@ def _pisa_fwd_kernel(
         m_open, b_bias = _centroid_bias(off_ptr, sel_ptr + i_row * M, o_c, M)
         if tl.sum(m_open.to(tl.int32)) > 0:
             m_c = o_c < M
-            b_km = load_rows(km_ptr + i_bh * M * D, o_c, m_c, D, 1, D, BLOCK_D).to(b_q.dtype)
-            b_w = load_rows(vm_ptr + i_bh * M * DV, o_c, m_c, DV, 1, DV, BLOCK_DV).to(b_q.dtype)
+            b_km = load_rows(km_ptr + i_bh * M * D, o_c, m_c, D, 1, D, BLOCK_D)
+            b_w = load_rows(vm_ptr + i_bh * M * DV, o_c, m_c, DV, 1, DV, BLOCK_DV)
             b_s = tl.dot(b_q, tl.trans(b_km), input_precision=PRECISION) * qk_scale + b_bias[None, :]
             b_m, b_l, b_acc, b_alpha, b_p = online_softmax_step(b_s, b_w, b_m, b_l, b_acc, PRECISION)
             b_z = b_z * b_alpha + tl.sum(b_p, 1)
@@ -147,8 +147,8 @@ def _pisa_bwd_dq_kernel(
         m_open, b_bias = _centroid_bias(off_ptr, sel_ptr + i_row * M, o_c, M)
         if tl.sum(m_open.to(tl.int32)) > 0:
             m_c = o_c < M
-            b_km = load_rows(km_ptr + i_bh * M * D, o_c, m_c, D, 1, D, BLOCK_D).to(b_q.dtype)
-            b_w = load_rows(vm_ptr + i_bh * M * DV, o_c, m_c, DV, 1, DV, BLOCK_DV).to(b_do.dtype)
+            b_km = load_rows(km_ptr + i_bh * M * D, o_c, m_c, D, 1, D, BLOCK_D)
+            b_w = load_rows(vm_ptr + i_bh * M * DV, o_c, m_c, DV, 1, DV, BLOCK_DV)
             b_s = tl.dot(b_q, tl.trans(b_km), input_precision=PRECISION) * qk_scale + b_bias[None, :]
             b_p = tl.where(m_q[:, None], tl.exp2(b_s - b_lse[:, None]), 0.0)
             b_dp = tl.dot(b_do, tl.trans(b_w), input_precision=PRECISION)
@@ -176,9 +176,8 @@ def _pisa_bwd_centroid_kernel(
     qk_scale = scale * LOG2_E
     o_c = i_chunk * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < M
-    # The centroids only feed dots: keep them in the input dtype (half the registers of fp32).
-    b_km = load_rows(km_ptr + i_bh * M * D, o_c, m_c, D, 1, D, BLOCK_D).to(q_ptr.dtype.element_ty)
-    b_w = load_rows(vm_ptr + i_bh * M * DV, o_c, m_c, DV, 1, DV, BLOCK_DV).to(do_ptr.dtype.element_ty)
+    b_km = load_rows(km_ptr + i_bh * M * D, o_c, m_c, D, 1, D, BLOCK_D)
+    b_w = load_rows(vm_ptr + i_bh * M * DV, o_c, m_c, DV, 1, DV, BLOCK_DV)
     b_dkm = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
     b_dw = tl.zeros([BLOCK_C, BLOCK_DV], dtype=tl.float32)
     for i_q in range(M * i_split // SPLITS, M * (i_split + 1) // SPLITS):
@@ -238,6 +237,12 @@ def transposed_selection(blocks):
     return indptr, (order // K).contiguous()
 
 
+def _centroids(q, key_mean, value_mean):
+    """The fp32 centroids in q's dtype, contiguous: they only feed matmuls, which take q's dtype (converted once
+    here rather than in every program, inside its loop)."""
+    return key_mean.to(q.dtype).contiguous(), value_mean.to(q.dtype).contiguous()
+
+
 def _strides(*tensors):
     return [s for t in tensors for s in t.stride()]
 
@@ -256,7 +261,7 @@ def pisa_fwd(q, k, v, key_mean, value_mean, moment_mean, perm, offsets, blocks, 
     hybrid = moment_mean is not None
     first = (q.float() @ moment_mean).contiguous() if hybrid else lse  # q·H̄ rows; any pointer when unused
     _pisa_fwd_kernel[(M, B * H)](
-        q, k, v, key_mean.contiguous(), value_mean.contiguous(), first, out, lse, zeta,
+        q, k, v, *_centroids(q, key_mean, value_mean), first, out, lse, zeta,
         perm, offsets, blocks, selection_mask(blocks),
         *_strides(q, k, v), N, M, K, H, D, DV, scale,
         BLOCK_C=_chunk(M), HYBRID=hybrid, **_meta(q, v, max_block),
@@ -283,7 +288,7 @@ def pisa_bwd(q, k, v, key_mean, value_mean, moment_mean, out, dout, lse, zeta, p
 
     B, H, N, D = q.shape
     M, K, DV = blocks.shape[2], blocks.shape[3], v.shape[3]
-    key_mean, value_mean = key_mean.contiguous(), value_mean.contiguous()
+    key_mean, value_mean = _centroids(q, key_mean, value_mean)
     grad = dout.float()
     delta = (grad * out.float()).sum(-1)
     hybrid = moment_mean is not None
