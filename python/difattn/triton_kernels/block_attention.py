@@ -307,7 +307,9 @@ def _meta(q, v, max_blocks, disc_bits, key_valid):
         BLOCK_D=block_d, BLOCK_DV=_block(v.shape[3]),
         SPATIAL=disc_bits is not None, HAS_VALID=key_valid is not None,
         PRECISION="tf32",  # tl.dot's default: fp32 inputs multiply in tf32 on the GPU
-        num_warps=8 if block_d >= 128 else 4, num_stages=2,
+        # Three stages: the software pipeliner prefetches the key blocks' row indices one iteration before their
+        # K/V tiles (two stages prefetch only K/V, behind a dependent index load); K/V stay double-buffered.
+        num_warps=8 if block_d >= 128 else 4, num_stages=3,
     )
 
 
