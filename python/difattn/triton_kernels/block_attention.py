@@ -302,14 +302,16 @@ def _query_part(block_m: int, block_d: int) -> int:
 
 def _meta(q, v, max_blocks, disc_bits, key_valid):
     block_d = _block(q.shape[3])
+    block_m = _block(max_blocks[0])
     return dict(
-        BLOCK_M=_block(max_blocks[0]), BLOCK_N=_block(max_blocks[1]),
+        BLOCK_M=block_m, BLOCK_N=_block(max_blocks[1]),
         BLOCK_D=block_d, BLOCK_DV=_block(v.shape[3]),
         SPATIAL=disc_bits is not None, HAS_VALID=key_valid is not None,
         PRECISION="tf32",  # tl.dot's default: fp32 inputs multiply in tf32 on the GPU
-        # Three stages: the software pipeliner prefetches the key blocks' row indices one iteration before their
-        # K/V tiles (two stages prefetch only K/V, behind a dependent index load); K/V stay double-buffered.
-        num_warps=8 if block_d >= 128 else 4, num_stages=3,
+        # Three stages on the 64- and 128-row tiles: the software pipeliner prefetches the key blocks' row indices
+        # one iteration before their K/V tiles (two stages prefetch only K/V, behind a dependent index load); K/V
+        # stay double-buffered. GRAT's small groups keep two (a third costs them occupancy on sm_90).
+        num_warps=8 if block_d >= 128 else 4, num_stages=3 if block_m >= 64 else 2,
     )
 
 
