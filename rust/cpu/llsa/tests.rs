@@ -1,7 +1,7 @@
 //! The LLSA kernels against naive f64 loops over the same selection, and the plan's checks and transpose.
 
 use super::*;
-use crate::cpu::test_support::view_of;
+use crate::cpu::test_support::{on_every_isa, view_of};
 
 /// Deterministic pseudo-random numbers in [0, 1).
 struct Rng(u64);
@@ -300,17 +300,19 @@ fn run(case: &Case, threads: usize, pooling: Pooling) {
 
 #[test]
 fn forward_and_backward_match_naive_loops() {
-    // Two (b, h) slices: one thread runs the one-pass backward, two and three threads the two-pass one.
-    // N = 37, blocks of 4: the last level-1 token holds 1 token and the last level-2 token 2 children (5 tokens),
-    // so the two pooling rules' backwards differ.
-    for pooling in [Pooling::Children, Pooling::Tokens] {
-        for threads in [1, 3] {
-            run(&Case::new(1, 37, 4, 5, 3, 2), threads, pooling);
-            run(&Case::new(2, 37, 4, 72, 9, 3), threads, pooling);
+    on_every_isa(|| {
+        // Two (b, h) slices: one thread runs the one-pass backward, two and three threads the two-pass one.
+        // N = 37, blocks of 4: the last level-1 token holds 1 token and the last level-2 token 2 children (5 tokens),
+        // so the two pooling rules' backwards differ.
+        for pooling in [Pooling::Children, Pooling::Tokens] {
+            for threads in [1, 3] {
+                run(&Case::new(1, 37, 4, 5, 3, 2), threads, pooling);
+                run(&Case::new(2, 37, 4, 72, 9, 3), threads, pooling);
+            }
+            run(&Case::new(3, 16, 4, 8, 8, 4), 2, pooling);
+            run(&Case::new(4, 16, 4, 8, 8, 4), 1, pooling);
         }
-        run(&Case::new(3, 16, 4, 8, 8, 4), 2, pooling);
-        run(&Case::new(4, 16, 4, 8, 8, 4), 1, pooling);
-    }
+    });
 }
 
 #[test]
