@@ -8,10 +8,9 @@ use super::forward::load_lanes;
 use super::geometry::{self, lane_intervals, Segment, Tile};
 use super::lanes::{self, Lanes, LANES};
 use super::{check_inputs, err, padded, panel_offset, pieces, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_ROWS};
-use crate::cpu::common::{check_input, check_output, zeros, LOG2_E};
+use crate::cpu::common::{active_isa, check_input, check_output, zeros, LOG2_E};
 use crate::cpu::pool::pool;
 use crate::cpu::view::{DType, View, ViewError};
-use crate::cpu::vmath::exp2_one;
 
 /// Key-gradient buffers of all parallel parts stay below this many bytes (fewer parts otherwise).
 const PART_BUFFER_BYTES: usize = 1 << 30;
@@ -67,7 +66,7 @@ pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scal
     if slices == 0 {
         return Ok(());
     }
-    let isa = super::clear_isa()?;
+    let isa = active_isa()?;
     let w = isa.f32_lanes();
     let (d_pad, dv_pad) = (padded(dims.d, w), padded(dims.dv, w));
     let part_bytes = geo.keys() * (d_pad + dv_pad) * 4;
@@ -210,18 +209,11 @@ fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, buf: &
             let (p, ds) = (&mut buf.p[..len], &mut buf.ds[..len]);
             if let Some(mask) = &seg.mask {
                 let (lo, hi) = lane_intervals(tile, mask);
-                lanes::mask_columns(p, (mask.x0 + (start - seg.start) as i64) as f32, &lo, &hi);
+                lanes::mask_columns::<W>(p, (mask.x0 + (start - seg.start) as i64) as f32, &lo, &hi);
             }
-            for row in p.iter_mut() {
-                for l in 0..LANES {
-                    row[l] = exp2_one::<FMA>(row[l] - lse2[l]);
-                }
-            }
-            for (dsr, pr) in ds.iter_mut().zip(p.iter()) {
-                for l in 0..LANES {
-                    dsr[l] = pr[l] * (dsr[l] - delta[l]);
-                }
-            }
+            // p = 2^(s − lse₂) (the row sums that come with it are not needed), then dS = p ⊙ (dP − delta).
+            lanes::exp2_shift::<FMA, W>(p, &lse2);
+            lanes::softmax_grad::<W>(ds, p, &delta);
             lanes::combine::<FMA, W>(ds, &keys.k_rows[start * d..], d, &mut buf.dq);
             lanes::update::<FMA, W>(ds, &buf.q_rows, d_pad, &mut acc.dk[start * d_pad..], d_pad);
             lanes::update::<FMA, W>(p, &buf.do_rows, dv_pad, &mut acc.dv[start * dv_pad..], dv_pad);
