@@ -390,6 +390,7 @@ fn backward<F: FeatureMap>(
 /// `dden = −(Q̂·T)/den²`: `dQ̂ = T/den + dden m`, `g ← g/den`, `dm += dden Q̂`; then `dS += Q̂ᵀ g`.
 /// Writes the query-side input gradients; returns `[dS | dm] / Nk` per head (`num_keys = Nk`: `S` is a mean over the
 /// keys), summed over the splits.
+#[allow(clippy::too_many_arguments)]
 fn query_pass<F: FeatureMap>(
     f: &F,
     dout: &View,
