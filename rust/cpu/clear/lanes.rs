@@ -57,7 +57,12 @@ pub fn dots<const FMA: bool, const W: usize>(a: &[Lanes], panel: &[f32], stride:
 }
 
 #[inline(always)]
-fn dots_block<const FMA: bool, const W: usize, const NB: usize>(a: &[Lanes], panel: &[f32], stride: usize, out: &mut [Lanes]) {
+fn dots_block<const FMA: bool, const W: usize, const NB: usize>(
+    a: &[Lanes],
+    panel: &[f32],
+    stride: usize,
+    out: &mut [Lanes],
+) {
     #[cfg(target_arch = "x86_64")]
     if W >= LANES {
         // SAFETY: `W = 16` is instantiated only in the AVX-512 clone of `isa_dispatch!`, which runs only where the
@@ -102,7 +107,12 @@ pub fn combine<const FMA: bool, const W: usize>(w: &[Lanes], rows: &[f32], strid
 }
 
 #[inline(always)]
-fn combine_block<const FMA: bool, const W: usize, const CB: usize>(w: &[Lanes], rows: &[f32], stride: usize, acc: &mut [Lanes]) {
+fn combine_block<const FMA: bool, const W: usize, const CB: usize>(
+    w: &[Lanes],
+    rows: &[f32],
+    stride: usize,
+    acc: &mut [Lanes],
+) {
     #[cfg(target_arch = "x86_64")]
     if W >= LANES {
         // SAFETY: `W = 16` is instantiated only in the AVX-512 clone of `isa_dispatch!`, which runs only where the

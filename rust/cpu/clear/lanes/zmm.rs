@@ -65,7 +65,13 @@ pub fn combine_block<const CB: usize>(w: &[Lanes], rows: &[f32], stride: usize, 
 /// `jj < JB`, `c < 16·VB`.
 #[inline]
 #[target_feature(enable = "avx512f")]
-pub fn update_block<const JB: usize, const VB: usize>(w: &[Lanes], b: &[f32], width: usize, dst: &mut [f32], stride: usize) {
+pub fn update_block<const JB: usize, const VB: usize>(
+    w: &[Lanes],
+    b: &[f32],
+    width: usize,
+    dst: &mut [f32],
+    stride: usize,
+) {
     let mut acc = [[_mm512_setzero_ps(); VB]; JB];
     for (jj, a) in acc.iter_mut().enumerate() {
         for (v, av) in a.iter_mut().enumerate() {
