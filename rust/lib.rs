@@ -6,6 +6,7 @@
 // Inside an `unsafe fn`, every unsafe operation still needs its own `unsafe` block (and its SAFETY comment).
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod alloc;
 pub mod cpu;
 pub mod plan;
 

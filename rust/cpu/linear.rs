@@ -300,7 +300,7 @@ fn reduce_state<F: FeatureMap>(f: &F, v: &View, dims: Dims, splits: usize, preci
                     vmath::add_scaled(m, row, 1.0);
                 }
             }
-            Ok(())
+            Ok::<(), ViewError>(())
         },
     )?;
     sum_splits(&partial, dims, splits, 1.0 / dims.n as f32)
@@ -439,7 +439,7 @@ fn query_pass<F: FeatureMap>(
                 // belongs to one (head, split) task.
                 unsafe { f.store_grad(Side::Query, rows, tb, scratch) };
             }
-            Ok(())
+            Ok::<(), ViewError>(())
         },
     )?;
     sum_splits(&partial, dims, splits, 1.0 / num_keys as f32)

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use super::geometry::{self, lane_intervals, Segment, Tile};
 use super::lanes::{self, Lanes, LANES};
 use super::{check_inputs, panel_offset, pieces, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_KEYS, PIECE_ROWS};
-use crate::cpu::common::{active_isa, check_output, LN_2, LOG2_E};
+use crate::cpu::common::{active_isa, check_output, zeros, LN_2, LOG2_E};
 use crate::cpu::pool::pool;
 use crate::cpu::view::{DType, View, ViewError};
 use crate::cpu::vmath::{exp2_one, log2_one};
@@ -17,22 +17,23 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, geo: &Geometry, scale: f32,
     let n = geo.tokens();
     check_output(out, &[dims.batch, dims.heads, n, dims.dv], None)?;
     check_output(lse, &[dims.batch, dims.heads, n], DType::F32)?;
-    let groups = geometry::groups(geo);
-    let tiles = geometry::tiles(geo);
+    let groups = geometry::groups(geo)?;
+    let tiles = geometry::tiles(geo)?;
     let isa = active_isa()?;
     pool(threads).map_err(ViewError)?.install(|| {
         (0..dims.slices()).into_par_iter().try_for_each(|bh| {
             let (b, h) = dims.slice(bh);
             let keys = SliceKeys::load(inp, geo, &groups, dims, b, h, false)?;
-            tiles.par_iter().for_each_init(
+            tiles.par_iter().try_for_each_init(
                 || Buffers::new(dims),
                 |buf, tile| {
-                    geometry::segments(geo, &groups, tile, &mut buf.segments);
+                    let buf = buf.as_mut().map_err(|e| e.clone())?;
+                    geometry::segments(geo, &groups, tile, &mut buf.segments)?;
                     let ctx = TileCtx { q: inp.q, out, lse, slice: Slice { keys: &keys, dims, b, h, scale } };
-                    tile_fn(isa, &ctx, tile, buf)
+                    tile_fn(isa, &ctx, tile, buf);
+                    Ok(())
                 },
-            );
-            Ok(())
+            )
         })
     })
 }
@@ -58,15 +59,15 @@ struct Buffers {
 }
 
 impl Buffers {
-    fn new(dims: Dims) -> Self {
-        Buffers {
+    fn new(dims: Dims) -> Result<Self, ViewError> {
+        Ok(Buffers {
             segments: Vec::new(),
-            qt: vec![[0.0; LANES]; dims.d],
-            acc: vec![[0.0; LANES]; dims.dv],
-            s: vec![[0.0; LANES]; PIECE_ROWS],
+            qt: zeros(dims.d)?,
+            acc: zeros(dims.dv)?,
+            s: zeros(PIECE_ROWS)?,
             batch: Vec::new(),
-            row: vec![0.0; dims.d.max(dims.dv)],
-        }
+            row: zeros(dims.d.max(dims.dv))?,
+        })
     }
 }
 

@@ -92,7 +92,7 @@ fn row_deltas(up: &Upstream, plan: &Plan, dims: Dims) -> Result<Vec<f32>, ViewEr
                 up.out.load_row(&[b, h, plan.row(r)], out);
                 *x = dot(dout, out);
             }
-            Ok(())
+            Ok::<(), ViewError>(())
         },
     )?;
     Ok(delta)
