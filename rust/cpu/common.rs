@@ -56,8 +56,8 @@ pub struct OnlineSoftmax {
 }
 
 impl OnlineSoftmax {
-    pub fn new(rows: usize, width: usize) -> Self {
-        OnlineSoftmax { m: vec![0.0; rows], l: vec![0.0; rows], acc: vec![0.0; rows * width], width }
+    pub fn new(rows: usize, width: usize) -> Result<Self, ViewError> {
+        Ok(OnlineSoftmax { m: zeros(rows)?, l: zeros(rows)?, acc: zeros(alloc::size(&[rows, width])?)?, width })
     }
 
     /// Starts `rows` rows afresh: nothing seen yet.
