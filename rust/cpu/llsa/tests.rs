@@ -356,7 +356,7 @@ fn transpose_lists_every_chooser_once_in_order() {
     let case = Case::new(5, 37, 4, 5, 3, 3);
     let plan = case.plan().unwrap();
     for bh in 0..case.bh {
-        let (indptr, indices) = plan.transpose(bh);
+        let (indptr, indices) = plan.transpose(bh).unwrap();
         for p in 0..plan.n_blocks {
             let want: Vec<u32> =
                 (0..plan.n_blocks as u32).filter(|&j| plan.fine_ids(bh, j as usize).contains(&(p as u32))).collect();
@@ -370,7 +370,7 @@ fn groups_are_runs_of_equal_pooled_blocks() {
     let case = Case::new(6, 37, 4, 5, 3, 2);
     let plan = case.plan().unwrap();
     for bh in 0..case.bh {
-        let groups = plan.groups(bh);
+        let groups = plan.groups(bh).unwrap();
         assert_eq!(groups.first().unwrap().0, 0);
         assert_eq!(groups.last().unwrap().1, plan.n_blocks);
         for w in groups.windows(2) {
