@@ -284,7 +284,7 @@ fn reduce_state<F: FeatureMap>(f: &F, v: &View, dims: Dims, splits: usize, preci
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
     let mut partial = zeros(dims.slices() * splits * width)?;
     partial.par_chunks_mut(width).enumerate().try_for_each_init(
-        || Ok::<_, ViewError>((zeros(BLOCK * d)?, zeros(BLOCK * dv)?, f.scratch(BLOCK))),
+        || Ok::<_, ViewError>((zeros(BLOCK * d)?, zeros(BLOCK * dv)?, f.scratch(BLOCK)?)),
         |bufs, (task, acc)| {
             let (kb, vb, scratch) = bufs.as_mut().map_err(|e| e.clone())?;
             let (b, h) = dims.slice(task / splits);
@@ -322,7 +322,7 @@ fn write_states(states: &[f32], state: &View, ksum: &View, dims: Dims) {
 fn readout<F: FeatureMap>(f: &F, out: &View, states: &[f32], dims: Dims, opts: Options, precision: Precision) -> Result<(), ViewError> {
     let (d, dv) = (dims.d, dims.dv);
     (0..dims.slices() * dims.blocks()).into_par_iter().try_for_each_init(
-        || Ok::<_, ViewError>((zeros(BLOCK * d)?, zeros(BLOCK * dv)?, f.scratch(BLOCK))),
+        || Ok::<_, ViewError>((zeros(BLOCK * d)?, zeros(BLOCK * dv)?, f.scratch(BLOCK)?)),
         |bufs, task| {
             let (qb, ob, scratch) = bufs.as_mut().map_err(|e| e.clone())?;
             let (bh, blk) = (task / dims.blocks(), task % dims.blocks());
@@ -404,7 +404,7 @@ fn query_pass<F: FeatureMap>(
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
     let mut partial = zeros(dims.slices() * splits * width)?;
     partial.par_chunks_mut(width).enumerate().try_for_each_init(
-        || Ok::<_, ViewError>((zeros(BLOCK * d)?, zeros(BLOCK * dv)?, zeros(BLOCK * d)?, f.scratch(BLOCK))),
+        || Ok::<_, ViewError>((zeros(BLOCK * d)?, zeros(BLOCK * dv)?, zeros(BLOCK * d)?, f.scratch(BLOCK)?)),
         |bufs, (task, acc)| {
             let (qb, gb, tb, scratch) = bufs.as_mut().map_err(|e| e.clone())?;
             let bh = task / splits;
@@ -450,7 +450,7 @@ fn query_pass<F: FeatureMap>(
 fn key_pass<F: FeatureMap>(f: &F, v: &View, dv_out: &View, dstates: &[f32], dims: Dims, precision: Precision) -> Result<(), ViewError> {
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
     (0..dims.slices() * dims.blocks()).into_par_iter().try_for_each_init(
-        || Ok::<_, ViewError>((zeros(BLOCK * d)?, zeros(BLOCK * dv)?, zeros(BLOCK * d)?, zeros(BLOCK * dv)?, f.scratch(BLOCK))),
+        || Ok::<_, ViewError>((zeros(BLOCK * d)?, zeros(BLOCK * dv)?, zeros(BLOCK * d)?, zeros(BLOCK * dv)?, f.scratch(BLOCK)?)),
         |bufs, task| {
             let (kb, vb, dkb, dvb, scratch) = bufs.as_mut().map_err(|e| e.clone())?;
             let (bh, blk) = (task / dims.blocks(), task % dims.blocks());
