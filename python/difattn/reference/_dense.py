@@ -27,8 +27,14 @@ def masked_attention(
 
     Returns ``(B, H, Nq, Dv)`` in q's dtype. Matmuls run in the input dtype; the softmax runs in float32 (or
     float64 for float64 inputs), as a plain low-precision implementation would.
+
+    A non-finite ``v[j, c]`` reaches ``out[i, c]`` only for the queries ``i`` the mask allows to see key ``j`` (the
+    contract of every method): the masked entries' exact zeros would spread it to the whole column (``0 · NaN``).
     """
     soft_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # Where v has non-finite values: the product with those zeroed, and per (query, channel) whether an allowed key
+    # holds one (those entries take the plain product, which carries it).
+    nonfinite = None if mask is None or bool(v.isfinite().all()) else ~v.isfinite()
     outputs = []
     for start in range(0, q.shape[2], _QUERY_CHUNK):
         stop = min(start + _QUERY_CHUNK, q.shape[2])
@@ -38,7 +44,11 @@ def masked_attention(
         if mask is not None:
             logits = logits.masked_fill(~_rows(mask, start, stop, q.shape[2]), float("-inf"))
         probs = torch.softmax(logits, dim=-1).to(v.dtype)
-        outputs.append(probs @ v)
+        if nonfinite is None:
+            outputs.append(probs @ v)
+        else:
+            sees = _rows(mask, start, stop, q.shape[2]).to(v.dtype) @ nonfinite.to(v.dtype) > 0
+            outputs.append(torch.where(sees, probs @ v, probs @ v.masked_fill(nonfinite, 0)))
     return torch.cat(outputs, dim=2).to(q.dtype)
 
 
