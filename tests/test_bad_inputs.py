@@ -320,8 +320,9 @@ def test_clear_never_aborts_at_any_memory_limit(direction):
         import torch, difattn
         torch.set_num_threads(2)
         gen = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(1, 2, 48 * 48, 64, generator=gen, requires_grad=True) for _ in range(3))
-        call = lambda: difattn.clear_attention(q, k, v, difattn.TokenGrid(48, 48), radius=5.0, backend="rust")
+        # 9216 tokens: the query tiles' list (100 KiB) is mapped
+        q, k, v = (torch.randn(1, 2, 96 * 96, 16, generator=gen, requires_grad=True) for _ in range(3))
+        call = lambda: difattn.clear_attention(q, k, v, difattn.TokenGrid(96, 96), radius=3.0, backend="rust")
         call().sum().backward()  # the pool and the libraries are loaded before the limit
         seen = set()
         for i in range(36):
@@ -348,7 +349,7 @@ _BEYOND_MEMORY = {
     # PISA: one block of 4096 tokens, its 4096 x 4096 logits (64 MiB).
     "pisa": ("q, k, v = (torch.randn(1, 1, 4096, 8) for _ in range(3))",
              "difattn.pisa_attention(q, k, v, block_size=4096, density=1.0, backend='rust')", 0),
-    # LLSA: blocks of 4096, a block's 4096 x 8192 candidate logits (128 MiB).
+    # LLSA: blocks of 4096, a block's logits against its 2 selected blocks (128 MiB).
     "llsa": ("q, k, v = (torch.randn(1, 1, 8192, 8) for _ in range(3))",
              "difattn.llsa_attention(q, k, v, block_size=4096, topk=2, backend='rust')", 0),
     # Linear attention and DyDiLA: D = Dv = 2^12, the D x Dv partial sums (64 MiB each) for 8 tokens.
