@@ -86,9 +86,21 @@ def test_nonfinite_value_reaches_the_queries_that_attend_its_key(backend, method
     allowed = _tiles(V_GRID, attending(_tiles(V_GRID, key, k_tile)), q_tile)
     poisoned = v.clone()
     poisoned[0, 1, j, 3] = value
-    bad = ~call_method(method, q, k, poisoned, V_GRID, backend).isfinite()
+    q, k, poisoned = (x.requires_grad_() for x in (q, k, poisoned))
+    out = call_method(method, q, k, poisoned, V_GRID, backend)
+    bad = ~out.isfinite()
     rows = bad[0, 1, :, 3]
     assert not (attends & ~rows).any(), f"{int((attends & ~rows).sum())} attending queries stay finite"
     assert not (rows & ~allowed).any(), f"{int((rows & ~allowed).sum())} queries beyond the blocks visiting key {j}"
     bad[0, 1, :, 3] = False
     assert not bad.any(), f"{int(bad.sum())} non-finite outputs in other channels or heads"
+    # Gradients: dq_i = Σ_j' dS_ij' k_j' with dS_ij' = p_ij' (dout_i·v_j' − dout_i·out_i) is non-finite exactly for
+    # the attending queries (up to the same blocks); dv_j' = Σ_i p_ij' dout_i stays finite; the other head is
+    # untouched. (dk_j' follows dS over the keys the attending queries see: text queries see every key.) Linear
+    # attention's and DyDiLA's dq goes through their feature maps, whose derivative is 0 where a relu is off.
+    out.backward(torch.ones_like(out))
+    dq_rows = ~q.grad[0, 1].isfinite().all(-1)
+    if method not in ("linear", "dydila"):
+        assert not (attends & ~dq_rows).any(), f"{int((attends & ~dq_rows).sum())} attending queries with finite dq"
+    assert not (dq_rows & ~allowed).any(), f"{int((dq_rows & ~allowed).sum())} dq rows beyond the visiting blocks"
+    assert poisoned.grad.isfinite().all() and q.grad[0, 0].isfinite().all() and k.grad[0, 0].isfinite().all()

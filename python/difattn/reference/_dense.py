@@ -44,12 +44,20 @@ def masked_attention(
         if mask is not None:
             logits = logits.masked_fill(~_rows(mask, start, stop, q.shape[2]), float("-inf"))
         probs = torch.softmax(logits, dim=-1).to(v.dtype)
-        if nonfinite is None:
-            outputs.append(probs @ v)
-        else:
-            sees = _rows(mask, start, stop, q.shape[2]).to(v.dtype) @ nonfinite.to(v.dtype) > 0
-            outputs.append(torch.where(sees, probs @ v, probs @ v.masked_fill(nonfinite, 0)))
+        outputs.append(probs @ v if nonfinite is None else _carry_nonfinite(probs, v, nonfinite, _rows(
+            mask, start, stop, q.shape[2])))
     return torch.cat(outputs, dim=2).to(q.dtype)
+
+
+def _carry_nonfinite(probs: torch.Tensor, v: torch.Tensor, nonfinite: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``probs @ v`` where only the queries the mask allows to see a non-finite ``v[j, c]`` see it: the product with
+    those values zeroed, and for each (query, channel) that sees one the plain sum, computed over that query's row
+    alone (so the gradients of the other queries never meet the value either: ``0 · NaN`` is NaN there too)."""
+    sees = (mask.to(v.dtype) @ nonfinite.to(v.dtype) > 0).expand(*probs.shape[:-1], v.shape[-1])
+    out = probs @ v.masked_fill(nonfinite, 0)
+    b, h, i = sees.any(-1).nonzero(as_tuple=True)
+    plain = (probs[b, h, i].unsqueeze(-2) @ v.expand(*probs.shape[:2], *v.shape[-2:])[b, h]).squeeze(-2)
+    return out.index_put((b, h, i), torch.where(sees[b, h, i], plain, out[b, h, i]))
 
 
 def _rows(x: torch.Tensor, start: int, stop: int, num_queries: int) -> torch.Tensor:
