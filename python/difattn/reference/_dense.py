@@ -34,7 +34,9 @@ def masked_attention(
     soft_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     # Where v has non-finite values: the product with those zeroed, and per (query, channel) whether an allowed key
     # holds one (those entries take the plain product, which carries it).
-    nonfinite = None if mask is None or bool(v.isfinite().all()) else ~v.isfinite()
+    # (Not while tracing: meta and compiled calls have no values to look at.)
+    traced = v.device.type == "meta" or torch.compiler.is_compiling()
+    nonfinite = None if mask is None or traced or bool(v.isfinite().all()) else ~v.isfinite()
     outputs = []
     for start in range(0, q.shape[2], _QUERY_CHUNK):
         stop = min(start + _QUERY_CHUNK, q.shape[2])
