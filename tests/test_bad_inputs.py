@@ -209,9 +209,10 @@ def test_every_method_runs_on_meta_tensors(method, backend):
         assert pisa(**(kw | dict(k=k[:, :, :13], v=v[:, :, :13]))).shape == (2, 2, N, 8)  # cross-attention
 
 
-def _run_capped(code: str, timeout: float = 120) -> str:
-    """Runs ``code`` in a fresh interpreter (a hang, an abort or a memory limit stays there); returns its stdout."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+def _run_capped(code: str, timeout: float = 120, **env_vars: str) -> str:
+    """Runs ``code`` in a fresh interpreter (a hang, an abort or a memory limit stays there), with ``env_vars`` set;
+    returns its stdout."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **env_vars)
     try:
         done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                               check=False, timeout=timeout, env=env)
@@ -279,6 +280,117 @@ def test_linear_state_beyond_memory_raises_memory_error():
             print("MemoryError:", e)
     """)
     assert out.startswith("MemoryError: out of memory"), out
+
+
+def _limited(margin: str) -> str:
+    """Code defining ``limited(run)``: ``run()`` under an address-space limit ``margin`` bytes above what the process
+    uses; returns "ok", "ours" (our MemoryError "out of memory"), or "torch" (torch's allocator failed)."""
+    return f"""
+        import resource
+        def limited(run):
+            used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+            resource.setrlimit(resource.RLIMIT_AS, (used + {margin}, resource.RLIM_INFINITY))
+            try:
+                run()
+                return "ok"
+            except MemoryError as e:
+                return "ours" if str(e).startswith("out of memory") else f"other: {{e}}"
+            except RuntimeError as e:
+                assert "memory" in str(e) or "allocate" in str(e), e
+                return "torch"
+            finally:
+                resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    """
+
+
+# glibc: blocks from 64 KiB mapped (so under the limit), and no per-thread arenas (their reserved 64 MiB are address
+# space the limit does not see).
+_MALLOC = dict(GLIBC_TUNABLES="glibc.malloc.mmap_threshold=65536:glibc.malloc.arena_max=1")
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_clear_never_aborts_at_any_memory_limit(direction):
+    """Every allocation of CLEAR's kernels is fallible: under an address-space limit swept from ample down to
+    nothing, each call returns or raises MemoryError (RuntimeError naming memory where torch's allocator is the one
+    that fails), and at some limits the kernels' own buffers are the ones that fail. With infallible buffers (the
+    query tiles, the key groups, the per-task scratch) the process aborted ("memory allocation of … bytes failed";
+    at 2^26 tokens on a 5.8 MB allocation). CLEAR's kernels call no GEMM library, whose per-call packing buffers
+    (bounded by its cache blocking, not by the shapes) abort when they fail: the sweep is exact for CLEAR."""
+    out = _run_capped(_limited("margin") + f"""
+        import torch, difattn
+        torch.set_num_threads(2)
+        gen = torch.Generator().manual_seed(0)
+        # 9216 tokens: the query tiles' list (100 KiB) is mapped
+        q, k, v = (torch.randn(1, 2, 96 * 96, 16, generator=gen, requires_grad=True) for _ in range(3))
+        call = lambda: difattn.clear_attention(q, k, v, difattn.TokenGrid(96, 96), radius=3.0, backend="rust")
+        call().sum().backward()  # the pool and the libraries are loaded before the limit
+        seen = set()
+        for i in range(36):
+            margin = int(2**24 * 0.8**i)
+            if {direction == "backward"}:
+                out = call()
+                seen.add(limited(lambda: out.backward(torch.ones_like(out))))
+                q.grad = k.grad = v.grad = None
+            else:
+                with torch.no_grad():
+                    seen.add(limited(call))
+        print(" ".join(sorted(seen)))
+    """, **_MALLOC)
+    assert "ours" in out.split() and not any(s.startswith("other") for s in out.split()), out
+
+
+# Per method: inputs and a call whose kernel buffers need far more than 32 MiB beyond what torch allocates for it,
+# and the bytes torch allocates besides the output or the gradients (the linear kernels' D x Dv state).
+_BEYOND_MEMORY = {
+    # GRAT: key panels of >= 256 keys x D = 2^17 channels (128 MiB) for 16 tokens; backward: 8 blocks' rows of
+    # 16 x 2^17 (64 MiB).
+    "grat": ("q, k, v = (torch.randn(1, 1, 16, 2**17) for _ in range(3))",
+             "difattn.grat_attention(q, k, v, difattn.TokenGrid(4, 4), backend='rust')", 0),
+    # PISA: one block of 4096 tokens, its 4096 x 4096 logits (64 MiB).
+    "pisa": ("q, k, v = (torch.randn(1, 1, 4096, 8) for _ in range(3))",
+             "difattn.pisa_attention(q, k, v, block_size=4096, density=1.0, backend='rust')", 0),
+    # LLSA: blocks of 4096, a block's logits against its 2 selected blocks (128 MiB).
+    "llsa": ("q, k, v = (torch.randn(1, 1, 8192, 8) for _ in range(3))",
+             "difattn.llsa_attention(q, k, v, block_size=4096, topk=2, backend='rust')", 0),
+    # Linear attention and DyDiLA: D = Dv = 2^12, the D x Dv partial sums (64 MiB each) for 8 tokens.
+    "linear": ("q, k, v = (torch.rand(1, 1, 8, 2**12) for _ in range(3))",
+               "difattn.linear_attention(q, k, v, backend='rust')", 2**26),
+    "dydila": ("q, k, v = (torch.rand(1, 1, 8, 2**12) for _ in range(3))",
+               "difattn.dydila_attention(q, k, v, q, k, gamma_q=2.0, gamma_k=2.0, gamma_q_aux=1.0, gamma_k_aux=1.0, "
+               "lambda_q=0.1, lambda_k=0.1, backend='rust')", 2**26),
+}
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("method", sorted(_BEYOND_MEMORY))
+def test_kernel_buffers_beyond_memory_raise_memory_error(method, direction):
+    """Buffers the kernels size by the call's shapes (block logits, key panels, D x Dv sums) are allocated fallibly:
+    with 32 MiB to spare beyond what torch allocates for the call (its outputs, or the gradients), a call that needs
+    64 MiB or more of them raises MemoryError "out of memory" instead of aborting the process."""
+    inputs, call, state = _BEYOND_MEMORY[method]
+    out = _run_capped(_limited("room") + f"""
+        import torch, difattn
+        torch.set_num_threads(2)
+        torch.manual_seed(0)
+        {inputs}
+        for x in (q, k, v):
+            x.requires_grad_(True)
+        call = lambda: {call}
+        call().sum().backward()  # the pool and the libraries are loaded before the limit
+        if {direction == "backward"}:
+            out = call()
+            grads = sum(x.numel() for x in (q, k, v, out)) * 4  # dq, dk, dv and dout
+            room = grads + {state} + 2**25
+            print(limited(lambda: out.backward(torch.ones_like(out))))
+        else:
+            with torch.no_grad():
+                kept = call()
+            room = kept.numel() * 4 + {state} + 2**25
+            del kept
+            with torch.no_grad():
+                print(limited(call))
+    """, **_MALLOC)
+    assert out.strip() == "ours", out
 
 
 def test_one_thread_pool_whatever_thread_counts_were_used():

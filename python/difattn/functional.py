@@ -3,6 +3,12 @@ backend table picks (:mod:`difattn.backends`).
 
 Layout everywhere: ``q, k: (B, H, N, D)``, ``v: (B, H, N, Dv)``, any strides; the output is ``(B, H, N, Dv)`` in
 q's dtype on q's device, tokens in the caller's order (image tokens in raster order, as patchify emits them).
+
+Non-finite inputs, every method and backend: NaN/±inf in q or k give the torch reference's NaN/inf pattern; a
+non-finite ``v[j, c]`` makes ``out[i, c]`` non-finite for every query i that attends key j (for linear attention
+and DyDiLA: every query), may for the other queries of a block computed against j's block, and leaves every
+other output finite. A call whose buffers do not fit in memory raises ``MemoryError`` (``RuntimeError`` from
+torch's allocator), never aborts.
 """
 
 from __future__ import annotations

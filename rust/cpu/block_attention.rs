@@ -7,7 +7,8 @@
 
 use rayon::prelude::*;
 
-use super::common::{active_isa, check_input, check_output, gather, Dims, OnlineSoftmax, LOG2_E};
+use super::common::{active_isa, check_input, check_output, gather, zeros, Dims, OnlineSoftmax, LOG2_E};
+use crate::alloc;
 use super::matmul::{Gemm, Mat, MatMut, Precision};
 use super::pool::pool;
 use super::isa::Isa;
@@ -100,12 +101,15 @@ pub fn forward(q: &View, k: &View, v: &View, out: &View, lse: &View, plan: &Bloc
     let tasks = dims.slices() * mq;
     let pool = pool(threads).map_err(ViewError)?;
     pool.install(|| {
-        (0..tasks).into_par_iter().for_each_init(
+        (0..tasks).into_par_iter().try_for_each_init(
             || ForwardBuffers::new(bq, bk, dims),
-            |buf, task| forward_block(q, k, v, out, lse, (plan, key_valid), (scale, precision), dims, task, buf),
+            |buf, task| {
+                let buf = buf.as_mut().map_err(|e| e.clone())?;
+                forward_block(q, k, v, out, lse, (plan, key_valid), (scale, precision), dims, task, buf);
+                Ok(())
+            },
         )
-    });
-    Ok(())
+    })
 }
 
 struct ForwardBuffers {
@@ -117,15 +121,15 @@ struct ForwardBuffers {
 }
 
 impl ForwardBuffers {
-    fn new(bq: usize, bk: usize, dims: Dims) -> Self {
+    fn new(bq: usize, bk: usize, dims: Dims) -> Result<Self, ViewError> {
         let panel = bk.max(PANEL_KEYS);
-        ForwardBuffers {
-            q: vec![0.0; bq * dims.d],
-            k: vec![0.0; panel * dims.d],
-            v: vec![0.0; panel * dims.dv],
-            s: vec![0.0; bq * panel],
-            state: OnlineSoftmax::new(bq, dims.dv),
-        }
+        Ok(ForwardBuffers {
+            q: zeros(alloc::size(&[bq, dims.d])?)?,
+            k: zeros(alloc::size(&[panel, dims.d])?)?,
+            v: zeros(alloc::size(&[panel, dims.dv])?)?,
+            s: zeros(alloc::size(&[bq, panel])?)?,
+            state: OnlineSoftmax::new(bq, dims.dv)?,
+        })
     }
 }
 
@@ -227,22 +231,29 @@ pub fn backward(
     if slices >= SLICES_PER_THREAD * pool.current_num_threads() {
         // Enough slices to keep every thread busy: one pass per slice, which owns its dq rows.
         pool.install(|| {
-            (0..slices).into_par_iter().for_each_init(
+            (0..slices).into_par_iter().try_for_each_init(
                 || (BackwardBuffers::new(bq, bk, dims), Vec::new()),
-                |(buf, dq_acc), bh| ctx.slice_backward(dq, dk, dv, bh, buf, dq_acc),
+                |(buf, dq_acc), bh| ctx.slice_backward(dq, dk, dv, bh, buf.as_mut().map_err(|e| e.clone())?, dq_acc),
             )
-        });
+        })?;
         return Ok(());
     }
     pool.install(|| {
-        (0..slices * mq)
-            .into_par_iter()
-            .for_each_init(|| BackwardBuffers::new(bq, bk, dims), |buf, task| ctx.dq_block(dq, task, buf));
-        (0..slices * mk)
-            .into_par_iter()
-            .for_each_init(|| BackwardBuffers::new(bq, bk, dims), |buf, task| ctx.dkv_block(dk, dv, task, buf));
-    });
-    Ok(())
+        (0..slices * mq).into_par_iter().try_for_each_init(
+            || BackwardBuffers::new(bq, bk, dims),
+            |buf, task| {
+                ctx.dq_block(dq, task, buf.as_mut().map_err(|e| e.clone())?);
+                Ok::<(), ViewError>(())
+            },
+        )?;
+        (0..slices * mk).into_par_iter().try_for_each_init(
+            || BackwardBuffers::new(bq, bk, dims),
+            |buf, task| {
+                ctx.dkv_block(dk, dv, task, buf.as_mut().map_err(|e| e.clone())?);
+                Ok(())
+            },
+        )
+    })
 }
 
 struct BackwardCtx<'a> {
@@ -273,20 +284,21 @@ struct BackwardBuffers {
 }
 
 impl BackwardBuffers {
-    fn new(bq: usize, bk: usize, dims: Dims) -> Self {
+    fn new(bq: usize, bk: usize, dims: Dims) -> Result<Self, ViewError> {
         let rows = bq.max(bk);
-        BackwardBuffers {
-            q: vec![0.0; bq * dims.d],
-            k: vec![0.0; bk * dims.d],
-            v: vec![0.0; bk * dims.dv],
-            dout: vec![0.0; bq * dims.dv],
-            p: vec![0.0; bq * bk],
-            dp: vec![0.0; bq * bk],
-            acc_a: vec![0.0; rows * dims.d],
-            acc_b: vec![0.0; rows * dims.dv],
-            lse: vec![0.0; bq],
-            delta: vec![0.0; bq],
-        }
+        let buf = |rows: usize, cols: usize| -> Result<Vec<f32>, ViewError> { zeros(alloc::size(&[rows, cols])?) };
+        Ok(BackwardBuffers {
+            q: buf(bq, dims.d)?,
+            k: buf(bk, dims.d)?,
+            v: buf(bk, dims.dv)?,
+            dout: buf(bq, dims.dv)?,
+            p: buf(bq, bk)?,
+            dp: buf(bq, bk)?,
+            acc_a: buf(rows, dims.d)?,
+            acc_b: buf(rows, dims.dv)?,
+            lse: zeros(bq)?,
+            delta: zeros(bq)?,
+        })
     }
 }
 
@@ -400,11 +412,11 @@ impl BackwardCtx<'_> {
     /// The whole backward of slice `bh` in one pass over its key blocks (5 GEMMs per block pair instead of the
     /// two-pass 7): the task owns every dq row of the slice, accumulated in `dq_acc` and written at the end.
     fn slice_backward(&self, dq: &View, dk: &View, dv_out: &View, bh: usize, buf: &mut BackwardBuffers,
-                      dq_acc: &mut Vec<f32>) {
+                      dq_acc: &mut Vec<f32>) -> Result<(), ViewError> {
         let (plan, d) = (self.plan, self.dims.d);
         let nq = plan.q_perm().len();
         dq_acc.clear();
-        dq_acc.resize(nq * d, 0.0);
+        alloc::resize(dq_acc, nq * d, 0.0)?;
         for j in 0..plan.num_key_blocks() {
             self.key_block(dk, dv_out, bh, j, buf, Some(dq_acc.as_mut_slice()));
         }
@@ -415,6 +427,7 @@ impl BackwardCtx<'_> {
             // it is the only one touching this row.
             unsafe { dq.store_row(&[b, h, plan.q_perm()[position]], row) };
         }
+        Ok(())
     }
 }
 

@@ -21,8 +21,7 @@ pub use geometry::{computed_pairs, Geometry};
 
 use geometry::Group;
 
-use super::common::{active_isa, check_input, zeros, Dims};
-use super::isa::{Isa, Level};
+use super::common::{check_input, zeros, Dims};
 use super::view::{err, View, ViewError};
 /// Keys per piece: logits of a tile for this many keys stay in L1 (16 KiB).
 const PIECE_KEYS: usize = 256;
@@ -39,16 +38,6 @@ pub struct Inputs<'a> {
 
 /// `x` rounded up to a multiple of `w`, the vector width: the row length of the key-gradient buffers for `x`
 /// channels (see [`lanes::update`]).
-/// The level CLEAR's tile kernels run on: the one in use, at most AVX2. Their 16-lane tiles are `[f32; 16]` arrays
-/// left to the compiler's vectorizer, which in the AVX-512 clone vectorizes loops over rows of lanes (e.g. the
-/// accumulators' rescale) across the rows, with gathers and scatters (178 in the forward tile function); that clone
-/// ran 25-40x slower than the AVX2 clone on the Zen 4 test CPU (48x48 and 64x64 grids, r=8). Built with LLVM's
-/// `prefer-no-gather,prefer-no-scatter` (unstable as Rust target features) it has none and runs as fast as the AVX2
-/// clone, so AVX-512 CPUs run the AVX2 clone until the lanes are written with explicit vectors.
-fn clear_isa() -> Result<Isa, ViewError> {
-    Ok(active_isa()?.at_most(Level::Avx2))
-}
-
 fn padded(x: usize, w: usize) -> usize {
     x.div_ceil(w) * w
 }

@@ -5,18 +5,19 @@ use super::isa::Isa;
 use super::view::{err, DType, View, ViewError};
 use super::vmath::{self, exp2_shift_sum};
 
-/// What an error message of a failed allocation starts with (the Python layer raises `MemoryError` for it).
-pub const OUT_OF_MEMORY: &str = "out of memory";
+pub use crate::alloc::OUT_OF_MEMORY;
+use crate::alloc::{self, AllocError};
+
+impl From<AllocError> for ViewError {
+    fn from(e: AllocError) -> Self {
+        ViewError(e.0)
+    }
+}
 
 /// `len` zeros, or an error where the allocation fails: buffers sized by the shapes of a call never abort the
 /// process ("memory allocation failed" is an abort in Rust's infallible `vec!`).
 pub fn zeros<T: Clone + Default>(len: usize) -> Result<Vec<T>, ViewError> {
-    let mut out = Vec::new();
-    out.try_reserve_exact(len).map_err(|_| {
-        ViewError(format!("{OUT_OF_MEMORY}: cannot allocate {len} elements of {} bytes", std::mem::size_of::<T>()))
-    })?;
-    out.resize(len, T::default());
-    Ok(out)
+    Ok(alloc::zeros(len)?)
 }
 
 /// Logits are scaled by `log2 e` so the softmax runs on `exp2`; log-sum-exps go back to natural log by `ln 2`.
@@ -55,8 +56,8 @@ pub struct OnlineSoftmax {
 }
 
 impl OnlineSoftmax {
-    pub fn new(rows: usize, width: usize) -> Self {
-        OnlineSoftmax { m: vec![0.0; rows], l: vec![0.0; rows], acc: vec![0.0; rows * width], width }
+    pub fn new(rows: usize, width: usize) -> Result<Self, ViewError> {
+        Ok(OnlineSoftmax { m: zeros(rows)?, l: zeros(rows)?, acc: zeros(alloc::size(&[rows, width])?)?, width })
     }
 
     /// Starts `rows` rows afresh: nothing seen yet.

@@ -116,11 +116,6 @@ impl Isa {
         self.0
     }
 
-    /// This level, or `cap` when that is lower (every level holds the features of those below it).
-    pub fn at_most(self, cap: Level) -> Isa {
-        Isa(self.0.min(cap))
-    }
-
     /// f32 lanes per vector of the level's clones (the `W` that [`isa_dispatch!`](crate::isa_dispatch) gives).
     pub fn f32_lanes(self) -> usize {
         if self.0 >= Level::Avx512 {

@@ -4,10 +4,12 @@
 //!
 //! Layouts: q, q_aux `(B, H, N, D)`, k, k_aux `(B, H, Nk, D)`, v `(B, H, Nk, Dv)`, per-token parameters `(B, H, N)` on
 //! the query side and `(B, H, Nk)` on the key side (`Nk != N`: cross-attention, `S = (1/Nk) Σ K̂ᵀ V`); any strides,
-//! f32/f16/bf16, f32 accumulation. Work runs on a dedicated pool in blocks of `BLOCK` tokens through the `gemm`
-//! crate: the state reduction over `(b, h, token split)` tasks (the token range is split when `B·H` is small and the
-//! partial states are summed), the readout over `(b, h, token block)` tasks. The backward mirrors it: a query pass
-//! (`dQ̂`, and the partial `dS`, `dm` it reduces) and a key pass (`dK̂`, `dV`). Every token row is written by one task.
+//! f32/f16/bf16, f32 accumulation (bf16 inputs on the `avx512bf16` level run the GEMMs as bf16 dot products, their
+//! f32 operands — state, feature rows, gradients — rounded to bf16). Work runs on a dedicated pool in blocks of
+//! `BLOCK` tokens through the `gemm` crate: the state reduction over `(b, h, token split)` tasks (the token range is
+//! split when `B·H` is small and the partial states are summed), the readout over `(b, h, token block)` tasks. The
+//! backward mirrors it: a query pass (`dQ̂`, and the partial `dS`, `dm` it reduces) and a key pass (`dK̂`, `dV`).
+//! Every token row is written by one task.
 
 mod features;
 mod power;
@@ -18,7 +20,8 @@ pub use features::{Dydila, Plain, Stream, StreamGrads};
 use features::{load_rows, output_rows, store_rows, FeatureMap, Rows, Side};
 
 use super::common::{active_isa, check_input, check_output, zeros, Dims};
-use super::matmul::{Gemm, Mat, MatMut};
+use super::isa::Isa;
+use super::matmul::{Gemm, Mat, MatMut, Precision};
 use super::pool::pool;
 use super::view::{err, DType, View, ViewError};
 use super::vmath;
@@ -255,10 +258,11 @@ fn forward<F: FeatureMap>(
     threads: usize,
 ) -> Result<(), ViewError> {
     let pool = pool(threads).map_err(ViewError)?;
+    let precision = Precision::for_inputs(v.dtype(), Isa::current());
     pool.install(|| {
-        let states = reduce_state(f, v, keys, keys.splits(threads))?;
+        let states = reduce_state(f, v, keys, keys.splits(threads), precision)?;
         write_states(&states, state, ksum, dims);
-        readout(f, out, &states, dims, opts)
+        readout(f, out, &states, dims, opts, precision)
     })
 }
 
@@ -276,11 +280,11 @@ fn sum_splits(partial: &[f32], dims: Dims, splits: usize, scale: f32) -> Result<
 }
 
 /// `[S | m]` per head: `S = (1/Nk) Σ K̂ᵀ V`, `m = (1/Nk) Σ K̂` (`dims`: the key side's).
-fn reduce_state<F: FeatureMap>(f: &F, v: &View, dims: Dims, splits: usize) -> Result<Vec<f32>, ViewError> {
+fn reduce_state<F: FeatureMap>(f: &F, v: &View, dims: Dims, splits: usize, precision: Precision) -> Result<Vec<f32>, ViewError> {
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
     let mut partial = zeros(dims.slices() * splits * width)?;
     partial.par_chunks_mut(width).enumerate().try_for_each_init(
-        || Ok::<_, ViewError>((zeros(BLOCK * d)?, zeros(BLOCK * dv)?, f.scratch(BLOCK))),
+        || Ok::<_, ViewError>((zeros(BLOCK * d)?, zeros(BLOCK * dv)?, f.scratch(BLOCK)?)),
         |bufs, (task, acc)| {
             let (kb, vb, scratch) = bufs.as_mut().map_err(|e| e.clone())?;
             let (b, h) = dims.slice(task / splits);
@@ -291,12 +295,12 @@ fn reduce_state<F: FeatureMap>(f: &F, v: &View, dims: Dims, splits: usize) -> Re
                 f.load(Side::Key, rows, kb, scratch);
                 // S += K̂ᵀ · V
                 let vr = input_rows(v, rows, vb);
-                Gemm { m: d, n: dv, k: rows.len, accumulate: true }.run(MatMut::rows(s, dv), Mat::rows(kb, d).t(), vr);
+                Gemm { m: d, n: dv, k: rows.len, accumulate: true }.run_in(precision, MatMut::rows(s, dv), Mat::rows(kb, d).t(), vr);
                 for row in kb[..rows.len * d].chunks_exact(d) {
                     vmath::add_scaled(m, row, 1.0);
                 }
             }
-            Ok(())
+            Ok::<(), ViewError>(())
         },
     )?;
     sum_splits(&partial, dims, splits, 1.0 / dims.n as f32)
@@ -315,10 +319,10 @@ fn write_states(states: &[f32], state: &View, ksum: &View, dims: Dims) {
     }
 }
 
-fn readout<F: FeatureMap>(f: &F, out: &View, states: &[f32], dims: Dims, opts: Options) -> Result<(), ViewError> {
+fn readout<F: FeatureMap>(f: &F, out: &View, states: &[f32], dims: Dims, opts: Options, precision: Precision) -> Result<(), ViewError> {
     let (d, dv) = (dims.d, dims.dv);
     (0..dims.slices() * dims.blocks()).into_par_iter().try_for_each_init(
-        || Ok::<_, ViewError>((zeros(BLOCK * d)?, zeros(BLOCK * dv)?, f.scratch(BLOCK))),
+        || Ok::<_, ViewError>((zeros(BLOCK * d)?, zeros(BLOCK * dv)?, f.scratch(BLOCK)?)),
         |bufs, task| {
             let (qb, ob, scratch) = bufs.as_mut().map_err(|e| e.clone())?;
             let (bh, blk) = (task / dims.blocks(), task % dims.blocks());
@@ -331,7 +335,7 @@ fn readout<F: FeatureMap>(f: &F, out: &View, states: &[f32], dims: Dims, opts: O
             // this task alone touches these rows while `o` lives.
             let (o, in_place) = unsafe { output_rows(out, rows, ob) };
             // O = Q̂ · S
-            Gemm { m: rows.len, n: dv, k: d, accumulate: false }.run(MatMut::rows(o, dv), Mat::rows(qb, d), Mat::rows(s, dv));
+            Gemm { m: rows.len, n: dv, k: d, accumulate: false }.run_in(precision, MatMut::rows(o, dv), Mat::rows(qb, d), Mat::rows(s, dv));
             if opts.normalize {
                 for (o, q) in o.chunks_exact_mut(dv).zip(qb.chunks_exact(d)) {
                     let inv = 1.0 / (vmath::dot(q, m) + opts.eps);
@@ -375,9 +379,10 @@ fn backward<F: FeatureMap>(
 ) -> Result<(), ViewError> {
     let pool = pool(threads).map_err(ViewError)?;
     let states = read_states(state, ksum, dims)?;
+    let precision = Precision::for_inputs(v.dtype(), Isa::current());
     pool.install(|| {
-        let dstates = query_pass(f, dout, &states, dims, opts, dims.splits(threads), keys.n)?;
-        key_pass(f, v, dv_out, &dstates, keys)
+        let dstates = query_pass(f, dout, &states, dims, opts, dims.splits(threads), keys.n, precision)?;
+        key_pass(f, v, dv_out, &dstates, keys, precision)
     })
 }
 
@@ -385,6 +390,7 @@ fn backward<F: FeatureMap>(
 /// `dden = −(Q̂·T)/den²`: `dQ̂ = T/den + dden m`, `g ← g/den`, `dm += dden Q̂`; then `dS += Q̂ᵀ g`.
 /// Writes the query-side input gradients; returns `[dS | dm] / Nk` per head (`num_keys = Nk`: `S` is a mean over the
 /// keys), summed over the splits.
+#[allow(clippy::too_many_arguments)]
 fn query_pass<F: FeatureMap>(
     f: &F,
     dout: &View,
@@ -393,11 +399,12 @@ fn query_pass<F: FeatureMap>(
     opts: Options,
     splits: usize,
     num_keys: usize,
+    precision: Precision,
 ) -> Result<Vec<f32>, ViewError> {
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
     let mut partial = zeros(dims.slices() * splits * width)?;
     partial.par_chunks_mut(width).enumerate().try_for_each_init(
-        || Ok::<_, ViewError>((zeros(BLOCK * d)?, zeros(BLOCK * dv)?, zeros(BLOCK * d)?, f.scratch(BLOCK))),
+        || Ok::<_, ViewError>((zeros(BLOCK * d)?, zeros(BLOCK * dv)?, zeros(BLOCK * d)?, f.scratch(BLOCK)?)),
         |bufs, (task, acc)| {
             let (qb, gb, tb, scratch) = bufs.as_mut().map_err(|e| e.clone())?;
             let bh = task / splits;
@@ -413,7 +420,7 @@ fn query_pass<F: FeatureMap>(
                 if opts.normalize {
                     // Normalising rescales g: it needs a copy.
                     load_rows(dout, rows, gb);
-                    t_of.run(MatMut::rows(tb, d), Mat::rows(gb, dv), Mat::rows(s, dv).t());
+                    t_of.run_in(precision, MatMut::rows(tb, d), Mat::rows(gb, dv), Mat::rows(s, dv).t());
                     let per_row = qb.chunks_exact(d).zip(tb.chunks_exact_mut(d)).zip(gb.chunks_exact_mut(dv));
                     for ((q, t), g) in per_row.take(rows.len) {
                         let inv = 1.0 / (vmath::dot(q, m) + opts.eps);
@@ -422,17 +429,17 @@ fn query_pass<F: FeatureMap>(
                         g.iter_mut().for_each(|x| *x *= inv);
                         dm.iter_mut().zip(q).for_each(|(a, qi)| *a += dden * qi);
                     }
-                    ds_of.run(MatMut::rows(ds, dv), Mat::rows(qb, d).t(), Mat::rows(gb, dv));
+                    ds_of.run_in(precision, MatMut::rows(ds, dv), Mat::rows(qb, d).t(), Mat::rows(gb, dv));
                 } else {
                     let g = input_rows(dout, rows, gb);
-                    t_of.run(MatMut::rows(tb, d), g, Mat::rows(s, dv).t());
-                    ds_of.run(MatMut::rows(ds, dv), Mat::rows(qb, d).t(), g);
+                    t_of.run_in(precision, MatMut::rows(tb, d), g, Mat::rows(s, dv).t());
+                    ds_of.run_in(precision, MatMut::rows(ds, dv), Mat::rows(qb, d).t(), g);
                 }
                 // SAFETY: the query-side gradient outputs are validated contiguous outputs, and each token row
                 // belongs to one (head, split) task.
                 unsafe { f.store_grad(Side::Query, rows, tb, scratch) };
             }
-            Ok(())
+            Ok::<(), ViewError>(())
         },
     )?;
     sum_splits(&partial, dims, splits, 1.0 / num_keys as f32)
@@ -440,10 +447,10 @@ fn query_pass<F: FeatureMap>(
 
 /// Per key block, with `[dS | dm] / Nk` from the query pass: `dK̂ = V dSᵀ/Nk + dm/Nk`, `dV = K̂ dS/Nk`; writes the
 /// key-side input gradients and dv (`dims`: the key side's).
-fn key_pass<F: FeatureMap>(f: &F, v: &View, dv_out: &View, dstates: &[f32], dims: Dims) -> Result<(), ViewError> {
+fn key_pass<F: FeatureMap>(f: &F, v: &View, dv_out: &View, dstates: &[f32], dims: Dims, precision: Precision) -> Result<(), ViewError> {
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
     (0..dims.slices() * dims.blocks()).into_par_iter().try_for_each_init(
-        || Ok::<_, ViewError>((zeros(BLOCK * d)?, zeros(BLOCK * dv)?, zeros(BLOCK * d)?, zeros(BLOCK * dv)?, f.scratch(BLOCK))),
+        || Ok::<_, ViewError>((zeros(BLOCK * d)?, zeros(BLOCK * dv)?, zeros(BLOCK * d)?, zeros(BLOCK * dv)?, f.scratch(BLOCK)?)),
         |bufs, task| {
             let (kb, vb, dkb, dvb, scratch) = bufs.as_mut().map_err(|e| e.clone())?;
             let (bh, blk) = (task / dims.blocks(), task % dims.blocks());
@@ -457,8 +464,8 @@ fn key_pass<F: FeatureMap>(f: &F, v: &View, dv_out: &View, dstates: &[f32], dims
             // this task alone touches these rows while `dvr` lives.
             let (dvr, in_place) = unsafe { output_rows(dv_out, rows, dvb) };
             // dK̂ = V · dSᵀ ; dV = K̂ · dS
-            Gemm { m: rows.len, n: d, k: dv, accumulate: false }.run(MatMut::rows(dkb, d), vr, Mat::rows(ds, dv).t());
-            Gemm { m: rows.len, n: dv, k: d, accumulate: false }.run(MatMut::rows(dvr, dv), Mat::rows(kb, d), Mat::rows(ds, dv));
+            Gemm { m: rows.len, n: d, k: dv, accumulate: false }.run_in(precision, MatMut::rows(dkb, d), vr, Mat::rows(ds, dv).t());
+            Gemm { m: rows.len, n: dv, k: d, accumulate: false }.run_in(precision, MatMut::rows(dvr, dv), Mat::rows(kb, d), Mat::rows(ds, dv));
             for row in dkb[..rows.len * d].chunks_exact_mut(d) {
                 row.iter_mut().zip(dm).for_each(|(x, mi)| *x += mi);
             }

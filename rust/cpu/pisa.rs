@@ -22,7 +22,8 @@ use rayon::prelude::*;
 pub use backward::{backward, BackwardOutputs, BackwardRows};
 pub use stats::{stats, StatsOutputs};
 
-use super::common::{active_isa, check_input, check_output, gather, Dims, OnlineSoftmax, LOG2_E};
+use super::common::{active_isa, check_input, check_output, gather, zeros, Dims, OnlineSoftmax, LOG2_E};
+use crate::alloc;
 use super::isa::Isa;
 use super::matmul::{Gemm, Mat, MatMut, Precision};
 use super::pool::pool;
@@ -35,10 +36,11 @@ pub const CHUNK: usize = 64;
 pub(crate) const GROUP_KEYS: usize = 256;
 
 fn to_index(name: &str, values: &[i64], bound: usize) -> Result<Vec<usize>, ViewError> {
-    values
-        .iter()
-        .map(|&x| usize::try_from(x).ok().filter(|&u| u < bound).ok_or_else(|| ViewError(format!("{name}: value {x} out of range 0..{bound}"))))
-        .collect()
+    let mut out = alloc::with_capacity(values.len())?;
+    for &x in values {
+        out.push(usize::try_from(x).ok().filter(|&u| u < bound).ok_or_else(|| ViewError(format!("{name}: value {x} out of range 0..{bound}")))?);
+    }
+    Ok(out)
 }
 
 /// The block layout: `perm` (block order → token) and `offsets` (`M + 1`, strictly rising from 0 to N).
@@ -54,7 +56,7 @@ impl Layout {
         if perm.len() != n {
             return err(format!("perm: length {} != N = {n}", perm.len()));
         }
-        let mut seen = vec![false; n];
+        let mut seen = alloc::filled(n, false)?;
         if perm.iter().any(|&p| std::mem::replace(&mut seen[p], true)) {
             return err(format!("perm: not a permutation of 0..{n}"));
         }
@@ -62,7 +64,7 @@ impl Layout {
         if offsets.len() < 2 || offsets[0] != 0 || offsets[offsets.len() - 1] != n || offsets.windows(2).any(|w| w[0] >= w[1]) {
             return err(format!("offsets: must rise strictly from 0 to N = {n} (every block non-empty)"));
         }
-        let log2_count = offsets.windows(2).map(|w| ((w[1] - w[0]) as f32).log2()).collect();
+        let log2_count = alloc::collect(offsets.windows(2).map(|w| ((w[1] - w[0]) as f32).log2()))?;
         Ok(Layout { perm, log2_count, offsets })
     }
 
@@ -97,13 +99,13 @@ pub struct Selection {
 impl Selection {
     /// `ids`: `(slices, m, k)` flattened; validates ranges and distinctness of every row.
     pub fn new(ids: &[i64], slices: usize, m: usize) -> Result<Self, ViewError> {
-        let rows = slices * m;
+        let rows = alloc::size(&[slices, m])?;
         if rows == 0 || !ids.len().is_multiple_of(rows) || ids.len() / rows == 0 || ids.len() / rows > m {
             return err(format!("blocks: need (B, H, M, k) ids with M = {m} and 1 <= k <= M, got {} values", ids.len()));
         }
         let k = ids.len() / rows;
         let ids = to_index("blocks", ids, m)?;
-        let mut mask = vec![false; rows * m];
+        let mut mask = alloc::filled(alloc::size(&[rows, m])?, false)?;
         for (r, row) in ids.chunks_exact(k).enumerate() {
             for &j in row {
                 if std::mem::replace(&mut mask[r * m + j], true) {
@@ -207,12 +209,15 @@ pub fn forward(x: &Inputs, moment_mean: Option<&View>, out: &View, lse: &View, z
     let block = x.layout.max_block();
     let precision = Precision::for_inputs(x.q.dtype(), Isa::current());
     pool.install(|| {
-        (0..dims.slices() * x.layout.num_blocks()).into_par_iter().for_each_init(
+        (0..dims.slices() * x.layout.num_blocks()).into_par_iter().try_for_each_init(
             || ForwardBuffers::new(block, dims),
-            |buf, task| forward_block(x, moment_mean, [out, lse, zeta], (dims, precision), task, buf),
+            |buf, task| {
+                let buf = buf.as_mut().map_err(|e| e.clone())?;
+                forward_block(x, moment_mean, [out, lse, zeta], (dims, precision), task, buf);
+                Ok(())
+            },
         )
-    });
-    Ok(())
+    })
 }
 
 struct ForwardBuffers {
@@ -227,17 +232,18 @@ struct ForwardBuffers {
 }
 
 impl ForwardBuffers {
-    fn new(block: usize, dims: Dims) -> Self {
-        ForwardBuffers {
-            q: vec![0.0; block * dims.d],
-            k: vec![0.0; block.max(GROUP_KEYS) * dims.d],
-            v: vec![0.0; block.max(GROUP_KEYS) * dims.dv],
-            s: vec![0.0; block * block.max(CHUNK).max(GROUP_KEYS)],
-            first: vec![0.0; block * dims.dv],
-            row: vec![0.0; dims.dv],
-            bias: vec![0.0; CHUNK],
-            state: State::new(block, dims.dv),
-        }
+    fn new(block: usize, dims: Dims) -> Result<Self, ViewError> {
+        let wide = block.max(GROUP_KEYS);
+        Ok(ForwardBuffers {
+            q: zeros(alloc::size(&[block, dims.d])?)?,
+            k: zeros(alloc::size(&[wide, dims.d])?)?,
+            v: zeros(alloc::size(&[wide, dims.dv])?)?,
+            s: zeros(alloc::size(&[block, block.max(CHUNK).max(GROUP_KEYS)])?)?,
+            first: zeros(alloc::size(&[block, dims.dv])?)?,
+            row: zeros(dims.dv)?,
+            bias: zeros(CHUNK)?,
+            state: State::new(block, dims.dv)?,
+        })
     }
 }
 
@@ -249,8 +255,8 @@ struct State {
 }
 
 impl State {
-    fn new(rows: usize, dv: usize) -> Self {
-        State { softmax: OnlineSoftmax::new(rows, dv), z: vec![0.0; rows] }
+    fn new(rows: usize, dv: usize) -> Result<Self, ViewError> {
+        Ok(State { softmax: OnlineSoftmax::new(rows, dv)?, z: zeros(rows)? })
     }
 
     fn reset(&mut self, rows: usize) {

@@ -194,7 +194,7 @@ impl View {
         if self.shape.len() != 1 || self.dtype != DType::I64 {
             return Err(ViewError(format!("{}: expected a 1-D int64 tensor", self.name)));
         }
-        Ok((0..self.shape[0]).map(|i| self.load_i64(&[i])).collect())
+        Ok(crate::alloc::collect((0..self.shape[0]).map(|i| self.load_i64(&[i])))?)
     }
 
     /// Reads the contents of an int32 / uint8 tensor of any rank in index order.
@@ -203,7 +203,7 @@ impl View {
             return Err(ViewError(format!("{}: expected int32 or bool", self.name)));
         }
         let numel: usize = self.shape.iter().product();
-        let mut out = Vec::with_capacity(numel);
+        let mut out = crate::alloc::with_capacity(numel)?;
         let mut idx = vec![0usize; self.shape.len()];
         for _ in 0..numel {
             let off = self.offset(&idx);

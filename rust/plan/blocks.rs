@@ -9,6 +9,7 @@ use std::fmt;
 
 use super::grid::{GridError, TokenGrid};
 use super::permute::{tile_order, Tile};
+use crate::alloc::{self, AllocError};
 
 /// Every pair of the two blocks is allowed: no per-element mask work.
 pub const FULL: u8 = 0;
@@ -47,6 +48,12 @@ impl fmt::Display for PlanError {
 }
 
 impl std::error::Error for PlanError {}
+
+impl From<AllocError> for PlanError {
+    fn from(err: AllocError) -> Self {
+        PlanError(err.0)
+    }
+}
 
 impl From<GridError> for PlanError {
     fn from(err: GridError) -> Self {
@@ -116,15 +123,16 @@ impl Layout {
                 return Err(GridError::SideTooLarge { name, value });
             }
         }
-        let mut perm = tile_order(grid, tile);
-        let mut layout = Layout { perm: Vec::new(), offsets: vec![0], blocks: Vec::new() };
-        let text_runs = |layout: &mut Layout| {
+        let mut perm = tile_order(grid, tile)?;
+        let mut layout = Layout { perm: Vec::new(), offsets: alloc::filled(1, 0)?, blocks: Vec::new() };
+        let text_runs = |layout: &mut Layout| -> Result<(), AllocError> {
             for start in (0..grid.text_tokens).step_by(text_block) {
-                layout.push((grid.text_tokens - start).min(text_block), BlockKind::Text);
+                layout.push((grid.text_tokens - start).min(text_block), BlockKind::Text)?;
             }
+            Ok(())
         };
         if grid.text_position == super::grid::TextPosition::First {
-            text_runs(&mut layout);
+            text_runs(&mut layout)?;
         }
         for t0 in (0..grid.frames).step_by(tile.frames) {
             for y0 in (0..grid.height).step_by(tile.height) {
@@ -135,27 +143,27 @@ impl Layout {
                     let tile_id = [t0 / tile.frames, y0 / tile.height, x0 / tile.width];
                     let size = (t[1] - t[0]) * (y[1] - y[0]) * (x[1] - x[0]);
                     for start in (0..size).step_by(block) {
-                        layout.push((size - start).min(block), BlockKind::Image { tile: tile_id, t, y, x });
+                        layout.push((size - start).min(block), BlockKind::Image { tile: tile_id, t, y, x })?;
                     }
                 }
             }
         }
         if grid.text_position == super::grid::TextPosition::Last {
-            text_runs(&mut layout);
+            text_runs(&mut layout)?;
         }
         let n = grid.num_tokens() as i64;
-        perm.extend(n..n + extra as i64);
+        alloc::extend(&mut perm, n..n + extra as i64)?;
         for start in (0..extra).step_by(block) {
-            layout.push((extra - start).min(block), BlockKind::Global);
+            layout.push((extra - start).min(block), BlockKind::Global)?;
         }
         layout.perm = perm;
         Ok(layout)
     }
 
-    fn push(&mut self, len: usize, kind: BlockKind) {
+    fn push(&mut self, len: usize, kind: BlockKind) -> Result<(), AllocError> {
         let end = self.offsets.last().copied().unwrap_or(0) + len as i64;
-        self.offsets.push(end);
-        self.blocks.push(kind);
+        alloc::push(&mut self.offsets, end)?;
+        alloc::push(&mut self.blocks, kind)
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -164,9 +172,9 @@ impl Layout {
 
     /// `(t, y, x)` per position of this layout (`3 * perm.len()` values): text `(-1, -1, -1)`, extra tokens
     /// `(-2, -2, -2)`.
-    pub fn coords(&self, grid: &TokenGrid) -> Vec<i32> {
+    pub fn coords(&self, grid: &TokenGrid) -> Result<Vec<i32>, AllocError> {
         let (n, start, frame) = (grid.num_tokens() as i64, grid.image_start() as i64, (grid.height * grid.width) as i64);
-        let mut out = Vec::with_capacity(3 * self.perm.len());
+        let mut out = alloc::with_capacity(alloc::size(&[3, self.perm.len()])?)?;
         for &p in &self.perm {
             let image = p - start;
             if p >= n {
@@ -178,7 +186,7 @@ impl Layout {
                 out.extend([t as i32, (rest / grid.width as i64) as i32, (rest % grid.width as i64) as i32]);
             }
         }
-        out
+        Ok(out)
     }
 }
 
@@ -241,19 +249,20 @@ pub fn clear_relation(q: &BlockKind, k: &BlockKind, max_d2: i64, max_dt: i64) ->
 }
 
 /// The CSR of a relation between query blocks and key blocks: `(indptr, indices, kinds)`.
-fn relate(q: &Layout, k: &Layout, relation: impl Fn(&BlockKind, &BlockKind) -> Option<u8>) -> Csr {
-    let mut indptr = vec![0i64];
+fn relate(q: &Layout, k: &Layout, relation: impl Fn(&BlockKind, &BlockKind) -> Option<u8>) -> Result<Csr, AllocError> {
+    let mut indptr = alloc::with_capacity(q.blocks.len() + 1)?;
+    indptr.push(0i64);
     let (mut indices, mut kinds) = (Vec::new(), Vec::new());
     for qb in &q.blocks {
         for (j, kb) in k.blocks.iter().enumerate() {
             if let Some(kind) = relation(qb, kb) {
-                indices.push(j as i64);
-                kinds.push(i32::from(kind));
+                alloc::push(&mut indices, j as i64)?;
+                alloc::push(&mut kinds, i32::from(kind))?;
             }
         }
         indptr.push(indices.len() as i64);
     }
-    (indptr, indices, kinds)
+    Ok((indptr, indices, kinds))
 }
 
 /// A CSR as arrays: `(indptr, indices, kinds)`.
@@ -277,7 +286,7 @@ pub fn clear_plan(grid: &TokenGrid, o: &ClearOptions) -> Result<BlockPlan, PlanE
     let (max_d2, max_dt) = disc_thresholds(grid, o.radius, o.temporal_radius)?;
     let q = Layout::tiled(grid, o.q_tile, o.q_block, o.q_block, 0)?;
     let k = Layout::tiled(grid, o.k_tile, o.k_block, o.k_block, o.global_tokens)?;
-    let csr = relate(&q, &k, |a, b| clear_relation(a, b, max_d2, max_dt));
+    let csr = relate(&q, &k, |a, b| clear_relation(a, b, max_d2, max_dt))?;
     BlockPlan::from_layouts(grid, q, k, csr, Spatial::Disc { max_d2, max_dt })
 }
 
@@ -323,22 +332,23 @@ pub struct GratOptions {
 pub fn grat_plan(grid: &TokenGrid, o: &GratOptions) -> Result<BlockPlan, PlanError> {
     let q = Layout::tiled(grid, o.group, o.q_block, o.q_block, 0)?;
     let k = Layout::tiled(grid, o.group, o.k_block, o.k_block, 0)?;
-    let csr = relate(&q, &k, |a, b| grat_relation(a, b, o.pattern, o.text_masked));
+    let csr = relate(&q, &k, |a, b| grat_relation(a, b, o.pattern, o.text_masked))?;
     BlockPlan::from_layouts(grid, q, k, csr, Spatial::None)
 }
 
 /// The CSR transposed: for each key block, the query blocks that list it (and the entry kinds), in increasing
 /// query-block order. Counts, prefix sum, fill — no dense mask.
-fn transpose(indptr: &[usize], indices: &[usize], kinds: &[u8], num_key_blocks: usize) -> (Vec<usize>, Vec<usize>, Vec<u8>) {
-    let mut t_indptr = vec![0usize; num_key_blocks + 1];
+#[allow(clippy::type_complexity)]
+fn transpose(indptr: &[usize], indices: &[usize], kinds: &[u8], num_key_blocks: usize) -> Result<(Vec<usize>, Vec<usize>, Vec<u8>), AllocError> {
+    let mut t_indptr = alloc::zeros::<usize>(num_key_blocks + 1)?;
     for &j in indices {
         t_indptr[j + 1] += 1;
     }
     for j in 0..num_key_blocks {
         t_indptr[j + 1] += t_indptr[j];
     }
-    let mut fill = t_indptr.clone();
-    let (mut t_indices, mut t_kinds) = (vec![0usize; indices.len()], vec![0u8; indices.len()]);
+    let mut fill = alloc::copy(&t_indptr)?;
+    let (mut t_indices, mut t_kinds) = (alloc::zeros::<usize>(indices.len())?, alloc::zeros::<u8>(indices.len())?);
     for i in 0..indptr.len().saturating_sub(1) {
         for e in indptr[i]..indptr[i + 1] {
             let slot = &mut fill[indices[e]];
@@ -347,18 +357,18 @@ fn transpose(indptr: &[usize], indices: &[usize], kinds: &[u8], num_key_blocks: 
             *slot += 1;
         }
     }
-    (t_indptr, t_indices, t_kinds)
+    Ok((t_indptr, t_indices, t_kinds))
 }
 
 fn to_usize(name: &str, values: Vec<i64>, bound: usize) -> Result<Vec<usize>, PlanError> {
-    values
-        .into_iter()
-        .map(|x| usize::try_from(x).ok().filter(|&u| u <= bound).ok_or_else(|| PlanError(format!("{name}: value {x} out of range 0..={bound}"))))
-        .collect()
+    if let Some(x) = values.iter().find(|&&x| usize::try_from(x).map_or(true, |u| u > bound)) {
+        return invalid(format!("{name}: value {x} out of range 0..={bound}"));
+    }
+    Ok(alloc::collect(values.into_iter().map(|x| x as usize))?)
 }
 
 fn check_permutation(name: &str, perm: &[usize], n: usize) -> Result<(), PlanError> {
-    let mut seen = vec![false; n];
+    let mut seen = alloc::filled(n, false)?;
     for &p in perm {
         if p >= n || std::mem::replace(&mut seen[p], true) {
             return invalid(format!("{name}: not a permutation of 0..{n}"));
@@ -414,7 +424,7 @@ impl BlockPlan {
         if kinds.iter().any(|&k| !(0..=i32::from(MASKED)).contains(&k)) {
             return invalid("kinds: values must be 0 (full) or 1 (masked)");
         }
-        let kinds: Vec<u8> = kinds.into_iter().map(|k| k as u8).collect();
+        let kinds: Vec<u8> = alloc::collect(kinds.into_iter().map(|k| k as u8))?;
         check_csr(&indptr, &indices, &kinds, mq, mk)?;
         if q_coords.len() != 3 * nq || k_coords.len() != 3 * nk {
             return invalid("coords: need 3 values per token");
@@ -423,9 +433,9 @@ impl BlockPlan {
         if matches!(spatial, Spatial::Disc { .. }) && q_coords.iter().chain(&k_coords).any(|&c| !(-2..MAX_COORD).contains(&c)) {
             return invalid(format!("coords: values must lie in -2..{MAX_COORD}"));
         }
-        let (t_indptr, t_indices, t_kinds) = transpose(&indptr, &indices, &kinds, mk);
-        let column = |i: usize| k_coords.chunks_exact(3).map(|c| c[i]).collect();
-        let key_columns = KeyColumns { t: column(0), y: column(1), x: column(2) };
+        let (t_indptr, t_indices, t_kinds) = transpose(&indptr, &indices, &kinds, mk)?;
+        let column = |i: usize| alloc::collect(k_coords.chunks_exact(3).map(|c| c[i]));
+        let key_columns = KeyColumns { t: column(0)?, y: column(1)?, x: column(2)? };
         Ok(BlockPlan {
             q_perm, q_offsets, k_perm, k_offsets, indptr, indices, kinds, t_indptr, t_indices, t_kinds, q_coords,
             key_columns, spatial,
@@ -433,7 +443,7 @@ impl BlockPlan {
     }
 
     fn from_layouts(grid: &TokenGrid, q: Layout, k: Layout, csr: Csr, spatial: Spatial) -> Result<Self, PlanError> {
-        let (q_coords, k_coords) = (q.coords(grid), k.coords(grid));
+        let (q_coords, k_coords) = (q.coords(grid)?, k.coords(grid)?);
         Self::from_arrays(q.perm, q.offsets, k.perm, k.offsets, csr, q_coords, k_coords, spatial)
     }
 
@@ -491,9 +501,9 @@ impl BlockPlan {
     }
 
     /// `(t, y, x)` per key position, 3 values each (the columns interleaved).
-    pub fn k_coords(&self) -> Vec<i32> {
+    pub fn k_coords(&self) -> Result<Vec<i32>, AllocError> {
         let c = &self.key_columns;
-        (0..c.t.len()).flat_map(|i| [c.t[i], c.y[i], c.x[i]]).collect()
+        alloc::collect((0..c.t.len()).flat_map(|i| [c.t[i], c.y[i], c.x[i]]))
     }
 
     pub fn spatial(&self) -> Spatial {

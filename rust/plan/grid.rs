@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use crate::alloc::AllocError;
+
 /// Where the text tokens sit in the sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TextPosition {
@@ -18,6 +20,14 @@ pub enum GridError {
     TooLarge,
     /// A side beyond `i32::MAX`: block plans hold `(t, y, x)` as int32.
     SideTooLarge { name: &'static str, value: usize },
+    /// The plan's arrays do not fit in memory (the message starts with [`crate::alloc::OUT_OF_MEMORY`]).
+    OutOfMemory(AllocError),
+}
+
+impl From<AllocError> for GridError {
+    fn from(err: AllocError) -> Self {
+        GridError::OutOfMemory(err)
+    }
 }
 
 impl fmt::Display for GridError {
@@ -28,6 +38,7 @@ impl fmt::Display for GridError {
             GridError::SideTooLarge { name, value } => {
                 write!(f, "{name} must be <= {} (block plans hold int32 coordinates), got {value}", i32::MAX)
             }
+            GridError::OutOfMemory(err) => err.fmt(f),
         }
     }
 }

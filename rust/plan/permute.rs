@@ -5,6 +5,7 @@
 //! tokens only: text tokens keep their positions at their end of the sequence.
 
 use super::grid::{GridError, TokenGrid};
+use crate::alloc::{self, AllocError};
 
 /// A tile (group) of `frames x height x width` image tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -26,14 +27,14 @@ impl Tile {
 }
 
 /// Identity on text tokens; the caller fills the image positions.
-fn text_fixed(grid: &TokenGrid) -> Vec<i64> {
-    (0..grid.num_tokens() as i64).collect()
+fn text_fixed(grid: &TokenGrid) -> Result<Vec<i64>, AllocError> {
+    alloc::collect(0..grid.num_tokens() as i64)
 }
 
 /// Tile order: tiles in raster order `(tile frame, tile row, tile column)`, tokens inside a tile in raster
 /// order `(t, y, x)`. Border tiles of sides that are not multiples of the tile are smaller (ragged).
-pub fn tile_order(grid: &TokenGrid, tile: Tile) -> Vec<i64> {
-    let mut perm = text_fixed(grid);
+pub fn tile_order(grid: &TokenGrid, tile: Tile) -> Result<Vec<i64>, AllocError> {
+    let mut perm = text_fixed(grid)?;
     let mut slot = grid.image_start();
     for t0 in (0..grid.frames).step_by(tile.frames) {
         for y0 in (0..grid.height).step_by(tile.height) {
@@ -49,12 +50,12 @@ pub fn tile_order(grid: &TokenGrid, tile: Tile) -> Vec<i64> {
             }
         }
     }
-    perm
+    Ok(perm)
 }
 
 /// Group-major order (GRAT): every group contiguous, groups and tokens inside a group in raster order.
 /// It is the tile order with the group as the tile.
-pub fn group_order(grid: &TokenGrid, group: Tile) -> Vec<i64> {
+pub fn group_order(grid: &TokenGrid, group: Tile) -> Result<Vec<i64>, AllocError> {
     tile_order(grid, group)
 }
 
@@ -76,9 +77,9 @@ pub fn morton(y: usize, x: usize) -> u64 {
 
 /// Z-order (LLSA): per frame (frames outermost), image tokens sorted by the Morton code of `(y, x)`.
 /// Grids whose sides are not powers of two keep the relative Z-order of the codes inside the grid.
-pub fn zorder(grid: &TokenGrid) -> Vec<i64> {
-    let mut perm = text_fixed(grid);
-    let mut keyed: Vec<(u64, usize)> = Vec::with_capacity(grid.height * grid.width);
+pub fn zorder(grid: &TokenGrid) -> Result<Vec<i64>, AllocError> {
+    let mut perm = text_fixed(grid)?;
+    let mut keyed: Vec<(u64, usize)> = alloc::with_capacity(grid.height * grid.width)?;
     for y in 0..grid.height {
         for x in 0..grid.width {
             keyed.push((morton(y, x), y * grid.width + x));
@@ -94,21 +95,20 @@ pub fn zorder(grid: &TokenGrid) -> Vec<i64> {
             slot += 1;
         }
     }
-    perm
+    Ok(perm)
 }
 
-/// The inverse of a permutation, or `None` when `perm` is not a permutation of `0..perm.len()`.
-pub fn inverse(perm: &[i64]) -> Option<Vec<i64>> {
-    let mut inv = vec![-1i64; perm.len()];
+/// The inverse of a permutation, `None` when `perm` is not a permutation of `0..perm.len()`.
+pub fn inverse(perm: &[i64]) -> Result<Option<Vec<i64>>, AllocError> {
+    let mut inv = alloc::filled(perm.len(), -1i64)?;
     for (i, &p) in perm.iter().enumerate() {
-        let p = usize::try_from(p).ok()?;
-        let slot = inv.get_mut(p)?;
+        let Some(slot) = usize::try_from(p).ok().and_then(|p| inv.get_mut(p)) else { return Ok(None) };
         if *slot != -1 {
-            return None;
+            return Ok(None);
         }
         *slot = i as i64;
     }
-    Some(inv)
+    Ok(Some(inv))
 }
 
 #[cfg(test)]
@@ -121,14 +121,14 @@ mod tests {
     }
 
     fn is_permutation(p: &[i64]) -> bool {
-        inverse(p).is_some()
+        inverse(p).unwrap().is_some()
     }
 
     #[test]
     fn tile_order_small_ragged() {
         // 3x5 grid, 2x2 tiles: tiles (0,0),(0,1),(0,2),(1,0),(1,1),(1,2).
         let g = grid(1, 3, 5, 0, TextPosition::First);
-        let p = tile_order(&g, Tile::new(1, 2, 2).unwrap());
+        let p = tile_order(&g, Tile::new(1, 2, 2).unwrap()).unwrap();
         assert_eq!(p, vec![0, 1, 5, 6, 2, 3, 7, 8, 4, 9, 10, 11, 12, 13, 14]);
     }
 
@@ -136,7 +136,7 @@ mod tests {
     fn text_stays_at_its_end() {
         for pos in [TextPosition::First, TextPosition::Last] {
             let g = grid(2, 5, 7, 4, pos);
-            for p in [tile_order(&g, Tile::new(1, 2, 3).unwrap()), zorder(&g), group_order(&g, Tile::new(2, 4, 4).unwrap())] {
+            for p in [tile_order(&g, Tile::new(1, 2, 3).unwrap()).unwrap(), zorder(&g).unwrap(), group_order(&g, Tile::new(2, 4, 4).unwrap()).unwrap()] {
                 assert!(is_permutation(&p));
                 for i in 0..g.text_tokens {
                     let s = g.text_start() + i;
@@ -149,7 +149,7 @@ mod tests {
     #[test]
     fn zorder_power_of_two_forms_squares() {
         let g = grid(1, 8, 8, 0, TextPosition::First);
-        let p = zorder(&g);
+        let p = zorder(&g).unwrap();
         // The first 16 tokens are the top-left 4x4 square.
         let mut first: Vec<i64> = p[..16].to_vec();
         first.sort();
@@ -161,7 +161,7 @@ mod tests {
     #[test]
     fn zorder_non_power_of_two_skips_outside_codes() {
         let g = grid(2, 3, 3, 0, TextPosition::First);
-        let p = zorder(&g);
+        let p = zorder(&g).unwrap();
         assert_eq!(&p[..9], &[0, 1, 3, 4, 2, 5, 6, 7, 8]);
         assert_eq!(&p[9..], &[9, 10, 12, 13, 11, 14, 15, 16, 17]);
     }
@@ -169,22 +169,22 @@ mod tests {
     #[test]
     fn inverse_round_trips_and_rejects() {
         let g = grid(3, 7, 5, 3, TextPosition::Last);
-        let p = tile_order(&g, Tile::new(2, 3, 2).unwrap());
-        let inv = inverse(&p).unwrap();
+        let p = tile_order(&g, Tile::new(2, 3, 2).unwrap()).unwrap();
+        let inv = inverse(&p).unwrap().unwrap();
         for (i, &q) in p.iter().enumerate() {
             assert_eq!(inv[q as usize], i as i64);
         }
-        assert!(inverse(&[0, 0]).is_none());
-        assert!(inverse(&[0, 2]).is_none());
-        assert!(inverse(&[-1]).is_none());
+        assert!(inverse(&[0, 0]).unwrap().is_none());
+        assert!(inverse(&[0, 2]).unwrap().is_none());
+        assert!(inverse(&[-1]).unwrap().is_none());
     }
 
     #[test]
     fn whole_grid_tile_is_identity() {
         let g = grid(2, 6, 4, 5, TextPosition::First);
-        let p = tile_order(&g, Tile::new(2, 6, 4).unwrap());
+        let p = tile_order(&g, Tile::new(2, 6, 4).unwrap()).unwrap();
         assert_eq!(p, (0..g.num_tokens() as i64).collect::<Vec<_>>());
-        let p = tile_order(&g, Tile::new(1, 1, 4).unwrap());
+        let p = tile_order(&g, Tile::new(1, 1, 4).unwrap()).unwrap();
         assert_eq!(p, (0..g.num_tokens() as i64).collect::<Vec<_>>());
     }
 

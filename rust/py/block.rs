@@ -4,26 +4,20 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyMemoryError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use super::{to_grid, to_tile, view, view_error, GridArgs, TensorArgs};
+use super::{le_bytes, memory_error, to_grid, to_tile, view, view_error, GridArgs, TensorArgs};
+use crate::alloc::OUT_OF_MEMORY;
 use crate::cpu::block_attention;
 use crate::plan::blocks::{self, ClearOptions, GratOptions, GratPattern, PlanError, Spatial};
 
 fn plan_error(err: PlanError) -> PyErr {
+    if err.0.starts_with(OUT_OF_MEMORY) {
+        return PyMemoryError::new_err(err.0);
+    }
     PyValueError::new_err(err.to_string())
-}
-
-fn i64_bytes<'py>(py: Python<'py>, values: impl Iterator<Item = i64>) -> Bound<'py, PyBytes> {
-    let raw: Vec<u8> = values.flat_map(|v| v.to_le_bytes()).collect();
-    PyBytes::new(py, &raw)
-}
-
-fn i32_bytes<'py>(py: Python<'py>, values: impl Iterator<Item = i32>) -> Bound<'py, PyBytes> {
-    let raw: Vec<u8> = values.flat_map(|v| v.to_le_bytes()).collect();
-    PyBytes::new(py, &raw)
 }
 
 /// A block plan of the attention engine (CLEAR, GRAT), immutable and shared between calls.
@@ -104,24 +98,25 @@ impl PyBlockPlan {
     /// The plan's arrays as little-endian bytes, for the Triton kernels' view (read once per device): int64
     /// `q_perm`, `q_offsets`, `k_perm`, `k_offsets`, `indptr`, `indices`, `t_indptr`, `t_indices`; int32 `kinds`,
     /// `t_kinds` and the `(t, y, x)` triples `q_coords`, `k_coords`.
-    fn arrays<'py>(&self, py: Python<'py>) -> HashMap<&'static str, Bound<'py, PyBytes>> {
+    fn arrays<'py>(&self, py: Python<'py>) -> PyResult<HashMap<&'static str, Bound<'py, PyBytes>>> {
         let p = &self.plan;
-        let i64s = |v: &[usize]| i64_bytes(py, v.iter().map(|&x| x as i64));
-        let kinds = |v: &[u8]| i32_bytes(py, v.iter().map(|&x| i32::from(x)));
-        HashMap::from([
-            ("q_perm", i64s(p.q_perm())),
-            ("q_offsets", i64s(p.q_offsets())),
-            ("k_perm", i64s(p.k_perm())),
-            ("k_offsets", i64s(p.k_offsets())),
-            ("indptr", i64s(p.indptr())),
-            ("indices", i64s(p.indices())),
-            ("kinds", kinds(p.kinds())),
-            ("t_indptr", i64s(p.t_indptr())),
-            ("t_indices", i64s(p.t_indices())),
-            ("t_kinds", kinds(p.t_kinds())),
-            ("q_coords", i32_bytes(py, p.q_coords().iter().copied())),
-            ("k_coords", i32_bytes(py, p.k_coords().into_iter())),
-        ])
+        let i64s = |v: &[usize]| le_bytes(py, v.len(), v.iter().map(|&x| (x as i64).to_le_bytes()));
+        let kinds = |v: &[u8]| le_bytes(py, v.len(), v.iter().map(|&x| i32::from(x).to_le_bytes()));
+        let i32s = |v: &[i32]| le_bytes(py, v.len(), v.iter().map(|x| x.to_le_bytes()));
+        Ok(HashMap::from([
+            ("q_perm", i64s(p.q_perm())?),
+            ("q_offsets", i64s(p.q_offsets())?),
+            ("k_perm", i64s(p.k_perm())?),
+            ("k_offsets", i64s(p.k_offsets())?),
+            ("indptr", i64s(p.indptr())?),
+            ("indices", i64s(p.indices())?),
+            ("kinds", kinds(p.kinds())?),
+            ("t_indptr", i64s(p.t_indptr())?),
+            ("t_indices", i64s(p.t_indices())?),
+            ("t_kinds", kinds(p.t_kinds())?),
+            ("q_coords", i32s(p.q_coords())?),
+            ("k_coords", i32s(&p.k_coords().map_err(memory_error)?)?),
+        ]))
     }
 }
 

@@ -102,7 +102,7 @@ fn clear_backward(
 /// (query, key) pairs the CPU kernels compute on `grid` (all lanes of every tile, for the benchmark's work model).
 #[pyfunction]
 fn clear_computed_pairs(grid: GridArgs, global_tokens: usize, radius: f64, temporal_radius: f64) -> PyResult<u64> {
-    Ok(clear::computed_pairs(&geometry(grid, global_tokens, radius, temporal_radius)?))
+    clear::computed_pairs(&geometry(grid, global_tokens, radius, temporal_radius)?).map_err(|e| view_error(e.into()))
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -16,6 +16,7 @@ use pyo3::exceptions::{PyMemoryError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use crate::alloc::{self, AllocError};
 use crate::cpu::common::OUT_OF_MEMORY;
 use crate::cpu::view::{View, ViewError};
 use crate::plan::blocks::Layout;
@@ -28,7 +29,22 @@ type TensorArgs = (usize, String, Vec<usize>, Vec<i64>);
 type GridArgs = (usize, usize, usize, usize, String);
 
 fn value_error(err: GridError) -> PyErr {
-    PyValueError::new_err(err.to_string())
+    match err {
+        GridError::OutOfMemory(err) => memory_error(err),
+        err => PyValueError::new_err(err.to_string()),
+    }
+}
+
+/// A failed allocation as `MemoryError`.
+fn memory_error(err: AllocError) -> PyErr {
+    PyMemoryError::new_err(err.0)
+}
+
+/// The little-endian bytes of `len` values (`W` bytes each), allocated fallibly.
+fn le_bytes<'py, const W: usize>(py: Python<'py>, len: usize, values: impl Iterator<Item = [u8; W]>) -> PyResult<Bound<'py, PyBytes>> {
+    let mut raw = alloc::with_capacity(alloc::size(&[len, W]).map_err(memory_error)?).map_err(memory_error)?;
+    values.for_each(|v| raw.extend_from_slice(&v));
+    Ok(PyBytes::new(py, &raw))
 }
 
 fn to_grid(args: GridArgs) -> PyResult<TokenGrid> {
@@ -49,15 +65,16 @@ fn to_tile(args: (usize, usize, usize)) -> PyResult<Tile> {
     Tile::new(args.0, args.1, args.2).map_err(value_error)
 }
 
-fn as_bytes<'py>(py: Python<'py>, values: &[i64]) -> Bound<'py, PyBytes> {
-    let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    PyBytes::new(py, &raw)
+fn as_bytes<'py>(py: Python<'py>, values: &[i64]) -> PyResult<Bound<'py, PyBytes>> {
+    le_bytes(py, values.len(), values.iter().map(|v| v.to_le_bytes()))
 }
 
-fn with_inverse<'py>(py: Python<'py>, perm: Vec<i64>) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+fn with_inverse<'py>(py: Python<'py>, perm: Result<Vec<i64>, AllocError>) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+    let perm = perm.map_err(memory_error)?;
     let inv = plan::inverse(&perm)
+        .map_err(memory_error)?
         .ok_or_else(|| PyValueError::new_err("internal error: order is not a permutation"))?;
-    Ok((as_bytes(py, &perm), as_bytes(py, &inv)))
+    Ok((as_bytes(py, &perm)?, as_bytes(py, &inv)?))
 }
 
 /// Tile order of the image tokens and its inverse (int64 bytes each).
@@ -84,7 +101,7 @@ fn token_blocks<'py>(
 ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
     let (grid, tile) = (to_grid(grid)?, to_tile(tile)?);
     let layout = py.detach(|| Layout::tiled(&grid, tile, block, text_block, 0)).map_err(value_error)?;
-    Ok((as_bytes(py, &layout.perm), as_bytes(py, &layout.offsets)))
+    Ok((as_bytes(py, &layout.perm)?, as_bytes(py, &layout.offsets)?))
 }
 
 /// Group-major order (GRAT) and its inverse (int64 bytes each).

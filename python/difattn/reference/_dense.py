@@ -27,8 +27,16 @@ def masked_attention(
 
     Returns ``(B, H, Nq, Dv)`` in q's dtype. Matmuls run in the input dtype; the softmax runs in float32 (or
     float64 for float64 inputs), as a plain low-precision implementation would.
+
+    A non-finite ``v[j, c]`` reaches ``out[i, c]`` only for the queries ``i`` the mask allows to see key ``j`` (the
+    contract of every method): the masked entries' exact zeros would spread it to the whole column (``0 · NaN``).
     """
     soft_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # Where v has non-finite values: the product with those zeroed, and per (query, channel) whether an allowed key
+    # holds one (those entries take the plain product, which carries it).
+    # (Not while tracing: meta and compiled calls have no values to look at.)
+    traced = v.device.type == "meta" or torch.compiler.is_compiling()
+    nonfinite = None if mask is None or traced or bool(v.isfinite().all()) else ~v.isfinite()
     outputs = []
     for start in range(0, q.shape[2], _QUERY_CHUNK):
         stop = min(start + _QUERY_CHUNK, q.shape[2])
@@ -38,8 +46,20 @@ def masked_attention(
         if mask is not None:
             logits = logits.masked_fill(~_rows(mask, start, stop, q.shape[2]), float("-inf"))
         probs = torch.softmax(logits, dim=-1).to(v.dtype)
-        outputs.append(probs @ v)
+        outputs.append(probs @ v if nonfinite is None else _carry_nonfinite(probs, v, nonfinite, _rows(
+            mask, start, stop, q.shape[2])))
     return torch.cat(outputs, dim=2).to(q.dtype)
+
+
+def _carry_nonfinite(probs: torch.Tensor, v: torch.Tensor, nonfinite: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``probs @ v`` where only the queries the mask allows to see a non-finite ``v[j, c]`` see it: the product with
+    those values zeroed, and for each (query, channel) that sees one the plain sum, computed over that query's row
+    alone (so the gradients of the other queries never meet the value either: ``0 · NaN`` is NaN there too)."""
+    sees = (mask.to(v.dtype) @ nonfinite.to(v.dtype) > 0).expand(*probs.shape[:-1], v.shape[-1])
+    out = probs @ v.masked_fill(nonfinite, 0)
+    b, h, i = sees.any(-1).nonzero(as_tuple=True)
+    plain = (probs[b, h, i].unsqueeze(-2) @ v.expand(*probs.shape[:2], *v.shape[-2:])[b, h]).squeeze(-2)
+    return out.index_put((b, h, i), torch.where(sees[b, h, i], plain, out[b, h, i]))
 
 
 def _rows(x: torch.Tensor, start: int, stop: int, num_queries: int) -> torch.Tensor:

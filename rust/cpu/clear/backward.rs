@@ -8,10 +8,10 @@ use super::forward::load_lanes;
 use super::geometry::{self, lane_intervals, Segment, Tile};
 use super::lanes::{self, Lanes, LANES};
 use super::{check_inputs, err, padded, panel_offset, pieces, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_ROWS};
-use crate::cpu::common::{check_input, check_output, zeros, LOG2_E};
+use crate::alloc;
+use crate::cpu::common::{active_isa, check_input, check_output, zeros, LOG2_E};
 use crate::cpu::pool::pool;
 use crate::cpu::view::{DType, View, ViewError};
-use crate::cpu::vmath::exp2_one;
 
 /// Key-gradient buffers of all parallel parts stay below this many bytes (fewer parts otherwise).
 const PART_BUFFER_BYTES: usize = 1 << 30;
@@ -61,13 +61,13 @@ struct KeyGrads {
 /// Writes `dq`, `dk`, `dv` (and the global tokens' gradients).
 pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scale: f32, threads: usize) -> Result<(), ViewError> {
     let dims = check(inp, up, grads, geo)?;
-    let groups = geometry::groups(geo);
-    let tiles = geometry::tiles(geo);
+    let groups = geometry::groups(geo)?;
+    let tiles = geometry::tiles(geo)?;
     let slices = dims.slices();
     if slices == 0 {
         return Ok(());
     }
-    let isa = super::clear_isa()?;
+    let isa = active_isa()?;
     let w = isa.f32_lanes();
     let (d_pad, dv_pad) = (padded(dims.d, w), padded(dims.dv, w));
     let part_bytes = geo.keys() * (d_pad + dv_pad) * 4;
@@ -81,11 +81,11 @@ pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scal
                 let (b, h) = dims.slice(bh);
                 let keys = SliceKeys::load(inp, geo, &groups, dims, b, h, true)?;
                 let mut acc = KeyGrads { dk: zeros(geo.keys() * d_pad)?, dv: zeros(geo.keys() * dv_pad)? };
-                let mut buf = Buffers::new(dims, w);
+                let mut buf = Buffers::new(dims, w)?;
                 let share = &tiles[part * tiles.len() / parts..(part + 1) * tiles.len() / parts];
                 let ctx = TileCtx { inp, up, dq: grads.dq, slice: Slice { keys: &keys, dims, b, h, scale } };
                 for tile in share {
-                    geometry::segments(geo, &groups, tile, &mut buf.segments);
+                    geometry::segments(geo, &groups, tile, &mut buf.segments)?;
                     tile_fn(isa, &ctx, tile, &mut buf, &mut acc)
                 }
                 if parts == 1 {
@@ -98,9 +98,9 @@ pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scal
             .collect::<Result<_, ViewError>>()
     })?;
     if parts > 1 {
-        let mut by_slice: Vec<Vec<KeyGrads>> = (0..slices).map(|_| Vec::new()).collect();
+        let mut by_slice: Vec<Vec<KeyGrads>> = alloc::collect((0..slices).map(|_| Vec::new()))?;
         for (bh, acc) in sums.into_iter().flatten() {
-            by_slice[bh].push(acc);
+            alloc::push(&mut by_slice[bh], acc)?;
         }
         pool(threads).map_err(ViewError)?.install(|| {
             by_slice.into_par_iter().enumerate().for_each(|(bh, mut parts)| {
@@ -156,18 +156,18 @@ struct Buffers {
 }
 
 impl Buffers {
-    fn new(dims: Dims, w: usize) -> Self {
-        Buffers {
+    fn new(dims: Dims, w: usize) -> Result<Self, ViewError> {
+        Ok(Buffers {
             segments: Vec::new(),
-            qt: vec![[0.0; LANES]; dims.d],
-            q_rows: vec![0.0; LANES * padded(dims.d, w)],
-            dot: vec![[0.0; LANES]; dims.dv],
-            do_rows: vec![0.0; LANES * padded(dims.dv, w)],
-            dq: vec![[0.0; LANES]; dims.d],
-            p: vec![[0.0; LANES]; PIECE_ROWS],
-            ds: vec![[0.0; LANES]; PIECE_ROWS],
-            row: vec![0.0; dims.d.max(dims.dv)],
-        }
+            qt: zeros(dims.d)?,
+            q_rows: zeros(LANES * padded(dims.d, w))?,
+            dot: zeros(dims.dv)?,
+            do_rows: zeros(LANES * padded(dims.dv, w))?,
+            dq: zeros(dims.d)?,
+            p: zeros(PIECE_ROWS)?,
+            ds: zeros(PIECE_ROWS)?,
+            row: zeros(dims.d.max(dims.dv))?,
+        })
     }
 }
 
@@ -210,18 +210,11 @@ fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, buf: &
             let (p, ds) = (&mut buf.p[..len], &mut buf.ds[..len]);
             if let Some(mask) = &seg.mask {
                 let (lo, hi) = lane_intervals(tile, mask);
-                lanes::mask_columns(p, (mask.x0 + (start - seg.start) as i64) as f32, &lo, &hi);
+                lanes::mask_columns::<W>(p, (mask.x0 + (start - seg.start) as i64) as f32, &lo, &hi);
             }
-            for row in p.iter_mut() {
-                for l in 0..LANES {
-                    row[l] = exp2_one::<FMA>(row[l] - lse2[l]);
-                }
-            }
-            for (dsr, pr) in ds.iter_mut().zip(p.iter()) {
-                for l in 0..LANES {
-                    dsr[l] = pr[l] * (dsr[l] - delta[l]);
-                }
-            }
+            // p = 2^(s − lse₂) (the row sums that come with it are not needed), then dS = p ⊙ (dP − delta).
+            lanes::exp2_shift::<FMA, W>(p, &lse2);
+            lanes::softmax_grad::<W>(ds, p, &delta);
             lanes::combine::<FMA, W>(ds, &keys.k_rows[start * d..], d, &mut buf.dq);
             lanes::update::<FMA, W>(ds, &buf.q_rows, d_pad, &mut acc.dk[start * d_pad..], d_pad);
             lanes::update::<FMA, W>(p, &buf.do_rows, dv_pad, &mut acc.dv[start * dv_pad..], dv_pad);

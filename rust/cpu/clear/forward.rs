@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use super::geometry::{self, lane_intervals, Segment, Tile};
 use super::lanes::{self, Lanes, LANES};
 use super::{check_inputs, panel_offset, pieces, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_KEYS, PIECE_ROWS};
-use crate::cpu::common::{check_output, LN_2, LOG2_E};
+use crate::cpu::common::{active_isa, check_output, zeros, LN_2, LOG2_E};
 use crate::cpu::pool::pool;
 use crate::cpu::view::{DType, View, ViewError};
 use crate::cpu::vmath::{exp2_one, log2_one};
@@ -17,22 +17,23 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, geo: &Geometry, scale: f32,
     let n = geo.tokens();
     check_output(out, &[dims.batch, dims.heads, n, dims.dv], None)?;
     check_output(lse, &[dims.batch, dims.heads, n], DType::F32)?;
-    let groups = geometry::groups(geo);
-    let tiles = geometry::tiles(geo);
-    let isa = super::clear_isa()?;
+    let groups = geometry::groups(geo)?;
+    let tiles = geometry::tiles(geo)?;
+    let isa = active_isa()?;
     pool(threads).map_err(ViewError)?.install(|| {
         (0..dims.slices()).into_par_iter().try_for_each(|bh| {
             let (b, h) = dims.slice(bh);
             let keys = SliceKeys::load(inp, geo, &groups, dims, b, h, false)?;
-            tiles.par_iter().for_each_init(
+            tiles.par_iter().try_for_each_init(
                 || Buffers::new(dims),
                 |buf, tile| {
-                    geometry::segments(geo, &groups, tile, &mut buf.segments);
+                    let buf = buf.as_mut().map_err(|e| e.clone())?;
+                    geometry::segments(geo, &groups, tile, &mut buf.segments)?;
                     let ctx = TileCtx { q: inp.q, out, lse, slice: Slice { keys: &keys, dims, b, h, scale } };
-                    tile_fn(isa, &ctx, tile, buf)
+                    tile_fn(isa, &ctx, tile, buf);
+                    Ok(())
                 },
-            );
-            Ok(())
+            )
         })
     })
 }
@@ -58,15 +59,15 @@ struct Buffers {
 }
 
 impl Buffers {
-    fn new(dims: Dims) -> Self {
-        Buffers {
+    fn new(dims: Dims) -> Result<Self, ViewError> {
+        Ok(Buffers {
             segments: Vec::new(),
-            qt: vec![[0.0; LANES]; dims.d],
-            acc: vec![[0.0; LANES]; dims.dv],
-            s: vec![[0.0; LANES]; PIECE_ROWS],
+            qt: zeros(dims.d)?,
+            acc: zeros(dims.dv)?,
+            s: zeros(PIECE_ROWS)?,
             batch: Vec::new(),
-            row: vec![0.0; dims.d.max(dims.dv)],
-        }
+            row: zeros(dims.d.max(dims.dv))?,
+        })
     }
 }
 
@@ -102,7 +103,7 @@ fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, buf: &
             lanes::dots::<FMA, W>(&buf.qt, &keys.k_panels[panel_offset(seg, start, d)..], seg.group_width, len, s);
             if let Some(mask) = &seg.mask {
                 let (lo, hi) = lane_intervals(tile, mask);
-                lanes::mask_columns(&mut s[..len], (mask.x0 + (start - seg.start) as i64) as f32, &lo, &hi);
+                lanes::mask_columns::<W>(&mut s[..len], (mask.x0 + (start - seg.start) as i64) as f32, &lo, &hi);
             }
             buf.batch.push((start, filled, len));
             filled += len;
@@ -136,7 +137,7 @@ struct Softmax {
 #[inline(always)]
 fn flush<const FMA: bool, const W: usize>(ctx: &TileCtx, buf: &mut Buffers, filled: usize, state: &mut Softmax) {
     let s = &mut buf.s[..filled];
-    let piece_max = lanes::max_lanes(s);
+    let piece_max = lanes::max_lanes::<W>(s);
     let mut shift = [0.0f32; LANES];
     let mut alpha = [1.0f32; LANES];
     for l in 0..LANES {
@@ -149,16 +150,12 @@ fn flush<const FMA: bool, const W: usize>(ctx: &TileCtx, buf: &mut Buffers, fill
         state.m[l] = m_new;
     }
     if alpha != [1.0; LANES] {
-        for a in buf.acc.iter_mut() {
-            for l in 0..LANES {
-                a[l] *= alpha[l];
-            }
-        }
+        lanes::scale_rows::<W>(&mut buf.acc, &alpha);
         for l in 0..LANES {
             state.l[l] *= alpha[l];
         }
     }
-    let sums = lanes::exp2_shift::<FMA>(s, &shift);
+    let sums = lanes::exp2_shift::<FMA, W>(s, &shift);
     for l in 0..LANES {
         state.l[l] += sums[l];
     }

@@ -5,6 +5,7 @@
 //! few contiguous ranges, one per key row, read in place (no gather, no permutation).
 
 use super::lanes::{Lanes, LANES};
+use crate::alloc::{self, AllocError};
 
 /// Keys per text or global group (image groups are the grid's rows).
 const GROUP_KEYS: usize = 64;
@@ -86,27 +87,23 @@ pub struct Group {
 }
 
 /// The groups, in key order: text in runs of 64, each image row, global tokens in runs of 64.
-pub fn groups(g: &Geometry) -> Vec<Group> {
+pub fn groups(g: &Geometry) -> Result<Vec<Group>, AllocError> {
     let mut out = Vec::new();
     let runs = |out: &mut Vec<Group>, start: usize, len: usize| {
-        for s in (0..len).step_by(GROUP_KEYS) {
-            out.push(Group { start: start + s, width: GROUP_KEYS.min(len - s) });
-        }
+        alloc::extend(out, (0..len).step_by(GROUP_KEYS).map(|s| Group { start: start + s, width: GROUP_KEYS.min(len - s) }))
     };
     let image = |out: &mut Vec<Group>| {
-        for row in 0..g.frames * g.height {
-            out.push(Group { start: g.image_start() + row * g.width, width: g.width });
-        }
+        alloc::extend(out, (0..g.frames * g.height).map(|row| Group { start: g.image_start() + row * g.width, width: g.width }))
     };
     if g.text_first {
-        runs(&mut out, 0, g.text);
-        image(&mut out);
+        runs(&mut out, 0, g.text)?;
+        image(&mut out)?;
     } else {
-        image(&mut out);
-        runs(&mut out, g.image(), g.text);
+        image(&mut out)?;
+        runs(&mut out, g.image(), g.text)?;
     }
-    runs(&mut out, g.tokens(), g.global);
-    out
+    runs(&mut out, g.tokens(), g.global)?;
+    Ok(out)
 }
 
 /// Where a tile's queries sit.
@@ -127,7 +124,7 @@ pub struct Tile {
 }
 
 /// Every query in tiles of 16: text in runs, image rows in 4×4 tiles (a frame's last rows in wider tiles).
-pub fn tiles(g: &Geometry) -> Vec<Tile> {
+pub fn tiles(g: &Geometry) -> Result<Vec<Tile>, AllocError> {
     let mut out = Vec::new();
     let t0 = g.text_start();
     for s in (0..g.text).step_by(LANES) {
@@ -136,7 +133,7 @@ pub fn tiles(g: &Geometry) -> Vec<Tile> {
         for (l, r) in rows.iter_mut().enumerate().take(live) {
             *r = t0 + s + l;
         }
-        out.push(Tile { rows, live, place: Place::Text });
+        alloc::push(&mut out, Tile { rows, live, place: Place::Text })?;
     }
     for t in 0..g.frames {
         for y in (0..g.height).step_by(TILE_ROWS) {
@@ -151,11 +148,11 @@ pub fn tiles(g: &Geometry) -> Vec<Tile> {
                         lanes[r * cols + c] = first + r * g.width + c;
                     }
                 }
-                out.push(Tile { rows: lanes, live: rows * cols, place: Place::Image { t, y, x, rows, cols } });
+                alloc::push(&mut out, Tile { rows: lanes, live: rows * cols, place: Place::Image { t, y, x, rows, cols } })?;
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// Keys `start .. start + len` of the group at `group_start` (width `group_width`); `mask`: some lane may not see
@@ -182,17 +179,14 @@ fn whole(group: &Group) -> Segment {
 }
 
 /// The key segments of `tile` (into `out`, cleared first): every key some lane of it may attend.
-pub fn segments(g: &Geometry, groups: &[Group], tile: &Tile, out: &mut Vec<Segment>) {
+pub fn segments(g: &Geometry, groups: &[Group], tile: &Tile, out: &mut Vec<Segment>) -> Result<(), AllocError> {
     out.clear();
     let (t, y0, x0, rows, cols) = match tile.place {
-        Place::Text => {
-            out.extend(groups.iter().filter(|gr| gr.start < g.tokens()).map(whole));
-            return;
-        }
+        Place::Text => return alloc::extend(out, groups.iter().filter(|gr| gr.start < g.tokens()).map(whole)),
         Place::Image { t, y, x, rows, cols } => (t, y as i64, x as i64, rows as i64, cols as i64),
     };
     let text = g.text_start()..g.text_start() + g.text;
-    out.extend(groups.iter().filter(|gr| text.contains(&gr.start)).map(whole));
+    alloc::extend(out, groups.iter().filter(|gr| text.contains(&gr.start)).map(whole))?;
     let reach = isqrt(g.max_d2);
     let (width, height) = (g.width as i64, g.height as i64);
     for kt in 0..g.frames {
@@ -221,16 +215,17 @@ pub fn segments(g: &Geometry, groups: &[Group], tile: &Tile, out: &mut Vec<Segme
             }
             let full = every_row && inner_lo <= lo && inner_hi >= hi;
             let group_start = g.image_start() + ((kt * g.height) as i64 + ky) as usize * g.width;
-            out.push(Segment {
+            let segment = Segment {
                 start: group_start + lo as usize,
                 len: (hi - lo + 1) as usize,
                 group_start,
                 group_width: g.width,
                 mask: (!full).then_some(RowMask { x0: lo, half_widths }),
-            });
+            };
+            alloc::push(out, segment)?;
         }
     }
-    out.extend(groups.iter().filter(|gr| gr.start >= g.tokens()).map(whole));
+    alloc::extend(out, groups.iter().filter(|gr| gr.start >= g.tokens()).map(whole))
 }
 
 /// Per lane of an image tile, the key columns `[lo, hi]` its disc keeps on a masked segment's key row (`lo > hi`:
@@ -253,16 +248,13 @@ pub fn lane_intervals(tile: &Tile, mask: &RowMask) -> (Lanes, Lanes) {
 
 /// (query, key) pairs the kernels compute for `g`: every lane of every tile times its segments' keys (the
 /// benchmark's computed work).
-pub fn computed_pairs(g: &Geometry) -> u64 {
-    let groups = groups(g);
+pub fn computed_pairs(g: &Geometry) -> Result<u64, AllocError> {
+    let groups = groups(g)?;
     let mut segs = Vec::new();
-    tiles(g)
-        .iter()
-        .map(|tile| {
-            segments(g, &groups, tile, &mut segs);
-            (LANES * segs.iter().map(|s| s.len).sum::<usize>()) as u64
-        })
-        .sum()
+    tiles(g)?.iter().try_fold(0u64, |sum, tile| {
+        segments(g, &groups, tile, &mut segs)?;
+        Ok(sum + (LANES * segs.iter().map(|s| s.len).sum::<usize>()) as u64)
+    })
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //! two AVX2 vectors). Generic over `FMA` and the vector width `W` and `#[inline(always)]`: the tile functions that
 //! call them are compiled for each instruction set (`isa_dispatch!`), and each `[f32; 16]` becomes one or two
 //! vector registers; `W` picks register blocks that fill the register file (32 vectors with AVX-512, 16 with AVX2).
-//! (AVX-512 CPUs run the AVX2 clone for now: `clear_isa` says why.)
+//! With 16-lane vectors (`W = 16`, the AVX-512 clone) each function runs its clone in `zmm`, written with explicit
+//! `__m512` vectors: left to the vectorizer, that clone's lane loops became gathers and scatters.
 //!
 //! - [`dots`]: logits `s[j] = Σ_c a[c]·panel[c][j]` of the lanes against keys stored as a transposed panel
 //!   (a register block of 12 or 6 keys: one or two vector loads and a broadcast per key and channel, the shape
@@ -12,6 +13,9 @@
 //! - [`update`]: `dst[j][c] += Σ_l w[j][l]·b[l][c]` (the key gradients), 3 keys × 4 vectors per block.
 
 use crate::cpu::vmath::{exp2_one, madd};
+
+#[cfg(target_arch = "x86_64")]
+mod zmm;
 
 pub const LANES: usize = 16;
 /// One value per query of a tile (two AVX2 vectors).
@@ -42,18 +46,29 @@ pub fn dots<const FMA: bool, const W: usize>(a: &[Lanes], panel: &[f32], stride:
             [6, 4, 2][usize::from(rest <= 4) + usize::from(rest <= 2)]
         };
         match block {
-            12 => dots_block::<FMA, 12>(a, &panel[j..], stride, &mut out[j..j + 12]),
-            8 => dots_block::<FMA, 8>(a, &panel[j..], stride, &mut out[j..j + 8]),
-            6 => dots_block::<FMA, 6>(a, &panel[j..], stride, &mut out[j..j + 6]),
-            4 => dots_block::<FMA, 4>(a, &panel[j..], stride, &mut out[j..j + 4]),
-            _ => dots_block::<FMA, 2>(a, &panel[j..], stride, &mut out[j..j + 2]),
+            12 => dots_block::<FMA, W, 12>(a, &panel[j..], stride, &mut out[j..j + 12]),
+            8 => dots_block::<FMA, W, 8>(a, &panel[j..], stride, &mut out[j..j + 8]),
+            6 => dots_block::<FMA, W, 6>(a, &panel[j..], stride, &mut out[j..j + 6]),
+            4 => dots_block::<FMA, W, 4>(a, &panel[j..], stride, &mut out[j..j + 4]),
+            _ => dots_block::<FMA, W, 2>(a, &panel[j..], stride, &mut out[j..j + 2]),
         }
         j += block;
     }
 }
 
 #[inline(always)]
-fn dots_block<const FMA: bool, const NB: usize>(a: &[Lanes], panel: &[f32], stride: usize, out: &mut [Lanes]) {
+fn dots_block<const FMA: bool, const W: usize, const NB: usize>(
+    a: &[Lanes],
+    panel: &[f32],
+    stride: usize,
+    out: &mut [Lanes],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if W >= LANES {
+        // SAFETY: `W = 16` is instantiated only in the AVX-512 clone of `isa_dispatch!`, which runs only where the
+        // CPU has AVX-512 F (an `Isa` is checked against the CPU).
+        return unsafe { zmm::dots_block::<NB>(a, panel, stride, out) };
+    }
     let mut acc = [[0.0f32; LANES]; NB];
     for (c, av) in a.iter().enumerate() {
         let column = &panel[c * stride..][..NB];
@@ -72,27 +87,38 @@ pub fn combine<const FMA: bool, const W: usize>(w: &[Lanes], rows: &[f32], strid
     let mut c = 0;
     if W >= LANES {
         while c + 8 <= n {
-            combine_block::<FMA, 8>(w, &rows[c..], stride, &mut acc[c..c + 8]);
+            combine_block::<FMA, W, 8>(w, &rows[c..], stride, &mut acc[c..c + 8]);
             c += 8;
         }
     } else {
         while c + 6 <= n {
-            combine_block::<FMA, 6>(w, &rows[c..], stride, &mut acc[c..c + 6]);
+            combine_block::<FMA, W, 6>(w, &rows[c..], stride, &mut acc[c..c + 6]);
             c += 6;
         }
     }
     while c + 2 <= n {
-        combine_block::<FMA, 2>(w, &rows[c..], stride, &mut acc[c..c + 2]);
+        combine_block::<FMA, W, 2>(w, &rows[c..], stride, &mut acc[c..c + 2]);
         c += 2;
     }
     while c < n {
-        combine_block::<FMA, 1>(w, &rows[c..], stride, &mut acc[c..c + 1]);
+        combine_block::<FMA, W, 1>(w, &rows[c..], stride, &mut acc[c..c + 1]);
         c += 1;
     }
 }
 
 #[inline(always)]
-fn combine_block<const FMA: bool, const CB: usize>(w: &[Lanes], rows: &[f32], stride: usize, acc: &mut [Lanes]) {
+fn combine_block<const FMA: bool, const W: usize, const CB: usize>(
+    w: &[Lanes],
+    rows: &[f32],
+    stride: usize,
+    acc: &mut [Lanes],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if W >= LANES {
+        // SAFETY: `W = 16` is instantiated only in the AVX-512 clone of `isa_dispatch!`, which runs only where the
+        // CPU has AVX-512 F (an `Isa` is checked against the CPU).
+        return unsafe { zmm::combine_block::<CB>(w, rows, stride, acc) };
+    }
     let mut a = [[0.0f32; LANES]; CB];
     a.copy_from_slice(acc);
     for (j, wv) in w.iter().enumerate() {
@@ -143,6 +169,12 @@ fn update_block<const FMA: bool, const W: usize, const JB: usize, const VB: usiz
     dst: &mut [f32],
     stride: usize,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if W >= LANES {
+        // SAFETY: `W = 16` is instantiated only in the AVX-512 clone of `isa_dispatch!`, which runs only where the
+        // CPU has AVX-512 F (an `Isa` is checked against the CPU).
+        return unsafe { zmm::update_block::<JB, VB>(w, b, width, dst, stride) };
+    }
     let mut acc = [[[0.0f32; W]; VB]; JB];
     for (jj, a) in acc.iter_mut().enumerate() {
         for (v, av) in a.iter_mut().enumerate() {
@@ -172,7 +204,13 @@ fn update_block<const FMA: bool, const W: usize, const JB: usize, const VB: usiz
 /// Sets `s[i][l] = −∞` where key column `x0 + i` is outside lane `l`'s interval `[lo[l], hi[l]]` (empty when
 /// `lo > hi`).
 #[inline(always)]
-pub fn mask_columns(s: &mut [Lanes], x0: f32, lo: &Lanes, hi: &Lanes) {
+pub fn mask_columns<const W: usize>(s: &mut [Lanes], x0: f32, lo: &Lanes, hi: &Lanes) {
+    #[cfg(target_arch = "x86_64")]
+    if W >= LANES {
+        // SAFETY: `W = 16` is instantiated only in the AVX-512 clone of `isa_dispatch!`, which runs only where the
+        // CPU has AVX-512 F (an `Isa` is checked against the CPU).
+        return unsafe { zmm::mask_columns(s, x0, lo, hi) };
+    }
     for (i, row) in s.iter_mut().enumerate() {
         let x = x0 + i as f32;
         for l in 0..LANES {
@@ -183,7 +221,13 @@ pub fn mask_columns(s: &mut [Lanes], x0: f32, lo: &Lanes, hi: &Lanes) {
 
 /// Lane-wise maximum of `s` (−∞ when empty).
 #[inline(always)]
-pub fn max_lanes(s: &[Lanes]) -> Lanes {
+pub fn max_lanes<const W: usize>(s: &[Lanes]) -> Lanes {
+    #[cfg(target_arch = "x86_64")]
+    if W >= LANES {
+        // SAFETY: `W = 16` is instantiated only in the AVX-512 clone of `isa_dispatch!`, which runs only where the
+        // CPU has AVX-512 F (an `Isa` is checked against the CPU).
+        return unsafe { zmm::max_lanes(s) };
+    }
     let mut m = [f32::NEG_INFINITY; LANES];
     for row in s {
         for l in 0..LANES {
@@ -195,7 +239,13 @@ pub fn max_lanes(s: &[Lanes]) -> Lanes {
 
 /// `s[j] = 2^(s[j] − shift)` in place; returns the lane-wise sums.
 #[inline(always)]
-pub fn exp2_shift<const FMA: bool>(s: &mut [Lanes], shift: &Lanes) -> Lanes {
+pub fn exp2_shift<const FMA: bool, const W: usize>(s: &mut [Lanes], shift: &Lanes) -> Lanes {
+    #[cfg(target_arch = "x86_64")]
+    if W >= LANES {
+        // SAFETY: `W = 16` is instantiated only in the AVX-512 clone of `isa_dispatch!`, which runs only where the
+        // CPU has AVX-512 F (an `Isa` is checked against the CPU).
+        return unsafe { zmm::exp2_shift(s, shift) };
+    }
     let mut sum = [0.0f32; LANES];
     for row in s.iter_mut() {
         for l in 0..LANES {
@@ -204,4 +254,36 @@ pub fn exp2_shift<const FMA: bool>(s: &mut [Lanes], shift: &Lanes) -> Lanes {
         }
     }
     sum
+}
+
+/// `rows[j] *= by` lane-wise (the output accumulators' rescale).
+#[inline(always)]
+pub fn scale_rows<const W: usize>(rows: &mut [Lanes], by: &Lanes) {
+    #[cfg(target_arch = "x86_64")]
+    if W >= LANES {
+        // SAFETY: `W = 16` is instantiated only in the AVX-512 clone of `isa_dispatch!`, which runs only where the
+        // CPU has AVX-512 F (an `Isa` is checked against the CPU).
+        return unsafe { zmm::scale_rows(rows, by) };
+    }
+    for row in rows.iter_mut() {
+        for l in 0..LANES {
+            row[l] *= by[l];
+        }
+    }
+}
+
+/// `ds[j] = p[j] · (ds[j] − delta)` lane-wise (the logits' gradient from the probabilities).
+#[inline(always)]
+pub fn softmax_grad<const W: usize>(ds: &mut [Lanes], p: &[Lanes], delta: &Lanes) {
+    #[cfg(target_arch = "x86_64")]
+    if W >= LANES {
+        // SAFETY: `W = 16` is instantiated only in the AVX-512 clone of `isa_dispatch!`, which runs only where the
+        // CPU has AVX-512 F (an `Isa` is checked against the CPU).
+        return unsafe { zmm::softmax_grad(ds, p, delta) };
+    }
+    for (dsr, pr) in ds.iter_mut().zip(p) {
+        for l in 0..LANES {
+            dsr[l] = pr[l] * (dsr[l] - delta[l]);
+        }
+    }
 }

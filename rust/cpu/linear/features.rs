@@ -3,8 +3,8 @@
 //! and the token differential), computed a block of tokens at a time in the forward and again in the backward.
 
 use super::power::{power_rows, power_rows_grad, Norms};
-use crate::cpu::common::gather;
-use crate::cpu::view::View;
+use crate::cpu::common::{gather, zeros};
+use crate::cpu::view::{View, ViewError};
 use crate::cpu::vmath::dot;
 
 /// The two sides of the core: queries (read out) and keys (reduced into the state).
@@ -28,7 +28,7 @@ pub trait FeatureMap: Sync {
     type Scratch: Send;
 
     /// Per-thread buffers for blocks of up to `rows` rows.
-    fn scratch(&self, rows: usize) -> Self::Scratch;
+    fn scratch(&self, rows: usize) -> Result<Self::Scratch, ViewError>;
 
     /// Writes the feature rows of `side` into `dst` (`rows.len x D`, row-major).
     fn load(&self, side: Side, rows: Rows, dst: &mut [f32], scratch: &mut Self::Scratch);
@@ -87,7 +87,9 @@ pub struct Plain<'a> {
 impl FeatureMap for Plain<'_> {
     type Scratch = ();
 
-    fn scratch(&self, _rows: usize) {}
+    fn scratch(&self, _rows: usize) -> Result<(), ViewError> {
+        Ok(())
+    }
 
     fn load(&self, side: Side, rows: Rows, dst: &mut [f32], _: &mut ()) {
         load_rows(self.inputs[side as usize], rows, dst);
@@ -195,24 +197,24 @@ unsafe fn store_tokens(view: &View, rows: Rows, src: &[f32]) {
 impl FeatureMap for Dydila<'_> {
     type Scratch = DydilaScratch;
 
-    fn scratch(&self, rows: usize) -> DydilaScratch {
+    fn scratch(&self, rows: usize) -> Result<DydilaScratch, ViewError> {
         let d = self.head_dim();
-        let block = || vec![0.0f32; rows * d];
+        let block = || zeros::<f32>(rows * d);
         let grad_rows = if self.grads.is_some() { rows } else { 0 };
-        let grad_block = || vec![0.0f32; grad_rows * d];
-        DydilaScratch {
-            z: [block(), block()],
-            ls: [block(), block()],
-            p: [block(), block()],
-            gamma: [vec![0.0; rows], vec![0.0; rows]],
-            lambda: vec![0.0; rows],
-            norms: [vec![(0.0, 0.0); rows], vec![(0.0, 0.0); rows]],
+        let grad_block = || zeros::<f32>(grad_rows * d);
+        Ok(DydilaScratch {
+            z: [block()?, block()?],
+            ls: [block()?, block()?],
+            p: [block()?, block()?],
+            gamma: [zeros(rows)?, zeros(rows)?],
+            lambda: zeros(rows)?,
+            norms: [zeros(rows)?, zeros(rows)?],
             cached: None,
-            g_aux: grad_block(),
-            dz: [grad_block(), grad_block()],
-            dgamma: [vec![0.0; grad_rows], vec![0.0; grad_rows]],
-            dlambda: vec![0.0; grad_rows],
-        }
+            g_aux: grad_block()?,
+            dz: [grad_block()?, grad_block()?],
+            dgamma: [zeros(grad_rows)?, zeros(grad_rows)?],
+            dlambda: zeros(grad_rows)?,
+        })
     }
 
     fn load(&self, side: Side, rows: Rows, dst: &mut [f32], s: &mut DydilaScratch) {

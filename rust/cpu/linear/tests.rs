@@ -1,7 +1,7 @@
 //! The linear core against naive f64 loops, DyDiLA's backward against finite differences, and the checks.
 
 use super::*;
-use crate::cpu::test_support::{values, view, view_of};
+use crate::cpu::test_support::{on_every_isa, values, view, view_of};
 
 /// `O = Q S`, `S = (1/Nk) Σ kᵀ v` per head in f64 (`/ (q·mean k + eps)` when normalising); row-major inputs of
 /// `n` queries and `nk` keys.
@@ -41,76 +41,80 @@ fn max_rel_err(got: &[f32], want: &[f64]) -> f64 {
 
 #[test]
 fn linear_forward_and_backward_match_naive_loops_across_splits() {
-    // N = 2100 gives 3 token splits with 3 threads, a ragged last block, and odd head dims.
-    let (b, h, n, d, dv) = (1, 2, 2100, 7, 5);
-    let (qd, kd, vd) = (values(b * h * n * d, 1), values(b * h * n * d, 2), values(b * h * n * dv, 3));
-    let (qd, kd): (Vec<f32>, Vec<f32>) = (qd.iter().map(|x| x.abs() + 0.1).collect(), kd.iter().map(|x| x.abs() + 0.1).collect());
-    for normalize in [false, true] {
-        let opts = Options { normalize, eps: 1e-6 };
-        let (q, k, v) = (view("q", &qd, &[b, h, n, d]), view("k", &kd, &[b, h, n, d]), view("v", &vd, &[b, h, n, dv]));
-        let (od, sd, md) = (vec![f32::NAN; b * h * n * dv], vec![f32::NAN; b * h * d * dv], vec![f32::NAN; b * h * d]);
-        let (out, state, ksum) = (view("out", &od, &[b, h, n, dv]), view("state", &sd, &[b, h, d, dv]), view("ksum", &md, &[b, h, d]));
-        assert_eq!(Dims { batch: b, heads: h, n, d, dv }.splits(3), 3);
-        linear_forward(&q, &k, &v, &out, &state, &ksum, opts, 3).unwrap();
-        let want = naive_linear(&to_f64(&qd), &to_f64(&kd), &to_f64(&vd), b * h, [n, n], d, dv, normalize, 1e-6);
-        assert!(max_rel_err(&od, &want) < 1e-5, "forward normalize={normalize}");
+    on_every_isa(|| {
+        // N = 2100 gives 3 token splits with 3 threads, a ragged last block, and odd head dims.
+        let (b, h, n, d, dv) = (1, 2, 2100, 7, 5);
+        let (qd, kd, vd) = (values(b * h * n * d, 1), values(b * h * n * d, 2), values(b * h * n * dv, 3));
+        let (qd, kd): (Vec<f32>, Vec<f32>) = (qd.iter().map(|x| x.abs() + 0.1).collect(), kd.iter().map(|x| x.abs() + 0.1).collect());
+        for normalize in [false, true] {
+            let opts = Options { normalize, eps: 1e-6 };
+            let (q, k, v) = (view("q", &qd, &[b, h, n, d]), view("k", &kd, &[b, h, n, d]), view("v", &vd, &[b, h, n, dv]));
+            let (od, sd, md) = (vec![f32::NAN; b * h * n * dv], vec![f32::NAN; b * h * d * dv], vec![f32::NAN; b * h * d]);
+            let (out, state, ksum) = (view("out", &od, &[b, h, n, dv]), view("state", &sd, &[b, h, d, dv]), view("ksum", &md, &[b, h, d]));
+            assert_eq!(Dims { batch: b, heads: h, n, d, dv }.splits(3), 3);
+            linear_forward(&q, &k, &v, &out, &state, &ksum, opts, 3).unwrap();
+            let want = naive_linear(&to_f64(&qd), &to_f64(&kd), &to_f64(&vd), b * h, [n, n], d, dv, normalize, 1e-6);
+            assert!(max_rel_err(&od, &want) < 1e-5, "forward normalize={normalize}");
 
-        // Backward of L = Σ G ⊙ O by central differences on a few entries of every input.
-        let gd = values(b * h * n * dv, 4);
-        let (dqd, dkd, dvd) = (vec![f32::NAN; qd.len()], vec![f32::NAN; kd.len()], vec![f32::NAN; vd.len()]);
-        let (dq, dk, dvv) = (view("dq", &dqd, &[b, h, n, d]), view("dk", &dkd, &[b, h, n, d]), view("dv", &dvd, &[b, h, n, dv]));
-        let dout = view("dout", &gd, &[b, h, n, dv]);
-        linear_backward(&q, &k, &v, &state, &ksum, &dout, [&dq, &dk, &dvv], opts, 3).unwrap();
-        let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
-            naive_linear(q, k, v, b * h, [n, n], d, dv, normalize, 1e-6).iter().zip(&gd).map(|(o, g)| o * *g as f64).sum()
-        };
-        let base = [to_f64(&qd), to_f64(&kd), to_f64(&vd)];
-        for (which, got) in [&dqd, &dkd, &dvd].into_iter().enumerate() {
-            for idx in [0, 1, got.len() / 2 + 3, got.len() - 1] {
-                let mut plus = base.clone();
-                let mut minus = base.clone();
-                plus[which][idx] += 1e-4;
-                minus[which][idx] -= 1e-4;
-                let fd = (loss(&plus[0], &plus[1], &plus[2]) - loss(&minus[0], &minus[1], &minus[2])) / 2e-4;
-                assert!((got[idx] as f64 - fd).abs() < 1e-3 * (1.0 + fd.abs()), "grad {which}[{idx}]: {} vs {fd}", got[idx]);
+            // Backward of L = Σ G ⊙ O by central differences on a few entries of every input.
+            let gd = values(b * h * n * dv, 4);
+            let (dqd, dkd, dvd) = (vec![f32::NAN; qd.len()], vec![f32::NAN; kd.len()], vec![f32::NAN; vd.len()]);
+            let (dq, dk, dvv) = (view("dq", &dqd, &[b, h, n, d]), view("dk", &dkd, &[b, h, n, d]), view("dv", &dvd, &[b, h, n, dv]));
+            let dout = view("dout", &gd, &[b, h, n, dv]);
+            linear_backward(&q, &k, &v, &state, &ksum, &dout, [&dq, &dk, &dvv], opts, 3).unwrap();
+            let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
+                naive_linear(q, k, v, b * h, [n, n], d, dv, normalize, 1e-6).iter().zip(&gd).map(|(o, g)| o * *g as f64).sum()
+            };
+            let base = [to_f64(&qd), to_f64(&kd), to_f64(&vd)];
+            for (which, got) in [&dqd, &dkd, &dvd].into_iter().enumerate() {
+                for idx in [0, 1, got.len() / 2 + 3, got.len() - 1] {
+                    let mut plus = base.clone();
+                    let mut minus = base.clone();
+                    plus[which][idx] += 1e-4;
+                    minus[which][idx] -= 1e-4;
+                    let fd = (loss(&plus[0], &plus[1], &plus[2]) - loss(&minus[0], &minus[1], &minus[2])) / 2e-4;
+                    assert!((got[idx] as f64 - fd).abs() < 1e-3 * (1.0 + fd.abs()), "grad {which}[{idx}]: {} vs {fd}", got[idx]);
+                }
             }
         }
-    }
+    });
 }
 
 #[test]
 fn cross_attention_forward_and_backward_match_naive_loops() {
-    // 700 queries, 2300 keys (3 key splits with 3 threads) and the reverse: the state is a mean over the keys.
-    let (b, h, d, dv) = (1, 2, 5, 3);
-    for [n, nk] in [[700, 2300], [2300, 700]] {
-        let (qd, kd, vd) = (values(b * h * n * d, 5), values(b * h * nk * d, 6), values(b * h * nk * dv, 7));
-        let (qd, kd): (Vec<f32>, Vec<f32>) = (qd.iter().map(|x| x.abs() + 0.1).collect(), kd.iter().map(|x| x.abs() + 0.1).collect());
-        let opts = Options { normalize: true, eps: 1e-6 };
-        let (q, k, v) = (view("q", &qd, &[b, h, n, d]), view("k", &kd, &[b, h, nk, d]), view("v", &vd, &[b, h, nk, dv]));
-        let (od, sd, md) = (vec![f32::NAN; b * h * n * dv], vec![f32::NAN; b * h * d * dv], vec![f32::NAN; b * h * d]);
-        let (out, state, ksum) = (view("out", &od, &[b, h, n, dv]), view("state", &sd, &[b, h, d, dv]), view("ksum", &md, &[b, h, d]));
-        linear_forward(&q, &k, &v, &out, &state, &ksum, opts, 3).unwrap();
-        let want = naive_linear(&to_f64(&qd), &to_f64(&kd), &to_f64(&vd), b * h, [n, nk], d, dv, true, 1e-6);
-        assert!(max_rel_err(&od, &want) < 1e-5, "forward {n} x {nk}");
+    on_every_isa(|| {
+        // 700 queries, 2300 keys (3 key splits with 3 threads) and the reverse: the state is a mean over the keys.
+        let (b, h, d, dv) = (1, 2, 5, 3);
+        for [n, nk] in [[700, 2300], [2300, 700]] {
+            let (qd, kd, vd) = (values(b * h * n * d, 5), values(b * h * nk * d, 6), values(b * h * nk * dv, 7));
+            let (qd, kd): (Vec<f32>, Vec<f32>) = (qd.iter().map(|x| x.abs() + 0.1).collect(), kd.iter().map(|x| x.abs() + 0.1).collect());
+            let opts = Options { normalize: true, eps: 1e-6 };
+            let (q, k, v) = (view("q", &qd, &[b, h, n, d]), view("k", &kd, &[b, h, nk, d]), view("v", &vd, &[b, h, nk, dv]));
+            let (od, sd, md) = (vec![f32::NAN; b * h * n * dv], vec![f32::NAN; b * h * d * dv], vec![f32::NAN; b * h * d]);
+            let (out, state, ksum) = (view("out", &od, &[b, h, n, dv]), view("state", &sd, &[b, h, d, dv]), view("ksum", &md, &[b, h, d]));
+            linear_forward(&q, &k, &v, &out, &state, &ksum, opts, 3).unwrap();
+            let want = naive_linear(&to_f64(&qd), &to_f64(&kd), &to_f64(&vd), b * h, [n, nk], d, dv, true, 1e-6);
+            assert!(max_rel_err(&od, &want) < 1e-5, "forward {n} x {nk}");
 
-        let gd = values(b * h * n * dv, 8);
-        let (dqd, dkd, dvd) = (vec![f32::NAN; qd.len()], vec![f32::NAN; kd.len()], vec![f32::NAN; vd.len()]);
-        let (dq, dk, dvv) = (view("dq", &dqd, &[b, h, n, d]), view("dk", &dkd, &[b, h, nk, d]), view("dv", &dvd, &[b, h, nk, dv]));
-        linear_backward(&q, &k, &v, &state, &ksum, &view("dout", &gd, &[b, h, n, dv]), [&dq, &dk, &dvv], opts, 3).unwrap();
-        let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
-            naive_linear(q, k, v, b * h, [n, nk], d, dv, true, 1e-6).iter().zip(&gd).map(|(o, g)| o * *g as f64).sum()
-        };
-        let base = [to_f64(&qd), to_f64(&kd), to_f64(&vd)];
-        for (which, got) in [&dqd, &dkd, &dvd].into_iter().enumerate() {
-            for idx in [0, got.len() / 2 + 3, got.len() - 1] {
-                let (mut plus, mut minus) = (base.clone(), base.clone());
-                plus[which][idx] += 1e-4;
-                minus[which][idx] -= 1e-4;
-                let fd = (loss(&plus[0], &plus[1], &plus[2]) - loss(&minus[0], &minus[1], &minus[2])) / 2e-4;
-                assert!((got[idx] as f64 - fd).abs() < 1e-3 * (1.0 + fd.abs()), "{n} x {nk}: grad {which}[{idx}]: {} vs {fd}", got[idx]);
+            let gd = values(b * h * n * dv, 8);
+            let (dqd, dkd, dvd) = (vec![f32::NAN; qd.len()], vec![f32::NAN; kd.len()], vec![f32::NAN; vd.len()]);
+            let (dq, dk, dvv) = (view("dq", &dqd, &[b, h, n, d]), view("dk", &dkd, &[b, h, nk, d]), view("dv", &dvd, &[b, h, nk, dv]));
+            linear_backward(&q, &k, &v, &state, &ksum, &view("dout", &gd, &[b, h, n, dv]), [&dq, &dk, &dvv], opts, 3).unwrap();
+            let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
+                naive_linear(q, k, v, b * h, [n, nk], d, dv, true, 1e-6).iter().zip(&gd).map(|(o, g)| o * *g as f64).sum()
+            };
+            let base = [to_f64(&qd), to_f64(&kd), to_f64(&vd)];
+            for (which, got) in [&dqd, &dkd, &dvd].into_iter().enumerate() {
+                for idx in [0, got.len() / 2 + 3, got.len() - 1] {
+                    let (mut plus, mut minus) = (base.clone(), base.clone());
+                    plus[which][idx] += 1e-4;
+                    minus[which][idx] -= 1e-4;
+                    let fd = (loss(&plus[0], &plus[1], &plus[2]) - loss(&minus[0], &minus[1], &minus[2])) / 2e-4;
+                    assert!((got[idx] as f64 - fd).abs() < 1e-3 * (1.0 + fd.abs()), "{n} x {nk}: grad {which}[{idx}]: {} vs {fd}", got[idx]);
+                }
             }
         }
-    }
+    });
 }
 
 /// DyDiLA in f64 from its definitions: `(B·H, N, ·)` row-major inputs, per-token `(B·H, N)` parameters.
@@ -152,67 +156,69 @@ impl Case {
 
 #[test]
 fn dydila_forward_and_every_gradient_match_the_definition() {
-    let (bh, n, d, dv) = (2, 5, 6, 3);
-    let mut inputs: Vec<Vec<f64>> = Vec::new();
-    for i in 0..5 {
-        let len = if i == 2 { bh * n * dv } else { bh * n * d };
-        // Away from relu's kink, so finite differences are smooth.
-        inputs.push(to_f64(&values(len, 10 + i as u64)).iter().map(|x| if x.abs() < 0.05 { x + 0.1 } else { *x } + 0.3).collect());
-    }
-    for i in 0..6 {
-        let (lo, hi) = if i < 4 { (1.0, 4.0) } else { (0.0, 0.5) };
-        inputs.push(to_f64(&values(bh * n, 20 + i as u64)).iter().map(|x| lo + (hi - lo) * (x + 1.5) / 3.0).collect());
-    }
-    let case = Case { bh, n, d, dv, inputs };
-    let data: Vec<Vec<f32>> = case.inputs.iter().map(|x| x.iter().map(|&v| v as f32).collect()).collect();
-    let big = [1, bh, n, d];
-    let tok = [1, bh, n];
-    let names = ["q", "k", "v", "q_aux", "k_aux", "gamma_q", "gamma_k", "gamma_q_aux", "gamma_k_aux", "lambda_q", "lambda_k"];
-    let views: Vec<View> = (0..11)
-        .map(|i| {
-            let shape: &[usize] = if i == 2 { &[1, bh, n, dv] } else if i < 5 { &big } else { &tok };
-            view(names[i], &data[i], shape)
-        })
-        .collect();
-    let x = DydilaInputs {
-        q: Stream { z: &views[0], z_aux: &views[3], gamma: &views[5], gamma_aux: &views[7], lambda: &views[9] },
-        k: Stream { z: &views[1], z_aux: &views[4], gamma: &views[6], gamma_aux: &views[8], lambda: &views[10] },
-        v: &views[2],
-    };
-    let gd = values(bh * n * dv, 30);
-    for normalize in [false, true] {
-        let opts = Options { normalize, eps: 1e-6 };
-        let (od, sd, md) = (vec![f32::NAN; bh * n * dv], vec![f32::NAN; bh * d * dv], vec![f32::NAN; bh * d]);
-        let (out, state, ksum) = (view("out", &od, &[1, bh, n, dv]), view("state", &sd, &[1, bh, d, dv]), view("ksum", &md, &[1, bh, d]));
-        dydila_forward(&x, &out, &state, &ksum, opts, 2).unwrap();
-        assert!(max_rel_err(&od, &case.output(&case.inputs, normalize)) < 2e-5, "forward normalize={normalize}");
-
-        let grads: Vec<Vec<f32>> = data.iter().map(|x| vec![f32::NAN; x.len()]).collect();
-        let gviews: Vec<View> = (0..11)
+    on_every_isa(|| {
+        let (bh, n, d, dv) = (2, 5, 6, 3);
+        let mut inputs: Vec<Vec<f64>> = Vec::new();
+        for i in 0..5 {
+            let len = if i == 2 { bh * n * dv } else { bh * n * d };
+            // Away from relu's kink, so finite differences are smooth.
+            inputs.push(to_f64(&values(len, 10 + i as u64)).iter().map(|x| if x.abs() < 0.05 { x + 0.1 } else { *x } + 0.3).collect());
+        }
+        for i in 0..6 {
+            let (lo, hi) = if i < 4 { (1.0, 4.0) } else { (0.0, 0.5) };
+            inputs.push(to_f64(&values(bh * n, 20 + i as u64)).iter().map(|x| lo + (hi - lo) * (x + 1.5) / 3.0).collect());
+        }
+        let case = Case { bh, n, d, dv, inputs };
+        let data: Vec<Vec<f32>> = case.inputs.iter().map(|x| x.iter().map(|&v| v as f32).collect()).collect();
+        let big = [1, bh, n, d];
+        let tok = [1, bh, n];
+        let names = ["q", "k", "v", "q_aux", "k_aux", "gamma_q", "gamma_k", "gamma_q_aux", "gamma_k_aux", "lambda_q", "lambda_k"];
+        let views: Vec<View> = (0..11)
             .map(|i| {
                 let shape: &[usize] = if i == 2 { &[1, bh, n, dv] } else if i < 5 { &big } else { &tok };
-                view(names[i], &grads[i], shape)
+                view(names[i], &data[i], shape)
             })
             .collect();
-        let g = DydilaGrads {
-            q: StreamGrads { dz: &gviews[0], dz_aux: &gviews[3], dgamma: &gviews[5], dgamma_aux: &gviews[7], dlambda: &gviews[9] },
-            k: StreamGrads { dz: &gviews[1], dz_aux: &gviews[4], dgamma: &gviews[6], dgamma_aux: &gviews[8], dlambda: &gviews[10] },
-            dv: &gviews[2],
+        let x = DydilaInputs {
+            q: Stream { z: &views[0], z_aux: &views[3], gamma: &views[5], gamma_aux: &views[7], lambda: &views[9] },
+            k: Stream { z: &views[1], z_aux: &views[4], gamma: &views[6], gamma_aux: &views[8], lambda: &views[10] },
+            v: &views[2],
         };
-        let dout = view("dout", &gd, &[1, bh, n, dv]);
-        dydila_backward(&x, &state, &ksum, &dout, g, opts, 2).unwrap();
-        let loss = |x: &[Vec<f64>]| -> f64 { case.output(x, normalize).iter().zip(&gd).map(|(o, g)| o * *g as f64).sum() };
-        for (which, got) in grads.iter().enumerate() {
-            for idx in 0..got.len() {
-                let (mut plus, mut minus) = (case.inputs.clone(), case.inputs.clone());
-                plus[which][idx] += 1e-5;
-                minus[which][idx] -= 1e-5;
-                let fd = (loss(&plus) - loss(&minus)) / 2e-5;
-                let tol = 2e-3 * (1.0 + fd.abs());
-                assert!((got[idx] as f64 - fd).abs() < tol, "normalize={normalize} {}[{idx}]: {} vs {fd}", names[which], got[idx]);
+        let gd = values(bh * n * dv, 30);
+        for normalize in [false, true] {
+            let opts = Options { normalize, eps: 1e-6 };
+            let (od, sd, md) = (vec![f32::NAN; bh * n * dv], vec![f32::NAN; bh * d * dv], vec![f32::NAN; bh * d]);
+            let (out, state, ksum) = (view("out", &od, &[1, bh, n, dv]), view("state", &sd, &[1, bh, d, dv]), view("ksum", &md, &[1, bh, d]));
+            dydila_forward(&x, &out, &state, &ksum, opts, 2).unwrap();
+            assert!(max_rel_err(&od, &case.output(&case.inputs, normalize)) < 2e-5, "forward normalize={normalize}");
+
+            let grads: Vec<Vec<f32>> = data.iter().map(|x| vec![f32::NAN; x.len()]).collect();
+            let gviews: Vec<View> = (0..11)
+                .map(|i| {
+                    let shape: &[usize] = if i == 2 { &[1, bh, n, dv] } else if i < 5 { &big } else { &tok };
+                    view(names[i], &grads[i], shape)
+                })
+                .collect();
+            let g = DydilaGrads {
+                q: StreamGrads { dz: &gviews[0], dz_aux: &gviews[3], dgamma: &gviews[5], dgamma_aux: &gviews[7], dlambda: &gviews[9] },
+                k: StreamGrads { dz: &gviews[1], dz_aux: &gviews[4], dgamma: &gviews[6], dgamma_aux: &gviews[8], dlambda: &gviews[10] },
+                dv: &gviews[2],
+            };
+            let dout = view("dout", &gd, &[1, bh, n, dv]);
+            dydila_backward(&x, &state, &ksum, &dout, g, opts, 2).unwrap();
+            let loss = |x: &[Vec<f64>]| -> f64 { case.output(x, normalize).iter().zip(&gd).map(|(o, g)| o * *g as f64).sum() };
+            for (which, got) in grads.iter().enumerate() {
+                for idx in 0..got.len() {
+                    let (mut plus, mut minus) = (case.inputs.clone(), case.inputs.clone());
+                    plus[which][idx] += 1e-5;
+                    minus[which][idx] -= 1e-5;
+                    let fd = (loss(&plus) - loss(&minus)) / 2e-5;
+                    let tol = 2e-3 * (1.0 + fd.abs());
+                    assert!((got[idx] as f64 - fd).abs() < tol, "normalize={normalize} {}[{idx}]: {} vs {fd}", names[which], got[idx]);
+                }
             }
         }
-    }
+    });
 }
 
 #[test]

@@ -92,7 +92,7 @@ fn row_deltas(up: &Upstream, plan: &Plan, dims: Dims) -> Result<Vec<f32>, ViewEr
                 up.out.load_row(&[b, h, plan.row(r)], out);
                 *x = dot(dout, out);
             }
-            Ok(())
+            Ok::<(), ViewError>(())
         },
     )?;
     Ok(delta)
@@ -227,7 +227,7 @@ impl Ctx<'_> {
                 for x in [&mut pooled.k, &mut pooled.v, &mut fine.k, &mut fine.v] {
                     x.fill(0.0);
                 }
-                for group in plan.groups(bh) {
+                for group in plan.groups(bh)? {
                     self.query_group(g.dq, bh, group, buf, (&mut pooled.k, &mut pooled.v), Some(fine));
                 }
                 pooled.k.iter_mut().for_each(|x| *x *= self.scale);
@@ -242,7 +242,7 @@ impl Ctx<'_> {
     fn query_side(&self, dq: &View, threads: usize) -> Result<KeyGrads, ViewError> {
         let (plan, dims) = (self.plan, self.dims);
         let groups: Vec<Vec<(usize, usize)>> =
-            (0..plan.batch_heads).into_par_iter().map(|bh| plan.groups(bh)).collect();
+            (0..plan.batch_heads).into_par_iter().map(|bh| plan.groups(bh)).collect::<Result<_, ViewError>>()?;
         let fewest = groups.iter().map(Vec::len).min().unwrap_or(1).max(1);
         // Splits of a head's groups: enough tasks for the pool, at most ~N/P (partial sums stay smaller than k).
         let wanted = (TASKS_PER_THREAD * threads.max(1)).div_ceil(plan.batch_heads);
@@ -378,7 +378,7 @@ impl Ctx<'_> {
     fn key_side(&self, g: &Grads, pooled: &KeyGrads) -> Result<(), ViewError> {
         let (plan, dims) = (self.plan, self.dims);
         let transposed: Vec<(Vec<usize>, Vec<u32>)> =
-            (0..plan.batch_heads).into_par_iter().map(|bh| plan.transpose(bh)).collect();
+            (0..plan.batch_heads).into_par_iter().map(|bh| plan.transpose(bh)).collect::<Result<_, ViewError>>()?;
         let (rows, lk) = (KEY_SIDE_CHUNK * plan.block_rows(), plan.block_rows());
         (0..plan.batch_heads * plan.n_blocks).into_par_iter().try_for_each_init(
             || {

@@ -4,6 +4,7 @@
 use rayon::prelude::*;
 
 use super::{gather_rows, Inputs, KeyRows, Plan};
+use crate::alloc;
 use crate::cpu::common::{check_output, zeros, Dims, LN_2, LOG2_E};
 use crate::cpu::isa::Isa;
 use crate::cpu::matmul::{Gemm, Mat, MatMut, Precision};
@@ -17,8 +18,10 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, plan: &Plan, scale: f32, th
     let dims = inp.dims(plan)?;
     check_output(out, &[dims.batch, dims.heads, dims.n, dims.dv], inp.q.dtype())?;
     check_output(lse, &[dims.batch, dims.heads, dims.n], DType::F32)?;
-    let tasks: Vec<(usize, usize, usize)> =
-        (0..plan.batch_heads).flat_map(|bh| plan.groups(bh).into_iter().map(move |(j0, j1)| (bh, j0, j1))).collect();
+    let mut tasks: Vec<(usize, usize, usize)> = Vec::new();
+    for bh in 0..plan.batch_heads {
+        alloc::extend(&mut tasks, plan.groups(bh)?.into_iter().map(|(j0, j1)| (bh, j0, j1)))?;
+    }
     let pool = pool(threads).map_err(ViewError)?;
     let precision = Precision::for_inputs(inp.q.dtype(), Isa::current());
     pool.install(|| {

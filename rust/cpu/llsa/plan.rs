@@ -1,6 +1,7 @@
 //! The validated selection of one LLSA call, its sibling groups and its CSR transpose.
 
 use super::{err, View, ViewError};
+use crate::alloc;
 use crate::cpu::view::DType;
 
 /// Pooled logits of one group are at most this many floats (keeps a group's working set in L2).
@@ -54,11 +55,11 @@ fn ids(view: &View, name: &str, shape: [usize; 4], bound: usize) -> Result<Vec<u
             view.dtype(), view.shape()
         ));
     }
-    view.to_i32_vec()?
-        .into_iter()
-        .map(|x| u32::try_from(x).ok().filter(|&u| (u as usize) < bound))
-        .collect::<Option<Vec<u32>>>()
-        .ok_or_else(|| ViewError(format!("{name}: block ids must lie in [0, {bound})")))
+    let raw = view.to_i32_vec()?;
+    if raw.iter().any(|&x| u32::try_from(x).map_or(true, |u| u as usize >= bound)) {
+        return err(format!("{name}: block ids must lie in [0, {bound})"));
+    }
+    Ok(alloc::collect(raw.into_iter().map(|x| x as u32))?)
 }
 
 fn offsets(view: &View, block: usize) -> Result<Vec<usize>, ViewError> {
@@ -70,7 +71,7 @@ fn offsets(view: &View, block: usize) -> Result<Vec<usize>, ViewError> {
     if !ok {
         return err(format!("pb_offsets: must rise from 0 in steps of 1..={block} rows"));
     }
-    Ok(raw.into_iter().map(|x| x as usize).collect())
+    Ok(alloc::collect(raw.into_iter().map(|x| x as usize))?)
 }
 
 fn f32_values(view: &View, len: usize) -> Result<Vec<f32>, ViewError> {
@@ -80,7 +81,7 @@ fn f32_values(view: &View, len: usize) -> Result<Vec<f32>, ViewError> {
             view.dtype(), view.shape()
         ));
     }
-    let values: Vec<f32> = (0..len).map(|i| view.load(&[i])).collect();
+    let values: Vec<f32> = alloc::collect((0..len).map(|i| view.load(&[i])))?;
     if values.iter().any(|x| !x.is_finite()) {
         return err("pbias: values must be finite");
     }
@@ -88,14 +89,15 @@ fn f32_values(view: &View, len: usize) -> Result<Vec<f32>, ViewError> {
 }
 
 /// First pooled row of each level and the total: `[0, n_1, n_1 + n_2, ...]`, `n_l = ceil(n_{l-1} / block)`.
-fn level_rows(n: usize, block: usize, levels: usize) -> Vec<usize> {
-    let mut rows = vec![0usize];
+fn level_rows(n: usize, block: usize, levels: usize) -> Result<Vec<usize>, ViewError> {
+    let mut rows = alloc::filled(1, 0usize)?;
     let mut size = n;
     for _ in 0..levels {
         size = size.div_ceil(block);
-        rows.push(rows[rows.len() - 1] + size);
+        let next = rows[rows.len() - 1] + size;
+        alloc::push(&mut rows, next)?;
     }
-    rows
+    Ok(rows)
 }
 
 impl Plan {
@@ -128,7 +130,7 @@ impl Plan {
         let pooled_tokens = pb_offsets[num_pooled_blocks];
         let pbias = f32_values(pbias, pooled_tokens)?;
         let max_pooled_block = pb_offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-        let level_rows = level_rows(n, block, levels);
+        let level_rows = level_rows(n, block, levels)?;
         if level_rows[levels] != pooled_tokens {
             return err(format!(
                 "pb_offsets: {pooled_tokens} pooled rows, but {levels} levels of N={n} have {}",
@@ -162,12 +164,13 @@ impl Plan {
     /// The plan reading and writing internal position `r` at row `perm[r]` of the fine tensors; `perm` is a 1-D
     /// int64 permutation of `0..N` (so every output row keeps exactly one writer).
     pub fn with_rows(mut self, perm: &View) -> Result<Self, ViewError> {
-        let mut seen = vec![false; self.n];
-        let rows = perm
-            .to_i64_vec()?
-            .into_iter()
-            .map(|x| usize::try_from(x).ok().filter(|&r| r < self.n && !std::mem::replace(&mut seen[r], true)))
-            .collect::<Option<Vec<usize>>>();
+        let mut seen = alloc::filled(self.n, false)?;
+        let ids = perm.to_i64_vec()?;
+        let rows = if ids.iter().all(|&x| usize::try_from(x).is_ok_and(|r| r < self.n && !std::mem::replace(&mut seen[r], true))) {
+            Some(alloc::collect(ids.into_iter().map(|x| x as usize))?)
+        } else {
+            None
+        };
         match rows {
             Some(rows) if rows.len() == self.n => {
                 self.rows = Some(rows);
@@ -256,23 +259,23 @@ impl Plan {
 
     /// Groups of `(b·h)`: runs `[j0, j1)` of consecutive query blocks with the same pooled blocks, at most
     /// `max_group()` long.
-    pub fn groups(&self, bh: usize) -> Vec<(usize, usize)> {
+    pub fn groups(&self, bh: usize) -> Result<Vec<(usize, usize)>, ViewError> {
         let cap = self.max_group();
         let mut out = Vec::new();
         let mut j0 = 0;
         for j in 1..=self.n_blocks {
             if j == self.n_blocks || j - j0 == cap || self.pooled_ids(bh, j) != self.pooled_ids(bh, j0) {
-                out.push((j0, j));
+                alloc::push(&mut out, (j0, j))?;
                 j0 = j;
             }
         }
-        out
+        Ok(out)
     }
 
     /// CSR transpose of the fine selection of `(b·h)`: for each fine key block, the query blocks that chose it in
     /// increasing order (`indptr` of `n_blocks + 1`, `indices`). Counts, prefix sum, fill.
-    pub fn transpose(&self, bh: usize) -> (Vec<usize>, Vec<u32>) {
-        let mut indptr = vec![0usize; self.n_blocks + 1];
+    pub fn transpose(&self, bh: usize) -> Result<(Vec<usize>, Vec<u32>), ViewError> {
+        let mut indptr = alloc::zeros::<usize>(self.n_blocks + 1)?;
         let rows = &self.fine[bh * self.n_blocks * self.k_fine..(bh + 1) * self.n_blocks * self.k_fine];
         for &p in rows {
             indptr[p as usize + 1] += 1;
@@ -280,13 +283,13 @@ impl Plan {
         for p in 0..self.n_blocks {
             indptr[p + 1] += indptr[p];
         }
-        let mut fill = indptr.clone();
-        let mut indices = vec![0u32; rows.len()];
+        let mut fill = alloc::copy(&indptr)?;
+        let mut indices = alloc::zeros::<u32>(rows.len())?;
         for (e, &p) in rows.iter().enumerate() {
             let slot = &mut fill[p as usize];
             indices[*slot] = (e / self.k_fine) as u32;
             *slot += 1;
         }
-        (indptr, indices)
+        Ok((indptr, indices))
     }
 }

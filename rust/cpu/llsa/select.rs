@@ -7,7 +7,8 @@
 use rayon::prelude::*;
 
 use super::{err, Pooling, View, ViewError};
-use crate::cpu::common::{active_isa, gather};
+use crate::alloc;
+use crate::cpu::common::{active_isa, gather, zeros};
 use crate::cpu::matmul::{Gemm, Mat, MatMut};
 use crate::cpu::pool::pool;
 use crate::cpu::view::DType;
@@ -104,7 +105,7 @@ pub fn select(levels: &[Level], block: usize, threads: usize) -> Result<(), View
     let pool = pool(threads).map_err(ViewError)?;
     let coarsest = levels.len() - 1;
     pool.install(|| {
-        (0..shape.batch_heads).into_par_iter().for_each(|bh| coarse(&levels[coarsest], &shape, coarsest, bh));
+        (0..shape.batch_heads).into_par_iter().try_for_each(|bh| coarse(&levels[coarsest], &shape, coarsest, bh))?;
         for l in (0..coarsest).rev() {
             let parents = shape.sizes[l + 1];
             let result: Result<(), ViewError> = (0..shape.batch_heads * parents).into_par_iter().try_for_each(|task| {
@@ -128,12 +129,12 @@ fn write_ids(out: &View, b: usize, h: usize, row: usize, ids: &[(i32, usize)]) {
 /// Query rows scored at once at the coarsest level (bounds the score buffer when that level is large).
 const COARSE_ROWS: usize = 64;
 
-fn coarse(level: &Level, shape: &Shape, l: usize, bh: usize) {
+fn coarse(level: &Level, shape: &Shape, l: usize, bh: usize) -> Result<(), ViewError> {
     let (b, h, d, n, count) = (bh / shape.heads, bh % shape.heads, shape.d, shape.sizes[l], shape.topks[l]);
     let chunk = COARSE_ROWS.min(n);
-    let (mut q, mut k, mut s) = (vec![0.0; chunk * d], vec![0.0; n * d], vec![0.0; chunk * n]);
+    let (mut q, mut k, mut s) = (zeros(chunk * d)?, zeros(n * d)?, zeros(alloc::size(&[chunk, n])?)?);
     gather(level.keys, (b, h), 0..n, 1.0, &mut k);
-    let mut best = Vec::with_capacity(count + 1);
+    let mut best = alloc::with_capacity(count + 1)?;
     for j0 in (0..n).step_by(chunk) {
         let rows = chunk.min(n - j0);
         gather(level.queries, (b, h), j0..j0 + rows, 1.0, &mut q);
@@ -143,6 +144,7 @@ fn coarse(level: &Level, shape: &Shape, l: usize, bh: usize) {
             write_ids(level.out, b, h, j0 + r, &best);
         }
     }
+    Ok(())
 }
 
 /// `I_l` for the children of level-(l+1) token `p` of `(b·h)`: top-K over the children of `I_{l+1}[p]`.
@@ -158,19 +160,19 @@ fn refine(
     let (b, h, d, n, count) = (bh / shape.heads, bh % shape.heads, shape.d, shape.sizes[l], shape.topks[l]);
     let parent_count = shape.topks[l + 1];
     // The parent level's ids, written by this call (so in `0..parent size`) before this level started.
-    let mut chosen: Vec<usize> = (0..parent_count).map(|i| parent.out.load_i64(&[b, h, p, i]) as usize).collect();
+    let mut chosen: Vec<usize> = alloc::collect((0..parent_count).map(|i| parent.out.load_i64(&[b, h, p, i]) as usize))?;
     chosen.sort_unstable();
-    let candidates: Vec<usize> = chosen.iter().flat_map(|&c| c * block..((c + 1) * block).min(n)).collect();
+    let candidates: Vec<usize> = alloc::collect(chosen.iter().flat_map(|&c| c * block..((c + 1) * block).min(n)))?;
     if candidates.len() < count {
         return err(format!("level {}: top-K {count} exceeds the {} candidates of a query", l + 1, candidates.len()));
     }
     let kc = candidates.len();
     let (r0, rows) = (p * block, block.min(n - p * block));
-    let (mut q, mut k, mut s) = (vec![0.0; rows * d], vec![0.0; kc * d], vec![0.0; rows * kc]);
+    let (mut q, mut k, mut s) = (zeros(rows * d)?, zeros(kc * d)?, zeros(alloc::size(&[rows, kc])?)?);
     gather(level.queries, (b, h), r0..r0 + rows, 1.0, &mut q);
     gather(level.keys, (b, h), candidates.iter().copied(), 1.0, &mut k);
     Gemm { m: rows, n: kc, k: d, accumulate: false }.run(MatMut::rows(&mut s, kc), Mat::rows(&q, d), Mat::rows(&k, d).t());
-    let mut best = Vec::with_capacity(count + 1);
+    let mut best = alloc::with_capacity(count + 1)?;
     for r in 0..rows {
         top(&s[r * kc..(r + 1) * kc], candidates.iter().copied(), count, &mut best);
         write_ids(level.out, b, h, r0 + r, &best);
@@ -190,18 +192,20 @@ pub fn zorder_pool(src: &View, perm: &View, pooled: &View, block: usize, levels:
     active_isa()?;
     src.expect(4, true)?;
     let (bh_shape, n, c) = ([src.shape()[0], src.shape()[1]], src.shape()[2], src.shape()[3]);
-    let rows: Vec<usize> = perm
-        .to_i64_vec()?
-        .into_iter()
-        .map(|x| usize::try_from(x).ok().filter(|&r| r < n))
-        .collect::<Option<Vec<usize>>>()
-        .ok_or_else(|| ViewError(format!("{}: row ids must lie in [0, {n})", perm.name())))?;
+    let ids = perm.to_i64_vec()?;
+    let mut rows: Vec<usize> = alloc::with_capacity(ids.len())?;
+    for x in ids {
+        rows.push(usize::try_from(x).ok().filter(|&r| r < n).ok_or_else(|| ViewError(format!("{}: row ids must lie in [0, {n})", perm.name())))?);
+    }
     if rows.len() != n {
         return err(format!("{}: expected {n} row ids, got {}", perm.name(), rows.len()));
     }
     if levels == 0 || block < 2 {
         return err("the pyramid needs levels >= 1 and a block size >= 2");
     }
+    let span = (0..levels)
+        .try_fold(1usize, |acc, _| acc.checked_mul(block))
+        .ok_or_else(|| ViewError("block_size ** levels overflows".into()))?;
     // sizes[l] = tokens of level l; level_rows[l - 1] = first row of level l in `pooled`.
     let mut sizes = vec![n];
     for l in 0..levels {
@@ -215,21 +219,19 @@ pub fn zorder_pool(src: &View, perm: &View, pooled: &View, block: usize, levels:
         return err(format!("{}: expected float32 {want:?}, got {:?} {:?}", pooled.name(), pooled.dtype(), pooled.shape()));
     }
     pooled.expect_contiguous()?;
-    let span = (0..levels)
-        .try_fold(1usize, |acc, _| acc.checked_mul(block))
-        .ok_or_else(|| ViewError("block_size ** levels overflows".into()))?;
     let chunk = span.saturating_mul(POOL_ROWS.div_ceil(span)).max(1);
     let per_bh = n.div_ceil(chunk);
     let heads = bh_shape[1];
     let pool = pool(threads).map_err(ViewError)?;
     pool.install(|| {
         let tasks = 0..bh_shape[0] * heads * per_bh;
-        tasks.into_par_iter().for_each_init(|| (Vec::new(), vec![0.0f32; c]), |(sums, mean), task| {
+        tasks.into_par_iter().try_for_each_init(|| (Vec::new(), zeros::<f32>(c)), |(sums, mean), task| {
+            let mean = mean.as_mut().map_err(|e| e.clone())?;
             let (bh, t) = (task / per_bh, task % per_bh);
             let (b, h, r0) = (bh / heads, bh % heads, t * chunk);
             let r1 = (r0 + chunk).min(n);
             sums.clear();
-            sums.resize((r1 - r0) * c, 0.0f32);
+            alloc::resize(sums, alloc::size(&[r1 - r0, c])?, 0.0f32)?;
             for r in r0..r1 {
                 let row = &mut sums[(r - r0) * c..(r - r0 + 1) * c];
                 src.load_row(&[b, h, rows[r]], row);
@@ -263,9 +265,9 @@ pub fn zorder_pool(src: &View, perm: &View, pooled: &View, block: usize, levels:
                     unsafe { pooled.store_row(&[b, h, level_rows[l - 1] + first + i], mean) };
                 }
             }
+            Ok::<(), ViewError>(())
         })
-    });
-    Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! The LLSA kernels against naive f64 loops over the same selection, and the plan's checks and transpose.
 
 use super::*;
-use crate::cpu::test_support::view_of;
+use crate::cpu::test_support::{on_every_isa, view_of};
 
 /// Deterministic pseudo-random numbers in [0, 1).
 struct Rng(u64);
@@ -300,17 +300,19 @@ fn run(case: &Case, threads: usize, pooling: Pooling) {
 
 #[test]
 fn forward_and_backward_match_naive_loops() {
-    // Two (b, h) slices: one thread runs the one-pass backward, two and three threads the two-pass one.
-    // N = 37, blocks of 4: the last level-1 token holds 1 token and the last level-2 token 2 children (5 tokens),
-    // so the two pooling rules' backwards differ.
-    for pooling in [Pooling::Children, Pooling::Tokens] {
-        for threads in [1, 3] {
-            run(&Case::new(1, 37, 4, 5, 3, 2), threads, pooling);
-            run(&Case::new(2, 37, 4, 72, 9, 3), threads, pooling);
+    on_every_isa(|| {
+        // Two (b, h) slices: one thread runs the one-pass backward, two and three threads the two-pass one.
+        // N = 37, blocks of 4: the last level-1 token holds 1 token and the last level-2 token 2 children (5 tokens),
+        // so the two pooling rules' backwards differ.
+        for pooling in [Pooling::Children, Pooling::Tokens] {
+            for threads in [1, 3] {
+                run(&Case::new(1, 37, 4, 5, 3, 2), threads, pooling);
+                run(&Case::new(2, 37, 4, 72, 9, 3), threads, pooling);
+            }
+            run(&Case::new(3, 16, 4, 8, 8, 4), 2, pooling);
+            run(&Case::new(4, 16, 4, 8, 8, 4), 1, pooling);
         }
-        run(&Case::new(3, 16, 4, 8, 8, 4), 2, pooling);
-        run(&Case::new(4, 16, 4, 8, 8, 4), 1, pooling);
-    }
+    });
 }
 
 #[test]
@@ -354,7 +356,7 @@ fn transpose_lists_every_chooser_once_in_order() {
     let case = Case::new(5, 37, 4, 5, 3, 3);
     let plan = case.plan().unwrap();
     for bh in 0..case.bh {
-        let (indptr, indices) = plan.transpose(bh);
+        let (indptr, indices) = plan.transpose(bh).unwrap();
         for p in 0..plan.n_blocks {
             let want: Vec<u32> =
                 (0..plan.n_blocks as u32).filter(|&j| plan.fine_ids(bh, j as usize).contains(&(p as u32))).collect();
@@ -368,7 +370,7 @@ fn groups_are_runs_of_equal_pooled_blocks() {
     let case = Case::new(6, 37, 4, 5, 3, 2);
     let plan = case.plan().unwrap();
     for bh in 0..case.bh {
-        let groups = plan.groups(bh);
+        let groups = plan.groups(bh).unwrap();
         assert_eq!(groups.first().unwrap().0, 0);
         assert_eq!(groups.last().unwrap().1, plan.n_blocks);
         for w in groups.windows(2) {

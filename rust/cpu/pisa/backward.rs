@@ -15,7 +15,8 @@
 use rayon::prelude::*;
 
 use super::{centroid_bias, groups, Inputs, CHUNK, GROUP_KEYS};
-use crate::cpu::common::{check_input, check_output, gather, Dims, LOG2_E};
+use crate::alloc;
+use crate::cpu::common::{check_input, check_output, gather, zeros, Dims, LOG2_E};
 use crate::cpu::isa::Isa;
 use crate::cpu::matmul::{Gemm, Mat, MatMut, Precision};
 use crate::cpu::pool::pool;
@@ -75,17 +76,20 @@ pub fn backward(x: &Inputs, rows: &BackwardRows, outs: &BackwardOutputs, threads
     pool.install(|| {
         let partials: Vec<KeyGrads> = (0..slices * splits)
             .into_par_iter()
-            .map_init(|| Buffers::new(block, dims), |buf, task| ctx.query_range(task / splits, task % splits, splits, outs.dq, buf))
-            .collect();
-        (0..slices * m).into_par_iter().for_each(|task| {
+            .map_init(
+                || Buffers::new(block, dims),
+                |buf, task| ctx.query_range(task / splits, task % splits, splits, outs.dq, buf.as_mut().map_err(|e| e.clone())?),
+            )
+            .collect::<Result<_, ViewError>>()?;
+        (0..slices * m).into_par_iter().try_for_each(|task| {
             let bh = task / m;
-            ctx.store_key_grads(outs, &partials[bh * splits..(bh + 1) * splits], bh, task % m);
-        });
+            ctx.store_key_grads(outs, &partials[bh * splits..(bh + 1) * splits], bh, task % m)
+        })?;
         if let Some(dhm) = outs.dmoment_mean {
-            (0..slices).into_par_iter().for_each(|bh| ctx.store_moment_grad(dhm, &partials[bh * splits..(bh + 1) * splits], bh));
+            (0..slices).into_par_iter().try_for_each(|bh| ctx.store_moment_grad(dhm, &partials[bh * splits..(bh + 1) * splits], bh))?;
         }
-    });
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Key-side gradients of one task, f32: `dk (N x D)`, `dv (N x Dv)` by block position (unscaled), `dk̄ (M x D)`
@@ -123,24 +127,25 @@ struct Buffers {
 }
 
 impl Buffers {
-    fn new(block: usize, dims: Dims) -> Self {
+    fn new(block: usize, dims: Dims) -> Result<Self, ViewError> {
         let keys = block.max(GROUP_KEYS);
         let wide = keys.max(CHUNK);
-        Buffers {
-            q: vec![0.0; block * dims.d],
-            dout: vec![0.0; block * dims.dv],
-            out: vec![0.0; block * dims.dv],
-            zg: vec![0.0; block * dims.dv],
-            dq: vec![0.0; block * dims.d],
-            lse: vec![0.0; block],
-            delta: vec![0.0; block],
-            rho: vec![0.0; block],
-            k: vec![0.0; keys * dims.d],
-            v: vec![0.0; keys * dims.dv],
-            p: vec![0.0; block * wide],
-            dp: vec![0.0; block * wide],
-            bias: vec![0.0; CHUNK],
-        }
+        let buf = |rows: usize, cols: usize| -> Result<Vec<f32>, ViewError> { zeros(alloc::size(&[rows, cols])?) };
+        Ok(Buffers {
+            q: buf(block, dims.d)?,
+            dout: buf(block, dims.dv)?,
+            out: buf(block, dims.dv)?,
+            zg: buf(block, dims.dv)?,
+            dq: buf(block, dims.d)?,
+            lse: zeros(block)?,
+            delta: zeros(block)?,
+            rho: zeros(block)?,
+            k: buf(keys, dims.d)?,
+            v: buf(keys, dims.dv)?,
+            p: buf(block, wide)?,
+            dp: buf(block, wide)?,
+            bias: zeros(CHUNK)?,
+        })
     }
 }
 
@@ -193,12 +198,12 @@ impl Ctx<'_> {
     }
 
     /// dq of query blocks `split` of `splits` of slice `bh` (written), and their key-side gradients (returned).
-    fn query_range(&self, bh: usize, split: usize, splits: usize, dq: &View, buf: &mut Buffers) -> KeyGrads {
+    fn query_range(&self, bh: usize, split: usize, splits: usize, dq: &View, buf: &mut Buffers) -> Result<KeyGrads, ViewError> {
         let (Dims { n, d, dv, .. }, m) = (self.dims, self.x.layout.num_blocks());
         let (b, h) = self.dims.slice(bh);
         let hybrid = if self.rows.moment_mean.is_some() { d * dv } else { 0 };
         let mut grads = KeyGrads {
-            dk: vec![0.0; n * d], dv: vec![0.0; n * dv], dkm: vec![0.0; m * d], dvm: vec![0.0; m * dv], dhm: vec![0.0; hybrid],
+            dk: zeros(n * d)?, dv: zeros(n * dv)?, dkm: zeros(m * d)?, dvm: zeros(m * dv)?, dhm: zeros(hybrid)?,
         };
         for i in (m * split / splits)..(m * (split + 1) / splits) {
             let (q0, lq) = self.load_query(b, h, i, buf);
@@ -219,7 +224,7 @@ impl Ctx<'_> {
                 unsafe { dq.store_row(&[b, h, self.x.layout.perm[q0 + r]], row) };
             }
         }
-        grads
+        Ok(grads)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -273,10 +278,10 @@ impl Ctx<'_> {
     }
 
     /// Sums the splits' `dH̄` of slice `bh` and writes it (times `scale`).
-    fn store_moment_grad(&self, dhm: &View, partials: &[KeyGrads], bh: usize) {
+    fn store_moment_grad(&self, dhm: &View, partials: &[KeyGrads], bh: usize) -> Result<(), ViewError> {
         let Dims { d, dv, .. } = self.dims;
         let (b, h) = self.dims.slice(bh);
-        let mut sum = vec![0.0f32; d * dv];
+        let mut sum = zeros(d * dv)?;
         for part in partials {
             sum.iter_mut().zip(&part.dhm).for_each(|(x, y)| *x += y);
         }
@@ -285,14 +290,15 @@ impl Ctx<'_> {
             // SAFETY: a validated contiguous f32 output whose slice bh only this task touches.
             unsafe { dhm.store_row(&[b, h, i], &sum[i * dv..(i + 1) * dv]) };
         }
+        Ok(())
     }
 
     /// Sums the splits' gradients of key block `j` of slice `bh` (its tokens and its centroid) and writes them.
-    fn store_key_grads(&self, outs: &BackwardOutputs, partials: &[KeyGrads], bh: usize, j: usize) {
+    fn store_key_grads(&self, outs: &BackwardOutputs, partials: &[KeyGrads], bh: usize, j: usize) -> Result<(), ViewError> {
         let Dims { d, dv, .. } = self.dims;
         let (b, h) = self.dims.slice(bh);
         let (k0, len) = self.x.layout.block(j);
-        let (mut gk, mut gv) = (vec![0.0f32; d], vec![0.0f32; dv]);
+        let (mut gk, mut gv) = (zeros(d)?, zeros(dv)?);
         for p in k0..k0 + len {
             sum_rows(&mut gk, &mut gv, partials.iter().map(|g| (&g.dk[p * d..(p + 1) * d], &g.dv[p * dv..(p + 1) * dv])));
             gk.iter_mut().for_each(|x| *x *= self.x.scale);
@@ -310,6 +316,7 @@ impl Ctx<'_> {
             outs.dkey_mean.store_row(&[b, h, j], &gk);
             outs.dvalue_mean.store_row(&[b, h, j], &gv);
         }
+        Ok(())
     }
 }
 

@@ -9,7 +9,8 @@
 use rayon::prelude::*;
 
 use super::{err, Layout};
-use crate::cpu::common::{active_isa, check_input, check_output, gather};
+use crate::alloc;
+use crate::cpu::common::{active_isa, check_input, check_output, gather, zeros};
 use crate::cpu::matmul::{Gemm, Mat, MatMut};
 use crate::cpu::pool::pool;
 use crate::cpu::view::{DType, View, ViewError};
@@ -82,25 +83,39 @@ pub fn stats(k: &View, v: &View, q: Option<&View>, layout: &Layout, outs: &Stats
             .into_par_iter()
             .map_init(
                 || Rows::new(block, shape),
-                |rows, task| pass.means_and_moments(q, outs, task / splits, (task % splits, splits), rows),
+                |rows, task| {
+                    let rows = rows.as_mut().map_err(|e| e.clone())?;
+                    pass.means_and_moments(q, outs, task / splits, (task % splits, splits), rows)
+                },
             )
-            .collect();
+            .collect::<Result<_, ViewError>>()?;
         let means: Vec<Vec<f32>> = match outs.moment_mean {
-            Some(moment_mean) => (0..slices).into_par_iter().map(|bh| pass.reduce(moment_mean, &partials[bh * splits..(bh + 1) * splits], bh)).collect(),
+            Some(moment_mean) => (0..slices)
+                .into_par_iter()
+                .map(|bh| pass.reduce(moment_mean, &partials[bh * splits..(bh + 1) * splits], bh))
+                .collect::<Result<_, ViewError>>()?,
             None => Vec::new(),
         };
         if let Some((spread, centre)) = outs.spread {
             // The centre c·H̄ of each slice (zero when c = 0: no moment_mean needed).
-            let centres: Vec<Vec<f32>> = (0..slices)
-                .map(|bh| means.get(bh).map_or_else(|| vec![0.0; d * dv], |h| h.iter().map(|x| x * centre).collect()))
-                .collect();
-            (0..slices * splits).into_par_iter().for_each_init(
+            let mut centres: Vec<Vec<f32>> = alloc::with_capacity(slices)?;
+            for bh in 0..slices {
+                centres.push(match means.get(bh) {
+                    Some(h) => alloc::collect(h.iter().map(|x| x * centre))?,
+                    None => zeros(alloc::size(&[d, dv])?)?,
+                });
+            }
+            (0..slices * splits).into_par_iter().try_for_each_init(
                 || Rows::new(block, shape),
-                |rows, task| pass.spread(spread, &centres[task / splits], task / splits, (task % splits, splits), rows),
-            );
+                |rows, task| {
+                    let rows = rows.as_mut().map_err(|e| e.clone())?;
+                    pass.spread(spread, &centres[task / splits], task / splits, (task % splits, splits), rows);
+                    Ok::<(), ViewError>(())
+                },
+            )?;
         }
-    });
-    Ok(())
+        Ok(())
+    })
 }
 
 struct Rows {
@@ -112,14 +127,14 @@ struct Rows {
 }
 
 impl Rows {
-    fn new(block: usize, shape: Shape) -> Self {
-        Rows {
-            q: vec![0.0; block * shape.d],
-            k: vec![0.0; block * shape.d],
-            v: vec![0.0; block * shape.dv],
-            moment: vec![0.0; shape.d * shape.dv],
-            row: vec![0.0; shape.d.max(shape.dv)],
-        }
+    fn new(block: usize, shape: Shape) -> Result<Self, ViewError> {
+        Ok(Rows {
+            q: zeros(alloc::size(&[block, shape.d])?)?,
+            k: zeros(alloc::size(&[block, shape.d])?)?,
+            v: zeros(alloc::size(&[block, shape.dv])?)?,
+            moment: zeros(alloc::size(&[shape.d, shape.dv])?)?,
+            row: zeros(shape.d.max(shape.dv))?,
+        })
     }
 }
 
@@ -158,7 +173,7 @@ impl Pass<'_> {
     }
 
     /// Means of the blocks of one split (written) and the split's partial `Σ H_j` (returned, `d x dv`).
-    fn means_and_moments(&self, q: Option<&View>, outs: &StatsOutputs, bh: usize, split: (usize, usize), rows: &mut Rows) -> Vec<f32> {
+    fn means_and_moments(&self, q: Option<&View>, outs: &StatsOutputs, bh: usize, split: (usize, usize), rows: &mut Rows) -> Result<Vec<f32>, ViewError> {
         let Shape { heads, d, dv, m, .. } = self.shape;
         let (b, h) = (bh / heads, bh % heads);
         rows.moment.fill(0.0);
@@ -187,13 +202,13 @@ impl Pass<'_> {
                 self.block_moment(len, rows, true);
             }
         }
-        rows.moment.clone()
+        Ok(alloc::copy(&rows.moment)?)
     }
 
     /// `H̄ = (1/N) Σ_j H_j` of slice `bh` from its splits' partial sums (written, and returned row-major `d x dv`).
-    fn reduce(&self, moment_mean: &View, partials: &[Vec<f32>], bh: usize) -> Vec<f32> {
+    fn reduce(&self, moment_mean: &View, partials: &[Vec<f32>], bh: usize) -> Result<Vec<f32>, ViewError> {
         let Shape { heads, n, d, dv, .. } = self.shape;
-        let mut mean = vec![0.0f32; d * dv];
+        let mut mean = zeros(d * dv)?;
         for part in partials {
             mean.iter_mut().zip(part).for_each(|(x, y)| *x += y);
         }
@@ -203,7 +218,7 @@ impl Pass<'_> {
             // SAFETY: a validated contiguous f32 output whose slice bh only this task touches.
             unsafe { moment_mean.store_row(&[bh / heads, bh % heads, i], &mean[i * dv..(i + 1) * dv]) };
         }
-        mean
+        Ok(mean)
     }
 
     /// `‖H_j − centre‖_F` for the blocks of one split (`centre`: `d x dv`).

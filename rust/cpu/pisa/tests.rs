@@ -1,7 +1,7 @@
 //! The PISA forward against a naive f64 reading of its definition, and the validation of layouts and selections.
 
 use super::*;
-use crate::cpu::test_support::{values, view};
+use crate::cpu::test_support::{on_every_isa, values, view};
 
 struct Case {
     n: usize,
@@ -102,25 +102,27 @@ fn centroids(c: &Case) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
 
 #[test]
 fn forward_matches_naive_spec() {
-    let c = case();
-    let (n, d, dv) = (c.n, c.d, c.dv);
-    let m = c.offsets.len() - 1;
-    let (km, vm, hbar) = centroids(&c);
-    let layout = Layout::new(&c.perm, &c.offsets, n).unwrap();
-    let selection = Selection::new(&c.ids, 1, m).unwrap();
-    let (q, k, v) = (view("q", &c.q, &[1, 1, n, d]), view("k", &c.k, &[1, 1, n, d]), view("v", &c.v, &[1, 1, n, dv]));
-    let (kmv, vmv, hv) = (view("key_mean", &km, &[1, 1, m, d]), view("value_mean", &vm, &[1, 1, m, dv]), view("moment_mean", &hbar, &[1, 1, d, dv]));
-    let x = Inputs { q: &q, k: &k, v: &v, key_mean: &kmv, value_mean: &vmv, layout: &layout, selection: &selection, scale: 0.7 };
-    for hybrid in [false, true] {
-        let (out, lse, zeta) = (vec![f32::NAN; n * dv], vec![f32::NAN; n], vec![f32::NAN; n]);
-        let (ov, lv, zv) = (view("out", &out, &[1, 1, n, dv]), view("lse", &lse, &[1, 1, n]), view("zeta", &zeta, &[1, 1, n]));
-        forward(&x, hybrid.then_some(&hv), &ov, &lv, &zv, 2).unwrap();
-        let want = naive(&c, 0.7, hybrid);
-        for (got, want) in out.iter().zip(&want) {
-            assert!((*got as f64 - want).abs() < 2e-5, "hybrid={hybrid}: {got} vs {want}");
+    on_every_isa(|| {
+        let c = case();
+        let (n, d, dv) = (c.n, c.d, c.dv);
+        let m = c.offsets.len() - 1;
+        let (km, vm, hbar) = centroids(&c);
+        let layout = Layout::new(&c.perm, &c.offsets, n).unwrap();
+        let selection = Selection::new(&c.ids, 1, m).unwrap();
+        let (q, k, v) = (view("q", &c.q, &[1, 1, n, d]), view("k", &c.k, &[1, 1, n, d]), view("v", &c.v, &[1, 1, n, dv]));
+        let (kmv, vmv, hv) = (view("key_mean", &km, &[1, 1, m, d]), view("value_mean", &vm, &[1, 1, m, dv]), view("moment_mean", &hbar, &[1, 1, d, dv]));
+        let x = Inputs { q: &q, k: &k, v: &v, key_mean: &kmv, value_mean: &vmv, layout: &layout, selection: &selection, scale: 0.7 };
+        for hybrid in [false, true] {
+            let (out, lse, zeta) = (vec![f32::NAN; n * dv], vec![f32::NAN; n], vec![f32::NAN; n]);
+            let (ov, lv, zv) = (view("out", &out, &[1, 1, n, dv]), view("lse", &lse, &[1, 1, n]), view("zeta", &zeta, &[1, 1, n]));
+            forward(&x, hybrid.then_some(&hv), &ov, &lv, &zv, 2).unwrap();
+            let want = naive(&c, 0.7, hybrid);
+            for (got, want) in out.iter().zip(&want) {
+                assert!((*got as f64 - want).abs() < 2e-5, "hybrid={hybrid}: {got} vs {want}");
+            }
+            assert!(lse.iter().chain(&zeta).all(|x| x.is_finite()));
         }
-        assert!(lse.iter().chain(&zeta).all(|x| x.is_finite()));
-    }
+    });
 }
 
 #[test]
@@ -138,45 +140,47 @@ fn bad_layouts_and_selections_are_errors() {
 
 #[test]
 fn stats_match_direct_loops() {
-    let c = case();
-    let (n, d, dv) = (c.n, c.d, c.dv);
-    let m = c.offsets.len() - 1;
-    let (km, vm, hbar) = centroids(&c);
-    let layout = Layout::new(&c.perm, &c.offsets, n).unwrap();
-    let (k, v, q) = (view("k", &c.k, &[1, 1, n, d]), view("v", &c.v, &[1, 1, n, dv]), view("q", &c.q, &[1, 1, n, d]));
-    let out = |len: usize| vec![f32::NAN; len];
-    // The centred spread ‖H_j − (1/M) Σ_i H_i‖_F: the centre is H̄ times N / M.
-    let centre = n as f32 / m as f32;
-    let (okm, ovm, ohm, oqm, okv, osp) = (out(m * d), out(m * dv), out(d * dv), out(m * d), out(m), out(m));
-    let outs = StatsOutputs {
-        key_mean: &view("key_mean", &okm, &[1, 1, m, d]),
-        value_mean: &view("value_mean", &ovm, &[1, 1, m, dv]),
-        moment_mean: Some(&view("moment_mean", &ohm, &[1, 1, d, dv])),
-        query_mean: Some(&view("query_mean", &oqm, &[1, 1, m, d])),
-        key_variance: Some(&view("key_variance", &okv, &[1, 1, m])),
-        spread: Some((&view("spread", &osp, &[1, 1, m]), centre)),
-    };
-    stats(&k, &v, Some(&q), &layout, &outs, 3).unwrap();
-    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()));
-    assert!(close(&okm, &km) && close(&ovm, &vm) && close(&ohm, &hbar));
-    for j in 0..m {
-        let ts: Vec<usize> = (c.offsets[j]..c.offsets[j + 1]).map(|p| c.perm[p as usize] as usize).collect();
-        let var: f32 = ts.iter().map(|&t| (0..d).map(|a| (c.k[t * d + a] - km[j * d + a]).powi(2)).sum::<f32>()).sum::<f32>() / ts.len() as f32;
-        assert!((okv[j] - var).abs() < 1e-5 * (1.0 + var), "key variance {} vs {var}", okv[j]);
-    }
-    for j in 0..m {
-        let ts: Vec<usize> = (c.offsets[j]..c.offsets[j + 1]).map(|p| c.perm[p as usize] as usize).collect();
-        for a in 0..d {
-            let want = ts.iter().map(|&t| c.q[t * d + a]).sum::<f32>() / ts.len() as f32;
-            assert!((oqm[j * d + a] - want).abs() < 1e-5);
+    on_every_isa(|| {
+        let c = case();
+        let (n, d, dv) = (c.n, c.d, c.dv);
+        let m = c.offsets.len() - 1;
+        let (km, vm, hbar) = centroids(&c);
+        let layout = Layout::new(&c.perm, &c.offsets, n).unwrap();
+        let (k, v, q) = (view("k", &c.k, &[1, 1, n, d]), view("v", &c.v, &[1, 1, n, dv]), view("q", &c.q, &[1, 1, n, d]));
+        let out = |len: usize| vec![f32::NAN; len];
+        // The centred spread ‖H_j − (1/M) Σ_i H_i‖_F: the centre is H̄ times N / M.
+        let centre = n as f32 / m as f32;
+        let (okm, ovm, ohm, oqm, okv, osp) = (out(m * d), out(m * dv), out(d * dv), out(m * d), out(m), out(m));
+        let outs = StatsOutputs {
+            key_mean: &view("key_mean", &okm, &[1, 1, m, d]),
+            value_mean: &view("value_mean", &ovm, &[1, 1, m, dv]),
+            moment_mean: Some(&view("moment_mean", &ohm, &[1, 1, d, dv])),
+            query_mean: Some(&view("query_mean", &oqm, &[1, 1, m, d])),
+            key_variance: Some(&view("key_variance", &okv, &[1, 1, m])),
+            spread: Some((&view("spread", &osp, &[1, 1, m]), centre)),
+        };
+        stats(&k, &v, Some(&q), &layout, &outs, 3).unwrap();
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()));
+        assert!(close(&okm, &km) && close(&ovm, &vm) && close(&ohm, &hbar));
+        for j in 0..m {
+            let ts: Vec<usize> = (c.offsets[j]..c.offsets[j + 1]).map(|p| c.perm[p as usize] as usize).collect();
+            let var: f32 = ts.iter().map(|&t| (0..d).map(|a| (c.k[t * d + a] - km[j * d + a]).powi(2)).sum::<f32>()).sum::<f32>() / ts.len() as f32;
+            assert!((okv[j] - var).abs() < 1e-5 * (1.0 + var), "key variance {} vs {var}", okv[j]);
         }
-        let mut sq = 0.0f32;
-        for a in 0..d {
-            for e in 0..dv {
-                let hj: f32 = ts.iter().map(|&t| (c.k[t * d + a] - km[j * d + a]) * c.v[t * dv + e]).sum();
-                sq += (hj - centre * hbar[a * dv + e]).powi(2);
+        for j in 0..m {
+            let ts: Vec<usize> = (c.offsets[j]..c.offsets[j + 1]).map(|p| c.perm[p as usize] as usize).collect();
+            for a in 0..d {
+                let want = ts.iter().map(|&t| c.q[t * d + a]).sum::<f32>() / ts.len() as f32;
+                assert!((oqm[j * d + a] - want).abs() < 1e-5);
             }
+            let mut sq = 0.0f32;
+            for a in 0..d {
+                for e in 0..dv {
+                    let hj: f32 = ts.iter().map(|&t| (c.k[t * d + a] - km[j * d + a]) * c.v[t * dv + e]).sum();
+                    sq += (hj - centre * hbar[a * dv + e]).powi(2);
+                }
+            }
+            assert!((osp[j] - sq.sqrt()).abs() < 1e-4 * (1.0 + sq.sqrt()), "{} vs {}", osp[j], sq.sqrt());
         }
-        assert!((osp[j] - sq.sqrt()).abs() < 1e-4 * (1.0 + sq.sqrt()), "{} vs {}", osp[j], sq.sqrt());
-    }
+    });
 }

@@ -239,6 +239,34 @@ pub fn power_rows_grad(
     }
 }
 
+/// `super::split_sums` with vectors: the same per-lane sums in the same order (tail entries into lane 0, lanes
+/// summed first to last), so the result is bit-equal; the portable body's selects compiled to lane shuffles here.
+#[target_feature(enable = "avx2,fma")]
+fn split_sums(g: &[f32], p: &[f32]) -> [f32; 4] {
+    let (threshold, zero) = (_mm256_set1_ps(super::LARGE), _mm256_setzero_ps());
+    let mut acc = [zero; 4];
+    for (gc, pc) in g.chunks_exact(W).zip(p.chunks_exact(W)) {
+        let [gv, pv] = [gc, pc].map(|c| load_v::<1>(c)[0]);
+        let (own2, own_g) = (_mm256_mul_ps(pv, pv), _mm256_mul_ps(gv, pv));
+        let large = _mm256_cmp_ps::<_CMP_GT_OQ>(pv, threshold);
+        acc[0] = _mm256_add_ps(acc[0], _mm256_andnot_ps(large, own2));
+        acc[1] = _mm256_add_ps(acc[1], _mm256_andnot_ps(large, own_g));
+        acc[2] = _mm256_add_ps(acc[2], _mm256_and_ps(large, own2));
+        acc[3] = _mm256_add_ps(acc[3], _mm256_and_ps(large, own_g));
+    }
+    let mut lanes = acc.map(to_lanes);
+    let split = p.len() - p.len() % W;
+    for (&gi, &pi) in g[split..].iter().zip(&p[split..]) {
+        let (own2, own_g) = (pi * pi, gi * pi);
+        let large = pi > super::LARGE;
+        lanes[0][0] += if large { 0.0 } else { own2 };
+        lanes[1][0] += if large { 0.0 } else { own_g };
+        lanes[2][0] += if large { own2 } else { 0.0 };
+        lanes[3][0] += if large { own_g } else { 0.0 };
+    }
+    lanes.map(|l| l.iter().sum())
+}
+
 /// `super::projection` per lane (the same operations in the same order).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -258,7 +286,7 @@ fn projection(gv: __m256, pv: __m256, sums: &[__m256; 4]) -> __m256 {
 fn grad_row(z: &[f32], g: &[f32], gamma: f32, eps: f32, ls: &[f32], p: &[f32], norms: Norms, dz: &mut [f32]) -> f32 {
     let (n1, n2) = norms;
     let inv_n2 = 1.0 / n2;
-    let sums = super::split_sums(g, p);
+    let sums = split_sums(g, p);
     let gu = (sums[1] + sums[3]) * inv_n2;
     let (a, b) = (_mm256_set1_ps(gu / n1), _mm256_set1_ps(gamma * n1));
     let (inv_n2_sq, sums) = (_mm256_set1_ps(inv_n2 * inv_n2), splat(sums));

@@ -1,0 +1,176 @@
+//! The 16-lane clones of [`super`]'s products and lane loops, written with AVX-512 vectors: one `__m512` per
+//! `Lanes` (the 16 queries of a tile), or per 16 channels in [`update_block`]. Left to the vectorizer, the
+//! `[f32; 16]` arrays of the AVX-512 clone became gathers and scatters across rows of lanes; here every load and
+//! store is a whole vector. Each function does the same operations in the same order per lane as its portable
+//! twin with FMA (the portable body is the reference of the tests).
+
+use std::arch::x86_64::*;
+
+use super::{Lanes, LANES};
+use crate::cpu::vmath::{EXP2_P, ROUND_MAGIC};
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn ld(x: &[f32]) -> __m512 {
+    let x = &x[..LANES];
+    // SAFETY: `x` holds 16 values (the slicing above checks it), the width of one unaligned load.
+    unsafe { _mm512_loadu_ps(x.as_ptr()) }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn st(x: &mut [f32], v: __m512) {
+    let x = &mut x[..LANES];
+    // SAFETY: `x` holds 16 values (the slicing above checks it), the width of one unaligned store.
+    unsafe { _mm512_storeu_ps(x.as_mut_ptr(), v) }
+}
+
+/// `super::dots_block`: `out[i] = Σ_c a[c] · panel[c·stride + i]`, `i < NB`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub fn dots_block<const NB: usize>(a: &[Lanes], panel: &[f32], stride: usize, out: &mut [Lanes]) {
+    let mut acc = [_mm512_setzero_ps(); NB];
+    for (c, av) in a.iter().enumerate() {
+        let (column, av) = (&panel[c * stride..][..NB], ld(av));
+        for i in 0..NB {
+            acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(column[i]), av, acc[i]);
+        }
+    }
+    for (o, v) in out[..NB].iter_mut().zip(acc) {
+        st(o, v);
+    }
+}
+
+/// `super::combine_block`: `acc[i] += Σ_j w[j] · rows[j·stride + i]`, `i < CB`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub fn combine_block<const CB: usize>(w: &[Lanes], rows: &[f32], stride: usize, acc: &mut [Lanes]) {
+    let acc = &mut acc[..CB];
+    let mut a = [_mm512_setzero_ps(); CB];
+    for (a, x) in a.iter_mut().zip(acc.iter()) {
+        *a = ld(x);
+    }
+    for (j, wv) in w.iter().enumerate() {
+        let (row, wv) = (&rows[j * stride..][..CB], ld(wv));
+        for i in 0..CB {
+            a[i] = _mm512_fmadd_ps(_mm512_set1_ps(row[i]), wv, a[i]);
+        }
+    }
+    for (x, v) in acc.iter_mut().zip(a) {
+        st(x, v);
+    }
+}
+
+/// `super::update_block` with 16-channel vectors: `dst[jj·stride + c] += Σ_l w[jj][l] · b[l·width + c]` for
+/// `jj < JB`, `c < 16·VB`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub fn update_block<const JB: usize, const VB: usize>(
+    w: &[Lanes],
+    b: &[f32],
+    width: usize,
+    dst: &mut [f32],
+    stride: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); VB]; JB];
+    for (jj, a) in acc.iter_mut().enumerate() {
+        for (v, av) in a.iter_mut().enumerate() {
+            *av = ld(&dst[jj * stride + v * LANES..]);
+        }
+    }
+    for l in 0..LANES {
+        let row = &b[l * width..][..VB * LANES];
+        for v in 0..VB {
+            let bv = ld(&row[v * LANES..]);
+            for jj in 0..JB {
+                acc[jj][v] = _mm512_fmadd_ps(_mm512_set1_ps(w[jj][l]), bv, acc[jj][v]);
+            }
+        }
+    }
+    for (jj, a) in acc.iter().enumerate() {
+        for (v, av) in a.iter().enumerate() {
+            st(&mut dst[jj * stride + v * LANES..], *av);
+        }
+    }
+}
+
+/// `super::mask_columns`: −∞ outside `[lo, hi]` per lane (a NaN bound keeps nothing, as the comparisons there).
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub fn mask_columns(s: &mut [Lanes], x0: f32, lo: &Lanes, hi: &Lanes) {
+    let (lo, hi, minus_inf) = (ld(lo), ld(hi), _mm512_set1_ps(f32::NEG_INFINITY));
+    for (i, row) in s.iter_mut().enumerate() {
+        let x = _mm512_set1_ps(x0 + i as f32);
+        let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, lo) & _mm512_cmp_ps_mask::<_CMP_LE_OQ>(x, hi);
+        let kept = _mm512_mask_blend_ps(keep, minus_inf, ld(row));
+        st(row, kept);
+    }
+}
+
+/// `super::max_lanes` (`max_ps(row, m)` is `row > m ? row : m`, NaN rows skipped, as there).
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub fn max_lanes(s: &[Lanes]) -> Lanes {
+    let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+    for row in s {
+        m = _mm512_max_ps(ld(row), m);
+    }
+    let mut out = [0.0; LANES];
+    st(&mut out, m);
+    out
+}
+
+/// `vmath::exp2_one` per lane: the same clamp (NaN passes), rounding, polynomial and exponent bits.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn exp2(x: __m512) -> __m512 {
+    // `max_ps`/`min_ps` return their second operand when either is NaN: `x` second, so a NaN stays NaN.
+    let x = _mm512_min_ps(_mm512_set1_ps(127.0), _mm512_max_ps(_mm512_set1_ps(-127.0), x));
+    let magic = _mm512_set1_ps(ROUND_MAGIC);
+    let t = _mm512_add_ps(x, magic);
+    let f = _mm512_sub_ps(x, _mm512_sub_ps(t, magic));
+    let mut p = _mm512_set1_ps(EXP2_P[0]);
+    for c in &EXP2_P[1..] {
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(*c));
+    }
+    let bias = _mm512_set1_epi32(ROUND_MAGIC.to_bits() as i32 - 127);
+    let scale = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_sub_epi32(_mm512_castps_si512(t), bias)));
+    _mm512_mul_ps(_mm512_fmadd_ps(f, p, _mm512_set1_ps(1.0)), scale)
+}
+
+/// `super::exp2_shift`: `s[j] = 2^(s[j] − shift)` in place; returns the lane-wise sums.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub fn exp2_shift(s: &mut [Lanes], shift: &Lanes) -> Lanes {
+    let (shift, mut sum) = (ld(shift), _mm512_setzero_ps());
+    for row in s.iter_mut() {
+        let p = exp2(_mm512_sub_ps(ld(row), shift));
+        st(row, p);
+        sum = _mm512_add_ps(sum, p);
+    }
+    let mut out = [0.0; LANES];
+    st(&mut out, sum);
+    out
+}
+
+/// `super::scale_rows`: `rows[j] *= by` lane-wise.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub fn scale_rows(rows: &mut [Lanes], by: &Lanes) {
+    let by = ld(by);
+    for row in rows.iter_mut() {
+        let scaled = _mm512_mul_ps(ld(row), by);
+        st(row, scaled);
+    }
+}
+
+/// `super::softmax_grad`: `ds[j] = p[j] · (ds[j] − delta)` lane-wise.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub fn softmax_grad(ds: &mut [Lanes], p: &[Lanes], delta: &Lanes) {
+    let delta = ld(delta);
+    for (d, p) in ds.iter_mut().zip(p) {
+        let grad = _mm512_mul_ps(ld(p), _mm512_sub_ps(ld(d), delta));
+        st(d, grad);
+    }
+}
