@@ -273,7 +273,8 @@ mod tests {
         let bf16 = Precision::for_inputs(DType::BF16, isa);
         assert!(bf16.is_bf16() && !Precision::for_inputs(DType::F32, isa).is_bf16());
         let round = |x: f32| half::bf16::from_f32(x).to_f32() as f64;
-        // Tails of the 8 x 32 tile and of the 16-wide packing, odd inner sizes, both operand orientations.
+        // Tails of the 8 x 32 tile and of the 16-wide packing, odd inner sizes, both operand orientations; the
+        // tests' packed blocks (16 rows, 64 columns, 16 inner values) are crossed in every dimension.
         for &(m, n, k) in &[(1, 1, 1), (8, 32, 2), (9, 33, 3), (17, 47, 33), (64, 256, 64), (40, 16, 63), (3, 70, 0)] {
             let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.0937).collect();
             let b: Vec<f32> = (0..k * n).map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.1171).collect();

@@ -252,30 +252,67 @@ fn tile(a: &[u32], b: &[u32], kp: usize) -> [[f32; NR]; MR] {
     out
 }
 
-/// `dst (m x n, row stride ld) = [dst +] lhs · rhs` in bf16 dot products.
+// The operands are packed in blocks of at most `MC x 2·KC` and `2·KC x NC` values (at most 4 MiB and 8 MiB), so
+// the packing buffers are bounded whatever a call's sizes; the kernels' products fit in one block. The unit tests
+// use small blocks, so their sizes cross every block boundary.
+/// Pairs of the inner dimension packed at a time.
+const KC: usize = if cfg!(test) { 8 } else { 2048 };
+/// Rows of `lhs` packed at a time (a multiple of `MR`).
+const MC: usize = if cfg!(test) { 16 } else { 512 };
+/// Columns of `rhs` packed at a time (a multiple of `NR`).
+const NC: usize = if cfg!(test) { 64 } else { 1024 };
+
+/// `x` from element `(i, j)` on: the same strides, its origin moved (the extent is kept: nothing past
+/// `Gemm::run_in`'s check reads it).
+///
+/// # Safety
+/// `(i, j)` must lie inside the sizes the operand is used with.
+unsafe fn from<'a>(x: &Mat<'a>, i: usize, j: usize) -> Mat<'a> {
+    // SAFETY: by this function's contract the offset stays inside the operand.
+    let ptr = unsafe { x.ptr.add(i * x.rs + j * x.cs) };
+    Mat { ptr, rs: x.rs, cs: x.cs, extent: x.extent, _data: std::marker::PhantomData }
+}
+
+/// `dst (m x n, row stride ld) = [dst +] lhs · rhs` in bf16 dot products, block by block of the operands (each
+/// block of the inner dimension after the first accumulates).
 ///
 /// # Safety
 /// Every element of `lhs` inside `m x k` and of `rhs` inside `k x n` must be readable.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub(super) unsafe fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], ld: usize, accumulate: bool, lhs: &Mat, rhs: &Mat) {
-    let kp = k.div_ceil(2);
-    PACKED.with_borrow_mut(|(a, b)| {
-        // SAFETY: by this function's contract.
-        unsafe {
-            pack_lhs(lhs, m, k, a);
-            pack_rhs(rhs, k, n, b);
+    if k == 0 {
+        if !accumulate {
+            (0..m).for_each(|i| dst[i * ld..][..n].fill(0.0));
         }
-        for i0 in (0..m).step_by(MR) {
-            let rows = MR.min(m - i0);
-            for (jb, j0) in (0..n).step_by(NR).enumerate() {
-                let cols = NR.min(n - j0);
-                let t = tile(&a[i0 * kp..(i0 + MR) * kp], &b[jb * kp * NR..(jb + 1) * kp * NR], kp);
-                for (r, tr) in t.iter().enumerate().take(rows) {
-                    let out = &mut dst[(i0 + r) * ld + j0..][..cols];
-                    if accumulate {
-                        out.iter_mut().zip(tr).for_each(|(o, x)| *o += x);
-                    } else {
-                        out.copy_from_slice(&tr[..cols]);
+        return;
+    }
+    PACKED.with_borrow_mut(|(a, b)| {
+        for k0 in (0..k).step_by(2 * KC) {
+            let kc = (2 * KC).min(k - k0);
+            let kp = kc.div_ceil(2);
+            let add = accumulate || k0 > 0;
+            for j0 in (0..n).step_by(NC) {
+                let nc = NC.min(n - j0);
+                // SAFETY: (k0, j0) lies inside `rhs` (k0 < k, j0 < n), and so does its `kc x nc` block.
+                unsafe { pack_rhs(&from(rhs, k0, j0), kc, nc, b) };
+                for i0 in (0..m).step_by(MC) {
+                    let mc = MC.min(m - i0);
+                    // SAFETY: (i0, k0) lies inside `lhs` (i0 < m, k0 < k), and so does its `mc x kc` block.
+                    unsafe { pack_lhs(&from(lhs, i0, k0), mc, kc, a) };
+                    for r0 in (0..mc).step_by(MR) {
+                        let rows = MR.min(mc - r0);
+                        for (jb, c0) in (0..nc).step_by(NR).enumerate() {
+                            let cols = NR.min(nc - c0);
+                            let t = tile(&a[r0 * kp..(r0 + MR) * kp], &b[jb * kp * NR..(jb + 1) * kp * NR], kp);
+                            for (r, tr) in t.iter().enumerate().take(rows) {
+                                let out = &mut dst[(i0 + r0 + r) * ld + j0 + c0..][..cols];
+                                if add {
+                                    out.iter_mut().zip(tr).for_each(|(o, x)| *o += x);
+                                } else {
+                                    out.copy_from_slice(&tr[..cols]);
+                                }
+                            }
+                        }
                     }
                 }
             }
