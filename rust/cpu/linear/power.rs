@@ -4,14 +4,16 @@
 //! The functions take a block of rows (`rows x D`, row-major, one exponent per row). The forward makes two passes
 //! over each row while it is in L1 (`r` with its norm and maximum, then `log2 r` and the power), which measured a
 //! little faster than running each pass over the whole block. Each block function has a portable body (the
-//! baseline, and the reference of the tests) and an AVX2+FMA clone written with intrinsics (`avx2`, also run on the
-//! AVX-512 levels), chosen at run time once per block.
+//! baseline, and the reference of the tests), an AVX2+FMA clone written with intrinsics (`avx2`) and an AVX-512
+//! clone written with `__m512` intrinsics (`zmm`, the same operations per lane), chosen at run time once per block.
 
 use crate::cpu::isa::{Isa, Level};
 use crate::cpu::vmath::{exp2_one, log2_one, madd, LANES};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod zmm;
 
 const LN_2: f32 = std::f32::consts::LN_2;
 
@@ -207,11 +209,16 @@ pub fn power_rows(z: &[f32], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f
     power_rows_in(Isa::current(), z, gamma, eps, ls, p, norms)
 }
 
-/// [`power_rows`] on the level `isa`: the AVX2 intrinsics on every level from AVX2 up, else the portable body. The
-/// AVX-512 levels run the AVX2 clone too: the portable body compiled for 16 lanes measured 1.15x slower for DyDiLA's
-/// forward and backward (its lane-array reductions became shuffles and a scalar loop) on the Zen 4 test machine.
+/// [`power_rows`] on the level `isa`: the `__m512` intrinsics on the AVX-512 levels, the AVX2 ones on AVX2, else the
+/// portable body. (The portable body compiled for 16 lanes measured 1.15x slower than the AVX2 clone on the Zen 4
+/// test machine: its lane-array reductions became shuffles and a scalar loop; the `zmm` clone measured 1.05x faster.)
 fn power_rows_in(isa: Isa, z: &[f32], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
     check_block(gamma, &[z.len(), ls.len(), p.len()], &[norms.len()]);
+    #[cfg(target_arch = "x86_64")]
+    if isa.level() >= Level::Avx512 {
+        // SAFETY: an `Isa` holds only a level whose features this CPU has, here at least AVX-512 F/DQ/VL, AVX2, FMA.
+        return unsafe { zmm::power_rows(z, gamma, eps, ls, p, norms) };
+    }
     #[cfg(target_arch = "x86_64")]
     if isa.level() >= Level::Avx2 {
         // SAFETY: an `Isa` holds only a level whose features this CPU has, here at least AVX2 and FMA.
@@ -252,6 +259,11 @@ fn power_rows_grad_in(
     dgamma: &mut [f32],
 ) {
     check_block(gamma, &[z.len(), g.len(), ls.len(), p.len(), dz.len()], &[norms.len(), dgamma.len()]);
+    #[cfg(target_arch = "x86_64")]
+    if isa.level() >= Level::Avx512 {
+        // SAFETY: an `Isa` holds only a level whose features this CPU has, here at least AVX-512 F/DQ/VL, AVX2, FMA.
+        return unsafe { zmm::power_rows_grad(z, g, gamma, eps, ls, p, norms, dz, dgamma) };
+    }
     #[cfg(target_arch = "x86_64")]
     if isa.level() >= Level::Avx2 {
         // SAFETY: an `Isa` holds only a level whose features this CPU has, here at least AVX2 and FMA.
@@ -336,6 +348,71 @@ mod tests {
                     assert!(close(want.2[r].0, got.2[r].0, 1e-6) && close(want.2[r].1, got.2[r].1, 1e-6), "norms d={d}");
                     assert!(close(want.4[r], got.4[r], 1e-5), "dgamma d={d}: {} vs {}", want.4[r], got.4[r]);
                 }
+            }
+        }
+    }
+
+    /// Both outputs of every row on the level `isa`, or of the portable body (with FMA, as the vector clones).
+    fn run_rows(isa: Option<Isa>, z: &[f32], g: &[f32], gamma: &[f32], eps: f32) -> Vec<Vec<f32>> {
+        let (rows, n) = (gamma.len(), z.len());
+        let (mut ls, mut p, mut dz) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        let (mut norms, mut dgamma) = (vec![(0.0, 0.0); rows], vec![0.0; rows]);
+        if let Some(isa) = isa {
+            power_rows_in(isa, z, gamma, eps, &mut ls, &mut p, &mut norms);
+            power_rows_grad_in(isa, z, g, gamma, eps, &ls, &p, &norms, &mut dz, &mut dgamma);
+        } else {
+            power_rows_body::<true, 8>(z, gamma, eps, &mut ls, &mut p, &mut norms);
+            power_rows_grad_body::<true, 8>(z, g, gamma, eps, &ls, &p, &norms, &mut dz, &mut dgamma);
+        }
+        let (n1, n2) = norms.into_iter().unzip();
+        vec![ls, p, dz, n1, n2, dgamma]
+    }
+
+    #[test]
+    fn vector_paths_keep_the_portable_nan_pattern_and_split_sums_bit_equal() {
+        // Lengths around the 8- and 16-lane widths (tails of every size after 0, 1 and 2 full zmm vectors), rows
+        // with a NaN or an infinite input among finite ones, and a clean row; NaN where the portable body has NaN,
+        // the same infinities, finite values close.
+        let eps = 1e-6f32;
+        for d in (1..=40).chain([47, 63, 64, 65]) {
+            let rows = 4;
+            let mut z: Vec<f32> = (0..rows * d).map(|i| ((i * 29 % 17) as f32 - 7.0) * 0.21).collect();
+            let g: Vec<f32> = (0..rows * d).map(|i| ((i * 11 % 9) as f32 - 4.0) * 0.3).collect();
+            let at = |row: usize| row * d + (row * 7 + 3) % d;
+            z[at(0)] = f32::NAN;
+            z[at(1)] = f32::INFINITY;
+            z[at(2)] = f32::NEG_INFINITY;
+            let gamma = [1.5f32, 3.0, 2.2, 0.7];
+            let want = run_rows(None, &z, &g, &gamma, eps);
+            for isa in Isa::supported() {
+                let got = run_rows(Some(isa), &z, &g, &gamma, eps);
+                for (k, (w, o)) in want.iter().zip(&got).enumerate() {
+                    for (i, (&a, &b)) in w.iter().zip(o).enumerate() {
+                        let same = (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= 1e-5 * (1.0 + a.abs().max(b.abs()));
+                        assert!(same, "{isa:?} d={d} output {k} [{i}]: portable {a} vs {b}");
+                    }
+                }
+            }
+        }
+        // The split sums: bit-equal on every level, over every length and a mix of large and small powers.
+        for d in 1..=70 {
+            let p: Vec<f32> = (0..d).map(|i| ((i * 37 % 19) as f32 / 19.0).powi(3) * 1.3).collect();
+            let g: Vec<f32> = (0..d).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.37).collect();
+            let want = split_sums(&g, &p);
+            for isa in Isa::supported() {
+                #[cfg(target_arch = "x86_64")]
+                let got = if isa.level() >= Level::Avx512 {
+                    // SAFETY: an `Isa` holds only a level whose features this CPU has, here AVX-512 F/DQ/VL.
+                    unsafe { zmm::split_sums(&g, &p) }
+                } else if isa.level() >= Level::Avx2 {
+                    // SAFETY: an `Isa` holds only a level whose features this CPU has, here AVX2 and FMA.
+                    unsafe { avx2::split_sums(&g, &p) }
+                } else {
+                    want
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let got = want;
+                assert_eq!(want.map(f32::to_bits), got.map(f32::to_bits), "{isa:?} d={d}");
             }
         }
     }

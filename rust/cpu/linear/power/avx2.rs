@@ -242,7 +242,7 @@ pub fn power_rows_grad(
 /// `super::split_sums` with vectors: the same per-lane sums in the same order (tail entries into lane 0, lanes
 /// summed first to last), so the result is bit-equal; the portable body's selects compiled to lane shuffles here.
 #[target_feature(enable = "avx2,fma")]
-fn split_sums(g: &[f32], p: &[f32]) -> [f32; 4] {
+pub(super) fn split_sums(g: &[f32], p: &[f32]) -> [f32; 4] {
     let (threshold, zero) = (_mm256_set1_ps(super::LARGE), _mm256_setzero_ps());
     let mut acc = [zero; 4];
     for (gc, pc) in g.chunks_exact(W).zip(p.chunks_exact(W)) {

@@ -1,0 +1,311 @@
+//! The AVX-512 clones of [`super::power_rows`] and [`super::power_rows_grad`], written with `__m512` intrinsics:
+//! the operations of the AVX2 clone (`super::avx2`, itself `vmath`'s `log2` / `exp2` op for op) on 16 lanes,
+//! `STEP` vectors at a time so the long `log2` → `exp2` chains interleave (a 64-wide row is one step). Tails are
+//! masked loads and stores; padded lanes are kept out of every sum by the mask.
+
+use std::arch::x86_64::*;
+
+use super::Norms;
+use crate::cpu::vmath::{log2_one, EXP2_P, LANES, LOG2_P, ROUND_MAGIC, SQRT_HALF_BITS};
+
+const W: usize = 16;
+/// Vectors per step of the main loops.
+const STEP: usize = 4;
+/// `ROUND_MAGIC + 127`: `x + EXP2_MAGIC` holds `round(x) + 127` in its low mantissa bits, so shifting its bits
+/// left by 23 gives the bits of `2^round(x)` directly (0 for −127).
+const EXP2_MAGIC: f32 = ROUND_MAGIC + 127.0;
+
+/// Every value of `c` broadcast to a vector.
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+fn splat<const K: usize>(c: [f32; K]) -> [__m512; K] {
+    c.map(|c| _mm512_set1_ps(c))
+}
+
+/// `log2 x` of `N` vectors, `x` positive, normal and finite, as `vmath::log2_one`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+fn log2_v<const N: usize>(x: [__m512; N]) -> [__m512; N] {
+    let c = splat(LOG2_P);
+    let one = _mm512_set1_ps(1.0);
+    let mut out = [one; N];
+    for j in 0..N {
+        let bits = _mm512_castps_si512(x[j]);
+        let folded = _mm512_srai_epi32::<23>(_mm512_sub_epi32(bits, _mm512_set1_epi32(SQRT_HALF_BITS)));
+        let m = _mm512_castsi512_ps(_mm512_sub_epi32(bits, _mm512_slli_epi32::<23>(folded)));
+        let s = _mm512_div_ps(_mm512_sub_ps(m, one), _mm512_add_ps(m, one));
+        let s2 = _mm512_mul_ps(s, s);
+        let mut p = c[0];
+        for coef in &c[1..] {
+            p = _mm512_fmadd_ps(p, s2, *coef);
+        }
+        out[j] = _mm512_fmadd_ps(s, p, _mm512_cvtepi32_ps(folded));
+    }
+    out
+}
+
+/// `2^x` of `N` vectors, clamped to [−127, 127] (−127 and below give 0), as `vmath::exp2_one`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+fn exp2_v<const N: usize>(x: [__m512; N]) -> [__m512; N] {
+    let c = splat(EXP2_P);
+    let magic = _mm512_set1_ps(EXP2_MAGIC);
+    let (mut f, mut scale) = ([magic; N], [magic; N]);
+    for j in 0..N {
+        // `max_ps`/`min_ps` return their second operand when either is NaN: `x` second, so a NaN stays NaN.
+        let x = _mm512_min_ps(_mm512_set1_ps(127.0), _mm512_max_ps(_mm512_set1_ps(-127.0), x[j]));
+        let t = _mm512_add_ps(x, magic);
+        f[j] = _mm512_sub_ps(x, _mm512_sub_ps(t, magic));
+        scale[j] = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_castps_si512(t)));
+    }
+    let mut p = [c[0]; N];
+    for coef in &c[1..] {
+        for j in 0..N {
+            p[j] = _mm512_fmadd_ps(p[j], f[j], *coef);
+        }
+    }
+    for j in 0..N {
+        p[j] = _mm512_mul_ps(_mm512_fmadd_ps(f[j], p[j], _mm512_set1_ps(1.0)), scale[j]);
+    }
+    p
+}
+
+/// Lanes `< len` (`len <= 16`).
+fn tail_mask(len: usize) -> __mmask16 {
+    debug_assert!(len <= W);
+    ((1u32 << len) - 1) as __mmask16
+}
+
+/// The values of `src` (at most 16) in the first lanes, `fill` in the others.
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+fn load_tail(src: &[f32], fill: f32) -> __m512 {
+    let src = &src[..src.len().min(W)];
+    // SAFETY: the mask selects the first `src.len()` lanes, all inside `src`; masked-off lanes are not read (a
+    // masked load suppresses their faults).
+    unsafe { _mm512_mask_loadu_ps(_mm512_set1_ps(fill), tail_mask(src.len()), src.as_ptr()) }
+}
+
+/// Writes the first `dst.len()` lanes of `v` (at most 16) to `dst`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+fn store_tail(dst: &mut [f32], v: __m512) {
+    let len = dst.len().min(W);
+    let dst = &mut dst[..len];
+    // SAFETY: the mask selects the first `dst.len()` lanes, all inside `dst`; masked-off lanes are not written.
+    unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr(), tail_mask(dst.len()), v) }
+}
+
+/// The first `N·16` values of `src` as `N` vectors (panics if it holds fewer).
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+fn load_v<const N: usize>(src: &[f32]) -> [__m512; N] {
+    let src = &src[..N * W];
+    let mut v = [_mm512_setzero_ps(); N];
+    for (j, v) in v.iter_mut().enumerate() {
+        // SAFETY: `src` holds `N·16` values, so the 16 from `j·16` (`j < N`) are inside it.
+        *v = unsafe { _mm512_loadu_ps(src.as_ptr().add(j * W)) };
+    }
+    v
+}
+
+/// Writes `N` vectors to the first `N·16` values of `dst` (panics if it holds fewer).
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+fn store_v<const N: usize>(dst: &mut [f32], v: [__m512; N]) {
+    let dst = &mut dst[..N * W];
+    for (j, v) in v.iter().enumerate() {
+        // SAFETY: `dst` holds `N·16` values, so the 16 from `j·16` (`j < N`) are inside it.
+        unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add(j * W), *v) };
+    }
+}
+
+/// Pass 1 of one row (see `super::relu_row`): `r = max(relu(z) + ε, f32::MIN_POSITIVE)` into `r_out`; returns
+/// `(‖r‖, max r)`.
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+fn relu_row(z: &[f32], eps: f32, r_out: &mut [f32]) -> (f32, f32) {
+    let (zero, eps, tiny) = (_mm512_setzero_ps(), _mm512_set1_ps(eps), _mm512_set1_ps(f32::MIN_POSITIVE));
+    // `max_ps` returns its second operand when either is NaN: `z` second, so a NaN z stays NaN (as in torch).
+    let relu = |z: __m512| _mm512_max_ps(tiny, _mm512_add_ps(_mm512_max_ps(zero, z), eps));
+    let (mut r2, mut rmax) = ([zero; STEP], [zero; STEP]);
+    let mut zs = z.chunks_exact(STEP * W);
+    let mut rs = r_out.chunks_exact_mut(STEP * W);
+    for (zc, rc) in (&mut zs).zip(&mut rs) {
+        let mut r = load_v::<STEP>(zc);
+        for j in 0..STEP {
+            r[j] = relu(r[j]);
+            r2[j] = _mm512_fmadd_ps(r[j], r[j], r2[j]);
+            rmax[j] = _mm512_max_ps(r[j], rmax[j]);
+        }
+        store_v(rc, r);
+    }
+    for (zc, rc) in zs.remainder().chunks(W).zip(rs.into_remainder().chunks_mut(W)) {
+        let keep = tail_mask(rc.len());
+        let r = relu(load_tail(zc, 0.0));
+        store_tail(rc, r);
+        r2[0] = _mm512_mask3_fmadd_ps(r, r, r2[0], keep);
+        rmax[0] = _mm512_mask_max_ps(rmax[0], keep, r, rmax[0]);
+    }
+    let r2 = r2[1..].iter().fold(r2[0], |a, b| _mm512_add_ps(a, *b));
+    let rmax = rmax[1..].iter().fold(rmax[0], |a, b| _mm512_max_ps(a, *b));
+    (_mm512_reduce_add_ps(r2).sqrt(), _mm512_reduce_max_ps(rmax))
+}
+
+/// Pass 2 of one row (see `super::power_row`): `ls = log2 r` in place over `r`, `p = 2^(γ·(ls − shift))`; returns
+/// `‖p‖`.
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+fn power_row(gamma: f32, shift: f32, ls: &mut [f32], p: &mut [f32]) -> f32 {
+    let (g, offset) = (_mm512_set1_ps(gamma), _mm512_set1_ps(-gamma * shift));
+    let mut p2 = [_mm512_setzero_ps(); STEP];
+    let mut lss = ls.chunks_exact_mut(STEP * W);
+    let mut ps = p.chunks_exact_mut(STEP * W);
+    for (lc, pc) in (&mut lss).zip(&mut ps) {
+        let l = log2_v(load_v::<STEP>(lc));
+        let v = exp2_v(l.map(|l| _mm512_fmadd_ps(g, l, offset)));
+        store_v(lc, l);
+        store_v(pc, v);
+        for j in 0..STEP {
+            p2[j] = _mm512_fmadd_ps(v[j], v[j], p2[j]);
+        }
+    }
+    for (lc, pc) in lss.into_remainder().chunks_mut(W).zip(ps.into_remainder().chunks_mut(W)) {
+        // Padded with 1 (a finite log); the padded lanes are kept out of the norm.
+        let l = log2_v([load_tail(lc, 1.0)])[0];
+        let v = exp2_v([_mm512_fmadd_ps(g, l, offset)])[0];
+        store_tail(lc, l);
+        store_tail(pc, v);
+        p2[0] = _mm512_mask3_fmadd_ps(v, v, p2[0], tail_mask(pc.len()));
+    }
+    _mm512_reduce_add_ps(p2[1..].iter().fold(p2[0], |a, b| _mm512_add_ps(a, *b))).sqrt()
+}
+
+/// [`super::power_rows`] with AVX-512 intrinsics: the same contract (checked by the caller).
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+pub fn power_rows(z: &[f32], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
+    let d = z.len() / gamma.len().max(1);
+    let rows = z.chunks_exact(d).zip(ls.chunks_exact_mut(d)).zip(p.chunks_exact_mut(d));
+    for (((zr, lr), pr), (n, &g)) in rows.zip(norms.iter_mut().zip(gamma)) {
+        let (n1, rmax) = relu_row(zr, eps, lr);
+        *n = (n1, power_row(g, log2_one::<true>(rmax), lr, pr));
+    }
+}
+
+/// [`super::power_rows_grad`] with AVX-512 intrinsics: the same contract (checked by the caller).
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+pub fn power_rows_grad(
+    z: &[f32],
+    g: &[f32],
+    gamma: &[f32],
+    eps: f32,
+    ls: &[f32],
+    p: &[f32],
+    norms: &[Norms],
+    dz: &mut [f32],
+    dgamma: &mut [f32],
+) {
+    let d = z.len() / gamma.len().max(1);
+    let rows = z.chunks_exact(d).zip(g.chunks_exact(d)).zip(ls.chunks_exact(d).zip(p.chunks_exact(d)));
+    let per_row = gamma.iter().zip(norms).zip(dz.chunks_exact_mut(d).zip(dgamma.iter_mut()));
+    for (((zr, gr), (lr, pr)), ((&ga, &n), (dzr, dg))) in rows.zip(per_row) {
+        *dg = grad_row(zr, gr, ga, eps, lr, pr, n, dzr);
+    }
+}
+
+/// The four split sums of 8 values (`[small p², small g·p, large p², large g·p]`, the others +0) added to `acc`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+fn add_halves(acc: &mut [__m256; 4], parts: [__m512; 4], half: impl Fn(__m512) -> __m256) {
+    for (a, part) in acc.iter_mut().zip(parts) {
+        *a = _mm256_add_ps(*a, half(part));
+    }
+}
+
+/// `super::split_sums` with vectors, bit-equal to it: the products and the split in 16 lanes, added to the
+/// portable body's 8 lane sums half by half (the first 8 values, then the next 8: the order of its chunks), tail
+/// entries into lane 0, lanes summed first to last. Adding a masked-off +0 leaves a sum that is never −0 unchanged.
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+pub(super) fn split_sums(g: &[f32], p: &[f32]) -> [f32; 4] {
+    let threshold = _mm512_set1_ps(super::LARGE);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut gs = g.chunks_exact(W);
+    let mut ps = p.chunks_exact(W);
+    for (gc, pc) in (&mut gs).zip(&mut ps) {
+        let [gv, pv] = [gc, pc].map(|c| load_v::<1>(c)[0]);
+        let (own2, own_g) = (_mm512_mul_ps(pv, pv), _mm512_mul_ps(gv, pv));
+        let large = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(pv, threshold);
+        let parts = [(!large, own2), (!large, own_g), (large, own2), (large, own_g)].map(|(k, v)| _mm512_maskz_mov_ps(k, v));
+        add_halves(&mut acc, parts, |v| _mm512_castps512_ps256(v));
+        add_halves(&mut acc, parts, |v| _mm512_extractf32x8_ps::<1>(v));
+    }
+    let (g, p) = (gs.remainder(), ps.remainder());
+    let split = p.len() - p.len() % LANES;
+    if split > 0 {
+        // One chunk of 8 left (fewer than 16 remain): the same sums on the low half.
+        let [gv, pv] = [g, p].map(|c| load_tail(&c[..LANES], 0.0));
+        let (own2, own_g) = (_mm512_mul_ps(pv, pv), _mm512_mul_ps(gv, pv));
+        let large = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(pv, threshold);
+        let parts = [(!large, own2), (!large, own_g), (large, own2), (large, own_g)].map(|(k, v)| _mm512_maskz_mov_ps(k, v));
+        add_halves(&mut acc, parts, |v| _mm512_castps512_ps256(v));
+    }
+    // SAFETY: `__m256` and `[f32; 8]` have the same size, and every bit pattern is a valid f32.
+    let mut lanes = acc.map(|v| unsafe { std::mem::transmute::<__m256, [f32; LANES]>(v) });
+    for (&gi, &pi) in g[split..].iter().zip(&p[split..]) {
+        let (own2, own_g) = (pi * pi, gi * pi);
+        let large = pi > super::LARGE;
+        lanes[0][0] += if large { 0.0 } else { own2 };
+        lanes[1][0] += if large { 0.0 } else { own_g };
+        lanes[2][0] += if large { own2 } else { 0.0 };
+        lanes[3][0] += if large { own_g } else { 0.0 };
+    }
+    lanes.map(|l| l.iter().sum())
+}
+
+/// `super::projection` per lane (the same operations in the same order).
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+fn projection(gv: __m512, pv: __m512, sums: &[__m512; 4]) -> __m512 {
+    let [small2, small_g, large2, large_g] = *sums;
+    let (own2, own_g) = (_mm512_mul_ps(pv, pv), _mm512_mul_ps(gv, pv));
+    let large = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(pv, _mm512_set1_ps(super::LARGE));
+    let (l2, lg) = (_mm512_maskz_mov_ps(large, own2), _mm512_maskz_mov_ps(large, own_g));
+    let others2 = _mm512_add_ps(_mm512_sub_ps(small2, _mm512_sub_ps(own2, l2)), _mm512_sub_ps(large2, l2));
+    let others_g = _mm512_add_ps(_mm512_sub_ps(small_g, _mm512_sub_ps(own_g, lg)), _mm512_sub_ps(large_g, lg));
+    _mm512_sub_ps(_mm512_mul_ps(gv, others2), _mm512_mul_ps(pv, others_g))
+}
+
+/// `∂L/∂z` and `∂L/∂γ` of one row, as `super::grad_row` (same operations in the same order, per lane).
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+fn grad_row(z: &[f32], g: &[f32], gamma: f32, eps: f32, ls: &[f32], p: &[f32], norms: Norms, dz: &mut [f32]) -> f32 {
+    let (n1, n2) = norms;
+    let inv_n2 = 1.0 / n2;
+    let sums = split_sums(g, p);
+    let gu = (sums[1] + sums[3]) * inv_n2;
+    let (a, b) = (_mm512_set1_ps(gu / n1), _mm512_set1_ps(gamma * n1));
+    let (inv_n2_sq, sums) = (_mm512_set1_ps(inv_n2 * inv_n2), splat(sums));
+    let (inv_n2, eps, zero) = (_mm512_set1_ps(inv_n2), _mm512_set1_ps(eps), _mm512_setzero_ps());
+    let mut dgamma = zero;
+    // `dz` of 16 entries; the lanes of `keep` add to `dgamma`.
+    let mut step = |zv: __m512, gv: __m512, lv: __m512, pv: __m512, keep: __mmask16| -> __m512 {
+        let r = _mm512_add_ps(_mm512_max_ps(zv, zero), eps);
+        let u = _mm512_mul_ps(pv, inv_n2);
+        let proj = _mm512_mul_ps(projection(gv, pv, &sums), inv_n2_sq);
+        let dr = _mm512_fmadd_ps(a, r, _mm512_mul_ps(_mm512_mul_ps(b, _mm512_div_ps(u, r)), proj));
+        dgamma = _mm512_mask3_fmadd_ps(_mm512_mul_ps(proj, u), lv, dgamma, keep);
+        _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(zv, zero), dr)
+    };
+    let split = z.len() - z.len() % W;
+    let vectors = z.chunks_exact(W).zip(g.chunks_exact(W)).zip(ls.chunks_exact(W).zip(p.chunks_exact(W)));
+    for (((zc, gc), (lc, pc)), dc) in vectors.zip(dz.chunks_exact_mut(W)) {
+        let [zv, gv, lv, pv] = [zc, gc, lc, pc].map(|c| load_v::<1>(c)[0]);
+        store_v(dc, [step(zv, gv, lv, pv, !0)]);
+    }
+    if split < z.len() {
+        // Zero-padded tail, its padded lanes kept out of `dgamma` (and not stored).
+        let [zv, gv, lv, pv] = [z, g, ls, p].map(|row| load_tail(&row[split..], 0.0));
+        let dr = step(zv, gv, lv, pv, tail_mask(z.len() - split));
+        store_tail(&mut dz[split..], dr);
+    }
+    n1 * _mm512_reduce_add_ps(dgamma) * std::f32::consts::LN_2
+}
