@@ -30,6 +30,17 @@ def set_cpu_isa(level: str | None) -> str:
     """Makes `level` the level of every CPU kernel in this process (None: back to DIFATTN_CPU_ISA or the best the
     CPU has); returns the level in use. Raises ValueError for an unknown level or one this CPU lacks."""
 
+def cpu_threads() -> tuple[str, str | None]:
+    """(runtime of the CPU kernels' parallel loops, file of the loaded OpenMP runtime or None): "openmp" (the
+    OpenMP runtime torch loaded: its intra-op threads run the kernels' tasks) or "rayon" (the core's own pool, where
+    no OpenMP runtime is loaded, in a process forked after import, or when asked for). Raises ValueError when
+    DIFATTN_CPU_THREADS_RUNTIME is not auto, openmp or rayon, or asks for openmp where none is loaded."""
+
+def set_cpu_threads(runtime: str | None) -> str:
+    """Makes `runtime` ("auto", "openmp", "rayon") the runtime of the CPU kernels' loops in this process (None: back
+    to DIFATTN_CPU_THREADS_RUNTIME or auto); returns the runtime in use. Raises ValueError for an unknown name, or
+    "openmp" where no OpenMP runtime is loaded."""
+
 # A tensor as Python hands it over: (data_ptr, dtype name, shape, strides in elements). The core validates
 # alignment, strides and extents before reading; outputs must be contiguous.
 TensorArgs = tuple[int, str, list[int], list[int]]

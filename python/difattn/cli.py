@@ -16,6 +16,7 @@ from .backends import METHODS, availability
 from .bench import block as bench_block
 from .bench import cases as bench_cases
 from .bench import distributed as bench_distributed
+from .bench import interleaved as bench_interleaved
 from .bench import static as bench_static
 from .bench.digits import DEFAULT_WEIGHTS as DIGITS_WEIGHTS
 from .bench.quality_suite import default_quality, format_quality_table, pareto_plot, run_quality
@@ -66,6 +67,7 @@ def _info(_: argparse.Namespace) -> int:
     print("compiled core: " + (", ".join(f"{k}={v}" for k, v in core().build_info()) if ok else f"missing: {reason}"))
     if ok:
         print(_cpu_isa_line())
+        print(_cpu_threads_line())
     print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
@@ -87,6 +89,17 @@ def _cpu_isa_line() -> str:
     used = [f for f in features if f not in unused]
     return (f"CPU ISA: {level} (this CPU runs {', '.join(levels)}; DIFATTN_CPU_ISA forces a lower one); "
             f"features: {' '.join(used) or 'baseline only'}" + (f"; present, not used: {' '.join(unused)}" if unused else ""))
+
+
+def _cpu_threads_line() -> str:
+    """Which threads run the CPU kernels' parallel loops: torch's OpenMP threads, or the core's rayon pool."""
+    try:
+        runtime, library = core().cpu_threads()
+    except ValueError as err:  # a bad DIFATTN_CPU_THREADS_RUNTIME: every CPU kernel call raises the same
+        return f"CPU threads: error: {err}"
+    where = f"torch's OpenMP runtime, {library}" if runtime == "openmp" else "the core's own pool"
+    return (f"CPU threads: {runtime} ({where}; {torch.get_num_threads()} threads; "
+            "DIFATTN_CPU_THREADS_RUNTIME=auto|openmp|rayon chooses)")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -134,6 +147,8 @@ def _bench(args: argparse.Namespace) -> int:
     )
     print(f"difattn bench on {device} ({torch.get_num_threads()} threads), {dtype}, shapes: "
           + ", ".join(f"{s.label} B={s.batch} H={s.heads} D={s.head_dim}" for s in shapes))
+    if args.interleaved:
+        return _bench_interleaved(args, cfg)
     if args.quality:
         records, quality = [], run_quality(cfg, digits_weights=Path(args.digits_weights or DIGITS_WEIGHTS))
     else:
@@ -149,6 +164,20 @@ def _bench(args: argparse.Namespace) -> int:
     if args.plot:
         drawn = pareto_plot(quality, Path(args.plot)) if args.quality else plot(records, Path(args.plot))
         print(f"wrote {args.plot}" if drawn else "--plot needs matplotlib (pip install 'difattn[bench]')")
+    return 0
+
+
+def _bench_interleaved(args: argparse.Namespace, cfg: BenchConfig) -> int:
+    if cfg.device.type != "cpu" or args.quality or args.backward:
+        print("difattn bench: --interleaved times the CPU forward (no --quality, --backward or CUDA)", file=sys.stderr)
+        return 2
+    print("attention alone and between torch Linear layers (Linear -> attention -> Linear, as in a DiT block); "
+          "ratio = in chain / alone, fastest repeats (median: of the medians)")
+    records = bench_interleaved.run_interleaved(cfg)
+    print(bench_interleaved.format_interleaved_table(records))
+    path = _json_path(args.out, f"difattn-bench-interleaved-{cfg.device.type}.json")
+    write_json(path, cfg.device, cfg.dtype, records)
+    print(f"wrote {path}")
     return 0
 
 
@@ -255,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--block", action="store_true",
                        help="time a whole DiT-XL/2 block (hidden 1152, 16 heads, D=72) with each method against dense, "
                        "forward and forward+backward (--grid: its latent grid, default 64x64; --quick: 32x32)")
+    bench.add_argument("--interleaved", action="store_true",
+                       help="CPU: time each method's attention alone and between two torch Linear layers (Linear -> "
+                       "attention -> Linear, as in a DiT block), to see what the torch ops around it cost it")
     bench.add_argument("--world-size", type=int, help="run the sequence-parallel schemes on this many processes "
                        "(gloo on CPU, NCCL with as many GPUs): bytes per rank and time per layer")
     bench.add_argument("--static", action="store_true", help="compile every production Triton launch for a GPU "

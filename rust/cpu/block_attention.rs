@@ -5,12 +5,10 @@
 //! Layouts: q, k `(B, H, N, D)`, v `(B, H, Nk, Dv)`, any strides; rows are gathered through the plan's
 //! permutations, so callers never permute tensors. Computation in f32, softmax in base 2.
 
-use rayon::prelude::*;
-
 use super::common::{active_isa, check_input, check_output, gather, zeros, Dims, OnlineSoftmax, LOG2_E};
 use crate::alloc;
 use super::matmul::{Gemm, Mat, MatMut, Precision};
-use super::pool::pool;
+use super::parallel::Team;
 use super::isa::Isa;
 use super::vmath;
 use super::view::{err, DType, View, ViewError};
@@ -99,17 +97,14 @@ pub fn forward(q: &View, k: &View, v: &View, out: &View, lse: &View, plan: &Bloc
     let (bq, bk) = (plan.max_q_block(), plan.max_k_block());
     let mq = plan.num_query_blocks();
     let tasks = dims.slices() * mq;
-    let pool = pool(threads).map_err(ViewError)?;
-    pool.install(|| {
-        (0..tasks).into_par_iter().try_for_each_init(
-            || ForwardBuffers::new(bq, bk, dims),
-            |buf, task| {
-                let buf = buf.as_mut().map_err(|e| e.clone())?;
-                forward_block(q, k, v, out, lse, (plan, key_valid), (scale, precision), dims, task, buf);
-                Ok(())
-            },
-        )
-    })
+    Team::new(threads).for_each_init(
+        tasks,
+        || ForwardBuffers::new(bq, bk, dims),
+        |buf, task| {
+            forward_block(q, k, v, out, lse, (plan, key_valid), (scale, precision), dims, task, buf);
+            Ok(())
+        },
+    )
 }
 
 struct ForwardBuffers {
@@ -223,36 +218,27 @@ pub fn backward(
     check_output(dk, &[bh[0], bh[1], nk, dims.d], q.dtype())?;
     check_output(dv, &[bh[0], bh[1], nk, dims.dv], q.dtype())?;
     let (bq, bk) = (plan.max_q_block(), plan.max_k_block());
-    let pool = pool(threads).map_err(ViewError)?;
+    let team = Team::new(threads);
     let (mq, mk) = (plan.num_query_blocks(), plan.num_key_blocks());
     let precision = Precision::for_inputs(q.dtype(), active_isa()?);
     let ctx = BackwardCtx { q, k, v, dout, lse, delta, plan, key_valid, scale, dims, precision };
     let slices = dims.slices();
-    if slices >= SLICES_PER_THREAD * pool.current_num_threads() {
+    if slices >= SLICES_PER_THREAD * team.threads() {
         // Enough slices to keep every thread busy: one pass per slice, which owns its dq rows.
-        pool.install(|| {
-            (0..slices).into_par_iter().try_for_each_init(
-                || (BackwardBuffers::new(bq, bk, dims), Vec::new()),
-                |(buf, dq_acc), bh| ctx.slice_backward(dq, dk, dv, bh, buf.as_mut().map_err(|e| e.clone())?, dq_acc),
-            )
-        })?;
-        return Ok(());
+        return team.for_each_init(
+            slices,
+            || Ok((BackwardBuffers::new(bq, bk, dims)?, Vec::new())),
+            |(buf, dq_acc), bh| ctx.slice_backward(dq, dk, dv, bh, buf, dq_acc),
+        );
     }
-    pool.install(|| {
-        (0..slices * mq).into_par_iter().try_for_each_init(
-            || BackwardBuffers::new(bq, bk, dims),
-            |buf, task| {
-                ctx.dq_block(dq, task, buf.as_mut().map_err(|e| e.clone())?);
-                Ok::<(), ViewError>(())
-            },
-        )?;
-        (0..slices * mk).into_par_iter().try_for_each_init(
-            || BackwardBuffers::new(bq, bk, dims),
-            |buf, task| {
-                ctx.dkv_block(dk, dv, task, buf.as_mut().map_err(|e| e.clone())?);
-                Ok(())
-            },
-        )
+    let buffers = || BackwardBuffers::new(bq, bk, dims);
+    team.for_each_init(slices * mq, buffers, |buf, task| {
+        ctx.dq_block(dq, task, buf);
+        Ok(())
+    })?;
+    team.for_each_init(slices * mk, buffers, |buf, task| {
+        ctx.dkv_block(dk, dv, task, buf);
+        Ok(())
     })
 }
 

@@ -5,16 +5,14 @@
 //! Layouts: q, q_aux `(B, H, N, D)`, k, k_aux `(B, H, Nk, D)`, v `(B, H, Nk, Dv)`, per-token parameters `(B, H, N)` on
 //! the query side and `(B, H, Nk)` on the key side (`Nk != N`: cross-attention, `S = (1/Nk) Σ K̂ᵀ V`); any strides,
 //! f32/f16/bf16, f32 accumulation (bf16 inputs on the `avx512bf16` level run the GEMMs as bf16 dot products, their
-//! f32 operands — state, feature rows, gradients — rounded to bf16). Work runs on a dedicated pool in blocks of
-//! `BLOCK` tokens through the `gemm` crate: the state reduction over `(b, h, token split)` tasks (the token range is
-//! split when `B·H` is small and the partial states are summed), the readout over `(b, h, token block)` tasks. The
-//! backward mirrors it: a query pass (`dQ̂`, and the partial `dS`, `dm` it reduces) and a key pass (`dK̂`, `dV`).
-//! Every token row is written by one task.
+//! f32 operands — state, feature rows, gradients — rounded to bf16). Work runs on the parallel team (`parallel`) in
+//! blocks of `BLOCK` tokens through the `gemm` crate: the state reduction over `(b, h, token split)` tasks (the token
+//! range is split when `B·H` is small and the partial states are summed), the readout over `(b, h, token block)`
+//! tasks. The backward mirrors it: a query pass (`dQ̂`, and the partial `dS`, `dm` it reduces) and a key pass (`dK̂`,
+//! `dV`). Every token row is written by one task.
 
 mod features;
 mod power;
-
-use rayon::prelude::*;
 
 pub use features::{Dydila, Plain, Stream, StreamGrads};
 use features::{load_rows, output_rows, store_rows, FeatureMap, Rows, Side};
@@ -22,7 +20,7 @@ use features::{load_rows, output_rows, store_rows, FeatureMap, Rows, Side};
 use super::common::{active_isa, check_input, check_output, zeros, Dims};
 use super::isa::Isa;
 use super::matmul::{Gemm, Mat, MatMut, Precision};
-use super::pool::pool;
+use super::parallel::Team;
 use super::view::{err, DType, View, ViewError};
 use super::vmath;
 
@@ -257,36 +255,43 @@ fn forward<F: FeatureMap>(
     opts: Options,
     threads: usize,
 ) -> Result<(), ViewError> {
-    let pool = pool(threads).map_err(ViewError)?;
+    let team = Team::new(threads);
     let precision = Precision::for_inputs(v.dtype(), Isa::current());
-    pool.install(|| {
-        let states = reduce_state(f, v, keys, keys.splits(threads), precision)?;
-        write_states(&states, state, ksum, dims);
-        readout(f, out, &states, dims, opts, precision)
-    })
+    let states = reduce_state(team, f, v, keys, keys.splits(threads), precision)?;
+    write_states(&states, state, ksum, dims);
+    readout(team, f, out, &states, dims, opts, precision)
 }
 
 /// Sums `partial` (`bh x splits` slots of `width`) over the splits, times `scale`: `bh` slots.
-fn sum_splits(partial: &[f32], dims: Dims, splits: usize, scale: f32) -> Result<Vec<f32>, ViewError> {
+fn sum_splits(team: Team, partial: &[f32], dims: Dims, splits: usize, scale: f32) -> Result<Vec<f32>, ViewError> {
     let width = dims.width();
     let mut total = zeros(dims.slices() * width)?;
-    total.par_chunks_mut(width).enumerate().for_each(|(bh, t)| {
+    team.chunks_mut(&mut total, width, || Ok(()), |_, bh, t| {
         for part in partial[bh * splits * width..(bh + 1) * splits * width].chunks_exact(width) {
             t.iter_mut().zip(part).for_each(|(a, b)| *a += b);
         }
         t.iter_mut().for_each(|a| *a *= scale);
-    });
+        Ok::<_, ViewError>(())
+    })?;
     Ok(total)
 }
 
 /// `[S | m]` per head: `S = (1/Nk) Σ K̂ᵀ V`, `m = (1/Nk) Σ K̂` (`dims`: the key side's).
-fn reduce_state<F: FeatureMap>(f: &F, v: &View, dims: Dims, splits: usize, precision: Precision) -> Result<Vec<f32>, ViewError> {
+fn reduce_state<F: FeatureMap>(
+    team: Team,
+    f: &F,
+    v: &View,
+    dims: Dims,
+    splits: usize,
+    precision: Precision,
+) -> Result<Vec<f32>, ViewError> {
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
     let mut partial = zeros(dims.slices() * splits * width)?;
-    partial.par_chunks_mut(width).enumerate().try_for_each_init(
+    team.chunks_mut(
+        &mut partial,
+        width,
         || Ok::<_, ViewError>((zeros(BLOCK * d)?, zeros(BLOCK * dv)?, f.scratch(BLOCK)?)),
-        |bufs, (task, acc)| {
-            let (kb, vb, scratch) = bufs.as_mut().map_err(|e| e.clone())?;
+        |(kb, vb, scratch), task, acc| {
             let (b, h) = dims.slice(task / splits);
             let (start, end) = dims.split_range(task % splits, splits);
             let (s, m) = acc.split_at_mut(d * dv);
@@ -303,7 +308,7 @@ fn reduce_state<F: FeatureMap>(f: &F, v: &View, dims: Dims, splits: usize, preci
             Ok::<(), ViewError>(())
         },
     )?;
-    sum_splits(&partial, dims, splits, 1.0 / dims.n as f32)
+    sum_splits(team, &partial, dims, splits, 1.0 / dims.n as f32)
 }
 
 fn write_states(states: &[f32], state: &View, ksum: &View, dims: Dims) {
@@ -319,12 +324,20 @@ fn write_states(states: &[f32], state: &View, ksum: &View, dims: Dims) {
     }
 }
 
-fn readout<F: FeatureMap>(f: &F, out: &View, states: &[f32], dims: Dims, opts: Options, precision: Precision) -> Result<(), ViewError> {
+fn readout<F: FeatureMap>(
+    team: Team,
+    f: &F,
+    out: &View,
+    states: &[f32],
+    dims: Dims,
+    opts: Options,
+    precision: Precision,
+) -> Result<(), ViewError> {
     let (d, dv) = (dims.d, dims.dv);
-    (0..dims.slices() * dims.blocks()).into_par_iter().try_for_each_init(
+    team.for_each_init(
+        dims.slices() * dims.blocks(),
         || Ok::<_, ViewError>((zeros(BLOCK * d)?, zeros(BLOCK * dv)?, f.scratch(BLOCK)?)),
-        |bufs, task| {
-            let (qb, ob, scratch) = bufs.as_mut().map_err(|e| e.clone())?;
+        |(qb, ob, scratch), task| {
             let (bh, blk) = (task / dims.blocks(), task % dims.blocks());
             let (b, h) = dims.slice(bh);
             let n0 = blk * BLOCK;
@@ -377,13 +390,11 @@ fn backward<F: FeatureMap>(
     opts: Options,
     threads: usize,
 ) -> Result<(), ViewError> {
-    let pool = pool(threads).map_err(ViewError)?;
+    let team = Team::new(threads);
     let states = read_states(state, ksum, dims)?;
     let precision = Precision::for_inputs(v.dtype(), Isa::current());
-    pool.install(|| {
-        let dstates = query_pass(f, dout, &states, dims, opts, dims.splits(threads), keys.n, precision)?;
-        key_pass(f, v, dv_out, &dstates, keys, precision)
-    })
+    let dstates = query_pass(team, f, dout, &states, dims, opts, dims.splits(threads), keys.n, precision)?;
+    key_pass(team, f, v, dv_out, &dstates, keys, precision)
 }
 
 /// Per token block: `T = g Sᵀ`; without normalisation `dQ̂ = T`, else with `den = Q̂·m + eps`,
@@ -392,6 +403,7 @@ fn backward<F: FeatureMap>(
 /// keys), summed over the splits.
 #[allow(clippy::too_many_arguments)]
 fn query_pass<F: FeatureMap>(
+    team: Team,
     f: &F,
     dout: &View,
     states: &[f32],
@@ -403,10 +415,11 @@ fn query_pass<F: FeatureMap>(
 ) -> Result<Vec<f32>, ViewError> {
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
     let mut partial = zeros(dims.slices() * splits * width)?;
-    partial.par_chunks_mut(width).enumerate().try_for_each_init(
+    team.chunks_mut(
+        &mut partial,
+        width,
         || Ok::<_, ViewError>((zeros(BLOCK * d)?, zeros(BLOCK * dv)?, zeros(BLOCK * d)?, f.scratch(BLOCK)?)),
-        |bufs, (task, acc)| {
-            let (qb, gb, tb, scratch) = bufs.as_mut().map_err(|e| e.clone())?;
+        |(qb, gb, tb, scratch), task, acc| {
             let bh = task / splits;
             let (b, h) = dims.slice(bh);
             let (start, end) = dims.split_range(task % splits, splits);
@@ -442,17 +455,25 @@ fn query_pass<F: FeatureMap>(
             Ok::<(), ViewError>(())
         },
     )?;
-    sum_splits(&partial, dims, splits, 1.0 / num_keys as f32)
+    sum_splits(team, &partial, dims, splits, 1.0 / num_keys as f32)
 }
 
 /// Per key block, with `[dS | dm] / Nk` from the query pass: `dK̂ = V dSᵀ/Nk + dm/Nk`, `dV = K̂ dS/Nk`; writes the
 /// key-side input gradients and dv (`dims`: the key side's).
-fn key_pass<F: FeatureMap>(f: &F, v: &View, dv_out: &View, dstates: &[f32], dims: Dims, precision: Precision) -> Result<(), ViewError> {
+fn key_pass<F: FeatureMap>(
+    team: Team,
+    f: &F,
+    v: &View,
+    dv_out: &View,
+    dstates: &[f32],
+    dims: Dims,
+    precision: Precision,
+) -> Result<(), ViewError> {
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
-    (0..dims.slices() * dims.blocks()).into_par_iter().try_for_each_init(
+    team.for_each_init(
+        dims.slices() * dims.blocks(),
         || Ok::<_, ViewError>((zeros(BLOCK * d)?, zeros(BLOCK * dv)?, zeros(BLOCK * d)?, zeros(BLOCK * dv)?, f.scratch(BLOCK)?)),
-        |bufs, task| {
-            let (kb, vb, dkb, dvb, scratch) = bufs.as_mut().map_err(|e| e.clone())?;
+        |(kb, vb, dkb, dvb, scratch), task| {
             let (bh, blk) = (task / dims.blocks(), task % dims.blocks());
             let (b, h) = dims.slice(bh);
             let n0 = blk * BLOCK;

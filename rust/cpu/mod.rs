@@ -12,6 +12,7 @@ pub mod isa;
 pub mod linear;
 pub mod llsa;
 pub mod matmul;
+pub mod parallel;
 pub mod pisa;
 pub mod pool;
 #[cfg(test)]

@@ -17,8 +17,6 @@ mod stats;
 #[cfg(test)]
 mod tests;
 
-use rayon::prelude::*;
-
 pub use backward::{backward, BackwardOutputs, BackwardRows};
 pub use stats::{stats, StatsOutputs};
 
@@ -26,7 +24,7 @@ use super::common::{active_isa, check_input, check_output, gather, zeros, Dims, 
 use crate::alloc;
 use super::isa::Isa;
 use super::matmul::{Gemm, Mat, MatMut, Precision};
-use super::pool::pool;
+use super::parallel::Team;
 use super::view::{err, DType, View, ViewError};
 use super::vmath;
 /// Centroids per GEMM in the centroid phase.
@@ -205,19 +203,16 @@ pub fn forward(x: &Inputs, moment_mean: Option<&View>, out: &View, lse: &View, z
     check_output(out, &[dims.batch, dims.heads, dims.n, dims.dv], x.q.dtype())?;
     check_output(lse, &[dims.batch, dims.heads, dims.n], DType::F32)?;
     check_output(zeta, &[dims.batch, dims.heads, dims.n], DType::F32)?;
-    let pool = pool(threads).map_err(ViewError)?;
     let block = x.layout.max_block();
     let precision = Precision::for_inputs(x.q.dtype(), Isa::current());
-    pool.install(|| {
-        (0..dims.slices() * x.layout.num_blocks()).into_par_iter().try_for_each_init(
-            || ForwardBuffers::new(block, dims),
-            |buf, task| {
-                let buf = buf.as_mut().map_err(|e| e.clone())?;
-                forward_block(x, moment_mean, [out, lse, zeta], (dims, precision), task, buf);
-                Ok(())
-            },
-        )
-    })
+    Team::new(threads).for_each_init(
+        dims.slices() * x.layout.num_blocks(),
+        || ForwardBuffers::new(block, dims),
+        |buf, task| {
+            forward_block(x, moment_mean, [out, lse, zeta], (dims, precision), task, buf);
+            Ok(())
+        },
+    )
 }
 
 struct ForwardBuffers {

@@ -1,9 +1,10 @@
 //! The PyO3 module `difattn._core` (built with the `python` feature): it turns Python arguments (grid and tile
 //! tuples, tensor descriptors) into the validated types of `plan` and `cpu`, releases the GIL around the work,
-//! and raises every validation error as `ValueError` (a failed allocation as `MemoryError`). This file holds that conversion, the token orders (returned
+//! and raises every validation error as `ValueError` (a failed allocation as `MemoryError`, a failed parallel loop as
+//! `RuntimeError`). This file holds that conversion, the token orders (returned
 //! as little-endian int64 bytes) and the module's registration; `block` holds the block plan (a `#[pyclass]`) and
-//! the engine's entry points, `clear`, `linear`, `llsa` and `pisa` the glue of those methods' kernels, and `isa`
-//! the CPU instruction-set level.
+//! the engine's entry points, `clear`, `linear`, `llsa` and `pisa` the glue of those methods' kernels, `isa`
+//! the CPU instruction-set level and `threads` the runtime of the kernels' parallel loops.
 
 mod block;
 mod clear;
@@ -11,13 +12,15 @@ mod isa;
 mod linear;
 mod llsa;
 mod pisa;
+mod threads;
 
-use pyo3::exceptions::{PyMemoryError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::alloc::{self, AllocError};
 use crate::cpu::common::OUT_OF_MEMORY;
+use crate::cpu::parallel;
 use crate::cpu::view::{View, ViewError};
 use crate::plan::blocks::Layout;
 use crate::plan::{self, GridError, TextPosition, Tile, TokenGrid};
@@ -132,6 +135,9 @@ fn view_error(err: ViewError) -> PyErr {
     if err.0.starts_with(OUT_OF_MEMORY) {
         return PyMemoryError::new_err(err.0);
     }
+    if err.0.starts_with(parallel::FAILED) {
+        return PyRuntimeError::new_err(err.0);
+    }
     PyValueError::new_err(err.0)
 }
 
@@ -159,5 +165,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     linear::register(m)?;
     llsa::register(m)?;
     pisa::register(m)?;
+    threads::register(m)?;
     Ok(())
 }

@@ -1,5 +1,6 @@
 """Timers: CUDA events through ``triton.testing.do_bench`` on GPU (reported: the median), wall clock on CPU
-(reported: the fastest repeat, since other work on a shared host only ever adds time to a call)."""
+(reported: the fastest repeat, since other work on a shared host only ever adds time to a call), also of one call
+between others (``time_cpu_between``: a layer between the layers around it)."""
 
 from __future__ import annotations
 
@@ -26,13 +27,24 @@ class Timing:
 def time_cpu(fn: Callable[[int], object], *, min_repeats: int = 5, max_repeats: int = 15, budget_s: float = 2.0) -> Timing:
     """Wall time of ``fn(i)`` on CPU (typical: the fastest repeat); ``i`` rotates the inputs. One warm-up call is
     excluded; repeats stop after ``budget_s`` once ``min_repeats`` are done."""
-    fn(0)
+    return time_cpu_between(lambda i: None, fn, lambda out, i: None, min_repeats=min_repeats, max_repeats=max_repeats,
+                            budget_s=budget_s)
+
+
+def time_cpu_between(before: Callable[[int], object], fn: Callable[[int], object], after: Callable[[object, int], object],
+                     *, min_repeats: int = 5, max_repeats: int = 15, budget_s: float = 2.0) -> Timing:
+    """Wall time of ``fn(i)`` alone when each call comes right after ``before(i)`` and is followed by
+    ``after(fn's result, i)`` (what a layer costs between the layers around it), as :func:`time_cpu` counts it."""
+    before(0)  # the warm-up call
+    after(fn(0), 0)
     samples: list[float] = []
     start = time.perf_counter()
     for i in range(1, max_repeats + 1):
+        before(i)
         t0 = time.perf_counter()
-        fn(i)
+        out = fn(i)
         samples.append((time.perf_counter() - t0) * 1e3)
+        after(out, i)
         if len(samples) >= min_repeats and time.perf_counter() - start > budget_s:
             break
     return Timing(min(samples), statistics.median(samples), min(samples), max(samples), len(samples))

@@ -2,15 +2,13 @@
 //! dv accumulated in f32 buffers that the task owns (its share of one slice's tiles). With fewer slices than
 //! threads a slice is split into parts whose buffers are summed at the end; no two tasks write the same row.
 
-use rayon::prelude::*;
-
 use super::forward::load_lanes;
 use super::geometry::{self, lane_intervals, Segment, Tile};
 use super::lanes::{self, Lanes, LANES};
 use super::{check_inputs, err, padded, panel_offset, pieces, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_ROWS};
 use crate::alloc;
 use crate::cpu::common::{active_isa, check_input, check_output, zeros, LOG2_E};
-use crate::cpu::pool::pool;
+use crate::cpu::parallel::Team;
 use crate::cpu::view::{DType, View, ViewError};
 
 /// Key-gradient buffers of all parallel parts stay below this many bytes (fewer parts otherwise).
@@ -73,45 +71,41 @@ pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scal
     let part_bytes = geo.keys() * (d_pad + dv_pad) * 4;
     let parts = if slices >= threads { 1 } else { threads.div_ceil(slices) };
     let parts = parts.min(PART_BUFFER_BYTES / (part_bytes * slices).max(1)).clamp(1, tiles.len().max(1));
-    let sums: Vec<Option<(usize, KeyGrads)>> = pool(threads).map_err(ViewError)?.install(|| {
-        (0..slices * parts)
-            .into_par_iter()
-            .map(|task| {
-                let (bh, part) = (task / parts, task % parts);
-                let (b, h) = dims.slice(bh);
-                let keys = SliceKeys::load(inp, geo, &groups, dims, b, h, true)?;
-                let mut acc = KeyGrads { dk: zeros(geo.keys() * d_pad)?, dv: zeros(geo.keys() * dv_pad)? };
-                let mut buf = Buffers::new(dims, w)?;
-                let share = &tiles[part * tiles.len() / parts..(part + 1) * tiles.len() / parts];
-                let ctx = TileCtx { inp, up, dq: grads.dq, slice: Slice { keys: &keys, dims, b, h, scale } };
-                for tile in share {
-                    geometry::segments(geo, &groups, tile, &mut buf.segments)?;
-                    tile_fn(isa, &ctx, tile, &mut buf, &mut acc)
-                }
-                if parts == 1 {
-                    store_key_grads(grads, geo, dims, w, bh, &acc);
-                    Ok(None)
-                } else {
-                    Ok(Some((bh, acc)))
-                }
-            })
-            .collect::<Result<_, ViewError>>()
+    let team = Team::new(threads);
+    let sums: Vec<Option<(usize, KeyGrads)>> = team.map(slices * parts, |task| {
+        let (bh, part) = (task / parts, task % parts);
+        let (b, h) = dims.slice(bh);
+        let keys = SliceKeys::load(inp, geo, &groups, dims, b, h, true)?;
+        let mut acc = KeyGrads { dk: zeros(geo.keys() * d_pad)?, dv: zeros(geo.keys() * dv_pad)? };
+        let mut buf = Buffers::new(dims, w)?;
+        let share = &tiles[part * tiles.len() / parts..(part + 1) * tiles.len() / parts];
+        let ctx = TileCtx { inp, up, dq: grads.dq, slice: Slice { keys: &keys, dims, b, h, scale } };
+        for tile in share {
+            geometry::segments(geo, &groups, tile, &mut buf.segments)?;
+            tile_fn(isa, &ctx, tile, &mut buf, &mut acc)
+        }
+        if parts == 1 {
+            store_key_grads(grads, geo, dims, w, bh, &acc);
+            Ok(None)
+        } else {
+            Ok(Some((bh, acc)))
+        }
     })?;
     if parts > 1 {
         let mut by_slice: Vec<Vec<KeyGrads>> = alloc::collect((0..slices).map(|_| Vec::new()))?;
         for (bh, acc) in sums.into_iter().flatten() {
             alloc::push(&mut by_slice[bh], acc)?;
         }
-        pool(threads).map_err(ViewError)?.install(|| {
-            by_slice.into_par_iter().enumerate().for_each(|(bh, mut parts)| {
-                let mut total = parts.pop().expect("every slice has at least one part");
-                for p in parts {
-                    total.dk.iter_mut().zip(&p.dk).for_each(|(a, x)| *a += x);
-                    total.dv.iter_mut().zip(&p.dv).for_each(|(a, x)| *a += x);
-                }
-                store_key_grads(grads, geo, dims, w, bh, &total);
-            })
-        });
+        team.chunks_mut(&mut by_slice, 1, || Ok(()), |_, bh, parts| {
+            let parts = &mut parts[0];
+            let mut total = parts.pop().expect("every slice has at least one part");
+            for p in parts {
+                total.dk.iter_mut().zip(&p.dk).for_each(|(a, x)| *a += x);
+                total.dv.iter_mut().zip(&p.dv).for_each(|(a, x)| *a += x);
+            }
+            store_key_grads(grads, geo, dims, w, bh, &total);
+            Ok::<_, ViewError>(())
+        })?;
     }
     Ok(())
 }

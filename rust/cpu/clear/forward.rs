@@ -1,13 +1,11 @@
 //! Forward: per tile, an online softmax over its key segments, batched into pieces of up to `PIECE_KEYS` keys
 //! (logits and the disc mask per segment, then one rescale, exp and P·V per batch), then `out` and the log-sum-exp (natural log, f32) per query.
 
-use rayon::prelude::*;
-
 use super::geometry::{self, lane_intervals, Segment, Tile};
 use super::lanes::{self, Lanes, LANES};
 use super::{check_inputs, panel_offset, pieces, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_KEYS, PIECE_ROWS};
 use crate::cpu::common::{active_isa, check_output, zeros, LN_2, LOG2_E};
-use crate::cpu::pool::pool;
+use crate::cpu::parallel::Team;
 use crate::cpu::view::{DType, View, ViewError};
 use crate::cpu::vmath::{exp2_one, log2_one};
 
@@ -20,22 +18,23 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, geo: &Geometry, scale: f32,
     let groups = geometry::groups(geo)?;
     let tiles = geometry::tiles(geo)?;
     let isa = active_isa()?;
-    pool(threads).map_err(ViewError)?.install(|| {
-        (0..dims.slices()).into_par_iter().try_for_each(|bh| {
+    // A task per (slice, tile), slice-major: a worker loads a slice's keys when its next task is in another slice.
+    Team::new(threads).for_each_init(
+        dims.slices() * tiles.len(),
+        || Ok((Buffers::new(dims)?, None)),
+        |(buf, loaded), task| {
+            let (bh, tile) = (task / tiles.len(), &tiles[task % tiles.len()]);
             let (b, h) = dims.slice(bh);
-            let keys = SliceKeys::load(inp, geo, &groups, dims, b, h, false)?;
-            tiles.par_iter().try_for_each_init(
-                || Buffers::new(dims),
-                |buf, tile| {
-                    let buf = buf.as_mut().map_err(|e| e.clone())?;
-                    geometry::segments(geo, &groups, tile, &mut buf.segments)?;
-                    let ctx = TileCtx { q: inp.q, out, lse, slice: Slice { keys: &keys, dims, b, h, scale } };
-                    tile_fn(isa, &ctx, tile, buf);
-                    Ok(())
-                },
-            )
-        })
-    })
+            let keys = match loaded {
+                Some((at, keys)) if *at == bh => keys,
+                slot => &slot.insert((bh, SliceKeys::load(inp, geo, &groups, dims, b, h, false)?)).1,
+            };
+            geometry::segments(geo, &groups, tile, &mut buf.segments)?;
+            let ctx = TileCtx { q: inp.q, out, lse, slice: Slice { keys, dims, b, h, scale } };
+            tile_fn(isa, &ctx, tile, buf);
+            Ok(())
+        },
+    )
 }
 
 struct TileCtx<'a> {

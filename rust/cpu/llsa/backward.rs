@@ -9,13 +9,11 @@
 //!   Key side: one task per fine key block over the transposed selection recomputes P and dS of its pairs
 //!   (7 GEMMs per fine pair) and writes its `dk`, `dv` rows with the same mean-pool backward.
 
-use rayon::prelude::*;
-
 use super::{gather_rows, Inputs, KeyRows, Plan};
 use crate::cpu::common::{check_input, check_output, zeros, Dims, LOG2_E};
 use crate::cpu::isa::Isa;
 use crate::cpu::matmul::{Gemm, Mat, MatMut, Precision};
-use crate::cpu::pool::pool;
+use crate::cpu::parallel::Team;
 use crate::cpu::view::{DType, View, ViewError};
 use crate::cpu::vmath::{self, dot};
 
@@ -64,28 +62,27 @@ pub fn backward(
     threads: usize,
 ) -> Result<(), ViewError> {
     let dims = check(inp, up, g, plan)?;
-    let pool = pool(threads).map_err(ViewError)?;
-    pool.install(|| {
-        let delta = row_deltas(up, plan, dims)?;
-        let precision = Precision::for_inputs(inp.q.dtype(), Isa::current());
-        let ctx = Ctx { inp, up, delta: &delta, plan, dims, scale, precision };
-        if plan.batch_heads >= SLICES_PER_THREAD * pool.current_num_threads() {
-            ctx.slices(g)
-        } else {
-            let pooled = ctx.query_side(g.dq, threads)?;
-            ctx.key_side(g, &pooled)
-        }
-    })
+    let team = Team::new(threads);
+    let delta = row_deltas(team, up, plan, dims)?;
+    let precision = Precision::for_inputs(inp.q.dtype(), Isa::current());
+    let ctx = Ctx { inp, up, delta: &delta, plan, dims, scale, precision, team };
+    if plan.batch_heads >= SLICES_PER_THREAD * team.threads() {
+        ctx.slices(g)
+    } else {
+        let pooled = ctx.query_side(g.dq, threads)?;
+        ctx.key_side(g, &pooled)
+    }
 }
 
 /// `delta = rowsum(dout ∘ out)`, f32 `(B·H·N)`, computed once here (a torch pass before the kernel would open an
 /// OpenMP region whose spinning workers compete with the kernel's threads).
-fn row_deltas(up: &Upstream, plan: &Plan, dims: Dims) -> Result<Vec<f32>, ViewError> {
+fn row_deltas(team: Team, up: &Upstream, plan: &Plan, dims: Dims) -> Result<Vec<f32>, ViewError> {
     let mut delta = zeros(dims.slices() * dims.n)?;
-    delta.par_chunks_mut(dims.n.max(1)).enumerate().try_for_each_init(
-        || Ok::<_, ViewError>((zeros(dims.dv)?, zeros(dims.dv)?)),
-        |bufs, (bh, rows)| {
-            let (dout, out) = bufs.as_mut().map_err(|e| e.clone())?;
+    team.chunks_mut(
+        &mut delta,
+        dims.n.max(1),
+        || Ok((zeros(dims.dv)?, zeros(dims.dv)?)),
+        |(dout, out), bh, rows| {
             let (b, h) = dims.slice(bh);
             for (r, x) in rows.iter_mut().enumerate() {
                 up.dout.load_row(&[b, h, plan.row(r)], dout);
@@ -120,6 +117,7 @@ struct Ctx<'a> {
     dims: Dims,
     scale: f32,
     precision: Precision,
+    team: Team,
 }
 
 /// The query side of some rows: q (unscaled), dout, lse in base 2 and delta.
@@ -220,10 +218,10 @@ impl Ctx<'_> {
     /// in one walk over its groups, then writes `dk`, `dv`.
     fn slices(&self, g: &Grads) -> Result<(), ViewError> {
         let (plan, dims) = (self.plan, self.dims);
-        (0..plan.batch_heads).into_par_iter().try_for_each_init(
-            || Ok::<_, ViewError>((GroupBuffers::new(plan, dims)?, KeyGrads::zeros(plan.pooled_tokens(), dims)?, KeyGrads::zeros(dims.n, dims)?)),
-            |bufs, bh| {
-                let (buf, pooled, fine) = bufs.as_mut().map_err(|e| e.clone())?;
+        self.team.for_each_init(
+            plan.batch_heads,
+            || Ok((GroupBuffers::new(plan, dims)?, KeyGrads::zeros(plan.pooled_tokens(), dims)?, KeyGrads::zeros(dims.n, dims)?)),
+            |(buf, pooled, fine), bh| {
                 for x in [&mut pooled.k, &mut pooled.v, &mut fine.k, &mut fine.v] {
                     x.fill(0.0);
                 }
@@ -241,8 +239,7 @@ impl Ctx<'_> {
     /// partial sum of the pooled gradients of their `(b, h)`; the partial sums are then added per pooled row.
     fn query_side(&self, dq: &View, threads: usize) -> Result<KeyGrads, ViewError> {
         let (plan, dims) = (self.plan, self.dims);
-        let groups: Vec<Vec<(usize, usize)>> =
-            (0..plan.batch_heads).into_par_iter().map(|bh| plan.groups(bh)).collect::<Result<_, ViewError>>()?;
+        let groups: Vec<Vec<(usize, usize)>> = self.team.map(plan.batch_heads, |bh| plan.groups(bh))?;
         let fewest = groups.iter().map(Vec::len).min().unwrap_or(1).max(1);
         // Splits of a head's groups: enough tasks for the pool, at most ~N/P (partial sums stay smaller than k).
         let wanted = (TASKS_PER_THREAD * threads.max(1)).div_ceil(plan.batch_heads);
@@ -251,17 +248,18 @@ impl Ctx<'_> {
         let (pd, pdv) = (pooled * dims.d, pooled * dims.dv);
         let mut part_k = zeros(plan.batch_heads * splits * pd)?;
         let mut part_v = zeros(plan.batch_heads * splits * pdv)?;
-        part_k.par_chunks_mut(pd.max(1)).zip(part_v.par_chunks_mut(pdv.max(1))).enumerate().try_for_each_init(
+        self.team.zip_chunks_mut(
+            (&mut part_k, pd.max(1)),
+            (&mut part_v, pdv.max(1)),
             || GroupBuffers::new(plan, dims),
-            |buf, (task, (acc_k, acc_v))| {
-                let buf = buf.as_mut().map_err(|e| e.clone())?;
+            |buf, task, acc_k, acc_v| {
                 let (bh, split) = (task / splits, task % splits);
                 let mine = &groups[bh];
                 let (lo, hi) = (mine.len() * split / splits, mine.len() * (split + 1) / splits);
                 for &group in &mine[lo..hi] {
                     self.query_group(dq, bh, group, buf, (acc_k, acc_v), None);
                 }
-                Ok::<_, ViewError>(())
+                Ok(())
             },
         )?;
         if splits == 1 {
@@ -333,12 +331,13 @@ impl Ctx<'_> {
     fn reduce_splits(&self, part: &[f32], splits: usize, width: usize, mul: f32) -> Result<Vec<f32>, ViewError> {
         let p = self.plan.pooled_tokens();
         let mut out = zeros(self.plan.batch_heads * p * width)?;
-        out.par_chunks_mut((p * width).max(1)).enumerate().for_each(|(bh, dst)| {
+        self.team.chunks_mut(&mut out, (p * width).max(1), || Ok(()), |_, bh, dst| {
             for s in 0..splits {
                 add_rows(dst, &part[(bh * splits + s) * p * width..(bh * splits + s + 1) * p * width]);
             }
             dst.iter_mut().for_each(|x| *x *= mul);
-        });
+            Ok(())
+        })?;
         Ok(out)
     }
 }
@@ -377,12 +376,12 @@ impl Ctx<'_> {
     /// gradients of every level spread back to the block's rows.
     fn key_side(&self, g: &Grads, pooled: &KeyGrads) -> Result<(), ViewError> {
         let (plan, dims) = (self.plan, self.dims);
-        let transposed: Vec<(Vec<usize>, Vec<u32>)> =
-            (0..plan.batch_heads).into_par_iter().map(|bh| plan.transpose(bh)).collect::<Result<_, ViewError>>()?;
+        let transposed: Vec<(Vec<usize>, Vec<u32>)> = self.team.map(plan.batch_heads, |bh| plan.transpose(bh))?;
         let (rows, lk) = (KEY_SIDE_CHUNK * plan.block_rows(), plan.block_rows());
-        (0..plan.batch_heads * plan.n_blocks).into_par_iter().try_for_each_init(
+        self.team.for_each_init(
+            plan.batch_heads * plan.n_blocks,
             || {
-                Ok::<_, ViewError>(KeyBuffers {
+                Ok(KeyBuffers {
                     qs: QueryRows::new(rows, dims)?,
                     keys: KeyRows::new(lk, dims.d, dims.dv)?,
                     p: zeros(rows * lk)?,
@@ -392,7 +391,6 @@ impl Ctx<'_> {
                 })
             },
             |buf, task| {
-                let buf = buf.as_mut().map_err(|e| e.clone())?;
                 let (bh, p) = (task / plan.n_blocks, task % plan.n_blocks);
                 let (indptr, indices) = &transposed[bh];
                 self.key_block(bh, p, &indices[indptr[p]..indptr[p + 1]], buf);

@@ -1,14 +1,12 @@
 //! LLSA forward: one task per group of sibling query blocks; the group's pooled logits are one GEMM, each query
 //! block adds its fine logits, and every query row gets one softmax over both (its whole key set fits in memory).
 
-use rayon::prelude::*;
-
 use super::{gather_rows, Inputs, KeyRows, Plan};
 use crate::alloc;
 use crate::cpu::common::{check_output, zeros, Dims, LN_2, LOG2_E};
 use crate::cpu::isa::Isa;
 use crate::cpu::matmul::{Gemm, Mat, MatMut, Precision};
-use crate::cpu::pool::pool;
+use crate::cpu::parallel::Team;
 use crate::cpu::view::{DType, View, ViewError};
 use crate::cpu::vmath::{self, exp2_shift_sum};
 
@@ -22,18 +20,16 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, plan: &Plan, scale: f32, th
     for bh in 0..plan.batch_heads {
         alloc::extend(&mut tasks, plan.groups(bh)?.into_iter().map(|(j0, j1)| (bh, j0, j1)))?;
     }
-    let pool = pool(threads).map_err(ViewError)?;
     let precision = Precision::for_inputs(inp.q.dtype(), Isa::current());
-    pool.install(|| {
-        tasks.par_iter().try_for_each_init(
-            || Buffers::new(plan, dims),
-            |buf, &(bh, j0, j1)| {
-                let buf = buf.as_mut().map_err(|e| e.clone())?;
-                forward_group(inp, out, lse, plan, dims, (scale, precision), bh, (j0, j1), buf);
-                Ok(())
-            },
-        )
-    })
+    Team::new(threads).for_each_init(
+        tasks.len(),
+        || Buffers::new(plan, dims),
+        |buf, task| {
+            let (bh, j0, j1) = tasks[task];
+            forward_group(inp, out, lse, plan, dims, (scale, precision), bh, (j0, j1), buf);
+            Ok(())
+        },
+    )
 }
 
 struct Buffers {

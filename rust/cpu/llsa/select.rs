@@ -4,13 +4,11 @@
 //! ranks follow a descending stable sort: higher score first, ties to the lower id, NaN above everything (as
 //! `torch.sort` orders them), −0.0 equal to +0.0.
 
-use rayon::prelude::*;
-
 use super::{err, Pooling, View, ViewError};
 use crate::alloc;
 use crate::cpu::common::{active_isa, gather, zeros};
 use crate::cpu::matmul::{Gemm, Mat, MatMut};
-use crate::cpu::pool::pool;
+use crate::cpu::parallel::Team;
 use crate::cpu::view::DType;
 
 /// One level of the pyramid: pooled queries and keys `(B, H, n, D)` (f32) and the output ids `(B, H, n, K)` (int64,
@@ -102,19 +100,16 @@ pub fn select(levels: &[Level], block: usize, threads: usize) -> Result<(), View
     }
     active_isa()?;
     let shape = check(levels, block)?;
-    let pool = pool(threads).map_err(ViewError)?;
+    let team = Team::new(threads);
     let coarsest = levels.len() - 1;
-    pool.install(|| {
-        (0..shape.batch_heads).into_par_iter().try_for_each(|bh| coarse(&levels[coarsest], &shape, coarsest, bh))?;
-        for l in (0..coarsest).rev() {
-            let parents = shape.sizes[l + 1];
-            let result: Result<(), ViewError> = (0..shape.batch_heads * parents).into_par_iter().try_for_each(|task| {
-                refine(&levels[l], &levels[l + 1], &shape, l, block, task / parents, task % parents)
-            });
-            result?;
-        }
-        Ok(())
-    })
+    team.for_each(shape.batch_heads, |bh| coarse(&levels[coarsest], &shape, coarsest, bh))?;
+    for l in (0..coarsest).rev() {
+        let parents = shape.sizes[l + 1];
+        team.for_each(shape.batch_heads * parents, |task| {
+            refine(&levels[l], &levels[l + 1], &shape, l, block, task / parents, task % parents)
+        })?;
+    }
+    Ok(())
 }
 
 /// Writes one row of ids (`out` validated contiguous int64; this task is its only writer).
@@ -222,11 +217,10 @@ pub fn zorder_pool(src: &View, perm: &View, pooled: &View, block: usize, levels:
     let chunk = span.saturating_mul(POOL_ROWS.div_ceil(span)).max(1);
     let per_bh = n.div_ceil(chunk);
     let heads = bh_shape[1];
-    let pool = pool(threads).map_err(ViewError)?;
-    pool.install(|| {
-        let tasks = 0..bh_shape[0] * heads * per_bh;
-        tasks.into_par_iter().try_for_each_init(|| (Vec::new(), zeros::<f32>(c)), |(sums, mean), task| {
-            let mean = mean.as_mut().map_err(|e| e.clone())?;
+    Team::new(threads).for_each_init(
+        bh_shape[0] * heads * per_bh,
+        || Ok((Vec::new(), zeros::<f32>(c)?)),
+        |(sums, mean), task| {
             let (bh, t) = (task / per_bh, task % per_bh);
             let (b, h, r0) = (bh / heads, bh % heads, t * chunk);
             let r1 = (r0 + chunk).min(n);
@@ -265,9 +259,9 @@ pub fn zorder_pool(src: &View, perm: &View, pooled: &View, block: usize, levels:
                     unsafe { pooled.store_row(&[b, h, level_rows[l - 1] + first + i], mean) };
                 }
             }
-            Ok::<(), ViewError>(())
-        })
-    })
+            Ok(())
+        },
+    )
 }
 
 #[cfg(test)]

@@ -12,14 +12,12 @@
 //! private f32 buffer of the task; a second pass sums the buffers of a slice's splits in a fixed order and writes
 //! them. No atomics, deterministic.
 
-use rayon::prelude::*;
-
 use super::{centroid_bias, groups, Inputs, CHUNK, GROUP_KEYS};
 use crate::alloc;
 use crate::cpu::common::{check_input, check_output, gather, zeros, Dims, LOG2_E};
 use crate::cpu::isa::Isa;
 use crate::cpu::matmul::{Gemm, Mat, MatMut, Precision};
-use crate::cpu::pool::pool;
+use crate::cpu::parallel::Team;
 use crate::cpu::view::{DType, View, ViewError};
 use crate::cpu::vmath;
 
@@ -68,28 +66,24 @@ pub fn backward(x: &Inputs, rows: &BackwardRows, outs: &BackwardOutputs, threads
     check_output(outs.dv, &[bt, h, n, dv], x.q.dtype())?;
     check_output(outs.dkey_mean, &[bt, h, m, d], DType::F32)?;
     check_output(outs.dvalue_mean, &[bt, h, m, dv], DType::F32)?;
-    let pool = pool(threads).map_err(ViewError)?;
+    let team = Team::new(threads);
     let ctx = Ctx { x, rows, dims, precision: Precision::for_inputs(x.q.dtype(), Isa::current()) };
     let block = x.layout.max_block();
     let slices = bt * h;
     let splits = (TASKS_PER_THREAD * threads.max(1)).div_ceil(slices).clamp(1, m);
-    pool.install(|| {
-        let partials: Vec<KeyGrads> = (0..slices * splits)
-            .into_par_iter()
-            .map_init(
-                || Buffers::new(block, dims),
-                |buf, task| ctx.query_range(task / splits, task % splits, splits, outs.dq, buf.as_mut().map_err(|e| e.clone())?),
-            )
-            .collect::<Result<_, ViewError>>()?;
-        (0..slices * m).into_par_iter().try_for_each(|task| {
-            let bh = task / m;
-            ctx.store_key_grads(outs, &partials[bh * splits..(bh + 1) * splits], bh, task % m)
-        })?;
-        if let Some(dhm) = outs.dmoment_mean {
-            (0..slices).into_par_iter().try_for_each(|bh| ctx.store_moment_grad(dhm, &partials[bh * splits..(bh + 1) * splits], bh))?;
-        }
-        Ok(())
-    })
+    let partials: Vec<KeyGrads> = team.map_init(
+        slices * splits,
+        || Buffers::new(block, dims),
+        |buf, task| ctx.query_range(task / splits, task % splits, splits, outs.dq, buf),
+    )?;
+    team.for_each(slices * m, |task| {
+        let bh = task / m;
+        ctx.store_key_grads(outs, &partials[bh * splits..(bh + 1) * splits], bh, task % m)
+    })?;
+    if let Some(dhm) = outs.dmoment_mean {
+        team.for_each(slices, |bh| ctx.store_moment_grad(dhm, &partials[bh * splits..(bh + 1) * splits], bh))?;
+    }
+    Ok(())
 }
 
 /// Key-side gradients of one task, f32: `dk (N x D)`, `dv (N x Dv)` by block position (unscaled), `dk̄ (M x D)`

@@ -6,13 +6,11 @@
 //!
 //! Tasks are (slice, split of the blocks); each keeps a partial `Σ H_j`, summed per slice in a fixed order.
 
-use rayon::prelude::*;
-
 use super::{err, Layout};
 use crate::alloc;
 use crate::cpu::common::{active_isa, check_input, check_output, gather, zeros};
 use crate::cpu::matmul::{Gemm, Mat, MatMut};
-use crate::cpu::pool::pool;
+use crate::cpu::parallel::Team;
 use crate::cpu::view::{DType, View, ViewError};
 
 /// Tasks per worker the passes aim for.
@@ -77,45 +75,35 @@ pub fn stats(k: &View, v: &View, q: Option<&View>, layout: &Layout, outs: &Stats
     let splits = (TASKS_PER_THREAD * threads.max(1)).div_ceil(slices).clamp(1, m);
     let block = layout.max_block();
     let pass = Pass { k, v, layout, shape };
-    let pool = pool(threads).map_err(ViewError)?;
-    pool.install(|| {
-        let partials: Vec<Vec<f32>> = (0..slices * splits)
-            .into_par_iter()
-            .map_init(
-                || Rows::new(block, shape),
-                |rows, task| {
-                    let rows = rows.as_mut().map_err(|e| e.clone())?;
-                    pass.means_and_moments(q, outs, task / splits, (task % splits, splits), rows)
-                },
-            )
-            .collect::<Result<_, ViewError>>()?;
-        let means: Vec<Vec<f32>> = match outs.moment_mean {
-            Some(moment_mean) => (0..slices)
-                .into_par_iter()
-                .map(|bh| pass.reduce(moment_mean, &partials[bh * splits..(bh + 1) * splits], bh))
-                .collect::<Result<_, ViewError>>()?,
-            None => Vec::new(),
-        };
-        if let Some((spread, centre)) = outs.spread {
-            // The centre c·H̄ of each slice (zero when c = 0: no moment_mean needed).
-            let mut centres: Vec<Vec<f32>> = alloc::with_capacity(slices)?;
-            for bh in 0..slices {
-                centres.push(match means.get(bh) {
-                    Some(h) => alloc::collect(h.iter().map(|x| x * centre))?,
-                    None => zeros(alloc::size(&[d, dv])?)?,
-                });
-            }
-            (0..slices * splits).into_par_iter().try_for_each_init(
-                || Rows::new(block, shape),
-                |rows, task| {
-                    let rows = rows.as_mut().map_err(|e| e.clone())?;
-                    pass.spread(spread, &centres[task / splits], task / splits, (task % splits, splits), rows);
-                    Ok::<(), ViewError>(())
-                },
-            )?;
+    let team = Team::new(threads);
+    let partials: Vec<Vec<f32>> = team.map_init(
+        slices * splits,
+        || Rows::new(block, shape),
+        |rows, task| pass.means_and_moments(q, outs, task / splits, (task % splits, splits), rows),
+    )?;
+    let means: Vec<Vec<f32>> = match outs.moment_mean {
+        Some(moment_mean) => team.map(slices, |bh| pass.reduce(moment_mean, &partials[bh * splits..(bh + 1) * splits], bh))?,
+        None => Vec::new(),
+    };
+    if let Some((spread, centre)) = outs.spread {
+        // The centre c·H̄ of each slice (zero when c = 0: no moment_mean needed).
+        let mut centres: Vec<Vec<f32>> = alloc::with_capacity(slices)?;
+        for bh in 0..slices {
+            centres.push(match means.get(bh) {
+                Some(h) => alloc::collect(h.iter().map(|x| x * centre))?,
+                None => zeros(alloc::size(&[d, dv])?)?,
+            });
         }
-        Ok(())
-    })
+        team.for_each_init(
+            slices * splits,
+            || Rows::new(block, shape),
+            |rows, task| {
+                pass.spread(spread, &centres[task / splits], task / splits, (task % splits, splits), rows);
+                Ok(())
+            },
+        )?;
+    }
+    Ok(())
 }
 
 struct Rows {
