@@ -146,3 +146,21 @@ def test_bench_block_records_and_arguments(tmp_path, capsys):
     assert main(["bench", "--block", "--heads", "4"]) == 2
     assert main(["bench", "--block", "--grid", "8x8", "9x9"]) == 2
     assert "--block" in capsys.readouterr().err
+
+
+def test_bench_interleaved_records_and_arguments(tmp_path, capsys):
+    """`difattn bench --interleaved`: dense SDPA and each method alone and between two Linear layers, with the
+    documented fields (times are not asserted); CPU forward only."""
+    path = tmp_path / "inter.json"
+    assert main(["bench", "--interleaved", "--device", "cpu", "--grid", "16x16", "--heads", "2", "--head-dim", "8",
+                 "--quick", "--methods", "linear", "llsa", "--out", str(path)]) == 0
+    records = json.loads(path.read_text())["records"]
+    assert [(r["method"], r["backend"]) for r in records] == [("dense", "torch"), ("linear", "rust"), ("llsa", "rust")]
+    keys = {"method", "backend", "options", "B", "H", "N", "D", "dtype", "grid", "alone_ms", "alone_median_ms",
+            "in_chain_ms", "in_chain_median_ms", "ratio", "median_ratio", "linear_ms", "threads", "cpu_threads"}
+    for r in records:
+        assert set(r) == keys and r["N"] == 256 and r["D"] == 8
+        assert r["ratio"] == pytest.approx(r["in_chain_ms"] / r["alone_ms"])
+    assert records[1]["cpu_threads"] in ("openmp", "rayon")
+    assert "in chain" in capsys.readouterr().out
+    assert main(["bench", "--interleaved", "--device", "cpu", "--backward", "--quick"]) == 2

@@ -161,7 +161,7 @@ fn nested_loops_and_concurrent_callers_finish() {
                 let total = &total;
                 s.spawn(move || {
                     for _ in 0..20 {
-                        let sums = Team::new(t).map(64, |i| Ok::<_, ViewError>(i)).unwrap();
+                        let sums = Team::new(t).map(64, Ok::<_, ViewError>).unwrap();
                         total.fetch_add(sums.iter().sum::<usize>(), Ordering::Relaxed);
                     }
                 });
