@@ -150,6 +150,29 @@ def is_static(data: dict) -> bool:
     return data.get("kind") == "static"
 
 
+def is_interleaved(data: dict) -> bool:
+    return data.get("kind") == "interleaved"
+
+
+def interleaved_md(results: list[tuple[Path, dict]]) -> list[str]:
+    """One table per ``difattn bench --interleaved`` file: attention alone and between two torch Linear layers."""
+    out = ["## Attention between torch ops (`difattn bench --interleaved`)", "",
+           "Each method's attention timed alone and right after a torch Linear layer (`Linear(H·D → 3·H·D) →",
+           "attention → Linear(H·D → H·D)`, as in a DiT block; the same q/k/v, forward), the fastest repeat of each;",
+           "*ratio*: in chain / alone (the median ratio: of the medians). *threads*: torch's thread count and the",
+           "runtime of the Rust kernels' loops (`openmp`: torch's own threads; `rayon`: the core's pool).", ""]
+    for path, data in results:
+        out += [f"### {path.stem}", "", f"Device: {data['device']}; torch {data['torch']}; commit `{data['commit']}`.", "",
+                "| method | options | backend | shape | alone ms | in chain ms | ratio | median ratio | threads |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in data["records"]:
+            threads = f"{r['threads']} {r['cpu_threads']}" if r["backend"] == "rust" and r["cpu_threads"] else r["threads"]
+            out.append(f"| {r['method']} | {_options(r)} | {r['backend']} | {_shape(r)} | {r['alone_ms']:.2f} | "
+                       f"{r['in_chain_ms']:.2f} | {r['ratio']:.2f}× | {r['median_ratio']:.2f}× | {threads} |")
+        out.append("")
+    return out
+
+
 def static_md(results: list[tuple[Path, dict]]) -> list[str]:
     """One table per ``difattn bench --static`` file: every production launch's binary (the file's columns)."""
     out = ["## Compiled kernels (`difattn bench --static`)", "",
@@ -321,7 +344,7 @@ def benchmarks_md(results: list[tuple[Path, dict]]) -> str:
         "the device's square-matmul rate measured in the same run (the practical ceiling of any GEMM-based kernel).",
         "",
     ]
-    for name, runs in series([(p, d) for p, d in results if not is_distributed(d) and not is_static(d)]):
+    for name, runs in series([(p, d) for p, d in results if not (is_distributed(d) or is_static(d) or is_interleaved(d))]):
         if not any(d["records"] for _, d in runs):
             continue
         out += [f"## {name}", ""]
@@ -348,11 +371,14 @@ def benchmarks_md(results: list[tuple[Path, dict]]) -> str:
     compiled = [(p, d) for p, d in results if is_static(d)]
     if compiled:
         out += static_md(compiled)
+    interleaved = [(p, d) for p, d in results if is_interleaved(d)]
+    if interleaved:
+        out += interleaved_md(interleaved)
     return "\n".join(out)
 
 
 def readme_table(results: list[tuple[Path, dict]]) -> str:
-    results = [(p, d) for p, d in results if not is_distributed(d) and not is_static(d)]
+    results = [(p, d) for p, d in results if not (is_distributed(d) or is_static(d) or is_interleaved(d))]
     if not results:
         return "No benchmark results are committed yet."
     lines = []

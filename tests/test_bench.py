@@ -98,6 +98,22 @@ def test_report_groups_runs_into_series_and_takes_medians():
     assert "| 0.30 |" in readme.split("**b**")[1]
 
 
+def test_report_renders_interleaved_files_apart():
+    """A `difattn bench --interleaved` file gets its own section in BENCHMARKS.md and stays out of the speed
+    series and the README table."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import report
+    finally:
+        sys.path.pop(0)
+    record = {"method": "linear", "backend": "rust", "options": {"normalize": True}, "grid": [1, 8, 8, 0, "first"],
+              "alone_ms": 2.0, "in_chain_ms": 2.2, "ratio": 1.1, "median_ratio": 1.2, "threads": 2,
+              "cpu_threads": "openmp"}
+    results = [(Path("i.json"), {"device": "cpu", "torch": "t", "commit": "c", "kind": "interleaved", "records": [record]})]
+    assert "| linear | normalize=True | rust | 8x8 | 2.00 | 2.20 | 1.10× | 1.20× | 2 openmp |" in report.benchmarks_md(results)
+    assert report.readme_table(results) == "No benchmark results are committed yet."
+
+
 def _square_window_attention(q, k, v, side):
     """Brute-force NATTEN semantics on heads-last ``(B, h, w, H, D)``: a ``side``² window clamped inside the grid."""
     B, h, w, H, D = q.shape

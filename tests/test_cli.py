@@ -154,7 +154,9 @@ def test_bench_interleaved_records_and_arguments(tmp_path, capsys):
     path = tmp_path / "inter.json"
     assert main(["bench", "--interleaved", "--device", "cpu", "--grid", "16x16", "--heads", "2", "--head-dim", "8",
                  "--quick", "--methods", "linear", "llsa", "--out", str(path)]) == 0
-    records = json.loads(path.read_text())["records"]
+    payload = json.loads(path.read_text())
+    assert payload["kind"] == "interleaved" and payload["threads"] >= 1
+    records = payload["records"]
     assert [(r["method"], r["backend"]) for r in records] == [("dense", "torch"), ("linear", "rust"), ("llsa", "rust")]
     keys = {"method", "backend", "options", "B", "H", "N", "D", "dtype", "grid", "alone_ms", "alone_median_ms",
             "in_chain_ms", "in_chain_median_ms", "ratio", "median_ratio", "linear_ms", "threads", "cpu_threads"}

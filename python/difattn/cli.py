@@ -176,7 +176,7 @@ def _bench_interleaved(args: argparse.Namespace, cfg: BenchConfig) -> int:
     records = bench_interleaved.run_interleaved(cfg)
     print(bench_interleaved.format_interleaved_table(records))
     path = _json_path(args.out, f"difattn-bench-interleaved-{cfg.device.type}.json")
-    write_json(path, cfg.device, cfg.dtype, records)
+    bench_interleaved.write_json(path, cfg, records)
     print(f"wrote {path}")
     return 0
 

@@ -1,5 +1,6 @@
 //! CPU kernels. `view` checks raw tensor descriptors before any `unsafe` access; `matmul` is the GEMM front and
-//! `vmath` the element-wise vector math; `common` holds what the kernels share (shapes, checks, gathers, the online softmax).
+//! `vmath` the element-wise vector math; `common` holds what the kernels share (shapes, checks, gathers, the online softmax);
+//! `parallel` runs their parallel loops (on torch's OpenMP threads, or on the rayon `pool`).
 //!
 //! The kernels: `block_attention` runs attention over block plans (GRAT, and CLEAR's plans when asked for them);
 //! `clear` is CLEAR's own disc kernels (the CPU default), and `pisa`, `llsa` and `linear` (linear attention and

@@ -1,6 +1,6 @@
-//! One rayon pool for the whole process, rebuilt when the thread count changes and after `fork` (the global pool
-//! deadlocks in a forked child). Keeping one pool (not one per thread count ever asked for) bounds the idle
-//! `difattn-*` threads by the current count.
+//! The rayon fallback of [`parallel`](super::parallel): one pool for the whole process, rebuilt when the thread
+//! count changes and after `fork` (the global pool deadlocks in a forked child). Keeping one pool (not one per
+//! thread count ever asked for) bounds the idle `difattn-*` threads by the current count.
 
 use std::sync::{Arc, Mutex};
 

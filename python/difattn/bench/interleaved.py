@@ -9,7 +9,8 @@ only in what ran just before; the first Linear's output is not fed to it, the se
 (transposed to ``(B, N, H·Dv)`` as a block does). Forward only, without autograd. Dense SDPA (a torch op itself)
 is timed the same way as a reference.
 
-A record: ``{"method", "backend", "options", "B", "H", "N", "D", "dtype", "grid", "alone_ms", "alone_median_ms",
+JSON: ``{"device", "cpu", "torch", ..., "kind": "interleaved", "records": [record, ...]}`` (the header of
+:func:`.runner.environment`); a record: ``{"method", "backend", "options", "B", "H", "N", "D", "dtype", "grid", "alone_ms", "alone_median_ms",
 "in_chain_ms", "in_chain_median_ms", "ratio", "median_ratio", "linear_ms", "threads", "cpu_threads"}``: times as
 the speed records count them (the fastest repeat) plus the medians, ``linear_ms`` the first Linear's time, ``threads``
 torch's intra-op thread count, ``cpu_threads`` the runtime of the Rust kernels' loops (``"openmp"`` or
@@ -18,6 +19,8 @@ torch's intra-op thread count, ``cpu_threads`` the runtime of the Rust kernels' 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from .._native import core, core_status
 from .cases import CASES, Case, Shape
 from .progress import Progress
-from .runner import BenchConfig, _make_inputs, jsonable, options_label, runnable_backends
+from .runner import BenchConfig, _make_inputs, environment, jsonable, options_label, runnable_backends
 from .timing import Timing, time_cpu, time_cpu_between
 
 DENSE = Case("dense")  # dense SDPA's row: a torch op between torch ops
@@ -115,3 +118,9 @@ def format_interleaved_table(records: list[dict]) -> str:
             f"{r['linear_ms']:>8.2f} {threads:>12}"
         )
     return "\n".join(lines)
+
+
+def write_json(path: Path, cfg: BenchConfig, records: list[dict]) -> None:
+    payload = {**environment(cfg.device, cfg.dtype), "kind": "interleaved", "records": records}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n")
