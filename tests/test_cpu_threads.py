@@ -177,3 +177,26 @@ def test_after_fork():
     lines = out.strip().splitlines()
     assert lines[0] == ("openmp" if OPENMP else "rayon")
     assert "child rayon True" in lines and lines[-1] == "status 0 True"
+
+
+@pytest.mark.skipif(not OPENMP, reason="torch does not run on an OpenMP runtime here")
+def test_a_team_without_room_for_its_stacks_runs_on_the_calling_thread():
+    """Under an address-space limit with no room for a new thread's stack, a kernel whose OpenMP team needs a thread
+    the runtime has not made yet (one thread before, two now) returns or raises MemoryError: libgomp ended the process
+    ("Thread creation failed", exit status 1) when the team was started regardless."""
+    out = _run("""
+        import resource, torch, difattn
+        torch.set_num_threads(1)
+        q = torch.randn(1, 2, 96 * 96, 16)
+        call = lambda: difattn.clear_attention(q, q, q, difattn.TokenGrid(96, 96), radius=3.0, backend="rust")
+        expected = call()
+        torch.set_num_threads(2)
+        used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (used + 4 * 2**20, resource.RLIM_INFINITY))
+        try:
+            out = call()
+            print("ok" if torch.equal(out, expected) else "differs")
+        except MemoryError as e:
+            print("ours" if str(e).startswith("out of memory") else e)
+    """, env={"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536:glibc.malloc.arena_max=1"})
+    assert out.strip() in ("ok", "ours"), out

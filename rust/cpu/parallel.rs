@@ -13,7 +13,9 @@
 //!
 //! A loop started inside another (a worker's task that runs a loop) runs on the worker alone: no nested teams,
 //! no waiting on busy workers. A panicking task becomes an error of the loop (never an unwind across the OpenMP
-//! runtime), and the first error stops the hand-out of further tasks.
+//! runtime), and the first error stops the hand-out of further tasks. Where the address space has no room for an
+//! OpenMP team's thread stacks (under `RLIMIT_AS`; the runtime would end the process), the loop runs on the calling
+//! thread alone.
 
 mod openmp;
 
@@ -263,7 +265,11 @@ impl Team {
         if workers == 1 || IN_LOOP.with(Cell::get) {
             work();
         } else if let Some(rt) = openmp {
-            rt.parallel(workers, &work);
+            if rt.room_for_team(workers) {
+                rt.parallel(workers, &work);
+            } else {
+                work();
+            }
         } else {
             let pool = pool(workers - 1).map_err(|e| ViewError(format!("{FAILED}: thread pool: {e}")))?;
             pool.in_place_scope(|scope| {

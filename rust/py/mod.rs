@@ -1,10 +1,10 @@
 //! The PyO3 module `difattn._core` (built with the `python` feature): it turns Python arguments (grid and tile
 //! tuples, tensor descriptors) into the validated types of `plan` and `cpu`, releases the GIL around the work,
 //! and raises every validation error as `ValueError` (a failed allocation as `MemoryError`, a failed parallel loop as
-//! `RuntimeError`). This file holds that conversion, the token orders (returned
-//! as little-endian int64 bytes) and the module's registration; `block` holds the block plan (a `#[pyclass]`) and
-//! the engine's entry points, `clear`, `linear`, `llsa` and `pisa` the glue of those methods' kernels, `isa`
-//! the CPU instruction-set level and `threads` the runtime of the kernels' parallel loops.
+//! `RuntimeError`). This file holds that conversion, the token orders (returned as little-endian int64 bytes) and
+//! the module's registration; `block` holds the block plan (a `#[pyclass]`) and the engine's entry points, `clear`,
+//! `linear`, `llsa` and `pisa` the glue of those methods' kernels, `isa` the CPU instruction-set level and `threads`
+//! the runtime of the kernels' parallel loops.
 
 mod block;
 mod clear;

@@ -29,6 +29,19 @@ impl OpenMp {
         std::process::id() == self.pid
     }
 
+    /// Whether the address space has room now for the stacks of a team of `threads` (the caller included). A
+    /// runtime that cannot create a thread ends the process (libgomp: "Thread creation failed", exit status 1), so
+    /// a loop checks first, and runs on the calling thread alone where there is no room (under an address-space
+    /// limit, `RLIMIT_AS`). The check reserves and frees the stacks' address space; the runtime may still fail if
+    /// other threads take that space in between, and threads it already has need no new stacks (the check does not
+    /// know which it has: near the limit, a loop may run alone where its team would have fit).
+    pub fn room_for_team(&self, threads: usize) -> bool {
+        let Some(bytes) = (stack_bytes() + STACK_SLACK).checked_mul(threads.saturating_sub(1)) else {
+            return false;
+        };
+        room_for(bytes)
+    }
+
     /// Runs `work` once on each thread of a team of `threads` (the caller included) and returns when all are done.
     /// `work` must not unwind (an unwind out of the `extern "C"` trampoline aborts the process).
     pub fn parallel(&self, threads: usize, work: &(dyn Fn() + Sync)) {
@@ -46,6 +59,77 @@ impl OpenMp {
         // only reads `data`, which outlives the call (see above). Flags 0: no proc_bind request.
         unsafe { (self.parallel)(trampoline, data as *mut c_void, threads, 0) }
     }
+}
+
+/// Bytes a team thread needs besides its stack (guard page, thread-local storage, the runtime's own data).
+const STACK_SLACK: usize = 1 << 20;
+
+/// The stack size of the runtime's threads: `OMP_STACKSIZE`, else `GOMP_STACKSIZE` (a size with an optional unit B,
+/// K, M or G; K when none, as libgomp reads them), else the soft `RLIMIT_STACK` (glibc's default for new threads),
+/// else 8 MiB (a generous guess where that limit is unlimited).
+fn stack_bytes() -> usize {
+    static BYTES: OnceLock<usize> = OnceLock::new();
+    *BYTES.get_or_init(|| {
+        ["OMP_STACKSIZE", "GOMP_STACKSIZE"]
+            .iter()
+            .find_map(|name| parse_stacksize(&std::env::var(name).ok()?))
+            .or_else(stack_limit)
+            .unwrap_or(8 << 20)
+    })
+}
+
+/// `size[B|K|M|G]` (K when no unit) in bytes; None where it is not one.
+fn parse_stacksize(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let size: usize = text[..digits].parse().ok()?;
+    let shift = match text[digits..].trim().to_ascii_lowercase().as_str() {
+        "b" => 0,
+        "" | "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        _ => return None,
+    };
+    size.checked_mul(1 << shift)
+}
+
+#[cfg(target_os = "linux")]
+fn stack_limit() -> Option<usize> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `getrlimit` writes one `rlimit` into `limit`, which lives across the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_STACK, &mut limit) } != 0 || limit.rlim_cur == libc::RLIM_INFINITY {
+        return None;
+    }
+    usize::try_from(limit.rlim_cur).ok().filter(|&b| b > 0)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn stack_limit() -> Option<usize> {
+    None
+}
+
+/// Whether `bytes` of address space can be mapped now (reserved without access, then freed at once).
+#[cfg(target_os = "linux")]
+fn room_for(bytes: usize) -> bool {
+    if bytes == 0 {
+        return true;
+    }
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    // SAFETY: an anonymous mapping at an address the kernel picks overlaps nothing that exists; without access
+    // rights it is never read or written, and it is unmapped below with the length it was made with.
+    unsafe {
+        let p = libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_NONE, flags, -1, 0);
+        if p == libc::MAP_FAILED {
+            return false;
+        }
+        libc::munmap(p, bytes);
+    }
+    true
+}
+
+#[cfg(not(target_os = "linux"))]
+fn room_for(_: usize) -> bool {
+    true
 }
 
 /// Whether a shared object's file name is an OpenMP runtime's.
@@ -116,7 +200,19 @@ fn loaded_objects() -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::is_openmp;
+    use super::{is_openmp, parse_stacksize};
+
+    #[test]
+    fn stack_sizes_are_read_as_libgomp_reads_them() {
+        assert_eq!(parse_stacksize("512"), Some(512 << 10));
+        assert_eq!(parse_stacksize(" 4M "), Some(4 << 20));
+        assert_eq!(parse_stacksize("2g"), Some(2 << 30));
+        assert_eq!(parse_stacksize("100B"), Some(100));
+        assert_eq!(parse_stacksize("16k"), Some(16 << 10));
+        for bad in ["", "M", "4X", "-1", "1.5M", "99999999999999999999"] {
+            assert_eq!(parse_stacksize(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn runtimes_are_recognised_by_file_name() {
