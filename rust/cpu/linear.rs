@@ -244,6 +244,15 @@ pub fn dydila_backward(
     backward(&f, x.v, state, ksum, dout, grads.dv, [dims, keys], opts, threads)
 }
 
+/// How the attention products of feature map `F` run for inputs of `dtype` (see [`FeatureMap::BF16_PRODUCTS`]).
+fn products<F: FeatureMap>(dtype: DType) -> Precision {
+    if F::BF16_PRODUCTS {
+        Precision::for_inputs(dtype, Isa::current())
+    } else {
+        Precision::F32
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn forward<F: FeatureMap>(
     f: &F,
@@ -256,7 +265,7 @@ fn forward<F: FeatureMap>(
     threads: usize,
 ) -> Result<(), ViewError> {
     let team = Team::new(threads);
-    let precision = Precision::for_inputs(v.dtype(), Isa::current());
+    let precision = products::<F>(v.dtype());
     let states = reduce_state(team, f, v, keys, keys.splits(threads), precision)?;
     write_states(&states, state, ksum, dims);
     readout(team, f, out, &states, dims, opts, precision)
@@ -392,7 +401,7 @@ fn backward<F: FeatureMap>(
 ) -> Result<(), ViewError> {
     let team = Team::new(threads);
     let states = read_states(state, ksum, dims)?;
-    let precision = Precision::for_inputs(v.dtype(), Isa::current());
+    let precision = products::<F>(v.dtype());
     let dstates = query_pass(team, f, dout, &states, dims, opts, dims.splits(threads), keys.n, precision)?;
     key_pass(team, f, v, dv_out, &dstates, keys, precision)
 }

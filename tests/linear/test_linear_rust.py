@@ -79,6 +79,9 @@ def test_linear_rust_matches_reference(B, H, N, D, Dv, dtype, normalize, token_m
          params_in_input_dtype=False, seed=0)
 @example(B=1, H=1, N=97, D=192, Dv=24, dtype=torch.bfloat16, normalize=True, token_major=False,
          params_in_input_dtype=True, seed=1)
+# bf16 dot products on the power features missed the γ gradients' accuracy by 20x (avx512bf16 level):
+@example(B=1, H=1, N=1, D=64, Dv=None, dtype=torch.bfloat16, normalize=False, token_major=False,
+         params_in_input_dtype=False, seed=1)
 def test_dydila_rust_matches_reference_in_every_input(B, H, N, D, Dv, dtype, normalize, token_major,
                                                       params_in_input_dtype, seed):
     # With normalisation the differential must keep Q̂ · mean(K̂) away from zero: small λ.

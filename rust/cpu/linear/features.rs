@@ -27,6 +27,12 @@ pub struct Rows {
 pub trait FeatureMap: Sync {
     type Scratch: Send;
 
+    /// Whether the attention products may run in bf16 dot products for bf16 inputs (`matmul::Precision`):
+    /// true where the features are the inputs as given. DyDiLA's features are powers `x^γ` of the inputs, whose
+    /// bf16 rounding its exponents amplify: its γ and λ gradients then missed the bf16 reference's accuracy by up
+    /// to 20x (N = 1, D = 64), so its products stay f32.
+    const BF16_PRODUCTS: bool;
+
     /// Per-thread buffers for blocks of up to `rows` rows.
     fn scratch(&self, rows: usize) -> Result<Self::Scratch, ViewError>;
 
@@ -85,6 +91,7 @@ pub struct Plain<'a> {
 }
 
 impl FeatureMap for Plain<'_> {
+    const BF16_PRODUCTS: bool = true;
     type Scratch = ();
 
     fn scratch(&self, _rows: usize) -> Result<(), ViewError> {
@@ -195,6 +202,7 @@ unsafe fn store_tokens(view: &View, rows: Rows, src: &[f32]) {
 }
 
 impl FeatureMap for Dydila<'_> {
+    const BF16_PRODUCTS: bool = false;
     type Scratch = DydilaScratch;
 
     fn scratch(&self, rows: usize) -> Result<DydilaScratch, ViewError> {
