@@ -108,10 +108,14 @@ fn stack_limit() -> Option<usize> {
     None
 }
 
-/// Whether `bytes` of address space can be mapped now (reserved without access, then freed at once).
+/// Whether `bytes` of address space can be mapped now (reserved without access, then freed at once). Without an
+/// address-space limit (`RLIMIT_AS` unlimited, the usual case) there is nothing to check: no mapping is made.
 #[cfg(target_os = "linux")]
 fn room_for(bytes: usize) -> bool {
-    if bytes == 0 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `getrlimit` writes one `rlimit` into `limit`, which lives across the call.
+    let unlimited = unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) } == 0 && limit.rlim_cur == libc::RLIM_INFINITY;
+    if bytes == 0 || unlimited {
         return true;
     }
     let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
