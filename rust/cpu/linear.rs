@@ -401,9 +401,10 @@ fn backward<F: FeatureMap>(
 ) -> Result<(), ViewError> {
     let team = Team::new(threads);
     let states = read_states(state, ksum, dims)?;
-    let precision = products::<F>(v.dtype());
-    let dstates = query_pass(team, f, dout, &states, dims, opts, dims.splits(threads), keys.n, precision)?;
-    key_pass(team, f, v, dv_out, &dstates, keys, precision)
+    // The backward's products run in f32 whatever the inputs: with bf16 dot products on the output and state
+    // gradients (which are not inputs), small calls (N = 1..3) missed the bf16 reference's gradient accuracy.
+    let dstates = query_pass(team, f, dout, &states, dims, opts, dims.splits(threads), keys.n)?;
+    key_pass(team, f, v, dv_out, &dstates, keys)
 }
 
 /// Per token block: `T = g Sᵀ`; without normalisation `dQ̂ = T`, else with `den = Q̂·m + eps`,
@@ -420,7 +421,6 @@ fn query_pass<F: FeatureMap>(
     opts: Options,
     splits: usize,
     num_keys: usize,
-    precision: Precision,
 ) -> Result<Vec<f32>, ViewError> {
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
     let mut partial = zeros(dims.slices() * splits * width)?;
@@ -442,7 +442,7 @@ fn query_pass<F: FeatureMap>(
                 if opts.normalize {
                     // Normalising rescales g: it needs a copy.
                     load_rows(dout, rows, gb);
-                    t_of.run_in(precision, MatMut::rows(tb, d), Mat::rows(gb, dv), Mat::rows(s, dv).t());
+                    t_of.run(MatMut::rows(tb, d), Mat::rows(gb, dv), Mat::rows(s, dv).t());
                     let per_row = qb.chunks_exact(d).zip(tb.chunks_exact_mut(d)).zip(gb.chunks_exact_mut(dv));
                     for ((q, t), g) in per_row.take(rows.len) {
                         let inv = 1.0 / (vmath::dot(q, m) + opts.eps);
@@ -451,11 +451,11 @@ fn query_pass<F: FeatureMap>(
                         g.iter_mut().for_each(|x| *x *= inv);
                         dm.iter_mut().zip(q).for_each(|(a, qi)| *a += dden * qi);
                     }
-                    ds_of.run_in(precision, MatMut::rows(ds, dv), Mat::rows(qb, d).t(), Mat::rows(gb, dv));
+                    ds_of.run(MatMut::rows(ds, dv), Mat::rows(qb, d).t(), Mat::rows(gb, dv));
                 } else {
                     let g = input_rows(dout, rows, gb);
-                    t_of.run_in(precision, MatMut::rows(tb, d), g, Mat::rows(s, dv).t());
-                    ds_of.run_in(precision, MatMut::rows(ds, dv), Mat::rows(qb, d).t(), g);
+                    t_of.run(MatMut::rows(tb, d), g, Mat::rows(s, dv).t());
+                    ds_of.run(MatMut::rows(ds, dv), Mat::rows(qb, d).t(), g);
                 }
                 // SAFETY: the query-side gradient outputs are validated contiguous outputs, and each token row
                 // belongs to one (head, split) task.
@@ -476,7 +476,6 @@ fn key_pass<F: FeatureMap>(
     dv_out: &View,
     dstates: &[f32],
     dims: Dims,
-    precision: Precision,
 ) -> Result<(), ViewError> {
     let (d, dv, width) = (dims.d, dims.dv, dims.width());
     team.for_each_init(
@@ -494,8 +493,8 @@ fn key_pass<F: FeatureMap>(
             // this task alone touches these rows while `dvr` lives.
             let (dvr, in_place) = unsafe { output_rows(dv_out, rows, dvb) };
             // dK̂ = V · dSᵀ ; dV = K̂ · dS
-            Gemm { m: rows.len, n: d, k: dv, accumulate: false }.run_in(precision, MatMut::rows(dkb, d), vr, Mat::rows(ds, dv).t());
-            Gemm { m: rows.len, n: dv, k: d, accumulate: false }.run_in(precision, MatMut::rows(dvr, dv), Mat::rows(kb, d), Mat::rows(ds, dv));
+            Gemm { m: rows.len, n: d, k: dv, accumulate: false }.run(MatMut::rows(dkb, d), vr, Mat::rows(ds, dv).t());
+            Gemm { m: rows.len, n: dv, k: d, accumulate: false }.run(MatMut::rows(dvr, dv), Mat::rows(kb, d), Mat::rows(ds, dv));
             for row in dkb[..rows.len * d].chunks_exact_mut(d) {
                 row.iter_mut().zip(dm).for_each(|(x, mi)| *x += mi);
             }

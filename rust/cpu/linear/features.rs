@@ -27,10 +27,10 @@ pub struct Rows {
 pub trait FeatureMap: Sync {
     type Scratch: Send;
 
-    /// Whether the attention products may run in bf16 dot products for bf16 inputs (`matmul::Precision`):
-    /// true where the features are the inputs as given. DyDiLA's features are powers `x^γ` of the inputs, whose
-    /// bf16 rounding its exponents amplify: its γ and λ gradients then missed the bf16 reference's accuracy by up
-    /// to 20x (N = 1, D = 64), so its products stay f32.
+    /// Whether the forward's products (state and readout) may run in bf16 dot products for bf16 inputs
+    /// (`matmul::Precision`): true where the features are the inputs as given. DyDiLA's features are powers `x^γ`
+    /// of the inputs, whose bf16 rounding its exponents amplify: its γ and λ gradients then missed the bf16
+    /// reference's accuracy by up to 20x (N = 1, D = 64), so its products stay f32.
     const BF16_PRODUCTS: bool;
 
     /// Per-thread buffers for blocks of up to `rows` rows.
