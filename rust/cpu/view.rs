@@ -3,6 +3,7 @@
 use std::fmt;
 
 use super::matmul::Mat;
+use super::vmath;
 
 /// Element types the kernels read and write (computation is always f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -288,6 +289,12 @@ impl View {
             DType::F32 => unsafe { self.read_row::<f32>(base, step, dst, |x| x) },
             // SAFETY: an f16 view; the offsets as for f32.
             DType::F16 => unsafe { self.read_row(base, step, dst, half::f16::to_f32) },
+            DType::BF16 if step == 1 => {
+                // SAFETY: by the contract, `dst.len()` consecutive in-shape bf16 elements from `base` (offsets
+                // checked by `new`, aligned for u16), read as their bits.
+                let row = unsafe { std::slice::from_raw_parts((self.ptr as *const u16).add(base), dst.len()) };
+                vmath::bf16_to_f32(row, dst);
+            }
             // SAFETY: a bf16 view; the offsets as for f32.
             DType::BF16 => unsafe { self.read_row(base, step, dst, half::bf16::to_f32) },
             other => panic!("{}: reading rows of a {other:?} view", self.name),
@@ -348,6 +355,12 @@ impl View {
             DType::F32 => unsafe { self.write_row::<f32>(base, step, src, |x| x) },
             // SAFETY: an f16 view; the offsets and their ownership as for f32.
             DType::F16 => unsafe { self.write_row(base, step, src, half::f16::from_f32) },
+            DType::BF16 if step == 1 => {
+                // SAFETY: by the contract, `src.len()` consecutive in-shape bf16 elements from `base` (offsets
+                // checked by `new`, aligned for u16) that this call alone accesses, written as their bits.
+                let row = unsafe { std::slice::from_raw_parts_mut((self.ptr as *mut u16).add(base), src.len()) };
+                vmath::f32_to_bf16(src, row);
+            }
             // SAFETY: a bf16 view; the offsets and their ownership as for f32.
             DType::BF16 => unsafe { self.write_row(base, step, src, half::bf16::from_f32) },
             other => panic!("{}: writing rows of a {other:?} view", self.name),

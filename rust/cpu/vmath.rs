@@ -149,12 +149,44 @@ fn softmax_grad_body<const FMA: bool, const W: usize>(ds: &mut [f32], p: &[f32],
     }
 }
 
+/// `dst[i] = src[i]` as f32 (bf16 bits are the high half of f32 bits: exact), a NaN made quiet (as
+/// `half::bf16::to_f32`, without its branch).
+#[inline(always)]
+fn bf16_to_f32_body<const FMA: bool, const W: usize>(src: &[u16], dst: &mut [f32]) {
+    let src = &src[..dst.len()];
+    for (dc, sc) in dst.chunks_mut(W).zip(src.chunks(W)) {
+        dc.iter_mut().zip(sc).for_each(|(d, s)| {
+            let bits = u32::from(*s);
+            let quiet = if bits & 0x7fff > 0x7f80 { 0x40 } else { 0 };
+            *d = f32::from_bits((bits | quiet) << 16);
+        });
+    }
+}
+
+/// `dst[i] = src[i]` rounded to the nearest bf16, ties to even (as `half::bf16::from_f32`, without its branches so
+/// the loop vectorises): adding `0x7fff` plus the kept part's lowest bit carries into it exactly when the dropped
+/// half is above the tie or at it with an odd kept part; a NaN keeps its sign and high payload and is made quiet.
+#[inline(always)]
+fn f32_to_bf16_body<const FMA: bool, const W: usize>(src: &[f32], dst: &mut [u16]) {
+    let src = &src[..dst.len()];
+    for (dc, sc) in dst.chunks_mut(W).zip(src.chunks(W)) {
+        dc.iter_mut().zip(sc).for_each(|(d, s)| {
+            let bits = s.to_bits();
+            let rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
+            let quiet = (bits >> 16) | 0x40;
+            *d = if bits & 0x7fff_ffff > 0x7f80_0000 { quiet } else { rounded } as u16;
+        });
+    }
+}
+
 crate::isa_dispatch!(fn exp2_shift_sum_in(row: &mut [f32], shift: f32) -> f32 = exp2_shift_sum_body);
 crate::isa_dispatch!(fn exp2_affine_in(row: &mut [f32], mul: f32, bias: &[f32], shift: f32) = exp2_affine_body);
 crate::isa_dispatch!(fn max_in(row: &[f32]) -> f32 = max_body);
 crate::isa_dispatch!(fn dot_in(a: &[f32], b: &[f32]) -> f32 = dot_body);
 crate::isa_dispatch!(fn add_scaled_in(dst: &mut [f32], src: &[f32], mul: f32) = add_scaled_body);
 crate::isa_dispatch!(fn scale_in(row: &mut [f32], mul: f32) = scale_body);
+crate::isa_dispatch!(fn bf16_to_f32_in(src: &[u16], dst: &mut [f32]) = bf16_to_f32_body);
+crate::isa_dispatch!(fn f32_to_bf16_in(src: &[f32], dst: &mut [u16]) = f32_to_bf16_body);
 crate::isa_dispatch!(fn softmax_grad_in(ds: &mut [f32], p: &[f32], delta: f32) = softmax_grad_body);
 
 /// `row[i] = 2^(row[i] − shift)` (0 at or below 2^−127, so −∞ gives 0); returns the sum of the new values.
@@ -185,6 +217,16 @@ pub fn add_scaled(dst: &mut [f32], src: &[f32], mul: f32) {
 /// `row[i] *= mul`.
 pub fn scale(row: &mut [f32], mul: f32) {
     scale_in(Isa::current(), row, mul)
+}
+
+/// `dst[i] = src[i]` for the bits of bf16 values (`src` at least as long as `dst`).
+pub fn bf16_to_f32(src: &[u16], dst: &mut [f32]) {
+    bf16_to_f32_in(Isa::current(), src, dst)
+}
+
+/// `dst[i] = src[i]` rounded to the nearest bf16 (ties to even; bits, `src` at least as long as `dst`).
+pub fn f32_to_bf16(src: &[f32], dst: &mut [u16]) {
+    f32_to_bf16_in(Isa::current(), src, dst)
 }
 
 /// The softmax gradient of one row: `ds[i] = p[i] · (ds[i] − delta)` (`p` at least as long as `ds`).
@@ -244,6 +286,27 @@ mod tests {
         let ys: Vec<f32> = (0..19).map(|i| i as f32 * 0.5).collect();
         let want: f32 = xs.iter().zip(&ys).map(|(a, b)| a * b).sum();
         assert!((dot(&xs, &ys) - want).abs() < 1e-4);
+    }
+
+    #[test]
+    fn bf16_conversions_match_half_bit_for_bit_on_every_isa() {
+        let every: Vec<u16> = (0..=u16::MAX).collect();
+        // f32s around every rounding case: each bf16 value with each pattern of the dropped half near and at the
+        // tie, plus NaNs with payloads only in the dropped half.
+        let lows = [0u32, 1, 0x7fff, 0x8000, 0x8001, 0xffff, 0x4000, 0xc000];
+        let floats: Vec<f32> = every.iter().flat_map(|&h| lows.iter().map(move |&l| f32::from_bits((u32::from(h) << 16) | l))).collect();
+        for isa in Isa::supported() {
+            let mut wide = vec![0.0f32; every.len()];
+            bf16_to_f32_in(isa, &every, &mut wide);
+            for (h, w) in every.iter().zip(&wide) {
+                assert_eq!(w.to_bits(), half::bf16::from_bits(*h).to_f32().to_bits(), "{:?} {h:#x}", isa.level());
+            }
+            let mut narrow = vec![0u16; floats.len()];
+            f32_to_bf16_in(isa, &floats, &mut narrow);
+            for (x, n) in floats.iter().zip(&narrow) {
+                assert_eq!(*n, half::bf16::from_f32(*x).to_bits(), "{:?} {:#x}", isa.level(), x.to_bits());
+            }
+        }
     }
 
     #[test]
