@@ -4,8 +4,8 @@
 //! tile's discs (1.47× at r = 8 and 1.21× at r = 16 on a 64×64 grid), against 2–3× for the block engine's tiles.
 //!
 //! Layouts: q, k `(B, H, N, D)`, v `(B, H, N, Dv)`, global tokens `kg (B, H, G, D)`, `vg (B, H, G, Dv)`, any
-//! strides, f32 / f16 / bf16. Per `(b, h)` slice the keys are converted once to f32 panels (transposed per group
-//! of consecutive keys, for the logits) and rows (for P·V). Softmax in base 2, f32 accumulation. The forward
+//! strides, f32 / f16 / bf16. Per `(b, h)` slice the keys are read as f32 rows: the input itself when it is f32 with
+//! consecutive rows, else converted once. Softmax in base 2, f32 accumulation. The forward
 //! parallelises over the tiles of each slice; the backward (`backward`) owns the key gradients per task.
 
 mod backward;
@@ -19,14 +19,13 @@ pub use backward::{backward, Grads, Upstream};
 pub use forward::forward;
 pub use geometry::{computed_pairs, Geometry};
 
-use geometry::Group;
+use std::borrow::Cow;
 
-use super::common::{check_input, zeros, Dims};
+use super::common::{check_input, Dims};
+use crate::alloc;
 use super::view::{err, View, ViewError};
 /// Keys per piece: logits of a tile for this many keys stay in L1 (16 KiB).
 const PIECE_KEYS: usize = 256;
-/// Rows of logit buffers: a piece plus the overrun of [`lanes::dots`]' last block.
-const PIECE_ROWS: usize = PIECE_KEYS + lanes::DOTS_OVERRUN;
 
 /// The attention inputs; `global = Some((kg, vg))` adds keys every image query attends.
 pub struct Inputs<'a> {
@@ -74,75 +73,64 @@ fn check_inputs(inp: &Inputs, geo: &Geometry) -> Result<Dims, ViewError> {
     Ok(Dims { batch, heads, n, d, dv })
 }
 
-/// One slice's keys in f32: `k` as panels (per group, channel-major) and, for the backward, as rows; `v` as rows
-/// and, for the backward, as panels. Key `i < N` is row `i` of k / v, key `N + g` is global token `g`.
-struct SliceKeys {
-    k_panels: Vec<f32>,
-    k_rows: Vec<f32>,
-    v_rows: Vec<f32>,
-    v_panels: Vec<f32>,
+/// One slice's keys in f32 rows: key `i < N` is row `i` of k / v, key `N + g` is global token `g`. The rows are the
+/// input's own memory when it is f32 with consecutive rows and there are no global tokens, else converted copies.
+struct SliceKeys<'a> {
+    k_rows: Cow<'a, [f32]>,
+    v_rows: Cow<'a, [f32]>,
 }
 
-impl SliceKeys {
-    /// Slice `(b, h)`'s keys (allocated fallibly: they scale with N).
-    fn load(
-        inp: &Inputs,
-        geo: &Geometry,
-        groups: &[Group],
-        dims: Dims,
-        b: usize,
-        h: usize,
-        backward: bool,
-    ) -> Result<Self, ViewError> {
-        let keys = geo.keys();
-        let (d, dv) = (dims.d, dims.dv);
-        let mut k_rows = zeros(keys * d)?;
-        let mut v_rows = zeros(keys * dv)?;
-        let n = geo.tokens();
-        inp.k.load_rows(&[b, h], 0..n, &mut k_rows);
-        inp.v.load_rows(&[b, h], 0..n, &mut v_rows);
-        if let Some((kg, vg)) = inp.global {
-            kg.load_rows(&[b, h], 0..geo.global, &mut k_rows[n * d..]);
-            vg.load_rows(&[b, h], 0..geo.global, &mut v_rows[n * dv..]);
-        }
-        let k_panels = panels(&k_rows, d, groups)?;
-        let v_panels = if backward { panels(&v_rows, dv, groups)? } else { Vec::new() };
-        let k_rows = if backward { k_rows } else { Vec::new() };
-        Ok(SliceKeys { k_panels, k_rows, v_rows, v_panels })
+impl<'a> SliceKeys<'a> {
+    /// Slice `(b, h)`'s keys (allocated fallibly: they scale with N), reusing the buffers of `spare` (an earlier
+    /// slice's keys of the same call) where it has them.
+    fn load(inp: &Inputs<'a>, geo: &Geometry, dims: Dims, b: usize, h: usize, spare: Option<SliceKeys<'a>>) -> Result<Self, ViewError> {
+        let (k_spare, v_spare) = spare.map_or((Cow::Owned(Vec::new()), Cow::Owned(Vec::new())), |s| (s.k_rows, s.v_rows));
+        let k_rows = slice_rows(inp.k, inp.global.map(|g| g.0), geo, dims.d, b, h, k_spare)?;
+        let v_rows = slice_rows(inp.v, inp.global.map(|g| g.1), geo, dims.dv, b, h, v_spare)?;
+        Ok(SliceKeys { k_rows, v_rows })
     }
+}
+
+/// Slice `(b, h)`'s `keys x channels` rows of `t` followed by those of `global`, in f32: borrowed from `t` when it
+/// is f32 with consecutive rows and `global` is `None`, else converted into `spare`'s buffer.
+fn slice_rows<'a>(
+    t: &'a View,
+    global: Option<&View>,
+    geo: &Geometry,
+    channels: usize,
+    b: usize,
+    h: usize,
+    spare: Cow<'a, [f32]>,
+) -> Result<Cow<'a, [f32]>, ViewError> {
+    let n = geo.tokens();
+    if global.is_none() {
+        if let Some(rows) = t.f32_rows(&[b, h, 0], n) {
+            return Ok(Cow::Borrowed(rows));
+        }
+    }
+    let mut rows = match spare {
+        Cow::Owned(buf) => buf,
+        Cow::Borrowed(_) => Vec::new(),
+    };
+    // Every value is overwritten below: no need to clear what an earlier slice left.
+    alloc::resize(&mut rows, geo.keys() * channels, 0.0)?;
+    t.load_rows(&[b, h], 0..n, &mut rows);
+    if let Some(g) = global {
+        g.load_rows(&[b, h], 0..geo.global, &mut rows[n * channels..]);
+    }
+    Ok(Cow::Owned(rows))
 }
 
 /// One `(b, h)` slice as the tile functions see it: its keys in f32, the shapes, and the softmax scale.
 struct Slice<'a> {
-    keys: &'a SliceKeys,
+    keys: &'a SliceKeys<'a>,
     dims: Dims,
     b: usize,
     h: usize,
     scale: f32,
 }
 
-/// Rows `(keys, channels)` regrouped per group as `(channels, width)` panels, plus zeros that the last block of
-/// [`lanes::dots`] may read past the last group.
-fn panels(rows: &[f32], channels: usize, groups: &[Group]) -> Result<Vec<f32>, ViewError> {
-    let mut out = zeros(rows.len() + lanes::DOTS_OVERRUN)?;
-    for g in groups {
-        let panel = &mut out[g.start * channels..(g.start + g.width) * channels];
-        for j in 0..g.width {
-            let row = &rows[(g.start + j) * channels..][..channels];
-            for (c, x) in row.iter().enumerate() {
-                panel[c * g.width + j] = *x;
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// A segment's keys in pieces of at most `PIECE_KEYS`: `(first key, len)` per piece.
 fn pieces(seg: &geometry::Segment) -> impl Iterator<Item = (usize, usize)> + '_ {
     (0..seg.len).step_by(PIECE_KEYS).map(move |o| (seg.start + o, PIECE_KEYS.min(seg.len - o)))
-}
-
-/// Offset in a panel buffer of key `key` (in the segment's group), for `channels` values per key.
-fn panel_offset(seg: &geometry::Segment, key: usize, channels: usize) -> usize {
-    seg.group_start * channels + (key - seg.group_start)
 }

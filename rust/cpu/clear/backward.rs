@@ -5,7 +5,7 @@
 use super::forward::load_lanes;
 use super::geometry::{self, lane_intervals, Segment, Tile};
 use super::lanes::{self, Lanes, LANES};
-use super::{check_inputs, err, padded, panel_offset, pieces, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_ROWS};
+use super::{check_inputs, err, padded, pieces, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_KEYS};
 use crate::alloc;
 use crate::cpu::common::{active_isa, check_input, check_output, zeros, LOG2_E};
 use crate::cpu::parallel::Team;
@@ -59,7 +59,6 @@ struct KeyGrads {
 /// Writes `dq`, `dk`, `dv` (and the global tokens' gradients).
 pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scale: f32, threads: usize) -> Result<(), ViewError> {
     let dims = check(inp, up, grads, geo)?;
-    let groups = geometry::groups(geo)?;
     let tiles = geometry::tiles(geo)?;
     let slices = dims.slices();
     if slices == 0 {
@@ -75,13 +74,13 @@ pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scal
     let sums: Vec<Option<(usize, KeyGrads)>> = team.map(slices * parts, |task| {
         let (bh, part) = (task / parts, task % parts);
         let (b, h) = dims.slice(bh);
-        let keys = SliceKeys::load(inp, geo, &groups, dims, b, h, true)?;
+        let keys = SliceKeys::load(inp, geo, dims, b, h, None)?;
         let mut acc = KeyGrads { dk: zeros(geo.keys() * d_pad)?, dv: zeros(geo.keys() * dv_pad)? };
         let mut buf = Buffers::new(dims, w)?;
         let share = &tiles[part * tiles.len() / parts..(part + 1) * tiles.len() / parts];
         let ctx = TileCtx { inp, up, dq: grads.dq, slice: Slice { keys: &keys, dims, b, h, scale } };
         for tile in share {
-            geometry::segments(geo, &groups, tile, &mut buf.segments)?;
+            geometry::segments(geo, tile, &mut buf.segments)?;
             tile_fn(isa, &ctx, tile, &mut buf, &mut acc)
         }
         if parts == 1 {
@@ -158,8 +157,8 @@ impl Buffers {
             dot: zeros(dims.dv)?,
             do_rows: zeros(LANES * padded(dims.dv, w))?,
             dq: zeros(dims.d)?,
-            p: zeros(PIECE_ROWS)?,
-            ds: zeros(PIECE_ROWS)?,
+            p: zeros(PIECE_KEYS)?,
+            ds: zeros(PIECE_KEYS)?,
             row: zeros(dims.d.max(dims.dv))?,
         })
     }
@@ -199,8 +198,8 @@ fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, buf: &
     buf.dq.iter_mut().for_each(|a| *a = [0.0; LANES]);
     for seg in &buf.segments {
         for (start, len) in pieces(seg) {
-            lanes::dots::<FMA, W>(&buf.qt, &keys.k_panels[panel_offset(seg, start, d)..], seg.group_width, len, &mut buf.p);
-            lanes::dots::<FMA, W>(&buf.dot, &keys.v_panels[panel_offset(seg, start, dv)..], seg.group_width, len, &mut buf.ds);
+            lanes::dots::<FMA, W>(&buf.qt, &keys.k_rows[start * d..], d, len, &mut buf.p);
+            lanes::dots::<FMA, W>(&buf.dot, &keys.v_rows[start * dv..], dv, len, &mut buf.ds);
             let (p, ds) = (&mut buf.p[..len], &mut buf.ds[..len]);
             if let Some(mask) = &seg.mask {
                 let (lo, hi) = lane_intervals(tile, mask);

@@ -3,7 +3,7 @@
 
 use super::geometry::{self, lane_intervals, Segment, Tile};
 use super::lanes::{self, Lanes, LANES};
-use super::{check_inputs, panel_offset, pieces, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_KEYS, PIECE_ROWS};
+use super::{check_inputs, pieces, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_KEYS};
 use crate::cpu::common::{active_isa, check_output, zeros, LN_2, LOG2_E};
 use crate::cpu::parallel::Team;
 use crate::cpu::view::{DType, View, ViewError};
@@ -15,7 +15,6 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, geo: &Geometry, scale: f32,
     let n = geo.tokens();
     check_output(out, &[dims.batch, dims.heads, n, dims.dv], None)?;
     check_output(lse, &[dims.batch, dims.heads, n], DType::F32)?;
-    let groups = geometry::groups(geo)?;
     let tiles = geometry::tiles(geo)?;
     let isa = active_isa()?;
     // A task per (slice, tile), slice-major: a worker loads a slice's keys when its next task is in another slice.
@@ -27,9 +26,12 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, geo: &Geometry, scale: f32,
             let (b, h) = dims.slice(bh);
             let keys = match loaded {
                 Some((at, keys)) if *at == bh => keys,
-                slot => &slot.insert((bh, SliceKeys::load(inp, geo, &groups, dims, b, h, false)?)).1,
+                slot => {
+                    let spare = slot.take().map(|(_, keys)| keys);
+                    &slot.insert((bh, SliceKeys::load(inp, geo, dims, b, h, spare)?)).1
+                }
             };
-            geometry::segments(geo, &groups, tile, &mut buf.segments)?;
+            geometry::segments(geo, tile, &mut buf.segments)?;
             let ctx = TileCtx { q: inp.q, out, lse, slice: Slice { keys, dims, b, h, scale } };
             tile_fn(isa, &ctx, tile, buf);
             Ok(())
@@ -63,7 +65,7 @@ impl Buffers {
             segments: Vec::new(),
             qt: zeros(dims.d)?,
             acc: zeros(dims.dv)?,
-            s: zeros(PIECE_ROWS)?,
+            s: zeros(PIECE_KEYS)?,
             batch: Vec::new(),
             row: zeros(dims.d.max(dims.dv))?,
         })
@@ -99,7 +101,7 @@ fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, buf: &
                 filled = 0;
             }
             let s = &mut buf.s[filled..];
-            lanes::dots::<FMA, W>(&buf.qt, &keys.k_panels[panel_offset(seg, start, d)..], seg.group_width, len, s);
+            lanes::dots::<FMA, W>(&buf.qt, &keys.k_rows[start * d..], d, len, s);
             if let Some(mask) = &seg.mask {
                 let (lo, hi) = lane_intervals(tile, mask);
                 lanes::mask_columns::<W>(&mut s[..len], (mask.x0 + (start - seg.start) as i64) as f32, &lo, &hi);

@@ -1,5 +1,5 @@
-//! Where CLEAR's keys are, seen from a tile of 16 queries: the key groups (runs of keys stored as one transposed
-//! panel), the query tiles, and per tile the contiguous key segments its queries need.
+//! Where CLEAR's keys are, seen from a tile of 16 queries: the query tiles, and per tile the contiguous key segments
+//! its queries need.
 //!
 //! Image tokens are in raster order, so the keys of one image row are consecutive: a query tile's disc keys are a
 //! few contiguous ranges, one per key row, read in place (no gather, no permutation).
@@ -7,8 +7,6 @@
 use super::lanes::{Lanes, LANES};
 use crate::alloc::{self, AllocError};
 
-/// Keys per text or global group (image groups are the grid's rows).
-const GROUP_KEYS: usize = 64;
 /// Image rows per query tile (4×4 tiles; the last rows of a frame take wider tiles).
 const TILE_ROWS: usize = 4;
 
@@ -78,34 +76,6 @@ fn isqrt(x: i64) -> i64 {
     r
 }
 
-/// Keys `start .. start + width`, stored as a panel of `width` columns: channel `c` of key `start + j` at
-/// `start·channels + c·width + j`.
-#[derive(Clone, Copy, Debug)]
-pub struct Group {
-    pub start: usize,
-    pub width: usize,
-}
-
-/// The groups, in key order: text in runs of 64, each image row, global tokens in runs of 64.
-pub fn groups(g: &Geometry) -> Result<Vec<Group>, AllocError> {
-    let mut out = Vec::new();
-    let runs = |out: &mut Vec<Group>, start: usize, len: usize| {
-        alloc::extend(out, (0..len).step_by(GROUP_KEYS).map(|s| Group { start: start + s, width: GROUP_KEYS.min(len - s) }))
-    };
-    let image = |out: &mut Vec<Group>| {
-        alloc::extend(out, (0..g.frames * g.height).map(|row| Group { start: g.image_start() + row * g.width, width: g.width }))
-    };
-    if g.text_first {
-        runs(&mut out, 0, g.text)?;
-        image(&mut out)?;
-    } else {
-        image(&mut out)?;
-        runs(&mut out, g.image(), g.text)?;
-    }
-    runs(&mut out, g.tokens(), g.global)?;
-    Ok(out)
-}
-
 /// Where a tile's queries sit.
 #[derive(Clone, Copy, Debug)]
 pub enum Place {
@@ -155,14 +125,11 @@ pub fn tiles(g: &Geometry) -> Result<Vec<Tile>, AllocError> {
     Ok(out)
 }
 
-/// Keys `start .. start + len` of the group at `group_start` (width `group_width`); `mask`: some lane may not see
-/// all of them.
+/// Keys `start .. start + len`; `mask`: some lane may not see all of them.
 #[derive(Clone, Copy, Debug)]
 pub struct Segment {
     pub start: usize,
     pub len: usize,
-    pub group_start: usize,
-    pub group_width: usize,
     pub mask: Option<RowMask>,
 }
 
@@ -174,19 +141,19 @@ pub struct RowMask {
     pub half_widths: [i64; TILE_ROWS],
 }
 
-fn whole(group: &Group) -> Segment {
-    Segment { start: group.start, len: group.width, group_start: group.start, group_width: group.width, mask: None }
+/// Every key of `start .. start + len`, or nothing when `len` is 0.
+fn whole(start: usize, len: usize) -> Option<Segment> {
+    (len > 0).then_some(Segment { start, len, mask: None })
 }
 
 /// The key segments of `tile` (into `out`, cleared first): every key some lane of it may attend.
-pub fn segments(g: &Geometry, groups: &[Group], tile: &Tile, out: &mut Vec<Segment>) -> Result<(), AllocError> {
+pub fn segments(g: &Geometry, tile: &Tile, out: &mut Vec<Segment>) -> Result<(), AllocError> {
     out.clear();
     let (t, y0, x0, rows, cols) = match tile.place {
-        Place::Text => return alloc::extend(out, groups.iter().filter(|gr| gr.start < g.tokens()).map(whole)),
+        Place::Text => return alloc::extend(out, whole(0, g.tokens())),
         Place::Image { t, y, x, rows, cols } => (t, y as i64, x as i64, rows as i64, cols as i64),
     };
-    let text = g.text_start()..g.text_start() + g.text;
-    alloc::extend(out, groups.iter().filter(|gr| text.contains(&gr.start)).map(whole))?;
+    alloc::extend(out, whole(g.text_start(), g.text))?;
     let reach = isqrt(g.max_d2);
     let (width, height) = (g.width as i64, g.height as i64);
     for kt in 0..g.frames {
@@ -214,18 +181,16 @@ pub fn segments(g: &Geometry, groups: &[Group], tile: &Tile, out: &mut Vec<Segme
                 continue;
             }
             let full = every_row && inner_lo <= lo && inner_hi >= hi;
-            let group_start = g.image_start() + ((kt * g.height) as i64 + ky) as usize * g.width;
+            let row_start = g.image_start() + ((kt * g.height) as i64 + ky) as usize * g.width;
             let segment = Segment {
-                start: group_start + lo as usize,
+                start: row_start + lo as usize,
                 len: (hi - lo + 1) as usize,
-                group_start,
-                group_width: g.width,
                 mask: (!full).then_some(RowMask { x0: lo, half_widths }),
             };
             alloc::push(out, segment)?;
         }
     }
-    alloc::extend(out, groups.iter().filter(|gr| gr.start >= g.tokens()).map(whole))
+    alloc::extend(out, whole(g.tokens(), g.global))
 }
 
 /// Per lane of an image tile, the key columns `[lo, hi]` its disc keeps on a masked segment's key row (`lo > hi`:
@@ -249,10 +214,9 @@ pub fn lane_intervals(tile: &Tile, mask: &RowMask) -> (Lanes, Lanes) {
 /// (query, key) pairs the kernels compute for `g`: every lane of every tile times its segments' keys (the
 /// benchmark's computed work).
 pub fn computed_pairs(g: &Geometry) -> Result<u64, AllocError> {
-    let groups = groups(g)?;
     let mut segs = Vec::new();
     tiles(g)?.iter().try_fold(0u64, |sum, tile| {
-        segments(g, &groups, tile, &mut segs)?;
+        segments(g, tile, &mut segs)?;
         Ok(sum + (LANES * segs.iter().map(|s| s.len).sum::<usize>()) as u64)
     })
 }

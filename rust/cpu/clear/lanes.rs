@@ -5,10 +5,8 @@
 //! With 16-lane vectors (`W = 16`, the AVX-512 clone) each function runs its clone in `zmm`, written with explicit
 //! `__m512` vectors: left to the vectorizer, that clone's lane loops became gathers and scatters.
 //!
-//! - [`dots`]: logits `s[j] = Σ_c a[c]·panel[c][j]` of the lanes against keys stored as a transposed panel
-//!   (a register block of 12 or 6 keys: one or two vector loads and a broadcast per key and channel, the shape
-//!   of a GEMM microkernel; with 8 lanes the broadcasts, one per FMA, ran the AVX2 test CPU at about half the
-//!   rate).
+//! - [`dots`]: logits `s[j] = Σ_c a[c]·keys[j][c]` of the lanes against row-major keys (a register block of 12
+//!   or 6 keys: one or two vector loads per channel and a broadcast per key and channel).
 //! - [`combine`]: `acc[c] += Σ_j w[j]·rows[j][c]` (P·V, dS·K) over row-major keys, 8 or 6 channels per block.
 //! - [`update`]: `dst[j][c] += Σ_l w[j][l]·b[l][c]` (the key gradients), 3 keys × 4 vectors per block.
 
@@ -28,55 +26,56 @@ fn fma_lanes<const FMA: bool>(a: f32, b: &Lanes, acc: &mut Lanes) {
     }
 }
 
-/// Keys [`dots`] may compute past `n`.
-pub const DOTS_OVERRUN: usize = 3;
-
-/// `out[j] = Σ_c a[c] · panel[c·stride + j]` for `j < n`, computed in register blocks of keys (12, 8, 4 or 2 with
-/// 16-lane vectors, where one vector holds a key's 16 logits; 6, 4 or 2 with 8-lane ones, two vectors a key): the
-/// tail block may run up to [`DOTS_OVERRUN`] keys past `n`, so `out` and the panel's columns must extend that far
-/// (checked by the slicing). Blocks of a single key would be bound by the FMA latency, not its throughput.
+/// `out[j] = Σ_c a[c] · keys[j·stride + c]` for `j < n` (keys stored as rows of `stride` values), computed in
+/// register blocks of keys (12, 8, 4, 2 or 1 with 16-lane vectors, where one vector holds a key's 16 logits; 6, 4,
+/// 2 or 1 with 8-lane ones, two vectors a key): per channel one load of `a[c]` and a broadcast per key, the shape
+/// of a GEMM microkernel (with 8 lanes the broadcasts, one per FMA, ran the AVX2 test CPU at about half the rate).
+/// Blocks of a single key, bound by the FMA latency rather than its throughput, only finish a segment.
 #[inline(always)]
-pub fn dots<const FMA: bool, const W: usize>(a: &[Lanes], panel: &[f32], stride: usize, n: usize, out: &mut [Lanes]) {
+pub fn dots<const FMA: bool, const W: usize>(a: &[Lanes], keys: &[f32], stride: usize, n: usize, out: &mut [Lanes]) {
     let mut j = 0;
     while j < n {
         let rest = n - j;
         let block = if W >= LANES {
-            [12, 8, 4, 2][usize::from(rest <= 8) + usize::from(rest <= 4) + usize::from(rest <= 2)]
+            [12, 8, 4, 2, 1][usize::from(rest < 12) + usize::from(rest < 8) + usize::from(rest < 4) + usize::from(rest < 2)]
         } else {
-            [6, 4, 2][usize::from(rest <= 4) + usize::from(rest <= 2)]
+            [6, 4, 2, 1][usize::from(rest < 6) + usize::from(rest < 4) + usize::from(rest < 2)]
         };
+        let keys = &keys[j * stride..];
         match block {
-            12 => dots_block::<FMA, W, 12>(a, &panel[j..], stride, &mut out[j..j + 12]),
-            8 => dots_block::<FMA, W, 8>(a, &panel[j..], stride, &mut out[j..j + 8]),
-            6 => dots_block::<FMA, W, 6>(a, &panel[j..], stride, &mut out[j..j + 6]),
-            4 => dots_block::<FMA, W, 4>(a, &panel[j..], stride, &mut out[j..j + 4]),
-            _ => dots_block::<FMA, W, 2>(a, &panel[j..], stride, &mut out[j..j + 2]),
+            12 => dots_block::<FMA, W, 12>(a, keys, stride, &mut out[j..j + 12]),
+            8 => dots_block::<FMA, W, 8>(a, keys, stride, &mut out[j..j + 8]),
+            6 => dots_block::<FMA, W, 6>(a, keys, stride, &mut out[j..j + 6]),
+            4 => dots_block::<FMA, W, 4>(a, keys, stride, &mut out[j..j + 4]),
+            2 => dots_block::<FMA, W, 2>(a, keys, stride, &mut out[j..j + 2]),
+            _ => dots_block::<FMA, W, 1>(a, keys, stride, &mut out[j..j + 1]),
         }
         j += block;
     }
 }
 
+/// `out[i] = Σ_c a[c] · keys[i·stride + c]` for `i < NB`.
 #[inline(always)]
 fn dots_block<const FMA: bool, const W: usize, const NB: usize>(
     a: &[Lanes],
-    panel: &[f32],
+    keys: &[f32],
     stride: usize,
     out: &mut [Lanes],
 ) {
+    let rows: [&[f32]; NB] = std::array::from_fn(|i| &keys[i * stride..][..a.len()]);
     #[cfg(target_arch = "x86_64")]
     if W >= LANES {
         // SAFETY: `W = 16` is instantiated only in the AVX-512 clone of `isa_dispatch!`, which runs only where the
         // CPU has AVX-512 F (an `Isa` is checked against the CPU).
-        return unsafe { zmm::dots_block::<NB>(a, panel, stride, out) };
+        return unsafe { zmm::dots_block::<NB>(a, rows, out) };
     }
     let mut acc = [[0.0f32; LANES]; NB];
     for (c, av) in a.iter().enumerate() {
-        let column = &panel[c * stride..][..NB];
         for i in 0..NB {
-            fma_lanes::<FMA>(column[i], av, &mut acc[i]);
+            fma_lanes::<FMA>(rows[i][c], av, &mut acc[i]);
         }
     }
-    out.copy_from_slice(&acc);
+    out[..NB].copy_from_slice(&acc);
 }
 
 /// `acc[c] += Σ_j w[j] · rows[j·stride + c]` for `c < acc.len()`, `j < w.len()` (8 channels per register block

@@ -25,15 +25,20 @@ fn st(x: &mut [f32], v: __m512) {
     unsafe { _mm512_storeu_ps(x.as_mut_ptr(), v) }
 }
 
-/// `super::dots_block`: `out[i] = Σ_c a[c] · panel[c·stride + i]`, `i < NB`.
+/// `super::dots_block`: `out[i] = Σ_c a[c] · rows[i][c]`, `i < NB`, every row as long as `a`.
 #[inline]
 #[target_feature(enable = "avx512f")]
-pub fn dots_block<const NB: usize>(a: &[Lanes], panel: &[f32], stride: usize, out: &mut [Lanes]) {
+pub fn dots_block<const NB: usize>(a: &[Lanes], rows: [&[f32]; NB], out: &mut [Lanes]) {
+    let c_len = a.len();
+    assert!(rows.iter().all(|r| r.len() == c_len));
+    let ptrs = rows.map(|r| r.as_ptr());
     let mut acc = [_mm512_setzero_ps(); NB];
     for (c, av) in a.iter().enumerate() {
-        let (column, av) = (&panel[c * stride..][..NB], ld(av));
+        let av = ld(av);
         for i in 0..NB {
-            acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(column[i]), av, acc[i]);
+            // SAFETY: `c < a.len()`, the length of every row (asserted above).
+            let x = unsafe { *ptrs[i].add(c) };
+            acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(x), av, acc[i]);
         }
     }
     for (o, v) in out[..NB].iter_mut().zip(acc) {
