@@ -106,6 +106,20 @@ impl KeyRows {
         }
     }
 
+    /// The fine blocks `ids` out of one slice's keys and values already in internal order (`slice`, see
+    /// `forward`): each block a contiguous run.
+    fn gather_fine_in_order(&mut self, (k, v): (&[f32], &[f32]), plan: &Plan, dims: Dims, ids: &[u32]) {
+        let (d, dv) = (dims.d, dims.dv);
+        self.len = 0;
+        for &p in ids {
+            let (r0, rows) = plan.fine_block(p as usize);
+            let at = self.len;
+            self.k[at * d..(at + rows) * d].copy_from_slice(&k[r0 * d..(r0 + rows) * d]);
+            self.v[at * dv..(at + rows) * dv].copy_from_slice(&v[r0 * dv..(r0 + rows) * dv]);
+            self.len += rows;
+        }
+    }
+
     /// The pooled blocks `ids` of `(b, h)`, with their bias.
     fn gather_pooled(&mut self, inp: &Inputs, plan: &Plan, dims: Dims, b: usize, h: usize, ids: &[u32]) {
         self.len = 0;

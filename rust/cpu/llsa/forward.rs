@@ -10,6 +10,11 @@ use crate::cpu::parallel::Team;
 use crate::cpu::view::{DType, View, ViewError};
 use crate::cpu::vmath::{self, exp2_shift_sum};
 
+/// Bytes of the per-worker f32 copies of one slice's keys and values (all workers together) up to which the
+/// forward reads fine blocks from them; above it each block is gathered from k and v (no copy of the slice). The
+/// Rust unit tests take the gathers.
+const SLICE_COPY_BYTES: usize = if cfg!(test) { 0 } else { 256 << 20 };
+
 /// Writes `out (B, H, N, Dv)` (q's dtype, contiguous) and `lse (B, H, N)` (f32, natural log of the softmax
 /// denominator of `scale·q·k + ln(count)`).
 pub fn forward(inp: &Inputs, out: &View, lse: &View, plan: &Plan, scale: f32, threads: usize) -> Result<(), ViewError> {
@@ -21,9 +26,11 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, plan: &Plan, scale: f32, th
         alloc::extend(&mut tasks, plan.groups(bh)?.into_iter().map(|(j0, j1)| (bh, j0, j1)))?;
     }
     let precision = Precision::for_inputs(inp.q.dtype(), Isa::current());
+    let copy_bytes = alloc::size(&[plan.n, dims.d + dims.dv, 4, threads.max(1)]).unwrap_or(usize::MAX);
+    let copy_slices = copy_bytes <= SLICE_COPY_BYTES;
     Team::new(threads).for_each_init(
         tasks.len(),
-        || Buffers::new(plan, dims),
+        || Buffers::new(plan, dims, copy_slices),
         |buf, task| {
             let (bh, j0, j1) = tasks[task];
             forward_group(inp, out, lse, plan, dims, (scale, precision), bh, (j0, j1), buf);
@@ -33,6 +40,10 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, plan: &Plan, scale: f32, th
 }
 
 struct Buffers {
+    /// With `SLICE_COPY_BYTES` room, the fine keys and values of slice `slice.0` in f32 and internal order (row
+    /// `r` = token `plan.row(r)`), loaded once per slice a worker meets: the per-block gathers then copy
+    /// contiguous runs (for bf16 inputs, converted once rather than once per selection). Empty otherwise.
+    slice: (Option<usize>, Vec<f32>, Vec<f32>),
     q: Vec<f32>,
     pooled: KeyRows,
     fine: KeyRows,
@@ -44,10 +55,15 @@ struct Buffers {
 }
 
 impl Buffers {
-    fn new(plan: &Plan, dims: Dims) -> Result<Self, ViewError> {
+    fn new(plan: &Plan, dims: Dims, copy_slices: bool) -> Result<Self, ViewError> {
         let rows = plan.max_group() * plan.block_rows();
         let (rp, rf) = (plan.max_pooled_rows(), plan.max_fine_rows());
         Ok(Buffers {
+            slice: if copy_slices {
+                (None, zeros(alloc::size(&[plan.n, dims.d])?)?, zeros(alloc::size(&[plan.n, dims.dv])?)?)
+            } else {
+                (None, Vec::new(), Vec::new())
+            },
             q: zeros(rows * dims.d)?,
             pooled: KeyRows::new(rp, dims.d, dims.dv)?,
             fine: KeyRows::new(rf, dims.d, dims.dv)?,
@@ -89,10 +105,21 @@ fn forward_group(
         }
         vmath::add_scaled(row, &buf.pooled.bias[..rp], 1.0);
     }
+    let (loaded, slice_k, slice_v) = &mut buf.slice;
+    let in_order = !slice_k.is_empty();
+    if in_order && *loaded != Some(bh) {
+        inp.k.load_rows(&[b, h], (0..plan.n).map(|r| plan.row(r)), slice_k);
+        inp.v.load_rows(&[b, h], (0..plan.n).map(|r| plan.row(r)), slice_v);
+        *loaded = Some(bh);
+    }
     for j in j0..j1 {
         let r0 = (j - j0) * plan.block;
         let lq = plan.fine_block(j).1;
-        buf.fine.gather_fine(inp, plan, dims, b, h, plan.fine_ids(bh, j));
+        if in_order {
+            buf.fine.gather_fine_in_order((&buf.slice.1, &buf.slice.2), plan, dims, plan.fine_ids(bh, j));
+        } else {
+            buf.fine.gather_fine(inp, plan, dims, b, h, plan.fine_ids(bh, j));
+        }
         let rf = buf.fine.len;
         let sf = &mut buf.sf[..lq * rf];
         // sf = q · kᵀ over query block j's rows and its fine keys
