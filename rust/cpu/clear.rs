@@ -78,16 +78,31 @@ fn check_inputs(inp: &Inputs, geo: &Geometry) -> Result<Dims, ViewError> {
 struct SliceKeys<'a> {
     k_rows: Cow<'a, [f32]>,
     v_rows: Cow<'a, [f32]>,
+    /// With bf16 logits (see [`SliceKeys::load`]): k's own bf16 rows, and `k_rows` is left empty.
+    k_bf16: Option<&'a [u16]>,
 }
 
 impl<'a> SliceKeys<'a> {
     /// Slice `(b, h)`'s keys (allocated fallibly: they scale with N), reusing the buffers of `spare` (an earlier
-    /// slice's keys of the same call) where it has them.
-    fn load(inp: &Inputs<'a>, geo: &Geometry, dims: Dims, b: usize, h: usize, spare: Option<SliceKeys<'a>>) -> Result<Self, ViewError> {
+    /// slice's keys of the same call) where it has them. With `bf16_logits` (the caller checked the CPU and that q
+    /// and k are bf16 with an even head dim and no global tokens), k is taken as its own bf16 rows when they are
+    /// consecutive in memory.
+    fn load(
+        inp: &Inputs<'a>,
+        geo: &Geometry,
+        dims: Dims,
+        (b, h): (usize, usize),
+        bf16_logits: bool,
+        spare: Option<SliceKeys<'a>>,
+    ) -> Result<Self, ViewError> {
         let (k_spare, v_spare) = spare.map_or((Cow::Owned(Vec::new()), Cow::Owned(Vec::new())), |s| (s.k_rows, s.v_rows));
-        let k_rows = slice_rows(inp.k, inp.global.map(|g| g.0), geo, dims.d, b, h, k_spare)?;
+        let k_bf16 = if bf16_logits { inp.k.bf16_rows(&[b, h, 0], geo.tokens()) } else { None };
+        let k_rows = match k_bf16 {
+            Some(_) => k_spare,
+            None => slice_rows(inp.k, inp.global.map(|g| g.0), geo, dims.d, b, h, k_spare)?,
+        };
         let v_rows = slice_rows(inp.v, inp.global.map(|g| g.1), geo, dims.dv, b, h, v_spare)?;
-        Ok(SliceKeys { k_rows, v_rows })
+        Ok(SliceKeys { k_rows, v_rows, k_bf16 })
     }
 }
 

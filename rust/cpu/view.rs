@@ -458,6 +458,15 @@ impl View {
         Some(unsafe { std::slice::from_raw_parts((self.ptr as *const f32).add(start), rows * self.shape[lead.len()]) })
     }
 
+    /// The rows of [`View::f32_rows`] of a bf16 view, as the bits of its values.
+    pub fn bf16_rows(&self, lead: &[usize], rows: usize) -> Option<&[u16]> {
+        let start = self.consecutive_rows_of(DType::BF16, lead, rows)?;
+        // SAFETY: `consecutive_rows_of` checked that these `rows·W` elements are in-shape (checked by `new`,
+        // vouched for by the caller) and consecutive bf16 values from `start` (2-byte aligned, checked by `new`); an
+        // input nothing writes while the kernels read it (the slice borrows the view).
+        Some(unsafe { std::slice::from_raw_parts((self.ptr as *const u16).add(start), rows * self.shape[lead.len()]) })
+    }
+
     /// The rows of [`View::f32_rows`], writable.
     ///
     /// # Safety
@@ -470,10 +479,15 @@ impl View {
         Some(unsafe { std::slice::from_raw_parts_mut((self.ptr as *mut f32).add(start), len) })
     }
 
-    /// Offset of the first of `rows` consecutive last-dim rows (see [`View::f32_rows`]), or `None`.
+    /// Offset of the first of `rows` consecutive last-dim rows of an f32 view (see [`View::f32_rows`]), or `None`.
     fn consecutive_rows(&self, lead: &[usize], rows: usize) -> Option<usize> {
+        self.consecutive_rows_of(DType::F32, lead, rows)
+    }
+
+    /// [`View::consecutive_rows`] of a view of `dtype`.
+    fn consecutive_rows_of(&self, dtype: DType, lead: &[usize], rows: usize) -> Option<usize> {
         let nd = self.shape.len();
-        if self.dtype != DType::F32 || nd < 2 || lead.len() != nd - 1 || rows == 0 {
+        if self.dtype != dtype || nd < 2 || lead.len() != nd - 1 || rows == 0 {
             return None;
         }
         let w = self.shape[nd - 1];

@@ -74,7 +74,7 @@ pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scal
     let sums: Vec<Option<(usize, KeyGrads)>> = team.map(slices * parts, |task| {
         let (bh, part) = (task / parts, task % parts);
         let (b, h) = dims.slice(bh);
-        let keys = SliceKeys::load(inp, geo, dims, b, h, None)?;
+        let keys = SliceKeys::load(inp, geo, dims, (b, h), false, None)?;
         let mut acc = KeyGrads { dk: zeros(geo.keys() * d_pad)?, dv: zeros(geo.keys() * dv_pad)? };
         let mut buf = Buffers::new(dims, w)?;
         let share = &tiles[part * tiles.len() / parts..(part + 1) * tiles.len() / parts];

@@ -2,9 +2,10 @@
 //! (logits and the disc mask per segment, then one rescale, exp and P·V per batch), then `out` and the log-sum-exp (natural log, f32) per query.
 
 use super::geometry::{self, lane_intervals, Segment, Tile};
-use super::lanes::{self, Lanes, LANES};
+use super::lanes::{self, Lanes, PairLanes, LANES};
 use super::{check_inputs, pieces, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_KEYS};
 use crate::cpu::common::{active_isa, check_output, zeros, LN_2, LOG2_E};
+use crate::cpu::isa::Level;
 use crate::cpu::parallel::Team;
 use crate::cpu::view::{DType, View, ViewError};
 use crate::cpu::vmath::{exp2_one, log2_one};
@@ -17,6 +18,14 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, geo: &Geometry, scale: f32,
     check_output(lse, &[dims.batch, dims.heads, n], DType::F32)?;
     let tiles = geometry::tiles(geo)?;
     let isa = active_isa()?;
+    // Logits in bf16 dot products where the CPU has them and q and k are bf16 (exact in bf16, so only the f32 sums
+    // differ from the f32 path), pairs of channels needing an even head dim.
+    let bf16_logits = cfg!(target_arch = "x86_64")
+        && isa.level() >= Level::Avx512Bf16
+        && inp.q.dtype() == DType::BF16
+        && inp.k.dtype() == DType::BF16
+        && dims.d % 2 == 0
+        && inp.global.is_none();
     // A task per (slice, tile), slice-major: a worker loads a slice's keys when its next task is in another slice.
     Team::new(threads).for_each_init(
         dims.slices() * tiles.len(),
@@ -28,7 +37,7 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, geo: &Geometry, scale: f32,
                 Some((at, keys)) if *at == bh => keys,
                 slot => {
                     let spare = slot.take().map(|(_, keys)| keys);
-                    &slot.insert((bh, SliceKeys::load(inp, geo, dims, b, h, spare)?)).1
+                    &slot.insert((bh, SliceKeys::load(inp, geo, dims, (b, h), bf16_logits, spare)?)).1
                 }
             };
             geometry::segments(geo, tile, &mut buf.segments)?;
@@ -50,6 +59,8 @@ struct Buffers {
     segments: Vec<Segment>,
     /// Queries, channel-major: `qt[c][l]`.
     qt: Vec<Lanes>,
+    /// Queries as bf16 channel pairs, for bf16 logits.
+    qp: Vec<PairLanes>,
     /// Output accumulators, channel-major.
     acc: Vec<Lanes>,
     /// Logits, then probabilities, of a batch of pieces.
@@ -64,6 +75,7 @@ impl Buffers {
         Ok(Buffers {
             segments: Vec::new(),
             qt: zeros(dims.d)?,
+            qp: zeros(dims.d / 2)?,
             acc: zeros(dims.dv)?,
             s: zeros(PIECE_KEYS)?,
             batch: Vec::new(),
@@ -87,7 +99,15 @@ pub(super) fn load_lanes(t: &View, b: usize, h: usize, tile: &Tile, mul: f32, ro
 #[inline(always)]
 fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) {
     let Slice { keys, dims: Dims { d, dv, .. }, b, h, scale } = ctx.slice;
-    load_lanes(ctx.q, b, h, tile, scale * LOG2_E, &mut buf.row[..d], &mut buf.qt);
+    let logit_mul = scale * LOG2_E;
+    let bf16_keys = if W >= LANES { keys.k_bf16 } else { None };
+    if bf16_keys.is_some() {
+        // Unscaled (exact in bf16): the logits are scaled instead.
+        load_lanes(ctx.q, b, h, tile, 1.0, &mut buf.row[..d], &mut buf.qt);
+        lanes::pair_lanes(&buf.qt, &mut buf.qp);
+    } else {
+        load_lanes(ctx.q, b, h, tile, logit_mul, &mut buf.row[..d], &mut buf.qt);
+    }
     let mut state = Softmax { m: [f32::NEG_INFINITY; LANES], l: [0.0; LANES] };
     buf.acc.iter_mut().for_each(|a| *a = [0.0; LANES]);
     // Logits of consecutive pieces share one buffer and one softmax update (`flush`).
@@ -101,7 +121,16 @@ fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, buf: &
                 filled = 0;
             }
             let s = &mut buf.s[filled..];
-            lanes::dots::<FMA, W>(&buf.qt, &keys.k_rows[start * d..], d, len, s);
+            match bf16_keys {
+                #[cfg(target_arch = "x86_64")]
+                Some(kb) => {
+                    // SAFETY: `k_bf16` is set only when the level in use is `Avx512Bf16` (checked in `forward`),
+                    // whose features (AVX-512 F, BW, BF16) this CPU has.
+                    unsafe { lanes::dots_bf16(&buf.qp, &kb[start * d..], d, len, s) };
+                    lanes::scale_rows::<W>(&mut s[..len], &[logit_mul; LANES]);
+                }
+                _ => lanes::dots::<FMA, W>(&buf.qt, &keys.k_rows[start * d..], d, len, s),
+            }
             if let Some(mask) = &seg.mask {
                 let (lo, hi) = lane_intervals(tile, mask);
                 lanes::mask_columns::<W>(&mut s[..len], (mask.x0 + (start - seg.start) as i64) as f32, &lo, &hi);

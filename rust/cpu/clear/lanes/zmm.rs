@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Lanes, LANES};
+use super::{Lanes, PairLanes, LANES};
 use crate::cpu::vmath::{EXP2_P, ROUND_MAGIC};
 
 #[inline]
@@ -39,6 +39,32 @@ pub fn dots_block<const NB: usize>(a: &[Lanes], rows: [&[f32]; NB], out: &mut [L
             // SAFETY: `c < a.len()`, the length of every row (asserted above).
             let x = unsafe { *ptrs[i].add(c) };
             acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(x), av, acc[i]);
+        }
+    }
+    for (o, v) in out[..NB].iter_mut().zip(acc) {
+        st(o, v);
+    }
+}
+
+/// `super::dots_bf16`'s block: `out[i] = Σ_p dot2(a[p], rows[i][2p..2p + 2])`, `i < NB`, every row holding
+/// `2·a.len()` bf16 values (bits); pairs multiplied exactly and summed in f32 by `vdpbf16ps`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub fn dots_bf16_block<const NB: usize>(a: &[PairLanes], rows: [&[u16]; NB], out: &mut [Lanes]) {
+    let pairs = a.len();
+    assert!(rows.iter().all(|r| r.len() == 2 * pairs));
+    let ptrs = rows.map(|r| r.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); NB];
+    for (p, av) in a.iter().enumerate() {
+        // SAFETY: `av` holds 16 u32, one vector; `__m512i` and `__m512bh` are 64 plain bytes.
+        let av: __m512bh = unsafe { std::mem::transmute(_mm512_loadu_si512(av.as_ptr().cast())) };
+        for i in 0..NB {
+            // SAFETY: `2p + 1 < 2·a.len()`, the length of every row (asserted above); an unaligned read of the two
+            // bf16 values of the pair.
+            let pair = unsafe { ptrs[i].add(2 * p).cast::<u32>().read_unaligned() };
+            // SAFETY: `__m512i` and `__m512bh` are 64 plain bytes, any bit pattern valid in both.
+            let b: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(pair as i32)) };
+            acc[i] = _mm512_dpbf16_ps(acc[i], av, b);
         }
     }
     for (o, v) in out[..NB].iter_mut().zip(acc) {
