@@ -23,7 +23,8 @@ use std::borrow::Cow;
 
 use super::common::{check_input, Dims};
 use crate::alloc;
-use super::view::{err, View, ViewError};
+use super::isa::{Isa, Level};
+use super::view::{err, DType, View, ViewError};
 /// Keys per piece: logits of a tile for this many keys stay in L1 (16 KiB).
 const PIECE_KEYS: usize = 256;
 
@@ -73,37 +74,65 @@ fn check_inputs(inp: &Inputs, geo: &Geometry) -> Result<Dims, ViewError> {
     Ok(Dims { batch, heads, n, d, dv })
 }
 
-/// One slice's keys in f32 rows: key `i < N` is row `i` of k / v, key `N + g` is global token `g`. The rows are the
-/// input's own memory when it is f32 with consecutive rows and there are no global tokens, else converted copies.
+/// One slice's keys as rows: key `i < N` is row `i` of k / v, key `N + g` is global token `g`. The f32 rows are the
+/// input's own memory when it is f32 with consecutive rows and there are no global tokens, else converted copies;
+/// the bf16 rows (for bf16 dot products) are always the input's own.
 struct SliceKeys<'a> {
     k_rows: Cow<'a, [f32]>,
     v_rows: Cow<'a, [f32]>,
-    /// With bf16 logits (see [`SliceKeys::load`]): k's own bf16 rows, and `k_rows` is left empty.
     k_bf16: Option<&'a [u16]>,
+    v_bf16: Option<&'a [u16]>,
+}
+
+/// The forms in which a pass reads k or v: f32 rows, bf16 rows, or both. A bf16 form is asked for only where the
+/// CPU has bf16 dot products, the input is bf16 with an even head dim and there are no global tokens; when its rows
+/// are not consecutive in memory, f32 rows stand in for them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Form {
+    F32,
+    Bf16,
+    Both,
 }
 
 impl<'a> SliceKeys<'a> {
-    /// Slice `(b, h)`'s keys (allocated fallibly: they scale with N), reusing the buffers of `spare` (an earlier
-    /// slice's keys of the same call) where it has them. With `bf16_logits` (the caller checked the CPU and that q
-    /// and k are bf16 with an even head dim and no global tokens), k is taken as its own bf16 rows when they are
-    /// consecutive in memory.
-    fn load(
-        inp: &Inputs<'a>,
-        geo: &Geometry,
-        dims: Dims,
-        (b, h): (usize, usize),
-        bf16_logits: bool,
-        spare: Option<SliceKeys<'a>>,
-    ) -> Result<Self, ViewError> {
+    /// Slice `(b, h)`'s keys in the forms `[k, v]` (f32 copies allocated fallibly: they scale with N), reusing the
+    /// buffers of `spare` (an earlier slice's keys of the same call) where it has them.
+    fn load(inp: &Inputs<'a>, geo: &Geometry, dims: Dims, (b, h): (usize, usize), forms: [Form; 2], spare: Option<SliceKeys<'a>>) -> Result<Self, ViewError> {
         let (k_spare, v_spare) = spare.map_or((Cow::Owned(Vec::new()), Cow::Owned(Vec::new())), |s| (s.k_rows, s.v_rows));
-        let k_bf16 = if bf16_logits { inp.k.bf16_rows(&[b, h, 0], geo.tokens()) } else { None };
-        let k_rows = match k_bf16 {
-            Some(_) => k_spare,
-            None => slice_rows(inp.k, inp.global.map(|g| g.0), geo, dims.d, b, h, k_spare)?,
-        };
-        let v_rows = slice_rows(inp.v, inp.global.map(|g| g.1), geo, dims.dv, b, h, v_spare)?;
-        Ok(SliceKeys { k_rows, v_rows, k_bf16 })
+        let (k_rows, k_bf16) = key_rows(inp.k, inp.global.map(|g| g.0), geo, dims.d, (b, h), forms[0], k_spare)?;
+        let (v_rows, v_bf16) = key_rows(inp.v, inp.global.map(|g| g.1), geo, dims.dv, (b, h), forms[1], v_spare)?;
+        Ok(SliceKeys { k_rows, v_rows, k_bf16, v_bf16 })
     }
+}
+
+/// Whether the products of lanes loaded from `lanes_of` with the rows of `keys` (`channels` each) run as bf16 dot
+/// products: the level in use has them, both inputs are bf16 (so exact in bf16: only the f32 sums differ from the
+/// f32 path), the channels pair up, and there are no global tokens (whose rows live apart).
+fn bf16_products(isa: Isa, lanes_of: &View, keys: &View, channels: usize, global: bool) -> bool {
+    cfg!(target_arch = "x86_64")
+        && isa.level() >= Level::Avx512Bf16
+        && lanes_of.dtype() == DType::BF16
+        && keys.dtype() == DType::BF16
+        && channels % 2 == 0
+        && !global
+}
+
+/// The rows of `t` (and `global`) in `form`: f32 rows (empty when only bf16 ones are asked for and are there) and
+/// the bf16 rows when asked for and consecutive in memory.
+fn key_rows<'a>(
+    t: &'a View,
+    global: Option<&View>,
+    geo: &Geometry,
+    channels: usize,
+    (b, h): (usize, usize),
+    form: Form,
+    spare: Cow<'a, [f32]>,
+) -> Result<(Cow<'a, [f32]>, Option<&'a [u16]>), ViewError> {
+    let bf16 = if form == Form::F32 { None } else { t.bf16_rows(&[b, h, 0], geo.tokens()) };
+    if form == Form::Bf16 && bf16.is_some() {
+        return Ok((spare, bf16));
+    }
+    Ok((slice_rows(t, global, geo, channels, b, h, spare)?, bf16))
 }
 
 /// Slice `(b, h)`'s `keys x channels` rows of `t` followed by those of `global`, in f32: borrowed from `t` when it

@@ -4,8 +4,8 @@
 
 use super::forward::load_lanes;
 use super::geometry::{self, lane_intervals, Segment, Tile};
-use super::lanes::{self, Lanes, LANES};
-use super::{check_inputs, err, padded, pieces, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_KEYS};
+use super::lanes::{self, Lanes, PairLanes, LANES};
+use super::{bf16_products, check_inputs, err, padded, pieces, Form, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_KEYS};
 use crate::alloc;
 use crate::cpu::common::{active_isa, check_input, check_output, zeros, LOG2_E};
 use crate::cpu::parallel::Team;
@@ -66,6 +66,13 @@ pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scal
     }
     let isa = active_isa()?;
     let w = isa.f32_lanes();
+    // P's logits (q·k) and dP (dout·v) in bf16 dot products where they can (see `bf16_products`); dq still needs
+    // k's f32 rows.
+    let global = inp.global.is_some();
+    let forms = [
+        if bf16_products(isa, inp.q, inp.k, dims.d, global) { Form::Both } else { Form::F32 },
+        if bf16_products(isa, up.dout, inp.v, dims.dv, global) { Form::Bf16 } else { Form::F32 },
+    ];
     let (d_pad, dv_pad) = (padded(dims.d, w), padded(dims.dv, w));
     let part_bytes = geo.keys() * (d_pad + dv_pad) * 4;
     let parts = if slices >= threads { 1 } else { threads.div_ceil(slices) };
@@ -74,7 +81,7 @@ pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scal
     let sums: Vec<Option<(usize, KeyGrads)>> = team.map(slices * parts, |task| {
         let (bh, part) = (task / parts, task % parts);
         let (b, h) = dims.slice(bh);
-        let keys = SliceKeys::load(inp, geo, dims, (b, h), false, None)?;
+        let keys = SliceKeys::load(inp, geo, dims, (b, h), forms, None)?;
         let mut acc = KeyGrads { dk: zeros(geo.keys() * d_pad)?, dv: zeros(geo.keys() * dv_pad)? };
         let mut buf = Buffers::new(dims, w)?;
         let share = &tiles[part * tiles.len() / parts..(part + 1) * tiles.len() / parts];
@@ -137,6 +144,9 @@ struct Buffers {
     segments: Vec<Segment>,
     /// Queries as base-2 logit factors, channel-major.
     qt: Vec<Lanes>,
+    /// Queries and dout as bf16 channel pairs, for bf16 products.
+    qp: Vec<PairLanes>,
+    dop: Vec<PairLanes>,
     /// Queries times `scale`, row-major `(LANES, padded(d))` (zero rows for dead lanes): the dk update's right side.
     q_rows: Vec<f32>,
     /// dout, channel-major (dP's left side) and row-major `(LANES, padded(dv))` (dead lanes zero: the dv update).
@@ -153,6 +163,8 @@ impl Buffers {
         Ok(Buffers {
             segments: Vec::new(),
             qt: zeros(dims.d)?,
+            qp: zeros(dims.d / 2)?,
+            dop: zeros(dims.dv / 2)?,
             q_rows: zeros(LANES * padded(dims.d, w))?,
             dot: zeros(dims.dv)?,
             do_rows: zeros(LANES * padded(dims.dv, w))?,
@@ -187,8 +199,20 @@ fn load_rows(ctx: &TileCtx, tile: &Tile, w: usize, buf: &mut Buffers) {
 fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers, acc: &mut KeyGrads) {
     let Slice { keys, dims: Dims { d, dv, .. }, b, h, scale } = ctx.slice;
     let (d_pad, dv_pad) = (padded(d, W), padded(dv, W));
-    load_lanes(ctx.inp.q, b, h, tile, scale * LOG2_E, &mut buf.row[..d], &mut buf.qt);
+    let logit_mul = scale * LOG2_E;
+    let (k_bf16, v_bf16) = if W >= LANES { (keys.k_bf16, keys.v_bf16) } else { (None, None) };
+    if k_bf16.is_some() {
+        // Pairs of the unscaled queries (exact in bf16): the logits are scaled instead.
+        load_lanes(ctx.inp.q, b, h, tile, 1.0, &mut buf.row[..d], &mut buf.qt);
+        lanes::pair_lanes(&buf.qt, &mut buf.qp);
+        buf.qt.iter_mut().flatten().for_each(|x| *x *= logit_mul);
+    } else {
+        load_lanes(ctx.inp.q, b, h, tile, logit_mul, &mut buf.row[..d], &mut buf.qt);
+    }
     load_lanes(ctx.up.dout, b, h, tile, 1.0, &mut buf.row[..dv], &mut buf.dot);
+    if v_bf16.is_some() {
+        lanes::pair_lanes(&buf.dot, &mut buf.dop);
+    }
     load_rows(ctx, tile, W, buf);
     let (mut lse2, mut delta) = ([0.0f32; LANES], [0.0f32; LANES]);
     for l in 0..LANES {
@@ -198,8 +222,22 @@ fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, buf: &
     buf.dq.iter_mut().for_each(|a| *a = [0.0; LANES]);
     for seg in &buf.segments {
         for (start, len) in pieces(seg) {
-            lanes::dots::<FMA, W>(&buf.qt, &keys.k_rows[start * d..], d, len, &mut buf.p);
-            lanes::dots::<FMA, W>(&buf.dot, &keys.v_rows[start * dv..], dv, len, &mut buf.ds);
+            match k_bf16 {
+                #[cfg(target_arch = "x86_64")]
+                Some(kb) => {
+                    // SAFETY: bf16 rows are loaded only on the `Avx512Bf16` level (`bf16_products`), whose features
+                    // (AVX-512 F, BW, BF16) this CPU has.
+                    unsafe { lanes::dots_bf16(&buf.qp, &kb[start * d..], d, len, &mut buf.p) };
+                    lanes::scale_rows::<W>(&mut buf.p[..len], &[logit_mul; LANES]);
+                }
+                _ => lanes::dots::<FMA, W>(&buf.qt, &keys.k_rows[start * d..], d, len, &mut buf.p),
+            }
+            match v_bf16 {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as for `k_bf16` above.
+                Some(vb) => unsafe { lanes::dots_bf16(&buf.dop, &vb[start * dv..], dv, len, &mut buf.ds) },
+                _ => lanes::dots::<FMA, W>(&buf.dot, &keys.v_rows[start * dv..], dv, len, &mut buf.ds),
+            }
             let (p, ds) = (&mut buf.p[..len], &mut buf.ds[..len]);
             if let Some(mask) = &seg.mask {
                 let (lo, hi) = lane_intervals(tile, mask);

@@ -3,9 +3,8 @@
 
 use super::geometry::{self, lane_intervals, Segment, Tile};
 use super::lanes::{self, Lanes, PairLanes, LANES};
-use super::{check_inputs, pieces, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_KEYS};
+use super::{bf16_products, check_inputs, pieces, Dims, Form, Geometry, Inputs, Slice, SliceKeys, PIECE_KEYS};
 use crate::cpu::common::{active_isa, check_output, zeros, LN_2, LOG2_E};
-use crate::cpu::isa::Level;
 use crate::cpu::parallel::Team;
 use crate::cpu::view::{DType, View, ViewError};
 use crate::cpu::vmath::{exp2_one, log2_one};
@@ -18,14 +17,7 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, geo: &Geometry, scale: f32,
     check_output(lse, &[dims.batch, dims.heads, n], DType::F32)?;
     let tiles = geometry::tiles(geo)?;
     let isa = active_isa()?;
-    // Logits in bf16 dot products where the CPU has them and q and k are bf16 (exact in bf16, so only the f32 sums
-    // differ from the f32 path), pairs of channels needing an even head dim.
-    let bf16_logits = cfg!(target_arch = "x86_64")
-        && isa.level() >= Level::Avx512Bf16
-        && inp.q.dtype() == DType::BF16
-        && inp.k.dtype() == DType::BF16
-        && dims.d % 2 == 0
-        && inp.global.is_none();
+    let k_form = if bf16_products(isa, inp.q, inp.k, dims.d, inp.global.is_some()) { Form::Bf16 } else { Form::F32 };
     // A task per (slice, tile), slice-major: a worker loads a slice's keys when its next task is in another slice.
     Team::new(threads).for_each_init(
         dims.slices() * tiles.len(),
@@ -37,7 +29,7 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, geo: &Geometry, scale: f32,
                 Some((at, keys)) if *at == bh => keys,
                 slot => {
                     let spare = slot.take().map(|(_, keys)| keys);
-                    &slot.insert((bh, SliceKeys::load(inp, geo, dims, (b, h), bf16_logits, spare)?)).1
+                    &slot.insert((bh, SliceKeys::load(inp, geo, dims, (b, h), [k_form, Form::F32], spare)?)).1
                 }
             };
             geometry::segments(geo, tile, &mut buf.segments)?;
