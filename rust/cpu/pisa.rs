@@ -179,6 +179,31 @@ fn groups<'a>(layout: &'a Layout, blocks: &'a [usize]) -> impl Iterator<Item = &
     })
 }
 
+/// The last two dims of every slice of an f32 `(B, H, R, C)` view, transposed: `B·H` row-major `C x R` matrices
+/// one after another. The GEMMs stream their right operand row by row and transpose one whose rows are not
+/// contiguous element by element on every call; centroid products read these once-transposed copies instead.
+fn transposed(t: &View, team: Team) -> Result<Vec<f32>, ViewError> {
+    let [batch, heads, rows, cols] = t.shape()[..] else { unreachable!("checked 4-dim inputs") };
+    let mut out = zeros(alloc::size(&[batch, heads, rows, cols])?)?;
+    team.chunks_mut(&mut out, (rows * cols).max(1), || zeros::<f32>(cols), |row, bh, dst| {
+        for r in 0..rows {
+            t.load_row(&[bh / heads, bh % heads, r], row);
+            for (c, &x) in row.iter().enumerate() {
+                dst[c * rows + r] = x;
+            }
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Columns `c0..` of slice `bh`'s matrix in the output of [`transposed`] (`rows x cols` matrices): `rows x (cols −
+/// c0)` at row stride `cols`.
+fn columns(data: &[f32], (rows, cols): (usize, usize), bh: usize, c0: usize) -> Mat<'_> {
+    let start = bh * rows * cols;
+    Mat::rows(&data[start + c0..start + rows * cols], cols)
+}
+
 /// Column biases of centroids `c0..c0+cols` for query block `i`: `log2 n_j`, or −∞ where j is selected (so its
 /// probability is 0). Returns false when every centroid of the chunk is selected (nothing to do).
 fn centroid_bias(layout: &Layout, selected: &[bool], c0: usize, cols: usize, bias: &mut [f32]) -> bool {
@@ -205,11 +230,13 @@ pub fn forward(x: &Inputs, moment_mean: Option<&View>, out: &View, lse: &View, z
     check_output(zeta, &[dims.batch, dims.heads, dims.n], DType::F32)?;
     let block = x.layout.max_block();
     let precision = Precision::for_inputs(x.q.dtype(), Isa::current());
-    Team::new(threads).for_each_init(
+    let team = Team::new(threads);
+    let key_mean_t = transposed(x.key_mean, team)?;
+    team.for_each_init(
         dims.slices() * x.layout.num_blocks(),
         || ForwardBuffers::new(block, dims),
         |buf, task| {
-            forward_block(x, moment_mean, [out, lse, zeta], (dims, precision), task, buf);
+            forward_block(x, &key_mean_t, moment_mean, [out, lse, zeta], (dims, precision), task, buf);
             Ok(())
         },
     )
@@ -270,7 +297,7 @@ impl State {
     }
 }
 
-fn forward_block(x: &Inputs, moment_mean: Option<&View>, outs: [&View; 3], (dims, precision): (Dims, Precision), task: usize, buf: &mut ForwardBuffers) {
+fn forward_block(x: &Inputs, key_mean_t: &[f32], moment_mean: Option<&View>, outs: [&View; 3], (dims, precision): (Dims, Precision), task: usize, buf: &mut ForwardBuffers) {
     let [out, lse, zeta] = outs;
     let (layout, (d, dv, m)) = (x.layout, (dims.d, dims.dv, x.layout.num_blocks()));
     let (bh, i) = (task / m, task % m);
@@ -302,10 +329,10 @@ fn forward_block(x: &Inputs, moment_mean: Option<&View>, outs: [&View; 3], (dims
         if !centroid_bias(layout, selected, c0, cols, &mut buf.bias) {
             continue;
         }
-        let (km, vm) = (x.key_mean.matrix(&[b, h, c0, 0]), x.value_mean.matrix(&[b, h, c0, 0]));
+        let (kmt, vm) = (columns(key_mean_t, (d, m), bh, c0), x.value_mean.matrix(&[b, h, c0, 0]));
         let s = &mut buf.s[..lq * cols];
         // s = q · k̄ᵀ + bias ; acc += p · w over centroids c0..c0+cols
-        Gemm { m: lq, n: cols, k: d, accumulate: false }.run(MatMut::rows(s, cols), Mat::rows(&buf.q, d), km.t());
+        Gemm { m: lq, n: cols, k: d, accumulate: false }.run(MatMut::rows(s, cols), Mat::rows(&buf.q, d), kmt);
         for row in s.chunks_exact_mut(cols) {
             if logit_mul != 1.0 {
                 vmath::scale(row, logit_mul);

@@ -12,7 +12,7 @@
 //! private f32 buffer of the task; a second pass sums the buffers of a slice's splits in a fixed order and writes
 //! them. No atomics, deterministic.
 
-use super::{centroid_bias, groups, Inputs, CHUNK, GROUP_KEYS};
+use super::{centroid_bias, columns, groups, transposed, Inputs, CHUNK, GROUP_KEYS};
 use crate::alloc;
 use crate::cpu::common::{check_input, check_output, gather, zeros, Dims, LOG2_E};
 use crate::cpu::isa::Isa;
@@ -67,7 +67,12 @@ pub fn backward(x: &Inputs, rows: &BackwardRows, outs: &BackwardOutputs, threads
     check_output(outs.dkey_mean, &[bt, h, m, d], DType::F32)?;
     check_output(outs.dvalue_mean, &[bt, h, m, dv], DType::F32)?;
     let team = Team::new(threads);
-    let ctx = Ctx { x, rows, dims, precision: Precision::for_inputs(x.q.dtype(), Isa::current()) };
+    let moment_mean_t = match rows.moment_mean {
+        Some(hm) => transposed(hm, team)?,
+        None => Vec::new(),
+    };
+    let means_t = [transposed(x.key_mean, team)?, transposed(x.value_mean, team)?, moment_mean_t];
+    let ctx = Ctx { x, rows, dims, precision: Precision::for_inputs(x.q.dtype(), Isa::current()), means_t };
     let block = x.layout.max_block();
     let slices = bt * h;
     let splits = (TASKS_PER_THREAD * threads.max(1)).div_ceil(slices).clamp(1, m);
@@ -102,6 +107,8 @@ struct Ctx<'a> {
     dims: Dims,
     /// Of the exact entries' products (the centroid ones stay f32, as the centroids are).
     precision: Precision,
+    /// `k̄ᵀ (D x M)`, `wᵀ (Dv x M)` and, for the hybrid order, `H̄ᵀ (Dv x D)` of every slice ([`transposed`]).
+    means_t: [Vec<f32>; 3],
 }
 
 struct Buffers {
@@ -204,10 +211,10 @@ impl Ctx<'_> {
             buf.dq[..lq * d].fill(0.0);
             self.exact_entries(b, h, bh, i, lq, &mut grads, buf);
             self.centroid_entries(b, h, bh, i, lq, &mut grads, buf);
-            if let Some(hm) = self.rows.moment_mean {
+            if self.rows.moment_mean.is_some() {
                 // dq += (ζ g)·H̄ᵀ ; dH̄ += qᵀ (ζ g)
-                let hm = hm.matrix(&[b, h, 0, 0]);
-                Gemm { m: lq, n: d, k: dv, accumulate: true }.run(MatMut::rows(&mut buf.dq, d), Mat::rows(&buf.zg, dv), hm.t());
+                let hmt = columns(&self.means_t[2], (dv, d), bh, 0);
+                Gemm { m: lq, n: d, k: dv, accumulate: true }.run(MatMut::rows(&mut buf.dq, d), Mat::rows(&buf.zg, dv), hmt);
                 Gemm { m: d, n: dv, k: lq, accumulate: true }.run(MatMut::rows(&mut grads.dhm, dv), Mat::rows(&buf.q, d).t(), Mat::rows(&buf.zg, dv));
             }
             for r in 0..lq {
@@ -258,10 +265,11 @@ impl Ctx<'_> {
             if !centroid_bias(self.x.layout, selected, c0, cols, &mut buf.bias) {
                 continue;
             }
-            let (km, vm) = (self.x.key_mean.matrix(&[b, h, c0, 0]), self.x.value_mean.matrix(&[b, h, c0, 0]));
+            let km = self.x.key_mean.matrix(&[b, h, c0, 0]);
+            let (kmt, vmt) = (columns(&self.means_t[0], (d, m), bh, c0), columns(&self.means_t[1], (dv, m), bh, c0));
             // p = q · k̄ᵀ ; dp = dout · wᵀ over centroids c0..c0+cols
-            Gemm { m: lq, n: cols, k: d, accumulate: false }.run(MatMut::rows(&mut buf.p, cols), Mat::rows(&buf.q, d), km.t());
-            Gemm { m: lq, n: cols, k: dv, accumulate: false }.run(MatMut::rows(&mut buf.dp, cols), Mat::rows(&buf.dout, dv), vm.t());
+            Gemm { m: lq, n: cols, k: d, accumulate: false }.run(MatMut::rows(&mut buf.p, cols), Mat::rows(&buf.q, d), kmt);
+            Gemm { m: lq, n: cols, k: dv, accumulate: false }.run(MatMut::rows(&mut buf.dp, cols), Mat::rows(&buf.dout, dv), vmt);
             self.probabilities(lq, cols, true, buf);
             // dq += dC · k̄ ; dk̄ += dCᵀ q ; dw += Pᵀ dout (rows c0.. of the task's sums)
             Gemm { m: lq, n: d, k: cols, accumulate: true }.run(MatMut::rows(&mut buf.dq, d), Mat::rows(&buf.dp, cols), km);
