@@ -1,7 +1,8 @@
 //! The AVX-512 clones of [`super::power_rows`] and [`super::power_rows_grad`], written with `__m512` intrinsics:
 //! the operations of the AVX2 clone (`super::avx2`, itself `vmath`'s `log2` / `exp2` op for op) on 16 lanes, the
-//! forward on `GROUP` rows side by side so their long chains interleave. Tails are masked loads and stores; padded
-//! lanes are kept out of every sum by the mask.
+//! forward on `GROUP` rows side by side so their long chains interleave (with one accumulator per row for its
+//! norms, so those round differently from the AVX2 clone's). Tails are masked loads and stores; padded lanes are
+//! kept out of every sum by the mask.
 
 use std::arch::x86_64::*;
 
