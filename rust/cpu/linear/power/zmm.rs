@@ -146,8 +146,9 @@ pub fn power_rows(z: &[f32], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f
 }
 
 /// `G` rows of `d` values (`z`, `ls`, `p`: `G·d`; `gamma`, `norms`: `G`), as `super::relu_row` then
-/// `super::power_row` per row: pass 1 writes `r = max(relu(z) + ε, f32::MIN_POSITIVE)` into `ls` with `‖r‖` and
-/// `max r`; pass 2 `ls = log2 r` in place and `p = 2^(γ·(ls − log2 max r))` with `‖p‖`. Tails are masked.
+/// `super::power_row` per row: pass 1 takes `r = max(relu(z) + ε, f32::MIN_POSITIVE)` with `‖r‖` and `max r` and
+/// writes `ls = log2 r` (which needs neither sum); pass 2 `p = 2^(γ·(ls − log2 max r))` with `‖p‖`. Tails are
+/// masked.
 #[inline]
 #[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
 fn rows_group<const G: usize>(d: usize, z: &[f32], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
@@ -159,21 +160,28 @@ fn rows_group<const G: usize>(d: usize, z: &[f32], gamma: &[f32], eps: f32, ls: 
     let relu = |z: __m512| _mm512_max_ps(tiny, _mm512_add_ps(_mm512_max_ps(zero, z), epsv));
     let (mut r2, mut rmax) = ([zero; G], [zero; G]);
     for c in (0..full).step_by(W) {
+        let mut r = [zero; G];
         for j in 0..G {
             // The address may lie past `z`: a prefetch never faults.
             _mm_prefetch::<_MM_HINT_T0>(z.as_ptr().wrapping_add(j * d + c + PREFETCH_GROUPS * G * d).cast());
-            let r = relu(load_v::<1>(&z[j * d + c..])[0]);
-            store_v(&mut ls[j * d + c..], [r]);
-            r2[j] = _mm512_fmadd_ps(r, r, r2[j]);
-            rmax[j] = _mm512_max_ps(r, rmax[j]);
+            r[j] = relu(load_v::<1>(&z[j * d + c..])[0]);
+            r2[j] = _mm512_fmadd_ps(r[j], r[j], r2[j]);
+            rmax[j] = _mm512_max_ps(r[j], rmax[j]);
+        }
+        for (j, l) in log2_v(r).into_iter().enumerate() {
+            store_v(&mut ls[j * d + c..], [l]);
         }
     }
     if tail > 0 {
+        // Padded lanes have r = max(ε, tiny) (a finite log); they are kept out of every sum and not stored.
+        let mut r = [zero; G];
         for j in 0..G {
-            let r = relu(load_tail(&z[j * d + full..(j + 1) * d], 0.0));
-            store_tail(&mut ls[j * d + full..(j + 1) * d], r);
-            r2[j] = _mm512_mask3_fmadd_ps(r, r, r2[j], keep);
-            rmax[j] = _mm512_mask_max_ps(rmax[j], keep, r, rmax[j]);
+            r[j] = relu(load_tail(&z[j * d + full..(j + 1) * d], 0.0));
+            r2[j] = _mm512_mask3_fmadd_ps(r[j], r[j], r2[j], keep);
+            rmax[j] = _mm512_mask_max_ps(rmax[j], keep, r[j], rmax[j]);
+        }
+        for (j, l) in log2_v(r).into_iter().enumerate() {
+            store_tail(&mut ls[j * d + full..(j + 1) * d], l);
         }
     }
     let mut n1 = [0.0f32; G];
@@ -187,34 +195,22 @@ fn rows_group<const G: usize>(d: usize, z: &[f32], gamma: &[f32], eps: f32, ls: 
     for c in (0..full).step_by(W) {
         let mut x = [zero; G];
         for j in 0..G {
-            x[j] = load_v::<1>(&ls[j * d + c..])[0];
+            x[j] = _mm512_fmadd_ps(g[j], load_v::<1>(&ls[j * d + c..])[0], offset[j]);
         }
-        let l = log2_v(x);
-        for j in 0..G {
-            x[j] = _mm512_fmadd_ps(g[j], l[j], offset[j]);
-        }
-        let v = exp2_v(x);
-        for j in 0..G {
-            store_v(&mut ls[j * d + c..], [l[j]]);
-            store_v(&mut p[j * d + c..], [v[j]]);
-            p2[j] = _mm512_fmadd_ps(v[j], v[j], p2[j]);
+        for (j, v) in exp2_v(x).into_iter().enumerate() {
+            store_v(&mut p[j * d + c..], [v]);
+            p2[j] = _mm512_fmadd_ps(v, v, p2[j]);
         }
     }
     if tail > 0 {
         let mut x = [zero; G];
         for j in 0..G {
-            // Padded with 1 (a finite log); the padded lanes are kept out of the norm.
-            x[j] = load_tail(&ls[j * d + full..(j + 1) * d], 1.0);
+            // Padded with 0 (a finite power); the padded lanes are kept out of the norm.
+            x[j] = _mm512_fmadd_ps(g[j], load_tail(&ls[j * d + full..(j + 1) * d], 0.0), offset[j]);
         }
-        let l = log2_v(x);
-        for j in 0..G {
-            x[j] = _mm512_fmadd_ps(g[j], l[j], offset[j]);
-        }
-        let v = exp2_v(x);
-        for j in 0..G {
-            store_tail(&mut ls[j * d + full..(j + 1) * d], l[j]);
-            store_tail(&mut p[j * d + full..(j + 1) * d], v[j]);
-            p2[j] = _mm512_mask3_fmadd_ps(v[j], v[j], p2[j], keep);
+        for (j, v) in exp2_v(x).into_iter().enumerate() {
+            store_tail(&mut p[j * d + full..(j + 1) * d], v);
+            p2[j] = _mm512_mask3_fmadd_ps(v, v, p2[j], keep);
         }
     }
     for j in 0..G {
