@@ -484,6 +484,23 @@ impl View {
         self.consecutive_rows_of(DType::F32, lead, rows)
     }
 
+    /// Asks the CPU to bring rows `lead[-1] .. lead[-1] + rows` of the last dim into its caches, when they are
+    /// consecutive in memory (any dtype; see [`View::f32_rows`]); nothing otherwise. Only a hint: nothing is read
+    /// or written. For loops that stream rows: the CPU's own prefetcher stops at page bounds.
+    pub fn prefetch_rows(&self, lead: &[usize], rows: usize) {
+        let Some(start) = self.consecutive_rows_of(self.dtype, lead, rows) else { return };
+        let (size, len) = (self.dtype.size(), rows * self.shape[lead.len()]);
+        #[cfg(target_arch = "x86_64")]
+        for at in (0..len * size).step_by(64) {
+            let line = (self.ptr as *const i8).wrapping_add(start * size + at);
+            // SAFETY: SSE, which `_mm_prefetch` needs, is part of x86_64; a prefetch reads nothing and never
+            // faults (the address lies inside the checked rows anyway).
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line) };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (start, size, len);
+    }
+
     /// [`View::consecutive_rows`] of a view of `dtype`.
     fn consecutive_rows_of(&self, dtype: DType, lead: &[usize], rows: usize) -> Option<usize> {
         let nd = self.shape.len();

@@ -47,9 +47,23 @@ pub trait FeatureMap: Sync {
     unsafe fn store_grad(&self, side: Side, rows: Rows, grad: &[f32], scratch: &mut Self::Scratch);
 }
 
+/// Rows per step of [`load_rows`]; before each step it asks for the rows `PREFETCH_ROWS` ahead (past the block,
+/// where a task's next block usually starts), so they stream in from memory while it converts these: waiting for
+/// them was most of the time the bf16 conversion took.
+const LOAD_STEP: usize = 16;
+const PREFETCH_ROWS: usize = 64;
+
 /// Reads `rows` of a `(B, H, N, W)` view into `dst` (`rows.len x W`) as f32.
 pub fn load_rows(view: &View, rows: Rows, dst: &mut [f32]) {
-    gather(view, (rows.b, rows.h), rows.n0..rows.n0 + rows.len, 1.0, dst);
+    let (n, w) = (view.shape()[2], view.shape()[3]);
+    for s in (0..rows.len).step_by(LOAD_STEP) {
+        let (n0, len) = (rows.n0 + s, (rows.len - s).min(LOAD_STEP));
+        let ahead = n0 + PREFETCH_ROWS;
+        if ahead < n {
+            view.prefetch_rows(&[rows.b, rows.h, ahead], (n - ahead).min(LOAD_STEP));
+        }
+        gather(view, (rows.b, rows.h), n0..n0 + len, 1.0, &mut dst[s * w..]);
+    }
 }
 
 /// Rows `rows` of a `(B, H, N, W)` view in place, when it is f32 with consecutive rows (`rows.len x W` values);

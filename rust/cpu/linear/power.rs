@@ -319,11 +319,12 @@ mod tests {
     fn vector_paths_match_the_portable_body_on_every_tail() {
         let eps = 1e-6f32;
         for d in 1..=80 {
-            let rows = 3;
+            // A group of four rows (the AVX-512 forward maps four side by side) and a single row after it.
+            let rows = 5;
             // Negatives, zeros and positives; exponents across [0, 4].
             let z: Vec<f32> = (0..rows * d).map(|i| if i % 5 == 0 { 0.0 } else { ((i * 37 % 23) as f32 - 9.0) * 0.17 }).collect();
             let g: Vec<f32> = (0..rows * d).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.25).collect();
-            let gamma = [0.0f32, 1.7, 4.0];
+            let gamma = [0.0f32, 1.7, 4.0, 2.3, 0.9];
             let run = |isa: Option<Isa>| {
                 let (mut ls, mut p, mut dz) = (vec![0.0; rows * d], vec![0.0; rows * d], vec![0.0; rows * d]);
                 let (mut norms, mut dgamma) = (vec![(0.0, 0.0); rows], vec![0.0; rows]);
@@ -371,18 +372,20 @@ mod tests {
     #[test]
     fn vector_paths_keep_the_portable_nan_pattern_and_split_sums_bit_equal() {
         // Lengths around the 8- and 16-lane widths (tails of every size after 0, 1 and 2 full zmm vectors), rows
-        // with a NaN or an infinite input among finite ones, and a clean row; NaN where the portable body has NaN,
-        // the same infinities, finite values close.
+        // with a NaN or an infinite input among finite ones, a clean row, and a NaN again in the row after the
+        // AVX-512 forward's group of four; NaN where the portable body has NaN, the same infinities, finite values
+        // close.
         let eps = 1e-6f32;
         for d in (1..=40).chain([47, 63, 64, 65]) {
-            let rows = 4;
+            let rows = 5;
             let mut z: Vec<f32> = (0..rows * d).map(|i| ((i * 29 % 17) as f32 - 7.0) * 0.21).collect();
             let g: Vec<f32> = (0..rows * d).map(|i| ((i * 11 % 9) as f32 - 4.0) * 0.3).collect();
             let at = |row: usize| row * d + (row * 7 + 3) % d;
             z[at(0)] = f32::NAN;
             z[at(1)] = f32::INFINITY;
             z[at(2)] = f32::NEG_INFINITY;
-            let gamma = [1.5f32, 3.0, 2.2, 0.7];
+            z[at(4)] = f32::NAN;
+            let gamma = [1.5f32, 3.0, 2.2, 0.7, 1.1];
             let want = run_rows(None, &z, &g, &gamma, eps);
             for isa in Isa::supported() {
                 let got = run_rows(Some(isa), &z, &g, &gamma, eps);
@@ -417,3 +420,4 @@ mod tests {
         }
     }
 }
+
