@@ -5,8 +5,10 @@
 //!
 //! Layouts: q, k `(B, H, N, D)`, v `(B, H, N, Dv)`, global tokens `kg (B, H, G, D)`, `vg (B, H, G, Dv)`, any
 //! strides, f32 / f16 / bf16. Per `(b, h)` slice the keys are read as f32 rows: the input itself when it is f32 with
-//! consecutive rows, else converted once. Softmax in base 2, f32 accumulation. The forward
-//! parallelises over the tiles of each slice; the backward (`backward`) owns the key gradients per task.
+//! consecutive rows, else converted once. With bf16 inputs on a CPU with AVX-512 BF16, the logits (and the
+//! backward's dP) are bf16 dot products on the inputs' own rows, summed in f32. Softmax in base 2, f32
+//! accumulation. The forward parallelises over the tiles of each slice; the backward (`backward`) owns the key
+//! gradients per task.
 
 mod backward;
 mod forward;
@@ -19,12 +21,14 @@ pub use backward::{backward, Grads, Upstream};
 pub use forward::forward;
 pub use geometry::{computed_pairs, Geometry};
 
+use lanes::{Lanes, PairLanes, LANES};
+
 use std::borrow::Cow;
 
 use super::common::{check_input, Dims};
-use crate::alloc;
 use super::isa::{Isa, Level};
 use super::view::{err, DType, View, ViewError};
+use crate::alloc;
 /// Keys per piece: logits of a tile for this many keys stay in L1 (16 KiB).
 const PIECE_KEYS: usize = 256;
 
@@ -132,7 +136,7 @@ fn key_rows<'a>(
     if form == Form::Bf16 && bf16.is_some() {
         return Ok((spare, bf16));
     }
-    Ok((slice_rows(t, global, geo, channels, b, h, spare)?, bf16))
+    Ok((slice_rows(t, global, geo, channels, (b, h), spare)?, bf16))
 }
 
 /// Slice `(b, h)`'s `keys x channels` rows of `t` followed by those of `global`, in f32: borrowed from `t` when it
@@ -142,8 +146,7 @@ fn slice_rows<'a>(
     global: Option<&View>,
     geo: &Geometry,
     channels: usize,
-    b: usize,
-    h: usize,
+    (b, h): (usize, usize),
     spare: Cow<'a, [f32]>,
 ) -> Result<Cow<'a, [f32]>, ViewError> {
     let n = geo.tokens();
@@ -172,6 +175,33 @@ struct Slice<'a> {
     b: usize,
     h: usize,
     scale: f32,
+}
+
+/// `out[j]` = the lanes times key `start + j`, `j < len` (keys as rows of `channels`): bf16 dot products of the lane
+/// pairs `pairs` on the bf16 rows when given (only the AVX-512 clone gets them), times `mul` after; else f32 dots
+/// of `lanes` (already times `mul`) on the f32 `rows`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn key_products<const FMA: bool, const W: usize>(
+    (lanes, pairs): (&[Lanes], &[PairLanes]),
+    (rows, rows_bf16): (&[f32], Option<&[u16]>),
+    channels: usize,
+    (start, len): (usize, usize),
+    mul: f32,
+    out: &mut [Lanes],
+) {
+    match rows_bf16 {
+        #[cfg(target_arch = "x86_64")]
+        Some(bits) => {
+            // SAFETY: bf16 rows are loaded only on the `Avx512Bf16` level (`bf16_products`), whose features (AVX-512
+            // F, BW, BF16) this CPU has.
+            unsafe { lanes::dots_bf16(pairs, &bits[start * channels..], channels, len, out) };
+            if mul != 1.0 {
+                lanes::scale_rows::<W>(&mut out[..len], &[mul; LANES]);
+            }
+        }
+        _ => lanes::dots::<FMA, W>(lanes, &rows[start * channels..], channels, len, out),
+    }
 }
 
 /// A segment's keys in pieces of at most `PIECE_KEYS`: `(first key, len)` per piece.

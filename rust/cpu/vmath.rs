@@ -172,7 +172,8 @@ fn f32_to_bf16_body<const FMA: bool, const W: usize>(src: &[f32], dst: &mut [u16
     for (dc, sc) in dst.chunks_mut(W).zip(src.chunks(W)) {
         dc.iter_mut().zip(sc).for_each(|(d, s)| {
             let bits = s.to_bits();
-            let rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
+            // Wrapping: only a NaN (discarded below) can carry out of the top bit.
+            let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
             let quiet = (bits >> 16) | 0x40;
             *d = if bits & 0x7fff_ffff > 0x7f80_0000 { quiet } else { rounded } as u16;
         });

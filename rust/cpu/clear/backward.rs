@@ -5,7 +5,7 @@
 use super::forward::load_lanes;
 use super::geometry::{self, lane_intervals, Segment, Tile};
 use super::lanes::{self, Lanes, PairLanes, LANES};
-use super::{bf16_products, check_inputs, err, padded, pieces, Form, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_KEYS};
+use super::{bf16_products, check_inputs, err, key_products, padded, pieces, Form, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_KEYS};
 use crate::alloc;
 use crate::cpu::common::{active_isa, check_input, check_output, zeros, LOG2_E};
 use crate::cpu::parallel::Team;
@@ -222,22 +222,8 @@ fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, buf: &
     buf.dq.iter_mut().for_each(|a| *a = [0.0; LANES]);
     for seg in &buf.segments {
         for (start, len) in pieces(seg) {
-            match k_bf16 {
-                #[cfg(target_arch = "x86_64")]
-                Some(kb) => {
-                    // SAFETY: bf16 rows are loaded only on the `Avx512Bf16` level (`bf16_products`), whose features
-                    // (AVX-512 F, BW, BF16) this CPU has.
-                    unsafe { lanes::dots_bf16(&buf.qp, &kb[start * d..], d, len, &mut buf.p) };
-                    lanes::scale_rows::<W>(&mut buf.p[..len], &[logit_mul; LANES]);
-                }
-                _ => lanes::dots::<FMA, W>(&buf.qt, &keys.k_rows[start * d..], d, len, &mut buf.p),
-            }
-            match v_bf16 {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: as for `k_bf16` above.
-                Some(vb) => unsafe { lanes::dots_bf16(&buf.dop, &vb[start * dv..], dv, len, &mut buf.ds) },
-                _ => lanes::dots::<FMA, W>(&buf.dot, &keys.v_rows[start * dv..], dv, len, &mut buf.ds),
-            }
+            key_products::<FMA, W>((&buf.qt, &buf.qp), (&keys.k_rows, k_bf16), d, (start, len), logit_mul, &mut buf.p);
+            key_products::<FMA, W>((&buf.dot, &buf.dop), (&keys.v_rows, v_bf16), dv, (start, len), 1.0, &mut buf.ds);
             let (p, ds) = (&mut buf.p[..len], &mut buf.ds[..len]);
             if let Some(mask) = &seg.mask {
                 let (lo, hi) = lane_intervals(tile, mask);

@@ -3,7 +3,7 @@
 
 use super::geometry::{self, lane_intervals, Segment, Tile};
 use super::lanes::{self, Lanes, PairLanes, LANES};
-use super::{bf16_products, check_inputs, pieces, Dims, Form, Geometry, Inputs, Slice, SliceKeys, PIECE_KEYS};
+use super::{bf16_products, check_inputs, key_products, pieces, Dims, Form, Geometry, Inputs, Slice, SliceKeys, PIECE_KEYS};
 use crate::cpu::common::{active_isa, check_output, zeros, LN_2, LOG2_E};
 use crate::cpu::parallel::Team;
 use crate::cpu::view::{DType, View, ViewError};
@@ -113,16 +113,7 @@ fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, buf: &
                 filled = 0;
             }
             let s = &mut buf.s[filled..];
-            match bf16_keys {
-                #[cfg(target_arch = "x86_64")]
-                Some(kb) => {
-                    // SAFETY: `k_bf16` is set only when the level in use is `Avx512Bf16` (checked in `forward`),
-                    // whose features (AVX-512 F, BW, BF16) this CPU has.
-                    unsafe { lanes::dots_bf16(&buf.qp, &kb[start * d..], d, len, s) };
-                    lanes::scale_rows::<W>(&mut s[..len], &[logit_mul; LANES]);
-                }
-                _ => lanes::dots::<FMA, W>(&buf.qt, &keys.k_rows[start * d..], d, len, s),
-            }
+            key_products::<FMA, W>((&buf.qt, &buf.qp), (&keys.k_rows, bf16_keys), d, (start, len), logit_mul, s);
             if let Some(mask) = &seg.mask {
                 let (lo, hi) = lane_intervals(tile, mask);
                 lanes::mask_columns::<W>(&mut s[..len], (mask.x0 + (start - seg.start) as i64) as f32, &lo, &hi);
