@@ -223,6 +223,15 @@ def pisa_stats(
     moment per token), query_mean (needs q), key_variance ((1/n_j) Σ ‖k_t − k̄_j‖²) and spread = (out, c)
     (‖H_j − c·H̄‖_F; c ≠ 0 needs moment_mean). layout = (perm, offsets), int64."""
 
+def pisa_stats_backward(
+    k: TensorArgs, v: TensorArgs, layout: tuple[TensorArgs, TensorArgs], key_mean: TensorArgs, value_mean: TensorArgs,
+    dkey_mean: TensorArgs | None, dvalue_mean: TensorArgs | None, dmoment_mean: TensorArgs | None, dk: TensorArgs,
+    dv: TensorArgs, threads: int,
+) -> None:
+    """The backward of pisa_stats' means and mean moment on CPU: for token t of block j (n_j tokens), dk_t =
+    dkey_mean_j / n_j + (v_t − value_mean_j) dmoment_meanᵀ / N and dv_t = dvalue_mean_j / n_j + (k_t − key_mean_j)
+    dmoment_mean / N (a None gradient adds nothing); dk, dv like k, v."""
+
 def pisa_forward(
     q: TensorArgs, k: TensorArgs, v: TensorArgs, centroids: tuple[TensorArgs, TensorArgs],
     moment_mean: TensorArgs | None, out: TensorArgs, lse: TensorArgs, zeta: TensorArgs,

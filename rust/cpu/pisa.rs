@@ -18,7 +18,7 @@ mod stats;
 mod tests;
 
 pub use backward::{backward, BackwardOutputs, BackwardRows};
-pub use stats::{stats, StatsOutputs};
+pub use stats::{stats, stats_backward, StatsGrads, StatsOutputs};
 
 use super::common::{active_isa, check_input, check_output, gather, zeros, Dims, OnlineSoftmax, LOG2_E};
 use crate::alloc;

@@ -5,7 +5,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use super::{view, view_error, TensorArgs};
-use crate::cpu::pisa::{self, BackwardOutputs, BackwardRows, Inputs, Layout, Selection, StatsOutputs};
+use crate::cpu::pisa::{self, BackwardOutputs, BackwardRows, Inputs, Layout, Selection, StatsGrads, StatsOutputs};
 use crate::cpu::view::{View, ViewError};
 
 /// `(perm, offsets, blocks)`: 1-D int64 tensors (blocks flattened from `(B, H, M, k)`).
@@ -81,6 +81,47 @@ fn pisa_stats(
             spread: spread.as_ref().map(|(t, centre)| (t, *centre)),
         };
         pisa::stats(&k, &v, q.as_ref(), &layout, &outs, threads)
+    })
+    .map_err(view_error)
+}
+
+/// The backward of `pisa_stats`' means and mean moment on CPU: writes `dk`, `dv` (like k, v) from `dkey_mean`,
+/// `dvalue_mean`, `dmoment_mean` (f32; None adds nothing) and the forward's `key_mean`, `value_mean`.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (k, v, layout, key_mean, value_mean, dkey_mean, dvalue_mean, dmoment_mean, dk, dv, threads))]
+fn pisa_stats_backward(
+    py: Python<'_>,
+    k: TensorArgs,
+    v: TensorArgs,
+    layout: (TensorArgs, TensorArgs),
+    key_mean: TensorArgs,
+    value_mean: TensorArgs,
+    dkey_mean: Option<TensorArgs>,
+    dvalue_mean: Option<TensorArgs>,
+    dmoment_mean: Option<TensorArgs>,
+    dk: TensorArgs,
+    dv: TensorArgs,
+    threads: usize,
+) -> PyResult<()> {
+    let (k, v) = (view("k", k)?, view("v", v)?);
+    let (perm, offsets) = (view("perm", layout.0)?, view("offsets", layout.1)?);
+    let (key_mean, value_mean) = (view("key_mean", key_mean)?, view("value_mean", value_mean)?);
+    let dkey_mean = dkey_mean.map(|t| view("dkey_mean", t)).transpose()?;
+    let dvalue_mean = dvalue_mean.map(|t| view("dvalue_mean", t)).transpose()?;
+    let dmoment_mean = dmoment_mean.map(|t| view("dmoment_mean", t)).transpose()?;
+    let (dk, dv) = (view("dk", dk)?, view("dv", dv)?);
+    py.detach(|| {
+        k.expect(4, true)?;
+        let layout = Layout::new(&perm.to_i64_vec()?, &offsets.to_i64_vec()?, k.shape()[2])?;
+        let grads = StatsGrads {
+            dkey_mean: dkey_mean.as_ref(),
+            dvalue_mean: dvalue_mean.as_ref(),
+            dmoment_mean: dmoment_mean.as_ref(),
+            dk: &dk,
+            dv: &dv,
+        };
+        pisa::stats_backward(&k, &v, &layout, &key_mean, &value_mean, &grads, threads)
     })
     .map_err(view_error)
 }
@@ -166,6 +207,7 @@ fn pisa_backward(
 /// Adds this family's functions to `difattn._core`.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(pisa_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(pisa_stats_backward, m)?)?;
     m.add_function(wrap_pyfunction!(pisa_forward, m)?)?;
     m.add_function(wrap_pyfunction!(pisa_backward, m)?)?;
     Ok(())

@@ -284,7 +284,7 @@ def test_kernels_write_every_output():
                       nan_poisoned((B, H, N), dtype=torch.float32))
     plan = rust_launch._plan(layout.perm, layout.offsets, blocks)
     core().pisa_forward(tensor_desc(q), tensor_desc(k), tensor_desc(v), (tensor_desc(key_mean), tensor_desc(value_mean)), tensor_desc(moment_mean),
-                        tensor_desc(out), tensor_desc(lse), tensor_desc(zeta), plan, 0.2, 2)
+                        tensor_desc(out), tensor_desc(lse), tensor_desc(zeta), tuple(map(tensor_desc, plan)), 0.2, 2)
     for name, x in (("out", out), ("lse", lse), ("zeta", zeta)):
         assert_finite(name, x)
     dout = torch.randn(out.shape).to(q.dtype)
@@ -292,7 +292,7 @@ def test_kernels_write_every_output():
     stat_grads = [nan_poisoned(x.shape, dtype=torch.float32) for x in (key_mean, value_mean, moment_mean)]
     core().pisa_backward(tensor_desc(q), tensor_desc(k), tensor_desc(v), (tensor_desc(key_mean), tensor_desc(value_mean)), tensor_desc(moment_mean),
                          (tensor_desc(out), tensor_desc(dout), tensor_desc(lse), tensor_desc(zeta)), tuple(tensor_desc(g) for g in grads),
-                         tuple(tensor_desc(g) for g in stat_grads[:2]), tensor_desc(stat_grads[2]), plan, 0.2, 2)
+                         tuple(tensor_desc(g) for g in stat_grads[:2]), tensor_desc(stat_grads[2]), tuple(map(tensor_desc, plan)), 0.2, 2)
     for name, x in zip(("dq", "dk", "dv", "dkey_mean", "dvalue_mean", "dmoment_mean"), grads + stat_grads):
         assert_finite(name, x)
 

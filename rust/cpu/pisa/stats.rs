@@ -106,6 +106,82 @@ pub fn stats(k: &View, v: &View, q: Option<&View>, layout: &Layout, outs: &Stats
     Ok(())
 }
 
+/// The incoming gradients of the statistics (f32, any strides; a missing one adds nothing) and the input
+/// gradients to write (`dk` like k, `dv` like v: any float dtype, contiguous).
+pub struct StatsGrads<'a> {
+    pub dkey_mean: Option<&'a View>,
+    pub dvalue_mean: Option<&'a View>,
+    pub dmoment_mean: Option<&'a View>,
+    pub dk: &'a View,
+    pub dv: &'a View,
+}
+
+/// The backward of [`stats`]' means and mean moment: for token `t` of block `j` (`n_j` tokens),
+/// `dk_t = dk̄_j / n_j + (v_t − w_j) dH̄ᵀ / N` and `dv_t = dw_j / n_j + (k_t − k̄_j) dH̄ / N`, with the forward's
+/// `key_mean` k̄ and `value_mean` w (f32). One task per (slice, block), whose tokens only it writes.
+#[allow(clippy::too_many_arguments)]
+pub fn stats_backward(
+    k: &View,
+    v: &View,
+    layout: &Layout,
+    key_mean: &View,
+    value_mean: &View,
+    grads: &StatsGrads,
+    threads: usize,
+) -> Result<(), ViewError> {
+    active_isa()?;
+    k.expect(4, true)?;
+    v.expect(4, true)?;
+    let [batch, heads, n, d] = k.shape()[..] else { unreachable!("4 dims checked") };
+    let (dv, m) = (v.shape()[3], layout.num_blocks());
+    check_input(v, &[batch, heads, n, dv], None)?;
+    if layout.perm.len() != n {
+        return err(format!("perm: length {} != N = {n}", layout.perm.len()));
+    }
+    check_input(key_mean, &[batch, heads, m, d], DType::F32)?;
+    check_input(value_mean, &[batch, heads, m, dv], DType::F32)?;
+    for (t, width) in [(grads.dkey_mean, d), (grads.dvalue_mean, dv)] {
+        if let Some(t) = t {
+            check_input(t, &[batch, heads, m, width], DType::F32)?;
+        }
+    }
+    if let Some(t) = grads.dmoment_mean {
+        check_input(t, &[batch, heads, d, dv], DType::F32)?;
+    }
+    check_output(grads.dk, &[batch, heads, n, d], k.dtype())?;
+    check_output(grads.dv, &[batch, heads, n, dv], v.dtype())?;
+    let shape = Shape { heads, n, d, dv, m };
+    let slices = batch * heads;
+    // dH̄ / N per slice, as it is (d x dv, for dv) and transposed (dv x d, for dk).
+    let mut moments: Vec<(Vec<f32>, Vec<f32>)> = alloc::with_capacity(if grads.dmoment_mean.is_some() { slices } else { 0 })?;
+    if let Some(dh) = grads.dmoment_mean {
+        let inv = 1.0 / n as f32;
+        for bh in 0..slices {
+            let (mut w, mut wt) = (zeros(alloc::size(&[d, dv])?)?, zeros(alloc::size(&[d, dv])?)?);
+            for i in 0..d {
+                let row = &mut w[i * dv..(i + 1) * dv];
+                dh.load_row(&[bh / heads, bh % heads, i], row);
+                row.iter_mut().for_each(|x| *x *= inv);
+                for (c, x) in row.iter().enumerate() {
+                    wt[c * d + i] = *x;
+                }
+            }
+            moments.push((w, wt));
+        }
+    }
+    let block = layout.max_block();
+    let pass = Pass { k, v, layout, shape };
+    Team::new(threads).for_each_init(
+        slices * m,
+        || Ok::<_, ViewError>((Rows::new(block, shape)?, zeros(alloc::size(&[block, d.max(dv)])?)?)),
+        |(rows, out), task| {
+            let (bh, j) = (task / m, task % m);
+            pass.block_grads(key_mean, value_mean, grads, moments.get(bh), (bh, j), rows, out);
+            Ok(())
+        },
+    )
+}
+
 struct Rows {
     q: Vec<f32>,
     k: Vec<f32>,
@@ -207,6 +283,66 @@ impl Pass<'_> {
             unsafe { moment_mean.store_row(&[bh / heads, bh % heads, i], &mean[i * dv..(i + 1) * dv]) };
         }
         Ok(mean)
+    }
+
+    /// [`stats_backward`] for block `j` of slice `bh` (`moment`: `dH̄ / N` and its transpose, when given).
+    #[allow(clippy::too_many_arguments)]
+    fn block_grads(
+        &self,
+        key_mean: &View,
+        value_mean: &View,
+        grads: &StatsGrads,
+        moment: Option<&(Vec<f32>, Vec<f32>)>,
+        (bh, j): (usize, usize),
+        rows: &mut Rows,
+        out: &mut [f32],
+    ) {
+        let Shape { heads, d, dv, .. } = self.shape;
+        let (b, h) = (bh / heads, bh % heads);
+        let len = self.layout.block(j).1;
+        if len == 0 {
+            return;
+        }
+        if moment.is_some() {
+            self.load(b, h, j, rows);
+        }
+        // (gradient output, its width, the incoming mean gradient, the other side's rows and mean, dH̄/N as the
+        // right factor of those centred rows)
+        let sides = [
+            (grads.dk, d, grads.dkey_mean, &mut rows.v, value_mean, dv, moment.map(|m| &m.1)),
+            (grads.dv, dv, grads.dvalue_mean, &mut rows.k, key_mean, d, moment.map(|m| &m.0)),
+        ];
+        for (target, width, dmean, other, other_mean, other_width, factor) in sides {
+            let out = &mut out[..len * width];
+            match dmean {
+                Some(dmean) => {
+                    let row = &mut rows.row[..width];
+                    dmean.load_row(&[b, h, j], row);
+                    row.iter_mut().for_each(|x| *x /= len as f32);
+                    for o in out.chunks_exact_mut(width) {
+                        o.copy_from_slice(row);
+                    }
+                }
+                None => out.fill(0.0),
+            }
+            if let Some(factor) = factor {
+                let mean = &mut rows.row[..other_width];
+                other_mean.load_row(&[b, h, j], mean);
+                for r in other[..len * other_width].chunks_exact_mut(other_width) {
+                    r.iter_mut().zip(mean.iter()).for_each(|(x, m)| *x -= m);
+                }
+                Gemm { m: len, n: width, k: other_width, accumulate: true }.run(
+                    MatMut::rows(out, width),
+                    Mat::rows(other, other_width),
+                    Mat::rows(factor, width),
+                );
+            }
+            for (t, o) in self.layout.tokens(j).zip(out.chunks_exact(width)) {
+                // SAFETY: a validated contiguous output; blocks partition the tokens and this task alone holds
+                // block j of slice bh, so it is the only one touching this row.
+                unsafe { target.store_row(&[b, h, t], o) };
+            }
+        }
     }
 
     /// `‖H_j − centre‖_F` for the blocks of one split (`centre`: `d x dv`).

@@ -6,7 +6,8 @@ per-block ``H_j``) and the routing bias's statistic of each block: ``‖H_j − 
 moment's distance from the mean over blocks), ``‖H_j‖_F`` (``"uncentered"``) or ``(1/n_j) Σ_{t∈j} ‖k_t − k̄_j‖²``
 (``"key_variance"``). On the rust backend the compiled core makes them in one parallel pass (no chain of small
 torch ops before the attention kernel); on the triton backend plain torch ops on the tensors' device. The backward
-(torch, either way) carries ``dk̄``, ``dw`` and ``dH̄`` to every token of their blocks::
+(the compiled core on the rust backend, torch ops on the triton backend) carries ``dk̄``, ``dw`` and ``dH̄`` to
+every token of their blocks::
 
     dk_t = dk̄_j / n_j + (1/N) dH̄ (v_t − w_j)        dv_t = dw_j / n_j + (1/N) dH̄ᵀ (k_t − k̄_j)
 """
@@ -96,8 +97,9 @@ def _stats_rust(q, k, v, perm, offsets, slots, max_block: int, moments: bool, bi
     spread = None
     if bias in ("centered", "uncentered"):
         spread = (tensor_desc(statistic), N / M if bias == "centered" else 0.0)
+    perm, offsets = perm.contiguous(), offsets.contiguous()  # held until the core returns
     core().pisa_stats(
-        tensor_desc(k), tensor_desc(v), tensor_desc(q), (tensor_desc(perm.contiguous()), tensor_desc(offsets.contiguous())),
+        tensor_desc(k), tensor_desc(v), tensor_desc(q), (tensor_desc(perm), tensor_desc(offsets)),
         tensor_desc(key_mean), tensor_desc(value_mean), tensor_desc(moment_mean) if moments else None,
         tensor_desc(query_mean), tensor_desc(statistic) if bias == "key_variance" else None, spread,
         torch.get_num_threads(),
@@ -125,19 +127,49 @@ def _(q, k, v, perm, offsets, block_of, slots, max_block, moments, bias, backend
             new(B, H, M) if bias else new(0))
 
 
+@torch.library.custom_op("difattn::pisa_stats_bwd", mutates_args=())
+def pisa_stats_bwd(
+    k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, key_mean: torch.Tensor,
+    value_mean: torch.Tensor, dkey_mean: torch.Tensor | None, dvalue_mean: torch.Tensor | None,
+    dmoment_mean: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dk, dv)`` like ``k``, ``v`` (contiguous) from the statistics' gradients (None adds nothing), in the compiled
+    core (CPU tensors): the formula of the module docstring."""
+    dk, dv = torch.empty(k.shape, dtype=k.dtype), torch.empty(v.shape, dtype=v.dtype)
+    # The f32 contiguous gradients stay referenced here while the core reads them (a descriptor holds no reference).
+    grads = [None if g is None else g.float().contiguous() for g in (dkey_mean, dvalue_mean, dmoment_mean)]
+    perm, offsets = perm.contiguous(), offsets.contiguous()
+    core().pisa_stats_backward(
+        tensor_desc(k), tensor_desc(v), (tensor_desc(perm), tensor_desc(offsets)), tensor_desc(key_mean),
+        tensor_desc(value_mean), *(None if g is None else tensor_desc(g) for g in grads), tensor_desc(dk),
+        tensor_desc(dv), torch.get_num_threads(),
+    )
+    return dk, dv
+
+
+@pisa_stats_bwd.register_fake
+def _(k, v, perm, offsets, key_mean, value_mean, dkey_mean, dvalue_mean, dmoment_mean):
+    return torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
 def _setup_stats(ctx, inputs, output):
     q, k, v, perm, offsets, block_of, slots, max_block, moments, bias, backend = inputs
     key_mean, value_mean = output[0], output[1]
-    ctx.save_for_backward(k, v, key_mean, value_mean, offsets, block_of)
+    ctx.save_for_backward(k, v, key_mean, value_mean, perm, offsets, block_of)
     ctx.moments = moments
+    ctx.backend = backend
 
 
 def _stats_backward(ctx, dkey_mean, dvalue_mean, dmoment_mean, _dquery_mean, _dstatistic):
-    k, v, key_mean, value_mean, offsets, block_of = ctx.saved_tensors
+    k, v, key_mean, value_mean, perm, offsets, block_of = ctx.saved_tensors
+    dmoment_mean = dmoment_mean if ctx.moments else None
+    if ctx.backend == "rust":
+        dk, dv = pisa_stats_bwd(k, v, perm, offsets, key_mean, value_mean, dkey_mean, dvalue_mean, dmoment_mean)
+        return None, dk, dv, None, None, None, None, None, None, None, None
     counts = offsets.diff().to(key_mean.dtype)[:, None]
     dk = torch.zeros_like(k, dtype=key_mean.dtype) if dkey_mean is None else (dkey_mean / counts).index_select(2, block_of)
     dv = torch.zeros_like(v, dtype=key_mean.dtype) if dvalue_mean is None else (dvalue_mean / counts).index_select(2, block_of)
-    if ctx.moments and dmoment_mean is not None:
+    if dmoment_mean is not None:
         inv_n = 1.0 / k.shape[2]
         dk = dk + (_work(v) - value_mean.index_select(2, block_of)) @ (dmoment_mean.transpose(-1, -2) * inv_n)
         dv = dv + (_work(k) - key_mean.index_select(2, block_of)) @ (dmoment_mean * inv_n)
