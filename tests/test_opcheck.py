@@ -74,6 +74,10 @@ def _pisa():
         "pisa_stats": [(pisa_stats_op.pisa_stats, (*_leaves(q, k, v), *stats_args, moments, bias, "rust"))
                        for moments, bias in ((True, "centered"), (False, "uncentered"), (False, "key_variance"),
                                              (False, ""))],
+        "pisa_stats_bwd": [(pisa_stats_op.pisa_stats_bwd, (k, v, layout.perm, layout.offsets, key_mean, value_mean,
+                                                           *grads))
+                           for grads in ((torch.randn_like(key_mean), torch.randn_like(value_mean),
+                                          torch.randn_like(moment_mean)), (None, torch.randn_like(value_mean), None))],
         "pisa_grid_layout": [(pisa_layout_op.pisa_grid_layout, ([1, 5, 6, 3, 0], 4, torch.device("cpu")))],
     }
 
