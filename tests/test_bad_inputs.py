@@ -336,7 +336,9 @@ def test_clear_never_aborts_at_any_memory_limit(direction):
                     seen.add(limited(call))
         print(" ".join(sorted(seen)))
     """, **_MALLOC)
-    assert "ours" in out.split() and not any(s.startswith("other") for s in out.split()), out
+    # The forward reads f32 keys in place and may allocate too little for our MemoryError to come first.
+    assert not any(s.startswith("other") for s in out.split()), out
+    assert direction == "forward" or "ours" in out.split(), out
 
 
 # Per method: inputs and a call whose kernel buffers need far more than 32 MiB beyond what torch allocates for it,
