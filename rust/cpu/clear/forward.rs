@@ -17,7 +17,10 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, geo: &Geometry, scale: f32,
     check_output(lse, &[dims.batch, dims.heads, n], DType::F32)?;
     let tiles = geometry::tiles(geo)?;
     let isa = active_isa()?;
-    let k_form = if bf16_products(isa, inp.q, inp.k, dims.d, inp.global.is_some()) { Form::Bf16 } else { Form::F32 };
+    let global = inp.global.is_some();
+    let k_form = if bf16_products(isa, inp.q, inp.k, dims.d, global) { Form::Bf16 } else { Form::F32 };
+    // P·V in bf16 dot products too (P rounded to bf16, as the bf16 output will be) when v is bf16.
+    let v_form = if bf16_products(isa, inp.q, inp.v, dims.dv, global) { Form::Pairs } else { Form::F32 };
     // A task per (slice, tile), slice-major: a worker loads a slice's keys when its next task is in another slice.
     Team::new(threads).for_each_init(
         dims.slices() * tiles.len(),
@@ -29,7 +32,7 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, geo: &Geometry, scale: f32,
                 Some((at, keys)) if *at == bh => keys,
                 slot => {
                     let spare = slot.take().map(|(_, keys)| keys);
-                    &slot.insert((bh, SliceKeys::load(inp, geo, dims, (b, h), [k_form, Form::F32], spare)?)).1
+                    &slot.insert((bh, SliceKeys::load(inp, geo, dims, (b, h), [k_form, v_form], spare)?)).1
                 }
             };
             geometry::segments(geo, tile, &mut buf.segments)?;
@@ -57,6 +60,8 @@ struct Buffers {
     acc: Vec<Lanes>,
     /// Logits, then probabilities, of a batch of pieces.
     s: Vec<Lanes>,
+    /// Probabilities as bf16 pairs of keys, for P·V in bf16.
+    wp: Vec<PairLanes>,
     /// The batched pieces: `(first key, row in s, len)`.
     batch: Vec<(usize, usize, usize)>,
     row: Vec<f32>,
@@ -70,6 +75,7 @@ impl Buffers {
             qp: zeros(dims.d / 2)?,
             acc: zeros(dims.dv)?,
             s: zeros(PIECE_KEYS)?,
+            wp: zeros(PIECE_KEYS / 2 + 1)?,
             batch: Vec::new(),
             row: zeros(dims.d.max(dims.dv))?,
         })
@@ -172,9 +178,21 @@ fn flush<const FMA: bool, const W: usize>(ctx: &TileCtx, buf: &mut Buffers, fill
     for l in 0..LANES {
         state.l[l] += sums[l];
     }
-    let dv = ctx.slice.dims.dv;
+    let (dv, keys) = (ctx.slice.dims.dv, ctx.slice.keys);
     for &(start, slot, len) in &buf.batch {
-        lanes::combine::<FMA, W>(&buf.s[slot..slot + len], &ctx.slice.keys.v_rows[start * dv..], dv, &mut buf.acc);
+        let p = &buf.s[slot..slot + len];
+        match () {
+            #[cfg(target_arch = "x86_64")]
+            () if W >= LANES && !keys.v_pairs.is_empty() => {
+                // SAFETY: v pairs are made only on the `Avx512Bf16` level (`bf16_products`), whose features (AVX-512
+                // F, BW, BF16) this CPU has.
+                unsafe {
+                    let pairs = lanes::pair_key_lanes(p, start, &mut buf.wp);
+                    lanes::combine_bf16(&buf.wp[..pairs], &keys.v_pairs[start / 2 * dv..], dv, &mut buf.acc);
+                }
+            }
+            () => lanes::combine::<FMA, W>(p, &keys.v_rows[start * dv..], dv, &mut buf.acc),
+        }
     }
     buf.batch.clear();
 }

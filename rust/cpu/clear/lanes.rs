@@ -131,6 +131,51 @@ pub unsafe fn dots_bf16(a: &[PairLanes], keys: &[u16], stride: usize, n: usize, 
     }
 }
 
+/// The rows `w[j]` (weights of keys `first + j`) as bf16 pairs of keys aligned to even key indices, for
+/// [`combine_bf16`]: `out[m]` pairs keys `2(first/2 + m)` and `2(first/2 + m) + 1`, a key outside `w` weighing 0.
+/// Returns the number of pairs.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW and BF16.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub unsafe fn pair_key_lanes(w: &[Lanes], first: usize, out: &mut [PairLanes]) -> usize {
+    const ZERO: Lanes = [0.0; LANES];
+    let lead = first % 2;
+    let pairs = (lead + w.len()).div_ceil(2);
+    let at = |i: usize| if i >= lead && i - lead < w.len() { &w[i - lead] } else { &ZERO };
+    for (m, o) in out[..pairs].iter_mut().enumerate() {
+        // SAFETY: the CPU has the features (this function's contract).
+        unsafe { zmm::bf16_pair(at(2 * m), at(2 * m + 1), o) };
+    }
+    pairs
+}
+
+/// `acc[c] += Σ_m dot2(w[m], pairs[m·stride + c])` for `c < acc.len()`: P·V in bf16 dot products, with `w` from
+/// [`pair_key_lanes`] and `pairs` the keys' rows paired the same way (8 channels per register block).
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW and BF16.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub unsafe fn combine_bf16(w: &[PairLanes], pairs: &[u32], stride: usize, acc: &mut [Lanes]) {
+    let n = acc.len();
+    let mut c = 0;
+    // SAFETY (all three blocks): the CPU has the features (this function's contract).
+    while c + 8 <= n {
+        unsafe { zmm::combine_bf16_block::<8>(w, &pairs[c..], stride, &mut acc[c..c + 8]) };
+        c += 8;
+    }
+    while c + 2 <= n {
+        unsafe { zmm::combine_bf16_block::<2>(w, &pairs[c..], stride, &mut acc[c..c + 2]) };
+        c += 2;
+    }
+    while c < n {
+        unsafe { zmm::combine_bf16_block::<1>(w, &pairs[c..], stride, &mut acc[c..c + 1]) };
+        c += 1;
+    }
+}
+
 /// `acc[c] += Σ_j w[j] · rows[j·stride + c]` for `c < acc.len()`, `j < w.len()` (8 channels per register block
 /// with 16-lane vectors, 6 with 8-lane ones).
 #[inline(always)]

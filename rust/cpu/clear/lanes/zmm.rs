@@ -72,6 +72,44 @@ pub fn dots_bf16_block<const NB: usize>(a: &[PairLanes], rows: [&[u16]; NB], out
     }
 }
 
+/// `super::pair_key_lanes`' step: lane `l` of the result holds `lo[l]` (low half) and `hi[l]` (high half) rounded to
+/// bf16 (to nearest even).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub fn bf16_pair(lo: &Lanes, hi: &Lanes, out: &mut PairLanes) {
+    // SAFETY: `__m256bh` and `__m256i` are 32 plain bytes, any bit pattern valid in both.
+    let widen = |x: __m256bh| _mm512_cvtepu16_epi32(unsafe { std::mem::transmute::<__m256bh, __m256i>(x) });
+    let (lo, hi) = (widen(_mm512_cvtneps_pbh(ld(lo))), widen(_mm512_cvtneps_pbh(ld(hi))));
+    let pairs = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
+    // SAFETY: `out` holds 16 u32, one unaligned 64-byte store.
+    unsafe { _mm512_storeu_si512(out.as_mut_ptr().cast(), pairs) }
+}
+
+/// `super::combine_bf16`'s block: `acc[i] += Σ_m dot2(w[m], pairs[m·stride + i])`, `i < CB`, the pairs' products
+/// exact and summed in f32 by `vdpbf16ps`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub fn combine_bf16_block<const CB: usize>(w: &[PairLanes], pairs: &[u32], stride: usize, acc: &mut [Lanes]) {
+    let acc = &mut acc[..CB];
+    let mut a = [_mm512_setzero_ps(); CB];
+    for (a, x) in a.iter_mut().zip(acc.iter()) {
+        *a = ld(x);
+    }
+    for (m, wv) in w.iter().enumerate() {
+        let row = &pairs[m * stride..][..CB];
+        // SAFETY: `wv` holds 16 u32, one vector; `__m512i` and `__m512bh` are 64 plain bytes.
+        let wv: __m512bh = unsafe { std::mem::transmute(_mm512_loadu_si512(wv.as_ptr().cast())) };
+        for i in 0..CB {
+            // SAFETY: `__m512i` and `__m512bh` are 64 plain bytes, any bit pattern valid in both.
+            let b: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(row[i] as i32)) };
+            a[i] = _mm512_dpbf16_ps(a[i], wv, b);
+        }
+    }
+    for (x, v) in acc.iter_mut().zip(a) {
+        st(x, v);
+    }
+}
+
 /// `super::combine_block`: `acc[i] += Σ_j w[j] · rows[j·stride + i]`, `i < CB`.
 #[inline]
 #[target_feature(enable = "avx512f")]
