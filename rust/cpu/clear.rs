@@ -86,20 +86,20 @@ struct SliceKeys<'a> {
     v_rows: Cow<'a, [f32]>,
     k_bf16: Option<&'a [u16]>,
     v_bf16: Option<&'a [u16]>,
-    /// v as bf16 key pairs (`Form::Pairs`), empty otherwise: `v_pairs[m·Dv + c]` holds `v[2m][c]` in its low half
-    /// and `v[2m + 1][c]` in its high half (0 past the last key).
+    /// k and v as bf16 key pairs (`Form::Pairs`), empty otherwise: `v_pairs[m·Dv + c]` holds `v[2m][c]` in its
+    /// low half and `v[2m + 1][c]` in its high half (0 past the last key).
+    k_pairs: Vec<u32>,
     v_pairs: Vec<u32>,
 }
 
-/// The forms in which a pass reads k or v: f32 rows, bf16 rows, both, or bf16 pairs of consecutive keys (the
-/// right side of bf16 products summed over keys). A bf16 form is asked for only where the CPU has bf16 dot
+/// The forms in which a pass reads k or v: f32 rows, bf16 rows, or bf16 rows and bf16 pairs of consecutive keys
+/// (the right side of bf16 products summed over keys). A bf16 form is asked for only where the CPU has bf16 dot
 /// products, the input is bf16 with an even head dim and there are no global tokens; when its rows are not
 /// consecutive in memory, f32 rows stand in for them.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Form {
     F32,
     Bf16,
-    Both,
     Pairs,
 }
 
@@ -107,19 +107,19 @@ impl<'a> SliceKeys<'a> {
     /// Slice `(b, h)`'s keys in the forms `[k, v]` (f32 copies allocated fallibly: they scale with N), reusing the
     /// buffers of `spare` (an earlier slice's keys of the same call) where it has them.
     fn load(inp: &Inputs<'a>, geo: &Geometry, dims: Dims, (b, h): (usize, usize), forms: [Form; 2], spare: Option<SliceKeys<'a>>) -> Result<Self, ViewError> {
-        let (k_spare, v_spare, mut v_pairs) = match spare {
-            Some(s) => (s.k_rows, s.v_rows, s.v_pairs),
-            None => (Cow::Owned(Vec::new()), Cow::Owned(Vec::new()), Vec::new()),
+        let (k_spare, v_spare, mut k_pairs, mut v_pairs) = match spare {
+            Some(s) => (s.k_rows, s.v_rows, s.k_pairs, s.v_pairs),
+            None => (Cow::Owned(Vec::new()), Cow::Owned(Vec::new()), Vec::new(), Vec::new()),
         };
         let (k_rows, k_bf16) = key_rows(inp.k, inp.global.map(|g| g.0), geo, dims.d, (b, h), forms[0], k_spare)?;
         let (v_rows, v_bf16) = key_rows(inp.v, inp.global.map(|g| g.1), geo, dims.dv, (b, h), forms[1], v_spare)?;
-        v_pairs.clear();
-        if forms[1] == Form::Pairs {
-            if let Some(bits) = v_bf16 {
-                key_pairs(bits, dims.dv, &mut v_pairs)?;
+        for (form, bits, channels, pairs) in [(forms[0], k_bf16, dims.d, &mut k_pairs), (forms[1], v_bf16, dims.dv, &mut v_pairs)] {
+            pairs.clear();
+            if let (Form::Pairs, Some(bits)) = (form, bits) {
+                key_pairs(bits, channels, pairs)?;
             }
         }
-        Ok(SliceKeys { k_rows, v_rows, k_bf16, v_bf16, v_pairs })
+        Ok(SliceKeys { k_rows, v_rows, k_bf16, v_bf16, k_pairs, v_pairs })
     }
 }
 
@@ -135,8 +135,8 @@ fn bf16_products(isa: Isa, lanes_of: &View, keys: &View, channels: usize, global
         && !global
 }
 
-/// The rows of `t` (and `global`) in `form`: f32 rows (empty when only bf16 ones are asked for and are there) and
-/// the bf16 rows when asked for and consecutive in memory.
+/// The rows of `t` (and `global`) in `form`: f32 rows (empty when bf16 ones are asked for and are there) and the
+/// bf16 rows when asked for and consecutive in memory.
 fn key_rows<'a>(
     t: &'a View,
     global: Option<&View>,
@@ -147,7 +147,7 @@ fn key_rows<'a>(
     spare: Cow<'a, [f32]>,
 ) -> Result<(Cow<'a, [f32]>, Option<&'a [u16]>), ViewError> {
     let bf16 = if form == Form::F32 { None } else { t.bf16_rows(&[b, h, 0], geo.tokens()) };
-    if matches!(form, Form::Bf16 | Form::Pairs) && bf16.is_some() {
+    if bf16.is_some() {
         return Ok((spare, bf16));
     }
     Ok((slice_rows(t, global, geo, channels, (b, h), spare)?, bf16))
@@ -155,7 +155,7 @@ fn key_rows<'a>(
 
 /// `out[m·channels + c]` = the bf16 bits of `rows[2m][c]` (low half) and `rows[2m + 1][c]` (high half, 0 past
 /// the last row), for rows of `channels` values.
-fn key_pairs(rows: &[u16], channels: usize, out: &mut Vec<u32>) -> Result<(), ViewError> {
+pub(crate) fn key_pairs(rows: &[u16], channels: usize, out: &mut Vec<u32>) -> Result<(), ViewError> {
     let keys = rows.len() / channels;
     alloc::resize(out, keys.div_ceil(2) * channels, 0)?;
     for (pair, dst) in rows.chunks(2 * channels).zip(out.chunks_exact_mut(channels)) {

@@ -4,7 +4,7 @@
 
 use super::forward::load_lanes;
 use super::geometry::{self, lane_intervals, Segment, Tile};
-use super::lanes::{self, Lanes, PairLanes, LANES};
+use super::lanes::{self, LanePairs, Lanes, PairLanes, LANES};
 use super::{bf16_products, check_inputs, err, key_products, padded, pieces, Form, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_KEYS};
 use crate::alloc;
 use crate::cpu::common::{active_isa, check_input, check_output, zeros, LOG2_E};
@@ -66,11 +66,11 @@ pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scal
     }
     let isa = active_isa()?;
     let w = isa.f32_lanes();
-    // P's logits (q·k) and dP (dout·v) in bf16 dot products where they can (see `bf16_products`); dq still needs
-    // k's f32 rows.
+    // P's logits (q·k), dP (dout·v), dq (dS·k), dk (dSᵀ·q) and dv (Pᵀ·dout) in bf16 dot products where they can
+    // (see `bf16_products`), P and dS rounded to bf16 for the last three.
     let global = inp.global.is_some();
     let forms = [
-        if bf16_products(isa, inp.q, inp.k, dims.d, global) { Form::Both } else { Form::F32 },
+        if bf16_products(isa, inp.q, inp.k, dims.d, global) { Form::Pairs } else { Form::F32 },
         if bf16_products(isa, up.dout, inp.v, dims.dv, global) { Form::Bf16 } else { Form::F32 },
     ];
     let (d_pad, dv_pad) = (padded(dims.d, w), padded(dims.dv, w));
@@ -89,6 +89,10 @@ pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scal
         for tile in share {
             geometry::segments(geo, tile, &mut buf.segments)?;
             tile_fn(isa, &ctx, tile, &mut buf, &mut acc)
+        }
+        if !keys.k_pairs.is_empty() {
+            // The bf16 dk products take the queries unscaled (exact in bf16).
+            acc.dk.iter_mut().for_each(|x| *x *= scale);
         }
         if parts == 1 {
             store_key_grads(grads, geo, dims, w, bh, &acc);
@@ -156,6 +160,13 @@ struct Buffers {
     p: Vec<Lanes>,
     ds: Vec<Lanes>,
     row: Vec<f32>,
+    /// For the bf16 products: the queries (unscaled) and dout as pairs of lanes (`lanes::row_pairs`), P and dS
+    /// rows as pairs of lanes and dS as pairs of keys.
+    q_pairs: Vec<u32>,
+    do_pairs: Vec<u32>,
+    p_lanes: Vec<LanePairs>,
+    ds_lanes: Vec<LanePairs>,
+    ds_keys: Vec<PairLanes>,
 }
 
 impl Buffers {
@@ -172,6 +183,11 @@ impl Buffers {
             p: zeros(PIECE_KEYS)?,
             ds: zeros(PIECE_KEYS)?,
             row: zeros(dims.d.max(dims.dv))?,
+            q_pairs: zeros(LANES / 2 * padded(dims.d, w))?,
+            do_pairs: zeros(LANES / 2 * padded(dims.dv, w))?,
+            p_lanes: zeros(PIECE_KEYS)?,
+            ds_lanes: zeros(PIECE_KEYS)?,
+            ds_keys: zeros(PIECE_KEYS / 2 + 1)?,
         })
     }
 }
@@ -201,10 +217,14 @@ fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, buf: &
     let (d_pad, dv_pad) = (padded(d, W), padded(dv, W));
     let logit_mul = scale * LOG2_E;
     let (k_bf16, v_bf16) = if W >= LANES { (keys.k_bf16, keys.v_bf16) } else { (None, None) };
+    let k_pairs = if W >= LANES && !keys.k_pairs.is_empty() { Some(&keys.k_pairs[..]) } else { None };
     if k_bf16.is_some() {
         // Pairs of the unscaled queries (exact in bf16): the logits are scaled instead.
         load_lanes(ctx.inp.q, b, h, tile, 1.0, &mut buf.row[..d], &mut buf.qt);
         lanes::pair_lanes(&buf.qt, &mut buf.qp);
+        if k_pairs.is_some() {
+            lanes::row_pairs(&buf.qt, tile.live, d_pad, &mut buf.q_pairs);
+        }
         buf.qt.iter_mut().flatten().for_each(|x| *x *= logit_mul);
     } else {
         load_lanes(ctx.inp.q, b, h, tile, logit_mul, &mut buf.row[..d], &mut buf.qt);
@@ -212,6 +232,7 @@ fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, buf: &
     load_lanes(ctx.up.dout, b, h, tile, 1.0, &mut buf.row[..dv], &mut buf.dot);
     if v_bf16.is_some() {
         lanes::pair_lanes(&buf.dot, &mut buf.dop);
+        lanes::row_pairs(&buf.dot, tile.live, dv_pad, &mut buf.do_pairs);
     }
     load_rows(ctx, tile, W, buf);
     let (mut lse2, mut delta) = ([0.0f32; LANES], [0.0f32; LANES]);
@@ -232,9 +253,36 @@ fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, buf: &
             // p = 2^(s − lse₂) (the row sums that come with it are not needed), then dS = p ⊙ (dP − delta).
             lanes::exp2_shift::<FMA, W>(p, &lse2);
             lanes::softmax_grad::<W>(ds, p, &delta);
-            lanes::combine::<FMA, W>(ds, &keys.k_rows[start * d..], d, &mut buf.dq);
-            lanes::update::<FMA, W>(ds, &buf.q_rows, d_pad, &mut acc.dk[start * d_pad..], d_pad);
-            lanes::update::<FMA, W>(p, &buf.do_rows, dv_pad, &mut acc.dv[start * dv_pad..], dv_pad);
+            let (dk, dv_rows) = (&mut acc.dk[start * d_pad..], &mut acc.dv[start * dv_pad..]);
+            match k_pairs {
+                #[cfg(target_arch = "x86_64")]
+                Some(k_pairs) => {
+                    // SAFETY: k pairs are made only on the `Avx512Bf16` level (`bf16_products`), whose features
+                    // (AVX-512 F, BW, BF16) this CPU has.
+                    unsafe {
+                        let pairs = lanes::pair_key_lanes(ds, start, &mut buf.ds_keys);
+                        lanes::combine_bf16(&buf.ds_keys[..pairs], &k_pairs[start / 2 * d..], d, &mut buf.dq);
+                        lanes::lane_pairs(ds, &mut buf.ds_lanes);
+                        lanes::update_bf16(&buf.ds_lanes[..len], &buf.q_pairs, d_pad, dk, d_pad);
+                    }
+                }
+                _ => {
+                    lanes::combine::<FMA, W>(ds, &keys.k_rows[start * d..], d, &mut buf.dq);
+                    lanes::update::<FMA, W>(ds, &buf.q_rows, d_pad, dk, d_pad);
+                }
+            }
+            match v_bf16 {
+                #[cfg(target_arch = "x86_64")]
+                Some(_) => {
+                    // SAFETY: bf16 rows are loaded only on the `Avx512Bf16` level (`bf16_products`), whose features
+                    // this CPU has.
+                    unsafe {
+                        lanes::lane_pairs(p, &mut buf.p_lanes);
+                        lanes::update_bf16(&buf.p_lanes[..len], &buf.do_pairs, dv_pad, dv_rows, dv_pad);
+                    }
+                }
+                _ => lanes::update::<FMA, W>(p, &buf.do_rows, dv_pad, dv_rows, dv_pad),
+            }
         }
     }
     let row = &mut buf.row[..d];

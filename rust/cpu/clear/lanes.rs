@@ -161,18 +161,18 @@ pub unsafe fn pair_key_lanes(w: &[Lanes], first: usize, out: &mut [PairLanes]) -
 pub unsafe fn combine_bf16(w: &[PairLanes], pairs: &[u32], stride: usize, acc: &mut [Lanes]) {
     let n = acc.len();
     let mut c = 0;
-    // SAFETY (all three blocks): the CPU has the features (this function's contract).
-    while c + 8 <= n {
-        unsafe { zmm::combine_bf16_block::<8>(w, &pairs[c..], stride, &mut acc[c..c + 8]) };
-        c += 8;
-    }
-    while c + 2 <= n {
-        unsafe { zmm::combine_bf16_block::<2>(w, &pairs[c..], stride, &mut acc[c..c + 2]) };
-        c += 2;
-    }
     while c < n {
-        unsafe { zmm::combine_bf16_block::<1>(w, &pairs[c..], stride, &mut acc[c..c + 1]) };
-        c += 1;
+        let block = if n - c >= 8 { 8 } else if n - c >= 2 { 2 } else { 1 };
+        let (pairs, acc) = (&pairs[c..], &mut acc[c..c + block]);
+        // SAFETY: the CPU has the features (this function's contract).
+        unsafe {
+            match block {
+                8 => zmm::combine_bf16_block::<8>(w, pairs, stride, acc),
+                2 => zmm::combine_bf16_block::<2>(w, pairs, stride, acc),
+                _ => zmm::combine_bf16_block::<1>(w, pairs, stride, acc),
+            }
+        }
+        c += block;
     }
 }
 
@@ -298,6 +298,67 @@ fn update_block<const FMA: bool, const W: usize, const JB: usize, const VB: usiz
     }
 }
 
+/// Rows of 16 lanes as bf16 pairs of lanes (the left side of [`update_bf16`]).
+pub type LanePairs = [u32; LANES / 2];
+
+/// `out[j]` = row `w[j]` rounded to bf16 (to nearest even), lanes `2i`, `2i + 1` paired in `out[j][i]`.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW and BF16.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub unsafe fn lane_pairs(w: &[Lanes], out: &mut [LanePairs]) {
+    for (row, o) in w.iter().zip(out) {
+        // SAFETY: the CPU has the features (this function's contract).
+        unsafe { zmm::bf16_lanes(row, o) };
+    }
+}
+
+/// `out[i·width + c]` = the bf16 bits of lanes `2i` (low half) and `2i + 1` (high half) of `x[c]`, `c < x.len()`,
+/// for lanes below `live` (the others 0); `x` holds values exact in bf16. The right side of [`update_bf16`].
+pub fn row_pairs(x: &[Lanes], live: usize, width: usize, out: &mut [u32]) {
+    out.fill(0);
+    for (c, lanes) in x.iter().enumerate() {
+        for i in 0..LANES / 2 {
+            let bits = |l: usize| if l < live { lanes[l].to_bits() >> 16 } else { 0 };
+            out[i * width + c] = bits(2 * i) | (bits(2 * i + 1) << 16);
+        }
+    }
+}
+
+/// [`update`] in bf16 dot products: `dst[j·stride + c] += Σ_i dot2(w[j][i], b[i·width + c])` for `j < w.len()`,
+/// `c < width` (a multiple of 16), `w` from [`lane_pairs`], `b` from [`row_pairs`]; 3 keys × 4 vectors per block.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW and BF16.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub unsafe fn update_bf16(w: &[LanePairs], b: &[u32], width: usize, dst: &mut [f32], stride: usize) {
+    debug_assert!(width.is_multiple_of(LANES));
+    let n = w.len();
+    let mut j = 0;
+    while j < n {
+        let jb = if n - j >= 3 { 3 } else { 1 };
+        let (w, dst) = (&w[j..j + jb], &mut dst[j * stride..]);
+        let mut c = 0;
+        while c < width {
+            let vectors = if width - c >= 4 * LANES { 4 } else { 1 };
+            let (b, dst) = (&b[c..], &mut dst[c..]);
+            // SAFETY: the CPU has the features (this function's contract).
+            unsafe {
+                match (jb, vectors) {
+                    (3, 4) => zmm::update_bf16_block::<3, 4>(w, b, width, dst, stride),
+                    (3, _) => zmm::update_bf16_block::<3, 1>(w, b, width, dst, stride),
+                    (_, 4) => zmm::update_bf16_block::<1, 4>(w, b, width, dst, stride),
+                    _ => zmm::update_bf16_block::<1, 1>(w, b, width, dst, stride),
+                }
+            }
+            c += vectors * LANES;
+        }
+        j += jb;
+    }
+}
+
 /// Sets `s[i][l] = −∞` where key column `x0 + i` is outside lane `l`'s interval `[lo[l], hi[l]]` (empty when
 /// `lo > hi`).
 #[inline(always)]
@@ -417,6 +478,69 @@ mod tests {
                     for l in 0..LANES {
                         assert!((w[l] - g[l]).abs() <= 1e-5 * (1.0 + w[l].abs()), "d={d} n={n}: {} vs {}", g[l], w[l]);
                     }
+                }
+            }
+        }
+    }
+
+    fn assert_rows_close(want: &[f32], got: &[f32], what: &str) {
+        for (w, g) in want.iter().zip(got) {
+            assert!((w - g).abs() <= 1e-5 * (1.0 + w.abs()), "{what}: {g} vs {w}");
+        }
+    }
+
+    /// P·V and the key gradients' products in bf16 (keys paired from even or odd first keys, lanes paired, dead
+    /// lanes) against the portable f32 ones on values exact in bf16, channel counts with every block tail.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn bf16_combine_and_update_match_f32_on_bf16_values() {
+        if Isa::new(Level::Avx512Bf16).is_err() {
+            eprintln!("skipped: this CPU lacks avx512bf16");
+            return;
+        }
+        let exact = |i: usize, m: usize| half::bf16::from_f32(((i * m % 31) as f32 - 15.0) * 0.0625).to_f32();
+        let bits = |x: f32| half::bf16::from_f32(x).to_bits();
+        for channels in [2, 8, 11, 64, 72] {
+            let keys = 21;
+            let rows: Vec<f32> = (0..keys * channels).map(|i| exact(i, 7)).collect();
+            let row_bits: Vec<u16> = rows.iter().map(|&x| bits(x)).collect();
+            let mut key_pairs = Vec::new();
+            crate::cpu::clear::key_pairs(&row_bits, channels, &mut key_pairs).unwrap();
+            for (first, n) in [(0, 0), (0, 1), (1, 1), (0, 12), (3, 12), (4, 17), (1, 20)] {
+                let w: Vec<Lanes> = (0..n).map(|j| std::array::from_fn(|l| exact(j * LANES + l, 5))).collect();
+                let (mut want, mut got) = (vec![[0.5f32; LANES]; channels], vec![[0.5f32; LANES]; channels]);
+                combine::<true, 8>(&w, &rows[first * channels..], channels, &mut want);
+                let mut wp = vec![[0u32; LANES]; n / 2 + 2];
+                // SAFETY: the CPU has the features of the `Avx512Bf16` level (checked above).
+                unsafe {
+                    let pairs = pair_key_lanes(&w, first, &mut wp);
+                    combine_bf16(&wp[..pairs], &key_pairs[first / 2 * channels..], channels, &mut got);
+                }
+                assert_rows_close(want.as_flattened(), got.as_flattened(), &format!("combine c={channels} first={first} n={n}"));
+            }
+            let width = channels.div_ceil(LANES) * LANES;
+            let lanes: Vec<Lanes> = (0..channels).map(|c| std::array::from_fn(|l| exact(c * LANES + l, 3))).collect();
+            for live in [16, 9] {
+                let mut b = vec![0.0f32; LANES * width];
+                for (c, x) in lanes.iter().enumerate() {
+                    for l in 0..live {
+                        b[l * width + c] = x[l];
+                    }
+                }
+                let mut b_pairs = vec![0u32; LANES / 2 * width];
+                row_pairs(&lanes, live, width, &mut b_pairs);
+                for n in [1, 3, 7] {
+                    let w: Vec<Lanes> = (0..n).map(|j| std::array::from_fn(|l| exact(j * LANES + l, 11))).collect();
+                    let stride = width + LANES;
+                    let (mut want, mut got) = (vec![0.25f32; n * stride], vec![0.25f32; n * stride]);
+                    update::<true, 8>(&w, &b, width, &mut want, stride);
+                    let mut wl = vec![[0u32; LANES / 2]; n];
+                    // SAFETY: the CPU has the features of the `Avx512Bf16` level (checked above).
+                    unsafe {
+                        lane_pairs(&w, &mut wl);
+                        update_bf16(&wl, &b_pairs, width, &mut got, stride);
+                    }
+                    assert_rows_close(&want, &got, &format!("update c={channels} live={live} n={n}"));
                 }
             }
         }

@@ -110,6 +110,54 @@ pub fn combine_bf16_block<const CB: usize>(w: &[PairLanes], pairs: &[u32], strid
     }
 }
 
+/// `super::lane_pairs`' step: the 16 lanes of `row` rounded to bf16 (to nearest even), lanes `2i`, `2i + 1` in
+/// the low and high half of `out[i]`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub fn bf16_lanes(row: &Lanes, out: &mut [u32; LANES / 2]) {
+    let bits = _mm512_cvtneps_pbh(ld(row));
+    // SAFETY: `out` holds 8 u32 (32 bytes), one unaligned store of the 16 bf16 values; `__m256bh` and `__m256i`
+    // are 32 plain bytes.
+    unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), std::mem::transmute::<__m256bh, __m256i>(bits)) }
+}
+
+/// `super::update_bf16`'s block: `dst[jj·stride + c] += Σ_i dot2(w[jj][i], b[i·width + c])` for `jj < JB`,
+/// `c < 16·VB`, `i < 8` (pairs of lanes), the products exact and summed in f32 by `vdpbf16ps`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub fn update_bf16_block<const JB: usize, const VB: usize>(
+    w: &[[u32; LANES / 2]],
+    b: &[u32],
+    width: usize,
+    dst: &mut [f32],
+    stride: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); VB]; JB];
+    for (jj, a) in acc.iter_mut().enumerate() {
+        for (v, av) in a.iter_mut().enumerate() {
+            *av = ld(&dst[jj * stride + v * LANES..]);
+        }
+    }
+    for i in 0..LANES / 2 {
+        let row = &b[i * width..][..VB * LANES];
+        for v in 0..VB {
+            let bv = &row[v * LANES..][..LANES];
+            // SAFETY: `bv` holds 16 u32, one unaligned vector; `__m512i` and `__m512bh` are 64 plain bytes.
+            let bv: __m512bh = unsafe { std::mem::transmute(_mm512_loadu_si512(bv.as_ptr().cast())) };
+            for jj in 0..JB {
+                // SAFETY: `__m512i` and `__m512bh` are 64 plain bytes, any bit pattern valid in both.
+                let a: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(w[jj][i] as i32)) };
+                acc[jj][v] = _mm512_dpbf16_ps(acc[jj][v], a, bv);
+            }
+        }
+    }
+    for (jj, a) in acc.iter().enumerate() {
+        for (v, av) in a.iter().enumerate() {
+            st(&mut dst[jj * stride + v * LANES..], *av);
+        }
+    }
+}
+
 /// `super::combine_block`: `acc[i] += Σ_j w[j] · rows[j·stride + i]`, `i < CB`.
 #[inline]
 #[target_feature(enable = "avx512f")]
