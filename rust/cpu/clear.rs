@@ -5,8 +5,9 @@
 //!
 //! Layouts: q, k `(B, H, N, D)`, v `(B, H, N, Dv)`, global tokens `kg (B, H, G, D)`, `vg (B, H, G, Dv)`, any
 //! strides, f32 / f16 / bf16. Per `(b, h)` slice the keys are read as f32 rows: the input itself when it is f32 with
-//! consecutive rows, else converted once. With bf16 inputs on a CPU with AVX-512 BF16, the logits (and the
-//! backward's dP) are bf16 dot products on the inputs' own rows, summed in f32. Softmax in base 2, f32
+//! consecutive rows, else converted once. With bf16 inputs on a CPU with AVX-512 BF16, every product is a bf16
+//! dot product summed in f32: the logits (and the backward's dP) on the inputs' own rows, P·V (and dS·k) on pairs
+//! of consecutive keys, the key gradients on pairs of lanes, with P and dS rounded to bf16. Softmax in base 2, f32
 //! accumulation. The forward parallelises over the tiles of each slice; the backward (`backward`) owns the key
 //! gradients per task.
 
