@@ -14,7 +14,6 @@
 mod backward;
 mod forward;
 mod geometry;
-mod lanes;
 #[cfg(test)]
 mod tests;
 
@@ -22,7 +21,7 @@ pub use backward::{backward, Grads, Upstream};
 pub use forward::forward;
 pub use geometry::{computed_pairs, Geometry};
 
-use lanes::{Lanes, PairLanes, LANES};
+use super::lanes::{self, Lanes, PairLanes, LANES};
 
 use std::borrow::Cow;
 

@@ -4,7 +4,7 @@
 
 use super::forward::load_lanes;
 use super::geometry::{self, lane_intervals, Segment, Tile};
-use super::lanes::{self, LanePairs, Lanes, PairLanes, LANES};
+use crate::cpu::lanes::{self, LanePairs, Lanes, PairLanes, LANES};
 use super::{bf16_products, check_inputs, err, key_products, padded, pieces, Form, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_KEYS};
 use crate::alloc;
 use crate::cpu::common::{active_isa, check_input, check_output, zeros, LOG2_E};

@@ -2,7 +2,7 @@
 //! (logits and the disc mask per segment, then one rescale, exp and P·V per batch), then `out` and the log-sum-exp (natural log, f32) per query.
 
 use super::geometry::{self, lane_intervals, Segment, Tile};
-use super::lanes::{self, Lanes, PairLanes, LANES};
+use crate::cpu::lanes::{self, Lanes, PairLanes, LANES};
 use super::{bf16_products, check_inputs, key_products, pieces, Dims, Form, Geometry, Inputs, Slice, SliceKeys, PIECE_KEYS};
 use crate::cpu::common::{active_isa, check_output, zeros, LN_2, LOG2_E};
 use crate::cpu::parallel::Team;

@@ -1,5 +1,6 @@
-//! The three small products of the disc kernels, with the 16 queries of a tile in 16 lanes (one AVX-512 vector,
-//! two AVX2 vectors). Generic over `FMA` and the vector width `W` and `#[inline(always)]`: the tile functions that
+//! The small attention products of 16 queries held in the 16 lanes of a vector (one AVX-512 vector, two AVX2
+//! vectors), against keys read as rows in place: CLEAR's disc tiles and LLSA's fine blocks. Generic over `FMA` and
+//! the vector width `W` and `#[inline(always)]`: the tile functions that
 //! call them are compiled for each instruction set (`isa_dispatch!`), and each `[f32; 16]` becomes one or two
 //! vector registers; `W` picks register blocks that fill the register file (32 vectors with AVX-512, 16 with AVX2).
 //! With 16-lane vectors (`W = 16`, the AVX-512 clone) each function runs its clone in `zmm`, written with explicit
@@ -228,7 +229,7 @@ fn combine_block<const FMA: bool, const W: usize, const CB: usize>(
 }
 
 /// `dst[j·stride + c] += Σ_l w[j][l] · b[l·width + c]` for `j < w.len()`, `c < width`; `width` a multiple of `W`
-/// (callers pad rows with zeros: [`super::padded`]). Vectors of `W` lanes run along the channels here: 3 keys × 4
+/// (callers pad rows with zeros). Vectors of `W` lanes run along the channels here: 3 keys × 4
 /// vectors per block.
 #[inline(always)]
 pub fn update<const FMA: bool, const W: usize>(w: &[Lanes], b: &[f32], width: usize, dst: &mut [f32], stride: usize) {
