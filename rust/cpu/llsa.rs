@@ -23,9 +23,11 @@
 //! ancestors' pooled gradients times its weight in them (the mean-pool backward of the pooling rule: over the
 //! ancestor's count pooling fine tokens, over the product of the ancestors' numbers of children pooling children). Every output row has one writer and
 //! nothing needs atomics. Reads and writes go through validated views and plans; gathers copy rows into f32
-//! buffers for the GEMMs.
+//! buffers for the GEMMs, except in the f32 forward with room for a slice copy, whose fine blocks the lane kernels
+//! (`fine`) read in place.
 
 mod backward;
+mod fine;
 mod forward;
 mod plan;
 mod select;

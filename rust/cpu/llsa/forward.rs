@@ -1,6 +1,7 @@
 //! LLSA forward: one task per group of sibling query blocks; the group's pooled logits are one GEMM, each query
 //! block adds its fine logits, and every query row gets one softmax over both (its whole key set fits in memory).
 
+use super::fine;
 use super::{gather_rows, Inputs, KeyRows, Plan};
 use crate::alloc;
 use crate::cpu::common::{check_output, zeros, Dims, LN_2, LOG2_E};
@@ -25,7 +26,8 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, plan: &Plan, scale: f32, th
     for bh in 0..plan.batch_heads {
         alloc::extend(&mut tasks, plan.groups(bh)?.into_iter().map(|(j0, j1)| (bh, j0, j1)))?;
     }
-    let precision = Precision::for_inputs(inp.q.dtype(), Isa::current());
+    let isa = Isa::current();
+    let precision = Precision::for_inputs(inp.q.dtype(), isa);
     let copy_bytes = alloc::size(&[plan.n, dims.d + dims.dv, 4, threads.max(1)]).unwrap_or(usize::MAX);
     let copy_slices = !cfg!(test) && copy_bytes <= SLICE_COPY_BYTES;
     Team::new(threads).for_each_init(
@@ -33,7 +35,7 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, plan: &Plan, scale: f32, th
         || Buffers::new(plan, dims, copy_slices),
         |buf, task| {
             let (bh, j0, j1) = tasks[task];
-            forward_group(inp, out, lse, plan, dims, (scale, precision), bh, (j0, j1), buf);
+            forward_group(inp, out, lse, plan, dims, (scale, isa, precision), bh, (j0, j1), buf);
             Ok(())
         },
     )
@@ -47,6 +49,10 @@ struct Buffers {
     q: Vec<f32>,
     pooled: KeyRows,
     fine: KeyRows,
+    /// With the slice copy and f32 products: the selected fine blocks of a query block, and the lane kernels'
+    /// buffers (they read the blocks in place, `fine`).
+    blocks: Vec<(usize, usize)>,
+    lanes: fine::Scratch,
     sp: Vec<f32>,
     sf: Vec<f32>,
     acc: Vec<f32>,
@@ -67,6 +73,8 @@ impl Buffers {
             q: zeros(rows * dims.d)?,
             pooled: KeyRows::new(rp, dims.d, dims.dv)?,
             fine: KeyRows::new(rf, dims.d, dims.dv)?,
+            blocks: zeros(plan.k_fine)?,
+            lanes: fine::Scratch::new(dims.d, dims.dv, rf)?,
             sp: zeros(rows * rp)?,
             sf: zeros(plan.block_rows() * rf)?,
             acc: zeros(rows * dims.dv)?,
@@ -83,7 +91,7 @@ fn forward_group(
     lse: &View,
     plan: &Plan,
     dims: Dims,
-    (scale, precision): (f32, Precision),
+    (scale, isa, precision): (f32, Isa, Precision),
     bh: usize,
     (j0, j1): (usize, usize),
     buf: &mut Buffers,
@@ -112,18 +120,30 @@ fn forward_group(
         inp.v.load_rows(&[b, h], (0..plan.n).map(|r| plan.row(r)), slice_v);
         *loaded = Some(bh);
     }
+    // f32 products on the slice copy: the lane kernels read the selected blocks in place.
+    let on_lanes = in_order && !precision.is_bf16();
     for j in j0..j1 {
         let r0 = (j - j0) * plan.block;
         let lq = plan.fine_block(j).1;
-        if in_order {
-            buf.fine.gather_fine_in_order((&buf.slice.1, &buf.slice.2), plan, dims, plan.fine_ids(bh, j));
+        let rf = if on_lanes {
+            buf.blocks.clear();
+            buf.blocks.extend(plan.fine_ids(bh, j).iter().map(|&p| plan.fine_block(p as usize)));
+            buf.blocks.iter().map(|b| b.1).sum()
         } else {
-            buf.fine.gather_fine(inp, plan, dims, b, h, plan.fine_ids(bh, j));
-        }
-        let rf = buf.fine.len;
+            if in_order {
+                buf.fine.gather_fine_in_order((&buf.slice.1, &buf.slice.2), plan, dims, plan.fine_ids(bh, j));
+            } else {
+                buf.fine.gather_fine(inp, plan, dims, b, h, plan.fine_ids(bh, j));
+            }
+            buf.fine.len
+        };
         let sf = &mut buf.sf[..lq * rf];
         // sf = q · kᵀ over query block j's rows and its fine keys
-        Gemm { m: lq, n: rf, k: d, accumulate: false }.run_in(precision, MatMut::rows(sf, rf), Mat::rows(&buf.q[r0 * d..], d), Mat::rows(&buf.fine.k, d).t());
+        if on_lanes {
+            fine::logits(isa, &buf.q[r0 * d..], d, &buf.slice.1, &buf.blocks, sf, rf, &mut buf.lanes);
+        } else {
+            Gemm { m: lq, n: rf, k: d, accumulate: false }.run_in(precision, MatMut::rows(sf, rf), Mat::rows(&buf.q[r0 * d..], d), Mat::rows(&buf.fine.k, d).t());
+        }
         if logit_mul != 1.0 {
             vmath::scale(sf, logit_mul);
         }
@@ -135,7 +155,11 @@ fn forward_group(
             buf.m[r0 + r] = m;
         }
         // acc = p · v over the fine keys
-        Gemm { m: lq, n: dv, k: rf, accumulate: false }.run_in(precision, MatMut::rows(&mut buf.acc[r0 * dv..], dv), Mat::rows(sf, rf), Mat::rows(&buf.fine.v, dv));
+        if on_lanes {
+            fine::weighted_values(isa, sf, rf, &buf.slice.2, dv, &buf.blocks, &mut buf.acc[r0 * dv..(r0 + lq) * dv], &mut buf.lanes);
+        } else {
+            Gemm { m: lq, n: dv, k: rf, accumulate: false }.run_in(precision, MatMut::rows(&mut buf.acc[r0 * dv..], dv), Mat::rows(sf, rf), Mat::rows(&buf.fine.v, dv));
+        }
     }
     // acc += p · vp over the pooled keys
     Gemm { m: rows, n: dv, k: rp, accumulate: true }.run_in(precision, MatMut::rows(&mut buf.acc, dv), Mat::rows(sp, rp), Mat::rows(&buf.pooled.v, dv));
