@@ -3,7 +3,7 @@
 //! threads a slice is split into parts whose buffers are summed at the end; no two tasks write the same row.
 
 use super::forward::load_lanes;
-use super::geometry::{self, lane_intervals, Segment, Tile};
+use super::geometry::{self, Segment, Tile, TileSegments};
 use crate::cpu::lanes::{self, LanePairs, Lanes, PairLanes, LANES};
 use super::{bf16_products, check_inputs, err, key_products, padded, pieces, Form, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_KEYS};
 use crate::alloc;
@@ -60,6 +60,7 @@ struct KeyGrads {
 pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scale: f32, threads: usize) -> Result<(), ViewError> {
     let dims = check(inp, up, grads, geo)?;
     let tiles = geometry::tiles(geo)?;
+    let segments = TileSegments::new(geo, &tiles)?;
     let slices = dims.slices();
     if slices == 0 {
         return Ok(());
@@ -84,11 +85,10 @@ pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scal
         let keys = SliceKeys::load(inp, geo, dims, (b, h), forms, None)?;
         let mut acc = KeyGrads { dk: zeros(geo.keys() * d_pad)?, dv: zeros(geo.keys() * dv_pad)? };
         let mut buf = Buffers::new(dims, w)?;
-        let share = &tiles[part * tiles.len() / parts..(part + 1) * tiles.len() / parts];
+        let share = part * tiles.len() / parts..(part + 1) * tiles.len() / parts;
         let ctx = TileCtx { inp, up, dq: grads.dq, slice: Slice { keys: &keys, dims, b, h, scale } };
-        for tile in share {
-            geometry::segments(geo, tile, &mut buf.segments)?;
-            tile_fn(isa, &ctx, tile, &mut buf, &mut acc)
+        for t in share {
+            tile_fn(isa, &ctx, &tiles[t], segments.of(t), &mut buf, &mut acc)
         }
         if !keys.k_pairs.is_empty() {
             // The bf16 dk products take the queries unscaled (exact in bf16).
@@ -145,7 +145,6 @@ struct TileCtx<'a> {
 }
 
 struct Buffers {
-    segments: Vec<Segment>,
     /// Queries as base-2 logit factors, channel-major.
     qt: Vec<Lanes>,
     /// Queries and dout as bf16 channel pairs, for bf16 products.
@@ -172,7 +171,6 @@ struct Buffers {
 impl Buffers {
     fn new(dims: Dims, w: usize) -> Result<Self, ViewError> {
         Ok(Buffers {
-            segments: Vec::new(),
             qt: zeros(dims.d)?,
             qp: zeros(dims.d / 2)?,
             dop: zeros(dims.dv / 2)?,
@@ -192,7 +190,7 @@ impl Buffers {
     }
 }
 
-crate::isa_dispatch!(fn tile_fn(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers, acc: &mut KeyGrads) = tile_body);
+crate::isa_dispatch!(fn tile_fn(ctx: &TileCtx, tile: &Tile, segments: &[Segment], buf: &mut Buffers, acc: &mut KeyGrads) = tile_body);
 
 /// Fills the row-major copies of the queries (times `scale`) and of dout (rows padded for `w`-lane vectors); dead
 /// lanes stay zero.
@@ -212,7 +210,7 @@ fn load_rows(ctx: &TileCtx, tile: &Tile, w: usize, buf: &mut Buffers) {
 }
 
 #[inline(always)]
-fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers, acc: &mut KeyGrads) {
+fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, segments: &[Segment], buf: &mut Buffers, acc: &mut KeyGrads) {
     let Slice { keys, dims: Dims { d, dv, .. }, b, h, scale } = ctx.slice;
     let (d_pad, dv_pad) = (padded(d, W), padded(dv, W));
     let logit_mul = scale * LOG2_E;
@@ -241,14 +239,13 @@ fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, buf: &
         delta[l] = ctx.up.delta.load(&[b, h, tile.rows[l]]);
     }
     buf.dq.iter_mut().for_each(|a| *a = [0.0; LANES]);
-    for seg in &buf.segments {
+    for seg in segments {
         for (start, len) in pieces(seg) {
             key_products::<FMA, W>((&buf.qt, &buf.qp), (&keys.k_rows, k_bf16), d, (start, len), logit_mul, &mut buf.p);
             key_products::<FMA, W>((&buf.dot, &buf.dop), (&keys.v_rows, v_bf16), dv, (start, len), 1.0, &mut buf.ds);
             let (p, ds) = (&mut buf.p[..len], &mut buf.ds[..len]);
             if let Some(mask) = &seg.mask {
-                let (lo, hi) = lane_intervals(tile, mask);
-                lanes::mask_columns::<W>(p, (mask.x0 + (start - seg.start) as i64) as f32, &lo, &hi);
+                lanes::mask_columns::<W>(p, (mask.x0 + (start - seg.start) as i64) as f32, &mask.lo, &mask.hi);
             }
             // p = 2^(s − lse₂) (the row sums that come with it are not needed), then dS = p ⊙ (dP − delta).
             lanes::exp2_shift::<FMA, W>(p, &lse2);

@@ -1,7 +1,7 @@
 //! Forward: per tile, an online softmax over its key segments, batched into pieces of up to `PIECE_KEYS` keys
 //! (logits and the disc mask per segment, then one rescale, exp and P·V per batch), then `out` and the log-sum-exp (natural log, f32) per query.
 
-use super::geometry::{self, lane_intervals, Segment, Tile};
+use super::geometry::{self, Segment, Tile, TileSegments};
 use crate::cpu::lanes::{self, Lanes, PairLanes, LANES};
 use super::{bf16_products, check_inputs, key_products, pieces, Dims, Form, Geometry, Inputs, Slice, SliceKeys, PIECE_KEYS};
 use crate::cpu::common::{active_isa, check_output, zeros, LN_2, LOG2_E};
@@ -16,6 +16,7 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, geo: &Geometry, scale: f32,
     check_output(out, &[dims.batch, dims.heads, n, dims.dv], None)?;
     check_output(lse, &[dims.batch, dims.heads, n], DType::F32)?;
     let tiles = geometry::tiles(geo)?;
+    let segments = TileSegments::new(geo, &tiles)?;
     let isa = active_isa()?;
     let global = inp.global.is_some();
     let k_form = if bf16_products(isa, inp.q, inp.k, dims.d, global) { Form::Bf16 } else { Form::F32 };
@@ -26,7 +27,7 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, geo: &Geometry, scale: f32,
         dims.slices() * tiles.len(),
         || Ok((Buffers::new(dims)?, None)),
         |(buf, loaded), task| {
-            let (bh, tile) = (task / tiles.len(), &tiles[task % tiles.len()]);
+            let (bh, t) = (task / tiles.len(), task % tiles.len());
             let (b, h) = dims.slice(bh);
             let keys = match loaded {
                 Some((at, keys)) if *at == bh => keys,
@@ -35,9 +36,8 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, geo: &Geometry, scale: f32,
                     &slot.insert((bh, SliceKeys::load(inp, geo, dims, (b, h), [k_form, v_form], spare)?)).1
                 }
             };
-            geometry::segments(geo, tile, &mut buf.segments)?;
             let ctx = TileCtx { q: inp.q, out, lse, slice: Slice { keys, dims, b, h, scale } };
-            tile_fn(isa, &ctx, tile, buf);
+            tile_fn(isa, &ctx, &tiles[t], segments.of(t), buf);
             Ok(())
         },
     )
@@ -51,7 +51,6 @@ struct TileCtx<'a> {
 }
 
 struct Buffers {
-    segments: Vec<Segment>,
     /// Queries, channel-major: `qt[c][l]`.
     qt: Vec<Lanes>,
     /// Queries as bf16 channel pairs, for bf16 logits.
@@ -70,7 +69,6 @@ struct Buffers {
 impl Buffers {
     fn new(dims: Dims) -> Result<Self, ViewError> {
         Ok(Buffers {
-            segments: Vec::new(),
             qt: zeros(dims.d)?,
             qp: zeros(dims.d / 2)?,
             acc: zeros(dims.dv)?,
@@ -82,7 +80,7 @@ impl Buffers {
     }
 }
 
-crate::isa_dispatch!(fn tile_fn(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) = tile_body);
+crate::isa_dispatch!(fn tile_fn(ctx: &TileCtx, tile: &Tile, segments: &[Segment], buf: &mut Buffers) = tile_body);
 
 /// Loads the tile's rows of `t` (q, or dout) channel-major into `lanes`, times `mul`.
 pub(super) fn load_lanes(t: &View, b: usize, h: usize, tile: &Tile, mul: f32, row: &mut [f32], lanes: &mut [Lanes]) {
@@ -95,7 +93,7 @@ pub(super) fn load_lanes(t: &View, b: usize, h: usize, tile: &Tile, mul: f32, ro
 }
 
 #[inline(always)]
-fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) {
+fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, segments: &[Segment], buf: &mut Buffers) {
     let Slice { keys, dims: Dims { d, dv, .. }, b, h, scale } = ctx.slice;
     let logit_mul = scale * LOG2_E;
     let bf16_keys = if W >= LANES { keys.k_bf16 } else { None };
@@ -111,8 +109,7 @@ fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, buf: &
     // Logits of consecutive pieces share one buffer and one softmax update (`flush`).
     let mut filled = 0;
     buf.batch.clear();
-    let segments = std::mem::take(&mut buf.segments);
-    for seg in &segments {
+    for seg in segments {
         for (start, len) in pieces(seg) {
             if filled + len > PIECE_KEYS {
                 flush::<FMA, W>(ctx, buf, filled, &mut state);
@@ -121,15 +118,13 @@ fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, buf: &
             let s = &mut buf.s[filled..];
             key_products::<FMA, W>((&buf.qt, &buf.qp), (&keys.k_rows, bf16_keys), d, (start, len), logit_mul, s);
             if let Some(mask) = &seg.mask {
-                let (lo, hi) = lane_intervals(tile, mask);
-                lanes::mask_columns::<W>(&mut s[..len], (mask.x0 + (start - seg.start) as i64) as f32, &lo, &hi);
+                lanes::mask_columns::<W>(&mut s[..len], (mask.x0 + (start - seg.start) as i64) as f32, &mask.lo, &mask.hi);
             }
             buf.batch.push((start, filled, len));
             filled += len;
         }
     }
     flush::<FMA, W>(ctx, buf, filled, &mut state);
-    buf.segments = segments;
     let row = &mut buf.row[..dv];
     for l in 0..tile.live {
         let inv = 1.0 / state.l[l];

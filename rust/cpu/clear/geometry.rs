@@ -133,12 +133,13 @@ pub struct Segment {
     pub mask: Option<RowMask>,
 }
 
-/// The disc test of a segment on one image key row: its first key's column, and per tile row the half-width
-/// of that row's disc on this key row (−1: the key row is outside it).
+/// The disc test of a segment on one image key row: its first key's column, and per lane the key columns
+/// `[lo, hi]` its disc keeps on this key row (`lo > hi`: none), as f32 (exact: grid coordinates are far below 2²⁴).
 #[derive(Clone, Copy, Debug)]
 pub struct RowMask {
     pub x0: i64,
-    pub half_widths: [i64; TILE_ROWS],
+    pub lo: Lanes,
+    pub hi: Lanes,
 }
 
 /// Every key of `start .. start + len`, or nothing when `len` is 0.
@@ -185,7 +186,7 @@ pub fn segments(g: &Geometry, tile: &Tile, out: &mut Vec<Segment>) -> Result<(),
             let segment = Segment {
                 start: row_start + lo as usize,
                 len: (hi - lo + 1) as usize,
-                mask: (!full).then_some(RowMask { x0: lo, half_widths }),
+                mask: (!full).then(|| row_mask(tile, lo, &half_widths)),
             };
             alloc::push(out, segment)?;
         }
@@ -193,14 +194,14 @@ pub fn segments(g: &Geometry, tile: &Tile, out: &mut Vec<Segment>) -> Result<(),
     alloc::extend(out, whole(g.tokens(), g.global))
 }
 
-/// Per lane of an image tile, the key columns `[lo, hi]` its disc keeps on a masked segment's key row (`lo > hi`:
-/// none), as f32 (exact: grid coordinates are far below 2²⁴).
-pub fn lane_intervals(tile: &Tile, mask: &RowMask) -> (Lanes, Lanes) {
+/// The mask of an image tile's segment that starts at column `x0`, from the half-width of each tile row's disc
+/// on the key row (−1: the key row is outside it); dead lanes repeat lane 0.
+fn row_mask(tile: &Tile, x0: i64, half_widths: &[i64; TILE_ROWS]) -> RowMask {
     let (mut lo, mut hi) = ([1.0f32; LANES], [0.0f32; LANES]);
     if let Place::Image { x, rows, cols, .. } = tile.place {
         for l in 0..LANES {
             let l0 = if l < rows * cols { l } else { 0 };
-            let w = mask.half_widths[l0 / cols];
+            let w = half_widths[l0 / cols];
             if w >= 0 {
                 let qx = (x + l0 % cols) as i64;
                 lo[l] = (qx - w) as f32;
@@ -208,7 +209,32 @@ pub fn lane_intervals(tile: &Tile, mask: &RowMask) -> (Lanes, Lanes) {
             }
         }
     }
-    (lo, hi)
+    RowMask { x0, lo, hi }
+}
+
+/// The segments of every tile of a call, made once and shared by all its `(b, h)` slices.
+pub struct TileSegments {
+    /// Tile `t`'s segments are `all[starts[t]..starts[t + 1]]`.
+    starts: Vec<usize>,
+    all: Vec<Segment>,
+}
+
+impl TileSegments {
+    pub fn new(g: &Geometry, tiles: &[Tile]) -> Result<Self, AllocError> {
+        let (mut starts, mut all, mut segs) = (Vec::new(), Vec::new(), Vec::new());
+        alloc::push(&mut starts, 0)?;
+        for tile in tiles {
+            segments(g, tile, &mut segs)?;
+            alloc::extend(&mut all, segs.iter().copied())?;
+            alloc::push(&mut starts, all.len())?;
+        }
+        Ok(TileSegments { starts, all })
+    }
+
+    /// Tile `t`'s segments.
+    pub fn of(&self, t: usize) -> &[Segment] {
+        &self.all[self.starts[t]..self.starts[t + 1]]
+    }
 }
 
 /// (query, key) pairs the kernels compute for `g`: every lane of every tile times its segments' keys (the
