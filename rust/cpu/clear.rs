@@ -158,10 +158,16 @@ fn key_rows<'a>(
 pub(crate) fn key_pairs(rows: &[u16], channels: usize, out: &mut Vec<u32>) -> Result<(), ViewError> {
     let keys = rows.len() / channels;
     alloc::resize(out, keys.div_ceil(2) * channels, 0)?;
-    for (pair, dst) in rows.chunks(2 * channels).zip(out.chunks_exact_mut(channels)) {
+    let (pairs, last) = rows[..keys * channels].split_at(keys / 2 * 2 * channels);
+    for (pair, dst) in pairs.chunks_exact(2 * channels).zip(out.chunks_exact_mut(channels)) {
         let (lo, hi) = pair.split_at(channels);
-        for (c, d) in dst.iter_mut().enumerate() {
-            *d = u32::from(lo[c]) | (u32::from(hi.get(c).copied().unwrap_or(0)) << 16);
+        for ((d, &a), &b) in dst.iter_mut().zip(lo).zip(hi) {
+            *d = u32::from(a) | (u32::from(b) << 16);
+        }
+    }
+    if !last.is_empty() {
+        for (d, &a) in out[keys / 2 * channels..].iter_mut().zip(last) {
+            *d = u32::from(a);
         }
     }
     Ok(())
