@@ -2,7 +2,7 @@
 //! themselves (`Plain`, linear attention) or the DyDiLA prologue (`Dydila`: power maps with per-token exponents
 //! and the token differential), computed a block of tokens at a time in the forward and again in the backward.
 
-use super::power::{power_rows, power_rows_grad, Norms};
+use super::power::{power_rows, power_rows_grad, reads_bf16, Input, Norms};
 use crate::cpu::common::{gather, zeros};
 use crate::cpu::view::{View, ViewError};
 use crate::cpu::vmath::dot;
@@ -84,6 +84,24 @@ pub unsafe fn store_rows(view: &View, rows: Rows, src: &[f32]) {
     }
 }
 
+/// `rows` of a `(B, H, N, W)` input as the power maps read them: in place when they are consecutive f32 values, or
+/// consecutive bf16 ones on a level that reads those (`power::reads_bf16`), else from `copy` (`rows.len x W`),
+/// filled first when `fill` (a later call for the same rows finds them there).
+fn power_input<'a>(view: &'a View, rows: Rows, copy: &'a mut [f32], fill: bool) -> Input<'a> {
+    if let Some(z) = rows_in_place(view, rows) {
+        return Input::F32(z);
+    }
+    if reads_bf16() {
+        if let Some(z) = view.bf16_rows(&[rows.b, rows.h, rows.n0], rows.len) {
+            return Input::Bf16(z);
+        }
+    }
+    if fill {
+        load_rows(view, rows, copy);
+    }
+    Input::F32(&copy[..rows.len * view.shape()[3]])
+}
+
 /// Rows of a validated contiguous `(B, H, N, W)` output to compute into (`rows.len x W`, row-major): the output
 /// itself when it is f32, else `buf`; the flag says whether it is in place (if not, `store_rows` it afterwards).
 ///
@@ -153,7 +171,7 @@ pub struct Dydila<'a> {
 /// The two power maps (`[main, aux]` stream) of a block of tokens, kept from `load` to `store_grad` of the same
 /// rows so the backward maps each block once. Row buffers are `rows x D`, per-token ones `rows`.
 pub struct DydilaScratch {
-    /// Copies of the input rows when they cannot be read in place (not f32, or strided).
+    /// Copies of the input rows when they cannot be read in place (strided, or a dtype the level does not read).
     z: [Vec<f32>; 2],
     ls: [Vec<f32>; 2],
     p: [Vec<f32>; 2],
@@ -181,13 +199,7 @@ impl Dydila<'_> {
         st.gamma_aux.load_span(&lead, rows.n0, &mut s.gamma[1][..len]);
         st.lambda.load_span(&lead, rows.n0, &mut s.lambda[..len]);
         for (j, view) in [st.z, st.z_aux].into_iter().enumerate() {
-            let z = match rows_in_place(view, rows) {
-                Some(z) => z,
-                None => {
-                    load_rows(view, rows, &mut s.z[j]);
-                    &s.z[j][..len * d]
-                }
-            };
+            let z = power_input(view, rows, &mut s.z[j], true);
             let (ls, p) = (&mut s.ls[j][..len * d], &mut s.p[j][..len * d]);
             power_rows(z, &s.gamma[j][..len], self.eps, ls, p, &mut s.norms[j][..len]);
         }
@@ -262,7 +274,7 @@ impl FeatureMap for Dydila<'_> {
         let grad_views = [out.dz, out.dz_aux];
         for (j, (g, view)) in [(&grad[..len * d], st.z), (&s.g_aux[..len * d], st.z_aux)].into_iter().enumerate() {
             // The rows `map_rows` read: in place, or its copy.
-            let z = rows_in_place(view, rows).unwrap_or(&s.z[j][..len * d]);
+            let z = power_input(view, rows, &mut s.z[j], false);
             let (ls, p, norms) = (&s.ls[j][..len * d], &s.p[j][..len * d], &s.norms[j][..len]);
             // SAFETY: the caller owns these rows of the gradient outputs (`store_grad`'s contract); the slice is
             // dropped at the end of this iteration.
