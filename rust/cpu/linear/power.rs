@@ -37,14 +37,6 @@ impl<'a> Input<'a> {
         }
     }
 
-    /// Values `at..at + len` (panics outside).
-    fn part(self, at: usize, len: usize) -> Input<'a> {
-        match self {
-            Input::F32(v) => Input::F32(&v[at..at + len]),
-            Input::Bf16(b) => Input::Bf16(&b[at..at + len]),
-        }
-    }
-
     /// The f32 values, for the clones that read only those; panics on bf16 (a caller bug: see [`reads_bf16`]).
     fn f32s(self) -> &'a [f32] {
         match self {

@@ -119,49 +119,56 @@ fn store_v<const N: usize>(dst: &mut [f32], v: [__m512; N]) {
     }
 }
 
-/// The 16 input values from `at` as f32 (panics past the end): f32 loaded as they are, bf16 widened in registers
-/// (its bits are the high half of an f32's: exact; a signalling NaN stays one until the first arithmetic, which
-/// makes it quiet as the bf16 conversion of `vmath` does).
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
-fn load_input(z: Input, at: usize) -> __m512 {
-    match z {
-        Input::F32(v) => load_v::<1>(&v[at..])[0],
-        Input::Bf16(b) => {
-            let b = &b[at..at + W];
-            // SAFETY: `b` holds 16 u16, the 32 bytes read.
-            let bits = unsafe { _mm256_loadu_si256(b.as_ptr().cast()) };
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
-        }
+/// The input elements the clone reads: f32 as they are, bf16 bits widened to f32 in registers (its bits are the
+/// high half of an f32's: exact; a signalling NaN stays one until the first arithmetic, which makes it quiet as
+/// the bf16 conversion of `vmath` does). The loops are generic over it, so no load matches on the input's type.
+trait Elem: Copy {
+    /// The first 16 values of `src` as f32 (panics if it holds fewer).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and VL.
+    unsafe fn load16(src: &[Self]) -> __m512;
+
+    /// The values of `src` (at most 16) in the first lanes as f32, 0 in the others.
+    ///
+    /// # Safety
+    /// As for [`Elem::load16`].
+    unsafe fn load_part(src: &[Self]) -> __m512;
+}
+
+impl Elem for f32 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+    unsafe fn load16(src: &[f32]) -> __m512 {
+        load_v::<1>(src)[0]
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+    unsafe fn load_part(src: &[f32]) -> __m512 {
+        load_tail(src, 0.0)
     }
 }
 
-/// The input values `at..end` (at most 16) in the first lanes as f32, 0 in the others.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
-fn load_input_tail(z: Input, at: usize, end: usize) -> __m512 {
-    match z {
-        Input::F32(v) => load_tail(&v[at..end], 0.0),
-        Input::Bf16(b) => {
-            let b = &b[at..end];
-            let b = &b[..b.len().min(W)];
-            // SAFETY: the mask selects the first `b.len()` lanes, all inside `b`; masked-off lanes are not read (a
-            // masked load suppresses their faults).
-            let bits = unsafe { _mm256_maskz_loadu_epi16(tail_mask(b.len()), b.as_ptr().cast()) };
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
-        }
+impl Elem for u16 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+    unsafe fn load16(src: &[u16]) -> __m512 {
+        let src = &src[..W];
+        // SAFETY: `src` holds 16 u16, the 32 bytes read.
+        let bits = unsafe { _mm256_loadu_si256(src.as_ptr().cast()) };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
     }
-}
 
-/// Asks the CPU for the cache line of input value `at` (which may lie past the end: a prefetch never faults).
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
-fn prefetch_input(z: Input, at: usize) {
-    let line: *const i8 = match z {
-        Input::F32(v) => v.as_ptr().wrapping_add(at).cast(),
-        Input::Bf16(b) => b.as_ptr().wrapping_add(at).cast(),
-    };
-    _mm_prefetch::<_MM_HINT_T0>(line);
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+    unsafe fn load_part(src: &[u16]) -> __m512 {
+        let src = &src[..src.len().min(W)];
+        // SAFETY: the mask selects the first `src.len()` lanes, all inside `src`; masked-off lanes are not read (a
+        // masked load suppresses their faults).
+        let bits = unsafe { _mm256_maskz_loadu_epi16(tail_mask(src.len()), src.as_ptr().cast()) };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
+    }
 }
 
 /// Rows a step of [`power_rows`] maps together: one row's work is a chain (its sums across lanes, the shift, the
@@ -176,17 +183,25 @@ const PREFETCH_GROUPS: usize = 4;
 /// [`super::power_rows`] with AVX-512 intrinsics: the same contract (checked by the caller).
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
 pub fn power_rows(z: Input, gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
+    match z {
+        Input::F32(z) => power_rows_of(z, gamma, eps, ls, p, norms),
+        Input::Bf16(z) => power_rows_of(z, gamma, eps, ls, p, norms),
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+fn power_rows_of<T: Elem>(z: &[T], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
     let d = z.len() / gamma.len().max(1);
     let whole = gamma.len() - gamma.len() % GROUP;
-    let (ls, p) = (ls.split_at_mut(whole * d), p.split_at_mut(whole * d));
-    let groups = ls.0.chunks_exact_mut(GROUP * d).zip(p.0.chunks_exact_mut(GROUP * d)).enumerate();
+    let (z, ls, p) = (z.split_at(whole * d), ls.split_at_mut(whole * d), p.split_at_mut(whole * d));
+    let groups = z.0.chunks_exact(GROUP * d).zip(ls.0.chunks_exact_mut(GROUP * d)).zip(p.0.chunks_exact_mut(GROUP * d));
     let per_group = gamma[..whole].chunks_exact(GROUP).zip(norms[..whole].chunks_exact_mut(GROUP));
-    for ((i, (lg, pg)), (gg, ng)) in groups.zip(per_group) {
-        rows_group::<GROUP>(d, z.part(i * GROUP * d, GROUP * d), gg, eps, lg, pg, ng);
+    for (((zg, lg), pg), (gg, ng)) in groups.zip(per_group) {
+        rows_group::<GROUP, T>(d, zg, gg, eps, lg, pg, ng);
     }
-    let rows = ls.1.chunks_exact_mut(d).zip(p.1.chunks_exact_mut(d)).enumerate();
-    for ((i, (lr, pr)), (g, n)) in rows.zip(gamma[whole..].chunks_exact(1).zip(norms[whole..].chunks_exact_mut(1))) {
-        rows_group::<1>(d, z.part((whole + i) * d, d), g, eps, lr, pr, n);
+    let rows = z.1.chunks_exact(d).zip(ls.1.chunks_exact_mut(d)).zip(p.1.chunks_exact_mut(d));
+    for (((zr, lr), pr), (g, n)) in rows.zip(gamma[whole..].chunks_exact(1).zip(norms[whole..].chunks_exact_mut(1))) {
+        rows_group::<1, T>(d, zr, g, eps, lr, pr, n);
     }
 }
 
@@ -196,8 +211,8 @@ pub fn power_rows(z: Input, gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f3
 /// masked.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
-fn rows_group<const G: usize>(d: usize, z: Input, gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
-    let (z, ls, p) = (z.part(0, G * d), &mut ls[..G * d], &mut p[..G * d]);
+fn rows_group<const G: usize, T: Elem>(d: usize, z: &[T], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
+    let (z, ls, p) = (&z[..G * d], &mut ls[..G * d], &mut p[..G * d]);
     let (full, tail) = (d / W * W, d % W);
     let keep = tail_mask(tail);
     let (zero, epsv, tiny) = (_mm512_setzero_ps(), _mm512_set1_ps(eps), _mm512_set1_ps(f32::MIN_POSITIVE));
@@ -207,8 +222,10 @@ fn rows_group<const G: usize>(d: usize, z: Input, gamma: &[f32], eps: f32, ls: &
     for c in (0..full).step_by(W) {
         let mut r = [zero; G];
         for j in 0..G {
-            prefetch_input(z, j * d + c + PREFETCH_GROUPS * G * d);
-            r[j] = relu(load_input(z, j * d + c));
+            // The address may lie past `z`: a prefetch never faults.
+            _mm_prefetch::<_MM_HINT_T0>(z.as_ptr().wrapping_add(j * d + c + PREFETCH_GROUPS * G * d).cast());
+            // SAFETY: this function's target features include AVX-512 F/BW/VL.
+            r[j] = relu(unsafe { T::load16(&z[j * d + c..]) });
             r2[j] = _mm512_fmadd_ps(r[j], r[j], r2[j]);
             rmax[j] = _mm512_max_ps(r[j], rmax[j]);
         }
@@ -220,7 +237,8 @@ fn rows_group<const G: usize>(d: usize, z: Input, gamma: &[f32], eps: f32, ls: &
         // Padded lanes have r = max(ε, tiny) (a finite log); they are kept out of every sum and not stored.
         let mut r = [zero; G];
         for j in 0..G {
-            r[j] = relu(load_input_tail(z, j * d + full, (j + 1) * d));
+            // SAFETY: as above.
+            r[j] = relu(unsafe { T::load_part(&z[j * d + full..(j + 1) * d]) });
             r2[j] = _mm512_mask3_fmadd_ps(r[j], r[j], r2[j], keep);
             rmax[j] = _mm512_mask_max_ps(rmax[j], keep, r[j], rmax[j]);
         }
@@ -276,11 +294,30 @@ pub fn power_rows_grad(
     dz: &mut [f32],
     dgamma: &mut [f32],
 ) {
+    match z {
+        Input::F32(z) => power_rows_grad_of(z, g, gamma, eps, ls, p, norms, dz, dgamma),
+        Input::Bf16(z) => power_rows_grad_of(z, g, gamma, eps, ls, p, norms, dz, dgamma),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+fn power_rows_grad_of<T: Elem>(
+    z: &[T],
+    g: &[f32],
+    gamma: &[f32],
+    eps: f32,
+    ls: &[f32],
+    p: &[f32],
+    norms: &[Norms],
+    dz: &mut [f32],
+    dgamma: &mut [f32],
+) {
     let d = z.len() / gamma.len().max(1);
-    let rows = g.chunks_exact(d).zip(ls.chunks_exact(d).zip(p.chunks_exact(d))).enumerate();
+    let rows = z.chunks_exact(d).zip(g.chunks_exact(d)).zip(ls.chunks_exact(d).zip(p.chunks_exact(d)));
     let per_row = gamma.iter().zip(norms).zip(dz.chunks_exact_mut(d).zip(dgamma.iter_mut()));
-    for ((i, (gr, (lr, pr))), ((&ga, &n), (dzr, dg))) in rows.zip(per_row) {
-        *dg = grad_row(z.part(i * d, d), gr, ga, eps, lr, pr, n, dzr);
+    for (((zr, gr), (lr, pr)), ((&ga, &n), (dzr, dg))) in rows.zip(per_row) {
+        *dg = grad_row(zr, gr, ga, eps, lr, pr, n, dzr);
     }
 }
 
@@ -349,7 +386,7 @@ fn projection(gv: __m512, pv: __m512, sums: &[__m512; 4]) -> __m512 {
 /// `∂L/∂z` and `∂L/∂γ` of one row, as `super::grad_row` (same operations in the same order, per lane).
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
-fn grad_row(z: Input, g: &[f32], gamma: f32, eps: f32, ls: &[f32], p: &[f32], norms: Norms, dz: &mut [f32]) -> f32 {
+fn grad_row<T: Elem>(z: &[T], g: &[f32], gamma: f32, eps: f32, ls: &[f32], p: &[f32], norms: Norms, dz: &mut [f32]) -> f32 {
     let (n1, n2) = norms;
     let inv_n2 = 1.0 / n2;
     let sums = split_sums(g, p);
@@ -368,14 +405,16 @@ fn grad_row(z: Input, g: &[f32], gamma: f32, eps: f32, ls: &[f32], p: &[f32], no
         _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(zv, zero), dr)
     };
     let split = z.len() - z.len() % W;
-    let vectors = g.chunks_exact(W).zip(ls.chunks_exact(W).zip(p.chunks_exact(W))).enumerate();
-    for ((i, (gc, (lc, pc))), dc) in vectors.zip(dz.chunks_exact_mut(W)) {
+    let vectors = z.chunks_exact(W).zip(g.chunks_exact(W)).zip(ls.chunks_exact(W).zip(p.chunks_exact(W)));
+    for (((zc, gc), (lc, pc)), dc) in vectors.zip(dz.chunks_exact_mut(W)) {
         let [gv, lv, pv] = [gc, lc, pc].map(|c| load_v::<1>(c)[0]);
-        store_v(dc, [step(load_input(z, i * W), gv, lv, pv, !0)]);
+        // SAFETY: this function's target features include AVX-512 F/BW/VL.
+        store_v(dc, [step(unsafe { T::load16(zc) }, gv, lv, pv, !0)]);
     }
     if split < z.len() {
         // Zero-padded tail, its padded lanes kept out of `dgamma` (and not stored).
-        let zv = load_input_tail(z, split, z.len());
+        // SAFETY: as above.
+        let zv = unsafe { T::load_part(&z[split..]) };
         let [gv, lv, pv] = [g, ls, p].map(|row| load_tail(&row[split..], 0.0));
         let dr = step(zv, gv, lv, pv, tail_mask(z.len() - split));
         store_tail(&mut dz[split..], dr);
