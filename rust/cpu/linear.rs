@@ -24,8 +24,9 @@ use super::parallel::Team;
 use super::view::{err, DType, View, ViewError};
 use super::vmath;
 
-/// Tokens per GEMM block.
-const BLOCK: usize = 128;
+/// Tokens per GEMM block: 256 measured up to 7% faster than 128 on one thread (linear fp32 forward+backward, B=1 H=4
+/// N=4096 D=64, AVX-512), fewer GEMM calls and packings; 512 was no better.
+const BLOCK: usize = 256;
 /// Fewest tokens per split of the state reduction (keeps the sum of partial states negligible).
 const MIN_SPLIT_TOKENS: usize = 1024;
 /// Tasks per worker the state reduction aims for when it splits tokens.

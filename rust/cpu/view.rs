@@ -479,6 +479,18 @@ impl View {
         Some(unsafe { std::slice::from_raw_parts_mut((self.ptr as *mut f32).add(start), len) })
     }
 
+    /// The rows of [`View::bf16_rows`], writable.
+    ///
+    /// # Safety
+    /// As for [`View::store_row`], for these rows and for as long as the slice lives.
+    #[allow(clippy::mut_from_ref)] // the caller's exclusive ownership of the rows is this function's contract
+    pub unsafe fn bf16_rows_mut(&self, lead: &[usize], rows: usize) -> Option<&mut [u16]> {
+        let start = self.consecutive_rows_of(DType::BF16, lead, rows)?;
+        let len = rows * self.shape[lead.len()];
+        // SAFETY: as in `bf16_rows`, and the caller owns these elements exclusively while the slice lives.
+        Some(unsafe { std::slice::from_raw_parts_mut((self.ptr as *mut u16).add(start), len) })
+    }
+
     /// Offset of the first of `rows` consecutive last-dim rows of an f32 view (see [`View::f32_rows`]), or `None`.
     fn consecutive_rows(&self, lead: &[usize], rows: usize) -> Option<usize> {
         self.consecutive_rows_of(DType::F32, lead, rows)

@@ -2,10 +2,10 @@
 //! themselves (`Plain`, linear attention) or the DyDiLA prologue (`Dydila`: power maps with per-token exponents
 //! and the token differential), computed a block of tokens at a time in the forward and again in the backward.
 
-use super::power::{power_rows, power_rows_grad, Norms};
+use super::power::{power_rows, power_rows_grad, reads_bf16, Input, Norms};
 use crate::cpu::common::{gather, zeros};
 use crate::cpu::view::{View, ViewError};
-use crate::cpu::vmath::dot;
+use crate::cpu::vmath::{self, dot};
 
 /// The two sides of the core: queries (read out) and keys (reduced into the state).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,7 +62,11 @@ pub fn load_rows(view: &View, rows: Rows, dst: &mut [f32]) {
         if ahead < n {
             view.prefetch_rows(&[rows.b, rows.h, ahead], (n - ahead).min(LOAD_STEP));
         }
-        gather(view, (rows.b, rows.h), n0..n0 + len, 1.0, &mut dst[s * w..]);
+        // Consecutive bf16 rows convert in one call (a call per row cost a tenth of the conversion).
+        match view.bf16_rows(&[rows.b, rows.h, n0], len) {
+            Some(bits) => vmath::bf16_to_f32(bits, &mut dst[s * w..(s + len) * w]),
+            None => gather(view, (rows.b, rows.h), n0..n0 + len, 1.0, &mut dst[s * w..]),
+        }
     }
 }
 
@@ -78,10 +82,33 @@ pub fn rows_in_place(view: &View, rows: Rows) -> Option<&[f32]> {
 /// As for [`View::store_row`], for these rows.
 pub unsafe fn store_rows(view: &View, rows: Rows, src: &[f32]) {
     let w = view.shape()[3];
+    // SAFETY: the caller owns these rows of the output (this function's contract) while `bits` lives.
+    if let Some(bits) = unsafe { view.bf16_rows_mut(&[rows.b, rows.h, rows.n0], rows.len) } {
+        // Consecutive bf16 rows convert in one call.
+        return vmath::f32_to_bf16(&src[..rows.len * w], bits);
+    }
     for (r, row) in src[..rows.len * w].chunks_exact(w).enumerate() {
         // SAFETY: the caller owns these rows of the output (this function's contract).
         unsafe { view.store_row(&[rows.b, rows.h, rows.n0 + r], row) };
     }
+}
+
+/// `rows` of a `(B, H, N, W)` input as the power maps read them: in place when they are consecutive f32 values, or
+/// consecutive bf16 ones on a level that reads those (`power::reads_bf16`), else from `copy` (`rows.len x W`),
+/// filled first when `fill` (a later call for the same rows finds them there).
+fn power_input<'a>(view: &'a View, rows: Rows, copy: &'a mut [f32], fill: bool) -> Input<'a> {
+    if let Some(z) = rows_in_place(view, rows) {
+        return Input::F32(z);
+    }
+    if reads_bf16() {
+        if let Some(z) = view.bf16_rows(&[rows.b, rows.h, rows.n0], rows.len) {
+            return Input::Bf16(z);
+        }
+    }
+    if fill {
+        load_rows(view, rows, copy);
+    }
+    Input::F32(&copy[..rows.len * view.shape()[3]])
 }
 
 /// Rows of a validated contiguous `(B, H, N, W)` output to compute into (`rows.len x W`, row-major): the output
@@ -153,7 +180,7 @@ pub struct Dydila<'a> {
 /// The two power maps (`[main, aux]` stream) of a block of tokens, kept from `load` to `store_grad` of the same
 /// rows so the backward maps each block once. Row buffers are `rows x D`, per-token ones `rows`.
 pub struct DydilaScratch {
-    /// Copies of the input rows when they cannot be read in place (not f32, or strided).
+    /// Copies of the input rows when they cannot be read in place (strided, or a dtype the level does not read).
     z: [Vec<f32>; 2],
     ls: [Vec<f32>; 2],
     p: [Vec<f32>; 2],
@@ -181,13 +208,7 @@ impl Dydila<'_> {
         st.gamma_aux.load_span(&lead, rows.n0, &mut s.gamma[1][..len]);
         st.lambda.load_span(&lead, rows.n0, &mut s.lambda[..len]);
         for (j, view) in [st.z, st.z_aux].into_iter().enumerate() {
-            let z = match rows_in_place(view, rows) {
-                Some(z) => z,
-                None => {
-                    load_rows(view, rows, &mut s.z[j]);
-                    &s.z[j][..len * d]
-                }
-            };
+            let z = power_input(view, rows, &mut s.z[j], true);
             let (ls, p) = (&mut s.ls[j][..len * d], &mut s.p[j][..len * d]);
             power_rows(z, &s.gamma[j][..len], self.eps, ls, p, &mut s.norms[j][..len]);
         }
@@ -262,7 +283,7 @@ impl FeatureMap for Dydila<'_> {
         let grad_views = [out.dz, out.dz_aux];
         for (j, (g, view)) in [(&grad[..len * d], st.z), (&s.g_aux[..len * d], st.z_aux)].into_iter().enumerate() {
             // The rows `map_rows` read: in place, or its copy.
-            let z = rows_in_place(view, rows).unwrap_or(&s.z[j][..len * d]);
+            let z = power_input(view, rows, &mut s.z[j], false);
             let (ls, p, norms) = (&s.ls[j][..len * d], &s.p[j][..len * d], &s.norms[j][..len]);
             // SAFETY: the caller owns these rows of the gradient outputs (`store_grad`'s contract); the slice is
             // dropped at the end of this iteration.

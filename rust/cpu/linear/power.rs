@@ -20,6 +20,37 @@ const LN_2: f32 = std::f32::consts::LN_2;
 /// `(n1, n2) = (‖r‖, ‖p‖)` of one row, so `φ = (n1 / n2) · p`.
 pub type Norms = (f32, f32);
 
+/// The input rows `z` of the block functions: f32 values, or the bits of bf16 values, which only the AVX-512
+/// clone reads as they are (see [`reads_bf16`]): converting them first was a pass over every row that waited on
+/// memory (a tenth of DyDiLA's bf16 forward) where the clone's loads overlap its arithmetic.
+#[derive(Clone, Copy, Debug)]
+pub enum Input<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl<'a> Input<'a> {
+    pub fn len(self) -> usize {
+        match self {
+            Input::F32(v) => v.len(),
+            Input::Bf16(b) => b.len(),
+        }
+    }
+
+    /// The f32 values, for the clones that read only those; panics on bf16 (a caller bug: see [`reads_bf16`]).
+    fn f32s(self) -> &'a [f32] {
+        match self {
+            Input::F32(v) => v,
+            Input::Bf16(_) => panic!("power block: bf16 inputs on a level that reads only f32"),
+        }
+    }
+}
+
+/// Whether the block functions take [`Input::Bf16`] on the level in use (else the caller converts the rows).
+pub fn reads_bf16() -> bool {
+    cfg!(target_arch = "x86_64") && Isa::current().level() >= Level::Avx512
+}
+
 fn lanes_sum<const W: usize>(acc: [f32; W]) -> f32 {
     acc.iter().sum()
 }
@@ -205,33 +236,34 @@ fn check_block(gamma: &[f32], row_buffers: &[usize], per_row: &[usize]) {
 
 
 /// See [`power_rows_body`]: fills `ls`, `p` (`rows x D`, like `z`) and `norms` for `rows = gamma.len()` rows.
-pub fn power_rows(z: &[f32], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
+pub fn power_rows(z: Input, gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
     power_rows_in(Isa::current(), z, gamma, eps, ls, p, norms)
 }
 
 /// [`power_rows`] on the level `isa`: the `__m512` intrinsics on the AVX-512 levels, the AVX2 ones on AVX2, else the
 /// portable body. (The portable body compiled for 16 lanes measured 1.15x slower than the AVX2 clone on the Zen 4
 /// test machine: its lane-array reductions became shuffles and a scalar loop; the `zmm` clone measured 1.05x faster.)
-fn power_rows_in(isa: Isa, z: &[f32], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
+fn power_rows_in(isa: Isa, z: Input, gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
     check_block(gamma, &[z.len(), ls.len(), p.len()], &[norms.len()]);
     #[cfg(target_arch = "x86_64")]
     if isa.level() >= Level::Avx512 {
-        // SAFETY: an `Isa` holds only a level whose features this CPU has, here at least AVX-512 F/DQ/VL, AVX2, FMA.
+        // SAFETY: an `Isa` holds only a level whose features this CPU has, here at least AVX-512 F/BW/DQ/VL, AVX2,
+        // FMA.
         return unsafe { zmm::power_rows(z, gamma, eps, ls, p, norms) };
     }
     #[cfg(target_arch = "x86_64")]
     if isa.level() >= Level::Avx2 {
         // SAFETY: an `Isa` holds only a level whose features this CPU has, here at least AVX2 and FMA.
-        return unsafe { avx2::power_rows(z, gamma, eps, ls, p, norms) };
+        return unsafe { avx2::power_rows(z.f32s(), gamma, eps, ls, p, norms) };
     }
-    power_rows_body::<false, LANES>(z, gamma, eps, ls, p, norms)
+    power_rows_body::<false, LANES>(z.f32s(), gamma, eps, ls, p, norms)
 }
 
 /// See [`grad_row`]: from [`power_rows`]' `ls`, `p`, `norms` and `g = ∂L/∂φ`, writes `dz` (`rows x D`) and
 /// `dgamma` (per row).
 #[allow(clippy::too_many_arguments)]
 pub fn power_rows_grad(
-    z: &[f32],
+    z: Input,
     g: &[f32],
     gamma: &[f32],
     eps: f32,
@@ -248,7 +280,7 @@ pub fn power_rows_grad(
 #[allow(clippy::too_many_arguments)]
 fn power_rows_grad_in(
     isa: Isa,
-    z: &[f32],
+    z: Input,
     g: &[f32],
     gamma: &[f32],
     eps: f32,
@@ -261,15 +293,16 @@ fn power_rows_grad_in(
     check_block(gamma, &[z.len(), g.len(), ls.len(), p.len(), dz.len()], &[norms.len(), dgamma.len()]);
     #[cfg(target_arch = "x86_64")]
     if isa.level() >= Level::Avx512 {
-        // SAFETY: an `Isa` holds only a level whose features this CPU has, here at least AVX-512 F/DQ/VL, AVX2, FMA.
+        // SAFETY: an `Isa` holds only a level whose features this CPU has, here at least AVX-512 F/BW/DQ/VL, AVX2,
+        // FMA.
         return unsafe { zmm::power_rows_grad(z, g, gamma, eps, ls, p, norms, dz, dgamma) };
     }
     #[cfg(target_arch = "x86_64")]
     if isa.level() >= Level::Avx2 {
         // SAFETY: an `Isa` holds only a level whose features this CPU has, here at least AVX2 and FMA.
-        return unsafe { avx2::power_rows_grad(z, g, gamma, eps, ls, p, norms, dz, dgamma) };
+        return unsafe { avx2::power_rows_grad(z.f32s(), g, gamma, eps, ls, p, norms, dz, dgamma) };
     }
-    power_rows_grad_body::<false, LANES>(z, g, gamma, eps, ls, p, norms, dz, dgamma)
+    power_rows_grad_body::<false, LANES>(z.f32s(), g, gamma, eps, ls, p, norms, dz, dgamma)
 }
 
 #[cfg(test)]
@@ -292,8 +325,8 @@ mod tests {
         let gamma = [2.7f32, 1.0, 4.2];
         let (mut ls, mut p, mut dz) = (vec![0.0; rows * d], vec![0.0; rows * d], vec![0.0; rows * d]);
         let (mut norms, mut dgamma) = (vec![(0.0, 0.0); rows], vec![0.0; rows]);
-        power_rows(&z, &gamma, eps, &mut ls, &mut p, &mut norms);
-        power_rows_grad(&z, &g, &gamma, eps, &ls, &p, &norms, &mut dz, &mut dgamma);
+        power_rows(Input::F32(&z), &gamma, eps, &mut ls, &mut p, &mut norms);
+        power_rows_grad(Input::F32(&z), &g, &gamma, eps, &ls, &p, &norms, &mut dz, &mut dgamma);
         for row in 0..rows {
             let (zr, gr, at) = (&z[row * d..(row + 1) * d], &g[row * d..(row + 1) * d], row * d);
             let (n1, n2) = norms[row];
@@ -329,8 +362,8 @@ mod tests {
                 let (mut ls, mut p, mut dz) = (vec![0.0; rows * d], vec![0.0; rows * d], vec![0.0; rows * d]);
                 let (mut norms, mut dgamma) = (vec![(0.0, 0.0); rows], vec![0.0; rows]);
                 if let Some(isa) = isa {
-                    power_rows_in(isa, &z, &gamma, eps, &mut ls, &mut p, &mut norms);
-                    power_rows_grad_in(isa, &z, &g, &gamma, eps, &ls, &p, &norms, &mut dz, &mut dgamma);
+                    power_rows_in(isa, Input::F32(&z), &gamma, eps, &mut ls, &mut p, &mut norms);
+                    power_rows_grad_in(isa, Input::F32(&z), &g, &gamma, eps, &ls, &p, &norms, &mut dz, &mut dgamma);
                 } else {
                     power_rows_body::<true, 8>(&z, &gamma, eps, &mut ls, &mut p, &mut norms);
                     power_rows_grad_body::<true, 8>(&z, &g, &gamma, eps, &ls, &p, &norms, &mut dz, &mut dgamma);
@@ -353,14 +386,54 @@ mod tests {
         }
     }
 
+    #[test]
+    fn bf16_inputs_read_as_they_are_match_their_f32_values() {
+        // Every level that reads bf16 rows: the same bits as from the rows converted first, over lengths around the
+        // vector width, with a signalling and a quiet NaN, infinities, zeros and negatives among them.
+        let Some(isas) = reads_bf16().then(|| Isa::supported().into_iter().filter(|i| i.level() >= Level::Avx512)) else {
+            eprintln!("skipped: this level reads bf16 rows only after converting them");
+            return;
+        };
+        let isas: Vec<Isa> = isas.collect();
+        let eps = 1e-6f32;
+        for d in (1..=40).chain([47, 63, 64, 65]) {
+            let rows = 5;
+            let mut bits: Vec<u16> = (0..rows * d).map(|i| half::bf16::from_f32(((i * 29 % 17) as f32 - 7.0) * 0.21).to_bits()).collect();
+            let at = |row: usize| row * d + (row * 7 + 3) % d;
+            bits[at(0)] = 0x7f81; // signalling NaN
+            bits[at(1)] = 0x7f80; // +inf
+            bits[at(2)] = 0xff80; // -inf
+            bits[at(4)] = 0xffc1; // quiet NaN, sign set
+            let z: Vec<f32> = bits.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
+            let g: Vec<f32> = (0..rows * d).map(|i| ((i * 11 % 9) as f32 - 4.0) * 0.3).collect();
+            let gamma = [1.5f32, 3.0, 2.2, 0.7, 1.1];
+            for &isa in &isas {
+                let run = |z: Input| {
+                    let (mut ls, mut p, mut dz) = (vec![0.0; rows * d], vec![0.0; rows * d], vec![0.0; rows * d]);
+                    let (mut norms, mut dgamma) = (vec![(0.0, 0.0); rows], vec![0.0; rows]);
+                    power_rows_in(isa, z, &gamma, eps, &mut ls, &mut p, &mut norms);
+                    power_rows_grad_in(isa, z, &g, &gamma, eps, &ls, &p, &norms, &mut dz, &mut dgamma);
+                    let (n1, n2): (Vec<f32>, Vec<f32>) = norms.into_iter().unzip();
+                    [ls, p, dz, n1, n2, dgamma]
+                };
+                let (want, got) = (run(Input::F32(&z)), run(Input::Bf16(&bits)));
+                for (k, (w, o)) in want.iter().zip(&got).enumerate() {
+                    for (i, (&a, &b)) in w.iter().zip(o).enumerate() {
+                        assert!((a.is_nan() && b.is_nan()) || a.to_bits() == b.to_bits(), "{isa:?} d={d} output {k} [{i}]: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+
     /// Both outputs of every row on the level `isa`, or of the portable body (with FMA, as the vector clones).
     fn run_rows(isa: Option<Isa>, z: &[f32], g: &[f32], gamma: &[f32], eps: f32) -> Vec<Vec<f32>> {
         let (rows, n) = (gamma.len(), z.len());
         let (mut ls, mut p, mut dz) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
         let (mut norms, mut dgamma) = (vec![(0.0, 0.0); rows], vec![0.0; rows]);
         if let Some(isa) = isa {
-            power_rows_in(isa, z, gamma, eps, &mut ls, &mut p, &mut norms);
-            power_rows_grad_in(isa, z, g, gamma, eps, &ls, &p, &norms, &mut dz, &mut dgamma);
+            power_rows_in(isa, Input::F32(z), gamma, eps, &mut ls, &mut p, &mut norms);
+            power_rows_grad_in(isa, Input::F32(z), g, gamma, eps, &ls, &p, &norms, &mut dz, &mut dgamma);
         } else {
             power_rows_body::<true, 8>(z, gamma, eps, &mut ls, &mut p, &mut norms);
             power_rows_grad_body::<true, 8>(z, g, gamma, eps, &ls, &p, &norms, &mut dz, &mut dgamma);

@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::Norms;
+use super::{Input, Norms};
 use crate::cpu::vmath::{log2_one, EXP2_P, LANES, LOG2_P, ROUND_MAGIC, SQRT_HALF_BITS};
 
 const W: usize = 16;
@@ -16,14 +16,14 @@ const EXP2_MAGIC: f32 = ROUND_MAGIC + 127.0;
 
 /// Every value of `c` broadcast to a vector.
 #[inline]
-#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
 fn splat<const K: usize>(c: [f32; K]) -> [__m512; K] {
     c.map(|c| _mm512_set1_ps(c))
 }
 
 /// `log2 x` of `N` vectors, `x` positive, normal and finite, as `vmath::log2_one`.
 #[inline]
-#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
 fn log2_v<const N: usize>(x: [__m512; N]) -> [__m512; N] {
     let c = splat(LOG2_P);
     let one = _mm512_set1_ps(1.0);
@@ -45,7 +45,7 @@ fn log2_v<const N: usize>(x: [__m512; N]) -> [__m512; N] {
 
 /// `2^x` of `N` vectors, clamped to [−127, 127] (−127 and below give 0), as `vmath::exp2_one`.
 #[inline]
-#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
 fn exp2_v<const N: usize>(x: [__m512; N]) -> [__m512; N] {
     let c = splat(EXP2_P);
     let magic = _mm512_set1_ps(EXP2_MAGIC);
@@ -77,7 +77,7 @@ fn tail_mask(len: usize) -> __mmask16 {
 
 /// The values of `src` (at most 16) in the first lanes, `fill` in the others.
 #[inline]
-#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
 fn load_tail(src: &[f32], fill: f32) -> __m512 {
     let src = &src[..src.len().min(W)];
     // SAFETY: the mask selects the first `src.len()` lanes, all inside `src`; masked-off lanes are not read (a
@@ -87,7 +87,7 @@ fn load_tail(src: &[f32], fill: f32) -> __m512 {
 
 /// Writes the first `dst.len()` lanes of `v` (at most 16) to `dst`.
 #[inline]
-#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
 fn store_tail(dst: &mut [f32], v: __m512) {
     let len = dst.len().min(W);
     let dst = &mut dst[..len];
@@ -97,7 +97,7 @@ fn store_tail(dst: &mut [f32], v: __m512) {
 
 /// The first `N·16` values of `src` as `N` vectors (panics if it holds fewer).
 #[inline]
-#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
 fn load_v<const N: usize>(src: &[f32]) -> [__m512; N] {
     let src = &src[..N * W];
     let mut v = [_mm512_setzero_ps(); N];
@@ -110,12 +110,64 @@ fn load_v<const N: usize>(src: &[f32]) -> [__m512; N] {
 
 /// Writes `N` vectors to the first `N·16` values of `dst` (panics if it holds fewer).
 #[inline]
-#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
 fn store_v<const N: usize>(dst: &mut [f32], v: [__m512; N]) {
     let dst = &mut dst[..N * W];
     for (j, v) in v.iter().enumerate() {
         // SAFETY: `dst` holds `N·16` values, so the 16 from `j·16` (`j < N`) are inside it.
         unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add(j * W), *v) };
+    }
+}
+
+/// The input elements the clone reads: f32 as they are, bf16 bits widened to f32 in registers (its bits are the
+/// high half of an f32's: exact; a signalling NaN stays one until the first arithmetic, which makes it quiet as
+/// the bf16 conversion of `vmath` does). The loops are generic over it, so no load matches on the input's type.
+trait Elem: Copy {
+    /// The first 16 values of `src` as f32 (panics if it holds fewer).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and VL.
+    unsafe fn load16(src: &[Self]) -> __m512;
+
+    /// The values of `src` (at most 16) in the first lanes as f32, 0 in the others.
+    ///
+    /// # Safety
+    /// As for [`Elem::load16`].
+    unsafe fn load_part(src: &[Self]) -> __m512;
+}
+
+impl Elem for f32 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+    unsafe fn load16(src: &[f32]) -> __m512 {
+        load_v::<1>(src)[0]
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+    unsafe fn load_part(src: &[f32]) -> __m512 {
+        load_tail(src, 0.0)
+    }
+}
+
+impl Elem for u16 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+    unsafe fn load16(src: &[u16]) -> __m512 {
+        let src = &src[..W];
+        // SAFETY: `src` holds 16 u16, the 32 bytes read.
+        let bits = unsafe { _mm256_loadu_si256(src.as_ptr().cast()) };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+    unsafe fn load_part(src: &[u16]) -> __m512 {
+        let src = &src[..src.len().min(W)];
+        // SAFETY: the mask selects the first `src.len()` lanes, all inside `src`; masked-off lanes are not read (a
+        // masked load suppresses their faults).
+        let bits = unsafe { _mm256_maskz_loadu_epi16(tail_mask(src.len()), src.as_ptr().cast()) };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
     }
 }
 
@@ -129,19 +181,27 @@ const GROUP: usize = 4;
 const PREFETCH_GROUPS: usize = 4;
 
 /// [`super::power_rows`] with AVX-512 intrinsics: the same contract (checked by the caller).
-#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
-pub fn power_rows(z: &[f32], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+pub fn power_rows(z: Input, gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
+    match z {
+        Input::F32(z) => power_rows_of(z, gamma, eps, ls, p, norms),
+        Input::Bf16(z) => power_rows_of(z, gamma, eps, ls, p, norms),
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+fn power_rows_of<T: Elem>(z: &[T], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
     let d = z.len() / gamma.len().max(1);
     let whole = gamma.len() - gamma.len() % GROUP;
     let (z, ls, p) = (z.split_at(whole * d), ls.split_at_mut(whole * d), p.split_at_mut(whole * d));
     let groups = z.0.chunks_exact(GROUP * d).zip(ls.0.chunks_exact_mut(GROUP * d)).zip(p.0.chunks_exact_mut(GROUP * d));
     let per_group = gamma[..whole].chunks_exact(GROUP).zip(norms[..whole].chunks_exact_mut(GROUP));
     for (((zg, lg), pg), (gg, ng)) in groups.zip(per_group) {
-        rows_group::<GROUP>(d, zg, gg, eps, lg, pg, ng);
+        rows_group::<GROUP, T>(d, zg, gg, eps, lg, pg, ng);
     }
     let rows = z.1.chunks_exact(d).zip(ls.1.chunks_exact_mut(d)).zip(p.1.chunks_exact_mut(d));
     for (((zr, lr), pr), (g, n)) in rows.zip(gamma[whole..].chunks_exact(1).zip(norms[whole..].chunks_exact_mut(1))) {
-        rows_group::<1>(d, zr, g, eps, lr, pr, n);
+        rows_group::<1, T>(d, zr, g, eps, lr, pr, n);
     }
 }
 
@@ -150,8 +210,8 @@ pub fn power_rows(z: &[f32], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f
 /// writes `ls = log2 r` (which needs neither sum); pass 2 `p = 2^(γ·(ls − log2 max r))` with `‖p‖`. Tails are
 /// masked.
 #[inline]
-#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
-fn rows_group<const G: usize>(d: usize, z: &[f32], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+fn rows_group<const G: usize, T: Elem>(d: usize, z: &[T], gamma: &[f32], eps: f32, ls: &mut [f32], p: &mut [f32], norms: &mut [Norms]) {
     let (z, ls, p) = (&z[..G * d], &mut ls[..G * d], &mut p[..G * d]);
     let (full, tail) = (d / W * W, d % W);
     let keep = tail_mask(tail);
@@ -164,7 +224,8 @@ fn rows_group<const G: usize>(d: usize, z: &[f32], gamma: &[f32], eps: f32, ls: 
         for j in 0..G {
             // The address may lie past `z`: a prefetch never faults.
             _mm_prefetch::<_MM_HINT_T0>(z.as_ptr().wrapping_add(j * d + c + PREFETCH_GROUPS * G * d).cast());
-            r[j] = relu(load_v::<1>(&z[j * d + c..])[0]);
+            // SAFETY: this function's target features include AVX-512 F/BW/VL.
+            r[j] = relu(unsafe { T::load16(&z[j * d + c..]) });
             r2[j] = _mm512_fmadd_ps(r[j], r[j], r2[j]);
             rmax[j] = _mm512_max_ps(r[j], rmax[j]);
         }
@@ -176,7 +237,8 @@ fn rows_group<const G: usize>(d: usize, z: &[f32], gamma: &[f32], eps: f32, ls: 
         // Padded lanes have r = max(ε, tiny) (a finite log); they are kept out of every sum and not stored.
         let mut r = [zero; G];
         for j in 0..G {
-            r[j] = relu(load_tail(&z[j * d + full..(j + 1) * d], 0.0));
+            // SAFETY: as above.
+            r[j] = relu(unsafe { T::load_part(&z[j * d + full..(j + 1) * d]) });
             r2[j] = _mm512_mask3_fmadd_ps(r[j], r[j], r2[j], keep);
             rmax[j] = _mm512_mask_max_ps(rmax[j], keep, r[j], rmax[j]);
         }
@@ -220,9 +282,28 @@ fn rows_group<const G: usize>(d: usize, z: &[f32], gamma: &[f32], eps: f32, ls: 
 
 /// [`super::power_rows_grad`] with AVX-512 intrinsics: the same contract (checked by the caller).
 #[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
 pub fn power_rows_grad(
-    z: &[f32],
+    z: Input,
+    g: &[f32],
+    gamma: &[f32],
+    eps: f32,
+    ls: &[f32],
+    p: &[f32],
+    norms: &[Norms],
+    dz: &mut [f32],
+    dgamma: &mut [f32],
+) {
+    match z {
+        Input::F32(z) => power_rows_grad_of(z, g, gamma, eps, ls, p, norms, dz, dgamma),
+        Input::Bf16(z) => power_rows_grad_of(z, g, gamma, eps, ls, p, norms, dz, dgamma),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+fn power_rows_grad_of<T: Elem>(
+    z: &[T],
     g: &[f32],
     gamma: &[f32],
     eps: f32,
@@ -242,7 +323,7 @@ pub fn power_rows_grad(
 
 /// The four split sums of 8 values (`[small p², small g·p, large p², large g·p]`, the others +0) added to `acc`.
 #[inline]
-#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
 fn add_halves(acc: &mut [__m256; 4], parts: [__m512; 4], half: impl Fn(__m512) -> __m256) {
     for (a, part) in acc.iter_mut().zip(parts) {
         *a = _mm256_add_ps(*a, half(part));
@@ -252,7 +333,7 @@ fn add_halves(acc: &mut [__m256; 4], parts: [__m512; 4], half: impl Fn(__m512) -
 /// `super::split_sums` with vectors, bit-equal to it: the products and the split in 16 lanes, added to the
 /// portable body's 8 lane sums half by half (the first 8 values, then the next 8: the order of its chunks), tail
 /// entries into lane 0, lanes summed first to last. Adding a masked-off +0 leaves a sum that is never −0 unchanged.
-#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
 pub(super) fn split_sums(g: &[f32], p: &[f32]) -> [f32; 4] {
     let threshold = _mm512_set1_ps(super::LARGE);
     let mut acc = [_mm256_setzero_ps(); 4];
@@ -291,7 +372,7 @@ pub(super) fn split_sums(g: &[f32], p: &[f32]) -> [f32; 4] {
 
 /// `super::projection` per lane (the same operations in the same order).
 #[inline]
-#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
 fn projection(gv: __m512, pv: __m512, sums: &[__m512; 4]) -> __m512 {
     let [small2, small_g, large2, large_g] = *sums;
     let (own2, own_g) = (_mm512_mul_ps(pv, pv), _mm512_mul_ps(gv, pv));
@@ -304,8 +385,8 @@ fn projection(gv: __m512, pv: __m512, sums: &[__m512; 4]) -> __m512 {
 
 /// `∂L/∂z` and `∂L/∂γ` of one row, as `super::grad_row` (same operations in the same order, per lane).
 #[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
-fn grad_row(z: &[f32], g: &[f32], gamma: f32, eps: f32, ls: &[f32], p: &[f32], norms: Norms, dz: &mut [f32]) -> f32 {
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+fn grad_row<T: Elem>(z: &[T], g: &[f32], gamma: f32, eps: f32, ls: &[f32], p: &[f32], norms: Norms, dz: &mut [f32]) -> f32 {
     let (n1, n2) = norms;
     let inv_n2 = 1.0 / n2;
     let sums = split_sums(g, p);
@@ -326,12 +407,15 @@ fn grad_row(z: &[f32], g: &[f32], gamma: f32, eps: f32, ls: &[f32], p: &[f32], n
     let split = z.len() - z.len() % W;
     let vectors = z.chunks_exact(W).zip(g.chunks_exact(W)).zip(ls.chunks_exact(W).zip(p.chunks_exact(W)));
     for (((zc, gc), (lc, pc)), dc) in vectors.zip(dz.chunks_exact_mut(W)) {
-        let [zv, gv, lv, pv] = [zc, gc, lc, pc].map(|c| load_v::<1>(c)[0]);
-        store_v(dc, [step(zv, gv, lv, pv, !0)]);
+        let [gv, lv, pv] = [gc, lc, pc].map(|c| load_v::<1>(c)[0]);
+        // SAFETY: this function's target features include AVX-512 F/BW/VL.
+        store_v(dc, [step(unsafe { T::load16(zc) }, gv, lv, pv, !0)]);
     }
     if split < z.len() {
         // Zero-padded tail, its padded lanes kept out of `dgamma` (and not stored).
-        let [zv, gv, lv, pv] = [z, g, ls, p].map(|row| load_tail(&row[split..], 0.0));
+        // SAFETY: as above.
+        let zv = unsafe { T::load_part(&z[split..]) };
+        let [gv, lv, pv] = [g, ls, p].map(|row| load_tail(&row[split..], 0.0));
         let dr = step(zv, gv, lv, pv, tail_mask(z.len() - split));
         store_tail(&mut dz[split..], dr);
     }
