@@ -249,7 +249,9 @@ impl View {
     /// Reads the last-dim rows `rows` (indices into the second-to-last dim, in that order) at the leading indices
     /// `lead` (all dims but the last two) into `dst`, `W` values per row (the last dim), converted to f32; returns
     /// how many rows it read. Panics unless the view is float, `lead` and every row lie inside the shape and `dst`
-    /// holds the rows. One check of `lead` per call, one compare per row.
+    /// holds the rows. One check of `lead` per call, one compare per row. Where the rows are stored back to back
+    /// (unit last stride, row stride `W`), a run of consecutive row indices is read as one span (image tiles are
+    /// runs of a grid's rows: a few long copies or conversions instead of one short one per row).
     #[inline]
     pub fn load_rows(&self, lead: &[usize], rows: impl IntoIterator<Item = usize>, dst: &mut [f32]) -> usize {
         let nd = self.shape.len();
@@ -258,16 +260,30 @@ impl View {
             self.outside(lead, None);
         }
         let (n, w, rs, step) = (self.shape[nd - 2], self.shape[nd - 1], self.strides[nd - 2], self.strides[nd - 1]);
+        let packed = step == 1 && rs == w;
+        // The pending run: rows `first..first + len` of the view, to land at row `at` of `dst`.
+        let (mut first, mut len, mut at) = (0, 0, 0);
         let mut count = 0;
-        for (r, row) in rows.into_iter().enumerate() {
-            let out = &mut dst[r * w..(r + 1) * w];
+        for row in rows {
             if row >= n {
                 self.outside(&[row], None);
             }
-            // SAFETY: `lead` and `row` lie inside the shape (checked above), so `base + row·rs + i·step`, `i < W`,
-            // are the offsets of the row's in-shape elements.
-            unsafe { self.read(base + row * rs, step, out) };
+            if len > 0 && !(packed && row == first + len) {
+                // SAFETY: rows `first..first + len` lie inside the shape (each checked above) and are either one
+                // row (`len == 1`) or consecutive rows stored back to back (`packed`), so `base + first·rs + i`,
+                // `i < len·W`, are offsets of in-shape elements (with `step` for one row).
+                unsafe { self.read(base + first * rs, step, &mut dst[at * w..(at + len) * w]) };
+                (at, len) = (at + len, 0);
+            }
+            if len == 0 {
+                first = row;
+            }
+            len += 1;
             count += 1;
+        }
+        if len > 0 {
+            // SAFETY: as for the runs above.
+            unsafe { self.read(base + first * rs, step, &mut dst[at * w..(at + len) * w]) };
         }
         count
     }
