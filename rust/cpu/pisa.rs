@@ -287,12 +287,11 @@ impl State {
     }
 
     /// Folds the logits `s` (`rows x cols`) in (see [`OnlineSoftmax::update`]), rescaling `z` as well; for
-    /// centroids (`centroids`), `z += Σ_c p_c` (a selected centroid's `p` is 0).
+    /// centroids (`centroids`), `z += Σ_c p_c` (a selected centroid's `p` is 0), the sum the softmax made.
     fn update(&mut self, s: &mut [f32], rows: usize, cols: usize, centroids: bool) {
         let z = &mut self.z;
-        self.softmax.update(s, rows, cols, |r, p, alpha| {
-            let added = if centroids { p.iter().sum::<f32>() } else { 0.0 };
-            z[r] = z[r] * alpha + added;
+        self.softmax.update(s, rows, cols, |r, _, alpha, sum| {
+            z[r] = z[r] * alpha + if centroids { sum } else { 0.0 };
         });
     }
 }
