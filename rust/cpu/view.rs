@@ -530,3 +530,34 @@ impl View {
         (inside && consecutive && w > 0).then(|| lead.iter().zip(&self.strides).map(|(i, s)| i * s).sum())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::test_support::{contiguous_strides, view_of};
+
+    #[test]
+    fn load_rows_reads_runs_and_single_rows_alike() {
+        // (1, 2, 9, 3): runs of consecutive rows (read as one span), repeats, descending and lone rows, for f32,
+        // bf16 and a view whose rows are not back to back (the last dim strided): each row as `load_row` reads it.
+        let (shape, lead) = ([1usize, 2, 9, 3], [0usize, 1]);
+        let values: Vec<f32> = (0..54).map(|i| i as f32 * 0.5 - 7.0).collect();
+        let bf16: Vec<u16> = values.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+        let wide: Vec<f32> = values.iter().flat_map(|&x| [x, -1.0]).collect();
+        let strided = View::new("strided", wide.as_ptr() as usize, "float32", shape.to_vec(),
+                                contiguous_strides(&shape).iter().map(|s| 2 * s).collect()).unwrap();
+        let views = [view_of("f32", &values, "float32", &shape), view_of("bf16", &bf16, "bfloat16", &shape), strided];
+        let rows = [2usize, 3, 4, 7, 8, 8, 5, 4, 0, 1];
+        for t in &views {
+            let mut got = vec![f32::NAN; rows.len() * 3];
+            assert_eq!(t.load_rows(&lead, rows, &mut got), rows.len());
+            for (r, &row) in rows.iter().enumerate() {
+                let mut want = [0.0f32; 3];
+                t.load_row(&[0, 1, row], &mut want);
+                assert_eq!(got[r * 3..(r + 1) * 3], want, "{}: row {row}", t.name);
+            }
+        }
+        let past_the_end = std::panic::catch_unwind(|| views[0].load_rows(&lead, [7, 8, 9], &mut [0.0; 9]));
+        assert!(past_the_end.is_err());
+    }
+}
