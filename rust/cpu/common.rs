@@ -67,7 +67,8 @@ impl OnlineSoftmax {
         self.acc[..rows * self.width].fill(0.0);
     }
 
-    /// Folds the logits `s` (`rows x cols`, row-major) in: turns them into probabilities `2^(s − m)` against the
+    /// Folds the logits `mul · s` (`s`: `rows x cols`, row-major; `mul > 0`, applied without a pass of its own) in:
+    /// turns them into probabilities `2^(mul·s − m)` against the
     /// new row maxima and rescales `l` and `acc` by `alpha = 2^(m_old − m_new)` where the max rose. `each(r, p,
     /// alpha, sum)` sees every row's probabilities, `alpha` and the probabilities' sum (for the caller's own running
     /// sums).
@@ -77,14 +78,15 @@ impl OnlineSoftmax {
     /// vanish. A row with no finite logit so far is shifted by 0 (its −∞ logits give exact zeros, never
     /// `−∞ − (−∞)`), not skipped, so an all-NaN row stays NaN.
     #[inline(always)]
-    pub fn update(&mut self, s: &mut [f32], rows: usize, cols: usize, mut each: impl FnMut(usize, &[f32], f32, f32)) {
+    pub fn update(&mut self, s: &mut [f32], rows: usize, cols: usize, mul: f32, mut each: impl FnMut(usize, &[f32], f32, f32)) {
         let width = self.width;
         for r in 0..rows {
             let row = &mut s[r * cols..(r + 1) * cols];
-            let m_new = self.m[r].max(vmath::max(row));
+            // Rounding is monotonic, so for mul > 0 the largest scaled logit is the scaled largest logit.
+            let m_new = self.m[r].max(vmath::max(row) * mul);
             let shift = if m_new == f32::NEG_INFINITY { 0.0 } else { m_new };
             let alpha = if self.m[r] == f32::NEG_INFINITY { 0.0 } else { (self.m[r] - m_new).exp2() };
-            let sum = exp2_shift_sum(row, shift);
+            let sum = if mul == 1.0 { exp2_shift_sum(row, shift) } else { vmath::exp2_scaled_shift_sum(row, mul, shift) };
             self.l[r] = self.l[r] * alpha + sum;
             each(r, row, alpha, sum);
             self.m[r] = m_new;
