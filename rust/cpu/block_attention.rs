@@ -171,7 +171,7 @@ fn forward_block(q: &View, k: &View, v: &View, out: &View, lse: &View, masks: (&
             }
             column += len;
         }
-        buf.state.update(s, lq, lk, |_, _, _| {});
+        buf.state.update(s, lq, lk, 1.0, |_, _, _, _| {});
         // acc += p · v
         Gemm { m: lq, n: dv, k: lk, accumulate: true }.run_in(precision, MatMut::rows(&mut buf.state.acc, dv), Mat::rows(s, lk), Mat::rows(&buf.v, dv));
     }

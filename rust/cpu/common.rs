@@ -67,24 +67,28 @@ impl OnlineSoftmax {
         self.acc[..rows * self.width].fill(0.0);
     }
 
-    /// Folds the logits `s` (`rows x cols`, row-major) in: turns them into probabilities `2^(s − m)` against the
+    /// Folds the logits `mul · s` (`s`: `rows x cols`, row-major; `mul > 0`, applied without a pass of its own) in:
+    /// turns them into probabilities `2^(mul·s − m)` against the
     /// new row maxima and rescales `l` and `acc` by `alpha = 2^(m_old − m_new)` where the max rose. `each(r, p,
-    /// alpha)` sees every row's probabilities and `alpha` (for the caller's own running sums).
+    /// alpha, sum)` sees every row's probabilities, `alpha` and the probabilities' sum (for the caller's own running
+    /// sums).
     ///
     /// NaN: the max skips NaN logits (as `maxps` and Triton's `tl.max` do), so a NaN logit reaches the output
     /// through its probability `2^(NaN − m) = NaN` and the sums, as in a plain softmax; only masked (−∞) logits
     /// vanish. A row with no finite logit so far is shifted by 0 (its −∞ logits give exact zeros, never
     /// `−∞ − (−∞)`), not skipped, so an all-NaN row stays NaN.
     #[inline(always)]
-    pub fn update(&mut self, s: &mut [f32], rows: usize, cols: usize, mut each: impl FnMut(usize, &[f32], f32)) {
+    pub fn update(&mut self, s: &mut [f32], rows: usize, cols: usize, mul: f32, mut each: impl FnMut(usize, &[f32], f32, f32)) {
         let width = self.width;
         for r in 0..rows {
             let row = &mut s[r * cols..(r + 1) * cols];
-            let m_new = self.m[r].max(vmath::max(row));
+            // Rounding is monotonic, so for mul > 0 the largest scaled logit is the scaled largest logit.
+            let m_new = self.m[r].max(vmath::max(row) * mul);
             let shift = if m_new == f32::NEG_INFINITY { 0.0 } else { m_new };
             let alpha = if self.m[r] == f32::NEG_INFINITY { 0.0 } else { (self.m[r] - m_new).exp2() };
-            self.l[r] = self.l[r] * alpha + exp2_shift_sum(row, shift);
-            each(r, row, alpha);
+            let sum = if mul == 1.0 { exp2_shift_sum(row, shift) } else { vmath::exp2_scaled_shift_sum(row, mul, shift) };
+            self.l[r] = self.l[r] * alpha + sum;
+            each(r, row, alpha, sum);
             self.m[r] = m_new;
             if alpha != 1.0 {
                 vmath::scale(&mut self.acc[r * width..(r + 1) * width], alpha);

@@ -286,13 +286,12 @@ impl State {
         self.z[..rows].fill(0.0);
     }
 
-    /// Folds the logits `s` (`rows x cols`) in (see [`OnlineSoftmax::update`]), rescaling `z` as well; for
-    /// centroids (`centroids`), `z += Σ_c p_c` (a selected centroid's `p` is 0).
-    fn update(&mut self, s: &mut [f32], rows: usize, cols: usize, centroids: bool) {
+    /// Folds the logits `mul · s` (`s`: `rows x cols`) in (see [`OnlineSoftmax::update`]), rescaling `z` as well;
+    /// for centroids (`centroids`), `z += Σ_c p_c` (a selected centroid's `p` is 0), the sum the softmax made.
+    fn update(&mut self, s: &mut [f32], rows: usize, cols: usize, mul: f32, centroids: bool) {
         let z = &mut self.z;
-        self.softmax.update(s, rows, cols, |r, p, alpha| {
-            let added = if centroids { p.iter().sum::<f32>() } else { 0.0 };
-            z[r] = z[r] * alpha + added;
+        self.softmax.update(s, rows, cols, mul, |r, _, alpha, sum| {
+            z[r] = z[r] * alpha + if centroids { sum } else { 0.0 };
         });
     }
 }
@@ -317,10 +316,7 @@ fn forward_block(x: &Inputs, key_mean_t: &[f32], moment_mean: Option<&View>, out
         let s = &mut buf.s[..lq * lk];
         // s = q · kᵀ ; acc += p · v (groups hold at most GROUP_KEYS keys or one block: the buffers' sizes)
         Gemm { m: lq, n: lk, k: d, accumulate: false }.run_in(precision, MatMut::rows(s, lk), Mat::rows(&buf.q, d), Mat::rows(&buf.k, d).t());
-        if logit_mul != 1.0 {
-            vmath::scale(s, logit_mul);
-        }
-        buf.state.update(s, lq, lk, false);
+        buf.state.update(s, lq, lk, logit_mul, false);
         Gemm { m: lq, n: dv, k: lk, accumulate: true }.run_in(precision, MatMut::rows(&mut buf.state.softmax.acc, dv), Mat::rows(s, lk), Mat::rows(&buf.v, dv));
     }
     let selected = x.selection.mask_row(bh, i);
@@ -339,7 +335,7 @@ fn forward_block(x: &Inputs, key_mean_t: &[f32], moment_mean: Option<&View>, out
             }
             vmath::add_scaled(row, &buf.bias[..cols], 1.0);
         }
-        buf.state.update(s, lq, cols, true);
+        buf.state.update(s, lq, cols, 1.0, true);
         Gemm { m: lq, n: dv, k: cols, accumulate: true }.run(MatMut::rows(&mut buf.state.softmax.acc, dv), Mat::rows(s, cols), vm);
     }
     if let Some(hm) = moment_mean {

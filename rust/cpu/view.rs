@@ -249,7 +249,9 @@ impl View {
     /// Reads the last-dim rows `rows` (indices into the second-to-last dim, in that order) at the leading indices
     /// `lead` (all dims but the last two) into `dst`, `W` values per row (the last dim), converted to f32; returns
     /// how many rows it read. Panics unless the view is float, `lead` and every row lie inside the shape and `dst`
-    /// holds the rows. One check of `lead` per call, one compare per row.
+    /// holds the rows. One check of `lead` per call, one compare per row. Where the rows are stored back to back
+    /// (unit last stride, row stride `W`), a run of consecutive row indices is read as one span (image tiles are
+    /// runs of a grid's rows: a few long copies or conversions instead of one short one per row).
     #[inline]
     pub fn load_rows(&self, lead: &[usize], rows: impl IntoIterator<Item = usize>, dst: &mut [f32]) -> usize {
         let nd = self.shape.len();
@@ -258,16 +260,30 @@ impl View {
             self.outside(lead, None);
         }
         let (n, w, rs, step) = (self.shape[nd - 2], self.shape[nd - 1], self.strides[nd - 2], self.strides[nd - 1]);
+        let packed = step == 1 && rs == w;
+        // The pending run: rows `first..first + len` of the view, to land at row `at` of `dst`.
+        let (mut first, mut len, mut at) = (0, 0, 0);
         let mut count = 0;
-        for (r, row) in rows.into_iter().enumerate() {
-            let out = &mut dst[r * w..(r + 1) * w];
+        for row in rows {
             if row >= n {
                 self.outside(&[row], None);
             }
-            // SAFETY: `lead` and `row` lie inside the shape (checked above), so `base + row·rs + i·step`, `i < W`,
-            // are the offsets of the row's in-shape elements.
-            unsafe { self.read(base + row * rs, step, out) };
+            if len > 0 && !(packed && row == first + len) {
+                // SAFETY: rows `first..first + len` lie inside the shape (each checked above) and are either one
+                // row (`len == 1`) or consecutive rows stored back to back (`packed`), so `base + first·rs + i`,
+                // `i < len·W`, are offsets of in-shape elements (with `step` for one row).
+                unsafe { self.read(base + first * rs, step, &mut dst[at * w..(at + len) * w]) };
+                (at, len) = (at + len, 0);
+            }
+            if len == 0 {
+                first = row;
+            }
+            len += 1;
             count += 1;
+        }
+        if len > 0 {
+            // SAFETY: as for the runs above.
+            unsafe { self.read(base + first * rs, step, &mut dst[at * w..(at + len) * w]) };
         }
         count
     }
@@ -524,5 +540,36 @@ impl View {
             && lead[nd - 2].checked_add(rows).is_some_and(|end| end <= self.shape[nd - 2]);
         let consecutive = self.strides[nd - 1] == 1 && (rows == 1 || self.strides[nd - 2] == w);
         (inside && consecutive && w > 0).then(|| lead.iter().zip(&self.strides).map(|(i, s)| i * s).sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::test_support::{contiguous_strides, view_of};
+
+    #[test]
+    fn load_rows_reads_runs_and_single_rows_alike() {
+        // (1, 2, 9, 3): runs of consecutive rows (read as one span), repeats, descending and lone rows, for f32,
+        // bf16 and a view whose rows are not back to back (the last dim strided): each row as `load_row` reads it.
+        let (shape, lead) = ([1usize, 2, 9, 3], [0usize, 1]);
+        let values: Vec<f32> = (0..54).map(|i| i as f32 * 0.5 - 7.0).collect();
+        let bf16: Vec<u16> = values.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+        let wide: Vec<f32> = values.iter().flat_map(|&x| [x, -1.0]).collect();
+        let strided = View::new("strided", wide.as_ptr() as usize, "float32", shape.to_vec(),
+                                contiguous_strides(&shape).iter().map(|s| 2 * s).collect()).unwrap();
+        let views = [view_of("f32", &values, "float32", &shape), view_of("bf16", &bf16, "bfloat16", &shape), strided];
+        let rows = [2usize, 3, 4, 7, 8, 8, 5, 4, 0, 1];
+        for t in &views {
+            let mut got = vec![f32::NAN; rows.len() * 3];
+            assert_eq!(t.load_rows(&lead, rows, &mut got), rows.len());
+            for (r, &row) in rows.iter().enumerate() {
+                let mut want = [0.0f32; 3];
+                t.load_row(&[0, 1, row], &mut want);
+                assert_eq!(got[r * 3..(r + 1) * 3], want, "{}: row {row}", t.name);
+            }
+        }
+        let past_the_end = std::panic::catch_unwind(|| views[0].load_rows(&lead, [7, 8, 9], &mut [0.0; 9]));
+        assert!(past_the_end.is_err());
     }
 }

@@ -84,6 +84,24 @@ fn exp2_shift_sum_body<const FMA: bool, const W: usize>(row: &mut [f32], shift: 
 }
 
 #[inline(always)]
+fn exp2_scaled_shift_sum_body<const FMA: bool, const W: usize>(row: &mut [f32], mul: f32, shift: f32) -> f32 {
+    let mut acc = [0.0f32; W];
+    let mut chunks = row.chunks_exact_mut(W);
+    for chunk in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(chunk.iter_mut()) {
+            *x = exp2_one::<FMA>(madd::<FMA>(*x, mul, -shift));
+            *a += *x;
+        }
+    }
+    let mut tail = 0.0;
+    for x in chunks.into_remainder() {
+        *x = exp2_one::<FMA>(madd::<FMA>(*x, mul, -shift));
+        tail += *x;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
 fn exp2_affine_body<const FMA: bool, const W: usize>(row: &mut [f32], mul: f32, bias: &[f32], shift: f32) {
     if bias.is_empty() {
         for chunk in row.chunks_mut(W) {
@@ -181,6 +199,7 @@ fn f32_to_bf16_body<const FMA: bool, const W: usize>(src: &[f32], dst: &mut [u16
 }
 
 crate::isa_dispatch!(fn exp2_shift_sum_in(row: &mut [f32], shift: f32) -> f32 = exp2_shift_sum_body);
+crate::isa_dispatch!(fn exp2_scaled_shift_sum_in(row: &mut [f32], mul: f32, shift: f32) -> f32 = exp2_scaled_shift_sum_body);
 crate::isa_dispatch!(fn exp2_affine_in(row: &mut [f32], mul: f32, bias: &[f32], shift: f32) = exp2_affine_body);
 crate::isa_dispatch!(fn max_in(row: &[f32]) -> f32 = max_body);
 crate::isa_dispatch!(fn dot_in(a: &[f32], b: &[f32]) -> f32 = dot_body);
@@ -193,6 +212,12 @@ crate::isa_dispatch!(fn softmax_grad_in(ds: &mut [f32], p: &[f32], delta: f32) =
 /// `row[i] = 2^(row[i] − shift)` (0 at or below 2^−127, so −∞ gives 0); returns the sum of the new values.
 pub fn exp2_shift_sum(row: &mut [f32], shift: f32) -> f32 {
     exp2_shift_sum_in(Isa::current(), row, shift)
+}
+
+/// `row[i] = 2^(row[i]·mul − shift)` (one rounding: a fused multiply-add where the level has it); returns the sum
+/// of the new values.
+pub fn exp2_scaled_shift_sum(row: &mut [f32], mul: f32, shift: f32) -> f32 {
+    exp2_scaled_shift_sum_in(Isa::current(), row, mul, shift)
 }
 
 /// `row[i] = 2^(row[i]·mul + bias[i] − shift)`, `bias` empty (no bias) or at least as long as `row`.
