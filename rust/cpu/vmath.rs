@@ -66,24 +66,6 @@ pub fn log2_one<const FMA: bool>(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn exp2_shift_sum_body<const FMA: bool, const W: usize>(row: &mut [f32], shift: f32) -> f32 {
-    let mut acc = [0.0f32; W];
-    let mut chunks = row.chunks_exact_mut(W);
-    for chunk in &mut chunks {
-        for (a, x) in acc.iter_mut().zip(chunk.iter_mut()) {
-            *x = exp2_one::<FMA>(*x - shift);
-            *a += *x;
-        }
-    }
-    let mut tail = 0.0;
-    for x in chunks.into_remainder() {
-        *x = exp2_one::<FMA>(*x - shift);
-        tail += *x;
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-#[inline(always)]
 fn exp2_scaled_shift_sum_body<const FMA: bool, const W: usize>(row: &mut [f32], mul: f32, shift: f32) -> f32 {
     let mut acc = [0.0f32; W];
     let mut chunks = row.chunks_exact_mut(W);
@@ -198,7 +180,6 @@ fn f32_to_bf16_body<const FMA: bool, const W: usize>(src: &[f32], dst: &mut [u16
     }
 }
 
-crate::isa_dispatch!(fn exp2_shift_sum_in(row: &mut [f32], shift: f32) -> f32 = exp2_shift_sum_body);
 crate::isa_dispatch!(fn exp2_scaled_shift_sum_in(row: &mut [f32], mul: f32, shift: f32) -> f32 = exp2_scaled_shift_sum_body);
 crate::isa_dispatch!(fn exp2_affine_in(row: &mut [f32], mul: f32, bias: &[f32], shift: f32) = exp2_affine_body);
 crate::isa_dispatch!(fn max_in(row: &[f32]) -> f32 = max_body);
@@ -211,7 +192,8 @@ crate::isa_dispatch!(fn softmax_grad_in(ds: &mut [f32], p: &[f32], delta: f32) =
 
 /// `row[i] = 2^(row[i] − shift)` (0 at or below 2^−127, so −∞ gives 0); returns the sum of the new values.
 pub fn exp2_shift_sum(row: &mut [f32], shift: f32) -> f32 {
-    exp2_shift_sum_in(Isa::current(), row, shift)
+    // `x·1 − shift` is `x − shift` exactly, fused or not.
+    exp2_scaled_shift_sum(row, 1.0, shift)
 }
 
 /// `row[i] = 2^(row[i]·mul − shift)` (one rounding: a fused multiply-add where the level has it); returns the sum
@@ -280,7 +262,7 @@ mod tests {
         exp2_shift_sum(&mut edge, 0.0);
         assert_eq!(&edge[..4], &[0.0, 1.0, 0.0, 8.0]);
         let mut plain = [-3.5f32, 0.0, 2.25, f32::NEG_INFINITY];
-        exp2_shift_sum_body::<false, 8>(&mut plain, 0.0);
+        exp2_scaled_shift_sum_body::<false, 8>(&mut plain, 1.0, 0.0);
         assert_eq!(plain[3], 0.0);
         assert!((plain[0] - 0.088_388_35).abs() < 1e-7 && (plain[2] - 4.756_828_5).abs() < 1e-6);
     }
@@ -346,7 +328,7 @@ mod tests {
                 assert_eq!(max_in(isa, &xs), max_body::<false, 8>(&xs), "max {name} n={n}");
                 assert!(close(dot_in(isa, &xs, &ys), dot_body::<false, 8>(&xs, &ys)), "dot {name} n={n}");
                 let (mut a, mut b) = (xs.clone(), xs.clone());
-                assert!(close(exp2_shift_sum_in(isa, &mut a, 1.5), exp2_shift_sum_body::<false, 8>(&mut b, 1.5)));
+                assert!(close(exp2_scaled_shift_sum_in(isa, &mut a, 0.8, 1.5), exp2_scaled_shift_sum_body::<false, 8>(&mut b, 0.8, 1.5)));
                 assert!(a.iter().zip(&b).all(|(x, y)| close(*x, *y)), "exp2 {name} n={n}");
                 for bias in [&[][..], &ys[..]] {
                     let (mut a, mut b) = (xs.clone(), xs.clone());
