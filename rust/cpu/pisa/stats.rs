@@ -37,19 +37,25 @@ struct Shape {
     m: usize,
 }
 
-/// Computes the requested statistics of `k`, `v` (and `q`) `(B, H, N, ·)` (any strides, float) over `layout`.
-pub fn stats(k: &View, v: &View, q: Option<&View>, layout: &Layout, outs: &StatsOutputs, threads: usize) -> Result<(), ViewError> {
+/// Checks `k (B, H, N, D)`, `v (B, H, N, Dv)` and the layout against each other: `[B, H, N, D, Dv, M]` (`M` blocks).
+fn check_keys(k: &View, v: &View, layout: &Layout) -> Result<[usize; 6], ViewError> {
     active_isa()?;
     k.expect(4, true)?;
     v.expect(4, true)?;
     let [batch, heads, n, d] = k.shape()[..] else { unreachable!("4 dims checked") };
-    let (dv, m) = (v.shape()[3], layout.num_blocks());
+    let dv = v.shape()[3];
     check_input(v, &[batch, heads, n, dv], None)?;
-    if let Some(q) = q {
-        check_input(q, &[batch, heads, n, d], None)?;
-    }
     if layout.perm.len() != n {
         return err(format!("perm: length {} != N = {n}", layout.perm.len()));
+    }
+    Ok([batch, heads, n, d, dv, layout.num_blocks()])
+}
+
+/// Computes the requested statistics of `k`, `v` (and `q`) `(B, H, N, ·)` (any strides, float) over `layout`.
+pub fn stats(k: &View, v: &View, q: Option<&View>, layout: &Layout, outs: &StatsOutputs, threads: usize) -> Result<(), ViewError> {
+    let [batch, heads, n, d, dv, m] = check_keys(k, v, layout)?;
+    if let Some(q) = q {
+        check_input(q, &[batch, heads, n, d], None)?;
     }
     check_output(outs.key_mean, &[batch, heads, m, d], DType::F32)?;
     check_output(outs.value_mean, &[batch, heads, m, dv], DType::F32)?;
@@ -129,15 +135,7 @@ pub fn stats_backward(
     grads: &StatsGrads,
     threads: usize,
 ) -> Result<(), ViewError> {
-    active_isa()?;
-    k.expect(4, true)?;
-    v.expect(4, true)?;
-    let [batch, heads, n, d] = k.shape()[..] else { unreachable!("4 dims checked") };
-    let (dv, m) = (v.shape()[3], layout.num_blocks());
-    check_input(v, &[batch, heads, n, dv], None)?;
-    if layout.perm.len() != n {
-        return err(format!("perm: length {} != N = {n}", layout.perm.len()));
-    }
+    let [batch, heads, n, d, dv, m] = check_keys(k, v, layout)?;
     check_input(key_mean, &[batch, heads, m, d], DType::F32)?;
     check_input(value_mean, &[batch, heads, m, dv], DType::F32)?;
     for (t, width) in [(grads.dkey_mean, d), (grads.dvalue_mean, dv)] {
