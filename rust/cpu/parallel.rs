@@ -1,6 +1,8 @@
 //! The kernels' parallel loops: a [`Team`] of `threads` workers (torch's intra-op thread count) runs tasks
-//! `0..n`, each exactly once, handed out one at a time from a shared counter (so a worker that starts late, or is
-//! slowed by other work on its core, takes fewer tasks).
+//! `0..n`, each exactly once, handed out one at a time ([`Ranges`]): each worker owns a contiguous range of the
+//! tasks and takes them in order, then helps the others from the back of theirs (so a worker that starts late,
+//! or is slowed by other work on its core, takes fewer tasks, and neighbouring tasks, which kernels order to share
+//! what they load, mostly stay with one worker).
 //!
 //! The workers are torch's own when torch's OpenMP runtime is loaded (`openmp`): the loop is an OpenMP parallel
 //! region of that runtime, so the threads that just ran a torch op, and still spin waiting for the next one, pick
@@ -22,7 +24,8 @@ mod openmp;
 use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::ops::Range;
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use super::common::OUT_OF_MEMORY;
 use super::pool::pool;
@@ -164,10 +167,67 @@ impl Drop for InLoop {
     }
 }
 
+/// The tasks `0..n` of a loop cut into one contiguous range per worker. A worker takes the first task of its own
+/// range while it has one, then the last task of another range, staying with that range until it is empty (the
+/// one with most tasks left first). Kernels order their tasks so that neighbours share inputs (the tiles of one
+/// (batch, head) slice, whose keys a worker loads once): a single shared counter would hand neighbours to every
+/// worker in turn and make each load every slice, where owned ranges have each slice loaded by about one worker.
+struct Ranges {
+    /// The tasks left in each range, `front..back`, taken at either end under the range's lock (held for a few
+    /// instructions, never across a task).
+    parts: Vec<Mutex<Range<usize>>>,
+    /// Workers that have joined: the next one owns range `joined % parts.len()`.
+    joined: AtomicUsize,
+}
+
+impl Ranges {
+    fn new(tasks: usize, workers: usize) -> Result<Ranges, ViewError> {
+        let mut parts = Vec::new();
+        parts.try_reserve_exact(workers).map_err(|_| ViewError(format!("{OUT_OF_MEMORY}: cannot allocate {workers} task ranges")))?;
+        // Range w is `w·tasks/workers .. (w+1)·tasks/workers`, computed without overflowing `w·tasks`.
+        let (per, extra) = (tasks / workers, tasks % workers);
+        let start = |w: usize| w * per + w.min(extra);
+        parts.extend((0..workers).map(|w| Mutex::new(start(w)..start(w + 1))));
+        Ok(Ranges { parts, joined: AtomicUsize::new(0) })
+    }
+
+    fn part(&self, i: usize) -> MutexGuard<'_, Range<usize>> {
+        self.parts[i].lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The range a joining worker owns.
+    fn join(&self) -> usize {
+        self.joined.fetch_add(1, Ordering::Relaxed) % self.parts.len()
+    }
+
+    /// The next task of the worker owning range `own` that last stole from range `victim`, if any (updating
+    /// `victim`); `None` once every range is empty.
+    fn take(&self, own: usize, victim: &mut Option<usize>) -> Option<usize> {
+        if victim.is_none() {
+            if let Some(task) = self.part(own).next() {
+                return Some(task);
+            }
+        }
+        if let Some(task) = victim.and_then(|v| self.part(v).next_back()) {
+            return Some(task);
+        }
+        loop {
+            let fullest = (0..self.parts.len()).max_by_key(|&i| self.part(i).len())?;
+            // Another worker may empty it between the two locks: look again.
+            if let Some(task) = self.part(fullest).next_back() {
+                *victim = Some(fullest);
+                return Some(task);
+            }
+            if (0..self.parts.len()).all(|i| self.part(i).is_empty()) {
+                return None;
+            }
+        }
+    }
+}
+
 /// The state the workers of one loop share.
 struct Shared<'a, S> {
-    tasks: usize,
-    next: AtomicUsize,
+    ranges: Ranges,
     stop: AtomicBool,
     error: Mutex<Option<ViewError>>,
     init: &'a (dyn Fn() -> Result<S, ViewError> + Sync),
@@ -197,13 +257,12 @@ impl<S> Shared<'_, S> {
 
     fn work(&self) -> Result<(), ViewError> {
         let mut scratch = None;
+        let own = self.ranges.join();
+        let mut victim = None;
         while !self.stop.load(Ordering::Relaxed) {
-            // The counter ends at most `tasks + workers` (checked in `Team::for_each_init`): every worker stops at
-            // the first index past the end.
-            let task = self.next.fetch_add(1, Ordering::Relaxed);
-            if task >= self.tasks {
+            let Some(task) = self.ranges.take(own, &mut victim) else {
                 break;
-            }
+            };
             let s = match &mut scratch {
                 Some(s) => s,
                 None => scratch.insert((self.init)()?),
@@ -248,12 +307,8 @@ impl Team {
             return Ok(());
         }
         let workers = self.threads.min(tasks);
-        if tasks.checked_add(workers).is_none() {
-            return Err(ViewError(format!("{FAILED}: {tasks} tasks are more than a loop can count")));
-        }
         let shared = Shared {
-            tasks,
-            next: AtomicUsize::new(0),
+            ranges: Ranges::new(tasks, workers)?,
             stop: AtomicBool::new(false),
             error: Mutex::new(None),
             init: &init,

@@ -66,6 +66,41 @@ fn every_task_runs_exactly_once() {
     }
 }
 
+/// Tasks come in groups of neighbours ("slices" of 125 tasks) that a worker loads once each time it moves to
+/// another group, as the kernels load a (batch, head) slice's keys. Owned ranges keep the loads near one per
+/// group (at most the groups plus two per worker); a shared counter hands every worker tasks of every group
+/// (16 loads for 8 groups and 2 workers).
+#[test]
+fn neighbouring_tasks_stay_with_one_worker() {
+    let (_turn, choices) = runtimes();
+    for choice in choices {
+        on(choice);
+        let (groups, per_group, workers) = (8, 125, 2);
+        let loads = AtomicUsize::new(0);
+        Team::new(workers)
+            .for_each_init(
+                groups * per_group,
+                || Ok(None),
+                |loaded: &mut Option<usize>, task| {
+                    let group = task / per_group;
+                    if *loaded != Some(group) {
+                        *loaded = Some(group);
+                        loads.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // A few microseconds of work, so that both workers take part.
+                    let start = std::time::Instant::now();
+                    while start.elapsed() < std::time::Duration::from_micros(5) {
+                        std::hint::spin_loop();
+                    }
+                    Ok(())
+                },
+            )
+            .unwrap();
+        let loads = loads.load(Ordering::Relaxed);
+        assert!(loads <= groups + 2 * workers, "{choice:?}: {loads} group loads for {groups} groups");
+    }
+}
+
 #[test]
 fn map_keeps_task_order_and_chunks_cover_the_slice() {
     let (_turn, choices) = runtimes();
