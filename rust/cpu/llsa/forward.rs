@@ -125,25 +125,24 @@ fn forward_group(
     for j in j0..j1 {
         let r0 = (j - j0) * plan.block;
         let lq = plan.fine_block(j).1;
-        let rf = if on_lanes {
+        if on_lanes {
             buf.blocks.clear();
             buf.blocks.extend(plan.fine_ids(bh, j).iter().map(|&p| plan.fine_block(p as usize)));
-            buf.blocks.iter().map(|b| b.1).sum()
+            let fine = fine::Fine { q: &buf.q[r0 * d..], d, keys: &buf.slice.1, values: &buf.slice.2, dv, blocks: &buf.blocks };
+            let pooled = fine::Pooled { logits: &mut sp[r0 * rp..(r0 + lq) * rp], rp };
+            let rows = fine::Rows { acc: &mut buf.acc[r0 * dv..(r0 + lq) * dv], m: &mut buf.m[r0..r0 + lq], l: &mut buf.l[r0..r0 + lq] };
+            fine::attend(isa, fine, pooled, rows, &mut buf.lanes);
+            continue;
+        }
+        if in_order {
+            buf.fine.gather_fine_in_order((&buf.slice.1, &buf.slice.2), plan, dims, plan.fine_ids(bh, j));
         } else {
-            if in_order {
-                buf.fine.gather_fine_in_order((&buf.slice.1, &buf.slice.2), plan, dims, plan.fine_ids(bh, j));
-            } else {
-                buf.fine.gather_fine(inp, plan, dims, b, h, plan.fine_ids(bh, j));
-            }
-            buf.fine.len
-        };
+            buf.fine.gather_fine(inp, plan, dims, b, h, plan.fine_ids(bh, j));
+        }
+        let rf = buf.fine.len;
         let sf = &mut buf.sf[..lq * rf];
         // sf = q · kᵀ over query block j's rows and its fine keys
-        if on_lanes {
-            fine::logits(isa, &buf.q[r0 * d..], d, &buf.slice.1, &buf.blocks, sf, rf, &mut buf.lanes);
-        } else {
-            Gemm { m: lq, n: rf, k: d, accumulate: false }.run_in(precision, MatMut::rows(sf, rf), Mat::rows(&buf.q[r0 * d..], d), Mat::rows(&buf.fine.k, d).t());
-        }
+        Gemm { m: lq, n: rf, k: d, accumulate: false }.run_in(precision, MatMut::rows(sf, rf), Mat::rows(&buf.q[r0 * d..], d), Mat::rows(&buf.fine.k, d).t());
         if logit_mul != 1.0 {
             vmath::scale(sf, logit_mul);
         }
@@ -155,11 +154,7 @@ fn forward_group(
             buf.m[r0 + r] = m;
         }
         // acc = p · v over the fine keys
-        if on_lanes {
-            fine::weighted_values(isa, sf, rf, &buf.slice.2, dv, &buf.blocks, &mut buf.acc[r0 * dv..(r0 + lq) * dv], &mut buf.lanes);
-        } else {
-            Gemm { m: lq, n: dv, k: rf, accumulate: false }.run_in(precision, MatMut::rows(&mut buf.acc[r0 * dv..], dv), Mat::rows(sf, rf), Mat::rows(&buf.fine.v, dv));
-        }
+        Gemm { m: lq, n: dv, k: rf, accumulate: false }.run_in(precision, MatMut::rows(&mut buf.acc[r0 * dv..], dv), Mat::rows(sf, rf), Mat::rows(&buf.fine.v, dv));
     }
     // acc += p · vp over the pooled keys
     Gemm { m: rows, n: dv, k: rp, accumulate: true }.run_in(precision, MatMut::rows(&mut buf.acc, dv), Mat::rows(sp, rp), Mat::rows(&buf.pooled.v, dv));
