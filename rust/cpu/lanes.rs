@@ -79,6 +79,42 @@ fn dots_block<const FMA: bool, const W: usize, const NB: usize>(
     out[..NB].copy_from_slice(&acc);
 }
 
+/// `out[c][l] = rows[l·stride + c]·mul` for `c < out.len()` and `l < live` (`live ≤ 16` rows of at least
+/// `out.len()` values), lanes `l ≥ live` set to 0: 16 rows of a matrix into the lanes layout (16×16 transposes in
+/// registers with 16-lane vectors).
+#[inline(always)]
+pub fn rows_to_lanes<const W: usize>(rows: &[f32], stride: usize, live: usize, mul: f32, out: &mut [Lanes]) {
+    assert!(live <= LANES && (live == 0 || rows.len() >= (live - 1) * stride + out.len()));
+    #[cfg(target_arch = "x86_64")]
+    if W >= LANES {
+        // SAFETY: `W = 16` is instantiated only in the AVX-512 clone of `isa_dispatch!`, which runs only where the
+        // CPU has AVX-512 F (an `Isa` is checked against the CPU).
+        return unsafe { zmm::rows_to_lanes(rows, stride, live, mul, out) };
+    }
+    for (c, lanes) in out.iter_mut().enumerate() {
+        for (l, x) in lanes.iter_mut().enumerate() {
+            *x = if l < live { rows[l * stride + c] * mul } else { 0.0 };
+        }
+    }
+}
+
+/// `rows[l·stride + c] = lanes[c][l]·by[l]` for `c < lanes.len()` and `l < live`: the lanes layout back into
+/// `live ≤ 16` rows, each scaled by its own factor.
+#[inline(always)]
+pub fn lanes_to_rows<const W: usize>(lanes: &[Lanes], by: &Lanes, live: usize, rows: &mut [f32], stride: usize) {
+    assert!(live <= LANES && (live == 0 || rows.len() >= (live - 1) * stride + lanes.len()));
+    #[cfg(target_arch = "x86_64")]
+    if W >= LANES {
+        // SAFETY: as in `rows_to_lanes`: the AVX-512 clone runs only where the CPU has AVX-512 F.
+        return unsafe { zmm::lanes_to_rows(lanes, by, live, rows, stride) };
+    }
+    for l in 0..live {
+        for (c, x) in lanes.iter().enumerate() {
+            rows[l * stride + c] = x[l] * by[l];
+        }
+    }
+}
+
 /// Channel pairs of the 16 lanes for bf16 dot products: lane `l` holds `(x[l][2p], x[l][2p + 1])` as bf16 bits,
 /// the first in the low half.
 pub type PairLanes = [u32; LANES];
@@ -482,6 +518,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The 16-lane transposes against the portable loops, for every channel tail (1 to 40 channels), every
+    /// number of live lanes, rows wider than the channels; exact (they only move and scale values).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn transposes_match_the_portable_loops() {
+        if Isa::new(Level::Avx512).is_err() {
+            eprintln!("skipped: this CPU lacks avx512f");
+            return;
+        }
+        for channels in 1..=40 {
+            let stride = channels + 3;
+            let rows: Vec<f32> = (0..LANES * stride).map(|i| i as f32 * 0.5 - 7.0).collect();
+            let by: Lanes = std::array::from_fn(|l| 1.0 + l as f32 * 0.25);
+            for live in [0, 1, 7, 15, 16] {
+                let (mut want, mut got) = (vec![[9.0f32; LANES]; channels], vec![[9.0f32; LANES]; channels]);
+                rows_to_lanes::<8>(&rows, stride, live, 0.75, &mut want);
+                rows_to_lanes::<16>(&rows, stride, live, 0.75, &mut got);
+                assert_eq!(want, got, "rows_to_lanes channels={channels} live={live}");
+                let (mut want, mut got) = (vec![-1.0f32; LANES * stride], vec![-1.0f32; LANES * stride]);
+                lanes_to_rows::<8>(&got_lanes(&rows, stride, channels), &by, live, &mut want, stride);
+                lanes_to_rows::<16>(&got_lanes(&rows, stride, channels), &by, live, &mut got, stride);
+                assert_eq!(want, got, "lanes_to_rows channels={channels} live={live}");
+            }
+        }
+    }
+
+    /// Distinct values in the lanes layout: lane `l` of channel `c` from `rows[l·stride + c]`.
+    fn got_lanes(rows: &[f32], stride: usize, channels: usize) -> Vec<Lanes> {
+        (0..channels).map(|c| std::array::from_fn(|l| rows[l * stride + c])).collect()
     }
 
     fn assert_rows_close(want: &[f32], got: &[f32], what: &str) {

@@ -158,6 +158,7 @@ struct Buffers {
     dq: Vec<Lanes>,
     p: Vec<Lanes>,
     ds: Vec<Lanes>,
+    /// The tile's 16 rows of q, then of dout, then of dq.
     row: Vec<f32>,
     /// For the bf16 products: the queries (unscaled) and dout as pairs of lanes (`lanes::row_pairs`), P and dS
     /// rows as pairs of lanes and dS as pairs of keys.
@@ -180,7 +181,7 @@ impl Buffers {
             dq: zeros(dims.d)?,
             p: zeros(PIECE_KEYS)?,
             ds: zeros(PIECE_KEYS)?,
-            row: zeros(dims.d.max(dims.dv))?,
+            row: zeros(LANES * dims.d.max(dims.dv))?,
             q_pairs: zeros(LANES / 2 * padded(dims.d, w))?,
             do_pairs: zeros(LANES / 2 * padded(dims.dv, w))?,
             p_lanes: zeros(PIECE_KEYS)?,
@@ -192,21 +193,16 @@ impl Buffers {
 
 crate::isa_dispatch!(fn tile_fn(ctx: &TileCtx, tile: &Tile, segments: &[Segment], buf: &mut Buffers, acc: &mut KeyGrads) = tile_body);
 
-/// Fills the row-major copies of the queries (times `scale`) and of dout (rows padded for `w`-lane vectors); dead
+/// Fills the row-major copies of the queries (times `scale`) and of dout (rows padded for `W`-lane vectors); dead
 /// lanes stay zero.
-fn load_rows(ctx: &TileCtx, tile: &Tile, w: usize, buf: &mut Buffers) {
+#[inline(always)]
+fn load_rows<const W: usize>(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) {
     let Dims { d, dv, .. } = ctx.slice.dims;
-    let (d_pad, dv_pad) = (padded(d, w), padded(dv, w));
+    let (d_pad, dv_pad) = (padded(d, W), padded(dv, W));
     buf.q_rows.iter_mut().for_each(|x| *x = 0.0);
     buf.do_rows.iter_mut().for_each(|x| *x = 0.0);
-    for l in 0..tile.live {
-        for c in 0..d {
-            buf.q_rows[l * d_pad + c] = buf.qt[c][l] * (1.0 / LOG2_E);
-        }
-        for c in 0..dv {
-            buf.do_rows[l * dv_pad + c] = buf.dot[c][l];
-        }
-    }
+    lanes::lanes_to_rows::<W>(&buf.qt, &[1.0 / LOG2_E; LANES], tile.live, &mut buf.q_rows, d_pad);
+    lanes::lanes_to_rows::<W>(&buf.dot, &[1.0; LANES], tile.live, &mut buf.do_rows, dv_pad);
 }
 
 #[inline(always)]
@@ -218,21 +214,21 @@ fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, segmen
     let k_pairs = if W >= LANES && !keys.k_pairs.is_empty() { Some(&keys.k_pairs[..]) } else { None };
     if k_bf16.is_some() {
         // Pairs of the unscaled queries (exact in bf16): the logits are scaled instead.
-        load_lanes(ctx.inp.q, b, h, tile, 1.0, &mut buf.row[..d], &mut buf.qt);
+        load_lanes::<W>(ctx.inp.q, b, h, tile, 1.0, &mut buf.row, &mut buf.qt);
         lanes::pair_lanes(&buf.qt, &mut buf.qp);
         if k_pairs.is_some() {
             lanes::row_pairs(&buf.qt, tile.live, d_pad, &mut buf.q_pairs);
         }
         buf.qt.iter_mut().flatten().for_each(|x| *x *= logit_mul);
     } else {
-        load_lanes(ctx.inp.q, b, h, tile, logit_mul, &mut buf.row[..d], &mut buf.qt);
+        load_lanes::<W>(ctx.inp.q, b, h, tile, logit_mul, &mut buf.row, &mut buf.qt);
     }
-    load_lanes(ctx.up.dout, b, h, tile, 1.0, &mut buf.row[..dv], &mut buf.dot);
+    load_lanes::<W>(ctx.up.dout, b, h, tile, 1.0, &mut buf.row, &mut buf.dot);
     if v_bf16.is_some() {
         lanes::pair_lanes(&buf.dot, &mut buf.dop);
         lanes::row_pairs(&buf.dot, tile.live, dv_pad, &mut buf.do_pairs);
     }
-    load_rows(ctx, tile, W, buf);
+    load_rows::<W>(ctx, tile, buf);
     let (mut lse2, mut delta) = ([0.0f32; LANES], [0.0f32; LANES]);
     for l in 0..LANES {
         lse2[l] = ctx.up.lse.load(&[b, h, tile.rows[l]]) * LOG2_E;
@@ -282,13 +278,10 @@ fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, segmen
             }
         }
     }
-    let row = &mut buf.row[..d];
+    lanes::lanes_to_rows::<W>(&buf.dq, &[scale; LANES], tile.live, &mut buf.row, d);
     for l in 0..tile.live {
-        for (c, x) in row.iter_mut().enumerate() {
-            *x = buf.dq[c][l] * scale;
-        }
         // SAFETY: `dq` is a validated contiguous output; each query row belongs to exactly one tile and one task, so
         // this task is the only one touching it.
-        unsafe { ctx.dq.store_row(&[b, h, tile.rows[l]], row) };
+        unsafe { ctx.dq.store_row(&[b, h, tile.rows[l]], &buf.row[l * d..][..d]) };
     }
 }

@@ -63,6 +63,7 @@ struct Buffers {
     wp: Vec<PairLanes>,
     /// The batched pieces: `(first key, row in s, len)`.
     batch: Vec<(usize, usize, usize)>,
+    /// The tile's 16 rows of q, then of the output.
     row: Vec<f32>,
 }
 
@@ -75,21 +76,22 @@ impl Buffers {
             s: zeros(PIECE_KEYS)?,
             wp: zeros(PIECE_KEYS / 2 + 1)?,
             batch: Vec::new(),
-            row: zeros(dims.d.max(dims.dv))?,
+            row: zeros(LANES * dims.d.max(dims.dv))?,
         })
     }
 }
 
 crate::isa_dispatch!(fn tile_fn(ctx: &TileCtx, tile: &Tile, segments: &[Segment], buf: &mut Buffers) = tile_body);
 
-/// Loads the tile's rows of `t` (q, or dout) channel-major into `lanes`, times `mul`.
-pub(super) fn load_lanes(t: &View, b: usize, h: usize, tile: &Tile, mul: f32, row: &mut [f32], lanes: &mut [Lanes]) {
-    for l in 0..LANES {
+/// Loads the tile's rows of `t` (q, or dout) into `rows` (row `l` at `l·lanes.len()`; room for 16 rows) and from
+/// there channel-major into `lanes`, times `mul`.
+#[inline(always)]
+pub(super) fn load_lanes<const W: usize>(t: &View, b: usize, h: usize, tile: &Tile, mul: f32, rows: &mut [f32], lanes: &mut [Lanes]) {
+    let width = lanes.len();
+    for (l, row) in rows.chunks_exact_mut(width).take(LANES).enumerate() {
         t.load_row(&[b, h, tile.rows[l]], row);
-        for (c, x) in row.iter().enumerate() {
-            lanes[c][l] = x * mul;
-        }
     }
+    lanes::rows_to_lanes::<W>(rows, width, LANES, mul, lanes);
 }
 
 #[inline(always)]
@@ -99,10 +101,10 @@ fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, segmen
     let bf16_keys = if W >= LANES { keys.k_bf16 } else { None };
     if bf16_keys.is_some() {
         // Unscaled (exact in bf16): the logits are scaled instead.
-        load_lanes(ctx.q, b, h, tile, 1.0, &mut buf.row[..d], &mut buf.qt);
+        load_lanes::<W>(ctx.q, b, h, tile, 1.0, &mut buf.row, &mut buf.qt);
         lanes::pair_lanes(&buf.qt, &mut buf.qp);
     } else {
-        load_lanes(ctx.q, b, h, tile, logit_mul, &mut buf.row[..d], &mut buf.qt);
+        load_lanes::<W>(ctx.q, b, h, tile, logit_mul, &mut buf.row, &mut buf.qt);
     }
     let mut state = Softmax { m: [f32::NEG_INFINITY; LANES], l: [0.0; LANES] };
     buf.acc.iter_mut().for_each(|a| *a = [0.0; LANES]);
@@ -125,17 +127,14 @@ fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, segmen
         }
     }
     flush::<FMA, W>(ctx, buf, filled, &mut state);
-    let row = &mut buf.row[..dv];
+    let inv: Lanes = std::array::from_fn(|l| 1.0 / state.l[l]);
+    lanes::lanes_to_rows::<W>(&buf.acc, &inv, tile.live, &mut buf.row, dv);
     for l in 0..tile.live {
-        let inv = 1.0 / state.l[l];
-        for (c, x) in row.iter_mut().enumerate() {
-            *x = buf.acc[c][l] * inv;
-        }
         let at = [b, h, tile.rows[l]];
         // SAFETY: `out`, `lse` are validated contiguous outputs; each query row belongs to exactly one tile, so this
         // task is the only one touching this row of either.
         unsafe {
-            ctx.out.store_row(&at, row);
+            ctx.out.store_row(&at, &buf.row[l * dv..][..dv]);
             ctx.lse.store_f32(&at, (state.m[l] + log2_one::<FMA>(state.l[l])) * LN_2);
         }
     }

@@ -291,3 +291,83 @@ pub fn softmax_grad(ds: &mut [Lanes], p: &[Lanes], delta: &Lanes) {
         st(d, grad);
     }
 }
+
+/// The 16×16 transpose of `r` (vector `i` of the result holds element `i` of every input vector, in order).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn transpose(r: [__m512; LANES]) -> [__m512; LANES] {
+    let (lo64, hi64) = (
+        |a: __m512, b: __m512| _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))),
+        |a: __m512, b: __m512| _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))),
+    );
+    let mut t = [_mm512_setzero_ps(); LANES];
+    for k in 0..LANES / 2 {
+        t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+    }
+    let mut u = [_mm512_setzero_ps(); LANES];
+    for b in (0..LANES).step_by(4) {
+        u[b] = lo64(t[b], t[b + 2]);
+        u[b + 1] = hi64(t[b], t[b + 2]);
+        u[b + 2] = lo64(t[b + 1], t[b + 3]);
+        u[b + 3] = hi64(t[b + 1], t[b + 3]);
+    }
+    for b in [0, 8] {
+        for i in b..b + 4 {
+            t[i] = _mm512_shuffle_f32x4::<0x88>(u[i], u[i + 4]);
+            t[i + 4] = _mm512_shuffle_f32x4::<0xdd>(u[i], u[i + 4]);
+        }
+    }
+    for i in 0..LANES / 2 {
+        u[i] = _mm512_shuffle_f32x4::<0x88>(t[i], t[i + 8]);
+        u[i + 8] = _mm512_shuffle_f32x4::<0xdd>(t[i], t[i + 8]);
+    }
+    u
+}
+
+/// The first `n ≤ 16` values of `x` in a vector, zeros after.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn ld_head(x: &[f32], n: usize) -> __m512 {
+    let x = &x[..n];
+    // SAFETY: the mask enables the first `n` lanes only, all inside `x` (the slicing above checks it); masked-off
+    // lanes are not read.
+    unsafe { _mm512_maskz_loadu_ps(((1u32 << n) - 1) as __mmask16, x.as_ptr()) }
+}
+
+/// Stores the first `n ≤ 16` lanes of `v` into `x`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn st_head(x: &mut [f32], n: usize, v: __m512) {
+    let x = &mut x[..n];
+    // SAFETY: the mask enables the first `n` lanes only, all inside `x` (the slicing above checks it); masked-off
+    // lanes are not written.
+    unsafe { _mm512_mask_storeu_ps(x.as_mut_ptr(), ((1u32 << n) - 1) as __mmask16, v) }
+}
+
+/// `super::rows_to_lanes`: `out[c][l] = rows[l·stride + c]·mul` for `l < live`, 0 for `l ≥ live`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub fn rows_to_lanes(rows: &[f32], stride: usize, live: usize, mul: f32, out: &mut [Lanes]) {
+    let mul = _mm512_set1_ps(mul);
+    for c0 in (0..out.len()).step_by(LANES) {
+        let n = (out.len() - c0).min(LANES);
+        let r: [__m512; LANES] = std::array::from_fn(|l| if l < live { ld_head(&rows[l * stride + c0..], n) } else { _mm512_setzero_ps() });
+        for (o, v) in out[c0..c0 + n].iter_mut().zip(transpose(r)) {
+            st(o, _mm512_mul_ps(v, mul));
+        }
+    }
+}
+
+/// `super::lanes_to_rows`: `rows[l·stride + c] = lanes[c][l]·by[l]` for `l < live`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub fn lanes_to_rows(lanes: &[Lanes], by: &Lanes, live: usize, rows: &mut [f32], stride: usize) {
+    for c0 in (0..lanes.len()).step_by(LANES) {
+        let n = (lanes.len() - c0).min(LANES);
+        let r: [__m512; LANES] = std::array::from_fn(|i| if i < n { ld(&lanes[c0 + i]) } else { _mm512_setzero_ps() });
+        for (l, v) in transpose(r).into_iter().enumerate().take(live) {
+            st_head(&mut rows[l * stride + c0..], n, _mm512_mul_ps(v, _mm512_set1_ps(by[l])));
+        }
+    }
+}

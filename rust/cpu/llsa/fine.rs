@@ -63,11 +63,7 @@ fn attend_body<const FMA: bool, const W: usize>(fine: Fine, pooled: Pooled, out:
     let rf: usize = blocks.iter().map(|b| b.1).sum();
     for t0 in (0..rows).step_by(LANES) {
         let live = (rows - t0).min(LANES);
-        for (c, lanes) in scratch.qt.iter_mut().enumerate() {
-            for (l, x) in lanes.iter_mut().enumerate() {
-                *x = if l < live { q[(t0 + l) * d + c] } else { 0.0 };
-            }
-        }
+        lanes::rows_to_lanes::<W>(&q[t0 * d..], d, live, 1.0, &mut scratch.qt);
         let s = &mut scratch.s[..rf];
         let mut at = 0;
         for &(r0, len) in blocks {
@@ -93,10 +89,6 @@ fn attend_body<const FMA: bool, const W: usize>(fine: Fine, pooled: Pooled, out:
             lanes::combine::<FMA, W>(&s[at..at + len], &values[r0 * dv..], dv, &mut scratch.acc);
             at += len;
         }
-        for l in 0..live {
-            for (c, a) in scratch.acc.iter().enumerate() {
-                out.acc[(t0 + l) * dv + c] = a[l];
-            }
-        }
+        lanes::lanes_to_rows::<W>(&scratch.acc, &[1.0; LANES], live, &mut out.acc[t0 * dv..], dv);
     }
 }
