@@ -31,7 +31,7 @@ fn fma_lanes<const FMA: bool>(a: f32, b: &Lanes, acc: &mut Lanes) {
 /// register blocks of keys (12, 8, 4, 2 or 1 with 16-lane vectors, where one vector holds a key's 16 logits; 6, 4,
 /// 2 or 1 with 8-lane ones, two vectors a key): per channel one load of `a[c]` and a broadcast per key, the shape
 /// of a GEMM microkernel (with 8 lanes the broadcasts, one per FMA, ran the AVX2 test CPU at about half the rate).
-/// Blocks of a single key, bound by the FMA latency rather than its throughput, only finish a segment.
+/// Blocks of 1 or 2 keys finish a segment, with split accumulators ([`dot_chains`]).
 #[inline(always)]
 pub fn dots<const FMA: bool, const W: usize>(a: &[Lanes], keys: &[f32], stride: usize, n: usize, out: &mut [Lanes]) {
     let mut j = 0;
@@ -70,13 +70,32 @@ fn dots_block<const FMA: bool, const W: usize, const NB: usize>(
         // CPU has AVX-512 F (an `Isa` is checked against the CPU).
         return unsafe { zmm::dots_block::<NB>(a, rows, out) };
     }
-    let mut acc = [[0.0f32; LANES]; NB];
+    let chains = dot_chains(NB);
+    let mut acc = [[[0.0f32; LANES]; 4]; NB];
     for (c, av) in a.iter().enumerate() {
         for i in 0..NB {
-            fma_lanes::<FMA>(rows[i][c], av, &mut acc[i]);
+            fma_lanes::<FMA>(rows[i][c], av, &mut acc[i][c % chains]);
         }
     }
-    out[..NB].copy_from_slice(&acc);
+    for (o, parts) in out[..NB].iter_mut().zip(&acc) {
+        let sum = |x: &Lanes, y: &Lanes| -> Lanes { std::array::from_fn(|l| x[l] + y[l]) };
+        *o = match chains {
+            1 => parts[0],
+            2 => sum(&parts[0], &parts[1]),
+            _ => sum(&sum(&parts[0], &parts[1]), &sum(&parts[2], &parts[3])),
+        };
+    }
+}
+
+/// Accumulator chains per key in a [`dots`] block of `nb` keys: blocks of fewer than 4 keys split the channels
+/// (channel `c` into chain `c % chains`, summed at the end as `(c0 + c1) + (c2 + c3)`) so that 4 independent
+/// FMA chains hide the FMA latency (a single chain ran a key's 64 channels at a quarter of the FMA rate).
+pub const fn dot_chains(nb: usize) -> usize {
+    if nb >= 4 {
+        1
+    } else {
+        4 / nb
+    }
 }
 
 /// `out[c][l] = rows[l·stride + c]·mul` for `c < out.len()` and `l < live` (`live ≤ 16` rows of at least

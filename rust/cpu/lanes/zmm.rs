@@ -32,16 +32,30 @@ pub fn dots_block<const NB: usize>(a: &[Lanes], rows: [&[f32]; NB], out: &mut [L
     let c_len = a.len();
     assert!(rows.iter().all(|r| r.len() == c_len));
     let ptrs = rows.map(|r| r.as_ptr());
-    let mut acc = [_mm512_setzero_ps(); NB];
-    for (c, av) in a.iter().enumerate() {
-        let av = ld(av);
+    let chains = super::dot_chains(NB);
+    let mut acc = [[_mm512_setzero_ps(); 4]; NB];
+    let mut fma = |c: usize, chain: usize, av: __m512| {
         for i in 0..NB {
             // SAFETY: `c < a.len()`, the length of every row (asserted above).
             let x = unsafe { *ptrs[i].add(c) };
-            acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(x), av, acc[i]);
+            acc[i][chain] = _mm512_fmadd_ps(_mm512_set1_ps(x), av, acc[i][chain]);
+        }
+    };
+    let whole = c_len - c_len % chains;
+    for c0 in (0..whole).step_by(chains) {
+        for chain in 0..chains {
+            fma(c0 + chain, chain, ld(&a[c0 + chain]));
         }
     }
-    for (o, v) in out[..NB].iter_mut().zip(acc) {
+    for c in whole..c_len {
+        fma(c, c % chains, ld(&a[c]));
+    }
+    for (o, parts) in out[..NB].iter_mut().zip(acc) {
+        let v = match chains {
+            1 => parts[0],
+            2 => _mm512_add_ps(parts[0], parts[1]),
+            _ => _mm512_add_ps(_mm512_add_ps(parts[0], parts[1]), _mm512_add_ps(parts[2], parts[3])),
+        };
         st(o, v);
     }
 }
@@ -54,20 +68,36 @@ pub fn dots_bf16_block<const NB: usize>(a: &[PairLanes], rows: [&[u16]; NB], out
     let pairs = a.len();
     assert!(rows.iter().all(|r| r.len() == 2 * pairs));
     let ptrs = rows.map(|r| r.as_ptr());
-    let mut acc = [_mm512_setzero_ps(); NB];
-    for (p, av) in a.iter().enumerate() {
-        // SAFETY: `av` holds 16 u32, one vector; `__m512i` and `__m512bh` are 64 plain bytes.
-        let av: __m512bh = unsafe { std::mem::transmute(_mm512_loadu_si512(av.as_ptr().cast())) };
+    // Split accumulators for blocks of 1 or 2 keys, as in `dots_block` (pair `p` into chain `p % chains`).
+    let chains = super::dot_chains(NB);
+    let mut acc = [[_mm512_setzero_ps(); 4]; NB];
+    let mut dot = |p: usize, chain: usize| {
+        // SAFETY: `a[p]` holds 16 u32, one vector; `__m512i` and `__m512bh` are 64 plain bytes.
+        let av: __m512bh = unsafe { std::mem::transmute(_mm512_loadu_si512(a[p].as_ptr().cast())) };
         for i in 0..NB {
             // SAFETY: `2p + 1 < 2·a.len()`, the length of every row (asserted above); an unaligned read of the two
             // bf16 values of the pair.
             let pair = unsafe { ptrs[i].add(2 * p).cast::<u32>().read_unaligned() };
             // SAFETY: `__m512i` and `__m512bh` are 64 plain bytes, any bit pattern valid in both.
             let b: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(pair as i32)) };
-            acc[i] = _mm512_dpbf16_ps(acc[i], av, b);
+            acc[i][chain] = _mm512_dpbf16_ps(acc[i][chain], av, b);
+        }
+    };
+    let whole = pairs - pairs % chains;
+    for p0 in (0..whole).step_by(chains) {
+        for chain in 0..chains {
+            dot(p0 + chain, chain);
         }
     }
-    for (o, v) in out[..NB].iter_mut().zip(acc) {
+    for p in whole..pairs {
+        dot(p, p % chains);
+    }
+    for (o, parts) in out[..NB].iter_mut().zip(acc) {
+        let v = match chains {
+            1 => parts[0],
+            2 => _mm512_add_ps(parts[0], parts[1]),
+            _ => _mm512_add_ps(_mm512_add_ps(parts[0], parts[1]), _mm512_add_ps(parts[2], parts[3])),
+        };
         st(o, v);
     }
 }
