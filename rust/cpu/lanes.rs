@@ -259,6 +259,36 @@ pub fn combine<const FMA: bool, const W: usize>(w: &[Lanes], rows: &[f32], strid
     }
 }
 
+/// [`combine`] over several runs of keys: `acc[c] += Σ_j w[slot + j] · rows[(start + j)·stride + c]` for each
+/// `(start, slot, len)` of `runs`, in order. With 16-lane vectors each register block of 8 channels stays in
+/// registers across all the runs (one load and store of the accumulators per block, not per run).
+#[inline(always)]
+pub fn combine_runs<const FMA: bool, const W: usize>(w: &[Lanes], runs: &[(usize, usize, usize)], rows: &[f32], stride: usize, acc: &mut [Lanes]) {
+    #[cfg(target_arch = "x86_64")]
+    if W >= LANES {
+        let n = acc.len();
+        let mut c = 0;
+        while c < n {
+            let block = if n - c >= 8 { 8 } else if n - c >= 2 { 2 } else { 1 };
+            let (rows, acc) = (&rows[c..], &mut acc[c..c + block]);
+            // SAFETY: `W = 16` is instantiated only in the AVX-512 clone of `isa_dispatch!`, which runs only where
+            // the CPU has AVX-512 F (an `Isa` is checked against the CPU).
+            unsafe {
+                match block {
+                    8 => zmm::combine_runs_block::<8>(w, runs, rows, stride, acc),
+                    2 => zmm::combine_runs_block::<2>(w, runs, rows, stride, acc),
+                    _ => zmm::combine_runs_block::<1>(w, runs, rows, stride, acc),
+                }
+            }
+            c += block;
+        }
+        return;
+    }
+    for &(start, slot, len) in runs {
+        combine::<FMA, W>(&w[slot..slot + len], &rows[start * stride..], stride, acc);
+    }
+}
+
 #[inline(always)]
 fn combine_block<const FMA: bool, const W: usize, const CB: usize>(
     w: &[Lanes],

@@ -173,11 +173,11 @@ fn flush<const FMA: bool, const W: usize>(ctx: &TileCtx, buf: &mut Buffers, fill
         state.l[l] += sums[l];
     }
     let (dv, keys) = (ctx.slice.dims.dv, ctx.slice.keys);
-    for &(start, slot, len) in &buf.batch {
-        let p = &buf.s[slot..slot + len];
-        match () {
-            #[cfg(target_arch = "x86_64")]
-            () if W >= LANES && !keys.v_pairs.is_empty() => {
+    match () {
+        #[cfg(target_arch = "x86_64")]
+        () if W >= LANES && !keys.v_pairs.is_empty() => {
+            for &(start, slot, len) in &buf.batch {
+                let p = &buf.s[slot..slot + len];
                 // SAFETY: v pairs are made only on the `Avx512Bf16` level (`bf16_products`), whose features (AVX-512
                 // F, BW, BF16) this CPU has.
                 unsafe {
@@ -185,8 +185,8 @@ fn flush<const FMA: bool, const W: usize>(ctx: &TileCtx, buf: &mut Buffers, fill
                     lanes::combine_bf16(&buf.wp[..pairs], &keys.v_pairs[start / 2 * dv..], dv, &mut buf.acc);
                 }
             }
-            () => lanes::combine::<FMA, W>(p, &keys.v_rows[start * dv..], dv, &mut buf.acc),
         }
+        () => lanes::combine_runs::<FMA, W>(&buf.s, &buf.batch, &keys.v_rows, dv, &mut buf.acc),
     }
     buf.batch.clear();
 }

@@ -208,6 +208,30 @@ pub fn combine_block<const CB: usize>(w: &[Lanes], rows: &[f32], stride: usize, 
     }
 }
 
+/// `super::combine_runs`' block: `acc[i] += Σ_runs Σ_j w[slot + j] · rows[(start + j)·stride + i]`, `i < CB`, the
+/// accumulators in registers across all runs.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub fn combine_runs_block<const CB: usize>(w: &[Lanes], runs: &[(usize, usize, usize)], rows: &[f32], stride: usize, acc: &mut [Lanes]) {
+    let acc = &mut acc[..CB];
+    let mut a = [_mm512_setzero_ps(); CB];
+    for (a, x) in a.iter_mut().zip(acc.iter()) {
+        *a = ld(x);
+    }
+    for &(start, slot, len) in runs {
+        let rows = &rows[start * stride..];
+        for (j, wv) in w[slot..slot + len].iter().enumerate() {
+            let (row, wv) = (&rows[j * stride..][..CB], ld(wv));
+            for i in 0..CB {
+                a[i] = _mm512_fmadd_ps(_mm512_set1_ps(row[i]), wv, a[i]);
+            }
+        }
+    }
+    for (x, v) in acc.iter_mut().zip(a) {
+        st(x, v);
+    }
+}
+
 /// `super::update_block` with 16-channel vectors: `dst[jj·stride + c] += Σ_l w[jj][l] · b[l·width + c]` for
 /// `jj < JB`, `c < 16·VB`.
 #[inline]
