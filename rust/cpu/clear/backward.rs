@@ -3,7 +3,7 @@
 //! threads a slice is split into parts whose buffers are summed at the end; no two tasks write the same row.
 
 use super::forward::load_lanes;
-use super::geometry::{self, Segment, Tile, TileSegments};
+use super::geometry::{self, Segment, Tile};
 use crate::cpu::lanes::{self, LanePairs, Lanes, PairLanes, LANES};
 use super::{bf16_products, check_inputs, err, key_products, padded, pieces, Form, Dims, Geometry, Inputs, Slice, SliceKeys, PIECE_KEYS};
 use crate::alloc;
@@ -59,8 +59,8 @@ struct KeyGrads {
 /// Writes `dq`, `dk`, `dv` (and the global tokens' gradients).
 pub fn backward(inp: &Inputs, up: &Upstream, grads: &Grads, geo: &Geometry, scale: f32, threads: usize) -> Result<(), ViewError> {
     let dims = check(inp, up, grads, geo)?;
-    let tiles = geometry::tiles(geo)?;
-    let segments = TileSegments::new(geo, &tiles)?;
+    let layout = geometry::layout(geo)?;
+    let (tiles, segments) = (&layout.tiles, &layout.segments);
     let slices = dims.slices();
     if slices == 0 {
         return Ok(());

@@ -1,7 +1,7 @@
 //! Forward: per tile, an online softmax over its key segments, batched into pieces of up to `PIECE_KEYS` keys
 //! (logits and the disc mask per segment, then one rescale, exp and P·V per batch), then `out` and the log-sum-exp (natural log, f32) per query.
 
-use super::geometry::{self, Segment, Tile, TileSegments};
+use super::geometry::{self, Segment, Tile};
 use crate::cpu::lanes::{self, Lanes, PairLanes, LANES};
 use super::{bf16_products, check_inputs, key_products, pieces, Dims, Form, Geometry, Inputs, Slice, SliceKeys, PIECE_KEYS};
 use crate::cpu::common::{active_isa, check_output, zeros, LN_2, LOG2_E};
@@ -15,8 +15,8 @@ pub fn forward(inp: &Inputs, out: &View, lse: &View, geo: &Geometry, scale: f32,
     let n = geo.tokens();
     check_output(out, &[dims.batch, dims.heads, n, dims.dv], None)?;
     check_output(lse, &[dims.batch, dims.heads, n], DType::F32)?;
-    let tiles = geometry::tiles(geo)?;
-    let segments = TileSegments::new(geo, &tiles)?;
+    let layout = geometry::layout(geo)?;
+    let (tiles, segments) = (&layout.tiles, &layout.segments);
     let isa = active_isa()?;
     let global = inp.global.is_some();
     let k_form = if bf16_products(isa, inp.q, inp.k, dims.d, global) { Form::Bf16 } else { Form::F32 };
