@@ -79,6 +79,7 @@ def _pisa():
                            for grads in ((torch.randn_like(key_mean), torch.randn_like(value_mean),
                                           torch.randn_like(moment_mean)), (None, torch.randn_like(value_mean), None))],
         "pisa_grid_layout": [(pisa_layout_op.pisa_grid_layout, ([1, 5, 6, 3, 0], 4, torch.device("cpu")))],
+        "pisa_top_blocks": [(pisa_stats_op.pisa_top_blocks, (query_mean @ key_mean.transpose(-1, -2), 2))],
     }
 
 

@@ -232,6 +232,10 @@ def pisa_stats_backward(
     dkey_mean_j / n_j + (v_t − value_mean_j) dmoment_meanᵀ / N and dv_t = dvalue_mean_j / n_j + (k_t − key_mean_j)
     dmoment_mean / N (a None gradient adds nothing); dk, dv like k, v."""
 
+def pisa_top_blocks(score: TensorArgs, blocks: TensorArgs, threads: int) -> None:
+    """PISA's routing selection on CPU: writes blocks (B, H, M, k) int64, each row's k ids of highest score
+    (B, H, M, Mk) f32 in the order of a stable descending sort (ties to the lower id, NaN first)."""
+
 def pisa_forward(
     q: TensorArgs, k: TensorArgs, v: TensorArgs, centroids: tuple[TensorArgs, TensorArgs],
     moment_mean: TensorArgs | None, out: TensorArgs, lse: TensorArgs, zeta: TensorArgs,

@@ -13,11 +13,13 @@
 //! with any strides. Computation in f32, softmax in base 2.
 
 mod backward;
+mod select;
 mod stats;
 #[cfg(test)]
 mod tests;
 
 pub use backward::{backward, BackwardOutputs, BackwardRows};
+pub use select::top_blocks;
 pub use stats::{stats, stats_backward, StatsGrads, StatsOutputs};
 
 use super::common::{active_isa, check_input, check_output, gather, zeros, Dims, OnlineSoftmax, LOG2_E};

@@ -205,7 +205,16 @@ fn pisa_backward(
 }
 
 /// Adds this family's functions to `difattn._core`.
+/// PISA's routing selection on CPU: writes `blocks (B, H, M, k)` int64 (contiguous), each row's `k` key blocks of
+/// highest `score (B, H, M, Mk)` (f32) in the order of a stable descending sort (ties to the lower id, NaN first).
+#[pyfunction]
+fn pisa_top_blocks(py: Python<'_>, score: TensorArgs, blocks: TensorArgs, threads: usize) -> PyResult<()> {
+    let (score, blocks) = (view("score", score)?, view("blocks", blocks)?);
+    py.detach(|| pisa::top_blocks(&score, &blocks, threads)).map_err(view_error)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(pisa_top_blocks, m)?)?;
     m.add_function(wrap_pyfunction!(pisa_stats, m)?)?;
     m.add_function(wrap_pyfunction!(pisa_stats_backward, m)?)?;
     m.add_function(wrap_pyfunction!(pisa_forward, m)?)?;

@@ -20,7 +20,7 @@ from difattn.ops.pisa import rust_launch
 from difattn.ops.pisa.layout import pisa_layout
 from difattn.ops.pisa.method import pisa_on_kernels
 from difattn.ops.pisa.op import pisa_fwd
-from difattn.ops.pisa.stats import block_stats, pisa_stats, route, score_bias, torch_stats
+from difattn.ops.pisa.stats import block_stats, pisa_stats, pisa_top_blocks, route, score_bias, torch_stats
 from difattn.reference.pisa import pisa_layout as reference_layout
 from difattn.testing import assert_close, assert_finite, compare_with_reference, nan_poisoned, random_qkv
 from difattn.testing.strategies import head_dims, token_grids
@@ -105,6 +105,23 @@ def test_routing_equals_reference(shape, density, sink, seed):
     _, blocks = fast(q, k, v, return_blocks=True, **kw)
     _, expected = reference.pisa_attention(q, k, v, return_blocks=True, **kw)
     assert blocks.dtype == torch.int64 and torch.equal(blocks, expected)
+
+
+@settings(max_examples=30)
+@given(rows=st.integers(1, 5), mk=st.integers(1, 70), levels=st.integers(1, 6), seed=st.integers(0, 2**16),
+       data=st.data())
+def test_rust_top_blocks_equal_a_stable_sort(rows, mk, levels, seed, data):
+    """The core's selection (difattn::pisa_top_blocks) gives the ids and the order of torch's stable descending
+    sort exactly: scores from a few levels (long ties), ±inf, NaN and ±0, on a transposed (strided) score."""
+    num_selected = data.draw(st.integers(1, mk))
+    g = torch.Generator().manual_seed(seed)
+    specials = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0])
+    score = torch.randint(0, levels, (2, 3, mk, rows), generator=g).float() * 0.5 - 1.0
+    mask = torch.rand(score.shape, generator=g) < 0.1
+    score[mask] = specials[torch.randint(0, 5, (int(mask.sum()),), generator=g)]
+    score = score.transpose(-1, -2)
+    expected = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :num_selected]
+    assert torch.equal(pisa_top_blocks(score, num_selected), expected)
 
 
 @settings(max_examples=12)

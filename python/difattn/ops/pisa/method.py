@@ -40,7 +40,7 @@ def pisa_on_kernels(
     if blocks is None:
         num_selected = pisa_num_selected(density, layout.num_blocks)
         bias_row = None if bias is None else score_bias(statistic, bias)
-        blocks = route(query_mean, key_mean, scale, num_selected, sink=sink, bias=bias_row)
+        blocks = route(query_mean, key_mean, scale, num_selected, sink=sink, bias=bias_row, backend=backend)
     out, _, _ = pisa_fwd(q, k, v, key_mean, value_mean, moment_mean if hybrid else None, layout.perm, layout.offsets,
                          blocks.contiguous(), layout.max_block, float(scale), backend)
     return (out, blocks) if return_blocks else out

@@ -198,14 +198,33 @@ def score_bias(statistic: torch.Tensor, bias: str) -> torch.Tensor:
     return torch.log(statistic + MOMENT_BIAS_EPS)
 
 
+@torch.library.custom_op("difattn::pisa_top_blocks", mutates_args=())
+def pisa_top_blocks(score: torch.Tensor, num_selected: int) -> torch.Tensor:
+    """``(B, H, M, k)`` int64: the first ``k = num_selected`` ids of each row of ``score (B, H, M, Mk)`` (fp32, CPU)
+    in stable descending order (ties to the lower id, NaN first), as :func:`torch.sort` gives them, by a partial
+    selection in the compiled core instead of a full sort."""
+    blocks = torch.empty(*score.shape[:3], num_selected, dtype=torch.int64)
+    score = score.contiguous()  # held until the core returns
+    core().pisa_top_blocks(tensor_desc(score), tensor_desc(blocks), torch.get_num_threads())
+    return blocks
+
+
+@pisa_top_blocks.register_fake
+def _(score, num_selected):
+    return score.new_empty(*score.shape[:3], num_selected, dtype=torch.int64)
+
+
 @torch.no_grad()
 def route(query_mean: torch.Tensor, key_mean: torch.Tensor, scale: float, num_selected: int, *, sink: str | None,
-          bias: torch.Tensor | None = None) -> torch.Tensor:
+          bias: torch.Tensor | None = None, backend: str = "torch") -> torch.Tensor:
     """``(B, H, M, k)`` int64: each query block's top-k key blocks by descending score ``s q̄ k̄ᵀ`` (``+ bias``, ``(B, H,
-    Mk)``), ties to the lower id (a stable sort), the sink forced first."""
+    Mk)``), ties to the lower id (a stable sort), the sink forced first; the ``"rust"`` backend selects them in the
+    compiled core (the same ids in the same order), the others by :func:`torch.sort`."""
     score = scale * query_mean @ key_mean.transpose(-1, -2)
     if bias is not None:
         score = score + bias[:, :, None, :]
     if sink is not None:
         score[..., 0 if sink == "first" else -1] = float("inf")
+    if backend == "rust" and score.dtype == torch.float32:
+        return pisa_top_blocks(score, num_selected)
     return torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :num_selected].contiguous()
