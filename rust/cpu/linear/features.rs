@@ -2,7 +2,7 @@
 //! themselves (`Plain`, linear attention) or the DyDiLA prologue (`Dydila`: power maps with per-token exponents
 //! and the token differential), computed a block of tokens at a time in the forward and again in the backward.
 
-use super::power::{power_rows, power_rows_grad, reads_bf16, Input, Norms};
+use super::power::{power_rows, power_rows_grad, reads_bf16, Input, Norms, Output};
 use crate::cpu::common::{gather, zeros};
 use crate::cpu::view::{View, ViewError};
 use crate::cpu::vmath::{self, dot};
@@ -109,6 +109,24 @@ fn power_input<'a>(view: &'a View, rows: Rows, copy: &'a mut [f32], fill: bool) 
         load_rows(view, rows, copy);
     }
     Input::F32(&copy[..rows.len * view.shape()[3]])
+}
+
+/// `rows` of a `(B, H, N, W)` output as the power maps' gradient writes them: in place when they are consecutive
+/// f32 values, or consecutive bf16 ones on a level that writes those (`power::reads_bf16`), else into `buf`
+/// (`rows.len x W`); the flag says whether they are written directly (if not, `store_rows` `buf` afterwards).
+///
+/// # Safety
+/// As for [`View::store_row`], for these rows and for as long as the returned rows live.
+unsafe fn power_output<'a>(view: &'a View, rows: Rows, buf: &'a mut [f32]) -> (Output<'a>, bool) {
+    if reads_bf16() {
+        // SAFETY: the caller owns these rows of the output while the slice lives (this function's contract).
+        if let Some(bits) = unsafe { view.bf16_rows_mut(&[rows.b, rows.h, rows.n0], rows.len) } {
+            return (Output::Bf16(bits), true);
+        }
+    }
+    // SAFETY: as above.
+    let (own, in_place) = unsafe { output_rows(view, rows, buf) };
+    (Output::F32(own), in_place)
 }
 
 /// Rows of a validated contiguous `(B, H, N, W)` output to compute into (`rows.len x W`, row-major): the output
@@ -287,11 +305,11 @@ impl FeatureMap for Dydila<'_> {
             let (ls, p, norms) = (&s.ls[j][..len * d], &s.p[j][..len * d], &s.norms[j][..len]);
             // SAFETY: the caller owns these rows of the gradient outputs (`store_grad`'s contract); the slice is
             // dropped at the end of this iteration.
-            let (dz, in_place) = unsafe { output_rows(grad_views[j], rows, &mut s.dz[j]) };
+            let (dz, direct) = unsafe { power_output(grad_views[j], rows, &mut s.dz[j]) };
             power_rows_grad(z, g, &s.gamma[j][..len], self.eps, ls, p, norms, dz, &mut s.dgamma[j][..len]);
-            if !in_place {
+            if !direct {
                 // SAFETY: as above.
-                unsafe { store_rows(grad_views[j], rows, dz) };
+                unsafe { store_rows(grad_views[j], rows, &s.dz[j]) };
             }
         }
         // SAFETY: the caller owns these tokens of the gradient outputs (`store_grad`'s contract).
