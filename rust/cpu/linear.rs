@@ -13,6 +13,7 @@
 
 mod features;
 mod power;
+mod rows;
 
 pub use features::{Dydila, Plain, Stream, StreamGrads};
 use features::{load_rows, output_rows, store_rows, FeatureMap, Rows, Side};
@@ -311,9 +312,7 @@ fn reduce_state<F: FeatureMap>(
                 // S += K̂ᵀ · V
                 let vr = input_rows(v, rows, vb);
                 Gemm { m: d, n: dv, k: rows.len, accumulate: true }.run_in(precision, MatMut::rows(s, dv), Mat::rows(kb, d).t(), vr);
-                for row in kb[..rows.len * d].chunks_exact(d) {
-                    vmath::add_scaled(m, row, 1.0);
-                }
+                rows::add_rows(m, &kb[..rows.len * d]);
             }
             Ok::<(), ViewError>(())
         },
