@@ -22,22 +22,12 @@ fn differential_body<const FMA: bool, const W: usize>(x: &[f32], y: &[f32], coef
 #[inline(always)]
 fn differential_grad_body<const FMA: bool, const W: usize>(g: &[f32], y: &[f32], lambda: &[f32], g_aux: &mut [f32], dots: &mut [f32]) {
     let d = g.len() / lambda.len().max(1);
-    let split = d - d % W;
     let rows = g.chunks_exact(d).zip(y.chunks_exact(d)).zip(g_aux.chunks_exact_mut(d));
     for (((gr, yr), ga), (&lambda, dot)) in rows.zip(lambda.iter().zip(dots.iter_mut())) {
-        // `g·y` in W lane sums, the tail into lane 0 (as `vmath::dot`).
-        let mut acc = [0.0f32; W];
-        for ((gc, yc), ac) in gr[..split].chunks_exact(W).zip(yr[..split].chunks_exact(W)).zip(ga[..split].chunks_exact_mut(W)) {
-            for l in 0..W {
-                acc[l] = madd::<FMA>(gc[l], yc[l], acc[l]);
-                ac[l] = -lambda * gc[l];
-            }
+        *dot = dot_row::<FMA, W>(gr, yr);
+        for (ac, gc) in ga.chunks_mut(W).zip(gr.chunks(W)) {
+            ac.iter_mut().zip(gc).for_each(|(a, x)| *a = -lambda * x);
         }
-        for i in split..d {
-            acc[0] = madd::<FMA>(gr[i], yr[i], acc[0]);
-            ga[i] = -lambda * gr[i];
-        }
-        *dot = acc.iter().sum();
     }
 }
 
@@ -50,6 +40,55 @@ fn add_rows_body<const FMA: bool, const W: usize>(sum: &mut [f32], rows: &[f32])
     }
 }
 
+/// `Σ a_i b_i` of one row in W lane sums, the tail into lane 0 (as `vmath::dot`).
+#[inline(always)]
+fn dot_row<const FMA: bool, const W: usize>(a: &[f32], b: &[f32]) -> f32 {
+    let split = a.len() - a.len() % W;
+    let mut acc = [0.0f32; W];
+    for (ac, bc) in a[..split].chunks_exact(W).zip(b[..split].chunks_exact(W)) {
+        for l in 0..W {
+            acc[l] = madd::<FMA>(ac[l], bc[l], acc[l]);
+        }
+    }
+    for (&x, &y) in a[split..].iter().zip(&b[split..]) {
+        acc[0] = madd::<FMA>(x, y, acc[0]);
+    }
+    acc.iter().sum()
+}
+
+#[inline(always)]
+fn normalize_body<const FMA: bool, const W: usize>(out: &mut [f32], q: &[f32], m: &[f32], eps: f32) {
+    let rows = q.len() / m.len();
+    let dv = out.len() / rows.max(1);
+    for (o, qr) in out.chunks_exact_mut(dv).zip(q.chunks_exact(m.len())) {
+        let inv = 1.0 / (dot_row::<FMA, W>(qr, m) + eps);
+        for oc in o.chunks_mut(W) {
+            oc.iter_mut().for_each(|x| *x *= inv);
+        }
+    }
+}
+
+#[inline(always)]
+fn normalize_grad_body<const FMA: bool, const W: usize>(q: &[f32], m: &[f32], eps: f32, t: &mut [f32], g: &mut [f32], dm: &mut [f32]) {
+    let (d, rows) = (m.len(), q.len() / m.len());
+    let dv = g.len() / rows.max(1);
+    for ((qr, tr), gr) in q.chunks_exact(d).zip(t.chunks_exact_mut(d)).zip(g.chunks_exact_mut(dv)) {
+        let inv = 1.0 / (dot_row::<FMA, W>(qr, m) + eps);
+        let dden = -dot_row::<FMA, W>(qr, tr) * inv * inv;
+        for (((tc, mc), dc), qc) in tr.chunks_mut(W).zip(m.chunks(W)).zip(dm.chunks_mut(W)).zip(qr.chunks(W)) {
+            for (((x, &mi), a), &qi) in tc.iter_mut().zip(mc).zip(dc).zip(qc) {
+                *x = madd::<FMA>(dden, mi, *x * inv);
+                *a = madd::<FMA>(dden, qi, *a);
+            }
+        }
+        for gc in gr.chunks_mut(W) {
+            gc.iter_mut().for_each(|x| *x *= inv);
+        }
+    }
+}
+
+crate::isa_dispatch!(fn normalize_in(out: &mut [f32], q: &[f32], m: &[f32], eps: f32) = normalize_body);
+crate::isa_dispatch!(fn normalize_grad_in(q: &[f32], m: &[f32], eps: f32, t: &mut [f32], g: &mut [f32], dm: &mut [f32]) = normalize_grad_body);
 crate::isa_dispatch!(fn differential_in(x: &[f32], y: &[f32], coefs: &[(f32, f32)], dst: &mut [f32]) = differential_body);
 crate::isa_dispatch!(fn differential_grad_in(g: &[f32], y: &[f32], lambda: &[f32], g_aux: &mut [f32], dots: &mut [f32]) = differential_grad_body);
 crate::isa_dispatch!(fn add_rows_in(sum: &mut [f32], rows: &[f32]) = add_rows_body);
@@ -67,6 +106,25 @@ pub fn differential_grad(g: &[f32], y: &[f32], lambda: &[f32], g_aux: &mut [f32]
     check(g.len(), lambda.len(), &[y.len(), g_aux.len()], g.len());
     assert_eq!(dots.len(), lambda.len(), "rows: {} dots for {} rows", dots.len(), lambda.len());
     differential_grad_in(Isa::current(), g, y, lambda, g_aux, dots)
+}
+
+/// Linear attention's normalisation of a block of output rows: `out_i /= q_i · m + eps` (`q`: `rows x D` with
+/// `D = m.len()`, `out`: `rows x Dv`).
+pub fn normalize(out: &mut [f32], q: &[f32], m: &[f32], eps: f32) {
+    check(q.len(), q.len() / m.len().max(1), &[], q.len());
+    check(out.len(), q.len() / m.len(), &[], out.len());
+    normalize_in(Isa::current(), out, q, m, eps)
+}
+
+/// The normalisation's backward over a block, from `t = g Sᵀ` (`rows x D`) and the output gradient `g` (`rows x
+/// Dv`): with `den_i = q_i · m + eps` and `dden_i = −(q_i · t_i) / den_i²`, `t_i ← t_i / den_i + dden_i m` (then
+/// `∂L/∂q_i`), `g_i ← g_i / den_i` and `dm += dden_i q_i`.
+pub fn normalize_grad(q: &[f32], m: &[f32], eps: f32, t: &mut [f32], g: &mut [f32], dm: &mut [f32]) {
+    let rows = q.len() / m.len().max(1);
+    check(q.len(), rows, &[t.len()], q.len());
+    check(g.len(), rows, &[], g.len());
+    assert_eq!(dm.len(), m.len(), "rows: dm of {} for D = {}", dm.len(), m.len());
+    normalize_grad_in(Isa::current(), q, m, eps, t, g, dm)
 }
 
 /// `sum += Σ_i rows_i` over the rows of `rows` (`n x sum.len()`).
@@ -110,6 +168,31 @@ mod tests {
                         assert!((dst[r * d + i] as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()), "{isa:?} d={d} [{r}, {i}]");
                         assert_eq!(g_aux[r * d + i], -lambda[r] * xr[i], "{isa:?} d={d} g_aux [{r}, {i}]");
                     }
+                }
+                // Normalisation (out: rows x Dv with Dv = 5) and its backward, against f64 loops.
+                let (dv, eps, m) = (5, 0.25f32, &y[..d]);
+                let g0: Vec<f32> = (0..rows * dv).map(|i| (i as f32 - 6.0) * 0.3).collect();
+                let mut out = g0.clone();
+                normalize_in(isa, &mut out, &x, m, eps);
+                let (mut t, mut g, mut dm) = (y.clone(), g0.clone(), vec![0.5f32; d]);
+                normalize_grad_in(isa, &x, m, eps, &mut t, &mut g, &mut dm);
+                let mut want_dm: Vec<f64> = vec![0.5; d];
+                for r in 0..rows {
+                    let (xr, yr) = (&x[r * d..(r + 1) * d], &y[r * d..(r + 1) * d]);
+                    let den = xr.iter().zip(m).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() + eps as f64;
+                    let dden = -xr.iter().zip(yr).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() / (den * den);
+                    let close = |got: f32, want: f64| (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs());
+                    for i in 0..dv {
+                        assert!(close(out[r * dv + i], g0[r * dv + i] as f64 / den), "{isa:?} d={d} out [{r}, {i}]");
+                        assert!(close(g[r * dv + i], g0[r * dv + i] as f64 / den), "{isa:?} d={d} g [{r}, {i}]");
+                    }
+                    for i in 0..d {
+                        assert!(close(t[r * d + i], yr[i] as f64 / den + dden * m[i] as f64), "{isa:?} d={d} t [{r}, {i}]");
+                        want_dm[i] += dden * xr[i] as f64;
+                    }
+                }
+                for i in 0..d {
+                    assert!((dm[i] as f64 - want_dm[i]).abs() <= 1e-4 * (1.0 + want_dm[i].abs()), "{isa:?} d={d} dm {i}");
                 }
                 for (j, s) in sum.iter().enumerate() {
                     let want = j as f64 + (0..rows).map(|r| x[r * d + j] as f64).sum::<f64>();
