@@ -13,6 +13,7 @@
 
 mod features;
 mod power;
+mod rows;
 
 pub use features::{Dydila, Plain, Stream, StreamGrads};
 use features::{load_rows, output_rows, store_rows, FeatureMap, Rows, Side};
@@ -22,7 +23,6 @@ use super::isa::Isa;
 use super::matmul::{Gemm, Mat, MatMut, Precision};
 use super::parallel::Team;
 use super::view::{err, DType, View, ViewError};
-use super::vmath;
 
 /// Tokens per GEMM block: 256 measured up to 7% faster than 128 on one thread (linear fp32 forward+backward, B=1 H=4
 /// N=4096 D=64, AVX-512), fewer GEMM calls and packings; 512 was no better.
@@ -311,9 +311,7 @@ fn reduce_state<F: FeatureMap>(
                 // S += K̂ᵀ · V
                 let vr = input_rows(v, rows, vb);
                 Gemm { m: d, n: dv, k: rows.len, accumulate: true }.run_in(precision, MatMut::rows(s, dv), Mat::rows(kb, d).t(), vr);
-                for row in kb[..rows.len * d].chunks_exact(d) {
-                    vmath::add_scaled(m, row, 1.0);
-                }
+                rows::add_rows(m, &kb[..rows.len * d]);
             }
             Ok::<(), ViewError>(())
         },
@@ -360,10 +358,7 @@ fn readout<F: FeatureMap>(
             // O = Q̂ · S
             Gemm { m: rows.len, n: dv, k: d, accumulate: false }.run_in(precision, MatMut::rows(o, dv), Mat::rows(qb, d), Mat::rows(s, dv));
             if opts.normalize {
-                for (o, q) in o.chunks_exact_mut(dv).zip(qb.chunks_exact(d)) {
-                    let inv = 1.0 / (vmath::dot(q, m) + opts.eps);
-                    o.iter_mut().for_each(|x| *x *= inv);
-                }
+                rows::normalize(o, &qb[..rows.len * d], m, opts.eps);
             }
             if !in_place {
                 // SAFETY: as for `output_rows` above.
@@ -444,14 +439,8 @@ fn query_pass<F: FeatureMap>(
                     // Normalising rescales g: it needs a copy.
                     load_rows(dout, rows, gb);
                     t_of.run(MatMut::rows(tb, d), Mat::rows(gb, dv), Mat::rows(s, dv).t());
-                    let per_row = qb.chunks_exact(d).zip(tb.chunks_exact_mut(d)).zip(gb.chunks_exact_mut(dv));
-                    for ((q, t), g) in per_row.take(rows.len) {
-                        let inv = 1.0 / (vmath::dot(q, m) + opts.eps);
-                        let dden = -vmath::dot(q, t) * inv * inv;
-                        t.iter_mut().zip(m).for_each(|(x, mi)| *x = *x * inv + dden * mi);
-                        g.iter_mut().for_each(|x| *x *= inv);
-                        dm.iter_mut().zip(q).for_each(|(a, qi)| *a += dden * qi);
-                    }
+                    let (len_d, len_dv) = (rows.len * d, rows.len * dv);
+                    rows::normalize_grad(&qb[..len_d], m, opts.eps, &mut tb[..len_d], &mut gb[..len_dv], dm);
                     ds_of.run(MatMut::rows(ds, dv), Mat::rows(qb, d).t(), Mat::rows(gb, dv));
                 } else {
                     let g = input_rows(dout, rows, gb);

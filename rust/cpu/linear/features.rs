@@ -2,10 +2,11 @@
 //! themselves (`Plain`, linear attention) or the DyDiLA prologue (`Dydila`: power maps with per-token exponents
 //! and the token differential), computed a block of tokens at a time in the forward and again in the backward.
 
-use super::power::{power_rows, power_rows_grad, reads_bf16, Input, Norms};
+use super::rows;
+use super::power::{power_rows, power_rows_grad, reads_bf16, Input, Norms, Output};
 use crate::cpu::common::{gather, zeros};
 use crate::cpu::view::{View, ViewError};
-use crate::cpu::vmath::{self, dot};
+use crate::cpu::vmath;
 
 /// The two sides of the core: queries (read out) and keys (reduced into the state).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,6 +112,24 @@ fn power_input<'a>(view: &'a View, rows: Rows, copy: &'a mut [f32], fill: bool) 
     Input::F32(&copy[..rows.len * view.shape()[3]])
 }
 
+/// `rows` of a `(B, H, N, W)` output as the power maps' gradient writes them: in place when they are consecutive
+/// f32 values, or consecutive bf16 ones on a level that writes those (`power::reads_bf16`), else into `buf`
+/// (`rows.len x W`); the flag says whether they are written directly (if not, `store_rows` `buf` afterwards).
+///
+/// # Safety
+/// As for [`View::store_row`], for these rows and for as long as the returned rows live.
+unsafe fn power_output<'a>(view: &'a View, rows: Rows, buf: &'a mut [f32]) -> (Output<'a>, bool) {
+    if reads_bf16() {
+        // SAFETY: the caller owns these rows of the output while the slice lives (this function's contract).
+        if let Some(bits) = unsafe { view.bf16_rows_mut(&[rows.b, rows.h, rows.n0], rows.len) } {
+            return (Output::Bf16(bits), true);
+        }
+    }
+    // SAFETY: as above.
+    let (own, in_place) = unsafe { output_rows(view, rows, buf) };
+    (Output::F32(own), in_place)
+}
+
 /// Rows of a validated contiguous `(B, H, N, W)` output to compute into (`rows.len x W`, row-major): the output
 /// itself when it is f32, else `buf`; the flag says whether it is in place (if not, `store_rows` it afterwards).
 ///
@@ -187,6 +206,8 @@ pub struct DydilaScratch {
     gamma: [Vec<f32>; 2],
     lambda: Vec<f32>,
     norms: [Vec<Norms>; 2],
+    /// The differential's coefficients per token: `(n1/n2, λ n1a/n2a)`.
+    coefs: Vec<(f32, f32)>,
     cached: Option<(Side, Rows)>,
     /// Backward only (empty in the forward): `∂L/∂φ` of the aux map, `dz`, `dγ` per stream, `dλ`.
     g_aux: Vec<f32>,
@@ -218,12 +239,10 @@ impl Dydila<'_> {
     /// `dλ = −dẐ · φ(z_aux)` and `∂L/∂φ(z_aux) = −λ dẐ` of every row of the block, from `grad = dẐ`.
     fn differential_grad(&self, len: usize, grad: &[f32], s: &mut DydilaScratch) {
         let d = self.head_dim();
-        let rows = grad.chunks_exact(d).zip(s.p[1].chunks_exact(d)).zip(s.g_aux.chunks_exact_mut(d));
-        let per_token = s.norms[1].iter().zip(&s.lambda).zip(&mut s.dlambda);
-        for (((g, pa), ga), ((&(n1a, n2a), &lambda), dl)) in rows.zip(per_token).take(len) {
-            *dl = -(n1a / n2a) * dot(g, pa);
-            ga.iter_mut().zip(g).for_each(|(a, x)| *a = -lambda * x);
-        }
+        let (g_aux, dlambda) = (&mut s.g_aux[..len * d], &mut s.dlambda[..len]);
+        rows::differential_grad(&grad[..len * d], &s.p[1][..len * d], &s.lambda[..len], g_aux, dlambda);
+        // φ(z_aux) = (n1a / n2a) p_aux.
+        dlambda.iter_mut().zip(&s.norms[1]).for_each(|(dl, &(n1a, n2a))| *dl *= -(n1a / n2a));
     }
 }
 
@@ -252,6 +271,7 @@ impl FeatureMap for Dydila<'_> {
             gamma: [zeros(rows)?, zeros(rows)?],
             lambda: zeros(rows)?,
             norms: [zeros(rows)?, zeros(rows)?],
+            coefs: zeros(rows)?,
             cached: None,
             g_aux: grad_block()?,
             dz: [grad_block()?, grad_block()?],
@@ -261,14 +281,14 @@ impl FeatureMap for Dydila<'_> {
     }
 
     fn load(&self, side: Side, rows: Rows, dst: &mut [f32], s: &mut DydilaScratch) {
-        let d = self.head_dim();
+        let (d, len) = (self.head_dim(), rows.len);
         self.map_rows(side, rows, s);
-        let block = dst.chunks_exact_mut(d).zip(s.p[0].chunks_exact(d).zip(s.p[1].chunks_exact(d)));
+        // Ẑ = (n1/n2) p − λ (n1a/n2a) p_aux, the coefficients per token into `coefs`.
         let per_token = s.norms[0].iter().zip(&s.norms[1]).zip(&s.lambda);
-        for ((o, (p, pa)), ((&(n1, n2), &(n1a, n2a)), &lambda)) in block.zip(per_token).take(rows.len) {
-            let (c, ca) = (n1 / n2, lambda * n1a / n2a);
-            o.iter_mut().zip(p).zip(pa).for_each(|((o, p), pa)| *o = c * p - ca * pa);
+        for (c, ((&(n1, n2), &(n1a, n2a)), &lambda)) in s.coefs.iter_mut().zip(per_token).take(len) {
+            *c = (n1 / n2, lambda * n1a / n2a);
         }
+        rows::differential(&s.p[0][..len * d], &s.p[1][..len * d], &s.coefs[..len], dst);
     }
 
     unsafe fn store_grad(&self, side: Side, rows: Rows, grad: &[f32], s: &mut DydilaScratch) {
@@ -287,11 +307,11 @@ impl FeatureMap for Dydila<'_> {
             let (ls, p, norms) = (&s.ls[j][..len * d], &s.p[j][..len * d], &s.norms[j][..len]);
             // SAFETY: the caller owns these rows of the gradient outputs (`store_grad`'s contract); the slice is
             // dropped at the end of this iteration.
-            let (dz, in_place) = unsafe { output_rows(grad_views[j], rows, &mut s.dz[j]) };
+            let (dz, direct) = unsafe { power_output(grad_views[j], rows, &mut s.dz[j]) };
             power_rows_grad(z, g, &s.gamma[j][..len], self.eps, ls, p, norms, dz, &mut s.dgamma[j][..len]);
-            if !in_place {
+            if !direct {
                 // SAFETY: as above.
-                unsafe { store_rows(grad_views[j], rows, dz) };
+                unsafe { store_rows(grad_views[j], rows, &s.dz[j]) };
             }
         }
         // SAFETY: the caller owns these tokens of the gradient outputs (`store_grad`'s contract).

@@ -46,7 +46,34 @@ impl<'a> Input<'a> {
     }
 }
 
-/// Whether the block functions take [`Input::Bf16`] on the level in use (else the caller converts the rows).
+/// The gradient rows `dz` the block functions write: f32 values, or bf16 bits (rounded to nearest even as
+/// `vmath::f32_to_bf16` rounds), which only the AVX-512 clone writes (see [`reads_bf16`]): writing f32 and then
+/// converting them was a pass over every gradient row of the backward.
+#[derive(Debug)]
+pub enum Output<'a> {
+    F32(&'a mut [f32]),
+    Bf16(&'a mut [u16]),
+}
+
+impl<'a> Output<'a> {
+    pub fn len(&self) -> usize {
+        match self {
+            Output::F32(v) => v.len(),
+            Output::Bf16(b) => b.len(),
+        }
+    }
+
+    /// The f32 values, for the clones that write only those; panics on bf16 (a caller bug: see [`reads_bf16`]).
+    fn f32s(self) -> &'a mut [f32] {
+        match self {
+            Output::F32(v) => v,
+            Output::Bf16(_) => panic!("power block: bf16 outputs on a level that writes only f32"),
+        }
+    }
+}
+
+/// Whether the block functions take [`Input::Bf16`] and [`Output::Bf16`] on the level in use (else the caller
+/// converts the rows).
 pub fn reads_bf16() -> bool {
     cfg!(target_arch = "x86_64") && Isa::current().level() >= Level::Avx512
 }
@@ -270,7 +297,7 @@ pub fn power_rows_grad(
     ls: &[f32],
     p: &[f32],
     norms: &[Norms],
-    dz: &mut [f32],
+    dz: Output,
     dgamma: &mut [f32],
 ) {
     power_rows_grad_in(Isa::current(), z, g, gamma, eps, ls, p, norms, dz, dgamma)
@@ -287,7 +314,7 @@ fn power_rows_grad_in(
     ls: &[f32],
     p: &[f32],
     norms: &[Norms],
-    dz: &mut [f32],
+    dz: Output,
     dgamma: &mut [f32],
 ) {
     check_block(gamma, &[z.len(), g.len(), ls.len(), p.len(), dz.len()], &[norms.len(), dgamma.len()]);
@@ -300,9 +327,9 @@ fn power_rows_grad_in(
     #[cfg(target_arch = "x86_64")]
     if isa.level() >= Level::Avx2 {
         // SAFETY: an `Isa` holds only a level whose features this CPU has, here at least AVX2 and FMA.
-        return unsafe { avx2::power_rows_grad(z.f32s(), g, gamma, eps, ls, p, norms, dz, dgamma) };
+        return unsafe { avx2::power_rows_grad(z.f32s(), g, gamma, eps, ls, p, norms, dz.f32s(), dgamma) };
     }
-    power_rows_grad_body::<false, LANES>(z.f32s(), g, gamma, eps, ls, p, norms, dz, dgamma)
+    power_rows_grad_body::<false, LANES>(z.f32s(), g, gamma, eps, ls, p, norms, dz.f32s(), dgamma)
 }
 
 #[cfg(test)]
@@ -326,7 +353,7 @@ mod tests {
         let (mut ls, mut p, mut dz) = (vec![0.0; rows * d], vec![0.0; rows * d], vec![0.0; rows * d]);
         let (mut norms, mut dgamma) = (vec![(0.0, 0.0); rows], vec![0.0; rows]);
         power_rows(Input::F32(&z), &gamma, eps, &mut ls, &mut p, &mut norms);
-        power_rows_grad(Input::F32(&z), &g, &gamma, eps, &ls, &p, &norms, &mut dz, &mut dgamma);
+        power_rows_grad(Input::F32(&z), &g, &gamma, eps, &ls, &p, &norms, Output::F32(&mut dz), &mut dgamma);
         for row in 0..rows {
             let (zr, gr, at) = (&z[row * d..(row + 1) * d], &g[row * d..(row + 1) * d], row * d);
             let (n1, n2) = norms[row];
@@ -363,7 +390,7 @@ mod tests {
                 let (mut norms, mut dgamma) = (vec![(0.0, 0.0); rows], vec![0.0; rows]);
                 if let Some(isa) = isa {
                     power_rows_in(isa, Input::F32(&z), &gamma, eps, &mut ls, &mut p, &mut norms);
-                    power_rows_grad_in(isa, Input::F32(&z), &g, &gamma, eps, &ls, &p, &norms, &mut dz, &mut dgamma);
+                    power_rows_grad_in(isa, Input::F32(&z), &g, &gamma, eps, &ls, &p, &norms, Output::F32(&mut dz), &mut dgamma);
                 } else {
                     power_rows_body::<true, 8>(&z, &gamma, eps, &mut ls, &mut p, &mut norms);
                     power_rows_grad_body::<true, 8>(&z, &g, &gamma, eps, &ls, &p, &norms, &mut dz, &mut dgamma);
@@ -412,7 +439,7 @@ mod tests {
                     let (mut ls, mut p, mut dz) = (vec![0.0; rows * d], vec![0.0; rows * d], vec![0.0; rows * d]);
                     let (mut norms, mut dgamma) = (vec![(0.0, 0.0); rows], vec![0.0; rows]);
                     power_rows_in(isa, z, &gamma, eps, &mut ls, &mut p, &mut norms);
-                    power_rows_grad_in(isa, z, &g, &gamma, eps, &ls, &p, &norms, &mut dz, &mut dgamma);
+                    power_rows_grad_in(isa, z, &g, &gamma, eps, &ls, &p, &norms, Output::F32(&mut dz), &mut dgamma);
                     let (n1, n2): (Vec<f32>, Vec<f32>) = norms.into_iter().unzip();
                     [ls, p, dz, n1, n2, dgamma]
                 };
@@ -426,6 +453,38 @@ mod tests {
         }
     }
 
+    #[test]
+    fn bf16_gradients_written_directly_match_their_f32_values_rounded() {
+        // Every level that writes bf16 rows: the bits `vmath::f32_to_bf16` makes of the f32 gradient, over lengths
+        // around the vector width, with NaN and infinite inputs among finite ones (NaN and infinite gradients).
+        let Some(isas) = reads_bf16().then(|| Isa::supported().into_iter().filter(|i| i.level() >= Level::Avx512)) else {
+            eprintln!("skipped: this level writes bf16 rows only after converting them");
+            return;
+        };
+        let isas: Vec<Isa> = isas.collect();
+        let eps = 1e-6f32;
+        for d in (1..=40).chain([47, 63, 64, 65]) {
+            let rows = 5;
+            let mut z: Vec<f32> = (0..rows * d).map(|i| ((i * 29 % 17) as f32 - 7.0) * 0.21).collect();
+            let g: Vec<f32> = (0..rows * d).map(|i| ((i * 11 % 9) as f32 - 4.0) * 0.3 + i as f32 * 1e-3).collect();
+            let at = |row: usize| row * d + (row * 7 + 3) % d;
+            z[at(0)] = f32::NAN;
+            z[at(1)] = f32::INFINITY;
+            let gamma = [1.5f32, 3.0, 2.2, 0.7, 1.1];
+            for &isa in &isas {
+                let (mut ls, mut p, mut dz) = (vec![0.0; rows * d], vec![0.0; rows * d], vec![0.0; rows * d]);
+                let (mut norms, mut dgamma) = (vec![(0.0, 0.0); rows], vec![0.0; rows]);
+                power_rows_in(isa, Input::F32(&z), &gamma, eps, &mut ls, &mut p, &mut norms);
+                power_rows_grad_in(isa, Input::F32(&z), &g, &gamma, eps, &ls, &p, &norms, Output::F32(&mut dz), &mut dgamma);
+                let mut want = vec![0u16; rows * d];
+                crate::cpu::vmath::f32_to_bf16(&dz, &mut want);
+                let mut got = vec![0x5555u16; rows * d];
+                power_rows_grad_in(isa, Input::F32(&z), &g, &gamma, eps, &ls, &p, &norms, Output::Bf16(&mut got), &mut dgamma);
+                assert_eq!(want, got, "{isa:?} d={d}");
+            }
+        }
+    }
+
     /// Both outputs of every row on the level `isa`, or of the portable body (with FMA, as the vector clones).
     fn run_rows(isa: Option<Isa>, z: &[f32], g: &[f32], gamma: &[f32], eps: f32) -> Vec<Vec<f32>> {
         let (rows, n) = (gamma.len(), z.len());
@@ -433,7 +492,7 @@ mod tests {
         let (mut norms, mut dgamma) = (vec![(0.0, 0.0); rows], vec![0.0; rows]);
         if let Some(isa) = isa {
             power_rows_in(isa, Input::F32(z), gamma, eps, &mut ls, &mut p, &mut norms);
-            power_rows_grad_in(isa, Input::F32(z), g, gamma, eps, &ls, &p, &norms, &mut dz, &mut dgamma);
+            power_rows_grad_in(isa, Input::F32(z), g, gamma, eps, &ls, &p, &norms, Output::F32(&mut dz), &mut dgamma);
         } else {
             power_rows_body::<true, 8>(z, gamma, eps, &mut ls, &mut p, &mut norms);
             power_rows_grad_body::<true, 8>(z, g, gamma, eps, &ls, &p, &norms, &mut dz, &mut dgamma);

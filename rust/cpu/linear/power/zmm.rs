@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Input, Norms};
+use super::{Input, Norms, Output};
 use crate::cpu::vmath::{log2_one, EXP2_P, LANES, LOG2_P, ROUND_MAGIC, SQRT_HALF_BITS};
 
 const W: usize = 16;
@@ -171,6 +171,70 @@ impl Elem for u16 {
     }
 }
 
+/// The gradient elements the clone writes: f32 as they are, or bf16 bits rounded to nearest even with a NaN made
+/// quiet, bit for bit as `vmath::f32_to_bf16` (the same integer steps per lane).
+trait OutElem: Copy {
+    /// Writes the 16 lanes of `v` to the first 16 elements of `dst` (panics if it holds fewer).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and VL.
+    unsafe fn store16(dst: &mut [Self], v: __m512);
+
+    /// Writes the first `dst.len()` lanes of `v` (at most 16) to `dst`.
+    ///
+    /// # Safety
+    /// As for [`OutElem::store16`].
+    unsafe fn store_part(dst: &mut [Self], v: __m512);
+}
+
+impl OutElem for f32 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+    unsafe fn store16(dst: &mut [f32], v: __m512) {
+        store_v(dst, [v]);
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+    unsafe fn store_part(dst: &mut [f32], v: __m512) {
+        store_tail(dst, v);
+    }
+}
+
+/// The bf16 bits of the 16 lanes of `v`, as `vmath::f32_to_bf16`: `(bits + 0x7fff + kept lowest bit) >> 16`, or
+/// for a NaN `(bits >> 16) | 0x40`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+fn bf16_bits(v: __m512) -> __m256i {
+    let bits = _mm512_castps_si512(v);
+    let high = _mm512_srli_epi32::<16>(bits);
+    let bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(high, _mm512_set1_epi32(1)));
+    let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, bias));
+    let magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff_ffff));
+    let nan = _mm512_cmpgt_epu32_mask(magnitude, _mm512_set1_epi32(0x7f80_0000));
+    let quiet = _mm512_or_si512(high, _mm512_set1_epi32(0x40));
+    _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet))
+}
+
+impl OutElem for u16 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+    unsafe fn store16(dst: &mut [u16], v: __m512) {
+        let dst = &mut dst[..W];
+        // SAFETY: `dst` holds 16 u16, the 32 bytes written.
+        unsafe { _mm256_storeu_si256(dst.as_mut_ptr().cast(), bf16_bits(v)) };
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+    unsafe fn store_part(dst: &mut [u16], v: __m512) {
+        let len = dst.len().min(W);
+        let dst = &mut dst[..len];
+        // SAFETY: the mask selects the first `dst.len()` lanes, all inside `dst`; masked-off lanes are not written.
+        unsafe { _mm256_mask_storeu_epi16(dst.as_mut_ptr().cast(), tail_mask(dst.len()), bf16_bits(v)) };
+    }
+}
+
 /// Rows a step of [`power_rows`] maps together: one row's work is a chain (its sums across lanes, the shift, the
 /// `log2` → `exp2` polynomials, the norm and its square root) too short to fill the vector units, so the rows of
 /// a group run each pass side by side and their chains overlap (on the Zen 4 test machine, 64-wide rows in L2:
@@ -291,18 +355,20 @@ pub fn power_rows_grad(
     ls: &[f32],
     p: &[f32],
     norms: &[Norms],
-    dz: &mut [f32],
+    dz: Output,
     dgamma: &mut [f32],
 ) {
-    match z {
-        Input::F32(z) => power_rows_grad_of(z, g, gamma, eps, ls, p, norms, dz, dgamma),
-        Input::Bf16(z) => power_rows_grad_of(z, g, gamma, eps, ls, p, norms, dz, dgamma),
+    match (z, dz) {
+        (Input::F32(z), Output::F32(dz)) => power_rows_grad_of(z, g, gamma, eps, ls, p, norms, dz, dgamma),
+        (Input::F32(z), Output::Bf16(dz)) => power_rows_grad_of(z, g, gamma, eps, ls, p, norms, dz, dgamma),
+        (Input::Bf16(z), Output::F32(dz)) => power_rows_grad_of(z, g, gamma, eps, ls, p, norms, dz, dgamma),
+        (Input::Bf16(z), Output::Bf16(dz)) => power_rows_grad_of(z, g, gamma, eps, ls, p, norms, dz, dgamma),
     }
 }
 
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
-fn power_rows_grad_of<T: Elem>(
+fn power_rows_grad_of<T: Elem, O: OutElem>(
     z: &[T],
     g: &[f32],
     gamma: &[f32],
@@ -310,7 +376,7 @@ fn power_rows_grad_of<T: Elem>(
     ls: &[f32],
     p: &[f32],
     norms: &[Norms],
-    dz: &mut [f32],
+    dz: &mut [O],
     dgamma: &mut [f32],
 ) {
     let d = z.len() / gamma.len().max(1);
@@ -386,7 +452,7 @@ fn projection(gv: __m512, pv: __m512, sums: &[__m512; 4]) -> __m512 {
 /// `∂L/∂z` and `∂L/∂γ` of one row, as `super::grad_row` (same operations in the same order, per lane).
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
-fn grad_row<T: Elem>(z: &[T], g: &[f32], gamma: f32, eps: f32, ls: &[f32], p: &[f32], norms: Norms, dz: &mut [f32]) -> f32 {
+fn grad_row<T: Elem, O: OutElem>(z: &[T], g: &[f32], gamma: f32, eps: f32, ls: &[f32], p: &[f32], norms: Norms, dz: &mut [O]) -> f32 {
     let (n1, n2) = norms;
     let inv_n2 = 1.0 / n2;
     let sums = split_sums(g, p);
@@ -409,7 +475,7 @@ fn grad_row<T: Elem>(z: &[T], g: &[f32], gamma: f32, eps: f32, ls: &[f32], p: &[
     for (((zc, gc), (lc, pc)), dc) in vectors.zip(dz.chunks_exact_mut(W)) {
         let [gv, lv, pv] = [gc, lc, pc].map(|c| load_v::<1>(c)[0]);
         // SAFETY: this function's target features include AVX-512 F/BW/VL.
-        store_v(dc, [step(unsafe { T::load16(zc) }, gv, lv, pv, !0)]);
+        unsafe { O::store16(dc, step(T::load16(zc), gv, lv, pv, !0)) };
     }
     if split < z.len() {
         // Zero-padded tail, its padded lanes kept out of `dgamma` (and not stored).
@@ -417,7 +483,40 @@ fn grad_row<T: Elem>(z: &[T], g: &[f32], gamma: f32, eps: f32, ls: &[f32], p: &[
         let zv = unsafe { T::load_part(&z[split..]) };
         let [gv, lv, pv] = [g, ls, p].map(|row| load_tail(&row[split..], 0.0));
         let dr = step(zv, gv, lv, pv, tail_mask(z.len() - split));
-        store_tail(&mut dz[split..], dr);
+        // SAFETY: as above.
+        unsafe { O::store_part(&mut dz[split..], dr) };
     }
     n1 * _mm512_reduce_add_ps(dgamma) * std::f32::consts::LN_2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::isa::{Isa, Level};
+
+    #[test]
+    fn bf16_bits_round_as_the_vmath_conversion() {
+        if !Isa::supported().into_iter().any(|i| i.level() >= Level::Avx512) {
+            eprintln!("skipped: the CPU lacks AVX-512 F/BW/DQ/VL");
+            return;
+        }
+        // Ties with an even and an odd kept part, just above and below them, the largest finite values (one rounds
+        // to infinity), infinities, signalling and quiet NaNs of both signs, zeros, denormals.
+        let bits: [u32; 16] = [
+            0x3f80_8000, 0x3f81_8000, 0x3f80_8001, 0x3f81_7fff, 0x7f7f_7fff, 0x7f7f_8000, 0x7f80_0000, 0xff80_0000,
+            0x7f80_0001, 0xff81_2345, 0x7fc0_0000, 0xffff_ffff, 0x0000_0000, 0x8000_0000, 0x0000_8000, 0x8001_8000,
+        ];
+        let values = bits.map(f32::from_bits);
+        let mut want = [0u16; 16];
+        crate::cpu::vmath::f32_to_bf16(&values, &mut want);
+        let mut got = [0u16; 16];
+        // SAFETY: the CPU has AVX-512 F/BW/DQ/VL (checked above).
+        unsafe { <u16 as OutElem>::store16(&mut got, load_v::<1>(&values)[0]) };
+        assert_eq!(want, got);
+        let mut part = [0u16; 16];
+        // SAFETY: as above.
+        unsafe { <u16 as OutElem>::store_part(&mut part[..5], load_v::<1>(&values)[0]) };
+        assert_eq!(want[..5], part[..5]);
+        assert_eq!(part[5..], [0; 11]);
+    }
 }
