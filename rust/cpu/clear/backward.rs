@@ -193,16 +193,21 @@ impl Buffers {
 
 crate::isa_dispatch!(fn tile_fn(ctx: &TileCtx, tile: &Tile, segments: &[Segment], buf: &mut Buffers, acc: &mut KeyGrads) = tile_body);
 
-/// Fills the row-major copies of the queries (times `scale`) and of dout (rows padded for `W`-lane vectors); dead
-/// lanes stay zero.
+/// Fills the row-major copies of the queries (times `scale`) and of dout (rows padded for `W`-lane vectors; dead
+/// lanes stay zero) where the f32 key-gradient updates read them: `q` for dk, `dout` for dv (the bf16 updates read
+/// lane pairs instead).
 #[inline(always)]
-fn load_rows<const W: usize>(ctx: &TileCtx, tile: &Tile, buf: &mut Buffers) {
+fn load_rows<const W: usize>(ctx: &TileCtx, tile: &Tile, [q, dout]: [bool; 2], buf: &mut Buffers) {
     let Dims { d, dv, .. } = ctx.slice.dims;
     let (d_pad, dv_pad) = (padded(d, W), padded(dv, W));
-    buf.q_rows.iter_mut().for_each(|x| *x = 0.0);
-    buf.do_rows.iter_mut().for_each(|x| *x = 0.0);
-    lanes::lanes_to_rows::<W>(&buf.qt, &[1.0 / LOG2_E; LANES], tile.live, &mut buf.q_rows, d_pad);
-    lanes::lanes_to_rows::<W>(&buf.dot, &[1.0; LANES], tile.live, &mut buf.do_rows, dv_pad);
+    if q {
+        buf.q_rows.iter_mut().for_each(|x| *x = 0.0);
+        lanes::lanes_to_rows::<W>(&buf.qt, &[1.0 / LOG2_E; LANES], tile.live, &mut buf.q_rows, d_pad);
+    }
+    if dout {
+        buf.do_rows.iter_mut().for_each(|x| *x = 0.0);
+        lanes::lanes_to_rows::<W>(&buf.dot, &[1.0; LANES], tile.live, &mut buf.do_rows, dv_pad);
+    }
 }
 
 #[inline(always)]
@@ -228,7 +233,7 @@ fn tile_body<const FMA: bool, const W: usize>(ctx: &TileCtx, tile: &Tile, segmen
         lanes::pair_lanes(&buf.dot, &mut buf.dop);
         lanes::row_pairs(&buf.dot, tile.live, dv_pad, &mut buf.do_pairs);
     }
-    load_rows::<W>(ctx, tile, buf);
+    load_rows::<W>(ctx, tile, [k_pairs.is_none(), v_bf16.is_none()], buf);
     let (mut lse2, mut delta) = ([0.0f32; LANES], [0.0f32; LANES]);
     for l in 0..LANES {
         lse2[l] = ctx.up.lse.load(&[b, h, tile.rows[l]]) * LOG2_E;
