@@ -192,20 +192,7 @@ pub fn update_bf16_block<const JB: usize, const VB: usize>(
 #[inline]
 #[target_feature(enable = "avx512f")]
 pub fn combine_block<const CB: usize>(w: &[Lanes], rows: &[f32], stride: usize, acc: &mut [Lanes]) {
-    let acc = &mut acc[..CB];
-    let mut a = [_mm512_setzero_ps(); CB];
-    for (a, x) in a.iter_mut().zip(acc.iter()) {
-        *a = ld(x);
-    }
-    for (j, wv) in w.iter().enumerate() {
-        let (row, wv) = (&rows[j * stride..][..CB], ld(wv));
-        for i in 0..CB {
-            a[i] = _mm512_fmadd_ps(_mm512_set1_ps(row[i]), wv, a[i]);
-        }
-    }
-    for (x, v) in acc.iter_mut().zip(a) {
-        st(x, v);
-    }
+    combine_runs_block::<CB>(w, &[(0, 0, w.len())], rows, stride, acc)
 }
 
 /// `super::combine_runs`' block: `acc[i] += Σ_runs Σ_j w[slot + j] · rows[(start + j)·stride + i]`, `i < CB`, the
